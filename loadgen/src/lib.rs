@@ -1,0 +1,1 @@
+//! ringload: the load generator and test backends bundled with ringproxy.
