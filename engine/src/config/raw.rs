@@ -1,0 +1,260 @@
+//! The configuration file as written: serde types that mirror the YAML one to one.
+//!
+//! Nothing here is trusted. Every field a later check may reject is `Spanned`, so the validator in
+//! `mod.rs` can point at the line and column of the offending value. Unknown keys are refused here,
+//! by serde, with the position of the key.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use serde_saphyr::Spanned;
+
+use super::duration::ConfigDuration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub global: RawGlobal,
+    #[serde(default)]
+    pub defaults: RawDefaults,
+    #[serde(default)]
+    pub frontends: Option<Spanned<Vec<RawFrontend>>>,
+    #[serde(default)]
+    pub backends: Option<Spanned<Vec<RawBackend>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGlobal {
+    pub workers: Option<Spanned<Workers>>,
+    pub pin_cpus: Option<bool>,
+    pub maxconn: Option<Spanned<Count>>,
+    #[serde(default)]
+    pub tune: RawTune,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTune {
+    pub pipe_size: Option<Spanned<Size>>,
+    pub max_pipes: Option<Spanned<Count>>,
+    pub ring_entries: Option<Spanned<Count>>,
+    pub iowq_workers: Option<Spanned<Count>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    #[serde(default)]
+    pub timeout: RawTimeouts,
+    pub retries: Option<Spanned<Count>>,
+    pub backlog: Option<Spanned<Count>>,
+    pub maxconn: Option<Spanned<Count>>,
+    pub balance: Option<Balance>,
+}
+
+/// Timeouts; which keys are allowed depends on the section and is checked by the validator.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTimeouts {
+    pub connect: Option<Spanned<ConfigDuration>>,
+    pub client: Option<Spanned<ConfigDuration>>,
+    pub server: Option<Spanned<ConfigDuration>>,
+    pub queue: Option<Spanned<ConfigDuration>>,
+    pub drain: Option<Spanned<ConfigDuration>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFrontend {
+    pub name: Spanned<String>,
+    pub bind: Spanned<StringList>,
+    pub backend: Spanned<String>,
+    pub maxconn: Option<Spanned<Count>>,
+    pub backlog: Option<Spanned<Count>>,
+    pub timeout: Option<Spanned<RawTimeouts>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBackend {
+    pub name: Spanned<String>,
+    pub balance: Option<Balance>,
+    pub maxconn: Option<Spanned<Count>>,
+    pub retries: Option<Spanned<Count>>,
+    pub timeout: Option<Spanned<RawTimeouts>>,
+    pub servers: Spanned<Vec<RawServer>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub name: Spanned<String>,
+    pub address: Spanned<String>,
+    pub weight: Option<Spanned<Count>>,
+    pub maxconn: Option<Spanned<Count>>,
+    pub source: Option<Spanned<StringList>>,
+}
+
+/// How a backend picks a server for a new connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Balance {
+    /// Weighted round robin, rotating independently on each worker.
+    Roundrobin,
+    /// The server with the fewest active connections (per weight) on this worker.
+    Leastconn,
+    /// A hash of the client IP: the same client reaches the same server while it is up.
+    Source,
+    /// Two random servers (by weight), the less loaded one wins ("power of two choices").
+    Random,
+}
+
+impl Balance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::Roundrobin => "roundrobin",
+            Balance::Leastconn => "leastconn",
+            Balance::Source => "source",
+            Balance::Random => "random",
+        }
+    }
+}
+
+/// `workers: auto` or a number of worker threads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workers {
+    Auto,
+    Count(u64),
+}
+
+impl<'de> Deserialize<'de> for Workers {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Workers;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("`auto` or a number of workers")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Workers, E> {
+                Ok(Workers::Count(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Workers, E> {
+                Err(E::custom(format!(
+                    "workers must be `auto` or a positive number, not {v}"
+                )))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Workers, E> {
+                match v {
+                    "auto" => Ok(Workers::Auto),
+                    _ => Err(E::custom(format!(
+                        "workers must be `auto` or a positive number, not \"{v}\""
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A non-negative whole number (connections, retries, entries).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Count(pub u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Count, E> {
+                Ok(Count(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
+                Err(E::custom(format!(
+                    "expected a whole number, not the negative {v}"
+                )))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
+                Err(E::custom(format!("expected a whole number, not {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Count, E> {
+                Err(E::custom(format!("expected a whole number, not \"{v}\"")))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Count, E> {
+                Err(E::custom(format!("expected a whole number, not {v}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A size in bytes: a number, or a string with a `k`, `m` or `g` suffix (powers of 1024).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Size;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a size in bytes such as 262144, 256k or 1m")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Size, E> {
+                Ok(Size(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
+                let t = v.trim().to_ascii_lowercase();
+                let (digits, mult) = match t.as_bytes().last() {
+                    Some(b'k') => (&t[..t.len() - 1], 1u64 << 10),
+                    Some(b'm') => (&t[..t.len() - 1], 1 << 20),
+                    Some(b'g') => (&t[..t.len() - 1], 1 << 30),
+                    _ => (&t[..], 1),
+                };
+                digits
+                    .parse::<u64>()
+                    .ok()
+                    .and_then(|n| n.checked_mul(mult))
+                    .map(Size)
+                    .ok_or_else(|| {
+                        E::custom(format!(
+                            "\"{v}\" is not a size; write bytes such as 262144, 256k or 1m"
+                        ))
+                    })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One string or a list of strings (`bind`, `source`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StringList(pub Vec<String>);
+
+impl<'de> Deserialize<'de> for StringList {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = StringList;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address or a list of addresses")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<StringList, E> {
+                Ok(StringList(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<StringList, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<String>()? {
+                    out.push(item);
+                }
+                Ok(StringList(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}

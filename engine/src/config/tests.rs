@@ -1,0 +1,410 @@
+use super::*;
+
+fn ok(text: &str) -> Config {
+    parse(text, "t.yaml").unwrap_or_else(|e| panic!("expected a valid config, got: {e}"))
+}
+
+/// Asserts that `text` is refused at `line:column` with a message containing `needle`.
+fn refused(text: &str, line: u64, column: u64, needle: &str) {
+    let e = parse(text, "t.yaml").expect_err("expected the configuration to be refused");
+    let shown = e.to_string();
+    assert!(
+        shown.starts_with(&format!("t.yaml:{line}:{column}: ")),
+        "wrong position in {shown:?}, wanted {line}:{column}"
+    );
+    assert!(
+        shown.contains(needle),
+        "{shown:?} does not mention {needle:?}"
+    );
+}
+
+const BASE: &str = "\
+frontends:
+  - name: fe
+    bind: 127.0.0.1:8080
+    backend: be
+backends:
+  - name: be
+    servers:
+      - name: s1
+        address: 127.0.0.1:9001
+";
+
+#[test]
+fn minimal_gets_documented_defaults() {
+    let c = ok(BASE);
+    assert_eq!(c.global.workers, None);
+    assert!(c.global.pin_cpus);
+    assert_eq!(c.global.maxconn, None);
+    let fe = &c.frontends[0];
+    assert_eq!(fe.binds, vec!["127.0.0.1:8080".parse().unwrap()]);
+    assert_eq!(fe.client_timeout, default::CLIENT);
+    assert_eq!(fe.backlog, default::BACKLOG_MAX);
+    let be = &c.backends[0];
+    assert_eq!(be.balance, Balance::Roundrobin);
+    assert_eq!(be.retries, 3);
+    assert_eq!(be.connect_timeout, default::CONNECT);
+    assert_eq!(be.queue_timeout, default::CONNECT);
+    assert_eq!(be.server_timeout, default::SERVER);
+    assert_eq!(be.servers[0].weight, 1);
+    assert!(be.servers[0].sources.is_empty());
+    assert!(c.warnings.is_empty());
+}
+
+#[test]
+fn everything_set() {
+    let c = ok("\
+global:
+  workers: 3
+  pin_cpus: false
+  maxconn: 1000
+  tune: { pipe_size: 1m, max_pipes: 64, ring_entries: 1024, iowq_workers: 2 }
+defaults:
+  timeout: { connect: 250ms, client: 1m, server: 2m, queue: 1s, drain: 5s }
+  retries: 1
+  backlog: 128
+  maxconn: 500
+  balance: leastconn
+frontends:
+  - name: fe
+    bind: [\"0.0.0.0:1\", \"[::1]:2\"]
+    backend: be
+    timeout: { client: 7s }
+backends:
+  - name: be
+    balance: source
+    maxconn: 900
+    retries: 5
+    timeout: { connect: 1500, server: 3s, queue: 10s }
+    servers:
+      - { name: a, address: 127.0.0.1:9001, weight: 10, maxconn: 7, source: 127.0.2.0/30 }
+      - { name: b, address: \"[::1]:9002\", weight: 0, source: [\"::1\"] }
+");
+    assert_eq!(c.global.workers, Some(3));
+    assert!(!c.global.pin_cpus);
+    assert_eq!(c.global.maxconn, Some(1000));
+    assert_eq!(c.global.drain_timeout, Duration::from_secs(5));
+    assert_eq!(
+        c.global.tune,
+        Tune {
+            pipe_size: 1 << 20,
+            max_pipes: 64,
+            ring_entries: 1024,
+            iowq_workers: 2
+        }
+    );
+    let fe = &c.frontends[0];
+    assert_eq!(fe.binds.len(), 2);
+    assert_eq!(fe.maxconn, Some(500));
+    assert_eq!(fe.backlog, 128);
+    assert_eq!(fe.client_timeout, Duration::from_secs(7));
+    let be = &c.backends[0];
+    assert_eq!(be.balance, Balance::Source);
+    assert_eq!(be.maxconn, Some(900));
+    assert_eq!(be.retries, 5);
+    assert_eq!(be.connect_timeout, Duration::from_millis(1500));
+    assert_eq!(be.server_timeout, Duration::from_secs(3));
+    assert_eq!(be.queue_timeout, Duration::from_secs(10));
+    assert_eq!(be.servers[0].sources.len(), 4);
+    assert_eq!(be.servers[0].maxconn, Some(7));
+    assert_eq!(be.servers[1].weight, 0);
+}
+
+#[test]
+fn examples_parse_and_validate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
+            assert!(
+                c.warnings.is_empty(),
+                "{}: {:?}",
+                path.display(),
+                c.warnings
+            );
+            seen += 1;
+        }
+    }
+    assert!(
+        seen >= 3,
+        "expected the example configurations in {}",
+        dir.display()
+    );
+    let c = load(&dir.join("haproxy-300k.yaml")).unwrap();
+    let be = &c.backends[0];
+    assert_eq!(be.servers.len(), 6);
+    let sources: Vec<String> = be
+        .servers
+        .iter()
+        .map(|s| s.sources[0].to_string())
+        .collect();
+    assert_eq!(
+        sources,
+        [
+            "127.0.2.1",
+            "127.0.2.2",
+            "127.0.2.3",
+            "127.0.2.4",
+            "127.0.2.5",
+            "127.0.2.6"
+        ]
+    );
+    assert_eq!(c.global.maxconn, Some(2_000_000));
+    assert_eq!(be.connect_timeout, Duration::from_millis(5000));
+}
+
+#[test]
+fn unknown_keys_name_the_key_and_position() {
+    refused(
+        &format!("global:\n  wrokers: 2\n{BASE}"),
+        2,
+        3,
+        "unknown key `wrokers`",
+    );
+    refused(
+        &BASE.replace("    backend: be\n", "    backend: be\n    colour: red\n"),
+        5,
+        5,
+        "colour",
+    );
+}
+
+#[test]
+fn wrong_types() {
+    refused(
+        &format!("global:\n  maxconn: lots\n{BASE}"),
+        2,
+        12,
+        "expected a whole number, not \"lots\"",
+    );
+    refused(
+        &format!("global:\n  maxconn: -5\n{BASE}"),
+        2,
+        12,
+        "negative",
+    );
+    refused(
+        &format!("global:\n  workers: many\n{BASE}"),
+        2,
+        12,
+        "`auto` or a positive number",
+    );
+    refused(&format!("global:\n  pin_cpus: maybe\n{BASE}"), 2, 13, "");
+    refused(
+        &format!("defaults:\n  timeout:\n    connect: 5 seconds\n{BASE}"),
+        3,
+        14,
+        "\"5 seconds\" is not a duration",
+    );
+    refused(
+        &format!("defaults:\n  balance: fastest\n{BASE}"),
+        2,
+        12,
+        "roundrobin",
+    );
+    refused("frontends: 3\n", 1, 12, "");
+}
+
+#[test]
+fn out_of_range_values() {
+    refused(&format!("global:\n  workers: 0\n{BASE}"), 2, 12, "1-1024");
+    refused(
+        &format!("global:\n  maxconn: 0\n{BASE}"),
+        2,
+        12,
+        "between 1 and",
+    );
+    refused(
+        &format!("global:\n  tune:\n    ring_entries: 1000\n{BASE}"),
+        3,
+        19,
+        "power of two",
+    );
+    refused(
+        &format!("defaults:\n  timeout:\n    client: 0\n{BASE}"),
+        3,
+        13,
+        "greater than zero",
+    );
+    refused(
+        &BASE.replace(
+            "address: 127.0.0.1:9001",
+            "address: 127.0.0.1:9001\n        weight: 300",
+        ),
+        10,
+        17,
+        "weight must be between 0 and 256",
+    );
+}
+
+#[test]
+fn duplicate_names() {
+    let two_backends =
+        format!("{BASE}  - name: be\n    servers:\n      - {{ name: x, address: 127.0.0.1:1 }}\n");
+    refused(
+        &two_backends,
+        10,
+        11,
+        "duplicate backend name \"be\" (first defined at line 6)",
+    );
+    let two_servers = format!("{BASE}      - name: s1\n        address: 127.0.0.1:9002\n");
+    refused(&two_servers, 10, 15, "duplicate server name \"s1\"");
+    let two_frontends = BASE.replace(
+        "backends:",
+        "  - name: fe\n    bind: 127.0.0.1:8081\n    backend: be\nbackends:",
+    );
+    refused(&two_frontends, 5, 11, "duplicate frontend name \"fe\"");
+    refused(
+        &format!("global:\n  maxconn: 1\n  maxconn: 2\n{BASE}"),
+        3,
+        3,
+        "duplicate",
+    );
+}
+
+#[test]
+fn references_and_emptiness() {
+    refused(
+        &BASE.replace("backend: be", "backend: nope"),
+        4,
+        14,
+        "backend \"nope\" does not exist (defined backends: be)",
+    );
+    refused(
+        "frontends:\n  - { name: fe, bind: \"127.0.0.1:1\", backend: be }\nbackends:\n  - name: be\n    servers: []\n",
+        5,
+        14,
+        "backend \"be\" has no servers",
+    );
+    refused(
+        "backends:\n  - name: be\n    servers: [{ name: a, address: \"127.0.0.1:1\" }]\n",
+        1,
+        1,
+        "no `frontends:`",
+    );
+    refused(
+        "frontends: []\nbackends:\n  - name: be\n    servers: [{ name: a, address: \"127.0.0.1:1\" }]\n",
+        1,
+        12,
+        "empty",
+    );
+    refused(
+        &BASE
+            .replace(
+                "    servers:",
+                "    servers:\n      - { name: z, address: 127.0.0.1:7, weight: 0 }",
+            )
+            .replace("      - name: s1\n        address: 127.0.0.1:9001\n", ""),
+        8,
+        7,
+        "weight 0",
+    );
+}
+
+#[test]
+fn bad_addresses() {
+    refused(
+        &BASE.replace("127.0.0.1:9001", "192.168.8.300:1883"),
+        9,
+        18,
+        "server \"s1\": address \"192.168.8.300:1883\": \"192.168.8.300\" is not an IP address",
+    );
+    refused(
+        &BASE.replace("127.0.0.1:9001", "app1.local:1883"),
+        9,
+        18,
+        "host names are not resolved",
+    );
+    refused(
+        &BASE.replace("bind: 127.0.0.1:8080", "bind: 127.0.0.1"),
+        3,
+        11,
+        "has no port",
+    );
+    refused(
+        &BASE.replace(
+            "address: 127.0.0.1:9001",
+            "address: 127.0.0.1:9001\n        source: 192.168.8.300",
+        ),
+        10,
+        17,
+        "source \"192.168.8.300\" is not an IP address",
+    );
+    refused(
+        &BASE.replace(
+            "address: 127.0.0.1:9001",
+            "address: 127.0.0.1:9001\n        source: \"::1\"",
+        ),
+        10,
+        17,
+        "not of the same address family",
+    );
+    let overlapping = BASE.replace(
+        "backends:",
+        "  - name: fe2\n    bind: 0.0.0.0:8080\n    backend: be\nbackends:",
+    );
+    refused(
+        &overlapping,
+        6,
+        11,
+        "overlaps 127.0.0.1:8080 of frontend \"fe\"",
+    );
+}
+
+#[test]
+fn timeouts_only_where_they_apply() {
+    refused(
+        &BASE.replace("    servers:", "    timeout: { drain: 5s }\n    servers:"),
+        7,
+        23,
+        "timeout drain does not apply to a backend",
+    );
+    refused(
+        &BASE.replace(
+            "    backend: be\n",
+            "    backend: be\n    timeout: { server: 5s }\n",
+        ),
+        5,
+        24,
+        "timeout server does not apply to a frontend",
+    );
+}
+
+#[test]
+fn warnings_for_suspicious_but_valid() {
+    let c = ok(&format!(
+        "global:\n  maxconn: 10\n{}  - name: unused\n    servers: [{{ name: x, address: \"127.0.0.1:1\" }}]\n",
+        BASE.replace("    backend: be\n", "    backend: be\n    maxconn: 20\n")
+    ));
+    assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.contains("above the global maxconn 10"))
+    );
+    assert!(
+        c.warnings
+            .iter()
+            .any(|w| w.starts_with("t.yaml:13:11: warning: backend \"unused\" is not used"))
+    );
+}
+
+#[test]
+fn syntax_errors_have_positions() {
+    let e = parse("frontends: [\n", "t.yaml").unwrap_err();
+    assert!(e.position().is_some(), "{e}");
+    let e = parse("a: b: c\n", "t.yaml").unwrap_err();
+    assert!(e.to_string().starts_with("t.yaml:1:"), "{e}");
+}
+
+#[test]
+fn unreadable_file() {
+    let e = load(Path::new("/nonexistent/ringproxy.yaml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/ringproxy.yaml: cannot read"),
+        "{e}"
+    );
+}

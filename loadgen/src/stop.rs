@@ -1,0 +1,56 @@
+//! The process-wide stop flag: set by SIGINT/SIGTERM (Ctrl-C) and read by
+//! every event loop at least every 100 ms, so a run ends cleanly, drains its
+//! in-flight operations and still reports what it measured.
+//!
+//! Invariant: the signal handler only stores to an atomic (async-signal-safe).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Install the SIGINT/SIGTERM handlers.
+pub fn install() {
+    let handler: extern "C" fn(libc::c_int) = on_signal;
+    // SAFETY: installing a handler that only stores to a static atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, handler as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, handler as libc::sighandler_t);
+    }
+}
+
+pub fn requested() -> bool {
+    STOP.load(Ordering::Relaxed)
+}
+
+/// Ask every loop in this process to stop (used when a worker fails).
+pub fn request() {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit now in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write to / read from a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let want = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
