@@ -197,9 +197,13 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "us" | "µs" => v / 1e6,
         "m" | "min" => v * 60.0,
         "h" => v * 3600.0,
-        u => return Err(format!("unknown duration unit {u:?} in {s:?} (use s, ms, us, m or h)")),
+        u => {
+            return Err(format!(
+                "unknown duration unit {u:?} in {s:?} (use s, ms, us, m or h)"
+            ));
+        }
     };
-    if !secs.is_finite() || secs < 0.0 || secs > 365.0 * 86400.0 {
+    if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
         return Err(format!("duration {s:?} is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))

@@ -175,8 +175,15 @@ mod tests {
     #[test]
     fn pairs_spread_evenly() {
         let e = Endpoints::new(
-            vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()],
-            vec!["127.0.1.1".parse().unwrap(), "127.0.1.2".parse().unwrap(), "127.0.1.3".parse().unwrap()],
+            vec![
+                "127.0.0.1:1".parse().unwrap(),
+                "127.0.0.1:2".parse().unwrap(),
+            ],
+            vec![
+                "127.0.1.1".parse().unwrap(),
+                "127.0.1.2".parse().unwrap(),
+                "127.0.1.3".parse().unwrap(),
+            ],
         );
         let mut counts = std::collections::HashMap::new();
         for n in 0..600 {

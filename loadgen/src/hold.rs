@@ -171,10 +171,10 @@ impl<'a> Worker<'a> {
         // Drain: no new dials or heartbeats; wait for echoes and connects in flight.
         let drain_end = Instant::now() + DRAIN;
         while Instant::now() < drain_end {
-            let waiting = self
-                .conns
-                .iter()
-                .any(|c| c.state == State::Connecting || (c.state == State::Open && c.sent_at.is_some() && !c.lost_marked));
+            let waiting = self.conns.iter().any(|c| {
+                c.state == State::Connecting
+                    || (c.state == State::Open && c.sent_at.is_some() && !c.lost_marked)
+            });
             if !waiting {
                 break;
             }
@@ -297,9 +297,13 @@ impl<'a> Worker<'a> {
         // SAFETY: `rbuf` lives in `self.conns`, which is never resized and
         // outlives every operation in flight (see module invariants); at
         // most one recv per slot is armed, so nothing else writes there.
-        let e = opcode::Recv::new(types::Fd(fd.as_raw_fd()), c.rbuf[c.rlen..].as_mut_ptr(), len)
-            .build()
-            .user_data(Tag::new(slot, 0, Op::Recv).encode());
+        let e = opcode::Recv::new(
+            types::Fd(fd.as_raw_fd()),
+            c.rbuf[c.rlen..].as_mut_ptr(),
+            len,
+        )
+        .build()
+        .user_data(Tag::new(slot, 0, Op::Recv).encode());
         unsafe { self.ring.push(&e)? };
         Ok(())
     }
@@ -313,10 +317,14 @@ impl<'a> Worker<'a> {
         // SAFETY: `sbuf` lives in `self.conns` (never resized, outlives the
         // ring's operations) and is not rewritten until its echo has arrived,
         // which is after this send completed.
-        let e = opcode::Send::new(types::Fd(fd.as_raw_fd()), c.sbuf[c.sent..].as_ptr(), (HEADER - c.sent) as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(Tag::new(slot, 0, Op::Send).encode());
+        let e = opcode::Send::new(
+            types::Fd(fd.as_raw_fd()),
+            c.sbuf[c.sent..].as_ptr(),
+            (HEADER - c.sent) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(Tag::new(slot, 0, Op::Send).encode());
         unsafe { self.ring.push(&e)? };
         Ok(())
     }
@@ -354,7 +362,11 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         if res <= 0 {
-            let cause = if res == 0 { Cause::Other } else { Cause::from_errno(errno(res)) };
+            let cause = if res == 0 {
+                Cause::Other
+            } else {
+                Cause::from_errno(errno(res))
+            };
             self.drop_conn(slot, cause);
             return Ok(());
         }
@@ -370,7 +382,11 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         if res <= 0 {
-            let cause = if res == 0 { Cause::PeerClosed } else { Cause::from_errno(errno(res)) };
+            let cause = if res == 0 {
+                Cause::PeerClosed
+            } else {
+                Cause::from_errno(errno(res))
+            };
             self.drop_conn(slot, cause);
             return Ok(());
         }
@@ -410,11 +426,16 @@ impl<'a> Worker<'a> {
                 _ => {}
             }
         }
-        let fds = self.conns.iter().filter_map(|c| c.fd.as_ref().map(|f| f.as_raw_fd()));
+        let fds = self
+            .conns
+            .iter()
+            .filter_map(|c| c.fd.as_ref().map(|f| f.as_raw_fd()));
         let drained = drain_ring(&mut self.ring, fds);
         self.m.window_s = self.plan.start.elapsed().as_secs_f64();
         let m = std::mem::take(&mut self.m);
-        self.progress.open.fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
+        self.progress
+            .open
+            .fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
         if !drained {
             // The kernel still holds operations pointing into `conns`: leak
             // the buffers rather than free memory it may write to.

@@ -1,1 +1,39 @@
 //! ringload: the load generator and test backends bundled with ringproxy.
+//!
+//! `serve` runs backends (echo, sink, source); the client modes `hold`,
+//! `rate`, `throughput` and `latency` drive them (directly or through a
+//! proxy) on io_uring, one ring per worker thread, splitting into several
+//! processes when one process may not hold enough descriptors. See
+//! loadgen/README.md for every flag, the JSON schema and the exit codes.
+
+pub mod chart;
+pub mod cli;
+pub mod dial;
+pub mod hold;
+pub mod latency;
+pub mod rate;
+pub mod report;
+pub mod ring;
+pub mod run;
+pub mod serve;
+pub mod sources;
+pub mod spawn;
+pub mod stats;
+pub mod stop;
+pub mod throughput;
+pub mod wire;
+
+use cli::{Cli, Command};
+
+/// Run the parsed command line; returns the process exit code.
+pub fn main(cli: Cli) -> anyhow::Result<u8> {
+    stop::install();
+    let nofile = stop::raise_nofile_limit();
+    match &cli.command {
+        Command::Serve(a) => serve::main(a, nofile),
+        Command::Hold(a) => run::main(a, nofile),
+        Command::Rate(a) => run::main(a, nofile),
+        Command::Throughput(a) => run::main(a, nofile),
+        Command::Latency(a) => run::main(a, nofile),
+    }
+}

@@ -177,7 +177,11 @@ impl Ring {
         }
         // SAFETY: forwarded from this function's contract; `push_multiple`
         // checks there is room for both so they stay adjacent.
-        let res = unsafe { self.ring.submission().push_multiple(&[a.clone(), b.clone()]) };
+        let res = unsafe {
+            self.ring
+                .submission()
+                .push_multiple(&[a.clone(), b.clone()])
+        };
         match res {
             Ok(()) => {
                 self.in_flight += 2;
@@ -218,6 +222,28 @@ impl Ring {
             self.completions.push(c);
         }
         Ok(&self.completions)
+    }
+}
+
+impl Ring {
+    /// Ask the kernel to cancel every operation in flight, then reap
+    /// completions until none is left or `timeout` passes. Returns true if
+    /// nothing is in flight any more (buffers may then be freed).
+    pub fn cancel_all_and_drain(&mut self, timeout: Duration) -> bool {
+        let e = io_uring::opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
+            .build()
+            .user_data(Tag::new(u32::MAX, 0, Op::Other).encode());
+        // SAFETY: a cancel request points to no memory.
+        if unsafe { self.push(&e) }.is_err() {
+            return self.in_flight == 0;
+        }
+        let end = std::time::Instant::now() + timeout;
+        while self.in_flight > 0 && std::time::Instant::now() < end {
+            if self.wait(1, Duration::from_millis(20)).is_err() {
+                break;
+            }
+        }
+        self.in_flight == 0
     }
 }
 

@@ -30,7 +30,9 @@ pub fn parse(spec: &str) -> Result<Vec<IpAddr>> {
                 out.push(a);
             }
             if out.len() > MAX_SOURCES {
-                bail!("--sources {spec:?} expands to more than {MAX_SOURCES} addresses; use a smaller range");
+                bail!(
+                    "--sources {spec:?} expands to more than {MAX_SOURCES} addresses; use a smaller range"
+                );
             }
         }
     }
@@ -47,7 +49,10 @@ fn parse_part(part: &str) -> Result<Vec<IpAddr>> {
         return cidr(net, bits);
     }
     if let Some((a, b)) = part.split_once('-') {
-        let a: IpAddr = a.trim().parse().context("range start is not an IP address")?;
+        let a: IpAddr = a
+            .trim()
+            .parse()
+            .context("range start is not an IP address")?;
         let b: IpAddr = b.trim().parse().context("range end is not an IP address")?;
         return range(a, b);
     }

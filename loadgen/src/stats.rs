@@ -69,7 +69,12 @@ impl Causes {
     }
 
     pub fn total(&self) -> u64 {
-        self.refused + self.timeout + self.reset + self.port_exhaustion + self.peer_closed + self.other
+        self.refused
+            + self.timeout
+            + self.reset
+            + self.port_exhaustion
+            + self.peer_closed
+            + self.other
     }
 
     pub fn merge(&mut self, o: &Causes) {
@@ -384,7 +389,11 @@ mod tests {
         m.merge(&b2);
         assert_eq!(m.len(), all.len());
         for q in [0.0, 50.0, 90.0, 99.0, 99.9, 100.0] {
-            assert_eq!(m.0.value_at_percentile(q), all.0.value_at_percentile(q), "p{q}");
+            assert_eq!(
+                m.0.value_at_percentile(q),
+                all.0.value_at_percentile(q),
+                "p{q}"
+            );
         }
         assert_eq!(m.0.max(), all.0.max());
     }
@@ -396,13 +405,19 @@ mod tests {
             established: 10,
             lost: 1,
             processes: 1,
-            timeline: vec![Sample { open: 5, ..Default::default() }],
+            timeline: vec![Sample {
+                open: 5,
+                ..Default::default()
+            }],
             ..Default::default()
         };
         a.failed.add(Cause::Refused);
         let mut b = a.clone();
         b.failed.add(Cause::from_errno(libc::EADDRNOTAVAIL));
-        b.timeline.push(Sample { open: 7, ..Default::default() });
+        b.timeline.push(Sample {
+            open: 7,
+            ..Default::default()
+        });
         a.merge(&b);
         assert_eq!(a.established, 20);
         assert_eq!(a.lost, 2);
@@ -418,7 +433,10 @@ mod tests {
         assert_eq!(Cause::from_errno(libc::ECONNREFUSED), Cause::Refused);
         assert_eq!(Cause::from_errno(libc::ETIMEDOUT), Cause::Timeout);
         assert_eq!(Cause::from_errno(libc::EPIPE), Cause::Reset);
-        assert_eq!(Cause::from_errno(libc::EADDRNOTAVAIL), Cause::PortExhaustion);
+        assert_eq!(
+            Cause::from_errno(libc::EADDRNOTAVAIL),
+            Cause::PortExhaustion
+        );
         assert_eq!(Cause::from_errno(libc::EMFILE), Cause::Other);
     }
 }
