@@ -83,6 +83,9 @@ pub fn settings(mode: &dyn ClientMode, nofile: u64) -> Result<Settings> {
         Some(n) => n,
         None => limit,
     };
+    if let Some(p) = &c.report {
+        crate::chart::check_path(p)?;
+    }
     let processes = spawn::processes_needed(mode.conns(), fds_per_process)?;
     Ok(Settings {
         duration,

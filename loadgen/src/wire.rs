@@ -38,9 +38,84 @@ pub fn matches(sent: &[u8], echo: &[u8]) -> bool {
     sent == echo
 }
 
+/// One request/response exchange on a connection: the message sent and the
+/// echo being collected. Its buffers are allocated once and never resized,
+/// so pointers into them stay valid for the owner's whole life.
+#[derive(Debug)]
+pub struct Exchange {
+    pub sbuf: Box<[u8]>,
+    pub rbuf: Box<[u8]>,
+    /// Bytes of the echo received so far.
+    pub got: usize,
+    /// Bytes of the message sent so far.
+    pub sent: usize,
+}
+
+impl Exchange {
+    pub fn new(size: usize) -> Exchange {
+        let size = size.max(HEADER);
+        Exchange {
+            sbuf: vec![0; size].into_boxed_slice(),
+            rbuf: vec![0; size].into_boxed_slice(),
+            got: 0,
+            sent: 0,
+        }
+    }
+
+    /// Start message `seq` of connection `id`.
+    pub fn prepare(&mut self, id: u64, seq: u64) {
+        fill(&mut self.sbuf, id, seq);
+        self.got = 0;
+        self.sent = 0;
+    }
+
+    /// Where the next bytes of the echo go.
+    pub fn recv_window(&mut self) -> (*mut u8, u32) {
+        let rest = &mut self.rbuf[self.got..];
+        (rest.as_mut_ptr(), rest.len() as u32)
+    }
+
+    /// What is left to send.
+    pub fn send_window(&self) -> (*const u8, u32) {
+        let rest = &self.sbuf[self.sent..];
+        (rest.as_ptr(), rest.len() as u32)
+    }
+
+    /// Account `n` received bytes; once the whole echo is in, returns
+    /// `Some(true)` if it matches what was sent, `Some(false)` if corrupted.
+    pub fn received(&mut self, n: usize) -> Option<bool> {
+        self.got = (self.got + n).min(self.rbuf.len());
+        (self.got == self.rbuf.len()).then(|| matches(&self.sbuf, &self.rbuf))
+    }
+
+    /// Account `n` sent bytes; true once the whole message is sent.
+    pub fn sent_bytes(&mut self, n: usize) -> bool {
+        self.sent = (self.sent + n).min(self.sbuf.len());
+        self.sent == self.sbuf.len()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exchange_collects_partial_echoes() {
+        let mut x = Exchange::new(40);
+        x.prepare(7, 1);
+        assert!(!x.sent_bytes(10));
+        assert!(x.sent_bytes(30));
+        let sent = x.sbuf.to_vec();
+        x.rbuf[..20].copy_from_slice(&sent[..20]);
+        assert_eq!(x.received(20), None);
+        x.rbuf[20..].copy_from_slice(&sent[20..]);
+        x.rbuf[39] ^= 1;
+        assert_eq!(x.received(20), Some(false));
+        x.prepare(7, 2);
+        let sent = x.sbuf.to_vec();
+        x.rbuf.copy_from_slice(&sent);
+        assert_eq!(x.received(40), Some(true));
+    }
 
     #[test]
     fn messages_differ_by_id_and_seq_and_detect_flips() {

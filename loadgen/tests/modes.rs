@@ -1,0 +1,421 @@
+//! Every client mode against `ringload serve` on loopback (small counts),
+//! the multi-process split, integrity checking against a corrupting
+//! backend, failure classification, reports and Ctrl-C. Real sockets, real
+//! binary; every wait has a timeout and every port is chosen by the kernel.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ringload");
+
+/// A `ringload serve` child, killed on drop.
+struct Serve {
+    child: Child,
+    addr: String,
+}
+
+impl Serve {
+    fn start(mode: &str, extra: &[&str]) -> Serve {
+        let mut child = Command::new(BIN)
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--mode",
+                mode,
+                "--duration",
+                "90s",
+            ])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start ringload serve");
+        let out = child.stdout.take().expect("serve stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Some(a) = line.strip_prefix("listening on ") {
+                    let _ = tx.send(a.to_string());
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("serve printed its address within 10s");
+        Serve { child, addr }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Run ringload with `args`; returns (exit code, stdout). Killed after `limit`.
+fn run(args: &[&str], limit: Duration) -> (i32, String) {
+    let child = Command::new(BIN)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start ringload");
+    wait(child, limit)
+}
+
+fn wait(mut child: Child, limit: Duration) -> (i32, String) {
+    let out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringload did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (
+        status.code().unwrap_or(-1),
+        reader.join().unwrap_or_default(),
+    )
+}
+
+fn json(args: &[&str]) -> (i32, Value) {
+    let mut a = args.to_vec();
+    a.push("--json");
+    let (code, out) = run(&a, Duration::from_secs(60));
+    let v: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    assert_eq!(v["schema"], "ringload.v1");
+    assert_eq!(
+        v["exit_code"].as_i64(),
+        Some(code as i64),
+        "exit code matches JSON"
+    );
+    (code, v)
+}
+
+fn u(v: &Value, path: &str) -> u64 {
+    path.split('.')
+        .fold(v, |v, k| &v[k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("{path} missing in {v}"))
+}
+
+#[test]
+fn hold_500_connections_all_heartbeats_echoed() {
+    let s = Serve::start("echo", &[]);
+    let (code, v) = json(&[
+        "hold",
+        "--target",
+        &s.addr,
+        "--conns",
+        "500",
+        "--ramp",
+        "20000/s",
+        "--heartbeat",
+        "200ms",
+        "--duration",
+        "1500ms",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(u(&v, "connections.established"), 500);
+    assert_eq!(u(&v, "connections.failed"), 0);
+    assert_eq!(u(&v, "messages.lost"), 0);
+    assert_eq!(u(&v, "messages.corrupted"), 0);
+    assert!(u(&v, "messages.echoed_ok") >= 500 * 3, "{}", v["messages"]);
+    assert!(u(&v, "latency_us.count") > 0);
+    assert!(v["connections"]["ramp_time_s"].as_f64().is_some());
+}
+
+#[test]
+fn hold_splits_into_processes_and_merges() {
+    let s = Serve::start("echo", &[]);
+    let (code, v) = json(&[
+        "hold",
+        "--target",
+        &s.addr,
+        "--conns",
+        "1000",
+        "--fds-per-process",
+        "300",
+        "--sources",
+        "127.0.1.1-127.0.1.4",
+        "--ramp",
+        "20000/s",
+        "--heartbeat",
+        "300ms",
+        "--duration",
+        "1500ms",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(u(&v, "processes"), 4);
+    assert_eq!(u(&v, "connections.established"), 1000);
+    assert_eq!(u(&v, "connections.peak_open"), 1000);
+    assert_eq!(u(&v, "messages.lost"), 0);
+    // The merged histogram holds every heartbeat of every child.
+    assert_eq!(u(&v, "latency_us.count"), u(&v, "messages.echoed_ok"));
+    let peak = v["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["open"].as_u64().unwrap())
+        .max();
+    assert_eq!(peak, Some(1000));
+}
+
+#[test]
+fn corrupting_backend_is_caught_by_hold_and_latency() {
+    let s = Serve::start("echo", &["--corrupt-every", "64"]);
+    let (code, v) = json(&[
+        "hold",
+        "--target",
+        &s.addr,
+        "--conns",
+        "20",
+        "--heartbeat",
+        "100ms",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{v}");
+    assert!(u(&v, "messages.corrupted") > 0, "{}", v["messages"]);
+    assert_eq!(
+        v["verdict"].as_str().map(|s| s.starts_with("integrity")),
+        Some(true)
+    );
+    let (code, v) = json(&[
+        "latency",
+        "--target",
+        &s.addr,
+        "--conns",
+        "2",
+        "--rate",
+        "200",
+        "--duration",
+        "1s",
+    ]);
+    assert_eq!(code, 1, "{v}");
+    assert!(u(&v, "messages.corrupted") > 0);
+}
+
+#[test]
+fn rate_mode_counts_connections() {
+    let s = Serve::start("echo", &[]);
+    let (code, v) = json(&[
+        "rate",
+        "--target",
+        &s.addr,
+        "--concurrency",
+        "8",
+        "--duration",
+        "1s",
+        "--sources",
+        "127.0.1.10,127.0.1.11",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert!(v["connections_per_s"].as_f64().unwrap() > 100.0, "{v}");
+    assert_eq!(u(&v, "connections.failed"), 0);
+    assert_eq!(u(&v, "messages.corrupted"), 0);
+    assert_eq!(u(&v, "latency_us.count"), u(&v, "messages.echoed_ok"));
+}
+
+#[test]
+fn throughput_up_down_and_both() {
+    let sink = Serve::start("sink", &[]);
+    let source = Serve::start("source", &[]);
+    let (code, v) = json(&[
+        "throughput",
+        "--target",
+        &sink.addr,
+        "--streams",
+        "2",
+        "--duration",
+        "700ms",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert!(v["throughput"]["up_gbps"].as_f64().unwrap() > 0.1, "{v}");
+    let (code, v) = json(&[
+        "throughput",
+        "--target",
+        &source.addr,
+        "--direction",
+        "down",
+        "--duration",
+        "700ms",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert!(v["throughput"]["down_gbps"].as_f64().unwrap() > 0.1, "{v}");
+    assert_eq!(u(&v, "throughput.up_bytes"), 0);
+    let (code, v) = json(&[
+        "throughput",
+        "--target",
+        &source.addr,
+        "--direction",
+        "both",
+        "--duration",
+        "700ms",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert!(
+        u(&v, "throughput.up_bytes") > 0 && u(&v, "throughput.down_bytes") > 0,
+        "{v}"
+    );
+}
+
+#[test]
+fn latency_mode_holds_the_rate_and_reports_both_histograms() {
+    let s = Serve::start("echo", &[]);
+    let (code, v) = json(&[
+        "latency",
+        "--target",
+        &s.addr,
+        "--conns",
+        "4",
+        "--rate",
+        "500/s",
+        "--duration",
+        "2s",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    let rps = v["requests_per_s"].as_f64().unwrap();
+    assert!((400.0..=560.0).contains(&rps), "requests/s {rps}");
+    let corrected = u(&v, "latency_us.p50");
+    let raw = u(&v, "latency_uncorrected_us.p50");
+    assert!(
+        corrected >= raw,
+        "corrected {corrected} < uncorrected {raw}"
+    );
+    assert_eq!(u(&v, "messages.lost"), 0);
+}
+
+#[test]
+fn refused_connections_are_classified() {
+    // A bound socket that does not listen: connects to it are refused.
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    drop(l);
+    let (code, v) = json(&[
+        "hold",
+        "--target",
+        &addr,
+        "--conns",
+        "5",
+        "--duration",
+        "500ms",
+    ]);
+    assert_eq!(code, 3, "{v}");
+    assert_eq!(u(&v, "connections.failed_by_cause.refused"), 5);
+    assert_eq!(u(&v, "connections.established"), 0);
+}
+
+#[test]
+fn svg_and_html_reports_and_table() {
+    let s = Serve::start("echo", &[]);
+    let dir = std::env::temp_dir().join(format!("ringload-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let svg = dir.join("r.svg");
+    let html = dir.join("r.html");
+    let (code, out) = run(
+        &[
+            "rate",
+            "--target",
+            &s.addr,
+            "--concurrency",
+            "4",
+            "--duration",
+            "500ms",
+            "--report",
+            svg.to_str().unwrap(),
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("connections/s"), "{out}");
+    let text = std::fs::read_to_string(&svg).unwrap();
+    assert!(text.contains("<svg") && text.contains("</svg>"));
+    let (code, _) = run(
+        &[
+            "hold",
+            "--target",
+            &s.addr,
+            "--conns",
+            "10",
+            "--heartbeat",
+            "100ms",
+            "--duration",
+            "500ms",
+            "--report",
+            html.to_str().unwrap(),
+            "--json",
+        ],
+        Duration::from_secs(30),
+    );
+    assert_eq!(code, 0);
+    let text = std::fs::read_to_string(&html).unwrap();
+    assert!(text.contains("<html") && text.contains("<svg"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn ctrl_c_stops_a_split_run_and_still_reports() {
+    let s = Serve::start("echo", &[]);
+    let child = Command::new(BIN)
+        .args([
+            "hold",
+            "--target",
+            &s.addr,
+            "--conns",
+            "300",
+            "--fds-per-process",
+            "100",
+            "--heartbeat",
+            "100ms",
+            "--duration",
+            "60s",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling our own child by pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = Instant::now();
+    let (code, out) = wait(child, Duration::from_secs(20));
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let v: Value =
+        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    assert_eq!(v["interrupted"], true);
+    assert_eq!(u(&v, "processes"), 3);
+    assert_eq!(u(&v, "connections.established"), 300);
+    assert_eq!(code, 130, "{v}");
+}
+
+#[test]
+fn bad_flags_exit_2_with_a_message() {
+    let out = Command::new(BIN)
+        .args([
+            "hold",
+            "--target",
+            "127.0.0.1:1",
+            "--conns",
+            "1",
+            "--sources",
+            "127.0.0.0/8",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--sources"));
+}
