@@ -1,5 +1,22 @@
 //! ringproxy: a layer-4 TCP proxy and load balancer built as an io_uring, thread-per-core engine.
 //!
-//! The library holds everything; `main.rs` only parses the command line. See docs/architecture.md.
+//! The library holds everything; `main.rs` only parses the command line. See docs/architecture.md
+//! for the design: one worker per core (`worker`), each with its own ring, listeners, connection
+//! slab (`conn`), pipes (`pipes`), maxconn shares (`limits`) and source shards (`sources`).
 
+pub mod balance;
+pub mod check;
 pub mod config;
+pub mod conn;
+pub mod control;
+pub mod engine;
+pub mod host;
+pub mod limits;
+pub mod listener;
+pub mod pipes;
+pub mod plan;
+pub mod sources;
+pub mod stats;
+pub mod worker;
+
+pub use engine::Engine;

@@ -1,0 +1,825 @@
+//! The proxied connection: its state machine, from accept to close, and the byte pump.
+//!
+//! A connection is a client socket and (once connected) a server socket, both io_uring direct
+//! descriptors, and two [`Flow`]s (client→server, server→client). Readiness is edge-triggered: a
+//! multishot poll per socket says "readable", a splice that finds nothing (EAGAIN) says "drained".
+//! A flow borrows a pipe only for a chunk in flight: socket → pipe → socket as one hard-linked pair
+//! of splices, and gives it back as soon as the pipe is empty, so an idle connection holds no pipe
+//! and no buffer.
+//!
+//! Invariants:
+//! - At most one op of each kind is in flight per connection; `inflight` has its bit set from push to
+//!   final completion. A slot's descriptors are closed and the entry freed only when `inflight` is 0,
+//!   so no op ever acts on a descriptor number that was reused.
+//! - EOF read from one side becomes shutdown(SHUT_WR) on the other once the pipe is drained; the
+//!   other direction keeps flowing. Both directions finished → graceful close.
+//! - Any error on a socket (reset, broken pipe) closes both sides with RST.
+
+use std::net::SocketAddr;
+
+use crate::pipes::{NO_PIPE, PipeId};
+use crate::worker::Worker;
+use crate::worker::ring::PeerTicket;
+use crate::worker::timer::TimerEntry;
+use crate::worker::token::{CONNECT_CHAIN, Op, Token};
+
+pub const NO_SLOT: u32 = u32::MAX;
+pub const NO_INDEX: u16 = u16::MAX;
+
+const POLLIN_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+const POLLOUT_EVENTS: u32 = libc::POLLOUT as u32;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Slab entry not in use.
+    Free,
+    /// Accepted; waiting for the client's address (needed by `balance source` and logs).
+    PeerName,
+    /// Waiting in the backend queue for a server slot.
+    Queued,
+    /// The connect chain to a server is in flight.
+    Connecting,
+    /// Both sockets open; bytes flow.
+    Established,
+    /// Cancelling what is in flight; the entry is freed when nothing is.
+    Closing,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dir {
+    ClientToServer,
+    ServerToClient,
+}
+
+impl Dir {
+    pub const BOTH: [Dir; 2] = [Dir::ClientToServer, Dir::ServerToClient];
+
+    fn splice_in(self) -> Op {
+        match self {
+            Dir::ClientToServer => Op::SpliceInC2S,
+            Dir::ServerToClient => Op::SpliceInS2C,
+        }
+    }
+    fn splice_out(self) -> Op {
+        match self {
+            Dir::ClientToServer => Op::SpliceOutC2S,
+            Dir::ServerToClient => Op::SpliceOutS2C,
+        }
+    }
+    /// The poll that says the destination can take more.
+    fn poll_out(self) -> Op {
+        match self {
+            Dir::ClientToServer => Op::ServerPollOut,
+            Dir::ServerToClient => Op::ClientPollOut,
+        }
+    }
+    fn shutdown(self) -> Op {
+        match self {
+            Dir::ClientToServer => Op::ShutdownServer,
+            Dir::ServerToClient => Op::ShutdownClient,
+        }
+    }
+}
+
+/// One direction of a connection.
+#[derive(Clone, Copy, Debug)]
+pub struct Flow {
+    pub pipe: PipeId,
+    /// Bytes read into the pipe and not yet written out.
+    pub in_pipe: u32,
+    /// The source socket may have data (edge-triggered: set by poll, cleared by EAGAIN).
+    pub readable: bool,
+    /// The source sent EOF.
+    pub eof: bool,
+    /// shutdown(SHUT_WR) has been sent to the destination.
+    pub shut: bool,
+    /// Waiting in the worker's queue for a pipe.
+    pub waiting_pipe: bool,
+    /// Poll events seen on the source, to tell an EAGAIN that raced with new data.
+    pub ready_seq: u8,
+    pub seq_at_submit: u8,
+}
+
+impl Default for Flow {
+    fn default() -> Flow {
+        Flow {
+            pipe: NO_PIPE,
+            in_pipe: 0,
+            readable: false,
+            eof: false,
+            shut: false,
+            waiting_pipe: false,
+            ready_seq: 0,
+            seq_at_submit: 0,
+        }
+    }
+}
+
+impl Flow {
+    pub fn finished(&self) -> bool {
+        self.eof && self.shut && self.in_pipe == 0
+    }
+}
+
+/// Why a connection ends; decides graceful close versus RST and which counter moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Both directions finished.
+    Done,
+    ClientReset,
+    ServerReset,
+    ClientTimeout,
+    ServerTimeout,
+    QueueTimeout,
+    /// No server could be reached within the retries.
+    ConnectFailed,
+    /// Engine shutdown after the drain timeout.
+    Shutdown,
+}
+
+impl CloseReason {
+    /// Whether both sides are closed with RST (the other side of a reset learns of it as a reset).
+    fn abortive(self) -> bool {
+        matches!(self, CloseReason::ClientReset | CloseReason::ServerReset)
+    }
+}
+
+/// A proxied connection's slab entry (kept small: it is most of the user-space cost of an idle
+/// connection; see docs/architecture.md).
+#[derive(Clone, Debug)]
+pub struct Conn {
+    pub generation: u32,
+    pub state: State,
+    /// Bit per `Op` in flight.
+    pub inflight: u32,
+    pub frontend: u16,
+    pub backend: u16,
+    pub server: u16,
+    pub source: u16,
+    pub listener: u16,
+    pub attempts: u8,
+    /// Holds a global (and frontend) share.
+    pub admitted: bool,
+    /// Holds backend and server shares.
+    pub server_shares: bool,
+    pub client_slot: u32,
+    pub server_slot: u32,
+    pub peer_ticket: u32,
+    /// Result of the connect chain: first error, or 0.
+    pub connect_result: i32,
+    pub connect_timed_out: bool,
+    /// Servers already tried by this connection (bit `i % 64`).
+    pub tried: u64,
+    pub client: Option<SocketAddr>,
+    pub c2s: Flow,
+    pub s2c: Flow,
+    /// Milliseconds on the worker clock.
+    pub last_client: u64,
+    pub last_server: u64,
+    pub queued_at: u64,
+    /// Deadline of this connection's entry in the timer wheel (0: none).
+    pub timer_deadline: u64,
+}
+
+impl Default for Conn {
+    fn default() -> Conn {
+        Conn {
+            generation: 0,
+            state: State::Free,
+            inflight: 0,
+            frontend: 0,
+            backend: 0,
+            server: NO_INDEX,
+            source: NO_INDEX,
+            listener: 0,
+            attempts: 0,
+            admitted: false,
+            server_shares: false,
+            client_slot: NO_SLOT,
+            server_slot: NO_SLOT,
+            peer_ticket: u32::MAX,
+            connect_result: 0,
+            connect_timed_out: false,
+            tried: 0,
+            client: None,
+            c2s: Flow::default(),
+            s2c: Flow::default(),
+            last_client: 0,
+            last_server: 0,
+            queued_at: 0,
+            timer_deadline: 0,
+        }
+    }
+}
+
+impl Conn {
+    pub fn flow(&mut self, dir: Dir) -> &mut Flow {
+        match dir {
+            Dir::ClientToServer => &mut self.c2s,
+            Dir::ServerToClient => &mut self.s2c,
+        }
+    }
+
+    fn has(&self, op: Op) -> bool {
+        self.inflight & op.bit() != 0
+    }
+}
+
+/// The connection table: a slab with generations, so stale completions are recognised.
+#[derive(Default)]
+pub struct Slab {
+    entries: Vec<Conn>,
+    free: Vec<u32>,
+    pub live: usize,
+}
+
+impl Slab {
+    pub fn with_capacity(n: usize) -> Slab {
+        Slab {
+            entries: Vec::with_capacity(n),
+            free: Vec::new(),
+            live: 0,
+        }
+    }
+
+    pub fn insert(&mut self) -> u32 {
+        self.live += 1;
+        match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.entries.push(Conn::default());
+                (self.entries.len() - 1) as u32
+            }
+        }
+    }
+
+    /// The entry at `index` if it is live and of `generation` (24-bit compare).
+    pub fn get(&mut self, index: u32, generation: u32) -> Option<&mut Conn> {
+        let c = self.entries.get_mut(index as usize)?;
+        (c.state != State::Free
+            && c.generation & crate::worker::token::GENERATION_MASK == generation)
+            .then_some(c)
+    }
+
+    pub fn at(&mut self, index: u32) -> &mut Conn {
+        &mut self.entries[index as usize]
+    }
+
+    pub fn remove(&mut self, index: u32) {
+        let c = &mut self.entries[index as usize];
+        let generation = c.generation.wrapping_add(1);
+        *c = Conn {
+            generation,
+            ..Conn::default()
+        };
+        self.free.push(index);
+        self.live -= 1;
+    }
+
+    /// Indices of live entries (slow path: drain and shutdown).
+    pub fn live_indices(&self) -> Vec<u32> {
+        (0..self.entries.len() as u32)
+            .filter(|&i| self.entries[i as usize].state != State::Free)
+            .collect()
+    }
+}
+
+impl Worker {
+    pub(crate) fn token(&mut self, index: u32, op: Op) -> Token {
+        let c = self.conns.at(index);
+        c.inflight |= op.bit();
+        Token::conn(op, index, c.generation)
+    }
+
+    /// A new admitted connection on fixed slot `slot`: ask for the peer address, watch the client.
+    pub(crate) fn open_conn(&mut self, listener: u16, slot: u32) {
+        let idx = self.conns.insert();
+        let frontend = self.listeners[listener as usize].frontend;
+        let ipv6 = self.listeners[listener as usize].ipv6;
+        let now = self.now;
+        let backend = self.cfg.frontends[frontend].backend as u16;
+        {
+            let c = self.conns.at(idx);
+            c.state = State::PeerName;
+            c.listener = listener;
+            c.frontend = frontend as u16;
+            c.backend = backend;
+            c.admitted = true;
+            c.client_slot = slot;
+            c.last_client = now;
+            c.last_server = now;
+        }
+        self.stats.accepted += 1;
+        self.stats.active += 1;
+        let t = self.token(idx, Op::ClientPoll);
+        self.ring.poll_multi(slot, POLLIN_EVENTS, t);
+        let t = self.token(idx, Op::PeerName);
+        match self.ring.peername(slot, ipv6, t) {
+            Some(ticket) => self.conns.at(idx).peer_ticket = ticket.0,
+            None => {
+                // Every peer-address slot is in flight (thousands of accepts in one batch): go on
+                // without the address rather than wait.
+                self.conns.at(idx).inflight &= !Op::PeerName.bit();
+                self.dispatch(idx);
+            }
+        }
+        self.ensure_timer(idx);
+    }
+
+    /// A completion for a connection op.
+    pub(crate) fn on_conn_completion(&mut self, t: Token, result: i32, more: bool) {
+        let Some(c) = self.conns.get(t.index, t.generation) else {
+            self.stale_completions += 1;
+            return;
+        };
+        let multishot = matches!(t.op, Op::ClientPoll | Op::ServerPoll);
+        if !(multishot && more) {
+            c.inflight &= !t.op.bit();
+        }
+        let idx = t.index;
+        if t.op == Op::PeerName {
+            let ticket = PeerTicket(c.peer_ticket);
+            c.peer_ticket = u32::MAX;
+            let addr = self.ring.take_peer(ticket, result);
+            let c = self.conns.at(idx);
+            c.client = addr;
+            if c.state == State::PeerName {
+                self.dispatch(idx);
+            } else {
+                self.maybe_finish(idx);
+            }
+            return;
+        }
+        if self.conns.at(idx).state == State::Closing {
+            self.maybe_finish(idx);
+            return;
+        }
+        match t.op {
+            Op::ClientPoll | Op::ServerPoll => self.on_poll(idx, t.op, result, more),
+            Op::ClientPollOut | Op::ServerPollOut => {
+                let dir = if t.op == Op::ServerPollOut {
+                    Dir::ClientToServer
+                } else {
+                    Dir::ServerToClient
+                };
+                if result < 0 && result != -libc::ECANCELED {
+                    let reason = if dir == Dir::ClientToServer {
+                        CloseReason::ServerReset
+                    } else {
+                        CloseReason::ClientReset
+                    };
+                    self.close(idx, reason);
+                } else {
+                    self.pump(idx, dir);
+                }
+            }
+            Op::Socket
+            | Op::NoDelay
+            | Op::BindNoPort
+            | Op::Bind
+            | Op::Connect
+            | Op::ConnectTimeout => self.on_connect_step(idx, t.op, result),
+            Op::SpliceInC2S => self.on_splice_in(idx, Dir::ClientToServer, result),
+            Op::SpliceInS2C => self.on_splice_in(idx, Dir::ServerToClient, result),
+            Op::SpliceOutC2S => self.on_splice_out(idx, Dir::ClientToServer, result),
+            Op::SpliceOutS2C => self.on_splice_out(idx, Dir::ServerToClient, result),
+            Op::ShutdownServer | Op::ShutdownClient => self.check_done(idx),
+            Op::LingerClient | Op::LingerServer | Op::PeerName => {}
+            Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed => {
+                unreachable!("worker op {:?} routed to a connection", t.op)
+            }
+        }
+    }
+
+    fn on_poll(&mut self, idx: u32, op: Op, result: i32, more: bool) {
+        let client_side = op == Op::ClientPoll;
+        if result < 0 {
+            if result != -libc::ECANCELED {
+                let reason = if client_side {
+                    CloseReason::ClientReset
+                } else {
+                    CloseReason::ServerReset
+                };
+                self.close(idx, reason);
+            } else if !more {
+                self.rearm_poll(idx, op);
+            }
+            return;
+        }
+        let mask = result as u32;
+        let dir = if client_side {
+            Dir::ClientToServer
+        } else {
+            Dir::ServerToClient
+        };
+        let c = self.conns.at(idx);
+        let f = c.flow(dir);
+        f.readable = true;
+        f.ready_seq = f.ready_seq.wrapping_add(1);
+        let reading_done = f.eof;
+        if !more {
+            self.rearm_poll(idx, op);
+        }
+        if mask & libc::POLLERR as u32 != 0 && reading_done {
+            // Nothing more will be read from this side, so no splice would notice the error.
+            let reason = if client_side {
+                CloseReason::ClientReset
+            } else {
+                CloseReason::ServerReset
+            };
+            self.close(idx, reason);
+            return;
+        }
+        self.pump(idx, dir);
+    }
+
+    fn rearm_poll(&mut self, idx: u32, op: Op) {
+        let c = self.conns.at(idx);
+        let slot = if op == Op::ClientPoll {
+            c.client_slot
+        } else {
+            c.server_slot
+        };
+        if c.state == State::Closing || slot == NO_SLOT || c.has(op) {
+            return;
+        }
+        let t = self.token(idx, op);
+        self.ring.poll_multi(slot, POLLIN_EVENTS, t);
+    }
+
+    /// Moves bytes in direction `dir` as far as readiness, pipes and the destination allow.
+    pub(crate) fn pump(&mut self, idx: u32, dir: Dir) {
+        let c = self.conns.at(idx);
+        if c.state != State::Established
+            || c.has(dir.splice_in())
+            || c.has(dir.splice_out())
+            || c.has(dir.poll_out())
+        {
+            return;
+        }
+        let (src, dst) = match dir {
+            Dir::ClientToServer => (c.client_slot, c.server_slot),
+            Dir::ServerToClient => (c.server_slot, c.client_slot),
+        };
+        let f = *c.flow(dir);
+        if f.in_pipe > 0 {
+            let (rd, _) = self.pipes.fds(f.pipe);
+            let t = self.token(idx, dir.splice_out());
+            self.ring.splice_out(rd, dst, f.in_pipe, t);
+            return;
+        }
+        if f.eof || !f.readable {
+            if f.pipe != NO_PIPE {
+                self.pipes.release(f.pipe);
+                self.conns.at(idx).flow(dir).pipe = NO_PIPE;
+            }
+            if f.eof && !f.shut {
+                self.conns.at(idx).flow(dir).shut = true;
+                let t = self.token(idx, dir.shutdown());
+                self.ring.shutdown_write(dst, t);
+            }
+            return;
+        }
+        let pipe = if f.pipe != NO_PIPE {
+            f.pipe
+        } else {
+            match self.pipes.acquire() {
+                Ok(Some(p)) => p,
+                Ok(None) | Err(_) => {
+                    if !f.waiting_pipe {
+                        self.conns.at(idx).flow(dir).waiting_pipe = true;
+                        let generation = self.conns.at(idx).generation;
+                        self.pipe_waiters.push_back((idx, generation, dir));
+                        self.stats.pipe_waits += 1;
+                    }
+                    return;
+                }
+            }
+        };
+        let f = self.conns.at(idx).flow(dir);
+        f.pipe = pipe;
+        f.waiting_pipe = false;
+        f.seq_at_submit = f.ready_seq;
+        let t_in = self.token(idx, dir.splice_in());
+        let t_out = self.token(idx, dir.splice_out());
+        let size = self.pipes.effective_size;
+        self.ring
+            .splice_pair(src, self.pipes.fds(pipe), dst, size, t_in, t_out);
+        self.stats.splices += 1;
+    }
+
+    fn on_splice_in(&mut self, idx: u32, dir: Dir, result: i32) {
+        let now = self.now;
+        let c = self.conns.at(idx);
+        match result {
+            n if n > 0 => {
+                match dir {
+                    Dir::ClientToServer => c.last_client = now,
+                    Dir::ServerToClient => c.last_server = now,
+                }
+                c.flow(dir).in_pipe += n as u32;
+                match dir {
+                    Dir::ClientToServer => self.stats.bytes_client_to_server += n as u64,
+                    Dir::ServerToClient => self.stats.bytes_server_to_client += n as u64,
+                }
+            }
+            0 => c.flow(dir).eof = true,
+            e if e == -libc::EAGAIN => {
+                let f = c.flow(dir);
+                if f.ready_seq == f.seq_at_submit {
+                    f.readable = false;
+                }
+            }
+            e if e == -libc::ECANCELED => {}
+            _ => {
+                let reason = if dir == Dir::ClientToServer {
+                    CloseReason::ClientReset
+                } else {
+                    CloseReason::ServerReset
+                };
+                self.close(idx, reason);
+                return;
+            }
+        }
+        self.after_splice(idx, dir);
+    }
+
+    fn on_splice_out(&mut self, idx: u32, dir: Dir, result: i32) {
+        let now = self.now;
+        let c = self.conns.at(idx);
+        match result {
+            n if n > 0 => {
+                match dir {
+                    Dir::ClientToServer => c.last_server = now,
+                    Dir::ServerToClient => c.last_client = now,
+                }
+                let f = c.flow(dir);
+                f.in_pipe = f.in_pipe.saturating_sub(n as u32);
+            }
+            e if e == -libc::EAGAIN || e == -libc::ECANCELED || e == 0 => {}
+            _ => {
+                let reason = if dir == Dir::ClientToServer {
+                    CloseReason::ServerReset
+                } else {
+                    CloseReason::ClientReset
+                };
+                self.close(idx, reason);
+                return;
+            }
+        }
+        self.after_splice(idx, dir);
+    }
+
+    /// Once both splices of a chunk completed: wait for the destination, or go on.
+    fn after_splice(&mut self, idx: u32, dir: Dir) {
+        let c = self.conns.at(idx);
+        if c.has(dir.splice_in()) || c.has(dir.splice_out()) {
+            return;
+        }
+        let f = *c.flow(dir);
+        if f.in_pipe > 0 {
+            // The destination took less than we had: wait until it can take more.
+            let dst = match dir {
+                Dir::ClientToServer => c.server_slot,
+                Dir::ServerToClient => c.client_slot,
+            };
+            let t = self.token(idx, dir.poll_out());
+            self.ring.poll_once(dst, POLLOUT_EVENTS, t);
+            return;
+        }
+        self.pump(idx, dir);
+        self.check_done(idx);
+    }
+
+    /// Closes gracefully once both directions have forwarded their EOF.
+    fn check_done(&mut self, idx: u32) {
+        let c = self.conns.at(idx);
+        if c.state == State::Established
+            && c.c2s.finished()
+            && c.s2c.finished()
+            && !c.has(Op::ShutdownServer)
+            && !c.has(Op::ShutdownClient)
+        {
+            self.close(idx, CloseReason::Done);
+        }
+    }
+
+    /// Starts closing: gives back shares and sources, cancels what is in flight.
+    pub(crate) fn close(&mut self, idx: u32, reason: CloseReason) {
+        let c = self.conns.at(idx);
+        if c.state == State::Closing || c.state == State::Free {
+            return;
+        }
+        let was_queued = c.state == State::Queued;
+        c.state = State::Closing;
+        let (client_slot, server_slot) = (c.client_slot, c.server_slot);
+        match reason {
+            CloseReason::ClientReset => self.stats.resets_from_client += 1,
+            CloseReason::ServerReset => self.stats.resets_from_server += 1,
+            CloseReason::ClientTimeout => self.stats.timeouts.client += 1,
+            CloseReason::ServerTimeout => self.stats.timeouts.server += 1,
+            CloseReason::QueueTimeout => self.stats.timeouts.queue += 1,
+            CloseReason::ConnectFailed => self.stats.failed += 1,
+            CloseReason::Done | CloseReason::Shutdown => {}
+        }
+        if was_queued {
+            self.stats.queued -= 1;
+        }
+        self.release_server(idx);
+        self.release_admission(idx);
+        if reason.abortive() {
+            let t = self.token(idx, Op::LingerClient);
+            self.ring.linger_rst(client_slot, t);
+            if server_slot != NO_SLOT && self.conns.at(idx).connect_result == 0 {
+                let t = self.token(idx, Op::LingerServer);
+                self.ring.linger_rst(server_slot, t);
+            }
+        }
+        let c = self.conns.at(idx);
+        let generation = c.generation;
+        let inflight = c.inflight;
+        for bit in 0..32u8 {
+            if inflight & (1 << bit) != 0 {
+                // SAFETY of the protocol, not memory: the target op completes (cancelled or not)
+                // before the entry is freed, because its bit is cleared only by its completion.
+                let target = Token::conn(op_from_bit(bit), idx, generation);
+                if !matches!(
+                    target.op,
+                    Op::LingerClient | Op::LingerServer | Op::PeerName
+                ) {
+                    self.ring.cancel(target, Token::worker(Op::Cancel, idx));
+                }
+            }
+        }
+        self.maybe_finish(idx);
+    }
+
+    /// Frees the entry once nothing is in flight: closes both sockets and returns the pipes.
+    pub(crate) fn maybe_finish(&mut self, idx: u32) {
+        let c = self.conns.at(idx);
+        if c.state != State::Closing || c.inflight != 0 {
+            return;
+        }
+        let (client_slot, server_slot) = (c.client_slot, c.server_slot);
+        let pipes = [(c.c2s.pipe, c.c2s.in_pipe), (c.s2c.pipe, c.s2c.in_pipe)];
+        for (pipe, left) in pipes {
+            if pipe != NO_PIPE {
+                if left == 0 {
+                    self.pipes.release(pipe);
+                } else {
+                    self.pipes.discard(pipe);
+                }
+            }
+        }
+        self.ring
+            .close_fixed(client_slot, Token::worker(Op::CloseFixed, client_slot));
+        if server_slot != NO_SLOT {
+            self.ring
+                .close_fixed(server_slot, Token::worker(Op::CloseFixed, server_slot));
+        }
+        self.conns.remove(idx);
+        self.stats.active -= 1;
+        self.stats.closed += 1;
+        self.serve_pipe_waiters();
+    }
+
+    /// Gives freed pipes to flows that were waiting for one.
+    pub(crate) fn serve_pipe_waiters(&mut self) {
+        while self.pipes.in_use < self.pipes_max {
+            let Some((idx, generation, dir)) = self.pipe_waiters.pop_front() else {
+                break;
+            };
+            if let Some(c) = self
+                .conns
+                .get(idx, generation & crate::worker::token::GENERATION_MASK)
+            {
+                if c.flow(dir).waiting_pipe {
+                    c.flow(dir).waiting_pipe = false;
+                    self.pump(idx, dir);
+                }
+            }
+        }
+    }
+
+    /// Makes sure the connection's earliest deadline is in the timer wheel.
+    pub(crate) fn ensure_timer(&mut self, idx: u32) {
+        let Some(deadline) = self.deadline(idx) else {
+            return;
+        };
+        let c = self.conns.at(idx);
+        if c.timer_deadline == 0 || deadline < c.timer_deadline {
+            c.timer_deadline = deadline;
+            let generation = c.generation & crate::worker::token::GENERATION_MASK;
+            self.timers.schedule(TimerEntry {
+                index: idx,
+                generation,
+                deadline,
+            });
+        }
+    }
+
+    /// The connection's next deadline, by state.
+    fn deadline(&mut self, idx: u32) -> Option<u64> {
+        let c = self.conns.at(idx);
+        let fe = &self.cfg.frontends[c.frontend as usize];
+        let be = &self.cfg.backends[c.backend as usize];
+        let client = c.last_client + fe.client_timeout.as_millis() as u64;
+        match c.state {
+            State::PeerName | State::Connecting => Some(client),
+            State::Queued => Some(c.queued_at + be.queue_timeout.as_millis() as u64),
+            State::Established => {
+                Some(client.min(c.last_server + be.server_timeout.as_millis() as u64))
+            }
+            State::Closing | State::Free => None,
+        }
+    }
+
+    /// A timer entry fired.
+    pub(crate) fn on_timer(&mut self, e: TimerEntry) {
+        let Some(c) = self.conns.get(e.index, e.generation) else {
+            return;
+        };
+        if c.timer_deadline != e.deadline {
+            return; // superseded by an earlier entry
+        }
+        c.timer_deadline = 0;
+        let Some(deadline) = self.deadline(e.index) else {
+            return;
+        };
+        if deadline > self.now {
+            self.ensure_timer(e.index);
+            return;
+        }
+        let c = self.conns.at(e.index);
+        let fe = &self.cfg.frontends[c.frontend as usize];
+        let reason = match c.state {
+            State::Queued => CloseReason::QueueTimeout,
+            State::Established
+                if c.last_client + (fe.client_timeout.as_millis() as u64) <= self.now =>
+            {
+                CloseReason::ClientTimeout
+            }
+            State::Established => CloseReason::ServerTimeout,
+            _ => CloseReason::ClientTimeout,
+        };
+        self.close(e.index, reason);
+    }
+
+    /// The connect chain's ops complete one by one; act when the last one has.
+    fn on_connect_step(&mut self, idx: u32, op: Op, result: i32) {
+        let c = self.conns.at(idx);
+        match op {
+            Op::ConnectTimeout => {
+                if result == -libc::ETIME {
+                    c.connect_timed_out = true;
+                }
+            }
+            _ => {
+                if result < 0 && c.connect_result == 0 && result != -libc::ECANCELED {
+                    c.connect_result = result;
+                } else if result == -libc::ECANCELED && op == Op::Connect && c.connect_result == 0 {
+                    c.connect_result = -libc::ETIMEDOUT;
+                }
+            }
+        }
+        if c.inflight & CONNECT_CHAIN == 0 {
+            self.on_connect_done(idx);
+        }
+    }
+}
+
+fn op_from_bit(bit: u8) -> Op {
+    crate::worker::token::Token::decode(u64::from(bit))
+        .map(|t| t.op)
+        .unwrap_or_else(|| unreachable!("inflight bit {bit} has no op"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idle_connection_entry_is_small() {
+        // The slab entry is the bulk of an idle connection's user-space memory (architecture.md).
+        assert!(
+            std::mem::size_of::<Conn>() <= 160,
+            "Conn is {} bytes",
+            std::mem::size_of::<Conn>()
+        );
+    }
+
+    #[test]
+    fn slab_generations_reject_stale_tokens() {
+        let mut s = Slab::with_capacity(4);
+        let a = s.insert();
+        s.at(a).state = State::PeerName;
+        let g = s.at(a).generation;
+        assert!(s.get(a, g).is_some());
+        s.remove(a);
+        let b = s.insert();
+        assert_eq!(a, b, "slot reused");
+        s.at(b).state = State::PeerName;
+        assert!(s.get(b, g).is_none(), "old generation is stale");
+        assert_eq!(s.live, 1);
+    }
+}

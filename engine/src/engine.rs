@@ -1,0 +1,175 @@
+//! The running engine: start (size, bind, spawn workers), observe (stats), stop (drain).
+//!
+//! Start-up does everything that can fail before any worker runs: raise RLIMIT_NOFILE, size the
+//! workers to the host (plan.rs), check that source addresses are local, bind every listener. Then
+//! each worker thread builds its own ring and reports ready; if one cannot, the others are stopped
+//! and the error is returned. The engine is a library object so tests can run it in-process; the
+//! binary adds signal handling around it.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, unbounded};
+
+use crate::config::Config;
+use crate::control::{Control, EventFd, Peer};
+use crate::host;
+use crate::listener::{self, Bound};
+use crate::plan::{self, Plan};
+use crate::sources;
+use crate::stats::EngineStats;
+use crate::worker::{self, WorkerSetup};
+
+pub struct Engine {
+    config: Arc<Config>,
+    plan: Arc<Plan>,
+    peers: Arc<Vec<Peer>>,
+    threads: Vec<JoinHandle<()>>,
+    bound: Vec<Bound>,
+}
+
+impl Engine {
+    /// Starts the engine for a validated configuration. Returns once every worker accepts.
+    pub fn start(config: Config) -> Result<Engine, String> {
+        let limit = host::raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+        let ports = host::ephemeral_ports().unwrap_or(28_232);
+        let plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
+        sources::verify_local(config.backends.iter().flat_map(|b| b.servers.iter().flat_map(|s| s.sources.clone())))
+            .map_err(|(ip, e)| {
+                format!(
+                    "source {ip} cannot be used: {e}. Assign it to an interface first, e.g. `ip addr add {ip}/32 dev lo` \
+                     (or the interface facing the servers)"
+                )
+            })?;
+        let (listeners, bound) = listener::bind_all(&config, plan.workers)?;
+
+        let config = Arc::new(config);
+        let plan = Arc::new(plan);
+        let mut receivers = Vec::new();
+        let mut peers = Vec::new();
+        for _ in 0..plan.workers {
+            let (tx, rx) = unbounded();
+            let wake = Arc::new(EventFd::new().map_err(|e| format!("eventfd: {e}"))?);
+            peers.push(Peer { tx, wake });
+            receivers.push(rx);
+        }
+        let peers = Arc::new(peers);
+        let (ready_tx, ready_rx) = bounded(plan.workers);
+        let mut threads = Vec::new();
+        for (id, (rx, listeners)) in receivers.into_iter().zip(listeners).enumerate() {
+            let setup = WorkerSetup {
+                id,
+                config: config.clone(),
+                plan: plan.clone(),
+                listeners,
+                rx,
+                wake: peers[id].wake.clone(),
+                peers: peers.clone(),
+            };
+            let ready = ready_tx.clone();
+            let t = std::thread::Builder::new()
+                .name(format!("ringproxy-w{id}"))
+                .spawn(move || worker::run(setup, ready))
+                .map_err(|e| format!("cannot start worker thread {id}: {e}"))?;
+            threads.push(t);
+        }
+        let mut engine = Engine {
+            config,
+            plan,
+            peers,
+            threads,
+            bound,
+        };
+        for _ in 0..engine.plan.workers {
+            let started = ready_rx
+                .recv_timeout(Duration::from_secs(30))
+                .map_err(|_| "a worker did not start within 30s".to_string())
+                .and_then(|r| r);
+            if let Err(e) = started {
+                engine.drain();
+                engine.join();
+                return Err(e);
+            }
+        }
+        Ok(engine)
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The addresses the engine listens on (with real ports where the configuration said 0).
+    pub fn bound(&self) -> &[Bound] {
+        &self.bound
+    }
+
+    /// The listening addresses of one frontend.
+    pub fn addrs(&self, frontend: &str) -> Vec<std::net::SocketAddr> {
+        self.bound
+            .iter()
+            .filter(|b| b.frontend == frontend)
+            .map(|b| b.addr)
+            .collect()
+    }
+
+    /// A snapshot of every worker's counters (workers answer between two loop turns).
+    pub fn stats(&self) -> EngineStats {
+        let (tx, rx) = unbounded();
+        let asked = self
+            .peers
+            .iter()
+            .filter(|p| p.send(Control::Snapshot(tx.clone())))
+            .count();
+        drop(tx);
+        let mut workers: Vec<_> = (0..asked)
+            .filter_map(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
+            .collect();
+        workers.sort_by_key(|w| w.worker);
+        EngineStats {
+            workers,
+            configured_maxconn: self.plan.configured_maxconn,
+            effective_maxconn: self.plan.maxconn,
+            nofile: self.plan.nofile,
+        }
+    }
+
+    /// Stops accepting everywhere; workers exit once their connections are done or the drain
+    /// timeout passed.
+    pub fn drain(&self) {
+        for p in self.peers.iter() {
+            p.send(Control::Drain);
+        }
+    }
+
+    /// Whether every worker has exited.
+    pub fn finished(&self) -> bool {
+        self.threads.iter().all(|t| t.is_finished())
+    }
+
+    /// Waits for every worker to exit.
+    pub fn join(&mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Drain, then wait.
+    pub fn shutdown(mut self) {
+        self.drain();
+        self.join();
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.drain();
+            self.join();
+        }
+    }
+}

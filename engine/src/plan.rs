@@ -1,0 +1,238 @@
+//! Sizing: how many workers, how many connections each can hold, and the maxconn actually in force.
+//!
+//! Every socket lives in its worker's io_uring direct-descriptor table (two per proxied connection),
+//! and the kernel caps each ring's table at RLIMIT_NOFILE. So a worker holds at most
+//! `(nofile - 64) / 2` connections, whatever the configured maxconn; and because direct descriptors do
+//! not count against the process's descriptor table, more workers hold more connections. Pipes are
+//! ordinary descriptors, bounded so they fit in the process table. When the configured maxconn does
+//! not fit, the plan lowers it and says, in one line, by how much and how to fix the host.
+
+use crate::config::Config;
+use crate::limits::LimitTable;
+
+/// Accept slots beyond the connection capacity, for sockets accepted while a limit is being hit.
+pub const PARK_SLACK: u32 = 64;
+/// maxconn when the configuration does not set one (and the host allows it).
+pub const DEFAULT_MAXCONN: u32 = 1_000_000;
+/// Most connections one worker is sized for (its direct table is 2x this, 8 bytes a slot).
+pub const MAX_PER_WORKER: u32 = 4_000_000;
+/// Descriptors kept free for listeners, eventfds, rings, logs and the stats socket.
+const FD_RESERVE: u64 = 64;
+
+#[derive(Clone, Debug)]
+pub struct Plan {
+    pub workers: usize,
+    /// CPU each worker is pinned to (`None`: not pinned).
+    pub cpus: Vec<Option<usize>>,
+    /// RLIMIT_NOFILE in force (after raising the soft limit).
+    pub nofile: u64,
+    /// Connections one worker can hold (its slab, its share caps).
+    pub conns_per_worker: u32,
+    /// Direct-table slots `[0, accept_slots)` take accepted client sockets.
+    pub accept_slots: u32,
+    /// Size of each worker's direct table; `[accept_slots, table_slots)` take server sockets.
+    pub table_slots: u32,
+    pub pipes_per_worker: u32,
+    /// Global maxconn in force.
+    pub maxconn: u32,
+    pub configured_maxconn: Option<u32>,
+    /// RLIMIT_NOFILE that would let the configured maxconn fit with this many workers.
+    pub nofile_needed: u64,
+    pub limits: LimitTable,
+    /// Ports per (source IP, server address): the width of ip_local_port_range.
+    pub ephemeral_ports: u32,
+    /// One line each, already phrased for the operator.
+    pub warnings: Vec<String>,
+}
+
+/// Connections a worker should be able to hold for a global `maxconn`: twice its fair share (room
+/// for uneven SO_REUSEPORT spread and lending), but at least its share plus 1024.
+fn per_worker_target(maxconn: u32, workers: usize) -> u32 {
+    let fair = maxconn.div_ceil(workers as u32);
+    maxconn
+        .min(fair.saturating_mul(2).max(fair.saturating_add(1024)))
+        .min(MAX_PER_WORKER)
+}
+
+pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports: u32) -> Plan {
+    let workers = config.global.workers.unwrap_or(usable_cpus.len().max(1));
+    let cpus = (0..workers)
+        .map(|w| {
+            (config.global.pin_cpus && !usable_cpus.is_empty())
+                .then(|| usable_cpus[w % usable_cpus.len()])
+        })
+        .collect();
+    let table_max = nofile.min(u64::from(u32::MAX)) as u32;
+    let per_worker_max = (table_max.saturating_sub(PARK_SLACK) / 2).clamp(1, MAX_PER_WORKER);
+    let mut warnings = Vec::new();
+
+    let (maxconn, conns_per_worker, nofile_needed) = match config.global.maxconn {
+        Some(m) => {
+            let target = per_worker_target(m, workers);
+            let per_worker = target.min(per_worker_max);
+            let effective = m.min(per_worker.saturating_mul(workers as u32));
+            let needed = 2 * u64::from(target) + u64::from(PARK_SLACK);
+            if effective < m {
+                let workers_needed = m.div_ceil(per_worker_max);
+                warnings.push(format!(
+                    "maxconn {m} does not fit: each worker's io_uring file table holds at most {table_max} sockets \
+                     (RLIMIT_NOFILE), i.e. {per_worker_max} proxied connections, so {workers} worker(s) hold \
+                     {effective}; running with maxconn {effective}. To allow {m}: raise the open-files limit to \
+                     {needed} (LimitNOFILE={needed} in the systemd unit, or \"* hard nofile {needed}\" in \
+                     /etc/security/limits.conf), or run {workers_needed} workers (global.workers)"
+                ));
+            }
+            (effective, per_worker, needed)
+        }
+        None => {
+            let effective = per_worker_max
+                .saturating_mul(workers as u32)
+                .min(DEFAULT_MAXCONN);
+            let per_worker = per_worker_target(effective, workers).min(per_worker_max);
+            (
+                effective,
+                per_worker,
+                2 * u64::from(per_worker) + u64::from(PARK_SLACK),
+            )
+        }
+    };
+    let accept_slots = conns_per_worker + PARK_SLACK;
+    let table_slots = accept_slots + conns_per_worker;
+
+    let listeners: u64 = config
+        .frontends
+        .iter()
+        .map(|f| f.binds.len() as u64)
+        .sum::<u64>()
+        * workers as u64;
+    let fd_budget = nofile.saturating_sub(FD_RESERVE + listeners + 4 * workers as u64);
+    let pipe_fit = (fd_budget / (2 * workers as u64)).min(u64::from(u32::MAX)) as u32;
+    let pipes_per_worker = config.global.tune.max_pipes.min(pipe_fit).max(1);
+    if pipes_per_worker < config.global.tune.max_pipes && pipes_per_worker < 64 {
+        warnings.push(format!(
+            "only {pipes_per_worker} splice pipes per worker fit in RLIMIT_NOFILE {nofile}; \
+             busy connections will wait for pipes. Raise the open-files limit or use fewer workers"
+        ));
+    }
+
+    let mut limits = LimitTable::default();
+    limits.global = limits.add("global".into(), maxconn);
+    limits.frontend = config
+        .frontends
+        .iter()
+        .map(|f| match f.maxconn {
+            Some(m) if m < maxconn => Some(limits.add(format!("frontend {}", f.name), m)),
+            _ => None,
+        })
+        .collect();
+    limits.backend = config
+        .backends
+        .iter()
+        .map(|b| {
+            b.maxconn
+                .map(|m| limits.add(format!("backend {}", b.name), m))
+        })
+        .collect();
+    limits.server = config
+        .backends
+        .iter()
+        .map(|b| {
+            b.servers
+                .iter()
+                .map(|s| {
+                    s.maxconn
+                        .map(|m| limits.add(format!("server {}/{}", b.name, s.name), m))
+                })
+                .collect()
+        })
+        .collect();
+
+    Plan {
+        workers,
+        cpus,
+        nofile,
+        conns_per_worker,
+        accept_slots,
+        table_slots,
+        pipes_per_worker,
+        maxconn,
+        configured_maxconn: config.global.maxconn,
+        nofile_needed,
+        limits,
+        ephemeral_ports,
+        warnings,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(global: &str) -> Config {
+        let text = format!(
+            "global:\n{global}\nfrontends:\n  - {{ name: f, bind: \"127.0.0.1:1\", backend: b, maxconn: 50 }}\n\
+             backends:\n  - name: b\n    maxconn: 70\n    servers:\n      - {{ name: s, address: \"127.0.0.1:2\", maxconn: 9 }}\n"
+        );
+        crate::config::parse(&text, "t").unwrap()
+    }
+
+    #[test]
+    fn fits_and_tables_stay_within_the_limit() {
+        let p = plan(
+            &config("  workers: 2\n  maxconn: 100"),
+            20_000,
+            &[0, 1],
+            28_232,
+        );
+        assert_eq!(p.maxconn, 100);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert_eq!(p.conns_per_worker, 100);
+        assert!(u64::from(p.table_slots) <= p.nofile);
+        assert_eq!(p.cpus, vec![Some(0), Some(1)]);
+        assert_eq!(p.limits.totals, vec![100, 50, 70, 9]);
+    }
+
+    #[test]
+    fn too_large_maxconn_is_lowered_with_the_fix() {
+        let p = plan(
+            &config("  workers: 2\n  maxconn: 2000000"),
+            20_000,
+            &[0, 1],
+            28_232,
+        );
+        assert_eq!(p.maxconn, 2 * ((20_000 - PARK_SLACK) / 2));
+        assert!(u64::from(p.table_slots) <= 20_000);
+        assert_eq!(p.warnings.len(), 1);
+        let w = &p.warnings[0];
+        assert!(w.contains("maxconn 2000000 does not fit"), "{w}");
+        assert!(
+            w.contains(&format!("running with maxconn {}", p.maxconn)),
+            "{w}"
+        );
+        assert!(w.contains("LimitNOFILE=4000064"), "{w}");
+        assert!(w.contains("run 201 workers"), "{w}");
+    }
+
+    #[test]
+    fn more_workers_hold_more_connections() {
+        let p = plan(
+            &config("  workers: 32\n  maxconn: 300000\n  pin_cpus: false"),
+            20_000,
+            &[0, 1],
+            28_232,
+        );
+        assert_eq!(p.maxconn, 300_000);
+        assert_eq!(p.cpus, vec![None; 32]);
+        assert!(u64::from(p.table_slots) <= 20_000);
+        assert!(u64::from(p.pipes_per_worker) * 2 * 32 <= 20_000);
+    }
+
+    #[test]
+    fn unset_maxconn_takes_what_the_host_allows() {
+        let p = plan(&config("  workers: 2"), 20_000, &[0, 1], 28_232);
+        assert_eq!(p.maxconn, 2 * ((20_000 - PARK_SLACK) / 2));
+        assert!(p.warnings.is_empty());
+        let p = plan(&config("  workers: 2"), 10_000_000, &[0, 1], 28_232);
+        assert_eq!(p.maxconn, DEFAULT_MAXCONN);
+    }
+}

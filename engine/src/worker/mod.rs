@@ -1,0 +1,609 @@
+//! One worker per core: its ring, its listeners, its connections, its counters. Shares nothing.
+//!
+//! The event loop: submit everything queued and wait for a completion or the next timer tick, copy
+//! the completions out, handle each (which queues new SQEs), fire due timers, send control messages
+//! to other workers. Completions are routed by their [`token::Token`]: worker ops here, connection
+//! ops to conn.rs. Nothing in the loop blocks, locks or allocates per byte.
+//!
+//! Admission: an accepted socket is admitted against this worker's share of the global and frontend
+//! maxconn (limits.rs). Without a share the socket is parked (not proxied) and the listeners whose
+//! limit is exhausted stop accepting, so further clients wait in the kernel backlog; the worker asks
+//! the others for share and resumes when it has some.
+
+pub mod dispatch;
+pub mod ring;
+pub mod timer;
+pub mod token;
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::balance::Balancer;
+use crate::config::Config;
+use crate::conn::{CloseReason, Dir, Slab};
+use crate::control::{Control, EventFd, Peer};
+use crate::limits::{LimitId, ShareMsg, Shares};
+use crate::pipes::PipePool;
+use crate::plan::Plan;
+use crate::sources::{self, SourceShard};
+use crate::stats::{ServerStats, SourceStats, WorkerStats};
+use ring::{AddrId, Completion, Ring, RingSetup, TimeoutId};
+use timer::{TimerEntry, TimerWheel};
+use token::{Op, Token};
+
+/// A listening socket owned by one worker.
+pub struct Listener {
+    pub frontend: usize,
+    pub fd: OwnedFd,
+    pub ipv6: bool,
+}
+
+pub(crate) struct ListenerState {
+    pub frontend: usize,
+    pub fd: OwnedFd,
+    pub ipv6: bool,
+    /// A multishot accept is in flight.
+    pub armed: bool,
+    /// A cancel of that accept is in flight.
+    pub cancelling: bool,
+    /// Closed after drain.
+    pub closed: bool,
+    /// After an unexpected accept error, do not re-arm before this time (worker clock, ms).
+    pub retry_at: u64,
+    /// When the last accept error was logged, and how many were not logged since.
+    pub logged_at: Option<u64>,
+    pub unlogged: u64,
+}
+
+/// Back-off after an unexpected accept error, so a persistent one cannot spin the loop.
+const ACCEPT_RETRY_MS: u64 = 100;
+/// At most one log line per listener per this interval for repeated accept errors.
+const ACCEPT_LOG_MS: u64 = 10_000;
+
+pub(crate) struct ServerState {
+    pub dest: AddrId,
+    pub sources: SourceShard,
+    pub active: u32,
+    pub total: u64,
+    pub errors: u64,
+    pub limit: Option<LimitId>,
+}
+
+pub(crate) struct BackendState {
+    pub balancer: Balancer,
+    pub servers: Vec<ServerState>,
+    /// Connections waiting for a server slot: (index, generation).
+    pub queue: VecDeque<(u32, u32)>,
+    pub limit: Option<LimitId>,
+    pub connect_timeout: TimeoutId,
+}
+
+/// Everything a worker thread starts from.
+pub struct WorkerSetup {
+    pub id: usize,
+    pub config: Arc<Config>,
+    pub plan: Arc<Plan>,
+    pub listeners: Vec<Listener>,
+    pub rx: Receiver<Control>,
+    pub wake: Arc<EventFd>,
+    pub peers: Arc<Vec<Peer>>,
+}
+
+pub struct Worker {
+    pub(crate) id: usize,
+    pub(crate) cfg: Arc<Config>,
+    pub(crate) plan: Arc<Plan>,
+    pub(crate) ring: Ring,
+    pub(crate) conns: Slab,
+    pub(crate) listeners: Vec<ListenerState>,
+    /// Accepted sockets waiting for a global/frontend share: (listener, fixed slot).
+    pub(crate) parked: VecDeque<(u16, u32)>,
+    pub(crate) backends: Vec<BackendState>,
+    pub(crate) shares: Shares,
+    pub(crate) pipes: PipePool,
+    pub(crate) pipes_max: u32,
+    pub(crate) pipe_waiters: VecDeque<(u32, u32, Dir)>,
+    pub(crate) timers: TimerWheel,
+    /// Free fixed-file slots for server sockets.
+    pub(crate) server_slots: Vec<u32>,
+    pub(crate) outbox: Vec<(u16, ShareMsg)>,
+    pub(crate) stats: WorkerStats,
+    pub(crate) stale_completions: u64,
+    pub(crate) now: u64,
+    started: Instant,
+    rx: Receiver<Control>,
+    wake: Arc<EventFd>,
+    peers: Arc<Vec<Peer>>,
+    /// Drain deadline (worker clock, ms) once a drain began.
+    draining: Option<u64>,
+}
+
+/// Runs a worker on the current thread until it has drained. `ready` gets `Ok` once the ring is up
+/// and the listeners accept, or the reason it could not start.
+pub fn run(setup: WorkerSetup, ready: Sender<Result<(), String>>) {
+    let id = setup.id;
+    let mut worker = match Worker::new(setup) {
+        Ok(w) => w,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {id}: {e}")));
+            return;
+        }
+    };
+    worker.update_listeners();
+    if let Err(e) = worker.ring.submit() {
+        let _ = ready.send(Err(format!("worker {id}: first submit: {e}")));
+        return;
+    }
+    let _ = ready.send(Ok(()));
+    if let Err(e) = worker.event_loop() {
+        eprintln!("ringproxy: worker {id}: io_uring failed: {e}; its connections are closed");
+    }
+}
+
+impl Worker {
+    fn new(setup: WorkerSetup) -> std::io::Result<Worker> {
+        let WorkerSetup {
+            id,
+            config,
+            plan,
+            listeners,
+            rx,
+            wake,
+            peers,
+        } = setup;
+        let cpu = plan.cpus[id];
+        if let Some(cpu) = cpu {
+            core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+        }
+        // Address and timeout tables for the connect chains: every server, this worker's sources.
+        let mut addrs = Vec::new();
+        let mut timeouts = Vec::new();
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for (b, be) in config.backends.iter().enumerate() {
+            let connect_timeout = TimeoutId(timeouts.len() as u32);
+            timeouts.push(be.connect_timeout);
+            let mut servers = Vec::with_capacity(be.servers.len());
+            for (s, srv) in be.servers.iter().enumerate() {
+                let dest = AddrId(addrs.len() as u32);
+                addrs.push(srv.address);
+                let picked = sources::shard(srv.sources.len(), id, plan.workers);
+                let ips: Vec<_> = picked.iter().map(|&i| srv.sources[i]).collect();
+                let ids = ips
+                    .iter()
+                    .map(|ip| {
+                        addrs.push(std::net::SocketAddr::new(*ip, 0));
+                        AddrId(addrs.len() as u32 - 1)
+                    })
+                    .collect();
+                servers.push(ServerState {
+                    dest,
+                    sources: SourceShard::new(ips, ids, plan.ephemeral_ports),
+                    active: 0,
+                    total: 0,
+                    errors: 0,
+                    limit: plan.limits.server[b][s],
+                });
+            }
+            let weights = be.servers.iter().map(|s| s.weight).collect();
+            backends.push(BackendState {
+                balancer: Balancer::new(be.balance, weights, id),
+                servers,
+                queue: VecDeque::new(),
+                limit: plan.limits.backend[b],
+                connect_timeout,
+            });
+        }
+        let ring = Ring::new(RingSetup {
+            entries: config.global.tune.ring_entries,
+            files: plan.table_slots,
+            accept_slots: plan.accept_slots,
+            iowq_workers: config.global.tune.iowq_workers,
+            cpu,
+            addrs,
+            timeouts,
+        })?;
+        let caps = plan
+            .limits
+            .totals
+            .iter()
+            .map(|&t| t.min(plan.conns_per_worker))
+            .collect();
+        let shares = Shares::new(&plan.limits, id, plan.workers, caps);
+        let stats = WorkerStats {
+            worker: id,
+            cpu,
+            servers: config
+                .backends
+                .iter()
+                .flat_map(|b| {
+                    b.servers.iter().map(|s| ServerStats {
+                        backend: b.name.clone(),
+                        server: s.name.clone(),
+                        ..ServerStats::default()
+                    })
+                })
+                .collect(),
+            ..WorkerStats::default()
+        };
+        let started = Instant::now();
+        let mut w = Worker {
+            id,
+            cfg: config.clone(),
+            ring,
+            conns: Slab::with_capacity(plan.conns_per_worker as usize),
+            listeners: listeners
+                .into_iter()
+                .map(|l| ListenerState {
+                    frontend: l.frontend,
+                    fd: l.fd,
+                    ipv6: l.ipv6,
+                    armed: false,
+                    cancelling: false,
+                    closed: false,
+                    retry_at: 0,
+                    logged_at: None,
+                    unlogged: 0,
+                })
+                .collect(),
+            parked: VecDeque::new(),
+            backends,
+            shares,
+            pipes: PipePool::new(plan.pipes_per_worker, config.global.tune.pipe_size),
+            pipes_max: plan.pipes_per_worker,
+            pipe_waiters: VecDeque::new(),
+            timers: TimerWheel::new(0),
+            server_slots: (plan.accept_slots..plan.table_slots).rev().collect(),
+            outbox: Vec::new(),
+            stats,
+            stale_completions: 0,
+            now: 0,
+            started,
+            rx,
+            wake,
+            peers,
+            draining: None,
+            plan,
+        };
+        let fd = w.wake.fd();
+        w.ring.read_wake(fd, Token::worker(Op::Wake, 0));
+        Ok(w)
+    }
+
+    fn event_loop(&mut self) -> std::io::Result<()> {
+        let mut completions: Vec<Completion> = Vec::with_capacity(4096);
+        let mut expired: Vec<TimerEntry> = Vec::new();
+        loop {
+            let mut sleep = self.timers.sleep_ms(self.now, 1000);
+            for l in self
+                .listeners
+                .iter()
+                .filter(|l| !l.armed && !l.closed && l.retry_at > self.now)
+            {
+                sleep = sleep.min(l.retry_at - self.now);
+            }
+            self.ring
+                .submit_and_wait(Some(Duration::from_millis(sleep)))?;
+            let woke = Instant::now();
+            self.now = woke.duration_since(self.started).as_millis() as u64;
+            self.ring.drain(&mut completions);
+            for c in completions.drain(..) {
+                self.on_completion(c);
+            }
+            self.timers.expire(self.now, &mut expired);
+            for e in expired.drain(..) {
+                self.on_timer(e);
+            }
+            self.check_drain();
+            if self
+                .listeners
+                .iter()
+                .any(|l| !l.armed && !l.closed && l.retry_at != 0 && l.retry_at <= self.now)
+            {
+                self.update_listeners();
+            }
+            self.flush_outbox();
+            self.stats.loop_iterations += 1;
+            self.stats.busy_ns += woke.elapsed().as_nanos() as u64;
+            if self.finished() {
+                self.ring.submit()?;
+                return Ok(());
+            }
+        }
+    }
+
+    fn on_completion(&mut self, c: Completion) {
+        let Some(t) = Token::decode(c.user_data) else {
+            self.stale_completions += 1;
+            return;
+        };
+        if !t.op.is_worker_op() {
+            self.on_conn_completion(t, c.result, c.more());
+            return;
+        }
+        match t.op {
+            Op::Accept => self.on_accept(t.index as u16, c),
+            Op::AcceptCancel | Op::Cancel => {}
+            Op::Wake => {
+                let fd = self.wake.fd();
+                self.ring.read_wake(fd, Token::worker(Op::Wake, 0));
+                self.on_control();
+            }
+            Op::CloseFixed => {
+                if t.index >= self.plan.accept_slots && t.index < self.plan.table_slots {
+                    self.server_slots.push(t.index);
+                }
+            }
+            _ => unreachable!("connection op {:?} routed to the worker", t.op),
+        }
+    }
+
+    fn on_accept(&mut self, listener: u16, c: Completion) {
+        let l = &mut self.listeners[listener as usize];
+        if !c.more() {
+            l.armed = false;
+            l.cancelling = false;
+        }
+        if c.result < 0 {
+            match -c.result {
+                libc::ECANCELED => {}
+                // The accept range of the file table is full: wait for a close to free a slot.
+                libc::ENFILE | libc::EMFILE => {
+                    self.stats.limit_hits.global += 1;
+                    l.retry_at = self.now + ACCEPT_RETRY_MS;
+                }
+                e => {
+                    l.retry_at = self.now + ACCEPT_RETRY_MS;
+                    if l.logged_at.is_none_or(|t| self.now >= t + ACCEPT_LOG_MS) {
+                        eprintln!(
+                            "ringproxy: worker {}: accept on frontend \"{}\" failed: {} ({} more since the last report); retrying",
+                            self.id,
+                            self.cfg.frontends[l.frontend].name,
+                            std::io::Error::from_raw_os_error(e),
+                            l.unlogged
+                        );
+                        l.logged_at = Some(self.now);
+                        l.unlogged = 0;
+                    } else {
+                        l.unlogged += 1;
+                    }
+                }
+            }
+            self.update_listeners();
+            return;
+        }
+        let slot = c.result as u32;
+        if self.draining.is_some() || !self.parked.is_empty() {
+            self.park(listener, slot);
+        } else {
+            self.admit(listener, slot);
+        }
+        if !c.more() {
+            self.update_listeners();
+        }
+    }
+
+    /// The limits a connection on `frontend` is admitted against.
+    fn admission_limits(&self, frontend: usize) -> ([LimitId; 2], usize) {
+        match self.plan.limits.frontend[frontend] {
+            Some(f) => ([self.plan.limits.global, f], 2),
+            None => ([self.plan.limits.global, 0], 1),
+        }
+    }
+
+    fn admit(&mut self, listener: u16, slot: u32) {
+        let frontend = self.listeners[listener as usize].frontend;
+        let (ids, n) = self.admission_limits(frontend);
+        if self.shares.take_all(&ids[..n]) {
+            self.open_conn(listener, slot);
+        } else {
+            self.park(listener, slot);
+        }
+    }
+
+    /// Holds an accepted socket that cannot be admitted yet and stops the listeners concerned.
+    fn park(&mut self, listener: u16, slot: u32) {
+        if self.draining.is_some() {
+            self.ring
+                .close_fixed(slot, Token::worker(Op::CloseFixed, slot));
+            return;
+        }
+        let frontend = self.listeners[listener as usize].frontend;
+        let (ids, n) = self.admission_limits(frontend);
+        for &id in &ids[..n] {
+            if !self.shares.has_room(id) {
+                if id == self.plan.limits.global {
+                    self.stats.limit_hits.global += 1;
+                } else {
+                    self.stats.limit_hits.frontend += 1;
+                }
+                self.shares.want(id, &mut self.outbox);
+            }
+        }
+        self.parked.push_back((listener, slot));
+        self.stats.parked = self.parked.len() as u64;
+        self.update_listeners();
+    }
+
+    /// Admits parked sockets while shares allow; then lets the listeners accept again.
+    pub(crate) fn admit_parked(&mut self) {
+        while let Some(&(listener, slot)) = self.parked.front() {
+            let frontend = self.listeners[listener as usize].frontend;
+            let (ids, n) = self.admission_limits(frontend);
+            if !self.shares.take_all(&ids[..n]) {
+                break;
+            }
+            self.parked.pop_front();
+            self.open_conn(listener, slot);
+        }
+        self.stats.parked = self.parked.len() as u64;
+        if self.parked.is_empty() {
+            let global = self.plan.limits.global;
+            self.shares.satisfied(global);
+            for f in self.plan.limits.frontend.iter().flatten() {
+                self.shares.satisfied(*f);
+            }
+        }
+        self.update_listeners();
+    }
+
+    /// Arms the accept of every listener that may take connections, cancels the others.
+    pub(crate) fn update_listeners(&mut self) {
+        for i in 0..self.listeners.len() {
+            let l = &self.listeners[i];
+            let (ids, n) = self.admission_limits(l.frontend);
+            let should = self.draining.is_none()
+                && self.parked.is_empty()
+                && ids[..n].iter().all(|&id| self.shares.has_room(id));
+            let now = self.now;
+            let l = &mut self.listeners[i];
+            if l.closed {
+                continue;
+            }
+            if should && !l.armed && l.retry_at <= now {
+                l.retry_at = 0;
+                l.armed = true;
+                let fd = l.fd.as_raw_fd();
+                self.ring
+                    .accept_multi(fd, Token::worker(Op::Accept, i as u32));
+            } else if !should && l.armed && !l.cancelling {
+                l.cancelling = true;
+                self.ring.cancel(
+                    Token::worker(Op::Accept, i as u32),
+                    Token::worker(Op::AcceptCancel, i as u32),
+                );
+            }
+        }
+    }
+
+    /// Gives back the global/frontend share of a closing connection and lets a parked one in.
+    pub(crate) fn release_admission(&mut self, idx: u32) {
+        let c = self.conns.at(idx);
+        if !c.admitted {
+            return;
+        }
+        c.admitted = false;
+        let frontend = c.frontend as usize;
+        let (ids, n) = self.admission_limits(frontend);
+        for &id in &ids[..n] {
+            self.shares.release(id, &mut self.outbox);
+        }
+        if !self.parked.is_empty() {
+            self.admit_parked();
+        } else if self.listeners.iter().any(|l| !l.armed && !l.closed) {
+            self.update_listeners();
+        }
+    }
+
+    fn on_control(&mut self) {
+        while let Ok(msg) = self.rx.try_recv() {
+            match msg {
+                Control::Share(m) => {
+                    if self.shares.on_message(m, &mut self.outbox) {
+                        self.admit_parked();
+                        self.drain_queues();
+                    }
+                }
+                Control::Snapshot(reply) => {
+                    let _ = reply.send(self.snapshot());
+                }
+                Control::Drain => self.start_drain(),
+            }
+        }
+    }
+
+    fn flush_outbox(&mut self) {
+        for (to, msg) in self.outbox.drain(..) {
+            if let Some(peer) = self.peers.get(to as usize) {
+                peer.send(Control::Share(msg));
+            }
+        }
+    }
+
+    fn start_drain(&mut self) {
+        if self.draining.is_some() {
+            return;
+        }
+        self.draining = Some(self.now + self.cfg.global.drain_timeout.as_millis() as u64);
+        while let Some((_, slot)) = self.parked.pop_front() {
+            self.ring
+                .close_fixed(slot, Token::worker(Op::CloseFixed, slot));
+        }
+        self.stats.parked = 0;
+        self.update_listeners();
+    }
+
+    /// During a drain: close listeners once their accept is gone; force-close at the deadline.
+    fn check_drain(&mut self) {
+        let Some(deadline) = self.draining else {
+            return;
+        };
+        for l in &mut self.listeners {
+            if !l.armed && !l.closed {
+                l.closed = true;
+                // Close now: new SYNs are refused; the workers drain together so no
+                // SO_REUSEPORT sibling is left to take them.
+                let _ = stop_listening(&l.fd);
+            }
+        }
+        if self.now >= deadline {
+            for idx in self.conns.live_indices() {
+                self.close(idx, CloseReason::Shutdown);
+            }
+        }
+    }
+
+    fn finished(&self) -> bool {
+        self.draining.is_some() && self.conns.live == 0 && self.listeners.iter().all(|l| l.closed)
+    }
+
+    fn snapshot(&mut self) -> WorkerStats {
+        let mut s = self.stats.clone();
+        s.pipes_in_use = u64::from(self.pipes.in_use);
+        s.pipes_pooled = u64::from(self.pipes.pooled());
+        s.global_share = u64::from(self.shares.held(self.plan.limits.global));
+        s.share_lent = self.shares.lent;
+        s.share_borrowed = self.shares.borrowed;
+        s.queued = self
+            .backends
+            .iter()
+            .map(|b| b.queue.len() as u64)
+            .sum::<u64>()
+            .min(s.queued);
+        s.ring = self.ring.counters;
+        let mut k = 0;
+        s.sources.clear();
+        for (b, be) in self.backends.iter().enumerate() {
+            for (i, srv) in be.servers.iter().enumerate() {
+                let row = &mut s.servers[k];
+                row.active = u64::from(srv.active);
+                row.total = srv.total;
+                row.connect_errors = srv.errors;
+                k += 1;
+                for (j, ip) in srv.sources.ips.iter().enumerate() {
+                    s.sources.push(SourceStats {
+                        backend: self.cfg.backends[b].name.clone(),
+                        server: self.cfg.backends[b].servers[i].name.clone(),
+                        ip: *ip,
+                        active: u64::from(srv.sources.active[j]),
+                        capacity: u64::from(srv.sources.capacity),
+                    });
+                }
+            }
+        }
+        s
+    }
+}
+
+/// Closes a listening socket's descriptor in place (the `OwnedFd` is dropped with the worker;
+/// shutting it down first makes the kernel stop queueing connections for it now).
+fn stop_listening(fd: &OwnedFd) -> std::io::Result<()> {
+    // SAFETY: shutdown on a descriptor we own; no memory is passed.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,187 @@
+//! The one place that says what a completion is for: every SQE's `user_data` is a [`Token`].
+//!
+//! Layout (64 bits): `index:32 | generation:24 | op:8`. For connection operations `index` is the
+//! connection's slab slot and `generation` its generation when the SQE was pushed, so a completion
+//! that arrives after the slot was freed and reused is recognised as stale and dropped. For worker
+//! operations (`Op::is_worker_op`) `index` names the listener or the fixed-file slot concerned and
+//! the generation is zero.
+
+/// What an SQE does. Connection ops double as bit positions in `Conn::inflight`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    // --- connection operations (at most one of each in flight per connection) ---
+    /// Multishot POLLIN|POLLRDHUP on the client socket, armed for the connection's life.
+    ClientPoll = 0,
+    /// Multishot POLLIN|POLLRDHUP on the server socket, armed once connected.
+    ServerPoll,
+    /// One-shot POLLOUT on the client socket while server→client data waits in a pipe.
+    ClientPollOut,
+    /// One-shot POLLOUT on the server socket while client→server data waits in a pipe.
+    ServerPollOut,
+    /// getsockopt(SO_PEERNAME) on the accepted socket: the client's address.
+    PeerName,
+    /// The linked connect chain: SOCKET → TCP_NODELAY → [IP_BIND_ADDRESS_NO_PORT → BIND] → CONNECT
+    /// → LINK_TIMEOUT.
+    Socket,
+    NoDelay,
+    BindNoPort,
+    Bind,
+    Connect,
+    ConnectTimeout,
+    /// client socket → pipe, hard-linked to `SpliceOutC2S`.
+    SpliceInC2S,
+    /// pipe → server socket.
+    SpliceOutC2S,
+    /// server socket → pipe, hard-linked to `SpliceOutS2C`.
+    SpliceInS2C,
+    /// pipe → client socket.
+    SpliceOutS2C,
+    /// shutdown(SHUT_WR) toward the server after the client's EOF.
+    ShutdownServer,
+    /// shutdown(SHUT_WR) toward the client after the server's EOF.
+    ShutdownClient,
+    /// SO_LINGER {1, 0} so the close sends RST (reset propagation).
+    LingerClient,
+    LingerServer,
+
+    // --- worker operations ---
+    /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
+    Cancel = 31,
+    /// Multishot accept on listener `index`.
+    Accept,
+    /// Cancel of the multishot accept on listener `index`.
+    AcceptCancel,
+    /// Read of the worker's control eventfd.
+    Wake,
+    /// Close of fixed-file slot `index`.
+    CloseFixed,
+}
+
+impl Op {
+    const ALL: [Op; 24] = [
+        Op::ClientPoll,
+        Op::ServerPoll,
+        Op::ClientPollOut,
+        Op::ServerPollOut,
+        Op::PeerName,
+        Op::Socket,
+        Op::NoDelay,
+        Op::BindNoPort,
+        Op::Bind,
+        Op::Connect,
+        Op::ConnectTimeout,
+        Op::SpliceInC2S,
+        Op::SpliceOutC2S,
+        Op::SpliceInS2C,
+        Op::SpliceOutS2C,
+        Op::ShutdownServer,
+        Op::ShutdownClient,
+        Op::LingerClient,
+        Op::LingerServer,
+        Op::Cancel,
+        Op::Accept,
+        Op::AcceptCancel,
+        Op::Wake,
+        Op::CloseFixed,
+    ];
+
+    fn from_u8(v: u8) -> Option<Op> {
+        Op::ALL.iter().copied().find(|op| *op as u8 == v)
+    }
+
+    /// Ops that belong to the worker rather than to one connection.
+    pub fn is_worker_op(self) -> bool {
+        self as u8 >= Op::Cancel as u8
+    }
+
+    /// This op's bit in a connection's in-flight mask.
+    pub fn bit(self) -> u32 {
+        debug_assert!(!self.is_worker_op());
+        1 << (self as u8)
+    }
+}
+
+/// Bits of the connect chain in `Conn::inflight`.
+pub const CONNECT_CHAIN: u32 = (1 << Op::Socket as u8)
+    | (1 << Op::NoDelay as u8)
+    | (1 << Op::BindNoPort as u8)
+    | (1 << Op::Bind as u8)
+    | (1 << Op::Connect as u8)
+    | (1 << Op::ConnectTimeout as u8);
+
+/// A decoded `user_data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token {
+    pub op: Op,
+    pub index: u32,
+    pub generation: u32,
+}
+
+/// Generations wrap at 24 bits.
+pub const GENERATION_MASK: u32 = (1 << 24) - 1;
+
+impl Token {
+    pub fn conn(op: Op, index: u32, generation: u32) -> Token {
+        Token {
+            op,
+            index,
+            generation: generation & GENERATION_MASK,
+        }
+    }
+
+    pub fn worker(op: Op, index: u32) -> Token {
+        Token {
+            op,
+            index,
+            generation: 0,
+        }
+    }
+
+    pub fn encode(self) -> u64 {
+        (u64::from(self.index) << 32)
+            | (u64::from(self.generation & GENERATION_MASK) << 8)
+            | self.op as u64
+    }
+
+    /// `None` for a value no SQE of ours carries (a kernel or programming error, counted and ignored).
+    pub fn decode(user_data: u64) -> Option<Token> {
+        Some(Token {
+            op: Op::from_u8(user_data as u8)?,
+            index: (user_data >> 32) as u32,
+            generation: ((user_data >> 8) as u32) & GENERATION_MASK,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        for op in Op::ALL {
+            let t = Token {
+                op,
+                index: 0xdead_beef,
+                generation: 0x00ab_cdef,
+            };
+            assert_eq!(Token::decode(t.encode()), Some(t));
+        }
+        let t = Token::conn(Op::Connect, 7, 0x1ff_ffff);
+        assert_eq!(t.generation, 0xff_ffff, "generation wraps at 24 bits");
+        assert_eq!(Token::decode(0xff), None);
+    }
+
+    #[test]
+    fn conn_ops_fit_the_inflight_mask() {
+        for op in Op::ALL.iter().filter(|op| !op.is_worker_op()) {
+            assert!((*op as u8) < 32);
+        }
+        assert!(
+            Op::Accept.is_worker_op()
+                && Op::Cancel.is_worker_op()
+                && !Op::LingerServer.is_worker_op()
+        );
+    }
+}
