@@ -307,8 +307,8 @@ pub fn table(r: &Report) -> String {
     row("mode", r.mode.clone());
     row("targets", r.targets.join(", "));
     row(
-        "processes x workers",
-        format!("{} x {} threads", r.processes, r.workers),
+        "processes",
+        format!("{} ({} worker threads in all)", r.processes, r.workers),
     );
     row(
         "sources",

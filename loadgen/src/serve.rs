@@ -62,8 +62,8 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
     }
     writeln!(
         out,
-        "mode {:?}, {workers} workers, up to {} connections each (direct descriptors)",
-        args.mode,
+        "mode {}, {workers} workers, up to {} connections each (direct descriptors)",
+        format!("{:?}", args.mode).to_lowercase(),
         nofile.min(1 << 20)
     )
     .and_then(|_| out.flush())

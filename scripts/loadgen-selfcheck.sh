@@ -1,0 +1,141 @@
+#!/usr/bin/env bash
+# loadgen-selfcheck.sh: is ringload the bottleneck? Measures, on this
+# machine and in one run, ringload direct to `ringload serve` (no proxy):
+#   - rate: connections/s (connect, 64-byte echo, close)
+#   - throughput: Gbit/s with 1 and 4 streams (up, against a sink)
+#   - hold: the number of connections held (default 30000; HOLD=300000 works
+#     on a 24 GiB host with 254 loopback sources)
+# and cross-checks with well-known tools on the same loopback:
+#   - iperf3 -P 1 and -P 4 (throughput)
+#   - wrk -H 'Connection: close' against nginx serving a tiny file
+#     (connections/s)
+# Everything binds 127.0.0.1 on free ports, every step is bounded in time,
+# and everything started here is stopped on exit.
+#
+# Usage: scripts/loadgen-selfcheck.sh            (DUR=5 HOLD=30000 by default)
+#        DUR=10 HOLD=100000 scripts/loadgen-selfcheck.sh
+# Needs: cargo; installs iperf3, wrk and nginx-light with apt-get if missing
+# (as root). Prints a summary table at the end; raw JSON stays in $OUT.
+set -euo pipefail
+
+DUR=${DUR:-5}
+HOLD=${HOLD:-30000}
+CONC=${CONC:-64}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-loadgen}
+OUT=${OUT:-$(mktemp -d /tmp/ringload-selfcheck.XXXXXX)}
+PIDS=()
+
+cleanup() {
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && kill "$p" 2>/dev/null || true
+    done
+    for p in "${PIDS[@]:-}"; do
+        [ -n "$p" ] && wait "$p" 2>/dev/null || true
+    done
+    if [ -f "$OUT/nginx/nginx.pid" ]; then
+        kill "$(cat "$OUT/nginx/nginx.pid")" 2>/dev/null || true
+    fi
+}
+trap cleanup EXIT INT TERM
+
+need=()
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v wrk >/dev/null || need+=(wrk)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+command -v jq >/dev/null || need+=(jq)
+if [ ${#need[@]} -gt 0 ]; then
+    echo "installing ${need[*]}" >&2
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+
+echo "building ringload (release)..." >&2
+(cd "$ROOT" && cargo build --release -q -p ringload)
+BIN=$CARGO_TARGET_DIR/release/ringload
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# start_serve MODE WORKERS: sets SERVE_ADDR (not run in a subshell, so the
+# pid lands in PIDS and is cleaned up)
+start_serve() {
+    local f="$OUT/serve-$1.out"
+    timeout 900 "$BIN" serve --listen 127.0.0.1:0 --mode "$1" --workers "$2" >"$f" 2>"$OUT/serve-$1.err" &
+    PIDS+=($!)
+    for _ in $(seq 100); do
+        grep -q '^listening on ' "$f" 2>/dev/null && break
+        sleep 0.1
+    done
+    SERVE_ADDR=$(sed -n 's/^listening on //p' "$f" | head -1)
+    [ -n "$SERVE_ADDR" ] || { echo "ringload serve --mode $1 did not start; see $OUT/serve-$1.err" >&2; exit 1; }
+}
+
+hold_workers=$(( HOLD / 14000 + 2 ))
+start_serve echo "$hold_workers"
+ECHO=$SERVE_ADDR
+start_serve sink 2
+SINK=$SERVE_ADDR
+echo "ringload serve: echo on $ECHO ($hold_workers workers), sink on $SINK" >&2
+
+run() { # name, then the ringload command line
+    local name=$1; shift
+    echo "+ ringload $*" >&2
+    echo "ringload $*" >"$OUT/$name.cmd"
+    timeout $(( DUR * 4 + 120 )) "$BIN" "$@" --json --no-progress >"$OUT/$name.json" || true
+}
+
+run rate rate --target "$ECHO" --concurrency "$CONC" --duration "${DUR}s"
+run tput1 throughput --target "$SINK" --streams 1 --duration "${DUR}s"
+run tput4 throughput --target "$SINK" --streams 4 --duration "${DUR}s"
+run hold hold --target "$ECHO" --conns "$HOLD" --sources 127.0.1.0/24 --ramp 20000/s --heartbeat 5s --duration "$(( HOLD / 20000 + 15 ))s"
+
+# iperf3
+IP=$(free_port)
+timeout $(( DUR * 4 + 60 )) iperf3 -s -p "$IP" -B 127.0.0.1 >"$OUT/iperf3-server.log" 2>&1 &
+PIDS+=($!)
+sleep 0.5
+echo "+ iperf3 -c 127.0.0.1 -p $IP -P 1 -t $DUR" >&2
+timeout $(( DUR + 30 )) iperf3 -c 127.0.0.1 -p "$IP" -P 1 -t "$DUR" -J >"$OUT/iperf3-p1.json" || true
+echo "+ iperf3 -c 127.0.0.1 -p $IP -P 4 -t $DUR" >&2
+timeout $(( DUR + 30 )) iperf3 -c 127.0.0.1 -p "$IP" -P 4 -t "$DUR" -J >"$OUT/iperf3-p4.json" || true
+
+# nginx + wrk
+NP=$(free_port)
+mkdir -p "$OUT/nginx/www" "$OUT/nginx/tmp"
+echo ok >"$OUT/nginx/www/index.html"
+cat >"$OUT/nginx/nginx.conf" <<CONF
+worker_processes auto;
+pid $OUT/nginx/nginx.pid;
+error_log $OUT/nginx/error.log;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $OUT/nginx/tmp;
+    server {
+        listen 127.0.0.1:$NP backlog=4096;
+        root $OUT/nginx/www;
+    }
+}
+CONF
+"$NGINX" -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx" -g 'daemon on;'
+sleep 0.5
+echo "+ wrk -t2 -c$CONC -d${DUR}s -H 'Connection: close' http://127.0.0.1:$NP/" >&2
+timeout $(( DUR + 30 )) wrk -t2 -c"$CONC" -d"${DUR}s" -H 'Connection: close' "http://127.0.0.1:$NP/" >"$OUT/wrk.txt" 2>&1 || true
+
+j() { jq -r "$2" "$OUT/$1" 2>/dev/null || echo "n/a"; }
+printf '\n%-44s %s\n' "measurement (same run, loopback, $(nproc) CPUs)" "result"
+printf '%-44s %s conns/s (exit %s)\n' "ringload rate -c $CONC -> ringload serve" "$(j rate.json '.connections_per_s|floor')" "$(j rate.json .exit_code)"
+printf '%-44s %s req(=conn)/s\n' "wrk -c $CONC Connection: close -> nginx" "$(awk '/Requests\/sec/ {print int($2)}' "$OUT/wrk.txt")"
+printf '%-44s %s Gbit/s\n' "ringload throughput 1 stream -> sink" "$(j tput1.json '.throughput.up_gbps*100|floor/100')"
+printf '%-44s %s Gbit/s\n' "iperf3 -P 1" "$(j iperf3-p1.json '.end.sum_received.bits_per_second/1e7|floor/100')"
+printf '%-44s %s Gbit/s\n' "ringload throughput 4 streams -> sink" "$(j tput4.json '.throughput.up_gbps*100|floor/100')"
+printf '%-44s %s Gbit/s\n' "iperf3 -P 4" "$(j iperf3-p4.json '.end.sum_received.bits_per_second/1e7|floor/100')"
+printf '%-44s %s of %s established, lost %s, corrupted %s, ramp %ss, %s processes (exit %s)\n' "ringload hold" \
+    "$(j hold.json .connections.established)" "$HOLD" "$(j hold.json .messages.lost)" "$(j hold.json .messages.corrupted)" \
+    "$(j hold.json '.connections.ramp_time_s*10|floor/10')" "$(j hold.json .processes)" "$(j hold.json .exit_code)"
+echo
+echo "command lines:"
+cat "$OUT"/*.cmd
+echo "raw results in $OUT"
