@@ -136,6 +136,7 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
             .configure_mesh()
             .x_desc("seconds since start")
             .y_desc(ylabel)
+            .y_label_formatter(&axis_number)
             .draw()
             .map_err(err)?;
         for (name, color, pts) in series {
@@ -185,6 +186,7 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
         let mut chart = ChartBuilder::on(&bottom)
             .caption("latency distribution", ("sans-serif", 20))
             .margin(15)
+            .margin_right(40)
             .x_label_area_size(40)
             .y_label_area_size(80)
             .build_cartesian_2d(0f64..5f64, 0f64..lmax)
@@ -193,6 +195,7 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
             .configure_mesh()
             .x_desc("percentile")
             .y_desc("milliseconds")
+            .y_label_formatter(&axis_number)
             .x_labels(6)
             .x_label_formatter(&|x| format!("{}%", percentile_label(*x)))
             .draw()
@@ -223,6 +226,16 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
         root.present().map_err(err)?;
     }
     Ok(out)
+}
+
+/// Axis numbers without needless decimals: 300000, 2.5, 0.25.
+fn axis_number(y: &f64) -> String {
+    if y.abs() >= 100.0 {
+        format!("{y:.0}")
+    } else {
+        let s = format!("{y:.2}");
+        s.trim_end_matches('0').trim_end_matches('.').to_string()
+    }
 }
 
 /// `x` = -log10(1 - p): 0 → 0, 1 → 90, 2 → 99, 3 → 99.9 ...

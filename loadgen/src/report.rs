@@ -83,14 +83,19 @@ pub fn warn_port_budget(mode: &dyn ClientMode, s: &Settings) {
     };
     let pairs = (s.sources.len().max(1) * mode.client().targets.len().max(1)) as u64;
     let per_pair = mode.conns().div_ceil(pairs);
-    if per_pair > range {
-        eprintln!(
-            "ringload: warning: {} connections over {} source x {} target pairs is {per_pair} per pair, more than the {range} local ports (ip_local_port_range); expect port exhaustion. Add source addresses with --sources (e.g. --sources 127.0.1.0/24 on loopback).",
-            mode.conns(),
-            s.sources.len().max(1),
-            mode.client().targets.len()
-        );
-    }
+    let what = if per_pair > range {
+        "more than the local ports available (ip_local_port_range); expect port exhaustion"
+    } else if per_pair > range / 2 {
+        "more than half the local ports (ip_local_port_range); connects slow down as the kernel searches for free ports"
+    } else {
+        return;
+    };
+    eprintln!(
+        "ringload: warning: {} connections over {} source x {} target pairs is {per_pair} per pair, {what} ({range} ports). Add source addresses with --sources (on loopback e.g. --sources 127.0.1.0/24).",
+        mode.conns(),
+        s.sources.len().max(1),
+        mode.client().targets.len()
+    );
 }
 
 /// Latency percentiles in microseconds.
