@@ -294,9 +294,6 @@ impl<'a> Worker<'a> {
             return Ok(());
         };
         let len = (HEADER - c.rlen) as u32;
-        // SAFETY: `rbuf` lives in `self.conns`, which is never resized and
-        // outlives every operation in flight (see module invariants); at
-        // most one recv per slot is armed, so nothing else writes there.
         let e = opcode::Recv::new(
             types::Fd(fd.as_raw_fd()),
             c.rbuf[c.rlen..].as_mut_ptr(),
@@ -304,6 +301,9 @@ impl<'a> Worker<'a> {
         )
         .build()
         .user_data(Tag::new(slot, 0, Op::Recv).encode());
+        // SAFETY: `rbuf` lives in `self.conns`, which is never resized and
+        // outlives every operation in flight (see module invariants); at
+        // most one recv per slot is armed, so nothing else writes there.
         unsafe { self.ring.push(&e)? };
         Ok(())
     }
@@ -314,9 +314,6 @@ impl<'a> Worker<'a> {
             return Ok(());
         };
         c.send_busy = true;
-        // SAFETY: `sbuf` lives in `self.conns` (never resized, outlives the
-        // ring's operations) and is not rewritten until its echo has arrived,
-        // which is after this send completed.
         let e = opcode::Send::new(
             types::Fd(fd.as_raw_fd()),
             c.sbuf[c.sent..].as_ptr(),
@@ -325,6 +322,9 @@ impl<'a> Worker<'a> {
         .flags(libc::MSG_NOSIGNAL)
         .build()
         .user_data(Tag::new(slot, 0, Op::Send).encode());
+        // SAFETY: `sbuf` lives in `self.conns` (never resized, outlives the
+        // ring's operations) and is not rewritten until its echo has arrived,
+        // which is after this send completed.
         unsafe { self.ring.push(&e)? };
         Ok(())
     }
