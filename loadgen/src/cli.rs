@@ -74,7 +74,8 @@ pub struct ClientArgs {
     /// Address to connect to (repeatable or comma-separated; connections are spread evenly).
     #[arg(long = "target", required = true, value_delimiter = ',', value_parser = parse_addr)]
     pub targets: Vec<SocketAddr>,
-    /// How long the measurement runs (e.g. 30s, 2m, 500ms). The run always stops by itself.
+    /// How long the measurement runs (e.g. 30s, 2m, 500ms); default 60s for
+    /// hold, 10s for the other modes. The run always stops by itself.
     #[arg(long, value_parser = parse_duration)]
     pub duration: Option<Duration>,
     /// Source addresses: list, A-B range or CIDR (e.g. 127.0.1.0/28). Spreads

@@ -74,6 +74,9 @@ pub fn settings(mode: &dyn ClientMode, nofile: u64) -> Result<Settings> {
         Some(s) => crate::sources::parse(s)?,
         None => Vec::new(),
     };
+    if c.child.is_none() {
+        crate::sources::check_usable(&sources, &c.targets)?;
+    }
     let limit = nofile.saturating_sub(FD_RESERVE).max(1);
     let fds_per_process = match c.fds_per_process {
         Some(0) => bail!("--fds-per-process must be at least 1"),

@@ -107,6 +107,30 @@ fn cidr(net: IpAddr, bits: u32) -> Result<Vec<IpAddr>> {
     Ok((lo..=hi).map(|n| from_u128(net.is_ipv4(), n)).collect())
 }
 
+/// Check that every source can be used for the targets: same address
+/// family as every target, and an address of this host (bindable).
+pub fn check_usable(sources: &[IpAddr], targets: &[std::net::SocketAddr]) -> Result<()> {
+    for t in targets {
+        if let Some(s) = sources.iter().find(|s| s.is_ipv4() != t.is_ipv4()) {
+            bail!(
+                "source {s} and target {t} are of different address families; use IPv4 sources for IPv4 targets and IPv6 for IPv6"
+            );
+        }
+    }
+    for s in sources {
+        let sock = socket2::Socket::new(
+            socket2::Domain::for_address(std::net::SocketAddr::new(*s, 0)),
+            socket2::Type::STREAM,
+            None,
+        )
+        .context("creating a socket to check --sources")?;
+        sock.bind(&std::net::SocketAddr::new(*s, 0).into()).with_context(|| {
+            format!("source address {s} cannot be bound: it must be an address of this host (on loopback any 127.x.y.z works)")
+        })?;
+    }
+    Ok(())
+}
+
 /// The sources child `index` of `count` processes uses. With at least as
 /// many sources as processes each child gets a disjoint, round-robin share
 /// (so processes never compete for the same source port space); otherwise

@@ -16,20 +16,21 @@ const BIN: &str = env!("CARGO_BIN_EXE_ringload");
 struct Serve {
     child: Child,
     addr: String,
+    all: Vec<String>,
 }
 
 impl Serve {
     fn start(mode: &str, extra: &[&str]) -> Serve {
-        let mut child = Command::new(BIN)
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--mode",
-                mode,
-                "--duration",
-                "90s",
-            ])
+        Serve::start_on(&["127.0.0.1:0"], mode, extra)
+    }
+
+    fn start_on(listen: &[&str], mode: &str, extra: &[&str]) -> Serve {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["serve", "--mode", mode, "--duration", "90s"]);
+        for l in listen {
+            cmd.args(["--listen", l]);
+        }
+        let mut child = cmd
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -44,10 +45,18 @@ impl Serve {
                 }
             }
         });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("serve printed its address within 10s");
-        Serve { child, addr }
+        let all: Vec<String> = listen
+            .iter()
+            .map(|_| {
+                rx.recv_timeout(Duration::from_secs(10))
+                    .expect("serve printed its addresses within 10s")
+            })
+            .collect();
+        Serve {
+            child,
+            addr: all[0].clone(),
+            all,
+        }
     }
 }
 
@@ -418,4 +427,47 @@ fn bad_flags_exit_2_with_a_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sources"));
+}
+
+#[test]
+fn unusable_sources_are_refused_up_front() {
+    let out = Command::new(BIN)
+        .args([
+            "hold",
+            "--target",
+            "127.0.0.1:1",
+            "--conns",
+            "1",
+            "--sources",
+            "192.0.2.1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("192.0.2.1") && err.contains("address of this host"),
+        "{err}"
+    );
+}
+
+#[test]
+fn connections_spread_over_several_targets() {
+    let s = Serve::start_on(&["127.0.0.1:0", "127.0.0.2:0"], "echo", &["--workers", "1"]);
+    assert_eq!(s.all.len(), 2);
+    let targets = s.all.join(",");
+    let (code, v) = json(&[
+        "hold",
+        "--target",
+        &targets,
+        "--conns",
+        "100",
+        "--heartbeat",
+        "200ms",
+        "--duration",
+        "700ms",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["targets"].as_array().map(|a| a.len()), Some(2));
+    assert_eq!(u(&v, "connections.established"), 100);
 }
