@@ -226,7 +226,10 @@ pub fn build(mode: &dyn ClientMode, s: &Settings, m: &Measurement) -> Report {
     Report {
         schema: SCHEMA,
         mode: name.into(),
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" "),
         targets: c.targets.iter().map(|t| t.to_string()).collect(),
         sources: s.sources.len(),
         processes: m.processes,

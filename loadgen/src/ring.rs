@@ -107,6 +107,8 @@ pub struct Ring {
     ring: IoUring,
     in_flight: usize,
     completions: Vec<Completion>,
+    /// Completions reaped while pushing (CQ backed up), not yet handed out.
+    backlog: Vec<Completion>,
 }
 
 impl Ring {
@@ -123,6 +125,7 @@ impl Ring {
             ring,
             in_flight: 0,
             completions: Vec::with_capacity(entries as usize * 4),
+            backlog: Vec::new(),
         })
     }
 
@@ -150,16 +153,7 @@ impl Ring {
                 self.in_flight += 1;
                 return Ok(());
             }
-            match self.ring.submit() {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    // The completion queue is backed up; the caller reaps on its
-                    // next wait. Give the kernel a moment.
-                    std::thread::yield_now();
-                }
-                Err(e) => return Err(e),
-            }
+            self.submit_for_room()?;
         }
     }
 
@@ -168,34 +162,60 @@ impl Ring {
     /// # Safety
     /// As for [`Ring::push`], for both entries.
     pub unsafe fn push_pair(&mut self, a: &squeue::Entry, b: &squeue::Entry) -> io::Result<()> {
-        {
-            let sq = self.ring.submission();
-            if sq.capacity() - sq.len() < 2 {
-                drop(sq);
-                self.ring.submit()?;
-            }
-        }
-        // SAFETY: forwarded from this function's contract; `push_multiple`
-        // checks there is room for both so they stay adjacent.
-        let res = unsafe {
-            self.ring
-                .submission()
-                .push_multiple(&[a.clone(), b.clone()])
-        };
-        match res {
-            Ok(()) => {
+        let pair = [a.clone(), b.clone()];
+        loop {
+            // SAFETY: forwarded from this function's contract; `push_multiple`
+            // pushes both or neither, so the linked pair stays adjacent.
+            let res = unsafe { self.ring.submission().push_multiple(&pair) };
+            if res.is_ok() {
                 self.in_flight += 2;
+                return Ok(());
+            }
+            self.submit_for_room()?;
+        }
+    }
+
+    /// The submission queue is full: hand it to the kernel.
+    fn submit_for_room(&mut self) -> io::Result<()> {
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                // The completion queue is backed up: reap into the backlog
+                // (handed out by the next `wait`) so the kernel can go on.
+                self.reap(true);
                 Ok(())
             }
-            Err(_) => Err(io::Error::other(
-                "io_uring submission queue full while submitting a linked pair",
-            )),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copy ready completions out of the completion queue, into the backlog
+    /// or the batch `wait` returns.
+    fn reap(&mut self, to_backlog: bool) {
+        let mut cq = self.ring.completion();
+        cq.sync();
+        for cqe in &mut cq {
+            let c = Completion {
+                tag: Tag::decode(cqe.user_data()),
+                result: cqe.result(),
+                flags: cqe.flags(),
+            };
+            if !c.more() {
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            if to_backlog {
+                self.backlog.push(c);
+            } else {
+                self.completions.push(c);
+            }
         }
     }
 
     /// Submit everything queued and wait until at least `want` completions
     /// are ready or `timeout` passes, then copy all ready completions out.
     pub fn wait(&mut self, want: usize, timeout: Duration) -> io::Result<&[Completion]> {
+        let want = if self.backlog.is_empty() { want } else { 0 };
         let ts = types::Timespec::from(timeout);
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(want, &args) {
@@ -208,19 +228,8 @@ impl Ring {
             Err(e) => return Err(e),
         }
         self.completions.clear();
-        let mut cq = self.ring.completion();
-        cq.sync();
-        for cqe in &mut cq {
-            let c = Completion {
-                tag: Tag::decode(cqe.user_data()),
-                result: cqe.result(),
-                flags: cqe.flags(),
-            };
-            if !c.more() {
-                self.in_flight = self.in_flight.saturating_sub(1);
-            }
-            self.completions.push(c);
-        }
+        self.completions.append(&mut self.backlog);
+        self.reap(false);
         Ok(&self.completions)
     }
 }
