@@ -58,26 +58,25 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# start_serve MODE WORKERS: sets SERVE_ADDR (not run in a subshell, so the
+# start_serve NAME MODE WORKERS: sets SERVE_ADDR (not run in a subshell, so the
 # pid lands in PIDS and is cleaned up)
 start_serve() {
     local f="$OUT/serve-$1.out"
-    timeout 900 "$BIN" serve --listen 127.0.0.1:0 --mode "$1" --workers "$2" >"$f" 2>"$OUT/serve-$1.err" &
+    timeout 900 "$BIN" serve --listen 127.0.0.1:0 --mode "$2" --workers "$3" >"$f" 2>"$OUT/serve-$1.err" &
     PIDS+=($!)
     for _ in $(seq 100); do
         grep -q '^listening on ' "$f" 2>/dev/null && break
         sleep 0.1
     done
     SERVE_ADDR=$(sed -n 's/^listening on //p' "$f" | head -1)
-    [ -n "$SERVE_ADDR" ] || { echo "ringload serve --mode $1 did not start; see $OUT/serve-$1.err" >&2; exit 1; }
+    [ -n "$SERVE_ADDR" ] || { echo "ringload serve ($1) did not start; see $OUT/serve-$1.err" >&2; exit 1; }
 }
 
-hold_workers=$(( HOLD / 14000 + 2 ))
-start_serve echo "$hold_workers"
+start_serve echo echo 2
 ECHO=$SERVE_ADDR
-start_serve sink 2
+start_serve sink sink 2
 SINK=$SERVE_ADDR
-echo "ringload serve: echo on $ECHO ($hold_workers workers), sink on $SINK" >&2
+echo "ringload serve: echo on $ECHO, sink on $SINK" >&2
 
 run() { # name, then the ringload command line
     local name=$1; shift
@@ -86,22 +85,7 @@ run() { # name, then the ringload command line
     timeout $(( DUR * 4 + 120 )) "$BIN" "$@" --json --no-progress >"$OUT/$name.json" || true
 }
 
-run rate rate --target "$ECHO" --concurrency "$CONC" --duration "${DUR}s"
-run tput1 throughput --target "$SINK" --streams 1 --duration "${DUR}s"
-run tput4 throughput --target "$SINK" --streams 4 --duration "${DUR}s"
-run hold hold --target "$ECHO" --conns "$HOLD" --sources 127.0.1.0/24 --ramp 20000/s --heartbeat 5s --duration "$(( HOLD / 20000 + 15 ))s"
-
-# iperf3
-IP=$(free_port)
-timeout $(( DUR * 4 + 60 )) iperf3 -s -p "$IP" -B 127.0.0.1 >"$OUT/iperf3-server.log" 2>&1 &
-PIDS+=($!)
-sleep 0.5
-echo "+ iperf3 -c 127.0.0.1 -p $IP -P 1 -t $DUR" >&2
-timeout $(( DUR + 30 )) iperf3 -c 127.0.0.1 -p "$IP" -P 1 -t "$DUR" -J >"$OUT/iperf3-p1.json" || true
-echo "+ iperf3 -c 127.0.0.1 -p $IP -P 4 -t $DUR" >&2
-timeout $(( DUR + 30 )) iperf3 -c 127.0.0.1 -p "$IP" -P 4 -t "$DUR" -J >"$OUT/iperf3-p4.json" || true
-
-# nginx + wrk
+# nginx for wrk
 NP=$(free_port)
 mkdir -p "$OUT/nginx/www" "$OUT/nginx/tmp"
 echo ok >"$OUT/nginx/www/index.html"
@@ -120,9 +104,30 @@ http {
 }
 CONF
 "$NGINX" -c "$OUT/nginx/nginx.conf" -p "$OUT/nginx" -g 'daemon on;'
+
+# iperf3 server
+IP=$(free_port)
+timeout $(( DUR * 6 + 120 )) iperf3 -s -p "$IP" -B 127.0.0.1 >"$OUT/iperf3-server.log" 2>&1 &
+PIDS+=($!)
 sleep 0.5
+
+# Each ringload figure right next to its cross-check, so background load
+# on the host hits both alike.
+run rate rate --target "$ECHO" --concurrency "$CONC" --duration "${DUR}s"
 echo "+ wrk -t2 -c$CONC -d${DUR}s -H 'Connection: close' http://127.0.0.1:$NP/" >&2
 timeout $(( DUR + 30 )) wrk -t2 -c"$CONC" -d"${DUR}s" -H 'Connection: close' "http://127.0.0.1:$NP/" >"$OUT/wrk.txt" 2>&1 || true
+run tput1 throughput --target "$SINK" --streams 1 --duration "${DUR}s"
+echo "+ iperf3 -c 127.0.0.1 -p $IP -P 1 -t $DUR" >&2
+timeout $(( DUR + 30 )) iperf3 -c 127.0.0.1 -p "$IP" -P 1 -t "$DUR" -J >"$OUT/iperf3-p1.json" || true
+run tput4 throughput --target "$SINK" --streams 4 --duration "${DUR}s"
+echo "+ iperf3 -c 127.0.0.1 -p $IP -P 4 -t $DUR" >&2
+timeout $(( DUR + 30 )) iperf3 -c 127.0.0.1 -p "$IP" -P 4 -t "$DUR" -J >"$OUT/iperf3-p4.json" || true
+
+# hold: a backend with enough workers (each holds up to RLIMIT_NOFILE
+# connections as direct descriptors; SO_REUSEPORT spreads by hash)
+start_serve hold echo $(( HOLD / 14000 + 2 ))
+HOLD_ECHO=$SERVE_ADDR
+run hold hold --target "$HOLD_ECHO" --conns "$HOLD" --sources 127.0.1.0/24 --ramp 20000/s --heartbeat 5s --duration "$(( HOLD / 20000 + 15 ))s"
 
 j() { jq -r "$2" "$OUT/$1" 2>/dev/null || echo "n/a"; }
 printf '\n%-44s %s\n' "measurement (same run, loopback, $(nproc) CPUs)" "result"
