@@ -771,17 +771,22 @@ fn sources_item(config: &Config, facts: &HostFacts) -> Item {
             format!("all {total} are assigned to this host (binding test)"),
         );
     }
-    let why = |ip: &IpAddr| facts.unbindable.get(ip).cloned().unwrap_or_default();
+    // The binding test's error, once per distinct error.
+    let mut why: Vec<&str> = bad
+        .iter()
+        .filter_map(|(ip, _)| facts.unbindable.get(ip))
+        .map(String::as_str)
+        .collect();
+    why.sort_unstable();
+    why.dedup();
+    let more = if bad.len() > 5 { ", ..." } else { "" };
     let list: Vec<String> = bad
         .iter()
         .take(5)
-        .map(|(ip, s)| format!("{ip} ({s}): {}", why(ip)))
+        .map(|(ip, s)| format!("{ip} ({s})"))
         .collect();
-    let detail = format!(
-        "{} of {total} not assigned to this host: {}",
-        bad.len(),
-        list.join("; ")
-    );
+    let (n, list, why) = (bad.len(), list.join(", "), why.join("; "));
+    let detail = format!("{n} of {total} not assigned to this host: {list}{more} ({why})");
     let mut item = fail(name, detail);
     for (ip, _) in bad.iter().take(5) {
         item = item.fix(format!(
@@ -1206,7 +1211,7 @@ mod tests {
         assert_eq!(s.status, Status::Fail);
         assert!(
             s.detail
-                .starts_with("1 of 2 not assigned to this host: 192.0.2.77 (be/a): Cannot assign"),
+                .starts_with("1 of 2 not assigned to this host: 192.0.2.77 (be/a) (Cannot assign"),
             "{}",
             s.detail
         );
