@@ -351,6 +351,20 @@ impl Worker {
             return;
         }
         if self.conns.at(idx).state == State::Closing {
+            // Bytes a splice moved still count: a pipe is pooled again only if it is really empty.
+            match t.op {
+                Op::SpliceInC2S if result > 0 => self.conns.at(idx).c2s.in_pipe += result as u32,
+                Op::SpliceInS2C if result > 0 => self.conns.at(idx).s2c.in_pipe += result as u32,
+                Op::SpliceOutC2S if result > 0 => {
+                    let f = &mut self.conns.at(idx).c2s;
+                    f.in_pipe = f.in_pipe.saturating_sub(result as u32);
+                }
+                Op::SpliceOutS2C if result > 0 => {
+                    let f = &mut self.conns.at(idx).s2c;
+                    f.in_pipe = f.in_pipe.saturating_sub(result as u32);
+                }
+                _ => {}
+            }
             self.maybe_finish(idx);
             return;
         }
@@ -692,11 +706,10 @@ impl Worker {
             if let Some(c) = self
                 .conns
                 .get(idx, generation & crate::worker::token::GENERATION_MASK)
+                && c.flow(dir).waiting_pipe
             {
-                if c.flow(dir).waiting_pipe {
-                    c.flow(dir).waiting_pipe = false;
-                    self.pump(idx, dir);
-                }
+                c.flow(dir).waiting_pipe = false;
+                self.pump(idx, dir);
             }
         }
     }

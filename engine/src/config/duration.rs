@@ -106,7 +106,7 @@ pub fn format(d: Duration) -> String {
     if ms == 0 {
         return format!("{}us", d.as_micros());
     }
-    if ms % 1000 != 0 {
+    if !ms.is_multiple_of(1000) {
         return format!("{ms}ms");
     }
     let mut s = (ms / 1000) as u64;

@@ -264,16 +264,16 @@ impl Validator<'_> {
             ("drain", t.value.drain.as_ref()),
         ];
         for (key, v) in present {
-            if let Some(v) = v {
-                if !allowed.contains(&key) {
-                    return self.err(
-                        v.referenced,
-                        format!(
-                            "timeout {key} does not apply to a {section}; allowed here: {}",
-                            allowed.join(", ")
-                        ),
-                    );
-                }
+            if let Some(v) = v
+                && !allowed.contains(&key)
+            {
+                return self.err(
+                    v.referenced,
+                    format!(
+                        "timeout {key} does not apply to a {section}; allowed here: {}",
+                        allowed.join(", ")
+                    ),
+                );
             }
         }
         Ok(())
@@ -514,13 +514,13 @@ impl Validator<'_> {
         let maxconn = self
             .maxconn(&rf.maxconn, "frontend maxconn")?
             .or(defaults.maxconn);
-        if let (Some(fe), Some(g), Some(s)) = (maxconn, global_maxconn, &rf.maxconn) {
-            if fe > g {
-                self.warn(
-                    s.referenced,
-                    format!("frontend \"{name}\" maxconn {fe} is above the global maxconn {g}, which caps it"),
-                );
-            }
+        if let (Some(fe), Some(g), Some(s)) = (maxconn, global_maxconn, &rf.maxconn)
+            && fe > g
+        {
+            self.warn(
+                s.referenced,
+                format!("frontend \"{name}\" maxconn {fe} is above the global maxconn {g}, which caps it"),
+            );
         }
         let backlog = match &rf.backlog {
             Some(b) => self.count(b, "backlog", 1, i32::MAX as u64)? as u32,

@@ -36,12 +36,12 @@ impl Worker {
         let c = self.conns.at(idx);
         let b = c.backend as usize;
         let (tried, client) = (c.tried, c.client.map(|a| a.ip()));
-        if let Some(l) = self.backends[b].limit {
-            if !self.shares.has_room(l) {
-                self.stats.limit_hits.backend += 1;
-                self.shares.want(l, &mut self.outbox);
-                return Outcome::Full;
-            }
+        if let Some(l) = self.backends[b].limit
+            && !self.shares.has_room(l)
+        {
+            self.stats.limit_hits.backend += 1;
+            self.shares.want(l, &mut self.outbox);
+            return Outcome::Full;
         }
         let shares = &self.shares;
         let be = &mut self.backends[b];

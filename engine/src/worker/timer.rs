@@ -37,6 +37,10 @@ impl TimerWheel {
         self.len
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
     pub fn schedule(&mut self, entry: TimerEntry) {
         let tick =
             (entry.deadline.div_ceil(TICK_MS)).clamp(self.cursor + 1, self.cursor + SLOTS - 1);

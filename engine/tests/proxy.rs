@@ -1,0 +1,300 @@
+//! Bytes through the proxy: integrity under concurrency, half-close, reset propagation.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::*;
+use sha2::{Digest, Sha256};
+
+const MIB: u64 = 1 << 20;
+
+/// Log-uniform size in [1, 8 MiB]: many small transfers, a good number of large ones.
+fn size_for(id: u64, dir: u64) -> u64 {
+    match (id, dir) {
+        (0, 0) | (1, 1) => 1,
+        (0, 1) | (1, 0) => 8 * MIB,
+        _ => {
+            let mut s = Stream::new(id * 7 + dir + 99);
+            let mut b = [0u8; 8];
+            s.fill(&mut b);
+            let u = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
+            ((8.0 * MIB as f64).ln() * u)
+                .exp()
+                .max(1.0)
+                .min(8.0 * MIB as f64) as u64
+        }
+    }
+}
+
+/// Sends `len` bytes of stream `seed`; returns their SHA-256.
+fn send_stream(s: &mut TcpStream, seed: u64, len: u64) -> [u8; 32] {
+    let mut rng = Stream::new(seed);
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        rng.fill(&mut buf[..n]);
+        hash.update(&buf[..n]);
+        s.write_all(&buf[..n]).expect("write");
+        left -= n as u64;
+    }
+    hash.finalize().into()
+}
+
+/// Reads to EOF; returns (bytes, SHA-256).
+fn recv_stream(s: &mut TcpStream) -> (u64, [u8; 32]) {
+    let mut hash = Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                hash.update(&buf[..n]);
+                total += n as u64;
+            }
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => panic!("read failed after {total} bytes: {e}"),
+        }
+    }
+    (total, hash.finalize().into())
+}
+
+#[derive(Default)]
+struct Ledger {
+    /// (id, direction) -> (bytes, hash) as sent and as received.
+    sent: HashMap<(u64, u8), (u64, [u8; 32])>,
+    received: HashMap<(u64, u8), (u64, [u8; 32])>,
+}
+
+/// A backend that reads a 24-byte header (id, bytes up, bytes down), then concurrently receives
+/// the upload to EOF and sends the download, recording hashes of both.
+fn integrity_backend(ledger: Arc<Mutex<Ledger>>) -> std::net::SocketAddr {
+    let l = listen("127.0.0.1:0");
+    let addr = l.local_addr().unwrap();
+    thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let ledger = ledger.clone();
+            thread::Builder::new()
+                .stack_size(STACK)
+                .spawn(move || {
+                    let mut h = [0u8; 24];
+                    conn.read_exact(&mut h).unwrap();
+                    let id = u64::from_le_bytes(h[0..8].try_into().unwrap());
+                    let down = u64::from_le_bytes(h[16..24].try_into().unwrap());
+                    let mut w = conn.try_clone().unwrap();
+                    let writer = thread::Builder::new()
+                        .stack_size(STACK)
+                        .spawn(move || {
+                            let hash = send_stream(&mut w, id * 2 + 1, down);
+                            w.shutdown(Shutdown::Write).unwrap();
+                            hash
+                        })
+                        .unwrap();
+                    let got = recv_stream(&mut conn);
+                    let sent = writer.join().unwrap();
+                    let mut l = ledger.lock().unwrap();
+                    l.received.insert((id, 0), got);
+                    l.sent.insert((id, 1), (down, sent));
+                })
+                .unwrap();
+        }
+    });
+    addr
+}
+
+#[test]
+fn integrity_1000_concurrent_connections_random_sizes_both_ways() {
+    const N: u64 = 1000;
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let backend = integrity_backend(ledger.clone());
+    let engine = engine(&format!(
+        "global: {{ workers: 2, maxconn: 2000 }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    servers: [{{ name: s, address: \"{backend}\", source: 127.0.2.0/30 }}]\n"
+    ));
+    let proxy = addr(&engine, "fe");
+    let barrier = Arc::new(Barrier::new(N as usize));
+    let start = Instant::now();
+    let clients: Vec<_> = (0..N)
+        .map(|id| {
+            let ledger = ledger.clone();
+            let barrier = barrier.clone();
+            thread::Builder::new()
+                .stack_size(STACK)
+                .spawn(move || {
+                    let mut s = connect(proxy);
+                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+                    s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
+                    // Every connection is open before any transfer starts.
+                    barrier.wait();
+                    let (up, down) = (size_for(id, 0), size_for(id, 1));
+                    let mut header = [0u8; 24];
+                    header[0..8].copy_from_slice(&id.to_le_bytes());
+                    header[8..16].copy_from_slice(&up.to_le_bytes());
+                    header[16..24].copy_from_slice(&down.to_le_bytes());
+                    s.write_all(&header).unwrap();
+                    let mut w = s.try_clone().unwrap();
+                    let writer = thread::Builder::new()
+                        .stack_size(STACK)
+                        .spawn(move || {
+                            let hash = send_stream(&mut w, id * 2, up);
+                            w.shutdown(Shutdown::Write).unwrap();
+                            hash
+                        })
+                        .unwrap();
+                    let got = recv_stream(&mut s);
+                    let sent = writer.join().unwrap();
+                    let mut l = ledger.lock().unwrap();
+                    l.sent.insert((id, 0), (up, sent));
+                    l.received.insert((id, 1), got);
+                })
+                .unwrap()
+        })
+        .collect();
+    let mut failed = 0;
+    for c in clients {
+        failed += c.join().is_err() as usize;
+    }
+    if failed > 0 {
+        let st = engine.stats();
+        for w in &st.workers {
+            eprintln!("worker stats: {w:?}");
+        }
+        panic!("{failed} clients failed");
+    }
+    wait_until(
+        "the backend to record every upload",
+        Duration::from_secs(30),
+        || ledger.lock().unwrap().received.len() == 2 * N as usize,
+    );
+    let l = ledger.lock().unwrap();
+    let mut bytes = [0u64; 2];
+    for id in 0..N {
+        for dir in 0..2u8 {
+            let sent = l.sent[&(id, dir)];
+            let got = l.received[&(id, dir)];
+            assert_eq!(got.0, sent.0, "connection {id} direction {dir}: byte count");
+            assert_eq!(
+                got.1, sent.1,
+                "connection {id} direction {dir}: SHA-256 differs"
+            );
+            bytes[dir as usize] += sent.0;
+        }
+    }
+    let stats = engine.stats();
+    assert_eq!(
+        stats.total(|w| w.bytes_client_to_server),
+        bytes[0] + 24 * N,
+        "bytes counted client→server"
+    );
+    assert_eq!(
+        stats.total(|w| w.bytes_server_to_client),
+        bytes[1],
+        "bytes counted server→client"
+    );
+    assert_eq!(stats.total(|w| w.accepted), N);
+    eprintln!(
+        "{} MiB up, {} MiB down through 1000 concurrent connections in {:?}",
+        bytes[0] / MIB,
+        bytes[1] / MIB,
+        start.elapsed()
+    );
+    wait_until("every connection to close", Duration::from_secs(10), || {
+        engine.stats().total(|w| w.active) == 0
+    });
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_flowing() {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = l.local_addr().unwrap();
+    let server = thread::spawn(move || {
+        let (mut conn, _) = l.accept().unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let (n, hash) = recv_stream(&mut conn);
+        // The client's EOF arrived while this side is still open: now answer.
+        let sent = send_stream(&mut conn, 7, MIB);
+        conn.shutdown(Shutdown::Write).unwrap();
+        (n, hash, sent)
+    });
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{backend}\" }}] }}]\n"
+    ));
+    let mut c = connect(addr(&engine, "fe"));
+    let up = send_stream(&mut c, 3, 10 * MIB);
+    c.shutdown(Shutdown::Write).unwrap();
+    let (down_n, down_hash) = recv_stream(&mut c);
+    let (up_n, up_hash, down_sent) = server.join().unwrap();
+    assert_eq!(up_n, 10 * MIB, "the server got all 10 MiB before EOF");
+    assert_eq!(up_hash, up);
+    assert_eq!(
+        down_n, MIB,
+        "the client got the whole 1 MiB reply after its own EOF"
+    );
+    assert_eq!(down_hash, down_sent);
+}
+
+#[test]
+fn client_reset_closes_the_server_side() {
+    let backend = Backend::start(Mode::Hold);
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let mut c = connect(addr(&engine, "fe"));
+    echo_once(&mut c, b"hello");
+    assert_eq!(backend.active(), 1);
+    let t = Instant::now();
+    reset(c);
+    wait_until(
+        "the server side to be closed",
+        Duration::from_secs(1),
+        || backend.active() == 0,
+    );
+    eprintln!(
+        "server side closed {:?} after the client's reset",
+        t.elapsed()
+    );
+    wait_until(
+        "the proxy to forget the connection",
+        Duration::from_secs(1),
+        || engine.stats().total(|w| w.active) == 0,
+    );
+    assert_eq!(engine.stats().total(|w| w.resets_from_client), 1);
+}
+
+#[test]
+fn server_reset_reaches_the_client_as_a_reset() {
+    let backend = Backend::start(Mode::ResetAfterRead);
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let mut c = connect(addr(&engine, "fe"));
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let t = Instant::now();
+    c.write_all(b"hello").unwrap();
+    let (_, err) = read_to_end(&mut c);
+    let err = err.expect("the client sees an error, not a clean EOF");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert!(t.elapsed() < Duration::from_secs(1));
+    wait_until(
+        "the proxy to forget the connection",
+        Duration::from_secs(1),
+        || engine.stats().total(|w| w.active) == 0,
+    );
+    assert_eq!(engine.stats().total(|w| w.resets_from_server), 1);
+}
