@@ -694,10 +694,9 @@ impl Worker {
         self.conns.remove(idx);
         self.stats.active -= 1;
         self.stats.closed += 1;
-        self.serve_pipe_waiters();
     }
 
-    /// Gives freed pipes to flows that were waiting for one.
+    /// Gives freed pipes to flows that were waiting for one (once per loop turn).
     pub(crate) fn serve_pipe_waiters(&mut self) {
         while self.pipes.in_use < self.pipes_max {
             let Some((idx, generation, dir)) = self.pipe_waiters.pop_front() else {

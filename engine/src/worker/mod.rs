@@ -6,9 +6,10 @@
 //! ops to conn.rs. Nothing in the loop blocks, locks or allocates per byte.
 //!
 //! Admission: an accepted socket is admitted against this worker's share of the global and frontend
-//! maxconn (limits.rs). Without a share the socket is parked (not proxied) and the listeners whose
-//! limit is exhausted stop accepting, so further clients wait in the kernel backlog; the worker asks
-//! the others for share and resumes when it has some.
+//! maxconn (limits.rs). Without a share the socket is parked (accepted, not proxied), the worker
+//! stops accepting, so further clients wait in the kernel backlog, and asks the other workers for
+//! share; it resumes when a parked socket could be admitted. A worker keeps accepting right up to
+//! the first socket it must park, because that socket is what tells it there is demand.
 
 pub mod dispatch;
 pub mod ring;
@@ -293,6 +294,9 @@ impl Worker {
             for c in completions.drain(..) {
                 self.on_completion(c);
             }
+            if !self.pipe_waiters.is_empty() && self.pipes.in_use < self.pipes_max {
+                self.serve_pipe_waiters();
+            }
             self.timers.expire(self.now, &mut expired);
             for e in expired.drain(..) {
                 self.on_timer(e);
@@ -453,11 +457,9 @@ impl Worker {
     /// Arms the accept of every listener that may take connections, cancels the others.
     pub(crate) fn update_listeners(&mut self) {
         for i in 0..self.listeners.len() {
-            let l = &self.listeners[i];
-            let (ids, n) = self.admission_limits(l.frontend);
-            let should = self.draining.is_none()
-                && self.parked.is_empty()
-                && ids[..n].iter().all(|&id| self.shares.has_room(id));
+            // Accept until a connection has to be parked: that parked connection is the demand that
+            // makes the worker borrow share (clients waiting in the kernel backlog are invisible).
+            let should = self.draining.is_none() && self.parked.is_empty();
             let now = self.now;
             let l = &mut self.listeners[i];
             if l.closed {

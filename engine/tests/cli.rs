@@ -1,0 +1,291 @@
+//! The binary: configuration errors and exit codes, the startup report, SIGTERM drain, and the
+//! bundled example configurations starting and proxying.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_ringproxy")
+}
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringproxy-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+/// Runs `ringproxy -c FILE` on a configuration that must be refused.
+fn refused(name: &str, text: &str, line_col: &str, needle: &str) {
+    let path = write_config(name, text);
+    let out = Command::new(bin()).arg("-c").arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name}: exit code; stderr: {stderr}"
+    );
+    let want = format!("{}:{line_col}: ", path.display());
+    assert!(
+        stderr.starts_with(&want),
+        "{name}: wanted {want:?} at the start of {stderr:?}"
+    );
+    assert!(
+        stderr.contains(needle),
+        "{name}: {stderr:?} does not mention {needle:?}"
+    );
+    assert!(!stderr.contains("listening"), "{name}: something was bound");
+}
+
+const OK: &str = "frontends:\n  - name: fe\n    bind: 127.0.0.1:0\n    backend: be\nbackends:\n  - name: be\n    servers:\n      - name: s1\n        address: 127.0.0.1:9\n";
+
+#[test]
+fn each_class_of_bad_configuration_names_its_line_and_column_and_exits_2() {
+    refused(
+        "unknown-key.yaml",
+        &OK.replace("    backend: be\n", "    backend: be\n    bakclog: 5\n"),
+        "5:5",
+        "unknown key `bakclog`",
+    );
+    refused(
+        "wrong-type.yaml",
+        &format!("global:\n  maxconn: many\n{OK}"),
+        "2:12",
+        "expected a whole number",
+    );
+    refused(
+        "duplicate.yaml",
+        &format!("{OK}      - name: s1\n        address: 127.0.0.1:10\n"),
+        "10:15",
+        "duplicate server name \"s1\"",
+    );
+    refused(
+        "missing-backend.yaml",
+        &OK.replace("backend: be", "backend: mqtt"),
+        "4:14",
+        "backend \"mqtt\" does not exist",
+    );
+    refused(
+        "no-servers.yaml",
+        "frontends: [{ name: fe, bind: \"127.0.0.1:0\", backend: be }]\nbackends:\n  - name: be\n    servers: []\n",
+        "4:14",
+        "has no servers",
+    );
+    refused(
+        "bad-address.yaml",
+        &OK.replace("127.0.0.1:9", "192.168.8.300:1883"),
+        "9:18",
+        "\"192.168.8.300\" is not an IP address",
+    );
+    refused(
+        "bad-source.yaml",
+        &OK.replace(
+            "address: 127.0.0.1:9",
+            "address: 127.0.0.1:9\n        source: 10.0.0.0/33",
+        ),
+        "10:17",
+        "prefix length",
+    );
+    refused(
+        "bad-yaml.yaml",
+        "frontends: [\n  - {\n",
+        "2:3",
+        "only valid inside a block",
+    );
+}
+
+#[test]
+fn missing_file_and_missing_flag_exit_2() {
+    let out = Command::new(bin())
+        .args(["-c", "/nonexistent/x.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+    let out = Command::new(bin()).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("-c FILE"));
+}
+
+/// Starts the binary and reads its startup report up to the listening lines.
+fn start(config: &PathBuf, extra: &[&str]) -> (Child, Vec<SocketAddr>, Vec<String>) {
+    let mut child = Command::new(bin())
+        .args(extra)
+        .arg("-c")
+        .arg(config)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut addrs = Vec::new();
+    let mut report = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Some(Ok(line)) = lines.next() {
+        assert!(Instant::now() < deadline, "no startup report");
+        if let Some(a) = line.split("listening on ").nth(1) {
+            addrs.push(a.trim().parse().unwrap());
+        }
+        let done = line.contains("listening on");
+        report.push(line);
+        if done {
+            break;
+        }
+    }
+    // Keep draining stderr so the child never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines.by_ref() {});
+    (child, addrs, report)
+}
+
+fn sigterm(child: &Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    panic!("ringproxy did not exit within {limit:?}");
+}
+
+#[test]
+fn startup_report_states_workers_and_the_effective_maxconn() {
+    let backend = Backend::start(Mode::Echo);
+    let cfg = write_config(
+        "report.yaml",
+        &format!(
+            "global: {{ workers: 2, maxconn: 2000000 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            backend.addr
+        ),
+    );
+    let (mut child, addrs, report) = start(&cfg, &[]);
+    let text = report.join("\n");
+    assert!(text.contains("2 workers"), "{text}");
+    // This host allows 20000 open files per process: 2000000 cannot fit, and the report says so.
+    let limit = ringproxy::host::nofile().unwrap().hard;
+    if limit < 4_000_064 {
+        assert!(
+            text.contains("warning: maxconn 2000000 does not fit"),
+            "{text}"
+        );
+        assert!(text.contains("LimitNOFILE="), "{text}");
+    }
+    let mut c = connect(addrs[0]);
+    echo_once(&mut c, b"through the binary");
+    drop(c);
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+}
+
+#[test]
+fn sigterm_drains_open_connections_then_exits_0() {
+    let backend = Backend::start(Mode::Echo);
+    let cfg = write_config(
+        "drain.yaml",
+        &format!(
+            "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ drain: 20s }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            backend.addr
+        ),
+    );
+    let (mut child, addrs, _) = start(&cfg, &["run"]);
+    let proxy = addrs[0];
+    let mut open = connect(proxy);
+    echo_once(&mut open, b"before");
+    sigterm(&child);
+    // New connections are refused once the listeners are closed...
+    wait_until(
+        "new connections to be refused",
+        Duration::from_secs(5),
+        || std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(200)).is_err(),
+    );
+    // ...while the open one keeps working.
+    echo_once(&mut open, b"during the drain");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited with a connection still open"
+    );
+    drop(open);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn drain_timeout_bounds_the_wait() {
+    let backend = Backend::start(Mode::Hold);
+    let cfg = write_config(
+        "drain-timeout.yaml",
+        &format!(
+            "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ drain: 500ms }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            backend.addr
+        ),
+    );
+    let (mut child, addrs, _) = start(&cfg, &[]);
+    let mut open = connect(addrs[0]);
+    echo_once(&mut open, b"stays open");
+    let t = Instant::now();
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "exited before the drain timeout"
+    );
+    let (_, _) = read_to_end(&mut open);
+}
+
+#[test]
+fn example_configurations_start_and_proxy() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples");
+    let backend = Backend::start(Mode::Echo);
+    let mut tried = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let mut config = ringproxy::config::load(&path).unwrap();
+        // Same configuration, but on ephemeral ports and in front of our echo server, so it runs
+        // anywhere; sources, balancing and limits stay as written.
+        for fe in &mut config.frontends {
+            for b in &mut fe.binds {
+                let ip = if b.is_ipv6() {
+                    "::1".parse().unwrap()
+                } else {
+                    "127.0.0.1".parse().unwrap()
+                };
+                *b = SocketAddr::new(ip, 0);
+            }
+        }
+        for be in &mut config.backends {
+            for s in &mut be.servers {
+                s.address = backend.addr;
+            }
+        }
+        let engine =
+            ringproxy::Engine::start(config).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        for b in engine.bound() {
+            let mut c = connect(b.addr);
+            echo_once(&mut c, format!("via {}", path.display()).as_bytes());
+        }
+        engine.shutdown();
+        tried += 1;
+    }
+    assert!(tried >= 3);
+}
