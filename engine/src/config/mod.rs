@@ -61,6 +61,27 @@ pub struct Global {
     pub maxconn: Option<u32>,
     pub drain_timeout: Duration,
     pub tune: Tune,
+    pub stats: Stats,
+    pub connection_log: Option<LogTarget>,
+}
+
+/// Where operators read the engine's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Unix socket speaking the stats line protocol (docs/operations.md).
+    pub socket: Option<std::path::PathBuf>,
+    /// Permission bits of the socket (default 0600).
+    pub mode: u32,
+    /// Address of the Prometheus /metrics endpoint.
+    pub prometheus: Option<SocketAddr>,
+}
+
+/// Where connection log lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    Stderr,
+    File(std::path::PathBuf),
 }
 
 /// Engine knobs with safe defaults; see docs/configuration.md.
@@ -301,6 +322,21 @@ impl Validator<'_> {
             Some(s) => Some(self.count(s, "global maxconn", 1, MAXCONN_LIMIT)? as u32),
         };
         let tune = self.tune(&g.tune)?;
+        let stats = self.stats(g.stats.as_ref())?;
+        let connection_log = match &g.connection_log {
+            None => None,
+            Some(s) => Some(match s.value.trim() {
+                "stdout" => LogTarget::Stdout,
+                "stderr" => LogTarget::Stderr,
+                "" => {
+                    return self.err(
+                        s.referenced,
+                        "connection_log is empty; use stdout, stderr or a file path",
+                    );
+                }
+                path => LogTarget::File(path.into()),
+            }),
+        };
 
         let defaults_connect = self.duration(&d.timeout.connect, "connect", default::CONNECT)?;
         let defaults = Defaults {
@@ -415,11 +451,59 @@ impl Validator<'_> {
                 maxconn: global_maxconn,
                 drain_timeout: defaults.drain,
                 tune,
+                stats,
+                connection_log,
             },
             frontends,
             backends,
             warnings: self.warnings,
         })
+    }
+
+    fn stats(&mut self, raw: Option<&Spanned<raw::RawStats>>) -> Result<Stats> {
+        let mut stats = Stats {
+            socket: None,
+            mode: 0o600,
+            prometheus: None,
+        };
+        let Some(raw) = raw else { return Ok(stats) };
+        if let Some(p) = &raw.value.socket {
+            if p.value.trim().is_empty() {
+                return self.err(p.referenced, "stats socket path is empty");
+            }
+            stats.socket = Some(p.value.trim().into());
+        }
+        if let Some(m) = &raw.value.mode {
+            let text = m.value.trim();
+            let Some(mode) = u32::from_str_radix(text.trim_start_matches("0o"), 8)
+                .ok()
+                .filter(|m| *m <= 0o777)
+            else {
+                return self.err(
+                    m.referenced,
+                    format!("stats mode \"{text}\" is not octal permission bits such as \"0600\""),
+                );
+            };
+            if mode & 0o002 != 0 {
+                return self.err(
+                    m.referenced,
+                    format!("stats mode {text} makes the socket world-writable: anyone on the host could drive the engine; use 0600 or 0660"),
+                );
+            }
+            stats.mode = mode;
+        }
+        if let Some(p) = &raw.value.prometheus {
+            let addr = address::parse_bind(&p.value)
+                .or_else(|m| self.err(p.referenced, format!("stats prometheus: {m}")))?;
+            if !addr.ip().is_loopback() {
+                self.warn(
+                    p.referenced,
+                    format!("the Prometheus endpoint {addr} is reachable from other hosts; metrics reveal backends and load"),
+                );
+            }
+            stats.prometheus = Some(addr);
+        }
+        Ok(stats)
     }
 
     fn tune(&self, t: &raw::RawTune) -> Result<Tune> {

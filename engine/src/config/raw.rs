@@ -33,6 +33,18 @@ pub struct RawGlobal {
     pub maxconn: Option<Spanned<Count>>,
     #[serde(default)]
     pub tune: RawTune,
+    pub stats: Option<Spanned<RawStats>>,
+    /// `stdout`, `stderr` or a file path; absent: no connection log.
+    pub connection_log: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStats {
+    pub socket: Option<Spanned<String>>,
+    /// Octal permission bits for the socket, e.g. "0600".
+    pub mode: Option<Spanned<String>>,
+    pub prometheus: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

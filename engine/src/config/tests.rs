@@ -373,6 +373,59 @@ fn timeouts_only_where_they_apply() {
 }
 
 #[test]
+fn stats_and_connection_log() {
+    let c = ok(&format!(
+        "global:\n  stats: {{ socket: /run/rp.sock, mode: \"0660\", prometheus: \"127.0.0.1:9101\" }}\n  connection_log: stdout\n{BASE}"
+    ));
+    assert_eq!(
+        c.global.stats.socket.as_deref(),
+        Some(Path::new("/run/rp.sock"))
+    );
+    assert_eq!(c.global.stats.mode, 0o660);
+    assert_eq!(
+        c.global.stats.prometheus,
+        Some("127.0.0.1:9101".parse().unwrap())
+    );
+    assert_eq!(c.global.connection_log, Some(LogTarget::Stdout));
+    let c = ok(BASE);
+    assert_eq!(
+        c.global.stats,
+        Stats {
+            socket: None,
+            mode: 0o600,
+            prometheus: None
+        }
+    );
+    assert_eq!(c.global.connection_log, None);
+    refused(
+        &format!("global:\n  stats: {{ socket: /x, mode: \"0666\" }}\n{BASE}"),
+        2,
+        30,
+        "world-writable",
+    );
+    refused(
+        &format!("global:\n  stats: {{ socket: /x, mode: \"rw\" }}\n{BASE}"),
+        2,
+        30,
+        "not octal",
+    );
+    refused(
+        &format!("global:\n  stats: {{ prometheus: nowhere }}\n{BASE}"),
+        2,
+        24,
+        "stats prometheus",
+    );
+    let c = ok(&format!(
+        "global:\n  stats: {{ prometheus: \"0.0.0.0:9101\" }}\n{BASE}"
+    ));
+    assert!(
+        c.warnings[0].contains("reachable from other hosts"),
+        "{:?}",
+        c.warnings
+    );
+}
+
+#[test]
 fn warnings_for_suspicious_but_valid() {
     let c = ok(&format!(
         "global:\n  maxconn: 10\n{}  - name: unused\n    servers: [{{ name: x, address: \"127.0.0.1:1\" }}]\n",
