@@ -41,18 +41,11 @@ impl Balancer {
         client: Option<IpAddr>,
         eligible: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let Balancer {
-            algo,
-            weights,
-            current,
-            rotor,
-            rng,
-        } = self;
+        let Balancer { algo, weights, current, rotor, rng } = self;
         let n = weights.len();
         let ok = |i: usize| weights[i] > 0 && eligible(i);
         let lighter = |a: usize, b: usize| {
-            u64::from(active(a)) * u64::from(weights[b])
-                < u64::from(active(b)) * u64::from(weights[a])
+            u64::from(active(a)) * u64::from(weights[b]) < u64::from(active(b)) * u64::from(weights[a])
         };
         match *algo {
             Balance::Roundrobin => {
@@ -113,10 +106,7 @@ impl Balancer {
 
 /// A random eligible server, with probability proportional to its weight.
 fn weighted_random(weights: &[u32], rng: &mut u64, ok: &impl Fn(usize) -> bool) -> Option<usize> {
-    let total: u64 = (0..weights.len())
-        .filter(|&i| ok(i))
-        .map(|i| u64::from(weights[i]))
-        .sum();
+    let total: u64 = (0..weights.len()).filter(|&i| ok(i)).map(|i| u64::from(weights[i])).sum();
     if total == 0 {
         return None;
     }
@@ -180,11 +170,7 @@ mod tests {
     #[test]
     fn roundrobin_workers_start_apart() {
         let firsts: Vec<usize> = (0..3)
-            .map(|w| {
-                Balancer::new(Balance::Roundrobin, vec![1; 3], w)
-                    .pick(|_| 0, None, |_| true)
-                    .unwrap()
-            })
+            .map(|w| Balancer::new(Balance::Roundrobin, vec![1; 3], w).pick(|_| 0, None, |_| true).unwrap())
             .collect();
         assert_eq!(firsts, vec![0, 1, 2]);
     }
@@ -202,11 +188,7 @@ mod tests {
     fn leastconn_picks_the_least_loaded_per_weight() {
         let mut b = Balancer::new(Balance::Leastconn, vec![1, 1, 2], 0);
         assert_eq!(b.pick(|i| [5, 2, 6][i], None, |_| true), Some(1));
-        assert_eq!(
-            b.pick(|i| [5, 4, 6][i], None, |_| true),
-            Some(2),
-            "6/2 = 3 < 4"
-        );
+        assert_eq!(b.pick(|i| [5, 4, 6][i], None, |_| true), Some(2), "6/2 = 3 < 4");
     }
 
     #[test]
@@ -217,16 +199,8 @@ mod tests {
         for i in 0..400u32 {
             let ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i));
             let s = b.pick(|_| 0, Some(ip), |_| true).unwrap();
-            assert_eq!(
-                b.pick(|_| 0, Some(ip), |_| true),
-                Some(s),
-                "same client, same server"
-            );
-            assert_eq!(
-                other.pick(|_| 0, Some(ip), |_| true),
-                Some(s),
-                "same on every worker"
-            );
+            assert_eq!(b.pick(|_| 0, Some(ip), |_| true), Some(s), "same client, same server");
+            assert_eq!(other.pick(|_| 0, Some(ip), |_| true), Some(s), "same on every worker");
             seen[s] += 1;
             // Taking another server out only moves the clients of that server.
             let without_3 = b.pick(|_| 0, Some(ip), |i| i != 3).unwrap();
@@ -240,9 +214,7 @@ mod tests {
     #[test]
     fn random_prefers_the_lighter_of_two() {
         let mut b = Balancer::new(Balance::Random, vec![1, 1], 0);
-        let heavy = (0..200)
-            .filter(|_| b.pick(|i| [100, 0][i], None, |_| true) == Some(0))
-            .count();
+        let heavy = (0..200).filter(|_| b.pick(|i| [100, 0][i], None, |_| true) == Some(0)).count();
         assert!(heavy < 80, "the loaded server won {heavy} of 200");
     }
 }

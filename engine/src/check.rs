@@ -47,13 +47,7 @@ pub struct Item {
 impl Item {
     fn new(status: Status, name: impl Into<String>, detail: impl Into<String>) -> Item {
         let (name, detail) = (name.into(), detail.into());
-        Item {
-            status,
-            name,
-            detail,
-            fix: None,
-            sysctls: Vec::new(),
-        }
+        Item { status, name, detail, fix: None, sysctls: Vec::new() }
     }
 
     /// Appends a line to the fix.
@@ -171,12 +165,7 @@ fn kernel_release() -> Option<String> {
     if unsafe { libc::uname(&mut u) } != 0 {
         return None;
     }
-    let bytes: Vec<u8> = u
-        .release
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let bytes: Vec<u8> = u.release.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     String::from_utf8(bytes).ok()
 }
 
@@ -190,11 +179,9 @@ fn probe_io_uring() -> Result<Vec<&'static str>, String> {
         .build(8)
         .map_err(|e| format!("io_uring_setup failed: {e}"))?;
     let sub = ring.submitter();
-    sub.register_files_sparse(8)
-        .map_err(|e| format!("registering a sparse file table failed: {e}"))?;
+    sub.register_files_sparse(8).map_err(|e| format!("registering a sparse file table failed: {e}"))?;
     let mut probe = io_uring::Probe::new();
-    sub.register_probe(&mut probe)
-        .map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
+    sub.register_probe(&mut probe).map_err(|e| format!("IORING_REGISTER_PROBE failed: {e}"))?;
     let ops = [
         ("ACCEPT", Accept::CODE),
         ("SOCKET", Socket::CODE),
@@ -207,11 +194,7 @@ fn probe_io_uring() -> Result<Vec<&'static str>, String> {
         ("SHUTDOWN", Shutdown::CODE),
         ("CLOSE", Close::CODE),
     ];
-    Ok(ops
-        .iter()
-        .filter(|(_, c)| !probe.is_supported(*c))
-        .map(|(n, _)| *n)
-        .collect())
+    Ok(ops.iter().filter(|(_, c)| !probe.is_supported(*c)).map(|(n, _)| *n).collect())
 }
 
 /// Runs the preflight, prints one line per item, returns the exit code (0 ok, 1 warnings, 2 errors).
@@ -236,26 +219,14 @@ pub fn exit_code(items: &[Item]) -> i32 {
 pub fn render(config: &Config, facts: &HostFacts, items: &[Item]) -> String {
     let (origin, kernel) = (&config.origin, facts.kernel.as_deref().unwrap_or("?"));
     let (cpus, ram) = (facts.cpus.len(), facts.mem_total.map_or("?".into(), size));
-    let mut out = format!(
-        "ringproxy check: {origin} ({}) on Linux {kernel}, {cpus} usable CPU(s), {ram} RAM\n",
-        counts(config)
-    );
-    let width = items
-        .iter()
-        .map(|i| i.name.len())
-        .max()
-        .unwrap_or(0)
-        .max(20)
-        + 2;
+    let mut out =
+        format!("ringproxy check: {origin} ({}) on Linux {kernel}, {cpus} usable CPU(s), {ram} RAM\n", counts(config));
+    let width = items.iter().map(|i| i.name.len()).max().unwrap_or(0).max(20) + 2;
     for i in items {
         let status = ["OK", "WARN", "FAIL"][i.status as usize];
         let _ = writeln!(out, "{status:<6}{:<width$}{}", i.name, i.detail);
         for (n, line) in i.fix.iter().flat_map(|f| f.lines()).enumerate() {
-            let _ = writeln!(
-                out,
-                "      {}{line}",
-                if n == 0 { "fix: " } else { "     " }
-            );
+            let _ = writeln!(out, "      {}{line}", if n == 0 { "fix: " } else { "     " });
         }
     }
     let mut seen = BTreeSet::new();
@@ -265,9 +236,7 @@ pub fn render(config: &Config, facts: &HostFacts, items: &[Item]) -> String {
         .map(|(n, v)| format!("  {n} = {v}\n"))
         .collect();
     if !persist.is_empty() {
-        out.push_str(
-            "to keep the sysctl fixes across reboots, put in /etc/sysctl.d/90-ringproxy.conf:\n",
-        );
+        out.push_str("to keep the sysctl fixes across reboots, put in /etc/sysctl.d/90-ringproxy.conf:\n");
         out.push_str(&persist.concat());
     }
     let n = |s: Status| items.iter().filter(|i| i.status == s).count();
@@ -279,34 +248,18 @@ pub fn render(config: &Config, facts: &HostFacts, items: &[Item]) -> String {
 fn counts(config: &Config) -> String {
     let servers = config.backends.iter().map(|b| b.servers.len()).sum();
     let (f, b) = (config.frontends.len(), config.backends.len());
-    format!(
-        "{}, {}, {}",
-        plural(f, "frontend"),
-        plural(b, "backend"),
-        plural(servers, "server")
-    )
+    format!("{}, {}, {}", plural(f, "frontend"), plural(b, "backend"), plural(servers, "server"))
 }
 
 /// Judges the host against the configuration.
 pub fn evaluate(config: &Config, facts: &HostFacts) -> Vec<Item> {
     let range = facts.port_range.unwrap_or((32768, 60999));
     let ports = ephemeral(range, &facts.reserved_ports);
-    let plan = plan::plan(
-        config,
-        facts.nofile.map_or(1024, |l| l.hard),
-        &facts.cpus,
-        ports,
-    );
+    let plan = plan::plan(config, facts.nofile.map_or(1024, |l| l.hard), &facts.cpus, ports);
     // What the configuration asks for (unset: what the host allows), within the frontends' limits.
-    let frontends: Option<u64> = config
-        .frontends
-        .iter()
-        .map(|f| f.maxconn.map(u64::from))
-        .sum();
+    let frontends: Option<u64> = config.frontends.iter().map(|f| f.maxconn.map(u64::from)).sum();
     let global = config.global.maxconn.unwrap_or(plan.maxconn);
-    let target = frontends
-        .map_or(global, |f| f.min(u64::from(global)) as u32)
-        .max(1);
+    let target = frontends.map_or(global, |f| f.min(u64::from(global)) as u32).max(1);
 
     let mut items = vec![ok("config", format!("valid ({})", counts(config)))];
     for w in &config.warnings {
@@ -334,9 +287,14 @@ fn kernel(facts: &HostFacts) -> Item {
     };
     let mut it = release.split(['.', '-']).map(|t| t.parse::<u32>().ok());
     match it.next().flatten().zip(it.next().flatten()) {
-        Some(v) if v >= MIN_KERNEL => ok("kernel", format!("Linux {release} (needs 6.11+: direct descriptors, multishot accept, IORING_OP_BIND)")),
-        Some(_) => fail("kernel", format!("Linux {release} is too old: ringproxy needs 6.11+ (IORING_OP_BIND, uring_cmd setsockopt)"))
-            .fix("upgrade the kernel to Linux 6.11 or later"),
+        Some(v) if v >= MIN_KERNEL => {
+            ok("kernel", format!("Linux {release} (needs 6.11+: direct descriptors, multishot accept, IORING_OP_BIND)"))
+        }
+        Some(_) => fail(
+            "kernel",
+            format!("Linux {release} is too old: ringproxy needs 6.11+ (IORING_OP_BIND, uring_cmd setsockopt)"),
+        )
+        .fix("upgrade the kernel to Linux 6.11 or later"),
         None => warn("kernel", format!("cannot parse the release \"{release}\""))
             .fix("check `uname -r`: ringproxy needs Linux 6.11 or later"),
     }
@@ -365,16 +323,8 @@ fn io_uring_item(facts: &HostFacts) -> Item {
 
 fn workers(config: &Config, plan: &Plan, facts: &HostFacts) -> Item {
     let (n, w) = (facts.cpus.len().max(1), plan.workers);
-    let how = if config.global.workers.is_none() {
-        "auto: one per usable CPU"
-    } else {
-        "configured"
-    };
-    let pin = if config.global.pin_cpus {
-        "pinned"
-    } else {
-        "not pinned"
-    };
+    let how = if config.global.workers.is_none() { "auto: one per usable CPU" } else { "configured" };
+    let pin = if config.global.pin_cpus { "pinned" } else { "not pinned" };
     let mut detail = format!("{w} ({how}) on {n} usable CPU(s), {pin}");
     if w > n {
         detail.push_str("; more workers than CPUs is allowed and holds more connections: each worker's io_uring file table is capped by RLIMIT_NOFILE on its own (the workers share the CPUs)");
@@ -384,23 +334,11 @@ fn workers(config: &Config, plan: &Plan, facts: &HostFacts) -> Item {
 
 fn open_files(config: &Config, plan: &Plan, facts: &HostFacts) -> Vec<Item> {
     let Some(NofileLimit { soft, hard }) = facts.nofile else {
-        return vec![
-            fail("open files", "cannot read RLIMIT_NOFILE")
-                .fix("check `ulimit -Hn` as the service user"),
-        ];
+        return vec![fail("open files", "cannot read RLIMIT_NOFILE").fix("check `ulimit -Hn` as the service user")];
     };
     let per_worker = (hard.min(u64::from(u32::MAX)) as u32).saturating_sub(plan::PARK_SLACK) / 2;
-    let raised = if soft < hard {
-        format!(" (the soft limit {soft} is raised to it at start)")
-    } else {
-        String::new()
-    };
-    let (workers, held, cpw, slack) = (
-        plan.workers,
-        plan.maxconn,
-        plan.conns_per_worker,
-        plan::PARK_SLACK,
-    );
+    let raised = if soft < hard { format!(" (the soft limit {soft} is raised to it at start)") } else { String::new() };
+    let (workers, held, cpw, slack) = (plan.workers, plan.maxconn, plan.conns_per_worker, plan::PARK_SLACK);
     // RLIMIT_NOFILE the configuration needs: 0 when the hard limit already does.
     let mut needed = 0;
     let files = match config.global.maxconn {
@@ -411,7 +349,9 @@ fn open_files(config: &Config, plan: &Plan, facts: &HostFacts) -> Vec<Item> {
             );
             let mut item = fail("open files", detail)
                 .fix(format!("LimitNOFILE={needed} in the systemd unit's [Service] section"))
-                .fix(format!("or \"* soft nofile {needed}\" and \"* hard nofile {needed}\" in /etc/security/limits.conf"));
+                .fix(format!(
+                    "or \"* soft nofile {needed}\" and \"* hard nofile {needed}\" in /etc/security/limits.conf"
+                ));
             if facts.nr_open.is_some_and(|n| n < needed) {
                 item = item.fix("  (either needs fs.nr_open raised first, see below)");
             }
@@ -419,8 +359,7 @@ fn open_files(config: &Config, plan: &Plan, facts: &HostFacts) -> Vec<Item> {
             if more <= 1024 {
                 let mut c = config.clone();
                 c.global.workers = Some(more);
-                let pipes =
-                    plan::plan(&c, hard, &facts.cpus, plan.ephemeral_ports).pipes_per_worker;
+                let pipes = plan::plan(&c, hard, &facts.cpus, plan.ephemeral_ports).pipes_per_worker;
                 item = item.fix(format!("or global.workers: {more} ({more} x {per_worker} >= {m} at this limit; {pipes} splice pipes per worker then)"));
             }
             item
@@ -442,19 +381,14 @@ fn open_files(config: &Config, plan: &Plan, facts: &HostFacts) -> Vec<Item> {
     let nr_open = match facts.nr_open {
         None => warn("fs.nr_open", "cannot read fs.nr_open").fix("check `sysctl fs.nr_open`"),
         Some(n) if n < needed => {
-            let detail =
-                format!("{n}: RLIMIT_NOFILE cannot be raised above it, and {needed} is needed");
+            let detail = format!("{n}: RLIMIT_NOFILE cannot be raised above it, and {needed} is needed");
             fail("fs.nr_open", detail).sysctl("fs.nr_open", needed)
         }
         Some(n) => ok(
             "fs.nr_open",
             format!(
                 "{n} (the ceiling for RLIMIT_NOFILE{})",
-                if needed > 0 {
-                    format!("; {needed} needed")
-                } else {
-                    String::new()
-                }
+                if needed > 0 { format!("; {needed} needed") } else { String::new() }
             ),
         ),
     };
@@ -465,9 +399,7 @@ fn open_files(config: &Config, plan: &Plan, facts: &HostFacts) -> Vec<Item> {
     } else {
         ok(
             "splice pipes",
-            format!(
-                "{pipes} per worker (tune.max_pipes {max}), ordinary descriptors that fit in RLIMIT_NOFILE"
-            ),
+            format!("{pipes} per worker (tune.max_pipes {max}), ordinary descriptors that fit in RLIMIT_NOFILE"),
         )
     };
     vec![files, nr_open, pipes]
@@ -494,12 +426,7 @@ fn file_max(plan: &Plan, target: u32, facts: &HostFacts) -> Item {
 /// net.core.somaxconn (caps every accept queue) and tcp_max_syn_backlog (the SYN queue) vs the
 /// frontends' backlogs.
 fn backlogs(config: &Config, facts: &HostFacts) -> Vec<Item> {
-    let want = config
-        .frontends
-        .iter()
-        .map(|f| f.backlog)
-        .max()
-        .unwrap_or(0);
+    let want = config.frontends.iter().map(|f| f.backlog).max().unwrap_or(0);
     let checks = [
         (
             "net.core.somaxconn",
@@ -523,15 +450,10 @@ fn backlogs(config: &Config, facts: &HostFacts) -> Vec<Item> {
                 let fe = config.frontends.iter().filter(|f| u64::from(f.backlog) > n);
                 let fe: Vec<String> = fe.map(|f| format!("{} {}", f.name, f.backlog)).collect();
                 let fe = fe.join(", ");
-                let detail = format!("{n}: {what}")
-                    .replace("{fe}", &fe)
-                    .replace("{n}", &n.to_string());
+                let detail = format!("{n}: {what}").replace("{fe}", &fe).replace("{n}", &n.to_string());
                 warn(name, detail).sysctl(sysctl, want)
             }
-            Some(n) => ok(
-                name,
-                format!("{n} >= every frontend backlog (largest {want})"),
-            ),
+            Some(n) => ok(name, format!("{n} >= every frontend backlog (largest {want})")),
         });
     }
     items
@@ -539,18 +461,10 @@ fn backlogs(config: &Config, facts: &HostFacts) -> Vec<Item> {
 
 /// Listening ports, and ports of servers on this host, at or above `from`.
 fn own_ports(config: &Config, facts: &HostFacts, from: u16) -> Vec<u16> {
-    let binds = config
-        .frontends
-        .iter()
-        .flat_map(|f| &f.binds)
-        .map(SocketAddr::port);
+    let binds = config.frontends.iter().flat_map(|f| &f.binds).map(SocketAddr::port);
     let servers = config.backends.iter().flat_map(|b| &b.servers);
-    let local = (servers.filter(|s| !facts.unbindable.contains_key(&s.address.ip())))
-        .map(|s| s.address.port());
-    let mut v: Vec<u16> = binds
-        .chain(local)
-        .filter(|&p| p != 0 && p >= from)
-        .collect();
+    let local = (servers.filter(|s| !facts.unbindable.contains_key(&s.address.ip()))).map(|s| s.address.port());
+    let mut v: Vec<u16> = binds.chain(local).filter(|&p| p != 0 && p >= from).collect();
     v.sort_unstable();
     v.dedup();
     v
@@ -569,19 +483,14 @@ fn reserved(config: &Config, facts: &HostFacts, (lo, hi): (u16, u16)) -> Item {
     if inside.is_empty() {
         return ok(
             "reserved ports",
-            format!(
-                "no listening or local server port is an unreserved ephemeral port ({lo}-{hi})"
-            ),
+            format!("no listening or local server port is an unreserved ephemeral port ({lo}-{hi})"),
         );
     }
     let detail = format!(
         "{} inside ip_local_port_range {lo}-{hi} and not reserved: an outgoing connection can take the port first, and the listener or server then cannot bind it",
         port_list(inside.clone())
     );
-    warn("reserved ports", detail).sysctl(
-        "net.ipv4.ip_local_reserved_ports",
-        reserve_value(facts, &inside),
-    )
+    warn("reserved ports", detail).sysctl("net.ipv4.ip_local_reserved_ports", reserve_value(facts, &inside))
 }
 
 /// Whether the connections each server may receive fit in the ports of its (source IP, server
@@ -589,26 +498,17 @@ fn reserved(config: &Config, facts: &HostFacts, (lo, hi): (u16, u16)) -> Item {
 fn port_capacity(config: &Config, facts: &HostFacts, target: u32, ports: u32) -> Vec<Item> {
     type Pair = (Option<IpAddr>, SocketAddr);
     let sources = |s: &crate::config::Server| -> Vec<Option<IpAddr>> {
-        if s.sources.is_empty() {
-            vec![None]
-        } else {
-            s.sources.iter().copied().map(Some).collect()
-        }
+        if s.sources.is_empty() { vec![None] } else { s.sources.iter().copied().map(Some).collect() }
     };
     // Connections each server may receive (and why), then the load on each pair.
     let mut demand: Vec<Vec<(u64, String)>> = Vec::new();
     let mut pairs: HashMap<Pair, (u64, BTreeSet<String>)> = HashMap::new();
     for b in &config.backends {
         let total: u64 = b.servers.iter().map(|s| u64::from(s.weight)).sum();
-        let fe = config
-            .frontends
-            .iter()
-            .filter(|f| config.backends[f.backend].name == b.name);
+        let fe = config.frontends.iter().filter(|f| config.backends[f.backend].name == b.name);
         let fe: Option<u64> = fe.map(|f| f.maxconn.map(u64::from)).sum();
         let (limit, of) = match (b.maxconn, fe) {
-            (Some(m), _) if m <= target && fe.is_none_or(|f| u64::from(m) <= f) => {
-                (m, "backend maxconn")
-            }
+            (Some(m), _) if m <= target && fe.is_none_or(|f| u64::from(m) <= f) => (m, "backend maxconn"),
             (_, Some(f)) if f <= u64::from(target) => (f as u32, "frontend maxconn"),
             _ => (target, "maxconn"),
         };
@@ -632,10 +532,7 @@ fn port_capacity(config: &Config, facts: &HostFacts, target: u32, ports: u32) ->
         demand.push(row);
     }
     let reserve_wide = own_ports(config, facts, WIDE_RANGE.0);
-    let wide = ephemeral(
-        WIDE_RANGE,
-        &reserve_wide.iter().map(|&p| (p, p)).collect::<Vec<_>>(),
-    );
+    let wide = ephemeral(WIDE_RANGE, &reserve_wide.iter().map(|&p| (p, p)).collect::<Vec<_>>());
     let (cap, (wlo, whi)) = (u64::from(ports), WIDE_RANGE);
     let mut first_fix: Option<String> = None;
     // Per server address: servers seen so far and the first one's first source (example blocks).
@@ -665,15 +562,10 @@ fn port_capacity(config: &Config, facts: &HostFacts, target: u32, ports: u32) ->
             );
             if !shared.is_empty() {
                 let names: Vec<String> = shared.into_iter().collect();
-                let _ = write!(
-                    detail,
-                    "; shares sources and address with {}: up to {worst} per source",
-                    names.join(", ")
-                );
+                let _ =
+                    write!(detail, "; shares sources and address with {}: up to {worst} per source", names.join(", "));
             }
-            let group = groups
-                .entry(s.address)
-                .or_insert((0, s.sources.first().copied()));
+            let group = groups.entry(s.address).or_insert((0, s.sources.first().copied()));
             let (k, first) = (group.0, group.1);
             group.0 += 1;
             let name = format!("ports {me}");
@@ -689,11 +581,7 @@ fn port_capacity(config: &Config, facts: &HostFacts, target: u32, ports: u32) ->
             // Sources (and below, with the wide range) that keep each pair under 80%.
             let need = d.div_ceil((cap * 4 / 5).max(1));
             let bits = need.next_power_of_two().trailing_zeros();
-            let loopback = s
-                .address
-                .ip()
-                .is_loopback()
-                .then_some(IpAddr::from([127, 0, 2, 0]));
+            let loopback = s.address.ip().is_loopback().then_some(IpAddr::from([127, 0, 2, 0]));
             let example = match first.or(loopback) {
                 Some(ip) => {
                     let (v, width) = match ip {
@@ -720,14 +608,9 @@ fn port_capacity(config: &Config, facts: &HostFacts, target: u32, ports: u32) ->
                 item = item.fix(format!("{widen}, as shown for {first}"));
             } else {
                 first_fix = Some(format!("ports {me}"));
-                item = item
-                    .fix(format!("{widen}:"))
-                    .sysctl("net.ipv4.ip_local_port_range", format!("{wlo} {whi}"));
+                item = item.fix(format!("{widen}:")).sysctl("net.ipv4.ip_local_port_range", format!("{wlo} {whi}"));
                 if !reserve_wide.is_empty() {
-                    item = item.sysctl(
-                        "net.ipv4.ip_local_reserved_ports",
-                        reserve_value(facts, &reserve_wide),
-                    );
+                    item = item.sysctl("net.ipv4.ip_local_reserved_ports", reserve_value(facts, &reserve_wide));
                 }
             }
             items.push(item);
@@ -741,65 +624,42 @@ fn sources_item(config: &Config, facts: &HostFacts) -> Item {
     let mut all: Vec<(IpAddr, String)> = Vec::new();
     for b in &config.backends {
         for s in &b.servers {
-            all.extend(
-                s.sources
-                    .iter()
-                    .map(|ip| (*ip, format!("{}/{}", b.name, s.name))),
-            );
+            all.extend(s.sources.iter().map(|ip| (*ip, format!("{}/{}", b.name, s.name))));
         }
     }
     let total = all.len();
     if total == 0 {
-        return ok(
-            name,
-            "none configured (the kernel picks the source address)",
-        );
+        return ok(name, "none configured (the kernel picks the source address)");
     }
-    let mut bad: Vec<&(IpAddr, String)> = all
-        .iter()
-        .filter(|(ip, _)| facts.unbindable.contains_key(ip))
-        .collect();
+    let mut bad: Vec<&(IpAddr, String)> = all.iter().filter(|(ip, _)| facts.unbindable.contains_key(ip)).collect();
     bad.sort();
     bad.dedup_by_key(|(ip, _)| *ip);
     if bad.is_empty() && facts.nonlocal_bind {
-        return warn(name, format!("all {total} bind, but ip_nonlocal_bind = 1 lets any address bind, so that proves nothing"))
-            .fix("check that each source is listed by `ip -br addr`");
+        return warn(
+            name,
+            format!("all {total} bind, but ip_nonlocal_bind = 1 lets any address bind, so that proves nothing"),
+        )
+        .fix("check that each source is listed by `ip -br addr`");
     }
     if bad.is_empty() {
-        return ok(
-            name,
-            format!("all {total} are assigned to this host (binding test)"),
-        );
+        return ok(name, format!("all {total} are assigned to this host (binding test)"));
     }
     // The binding test's error, once per distinct error.
-    let mut why: Vec<&str> = bad
-        .iter()
-        .filter_map(|(ip, _)| facts.unbindable.get(ip))
-        .map(String::as_str)
-        .collect();
+    let mut why: Vec<&str> = bad.iter().filter_map(|(ip, _)| facts.unbindable.get(ip)).map(String::as_str).collect();
     why.sort_unstable();
     why.dedup();
     let more = if bad.len() > 5 { ", ..." } else { "" };
-    let list: Vec<String> = bad
-        .iter()
-        .take(5)
-        .map(|(ip, s)| format!("{ip} ({s})"))
-        .collect();
+    let list: Vec<String> = bad.iter().take(5).map(|(ip, s)| format!("{ip} ({s})")).collect();
     let (n, list, why) = (bad.len(), list.join(", "), why.join("; "));
     let detail = format!("{n} of {total} not assigned to this host: {list}{more} ({why})");
     let mut item = fail(name, detail);
     for (ip, _) in bad.iter().take(5) {
-        item = item.fix(format!(
-            "ip addr add {ip}/{} dev lo",
-            if ip.is_ipv4() { 32 } else { 128 }
-        ));
+        item = item.fix(format!("ip addr add {ip}/{} dev lo", if ip.is_ipv4() { 32 } else { 128 }));
     }
     if bad.len() > 5 {
         item = item.fix(format!("(and likewise for the {} others)", bad.len() - 5));
     }
-    item.fix(
-        "(or on the interface facing the servers; make it persistent in the network configuration)",
-    )
+    item.fix("(or on the interface facing the servers; make it persistent in the network configuration)")
 }
 
 /// Kernel socket memory for `target` idle connections, vs tcp_mem and vs RAM.
@@ -813,15 +673,9 @@ fn memory(plan: &Plan, target: u32, facts: &HostFacts) -> Vec<Item> {
     let (page, ram) = (facts.page_size.max(1), facts.mem_total);
     let per_conn = 2 * (r[0] + w[0] + SOCKET_OVERHEAD);
     // Connections that fit in half the RAM at this floor: the most a tcp_mem suggestion is sized for.
-    let fits = ram
-        .map_or(u64::MAX, |m| m / 2 / per_conn)
-        .min(u64::from(u32::MAX)) as u32;
+    let fits = ram.map_or(u64::MAX, |m| m / 2 / per_conn).min(u64::from(u32::MAX)) as u32;
     let pages_for = |conns: u32| (2 * u64::from(conns) * (r[0] + w[0])).div_ceil(page);
-    let (sockets, pages, busy) = (
-        2 * u64::from(target),
-        pages_for(target),
-        2 * u64::from(target) * (r[1] + w[1]),
-    );
+    let (sockets, pages, busy) = (2 * u64::from(target), pages_for(target), 2 * u64::from(target) * (r[1] + w[1]));
     let today = match plan.maxconn < target {
         true => format!(
             " ({} at the {} connections the open-files limit allows today)",
@@ -849,9 +703,7 @@ fn memory(plan: &Plan, target: u32, facts: &HostFacts) -> Vec<Item> {
     if status != Status::Ok {
         let sized = target.min(fits);
         if sized < target {
-            tcp = tcp.fix(format!(
-                "lower global.maxconn first (see memory); then, for maxconn {sized}:"
-            ));
+            tcp = tcp.fix(format!("lower global.maxconn first (see memory); then, for maxconn {sized}:"));
         }
         let low = pages_for(sized).max(mem[0]);
         let (press, high) = ((low * 3 / 2).max(mem[1]), (low * 2).max(mem[2]));
@@ -864,10 +716,7 @@ fn memory(plan: &Plan, target: u32, facts: &HostFacts) -> Vec<Item> {
         }
     }
     let Some(ram) = ram else {
-        return vec![
-            tcp,
-            warn("memory", "cannot read MemTotal from /proc/meminfo").fix("check `free -g`"),
-        ];
+        return vec![tcp, warn("memory", "cannot read MemTotal from /proc/meminfo").fix("check `free -g`")];
     };
     let total = per_conn * u64::from(target);
     let detail = format!(
@@ -908,11 +757,7 @@ fn port_list(mut ports: Vec<u16>) -> String {
         while j + 1 < ports.len() && ports[j + 1] == ports[j] + 1 {
             j += 1;
         }
-        out.push(if i == j {
-            ports[i].to_string()
-        } else {
-            format!("{}-{}", ports[i], ports[j])
-        });
+        out.push(if i == j { ports[i].to_string() } else { format!("{}-{}", ports[i], ports[j]) });
         i = j + 1;
     }
     out.join(",")
@@ -931,11 +776,7 @@ fn size(bytes: u64) -> String {
         unit += 1;
     }
     let u = ["B", "KiB", "MiB", "GiB", "TiB"][unit];
-    if unit == 0 || v >= 100.0 {
-        format!("{v:.0} {u}")
-    } else {
-        format!("{v:.1} {u}")
-    }
+    if unit == 0 || v >= 100.0 { format!("{v:.0} {u}") } else { format!("{v:.1} {u}") }
 }
 
 #[cfg(test)]
@@ -946,10 +787,7 @@ mod tests {
     fn roomy() -> HostFacts {
         HostFacts {
             kernel: Some("6.12.0-1-amd64".into()),
-            nofile: Some(NofileLimit {
-                soft: 8_000_000,
-                hard: 8_000_000,
-            }),
+            nofile: Some(NofileLimit { soft: 8_000_000, hard: 8_000_000 }),
             nr_open: Some(8_000_000),
             file_max: Some(1 << 40),
             files_in_use: Some(1000),
@@ -972,11 +810,7 @@ mod tests {
 
     /// A configuration: `global` keys (2 workers unless given), extra frontend keys, server lines.
     fn config(global: &str, frontend: &str, servers: &str) -> Config {
-        let workers = if global.contains("workers") {
-            ""
-        } else {
-            "workers: 2, "
-        };
+        let workers = if global.contains("workers") { "" } else { "workers: 2, " };
         let text = format!(
             "global: {{ {workers}{global} }}\nfrontends:\n  - {{ name: fe, bind: \"127.0.0.1:1880\", backend: be, {frontend} }}\n\
              backends:\n  - name: be\n    servers:\n{servers}"
@@ -987,16 +821,11 @@ mod tests {
     const ONE: &str = "      - { name: a, address: \"127.0.0.1:1883\", source: 127.0.2.1 }\n";
 
     fn item<'a>(items: &'a [Item], name: &str) -> &'a Item {
-        items
-            .iter()
-            .find(|i| i.name == name)
-            .unwrap_or_else(|| panic!("no item {name}: {items:#?}"))
+        items.iter().find(|i| i.name == name).unwrap_or_else(|| panic!("no item {name}: {items:#?}"))
     }
 
     fn fix(i: &Item) -> &str {
-        i.fix
-            .as_deref()
-            .unwrap_or_else(|| panic!("{} has no fix", i.name))
+        i.fix.as_deref().unwrap_or_else(|| panic!("{} has no fix", i.name))
     }
 
     #[test]
@@ -1008,60 +837,37 @@ mod tests {
         assert_eq!(exit_code(&items), 0);
         let text = render(&c, &f, &items);
         assert!(
-            text.starts_with(
-                "ringproxy check: t.yaml (1 frontend, 1 backend, 1 server) on Linux 6.12.0"
-            ),
+            text.starts_with("ringproxy check: t.yaml (1 frontend, 1 backend, 1 server) on Linux 6.12.0"),
             "{text}"
         );
         assert!(text.contains("\nOK    open files"), "{text}");
         assert!(!text.contains("sysctl.d"), "nothing to persist: {text}");
-        assert!(
-            text.ends_with(&format!("summary: {} OK, 0 WARN, 0 FAIL\n", items.len())),
-            "{text}"
-        );
+        assert!(text.ends_with(&format!("summary: {} OK, 0 WARN, 0 FAIL\n", items.len())), "{text}");
     }
 
     #[test]
     fn a_tiny_open_files_limit_fails_with_every_fix() {
         let mut f = roomy();
-        f.nofile = Some(NofileLimit {
-            soft: 1000,
-            hard: 1000,
-        });
+        f.nofile = Some(NofileLimit { soft: 1000, hard: 1000 });
         f.nr_open = Some(100_000);
         let items = evaluate(&config("maxconn: 100000", "", ONE), &f);
         let files = item(&items, "open files");
         assert_eq!(files.status, Status::Fail);
-        assert!(
-            files
-                .detail
-                .contains("hard limit is 1000 -> 2 worker(s) hold 936"),
-            "{}",
-            files.detail
-        );
+        assert!(files.detail.contains("hard limit is 1000 -> 2 worker(s) hold 936"), "{}", files.detail);
         let f = fix(files);
         assert!(f.contains("LimitNOFILE=200064"), "{f}");
         assert!(f.contains("\"* hard nofile 200064\""), "{f}");
-        assert!(
-            f.contains("global.workers: 214 (214 x 468 >= 100000"),
-            "{f}"
-        );
+        assert!(f.contains("global.workers: 214 (214 x 468 >= 100000"), "{f}");
         assert!(f.contains("fs.nr_open raised first"), "{f}");
         let nr_open = item(&items, "fs.nr_open");
-        assert_eq!(
-            (nr_open.status, fix(nr_open)),
-            (Status::Fail, "sysctl -w fs.nr_open=200064")
-        );
+        assert_eq!((nr_open.status, fix(nr_open)), (Status::Fail, "sysctl -w fs.nr_open=200064"));
         assert_eq!(exit_code(&items), 2);
     }
 
     #[test]
     fn the_hard_limit_counts_and_more_workers_than_cpus_is_ok() {
         let mut f = roomy();
-        f.nofile = Some(NofileLimit {
-            soft: 1024,
-            hard: 20_000,
-        });
+        f.nofile = Some(NofileLimit { soft: 1024, hard: 20_000 });
         f.cpus = vec![0, 1];
         let c = config(
             "maxconn: 300000, workers: 32, pin_cpus: false",
@@ -1071,18 +877,9 @@ mod tests {
         let items = evaluate(&c, &f);
         let files = item(&items, "open files");
         assert_eq!(files.status, Status::Ok, "{files:#?}");
-        assert!(
-            files
-                .detail
-                .contains("soft limit 1024 is raised to it at start"),
-            "{}",
-            files.detail
-        );
+        assert!(files.detail.contains("soft limit 1024 is raised to it at start"), "{}", files.detail);
         let w = item(&items, "workers");
-        assert!(
-            w.status == Status::Ok && w.detail.contains("more workers than CPUs is allowed"),
-            "{w:#?}"
-        );
+        assert!(w.status == Status::Ok && w.detail.contains("more workers than CPUs is allowed"), "{w:#?}");
     }
 
     #[test]
@@ -1094,10 +891,7 @@ mod tests {
         assert_eq!(s.status, Status::Warn);
         assert!(s.detail.contains("backlog fe 1000 at 128"), "{}", s.detail);
         assert_eq!(fix(s), "sysctl -w net.core.somaxconn=1000");
-        assert_eq!(
-            fix(item(&items, "tcp_max_syn_backlog")),
-            "sysctl -w net.ipv4.tcp_max_syn_backlog=1000"
-        );
+        assert_eq!(fix(item(&items, "tcp_max_syn_backlog")), "sysctl -w net.ipv4.tcp_max_syn_backlog=1000");
         assert_eq!(exit_code(&items), 1);
     }
 
@@ -1105,36 +899,23 @@ mod tests {
     fn own_ports_inside_the_ephemeral_range_warn() {
         let mut f = roomy();
         f.reserved_ports = vec![(50000, 50001)];
-        f.unbindable.insert(
-            "192.0.2.9".parse().unwrap(),
-            "Cannot assign requested address".into(),
-        );
-        let servers = "      - { name: a, address: \"127.0.0.1:40001\" }\n      - { name: b, address: \"192.0.2.9:40002\" }\n";
+        f.unbindable.insert("192.0.2.9".parse().unwrap(), "Cannot assign requested address".into());
+        let servers =
+            "      - { name: a, address: \"127.0.0.1:40001\" }\n      - { name: b, address: \"192.0.2.9:40002\" }\n";
         let c = crate::config::parse(&format!("global: {{ maxconn: 100 }}\nfrontends:\n  - {{ name: fe, bind: [\"0.0.0.0:40000\", \"127.0.0.1:0\"], backend: be }}\nbackends:\n  - name: be\n    servers:\n{servers}"), "t").unwrap();
         let r = evaluate(&c, &f);
         let r = item(&r, "reserved ports");
         assert_eq!(r.status, Status::Warn);
-        assert!(
-            r.detail
-                .starts_with("40000-40001 inside ip_local_port_range 32768-60999"),
-            "{}",
-            r.detail
-        );
+        assert!(r.detail.starts_with("40000-40001 inside ip_local_port_range 32768-60999"), "{}", r.detail);
         // The remote server's port does not matter; what is reserved already stays reserved.
-        assert_eq!(
-            fix(r),
-            "sysctl -w net.ipv4.ip_local_reserved_ports=40000-40001,50000-50001"
-        );
+        assert_eq!(fix(r), "sysctl -w net.ipv4.ip_local_reserved_ports=40000-40001,50000-50001");
     }
 
     #[test]
     fn port_capacity_counts_sources_and_shared_pairs() {
         let six: String = (1..=6)
             .map(|i| {
-                format!(
-                    "      - {{ name: s{i}, address: \"127.0.0.1:{}\", source: 127.0.2.{i} }}\n",
-                    1883 + i / 4
-                )
+                format!("      - {{ name: s{i}, address: \"127.0.0.1:{}\", source: 127.0.2.{i} }}\n", 1883 + i / 4)
             })
             .collect();
         let items = evaluate(&config("maxconn: 300000", "", &six), &roomy());
@@ -1145,18 +926,14 @@ mod tests {
             "127.0.0.1:1883: 1 source(s) (127.0.2.1) x 28232 ports = 28232 connections; may receive up to 50000 (maxconn 300000 x weight 1/6)"
         );
         assert!(
-            fix(s1)
-                .contains("add sources: 3 needed, e.g. source: 127.0.2.0/30 (4 x 28232 = 112928)"),
+            fix(s1).contains("add sources: 3 needed, e.g. source: 127.0.2.0/30 (4 x 28232 = 112928)"),
             "{}",
             fix(s1)
         );
         assert!(fix(s1).contains("sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\"\nsysctl -w net.ipv4.ip_local_reserved_ports=1880,1883-1884"), "{}", fix(s1));
         // The second server at the same address gets the next block; it points at the first for the sysctls.
         let s2 = fix(item(&items, "ports be/s2"));
-        assert!(
-            s2.contains("source: 127.0.2.4/30") && s2.contains("as shown for ports be/s1"),
-            "{s2}"
-        );
+        assert!(s2.contains("source: 127.0.2.4/30") && s2.contains("as shown for ports be/s1"), "{s2}");
 
         let enough = "      - { name: a, address: \"127.0.0.1:1883\", source: 127.0.2.0/30, maxconn: 90000 }\n      - { name: b, address: \"127.0.0.1:1883\", source: 127.0.3.0/30 }\n";
         let items = evaluate(&config("maxconn: 300000", "", enough), &roomy());
@@ -1169,38 +946,21 @@ mod tests {
         let items = evaluate(&config("maxconn: 40000", "", shared), &roomy());
         let a = item(&items, "ports be/a");
         assert_eq!(a.status, Status::Fail, "{a:#?}");
-        assert!(
-            a.detail
-                .ends_with("shares sources and address with be/b: up to 40000 per source"),
-            "{}",
-            a.detail
-        );
+        assert!(a.detail.ends_with("shares sources and address with be/b: up to 40000 per source"), "{}", a.detail);
     }
 
     #[test]
     fn frontend_limits_bound_what_is_sized() {
         let items = evaluate(&config("maxconn: 300000", "maxconn: 1000", ONE), &roomy());
         let a = item(&items, "ports be/a");
-        assert!(
-            a.detail
-                .ends_with("may receive up to 1000 (frontend maxconn 1000 x weight 1/1)"),
-            "{}",
-            a.detail
-        );
-        assert!(
-            item(&items, "memory")
-                .detail
-                .starts_with("1000 connections x ")
-        );
+        assert!(a.detail.ends_with("may receive up to 1000 (frontend maxconn 1000 x weight 1/1)"), "{}", a.detail);
+        assert!(item(&items, "memory").detail.starts_with("1000 connections x "));
     }
 
     #[test]
     fn unassigned_sources_fail_with_ip_addr_add() {
         let mut f = roomy();
-        f.unbindable.insert(
-            "192.0.2.77".parse().unwrap(),
-            "Cannot assign requested address (os error 99)".into(),
-        );
+        f.unbindable.insert("192.0.2.77".parse().unwrap(), "Cannot assign requested address (os error 99)".into());
         let c = config(
             "maxconn: 100",
             "",
@@ -1210,22 +970,14 @@ mod tests {
         let s = item(&items, "source addresses");
         assert_eq!(s.status, Status::Fail);
         assert!(
-            s.detail
-                .starts_with("1 of 2 not assigned to this host: 192.0.2.77 (be/a) (Cannot assign"),
+            s.detail.starts_with("1 of 2 not assigned to this host: 192.0.2.77 (be/a) (Cannot assign"),
             "{}",
             s.detail
         );
-        assert!(
-            fix(s).starts_with("ip addr add 192.0.2.77/32 dev lo\n"),
-            "{}",
-            fix(s)
-        );
+        assert!(fix(s).starts_with("ip addr add 192.0.2.77/32 dev lo\n"), "{}", fix(s));
         f.unbindable.clear();
         f.nonlocal_bind = true;
-        assert_eq!(
-            item(&evaluate(&c, &f), "source addresses").status,
-            Status::Warn
-        );
+        assert_eq!(item(&evaluate(&c, &f), "source addresses").status, Status::Warn);
     }
 
     #[test]
@@ -1235,16 +987,11 @@ mod tests {
         f.io_uring_disabled = Some(2);
         f.kernel = Some("5.15.0-91-generic".into());
         let items = evaluate(&config("maxconn: 100", "", ONE), &f);
-        assert_eq!(
-            fix(item(&items, "io_uring")),
-            "sysctl -w kernel.io_uring_disabled=0"
-        );
+        assert_eq!(fix(item(&items, "io_uring")), "sysctl -w kernel.io_uring_disabled=0");
         assert_eq!(item(&items, "kernel").status, Status::Fail);
         f.io_uring = Ok(vec!["BIND"]);
         assert!(
-            item(&evaluate(&config("maxconn: 100", "", ONE), &f), "io_uring")
-                .detail
-                .contains("lacks IORING_OP_BIND")
+            item(&evaluate(&config("maxconn: 100", "", ONE), &f), "io_uring").detail.contains("lacks IORING_OP_BIND")
         );
     }
 
@@ -1255,31 +1002,16 @@ mod tests {
         f.tcp_rmem = Some([4096, 131072, 6 << 20]);
         let items = evaluate(&config("maxconn: 100000", "", ONE), &f);
         let m = item(&items, "memory");
-        assert_eq!(
-            m.status,
-            Status::Fail,
-            "22 KiB x 100000 = 2.1 GiB > 1 GiB: {m:#?}"
-        );
+        assert_eq!(m.status, Status::Fail, "22 KiB x 100000 = 2.1 GiB > 1 GiB: {m:#?}");
         // 1 GiB / 2 / (2 x (4096 + 4096 + 3072)) connections.
         assert!(fix(m).starts_with("global.maxconn: 23831 "), "{}", fix(m));
         let t = item(&items, "tcp memory");
         assert_eq!(t.status, Status::Fail);
-        assert!(
-            t.detail
-                .contains("= 200000 sockets x (tcp_rmem min 4096 + tcp_wmem min 4096)"),
-            "{}",
-            t.detail
-        );
+        assert!(t.detail.contains("= 200000 sockets x (tcp_rmem min 4096 + tcp_wmem min 4096)"), "{}", t.detail);
         // Sized for the 23831 connections that fit: 2 x 23831 x 8 KiB = 95324 pages.
         let fix = fix(t);
-        assert!(
-            fix.contains("for maxconn 23831:\nsysctl -w net.ipv4.tcp_mem=\"95324 142986 190648\""),
-            "{fix}"
-        );
-        assert!(
-            fix.contains("net.ipv4.tcp_rmem=\"4096 4096 6291456\""),
-            "{fix}"
-        );
+        assert!(fix.contains("for maxconn 23831:\nsysctl -w net.ipv4.tcp_mem=\"95324 142986 190648\""), "{fix}");
+        assert!(fix.contains("net.ipv4.tcp_rmem=\"4096 4096 6291456\""), "{fix}");
         let small = evaluate(&config("maxconn: 100", "", ONE), &f);
         assert_eq!(item(&small, "tcp memory").status, Status::Ok);
     }
@@ -1293,20 +1025,14 @@ mod tests {
         assert_eq!(i.status, Status::Fail, "{i:#?}");
         assert!(fix(i).starts_with("sysctl -w fs.file-max="), "{}", fix(i));
         let text = render(&config("maxconn: 100000", "", ONE), &f, &items);
-        assert!(
-            text.contains("/etc/sysctl.d/90-ringproxy.conf:\n  fs.file-max = "),
-            "{text}"
-        );
+        assert!(text.contains("/etc/sysctl.d/90-ringproxy.conf:\n  fs.file-max = "), "{text}");
     }
 
     #[test]
     fn config_warnings_are_items() {
         let text = "frontends:\n  - { name: fe, bind: \"127.0.0.1:0\", backend: a }\nbackends:\n  - { name: a, servers: [{ name: s, address: \"127.0.0.1:9\" }] }\n  - { name: b, servers: [{ name: s, address: \"127.0.0.1:9\" }] }\n";
         let items = evaluate(&crate::config::parse(text, "t.yaml").unwrap(), &roomy());
-        let w = items
-            .iter()
-            .find(|i| i.status == Status::Warn)
-            .expect("a warning item");
+        let w = items.iter().find(|i| i.status == Status::Warn).expect("a warning item");
         assert!(w.detail.contains("backend \"b\" is not used"), "{w:#?}");
         assert!(fix(w).starts_with("edit t.yaml:5:"), "{}", fix(w));
     }

@@ -123,6 +123,7 @@ impl Flow {
 
 /// Why a connection ends; decides graceful close versus RST and which counter moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
 pub enum CloseReason {
     /// Both directions finished.
     Done,
@@ -138,6 +139,20 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
+    /// The termination cause as written in connection logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Done => "done",
+            CloseReason::ClientReset => "client_reset",
+            CloseReason::ServerReset => "server_reset",
+            CloseReason::ClientTimeout => "client_timeout",
+            CloseReason::ServerTimeout => "server_timeout",
+            CloseReason::QueueTimeout => "queue_timeout",
+            CloseReason::ConnectFailed => "connect_failed",
+            CloseReason::Shutdown => "shutdown",
+        }
+    }
+
     /// Whether both sides are closed with RST (the other side of a reset learns of it as a reset).
     fn abortive(self) -> bool {
         matches!(self, CloseReason::ClientReset | CloseReason::ServerReset)
@@ -173,6 +188,15 @@ pub struct Conn {
     pub client: Option<SocketAddr>,
     pub c2s: Flow,
     pub s2c: Flow,
+    /// When the client was accepted (µs on the worker clock).
+    pub t_accept_us: u64,
+    /// From accept to the start of the last connect attempt, and that attempt's duration (µs).
+    pub connect_after_us: u32,
+    pub connect_took_us: u32,
+    /// Bytes forwarded client→server and server→client.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub close_reason: Option<CloseReason>,
     /// Milliseconds on the worker clock.
     pub last_client: u64,
     pub last_server: u64,
@@ -204,6 +228,12 @@ impl Default for Conn {
             client: None,
             c2s: Flow::default(),
             s2c: Flow::default(),
+            t_accept_us: 0,
+            connect_after_us: 0,
+            connect_took_us: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            close_reason: None,
             last_client: 0,
             last_server: 0,
             queued_at: 0,
@@ -235,11 +265,7 @@ pub struct Slab {
 
 impl Slab {
     pub fn with_capacity(n: usize) -> Slab {
-        Slab {
-            entries: Vec::with_capacity(n),
-            free: Vec::new(),
-            live: 0,
-        }
+        Slab { entries: Vec::with_capacity(n), free: Vec::new(), live: 0 }
     }
 
     pub fn insert(&mut self) -> u32 {
@@ -256,9 +282,7 @@ impl Slab {
     /// The entry at `index` if it is live and of `generation` (24-bit compare).
     pub fn get(&mut self, index: u32, generation: u32) -> Option<&mut Conn> {
         let c = self.entries.get_mut(index as usize)?;
-        (c.state != State::Free
-            && c.generation & crate::worker::token::GENERATION_MASK == generation)
-            .then_some(c)
+        (c.state != State::Free && c.generation & crate::worker::token::GENERATION_MASK == generation).then_some(c)
     }
 
     pub fn at(&mut self, index: u32) -> &mut Conn {
@@ -268,19 +292,14 @@ impl Slab {
     pub fn remove(&mut self, index: u32) {
         let c = &mut self.entries[index as usize];
         let generation = c.generation.wrapping_add(1);
-        *c = Conn {
-            generation,
-            ..Conn::default()
-        };
+        *c = Conn { generation, ..Conn::default() };
         self.free.push(index);
         self.live -= 1;
     }
 
     /// Indices of live entries (slow path: drain and shutdown).
     pub fn live_indices(&self) -> Vec<u32> {
-        (0..self.entries.len() as u32)
-            .filter(|&i| self.entries[i as usize].state != State::Free)
-            .collect()
+        (0..self.entries.len() as u32).filter(|&i| self.entries[i as usize].state != State::Free).collect()
     }
 }
 
@@ -308,6 +327,7 @@ impl Worker {
             c.client_slot = slot;
             c.last_client = now;
             c.last_server = now;
+            c.t_accept_us = self.now_us;
         }
         self.stats.accepted += 1;
         self.stats.active += 1;
@@ -371,28 +391,18 @@ impl Worker {
         match t.op {
             Op::ClientPoll | Op::ServerPoll => self.on_poll(idx, t.op, result, more),
             Op::ClientPollOut | Op::ServerPollOut => {
-                let dir = if t.op == Op::ServerPollOut {
-                    Dir::ClientToServer
-                } else {
-                    Dir::ServerToClient
-                };
+                let dir = if t.op == Op::ServerPollOut { Dir::ClientToServer } else { Dir::ServerToClient };
                 if result < 0 && result != -libc::ECANCELED {
-                    let reason = if dir == Dir::ClientToServer {
-                        CloseReason::ServerReset
-                    } else {
-                        CloseReason::ClientReset
-                    };
+                    let reason =
+                        if dir == Dir::ClientToServer { CloseReason::ServerReset } else { CloseReason::ClientReset };
                     self.close(idx, reason);
                 } else {
                     self.pump(idx, dir);
                 }
             }
-            Op::Socket
-            | Op::NoDelay
-            | Op::BindNoPort
-            | Op::Bind
-            | Op::Connect
-            | Op::ConnectTimeout => self.on_connect_step(idx, t.op, result),
+            Op::Socket | Op::NoDelay | Op::BindNoPort | Op::Bind | Op::Connect | Op::ConnectTimeout => {
+                self.on_connect_step(idx, t.op, result)
+            }
             Op::SpliceInC2S => self.on_splice_in(idx, Dir::ClientToServer, result),
             Op::SpliceInS2C => self.on_splice_in(idx, Dir::ServerToClient, result),
             Op::SpliceOutC2S => self.on_splice_out(idx, Dir::ClientToServer, result),
@@ -409,11 +419,7 @@ impl Worker {
         let client_side = op == Op::ClientPoll;
         if result < 0 {
             if result != -libc::ECANCELED {
-                let reason = if client_side {
-                    CloseReason::ClientReset
-                } else {
-                    CloseReason::ServerReset
-                };
+                let reason = if client_side { CloseReason::ClientReset } else { CloseReason::ServerReset };
                 self.close(idx, reason);
             } else if !more {
                 self.rearm_poll(idx, op);
@@ -421,11 +427,7 @@ impl Worker {
             return;
         }
         let mask = result as u32;
-        let dir = if client_side {
-            Dir::ClientToServer
-        } else {
-            Dir::ServerToClient
-        };
+        let dir = if client_side { Dir::ClientToServer } else { Dir::ServerToClient };
         let c = self.conns.at(idx);
         let f = c.flow(dir);
         f.readable = true;
@@ -436,11 +438,7 @@ impl Worker {
         }
         if mask & libc::POLLERR as u32 != 0 && reading_done {
             // Nothing more will be read from this side, so no splice would notice the error.
-            let reason = if client_side {
-                CloseReason::ClientReset
-            } else {
-                CloseReason::ServerReset
-            };
+            let reason = if client_side { CloseReason::ClientReset } else { CloseReason::ServerReset };
             self.close(idx, reason);
             return;
         }
@@ -449,11 +447,7 @@ impl Worker {
 
     fn rearm_poll(&mut self, idx: u32, op: Op) {
         let c = self.conns.at(idx);
-        let slot = if op == Op::ClientPoll {
-            c.client_slot
-        } else {
-            c.server_slot
-        };
+        let slot = if op == Op::ClientPoll { c.client_slot } else { c.server_slot };
         if c.state == State::Closing || slot == NO_SLOT || c.has(op) {
             return;
         }
@@ -464,11 +458,7 @@ impl Worker {
     /// Moves bytes in direction `dir` as far as readiness, pipes and the destination allow.
     pub(crate) fn pump(&mut self, idx: u32, dir: Dir) {
         let c = self.conns.at(idx);
-        if c.state != State::Established
-            || c.has(dir.splice_in())
-            || c.has(dir.splice_out())
-            || c.has(dir.poll_out())
-        {
+        if c.state != State::Established || c.has(dir.splice_in()) || c.has(dir.splice_out()) || c.has(dir.poll_out()) {
             return;
         }
         let (src, dst) = match dir {
@@ -517,8 +507,7 @@ impl Worker {
         let t_in = self.token(idx, dir.splice_in());
         let t_out = self.token(idx, dir.splice_out());
         let size = self.pipes.effective_size;
-        self.ring
-            .splice_pair(src, self.pipes.fds(pipe), dst, size, t_in, t_out);
+        self.ring.splice_pair(src, self.pipes.fds(pipe), dst, size, t_in, t_out);
         self.stats.splices += 1;
     }
 
@@ -533,8 +522,14 @@ impl Worker {
                 }
                 c.flow(dir).in_pipe += n as u32;
                 match dir {
-                    Dir::ClientToServer => self.stats.bytes_client_to_server += n as u64,
-                    Dir::ServerToClient => self.stats.bytes_server_to_client += n as u64,
+                    Dir::ClientToServer => {
+                        c.bytes_in += n as u64;
+                        self.stats.bytes_client_to_server += n as u64;
+                    }
+                    Dir::ServerToClient => {
+                        c.bytes_out += n as u64;
+                        self.stats.bytes_server_to_client += n as u64;
+                    }
                 }
             }
             0 => c.flow(dir).eof = true,
@@ -546,11 +541,8 @@ impl Worker {
             }
             e if e == -libc::ECANCELED => {}
             _ => {
-                let reason = if dir == Dir::ClientToServer {
-                    CloseReason::ClientReset
-                } else {
-                    CloseReason::ServerReset
-                };
+                let reason =
+                    if dir == Dir::ClientToServer { CloseReason::ClientReset } else { CloseReason::ServerReset };
                 self.close(idx, reason);
                 return;
             }
@@ -572,11 +564,8 @@ impl Worker {
             }
             e if e == -libc::EAGAIN || e == -libc::ECANCELED || e == 0 => {}
             _ => {
-                let reason = if dir == Dir::ClientToServer {
-                    CloseReason::ServerReset
-                } else {
-                    CloseReason::ClientReset
-                };
+                let reason =
+                    if dir == Dir::ClientToServer { CloseReason::ServerReset } else { CloseReason::ClientReset };
                 self.close(idx, reason);
                 return;
             }
@@ -625,7 +614,9 @@ impl Worker {
             return;
         }
         let was_queued = c.state == State::Queued;
+        let was_established = c.state == State::Established;
         c.state = State::Closing;
+        c.close_reason = Some(reason);
         let (client_slot, server_slot) = (c.client_slot, c.server_slot);
         match reason {
             CloseReason::ClientReset => self.stats.resets_from_client += 1,
@@ -644,7 +635,7 @@ impl Worker {
         if reason.abortive() {
             let t = self.token(idx, Op::LingerClient);
             self.ring.linger_rst(client_slot, t);
-            if server_slot != NO_SLOT && self.conns.at(idx).connect_result == 0 {
+            if server_slot != NO_SLOT && was_established {
                 let t = self.token(idx, Op::LingerServer);
                 self.ring.linger_rst(server_slot, t);
             }
@@ -657,10 +648,7 @@ impl Worker {
                 // SAFETY of the protocol, not memory: the target op completes (cancelled or not)
                 // before the entry is freed, because its bit is cleared only by its completion.
                 let target = Token::conn(op_from_bit(bit), idx, generation);
-                if !matches!(
-                    target.op,
-                    Op::LingerClient | Op::LingerServer | Op::PeerName
-                ) {
+                if !matches!(target.op, Op::LingerClient | Op::LingerServer | Op::PeerName) {
                     self.ring.cancel(target, Token::worker(Op::Cancel, idx));
                 }
             }
@@ -685,11 +673,12 @@ impl Worker {
                 }
             }
         }
-        self.ring
-            .close_fixed(client_slot, Token::worker(Op::CloseFixed, client_slot));
+        self.ring.close_fixed(client_slot, Token::worker(Op::CloseFixed, client_slot));
         if server_slot != NO_SLOT {
-            self.ring
-                .close_fixed(server_slot, Token::worker(Op::CloseFixed, server_slot));
+            self.ring.close_fixed(server_slot, Token::worker(Op::CloseFixed, server_slot));
+        }
+        if self.log.is_some() {
+            self.log_connection(idx);
         }
         self.conns.remove(idx);
         self.stats.active -= 1;
@@ -702,9 +691,7 @@ impl Worker {
             let Some((idx, generation, dir)) = self.pipe_waiters.pop_front() else {
                 break;
             };
-            if let Some(c) = self
-                .conns
-                .get(idx, generation & crate::worker::token::GENERATION_MASK)
+            if let Some(c) = self.conns.get(idx, generation & crate::worker::token::GENERATION_MASK)
                 && c.flow(dir).waiting_pipe
             {
                 c.flow(dir).waiting_pipe = false;
@@ -722,11 +709,7 @@ impl Worker {
         if c.timer_deadline == 0 || deadline < c.timer_deadline {
             c.timer_deadline = deadline;
             let generation = c.generation & crate::worker::token::GENERATION_MASK;
-            self.timers.schedule(TimerEntry {
-                index: idx,
-                generation,
-                deadline,
-            });
+            self.timers.schedule(TimerEntry { index: idx, generation, deadline });
         }
     }
 
@@ -739,9 +722,7 @@ impl Worker {
         match c.state {
             State::PeerName | State::Connecting => Some(client),
             State::Queued => Some(c.queued_at + be.queue_timeout.as_millis() as u64),
-            State::Established => {
-                Some(client.min(c.last_server + be.server_timeout.as_millis() as u64))
-            }
+            State::Established => Some(client.min(c.last_server + be.server_timeout.as_millis() as u64)),
             State::Closing | State::Free => None,
         }
     }
@@ -766,9 +747,7 @@ impl Worker {
         let fe = &self.cfg.frontends[c.frontend as usize];
         let reason = match c.state {
             State::Queued => CloseReason::QueueTimeout,
-            State::Established
-                if c.last_client + (fe.client_timeout.as_millis() as u64) <= self.now =>
-            {
+            State::Established if c.last_client + (fe.client_timeout.as_millis() as u64) <= self.now => {
                 CloseReason::ClientTimeout
             }
             State::Established => CloseReason::ServerTimeout,
@@ -813,11 +792,7 @@ mod tests {
     #[test]
     fn idle_connection_entry_is_small() {
         // The slab entry is the bulk of an idle connection's user-space memory (architecture.md).
-        assert!(
-            std::mem::size_of::<Conn>() <= 160,
-            "Conn is {} bytes",
-            std::mem::size_of::<Conn>()
-        );
+        assert!(std::mem::size_of::<Conn>() <= 192, "Conn is {} bytes", std::mem::size_of::<Conn>());
     }
 
     #[test]

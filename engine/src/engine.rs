@@ -16,10 +16,49 @@ use crate::config::Config;
 use crate::control::{Control, EventFd, Peer};
 use crate::host;
 use crate::listener::{self, Bound};
+use crate::log;
 use crate::plan::{self, Plan};
 use crate::sources;
-use crate::stats::EngineStats;
+use crate::stats::{EngineStats, prometheus, socket};
 use crate::worker::{self, WorkerSetup};
+
+/// Collects snapshots from the workers; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct StatsSource {
+    config: Arc<Config>,
+    plan: Arc<Plan>,
+    peers: Arc<Vec<Peer>>,
+    started: std::time::Instant,
+}
+
+impl StatsSource {
+    /// A snapshot of every worker's counters (workers answer between two loop turns).
+    pub fn collect(&self) -> EngineStats {
+        let (tx, rx) = unbounded();
+        let asked = self.peers.iter().filter(|p| p.send(Control::Snapshot(tx.clone()))).count();
+        drop(tx);
+        let mut workers: Vec<_> = (0..asked).filter_map(|_| rx.recv_timeout(Duration::from_secs(5)).ok()).collect();
+        workers.sort_by_key(|w| w.worker);
+        let mut stats = EngineStats {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_s: self.started.elapsed().as_secs(),
+            workers,
+            configured_maxconn: self.plan.configured_maxconn,
+            effective_maxconn: self.plan.maxconn,
+            nofile: self.plan.nofile,
+            ..EngineStats::default()
+        };
+        let backends: Vec<(String, String, u64)> = self
+            .config
+            .backends
+            .iter()
+            .map(|b| (b.name.clone(), b.balance.as_str().to_string(), u64::from(b.maxconn.unwrap_or(0))))
+            .collect();
+        stats.aggregate(&backends);
+        stats
+    }
+}
 
 pub struct Engine {
     config: Arc<Config>,
@@ -27,6 +66,10 @@ pub struct Engine {
     peers: Arc<Vec<Peer>>,
     threads: Vec<JoinHandle<()>>,
     bound: Vec<Bound>,
+    source: StatsSource,
+    stats_socket: Option<socket::Server>,
+    metrics: Option<prometheus::Endpoint>,
+    log_thread: Option<JoinHandle<()>>,
 }
 
 impl Engine {
@@ -43,6 +86,13 @@ impl Engine {
                 )
             })?;
         let (listeners, bound) = listener::bind_all(&config, plan.workers)?;
+        let (log_sink, log_thread) = match &config.global.connection_log {
+            Some(target) => {
+                let (sink, thread) = log::spawn(target).map_err(|e| e.to_string())?;
+                (Some(sink), Some(thread))
+            }
+            None => (None, None),
+        };
 
         let config = Arc::new(config);
         let plan = Arc::new(plan);
@@ -55,6 +105,29 @@ impl Engine {
             receivers.push(rx);
         }
         let peers = Arc::new(peers);
+        let source = StatsSource {
+            config: config.clone(),
+            plan: plan.clone(),
+            peers: peers.clone(),
+            started: std::time::Instant::now(),
+        };
+        let stats_socket = match &config.global.stats.socket {
+            Some(path) => {
+                let src = source.clone();
+                Some(socket::serve(path, config.global.stats.mode, move || src.collect())?)
+            }
+            None => None,
+        };
+        let metrics = match config.global.stats.prometheus {
+            Some(addr) => {
+                let src = source.clone();
+                Some(
+                    prometheus::serve(addr, move || src.collect())
+                        .map_err(|e| format!("Prometheus endpoint {addr}: {e}"))?,
+                )
+            }
+            None => None,
+        };
         let (ready_tx, ready_rx) = bounded(plan.workers);
         let mut threads = Vec::new();
         for (id, (rx, listeners)) in receivers.into_iter().zip(listeners).enumerate() {
@@ -66,6 +139,7 @@ impl Engine {
                 rx,
                 wake: peers[id].wake.clone(),
                 peers: peers.clone(),
+                log: log_sink.clone(),
             };
             let ready = ready_tx.clone();
             let t = std::thread::Builder::new()
@@ -74,13 +148,8 @@ impl Engine {
                 .map_err(|e| format!("cannot start worker thread {id}: {e}"))?;
             threads.push(t);
         }
-        let mut engine = Engine {
-            config,
-            plan,
-            peers,
-            threads,
-            bound,
-        };
+        drop(log_sink);
+        let mut engine = Engine { config, plan, peers, threads, bound, source, stats_socket, metrics, log_thread };
         for _ in 0..engine.plan.workers {
             let started = ready_rx
                 .recv_timeout(Duration::from_secs(30))
@@ -110,32 +179,22 @@ impl Engine {
 
     /// The listening addresses of one frontend.
     pub fn addrs(&self, frontend: &str) -> Vec<std::net::SocketAddr> {
-        self.bound
-            .iter()
-            .filter(|b| b.frontend == frontend)
-            .map(|b| b.addr)
-            .collect()
+        self.bound.iter().filter(|b| b.frontend == frontend).map(|b| b.addr).collect()
     }
 
     /// A snapshot of every worker's counters (workers answer between two loop turns).
     pub fn stats(&self) -> EngineStats {
-        let (tx, rx) = unbounded();
-        let asked = self
-            .peers
-            .iter()
-            .filter(|p| p.send(Control::Snapshot(tx.clone())))
-            .count();
-        drop(tx);
-        let mut workers: Vec<_> = (0..asked)
-            .filter_map(|_| rx.recv_timeout(Duration::from_secs(5)).ok())
-            .collect();
-        workers.sort_by_key(|w| w.worker);
-        EngineStats {
-            workers,
-            configured_maxconn: self.plan.configured_maxconn,
-            effective_maxconn: self.plan.maxconn,
-            nofile: self.plan.nofile,
-        }
+        self.source.collect()
+    }
+
+    /// A handle for collecting stats from another thread.
+    pub fn stats_source(&self) -> StatsSource {
+        self.source.clone()
+    }
+
+    /// Where the Prometheus endpoint listens, if configured.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr())
     }
 
     /// Stops accepting everywhere; workers exit once their connections are done or the drain
@@ -151,11 +210,16 @@ impl Engine {
         self.threads.iter().all(|t| t.is_finished())
     }
 
-    /// Waits for every worker to exit.
+    /// Waits for every worker to exit, then for the connection log to be written out.
     pub fn join(&mut self) {
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+        if let Some(t) = self.log_thread.take() {
+            let _ = t.join();
+        }
+        self.stats_socket = None;
+        self.metrics = None;
     }
 
     /// Drain, then wait.
@@ -169,7 +233,7 @@ impl Drop for Engine {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
             self.drain();
-            self.join();
         }
+        self.join();
     }
 }

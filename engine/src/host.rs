@@ -15,28 +15,19 @@ pub struct NofileLimit {
 
 /// Current RLIMIT_NOFILE.
 pub fn nofile() -> std::io::Result<NofileLimit> {
-    let mut r = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     // SAFETY: `r` is a valid, writable rlimit for the duration of the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(NofileLimit {
-        soft: r.rlim_cur,
-        hard: r.rlim_max,
-    })
+    Ok(NofileLimit { soft: r.rlim_cur, hard: r.rlim_max })
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and returns the limits now in force.
 pub fn raise_nofile() -> std::io::Result<NofileLimit> {
     let cur = nofile()?;
     if cur.soft < cur.hard {
-        let r = libc::rlimit {
-            rlim_cur: cur.hard,
-            rlim_max: cur.hard,
-        };
+        let r = libc::rlimit { rlim_cur: cur.hard, rlim_max: cur.hard };
         // SAFETY: `r` is a valid rlimit; setrlimit only reads it.
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
             return Err(std::io::Error::last_os_error());
@@ -130,10 +121,7 @@ mod tests {
 
     #[test]
     fn port_lists() {
-        assert_eq!(
-            parse_port_list("1880,8000-8010\n"),
-            vec![(1880, 1880), (8000, 8010)]
-        );
+        assert_eq!(parse_port_list("1880,8000-8010\n"), vec![(1880, 1880), (8000, 8010)]);
         assert!(parse_port_list("\n").is_empty());
     }
 

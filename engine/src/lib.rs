@@ -13,6 +13,7 @@ pub mod engine;
 pub mod host;
 pub mod limits;
 pub mod listener;
+pub mod log;
 pub mod pipes;
 pub mod plan;
 pub mod sources;

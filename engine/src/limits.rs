@@ -43,12 +43,7 @@ pub fn initial_share(total: u32, workers: usize, w: usize) -> u32 {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ShareMsg {
     /// `from` needs share of `limit` and can hold `room` more; `hops` workers have been asked.
-    Borrow {
-        limit: LimitId,
-        from: u16,
-        room: u32,
-        hops: u16,
-    },
+    Borrow { limit: LimitId, from: u16, room: u32, hops: u16 },
     /// Share handed to the receiver (0: nobody had spare; the asker is on the waiter lists).
     Grant { limit: LimitId, amount: u32 },
 }
@@ -74,12 +69,7 @@ impl Shares {
     /// `caps[i]`: the most of limit `i` this worker may ever hold.
     pub fn new(table: &LimitTable, me: usize, workers: usize, caps: Vec<u32>) -> Shares {
         let n = table.totals.len();
-        let held = table
-            .totals
-            .iter()
-            .zip(&caps)
-            .map(|(&t, &c)| initial_share(t, workers, me).min(c))
-            .collect();
+        let held = table.totals.iter().zip(&caps).map(|(&t, &c)| initial_share(t, workers, me).min(c)).collect();
         Shares {
             me: me as u16,
             workers: workers as u16,
@@ -127,13 +117,7 @@ impl Shares {
             let to = self.waiters[i].remove(0);
             self.held[i] -= 1;
             self.lent += 1;
-            out.push((
-                to,
-                ShareMsg::Grant {
-                    limit: id,
-                    amount: 1,
-                },
-            ));
+            out.push((to, ShareMsg::Grant { limit: id, amount: 1 }));
         }
     }
 
@@ -145,15 +129,7 @@ impl Shares {
         if self.workers > 1 && !self.asking[i] && room > 0 {
             self.asking[i] = true;
             let next = (self.me + 1) % self.workers;
-            out.push((
-                next,
-                ShareMsg::Borrow {
-                    limit: id,
-                    from: self.me,
-                    room,
-                    hops: 1,
-                },
-            ));
+            out.push((next, ShareMsg::Borrow { limit: id, from: self.me, room, hops: 1 }));
         }
     }
 
@@ -169,25 +145,14 @@ impl Shares {
     /// Handles a protocol message; returns true when this worker received share.
     pub fn on_message(&mut self, msg: ShareMsg, out: &mut Vec<(u16, ShareMsg)>) -> bool {
         match msg {
-            ShareMsg::Borrow {
-                limit,
-                from,
-                room,
-                hops,
-            } => {
+            ShareMsg::Borrow { limit, from, room, hops } => {
                 let i = limit as usize;
                 let spare = self.held[i] - self.used[i].min(self.held[i]);
                 if spare > 0 && !self.blocked[i] {
                     let give = (spare / 2).max(1).min(room);
                     self.held[i] -= give;
                     self.lent += u64::from(give);
-                    out.push((
-                        from,
-                        ShareMsg::Grant {
-                            limit,
-                            amount: give,
-                        },
-                    ));
+                    out.push((from, ShareMsg::Grant { limit, amount: give }));
                 } else {
                     if !self.waiters[i].contains(&from) {
                         self.waiters[i].push(from);
@@ -196,15 +161,7 @@ impl Shares {
                     if next == from || hops + 1 >= self.workers {
                         out.push((from, ShareMsg::Grant { limit, amount: 0 }));
                     } else {
-                        out.push((
-                            next,
-                            ShareMsg::Borrow {
-                                limit,
-                                from,
-                                room,
-                                hops: hops + 1,
-                            },
-                        ));
+                        out.push((next, ShareMsg::Borrow { limit, from, room, hops: hops + 1 }));
                     }
                 }
                 false
@@ -221,13 +178,7 @@ impl Shares {
                         self.waiters[i].remove(0);
                         self.held[i] -= extra;
                         self.lent += u64::from(extra);
-                        out.push((
-                            to,
-                            ShareMsg::Grant {
-                                limit,
-                                amount: extra,
-                            },
-                        ));
+                        out.push((to, ShareMsg::Grant { limit, amount: extra }));
                     }
                 }
                 amount > 0
@@ -337,10 +288,7 @@ mod tests {
     #[test]
     fn grants_respect_the_askers_cap() {
         let t = table(100);
-        let mut ws = vec![
-            Shares::new(&t, 0, 2, vec![52]),
-            Shares::new(&t, 1, 2, vec![100]),
-        ];
+        let mut ws = vec![Shares::new(&t, 0, 2, vec![52]), Shares::new(&t, 1, 2, vec![100])];
         while ws[0].take_all(&[0]) {}
         let mut mail = Vec::new();
         ws[0].want(0, &mut mail);

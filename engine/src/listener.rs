@@ -21,61 +21,32 @@ pub struct Bound {
 }
 
 /// Binds every frontend address once per worker. Returns each worker's listeners and the addresses.
-pub fn bind_all(
-    config: &Config,
-    workers: usize,
-) -> Result<(Vec<Vec<Listener>>, Vec<Bound>), String> {
+pub fn bind_all(config: &Config, workers: usize) -> Result<(Vec<Vec<Listener>>, Vec<Bound>), String> {
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for (f, fe) in config.frontends.iter().enumerate() {
         for &want in &fe.binds {
             let mut addr = want;
             for list in per_worker.iter_mut() {
-                let sock = listen(addr, fe.backlog).map_err(|e| {
-                    format!(
-                        "frontend \"{}\": cannot listen on {want}: {}",
-                        fe.name,
-                        explain(&e)
-                    )
-                })?;
+                let sock = listen(addr, fe.backlog)
+                    .map_err(|e| format!("frontend \"{}\": cannot listen on {want}: {}", fe.name, explain(&e)))?;
                 if addr.port() == 0 {
-                    addr = sock
-                        .local_addr()
-                        .ok()
-                        .and_then(|a| a.as_socket())
-                        .ok_or_else(|| {
-                            format!(
-                                "frontend \"{}\": cannot read the port bound for {want}",
-                                fe.name
-                            )
+                    addr =
+                        sock.local_addr().ok().and_then(|a| a.as_socket()).ok_or_else(|| {
+                            format!("frontend \"{}\": cannot read the port bound for {want}", fe.name)
                         })?;
                 }
-                list.push(Listener {
-                    frontend: f,
-                    fd: OwnedFd::from(sock),
-                    ipv6: addr.is_ipv6(),
-                });
+                list.push(Listener { frontend: f, fd: OwnedFd::from(sock), ipv6: addr.is_ipv6() });
             }
-            bound.push(Bound {
-                frontend: fe.name.clone(),
-                addr,
-            });
+            bound.push(Bound { frontend: fe.name.clone(), addr });
         }
     }
     Ok((per_worker, bound))
 }
 
 fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
-    let domain = if addr.is_ipv6() {
-        Domain::IPV6
-    } else {
-        Domain::IPV4
-    };
-    let sock = Socket::new(
-        domain,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::TCP),
-    )?;
+    let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
     sock.set_reuse_port(true)?;
     if addr.is_ipv6() {

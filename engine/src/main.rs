@@ -8,11 +8,7 @@ use clap::{Parser, Subcommand};
 use ringproxy::{Engine, config};
 
 #[derive(Parser)]
-#[command(
-    name = "ringproxy",
-    version,
-    about = "An io_uring, thread-per-core TCP proxy and load balancer"
-)]
+#[command(name = "ringproxy", version, about = "An io_uring, thread-per-core TCP proxy and load balancer")]
 struct Cli {
     /// Configuration file (YAML).
     #[arg(short = 'c', long = "config", global = true)]
@@ -27,10 +23,42 @@ enum Command {
     Run,
     /// Validate the configuration and check this host against it.
     Check,
+    /// Show a running engine's counters (per core, per server, per source IP).
+    Stats(StatsArgs),
+}
+
+#[derive(clap::Args)]
+struct StatsArgs {
+    /// The engine's stats socket (default: global.stats.socket of the -c configuration).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Refresh every interval (e.g. 1s), with per-second rates, until interrupted or --count.
+    #[arg(long, value_parser = parse_interval)]
+    watch: Option<Duration>,
+    /// With --watch: stop after this many refreshes.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Print the raw snapshot as JSON.
+    #[arg(long, conflicts_with_all = ["prometheus", "csv"])]
+    json: bool,
+    /// Print the Prometheus text format.
+    #[arg(long, conflicts_with = "csv")]
+    prometheus: bool,
+    /// Print HAProxy-style CSV (`show stat`).
+    #[arg(long)]
+    csv: bool,
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    config::duration::parse(s)
+        .and_then(|d| if d.is_zero() { Err("the interval must be above zero".into()) } else { Ok(d) })
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Stats(args)) = &cli.command {
+        return stats(args, cli.config.as_deref());
+    }
     let Some(path) = cli.config else {
         eprintln!("ringproxy: no configuration given; use -c FILE (see config-examples/)");
         return ExitCode::from(2);
@@ -45,7 +73,62 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => ExitCode::from(ringproxy::check::run(&config) as u8),
         Command::Run => run(config),
+        Command::Stats(_) => unreachable!("handled above"),
     }
+}
+
+fn stats(args: &StatsArgs, config: Option<&std::path::Path>) -> ExitCode {
+    use ringproxy::stats::{prometheus, render, socket};
+    let path = match (&args.socket, config) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => match config::load(c) {
+            Ok(cfg) => match cfg.global.stats.socket {
+                Some(p) => p,
+                None => {
+                    eprintln!("ringproxy: {} sets no global.stats.socket; pass --socket PATH", c.display());
+                    return ExitCode::from(2);
+                }
+            },
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => {
+            eprintln!("ringproxy stats: give --socket PATH or -c FILE (with global.stats.socket)");
+            return ExitCode::from(2);
+        }
+    };
+    let mut prev = None;
+    let mut shown = 0u64;
+    loop {
+        let snapshot = match socket::fetch(&path) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("ringproxy: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let text = if args.json {
+            serde_json::to_string_pretty(&snapshot).unwrap_or_default() + "\n"
+        } else if args.prometheus {
+            prometheus::render(&snapshot)
+        } else if args.csv {
+            render::csv(&snapshot)
+        } else {
+            render::dump(&snapshot, prev.as_ref())
+        };
+        print!("{text}");
+        shown += 1;
+        let Some(every) = args.watch else { break };
+        if args.count.is_some_and(|n| shown >= n) {
+            break;
+        }
+        println!();
+        prev = Some(snapshot);
+        std::thread::sleep(every);
+    }
+    ExitCode::SUCCESS
 }
 
 fn run(config: config::Config) -> ExitCode {
@@ -54,7 +137,7 @@ fn run(config: config::Config) -> ExitCode {
     }
     // Block the signals we handle before any thread starts, so workers inherit the mask and the
     // main thread alone receives them.
-    let signals = Signals::block(&[libc::SIGINT, libc::SIGTERM]);
+    let signals = Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1]);
     let mut engine = match Engine::start(config) {
         Ok(e) => e,
         Err(e) => {
@@ -63,19 +146,14 @@ fn run(config: config::Config) -> ExitCode {
         }
     };
     let plan = engine.plan();
-    let cpus: Vec<String> = plan
-        .cpus
-        .iter()
-        .map(|c| c.map_or("-".into(), |c| c.to_string()))
-        .collect();
+    let cpus: Vec<String> = plan.cpus.iter().map(|c| c.map_or("-".into(), |c| c.to_string())).collect();
     eprintln!(
         "ringproxy {}: {} workers (CPUs {}), maxconn {}{}, RLIMIT_NOFILE {}, {} connections per worker",
         env!("CARGO_PKG_VERSION"),
         plan.workers,
         cpus.join(","),
         plan.maxconn,
-        plan.configured_maxconn
-            .map_or(" (not configured)".into(), |m| format!(" (configured {m})")),
+        plan.configured_maxconn.map_or(" (not configured)".into(), |m| format!(" (configured {m})")),
         plan.nofile,
         plan.conns_per_worker,
     );
@@ -83,12 +161,23 @@ fn run(config: config::Config) -> ExitCode {
         eprintln!("ringproxy: warning: {w}");
     }
     for b in engine.bound() {
-        eprintln!(
-            "ringproxy: frontend \"{}\" listening on {}",
-            b.frontend, b.addr
-        );
+        eprintln!("ringproxy: frontend \"{}\" listening on {}", b.frontend, b.addr);
     }
-    let sig = signals.wait(None);
+    if let Some(p) = &engine.config().global.stats.socket {
+        eprintln!("ringproxy: stats socket {} (ringproxy stats --socket {})", p.display(), p.display());
+    }
+    if let Some(a) = engine.metrics_addr() {
+        eprintln!("ringproxy: Prometheus metrics on http://{a}/metrics");
+    }
+    let sig = loop {
+        match signals.wait(None) {
+            Some(libc::SIGUSR1) => {
+                let dump = ringproxy::stats::render::dump(&engine.stats(), None);
+                eprint!("ringproxy: SIGUSR1: per-core stats\n{dump}");
+            }
+            other => break other,
+        }
+    };
     let drain = engine.config().global.drain_timeout;
     eprintln!(
         "ringproxy: {}: draining: no new connections, open ones get up to {}",
@@ -100,9 +189,16 @@ fn run(config: config::Config) -> ExitCode {
         if engine.finished() {
             break;
         }
-        if let Some(sig) = signals.wait(Some(Duration::from_millis(100))) {
-            eprintln!("ringproxy: {} again: exiting now", signal_name(sig));
-            return ExitCode::from(1);
+        match signals.wait(Some(Duration::from_millis(100))) {
+            Some(libc::SIGUSR1) => {
+                let dump = ringproxy::stats::render::dump(&engine.stats(), None);
+                eprint!("ringproxy: SIGUSR1: per-core stats\n{dump}");
+            }
+            Some(sig) => {
+                eprintln!("ringproxy: {} again: exiting now", signal_name(sig));
+                return ExitCode::from(1);
+            }
+            None => {}
         }
     }
     engine.join();
@@ -141,10 +237,7 @@ impl Signals {
             let r = match timeout {
                 // SAFETY: `self.0` is an initialised set; `ts` lives across the call.
                 Some(d) => unsafe {
-                    let ts = libc::timespec {
-                        tv_sec: d.as_secs() as libc::time_t,
-                        tv_nsec: d.subsec_nanos() as _,
-                    };
+                    let ts = libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as _ };
                     libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts)
                 },
                 // SAFETY: as above, without a timeout.

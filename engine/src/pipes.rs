@@ -91,10 +91,7 @@ impl PipePool {
             }
         }
         self.created += 1;
-        Ok(Pipe {
-            rd: fds[0],
-            wr: fds[1],
-        })
+        Ok(Pipe { rd: fds[0], wr: fds[1] })
     }
 
     /// (read end, write end) of a lent pipe.

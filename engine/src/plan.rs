@@ -49,18 +49,13 @@ pub struct Plan {
 /// for uneven SO_REUSEPORT spread and lending), but at least its share plus 1024.
 fn per_worker_target(maxconn: u32, workers: usize) -> u32 {
     let fair = maxconn.div_ceil(workers as u32);
-    maxconn
-        .min(fair.saturating_mul(2).max(fair.saturating_add(1024)))
-        .min(MAX_PER_WORKER)
+    maxconn.min(fair.saturating_mul(2).max(fair.saturating_add(1024))).min(MAX_PER_WORKER)
 }
 
 pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports: u32) -> Plan {
     let workers = config.global.workers.unwrap_or(usable_cpus.len().max(1));
     let cpus = (0..workers)
-        .map(|w| {
-            (config.global.pin_cpus && !usable_cpus.is_empty())
-                .then(|| usable_cpus[w % usable_cpus.len()])
-        })
+        .map(|w| (config.global.pin_cpus && !usable_cpus.is_empty()).then(|| usable_cpus[w % usable_cpus.len()]))
         .collect();
     let table_max = nofile.min(u64::from(u32::MAX)) as u32;
     let per_worker_max = (table_max.saturating_sub(PARK_SLACK) / 2).clamp(1, MAX_PER_WORKER);
@@ -85,26 +80,15 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
             (effective, per_worker, needed)
         }
         None => {
-            let effective = per_worker_max
-                .saturating_mul(workers as u32)
-                .min(DEFAULT_MAXCONN);
+            let effective = per_worker_max.saturating_mul(workers as u32).min(DEFAULT_MAXCONN);
             let per_worker = per_worker_target(effective, workers).min(per_worker_max);
-            (
-                effective,
-                per_worker,
-                2 * u64::from(per_worker) + u64::from(PARK_SLACK),
-            )
+            (effective, per_worker, 2 * u64::from(per_worker) + u64::from(PARK_SLACK))
         }
     };
     let accept_slots = conns_per_worker + PARK_SLACK;
     let table_slots = accept_slots + conns_per_worker;
 
-    let listeners: u64 = config
-        .frontends
-        .iter()
-        .map(|f| f.binds.len() as u64)
-        .sum::<u64>()
-        * workers as u64;
+    let listeners: u64 = config.frontends.iter().map(|f| f.binds.len() as u64).sum::<u64>() * workers as u64;
     let fd_budget = nofile.saturating_sub(FD_RESERVE + listeners + 4 * workers as u64);
     let pipe_fit = (fd_budget / (2 * workers as u64)).min(u64::from(u32::MAX)) as u32;
     let pipes_per_worker = config.global.tune.max_pipes.min(pipe_fit).max(1);
@@ -125,24 +109,15 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
             _ => None,
         })
         .collect();
-    limits.backend = config
-        .backends
-        .iter()
-        .map(|b| {
-            b.maxconn
-                .map(|m| limits.add(format!("backend {}", b.name), m))
-        })
-        .collect();
+    limits.backend =
+        config.backends.iter().map(|b| b.maxconn.map(|m| limits.add(format!("backend {}", b.name), m))).collect();
     limits.server = config
         .backends
         .iter()
         .map(|b| {
             b.servers
                 .iter()
-                .map(|s| {
-                    s.maxconn
-                        .map(|m| limits.add(format!("server {}/{}", b.name, s.name), m))
-                })
+                .map(|s| s.maxconn.map(|m| limits.add(format!("server {}/{}", b.name, s.name), m)))
                 .collect()
         })
         .collect();
@@ -178,12 +153,7 @@ mod tests {
 
     #[test]
     fn fits_and_tables_stay_within_the_limit() {
-        let p = plan(
-            &config("  workers: 2\n  maxconn: 100"),
-            20_000,
-            &[0, 1],
-            28_232,
-        );
+        let p = plan(&config("  workers: 2\n  maxconn: 100"), 20_000, &[0, 1], 28_232);
         assert_eq!(p.maxconn, 100);
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
         assert_eq!(p.conns_per_worker, 100);
@@ -194,33 +164,20 @@ mod tests {
 
     #[test]
     fn too_large_maxconn_is_lowered_with_the_fix() {
-        let p = plan(
-            &config("  workers: 2\n  maxconn: 2000000"),
-            20_000,
-            &[0, 1],
-            28_232,
-        );
+        let p = plan(&config("  workers: 2\n  maxconn: 2000000"), 20_000, &[0, 1], 28_232);
         assert_eq!(p.maxconn, 2 * ((20_000 - PARK_SLACK) / 2));
         assert!(u64::from(p.table_slots) <= 20_000);
         assert_eq!(p.warnings.len(), 1);
         let w = &p.warnings[0];
         assert!(w.contains("maxconn 2000000 does not fit"), "{w}");
-        assert!(
-            w.contains(&format!("running with maxconn {}", p.maxconn)),
-            "{w}"
-        );
+        assert!(w.contains(&format!("running with maxconn {}", p.maxconn)), "{w}");
         assert!(w.contains("LimitNOFILE=4000064"), "{w}");
         assert!(w.contains("run 201 workers"), "{w}");
     }
 
     #[test]
     fn more_workers_hold_more_connections() {
-        let p = plan(
-            &config("  workers: 32\n  maxconn: 300000\n  pin_cpus: false"),
-            20_000,
-            &[0, 1],
-            28_232,
-        );
+        let p = plan(&config("  workers: 32\n  maxconn: 300000\n  pin_cpus: false"), 20_000, &[0, 1], 28_232);
         assert_eq!(p.maxconn, 300_000);
         assert_eq!(p.cpus, vec![None; 32]);
         assert!(u64::from(p.table_slots) <= 20_000);

@@ -35,13 +35,7 @@ pub struct SourceShard {
 impl SourceShard {
     pub fn new(ips: Vec<IpAddr>, addrs: Vec<AddrId>, capacity: u32) -> SourceShard {
         let n = ips.len();
-        SourceShard {
-            ips,
-            addrs,
-            active: vec![0; n],
-            capacity,
-            rotor: 0,
-        }
+        SourceShard { ips, addrs, active: vec![0; n], capacity, rotor: 0 }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -54,9 +48,7 @@ impl SourceShard {
         let mut best: Option<usize> = None;
         for k in 0..n {
             let i = (self.rotor + k) % n;
-            if self.active[i] < self.capacity
-                && best.is_none_or(|b| self.active[i] < self.active[b])
-            {
+            if self.active[i] < self.capacity && best.is_none_or(|b| self.active[i] < self.active[b]) {
                 best = Some(i);
             }
         }
@@ -77,10 +69,7 @@ impl SourceShard {
 
     /// Ports still available in this shard.
     pub fn remaining(&self) -> u64 {
-        self.active
-            .iter()
-            .map(|&a| u64::from(self.capacity.saturating_sub(a)))
-            .sum()
+        self.active.iter().map(|&a| u64::from(self.capacity.saturating_sub(a))).sum()
     }
 }
 
@@ -93,16 +82,11 @@ pub fn verify_local(ips: impl IntoIterator<Item = IpAddr>) -> Result<(), (IpAddr
         if !seen.insert(ip) {
             continue;
         }
-        let domain = if ip.is_ipv4() {
-            Domain::IPV4
-        } else {
-            Domain::IPV6
-        };
+        let domain = if ip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
         let sock = Socket::new(domain, Type::STREAM, None).map_err(|e| (ip, e))?;
         // Without IP_BIND_ADDRESS_NO_PORT this probe would reserve an ephemeral port per source.
         set_bind_address_no_port(&sock).map_err(|e| (ip, e))?;
-        sock.bind(&std::net::SocketAddr::new(ip, 0).into())
-            .map_err(|e| (ip, e))?;
+        sock.bind(&std::net::SocketAddr::new(ip, 0).into()).map_err(|e| (ip, e))?;
     }
     Ok(())
 }

@@ -14,11 +14,8 @@ fn tagged(n: u8) -> Vec<Backend> {
 }
 
 fn servers_yaml(backends: &[Backend]) -> String {
-    let items: Vec<String> = backends
-        .iter()
-        .enumerate()
-        .map(|(i, b)| format!("{{ name: s{i}, address: \"{}\" }}", b.addr))
-        .collect();
+    let items: Vec<String> =
+        backends.iter().enumerate().map(|(i, b)| format!("{{ name: s{i}, address: \"{}\" }}", b.addr)).collect();
     format!("[{}]", items.join(", "))
 }
 
@@ -84,37 +81,24 @@ fn leastconn_sends_new_connections_to_the_least_loaded_server() {
         echo_once(&mut c, &[i]);
         conns.push(c);
     }
-    assert_eq!(
-        (held[0].active(), held[1].active()),
-        (2, 2),
-        "spread evenly while equal"
-    );
+    assert_eq!((held[0].active(), held[1].active()), (2, 2), "spread evenly while equal");
     // Server 0 ends its connections; their clients see EOF and close too.
     held[0].release();
-    wait_until("server 0 to close its side", Duration::from_secs(5), || {
-        held[0].active() == 0
-    });
+    wait_until("server 0 to close its side", Duration::from_secs(5), || held[0].active() == 0);
     conns.retain_mut(|c| {
-        c.set_read_timeout(Some(Duration::from_millis(200)))
-            .unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
         let mut b = [0u8; 1];
         !matches!(c.read(&mut b), Ok(0))
     });
     assert_eq!(conns.len(), 2);
-    wait_until("the proxy to close them", Duration::from_secs(5), || {
-        engine.stats().servers()[0].active == 0
-    });
+    wait_until("the proxy to close them", Duration::from_secs(5), || engine.stats().servers()[0].active == 0);
     // The next two connections must both go to the idle server.
     for _ in 0..2 {
         let mut c = connect(proxy);
         c.write_all_ping();
         conns.push(c);
     }
-    assert_eq!(
-        held[0].total(),
-        4,
-        "both new connections went to the idle server"
-    );
+    assert_eq!(held[0].total(), 4, "both new connections went to the idle server");
     assert_eq!(held[1].total(), 2);
 }
 
@@ -182,14 +166,9 @@ fn sources_come_from_the_configured_ips_and_each_worker_uses_its_own_shard() {
         echo_once(&mut c, &[i]);
         conns.push(c);
     }
-    let configured: HashSet<IpAddr> = (1..=4)
-        .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, i)))
-        .collect();
+    let configured: HashSet<IpAddr> = (1..=4).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, i))).collect();
     let seen = backend.peer_ips();
-    assert!(
-        seen.keys().all(|ip| configured.contains(ip)),
-        "unexpected source in {seen:?}"
-    );
+    assert!(seen.keys().all(|ip| configured.contains(ip)), "unexpected source in {seen:?}");
     let stats = engine.stats();
     let mut shards: Vec<HashSet<IpAddr>> = Vec::new();
     let mut per_ip: HashMap<IpAddr, u64> = HashMap::new();
@@ -201,30 +180,16 @@ fn sources_come_from_the_configured_ips_and_each_worker_uses_its_own_shard() {
     }
     assert_eq!(shards[0].len(), 2);
     assert_eq!(shards[1].len(), 2);
-    assert!(
-        shards[0].is_disjoint(&shards[1]),
-        "workers share a source: {shards:?}"
-    );
-    assert_eq!(
-        shards[0].union(&shards[1]).cloned().collect::<HashSet<_>>(),
-        configured
-    );
+    assert!(shards[0].is_disjoint(&shards[1]), "workers share a source: {shards:?}");
+    assert_eq!(shards[0].union(&shards[1]).cloned().collect::<HashSet<_>>(), configured);
     // What each worker says it opened from each source is what the server saw.
     for (ip, n) in &seen {
-        assert_eq!(
-            per_ip.get(ip).copied().unwrap_or(0),
-            *n as u64,
-            "source {ip}"
-        );
+        assert_eq!(per_ip.get(ip).copied().unwrap_or(0), *n as u64, "source {ip}");
     }
     // And every worker that took connections spread them over both of its sources.
     for w in &stats.workers {
         if w.active >= 4 {
-            assert!(
-                w.sources.iter().all(|s| s.active > 0),
-                "worker {} left a source unused",
-                w.worker
-            );
+            assert!(w.sources.iter().all(|s| s.active > 0), "worker {} left a source unused", w.worker);
         }
     }
 }
@@ -246,20 +211,10 @@ fn retries_reach_the_live_server_when_the_other_is_down() {
         let mut c = connect(proxy);
         echo_once(&mut c, &i.to_le_bytes());
     }
-    assert_eq!(
-        live.total(),
-        50,
-        "every connection succeeded on the live server"
-    );
+    assert_eq!(live.total(), 50, "every connection succeeded on the live server");
     let stats = engine.stats();
-    assert!(
-        stats.total(|w| w.connect_errors.refused) >= 10,
-        "the dead server was tried"
-    );
-    assert_eq!(
-        stats.total(|w| w.retries),
-        stats.total(|w| w.connect_errors.refused)
-    );
+    assert!(stats.total(|w| w.connect_errors.refused) >= 10, "the dead server was tried");
+    assert_eq!(stats.total(|w| w.retries), stats.total(|w| w.connect_errors.refused));
     assert_eq!(stats.total(|w| w.failed), 0);
     let _ = Duration::ZERO;
 }

@@ -28,9 +28,7 @@ fn check(config: &Path) -> Run {
 }
 
 fn example(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../config-examples")
-        .join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples").join(name)
 }
 
 /// A configuration file in the temp directory, removed when dropped.
@@ -38,10 +36,7 @@ struct TempConfig(PathBuf);
 
 impl TempConfig {
     fn new(name: &str, text: &str) -> TempConfig {
-        let path = std::env::temp_dir().join(format!(
-            "ringproxy-check-{}-{name}.yaml",
-            std::process::id()
-        ));
+        let path = std::env::temp_dir().join(format!("ringproxy-check-{}-{name}.yaml", std::process::id()));
         std::fs::write(&path, text).expect("write the temp config");
         TempConfig(path)
     }
@@ -57,10 +52,7 @@ impl Drop for TempConfig {
 fn items(report: &str) -> Vec<(String, String, Vec<String>)> {
     let mut items: Vec<(String, String, Vec<String>)> = Vec::new();
     for line in report.lines() {
-        if let Some(status) = ["OK", "WARN", "FAIL"]
-            .into_iter()
-            .find(|s| line.starts_with(&format!("{s:<6}")))
-        {
+        if let Some(status) = ["OK", "WARN", "FAIL"].into_iter().find(|s| line.starts_with(&format!("{s:<6}"))) {
             items.push((status.to_owned(), line[6..].to_owned(), Vec::new()));
         } else if line.starts_with("      ") {
             let last = items.last_mut().expect("a fix line follows an item");
@@ -75,11 +67,7 @@ fn assert_consistent(run: &Run) {
     let items = items(&run.stdout);
     assert!(!items.is_empty(), "no items in:\n{}", run.stdout);
     for (status, line, fix) in &items {
-        assert_eq!(
-            status == "OK",
-            fix.is_empty(),
-            "{status} {line}: fix {fix:?}"
-        );
+        assert_eq!(status == "OK", fix.is_empty(), "{status} {line}: fix {fix:?}");
         if let Some(first) = fix.first() {
             assert!(first.starts_with("fix: "), "{first}");
         }
@@ -91,12 +79,7 @@ fn assert_consistent(run: &Run) {
     });
     assert_eq!(run.code, worst.max().unwrap_or(0), "{}", run.stdout);
     let count = |s: &str| items.iter().filter(|i| i.0 == s).count();
-    let summary = format!(
-        "summary: {} OK, {} WARN, {} FAIL\n",
-        count("OK"),
-        count("WARN"),
-        count("FAIL")
-    );
+    let summary = format!("summary: {} OK, {} WARN, {} FAIL\n", count("OK"), count("WARN"), count("FAIL"));
     assert!(run.stdout.ends_with(&summary), "{}", run.stdout);
 }
 
@@ -104,52 +87,29 @@ fn assert_consistent(run: &Run) {
 fn the_300k_configuration_cannot_be_all_ok_here() {
     let path = example("haproxy-300k.yaml");
     let run = check(&path);
+    assert!(run.code == 1 || run.code == 2, "exit {}:\n{}", run.code, run.stdout);
     assert!(
-        run.code == 1 || run.code == 2,
-        "exit {}:\n{}",
-        run.code,
-        run.stdout
-    );
-    assert!(
-        run.stdout.starts_with(&format!(
-            "ringproxy check: {} (1 frontend, 1 backend, 6 servers)",
-            path.display()
-        )),
+        run.stdout.starts_with(&format!("ringproxy check: {} (1 frontend, 1 backend, 6 servers)", path.display())),
         "{}",
         run.stdout
     );
     assert_consistent(&run);
     let items = items(&run.stdout);
-    let files = items
-        .iter()
-        .find(|i| i.1.starts_with("open files"))
-        .expect("an open files item");
+    let files = items.iter().find(|i| i.1.starts_with("open files")).expect("an open files item");
     let hard = ringproxy::host::nofile().expect("RLIMIT_NOFILE").hard;
     if hard < 4_000_064 {
         // maxconn 2000000 on 2 sockets per connection: the limit cannot hold it.
         assert_eq!(files.0, "FAIL", "{files:?}");
-        assert!(
-            files.1.contains(&format!("hard limit is {hard}")),
-            "{files:?}"
-        );
-        assert!(
-            files.2.iter().any(|f| f.contains("LimitNOFILE=4000064")),
-            "{files:?}"
-        );
-        assert!(
-            files.2.iter().any(|f| f.contains("* hard nofile 4000064")),
-            "{files:?}"
-        );
+        assert!(files.1.contains(&format!("hard limit is {hard}")), "{files:?}");
+        assert!(files.2.iter().any(|f| f.contains("LimitNOFILE=4000064")), "{files:?}");
+        assert!(files.2.iter().any(|f| f.contains("* hard nofile 4000064")), "{files:?}");
     }
     // One item per server for the port capacity, and the sources are all on loopback.
     for s in 1..=6 {
         let name = format!("ports mqtt/app{s} ");
         assert!(items.iter().any(|i| i.1.starts_with(&name)), "{name}");
     }
-    let sources = items
-        .iter()
-        .find(|i| i.1.starts_with("source addresses"))
-        .expect("a source addresses item");
+    let sources = items.iter().find(|i| i.1.starts_with("source addresses")).expect("a source addresses item");
     assert_ne!(sources.0, "FAIL", "127.0.2.x is loopback: {sources:?}");
 }
 
@@ -162,20 +122,12 @@ fn a_small_configuration_has_no_failure() {
          backends:\n  - name: be\n    servers:\n      - { name: s, address: \"127.0.0.1:9\", source: 127.0.2.1 }\n",
     );
     let run = check(&config.0);
-    assert!(
-        run.code == 0 || run.code == 1,
-        "exit {}:\n{}",
-        run.code,
-        run.stdout
-    );
+    assert!(run.code == 0 || run.code == 1, "exit {}:\n{}", run.code, run.stdout);
     assert!(!run.stdout.contains("\nFAIL "), "{}", run.stdout);
     assert_consistent(&run);
     let items = items(&run.stdout);
     let find = |name: &str| {
-        items
-            .iter()
-            .find(|i| i.1.starts_with(name))
-            .unwrap_or_else(|| panic!("no {name} item in:\n{}", run.stdout))
+        items.iter().find(|i| i.1.starts_with(name)).unwrap_or_else(|| panic!("no {name} item in:\n{}", run.stdout))
     };
     assert_eq!(find("open files ").0, "OK");
     assert_eq!(find("ports be/s ").0, "OK");
@@ -199,10 +151,7 @@ fn an_unassigned_source_fails_with_the_command_that_assigns_it() {
     assert_eq!(run.code, 2, "{}", run.stdout);
     assert_consistent(&run);
     let items = items(&run.stdout);
-    let sources = items
-        .iter()
-        .find(|i| i.1.starts_with("source addresses"))
-        .expect("a source addresses item");
+    let sources = items.iter().find(|i| i.1.starts_with("source addresses")).expect("a source addresses item");
     assert_eq!(sources.0, "FAIL");
     assert!(sources.1.contains("203.0.113.77 (be/s)"), "{sources:?}");
     assert_eq!(sources.2[0], "fix: ip addr add 203.0.113.77/32 dev lo");
@@ -218,11 +167,7 @@ fn a_bad_key_is_refused_with_its_position() {
     let run = check(&config.0);
     assert_eq!(run.code, 2);
     let prefix = format!("{}:7:5: ", config.0.display());
-    assert!(
-        run.stderr.starts_with(&prefix),
-        "wanted {prefix:?}, got {:?}",
-        run.stderr
-    );
+    assert!(run.stderr.starts_with(&prefix), "wanted {prefix:?}, got {:?}", run.stderr);
     assert!(run.stderr.contains("maxconns"), "{}", run.stderr);
     assert!(run.stdout.is_empty(), "nothing is checked: {}", run.stdout);
 }

@@ -28,20 +28,10 @@ fn refused(name: &str, text: &str, line_col: &str, needle: &str) {
     let path = write_config(name, text);
     let out = Command::new(bin()).arg("-c").arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "{name}: exit code; stderr: {stderr}"
-    );
+    assert_eq!(out.status.code(), Some(2), "{name}: exit code; stderr: {stderr}");
     let want = format!("{}:{line_col}: ", path.display());
-    assert!(
-        stderr.starts_with(&want),
-        "{name}: wanted {want:?} at the start of {stderr:?}"
-    );
-    assert!(
-        stderr.contains(needle),
-        "{name}: {stderr:?} does not mention {needle:?}"
-    );
+    assert!(stderr.starts_with(&want), "{name}: wanted {want:?} at the start of {stderr:?}");
+    assert!(stderr.contains(needle), "{name}: {stderr:?} does not mention {needle:?}");
     assert!(!stderr.contains("listening"), "{name}: something was bound");
 }
 
@@ -55,12 +45,7 @@ fn each_class_of_bad_configuration_names_its_line_and_column_and_exits_2() {
         "5:5",
         "unknown key `bakclog`",
     );
-    refused(
-        "wrong-type.yaml",
-        &format!("global:\n  maxconn: many\n{OK}"),
-        "2:12",
-        "expected a whole number",
-    );
+    refused("wrong-type.yaml", &format!("global:\n  maxconn: many\n{OK}"), "2:12", "expected a whole number");
     refused(
         "duplicate.yaml",
         &format!("{OK}      - name: s1\n        address: 127.0.0.1:10\n"),
@@ -87,27 +72,16 @@ fn each_class_of_bad_configuration_names_its_line_and_column_and_exits_2() {
     );
     refused(
         "bad-source.yaml",
-        &OK.replace(
-            "address: 127.0.0.1:9",
-            "address: 127.0.0.1:9\n        source: 10.0.0.0/33",
-        ),
+        &OK.replace("address: 127.0.0.1:9", "address: 127.0.0.1:9\n        source: 10.0.0.0/33"),
         "10:17",
         "prefix length",
     );
-    refused(
-        "bad-yaml.yaml",
-        "frontends: [\n  - {\n",
-        "2:3",
-        "only valid inside a block",
-    );
+    refused("bad-yaml.yaml", "frontends: [\n  - {\n", "2:3", "only valid inside a block");
 }
 
 #[test]
 fn missing_file_and_missing_flag_exit_2() {
-    let out = Command::new(bin())
-        .args(["-c", "/nonexistent/x.yaml"])
-        .output()
-        .unwrap();
+    let out = Command::new(bin()).args(["-c", "/nonexistent/x.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
     let out = Command::new(bin()).output().unwrap();
@@ -179,10 +153,7 @@ fn startup_report_states_workers_and_the_effective_maxconn() {
     // This host allows 20000 open files per process: 2000000 cannot fit, and the report says so.
     let limit = ringproxy::host::nofile().unwrap().hard;
     if limit < 4_000_064 {
-        assert!(
-            text.contains("warning: maxconn 2000000 does not fit"),
-            "{text}"
-        );
+        assert!(text.contains("warning: maxconn 2000000 does not fit"), "{text}");
         assert!(text.contains("LimitNOFILE="), "{text}");
     }
     let mut c = connect(addrs[0]);
@@ -210,17 +181,12 @@ fn sigterm_drains_open_connections_then_exits_0() {
     echo_once(&mut open, b"before");
     sigterm(&child);
     // New connections are refused once the listeners are closed...
-    wait_until(
-        "new connections to be refused",
-        Duration::from_secs(5),
-        || std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(200)).is_err(),
-    );
+    wait_until("new connections to be refused", Duration::from_secs(5), || {
+        std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(200)).is_err()
+    });
     // ...while the open one keeps working.
     echo_once(&mut open, b"during the drain");
-    assert!(
-        child.try_wait().unwrap().is_none(),
-        "exited with a connection still open"
-    );
+    assert!(child.try_wait().unwrap().is_none(), "exited with a connection still open");
     drop(open);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
 }
@@ -243,10 +209,7 @@ fn drain_timeout_bounds_the_wait() {
     let t = Instant::now();
     sigterm(&child);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
-    assert!(
-        t.elapsed() >= Duration::from_millis(400),
-        "exited before the drain timeout"
-    );
+    assert!(t.elapsed() >= Duration::from_millis(400), "exited before the drain timeout");
     let (_, _) = read_to_end(&mut open);
 }
 
@@ -265,11 +228,7 @@ fn example_configurations_start_and_proxy() {
         // anywhere; sources, balancing and limits stay as written.
         for fe in &mut config.frontends {
             for b in &mut fe.binds {
-                let ip = if b.is_ipv6() {
-                    "::1".parse().unwrap()
-                } else {
-                    "127.0.0.1".parse().unwrap()
-                };
+                let ip = if b.is_ipv6() { "::1".parse().unwrap() } else { "127.0.0.1".parse().unwrap() };
                 *b = SocketAddr::new(ip, 0);
             }
         }
@@ -278,8 +237,7 @@ fn example_configurations_start_and_proxy() {
                 s.address = backend.addr;
             }
         }
-        let engine =
-            ringproxy::Engine::start(config).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let engine = ringproxy::Engine::start(config).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for b in engine.bound() {
             let mut c = connect(b.addr);
             echo_once(&mut c, format!("via {}", path.display()).as_bytes());

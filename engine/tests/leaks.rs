@@ -26,11 +26,7 @@ fn resets_and_closes_leave_no_socket_or_descriptor_behind() {
          \x20 - {{ name: held, servers: [{{ name: s, address: \"{}\" }}] }}\n",
         echo.addr, resetting.addr, held.addr
     ));
-    let (fe_echo, fe_reset, fe_held) = (
-        addr(&engine, "echo"),
-        addr(&engine, "reset"),
-        addr(&engine, "held"),
-    );
+    let (fe_echo, fe_reset, fe_held) = (addr(&engine, "echo"), addr(&engine, "reset"), addr(&engine, "held"));
     for i in 0..50u32 {
         // A normal exchange and close.
         let mut c = connect(fe_echo);
@@ -49,38 +45,21 @@ fn resets_and_closes_leave_no_socket_or_descriptor_behind() {
         c.write_all(&vec![7u8; 300_000]).unwrap();
         reset(c);
     }
-    wait_until(
-        "the engine to close every connection",
-        Duration::from_secs(10),
-        || engine.stats().total(|w| w.active) == 0,
-    );
-    for port in [
-        fe_echo.port(),
-        fe_reset.port(),
-        fe_held.port(),
-        echo.addr.port(),
-        resetting.addr.port(),
-        held.addr.port(),
-    ] {
-        wait_until(
-            &format!("no open socket on port {port}"),
-            Duration::from_secs(5),
-            || open_sockets_on_port(port).is_empty(),
-        );
+    wait_until("the engine to close every connection", Duration::from_secs(10), || {
+        engine.stats().total(|w| w.active) == 0
+    });
+    for port in
+        [fe_echo.port(), fe_reset.port(), fe_held.port(), echo.addr.port(), resetting.addr.port(), held.addr.port()]
+    {
+        wait_until(&format!("no open socket on port {port}"), Duration::from_secs(5), || {
+            open_sockets_on_port(port).is_empty()
+        });
     }
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.accepted), 200);
     assert_eq!(stats.total(|w| w.closed), 200);
-    assert_eq!(
-        stats.total(|w| w.pipes_in_use),
-        0,
-        "every pipe is back in its pool"
-    );
+    assert_eq!(stats.total(|w| w.pipes_in_use), 0, "every pipe is back in its pool");
     engine.shutdown();
-    assert_eq!(
-        open_fds(),
-        fds_with_backends,
-        "the engine left descriptors open"
-    );
+    assert_eq!(open_fds(), fds_with_backends, "the engine left descriptors open");
     assert!(fds_with_backends >= fds_before);
 }

@@ -12,10 +12,7 @@ use common::*;
 
 /// Opens `n` clients that each send their number, wait for its echo, then wait for the close.
 /// Returns the join handles and a counter of clients whose echo came back.
-fn clients(
-    proxy: std::net::SocketAddr,
-    n: usize,
-) -> (Vec<thread::JoinHandle<()>>, Arc<AtomicUsize>) {
+fn clients(proxy: std::net::SocketAddr, n: usize) -> (Vec<thread::JoinHandle<()>>, Arc<AtomicUsize>) {
     let served = Arc::new(AtomicUsize::new(0));
     let handles = (0..n)
         .map(|i| {
@@ -45,19 +42,11 @@ fn global_maxconn_is_exact_across_two_workers() {
         backend.addr
     ));
     let (handles, served) = clients(addr(&engine, "fe"), 150);
-    wait_until(
-        "100 connections at the server",
-        Duration::from_secs(10),
-        || backend.active() == 100,
-    );
+    wait_until("100 connections at the server", Duration::from_secs(10), || backend.active() == 100);
     thread::sleep(Duration::from_millis(500));
     assert_eq!(backend.active(), 100, "exactly 100 proxied at once");
     assert_eq!(backend.state.max_active.load(Ordering::SeqCst), 100);
-    assert_eq!(
-        served.load(Ordering::SeqCst),
-        100,
-        "the other 50 are waiting, not refused"
-    );
+    assert_eq!(served.load(Ordering::SeqCst), 100, "the other 50 are waiting, not refused");
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.active), 100);
     assert!(stats.total(|w| w.limit_hits.global) > 0);
@@ -68,16 +57,8 @@ fn global_maxconn_is_exact_across_two_workers() {
     }
     assert_eq!(served.load(Ordering::SeqCst), 150);
     assert_eq!(backend.total(), 150);
-    assert_eq!(
-        backend.state.max_active.load(Ordering::SeqCst),
-        100,
-        "never more than 100"
-    );
-    wait_until(
-        "the proxy to close everything",
-        Duration::from_secs(5),
-        || engine.stats().total(|w| w.active) == 0,
-    );
+    assert_eq!(backend.state.max_active.load(Ordering::SeqCst), 100, "never more than 100");
+    wait_until("the proxy to close everything", Duration::from_secs(5), || engine.stats().total(|w| w.active) == 0);
 }
 
 #[test]
@@ -89,14 +70,8 @@ fn server_maxconn_queues_and_serves_in_turn() {
         backend.addr
     ));
     let (handles, served) = clients(addr(&engine, "fe"), 12);
-    wait_until(
-        "5 connections at the server",
-        Duration::from_secs(10),
-        || backend.active() == 5,
-    );
-    wait_until("7 connections queued", Duration::from_secs(5), || {
-        engine.stats().total(|w| w.queued) == 7
-    });
+    wait_until("5 connections at the server", Duration::from_secs(10), || backend.active() == 5);
+    wait_until("7 connections queued", Duration::from_secs(5), || engine.stats().total(|w| w.queued) == 7);
     thread::sleep(Duration::from_millis(300));
     assert_eq!(backend.active(), 5);
     assert_eq!(served.load(Ordering::SeqCst), 5);
@@ -126,18 +101,10 @@ fn queue_timeout_closes_the_waiting_client() {
     let t = std::time::Instant::now();
     let (got, _) = read_to_end(&mut second);
     assert!(got.is_empty());
-    assert!(
-        t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.timeouts.queue), 1);
-    assert_eq!(
-        backend.total(),
-        1,
-        "the queued client never reached the server"
-    );
+    assert_eq!(backend.total(), 1, "the queued client never reached the server");
     echo_once(&mut first, b"still fine");
 }
 
@@ -146,12 +113,7 @@ fn queue_timeout_closes_the_waiting_client() {
 fn landed_on(engine: &ringproxy::Engine, before: &[u64]) -> Option<usize> {
     let start = std::time::Instant::now();
     while start.elapsed() < Duration::from_millis(300) {
-        let now: Vec<u64> = engine
-            .stats()
-            .workers
-            .iter()
-            .map(|w| w.accepted + w.parked)
-            .collect();
+        let now: Vec<u64> = engine.stats().workers.iter().map(|w| w.accepted + w.parked).collect();
         if let Some(w) = now.iter().zip(before).position(|(a, b)| a > b) {
             return Some(w);
         }
@@ -175,16 +137,8 @@ fn global_maxconn_is_reached_when_one_worker_gets_every_connection() {
     // 50 and must borrow the other 50 from worker 1 to reach the global limit.
     while kept.len() < 100 {
         tries += 1;
-        assert!(
-            tries < 2000,
-            "SO_REUSEPORT never picked worker 0 often enough"
-        );
-        let before: Vec<u64> = engine
-            .stats()
-            .workers
-            .iter()
-            .map(|w| w.accepted + w.parked)
-            .collect();
+        assert!(tries < 2000, "SO_REUSEPORT never picked worker 0 often enough");
+        let before: Vec<u64> = engine.stats().workers.iter().map(|w| w.accepted + w.parked).collect();
         let mut c = connect(proxy);
         let on = landed_on(&engine, &before);
         if on == Some(0) {
@@ -192,18 +146,13 @@ fn global_maxconn_is_reached_when_one_worker_gets_every_connection() {
             kept.push(c);
         } else {
             drop(c);
-            wait_until("worker 1 to close it", Duration::from_secs(5), || {
-                engine.stats().workers[1].active == 0
-            });
+            wait_until("worker 1 to close it", Duration::from_secs(5), || engine.stats().workers[1].active == 0);
         }
     }
     let stats = engine.stats();
     assert_eq!(backend.active(), 100);
     assert_eq!(stats.workers[0].active, 100);
-    assert_eq!(
-        stats.workers[0].global_share, 100,
-        "worker 0 borrowed worker 1's unused share"
-    );
+    assert_eq!(stats.workers[0].global_share, 100, "worker 0 borrowed worker 1's unused share");
     assert_eq!(stats.workers[1].global_share, 0);
     assert_eq!(stats.workers[0].share_borrowed, 50);
     // One more on either worker waits: the limit is reached exactly.
@@ -211,20 +160,14 @@ fn global_maxconn_is_reached_when_one_worker_gets_every_connection() {
     for _ in 0..6 {
         extra.push(connect(proxy));
     }
-    wait_until(
-        "the extra connections to be parked",
-        Duration::from_secs(5),
-        || engine.stats().total(|w| w.parked) >= 1,
-    );
+    wait_until("the extra connections to be parked", Duration::from_secs(5), || {
+        engine.stats().total(|w| w.parked) >= 1
+    });
     thread::sleep(Duration::from_millis(300));
     assert_eq!(backend.active(), 100, "the limit holds");
     // Closing one kept connection lets exactly one waiting connection in.
     drop(kept.pop());
-    wait_until(
-        "a waiting connection to be proxied",
-        Duration::from_secs(5),
-        || backend.total() >= 101,
-    );
+    wait_until("a waiting connection to be proxied", Duration::from_secs(5), || backend.total() >= 101);
     thread::sleep(Duration::from_millis(300));
     assert_eq!(backend.active(), 100);
     assert_eq!(backend.state.max_active.load(Ordering::SeqCst), 100);

@@ -24,10 +24,7 @@ fn size_for(id: u64, dir: u64) -> u64 {
             let mut b = [0u8; 8];
             s.fill(&mut b);
             let u = (u64::from_le_bytes(b) >> 11) as f64 / (1u64 << 53) as f64;
-            ((8.0 * MIB as f64).ln() * u)
-                .exp()
-                .max(1.0)
-                .min(8.0 * MIB as f64) as u64
+            ((8.0 * MIB as f64).ln() * u).exp().max(1.0).min(8.0 * MIB as f64) as u64
         }
     }
 }
@@ -171,11 +168,9 @@ fn integrity_1000_concurrent_connections_random_sizes_both_ways() {
         }
         panic!("{failed} clients failed");
     }
-    wait_until(
-        "the backend to record every upload",
-        Duration::from_secs(30),
-        || ledger.lock().unwrap().received.len() == 2 * N as usize,
-    );
+    wait_until("the backend to record every upload", Duration::from_secs(30), || {
+        ledger.lock().unwrap().received.len() == 2 * N as usize
+    });
     let l = ledger.lock().unwrap();
     let mut bytes = [0u64; 2];
     for id in 0..N {
@@ -183,24 +178,13 @@ fn integrity_1000_concurrent_connections_random_sizes_both_ways() {
             let sent = l.sent[&(id, dir)];
             let got = l.received[&(id, dir)];
             assert_eq!(got.0, sent.0, "connection {id} direction {dir}: byte count");
-            assert_eq!(
-                got.1, sent.1,
-                "connection {id} direction {dir}: SHA-256 differs"
-            );
+            assert_eq!(got.1, sent.1, "connection {id} direction {dir}: SHA-256 differs");
             bytes[dir as usize] += sent.0;
         }
     }
     let stats = engine.stats();
-    assert_eq!(
-        stats.total(|w| w.bytes_client_to_server),
-        bytes[0] + 24 * N,
-        "bytes counted client→server"
-    );
-    assert_eq!(
-        stats.total(|w| w.bytes_server_to_client),
-        bytes[1],
-        "bytes counted server→client"
-    );
+    assert_eq!(stats.total(|w| w.bytes_client_to_server), bytes[0] + 24 * N, "bytes counted client→server");
+    assert_eq!(stats.total(|w| w.bytes_server_to_client), bytes[1], "bytes counted server→client");
     assert_eq!(stats.total(|w| w.accepted), N);
     eprintln!(
         "{} MiB up, {} MiB down through 1000 concurrent connections in {:?}",
@@ -208,9 +192,7 @@ fn integrity_1000_concurrent_connections_random_sizes_both_ways() {
         bytes[1] / MIB,
         start.elapsed()
     );
-    wait_until("every connection to close", Duration::from_secs(10), || {
-        engine.stats().total(|w| w.active) == 0
-    });
+    wait_until("every connection to close", Duration::from_secs(10), || engine.stats().total(|w| w.active) == 0);
 }
 
 #[test]
@@ -219,8 +201,7 @@ fn half_close_keeps_the_other_direction_flowing() {
     let backend = l.local_addr().unwrap();
     let server = thread::spawn(move || {
         let (mut conn, _) = l.accept().unwrap();
-        conn.set_read_timeout(Some(Duration::from_secs(30)))
-            .unwrap();
+        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let (n, hash) = recv_stream(&mut conn);
         // The client's EOF arrived while this side is still open: now answer.
         let sent = send_stream(&mut conn, 7, MIB);
@@ -238,10 +219,7 @@ fn half_close_keeps_the_other_direction_flowing() {
     let (up_n, up_hash, down_sent) = server.join().unwrap();
     assert_eq!(up_n, 10 * MIB, "the server got all 10 MiB before EOF");
     assert_eq!(up_hash, up);
-    assert_eq!(
-        down_n, MIB,
-        "the client got the whole 1 MiB reply after its own EOF"
-    );
+    assert_eq!(down_n, MIB, "the client got the whole 1 MiB reply after its own EOF");
     assert_eq!(down_hash, down_sent);
 }
 
@@ -258,20 +236,11 @@ fn client_reset_closes_the_server_side() {
     assert_eq!(backend.active(), 1);
     let t = Instant::now();
     reset(c);
-    wait_until(
-        "the server side to be closed",
-        Duration::from_secs(1),
-        || backend.active() == 0,
-    );
-    eprintln!(
-        "server side closed {:?} after the client's reset",
-        t.elapsed()
-    );
-    wait_until(
-        "the proxy to forget the connection",
-        Duration::from_secs(1),
-        || engine.stats().total(|w| w.active) == 0,
-    );
+    wait_until("the server side to be closed", Duration::from_secs(1), || backend.active() == 0);
+    eprintln!("server side closed {:?} after the client's reset", t.elapsed());
+    wait_until("the proxy to forget the connection", Duration::from_secs(1), || {
+        engine.stats().total(|w| w.active) == 0
+    });
     assert_eq!(engine.stats().total(|w| w.resets_from_client), 1);
 }
 
@@ -291,10 +260,8 @@ fn server_reset_reaches_the_client_as_a_reset() {
     let err = err.expect("the client sees an error, not a clean EOF");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
     assert!(t.elapsed() < Duration::from_secs(1));
-    wait_until(
-        "the proxy to forget the connection",
-        Duration::from_secs(1),
-        || engine.stats().total(|w| w.active) == 0,
-    );
+    wait_until("the proxy to forget the connection", Duration::from_secs(1), || {
+        engine.stats().total(|w| w.active) == 0
+    });
     assert_eq!(engine.stats().total(|w| w.resets_from_server), 1);
 }

@@ -11,15 +11,13 @@ use common::*;
 /// A listener whose accept queue is full, so further SYNs are dropped and connects hang.
 fn blackhole() -> (socket2::Socket, Vec<socket2::Socket>, SocketAddr) {
     let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
-        .unwrap();
+    l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
     l.listen(0).unwrap();
     let addr = l.local_addr().unwrap().as_socket().unwrap();
     // With backlog 0 one connection fills the queue; a second one sits in SYN-SENT.
     let fillers = (0..2)
         .map(|_| {
-            let s =
-                socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             s.set_nonblocking(true).unwrap();
             let _ = s.connect(&addr.into());
             s
@@ -42,14 +40,8 @@ fn connect_timeout_when_the_server_never_answers() {
     let (got, _) = read_to_end(&mut c);
     let waited = t.elapsed();
     assert!(got.is_empty());
-    assert!(
-        waited >= Duration::from_millis(250),
-        "closed after {waited:?}, before the connect timeout"
-    );
-    assert!(
-        waited < Duration::from_secs(3),
-        "closed only after {waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(250), "closed after {waited:?}, before the connect timeout");
+    assert!(waited < Duration::from_secs(3), "closed only after {waited:?}");
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.connect_errors.timeout), 1);
     assert_eq!(stats.total(|w| w.failed), 1);
@@ -65,22 +57,13 @@ fn client_idle_timeout_closes_both_sides() {
         backend.addr
     ));
     let mut c = connect(addr(&engine, "fe"));
-    wait_until(
-        "the server to see the connection",
-        Duration::from_secs(2),
-        || backend.active() == 1,
-    );
+    wait_until("the server to see the connection", Duration::from_secs(2), || backend.active() == 1);
     let t = Instant::now();
     let (got, err) = read_to_end(&mut c);
-    assert!(
-        got.is_empty() && err.is_none(),
-        "the client sees a clean close: {err:?}"
-    );
+    assert!(got.is_empty() && err.is_none(), "the client sees a clean close: {err:?}");
     let waited = t.elapsed();
     assert!(waited < Duration::from_secs(2), "closed after {waited:?}");
-    wait_until("the server side to close", Duration::from_secs(1), || {
-        backend.active() == 0
-    });
+    wait_until("the server side to close", Duration::from_secs(1), || backend.active() == 0);
     assert_eq!(engine.stats().total(|w| w.timeouts.client), 1);
 }
 
@@ -98,14 +81,8 @@ fn server_idle_timeout_closes_both_sides() {
     let t = Instant::now();
     let (got, err) = read_to_end(&mut c);
     assert!(got.is_empty() && err.is_none(), "{err:?}");
-    assert!(
-        t.elapsed() < Duration::from_secs(2),
-        "closed after {:?}",
-        t.elapsed()
-    );
-    wait_until("the server side to close", Duration::from_secs(1), || {
-        backend.active() == 0
-    });
+    assert!(t.elapsed() < Duration::from_secs(2), "closed after {:?}", t.elapsed());
+    wait_until("the server side to close", Duration::from_secs(1), || backend.active() == 0);
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.timeouts.server), 1);
     assert_eq!(stats.total(|w| w.timeouts.client), 0);
@@ -126,10 +103,5 @@ fn an_active_connection_does_not_time_out() {
         echo_once(&mut c, &i.to_le_bytes());
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        engine
-            .stats()
-            .total(|w| w.timeouts.client + w.timeouts.server),
-        0
-    );
+    assert_eq!(engine.stats().total(|w| w.timeouts.client + w.timeouts.server), 0);
 }

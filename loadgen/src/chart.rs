@@ -21,18 +21,12 @@ use crate::stats::{Hist, Measurement, Sample};
 pub fn check_path(path: &Path) -> Result<()> {
     match ext(path).as_str() {
         "svg" | "html" | "htm" => Ok(()),
-        _ => bail!(
-            "--report {}: the file name must end in .svg or .html",
-            path.display()
-        ),
+        _ => bail!("--report {}: the file name must end in .svg or .html", path.display()),
     }
 }
 
 fn ext(path: &Path) -> String {
-    path.extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase()
+    path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase()
 }
 
 pub fn write(path: &Path, r: &Report, m: &Measurement) -> Result<()> {
@@ -55,9 +49,7 @@ pub fn write(path: &Path, r: &Report, m: &Measurement) -> Result<()> {
 }
 
 fn escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 fn err<E: std::fmt::Debug>(e: E) -> anyhow::Error {
@@ -72,12 +64,7 @@ fn rates(tl: &[Sample], f: impl Fn(&Sample) -> u64, scale: f64) -> Vec<(f64, f64
     tl.windows(2)
         .filter_map(|w| {
             let dt = w[1].t_s - w[0].t_s;
-            (dt > 0.0).then(|| {
-                (
-                    w[1].t_s,
-                    f(&w[1]).saturating_sub(f(&w[0])) as f64 / dt * scale,
-                )
-            })
+            (dt > 0.0).then(|| (w[1].t_s, f(&w[1]).saturating_sub(f(&w[0])) as f64 / dt * scale))
         })
         .collect()
 }
@@ -93,38 +80,22 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
             "hold" => (
                 "connections over time",
                 "open connections",
-                vec![(
-                    "open",
-                    BLUE,
-                    tl.iter().map(|s| (s.t_s, s.open as f64)).collect(),
-                )],
+                vec![("open", BLUE, tl.iter().map(|s| (s.t_s, s.open as f64)).collect())],
             ),
             "throughput" => (
                 "throughput over time",
                 "Gbit/s",
-                vec![
-                    ("up", BLUE, rates(tl, |s| s.up_bytes, 8e-9)),
-                    ("down", RED, rates(tl, |s| s.down_bytes, 8e-9)),
-                ],
+                vec![("up", BLUE, rates(tl, |s| s.up_bytes, 8e-9)), ("down", RED, rates(tl, |s| s.down_bytes, 8e-9))],
             ),
             "rate" => (
                 "connections per second",
                 "connections/s",
                 vec![("completed/s", BLUE, rates(tl, |s| s.completed, 1.0))],
             ),
-            _ => (
-                "requests per second",
-                "requests/s",
-                vec![("responses/s", BLUE, rates(tl, |s| s.completed, 1.0))],
-            ),
+            _ => ("requests per second", "requests/s", vec![("responses/s", BLUE, rates(tl, |s| s.completed, 1.0))]),
         };
         let tmax = tl.last().map_or(1.0, |s| s.t_s).max(0.1);
-        let ymax = series
-            .iter()
-            .flat_map(|(_, _, p)| p.iter().map(|&(_, y)| y))
-            .fold(0.0f64, f64::max)
-            .max(1.0)
-            * 1.1;
+        let ymax = series.iter().flat_map(|(_, _, p)| p.iter().map(|&(_, y)| y)).fold(0.0f64, f64::max).max(1.0) * 1.1;
         let mut chart = ChartBuilder::on(&top)
             .caption(format!("ringload {}: {title}", r.mode), ("sans-serif", 20))
             .margin(15)
@@ -144,16 +115,9 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(err)?
                 .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
-        chart
-            .configure_series_labels()
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(err)?;
+        chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(err)?;
 
         let mut curves: Vec<(&str, RGBColor, &Hist)> = Vec::new();
         if !m.latency.is_empty() {
@@ -166,23 +130,12 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
             curves.push((name, BLUE, &m.latency));
         }
         if !m.latency_uncorrected.is_empty() {
-            curves.push((
-                "uncorrected (from actual send)",
-                RED,
-                &m.latency_uncorrected,
-            ));
+            curves.push(("uncorrected (from actual send)", RED, &m.latency_uncorrected));
         }
         if curves.is_empty() && !m.connect_latency.is_empty() {
             curves.push(("connect time", BLUE, &m.connect_latency));
         }
-        let lmax = curves
-            .iter()
-            .map(|(_, _, h)| h.0.max())
-            .max()
-            .unwrap_or(1)
-            .max(1) as f64
-            / 1000.0
-            * 1.1;
+        let lmax = curves.iter().map(|(_, _, h)| h.0.max()).max().unwrap_or(1).max(1) as f64 / 1000.0 * 1.1;
         let mut chart = ChartBuilder::on(&bottom)
             .caption("latency distribution", ("sans-serif", 20))
             .margin(15)
@@ -212,9 +165,7 @@ fn render(r: &Report, m: &Measurement) -> Result<String> {
                 .draw_series(LineSeries::new(pts, color.stroke_width(2)))
                 .map_err(err)?
                 .label(name)
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         }
         chart
             .configure_series_labels()

@@ -185,13 +185,9 @@ fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 /// `30s`, `500ms`, `2m`, `1h`, `10us` or a plain number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (try 30s, 500ms, 2m)"))?;
+    let v: f64 = num.parse().map_err(|_| format!("{s:?} is not a duration (try 30s, 500ms, 2m)"))?;
     let secs = match unit.trim() {
         "" | "s" => v,
         "ms" => v / 1e3,
@@ -199,9 +195,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => v * 60.0,
         "h" => v * 3600.0,
         u => {
-            return Err(format!(
-                "unknown duration unit {u:?} in {s:?} (use s, ms, us, m or h)"
-            ));
+            return Err(format!("unknown duration unit {u:?} in {s:?} (use s, ms, us, m or h)"));
         }
     };
     if !secs.is_finite() || !(0.0..=365.0 * 86400.0).contains(&secs) {
@@ -217,10 +211,7 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
         Some((n, p)) => (n, p.trim()),
         None => (s, "s"),
     };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("{s:?} is not a rate (try 5000/s)"))?;
+    let v: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a rate (try 5000/s)"))?;
     let v = match per {
         "s" => v,
         "m" | "min" => v / 60.0,
@@ -237,9 +228,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let v: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (try 64, 16KiB, 1MiB)"))?;
+    let v: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (try 64, 16KiB, 1MiB)"))?;
     let mul = match unit.trim() {
         "" | "B" => 1,
         "K" | "KiB" | "k" | "KB" => 1024,

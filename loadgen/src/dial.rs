@@ -29,11 +29,7 @@ pub struct Endpoints {
 impl Endpoints {
     pub fn new(targets: Vec<SocketAddr>, sources: Vec<IpAddr>) -> Endpoints {
         let target_addrs = targets.iter().map(|t| SockAddr::from(*t)).collect();
-        Endpoints {
-            targets,
-            target_addrs,
-            sources,
-        }
+        Endpoints { targets, target_addrs, sources }
     }
 
     /// `(source, target index)` for a process-local connection number.
@@ -51,11 +47,7 @@ impl Endpoints {
 /// Create a TCP socket for `target`, bound to `source` (port chosen at
 /// connect time). Returns the errno on failure.
 pub fn open_socket(source: Option<IpAddr>, target: &SocketAddr) -> Result<OwnedFd, i32> {
-    let domain = if target.is_ipv4() {
-        libc::AF_INET
-    } else {
-        libc::AF_INET6
-    };
+    let domain = if target.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
     // SAFETY: plain syscall; the returned fd is owned right below.
     let fd = unsafe { libc::socket(domain, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
     if fd < 0 {
@@ -82,21 +74,13 @@ pub fn open_socket(source: Option<IpAddr>, target: &SocketAddr) -> Result<OwnedF
 pub fn set_int_opt(fd: RawFd, level: i32, name: i32, value: i32) -> Result<(), i32> {
     // SAFETY: passes a pointer to a local i32 and its size.
     let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
+        libc::setsockopt(fd, level, name, (&value as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
     };
     if r != 0 { Err(last_errno()) } else { Ok(()) }
 }
 
 pub fn last_errno() -> i32 {
-    std::io::Error::last_os_error()
-        .raw_os_error()
-        .unwrap_or(libc::EIO)
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
 }
 
 /// Queue a connect of `fd` to `addr` linked to a timeout of `timeout`.
@@ -120,9 +104,8 @@ pub unsafe fn push_connect(
         .build()
         .flags(squeue::Flags::IO_LINK)
         .user_data(Tag::new(slot, generation, Op::Connect).encode());
-    let link = opcode::LinkTimeout::new(timeout)
-        .build()
-        .user_data(Tag::new(slot, generation, Op::ConnectTimeout).encode());
+    let link =
+        opcode::LinkTimeout::new(timeout).build().user_data(Tag::new(slot, generation, Op::ConnectTimeout).encode());
     // SAFETY: forwarded from this function's contract.
     unsafe { ring.push_pair(&connect, &link) }
 }
@@ -138,11 +121,7 @@ pub struct Pacer {
 
 impl Pacer {
     pub fn new(rate: f64, start: Instant) -> Pacer {
-        Pacer {
-            rate,
-            start,
-            issued: 0,
-        }
+        Pacer { rate, start, issued: 0 }
     }
 
     /// How many more attempts may start now (at most `cap`).
@@ -175,15 +154,8 @@ mod tests {
     #[test]
     fn pairs_spread_evenly() {
         let e = Endpoints::new(
-            vec![
-                "127.0.0.1:1".parse().unwrap(),
-                "127.0.0.1:2".parse().unwrap(),
-            ],
-            vec![
-                "127.0.1.1".parse().unwrap(),
-                "127.0.1.2".parse().unwrap(),
-                "127.0.1.3".parse().unwrap(),
-            ],
+            vec!["127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap()],
+            vec!["127.0.1.1".parse().unwrap(), "127.0.1.2".parse().unwrap(), "127.0.1.3".parse().unwrap()],
         );
         let mut counts = std::collections::HashMap::new();
         for n in 0..600 {

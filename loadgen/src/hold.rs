@@ -49,10 +49,7 @@ impl ClientMode for HoldArgs {
     }
     fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.conns > 0, "--conns must be at least 1");
-        anyhow::ensure!(
-            self.heartbeat >= Duration::from_millis(10),
-            "--heartbeat must be at least 10ms"
-        );
+        anyhow::ensure!(self.heartbeat >= Duration::from_millis(10), "--heartbeat must be at least 10ms");
         Ok(())
     }
     fn run_worker(&self, plan: &WorkerPlan, progress: &Progress) -> Result<Measurement> {
@@ -130,10 +127,7 @@ impl<'a> Worker<'a> {
             ramp: args.ramp,
             plan,
             progress,
-            m: Measurement {
-                planned: plan.conns,
-                ..Default::default()
-            },
+            m: Measurement { planned: plan.conns, ..Default::default() },
             resolved: 0,
             open: 0,
         })
@@ -172,8 +166,7 @@ impl<'a> Worker<'a> {
         let drain_end = Instant::now() + DRAIN;
         while Instant::now() < drain_end {
             let waiting = self.conns.iter().any(|c| {
-                c.state == State::Connecting
-                    || (c.state == State::Open && c.sent_at.is_some() && !c.lost_marked)
+                c.state == State::Connecting || (c.state == State::Open && c.sent_at.is_some() && !c.lost_marked)
             });
             if !waiting {
                 break;
@@ -209,14 +202,7 @@ impl<'a> Worker<'a> {
                 // timespec in `self.timeout` (same), and the fd is stored in
                 // the slot and only closed after the connect completion.
                 unsafe {
-                    dial::push_connect(
-                        &mut self.ring,
-                        &fd,
-                        &self.endpoints.target_addrs[t],
-                        &self.timeout,
-                        slot,
-                        0,
-                    )?
+                    dial::push_connect(&mut self.ring, &fd, &self.endpoints.target_addrs[t], &self.timeout, slot, 0)?
                 };
                 c.fd = Some(fd);
                 Ok(())
@@ -294,13 +280,9 @@ impl<'a> Worker<'a> {
             return Ok(());
         };
         let len = (HEADER - c.rlen) as u32;
-        let e = opcode::Recv::new(
-            types::Fd(fd.as_raw_fd()),
-            c.rbuf[c.rlen..].as_mut_ptr(),
-            len,
-        )
-        .build()
-        .user_data(Tag::new(slot, 0, Op::Recv).encode());
+        let e = opcode::Recv::new(types::Fd(fd.as_raw_fd()), c.rbuf[c.rlen..].as_mut_ptr(), len)
+            .build()
+            .user_data(Tag::new(slot, 0, Op::Recv).encode());
         // SAFETY: `rbuf` lives in `self.conns`, which is never resized and
         // outlives every operation in flight (see module invariants); at
         // most one recv per slot is armed, so nothing else writes there.
@@ -314,14 +296,10 @@ impl<'a> Worker<'a> {
             return Ok(());
         };
         c.send_busy = true;
-        let e = opcode::Send::new(
-            types::Fd(fd.as_raw_fd()),
-            c.sbuf[c.sent..].as_ptr(),
-            (HEADER - c.sent) as u32,
-        )
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(Tag::new(slot, 0, Op::Send).encode());
+        let e = opcode::Send::new(types::Fd(fd.as_raw_fd()), c.sbuf[c.sent..].as_ptr(), (HEADER - c.sent) as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(Tag::new(slot, 0, Op::Send).encode());
         // SAFETY: `sbuf` lives in `self.conns` (never resized, outlives the
         // ring's operations) and is not rewritten until its echo has arrived,
         // which is after this send completed.
@@ -362,11 +340,7 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         if res <= 0 {
-            let cause = if res == 0 {
-                Cause::Other
-            } else {
-                Cause::from_errno(errno(res))
-            };
+            let cause = if res == 0 { Cause::Other } else { Cause::from_errno(errno(res)) };
             self.drop_conn(slot, cause);
             return Ok(());
         }
@@ -382,11 +356,7 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         if res <= 0 {
-            let cause = if res == 0 {
-                Cause::PeerClosed
-            } else {
-                Cause::from_errno(errno(res))
-            };
+            let cause = if res == 0 { Cause::PeerClosed } else { Cause::from_errno(errno(res)) };
             self.drop_conn(slot, cause);
             return Ok(());
         }
@@ -426,16 +396,11 @@ impl<'a> Worker<'a> {
                 _ => {}
             }
         }
-        let fds = self
-            .conns
-            .iter()
-            .filter_map(|c| c.fd.as_ref().map(|f| f.as_raw_fd()));
+        let fds = self.conns.iter().filter_map(|c| c.fd.as_ref().map(|f| f.as_raw_fd()));
         let drained = drain_ring(&mut self.ring, fds);
         self.m.window_s = self.plan.start.elapsed().as_secs_f64();
         let m = std::mem::take(&mut self.m);
-        self.progress
-            .open
-            .fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
+        self.progress.open.fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
         if !drained {
             // The kernel still holds operations pointing into `conns`: leak
             // the buffers rather than free memory it may write to.

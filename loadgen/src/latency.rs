@@ -46,10 +46,7 @@ impl ClientMode for LatencyArgs {
     }
     fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.conns > 0, "--conns must be at least 1");
-        anyhow::ensure!(
-            self.size >= HEADER as u64,
-            "--size must be at least {HEADER} bytes (the message header)"
-        );
+        anyhow::ensure!(self.size >= HEADER as u64, "--size must be at least {HEADER} bytes (the message header)");
         anyhow::ensure!(
             self.rate / self.conns as f64 <= 1e6,
             "--rate {} over {} connections is more than 1M requests/s per connection; add --conns",
@@ -124,10 +121,7 @@ impl<'a> Worker<'a> {
             total_conns: args.conns,
             plan,
             progress,
-            m: Measurement {
-                planned: plan.conns,
-                ..Default::default()
-            },
+            m: Measurement { planned: plan.conns, ..Default::default() },
             open: 0,
             stopping: false,
         })
@@ -146,11 +140,7 @@ impl<'a> Worker<'a> {
                 self.timers.pop();
                 self.send_due(slot, now)?;
             }
-            let mut wait = self
-                .plan
-                .deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(100));
+            let mut wait = self.plan.deadline.saturating_duration_since(now).min(Duration::from_millis(100));
             if let Some(&Reverse((at, _))) = self.timers.peek() {
                 wait = wait.min(at.saturating_duration_since(now));
             }
@@ -160,10 +150,7 @@ impl<'a> Worker<'a> {
         let window_end = Instant::now();
         let end = window_end + DRAIN;
         while Instant::now() < end
-            && self
-                .conns
-                .iter()
-                .any(|c| c.state == State::Connecting || (c.state == State::Open && c.outstanding))
+            && self.conns.iter().any(|c| c.state == State::Connecting || (c.state == State::Open && c.outstanding))
         {
             self.poll(Duration::from_millis(20))?;
         }
@@ -178,15 +165,9 @@ impl<'a> Worker<'a> {
                 _ => {}
             }
         }
-        let fds: Vec<_> = self
-            .conns
-            .iter()
-            .filter_map(|c| c.fd.as_ref().map(|f| f.as_raw_fd()))
-            .collect();
+        let fds: Vec<_> = self.conns.iter().filter_map(|c| c.fd.as_ref().map(|f| f.as_raw_fd())).collect();
         let drained = drain_ring(&mut self.ring, fds.into_iter());
-        self.progress
-            .open
-            .fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
+        self.progress.open.fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
         let m = std::mem::take(&mut self.m);
         if !drained {
             // The kernel still holds operations pointing into the buffers: leak them.
@@ -206,10 +187,7 @@ impl<'a> Worker<'a> {
     fn dial(&mut self, i: u32) -> Result<()> {
         self.m.attempted += 1;
         Progress::inc(&self.progress.attempted);
-        let (src, t) = self
-            .plan
-            .endpoints
-            .pick(self.plan.local_first + u64::from(i));
+        let (src, t) = self.plan.endpoints.pick(self.plan.local_first + u64::from(i));
         match dial::open_socket(src, &self.plan.endpoints.targets[t]) {
             Err(e) => {
                 self.m.failed.add(Cause::from_errno(e));
@@ -223,14 +201,7 @@ impl<'a> Worker<'a> {
                 // `self.timeout` live, unmodified, for the worker's life; the
                 // fd is kept in the slot until the ring is drained.
                 unsafe {
-                    dial::push_connect(
-                        &mut self.ring,
-                        &fd,
-                        &self.plan.endpoints.target_addrs[t],
-                        &self.timeout,
-                        i,
-                        0,
-                    )?
+                    dial::push_connect(&mut self.ring, &fd, &self.plan.endpoints.target_addrs[t], &self.timeout, i, 0)?
                 };
                 c.fd = Some(fd);
             }
@@ -282,9 +253,7 @@ impl<'a> Worker<'a> {
                 self.m.connect_latency.record_duration(now - c.started);
                 // Spread connections over the interval: i/C of a period.
                 let global = self.plan.first_id + u64::from(slot);
-                let phase = self
-                    .interval
-                    .mul_f64((global % self.total_conns) as f64 / self.total_conns as f64);
+                let phase = self.interval.mul_f64((global % self.total_conns) as f64 / self.total_conns as f64);
                 let c = &mut self.conns[slot as usize];
                 c.state = State::Open;
                 c.base = now + phase;
@@ -374,9 +343,7 @@ impl<'a> Worker<'a> {
             return Ok(());
         };
         let (ptr, len) = c.x.recv_window();
-        let e = opcode::Recv::new(types::Fd(fd), ptr, len)
-            .build()
-            .user_data(Tag::new(slot, 0, Op::Recv).encode());
+        let e = opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(Tag::new(slot, 0, Op::Recv).encode());
         // SAFETY: the echo buffer lives in the slot's Exchange (allocated
         // once, kept until the ring is drained); one recv per slot at a time.
         unsafe { self.ring.push(&e)? };

@@ -43,10 +43,7 @@ impl ClientMode for RateArgs {
     }
     fn validate(&self) -> Result<()> {
         anyhow::ensure!(self.concurrency > 0, "--concurrency must be at least 1");
-        anyhow::ensure!(
-            self.size >= HEADER as u64,
-            "--size must be at least {HEADER} bytes (the message header)"
-        );
+        anyhow::ensure!(self.size >= HEADER as u64, "--size must be at least {HEADER} bytes (the message header)");
         Ok(())
     }
     fn run_worker(&self, plan: &WorkerPlan, progress: &Progress) -> Result<Measurement> {
@@ -123,11 +120,7 @@ impl<'a> Worker<'a> {
                 self.retry.pop_front();
                 self.dial(slot)?;
             }
-            let mut wait = self
-                .plan
-                .deadline
-                .saturating_duration_since(now)
-                .min(Duration::from_millis(100));
+            let mut wait = self.plan.deadline.saturating_duration_since(now).min(Duration::from_millis(100));
             if let Some(&(at, _)) = self.retry.front() {
                 wait = wait.min(at.saturating_duration_since(now));
             }
@@ -147,15 +140,9 @@ impl<'a> Worker<'a> {
             }
         }
         self.m.planned = self.m.attempted;
-        let fds: Vec<_> = self
-            .slots
-            .iter()
-            .filter_map(|s| s.fd.as_ref().map(|f| f.as_raw_fd()))
-            .collect();
+        let fds: Vec<_> = self.slots.iter().filter_map(|s| s.fd.as_ref().map(|f| f.as_raw_fd())).collect();
         let drained = drain_ring(&mut self.ring, fds.into_iter());
-        self.progress
-            .open
-            .fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
+        self.progress.open.fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
         let m = std::mem::take(&mut self.m);
         if !drained {
             // The kernel still holds operations pointing into the slots: leak them.
@@ -324,9 +311,8 @@ impl<'a> Worker<'a> {
             return Ok(());
         };
         let (ptr, len) = s.x.recv_window();
-        let e = opcode::Recv::new(types::Fd(fd), ptr, len)
-            .build()
-            .user_data(Tag::new(slot, generation, Op::Recv).encode());
+        let e =
+            opcode::Recv::new(types::Fd(fd), ptr, len).build().user_data(Tag::new(slot, generation, Op::Recv).encode());
         // SAFETY: the echo buffer lives in the slot's Exchange (allocated
         // once, kept until the ring is drained); one recv per slot at a time.
         unsafe { self.ring.push(&e)? };

@@ -25,11 +25,7 @@ pub fn stderr_is_terminal() -> bool {
 }
 
 fn gbps(bytes: u64, secs: f64) -> f64 {
-    if secs <= 0.0 {
-        0.0
-    } else {
-        bytes as f64 * 8.0 / secs / 1e9
-    }
+    if secs <= 0.0 { 0.0 } else { bytes as f64 * 8.0 / secs / 1e9 }
 }
 
 /// Rewrite the one-line live display on stderr.
@@ -50,18 +46,10 @@ pub fn progress_line(mode: &str, s: &Snapshot, prev: &Snapshot, secs: f64, elaps
             gbps(s.up_bytes.saturating_sub(prev.up_bytes), secs),
             gbps(s.down_bytes.saturating_sub(prev.down_bytes), secs)
         ),
-        "rate" => format!(
-            "conns/s {:>8.0}  done {:>9}  open {}",
-            per(s.completed, prev.completed),
-            s.completed,
-            s.open
-        ),
-        _ => format!(
-            "req/s {:>8.0}  done {:>9}  open {}",
-            per(s.completed, prev.completed),
-            s.completed,
-            s.open
-        ),
+        "rate" => {
+            format!("conns/s {:>8.0}  done {:>9}  open {}", per(s.completed, prev.completed), s.completed, s.open)
+        }
+        _ => format!("req/s {:>8.0}  done {:>9}  open {}", per(s.completed, prev.completed), s.completed, s.open),
     };
     let mut e = std::io::stderr().lock();
     let _ = write!(
@@ -187,19 +175,9 @@ pub struct Report {
 
 pub fn exit_code(mode: &str, m: &Measurement) -> (u8, String) {
     if m.lost > 0 || m.corrupted > 0 {
-        return (
-            1,
-            format!(
-                "integrity: {} lost, {} corrupted messages",
-                m.lost, m.corrupted
-            ),
-        );
+        return (1, format!("integrity: {} lost, {} corrupted messages", m.lost, m.corrupted));
     }
-    let not_opened = if mode == "hold" {
-        m.planned.saturating_sub(m.established)
-    } else {
-        0
-    };
+    let not_opened = if mode == "hold" { m.planned.saturating_sub(m.established) } else { 0 };
     if m.failed.total() > 0 || m.dropped.total() > 0 || not_opened > 0 {
         return (
             3,
@@ -226,10 +204,7 @@ pub fn build(mode: &dyn ClientMode, s: &Settings, m: &Measurement) -> Report {
     Report {
         schema: SCHEMA,
         mode: name.into(),
-        command: std::env::args_os()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" "),
+        command: std::env::args_os().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" "),
         targets: c.targets.iter().map(|t| t.to_string()).collect(),
         sources: s.sources.len(),
         processes: m.processes,
@@ -248,12 +223,7 @@ pub fn build(mode: &dyn ClientMode, s: &Settings, m: &Measurement) -> Report {
             peak_open: m.peak_open,
             ramp_time_s: m.ramp_time_s,
         },
-        messages: Messages {
-            sent: m.msgs_sent,
-            echoed_ok: m.msgs_ok,
-            lost: m.lost,
-            corrupted: m.corrupted,
-        },
+        messages: Messages { sent: m.msgs_sent, echoed_ok: m.msgs_ok, lost: m.lost, corrupted: m.corrupted },
         connections_per_s: (name == "rate").then(|| m.completed as f64 / w),
         requests_per_s: (name == "latency").then(|| m.completed as f64 / w),
         throughput: (name == "throughput").then(|| Throughput {
@@ -276,8 +246,7 @@ pub fn finish(mode: &dyn ClientMode, s: &Settings, m: &Measurement) -> Result<u8
     let r = build(mode, s, m);
     let c = mode.client();
     if let Some(path) = &c.report {
-        crate::chart::write(path, &r, m)
-            .with_context(|| format!("writing the report {}", path.display()))?;
+        crate::chart::write(path, &r, m).with_context(|| format!("writing the report {}", path.display()))?;
     }
     if c.json {
         let j = serde_json::to_string(&r).context("encoding the JSON report")?;
@@ -314,25 +283,9 @@ pub fn table(r: &Report) -> String {
     let mut row = |k: &str, v: String| rows.push((k.to_string(), v));
     row("mode", r.mode.clone());
     row("targets", r.targets.join(", "));
-    row(
-        "processes",
-        format!("{} ({} worker threads in all)", r.processes, r.workers),
-    );
-    row(
-        "sources",
-        if r.sources == 0 {
-            "kernel default".into()
-        } else {
-            r.sources.to_string()
-        },
-    );
-    row(
-        "duration",
-        format!(
-            "{:.1}s requested, {:.2}s measured",
-            r.duration_s, r.elapsed_s
-        ),
-    );
+    row("processes", format!("{} ({} worker threads in all)", r.processes, r.workers));
+    row("sources", if r.sources == 0 { "kernel default".into() } else { r.sources.to_string() });
+    row("duration", format!("{:.1}s requested, {:.2}s measured", r.duration_s, r.elapsed_s));
     let c = &r.connections;
     row(
         "connections",
@@ -344,22 +297,13 @@ pub fn table(r: &Report) -> String {
     if let Some(t) = c.ramp_time_s {
         row("ramp time", format!("{t:.2}s"));
     }
-    row(
-        "failed",
-        format!("{} ({})", c.failed, causes_line(&c.failed_by_cause)),
-    );
-    row(
-        "dropped",
-        format!("{} ({})", c.dropped, causes_line(&c.dropped_by_cause)),
-    );
+    row("failed", format!("{} ({})", c.failed, causes_line(&c.failed_by_cause)));
+    row("dropped", format!("{} ({})", c.dropped, causes_line(&c.dropped_by_cause)));
     let m = &r.messages;
     if m.sent > 0 {
         row(
             "messages",
-            format!(
-                "{} sent, {} echoed ok, {} LOST, {} CORRUPTED",
-                m.sent, m.echoed_ok, m.lost, m.corrupted
-            ),
+            format!("{} sent, {} echoed ok, {} LOST, {} CORRUPTED", m.sent, m.echoed_ok, m.lost, m.corrupted),
         );
     }
     if let Some(v) = r.connections_per_s {
@@ -369,14 +313,8 @@ pub fn table(r: &Report) -> String {
         row("requests/s", format!("{v:.0}"));
     }
     if let Some(t) = &r.throughput {
-        row(
-            "throughput up",
-            format!("{:.3} Gbit/s ({} bytes)", t.up_gbps, t.up_bytes),
-        );
-        row(
-            "throughput down",
-            format!("{:.3} Gbit/s ({} bytes)", t.down_gbps, t.down_bytes),
-        );
+        row("throughput up", format!("{:.3} Gbit/s ({} bytes)", t.up_gbps, t.up_bytes));
+        row("throughput down", format!("{:.3} Gbit/s ({} bytes)", t.down_gbps, t.down_bytes));
     }
     let lat_name = match r.mode.as_str() {
         "hold" => "heartbeat RTT",
@@ -406,9 +344,7 @@ pub fn table(r: &Report) -> String {
     }
     row("result", format!("{} (exit {})", r.verdict, r.exit_code));
     let w = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
-    rows.iter()
-        .map(|(k, v)| format!("{k:<w$}  {v}\n"))
-        .collect()
+    rows.iter().map(|(k, v)| format!("{k:<w$}  {v}\n")).collect()
 }
 
 #[cfg(test)]
@@ -417,11 +353,7 @@ mod tests {
 
     #[test]
     fn exit_codes() {
-        let mut m = Measurement {
-            planned: 10,
-            established: 10,
-            ..Default::default()
-        };
+        let mut m = Measurement { planned: 10, established: 10, ..Default::default() };
         assert_eq!(exit_code("hold", &m).0, 0);
         m.established = 9;
         assert_eq!(exit_code("hold", &m).0, 3);

@@ -61,11 +61,7 @@ pub struct Tag {
 
 impl Tag {
     pub fn new(slot: u32, generation: u32, op: Op) -> Tag {
-        Tag {
-            slot,
-            generation: generation & GEN_MASK,
-            op,
-        }
+        Tag { slot, generation: generation & GEN_MASK, op }
     }
 
     /// `slot << 32 | (generation & 0xffffff) << 8 | op`.
@@ -121,12 +117,7 @@ impl Ring {
             .setup_coop_taskrun()
             .build(entries)
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e} (is io_uring disabled by sysctl kernel.io_uring_disabled or a seccomp profile?)")))?;
-        Ok(Ring {
-            ring,
-            in_flight: 0,
-            completions: Vec::with_capacity(entries as usize * 4),
-            backlog: Vec::new(),
-        })
+        Ok(Ring { ring, in_flight: 0, completions: Vec::with_capacity(entries as usize * 4), backlog: Vec::new() })
     }
 
     /// Register a sparse table of `n` direct descriptors (used by `serve`).
@@ -196,11 +187,7 @@ impl Ring {
         let mut cq = self.ring.completion();
         cq.sync();
         for cqe in &mut cq {
-            let c = Completion {
-                tag: Tag::decode(cqe.user_data()),
-                result: cqe.result(),
-                flags: cqe.flags(),
-            };
+            let c = Completion { tag: Tag::decode(cqe.user_data()), result: cqe.result(), flags: cqe.flags() };
             if !c.more() {
                 self.in_flight = self.in_flight.saturating_sub(1);
             }
@@ -220,11 +207,7 @@ impl Ring {
         let args = types::SubmitArgs::new().timespec(&ts);
         match self.ring.submitter().submit_with_args(want, &args) {
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)
-                ) => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
             Err(e) => return Err(e),
         }
         self.completions.clear();
@@ -267,11 +250,9 @@ mod tests {
 
     #[test]
     fn tag_roundtrip() {
-        for (slot, generation, op) in [
-            (0u32, 0u32, Op::Connect),
-            (u32::MAX, GEN_MASK, Op::Recv),
-            (12345, 0x1234_5678, Op::Send),
-        ] {
+        for (slot, generation, op) in
+            [(0u32, 0u32, Op::Connect), (u32::MAX, GEN_MASK, Op::Recv), (12345, 0x1234_5678, Op::Send)]
+        {
             let t = Tag::new(slot, generation, op);
             let d = Tag::decode(t.encode());
             assert_eq!(d.slot, slot);

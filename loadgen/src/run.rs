@@ -90,12 +90,7 @@ pub fn settings(mode: &dyn ClientMode, nofile: u64) -> Result<Settings> {
         crate::chart::check_path(p)?;
     }
     let processes = spawn::processes_needed(mode.conns(), fds_per_process)?;
-    Ok(Settings {
-        duration,
-        sources,
-        fds_per_process,
-        processes,
-    })
+    Ok(Settings { duration, sources, fds_per_process, processes })
 }
 
 /// Run a client mode from the command line; returns the exit code.
@@ -113,11 +108,7 @@ pub fn main(mode: &dyn ClientMode, nofile: u64) -> Result<u8> {
     let m = if s.processes > 1 {
         spawn::run_children(mode, &s)?
     } else {
-        let display = if c.no_progress || !report::stderr_is_terminal() {
-            Display::None
-        } else {
-            Display::Terminal
-        };
+        let display = if c.no_progress || !report::stderr_is_terminal() { Display::None } else { Display::Terminal };
         run_local(mode, &s, 0, mode.conns(), s.sources.clone(), 1, display)?
     };
     report::finish(mode, &s, &m)
@@ -151,10 +142,7 @@ pub fn run_local(
 ) -> Result<Measurement> {
     let c = mode.client();
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = c
-        .workers
-        .unwrap_or((cpus / processes).max(1))
-        .clamp(1, n.max(1) as usize);
+    let workers = c.workers.unwrap_or((cpus / processes).max(1)).clamp(1, n.max(1) as usize);
     let total = mode.conns().max(1) as f64;
     let start = Instant::now();
     let deadline = start + s.duration;
@@ -183,24 +171,23 @@ pub fn run_local(
             .enumerate()
             .map(|(w, plan)| {
                 let progress = &progress;
-                std::thread::Builder::new()
-                    .name(format!("ringload-{}-{w}", mode.name()))
-                    .spawn_scoped(scope, move || {
+                std::thread::Builder::new().name(format!("ringload-{}-{w}", mode.name())).spawn_scoped(
+                    scope,
+                    move || {
                         let r = mode.run_worker(plan, progress);
                         if r.is_err() {
                             crate::stop::request();
                         }
                         r
-                    })
+                    },
+                )
             })
             .collect();
         let mut next_sample = Duration::ZERO;
         let mut last_print = Instant::now();
         let mut prev = progress.snapshot();
         loop {
-            let all_done = handles
-                .iter()
-                .all(|h| h.as_ref().map_or(true, |h| h.is_finished()));
+            let all_done = handles.iter().all(|h| h.as_ref().map_or(true, |h| h.is_finished()));
             let elapsed = start.elapsed();
             let snap = progress.snapshot();
             while elapsed >= next_sample {
@@ -224,9 +211,7 @@ pub fn run_local(
         handles
             .into_iter()
             .map(|h| match h {
-                Ok(h) => h
-                    .join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked"))),
+                Ok(h) => h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a worker thread panicked"))),
                 Err(e) => Err(anyhow::anyhow!("cannot start a worker thread: {e}")),
             })
             .collect()
@@ -243,14 +228,7 @@ pub fn run_local(
     Ok(m)
 }
 
-fn show(
-    display: Display,
-    mode: &str,
-    snap: &Snapshot,
-    prev: &Snapshot,
-    secs: f64,
-    elapsed: Duration,
-) {
+fn show(display: Display, mode: &str, snap: &Snapshot, prev: &Snapshot, secs: f64, elapsed: Duration) {
     match display {
         Display::None => {}
         Display::Terminal => report::progress_line(mode, snap, prev, secs, elapsed),

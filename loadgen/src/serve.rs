@@ -49,11 +49,8 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
     let mut out = std::io::stdout().lock();
     for addr in &args.listen {
         let first = listener(addr)?;
-        let bound = first
-            .local_addr()
-            .ok()
-            .and_then(|a| a.as_socket())
-            .context("reading back the listening address")?;
+        let bound =
+            first.local_addr().ok().and_then(|a| a.as_socket()).context("reading back the listening address")?;
         per_worker[0].push(first.into());
         for fds in per_worker.iter_mut().skip(1) {
             fds.push(listener(&bound)?.into());
@@ -86,13 +83,7 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
                 })
             })
             .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))
-            })
-            .collect()
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("worker panicked")))).collect()
     });
     let mut total = Stats::default();
     let mut failed = false;
@@ -110,14 +101,14 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
 }
 
 fn listener(addr: &SocketAddr) -> Result<Socket> {
-    let s = Socket::new(Domain::for_address(*addr), Type::STREAM.cloexec(), None)
-        .context("creating a listening socket")?;
+    let s =
+        Socket::new(Domain::for_address(*addr), Type::STREAM.cloexec(), None).context("creating a listening socket")?;
     s.set_reuse_address(true).context("SO_REUSEADDR")?;
     s.set_reuse_port(true).context("SO_REUSEPORT")?;
-    s.bind(&(*addr).into())
-        .with_context(|| format!("cannot listen on {addr}: is the address local and the port free? (use port 0 to pick a free one)"))?;
-    s.listen(4096)
-        .with_context(|| format!("listen() on {addr}"))?;
+    s.bind(&(*addr).into()).with_context(|| {
+        format!("cannot listen on {addr}: is the address local and the port free? (use port 0 to pick a free one)")
+    })?;
+    s.listen(4096).with_context(|| format!("listen() on {addr}"))?;
     Ok(s)
 }
 
@@ -169,9 +160,8 @@ struct Worker {
 impl Worker {
     fn new(args: &ServeArgs, listeners: Vec<OwnedFd>, table: u32) -> Result<Worker> {
         let ring = Ring::new(4096).context("creating the io_uring for a serve worker")?;
-        ring.register_sparse_files(table).with_context(|| {
-            format!("registering {table} direct descriptors (RLIMIT_NOFILE too low?)")
-        })?;
+        ring.register_sparse_files(table)
+            .with_context(|| format!("registering {table} direct descriptors (RLIMIT_NOFILE too low?)"))?;
         let mut pattern = vec![0u8; SHARED_BUF].into_boxed_slice();
         for (i, b) in pattern.iter_mut().enumerate() {
             *b = (i % 251) as u8;
@@ -272,8 +262,7 @@ impl Worker {
         let l = c.tag.slot as usize;
         if !c.more() && l < self.rearm.len() {
             // Multishot accept ended (error or kernel decision): re-arm soon.
-            self.rearm[l] =
-                Some(Instant::now() + Duration::from_millis(if c.result < 0 { 10 } else { 0 }));
+            self.rearm[l] = Some(Instant::now() + Duration::from_millis(if c.result < 0 { 10 } else { 0 }));
         }
         if c.result < 0 {
             self.stats.accept_errors += 1;

@@ -23,16 +23,15 @@ pub fn parse(spec: &str) -> Result<Vec<IpAddr>> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let addrs = parse_part(part)
-            .with_context(|| format!("bad --sources entry {part:?}: expected an address, A-B range or CIDR block like 127.0.1.0/28"))?;
+        let addrs = parse_part(part).with_context(|| {
+            format!("bad --sources entry {part:?}: expected an address, A-B range or CIDR block like 127.0.1.0/28")
+        })?;
         for a in addrs {
             if seen.insert(a) {
                 out.push(a);
             }
             if out.len() > MAX_SOURCES {
-                bail!(
-                    "--sources {spec:?} expands to more than {MAX_SOURCES} addresses; use a smaller range"
-                );
+                bail!("--sources {spec:?} expands to more than {MAX_SOURCES} addresses; use a smaller range");
             }
         }
     }
@@ -49,10 +48,7 @@ fn parse_part(part: &str) -> Result<Vec<IpAddr>> {
         return cidr(net, bits);
     }
     if let Some((a, b)) = part.split_once('-') {
-        let a: IpAddr = a
-            .trim()
-            .parse()
-            .context("range start is not an IP address")?;
+        let a: IpAddr = a.trim().parse().context("range start is not an IP address")?;
         let b: IpAddr = b.trim().parse().context("range end is not an IP address")?;
         return range(a, b);
     }
@@ -67,11 +63,7 @@ fn to_u128(a: IpAddr) -> u128 {
 }
 
 fn from_u128(v4: bool, n: u128) -> IpAddr {
-    if v4 {
-        IpAddr::V4(Ipv4Addr::from(n as u32))
-    } else {
-        IpAddr::V6(Ipv6Addr::from(n))
-    }
+    if v4 { IpAddr::V4(Ipv4Addr::from(n as u32)) } else { IpAddr::V6(Ipv6Addr::from(n)) }
 }
 
 fn range(a: IpAddr, b: IpAddr) -> Result<Vec<IpAddr>> {
@@ -99,11 +91,7 @@ fn cidr(net: IpAddr, bits: u32) -> Result<Vec<IpAddr>> {
     }
     let size = 1u128 << host_bits;
     let base = to_u128(net) & !(size - 1);
-    let (lo, hi) = if net.is_ipv4() && host_bits >= 2 {
-        (base + 1, base + size - 2)
-    } else {
-        (base, base + size - 1)
-    };
+    let (lo, hi) = if net.is_ipv4() && host_bits >= 2 { (base + 1, base + size - 2) } else { (base, base + size - 1) };
     Ok((lo..=hi).map(|n| from_u128(net.is_ipv4(), n)).collect())
 }
 
@@ -139,11 +127,7 @@ pub fn share(all: &[IpAddr], index: usize, count: usize) -> Vec<IpAddr> {
     if count <= 1 || all.len() < count {
         return all.to_vec();
     }
-    all.iter()
-        .enumerate()
-        .filter(|(i, _)| i % count == index)
-        .map(|(_, a)| *a)
-        .collect()
+    all.iter().enumerate().filter(|(i, _)| i % count == index).map(|(_, a)| *a).collect()
 }
 
 /// Size of the kernel's ephemeral port range (`ip_local_port_range`), the

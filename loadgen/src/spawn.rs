@@ -66,9 +66,7 @@ enum ChildLine {
 fn emit(line: &ChildLine) -> Result<()> {
     let s = serde_json::to_string(line).context("encoding a child report line")?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{s}")
-        .and_then(|_| out.flush())
-        .context("writing to the parent process (did it exit?)")
+    writeln!(out, "{s}").and_then(|_| out.flush()).context("writing to the parent process (did it exit?)")
 }
 
 /// Child: send a progress line to the parent (errors ignored: the parent may be gone).
@@ -89,19 +87,12 @@ struct ChildState {
 
 /// Parent: start `s.processes` children, show merged progress, merge results.
 pub fn run_children(mode: &dyn ClientMode, s: &Settings) -> Result<Measurement> {
-    let exe = std::env::current_exe()
-        .context("finding ringload's own executable to start worker processes")?;
+    let exe = std::env::current_exe().context("finding ringload's own executable to start worker processes")?;
     let args: Vec<_> = std::env::args_os().skip(1).collect();
     let k = s.processes;
     let parent = std::process::id() as i32;
     let states: Arc<Mutex<Vec<ChildState>>> = Arc::new(Mutex::new(
-        (0..k)
-            .map(|_| ChildState {
-                progress: Snapshot::default(),
-                result: None,
-                bad_line: None,
-            })
-            .collect(),
+        (0..k).map(|_| ChildState { progress: Snapshot::default(), result: None, bad_line: None }).collect(),
     ));
     let mut children: Vec<Child> = Vec::with_capacity(k);
     let mut readers = Vec::with_capacity(k);
@@ -128,9 +119,7 @@ pub fn run_children(mode: &dyn ClientMode, s: &Settings) -> Result<Measurement> 
             Ok(c) => c,
             Err(e) => {
                 kill_all(&mut children, libc::SIGKILL);
-                return Err(e).with_context(|| {
-                    format!("starting worker process {i} of {k} ({})", exe.display())
-                });
+                return Err(e).with_context(|| format!("starting worker process {i} of {k} ({})", exe.display()));
             }
         };
         let Some(stdout) = child.stdout.take() else {
@@ -174,17 +163,8 @@ pub fn run_children(mode: &dyn ClientMode, s: &Settings) -> Result<Measurement> 
             killed = true;
         }
         if show && last_print.elapsed() >= Duration::from_millis(500) {
-            let snap = states
-                .lock()
-                .map(|st| Snapshot::sum(st.iter().map(|c| &c.progress)))
-                .unwrap_or_default();
-            report::progress_line(
-                mode.name(),
-                &snap,
-                &prev,
-                last_print.elapsed().as_secs_f64(),
-                start.elapsed(),
-            );
+            let snap = states.lock().map(|st| Snapshot::sum(st.iter().map(|c| &c.progress))).unwrap_or_default();
+            report::progress_line(mode.name(), &snap, &prev, last_print.elapsed().as_secs_f64(), start.elapsed());
             prev = snap;
             last_print = Instant::now();
         }
@@ -197,11 +177,7 @@ pub fn run_children(mode: &dyn ClientMode, s: &Settings) -> Result<Measurement> 
     }
     let mut statuses = Vec::with_capacity(k);
     for c in &mut children {
-        statuses.push(
-            c.wait()
-                .map(|s| s.to_string())
-                .unwrap_or_else(|e| e.to_string()),
-        );
+        statuses.push(c.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string()));
     }
     let states = match Arc::try_unwrap(states) {
         Ok(m) => m.into_inner().unwrap_or_default(),
@@ -212,10 +188,7 @@ pub fn run_children(mode: &dyn ClientMode, s: &Settings) -> Result<Measurement> 
         match st.result {
             Some(m) => parts.push(m),
             None => {
-                let extra = st
-                    .bad_line
-                    .map(|l| format!("; unexpected output: {l:?}"))
-                    .unwrap_or_default();
+                let extra = st.bad_line.map(|l| format!("; unexpected output: {l:?}")).unwrap_or_default();
                 bail!(
                     "worker process {i} of {k} ended without a result ({}){extra}; its error, if any, is printed above",
                     statuses[i]
@@ -263,10 +236,7 @@ mod tests {
 
     #[test]
     fn child_lines_roundtrip() {
-        let m = Measurement {
-            established: 5,
-            ..Default::default()
-        };
+        let m = Measurement { established: 5, ..Default::default() };
         let s = serde_json::to_string(&ChildLine::Result(Box::new(m))).unwrap();
         assert!(s.starts_with("{\"result\":"));
         match serde_json::from_str::<ChildLine>(&s).unwrap() {

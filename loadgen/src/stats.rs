@@ -69,12 +69,7 @@ impl Causes {
     }
 
     pub fn total(&self) -> u64 {
-        self.refused
-            + self.timeout
-            + self.reset
-            + self.port_exhaustion
-            + self.peer_closed
-            + self.other
+        self.refused + self.timeout + self.reset + self.port_exhaustion + self.peer_closed + self.other
     }
 
     pub fn merge(&mut self, o: &Causes) {
@@ -125,10 +120,7 @@ impl Hist {
 
     /// `(highest equivalent value, count)` for every non-empty bucket.
     pub fn buckets(&self) -> Vec<[u64; 2]> {
-        self.0
-            .iter_recorded()
-            .map(|v| [v.value_iterated_to(), v.count_at_value()])
-            .collect()
+        self.0.iter_recorded().map(|v| [v.value_iterated_to(), v.count_at_value()]).collect()
     }
 
     pub fn merge(&mut self, o: &Hist) {
@@ -389,11 +381,7 @@ mod tests {
         m.merge(&b2);
         assert_eq!(m.len(), all.len());
         for q in [0.0, 50.0, 90.0, 99.0, 99.9, 100.0] {
-            assert_eq!(
-                m.0.value_at_percentile(q),
-                all.0.value_at_percentile(q),
-                "p{q}"
-            );
+            assert_eq!(m.0.value_at_percentile(q), all.0.value_at_percentile(q), "p{q}");
         }
         assert_eq!(m.0.max(), all.0.max());
     }
@@ -405,19 +393,13 @@ mod tests {
             established: 10,
             lost: 1,
             processes: 1,
-            timeline: vec![Sample {
-                open: 5,
-                ..Default::default()
-            }],
+            timeline: vec![Sample { open: 5, ..Default::default() }],
             ..Default::default()
         };
         a.failed.add(Cause::Refused);
         let mut b = a.clone();
         b.failed.add(Cause::from_errno(libc::EADDRNOTAVAIL));
-        b.timeline.push(Sample {
-            open: 7,
-            ..Default::default()
-        });
+        b.timeline.push(Sample { open: 7, ..Default::default() });
         a.merge(&b);
         assert_eq!(a.established, 20);
         assert_eq!(a.lost, 2);
@@ -433,10 +415,7 @@ mod tests {
         assert_eq!(Cause::from_errno(libc::ECONNREFUSED), Cause::Refused);
         assert_eq!(Cause::from_errno(libc::ETIMEDOUT), Cause::Timeout);
         assert_eq!(Cause::from_errno(libc::EPIPE), Cause::Reset);
-        assert_eq!(
-            Cause::from_errno(libc::EADDRNOTAVAIL),
-            Cause::PortExhaustion
-        );
+        assert_eq!(Cause::from_errno(libc::EADDRNOTAVAIL), Cause::PortExhaustion);
         assert_eq!(Cause::from_errno(libc::EMFILE), Cause::Other);
     }
 }

@@ -78,21 +78,12 @@ impl<'a> Worker<'a> {
             ring: Ring::new(1024).context("creating the io_uring for a throughput worker")?,
             pattern,
             scratch: vec![0u8; chunk].into_boxed_slice(),
-            streams: (0..plan.conns)
-                .map(|_| Stream {
-                    fd: None,
-                    state: State::Done,
-                    started: now,
-                })
-                .collect(),
+            streams: (0..plan.conns).map(|_| Stream { fd: None, state: State::Done, started: now }).collect(),
             timeout: types::Timespec::from(plan.connect_timeout),
             send: args.direction != Direction::Down,
             plan,
             progress,
-            m: Measurement {
-                planned: plan.conns,
-                ..Default::default()
-            },
+            m: Measurement { planned: plan.conns, ..Default::default() },
             open: 0,
         })
     }
@@ -102,11 +93,7 @@ impl<'a> Worker<'a> {
             self.dial(i)?;
         }
         while Instant::now() < self.plan.deadline && !crate::stop::requested() {
-            let wait = self
-                .plan
-                .deadline
-                .saturating_duration_since(Instant::now())
-                .min(Duration::from_millis(100));
+            let wait = self.plan.deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(100));
             let cs: Vec<Completion> = self.ring.wait(1, wait)?.to_vec();
             for c in cs {
                 self.complete(c)?;
@@ -119,15 +106,9 @@ impl<'a> Worker<'a> {
             }
             s.state = State::Done;
         }
-        let fds: Vec<_> = self
-            .streams
-            .iter()
-            .filter_map(|s| s.fd.as_ref().map(|f| f.as_raw_fd()))
-            .collect();
+        let fds: Vec<_> = self.streams.iter().filter_map(|s| s.fd.as_ref().map(|f| f.as_raw_fd())).collect();
         let drained = drain_ring(&mut self.ring, fds.into_iter());
-        self.progress
-            .open
-            .fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
+        self.progress.open.fetch_sub(self.open, std::sync::atomic::Ordering::Relaxed);
         let m = std::mem::take(&mut self.m);
         if !drained {
             // The kernel may still use the buffers: leak them.
@@ -140,10 +121,7 @@ impl<'a> Worker<'a> {
     fn dial(&mut self, i: u32) -> Result<()> {
         self.m.attempted += 1;
         Progress::inc(&self.progress.attempted);
-        let (src, t) = self
-            .plan
-            .endpoints
-            .pick(self.plan.local_first + u64::from(i));
+        let (src, t) = self.plan.endpoints.pick(self.plan.local_first + u64::from(i));
         match dial::open_socket(src, &self.plan.endpoints.targets[t]) {
             Err(e) => {
                 self.m.failed.add(Cause::from_errno(e));
@@ -157,14 +135,7 @@ impl<'a> Worker<'a> {
                 // `self.timeout` live, unmodified, for the worker's life; the
                 // fd is kept in the stream until the ring is drained.
                 unsafe {
-                    dial::push_connect(
-                        &mut self.ring,
-                        &fd,
-                        &self.plan.endpoints.target_addrs[t],
-                        &self.timeout,
-                        i,
-                        0,
-                    )?
+                    dial::push_connect(&mut self.ring, &fd, &self.plan.endpoints.target_addrs[t], &self.timeout, i, 0)?
                 };
                 s.fd = Some(fd);
             }
@@ -230,14 +201,10 @@ impl<'a> Worker<'a> {
         let Some(fd) = self.streams[i as usize].fd.as_ref() else {
             return Ok(());
         };
-        let e = opcode::Send::new(
-            types::Fd(fd.as_raw_fd()),
-            self.pattern.as_ptr(),
-            self.pattern.len() as u32,
-        )
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(Tag::new(i, 0, Op::Send).encode());
+        let e = opcode::Send::new(types::Fd(fd.as_raw_fd()), self.pattern.as_ptr(), self.pattern.len() as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(Tag::new(i, 0, Op::Send).encode());
         // SAFETY: `pattern` is read-only and lives until the ring is drained.
         unsafe { self.ring.push(&e)? };
         Ok(())
@@ -247,13 +214,9 @@ impl<'a> Worker<'a> {
         let Some(fd) = self.streams[i as usize].fd.as_ref() else {
             return Ok(());
         };
-        let e = opcode::Recv::new(
-            types::Fd(fd.as_raw_fd()),
-            self.scratch.as_mut_ptr(),
-            self.scratch.len() as u32,
-        )
-        .build()
-        .user_data(Tag::new(i, 0, Op::Recv).encode());
+        let e = opcode::Recv::new(types::Fd(fd.as_raw_fd()), self.scratch.as_mut_ptr(), self.scratch.len() as u32)
+            .build()
+            .user_data(Tag::new(i, 0, Op::Recv).encode());
         // SAFETY: `scratch` is a discard buffer that lives until the ring is
         // drained; concurrent writes from several streams are harmless since
         // nothing reads it.

@@ -54,12 +54,7 @@ pub struct Exchange {
 impl Exchange {
     pub fn new(size: usize) -> Exchange {
         let size = size.max(HEADER);
-        Exchange {
-            sbuf: vec![0; size].into_boxed_slice(),
-            rbuf: vec![0; size].into_boxed_slice(),
-            got: 0,
-            sent: 0,
-        }
+        Exchange { sbuf: vec![0; size].into_boxed_slice(), rbuf: vec![0; size].into_boxed_slice(), got: 0, sent: 0 }
     }
 
     /// Start message `seq` of connection `id`.

@@ -30,12 +30,8 @@ impl Serve {
         for l in listen {
             cmd.args(["--listen", l]);
         }
-        let mut child = cmd
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start ringload serve");
+        let mut child =
+            cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start ringload serve");
         let out = child.stdout.take().expect("serve stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -47,16 +43,9 @@ impl Serve {
         });
         let all: Vec<String> = listen
             .iter()
-            .map(|_| {
-                rx.recv_timeout(Duration::from_secs(10))
-                    .expect("serve printed its addresses within 10s")
-            })
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("serve printed its addresses within 10s"))
             .collect();
-        Serve {
-            child,
-            addr: all[0].clone(),
-            all,
-        }
+        Serve { child, addr: all[0].clone(), all }
     }
 }
 
@@ -69,12 +58,8 @@ impl Drop for Serve {
 
 /// Run ringload with `args`; returns (exit code, stdout). Killed after `limit`.
 fn run(args: &[&str], limit: Duration) -> (i32, String) {
-    let child = Command::new(BIN)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start ringload");
+    let child =
+        Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start ringload");
     wait(child, limit)
 }
 
@@ -93,32 +78,21 @@ fn wait(mut child: Child, limit: Duration) -> (i32, String) {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    (
-        status.code().unwrap_or(-1),
-        reader.join().unwrap_or_default(),
-    )
+    (status.code().unwrap_or(-1), reader.join().unwrap_or_default())
 }
 
 fn json(args: &[&str]) -> (i32, Value) {
     let mut a = args.to_vec();
     a.push("--json");
     let (code, out) = run(&a, Duration::from_secs(60));
-    let v: Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
     assert_eq!(v["schema"], "ringload.v1");
-    assert_eq!(
-        v["exit_code"].as_i64(),
-        Some(code as i64),
-        "exit code matches JSON"
-    );
+    assert_eq!(v["exit_code"].as_i64(), Some(code as i64), "exit code matches JSON");
     (code, v)
 }
 
 fn u(v: &Value, path: &str) -> u64 {
-    path.split('.')
-        .fold(v, |v, k| &v[k])
-        .as_u64()
-        .unwrap_or_else(|| panic!("{path} missing in {v}"))
+    path.split('.').fold(v, |v, k| &v[k]).as_u64().unwrap_or_else(|| panic!("{path} missing in {v}"))
 }
 
 #[test]
@@ -174,46 +148,18 @@ fn hold_splits_into_processes_and_merges() {
     assert_eq!(u(&v, "messages.lost"), 0);
     // The merged histogram holds every heartbeat of every child.
     assert_eq!(u(&v, "latency_us.count"), u(&v, "messages.echoed_ok"));
-    let peak = v["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["open"].as_u64().unwrap())
-        .max();
+    let peak = v["timeline"].as_array().unwrap().iter().map(|s| s["open"].as_u64().unwrap()).max();
     assert_eq!(peak, Some(1000));
 }
 
 #[test]
 fn corrupting_backend_is_caught_by_hold_and_latency() {
     let s = Serve::start("echo", &["--corrupt-every", "64"]);
-    let (code, v) = json(&[
-        "hold",
-        "--target",
-        &s.addr,
-        "--conns",
-        "20",
-        "--heartbeat",
-        "100ms",
-        "--duration",
-        "1s",
-    ]);
+    let (code, v) = json(&["hold", "--target", &s.addr, "--conns", "20", "--heartbeat", "100ms", "--duration", "1s"]);
     assert_eq!(code, 1, "{v}");
     assert!(u(&v, "messages.corrupted") > 0, "{}", v["messages"]);
-    assert_eq!(
-        v["verdict"].as_str().map(|s| s.starts_with("integrity")),
-        Some(true)
-    );
-    let (code, v) = json(&[
-        "latency",
-        "--target",
-        &s.addr,
-        "--conns",
-        "2",
-        "--rate",
-        "200",
-        "--duration",
-        "1s",
-    ]);
+    assert_eq!(v["verdict"].as_str().map(|s| s.starts_with("integrity")), Some(true));
+    let (code, v) = json(&["latency", "--target", &s.addr, "--conns", "2", "--rate", "200", "--duration", "1s"]);
     assert_eq!(code, 1, "{v}");
     assert!(u(&v, "messages.corrupted") > 0);
 }
@@ -243,68 +189,28 @@ fn rate_mode_counts_connections() {
 fn throughput_up_down_and_both() {
     let sink = Serve::start("sink", &[]);
     let source = Serve::start("source", &[]);
-    let (code, v) = json(&[
-        "throughput",
-        "--target",
-        &sink.addr,
-        "--streams",
-        "2",
-        "--duration",
-        "700ms",
-    ]);
+    let (code, v) = json(&["throughput", "--target", &sink.addr, "--streams", "2", "--duration", "700ms"]);
     assert_eq!(code, 0, "{v}");
     assert!(v["throughput"]["up_gbps"].as_f64().unwrap() > 0.1, "{v}");
-    let (code, v) = json(&[
-        "throughput",
-        "--target",
-        &source.addr,
-        "--direction",
-        "down",
-        "--duration",
-        "700ms",
-    ]);
+    let (code, v) = json(&["throughput", "--target", &source.addr, "--direction", "down", "--duration", "700ms"]);
     assert_eq!(code, 0, "{v}");
     assert!(v["throughput"]["down_gbps"].as_f64().unwrap() > 0.1, "{v}");
     assert_eq!(u(&v, "throughput.up_bytes"), 0);
-    let (code, v) = json(&[
-        "throughput",
-        "--target",
-        &source.addr,
-        "--direction",
-        "both",
-        "--duration",
-        "700ms",
-    ]);
+    let (code, v) = json(&["throughput", "--target", &source.addr, "--direction", "both", "--duration", "700ms"]);
     assert_eq!(code, 0, "{v}");
-    assert!(
-        u(&v, "throughput.up_bytes") > 0 && u(&v, "throughput.down_bytes") > 0,
-        "{v}"
-    );
+    assert!(u(&v, "throughput.up_bytes") > 0 && u(&v, "throughput.down_bytes") > 0, "{v}");
 }
 
 #[test]
 fn latency_mode_holds_the_rate_and_reports_both_histograms() {
     let s = Serve::start("echo", &[]);
-    let (code, v) = json(&[
-        "latency",
-        "--target",
-        &s.addr,
-        "--conns",
-        "4",
-        "--rate",
-        "500/s",
-        "--duration",
-        "2s",
-    ]);
+    let (code, v) = json(&["latency", "--target", &s.addr, "--conns", "4", "--rate", "500/s", "--duration", "2s"]);
     assert_eq!(code, 0, "{v}");
     let rps = v["requests_per_s"].as_f64().unwrap();
     assert!((350.0..=560.0).contains(&rps), "requests/s {rps}");
     let corrected = u(&v, "latency_us.p50");
     let raw = u(&v, "latency_uncorrected_us.p50");
-    assert!(
-        corrected >= raw,
-        "corrected {corrected} < uncorrected {raw}"
-    );
+    assert!(corrected >= raw, "corrected {corrected} < uncorrected {raw}");
     assert_eq!(u(&v, "messages.lost"), 0);
 }
 
@@ -314,15 +220,7 @@ fn refused_connections_are_classified() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap().to_string();
     drop(l);
-    let (code, v) = json(&[
-        "hold",
-        "--target",
-        &addr,
-        "--conns",
-        "5",
-        "--duration",
-        "500ms",
-    ]);
+    let (code, v) = json(&["hold", "--target", &addr, "--conns", "5", "--duration", "500ms"]);
     assert_eq!(code, 3, "{v}");
     assert_eq!(u(&v, "connections.failed_by_cause.refused"), 5);
     assert_eq!(u(&v, "connections.established"), 0);
@@ -336,17 +234,7 @@ fn svg_and_html_reports_and_table() {
     let svg = dir.join("r.svg");
     let html = dir.join("r.html");
     let (code, out) = run(
-        &[
-            "rate",
-            "--target",
-            &s.addr,
-            "--concurrency",
-            "4",
-            "--duration",
-            "500ms",
-            "--report",
-            svg.to_str().unwrap(),
-        ],
+        &["rate", "--target", &s.addr, "--concurrency", "4", "--duration", "500ms", "--report", svg.to_str().unwrap()],
         Duration::from_secs(30),
     );
     assert_eq!(code, 0, "{out}");
@@ -403,8 +291,7 @@ fn ctrl_c_stops_a_split_run_and_still_reports() {
     let started = Instant::now();
     let (code, out) = wait(child, Duration::from_secs(20));
     assert!(started.elapsed() < Duration::from_secs(10));
-    let v: Value =
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
     assert_eq!(v["interrupted"], true);
     assert_eq!(u(&v, "processes"), 3);
     assert_eq!(u(&v, "connections.established"), 300);
@@ -414,15 +301,7 @@ fn ctrl_c_stops_a_split_run_and_still_reports() {
 #[test]
 fn bad_flags_exit_2_with_a_message() {
     let out = Command::new(BIN)
-        .args([
-            "hold",
-            "--target",
-            "127.0.0.1:1",
-            "--conns",
-            "1",
-            "--sources",
-            "127.0.0.0/8",
-        ])
+        .args(["hold", "--target", "127.0.0.1:1", "--conns", "1", "--sources", "127.0.0.0/8"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
@@ -432,23 +311,12 @@ fn bad_flags_exit_2_with_a_message() {
 #[test]
 fn unusable_sources_are_refused_up_front() {
     let out = Command::new(BIN)
-        .args([
-            "hold",
-            "--target",
-            "127.0.0.1:1",
-            "--conns",
-            "1",
-            "--sources",
-            "192.0.2.1",
-        ])
+        .args(["hold", "--target", "127.0.0.1:1", "--conns", "1", "--sources", "192.0.2.1"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("192.0.2.1") && err.contains("address of this host"),
-        "{err}"
-    );
+    assert!(err.contains("192.0.2.1") && err.contains("address of this host"), "{err}");
 }
 
 #[test]
@@ -456,17 +324,8 @@ fn connections_spread_over_several_targets() {
     let s = Serve::start_on(&["127.0.0.1:0", "127.0.0.2:0"], "echo", &["--workers", "1"]);
     assert_eq!(s.all.len(), 2);
     let targets = s.all.join(",");
-    let (code, v) = json(&[
-        "hold",
-        "--target",
-        &targets,
-        "--conns",
-        "100",
-        "--heartbeat",
-        "200ms",
-        "--duration",
-        "700ms",
-    ]);
+    let (code, v) =
+        json(&["hold", "--target", &targets, "--conns", "100", "--heartbeat", "200ms", "--duration", "700ms"]);
     assert_eq!(code, 0, "{v}");
     assert_eq!(v["targets"].as_array().map(|a| a.len()), Some(2));
     assert_eq!(u(&v, "connections.established"), 100);

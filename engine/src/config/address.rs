@@ -13,9 +13,7 @@ pub const MAX_SOURCES_PER_SERVER: usize = 65_536;
 /// Port 0 asks the kernel for an ephemeral port (useful in tests).
 pub fn parse_bind(text: &str) -> Result<SocketAddr, String> {
     let t = text.trim();
-    let wildcard = t
-        .strip_prefix("*:")
-        .or_else(|| t.strip_prefix(':').filter(|p| !p.contains(':')));
+    let wildcard = t.strip_prefix("*:").or_else(|| t.strip_prefix(':').filter(|p| !p.contains(':')));
     if let Some(port) = wildcard {
         let port = parse_port(port, text, true)?;
         return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port));
@@ -27,26 +25,23 @@ pub fn parse_bind(text: &str) -> Result<SocketAddr, String> {
 pub fn parse_server(text: &str) -> Result<SocketAddr, String> {
     let addr = parse_socket_addr(text.trim(), text, false)?;
     if addr.ip().is_unspecified() {
-        return Err(format!(
-            "\"{text}\" is the unspecified address; a server needs a real IP address"
-        ));
+        return Err(format!("\"{text}\" is the unspecified address; a server needs a real IP address"));
     }
     Ok(addr)
 }
 
 fn parse_socket_addr(t: &str, original: &str, allow_port0: bool) -> Result<SocketAddr, String> {
     let (host, port) = if let Some(rest) = t.strip_prefix('[') {
-        let (host, after) = rest.split_once(']').ok_or_else(|| {
-            format!("\"{original}\" has an unclosed '['; write IPv6 addresses as \"[::1]:8080\"")
-        })?;
-        let port = after
-            .strip_prefix(':')
-            .ok_or_else(|| format!("\"{original}\" has no port; write \"[{host}]:PORT\""))?;
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| format!("\"{original}\" has an unclosed '['; write IPv6 addresses as \"[::1]:8080\""))?;
+        let port =
+            after.strip_prefix(':').ok_or_else(|| format!("\"{original}\" has no port; write \"[{host}]:PORT\""))?;
         (host, port)
     } else {
-        let (host, port) = t.rsplit_once(':').ok_or_else(|| {
-            format!("\"{original}\" has no port; write IP:PORT such as 127.0.0.1:1883")
-        })?;
+        let (host, port) = t
+            .rsplit_once(':')
+            .ok_or_else(|| format!("\"{original}\" has no port; write IP:PORT such as 127.0.0.1:1883"))?;
         if host.contains(':') {
             return Err(format!(
                 "\"{original}\": IPv6 addresses need brackets, e.g. \"[{host}]:{port}\" (quote it in YAML)"
@@ -56,9 +51,7 @@ fn parse_socket_addr(t: &str, original: &str, allow_port0: bool) -> Result<Socke
     };
     let ip: IpAddr = host.parse().map_err(|_| {
         if host.chars().any(|c| c.is_ascii_alphabetic()) && !host.contains(':') {
-            format!(
-                "\"{original}\": \"{host}\" is not an IP address (host names are not resolved; write the IP)"
-            )
+            format!("\"{original}\": \"{host}\" is not an IP address (host names are not resolved; write the IP)")
         } else {
             format!("\"{original}\": \"{host}\" is not an IP address")
         }
@@ -74,9 +67,7 @@ fn parse_port(text: &str, original: &str, allow_zero: bool) -> Result<u16, Strin
     match text.parse::<u16>() {
         Ok(0) if !allow_zero => Err(format!("\"{original}\": port 0 is not a valid server port")),
         Ok(p) => Ok(p),
-        Err(_) => Err(format!(
-            "\"{original}\": \"{text}\" is not a port number (0-65535)"
-        )),
+        Err(_) => Err(format!("\"{original}\": \"{text}\" is not a port number (0-65535)")),
     }
 }
 
@@ -85,48 +76,34 @@ fn parse_port(text: &str, original: &str, allow_zero: bool) -> Result<u16, Strin
 pub fn expand_source(text: &str, out: &mut Vec<IpAddr>) -> Result<(), String> {
     let t = text.trim();
     let (first, count) = if let Some((ip, prefix)) = t.split_once('/') {
-        let ip: IpAddr = ip
-            .parse()
-            .map_err(|_| format!("source \"{text}\": \"{ip}\" is not an IP address"))?;
+        let ip: IpAddr = ip.parse().map_err(|_| format!("source \"{text}\": \"{ip}\" is not an IP address"))?;
         let bits = if ip.is_ipv4() { 32 } else { 128 };
-        let prefix: u32 = prefix.parse().ok().filter(|p| *p <= bits).ok_or_else(|| {
-            format!("source \"{text}\": \"/{prefix}\" is not a prefix length 0-{bits}")
-        })?;
+        let prefix: u32 = prefix
+            .parse()
+            .ok()
+            .filter(|p| *p <= bits)
+            .ok_or_else(|| format!("source \"{text}\": \"/{prefix}\" is not a prefix length 0-{bits}"))?;
         let host_bits = bits - prefix;
         if host_bits > 16 {
             return Err(too_many(text));
         }
-        let mask = if host_bits == 0 {
-            u128::MAX
-        } else {
-            u128::MAX << host_bits
-        };
+        let mask = if host_bits == 0 { u128::MAX } else { u128::MAX << host_bits };
         (from_u128(ip, to_u128(ip) & mask), 1u128 << host_bits)
     } else if let Some((a, b)) = t.split_once('-') {
-        let a: IpAddr = a
-            .trim()
-            .parse()
-            .map_err(|_| format!("source \"{text}\": \"{a}\" is not an IP address"))?;
-        let b: IpAddr = b
-            .trim()
-            .parse()
-            .map_err(|_| format!("source \"{text}\": \"{b}\" is not an IP address"))?;
+        let a: IpAddr = a.trim().parse().map_err(|_| format!("source \"{text}\": \"{a}\" is not an IP address"))?;
+        let b: IpAddr = b.trim().parse().map_err(|_| format!("source \"{text}\": \"{b}\" is not an IP address"))?;
         if a.is_ipv4() != b.is_ipv4() {
-            return Err(format!(
-                "source \"{text}\": a range must stay within one address family"
-            ));
+            return Err(format!("source \"{text}\": a range must stay within one address family"));
         }
         let (lo, hi) = (to_u128(a), to_u128(b));
         if hi < lo {
-            return Err(format!(
-                "source \"{text}\": the range ends before it starts"
-            ));
+            return Err(format!("source \"{text}\": the range ends before it starts"));
         }
         (a, hi - lo + 1)
     } else {
-        let ip: IpAddr = t.parse().map_err(|_| {
-            format!("source \"{text}\" is not an IP address, a range (A-B) or a CIDR block (A/N)")
-        })?;
+        let ip: IpAddr = t
+            .parse()
+            .map_err(|_| format!("source \"{text}\" is not an IP address, a range (A-B) or a CIDR block (A/N)"))?;
         (ip, 1)
     };
     if out.len() as u128 + count > MAX_SOURCES_PER_SERVER as u128 {
@@ -161,46 +138,24 @@ mod tests {
 
     #[test]
     fn binds() {
-        assert_eq!(
-            parse_bind("127.0.0.1:1883").unwrap(),
-            "127.0.0.1:1883".parse().unwrap()
-        );
-        assert_eq!(
-            parse_bind("[::]:1883").unwrap(),
-            "[::]:1883".parse().unwrap()
-        );
+        assert_eq!(parse_bind("127.0.0.1:1883").unwrap(), "127.0.0.1:1883".parse().unwrap());
+        assert_eq!(parse_bind("[::]:1883").unwrap(), "[::]:1883".parse().unwrap());
         assert_eq!(parse_bind("*:80").unwrap(), "0.0.0.0:80".parse().unwrap());
         assert_eq!(parse_bind(":80").unwrap(), "0.0.0.0:80".parse().unwrap());
         assert_eq!(parse_bind("127.0.0.1:0").unwrap().port(), 0);
         assert!(parse_bind("127.0.0.1").unwrap_err().contains("no port"));
         assert!(parse_bind("::1:80").unwrap_err().contains("brackets"));
-        assert!(
-            parse_bind("1.2.3.4:99999")
-                .unwrap_err()
-                .contains("not a port")
-        );
+        assert!(parse_bind("1.2.3.4:99999").unwrap_err().contains("not a port"));
     }
 
     #[test]
     fn servers() {
         assert!(parse_server("127.0.0.1:1883").is_ok());
         assert!(parse_server("[::1]:1883").is_ok());
-        assert!(
-            parse_server("app1.local:1883")
-                .unwrap_err()
-                .contains("not resolved")
-        );
+        assert!(parse_server("app1.local:1883").unwrap_err().contains("not resolved"));
         assert!(parse_server("127.0.0.1:0").unwrap_err().contains("port 0"));
-        assert!(
-            parse_server("0.0.0.0:80")
-                .unwrap_err()
-                .contains("unspecified")
-        );
-        assert!(
-            parse_server("192.168.8.300:80")
-                .unwrap_err()
-                .contains("is not an IP address")
-        );
+        assert!(parse_server("0.0.0.0:80").unwrap_err().contains("unspecified"));
+        assert!(parse_server("192.168.8.300:80").unwrap_err().contains("is not an IP address"));
     }
 
     #[test]
@@ -227,30 +182,10 @@ mod tests {
         let mut v6 = Vec::new();
         expand_source("fd00::1-fd00::3", &mut v6).unwrap();
         assert_eq!(v6.len(), 3);
-        assert!(
-            expand_source("10.0.0.0/8", &mut Vec::new())
-                .unwrap_err()
-                .contains("more than")
-        );
-        assert!(
-            expand_source("10.0.0.5-10.0.0.1", &mut Vec::new())
-                .unwrap_err()
-                .contains("ends before")
-        );
-        assert!(
-            expand_source("10.0.0.1-fd00::1", &mut Vec::new())
-                .unwrap_err()
-                .contains("family")
-        );
-        assert!(
-            expand_source("10.0.0.0/33", &mut Vec::new())
-                .unwrap_err()
-                .contains("prefix")
-        );
-        assert!(
-            expand_source("192.168.8.300", &mut Vec::new())
-                .unwrap_err()
-                .contains("not an IP")
-        );
+        assert!(expand_source("10.0.0.0/8", &mut Vec::new()).unwrap_err().contains("more than"));
+        assert!(expand_source("10.0.0.5-10.0.0.1", &mut Vec::new()).unwrap_err().contains("ends before"));
+        assert!(expand_source("10.0.0.1-fd00::1", &mut Vec::new()).unwrap_err().contains("family"));
+        assert!(expand_source("10.0.0.0/33", &mut Vec::new()).unwrap_err().contains("prefix"));
+        assert!(expand_source("192.168.8.300", &mut Vec::new()).unwrap_err().contains("not an IP"));
     }
 }

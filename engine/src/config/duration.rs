@@ -32,9 +32,7 @@ impl<'de> Deserialize<'de> for ConfigDuration {
                     .map_err(|_| E::custom(format!("a duration cannot be negative ({v})")))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
-                Err(E::custom(format!(
-                    "{v} is not a whole number of milliseconds; write e.g. 250ms or 1500"
-                )))
+                Err(E::custom(format!("{v} is not a whole number of milliseconds; write e.g. 250ms or 1500")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 parse(v).map(ConfigDuration).map_err(E::custom)
@@ -51,10 +49,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         return Err(format!("empty duration; expected {EXPECTED}"));
     }
     if s.bytes().all(|b| b.is_ascii_digit()) {
-        return s
-            .parse::<u64>()
-            .map(Duration::from_millis)
-            .map_err(|_| format!("duration \"{text}\" is too large"));
+        return s.parse::<u64>().map(Duration::from_millis).map_err(|_| format!("duration \"{text}\" is too large"));
     }
     let mut total = Duration::ZERO;
     let mut rest = s;
@@ -63,9 +58,7 @@ pub fn parse(text: &str) -> Result<Duration, String> {
         if digits == 0 {
             return Err(format!("\"{text}\" is not {EXPECTED}"));
         }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| format!("duration \"{text}\" is too large"))?;
+        let n: u64 = rest[..digits].parse().map_err(|_| format!("duration \"{text}\" is too large"))?;
         rest = &rest[digits..];
         let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
         let unit = &rest[..unit_len];
@@ -74,22 +67,11 @@ pub fn parse(text: &str) -> Result<Duration, String> {
             "us" => Duration::from_micros(n),
             "ms" | "" => Duration::from_millis(n),
             "s" => Duration::from_secs(n),
-            "m" => n
-                .checked_mul(60)
-                .map(Duration::from_secs)
-                .unwrap_or(Duration::MAX),
-            "h" => n
-                .checked_mul(3600)
-                .map(Duration::from_secs)
-                .unwrap_or(Duration::MAX),
-            "d" => n
-                .checked_mul(86400)
-                .map(Duration::from_secs)
-                .unwrap_or(Duration::MAX),
+            "m" => n.checked_mul(60).map(Duration::from_secs).unwrap_or(Duration::MAX),
+            "h" => n.checked_mul(3600).map(Duration::from_secs).unwrap_or(Duration::MAX),
+            "d" => n.checked_mul(86400).map(Duration::from_secs).unwrap_or(Duration::MAX),
             other => {
-                return Err(format!(
-                    "unknown unit \"{other}\" in duration \"{text}\"; use us, ms, s, m, h or d"
-                ));
+                return Err(format!("unknown unit \"{other}\" in duration \"{text}\"; use us, ms, s, m, h or d"));
             }
         };
         total = total
@@ -144,11 +126,7 @@ mod tests {
         assert!(parse("").unwrap_err().contains("empty"));
         assert!(parse("5x").unwrap_err().contains("unknown unit \"x\""));
         assert!(parse("s5").unwrap_err().contains("is not a duration"));
-        assert!(
-            parse("99999999999999999999")
-                .unwrap_err()
-                .contains("too large")
-        );
+        assert!(parse("99999999999999999999").unwrap_err().contains("too large"));
         assert!(parse("999999999999999d").unwrap_err().contains("too large"));
     }
 

@@ -145,17 +145,9 @@ pub struct Server {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read the configuration: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("{origin}:{line}:{column}: {message}")]
-    Invalid {
-        origin: String,
-        line: u64,
-        column: u64,
-        message: String,
-    },
+    Invalid { origin: String, line: u64, column: u64, message: String },
 }
 
 impl ConfigError {
@@ -170,10 +162,8 @@ impl ConfigError {
 
 /// Reads and validates the configuration file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
     parse(&text, &path.display().to_string())
 }
 
@@ -188,11 +178,7 @@ pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
             message: yaml_message(&e),
         }
     })?;
-    Validator {
-        origin,
-        warnings: Vec::new(),
-    }
-    .config(raw)
+    Validator { origin, warnings: Vec::new() }.config(raw)
 }
 
 /// The parser's message without the " at line N, column M" it appends (we print the position first).
@@ -237,10 +223,7 @@ impl Validator<'_> {
     fn count(&self, v: &Spanned<Count>, what: &str, min: u64, max: u64) -> Result<u64> {
         let n = v.value.0;
         if n < min || n > max {
-            return self.err(
-                v.referenced,
-                format!("{what} must be between {min} and {max}, not {n}"),
-            );
+            return self.err(v.referenced, format!("{what} must be between {min} and {max}, not {n}"));
         }
         Ok(n)
     }
@@ -262,21 +245,15 @@ impl Validator<'_> {
     ) -> Result<Duration> {
         match v {
             None => Ok(fallback),
-            Some(s) if s.value.0.is_zero() => self.err(
-                s.referenced,
-                format!("timeout {what} must be greater than zero"),
-            ),
+            Some(s) if s.value.0.is_zero() => {
+                self.err(s.referenced, format!("timeout {what} must be greater than zero"))
+            }
             Some(s) => Ok(s.value.0),
         }
     }
 
     /// Refuses timeout keys that mean nothing in this section (e.g. `drain` in a backend).
-    fn only_timeouts(
-        &self,
-        t: &Spanned<RawTimeouts>,
-        section: &str,
-        allowed: &[&str],
-    ) -> Result<()> {
+    fn only_timeouts(&self, t: &Spanned<RawTimeouts>, section: &str, allowed: &[&str]) -> Result<()> {
         let present = [
             ("connect", t.value.connect.as_ref()),
             ("client", t.value.client.as_ref()),
@@ -290,10 +267,7 @@ impl Validator<'_> {
             {
                 return self.err(
                     v.referenced,
-                    format!(
-                        "timeout {key} does not apply to a {section}; allowed here: {}",
-                        allowed.join(", ")
-                    ),
+                    format!("timeout {key} does not apply to a {section}; allowed here: {}", allowed.join(", ")),
                 );
             }
         }
@@ -310,10 +284,7 @@ impl Validator<'_> {
                 Workers::Auto => None,
                 Workers::Count(n) if (1..=1024).contains(&n) => Some(n as usize),
                 Workers::Count(n) => {
-                    return self.err(
-                        s.referenced,
-                        format!("workers must be `auto` or 1-1024, not {n}"),
-                    );
+                    return self.err(s.referenced, format!("workers must be `auto` or 1-1024, not {n}"));
                 }
             },
         };
@@ -329,10 +300,7 @@ impl Validator<'_> {
                 "stdout" => LogTarget::Stdout,
                 "stderr" => LogTarget::Stderr,
                 "" => {
-                    return self.err(
-                        s.referenced,
-                        "connection_log is empty; use stdout, stderr or a file path",
-                    );
+                    return self.err(s.referenced, "connection_log is empty; use stdout, stderr or a file path");
                 }
                 path => LogTarget::File(path.into()),
             }),
@@ -358,16 +326,10 @@ impl Validator<'_> {
         };
 
         let Some(raw_backends) = raw.backends else {
-            return self.err(
-                Location::UNKNOWN,
-                "no `backends:` section; at least one backend is needed",
-            );
+            return self.err(Location::UNKNOWN, "no `backends:` section; at least one backend is needed");
         };
         if raw_backends.value.is_empty() {
-            return self.err(
-                raw_backends.referenced,
-                "`backends` is empty; at least one backend is needed",
-            );
+            return self.err(raw_backends.referenced, "`backends` is empty; at least one backend is needed");
         }
         let mut backends = Vec::with_capacity(raw_backends.value.len());
         let mut backend_names: HashMap<String, (usize, Location)> = HashMap::new();
@@ -376,10 +338,7 @@ impl Validator<'_> {
             if let Some((_, first)) = backend_names.get(&name) {
                 return self.err(
                     rb.name.referenced,
-                    format!(
-                        "duplicate backend name \"{name}\" (first defined at line {})",
-                        first.line()
-                    ),
+                    format!("duplicate backend name \"{name}\" (first defined at line {})", first.line()),
                 );
             }
             backend_names.insert(name.clone(), (backends.len(), rb.name.referenced));
@@ -387,16 +346,10 @@ impl Validator<'_> {
         }
 
         let Some(raw_frontends) = raw.frontends else {
-            return self.err(
-                Location::UNKNOWN,
-                "no `frontends:` section; at least one frontend is needed",
-            );
+            return self.err(Location::UNKNOWN, "no `frontends:` section; at least one frontend is needed");
         };
         if raw_frontends.value.is_empty() {
-            return self.err(
-                raw_frontends.referenced,
-                "`frontends` is empty; at least one frontend is needed",
-            );
+            return self.err(raw_frontends.referenced, "`frontends` is empty; at least one frontend is needed");
         }
         let mut frontends: Vec<Frontend> = Vec::with_capacity(raw_frontends.value.len());
         let mut frontend_names: HashMap<String, Location> = HashMap::new();
@@ -407,19 +360,14 @@ impl Validator<'_> {
             if let Some(first) = frontend_names.get(&name) {
                 return self.err(
                     rf.name.referenced,
-                    format!(
-                        "duplicate frontend name \"{name}\" (first defined at line {})",
-                        first.line()
-                    ),
+                    format!("duplicate frontend name \"{name}\" (first defined at line {})", first.line()),
                 );
             }
             frontend_names.insert(name.clone(), rf.name.referenced);
             let fe = self.frontend(rf, name, &defaults, &backend_names, global_maxconn)?;
             used[fe.backend] = true;
             for bind in &fe.binds {
-                if let Some((other, owner, _)) =
-                    all_binds.iter().find(|(b, _, _)| binds_overlap(*b, *bind))
-                {
+                if let Some((other, owner, _)) = all_binds.iter().find(|(b, _, _)| binds_overlap(*b, *bind)) {
                     return self.err(
                         rf.bind.referenced,
                         format!(
@@ -433,13 +381,7 @@ impl Validator<'_> {
         }
         for (i, rb) in raw_backends.value.iter().enumerate() {
             if !used[i] {
-                self.warn(
-                    rb.name.referenced,
-                    format!(
-                        "backend \"{}\" is not used by any frontend",
-                        backends[i].name
-                    ),
-                );
+                self.warn(rb.name.referenced, format!("backend \"{}\" is not used by any frontend", backends[i].name));
             }
         }
 
@@ -461,11 +403,7 @@ impl Validator<'_> {
     }
 
     fn stats(&mut self, raw: Option<&Spanned<raw::RawStats>>) -> Result<Stats> {
-        let mut stats = Stats {
-            socket: None,
-            mode: 0o600,
-            prometheus: None,
-        };
+        let mut stats = Stats { socket: None, mode: 0o600, prometheus: None };
         let Some(raw) = raw else { return Ok(stats) };
         if let Some(p) = &raw.value.socket {
             if p.value.trim().is_empty() {
@@ -475,14 +413,9 @@ impl Validator<'_> {
         }
         if let Some(m) = &raw.value.mode {
             let text = m.value.trim();
-            let Some(mode) = u32::from_str_radix(text.trim_start_matches("0o"), 8)
-                .ok()
-                .filter(|m| *m <= 0o777)
-            else {
-                return self.err(
-                    m.referenced,
-                    format!("stats mode \"{text}\" is not octal permission bits such as \"0600\""),
-                );
+            let Some(mode) = u32::from_str_radix(text.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777) else {
+                return self
+                    .err(m.referenced, format!("stats mode \"{text}\" is not octal permission bits such as \"0600\""));
             };
             if mode & 0o002 != 0 {
                 return self.err(
@@ -493,12 +426,14 @@ impl Validator<'_> {
             stats.mode = mode;
         }
         if let Some(p) = &raw.value.prometheus {
-            let addr = address::parse_bind(&p.value)
-                .or_else(|m| self.err(p.referenced, format!("stats prometheus: {m}")))?;
+            let addr =
+                address::parse_bind(&p.value).or_else(|m| self.err(p.referenced, format!("stats prometheus: {m}")))?;
             if !addr.ip().is_loopback() {
                 self.warn(
                     p.referenced,
-                    format!("the Prometheus endpoint {addr} is reachable from other hosts; metrics reveal backends and load"),
+                    format!(
+                        "the Prometheus endpoint {addr} is reachable from other hosts; metrics reveal backends and load"
+                    ),
                 );
             }
             stats.prometheus = Some(addr);
@@ -511,10 +446,7 @@ impl Validator<'_> {
         if let Some(s) = &t.pipe_size {
             let n = s.value.0;
             if !(4096..=64 << 20).contains(&n) {
-                return self.err(
-                    s.referenced,
-                    format!("pipe_size must be between 4k and 64m bytes, not {n}"),
-                );
+                return self.err(s.referenced, format!("pipe_size must be between 4k and 64m bytes, not {n}"));
             }
             tune.pipe_size = n as u32;
         }
@@ -524,10 +456,7 @@ impl Validator<'_> {
         if let Some(s) = &t.ring_entries {
             let n = self.count(s, "ring_entries", 64, 32768)?;
             if !n.is_power_of_two() {
-                return self.err(
-                    s.referenced,
-                    format!("ring_entries must be a power of two, not {n}"),
-                );
+                return self.err(s.referenced, format!("ring_entries must be a power of two, not {n}"));
             }
             tune.ring_entries = n as u32;
         }
@@ -542,15 +471,10 @@ impl Validator<'_> {
         if n.is_empty() {
             return self.err(s.referenced, format!("{what} name is empty"));
         }
-        if !n
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c))
-        {
+        if !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
             return self.err(
                 s.referenced,
-                format!(
-                    "{what} name \"{n}\" may only contain letters, digits, '-', '_', '.' and ':'"
-                ),
+                format!("{what} name \"{n}\" may only contain letters, digits, '-', '_', '.' and ':'"),
             );
         }
         Ok(n.to_owned())
@@ -577,27 +501,18 @@ impl Validator<'_> {
             );
         };
         if rf.bind.value.0.is_empty() {
-            return self.err(
-                rf.bind.referenced,
-                format!("frontend \"{name}\": `bind` lists no address"),
-            );
+            return self.err(rf.bind.referenced, format!("frontend \"{name}\": `bind` lists no address"));
         }
         let mut binds = Vec::new();
         for text in &rf.bind.value.0 {
-            let addr = address::parse_bind(text).or_else(|m| {
-                self.err(rf.bind.referenced, format!("frontend \"{name}\": bind {m}"))
-            })?;
+            let addr = address::parse_bind(text)
+                .or_else(|m| self.err(rf.bind.referenced, format!("frontend \"{name}\": bind {m}")))?;
             if binds.contains(&addr) && addr.port() != 0 {
-                return self.err(
-                    rf.bind.referenced,
-                    format!("frontend \"{name}\": bind {addr} is listed twice"),
-                );
+                return self.err(rf.bind.referenced, format!("frontend \"{name}\": bind {addr} is listed twice"));
             }
             binds.push(addr);
         }
-        let maxconn = self
-            .maxconn(&rf.maxconn, "frontend maxconn")?
-            .or(defaults.maxconn);
+        let maxconn = self.maxconn(&rf.maxconn, "frontend maxconn")?.or(defaults.maxconn);
         if let (Some(fe), Some(g), Some(s)) = (maxconn, global_maxconn, &rf.maxconn)
             && fe > g
         {
@@ -609,10 +524,7 @@ impl Validator<'_> {
         let backlog = match &rf.backlog {
             Some(b) => self.count(b, "backlog", 1, i32::MAX as u64)? as u32,
             None => defaults.backlog.unwrap_or_else(|| {
-                maxconn
-                    .or(global_maxconn)
-                    .unwrap_or(default::BACKLOG_MAX)
-                    .min(default::BACKLOG_MAX)
+                maxconn.or(global_maxconn).unwrap_or(default::BACKLOG_MAX).min(default::BACKLOG_MAX)
             }),
         };
         let mut client_timeout = defaults.client;
@@ -620,25 +532,14 @@ impl Validator<'_> {
             self.only_timeouts(t, "frontend", &["client"])?;
             client_timeout = self.duration(&t.value.client, "client", defaults.client)?;
         }
-        Ok(Frontend {
-            name,
-            binds,
-            backend,
-            maxconn,
-            backlog,
-            client_timeout,
-        })
+        Ok(Frontend { name, binds, backend, maxconn, backlog, client_timeout })
     }
 
     fn backend(&self, rb: &RawBackend, name: String, defaults: &Defaults) -> Result<Backend> {
         if rb.servers.value.is_empty() {
-            return self.err(
-                rb.servers.referenced,
-                format!("backend \"{name}\" has no servers"),
-            );
+            return self.err(rb.servers.referenced, format!("backend \"{name}\" has no servers"));
         }
-        let (mut connect, mut server, mut queue) =
-            (defaults.connect, defaults.server, defaults.queue);
+        let (mut connect, mut server, mut queue) = (defaults.connect, defaults.server, defaults.queue);
         if let Some(t) = &rb.timeout {
             self.only_timeouts(t, "backend", &["connect", "server", "queue"])?;
             connect = self.duration(&t.value.connect, "connect", connect)?;
@@ -668,9 +569,7 @@ impl Validator<'_> {
         if servers.iter().all(|s| s.weight == 0) {
             return self.err(
                 rb.servers.referenced,
-                format!(
-                    "backend \"{name}\": every server has weight 0, so none can take a connection"
-                ),
+                format!("backend \"{name}\": every server has weight 0, so none can take a connection"),
             );
         }
         Ok(Backend {
@@ -705,26 +604,15 @@ impl Validator<'_> {
             if let Some(bad) = sources.iter().find(|ip| ip.is_ipv4() != address.is_ipv4()) {
                 return self.err(
                     src.referenced,
-                    format!(
-                        "{ctx}: source {bad} is not of the same address family as the server address {address}"
-                    ),
+                    format!("{ctx}: source {bad} is not of the same address family as the server address {address}"),
                 );
             }
             let mut seen = std::collections::HashSet::new();
             if let Some(dup) = sources.iter().find(|ip| !seen.insert(**ip)) {
-                return self.err(
-                    src.referenced,
-                    format!("{ctx}: source {dup} is listed twice"),
-                );
+                return self.err(src.referenced, format!("{ctx}: source {dup} is listed twice"));
             }
         }
-        Ok(Server {
-            name,
-            address,
-            weight,
-            maxconn: self.maxconn(&rs.maxconn, "server maxconn")?,
-            sources,
-        })
+        Ok(Server { name, address, weight, maxconn: self.maxconn(&rs.maxconn, "server maxconn")?, sources })
     }
 }
 

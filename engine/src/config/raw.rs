@@ -154,16 +154,12 @@ impl<'de> Deserialize<'de> for Workers {
                 Ok(Workers::Count(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Workers, E> {
-                Err(E::custom(format!(
-                    "workers must be `auto` or a positive number, not {v}"
-                )))
+                Err(E::custom(format!("workers must be `auto` or a positive number, not {v}")))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Workers, E> {
                 match v {
                     "auto" => Ok(Workers::Auto),
-                    _ => Err(E::custom(format!(
-                        "workers must be `auto` or a positive number, not \"{v}\""
-                    ))),
+                    _ => Err(E::custom(format!("workers must be `auto` or a positive number, not \"{v}\""))),
                 }
             }
         }
@@ -187,9 +183,7 @@ impl<'de> Deserialize<'de> for Count {
                 Ok(Count(v))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<Count, E> {
-                Err(E::custom(format!(
-                    "expected a whole number, not the negative {v}"
-                )))
+                Err(E::custom(format!("expected a whole number, not the negative {v}")))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<Count, E> {
                 Err(E::custom(format!("expected a whole number, not {v}")))
@@ -233,11 +227,7 @@ impl<'de> Deserialize<'de> for Size {
                     .ok()
                     .and_then(|n| n.checked_mul(mult))
                     .map(Size)
-                    .ok_or_else(|| {
-                        E::custom(format!(
-                            "\"{v}\" is not a size; write bytes such as 262144, 256k or 1m"
-                        ))
-                    })
+                    .ok_or_else(|| E::custom(format!("\"{v}\" is not a size; write bytes such as 262144, 256k or 1m")))
             }
         }
         d.deserialize_any(V)

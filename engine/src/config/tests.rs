@@ -12,10 +12,7 @@ fn refused(text: &str, line: u64, column: u64, needle: &str) {
         shown.starts_with(&format!("t.yaml:{line}:{column}: ")),
         "wrong position in {shown:?}, wanted {line}:{column}"
     );
-    assert!(
-        shown.contains(needle),
-        "{shown:?} does not mention {needle:?}"
-    );
+    assert!(shown.contains(needle), "{shown:?} does not mention {needle:?}");
 }
 
 const BASE: &str = "\
@@ -84,15 +81,7 @@ backends:
     assert!(!c.global.pin_cpus);
     assert_eq!(c.global.maxconn, Some(1000));
     assert_eq!(c.global.drain_timeout, Duration::from_secs(5));
-    assert_eq!(
-        c.global.tune,
-        Tune {
-            pipe_size: 1 << 20,
-            max_pipes: 64,
-            ring_entries: 1024,
-            iowq_workers: 2
-        }
-    );
+    assert_eq!(c.global.tune, Tune { pipe_size: 1 << 20, max_pipes: 64, ring_entries: 1024, iowq_workers: 2 });
     let fe = &c.frontends[0];
     assert_eq!(fe.binds.len(), 2);
     assert_eq!(fe.maxconn, Some(500));
@@ -118,79 +107,31 @@ fn examples_parse_and_validate() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "yaml") {
             let c = load(&path).unwrap_or_else(|e| panic!("{e}"));
-            assert!(
-                c.warnings.is_empty(),
-                "{}: {:?}",
-                path.display(),
-                c.warnings
-            );
+            assert!(c.warnings.is_empty(), "{}: {:?}", path.display(), c.warnings);
             seen += 1;
         }
     }
-    assert!(
-        seen >= 3,
-        "expected the example configurations in {}",
-        dir.display()
-    );
+    assert!(seen >= 3, "expected the example configurations in {}", dir.display());
     let c = load(&dir.join("haproxy-300k.yaml")).unwrap();
     let be = &c.backends[0];
     assert_eq!(be.servers.len(), 6);
-    let sources: Vec<String> = be
-        .servers
-        .iter()
-        .map(|s| s.sources[0].to_string())
-        .collect();
-    assert_eq!(
-        sources,
-        [
-            "127.0.2.1",
-            "127.0.2.2",
-            "127.0.2.3",
-            "127.0.2.4",
-            "127.0.2.5",
-            "127.0.2.6"
-        ]
-    );
+    let sources: Vec<String> = be.servers.iter().map(|s| s.sources[0].to_string()).collect();
+    assert_eq!(sources, ["127.0.2.1", "127.0.2.2", "127.0.2.3", "127.0.2.4", "127.0.2.5", "127.0.2.6"]);
     assert_eq!(c.global.maxconn, Some(2_000_000));
     assert_eq!(be.connect_timeout, Duration::from_millis(5000));
 }
 
 #[test]
 fn unknown_keys_name_the_key_and_position() {
-    refused(
-        &format!("global:\n  wrokers: 2\n{BASE}"),
-        2,
-        3,
-        "unknown key `wrokers`",
-    );
-    refused(
-        &BASE.replace("    backend: be\n", "    backend: be\n    colour: red\n"),
-        5,
-        5,
-        "colour",
-    );
+    refused(&format!("global:\n  wrokers: 2\n{BASE}"), 2, 3, "unknown key `wrokers`");
+    refused(&BASE.replace("    backend: be\n", "    backend: be\n    colour: red\n"), 5, 5, "colour");
 }
 
 #[test]
 fn wrong_types() {
-    refused(
-        &format!("global:\n  maxconn: lots\n{BASE}"),
-        2,
-        12,
-        "expected a whole number, not \"lots\"",
-    );
-    refused(
-        &format!("global:\n  maxconn: -5\n{BASE}"),
-        2,
-        12,
-        "negative",
-    );
-    refused(
-        &format!("global:\n  workers: many\n{BASE}"),
-        2,
-        12,
-        "`auto` or a positive number",
-    );
+    refused(&format!("global:\n  maxconn: lots\n{BASE}"), 2, 12, "expected a whole number, not \"lots\"");
+    refused(&format!("global:\n  maxconn: -5\n{BASE}"), 2, 12, "negative");
+    refused(&format!("global:\n  workers: many\n{BASE}"), 2, 12, "`auto` or a positive number");
     refused(&format!("global:\n  pin_cpus: maybe\n{BASE}"), 2, 13, "");
     refused(
         &format!("defaults:\n  timeout:\n    connect: 5 seconds\n{BASE}"),
@@ -198,41 +139,18 @@ fn wrong_types() {
         14,
         "\"5 seconds\" is not a duration",
     );
-    refused(
-        &format!("defaults:\n  balance: fastest\n{BASE}"),
-        2,
-        12,
-        "roundrobin",
-    );
+    refused(&format!("defaults:\n  balance: fastest\n{BASE}"), 2, 12, "roundrobin");
     refused("frontends: 3\n", 1, 12, "");
 }
 
 #[test]
 fn out_of_range_values() {
     refused(&format!("global:\n  workers: 0\n{BASE}"), 2, 12, "1-1024");
+    refused(&format!("global:\n  maxconn: 0\n{BASE}"), 2, 12, "between 1 and");
+    refused(&format!("global:\n  tune:\n    ring_entries: 1000\n{BASE}"), 3, 19, "power of two");
+    refused(&format!("defaults:\n  timeout:\n    client: 0\n{BASE}"), 3, 13, "greater than zero");
     refused(
-        &format!("global:\n  maxconn: 0\n{BASE}"),
-        2,
-        12,
-        "between 1 and",
-    );
-    refused(
-        &format!("global:\n  tune:\n    ring_entries: 1000\n{BASE}"),
-        3,
-        19,
-        "power of two",
-    );
-    refused(
-        &format!("defaults:\n  timeout:\n    client: 0\n{BASE}"),
-        3,
-        13,
-        "greater than zero",
-    );
-    refused(
-        &BASE.replace(
-            "address: 127.0.0.1:9001",
-            "address: 127.0.0.1:9001\n        weight: 300",
-        ),
+        &BASE.replace("address: 127.0.0.1:9001", "address: 127.0.0.1:9001\n        weight: 300"),
         10,
         17,
         "weight must be between 0 and 256",
@@ -241,27 +159,13 @@ fn out_of_range_values() {
 
 #[test]
 fn duplicate_names() {
-    let two_backends =
-        format!("{BASE}  - name: be\n    servers:\n      - {{ name: x, address: 127.0.0.1:1 }}\n");
-    refused(
-        &two_backends,
-        10,
-        11,
-        "duplicate backend name \"be\" (first defined at line 6)",
-    );
+    let two_backends = format!("{BASE}  - name: be\n    servers:\n      - {{ name: x, address: 127.0.0.1:1 }}\n");
+    refused(&two_backends, 10, 11, "duplicate backend name \"be\" (first defined at line 6)");
     let two_servers = format!("{BASE}      - name: s1\n        address: 127.0.0.1:9002\n");
     refused(&two_servers, 10, 15, "duplicate server name \"s1\"");
-    let two_frontends = BASE.replace(
-        "backends:",
-        "  - name: fe\n    bind: 127.0.0.1:8081\n    backend: be\nbackends:",
-    );
+    let two_frontends = BASE.replace("backends:", "  - name: fe\n    bind: 127.0.0.1:8081\n    backend: be\nbackends:");
     refused(&two_frontends, 5, 11, "duplicate frontend name \"fe\"");
-    refused(
-        &format!("global:\n  maxconn: 1\n  maxconn: 2\n{BASE}"),
-        3,
-        3,
-        "duplicate",
-    );
+    refused(&format!("global:\n  maxconn: 1\n  maxconn: 2\n{BASE}"), 3, 3, "duplicate");
 }
 
 #[test]
@@ -278,12 +182,7 @@ fn references_and_emptiness() {
         14,
         "backend \"be\" has no servers",
     );
-    refused(
-        "backends:\n  - name: be\n    servers: [{ name: a, address: \"127.0.0.1:1\" }]\n",
-        1,
-        1,
-        "no `frontends:`",
-    );
+    refused("backends:\n  - name: be\n    servers: [{ name: a, address: \"127.0.0.1:1\" }]\n", 1, 1, "no `frontends:`");
     refused(
         "frontends: []\nbackends:\n  - name: be\n    servers: [{ name: a, address: \"127.0.0.1:1\" }]\n",
         1,
@@ -292,10 +191,7 @@ fn references_and_emptiness() {
     );
     refused(
         &BASE
-            .replace(
-                "    servers:",
-                "    servers:\n      - { name: z, address: 127.0.0.1:7, weight: 0 }",
-            )
+            .replace("    servers:", "    servers:\n      - { name: z, address: 127.0.0.1:7, weight: 0 }")
             .replace("      - name: s1\n        address: 127.0.0.1:9001\n", ""),
         8,
         7,
@@ -311,46 +207,22 @@ fn bad_addresses() {
         18,
         "server \"s1\": address \"192.168.8.300:1883\": \"192.168.8.300\" is not an IP address",
     );
+    refused(&BASE.replace("127.0.0.1:9001", "app1.local:1883"), 9, 18, "host names are not resolved");
+    refused(&BASE.replace("bind: 127.0.0.1:8080", "bind: 127.0.0.1"), 3, 11, "has no port");
     refused(
-        &BASE.replace("127.0.0.1:9001", "app1.local:1883"),
-        9,
-        18,
-        "host names are not resolved",
-    );
-    refused(
-        &BASE.replace("bind: 127.0.0.1:8080", "bind: 127.0.0.1"),
-        3,
-        11,
-        "has no port",
-    );
-    refused(
-        &BASE.replace(
-            "address: 127.0.0.1:9001",
-            "address: 127.0.0.1:9001\n        source: 192.168.8.300",
-        ),
+        &BASE.replace("address: 127.0.0.1:9001", "address: 127.0.0.1:9001\n        source: 192.168.8.300"),
         10,
         17,
         "source \"192.168.8.300\" is not an IP address",
     );
     refused(
-        &BASE.replace(
-            "address: 127.0.0.1:9001",
-            "address: 127.0.0.1:9001\n        source: \"::1\"",
-        ),
+        &BASE.replace("address: 127.0.0.1:9001", "address: 127.0.0.1:9001\n        source: \"::1\""),
         10,
         17,
         "not of the same address family",
     );
-    let overlapping = BASE.replace(
-        "backends:",
-        "  - name: fe2\n    bind: 0.0.0.0:8080\n    backend: be\nbackends:",
-    );
-    refused(
-        &overlapping,
-        6,
-        11,
-        "overlaps 127.0.0.1:8080 of frontend \"fe\"",
-    );
+    let overlapping = BASE.replace("backends:", "  - name: fe2\n    bind: 0.0.0.0:8080\n    backend: be\nbackends:");
+    refused(&overlapping, 6, 11, "overlaps 127.0.0.1:8080 of frontend \"fe\"");
 }
 
 #[test]
@@ -362,10 +234,7 @@ fn timeouts_only_where_they_apply() {
         "timeout drain does not apply to a backend",
     );
     refused(
-        &BASE.replace(
-            "    backend: be\n",
-            "    backend: be\n    timeout: { server: 5s }\n",
-        ),
+        &BASE.replace("    backend: be\n", "    backend: be\n    timeout: { server: 5s }\n"),
         5,
         24,
         "timeout server does not apply to a frontend",
@@ -377,52 +246,18 @@ fn stats_and_connection_log() {
     let c = ok(&format!(
         "global:\n  stats: {{ socket: /run/rp.sock, mode: \"0660\", prometheus: \"127.0.0.1:9101\" }}\n  connection_log: stdout\n{BASE}"
     ));
-    assert_eq!(
-        c.global.stats.socket.as_deref(),
-        Some(Path::new("/run/rp.sock"))
-    );
+    assert_eq!(c.global.stats.socket.as_deref(), Some(Path::new("/run/rp.sock")));
     assert_eq!(c.global.stats.mode, 0o660);
-    assert_eq!(
-        c.global.stats.prometheus,
-        Some("127.0.0.1:9101".parse().unwrap())
-    );
+    assert_eq!(c.global.stats.prometheus, Some("127.0.0.1:9101".parse().unwrap()));
     assert_eq!(c.global.connection_log, Some(LogTarget::Stdout));
     let c = ok(BASE);
-    assert_eq!(
-        c.global.stats,
-        Stats {
-            socket: None,
-            mode: 0o600,
-            prometheus: None
-        }
-    );
+    assert_eq!(c.global.stats, Stats { socket: None, mode: 0o600, prometheus: None });
     assert_eq!(c.global.connection_log, None);
-    refused(
-        &format!("global:\n  stats: {{ socket: /x, mode: \"0666\" }}\n{BASE}"),
-        2,
-        30,
-        "world-writable",
-    );
-    refused(
-        &format!("global:\n  stats: {{ socket: /x, mode: \"rw\" }}\n{BASE}"),
-        2,
-        30,
-        "not octal",
-    );
-    refused(
-        &format!("global:\n  stats: {{ prometheus: nowhere }}\n{BASE}"),
-        2,
-        24,
-        "stats prometheus",
-    );
-    let c = ok(&format!(
-        "global:\n  stats: {{ prometheus: \"0.0.0.0:9101\" }}\n{BASE}"
-    ));
-    assert!(
-        c.warnings[0].contains("reachable from other hosts"),
-        "{:?}",
-        c.warnings
-    );
+    refused(&format!("global:\n  stats: {{ socket: /x, mode: \"0666\" }}\n{BASE}"), 2, 30, "world-writable");
+    refused(&format!("global:\n  stats: {{ socket: /x, mode: \"rw\" }}\n{BASE}"), 2, 30, "not octal");
+    refused(&format!("global:\n  stats: {{ prometheus: nowhere }}\n{BASE}"), 2, 24, "stats prometheus");
+    let c = ok(&format!("global:\n  stats: {{ prometheus: \"0.0.0.0:9101\" }}\n{BASE}"));
+    assert!(c.warnings[0].contains("reachable from other hosts"), "{:?}", c.warnings);
 }
 
 #[test]
@@ -432,16 +267,8 @@ fn warnings_for_suspicious_but_valid() {
         BASE.replace("    backend: be\n", "    backend: be\n    maxconn: 20\n")
     ));
     assert_eq!(c.warnings.len(), 2, "{:?}", c.warnings);
-    assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.contains("above the global maxconn 10"))
-    );
-    assert!(
-        c.warnings
-            .iter()
-            .any(|w| w.starts_with("t.yaml:13:11: warning: backend \"unused\" is not used"))
-    );
+    assert!(c.warnings.iter().any(|w| w.contains("above the global maxconn 10")));
+    assert!(c.warnings.iter().any(|w| w.starts_with("t.yaml:13:11: warning: backend \"unused\" is not used")));
 }
 
 #[test]
@@ -455,9 +282,5 @@ fn syntax_errors_have_positions() {
 #[test]
 fn unreadable_file() {
     let e = load(Path::new("/nonexistent/ringproxy.yaml")).unwrap_err();
-    assert!(
-        e.to_string()
-            .starts_with("/nonexistent/ringproxy.yaml: cannot read"),
-        "{e}"
-    );
+    assert!(e.to_string().starts_with("/nonexistent/ringproxy.yaml: cannot read"), "{e}");
 }

@@ -1,15 +1,24 @@
 //! Counters each worker owns and publishes on request.
 //!
-//! A worker increments plain integers in its own `WorkerStats`; nothing is shared. A snapshot is a
-//! copy the worker sends back over its control channel between two event-loop turns, so publishing
-//! never stops or slows the data path. [`EngineStats`] is the set of snapshots plus process-level
-//! facts (effective limits), with totals computed on demand.
+//! A worker increments plain integers in its own `WorkerStats`; nothing is shared and nothing is
+//! atomic. A snapshot is a copy the worker sends back over its control channel between two
+//! event-loop turns, so publishing never stops or slows the data path. [`EngineStats`] is the set of
+//! snapshots plus process-level facts (effective limits), with totals and per-server views computed
+//! on demand. `render` turns it into the operator's tables and HAProxy-style CSV, `prometheus` into
+//! the Prometheus text format, `socket` serves all of it on a Unix socket.
+
+pub mod prometheus;
+pub mod render;
+pub mod socket;
 
 use std::net::IpAddr;
 
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
 use crate::worker::ring::RingCounters;
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectErrors {
     pub refused: u64,
     pub timeout: u64,
@@ -22,10 +31,18 @@ impl ConnectErrors {
     pub fn total(&self) -> u64 {
         self.refused + self.timeout + self.port_exhausted + self.unreachable + self.other
     }
+
+    pub fn add(&mut self, o: &ConnectErrors) {
+        self.refused += o.refused;
+        self.timeout += o.timeout;
+        self.port_exhausted += o.port_exhausted;
+        self.unreachable += o.unreachable;
+        self.other += o.other;
+    }
 }
 
 /// Times admission stopped at a limit, by level.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LimitHits {
     pub global: u64,
     pub frontend: u64,
@@ -33,32 +50,86 @@ pub struct LimitHits {
     pub server: u64,
 }
 
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Connections closed by a timeout, by kind (connect timeouts are in `ConnectErrors::timeout`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
     pub client: u64,
     pub server: u64,
     pub queue: u64,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Connect latency percentiles in microseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// A new connect-latency histogram: 1 µs to 1 h, 3 significant digits. Recording never allocates.
+pub fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!("static bounds are valid"))
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerStats {
     pub backend: String,
     pub server: String,
+    pub address: String,
+    /// `UP` (health checks are not configured, so every server is taken as up).
+    pub state: String,
     pub active: u64,
     pub total: u64,
     pub connect_errors: u64,
+    /// maxconn of this server (0: none).
+    pub maxconn: u64,
+    /// This worker's share of it.
+    pub share: u64,
+    pub connect_latency_us: Latency,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceStats {
     pub backend: String,
     pub server: String,
     pub ip: IpAddr,
+    /// Connections open from this source to the server (each holds one local port).
     pub active: u64,
+    /// Ports available to this source toward the server (ip_local_port_range).
     pub capacity: u64,
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStats {
+    pub backend: String,
+    pub balance: String,
+    pub active: u64,
+    pub total: u64,
+    pub connect_errors: u64,
+    pub queued: u64,
+    pub maxconn: u64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WorkerStats {
     pub worker: usize,
     pub cpu: Option<usize>,
@@ -69,6 +140,7 @@ pub struct WorkerStats {
     /// Accepted but waiting for a global/frontend slot (the listener is paused meanwhile).
     pub parked: u64,
     pub limit_hits: LimitHits,
+    /// Connections waiting in a backend queue now, and since start.
     pub queued: u64,
     pub queued_total: u64,
     pub connect_errors: ConnectErrors,
@@ -91,19 +163,32 @@ pub struct WorkerStats {
     pub ring: RingCounters,
     pub loop_iterations: u64,
     pub busy_ns: u64,
+    /// Worker clock when the snapshot was taken (ms since the worker started).
+    pub uptime_ms: u64,
     pub servers: Vec<ServerStats>,
     pub sources: Vec<SourceStats>,
+    /// Connections waiting in each backend's queue now (configuration order).
+    pub queued_by_backend: Vec<u64>,
+    /// Connect latency per server (same order as `servers`); not serialised (percentiles are).
+    #[serde(skip)]
+    pub connect_latency: Vec<Histogram<u64>>,
 }
 
 /// What the whole engine reports: one snapshot per worker plus the limits in force.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct EngineStats {
-    pub workers: Vec<WorkerStats>,
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
     /// maxconn as configured (None: not set).
     pub configured_maxconn: Option<u32>,
     /// maxconn in force after fitting the host's limits.
     pub effective_maxconn: u32,
     pub nofile: u64,
+    pub workers: Vec<WorkerStats>,
+    /// Per-server rows summed over workers, with merged connect-latency percentiles.
+    pub servers: Vec<ServerStats>,
+    pub backends: Vec<BackendStats>,
 }
 
 impl EngineStats {
@@ -112,21 +197,57 @@ impl EngineStats {
         self.workers.iter().map(f).sum()
     }
 
-    /// Per-server rows summed over workers (same order as in each worker).
-    pub fn servers(&self) -> Vec<ServerStats> {
-        let mut out: Vec<ServerStats> = Vec::new();
+    /// Fills `servers` and `backends` from the workers' rows; `backends` lists each backend's
+    /// (name, balance algorithm, maxconn or 0) in configuration order.
+    pub fn aggregate(&mut self, backends: &[(String, String, u64)]) {
+        let mut servers: Vec<ServerStats> = Vec::new();
+        let mut hists: Vec<Histogram<u64>> = Vec::new();
         for w in &self.workers {
             for (i, s) in w.servers.iter().enumerate() {
-                match out.get_mut(i) {
+                match servers.get_mut(i) {
                     Some(o) => {
                         o.active += s.active;
                         o.total += s.total;
                         o.connect_errors += s.connect_errors;
+                        o.share += s.share;
                     }
-                    None => out.push(s.clone()),
+                    None => servers.push(s.clone()),
+                }
+                if let Some(h) = w.connect_latency.get(i) {
+                    match hists.get_mut(i) {
+                        Some(m) => {
+                            let _ = m.add(h);
+                        }
+                        None => hists.push(h.clone()),
+                    }
                 }
             }
         }
-        out
+        for (s, h) in servers.iter_mut().zip(&hists) {
+            s.connect_latency_us = Latency::of(h);
+        }
+        let mut rows: Vec<BackendStats> = Vec::new();
+        for (i, (name, algo, maxconn)) in backends.iter().enumerate() {
+            let mut b = BackendStats {
+                backend: name.clone(),
+                balance: algo.clone(),
+                maxconn: *maxconn,
+                queued: self.workers.iter().map(|w| w.queued_by_backend.get(i).copied().unwrap_or(0)).sum(),
+                ..BackendStats::default()
+            };
+            for s in servers.iter().filter(|s| &s.backend == name) {
+                b.active += s.active;
+                b.total += s.total;
+                b.connect_errors += s.connect_errors;
+            }
+            rows.push(b);
+        }
+        self.servers = servers;
+        self.backends = rows;
+    }
+
+    /// Per-server rows summed over workers (same as `servers` after `aggregate`).
+    pub fn servers(&self) -> Vec<ServerStats> {
+        self.servers.clone()
     }
 }

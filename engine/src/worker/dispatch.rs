@@ -47,11 +47,8 @@ impl Worker {
         let be = &mut self.backends[b];
         let servers = &be.servers;
         let free = |i: usize| servers[i].limit.is_none_or(|l| shares.has_room(l));
-        let usable =
-            |i: usize| tried & (1 << (i % 64)) == 0 && servers[i].sources.remaining_or_any();
-        let pick = be
-            .balancer
-            .pick(|i| servers[i].active, client, |i| usable(i) && free(i));
+        let usable = |i: usize| tried & (1 << (i % 64)) == 0 && servers[i].sources.remaining_or_any();
+        let pick = be.balancer.pick(|i| servers[i].active, client, |i| usable(i) && free(i));
         let Some(s) = pick else {
             // Nobody free: is it because of maxconn (wait) or because nobody is left (fail)?
             let full: Vec<usize> = (0..servers.len())
@@ -90,11 +87,7 @@ impl Worker {
         let taken = self.shares.take_all(&ids[..n]);
         debug_assert!(taken, "room was checked by try_connect");
         let srv = &mut self.backends[b].servers[s];
-        let source = if srv.sources.is_empty() {
-            None
-        } else {
-            srv.sources.pick()
-        };
+        let source = if srv.sources.is_empty() { None } else { srv.sources.pick() };
         let source_addr = source.map(|i| srv.sources.addrs[i]);
         srv.active += 1;
         srv.total += 1;
@@ -109,6 +102,7 @@ impl Worker {
         c.connect_result = 0;
         c.connect_timed_out = false;
         c.state = State::Connecting;
+        c.connect_after_us = (self.now_us.saturating_sub(c.t_accept_us)).min(u64::from(u32::MAX)) as u32;
         if slot == NO_SLOT {
             // Cannot happen with the plan's table sizes; fail this attempt rather than panic.
             c.connect_result = -libc::EMFILE;
@@ -117,11 +111,9 @@ impl Worker {
         }
         c.server_slot = slot;
         let generation = c.generation;
-        let ops = self
-            .ring
-            .connect_chain(slot, dest, source_addr, timeout, |op| {
-                crate::worker::token::Token::conn(op, idx, generation)
-            });
+        let ops = self.ring.connect_chain(slot, dest, source_addr, timeout, |op| {
+            crate::worker::token::Token::conn(op, idx, generation)
+        });
         let c = self.conns.at(idx);
         for op in ops {
             c.inflight |= op.bit();
@@ -131,20 +123,18 @@ impl Worker {
     /// The whole connect chain has completed: established, or try again elsewhere.
     pub(crate) fn on_connect_done(&mut self, idx: u32) {
         let c = self.conns.at(idx);
-        let (result, timed_out, b, s) = (
-            c.connect_result,
-            c.connect_timed_out,
-            c.backend as usize,
-            c.server as usize,
-        );
+        let (result, timed_out, b, s) = (c.connect_result, c.connect_timed_out, c.backend as usize, c.server as usize);
+        let took = self.now_us.saturating_sub(c.t_accept_us + u64::from(c.connect_after_us));
+        c.connect_took_us = took.min(u64::from(u32::MAX)) as u32;
         if result == 0 && !timed_out {
             c.state = State::Established;
+            let k = self.server_index[b] + s;
+            let _ = self.connect_latency[k].record(took.max(1));
             let now = self.now;
             c.last_server = now;
             let slot = c.server_slot;
             let t = self.token(idx, Op::ServerPoll);
-            self.ring
-                .poll_multi(slot, (libc::POLLIN | libc::POLLRDHUP) as u32, t);
+            self.ring.poll_multi(slot, (libc::POLLIN | libc::POLLRDHUP) as u32, t);
             self.ensure_timer(idx);
             for dir in Dir::BOTH {
                 self.pump(idx, dir);
@@ -164,10 +154,7 @@ impl Worker {
         let slot = c.server_slot;
         c.server_slot = NO_SLOT;
         if slot != NO_SLOT {
-            self.ring.close_fixed(
-                slot,
-                crate::worker::token::Token::worker(Op::CloseFixed, slot),
-            );
+            self.ring.close_fixed(slot, crate::worker::token::Token::worker(Op::CloseFixed, slot));
         }
         self.release_server(idx);
         let retries = self.cfg.backends[b].retries;
@@ -191,8 +178,8 @@ impl Worker {
             return;
         }
         c.server_shares = false;
+        // `server` and `source` stay recorded: the connection log names them.
         let (b, s, src) = (c.backend as usize, c.server as usize, c.source);
-        c.source = NO_INDEX;
         let srv = &mut self.backends[b].servers[s];
         srv.active = srv.active.saturating_sub(1);
         if src != NO_INDEX {

@@ -28,10 +28,12 @@ use crate::config::Config;
 use crate::conn::{CloseReason, Dir, Slab};
 use crate::control::{Control, EventFd, Peer};
 use crate::limits::{LimitId, ShareMsg, Shares};
+use crate::log::{ConnLog, LogSink};
 use crate::pipes::PipePool;
 use crate::plan::Plan;
 use crate::sources::{self, SourceShard};
-use crate::stats::{ServerStats, SourceStats, WorkerStats};
+use crate::stats::{Latency, ServerStats, SourceStats, WorkerStats, latency_histogram};
+use hdrhistogram::Histogram;
 use ring::{AddrId, Completion, Ring, RingSetup, TimeoutId};
 use timer::{TimerEntry, TimerWheel};
 use token::{Op, Token};
@@ -92,6 +94,8 @@ pub struct WorkerSetup {
     pub rx: Receiver<Control>,
     pub wake: Arc<EventFd>,
     pub peers: Arc<Vec<Peer>>,
+    /// Where connection log lines go (None: not logging).
+    pub log: Option<LogSink>,
 }
 
 pub struct Worker {
@@ -114,7 +118,13 @@ pub struct Worker {
     pub(crate) outbox: Vec<(u16, ShareMsg)>,
     pub(crate) stats: WorkerStats,
     pub(crate) stale_completions: u64,
+    /// Worker clock: milliseconds and microseconds since the worker started.
     pub(crate) now: u64,
+    pub(crate) now_us: u64,
+    /// Index of each backend's first server in the flattened per-server tables.
+    pub(crate) server_index: Vec<usize>,
+    pub(crate) connect_latency: Vec<Histogram<u64>>,
+    pub(crate) log: Option<ConnLog>,
     started: Instant,
     rx: Receiver<Control>,
     wake: Arc<EventFd>,
@@ -147,15 +157,7 @@ pub fn run(setup: WorkerSetup, ready: Sender<Result<(), String>>) {
 
 impl Worker {
     fn new(setup: WorkerSetup) -> std::io::Result<Worker> {
-        let WorkerSetup {
-            id,
-            config,
-            plan,
-            listeners,
-            rx,
-            wake,
-            peers,
-        } = setup;
+        let WorkerSetup { id, config, plan, listeners, rx, wake, peers, log } = setup;
         let cpu = plan.cpus[id];
         if let Some(cpu) = cpu {
             core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
@@ -207,12 +209,7 @@ impl Worker {
             addrs,
             timeouts,
         })?;
-        let caps = plan
-            .limits
-            .totals
-            .iter()
-            .map(|&t| t.min(plan.conns_per_worker))
-            .collect();
+        let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);
         let stats = WorkerStats {
             worker: id,
@@ -224,6 +221,9 @@ impl Worker {
                     b.servers.iter().map(|s| ServerStats {
                         backend: b.name.clone(),
                         server: s.name.clone(),
+                        address: s.address.to_string(),
+                        state: "UP".into(),
+                        maxconn: u64::from(s.maxconn.unwrap_or(0)),
                         ..ServerStats::default()
                     })
                 })
@@ -231,6 +231,12 @@ impl Worker {
             ..WorkerStats::default()
         };
         let started = Instant::now();
+        let mut server_index = Vec::with_capacity(config.backends.len());
+        let mut n = 0;
+        for b in &config.backends {
+            server_index.push(n);
+            n += b.servers.len();
+        }
         let mut w = Worker {
             id,
             cfg: config.clone(),
@@ -262,6 +268,10 @@ impl Worker {
             stats,
             stale_completions: 0,
             now: 0,
+            now_us: 0,
+            server_index,
+            connect_latency: (0..n).map(|_| latency_histogram()).collect(),
+            log: log.map(ConnLog::new),
             started,
             rx,
             wake,
@@ -279,17 +289,13 @@ impl Worker {
         let mut expired: Vec<TimerEntry> = Vec::new();
         loop {
             let mut sleep = self.timers.sleep_ms(self.now, 1000);
-            for l in self
-                .listeners
-                .iter()
-                .filter(|l| !l.armed && !l.closed && l.retry_at > self.now)
-            {
+            for l in self.listeners.iter().filter(|l| !l.armed && !l.closed && l.retry_at > self.now) {
                 sleep = sleep.min(l.retry_at - self.now);
             }
-            self.ring
-                .submit_and_wait(Some(Duration::from_millis(sleep)))?;
+            self.ring.submit_and_wait(Some(Duration::from_millis(sleep)))?;
             let woke = Instant::now();
-            self.now = woke.duration_since(self.started).as_millis() as u64;
+            self.now_us = woke.duration_since(self.started).as_micros() as u64;
+            self.now = self.now_us / 1000;
             self.ring.drain(&mut completions);
             for c in completions.drain(..) {
                 self.on_completion(c);
@@ -302,17 +308,19 @@ impl Worker {
                 self.on_timer(e);
             }
             self.check_drain();
-            if self
-                .listeners
-                .iter()
-                .any(|l| !l.armed && !l.closed && l.retry_at != 0 && l.retry_at <= self.now)
-            {
+            if self.listeners.iter().any(|l| !l.armed && !l.closed && l.retry_at != 0 && l.retry_at <= self.now) {
                 self.update_listeners();
             }
             self.flush_outbox();
+            if let Some(log) = &mut self.log {
+                log.maybe_flush(self.now, false);
+            }
             self.stats.loop_iterations += 1;
             self.stats.busy_ns += woke.elapsed().as_nanos() as u64;
             if self.finished() {
+                if let Some(log) = &mut self.log {
+                    log.maybe_flush(self.now, true);
+                }
                 self.ring.submit()?;
                 return Ok(());
             }
@@ -411,8 +419,7 @@ impl Worker {
     /// Holds an accepted socket that cannot be admitted yet and stops the listeners concerned.
     fn park(&mut self, listener: u16, slot: u32) {
         if self.draining.is_some() {
-            self.ring
-                .close_fixed(slot, Token::worker(Op::CloseFixed, slot));
+            self.ring.close_fixed(slot, Token::worker(Op::CloseFixed, slot));
             return;
         }
         let frontend = self.listeners[listener as usize].frontend;
@@ -469,14 +476,10 @@ impl Worker {
                 l.retry_at = 0;
                 l.armed = true;
                 let fd = l.fd.as_raw_fd();
-                self.ring
-                    .accept_multi(fd, Token::worker(Op::Accept, i as u32));
+                self.ring.accept_multi(fd, Token::worker(Op::Accept, i as u32));
             } else if !should && l.armed && !l.cancelling {
                 l.cancelling = true;
-                self.ring.cancel(
-                    Token::worker(Op::Accept, i as u32),
-                    Token::worker(Op::AcceptCancel, i as u32),
-                );
+                self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
             }
         }
     }
@@ -531,8 +534,7 @@ impl Worker {
         }
         self.draining = Some(self.now + self.cfg.global.drain_timeout.as_millis() as u64);
         while let Some((_, slot)) = self.parked.pop_front() {
-            self.ring
-                .close_fixed(slot, Token::worker(Op::CloseFixed, slot));
+            self.ring.close_fixed(slot, Token::worker(Op::CloseFixed, slot));
         }
         self.stats.parked = 0;
         self.update_listeners();
@@ -569,13 +571,11 @@ impl Worker {
         s.global_share = u64::from(self.shares.held(self.plan.limits.global));
         s.share_lent = self.shares.lent;
         s.share_borrowed = self.shares.borrowed;
-        s.queued = self
-            .backends
-            .iter()
-            .map(|b| b.queue.len() as u64)
-            .sum::<u64>()
-            .min(s.queued);
+        s.queued = self.backends.iter().map(|b| b.queue.len() as u64).sum::<u64>().min(s.queued);
         s.ring = self.ring.counters;
+        s.uptime_ms = self.now;
+        s.queued_by_backend = self.backends.iter().map(|b| b.queue.len() as u64).collect();
+        s.connect_latency = self.connect_latency.clone();
         let mut k = 0;
         s.sources.clear();
         for (b, be) in self.backends.iter().enumerate() {
@@ -584,6 +584,8 @@ impl Worker {
                 row.active = u64::from(srv.active);
                 row.total = srv.total;
                 row.connect_errors = srv.errors;
+                row.share = srv.limit.map_or(0, |l| u64::from(self.shares.held(l)));
+                row.connect_latency_us = Latency::of(&self.connect_latency[k]);
                 k += 1;
                 for (j, ip) in srv.sources.ips.iter().enumerate() {
                     s.sources.push(SourceStats {

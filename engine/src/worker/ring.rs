@@ -69,7 +69,7 @@ pub struct RingSetup {
 }
 
 /// Counters the ring keeps about itself.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct RingCounters {
     pub submitted: u64,
     pub completions: u64,
@@ -82,10 +82,7 @@ const PEER_SLOTS: usize = 4096;
 const SQE_NONBLOCK: u32 = libc::SPLICE_F_NONBLOCK;
 
 static ONE: libc::c_int = 1;
-static LINGER_RST: libc::linger = libc::linger {
-    l_onoff: 1,
-    l_linger: 0,
-};
+static LINGER_RST: libc::linger = libc::linger { l_onoff: 1, l_linger: 0 };
 
 pub struct Ring {
     // Dropped first: the ring goes away before any memory it may point into.
@@ -109,17 +106,10 @@ impl Ring {
             .map_err(|e| with_context(e, "io_uring_setup"))?;
         ring.submitter()
             .register_files_sparse(setup.files)
-            .map_err(|e| {
-                with_context(
-                    e,
-                    &format!("registering {} direct descriptors", setup.files),
-                )
-            })?;
+            .map_err(|e| with_context(e, &format!("registering {} direct descriptors", setup.files)))?;
         register_file_alloc_range(&ring, 0, setup.accept_slots)?;
         let mut max = [0, setup.iowq_workers];
-        ring.submitter()
-            .register_iowq_max_workers(&mut max)
-            .map_err(|e| with_context(e, "limiting io-wq workers"))?;
+        ring.submitter().register_iowq_max_workers(&mut max).map_err(|e| with_context(e, "limiting io-wq workers"))?;
         if let Some(cpu) = setup.cpu {
             // SAFETY: cpu_set_t is plain data; zeroed is the empty set, CPU_SET only writes into it.
             let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
@@ -188,29 +178,18 @@ impl Ring {
 
     /// Cancels the request carrying `target`.
     pub fn cancel(&mut self, target: Token, token: Token) {
-        self.push(
-            opcode::AsyncCancel::new(target.encode())
-                .build()
-                .user_data(token.encode()),
-        );
+        self.push(opcode::AsyncCancel::new(target.encode()).build().user_data(token.encode()));
     }
 
     /// Multishot poll on a fixed socket.
     pub fn poll_multi(&mut self, slot: u32, events: u32, token: Token) {
-        let e = opcode::PollAdd::new(Fixed(slot), events)
-            .multi(true)
-            .build()
-            .user_data(token.encode());
+        let e = opcode::PollAdd::new(Fixed(slot), events).multi(true).build().user_data(token.encode());
         self.push(e);
     }
 
     /// One-shot poll on a fixed socket (level-checked when armed).
     pub fn poll_once(&mut self, slot: u32, events: u32, token: Token) {
-        self.push(
-            opcode::PollAdd::new(Fixed(slot), events)
-                .build()
-                .user_data(token.encode()),
-        );
+        self.push(opcode::PollAdd::new(Fixed(slot), events).build().user_data(token.encode()));
     }
 
     /// Asks for the peer address of a fixed socket; `None` if every pool slot is in flight.
@@ -218,20 +197,13 @@ impl Ring {
     pub fn peername(&mut self, slot: u32, ipv6: bool, token: Token) -> Option<PeerTicket> {
         let idx = self.free_peers.pop()?;
         let buf: *mut libc::sockaddr_in6 = &mut self.peers[idx as usize];
-        let len = if ipv6 {
-            std::mem::size_of::<libc::sockaddr_in6>()
-        } else {
-            std::mem::size_of::<libc::sockaddr_in>()
-        } as u32;
-        let e = opcode::GetSockOpt::new(
-            Fixed(slot),
-            libc::SOL_SOCKET as u32,
-            libc::SO_PEERNAME as u32,
-            buf.cast(),
-            len,
-        )
-        .build()
-        .user_data(token.encode());
+        let len =
+            if ipv6 { std::mem::size_of::<libc::sockaddr_in6>() } else { std::mem::size_of::<libc::sockaddr_in>() }
+                as u32;
+        let e =
+            opcode::GetSockOpt::new(Fixed(slot), libc::SOL_SOCKET as u32, libc::SO_PEERNAME as u32, buf.cast(), len)
+                .build()
+                .user_data(token.encode());
         self.push(e);
         Some(PeerTicket(idx))
     }
@@ -258,11 +230,7 @@ impl Ring {
         mk: impl Fn(Op) -> Token,
     ) -> &'static [Op] {
         let dst = &self.addrs[dest.0 as usize];
-        let domain = if dst.is_ipv6() {
-            libc::AF_INET6
-        } else {
-            libc::AF_INET
-        };
+        let domain = if dst.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
         let dst_ptr = dst.as_ptr();
         let dst_len = dst.len();
         let target = DestinationSlot::try_from_slot_target(slot)
@@ -287,9 +255,7 @@ impl Ring {
             .build()
             .flags(Flags::IO_LINK)
             .user_data(mk(Op::Connect).encode());
-        let link_timeout = opcode::LinkTimeout::new(ts)
-            .build()
-            .user_data(mk(Op::ConnectTimeout).encode());
+        let link_timeout = opcode::LinkTimeout::new(ts).build().user_data(mk(Op::ConnectTimeout).encode());
         match source {
             Some(src) => {
                 let src = &self.addrs[src.0 as usize];
@@ -311,14 +277,7 @@ impl Ring {
                 for e in [&socket, &nodelay, &no_port, &bind, &connect, &link_timeout] {
                     self.push_reserved(e);
                 }
-                &[
-                    Op::Socket,
-                    Op::NoDelay,
-                    Op::BindNoPort,
-                    Op::Bind,
-                    Op::Connect,
-                    Op::ConnectTimeout,
-                ]
+                &[Op::Socket, Op::NoDelay, Op::BindNoPort, Op::Bind, Op::Connect, Op::ConnectTimeout]
             }
             None => {
                 self.reserve(4);
@@ -332,25 +291,15 @@ impl Ring {
 
     /// socket → pipe, hard-linked to pipe → socket: one io-wq trip moves a chunk end to end. The
     /// hard link runs the second splice even when the first is short or fails.
-    pub fn splice_pair(
-        &mut self,
-        src: u32,
-        pipe: (RawFd, RawFd),
-        dst: u32,
-        len: u32,
-        t_in: Token,
-        t_out: Token,
-    ) {
+    pub fn splice_pair(&mut self, src: u32, pipe: (RawFd, RawFd), dst: u32, len: u32, t_in: Token, t_out: Token) {
         let (rd, wr) = pipe;
         let e_in = opcode::Splice::new(Fixed(src), -1, Fd(wr), -1, len)
             .flags(SQE_NONBLOCK)
             .build()
             .flags(Flags::IO_HARDLINK)
             .user_data(t_in.encode());
-        let e_out = opcode::Splice::new(Fd(rd), -1, Fixed(dst), -1, len)
-            .flags(SQE_NONBLOCK)
-            .build()
-            .user_data(t_out.encode());
+        let e_out =
+            opcode::Splice::new(Fd(rd), -1, Fixed(dst), -1, len).flags(SQE_NONBLOCK).build().user_data(t_out.encode());
         self.reserve(2);
         self.push_reserved(&e_in);
         self.push_reserved(&e_out);
@@ -367,11 +316,7 @@ impl Ring {
 
     /// shutdown(SHUT_WR) on a fixed socket: forwards an EOF.
     pub fn shutdown_write(&mut self, slot: u32, token: Token) {
-        self.push(
-            opcode::Shutdown::new(Fixed(slot), libc::SHUT_WR)
-                .build()
-                .user_data(token.encode()),
-        );
+        self.push(opcode::Shutdown::new(Fixed(slot), libc::SHUT_WR).build().user_data(token.encode()));
     }
 
     /// SO_LINGER {1, 0}: the socket's close will send RST.
@@ -390,21 +335,13 @@ impl Ring {
 
     /// Closes a fixed-file slot.
     pub fn close_fixed(&mut self, slot: u32, token: Token) {
-        self.push(
-            opcode::Close::new(Fixed(slot))
-                .build()
-                .user_data(token.encode()),
-        );
+        self.push(opcode::Close::new(Fixed(slot)).build().user_data(token.encode()));
     }
 
     /// Reads the control eventfd (completes when another thread signals it).
     pub fn read_wake(&mut self, eventfd: RawFd, token: Token) {
         let buf: *mut u64 = &mut *self.wake_buf;
-        self.push(
-            opcode::Read::new(Fd(eventfd), buf.cast(), 8)
-                .build()
-                .user_data(token.encode()),
-        );
+        self.push(opcode::Read::new(Fd(eventfd), buf.cast(), 8).build().user_data(token.encode()));
     }
 
     /// Submits what is queued and waits for at least one completion or `timeout`.
@@ -420,12 +357,7 @@ impl Ring {
         };
         match r {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                ) =>
-            {
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY | libc::EAGAIN)) => {
                 Ok(())
             }
             Err(e) => Err(e),
@@ -436,14 +368,7 @@ impl Ring {
     pub fn submit(&mut self) -> io::Result<()> {
         match self.ring.submit() {
             Ok(_) => Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
-                ) =>
-            {
-                Ok(())
-            }
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)) => Ok(()),
             Err(e) => Err(e),
         }
     }
@@ -452,11 +377,7 @@ impl Ring {
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         let mut cq = self.ring.completion();
         let before = out.len();
-        out.extend(cq.by_ref().map(|c| Completion {
-            user_data: c.user_data(),
-            result: c.result(),
-            flags: c.flags(),
-        }));
+        out.extend(cq.by_ref().map(|c| Completion { user_data: c.user_data(), result: c.result(), flags: c.flags() }));
         self.counters.cq_overflow = u64::from(cq.overflow());
         self.counters.completions += (out.len() - before) as u64;
     }
@@ -488,10 +409,7 @@ fn register_file_alloc_range(ring: &IoUring, off: u32, len: u32) -> io::Result<(
         )
     };
     if r < 0 {
-        return Err(with_context(
-            io::Error::last_os_error(),
-            "setting the accept slot range",
-        ));
+        return Err(with_context(io::Error::last_os_error(), "setting the accept slot range"));
     }
     Ok(())
 }
@@ -510,12 +428,7 @@ fn decode_sockaddr(raw: &libc::sockaddr_in6) -> Option<SocketAddr> {
     match raw.sin6_family as i32 {
         libc::AF_INET6 => {
             let ip = std::net::Ipv6Addr::from(raw.sin6_addr.s6_addr);
-            let v6 = SocketAddrV6::new(
-                ip,
-                u16::from_be(raw.sin6_port),
-                raw.sin6_flowinfo,
-                raw.sin6_scope_id,
-            );
+            let v6 = SocketAddrV6::new(ip, u16::from_be(raw.sin6_port), raw.sin6_flowinfo, raw.sin6_scope_id);
             Some(match ip.to_ipv4_mapped() {
                 Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
                 None => SocketAddr::V6(v6),
@@ -525,10 +438,7 @@ fn decode_sockaddr(raw: &libc::sockaddr_in6) -> Option<SocketAddr> {
             // SAFETY: the kernel wrote a sockaddr_in at the start of this (larger) buffer.
             let v4: &libc::sockaddr_in = unsafe { &*(raw as *const libc::sockaddr_in6).cast() };
             let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
-            Some(SocketAddr::V4(SocketAddrV4::new(
-                ip,
-                u16::from_be(v4.sin_port),
-            )))
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(v4.sin_port))))
         }
         _ => None,
     }

@@ -26,11 +26,7 @@ pub struct TimerWheel {
 
 impl TimerWheel {
     pub fn new(now_ms: u64) -> TimerWheel {
-        TimerWheel {
-            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
-            cursor: now_ms / TICK_MS,
-            len: 0,
-        }
+        TimerWheel { slots: (0..SLOTS).map(|_| Vec::new()).collect(), cursor: now_ms / TICK_MS, len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -42,8 +38,7 @@ impl TimerWheel {
     }
 
     pub fn schedule(&mut self, entry: TimerEntry) {
-        let tick =
-            (entry.deadline.div_ceil(TICK_MS)).clamp(self.cursor + 1, self.cursor + SLOTS - 1);
+        let tick = (entry.deadline.div_ceil(TICK_MS)).clamp(self.cursor + 1, self.cursor + SLOTS - 1);
         self.slots[(tick % SLOTS) as usize].push(entry);
         self.len += 1;
     }
@@ -86,11 +81,7 @@ mod tests {
     use super::*;
 
     fn e(index: u32, deadline: u64) -> TimerEntry {
-        TimerEntry {
-            index,
-            generation: 0,
-            deadline,
-        }
+        TimerEntry { index, generation: 0, deadline }
     }
 
     #[test]

@@ -123,25 +123,15 @@ pub const GENERATION_MASK: u32 = (1 << 24) - 1;
 
 impl Token {
     pub fn conn(op: Op, index: u32, generation: u32) -> Token {
-        Token {
-            op,
-            index,
-            generation: generation & GENERATION_MASK,
-        }
+        Token { op, index, generation: generation & GENERATION_MASK }
     }
 
     pub fn worker(op: Op, index: u32) -> Token {
-        Token {
-            op,
-            index,
-            generation: 0,
-        }
+        Token { op, index, generation: 0 }
     }
 
     pub fn encode(self) -> u64 {
-        (u64::from(self.index) << 32)
-            | (u64::from(self.generation & GENERATION_MASK) << 8)
-            | self.op as u64
+        (u64::from(self.index) << 32) | (u64::from(self.generation & GENERATION_MASK) << 8) | self.op as u64
     }
 
     /// `None` for a value no SQE of ours carries (a kernel or programming error, counted and ignored).
@@ -161,11 +151,7 @@ mod tests {
     #[test]
     fn round_trip() {
         for op in Op::ALL {
-            let t = Token {
-                op,
-                index: 0xdead_beef,
-                generation: 0x00ab_cdef,
-            };
+            let t = Token { op, index: 0xdead_beef, generation: 0x00ab_cdef };
             assert_eq!(Token::decode(t.encode()), Some(t));
         }
         let t = Token::conn(Op::Connect, 7, 0x1ff_ffff);
@@ -178,10 +164,6 @@ mod tests {
         for op in Op::ALL.iter().filter(|op| !op.is_worker_op()) {
             assert!((*op as u8) < 32);
         }
-        assert!(
-            Op::Accept.is_worker_op()
-                && Op::Cancel.is_worker_op()
-                && !Op::LingerServer.is_worker_op()
-        );
+        assert!(Op::Accept.is_worker_op() && Op::Cancel.is_worker_op() && !Op::LingerServer.is_worker_op());
     }
 }

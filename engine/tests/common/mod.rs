@@ -131,8 +131,7 @@ fn serve(mut conn: TcpStream, mode: Mode, st: &BackendState) {
                     return;
                 }
             }
-            conn.set_read_timeout(Some(Duration::from_millis(20)))
-                .unwrap();
+            conn.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             loop {
                 if st.release.load(Ordering::SeqCst) {
                     return;
@@ -181,11 +180,7 @@ fn serve(mut conn: TcpStream, mode: Mode, st: &BackendState) {
 /// (std's TcpListener uses 128, which overflows into SYN cookies and resets under a burst).
 pub fn listen(bind: &str) -> TcpListener {
     let addr: SocketAddr = bind.parse().expect("a socket address");
-    let domain = if addr.is_ipv6() {
-        socket2::Domain::IPV6
-    } else {
-        socket2::Domain::IPV4
-    };
+    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
     let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
     s.set_reuse_address(true).unwrap();
     s.bind(&addr.into()).expect("bind test backend");
@@ -212,8 +207,7 @@ pub fn addr(engine: &Engine, fe: &str) -> SocketAddr {
 }
 
 pub fn connect(addr: SocketAddr) -> TcpStream {
-    let s =
-        TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the proxy");
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the proxy");
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     s
@@ -223,8 +217,7 @@ pub fn connect(addr: SocketAddr) -> TcpStream {
 pub fn connect_from(addr: SocketAddr, from: IpAddr) -> TcpStream {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     sock.bind(&SocketAddr::new(from, 0).into()).unwrap();
-    sock.connect_timeout(&addr.into(), Duration::from_secs(5))
-        .unwrap();
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5)).unwrap();
     let s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     s
@@ -256,10 +249,7 @@ pub fn read_to_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(
-            start.elapsed() < limit,
-            "timed out after {limit:?} waiting for: {what}"
-        );
+        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
         thread::sleep(Duration::from_millis(10));
     }
 }
@@ -297,10 +287,7 @@ fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
     let port = u16::from_str_radix(port, 16).ok()?;
     if ip.len() == 8 {
         let v = u32::from_str_radix(ip, 16).ok()?;
-        Some(SocketAddr::new(
-            IpAddr::from(v.swap_bytes().to_be_bytes()),
-            port,
-        ))
+        Some(SocketAddr::new(IpAddr::from(v.swap_bytes().to_be_bytes()), port))
     } else {
         let mut bytes = [0u8; 16];
         for i in 0..4 {
@@ -330,17 +317,12 @@ fn state_name(hex: &str) -> &'static str {
 
 /// Sockets on `port` that still hold a connection open (anything but LISTEN, TIME-WAIT, CLOSE).
 pub fn open_sockets_on_port(port: u16) -> Vec<(SocketAddr, SocketAddr, &'static str)> {
-    sockets_on_port(port)
-        .into_iter()
-        .filter(|(_, _, s)| !matches!(*s, "LISTEN" | "TIME-WAIT" | "CLOSE"))
-        .collect()
+    sockets_on_port(port).into_iter().filter(|(_, _, s)| !matches!(*s, "LISTEN" | "TIME-WAIT" | "CLOSE")).collect()
 }
 
 /// Number of descriptors this process has open.
 pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
 }
 
 /// A deterministic pseudo-random byte stream (xorshift), cheap even in debug builds.
@@ -350,9 +332,7 @@ pub struct Stream {
 
 impl Stream {
     pub fn new(seed: u64) -> Stream {
-        Stream {
-            state: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1,
-        }
+        Stream { state: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1 }
     }
 
     pub fn fill(&mut self, buf: &mut [u8]) {

@@ -1,0 +1,301 @@
+//! Prometheus text exposition (format 0.0.4) of [`EngineStats`], and the optional /metrics endpoint.
+//!
+//! Every per-worker series carries a `worker` label, so uneven spread and one saturated core show up
+//! directly in PromQL. The endpoint is a plain thread with its own blocking sockets, off the data
+//! path: each scrape asks the workers for a snapshot like any other stats reader.
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use super::{EngineStats, WorkerStats};
+
+/// One value of a labelled family, read from a worker's counters.
+type Part<'a> = (&'a str, &'a dyn Fn(&WorkerStats) -> u64);
+
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl Family<'_> {
+    fn head(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP ringproxy_{name} {help}");
+        let _ = writeln!(self.out, "# TYPE ringproxy_{name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl std::fmt::Display) {
+        let _ = write!(self.out, "ringproxy_{name}");
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(v));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {value}");
+    }
+
+    /// A per-worker family: one sample per worker.
+    fn per_worker(&mut self, s: &EngineStats, name: &str, kind: &str, help: &str, f: impl Fn(&WorkerStats) -> u64) {
+        self.head(name, kind, help);
+        for w in &s.workers {
+            let id = w.worker.to_string();
+            self.sample(name, &[("worker", &id)], f(w));
+        }
+    }
+
+    /// A per-worker family split by one more label.
+    fn per_worker_by(&mut self, s: &EngineStats, name: &str, kind: &str, help: &str, label: &str, parts: &[Part]) {
+        self.head(name, kind, help);
+        for w in &s.workers {
+            let id = w.worker.to_string();
+            for (value, f) in parts {
+                self.sample(name, &[("worker", &id), (label, value)], f(w));
+            }
+        }
+    }
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// The whole exposition.
+pub fn render(s: &EngineStats) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    let mut m = Family { out: &mut out };
+    m.head("maxconn", "gauge", "Global maxconn in force (effective) and as configured (0: not set).");
+    m.sample("maxconn", &[("kind", "effective")], s.effective_maxconn);
+    m.sample("maxconn", &[("kind", "configured")], s.configured_maxconn.unwrap_or(0));
+    m.head("uptime_seconds", "gauge", "Seconds since the engine started.");
+    m.sample("uptime_seconds", &[], s.uptime_s);
+    m.per_worker(s, "connections_active", "gauge", "Proxied connections open now.", |w| w.active);
+    m.per_worker(s, "connections_accepted_total", "counter", "Connections accepted and admitted.", |w| w.accepted);
+    m.per_worker(s, "connections_closed_total", "counter", "Proxied connections closed.", |w| w.closed);
+    m.per_worker(s, "connections_parked", "gauge", "Accepted connections waiting for a maxconn slot.", |w| w.parked);
+    m.per_worker(
+        s,
+        "connections_failed_total",
+        "counter",
+        "Connections that reached no server within the retries.",
+        |w| w.failed,
+    );
+    m.per_worker(s, "queue_current", "gauge", "Connections waiting in a backend queue.", |w| w.queued);
+    m.per_worker(s, "queued_total", "counter", "Connections that had to wait in a backend queue.", |w| w.queued_total);
+    m.per_worker(s, "retries_total", "counter", "Connect attempts retried on another server.", |w| w.retries);
+    m.per_worker_by(
+        s,
+        "limit_hits_total",
+        "counter",
+        "Times admission stopped at a maxconn, by level.",
+        "level",
+        &[
+            ("global", &|w| w.limit_hits.global),
+            ("frontend", &|w| w.limit_hits.frontend),
+            ("backend", &|w| w.limit_hits.backend),
+            ("server", &|w| w.limit_hits.server),
+        ],
+    );
+    m.per_worker_by(
+        s,
+        "connect_errors_total",
+        "counter",
+        "Failed connects to servers, by cause.",
+        "cause",
+        &[
+            ("refused", &|w| w.connect_errors.refused),
+            ("timeout", &|w| w.connect_errors.timeout),
+            ("port_exhausted", &|w| w.connect_errors.port_exhausted),
+            ("unreachable", &|w| w.connect_errors.unreachable),
+            ("other", &|w| w.connect_errors.other),
+        ],
+    );
+    m.per_worker_by(
+        s,
+        "timeouts_total",
+        "counter",
+        "Connections closed by a timeout, by kind (connect timeouts are connect errors).",
+        "kind",
+        &[("client", &|w| w.timeouts.client), ("server", &|w| w.timeouts.server), ("queue", &|w| w.timeouts.queue)],
+    );
+    m.per_worker_by(
+        s,
+        "resets_total",
+        "counter",
+        "Connections ended by a reset, by the side that reset.",
+        "side",
+        &[("client", &|w| w.resets_from_client), ("server", &|w| w.resets_from_server)],
+    );
+    m.per_worker_by(
+        s,
+        "bytes_total",
+        "counter",
+        "Bytes forwarded, by direction.",
+        "direction",
+        &[("client_to_server", &|w| w.bytes_client_to_server), ("server_to_client", &|w| w.bytes_server_to_client)],
+    );
+    m.per_worker(s, "splices_total", "counter", "Splice chunks (socket to pipe to socket) started.", |w| w.splices);
+    m.per_worker_by(
+        s,
+        "pipes",
+        "gauge",
+        "Splice pipes lent to connections and kept in the pool.",
+        "state",
+        &[("in_use", &|w| w.pipes_in_use), ("pooled", &|w| w.pipes_pooled)],
+    );
+    m.per_worker(s, "pipe_waits_total", "counter", "Times a connection waited for a free pipe.", |w| w.pipe_waits);
+    m.per_worker(s, "maxconn_share", "gauge", "This worker's share of the global maxconn.", |w| w.global_share);
+    m.per_worker(s, "maxconn_share_lent_total", "counter", "maxconn share lent to other workers.", |w| w.share_lent);
+    m.per_worker(s, "maxconn_share_borrowed_total", "counter", "maxconn share borrowed from other workers.", |w| {
+        w.share_borrowed
+    });
+    m.per_worker(s, "ring_submissions_total", "counter", "io_uring submission entries pushed.", |w| w.ring.submitted);
+    m.per_worker(s, "ring_completions_total", "counter", "io_uring completions reaped.", |w| w.ring.completions);
+    m.per_worker(s, "ring_sq_full_total", "counter", "Times the submission queue was full and flushed early.", |w| {
+        w.ring.sq_full
+    });
+    m.per_worker(s, "ring_cq_overflow", "gauge", "io_uring completion queue overflows reported by the kernel.", |w| {
+        w.ring.cq_overflow
+    });
+    m.per_worker(s, "ring_enter_total", "counter", "io_uring_enter calls (submit and wait).", |w| w.ring.enter_calls);
+    m.per_worker(s, "loop_iterations_total", "counter", "Event-loop turns.", |w| w.loop_iterations);
+    m.head("loop_busy_seconds_total", "counter", "Time the event loop spent handling events.");
+    for w in &s.workers {
+        let id = w.worker.to_string();
+        m.sample("loop_busy_seconds_total", &[("worker", &id)], format_args!("{:.6}", w.busy_ns as f64 / 1e9));
+    }
+
+    let servers = |m: &mut Family, name: &str, kind: &str, help: &str, f: &dyn Fn(&super::ServerStats) -> u64| {
+        m.head(name, kind, help);
+        for w in &s.workers {
+            let id = w.worker.to_string();
+            for v in &w.servers {
+                m.sample(name, &[("worker", &id), ("backend", &v.backend), ("server", &v.server)], f(v));
+            }
+        }
+    };
+    servers(&mut m, "server_up", "gauge", "1 when the server takes new connections.", &|v| u64::from(v.state == "UP"));
+    servers(&mut m, "server_connections_active", "gauge", "Connections open to the server.", &|v| v.active);
+    servers(&mut m, "server_connections_total", "counter", "Connections made to the server.", &|v| v.total);
+    servers(&mut m, "server_connect_errors_total", "counter", "Failed connects to the server.", &|v| v.connect_errors);
+    servers(&mut m, "server_maxconn", "gauge", "The server's maxconn (0: none).", &|v| v.maxconn);
+    m.head("server_connect_seconds", "summary", "Time to connect to the server.");
+    for w in &s.workers {
+        let id = w.worker.to_string();
+        for v in &w.servers {
+            let l = &v.connect_latency_us;
+            let base = [("worker", id.as_str()), ("backend", v.backend.as_str()), ("server", v.server.as_str())];
+            for (q, us) in [("0.5", l.p50), ("0.9", l.p90), ("0.99", l.p99), ("0.999", l.p999)] {
+                let mut labels = base.to_vec();
+                labels.push(("quantile", q));
+                m.sample("server_connect_seconds", &labels, format_args!("{:.6}", us as f64 / 1e6));
+            }
+            m.sample("server_connect_seconds_count", &base, l.count);
+        }
+    }
+    m.head("source_ports_in_use", "gauge", "Local ports in use per source IP toward a server.");
+    for w in &s.workers {
+        let id = w.worker.to_string();
+        for src in &w.sources {
+            let ip = src.ip.to_string();
+            m.sample(
+                "source_ports_in_use",
+                &[("worker", &id), ("backend", &src.backend), ("server", &src.server), ("source", &ip)],
+                src.active,
+            );
+        }
+    }
+    m.head("source_ports_capacity", "gauge", "Local ports available per source IP toward a server.");
+    for w in &s.workers {
+        let id = w.worker.to_string();
+        for src in &w.sources {
+            let ip = src.ip.to_string();
+            m.sample(
+                "source_ports_capacity",
+                &[("worker", &id), ("backend", &src.backend), ("server", &src.server), ("source", &ip)],
+                src.capacity,
+            );
+        }
+    }
+    m.head("backend_queue_current", "gauge", "Connections waiting in the backend's queue.");
+    for b in &s.backends {
+        m.sample("backend_queue_current", &[("backend", &b.backend)], b.queued);
+    }
+    out
+}
+
+/// A running /metrics endpoint; stops when dropped.
+pub struct Endpoint {
+    stop: Arc<AtomicBool>,
+    addr: SocketAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Endpoint {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+/// Serves `GET /metrics` on `addr`, calling `collect` for each scrape.
+pub fn serve(addr: SocketAddr, collect: impl Fn() -> EngineStats + Send + 'static) -> std::io::Result<Endpoint> {
+    let listener = TcpListener::bind(addr)?;
+    let addr = listener.local_addr()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let thread = std::thread::Builder::new().name("ringproxy-metrics".into()).spawn(move || {
+        for conn in listener.incoming() {
+            if flag.load(Ordering::SeqCst) {
+                break;
+            }
+            if let Ok(conn) = conn {
+                let _ = answer(conn, &collect);
+            }
+        }
+    })?;
+    Ok(Endpoint { stop, addr, thread: Some(thread) })
+}
+
+fn answer(mut conn: TcpStream, collect: &impl Fn() -> EngineStats) -> std::io::Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !req.windows(4).any(|w| w == b"\r\n\r\n") && !req.windows(2).any(|w| w == b"\n\n") && req.len() < 8192 {
+        let n = conn.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        req.extend_from_slice(&buf[..n]);
+    }
+    let line = String::from_utf8_lossy(&req);
+    let first = line.lines().next().unwrap_or("");
+    let (status, body, kind) = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
+        ("200 OK", render(&collect()), "text/plain; version=0.0.4; charset=utf-8")
+    } else {
+        ("404 Not Found", "ringproxy serves /metrics only\n".to_string(), "text/plain; charset=utf-8")
+    };
+    write!(
+        conn,
+        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+impl Drop for Endpoint {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept so the thread sees the flag.
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Human views of [`EngineStats`]: the per-core table (the view operators tune from), the
+//! per-server and per-source tables, `show info`, and HAProxy-style CSV (`show stat`).
+//!
+//! Rates (`--watch`) are computed from two snapshots; a single snapshot shows totals and averages
+//! since start.
+
+use std::fmt::Write;
+
+use super::{EngineStats, WorkerStats};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// `show info`: one `key: value` per line.
+pub fn info(s: &EngineStats) -> String {
+    let mut o = String::new();
+    let kv = |o: &mut String, k: &str, v: String| {
+        let _ = writeln!(o, "{k}: {v}");
+    };
+    kv(&mut o, "version", s.version.clone());
+    kv(&mut o, "pid", s.pid.to_string());
+    kv(&mut o, "uptime_s", s.uptime_s.to_string());
+    kv(&mut o, "workers", s.workers.len().to_string());
+    kv(&mut o, "maxconn", s.effective_maxconn.to_string());
+    kv(&mut o, "maxconn_configured", s.configured_maxconn.map_or("unset".into(), |m| m.to_string()));
+    kv(&mut o, "rlimit_nofile", s.nofile.to_string());
+    kv(&mut o, "active", s.total(|w| w.active).to_string());
+    kv(&mut o, "parked", s.total(|w| w.parked).to_string());
+    kv(&mut o, "queued", s.total(|w| w.queued).to_string());
+    kv(&mut o, "accepted", s.total(|w| w.accepted).to_string());
+    kv(&mut o, "closed", s.total(|w| w.closed).to_string());
+    kv(&mut o, "failed", s.total(|w| w.failed).to_string());
+    kv(&mut o, "bytes_client_to_server", s.total(|w| w.bytes_client_to_server).to_string());
+    kv(&mut o, "bytes_server_to_client", s.total(|w| w.bytes_server_to_client).to_string());
+    o
+}
+
+/// Per-second rates between two snapshots of one worker.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Rates {
+    pub accepted: f64,
+    pub bytes_in: f64,
+    pub bytes_out: f64,
+    pub busy: f64,
+}
+
+pub fn rates(prev: &WorkerStats, now: &WorkerStats) -> Rates {
+    let dt = (now.uptime_ms.saturating_sub(prev.uptime_ms)) as f64 / 1000.0;
+    if dt <= 0.0 {
+        return Rates::default();
+    }
+    Rates {
+        accepted: (now.accepted.saturating_sub(prev.accepted)) as f64 / dt,
+        bytes_in: (now.bytes_client_to_server.saturating_sub(prev.bytes_client_to_server)) as f64 / dt,
+        bytes_out: (now.bytes_server_to_client.saturating_sub(prev.bytes_server_to_client)) as f64 / dt,
+        busy: (now.busy_ns.saturating_sub(prev.busy_ns)) as f64 / (dt * 1e9),
+    }
+}
+
+/// The per-core table. With `prev` (an earlier snapshot), the rate columns are per second over the
+/// interval; without, they are averages since start.
+pub fn cores(s: &EngineStats, prev: Option<&EngineStats>) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:>4} {:>3} {:>8} {:>6} {:>6} {:>10} {:>10} {:>9} {:>8} {:>8} {:>9} {:>7} {:>6} {:>11} {:>10} {:>8} {:>8} {:>5}",
+        "core",
+        "cpu",
+        "active",
+        "parked",
+        "queued",
+        "accepted",
+        "closed",
+        "accept/s",
+        "MiB/s in",
+        "MiB/s out",
+        "conn_err",
+        "tmouts",
+        "resets",
+        "share(lent)",
+        "pipes u/p",
+        "submits",
+        "sq_full",
+        "busy"
+    );
+    let mut sum = WorkerStats::default();
+    let mut sum_rates = Rates::default();
+    for w in &s.workers {
+        let r = match prev.and_then(|p| p.workers.iter().find(|x| x.worker == w.worker)) {
+            Some(p) => rates(p, w),
+            None => rates(&WorkerStats::default(), w),
+        };
+        row(&mut o, &w.worker.to_string(), w.cpu.map_or("-".into(), |c| c.to_string()), w, &r);
+        add(&mut sum, w);
+        sum_rates.accepted += r.accepted;
+        sum_rates.bytes_in += r.bytes_in;
+        sum_rates.bytes_out += r.bytes_out;
+        sum_rates.busy += r.busy;
+    }
+    row(&mut o, "all", "".into(), &sum, &sum_rates);
+    o
+}
+
+fn row(o: &mut String, core: &str, cpu: String, w: &WorkerStats, r: &Rates) {
+    let t = &w.timeouts;
+    let _ = writeln!(
+        o,
+        "{:>4} {:>3} {:>8} {:>6} {:>6} {:>10} {:>10} {:>9.0} {:>8.1} {:>9.1} {:>9} {:>7} {:>6} {:>11} {:>10} {:>8} {:>8} {:>4.0}%",
+        core,
+        cpu,
+        w.active,
+        w.parked,
+        w.queued,
+        w.accepted,
+        w.closed,
+        r.accepted,
+        r.bytes_in / MIB,
+        r.bytes_out / MIB,
+        w.connect_errors.total(),
+        t.client + t.server + t.queue,
+        w.resets_from_client + w.resets_from_server,
+        format!("{}({})", w.global_share, w.share_lent),
+        format!("{}/{}", w.pipes_in_use, w.pipes_pooled),
+        w.ring.submitted,
+        w.ring.sq_full,
+        r.busy * 100.0
+    );
+}
+
+fn add(sum: &mut WorkerStats, w: &WorkerStats) {
+    sum.active += w.active;
+    sum.parked += w.parked;
+    sum.queued += w.queued;
+    sum.accepted += w.accepted;
+    sum.closed += w.closed;
+    sum.connect_errors.add(&w.connect_errors);
+    sum.timeouts.client += w.timeouts.client;
+    sum.timeouts.server += w.timeouts.server;
+    sum.timeouts.queue += w.timeouts.queue;
+    sum.resets_from_client += w.resets_from_client;
+    sum.resets_from_server += w.resets_from_server;
+    sum.global_share += w.global_share;
+    sum.share_lent += w.share_lent;
+    sum.pipes_in_use += w.pipes_in_use;
+    sum.pipes_pooled += w.pipes_pooled;
+    sum.ring.submitted += w.ring.submitted;
+    sum.ring.sq_full += w.ring.sq_full;
+}
+
+/// Per-server table (summed over workers), with connect latency.
+pub fn servers(s: &EngineStats) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<24} {:<22} {:<5} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "backend/server",
+        "address",
+        "state",
+        "active",
+        "total",
+        "errors",
+        "maxconn",
+        "conn p50",
+        "conn p99",
+        "conn max"
+    );
+    for v in &s.servers {
+        let l = &v.connect_latency_us;
+        let _ = writeln!(
+            o,
+            "{:<24} {:<22} {:<5} {:>8} {:>10} {:>8} {:>8} {:>8}us {:>8}us {:>8}us",
+            format!("{}/{}", v.backend, v.server),
+            v.address,
+            v.state,
+            v.active,
+            v.total,
+            v.connect_errors,
+            if v.maxconn == 0 { "-".into() } else { v.maxconn.to_string() },
+            l.p50,
+            l.p99,
+            l.max
+        );
+    }
+    for b in &s.backends {
+        let _ = writeln!(
+            o,
+            "{:<24} {:<22} {:<5} {:>8} {:>10} {:>8} {:>8} queued {}",
+            format!("{}/BACKEND", b.backend),
+            b.balance,
+            "UP",
+            b.active,
+            b.total,
+            b.connect_errors,
+            if b.maxconn == 0 { "-".into() } else { b.maxconn.to_string() },
+            b.queued
+        );
+    }
+    o
+}
+
+/// Per-worker source-IP table: ports in use and left, per server.
+pub fn sources(s: &EngineStats) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:>4} {:<24} {:<16} {:>8} {:>9} {:>6}",
+        "core", "backend/server", "source", "in use", "capacity", "free"
+    );
+    for w in &s.workers {
+        for src in &w.sources {
+            let free = 100.0 * (src.capacity.saturating_sub(src.active)) as f64 / src.capacity.max(1) as f64;
+            let _ = writeln!(
+                o,
+                "{:>4} {:<24} {:<16} {:>8} {:>9} {:>5.1}%",
+                w.worker,
+                format!("{}/{}", src.backend, src.server),
+                src.ip,
+                src.active,
+                src.capacity,
+                free
+            );
+        }
+    }
+    o
+}
+
+/// The whole dump: info line, per-core table, per-server table, sources (when any).
+pub fn dump(s: &EngineStats, prev: Option<&EngineStats>) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "ringproxy {} pid {} up {}s: {} workers, maxconn {}{}, {} active, {} parked, {} queued",
+        s.version,
+        s.pid,
+        s.uptime_s,
+        s.workers.len(),
+        s.effective_maxconn,
+        s.configured_maxconn
+            .filter(|m| *m != s.effective_maxconn)
+            .map_or(String::new(), |m| format!(" (configured {m})")),
+        s.total(|w| w.active),
+        s.total(|w| w.parked),
+        s.total(|w| w.queued),
+    );
+    o.push_str(&cores(s, prev));
+    o.push('\n');
+    o.push_str(&servers(s));
+    if s.workers.iter().any(|w| !w.sources.is_empty()) {
+        o.push('\n');
+        o.push_str(&sources(s));
+    }
+    o
+}
+
+/// `show stat`: CSV with HAProxy's first columns (same names and order), one row per server plus
+/// a BACKEND row per backend; columns ringproxy does not track are left empty, as HAProxy does.
+pub fn csv(s: &EngineStats) -> String {
+    let mut o = String::from(
+        "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight,\n",
+    );
+    for v in &s.servers {
+        let _ = writeln!(
+            o,
+            "{},{},,,{},,{},{},,,,,,{},,,,{},,",
+            v.backend,
+            v.server,
+            v.active,
+            if v.maxconn == 0 { String::new() } else { v.maxconn.to_string() },
+            v.total,
+            v.connect_errors,
+            v.state
+        );
+    }
+    for b in &s.backends {
+        let _ = writeln!(
+            o,
+            "{},BACKEND,{},,{},,{},{},,,,,,{},,,,UP,,",
+            b.backend,
+            b.queued,
+            b.active,
+            if b.maxconn == 0 { String::new() } else { b.maxconn.to_string() },
+            b.total,
+            b.connect_errors
+        );
+    }
+    o
+}

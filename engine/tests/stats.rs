@@ -1,0 +1,337 @@
+//! Observability: counters match what was done, the stats socket protocol, JSON, CSV and
+//! Prometheus outputs parse, SIGUSR1 dumps the per-core table, the socket gets the configured
+//! mode, connection logs have one line per connection.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ringproxy::stats::{EngineStats, socket};
+
+fn tmp(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ringproxy-stats-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn counters_match_what_the_clients_did() {
+    let echo = Backend::start(Mode::Echo);
+    let dead: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends:\n  - {{ name: ok, bind: \"127.0.0.1:0\", backend: ok }}\n\
+         \x20 - {{ name: down, bind: \"127.0.0.1:0\", backend: down }}\n\
+         backends:\n  - {{ name: ok, servers: [{{ name: s, address: \"{}\", source: 127.0.2.20 }}] }}\n\
+         \x20 - {{ name: down, retries: 0, servers: [{{ name: gone, address: \"{dead}\" }}] }}\n",
+        echo.addr
+    ));
+    const N: u64 = 40;
+    const B: usize = 100_000;
+    const K: u64 = 7;
+    for i in 0..N {
+        let mut c = connect(addr(&engine, "ok"));
+        c.write_all(&vec![i as u8; B]).unwrap();
+        half_close(&c);
+        let (back, _) = read_to_end(&mut c);
+        assert_eq!(back.len(), B);
+    }
+    for _ in 0..K {
+        let mut c = connect(addr(&engine, "down"));
+        let _ = read_to_end(&mut c);
+    }
+    wait_until("every connection to close", Duration::from_secs(5), || engine.stats().total(|w| w.active) == 0);
+    let s = engine.stats();
+    assert_eq!(s.total(|w| w.accepted), N + K);
+    assert_eq!(s.total(|w| w.closed), N + K);
+    assert_eq!(s.total(|w| w.bytes_client_to_server), N * B as u64);
+    assert_eq!(s.total(|w| w.bytes_server_to_client), N * B as u64);
+    assert_eq!(s.total(|w| w.connect_errors.refused), K);
+    assert_eq!(s.total(|w| w.failed), K);
+    assert!(s.total(|w| w.splices) >= 2 * N, "at least one chunk each way per connection");
+    let ok = s.servers.iter().find(|v| v.backend == "ok").unwrap();
+    assert_eq!((ok.total, ok.connect_errors, ok.connect_latency_us.count), (N, 0, N));
+    assert!(ok.connect_latency_us.p50 > 0);
+    let gone = s.servers.iter().find(|v| v.server == "gone").unwrap();
+    assert_eq!((gone.total, gone.connect_errors), (K, K));
+    // Per-core rows add up to the totals.
+    assert_eq!(s.workers.iter().map(|w| w.accepted).sum::<u64>(), N + K);
+    let used: u64 = s.workers.iter().flat_map(|w| &w.sources).map(|src| src.active).sum();
+    assert_eq!(used, 0, "every source port is released");
+}
+
+/// One sample: metric name, labels, value.
+type Sample = (String, Vec<(String, String)>, f64);
+
+/// A strict reader of the Prometheus text format: HELP/TYPE before samples, well-formed names,
+/// labels and values, no duplicate series.
+fn parse_prometheus(text: &str) -> Vec<Sample> {
+    let mut typed: HashSet<String> = HashSet::new();
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    let name_ok = |n: &str| {
+        !n.is_empty()
+            && n.chars()
+                .enumerate()
+                .all(|(i, c)| c.is_ascii_alphabetic() || c == '_' || c == ':' || (i > 0 && c.is_ascii_digit()))
+    };
+    for line in text.lines() {
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut it = rest.split(' ');
+            let (name, kind) = (it.next().unwrap(), it.next().unwrap());
+            assert!(name_ok(name), "bad metric name {name}");
+            assert!(["counter", "gauge", "summary", "histogram", "untyped"].contains(&kind), "{line}");
+            assert!(typed.insert(name.to_string()), "TYPE given twice for {name}");
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line}"));
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("bad value: {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((n, l)) => {
+                let l = l.strip_suffix('}').unwrap_or_else(|| panic!("unclosed labels: {line}"));
+                let labels: Vec<(String, String)> = l
+                    .split("\",")
+                    .map(|kv| {
+                        let (k, v) = kv.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line}"));
+                        assert!(name_ok(k), "bad label name in {line}");
+                        (k.to_string(), v.trim_end_matches('"').to_string())
+                    })
+                    .collect();
+                (n.to_string(), labels)
+            }
+            None => (series.to_string(), Vec::new()),
+        };
+        assert!(name_ok(&name), "bad metric name in {line}");
+        let family = name.strip_suffix("_count").or(name.strip_suffix("_sum")).filter(|f| typed.contains(*f));
+        assert!(typed.contains(&name) || family.is_some(), "sample before its TYPE: {line}");
+        assert!(seen.insert(series.to_string()), "duplicate series {series}");
+        out.push((name, labels, value));
+    }
+    out
+}
+
+#[test]
+fn socket_protocol_json_csv_and_prometheus() {
+    let echo = Backend::start(Mode::Echo);
+    let sock = tmp("proto.sock");
+    let engine = engine(&format!(
+        "global: {{ workers: 2, stats: {{ socket: {}, prometheus: \"127.0.0.1:0\" }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s1, address: \"{}\", source: 127.0.2.21 }}, {{ name: s2, address: \"{}\" }}] }}]\n",
+        sock.display(),
+        echo.addr,
+        echo.addr
+    ));
+    for i in 0..10u8 {
+        let mut c = connect(addr(&engine, "fe"));
+        echo_once(&mut c, &[i; 100]);
+    }
+    let mode = std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the stats socket is private by default");
+
+    let info = socket::query(&sock, "show info").unwrap();
+    assert!(info.contains("workers: 2") && info.contains("accepted: 10"), "{info}");
+    let cores = socket::query(&sock, "show cores").unwrap();
+    assert_eq!(cores.lines().count(), 4, "header, two cores, total: {cores}");
+    assert!(cores.lines().last().unwrap().trim_start().starts_with("all"));
+    let servers = socket::query(&sock, "show servers").unwrap();
+    assert!(servers.contains("be/s1") && servers.contains("be/BACKEND"), "{servers}");
+    let sources = socket::query(&sock, "show sources").unwrap();
+    assert!(sources.contains("127.0.2.21"), "{sources}");
+    let help = socket::query(&sock, "what").unwrap();
+    assert!(help.starts_with("unknown command \"what\"") && help.contains("show stat"), "{help}");
+
+    let snapshot: EngineStats = serde_json::from_str(&socket::query(&sock, "show json").unwrap()).unwrap();
+    assert_eq!(snapshot.workers.len(), 2);
+    assert_eq!(snapshot.total(|w| w.accepted), 10);
+    assert_eq!(snapshot.servers.iter().map(|s| s.total).sum::<u64>(), 10);
+
+    let csv = socket::query(&sock, "show stat").unwrap();
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().trim_start_matches("# ").split(',').collect();
+    assert_eq!(&header[..8], &["pxname", "svname", "qcur", "qmax", "scur", "smax", "slim", "stot"]);
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 3);
+    assert!(rows.iter().all(|r| r.len() == header.len()), "every row has every column: {csv}");
+    let stot: u64 = rows.iter().filter(|r| r[1] != "BACKEND").map(|r| r[7].parse::<u64>().unwrap()).sum();
+    assert_eq!(stot, 10);
+
+    let via_socket = parse_prometheus(&socket::query(&sock, "show prometheus").unwrap());
+    assert!(via_socket.iter().any(|(n, l, v)| n == "ringproxy_connections_accepted_total"
+        && l.iter().any(|(k, _)| k == "worker")
+        && *v >= 0.0));
+    // The HTTP endpoint serves the same families.
+    let metrics = engine.metrics_addr().unwrap();
+    let mut c = TcpStream::connect(metrics).unwrap();
+    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
+    let samples = parse_prometheus(body);
+    let accepted: f64 =
+        samples.iter().filter(|(n, _, _)| n == "ringproxy_connections_accepted_total").map(|(_, _, v)| v).sum();
+    assert_eq!(accepted, 10.0);
+    let families: HashSet<&str> = samples.iter().map(|(n, _, _)| n.as_str()).collect();
+    for f in [
+        "ringproxy_bytes_total",
+        "ringproxy_connect_errors_total",
+        "ringproxy_ring_submissions_total",
+        "ringproxy_maxconn_share",
+        "ringproxy_server_connect_seconds",
+        "ringproxy_source_ports_in_use",
+        "ringproxy_pipes",
+    ] {
+        assert!(families.contains(f), "missing {f}");
+    }
+    let mut c = TcpStream::connect(metrics).unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 404"));
+    if which_promtool() {
+        let p = tmp("metrics.txt");
+        std::fs::write(&p, body).unwrap();
+        let out =
+            Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", p.display())).output().unwrap();
+        assert!(out.status.success(), "promtool: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    drop(engine);
+    assert!(!sock.exists(), "the socket file is removed on shutdown");
+}
+
+fn which_promtool() -> bool {
+    Command::new("sh").arg("-c").arg("command -v promtool").output().is_ok_and(|o| o.status.success())
+}
+
+#[test]
+fn socket_mode_is_the_configured_one_and_a_live_socket_is_not_stolen() {
+    let echo = Backend::start(Mode::Echo);
+    let sock = tmp("mode.sock");
+    let yaml = format!(
+        "global: {{ workers: 1, stats: {{ socket: {}, mode: \"0660\" }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        sock.display(),
+        echo.addr
+    );
+    let engine = engine(&yaml);
+    assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
+    let second = ringproxy::Engine::start(ringproxy::config::parse(&yaml, "t").unwrap());
+    let err = second.err().expect("a second engine must not take over a live stats socket");
+    assert!(err.contains("another engine is answering"), "{err}");
+    drop(engine);
+}
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let p = tmp(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn cli_stats_sigusr1_and_connection_log() {
+    let echo = Backend::start(Mode::Echo);
+    let sock = tmp("cli.sock");
+    let log = tmp("connections.log");
+    let _ = std::fs::remove_file(&log);
+    let cfg = write_config(
+        "cli.yaml",
+        &format!(
+            "global: {{ workers: 2, stats: {{ socket: {} }}, connection_log: {} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.0.2.22 }}] }}]\n",
+            sock.display(),
+            log.display(),
+            echo.addr
+        ),
+    );
+    let bin = env!("CARGO_BIN_EXE_ringproxy");
+    let mut child = Command::new(bin).arg("-c").arg(&cfg).stderr(Stdio::piped()).spawn().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut proxy = None;
+    let start = Instant::now();
+    while proxy.is_none() {
+        let line = rx.recv_timeout(Duration::from_secs(10)).expect("startup report");
+        if let Some(a) = line.split("listening on ").nth(1) {
+            proxy = Some(a.trim().parse::<SocketAddr>().unwrap());
+        }
+        assert!(start.elapsed() < Duration::from_secs(10));
+    }
+    let proxy = proxy.unwrap();
+    for i in 0..5u8 {
+        let mut c = connect(proxy);
+        echo_once(&mut c, &[i; 10]);
+    }
+    wait_until("5 connections to be closed", Duration::from_secs(5), || {
+        socket::fetch(&sock).is_ok_and(|s| s.total(|w| w.closed) == 5)
+    });
+    // ringproxy stats: the table, then JSON, then two refreshes with rates.
+    let out = Command::new(bin).args(["stats", "--socket"]).arg(&sock).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(text.contains("core") && text.contains("be/s") && text.contains("127.0.2.22"), "{text}");
+    let out = Command::new(bin).args(["stats", "--json", "-c"]).arg(&cfg).output().unwrap();
+    let snap: EngineStats = serde_json::from_slice(&out.stdout).expect("--json is one JSON object");
+    assert_eq!(snap.total(|w| w.accepted), 5);
+    let out =
+        Command::new(bin).args(["stats", "--watch", "200ms", "--count", "2", "--socket"]).arg(&sock).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.matches("accept/s").count(), 2, "{text}");
+    let out = Command::new(bin).args(["stats", "--socket", "/nonexistent.sock"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the stats socket"));
+    // SIGUSR1 writes the same table to stderr.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
+    let mut saw = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline && !saw.iter().any(|l: &String| l.trim_start().starts_with("all")) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            saw.push(l);
+        }
+    }
+    assert!(saw.iter().any(|l| l.contains("SIGUSR1: per-core stats")), "{saw:?}");
+    assert!(saw.iter().any(|l| l.trim_start().starts_with("all")), "{saw:?}");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    let lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
+    assert_eq!(lines.len(), 5, "one line per connection: {lines:?}");
+    for l in &lines {
+        for field in [
+            "ts=",
+            "worker=",
+            "client=127.0.0.1:",
+            "frontend=fe",
+            "server=be/s",
+            "source=127.0.2.22",
+            "connect_ms=",
+            "total_ms=",
+            "bytes_in=10 ",
+            "bytes_out=10 ",
+            "term=done",
+        ] {
+            assert!(l.contains(field), "{field} missing in {l}");
+        }
+    }
+    assert!(!sock.exists());
+}
