@@ -82,14 +82,18 @@ pub fn parse_port_list(text: &str) -> Vec<(u16, u16)> {
 /// ip_local_port_range minus the reserved ports inside it.
 pub fn ephemeral_ports() -> Option<u32> {
     let (lo, hi) = local_port_range()?;
-    let reserved: u32 = reserved_ports()
-        .iter()
-        .map(|&(a, b)| {
-            let (a, b) = (a.max(lo), b.min(hi));
-            if a <= b { (b - a) as u32 + 1 } else { 0 }
-        })
-        .sum();
-    Some((hi - lo) as u32 + 1 - reserved.min((hi - lo) as u32 + 1))
+    Some(ports_left(lo, hi, &reserved_ports()))
+}
+
+/// Ports in `[lo, hi]` not covered by any of `reserved` (ranges may overlap).
+pub fn ports_left(lo: u16, hi: u16, reserved: &[(u16, u16)]) -> u32 {
+    let mut taken = vec![false; (hi - lo) as usize + 1];
+    for &(a, b) in reserved {
+        for p in a.max(lo)..=b.min(hi) {
+            taken[(p - lo) as usize] = true;
+        }
+    }
+    taken.iter().filter(|t| !**t).count() as u32
 }
 
 /// CPUs this process may run on, in order.
@@ -118,6 +122,12 @@ pub fn mem_total() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overlapping_reserved_ranges_count_once() {
+        assert_eq!(ports_left(1000, 1999, &[(1100, 1199), (1150, 1249), (3000, 4000)]), 850);
+        assert_eq!(ports_left(1000, 1000, &[(1000, 1000)]), 0);
+    }
 
     #[test]
     fn port_lists() {

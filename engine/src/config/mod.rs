@@ -311,7 +311,10 @@ impl Validator<'_> {
             connect: defaults_connect,
             client: self.duration(&d.timeout.client, "client", default::CLIENT)?,
             server: self.duration(&d.timeout.server, "server", default::SERVER)?,
-            queue: self.duration(&d.timeout.queue, "queue", defaults_connect)?,
+            queue: match &d.timeout.queue {
+                Some(_) => Some(self.duration(&d.timeout.queue, "queue", defaults_connect)?),
+                None => None,
+            },
             drain: self.duration(&d.timeout.drain, "drain", default::DRAIN)?,
             retries: match &d.retries {
                 Some(r) => self.count(r, "retries", 0, 100)? as u32,
@@ -539,13 +542,17 @@ impl Validator<'_> {
         if rb.servers.value.is_empty() {
             return self.err(rb.servers.referenced, format!("backend \"{name}\" has no servers"));
         }
-        let (mut connect, mut server, mut queue) = (defaults.connect, defaults.server, defaults.queue);
+        let (mut connect, mut server) = (defaults.connect, defaults.server);
+        let mut queue = None;
         if let Some(t) = &rb.timeout {
             self.only_timeouts(t, "backend", &["connect", "server", "queue"])?;
             connect = self.duration(&t.value.connect, "connect", connect)?;
             server = self.duration(&t.value.server, "server", server)?;
-            queue = self.duration(&t.value.queue, "queue", queue)?;
+            if t.value.queue.is_some() {
+                queue = Some(self.duration(&t.value.queue, "queue", connect)?);
+            }
         }
+        let queue = queue.or(defaults.queue).unwrap_or(connect);
         let retries = match &rb.retries {
             Some(r) => self.count(r, "retries", 0, 100)? as u32,
             None => defaults.retries,
@@ -621,7 +628,8 @@ struct Defaults {
     connect: Duration,
     client: Duration,
     server: Duration,
-    queue: Duration,
+    /// `None`: each backend waits as long as its own connect timeout (HAProxy's rule).
+    queue: Option<Duration>,
     drain: Duration,
     retries: u32,
     backlog: Option<u32>,

@@ -242,6 +242,17 @@ fn timeouts_only_where_they_apply() {
 }
 
 #[test]
+fn queue_timeout_defaults_to_the_backends_own_connect_timeout() {
+    let c = ok(&BASE.replace("    servers:", "    timeout: { connect: 2s }\n    servers:"));
+    assert_eq!(c.backends[0].queue_timeout, Duration::from_secs(2));
+    let c = ok(&format!(
+        "defaults:\n  timeout: {{ queue: 9s }}\n{}",
+        BASE.replace("    servers:", "    timeout: { connect: 2s }\n    servers:")
+    ));
+    assert_eq!(c.backends[0].queue_timeout, Duration::from_secs(9), "an explicit defaults queue wins");
+}
+
+#[test]
 fn stats_and_connection_log() {
     let c = ok(&format!(
         "global:\n  stats: {{ socket: /run/rp.sock, mode: \"0660\", prometheus: \"127.0.0.1:9101\" }}\n  connection_log: stdout\n{BASE}"
