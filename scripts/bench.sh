@@ -1,0 +1,462 @@
+#!/usr/bin/env bash
+# bench.sh: ringproxy against HAProxy and nginx (and no proxy at all), on loopback, in one run.
+#
+# Paths, measured interleaved (direct ringproxy haproxy haproxy-splice nginx, then again, ...) so
+# that drift of the machine (other builds, thermal, caches) hits them alike:
+#   direct          the client talks to the backend itself
+#   ringproxy       target/release/ringproxy, workers = WORKERS, pinned
+#   haproxy         HAProxy `mode tcp`, nbthread = WORKERS, cpu-map, no splicing
+#   haproxy-splice  the same with `option splice-auto` (tune.pipesize = ringproxy's pipe size)
+#   nginx           nginx `stream`, worker_processes = WORKERS, worker_cpu_affinity auto, reuseport
+# Every proxy gets the same maxconn, timeouts (connect 5s, client/server 50s) and one server per
+# backend (roundrobin).
+#
+# Tests (each path, each round):
+#   tput1, tput4   ringload throughput, 1 and 4 streams, up into `ringload serve --mode sink`
+#   iperf1, iperf4 iperf3 -P 1 / -P 4 (cross-check of the above)
+#   rate           ringload rate: connect, 64-byte echo, close; CONC loops
+#   wrk            wrk -H 'Connection: close' against an nginx http backend (cross-check of rate)
+#   ka             keep-alive request/response: ringload latency at an unreachable rate (closed
+#                  loop, KA_CONNS connections): requests/s
+#   lat            ringload latency at a fixed LAT_RATE req/s: coordinated-omission-corrected
+#                  p50/p99/p99.9
+#   idle           IDLE_CONNS connections held with heartbeats: proxy RSS growth / connection,
+#                  machine Slab growth / connection, nothing lost
+# CPU of the proxy = utime+stime of all its processes and threads (/proc/PID/stat; io_uring io-wq
+# threads are threads of ringproxy's process and count) over the tput4 test (-> CPU s per GB moved)
+# and over the rate test (-> CPU s per 10,000 connections).
+#
+# Each figure is the median over ROUNDS rounds, with min-max; scripts/bench/report.py writes the
+# tables (medians, ratios to direct and to HAProxy, targets) and the charts.
+#
+# Usage:  scripts/bench.sh                 full run (~13 min on 2 CPUs); charts go to docs/img/ and
+#                                          the tables into docs/benchmarks.md (between markers)
+#         QUICK=1 scripts/bench.sh         smoke run (~1.5 min), nothing under docs/ is touched
+# Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS PATHS OUT
+#         UPDATE_DOCS=0|1 IMG=dir
+# Needs root for apt-get when haproxy, nginx (+ stream module), iperf3, wrk or jq are missing.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/bench/lib.sh
+. "$ROOT/scripts/bench/lib.sh"
+
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+    ROUNDS=${ROUNDS:-1}; DUR=${DUR:-1}; IDLE_CONNS=${IDLE_CONNS:-2000}; UPDATE_DOCS=${UPDATE_DOCS:-0}
+else
+    ROUNDS=${ROUNDS:-3}; DUR=${DUR:-4}; IDLE_CONNS=${IDLE_CONNS:-9000}; UPDATE_DOCS=${UPDATE_DOCS:-1}
+fi
+WORKERS=${WORKERS:-$(nproc)}
+MAXCONN=${MAXCONN:-9400}          # HAProxy needs 2 fds per connection + pipes under RLIMIT_NOFILE 20000
+CONC=${CONC:-64}
+KA_CONNS=${KA_CONNS:-64}
+LAT_RATE=${LAT_RATE:-10000}
+PIPE_SIZE=${PIPE_SIZE:-262144}
+PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice nginx}
+TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 rate wrk ka lat idle}
+OUT=${OUT:-$(mktemp -d /tmp/ringproxy-bench.XXXXXX)}
+if [ "$UPDATE_DOCS" = 1 ]; then IMG=${IMG:-$ROOT/docs/img}; else IMG=${IMG:-$OUT/img}; fi
+mkdir -p "$OUT/raw" "$OUT/run" "$IMG"
+RESULTS=$OUT/results.jsonl
+: >"$RESULTS"
+
+on_exit() {
+    local rc=$?
+    cleanup_pids
+    [ "$rc" = 0 ] || log "bench.sh failed (exit $rc); partial results in $OUT"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+[ "$(uname -s)" = Linux ] || die "Linux only"
+
+# --- peers and tools -------------------------------------------------------------------------------
+need=()
+command -v haproxy >/dev/null || need+=(haproxy)
+[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)
+[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v wrk >/dev/null || need+=(wrk)
+command -v jq >/dev/null || need+=(jq)
+command -v ss >/dev/null || need+=(iproute2)
+command -v pgrep >/dev/null || need+=(procps)
+if [ ${#need[@]} -gt 0 ]; then
+    [ "$(id -u)" = 0 ] || die "missing ${need[*]}; run as root or install them"
+    log "installing ${need[*]}"
+    # policy-rc.d exit 101: the packages must not start their system services
+    rcd=/usr/sbin/policy-rc.d made_rcd=0
+    if [ ! -e "$rcd" ]; then printf '#!/bin/sh\nexit 101\n' >"$rcd"; chmod +x "$rcd"; made_rcd=1; fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null || { [ "$made_rcd" = 0 ] || rm -f "$rcd"; die "apt-get install failed"; }
+    [ "$made_rcd" = 0 ] || rm -f "$rcd"
+fi
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+python3 -c 'import matplotlib' 2>/dev/null || {
+    log "installing matplotlib (pip) for the charts"
+    python3 -m pip install -q matplotlib || log "matplotlib unavailable: tables only, no charts"
+}
+
+build_binaries "$ROOT" "$OUT/bin"
+RL=$OUT/bin/ringload
+RP=$OUT/bin/ringproxy
+
+# --- machine ---------------------------------------------------------------------------------------
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "cpu: $(nproc) x $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
+    echo "memory: $(awk '/MemTotal/ {printf "%.1f GiB", $2/1048576}' /proc/meminfo)"
+    echo "kernel: $(uname -r)"
+    echo "RLIMIT_NOFILE: $(ulimit -Sn) soft / $(ulimit -Hn) hard"
+    echo "ringproxy: $BUILD_INFO"
+    echo "haproxy: $(haproxy -v | head -1)"
+    echo "nginx: $("$NGINX" -v 2>&1)"
+    echo "iperf3: $(iperf3 --version | head -1)"
+    echo "wrk: $(wrk --version 2>&1 | head -1)"
+    echo "rounds: $ROUNDS, $DUR s per test, workers $WORKERS, maxconn $MAXCONN, rate/wrk concurrency $CONC, keep-alive connections $KA_CONNS, fixed rate $LAT_RATE/s, idle $IDLE_CONNS connections"
+} >"$OUT/machine.txt"
+cat "$OUT/machine.txt" >&2
+
+# --- backends --------------------------------------------------------------------------------------
+declare -A ADDR PIDS_OF
+PICKED=" "
+pick_port() {
+    local p
+    while :; do
+        p=$(free_port)
+        case "$PICKED" in *" $p "*) continue ;; esac
+        PICKED="$PICKED$p "
+        echo "$p"
+        return
+    done
+}
+
+start_serve() { # NAME MODE
+    local f="$OUT/run/serve-$1.out"
+    "$RL" serve --listen 127.0.0.1:0 --mode "$2" --workers "$WORKERS" >"$f" 2>"$OUT/run/serve-$1.err" &
+    track $!
+    wait_for_file_match "$f" '^listening on ' || die "ringload serve $1 did not start: $(cat "$OUT/run/serve-$1.err")"
+    sed -n 's/^listening on //p' "$f" | head -1
+}
+ADDR[direct:echo]=$(start_serve echo echo)
+ADDR[direct:sink]=$(start_serve sink sink)
+
+IPERF_PORT=$(pick_port)
+PICKED="$PICKED$IPERF_PORT "
+iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$OUT/run/iperf3-server.log" 2>&1 &
+track $!
+ADDR[direct:iperf]=127.0.0.1:$IPERF_PORT
+
+HTTP_PORT=$(pick_port)
+mkdir -p "$OUT/run/http/www" "$OUT/run/http/tmp"
+echo ok >"$OUT/run/http/www/index.html"
+cat >"$OUT/run/http/nginx.conf" <<CONF
+user root;
+worker_processes $WORKERS;
+pid $OUT/run/http/nginx.pid;
+error_log $OUT/run/http/error.log;
+worker_rlimit_nofile 20000;
+events { worker_connections 8192; }
+http {
+    access_log off;
+    client_body_temp_path $OUT/run/http/tmp;
+    proxy_temp_path $OUT/run/http/tmp;
+    fastcgi_temp_path $OUT/run/http/tmp;
+    uwsgi_temp_path $OUT/run/http/tmp;
+    scgi_temp_path $OUT/run/http/tmp;
+    server {
+        listen 127.0.0.1:$HTTP_PORT backlog=4096;
+        root $OUT/run/http/www;
+    }
+}
+CONF
+"$NGINX" -p "$OUT/run/http" -c "$OUT/run/http/nginx.conf" -g 'daemon off;' 2>"$OUT/run/http/stderr" &
+track $!
+ADDR[direct:http]=127.0.0.1:$HTTP_PORT
+SERVICES="echo sink iperf http"
+
+# --- proxies ---------------------------------------------------------------------------------------
+backend_of() { # SERVICE -> backend address
+    echo "${ADDR[direct:$1]}"
+}
+
+# ringproxy's stats socket, when this build has one: io_uring counters per test
+RP_STATS=""
+"$RP" stats --help >/dev/null 2>&1 && RP_STATS=$OUT/run/ringproxy-stats.sock
+
+start_ringproxy() {
+    local d=$OUT/run/ringproxy s
+    mkdir -p "$d"
+    {
+        echo "global:"
+        echo "  workers: $WORKERS"
+        echo "  pin_cpus: true"
+        echo "  maxconn: $MAXCONN"
+        echo "  tune: { pipe_size: $PIPE_SIZE }"
+        [ -n "$RP_STATS" ] && echo "  stats: { socket: \"$RP_STATS\" }"
+        echo "defaults:"
+        echo "  timeout: { connect: 5s, client: 50s, server: 50s, drain: 1s }"
+        echo "  balance: roundrobin"
+        echo "frontends:"
+        for s in $SERVICES; do echo "  - { name: $s, bind: \"127.0.0.1:0\", backend: $s }"; done
+        echo "backends:"
+        for s in $SERVICES; do echo "  - { name: $s, servers: [{ name: s1, address: \"$(backend_of "$s")\" }] }"; done
+    } >"$d/ringproxy.yaml"
+    "$RP" -c "$d/ringproxy.yaml" 2>"$d/stderr" &
+    local pid=$!
+    track "$pid"
+    wait_for_file_match "$d/stderr" 'frontend "http" listening on' || die "ringproxy did not start: $(cat "$d/stderr")"
+    for s in $SERVICES; do
+        ADDR[ringproxy:$s]=$(sed -n "s/^ringproxy: frontend \"$s\" listening on //p" "$d/stderr" | head -1)
+    done
+    PIDS_OF[ringproxy]=$pid
+}
+
+start_haproxy() { # NAME SPLICE(0|1)
+    local name=$1 splice=$2 d=$OUT/run/$1 s port
+    mkdir -p "$d"
+    {
+        echo "global"
+        echo "    nbthread $WORKERS"
+        echo "    cpu-map auto:1/1-$WORKERS 0-$((WORKERS - 1))"
+        echo "    maxconn $MAXCONN"
+        echo "    fd-hard-limit $(ulimit -Hn)"
+        echo "    maxpipes 512"
+        echo "    tune.pipesize $PIPE_SIZE"
+        echo "    pidfile $d/haproxy.pid"
+        echo "defaults"
+        echo "    mode tcp"
+        echo "    timeout connect 5s"
+        echo "    timeout client 50s"
+        echo "    timeout server 50s"
+        echo "    maxconn $MAXCONN"
+        echo "    balance roundrobin"
+        [ "$splice" = 1 ] && echo "    option splice-auto"
+        for s in $SERVICES; do
+            port=$(pick_port)
+            ADDR[$name:$s]=127.0.0.1:$port
+            echo "frontend $s"
+            echo "    bind 127.0.0.1:$port"
+            echo "    default_backend $s"
+            echo "backend $s"
+            echo "    server s1 $(backend_of "$s")"
+        done
+    } >"$d/haproxy.cfg"
+    haproxy -db -f "$d/haproxy.cfg" >"$d/stdout" 2>"$d/stderr" &
+    local pid=$!
+    track "$pid"
+    PIDS_OF[$name]=$pid
+}
+
+start_nginx() {
+    local d=$OUT/run/nginx s port
+    mkdir -p "$d"
+    {
+        echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
+        echo "user root;"
+        echo "worker_processes $WORKERS;"
+        echo "worker_cpu_affinity auto;"
+        echo "worker_rlimit_nofile $(ulimit -Hn);"
+        echo "pid $d/nginx.pid;"
+        echo "error_log $d/error.log warn;"
+        # each proxied connection is two nginx connections; reuseport spreads clients over workers
+        echo "events { worker_connections $((2 * MAXCONN / WORKERS + 1024)); }"
+        echo "stream {"
+        echo "    proxy_connect_timeout 5s;"
+        echo "    proxy_timeout 50s;"
+        for s in $SERVICES; do
+            port=$(pick_port)
+            ADDR[nginx:$s]=127.0.0.1:$port
+            echo "    server { listen 127.0.0.1:$port reuseport backlog=4096; proxy_pass $(backend_of "$s"); }"
+        done
+        echo "}"
+    } >"$d/nginx.conf"
+    "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' 2>"$d/stderr" &
+    local pid=$!
+    track "$pid"
+    PIDS_OF[nginx]=$pid
+}
+
+for p in $PATHS; do
+    case "$p" in
+        direct) ;;
+        ringproxy) start_ringproxy ;;
+        haproxy) start_haproxy haproxy 0 ;;
+        haproxy-splice) start_haproxy haproxy-splice 1 ;;
+        nginx) start_nginx ;;
+        *) die "unknown path $p" ;;
+    esac
+done
+
+# Wait until every path answers on every service.
+for p in $PATHS; do
+    for s in $SERVICES; do
+        a=${ADDR[$p:$s]}
+        ok=0
+        for _ in $(seq 100); do
+            if python3 -c 'import socket,sys; h,p=sys.argv[1].rsplit(":",1); socket.create_connection((h,int(p)),1).close()' "$a" 2>/dev/null; then
+                ok=1; break
+            fi
+            sleep 0.1
+        done
+        [ "$ok" = 1 ] || die "$p: $s ($a) does not accept connections; see $OUT/run/$p/"
+    done
+done
+sleep 0.5
+# The proxies' processes (nginx: master and workers), fixed from here on.
+declare -A PROC
+for p in $PATHS; do
+    case "$p" in
+        direct) PROC[$p]="" ;;
+        nginx) PROC[$p]=$(with_children "${PIDS_OF[nginx]}" | tr '\n' ' ') ;;
+        *) PROC[$p]=${PIDS_OF[$p]} ;;
+    esac
+    log "$p: echo ${ADDR[$p:echo]} sink ${ADDR[$p:sink]} iperf3 ${ADDR[$p:iperf]} http ${ADDR[$p:http]} pids ${PROC[$p]:--}"
+done
+grep -h . "$OUT/run/ringproxy/stderr" 2>/dev/null | sed 's/^/  /' >&2 || true
+
+# --- one measurement -------------------------------------------------------------------------------
+# record KEY=VALUE...: one JSON line in results.jsonl (numbers stay numbers)
+record() {
+    python3 - "$@" >>"$RESULTS" <<'PY'
+import json, sys
+d = {}
+for kv in sys.argv[1:]:
+    k, v = kv.split("=", 1)
+    try:
+        d[k] = int(v)
+    except ValueError:
+        try:
+            d[k] = float(v)
+        except ValueError:
+            d[k] = v
+print(json.dumps(d))
+PY
+}
+
+# snap_stats PATH FILE: ringproxy's counters (JSON) when it has a stats socket
+snap_stats() {
+    [ "$1" = ringproxy ] && [ -n "$RP_STATS" ] || return 0
+    timeout 5 "$RP" stats --socket "$RP_STATS" --json >"$2" 2>/dev/null || rm -f "$2"
+}
+
+host_of() { echo "${1%:*}"; }
+port_of() { echo "${1##*:}"; }
+TO=$((DUR * 3 + 40))   # hard bound on any one client command
+
+run_test() { # TEST PATH ROUND
+    local t=$1 p=$2 r=$3 f a cpu0 cpu1 sys0 sys1 w0 w1 rc=0
+    f=$OUT/raw/r$r-$t-$p
+    snap_stats "$p" "$f.stats0.json"
+    # shellcheck disable=SC2086
+    read -r iowq0 iowqn0 cs0 < <(thread_stats ${PROC[$p]})
+    # shellcheck disable=SC2086
+    cpu0=$(cpu_ticks ${PROC[$p]}); read -r sys0 tot0 < <(sys_ticks); w0=$(date +%s.%N)
+    case "$t" in
+        tput1 | tput4)
+            a=${ADDR[$p:sink]}
+            echo "ringload throughput --target $a --streams ${t#tput} --direction up --duration ${DUR}s" >"$f.cmd"
+            timeout "$TO" "$RL" throughput --target "$a" --streams "${t#tput}" --direction up \
+                --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
+            ;;
+        iperf1 | iperf4)
+            a=${ADDR[$p:iperf]}
+            echo "iperf3 -c $(host_of "$a") -p $(port_of "$a") -P ${t#iperf} -t $DUR -J" >"$f.cmd"
+            timeout "$TO" iperf3 -c "$(host_of "$a")" -p "$(port_of "$a")" -P "${t#iperf}" -t "$DUR" -J \
+                >"$f.json" 2>"$f.err" || rc=$?
+            ;;
+        rate)
+            a=${ADDR[$p:echo]}
+            echo "ringload rate --target $a --concurrency $CONC --size 64 --duration ${DUR}s" >"$f.cmd"
+            timeout "$TO" "$RL" rate --target "$a" --concurrency "$CONC" --size 64 --duration "${DUR}s" \
+                --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
+            ;;
+        wrk)
+            a=${ADDR[$p:http]}
+            echo "wrk -t2 -c$CONC -d${DUR}s -H 'Connection: close' http://$a/" >"$f.cmd"
+            timeout "$TO" wrk -t2 -c"$CONC" -d"${DUR}s" -H 'Connection: close' "http://$a/" \
+                >"$f.txt" 2>"$f.err" || rc=$?
+            ;;
+        ka)
+            a=${ADDR[$p:echo]}
+            echo "ringload latency --target $a --conns $KA_CONNS --rate 2000000 --size 64 --duration ${DUR}s" >"$f.cmd"
+            timeout "$TO" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate 2000000 --size 64 \
+                --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
+            ;;
+        lat)
+            a=${ADDR[$p:echo]}
+            echo "ringload latency --target $a --conns $KA_CONNS --rate $LAT_RATE --size 64 --duration ${DUR}s" >"$f.cmd"
+            timeout "$TO" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate "$LAT_RATE" --size 64 \
+                --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
+            ;;
+        idle) idle_test "$p" "$r"; return ;;
+    esac
+    w1=$(date +%s.%N)
+    # shellcheck disable=SC2086
+    cpu1=$(cpu_ticks ${PROC[$p]}); read -r sys1 tot1 < <(sys_ticks)
+    # shellcheck disable=SC2086
+    read -r iowq1 iowqn1 cs1 < <(thread_stats ${PROC[$p]})
+    snap_stats "$p" "$f.stats1.json"
+    record test="$t" path="$p" round="$r" file="$f" rc="$rc" wall_s="$(awk "BEGIN {print $w1 - $w0}")" \
+        iowq_ticks="$((iowq1 - iowq0))" iowq_threads="$iowqn1" ctxsw="$((cs1 - cs0))" \
+        cpu_ticks="$((cpu1 - cpu0))" sys_busy_ticks="$((sys1 - sys0))" sys_total_ticks="$((tot1 - tot0))" \
+        clk_tck="$(getconf CLK_TCK)" proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
+    [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
+}
+
+# The idle test: IDLE_CONNS connections held through the path (heartbeat every 2 s, so each is really
+# proxied); RSS of the proxy and the machine's Slab sampled before and once all are established.
+idle_test() { # PATH ROUND
+    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 hold n=0 i rc=0 hold_s
+    f=$OUT/raw/r$r-idle-$p
+    a=${ADDR[$p:echo]}
+    port=$(port_of "$a")
+    hold_s=$((IDLE_CONNS / 5000 + 7))
+    sleep 1
+    # shellcheck disable=SC2086
+    rss0=$(rss_kb ${PROC[$p]}); slab0=$(slab_kb)
+    echo "ringload hold --target $a --conns $IDLE_CONNS --ramp 10000/s --heartbeat 2s --duration ${hold_s}s --sources 127.0.5.0/28" >"$f.cmd"
+    timeout $((hold_s + 60)) "$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat 2s \
+        --duration "${hold_s}s" --sources 127.0.5.0/28 --json --no-progress >"$f.json" 2>"$f.err" &
+    hold=$!
+    track "$hold"
+    # until every client connection is established (at most hold_s - 3 s), then one heartbeat round
+    for i in $(seq $(((hold_s - 3) * 10))); do
+        n=$(established_to "$port")
+        [ "$n" -ge "$IDLE_CONNS" ] && break
+        sleep 0.1
+    done
+    sleep 2.5
+    # shellcheck disable=SC2086
+    rss1=$(rss_kb ${PROC[$p]}); slab1=$(slab_kb)
+    wait "$hold" || rc=$?
+    record test=idle path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" \
+        rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" \
+        proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
+    [ "$rc" = 0 ] || log "  idle $p: exit $rc (see $f.*)"
+    # let the closed connections' memory go back before the next path's baseline
+    sleep 1
+}
+
+# --- the run ---------------------------------------------------------------------------------------
+START=$(date +%s)
+for r in $(seq "$ROUNDS"); do
+    for t in $TESTS; do
+        log "round $r/$ROUNDS: $t"
+        for p in $PATHS; do
+            run_test "$t" "$p" "$r"
+        done
+    done
+done
+log "measurements done in $(( $(date +%s) - START )) s"
+
+# every proxy should still be alive (a crash would make its numbers meaningless)
+for p in $PATHS; do
+    [ "$p" = direct ] && continue
+    kill -0 "${PIDS_OF[$p]}" 2>/dev/null || die "$p exited during the run; see $OUT/run/$p/"
+done
+
+python3 "$ROOT/scripts/bench/report.py" --out "$OUT" --img "$IMG" \
+    $([ "$UPDATE_DOCS" = 1 ] && echo "--doc $ROOT/docs/benchmarks.md") >"$OUT/report.md"
+cat "$OUT/report.md"
+log "raw results, configs and logs in $OUT; charts in $IMG"

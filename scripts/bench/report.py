@@ -1,0 +1,488 @@
+#!/usr/bin/env python3
+"""Summarise a scripts/bench.sh run: medians (min-max) per path, ratios to direct and to HAProxy,
+the issue's targets, charts (SVG) and, with --doc, the generated section of docs/benchmarks.md.
+
+Input: OUT/results.jsonl (one line per test, path and round, written by bench.sh) and the raw files
+it names (ringload JSON `ringload.v1`, iperf3 -J JSON, wrk text). Output: markdown on stdout,
+OUT/summary.json, charts in --img.
+"""
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+
+PATH_ORDER = ["direct", "ringproxy", "haproxy", "haproxy-splice", "nginx"]
+LABEL = {
+    "direct": "direct",
+    "ringproxy": "ringproxy",
+    "haproxy": "HAProxy",
+    "haproxy-splice": "HAProxy splice-auto",
+    "nginx": "nginx stream",
+}
+
+# metric: (title, unit, higher_is_better, decimals)
+METRICS = {
+    "tput1": ("throughput, 1 stream (ringload)", "Gbit/s", True, 2),
+    "iperf1": ("throughput, 1 stream (iperf3)", "Gbit/s", True, 2),
+    "tput4": ("throughput, 4 streams (ringload)", "Gbit/s", True, 2),
+    "iperf4": ("throughput, 4 streams (iperf3)", "Gbit/s", True, 2),
+    "rate": ("new connections/s (ringload rate)", "conn/s", True, 0),
+    "wrk": ("new connections/s (wrk, Connection: close)", "conn/s", True, 0),
+    "ka": ("keep-alive requests/s (closed loop)", "req/s", True, 0),
+    "lat_p50": ("latency p50 at fixed rate", "ms", False, 3),
+    "lat_p99": ("latency p99 at fixed rate", "ms", False, 3),
+    "lat_p999": ("latency p99.9 at fixed rate", "ms", False, 3),
+    "idle_user": ("user-space memory per idle connection (RSS growth)", "bytes", False, 0),
+    "idle_slab": ("kernel Slab growth per connection, whole machine", "bytes", False, 0),
+    "idle_kernel": ("kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
+    "cpu_gb": ("proxy CPU per GB moved (4 streams)", "CPU s/GB", False, 3),
+    "cpu_10k": ("proxy CPU per 10,000 connections (rate test)", "CPU s", False, 3),
+    "tput4_cpu_util": ("proxy CPU use during 4-stream throughput", "CPUs", False, 2),
+}
+
+TARGETS = [
+    # metric, text, comparison, factor: ringproxy must be >= factor x ref (higher) or <= factor x ref
+    ("tput4", "throughput, 4 streams >= 1.3 x HAProxy with splice", ">=", 1.3, ["haproxy-splice"]),
+    ("rate", "new connections/s >= 1.5 x HAProxy", ">=", 1.5, ["haproxy", "haproxy-splice"]),
+    ("ka", "keep-alive requests/s >= 1.2 x HAProxy", ">=", 1.2, ["haproxy", "haproxy-splice"]),
+    ("lat_p99", "p99 latency <= HAProxy's", "<=", 1.0, ["haproxy", "haproxy-splice"]),
+    ("idle_user", "idle connection: <= 512 B user-space memory", "abs<=", 512, []),
+    ("idle_kernel", "idle connection: kernel memory <= HAProxy's", "<=", 1.0, ["haproxy", "haproxy-splice"]),
+    ("cpu_gb", "CPU per GB moved <= 0.7 x HAProxy", "<=", 0.7, ["haproxy-splice", "haproxy"]),
+]
+
+
+def load(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def parse(out):
+    rows = [json.loads(l) for l in open(os.path.join(out, "results.jsonl")) if l.strip()]
+    vals = {}  # (metric, path) -> {round: value}
+    lat_curves = {}  # path -> {round: [(nines, ms)]}
+    problems = []
+    direct_slab = {}
+
+    def put(metric, path, rnd, v):
+        if v is not None:
+            vals.setdefault((metric, path), {})[rnd] = v
+
+    for r in rows:
+        t, p, rnd, f = r["test"], r["path"], r["round"], r["file"]
+        cpu_s = r.get("cpu_ticks", 0) / r.get("clk_tck", 100)
+        if t in ("tput1", "tput4"):
+            j = load(f + ".json")
+            if not j or j.get("exit_code") != 0:
+                problems.append(f"round {rnd} {t} {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            if j and j.get("throughput"):
+                put(t, p, rnd, j["throughput"]["up_gbps"])
+                if t == "tput4" and r.get("proxied"):
+                    gb = j["throughput"]["up_bytes"] / 1e9
+                    if gb > 0:
+                        put("cpu_gb", p, rnd, cpu_s / gb)
+                    put("tput4_cpu_util", p, rnd, cpu_s / max(r.get("wall_s", 1), 1e-9))
+        elif t in ("iperf1", "iperf4"):
+            j = load(f + ".json")
+            try:
+                put(t, p, rnd, j["end"]["sum_received"]["bits_per_second"] / 1e9)
+            except (TypeError, KeyError):
+                problems.append(f"round {rnd} {t} {p}: iperf3 failed ({j and j.get('error')})")
+        elif t == "rate":
+            j = load(f + ".json")
+            if not j or j.get("exit_code") != 0:
+                problems.append(f"round {rnd} rate {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            if j and j.get("connections_per_s"):
+                put("rate", p, rnd, j["connections_per_s"])
+                done = j["connections_per_s"] * j["elapsed_s"]
+                if r.get("proxied") and done > 0:
+                    put("cpu_10k", p, rnd, cpu_s / done * 1e4)
+        elif t == "wrk":
+            try:
+                txt = open(f + ".txt").read()
+            except OSError:
+                txt = ""
+            m = re.search(r"Requests/sec:\s+([\d.]+)", txt)
+            if m:
+                put("wrk", p, rnd, float(m.group(1)))
+            else:
+                problems.append(f"round {rnd} wrk {p}: no result")
+            m = re.search(r"Socket errors: (.*)", txt)
+            if m:
+                problems.append(f"round {rnd} wrk {p}: socket errors: {m.group(1)}")
+            m = re.search(r"Non-2xx or 3xx responses: (\d+)", txt)
+            if m:
+                problems.append(f"round {rnd} wrk {p}: {m.group(1)} non-2xx responses")
+        elif t == "ka":
+            j = load(f + ".json")
+            if j and j.get("requests_per_s"):
+                put("ka", p, rnd, j["requests_per_s"])
+            if not j or j.get("messages", {}).get("corrupted") or j.get("connections", {}).get("failed"):
+                problems.append(f"round {rnd} ka {p}: {j and j.get('verdict')}")
+        elif t == "lat":
+            j = load(f + ".json")
+            if not j or j.get("exit_code") != 0:
+                problems.append(f"round {rnd} lat {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            if j and j.get("latency_us"):
+                L = j["latency_us"]
+                put("lat_p50", p, rnd, L["p50"] / 1e3)
+                put("lat_p99", p, rnd, L["p99"] / 1e3)
+                put("lat_p999", p, rnd, L["p999"] / 1e3)
+                curve = [(0.301, L["p50"]), (1, L["p90"]), (2, L["p99"]), (3, L["p999"]), (4, L["p9999"])]
+                lat_curves.setdefault(p, {})[rnd] = [(x, y / 1e3) for x, y in curve]
+                if j.get("requests_per_s") and j["requests_per_s"] < 0.95 * float(j["command"].split("--rate ")[1].split()[0]):
+                    problems.append(f"round {rnd} lat {p}: only {j['requests_per_s']:.0f} req/s achieved")
+        elif t == "idle":
+            j = load(f + ".json")
+            n = r["conns"]
+            ok = bool(j) and j["connections"]["established"] == n and j["messages"]["lost"] == 0 \
+                and j["messages"]["corrupted"] == 0 and j["connections"]["dropped"] == 0
+            if not ok:
+                problems.append(f"round {rnd} idle {p}: established {j and j['connections']['established']} of {n}, "
+                                f"lost {j and j['messages']['lost']}, dropped {j and j['connections']['dropped']}")
+            if r.get("seen_established", 0) < n:
+                problems.append(f"round {rnd} idle {p}: memory sampled with {r.get('seen_established')} of {n} established")
+            slab = (r["slab1_kb"] - r["slab0_kb"]) * 1024 / n
+            put("idle_slab", p, rnd, slab)
+            put("idle_ok", p, rnd, 1 if ok else 0)
+            if p == "direct":
+                direct_slab[rnd] = slab
+            else:
+                put("idle_user", p, rnd, (r["rss1_kb"] - r["rss0_kb"]) * 1024 / n)
+    # work per unit: context switches of the proxy's threads, io-wq CPU share, ringproxy's ring counters
+    for r in rows:
+        t, p, rnd, f = r["test"], r["path"], r["round"], r["file"]
+        if not r.get("proxied") or t not in UNITS:
+            continue
+        j = load(f + ".json")
+        if not j:
+            continue
+        units = unit_count(t, j)
+        if not units:
+            continue
+        if "ctxsw" in r:
+            put(f"w:{t}:ctxsw", p, rnd, r["ctxsw"] / units)
+        if r.get("cpu_ticks"):
+            put(f"w:{t}:cpu_us", p, rnd, r["cpu_ticks"] / r.get("clk_tck", 100) * 1e6 / units)
+            if p == "ringproxy":
+                put(f"w:{t}:iowq_share", p, rnd, 100.0 * r.get("iowq_ticks", 0) / r["cpu_ticks"])
+        s0, s1 = load(f + ".stats0.json"), load(f + ".stats1.json")
+        if s0 and s1:
+            def tot(snap, key):
+                v = 0
+                for wk in snap["workers"]:
+                    x = wk
+                    for k in key.split("."):
+                        x = x[k]
+                    v += x
+                return v
+            for key, name in (("ring.submitted", "sqes"), ("ring.completions", "cqes"),
+                              ("ring.enter_calls", "enters"), ("splices", "splices"),
+                              ("loop_iterations", "loops")):
+                put(f"w:{t}:{name}", p, rnd, (tot(s1, key) - tot(s0, key)) / units)
+    # kernel memory the proxy adds: Slab growth through the proxy minus direct's, same round
+    for (m, p), d in list(vals.items()):
+        if m == "idle_slab" and p != "direct":
+            for rnd, v in d.items():
+                if rnd in direct_slab:
+                    put("idle_kernel", p, rnd, v - direct_slab[rnd])
+    return rows, vals, lat_curves, problems
+
+
+UNITS = {"tput4": "MB moved", "tput1": "MB moved", "rate": "connection", "ka": "request", "lat": "request"}
+
+
+def unit_count(t, j):
+    if t in ("tput1", "tput4"):
+        return (j.get("throughput") or {}).get("up_bytes", 0) / 1e6
+    if t == "rate":
+        return (j.get("connections_per_s") or 0) * j.get("elapsed_s", 0)
+    return j.get("messages", {}).get("echoed_ok", 0)
+
+
+def med(d):
+    return statistics.median(d.values()) if d else None
+
+
+def fmt(v, dec):
+    if v is None:
+        return "–"
+    if dec == 0:
+        return f"{v:,.0f}"
+    return f"{v:,.{dec}f}"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--img", required=True)
+    ap.add_argument("--doc")
+    a = ap.parse_args()
+    rows, vals, curves, problems = parse(a.out)
+    paths = [p for p in PATH_ORDER if any(k[1] == p for k in vals)]
+    rounds = sorted({r["round"] for r in rows})
+    machine = open(os.path.join(a.out, "machine.txt")).read().strip()
+
+    M = {(m, p): med(d) for (m, p), d in vals.items()}
+    out = []
+    w = out.append
+    w(f"Generated by `scripts/bench.sh` ({len(rounds)} rounds; every figure is the median of the rounds, "
+      f"min–max in brackets).\n")
+    w("```\n" + machine + "\n```\n")
+    w("### Results\n")
+    w("| measurement | unit | " + " | ".join(LABEL[p] for p in paths) + " |")
+    w("|---|---|" + "---|" * len(paths))
+    for m, (title, unit, hib, dec) in METRICS.items():
+        if not any((m, p) in vals for p in paths):
+            continue
+        cells = []
+        for p in paths:
+            d = vals.get((m, p))
+            if not d:
+                cells.append("–")
+            elif len(d) == 1:
+                cells.append(fmt(med(d), dec))
+            else:
+                cells.append(f"{fmt(med(d), dec)} ({fmt(min(d.values()), dec)}–{fmt(max(d.values()), dec)})")
+        w(f"| {title} | {unit} | " + " | ".join(cells) + " |")
+    idle = [(p, vals.get(("idle_ok", p), {})) for p in paths]
+    w("| idle connections held with nothing lost (rounds) | | " + " | ".join(
+        f"{sum(d.values())}/{len(d)}" if d else "–" for _, d in idle) + " |")
+    w("")
+
+    def ratio_table(ref, title):
+        if not any(k[1] == ref for k in vals):
+            return
+        w(f"### {title}\n")
+        w("Higher is better for throughput and rates; lower is better for latency, memory and CPU.\n")
+        w("| measurement | " + " | ".join(LABEL[p] for p in paths if p != ref) + " |")
+        w("|---|" + "---|" * (len(paths) - 1))
+        for m, (title_m, unit, hib, dec) in METRICS.items():
+            r = M.get((m, ref))
+            if r is None or r == 0 or m in ("idle_slab",):
+                continue
+            cells = []
+            for p in paths:
+                if p == ref:
+                    continue
+                v = M.get((m, p))
+                cells.append("–" if v is None else f"{v / r:.2f}")
+            if all(c == "–" for c in cells):
+                continue
+            w(f"| {title_m} {'↑' if hib else '↓'} | " + " | ".join(cells) + " |")
+        w("")
+
+    ratio_table("direct", "Ratio to direct (no proxy)")
+    ratio_table("haproxy-splice", "Ratio to HAProxy with `option splice-auto`")
+    ratio_table("haproxy", "Ratio to HAProxy without splicing")
+
+    # targets
+    summary_targets = []
+    if "ringproxy" in paths:
+        w("### Targets (issue 5)\n")
+        w("The HAProxy reference is the better of its two variants for that measurement (the splice variant "
+          "alone for throughput, as the target says).\n")
+        w("| target | ringproxy | reference | ringproxy / reference | met |")
+        w("|---|---|---|---|---|")
+        for m, text, cmp, factor, refs in TARGETS:
+            title, unit, hib, dec = METRICS[m]
+            v = M.get((m, "ringproxy"))
+            if v is None:
+                continue
+            if cmp == "abs<=":
+                ok = v <= factor
+                w(f"| {text} | {fmt(v, dec)} {unit} | {factor} {unit} | {v / factor:.2f} | {'yes' if ok else '**no**'} |")
+                summary_targets.append({"target": text, "ringproxy": v, "reference": factor, "met": ok})
+                continue
+            cand = [(M.get((m, r)), r) for r in refs if M.get((m, r)) is not None]
+            if not cand:
+                continue
+            ref, refp = (max(cand) if hib else min(cand))
+            ratio = v / ref if ref else float("inf")
+            ok = ratio >= factor if cmp == ">=" else ratio <= factor
+            w(f"| {text} | {fmt(v, dec)} {unit} | {LABEL[refp]}: {fmt(ref, dec)} {unit} | {ratio:.2f} "
+              f"(target {cmp} {factor}) | {'yes' if ok else '**no**'} |")
+            summary_targets.append({"target": text, "ringproxy": v, "reference": ref, "reference_path": refp,
+                                    "ratio": ratio, "met": ok})
+        w("")
+
+    # work per unit
+    wk = sorted({k[0] for k in vals if k[0].startswith("w:")})
+    if wk:
+        w("### Work per unit (median of rounds)\n")
+        w("Context switches: all threads of the proxy's processes (voluntary + involuntary). io-wq share: CPU "
+          "time of ringproxy's `iou-wrk-*` threads (the kernel threads io_uring runs blocking work on) as a "
+          "share of ringproxy's CPU. SQEs, CQEs, `io_uring_enter` calls, splices and event-loop turns: "
+          "ringproxy's stats socket, summed over workers.\n")
+        proxies = [p for p in paths if p != "direct"]
+        w("| test (unit) | counter | " + " | ".join(LABEL[p] for p in proxies) + " |")
+        w("|---|---|" + "---|" * len(proxies))
+        names = {"cpu_us": "proxy CPU µs", "ctxsw": "context switches", "iowq_share": "io-wq share of CPU, %",
+                 "sqes": "SQEs submitted", "cqes": "CQEs reaped", "enters": "io_uring_enter calls",
+                 "splices": "splices", "loops": "event-loop turns"}
+        for t in ("tput4", "rate", "ka", "lat"):
+            for n in ("cpu_us", "ctxsw", "iowq_share", "sqes", "cqes", "enters", "splices", "loops"):
+                key = f"w:{t}:{n}"
+                if key not in wk:
+                    continue
+                cells = [fmt(M.get((key, p)), 1 if n == "iowq_share" else 2) for p in proxies]
+                w(f"| {t} (per {UNITS[t]}) | {names[n]} | " + " | ".join(cells) + " |")
+        w("")
+
+    # commands
+    w("### Commands (per path; ADDR is the path's frontend, or the backend for direct)\n")
+    w("```")
+    seen = set()
+    for r in rows:
+        if r["test"] in seen:
+            continue
+        seen.add(r["test"])
+        try:
+            cmd = open(r["file"] + ".cmd").read().strip()
+        except OSError:
+            continue
+        cmd = re.sub(r"127\.0\.0\.1:\d+", "ADDR", cmd)
+        cmd = re.sub(r"-c 127\.0\.0\.1 -p \d+", "-c ADDR_IP -p ADDR_PORT", cmd)
+        w(f"{r['test']:6} {cmd}")
+    w("```\n")
+    if problems:
+        w("### Problems seen during the run\n")
+        for p in problems:
+            w(f"- {p}")
+        w("")
+    else:
+        w("No failed, dropped, lost or corrupted connection or message in any test.\n")
+
+    charts = make_charts(a.img, paths, M, vals, curves)
+    if charts:
+        w("### Charts\n")
+        rel = os.path.relpath(a.img, os.path.dirname(os.path.abspath(a.doc))) if a.doc else a.img
+        for name, alt in charts:
+            w(f"![{alt}]({rel}/{name})\n")
+
+    text = "\n".join(out)
+    print(text)
+    json.dump({"medians": {f"{m}|{p}": v for (m, p), v in M.items()},
+               "rounds": {f"{m}|{p}": d for (m, p), d in vals.items()},
+               "targets": summary_targets, "problems": problems},
+              open(os.path.join(a.out, "summary.json"), "w"), indent=1)
+    if a.doc:
+        doc = open(a.doc).read() if os.path.exists(a.doc) else ""
+        b, e = "<!-- bench:begin -->", "<!-- bench:end -->"
+        if b in doc and e in doc:
+            doc = doc[: doc.index(b) + len(b)] + "\n" + text + "\n" + doc[doc.index(e):]
+        else:
+            doc += f"\n{b}\n{text}\n{e}\n"
+        open(a.doc, "w").write(doc)
+
+
+def make_charts(img, paths, M, vals, curves):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    plt.rcParams.update({"font.size": 9, "svg.hashsalt": "ringproxy", "svg.fonttype": "none"})
+    colors = {"direct": "#888888", "ringproxy": "#d62728", "haproxy": "#1f77b4", "haproxy-splice": "#17becf",
+              "nginx": "#2ca02c"}
+    made = []
+
+    def bars(ax, metrics, series, ref, ylabel, title):
+        import numpy as np
+        x = np.arange(len(metrics))
+        width = 0.8 / max(len(series), 1)
+        for i, p in enumerate(series):
+            ys = []
+            lo, hi = [], []
+            for m in metrics:
+                r = M.get((m, ref))
+                v = M.get((m, p))
+                d = vals.get((m, p), {})
+                if r and v is not None:
+                    ys.append(v / r)
+                    lo.append(v / r - min(d.values()) / r)
+                    hi.append(max(d.values()) / r - v / r)
+                else:
+                    ys.append(0); lo.append(0); hi.append(0)
+            ax.bar(x + (i - (len(series) - 1) / 2) * width, ys, width, yerr=[lo, hi], capsize=2,
+                   label=LABEL[p], color=colors[p])
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(x)
+        ax.set_xticklabels([METRICS[m][0].replace(" (", "\n(").replace(", ", ",\n", 1) for m in metrics], fontsize=7)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+
+    hib = [m for m in ("tput1", "iperf1", "tput4", "iperf4", "rate", "wrk", "ka") if (m, "direct") in M]
+    proxies = [p for p in paths if p != "direct"]
+    if hib and proxies:
+        fig, ax = plt.subplots(figsize=(10, 4))
+        bars(ax, hib, proxies, "direct", "fraction of direct (higher is better)",
+             "Each proxy relative to no proxy (median of rounds; whiskers: min–max)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(img, "bench-ratio-direct.svg"))
+        plt.close(fig)
+        made.append(("bench-ratio-direct.svg", "ratio to direct"))
+    ref = "haproxy-splice" if "haproxy-splice" in paths else ("haproxy" if "haproxy" in paths else None)
+    if ref:
+        others = [p for p in paths if p not in ("direct", ref)]
+        up = [m for m in ("tput1", "tput4", "rate", "wrk", "ka") if (m, ref) in M]
+        down = [m for m in ("lat_p99", "cpu_gb", "cpu_10k", "idle_user", "idle_kernel") if M.get((m, ref))]
+        fig, axs = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [len(up) or 1, len(down) or 1]})
+        bars(axs[0], up, others, ref, f"÷ {LABEL[ref]} (higher is better)", "Rates")
+        bars(axs[1], down, others, ref, f"÷ {LABEL[ref]} (lower is better)", "Latency, CPU, memory")
+        fig.suptitle(f"Relative to {LABEL[ref]} (median of rounds; whiskers: min–max)")
+        fig.tight_layout()
+        fig.savefig(os.path.join(img, "bench-ratio-haproxy.svg"))
+        plt.close(fig)
+        made.append(("bench-ratio-haproxy.svg", f"ratio to {LABEL[ref]}"))
+    if curves:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for p in paths:
+            c = curves.get(p)
+            if not c:
+                continue
+            # the round whose p99 is the median one
+            rs = sorted(c, key=lambda r: c[r][2][1])
+            r = rs[len(rs) // 2]
+            xs, ys = zip(*c[r])
+            ax.plot(xs, ys, marker="o", label=LABEL[p], color=colors[p])
+        ax.set_xticks([0.301, 1, 2, 3, 4])
+        ax.set_xticklabels(["p50", "p90", "p99", "p99.9", "p99.99"])
+        ax.set_yscale("log")
+        ax.set_ylabel("latency, ms (log), corrected for coordinated omission")
+        ax.set_title("Keep-alive request/response latency at a fixed rate (round with the median p99)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(img, "bench-latency.svg"))
+        plt.close(fig)
+        made.append(("bench-latency.svg", "latency distribution"))
+    proxies = [p for p in paths if p != "direct"]
+    mem = [m for m in ("idle_user", "idle_kernel", "cpu_gb", "cpu_10k") if any((m, p) in M for p in proxies)]
+    if mem:
+        fig, axs = plt.subplots(1, len(mem), figsize=(3.2 * len(mem), 3.6))
+        for ax, m in zip(axs if len(mem) > 1 else [axs], mem):
+            ys = [M.get((m, p)) or 0 for p in proxies]
+            ax.bar(range(len(proxies)), ys, color=[colors[p] for p in proxies])
+            ax.set_xticks(range(len(proxies)))
+            ax.set_xticklabels([LABEL[p].replace(" ", "\n") for p in proxies], fontsize=7)
+            ax.set_title(METRICS[m][0].replace(" (", "\n("), fontsize=8)
+            ax.set_ylabel(METRICS[m][1])
+            for i, y in enumerate(ys):
+                ax.annotate(fmt(y, METRICS[m][3]), (i, y), ha="center", va="bottom", fontsize=7)
+        fig.tight_layout()
+        fig.savefig(os.path.join(img, "bench-cost.svg"))
+        plt.close(fig)
+        made.append(("bench-cost.svg", "memory and CPU per connection / per GB"))
+    return made
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# scale.sh: hold CONNS (default 300,000) proxied connections through one ringproxy process on this
+# host, with heartbeats, and report what it took.
+#
+#   1. tunes the host for the run (saved first, restored on exit, also on Ctrl-C):
+#        net.ipv4.ip_local_port_range  1024 65535 (every listener here binds port 0, so it is taken
+#                                      before any outgoing connection could take it)
+#        net.ipv4.ip_local_reserved_ports  the backends' ports (what `ringproxy check` asks for)
+#        net.core.somaxconn, net.ipv4.tcp_max_syn_backlog  65535
+#        net.ipv4.tcp_mem              for 4 sockets per proxied connection (client, proxy x2, server)
+#        net.ipv4.tcp_rmem/tcp_wmem    default buffers 4096 (idle sockets stay small)
+#   2. starts `ringload serve --mode echo` (SERVE_WORKERS workers, two listening addresses)
+#   3. starts ringproxy: WORKERS workers pinned over the CPUs (each worker's io_uring file table is
+#      capped by RLIMIT_NOFILE: 9,968 connections per worker under 20,000), maxconn MAXCONN, two servers
+#      with SOURCES_PER_SERVER source IPs each (127.0.2.0/24)
+#   4. `ringload hold --conns CONNS --sources 127.0.1.0/24 --ramp RAMP --heartbeat 10s`, held HOLD_S
+#      seconds after the ramp (ringload splits itself into processes of < 20,000 connections)
+#   5. reports established, failed, dropped, lost, corrupted, ramp time, heartbeat RTT percentiles,
+#      ringproxy's per-core table (stats socket), memory per connection: ringproxy's RSS growth (user)
+#      and the machine's Slab growth (kernel; 4 sockets per proxied connection, of which ringproxy's
+#      are 2), sampled once every connection is up.
+#
+# Usage: scripts/scale.sh                    300,000 connections, held 60 s (~3 min; needs root)
+#        QUICK=1 scripts/scale.sh            20,000 connections, held 10 s
+# Knobs: SKIP_BUILD=1 CONNS HOLD_S RAMP WORKERS MAXCONN SERVE_WORKERS SOURCES_PER_SERVER HEARTBEAT OUT UPDATE_DOCS IMG
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/bench/lib.sh
+. "$ROOT/scripts/bench/lib.sh"
+
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+    CONNS=${CONNS:-20000}; HOLD_S=${HOLD_S:-10}; UPDATE_DOCS=${UPDATE_DOCS:-0}
+else
+    CONNS=${CONNS:-300000}; HOLD_S=${HOLD_S:-60}; UPDATE_DOCS=${UPDATE_DOCS:-1}
+fi
+RAMP=${RAMP:-8000}
+HEARTBEAT=${HEARTBEAT:-10}
+NOFILE=$(ulimit -Hn)
+PER_WORKER=$(((NOFILE - 64) / 2))
+# enough workers that the busiest one (SO_REUSEPORT spreads by hash) stays under its table: 8% headroom
+MIN_WORKERS=$(((CONNS * 108 / 100 + PER_WORKER - 1) / PER_WORKER))
+[ "$MIN_WORKERS" -ge "$(nproc)" ] || MIN_WORKERS=$(nproc)
+WORKERS=${WORKERS:-$MIN_WORKERS}
+MAXCONN=${MAXCONN:-$((CONNS + CONNS / 30))}
+SERVE_WORKERS=${SERVE_WORKERS:-$((CONNS / 12500 + 2))}
+SOURCES_PER_SERVER=${SOURCES_PER_SERVER:-32}
+OUT=${OUT:-$(mktemp -d /tmp/ringproxy-scale.XXXXXX)}
+if [ "$UPDATE_DOCS" = 1 ]; then IMG=${IMG:-$ROOT/docs/img}; else IMG=${IMG:-$OUT}; fi
+mkdir -p "$OUT" "$IMG"
+DURATION=$((CONNS / RAMP + HOLD_S + 15))   # ramp (estimated) + hold + margin; the real hold is reported
+
+[ "$(id -u)" = 0 ] || die "scale.sh changes sysctls: run it as root"
+[ "$SOURCES_PER_SERVER" -le 128 ] || die "SOURCES_PER_SERVER must be <= 128 (two servers share 127.0.2.0/24)"
+
+# --- sysctls: save, set, restore ------------------------------------------------------------------
+SYSCTLS=(net.ipv4.ip_local_port_range net.ipv4.ip_local_reserved_ports net.core.somaxconn net.ipv4.tcp_max_syn_backlog
+    net.ipv4.tcp_mem net.ipv4.tcp_rmem net.ipv4.tcp_wmem)
+declare -A SAVED
+for k in "${SYSCTLS[@]}"; do SAVED[$k]=$(sysctl -n "$k" | tr '\t' ' '); done
+restore_sysctls() {
+    local k
+    for k in "${!SAVED[@]}"; do
+        sysctl -q -w "$k=${SAVED[$k]}" >/dev/null 2>&1 || log "could not restore $k=${SAVED[$k]}"
+    done
+}
+on_exit() {
+    local rc=$?
+    cleanup_pids
+    restore_sysctls
+    log "sysctls restored: $(for k in "${SYSCTLS[@]}"; do printf '%s=%s; ' "$k" "$(sysctl -n "$k" | tr '\t' ' ')"; done)"
+    [ "$rc" = 0 ] || log "scale.sh failed (exit $rc); logs in $OUT"
+}
+trap on_exit EXIT
+trap 'exit 130' INT TERM
+
+build_binaries "$ROOT" "$OUT/bin"
+RL=$OUT/bin/ringload
+RP=$OUT/bin/ringproxy
+
+# tcp_mem in pages: every socket of the run (4 per proxied connection) at its 4096+4096 floor, x1.5
+# for pressure and x2 for the hard limit, never below what is set now
+PAGES=$((4 * CONNS * 8192 / 4096))
+read -r m0 m1 m2 <<<"${SAVED[net.ipv4.tcp_mem]}"
+[ "$PAGES" -gt "$m0" ] || PAGES=$m0
+TCP_MEM="$PAGES $((PAGES * 3 / 2)) $((PAGES * 2))"
+[ $((PAGES * 2)) -gt "$m2" ] || TCP_MEM="$m0 $m1 $m2"
+read -r _ r1 r2 <<<"${SAVED[net.ipv4.tcp_rmem]}"
+read -r _ w1 w2 <<<"${SAVED[net.ipv4.tcp_wmem]}"
+declare -A SET=(
+    [net.ipv4.ip_local_port_range]="1024 65535"
+    [net.core.somaxconn]=65535
+    [net.ipv4.tcp_max_syn_backlog]=65535
+    [net.ipv4.tcp_mem]="$TCP_MEM"
+    [net.ipv4.tcp_rmem]="4096 4096 $r2"
+    [net.ipv4.tcp_wmem]="4096 4096 $w2"
+)
+: "$r1" "$w1"
+
+# --- backends ----------------------------------------------------------------------------------
+"$RL" serve --listen 127.0.0.1:0 --listen 127.0.0.1:0 --mode echo --workers "$SERVE_WORKERS" \
+    >"$OUT/serve.out" 2>"$OUT/serve.err" &
+track $!
+wait_for_file_match "$OUT/serve.out" '^mode ' 100 || die "ringload serve did not start: $(cat "$OUT/serve.err")"
+mapfile -t SERVERS < <(sed -n 's/^listening on //p' "$OUT/serve.out")
+[ "${#SERVERS[@]}" = 2 ] || die "expected two listening addresses from ringload serve"
+
+# the backends' ports were bound (port 0) before the range is widened; reserve them all the same
+SET[net.ipv4.ip_local_reserved_ports]=$(for a in "${SERVERS[@]}"; do echo "${a##*:}"; done | paste -sd, -)
+
+# --- ringproxy configuration -------------------------------------------------------------------
+STATS=$OUT/stats.sock
+cat >"$OUT/scale.yaml" <<YAML
+# generated by scripts/scale.sh: $CONNS connections under RLIMIT_NOFILE $NOFILE
+global:
+  workers: $WORKERS              # x $PER_WORKER connections per worker (io_uring file table <= RLIMIT_NOFILE)
+  pin_cpus: true                 # wraps around the $(nproc) CPUs
+  maxconn: $MAXCONN
+  stats: { socket: "$STATS" }
+defaults:
+  timeout: { connect: 5s, client: 5m, server: 5m, drain: 5s }
+  backlog: 65535
+frontends:
+  - { name: hold, bind: "127.0.0.1:0", backend: echo }
+backends:
+  - name: echo
+    balance: roundrobin
+    servers:
+      - { name: a, address: "${SERVERS[0]}", source: "127.0.2.0-127.0.2.$((SOURCES_PER_SERVER - 1))" }
+      - { name: b, address: "${SERVERS[1]}", source: "127.0.2.128-127.0.2.$((128 + SOURCES_PER_SERVER - 1))" }
+YAML
+"$RP" check -c "$OUT/scale.yaml" >"$OUT/check-before.txt" 2>&1 || true
+
+for k in "${!SET[@]}"; do sysctl -q -w "$k=${SET[$k]}"; done
+log "sysctls set: $(for k in "${SYSCTLS[@]}"; do printf '%s=%s; ' "$k" "$(sysctl -n "$k" | tr '\t' ' ')"; done)"
+"$RP" check -c "$OUT/scale.yaml" >"$OUT/check-after.txt" 2>&1 || true
+
+"$RP" -c "$OUT/scale.yaml" 2>"$OUT/ringproxy.err" &
+RP_PID=$!
+track "$RP_PID"
+wait_for_file_match "$OUT/ringproxy.err" 'listening on' 300 || die "ringproxy did not start: $(cat "$OUT/ringproxy.err")"
+PROXY=$(sed -n 's/^ringproxy: frontend "hold" listening on //p' "$OUT/ringproxy.err" | head -1)
+cat "$OUT/ringproxy.err" >&2
+sleep 1
+
+stats_json() { timeout 10 "$RP" stats --socket "$STATS" --json 2>/dev/null; }
+active() { stats_json | jq '[.workers[].active] | add' 2>/dev/null || echo 0; }
+sockstat_tcp() { awk '/^TCP:/ {print $3, $NF}' /proc/net/sockstat; }   # inuse, mem (pages)
+
+RSS0=$(rss_kb "$RP_PID"); SLAB0=$(slab_kb); read -r SOCK0 TCPMEM0 < <(sockstat_tcp)
+CPU0=$(cpu_ticks "$RP_PID")
+log "ringproxy $PROXY (pid $RP_PID, $WORKERS workers); RSS $RSS0 KiB, Slab $SLAB0 KiB before"
+
+HOLD_CMD=(hold --target "$PROXY" --conns "$CONNS" --sources 127.0.1.0/24 --ramp "${RAMP}/s"
+    --heartbeat "${HEARTBEAT}s" --duration "${DURATION}s" --connect-timeout 10s)
+echo "ringload ${HOLD_CMD[*]} --json --report $IMG/scale-hold.svg" >"$OUT/hold.cmd"
+log "ringload ${HOLD_CMD[*]}"
+T0=$(date +%s)
+timeout $((DURATION + 120)) "$RL" "${HOLD_CMD[@]}" --json --no-progress --report "$IMG/scale-hold.svg" \
+    >"$OUT/hold.json" 2>"$OUT/hold.err" &
+HOLD_PID=$!
+track "$HOLD_PID"
+
+# timeline every 5 s: proxied connections (stats), RSS, Slab, TCP sockets; memory is sampled at the
+# peak once every connection is up and has had a heartbeat round
+echo "t_s active rss_kb slab_kb tcp_inuse tcp_mem_pages" >"$OUT/timeline.txt"
+PEAK_DONE=0 FULL_AT=""
+while kill -0 "$HOLD_PID" 2>/dev/null; do
+    t=$(($(date +%s) - T0))
+    a=$(active); [[ "$a" =~ ^[0-9]+$ ]] || a=0
+    read -r si sm < <(sockstat_tcp)
+    echo "$t $a $(rss_kb "$RP_PID") $(slab_kb) $si $sm" >>"$OUT/timeline.txt"
+    log "t=${t}s proxied $a, ringproxy RSS $(rss_kb "$RP_PID") KiB, Slab $(slab_kb) KiB, TCP sockets $si"
+    if [ "$PEAK_DONE" = 0 ] && [ "${a:-0}" -ge "$CONNS" ]; then
+        [ -n "$FULL_AT" ] || FULL_AT=$t
+        if [ $((t - FULL_AT)) -ge $((HEARTBEAT + 5)) ]; then
+            RSS1=$(rss_kb "$RP_PID"); SLAB1=$(slab_kb); read -r SOCK1 TCPMEM1 < <(sockstat_tcp)
+            "$RP" stats --socket "$STATS" >"$OUT/stats-peak.txt" 2>&1 || true
+            stats_json >"$OUT/stats-peak.json" || true
+            ps -L -o tid,psr,time,comm -p "$RP_PID" >"$OUT/threads-peak.txt" 2>&1 || true
+            PEAK_DONE=1
+            log "memory sampled at the peak"
+        fi
+    fi
+    sleep 5
+done
+rc=0
+wait "$HOLD_PID" || rc=$?
+CPU1=$(cpu_ticks "$RP_PID")
+"$RP" stats --socket "$STATS" >"$OUT/stats-end.txt" 2>&1 || true
+stats_json >"$OUT/stats-end.json" || true
+kill -0 "$RP_PID" 2>/dev/null || die "ringproxy exited during the run: $(tail -5 "$OUT/ringproxy.err")"
+if [ "$PEAK_DONE" = 0 ]; then
+    log "never saw all $CONNS connections proxied at once; memory sampled now is not the peak"
+    RSS1=${RSS1:-0}; SLAB1=${SLAB1:-0}; SOCK1=${SOCK1:-0}; TCPMEM1=${TCPMEM1:-0}
+fi
+
+python3 - "$OUT" "$CONNS" "$HOLD_S" "$RSS0" "$RSS1" "$SLAB0" "$SLAB1" "$SOCK0" "$SOCK1" "$TCPMEM0" "$TCPMEM1" \
+    "$((CPU1 - CPU0))" "$(getconf CLK_TCK)" "$rc" "$WORKERS" "$SERVE_WORKERS" "$SOURCES_PER_SERVER" \
+    >"$OUT/scale-report.md" <<'PY'
+import json, sys
+out = sys.argv[1]
+conns, hold_s, rss0, rss1, slab0, slab1, sock0, sock1, tm0, tm1, cpu, tck, rc, workers, swork, nsrc = map(int, sys.argv[2:18])
+j = json.load(open(f"{out}/hold.json"))
+c, m, L = j["connections"], j["messages"], j["latency_us"] or {}
+ramp = c["ramp_time_s"]
+held = (j["elapsed_s"] - ramp) if ramp is not None else None
+cmd = open(f"{out}/hold.cmd").read().strip()
+w = print
+w(f"Generated by `scripts/scale.sh` on this host: {conns:,} connections, {workers} ringproxy workers, `ringload serve` with {swork} workers, "
+  f"{nsrc} source IPs per server (2 servers).\n")
+w("```\n" + cmd + "\n```\n")
+w("| measurement | result |")
+w("|---|---|")
+w(f"| established | {c['established']:,} of {conns:,} (peak open {c['peak_open']:,}) |")
+w(f"| failed | {c['failed']:,} {json.dumps(c['failed_by_cause'])} |")
+w(f"| dropped (established, then lost) | {c['dropped']:,} {json.dumps(c['dropped_by_cause'])} |")
+w(f"| heartbeats | {m['sent']:,} sent, {m['echoed_ok']:,} echoed ok, **{m['lost']:,} lost**, {m['corrupted']:,} corrupted |")
+w(f"| ramp time | {ramp:.1f} s ({conns / ramp:,.0f} connections/s) |" if ramp else "| ramp time | never completed |")
+w(f"| held after the ramp | {held:.1f} s with heartbeats (target: {hold_s} s) |" if held is not None else "| held | – |")
+if L:
+    w(f"| heartbeat RTT | p50 {L['p50']/1e3:.2f} ms, p90 {L['p90']/1e3:.2f} ms, p99 {L['p99']/1e3:.2f} ms, "
+      f"p99.9 {L['p999']/1e3:.2f} ms, max {L['max']/1e3:.1f} ms (n={L['count']:,}) |")
+w(f"| ringproxy RSS | {rss0/1024:.1f} MiB before, {rss1/1024:.1f} MiB at the peak: "
+  f"**{(rss1-rss0)*1024/conns:.0f} bytes per proxied connection** (user space) |")
+w(f"| kernel Slab (whole machine) | +{(slab1-slab0)/1048576:.2f} GiB: {(slab1-slab0)*1024/conns:,.0f} bytes per proxied "
+  f"connection for its 4 sockets (client, ringproxy x2, server): **~{(slab1-slab0)*1024/conns/2:,.0f} bytes are ringproxy's 2** |")
+w(f"| TCP sockets in use | {sock0:,} before, {sock1:,} at the peak; socket buffer memory {tm0*4/1024:.0f} → {tm1*4/1024:.0f} MiB |")
+w(f"| ringproxy CPU over the run | {cpu/tck:.1f} CPU s |")
+w(f"| ringload exit | {j['exit_code']} ({j['verdict']}); script saw exit {rc} |")
+w("")
+try:
+    w("ringproxy's per-core table (`ringproxy stats`) with every connection up:\n")
+    # the per-core and per-server sections (the per-source one has a line per worker and source)
+    txt = open(f"{out}/stats-peak.txt").read().split("\n\ncore backend/server")[0]
+    w("```\n" + txt.rstrip() + "\n```\n")
+except OSError:
+    pass
+try:
+    s = json.load(open(f"{out}/stats-end.json"))
+    W = s["workers"]
+    tot = lambda k: sum(x[k] for x in W)
+    ring = lambda k: sum(x["ring"][k] for x in W)
+    w(f"At the end of the hold: accepted {tot('accepted'):,}, closed {tot('closed'):,}, failed {tot('failed'):,}, "
+      f"connect errors {sum(sum(x['connect_errors'].values()) for x in W):,}, "
+      f"timeouts {sum(sum(x['timeouts'].values()) for x in W):,}, "
+      f"SQEs {ring('submitted'):,}, CQEs {ring('completions'):,}, io_uring_enter {ring('enter_calls'):,}, "
+      f"SQ full {ring('sq_full'):,}, CQ overflow {ring('cq_overflow'):,}; "
+      f"active per worker: min {min(x['active'] for x in W):,}, max {max(x['active'] for x in W):,} (at the end).\n")
+    s2 = json.load(open(f"{out}/stats-peak.json"))
+    act = [x["active"] for x in s2["workers"]]
+    w(f"Proxied connections per worker at the peak: min {min(act):,}, max {max(act):,} "
+      f"(cap {(int(s2['nofile']) - 64) // 2:,} per worker).\n")
+except (OSError, ValueError, KeyError):
+    pass
+PY
+cat "$OUT/scale-report.md"
+if [ "$UPDATE_DOCS" = 1 ] && [ -f "$ROOT/docs/tuning.md" ]; then
+    python3 - "$ROOT/docs/tuning.md" "$OUT/scale-report.md" <<'PY'
+import sys
+doc, rep = open(sys.argv[1]).read(), open(sys.argv[2]).read()
+b, e = "<!-- scale:begin -->", "<!-- scale:end -->"
+if b in doc and e in doc:
+    doc = doc[: doc.index(b) + len(b)] + "\n" + rep + doc[doc.index(e):]
+    open(sys.argv[1], "w").write(doc)
+PY
+fi
+log "logs, configs and raw results in $OUT"
+[ "$rc" = 0 ] || exit "$rc"
