@@ -24,9 +24,10 @@ use crate::worker::timer::TimerEntry;
 use crate::worker::token::{CONNECT_CHAIN, Op, Token};
 
 pub const NO_SLOT: u32 = u32::MAX;
+pub const NO_TICKET: u32 = u32::MAX;
 pub const NO_INDEX: u16 = u16::MAX;
 
-const POLLIN_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+pub(crate) const POLLIN_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
 const POLLOUT_EVENTS: u32 = libc::POLLOUT as u32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +36,10 @@ pub enum State {
     Free,
     /// Accepted; waiting for the client's address (needed by `balance source` and logs).
     PeerName,
+    /// Reading the client's PROXY protocol header (`accept_proxy`).
+    ProxyHeader,
+    /// Connected to the server; sending it our PROXY protocol header (`send_proxy`).
+    SendingProxy,
     /// Waiting in the backend queue for a server slot.
     Queued,
     /// The connect chain to a server is in flight.
@@ -136,6 +141,8 @@ pub enum CloseReason {
     ConnectFailed,
     /// Engine shutdown after the drain timeout.
     Shutdown,
+    /// The client's PROXY protocol header was malformed, oversized, or late.
+    BadProxyHeader,
 }
 
 impl CloseReason {
@@ -150,6 +157,7 @@ impl CloseReason {
             CloseReason::QueueTimeout => "queue_timeout",
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::Shutdown => "shutdown",
+            CloseReason::BadProxyHeader => "bad_proxy_header",
         }
     }
 
@@ -179,13 +187,16 @@ pub struct Conn {
     pub server_shares: bool,
     pub client_slot: u32,
     pub server_slot: u32,
-    pub peer_ticket: u32,
+    pub ticket: u32,
     /// Result of the connect chain: first error, or 0.
     pub connect_result: i32,
     pub connect_timed_out: bool,
     /// Servers already tried by this connection (bit `i % 64`).
     pub tried: u64,
     pub client: Option<SocketAddr>,
+    /// The address the client connected to, when known (from its PROXY header, or looked up for
+    /// `send_proxy`).
+    pub dest: Option<SocketAddr>,
     pub c2s: Flow,
     pub s2c: Flow,
     /// When the client was accepted (µs on the worker clock).
@@ -221,11 +232,12 @@ impl Default for Conn {
             server_shares: false,
             client_slot: NO_SLOT,
             server_slot: NO_SLOT,
-            peer_ticket: u32::MAX,
+            ticket: NO_TICKET,
             connect_result: 0,
             connect_timed_out: false,
             tried: 0,
             client: None,
+            dest: None,
             c2s: Flow::default(),
             s2c: Flow::default(),
             t_accept_us: 0,
@@ -335,7 +347,7 @@ impl Worker {
         self.ring.poll_multi(slot, POLLIN_EVENTS, t);
         let t = self.token(idx, Op::PeerName);
         match self.ring.peername(slot, ipv6, t) {
-            Some(ticket) => self.conns.at(idx).peer_ticket = ticket.0,
+            Some(ticket) => self.conns.at(idx).ticket = ticket.0,
             None => {
                 // Every peer-address slot is in flight (thousands of accepts in one batch): go on
                 // without the address rather than wait.
@@ -358,13 +370,17 @@ impl Worker {
         }
         let idx = t.index;
         if t.op == Op::PeerName {
-            let ticket = PeerTicket(c.peer_ticket);
-            c.peer_ticket = u32::MAX;
+            let ticket = PeerTicket(c.ticket);
+            c.ticket = NO_TICKET;
             let addr = self.ring.take_peer(ticket, result);
             let c = self.conns.at(idx);
             c.client = addr;
             if c.state == State::PeerName {
-                self.dispatch(idx);
+                if self.cfg.frontends[c.frontend as usize].accept_proxy {
+                    self.begin_proxy_header(idx);
+                } else {
+                    self.dispatch(idx);
+                }
             } else {
                 self.maybe_finish(idx);
             }
@@ -408,6 +424,10 @@ impl Worker {
             Op::SpliceOutC2S => self.on_splice_out(idx, Dir::ClientToServer, result),
             Op::SpliceOutS2C => self.on_splice_out(idx, Dir::ServerToClient, result),
             Op::ShutdownServer | Op::ShutdownClient => self.check_done(idx),
+            Op::HeaderPeek => self.on_header_peek(idx, result),
+            Op::HeaderRead => self.on_header_read(idx, result),
+            Op::ProxySend => self.on_proxy_sent(idx, result),
+            Op::LocalAddr => self.on_local_addr(idx, result),
             Op::LingerClient | Op::LingerServer | Op::PeerName => {}
             Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed => {
                 unreachable!("worker op {:?} routed to a connection", t.op)
@@ -435,6 +455,10 @@ impl Worker {
         let reading_done = f.eof;
         if !more {
             self.rearm_poll(idx, op);
+        }
+        if self.conns.at(idx).state == State::ProxyHeader {
+            self.peek_proxy_header(idx);
+            return;
         }
         if mask & libc::POLLERR as u32 != 0 && reading_done {
             // Nothing more will be read from this side, so no splice would notice the error.
@@ -625,6 +649,7 @@ impl Worker {
             CloseReason::ServerTimeout => self.stats.timeouts.server += 1,
             CloseReason::QueueTimeout => self.stats.timeouts.queue += 1,
             CloseReason::ConnectFailed => self.stats.failed += 1,
+            CloseReason::BadProxyHeader => self.stats.proxy_header_errors += 1,
             CloseReason::Done | CloseReason::Shutdown => {}
         }
         if was_queued {
@@ -663,6 +688,13 @@ impl Worker {
             return;
         }
         let (client_slot, server_slot) = (c.client_slot, c.server_slot);
+        if c.ticket != NO_TICKET {
+            // Nothing is in flight, so the PeerName ticket was taken back: this is a header buffer.
+            let t = crate::worker::ring::BufTicket(c.ticket);
+            c.ticket = NO_TICKET;
+            self.ring.release_header(t);
+        }
+        let c = self.conns.at(idx);
         let pipes = [(c.c2s.pipe, c.c2s.in_pipe), (c.s2c.pipe, c.s2c.in_pipe)];
         for (pipe, left) in pipes {
             if pipe != NO_PIPE {
@@ -720,7 +752,8 @@ impl Worker {
         let be = &self.cfg.backends[c.backend as usize];
         let client = c.last_client + fe.client_timeout.as_millis() as u64;
         match c.state {
-            State::PeerName | State::Connecting => Some(client),
+            State::PeerName | State::Connecting | State::SendingProxy => Some(client),
+            State::ProxyHeader => Some(c.t_accept_us / 1000 + fe.proxy_header_timeout.as_millis() as u64),
             State::Queued => Some(c.queued_at + be.queue_timeout.as_millis() as u64),
             State::Established => Some(client.min(c.last_server + be.server_timeout.as_millis() as u64)),
             State::Closing | State::Free => None,
@@ -747,6 +780,7 @@ impl Worker {
         let fe = &self.cfg.frontends[c.frontend as usize];
         let reason = match c.state {
             State::Queued => CloseReason::QueueTimeout,
+            State::ProxyHeader => CloseReason::BadProxyHeader,
             State::Established if c.last_client + (fe.client_timeout.as_millis() as u64) <= self.now => {
                 CloseReason::ClientTimeout
             }
@@ -792,7 +826,7 @@ mod tests {
     #[test]
     fn idle_connection_entry_is_small() {
         // The slab entry is the bulk of an idle connection's user-space memory (architecture.md).
-        assert!(std::mem::size_of::<Conn>() <= 192, "Conn is {} bytes", std::mem::size_of::<Conn>());
+        assert!(std::mem::size_of::<Conn>() <= 224, "Conn is {} bytes", std::mem::size_of::<Conn>());
     }
 
     #[test]

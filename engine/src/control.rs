@@ -20,6 +20,8 @@ pub enum Control {
     Snapshot(Sender<WorkerStats>),
     /// Stop accepting; finish open connections until the drain deadline, then exit.
     Drain,
+    /// A health check changed a server's state (indices into the configuration).
+    ServerState { backend: usize, server: usize, up: bool },
 }
 
 /// An eventfd used as a doorbell.

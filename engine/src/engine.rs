@@ -29,6 +29,8 @@ pub struct StatsSource {
     plan: Arc<Plan>,
     peers: Arc<Vec<Peer>>,
     started: std::time::Instant,
+    /// Health-check results, when any server is checked.
+    health: Option<Arc<std::sync::Mutex<Vec<crate::health::ServerHealth>>>>,
 }
 
 impl StatsSource {
@@ -56,6 +58,9 @@ impl StatsSource {
             .map(|b| (b.name.clone(), b.balance.as_str().to_string(), u64::from(b.maxconn.unwrap_or(0))))
             .collect();
         stats.aggregate(&backends);
+        if let Some(h) = &self.health {
+            stats.health = h.lock().map(|v| v.clone()).unwrap_or_default();
+        }
         stats
     }
 }
@@ -70,6 +75,7 @@ pub struct Engine {
     stats_socket: Option<socket::Server>,
     metrics: Option<prometheus::Endpoint>,
     log_thread: Option<JoinHandle<()>>,
+    health: Option<crate::health::HealthChecker>,
 }
 
 impl Engine {
@@ -105,11 +111,14 @@ impl Engine {
             receivers.push(rx);
         }
         let peers = Arc::new(peers);
+        // Checks may report before the workers run: their messages wait in the channels.
+        let health = crate::health::spawn(&config, peers.clone());
         let source = StatsSource {
             config: config.clone(),
             plan: plan.clone(),
             peers: peers.clone(),
             started: std::time::Instant::now(),
+            health: health.as_ref().map(|h| h.status.clone()),
         };
         let stats_socket = match &config.global.stats.socket {
             Some(path) => {
@@ -149,7 +158,8 @@ impl Engine {
             threads.push(t);
         }
         drop(log_sink);
-        let mut engine = Engine { config, plan, peers, threads, bound, source, stats_socket, metrics, log_thread };
+        let mut engine =
+            Engine { config, plan, peers, threads, bound, source, stats_socket, metrics, log_thread, health };
         for _ in 0..engine.plan.workers {
             let started = ready_rx
                 .recv_timeout(Duration::from_secs(30))
@@ -220,6 +230,7 @@ impl Engine {
         }
         self.stats_socket = None;
         self.metrics = None;
+        self.health = None;
     }
 
     /// Drain, then wait.

@@ -36,7 +36,7 @@ pub fn bind_all(config: &Config, workers: usize) -> Result<(Vec<Vec<Listener>>, 
                             format!("frontend \"{}\": cannot read the port bound for {want}", fe.name)
                         })?;
                 }
-                list.push(Listener { frontend: f, fd: OwnedFd::from(sock), ipv6: addr.is_ipv6() });
+                list.push(Listener { frontend: f, fd: OwnedFd::from(sock), ipv6: addr.is_ipv6(), addr });
             }
             bound.push(Bound { frontend: fe.name.clone(), addr });
         }

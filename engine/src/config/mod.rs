@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use serde_saphyr::{Location, Spanned};
 
-pub use raw::Balance;
+pub use raw::{Balance, OnDown, ProxyVersion};
 use raw::{Count, RawBackend, RawConfig, RawFrontend, RawServer, RawTimeouts, Workers};
 
 /// Defaults that apply when neither the section nor `defaults` says otherwise.
@@ -33,6 +33,11 @@ pub mod default {
     pub const MAX_PIPES: u32 = 4096;
     pub const RING_ENTRIES: u32 = 4096;
     pub const IOWQ_WORKERS: u32 = 4;
+    pub const PROXY_HEADER: Duration = Duration::from_secs(5);
+    pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+    pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const CHECK_RISE: u32 = 2;
+    pub const CHECK_FALL: u32 = 3;
 }
 
 /// Upper bound for any `maxconn`: far above what one host can hold, low enough to keep arithmetic exact.
@@ -63,6 +68,9 @@ pub struct Global {
     pub tune: Tune,
     pub stats: Stats,
     pub connection_log: Option<LogTarget>,
+    /// Drop root to this user / group once everything is bound.
+    pub user: Option<String>,
+    pub group: Option<String>,
 }
 
 /// Where operators read the engine's counters.
@@ -117,6 +125,9 @@ pub struct Frontend {
     pub maxconn: Option<u32>,
     pub backlog: u32,
     pub client_timeout: Duration,
+    /// Expect a PROXY protocol header from clients, within `proxy_header_timeout`.
+    pub accept_proxy: bool,
+    pub proxy_header_timeout: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -128,7 +139,23 @@ pub struct Backend {
     pub connect_timeout: Duration,
     pub server_timeout: Duration,
     pub queue_timeout: Duration,
+    pub check: Option<HealthCheck>,
+    pub on_down: OnDown,
     pub servers: Vec<Server>,
+}
+
+/// A backend's health check (applied to each of its servers that has `check` enabled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down server up, and failures that take an up server down.
+    pub rise: u32,
+    pub fall: u32,
+    /// Sent after connecting (none: a plain TCP connect check).
+    pub send: Option<Vec<u8>>,
+    /// Must appear in what the server answers within the timeout.
+    pub expect: Option<Vec<u8>>,
 }
 
 #[derive(Clone, Debug)]
@@ -139,6 +166,9 @@ pub struct Server {
     pub maxconn: Option<u32>,
     /// Source addresses for connections to this server; empty means the kernel chooses.
     pub sources: Vec<IpAddr>,
+    /// Health-checked (only when the backend has a check).
+    pub check: bool,
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// Why a configuration was refused.
@@ -260,6 +290,7 @@ impl Validator<'_> {
             ("server", t.value.server.as_ref()),
             ("queue", t.value.queue.as_ref()),
             ("drain", t.value.drain.as_ref()),
+            ("proxy_header", t.value.proxy_header.as_ref()),
         ];
         for (key, v) in present {
             if let Some(v) = v
@@ -316,6 +347,7 @@ impl Validator<'_> {
                 None => None,
             },
             drain: self.duration(&d.timeout.drain, "drain", default::DRAIN)?,
+            proxy_header: self.duration(&d.timeout.proxy_header, "proxy_header", default::PROXY_HEADER)?,
             retries: match &d.retries {
                 Some(r) => self.count(r, "retries", 0, 100)? as u32,
                 None => default::RETRIES,
@@ -398,10 +430,54 @@ impl Validator<'_> {
                 tune,
                 stats,
                 connection_log,
+                user: self.account(&g.user, "user")?,
+                group: self.account(&g.group, "group")?,
             },
             frontends,
             backends,
             warnings: self.warnings,
+        })
+    }
+
+    fn account(&self, v: &Option<Spanned<String>>, what: &str) -> Result<Option<String>> {
+        match v {
+            None => Ok(None),
+            Some(s) if s.value.trim().is_empty() => self.err(s.referenced, format!("{what} is empty")),
+            Some(s) => Ok(Some(s.value.trim().to_owned())),
+        }
+    }
+
+    fn check(&self, raw: &Spanned<raw::RawCheck>, backend: &str) -> Result<HealthCheck> {
+        let r = &raw.value;
+        let interval = self.duration(&r.interval, "check interval", default::CHECK_INTERVAL)?;
+        let timeout = self.duration(&r.timeout, "check timeout", default::CHECK_TIMEOUT.min(interval))?;
+        let rise = match &r.rise {
+            Some(v) => self.count(v, "check rise", 1, 1000)? as u32,
+            None => default::CHECK_RISE,
+        };
+        let fall = match &r.fall {
+            Some(v) => self.count(v, "check fall", 1, 1000)? as u32,
+            None => default::CHECK_FALL,
+        };
+        let bytes = |v: &Option<Spanned<String>>, what: &str| -> Result<Option<Vec<u8>>> {
+            match v {
+                None => Ok(None),
+                Some(s) if s.value.is_empty() => {
+                    self.err(s.referenced, format!("backend \"{backend}\": check {what} is empty"))
+                }
+                Some(s) if s.value.len() > 1024 => {
+                    self.err(s.referenced, format!("backend \"{backend}\": check {what} is longer than 1024 bytes"))
+                }
+                Some(s) => Ok(Some(s.value.as_bytes().to_vec())),
+            }
+        };
+        Ok(HealthCheck {
+            interval,
+            timeout,
+            rise,
+            fall,
+            send: bytes(&r.send, "send")?,
+            expect: bytes(&r.expect, "expect")?,
         })
     }
 
@@ -531,11 +607,22 @@ impl Validator<'_> {
             }),
         };
         let mut client_timeout = defaults.client;
+        let mut proxy_header_timeout = defaults.proxy_header;
         if let Some(t) = &rf.timeout {
-            self.only_timeouts(t, "frontend", &["client"])?;
+            self.only_timeouts(t, "frontend", &["client", "proxy_header"])?;
             client_timeout = self.duration(&t.value.client, "client", defaults.client)?;
+            proxy_header_timeout = self.duration(&t.value.proxy_header, "proxy_header", defaults.proxy_header)?;
         }
-        Ok(Frontend { name, binds, backend, maxconn, backlog, client_timeout })
+        Ok(Frontend {
+            name,
+            binds,
+            backend,
+            maxconn,
+            backlog,
+            client_timeout,
+            accept_proxy: rf.accept_proxy.unwrap_or(false),
+            proxy_header_timeout,
+        })
     }
 
     fn backend(&self, rb: &RawBackend, name: String, defaults: &Defaults) -> Result<Backend> {
@@ -579,6 +666,10 @@ impl Validator<'_> {
                 format!("backend \"{name}\": every server has weight 0, so none can take a connection"),
             );
         }
+        let check = match &rb.check {
+            Some(c) => Some(self.check(c, &name)?),
+            None => None,
+        };
         Ok(Backend {
             name,
             balance: rb.balance.unwrap_or(defaults.balance),
@@ -587,6 +678,8 @@ impl Validator<'_> {
             connect_timeout: connect,
             server_timeout: server,
             queue_timeout: queue,
+            check,
+            on_down: rb.on_down.unwrap_or(OnDown::Keep),
             servers,
         })
     }
@@ -619,7 +712,15 @@ impl Validator<'_> {
                 return self.err(src.referenced, format!("{ctx}: source {dup} is listed twice"));
             }
         }
-        Ok(Server { name, address, weight, maxconn: self.maxconn(&rs.maxconn, "server maxconn")?, sources })
+        Ok(Server {
+            name,
+            address,
+            weight,
+            maxconn: self.maxconn(&rs.maxconn, "server maxconn")?,
+            sources,
+            check: rs.check.unwrap_or(true),
+            send_proxy: rs.send_proxy,
+        })
     }
 }
 
@@ -630,6 +731,7 @@ struct Defaults {
     server: Duration,
     /// `None`: each backend waits as long as its own connect timeout (HAProxy's rule).
     queue: Option<Duration>,
+    proxy_header: Duration,
     drain: Duration,
     retries: u32,
     backlog: Option<u32>,

@@ -36,6 +36,9 @@ pub struct RawGlobal {
     pub stats: Option<Spanned<RawStats>>,
     /// `stdout`, `stderr` or a file path; absent: no connection log.
     pub connection_log: Option<Spanned<String>>,
+    /// Drop root to this user (and group) once everything is bound.
+    pub user: Option<Spanned<String>>,
+    pub group: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -76,6 +79,7 @@ pub struct RawTimeouts {
     pub server: Option<Spanned<ConfigDuration>>,
     pub queue: Option<Spanned<ConfigDuration>>,
     pub drain: Option<Spanned<ConfigDuration>>,
+    pub proxy_header: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +91,37 @@ pub struct RawFrontend {
     pub maxconn: Option<Spanned<Count>>,
     pub backlog: Option<Spanned<Count>>,
     pub timeout: Option<Spanned<RawTimeouts>>,
+    /// Expect a PROXY protocol header (v1 or v2) from clients.
+    pub accept_proxy: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCheck {
+    pub interval: Option<Spanned<ConfigDuration>>,
+    pub timeout: Option<Spanned<ConfigDuration>>,
+    pub rise: Option<Spanned<Count>>,
+    pub fall: Option<Spanned<Count>>,
+    pub send: Option<Spanned<String>>,
+    pub expect: Option<Spanned<String>>,
+}
+
+/// What happens to a server's connections when its health check marks it down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDown {
+    /// Established connections continue; only new ones avoid the server.
+    Keep,
+    /// Close (reset) every connection to the server.
+    ShutdownSessions,
+}
+
+/// PROXY protocol version to send to a server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    V1,
+    V2,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,6 +132,8 @@ pub struct RawBackend {
     pub maxconn: Option<Spanned<Count>>,
     pub retries: Option<Spanned<Count>>,
     pub timeout: Option<Spanned<RawTimeouts>>,
+    pub check: Option<Spanned<RawCheck>>,
+    pub on_down: Option<OnDown>,
     pub servers: Spanned<Vec<RawServer>>,
 }
 
@@ -108,6 +145,9 @@ pub struct RawServer {
     pub weight: Option<Spanned<Count>>,
     pub maxconn: Option<Spanned<Count>>,
     pub source: Option<Spanned<StringList>>,
+    /// Health-check this server (default: yes when its backend has a `check` section).
+    pub check: Option<bool>,
+    pub send_proxy: Option<ProxyVersion>,
 }
 
 /// How a backend picks a server for a new connection.

@@ -253,6 +253,45 @@ fn queue_timeout_defaults_to_the_backends_own_connect_timeout() {
 }
 
 #[test]
+fn health_checks_proxy_protocol_and_privileges() {
+    let c = ok(&format!(
+        "global: {{ user: nobody, group: nogroup }}\n{}",
+        BASE.replace("    backend: be\n", "    backend: be\n    accept_proxy: true\n    timeout: { proxy_header: 2s }\n")
+            .replace(
+                "    servers:",
+                "    check: { interval: 500ms, rise: 1, fall: 2, send: \"PING\\r\\n\", expect: PONG }\n    on_down: shutdown_sessions\n    servers:"
+            )
+            .replace("address: 127.0.0.1:9001", "address: 127.0.0.1:9001\n        send_proxy: v2\n        check: false")
+    ));
+    assert_eq!(c.global.user.as_deref(), Some("nobody"));
+    assert_eq!(c.global.group.as_deref(), Some("nogroup"));
+    let fe = &c.frontends[0];
+    assert!(fe.accept_proxy);
+    assert_eq!(fe.proxy_header_timeout, Duration::from_secs(2));
+    let be = &c.backends[0];
+    let check = be.check.as_ref().unwrap();
+    assert_eq!(
+        (check.interval, check.timeout, check.rise, check.fall),
+        (Duration::from_millis(500), Duration::from_millis(500), 1, 2)
+    );
+    assert_eq!(check.send.as_deref(), Some(b"PING\r\n".as_slice()));
+    assert_eq!(check.expect.as_deref(), Some(b"PONG".as_slice()));
+    assert_eq!(be.on_down, OnDown::ShutdownSessions);
+    assert_eq!(be.servers[0].send_proxy, Some(ProxyVersion::V2));
+    assert!(!be.servers[0].check);
+    let c = ok(BASE);
+    assert!(!c.frontends[0].accept_proxy && c.backends[0].check.is_none() && c.backends[0].servers[0].check);
+    refused(
+        &BASE.replace("    servers:", "    check: { rise: 0 }\n    servers:"),
+        7,
+        20,
+        "check rise must be between 1",
+    );
+    refused(&BASE.replace("    servers:", "    on_down: explode\n    servers:"), 7, 14, "shutdown_sessions");
+    refused(&BASE.replace("address: 127.0.0.1:9001", "address: 127.0.0.1:9001\n        send_proxy: v3"), 10, 21, "v2");
+}
+
+#[test]
 fn stats_and_connection_log() {
     let c = ok(&format!(
         "global:\n  stats: {{ socket: /run/rp.sock, mode: \"0660\", prometheus: \"127.0.0.1:9101\" }}\n  connection_log: stdout\n{BASE}"

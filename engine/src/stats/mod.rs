@@ -150,6 +150,9 @@ pub struct WorkerStats {
     pub failed: u64,
     pub resets_from_client: u64,
     pub resets_from_server: u64,
+    /// PROXY protocol headers refused (malformed, oversized, late) and sent to servers.
+    pub proxy_header_errors: u64,
+    pub proxy_headers_sent: u64,
     pub bytes_client_to_server: u64,
     pub bytes_server_to_client: u64,
     pub splices: u64,
@@ -189,6 +192,8 @@ pub struct EngineStats {
     /// Per-server rows summed over workers, with merged connect-latency percentiles.
     pub servers: Vec<ServerStats>,
     pub backends: Vec<BackendStats>,
+    /// Health-check results per checked server (empty without health checks).
+    pub health: Vec<crate::health::ServerHealth>,
 }
 
 impl EngineStats {

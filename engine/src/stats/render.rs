@@ -180,6 +180,18 @@ pub fn servers(s: &EngineStats) -> String {
             l.max
         );
     }
+    for h in &s.health {
+        let _ = writeln!(
+            o,
+            "check {:<18} {:<4} {} checks, {} failed, {} state changes{}",
+            format!("{}/{}", h.backend, h.server),
+            if h.up { "UP" } else { "DOWN" },
+            h.checks,
+            h.failures,
+            h.changes,
+            h.last_error.as_ref().map_or(String::new(), |e| format!(", last error: {e}"))
+        );
+    }
     for b in &s.backends {
         let _ = writeln!(
             o,

@@ -47,7 +47,7 @@ impl Worker {
         let be = &mut self.backends[b];
         let servers = &be.servers;
         let free = |i: usize| servers[i].limit.is_none_or(|l| shares.has_room(l));
-        let usable = |i: usize| tried & (1 << (i % 64)) == 0 && servers[i].sources.remaining_or_any();
+        let usable = |i: usize| servers[i].up && tried & (1 << (i % 64)) == 0 && servers[i].sources.remaining_or_any();
         let pick = be.balancer.pick(|i| servers[i].active, client, |i| usable(i) && free(i));
         let Some(s) = pick else {
             // Nobody free: is it because of maxconn (wait) or because nobody is left (fail)?
@@ -127,17 +127,11 @@ impl Worker {
         let took = self.now_us.saturating_sub(c.t_accept_us + u64::from(c.connect_after_us));
         c.connect_took_us = took.min(u64::from(u32::MAX)) as u32;
         if result == 0 && !timed_out {
-            c.state = State::Established;
             let k = self.server_index[b] + s;
             let _ = self.connect_latency[k].record(took.max(1));
-            let now = self.now;
-            c.last_server = now;
-            let slot = c.server_slot;
-            let t = self.token(idx, Op::ServerPoll);
-            self.ring.poll_multi(slot, (libc::POLLIN | libc::POLLRDHUP) as u32, t);
-            self.ensure_timer(idx);
-            for dir in Dir::BOTH {
-                self.pump(idx, dir);
+            match self.cfg.backends[b].servers[s].send_proxy {
+                Some(v) => self.begin_send_proxy(idx, v),
+                None => self.establish(idx),
             }
             return;
         }
@@ -168,6 +162,21 @@ impl Worker {
             }
         } else {
             self.close(idx, CloseReason::ConnectFailed);
+        }
+    }
+
+    /// Connected (and any PROXY header sent): watch the server, start moving bytes.
+    pub(crate) fn establish(&mut self, idx: u32) {
+        let now = self.now;
+        let c = self.conns.at(idx);
+        c.state = State::Established;
+        c.last_server = now;
+        let slot = c.server_slot;
+        let t = self.token(idx, Op::ServerPoll);
+        self.ring.poll_multi(slot, crate::conn::POLLIN_EVENTS, t);
+        self.ensure_timer(idx);
+        for dir in Dir::BOTH {
+            self.pump(idx, dir);
         }
     }
 
@@ -216,7 +225,7 @@ impl Worker {
     }
 
     /// Serves backend `b`'s queue in order while servers have room.
-    fn drain_queue(&mut self, b: usize) {
+    pub(crate) fn drain_queue(&mut self, b: usize) {
         while let Some(&(idx, generation)) = self.backends[b].queue.front() {
             let live = self
                 .conns

@@ -12,6 +12,7 @@
 //! the first socket it must park, because that socket is what tells it there is demand.
 
 pub mod dispatch;
+pub mod proxy_header;
 pub mod ring;
 pub mod timer;
 pub mod token;
@@ -43,12 +44,15 @@ pub struct Listener {
     pub frontend: usize,
     pub fd: OwnedFd,
     pub ipv6: bool,
+    /// The bound address (a wildcard IP for `0.0.0.0` / `[::]` binds).
+    pub addr: std::net::SocketAddr,
 }
 
 pub(crate) struct ListenerState {
     pub frontend: usize,
     pub fd: OwnedFd,
     pub ipv6: bool,
+    pub addr: std::net::SocketAddr,
     /// A multishot accept is in flight.
     pub armed: bool,
     /// A cancel of that accept is in flight.
@@ -68,6 +72,8 @@ const ACCEPT_RETRY_MS: u64 = 100;
 const ACCEPT_LOG_MS: u64 = 10_000;
 
 pub(crate) struct ServerState {
+    /// Takes new connections (health checks may say otherwise).
+    pub up: bool,
     pub dest: AddrId,
     pub sources: SourceShard,
     pub active: u32,
@@ -183,6 +189,7 @@ impl Worker {
                     })
                     .collect();
                 servers.push(ServerState {
+                    up: true,
                     dest,
                     sources: SourceShard::new(ips, ids, plan.ephemeral_ports),
                     active: 0,
@@ -248,6 +255,7 @@ impl Worker {
                     frontend: l.frontend,
                     fd: l.fd,
                     ipv6: l.ipv6,
+                    addr: l.addr,
                     armed: false,
                     cancelling: false,
                     closed: false,
@@ -516,6 +524,27 @@ impl Worker {
                     let _ = reply.send(self.snapshot());
                 }
                 Control::Drain => self.start_drain(),
+                Control::ServerState { backend, server, up } => self.set_server_state(backend, server, up),
+            }
+        }
+    }
+
+    /// A health check marked a server up or down.
+    fn set_server_state(&mut self, b: usize, s: usize, up: bool) {
+        let Some(srv) = self.backends.get_mut(b).and_then(|be| be.servers.get_mut(s)) else { return };
+        srv.up = up;
+        if let Some(row) = self.stats.servers.get_mut(self.server_index[b] + s) {
+            row.state = if up { "UP" } else { "DOWN" }.into();
+        }
+        if up {
+            self.drain_queue(b);
+        } else if self.cfg.backends[b].on_down == crate::config::OnDown::ShutdownSessions {
+            for idx in self.conns.live_indices() {
+                let c = self.conns.at(idx);
+                let on_it = c.backend as usize == b && c.server as usize == s && c.server_shares;
+                if on_it && matches!(c.state, crate::conn::State::Established | crate::conn::State::Connecting) {
+                    self.close(idx, CloseReason::ServerReset);
+                }
             }
         }
     }

@@ -35,6 +35,14 @@ pub struct TimeoutId(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerTicket(pub u32);
 
+/// A slot in the header-buffer pool (PROXY protocol headers in and out), held until released.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufTicket(pub u32);
+
+/// Bytes per header buffer: the longest PROXY header we accept or send.
+pub const HEADER_BUF: usize = crate::proxy_protocol::MAX_HEADER;
+const HEADER_SLOTS: usize = 4096;
+
 /// A completion copied out of the CQ, so handlers may push new SQEs while processing it.
 #[derive(Clone, Copy, Debug)]
 pub struct Completion {
@@ -91,6 +99,11 @@ pub struct Ring {
     timeouts: Box<[Timespec]>,
     peers: Box<[libc::sockaddr_in6]>,
     free_peers: Vec<u32>,
+    /// Header buffers, created on demand up to HEADER_SLOTS; each is its own heap allocation, so
+    /// growing the Vec never moves a buffer the kernel may be using.
+    #[expect(clippy::vec_box, reason = "each buffer must keep its address while the Vec grows")]
+    headers: Vec<Box<[u8; HEADER_BUF]>>,
+    free_headers: Vec<u32>,
     wake_buf: Box<u64>,
     pub counters: RingCounters,
 }
@@ -128,6 +141,8 @@ impl Ring {
                 .collect(),
             peers,
             free_peers: (0..PEER_SLOTS as u32).rev().collect(),
+            headers: Vec::new(),
+            free_headers: Vec::new(),
             wake_buf: Box::new(0),
             counters: RingCounters::default(),
         })
@@ -150,9 +165,12 @@ impl Ring {
     /// Pushes one SQE; the caller reserved room.
     fn push_reserved(&mut self, entry: &Entry) {
         // SAFETY: every entry built in this module points only into `self`'s tables (addresses,
-        // timespecs, peer buffers, the wake buffer) or into statics. The tables are boxed slices built
-        // before the first SQE and never resized; `ring` is declared first so it is dropped (and its
-        // requests cancelled) before them. Descriptor validity is the callers' rule, see the module docs.
+        // timespecs, peer buffers, the wake buffer), into header buffers, or into statics. The tables
+        // are boxed slices built before the first SQE and never resized; header buffers are separate
+        // boxes that are never freed while the ring lives and are handed out again only after the
+        // op using them completed (callers release a ticket only then). `ring` is declared first so
+        // it is dropped (and its requests cancelled) before all of them. Descriptor validity is the
+        // callers' rule, see the module docs.
         let pushed = unsafe { self.ring.submission().push(entry) };
         if pushed.is_err() {
             unreachable!("reserve() made room for this entry");
@@ -216,6 +234,64 @@ impl Ring {
             return None;
         }
         decode_sockaddr(&raw)
+    }
+
+    /// Takes a header buffer from the pool (`None` when every one is in use).
+    pub fn header_buf(&mut self) -> Option<BufTicket> {
+        if let Some(t) = self.free_headers.pop() {
+            return Some(BufTicket(t));
+        }
+        if self.headers.len() >= HEADER_SLOTS {
+            return None;
+        }
+        self.headers.push(Box::new([0u8; HEADER_BUF]));
+        Some(BufTicket(self.headers.len() as u32 - 1))
+    }
+
+    /// The bytes of a header buffer (valid while the ticket is held and no op writes to it).
+    pub fn header(&self, t: BufTicket) -> &[u8; HEADER_BUF] {
+        &self.headers[t.0 as usize]
+    }
+
+    /// Gives a header buffer back. The caller holds no op on it in flight.
+    pub fn release_header(&mut self, t: BufTicket) {
+        self.free_headers.push(t.0);
+    }
+
+    /// recv(MSG_PEEK) into a header buffer: looks at what the client sent without consuming it.
+    pub fn peek(&mut self, slot: u32, buf: BufTicket, token: Token) {
+        let p: *mut u8 = self.headers[buf.0 as usize].as_mut_ptr();
+        let e = opcode::Recv::new(Fixed(slot), p, HEADER_BUF as u32)
+            .flags(libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            .build()
+            .user_data(token.encode());
+        self.push(e);
+    }
+
+    /// recv(MSG_WAITALL) of exactly `len` bytes into a header buffer: consumes a header already peeked.
+    pub fn consume(&mut self, slot: u32, buf: BufTicket, len: u32, token: Token) {
+        let p: *mut u8 = self.headers[buf.0 as usize].as_mut_ptr();
+        let len = len.min(HEADER_BUF as u32);
+        let e = opcode::Recv::new(Fixed(slot), p, len).flags(libc::MSG_WAITALL).build().user_data(token.encode());
+        self.push(e);
+    }
+
+    /// Copies `bytes` into a header buffer and sends them whole (MSG_WAITALL).
+    pub fn send_header(&mut self, slot: u32, buf: BufTicket, bytes: &[u8], token: Token) {
+        let n = bytes.len().min(HEADER_BUF);
+        self.headers[buf.0 as usize][..n].copy_from_slice(&bytes[..n]);
+        let p: *const u8 = self.headers[buf.0 as usize].as_ptr();
+        let e = opcode::Send::new(Fixed(slot), p, n as u32)
+            .flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(token.encode());
+        self.push(e);
+    }
+
+    /// Installs a direct descriptor into the process table (the result is the new fd), for the one
+    /// thing io_uring cannot do on a direct socket here: getsockname().
+    pub fn install_fd(&mut self, slot: u32, token: Token) {
+        self.push(opcode::FixedFdInstall::new(Fixed(slot), 0).build().user_data(token.encode()));
     }
 
     /// The chain that opens a server connection on fixed slot `slot`:

@@ -44,6 +44,14 @@ pub enum Op {
     /// SO_LINGER {1, 0} so the close sends RST (reset propagation).
     LingerClient,
     LingerServer,
+    /// recv(MSG_PEEK) of the client's PROXY protocol header.
+    HeaderPeek,
+    /// recv of exactly the header's length, consuming it.
+    HeaderRead,
+    /// send of our PROXY protocol header to the server.
+    ProxySend,
+    /// FIXED_FD_INSTALL of the client socket, to read its local address.
+    LocalAddr,
 
     // --- worker operations ---
     /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
@@ -59,7 +67,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 24] = [
+    const ALL: [Op; 28] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -79,6 +87,10 @@ impl Op {
         Op::ShutdownClient,
         Op::LingerClient,
         Op::LingerServer,
+        Op::HeaderPeek,
+        Op::HeaderRead,
+        Op::ProxySend,
+        Op::LocalAddr,
         Op::Cancel,
         Op::Accept,
         Op::AcceptCancel,

@@ -31,6 +31,7 @@ pub enum Mode {
 
 #[derive(Default)]
 pub struct BackendState {
+    stopped: AtomicBool,
     pub active: AtomicUsize,
     pub max_active: AtomicUsize,
     pub total: AtomicUsize,
@@ -42,6 +43,12 @@ pub struct BackendState {
 pub struct Backend {
     pub addr: SocketAddr,
     pub state: Arc<BackendState>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 impl Backend {
@@ -58,6 +65,10 @@ impl Backend {
             .stack_size(STACK)
             .spawn(move || {
                 for conn in listener.incoming() {
+                    if st.stopped.load(Ordering::SeqCst) {
+                        // Stopped: the listener is dropped here, so further connects are refused.
+                        return;
+                    }
                     let Ok(conn) = conn else { continue };
                     let st = st.clone();
                     st.total.fetch_add(1, Ordering::SeqCst);
@@ -77,6 +88,15 @@ impl Backend {
             })
             .unwrap();
         Backend { addr, state }
+    }
+
+    /// Closes the listener: connects to this address are refused from now on (established
+    /// connections are left alone).
+    pub fn stop(&self) {
+        if !self.state.stopped.swap(true, Ordering::SeqCst) {
+            // Wake the accept loop so it sees the flag and drops the listener.
+            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
+        }
     }
 
     /// Lets every held connection close (Hold mode).

@@ -1,0 +1,294 @@
+//! Health checks: one thread for the whole engine checks every server whose backend has a `check`
+//! section, and tells every worker when a server goes DOWN or comes back UP.
+//!
+//! A check is a TCP connect (from the server's first source address, so it tests the path real
+//! connections take), optionally followed by sending `send` and waiting for `expect` in the answer,
+//! all within `timeout`. `fall` consecutive failures take an UP server DOWN; `rise` consecutive
+//! successes bring it back. Servers start UP. Checks run on non-blocking sockets multiplexed with
+//! poll(2), so one thread checks hundreds of servers without blocking on any; workers learn of state
+//! changes over their control channels and never wait for a check.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use socket2::{Domain, Socket, Type};
+
+use crate::config::{Config, HealthCheck};
+use crate::control::{Control, Peer};
+
+/// What the checker knows about one server (shown by `ringproxy stats`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerHealth {
+    pub backend: String,
+    pub server: String,
+    pub up: bool,
+    pub checks: u64,
+    pub failures: u64,
+    /// UP→DOWN and DOWN→UP changes since start.
+    pub changes: u64,
+    pub last_error: Option<String>,
+    /// Seconds since start at the last change.
+    pub last_change_s: Option<u64>,
+}
+
+/// The running checker; stops when dropped.
+pub struct HealthChecker {
+    pub status: Arc<Mutex<Vec<ServerHealth>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+enum Phase {
+    Connecting,
+    Sending(usize),
+    Expecting(Vec<u8>),
+}
+
+struct InFlight {
+    sock: Socket,
+    deadline: Instant,
+    phase: Phase,
+}
+
+struct Target {
+    backend: usize,
+    server: usize,
+    row: usize,
+    addr: SocketAddr,
+    source: Option<IpAddr>,
+    check: HealthCheck,
+    up: bool,
+    ok_run: u32,
+    fail_run: u32,
+    next_due: Instant,
+    inflight: Option<InFlight>,
+}
+
+/// Starts checking every server that asks for it; `None` when none does.
+pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>) -> Option<HealthChecker> {
+    let mut targets = Vec::new();
+    let mut rows = Vec::new();
+    let now = Instant::now();
+    for (b, be) in config.backends.iter().enumerate() {
+        let Some(check) = &be.check else { continue };
+        for (s, srv) in be.servers.iter().enumerate().filter(|(_, s)| s.check) {
+            // Spread the first checks over one interval so they do not all start at once.
+            let offset = check.interval.mul_f64((targets.len() % 16) as f64 / 16.0);
+            targets.push(Target {
+                backend: b,
+                server: s,
+                row: rows.len(),
+                addr: srv.address,
+                source: srv.sources.first().copied(),
+                check: check.clone(),
+                up: true,
+                ok_run: 0,
+                fail_run: 0,
+                next_due: now + offset,
+                inflight: None,
+            });
+            rows.push(ServerHealth {
+                backend: be.name.clone(),
+                server: srv.name.clone(),
+                up: true,
+                ..Default::default()
+            });
+        }
+    }
+    if targets.is_empty() {
+        return None;
+    }
+    let status = Arc::new(Mutex::new(rows));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (st, flag) = (status.clone(), stop.clone());
+    let thread = std::thread::Builder::new()
+        .name("ringproxy-health".into())
+        .spawn(move || run(targets, peers, st, flag))
+        .ok()?;
+    Some(HealthChecker { status, stop, thread: Some(thread) })
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<ServerHealth>>>, stop: Arc<AtomicBool>) {
+    let started = Instant::now();
+    let mut fds: Vec<libc::pollfd> = Vec::new();
+    let mut polled: Vec<usize> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        for t in targets.iter_mut().filter(|t| t.inflight.is_none() && now >= t.next_due) {
+            t.next_due = now + t.check.interval;
+            match start(t) {
+                Ok(f) => t.inflight = Some(f),
+                Err(e) => record(t, Err(e), &peers, &status, started),
+            }
+        }
+        fds.clear();
+        polled.clear();
+        let mut wake = now + Duration::from_millis(200);
+        for (i, t) in targets.iter().enumerate() {
+            wake = wake.min(t.next_due);
+            if let Some(f) = &t.inflight {
+                wake = wake.min(f.deadline);
+                let events = match f.phase {
+                    Phase::Connecting | Phase::Sending(_) => libc::POLLOUT,
+                    Phase::Expecting(_) => libc::POLLIN,
+                };
+                fds.push(libc::pollfd { fd: f.sock.as_raw_fd(), events, revents: 0 });
+                polled.push(i);
+            }
+        }
+        let timeout = wake.saturating_duration_since(Instant::now()).as_millis().min(200) as libc::c_int;
+        // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let now = Instant::now();
+        for (k, &i) in polled.iter().enumerate() {
+            let revents = fds[k].revents;
+            let t = &mut targets[i];
+            let Some(f) = t.inflight.as_mut() else { continue };
+            let mut outcome = if revents != 0 { advance(f, &t.check) } else { None };
+            if outcome.is_none() && now >= f.deadline {
+                outcome = Some(Err(format!("no answer within {:?}", t.check.timeout)));
+            }
+            if let Some(result) = outcome {
+                t.inflight = None;
+                record(t, result, &peers, &status, started);
+            }
+        }
+    }
+}
+
+/// Opens the check's connection (non-blocking).
+fn start(t: &Target) -> Result<InFlight, String> {
+    let domain = if t.addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None).map_err(|e| e.to_string())?;
+    if let Some(src) = t.source {
+        crate::sources::set_bind_address_no_port(&sock).map_err(|e| e.to_string())?;
+        sock.bind(&SocketAddr::new(src, 0).into()).map_err(|e| format!("bind {src}: {e}"))?;
+    }
+    match sock.connect(&t.addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e.to_string()),
+    }
+    Ok(InFlight { sock, deadline: Instant::now() + t.check.timeout, phase: Phase::Connecting })
+}
+
+/// Moves a check on after poll reported its socket ready; `Some` when it has finished.
+fn advance(f: &mut InFlight, check: &HealthCheck) -> Option<Result<(), String>> {
+    loop {
+        match &mut f.phase {
+            Phase::Connecting => {
+                match f.sock.take_error() {
+                    Ok(None) => {}
+                    Ok(Some(e)) => return Some(Err(e.to_string())),
+                    Err(e) => return Some(Err(e.to_string())),
+                }
+                if f.sock.peer_addr().is_err() {
+                    return None; // not connected yet
+                }
+                f.phase = match (&check.send, &check.expect) {
+                    (Some(_), _) => Phase::Sending(0),
+                    (None, Some(_)) => Phase::Expecting(Vec::new()),
+                    (None, None) => return Some(Ok(())),
+                };
+            }
+            Phase::Sending(sent) => {
+                let data = check.send.as_deref().unwrap_or_default();
+                match (&f.sock).write(&data[*sent..]) {
+                    Ok(n) => *sent += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                    Err(e) => return Some(Err(e.to_string())),
+                }
+                if *sent < data.len() {
+                    return None;
+                }
+                if check.expect.is_none() {
+                    return Some(Ok(()));
+                }
+                f.phase = Phase::Expecting(Vec::new());
+            }
+            Phase::Expecting(got) => {
+                let want = check.expect.as_deref().unwrap_or_default();
+                let mut buf = [0u8; 1024];
+                match (&f.sock).read(&mut buf) {
+                    Ok(0) => return Some(Err("closed before sending the expected answer".into())),
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
+                    Err(e) => return Some(Err(e.to_string())),
+                }
+                if got.windows(want.len().max(1)).any(|w| w == want) {
+                    return Some(Ok(()));
+                }
+                if got.len() > 4096 {
+                    return Some(Err("expected answer not in the first 4096 bytes".into()));
+                }
+            }
+        }
+    }
+}
+
+/// Counts a result, applies rise/fall, and tells the workers about a change.
+fn record(
+    t: &mut Target,
+    result: Result<(), String>,
+    peers: &[Peer],
+    status: &Mutex<Vec<ServerHealth>>,
+    started: Instant,
+) {
+    let was_up = t.up;
+    match &result {
+        Ok(()) => {
+            t.ok_run += 1;
+            t.fail_run = 0;
+            if !t.up && t.ok_run >= t.check.rise {
+                t.up = true;
+            }
+        }
+        Err(_) => {
+            t.fail_run += 1;
+            t.ok_run = 0;
+            if t.up && t.fail_run >= t.check.fall {
+                t.up = false;
+            }
+        }
+    }
+    let mut name = String::new();
+    if let Ok(mut rows) = status.lock() {
+        let row = &mut rows[t.row];
+        name = format!("{}/{}", row.backend, row.server);
+        row.checks += 1;
+        if let Err(e) = &result {
+            row.failures += 1;
+            row.last_error = Some(e.clone());
+        }
+        if t.up != was_up {
+            row.up = t.up;
+            row.changes += 1;
+            row.last_change_s = Some(started.elapsed().as_secs());
+        }
+    }
+    if t.up != was_up {
+        let (state, why) = match &result {
+            Ok(()) => ("UP", format!("{} check(s) passed", t.check.rise)),
+            Err(e) => ("DOWN", format!("{} check(s) failed, last: {e}", t.check.fall)),
+        };
+        eprintln!("ringproxy: server {name} ({}) is {state}: {why}", t.addr);
+        for p in peers {
+            p.send(Control::ServerState { backend: t.backend, server: t.server, up: t.up });
+        }
+    }
+}

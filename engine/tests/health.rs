@@ -1,0 +1,107 @@
+//! Health checks: a dead server is marked DOWN and gets no new connections, comes back UP, the
+//! expect string is honoured, and `on_down: shutdown_sessions` closes its connections.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+
+fn server_state(engine: &ringproxy::Engine, name: &str) -> String {
+    engine.stats().servers.iter().find(|s| s.server == name).map(|s| s.state.clone()).unwrap_or_default()
+}
+
+#[test]
+fn a_dead_server_goes_down_gets_no_connections_and_comes_back() {
+    let a = Backend::start(Mode::Tag(0));
+    let b = Backend::start(Mode::Tag(1));
+    let b_addr: SocketAddr = b.addr;
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    retries: 0\n    check: {{ interval: 100ms, timeout: 100ms, rise: 2, fall: 2 }}\n\
+         \x20   servers: [{{ name: a, address: \"{}\" }}, {{ name: b, address: \"{}\" }}]\n",
+        a.addr, b.addr
+    ));
+    let proxy = addr(&engine, "fe");
+    wait_until("both servers checked", Duration::from_secs(5), || engine.stats().health.iter().all(|h| h.checks >= 2));
+    assert_eq!(server_state(&engine, "b"), "UP");
+    // Kill b: its listener goes away, connects are refused.
+    b.stop();
+    wait_until("b to be marked DOWN", Duration::from_secs(5), || server_state(&engine, "b") == "DOWN");
+    let errors_before = engine.stats().total(|w| w.connect_errors.total());
+    for _ in 0..20 {
+        let mut c = connect(proxy);
+        let mut tag = [0u8];
+        std::io::Read::read_exact(&mut c, &mut tag).expect("served by the live server");
+        assert_eq!(tag[0], 0);
+    }
+    assert_eq!(engine.stats().total(|w| w.connect_errors.total()), errors_before, "no connect to the DOWN server");
+    let h = engine.stats().health.iter().find(|h| h.server == "b").cloned().unwrap();
+    assert!(!h.up && h.changes == 1 && h.last_error.is_some(), "{h:?}");
+    // Bring b back on the same address: UP after `rise` checks, and it takes connections again.
+    let b2 = Backend::on(&b_addr.to_string(), Mode::Tag(1));
+    wait_until("b to be marked UP", Duration::from_secs(5), || server_state(&engine, "b") == "UP");
+    let mut seen_b = false;
+    for _ in 0..10 {
+        let mut c = connect(proxy);
+        let mut tag = [0u8];
+        std::io::Read::read_exact(&mut c, &mut tag).unwrap();
+        seen_b |= tag[0] == 1;
+    }
+    assert!(seen_b, "b serves again");
+    drop(b2);
+}
+
+#[test]
+fn expect_string_must_be_in_the_answer() {
+    let echo = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 1 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: good\n    check: {{ interval: 100ms, rise: 1, fall: 1, send: \"PING\\r\\n\", expect: PING }}\n\
+         \x20   servers: [{{ name: echoes, address: \"{0}\" }}]\n\
+         \x20 - name: be\n    check: {{ interval: 100ms, rise: 1, fall: 1, send: \"PING\\r\\n\", expect: PONG }}\n\
+         \x20   servers: [{{ name: wrong, address: \"{0}\" }}]\n",
+        echo.addr
+    ));
+    wait_until("the mismatching server to go DOWN", Duration::from_secs(5), || {
+        server_state(&engine, "wrong") == "DOWN"
+    });
+    thread_sleep(300);
+    assert_eq!(server_state(&engine, "echoes"), "UP");
+    // With its only server DOWN, a client of `be` is refused service, not hung.
+    let mut c = connect(addr(&engine, "fe"));
+    let (got, _) = read_to_end(&mut c);
+    assert!(got.is_empty());
+}
+
+fn thread_sleep(ms: u64) {
+    std::thread::sleep(Duration::from_millis(ms));
+}
+
+#[test]
+fn shutdown_sessions_closes_connections_of_a_down_server() {
+    let held = Backend::start(Mode::Hold);
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    on_down: shutdown_sessions\n    check: {{ interval: 100ms, timeout: 100ms, fall: 1 }}\n\
+         \x20   servers: [{{ name: s, address: \"{}\" }}]\n",
+        held.addr
+    ));
+    let mut conns: Vec<_> = (0..5u8)
+        .map(|i| {
+            let mut c = connect(addr(&engine, "fe"));
+            echo_once(&mut c, &[i]);
+            c
+        })
+        .collect();
+    // The server stops accepting (checks fail) while its established connections would live on.
+    held.stop();
+    wait_until("the server to be DOWN", Duration::from_secs(5), || server_state(&engine, "s") == "DOWN");
+    for c in conns.iter_mut() {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let (_, err) = read_to_end(c);
+        assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::ConnectionReset), "clients see a reset");
+    }
+    wait_until("every session closed", Duration::from_secs(2), || engine.stats().total(|w| w.active) == 0);
+}

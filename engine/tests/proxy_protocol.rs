@@ -1,0 +1,163 @@
+//! PROXY protocol: the server sees the real client (`send_proxy` v1/v2), a client's header is
+//! honoured (`accept_proxy`), and a bad, oversized or late header closes only that connection.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
+
+use common::*;
+use ringproxy::proxy_protocol::{self, Parsed};
+
+/// (source, dest) of a header a backend received.
+type Seen = (Option<SocketAddr>, Option<SocketAddr>);
+
+/// A backend that reads a PROXY header, reports (source, dest) on `tx`, then echoes.
+fn header_backend() -> (SocketAddr, mpsc::Receiver<Seen>) {
+    let l = listen("127.0.0.1:0");
+    let addr = l.local_addr().unwrap();
+    let (tx, rx) = mpsc::channel();
+    thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let tx = tx.clone();
+            thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 512];
+                let header = loop {
+                    let n = conn.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    match proxy_protocol::parse(&buf) {
+                        Ok(Parsed::Done(h)) => break h,
+                        Ok(Parsed::Incomplete) => {}
+                        Err(e) => panic!("the proxy sent a bad header: {e}"),
+                    }
+                };
+                let _ = tx.send((header.source, header.dest));
+                // Echo whatever followed the header, then the rest.
+                let _ = conn.write_all(&buf[header.len..]);
+                loop {
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if conn.write_all(&chunk[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (addr, rx)
+}
+
+#[test]
+fn send_proxy_v1_and_v2_tell_the_server_who_the_client_is() {
+    for version in ["v1", "v2"] {
+        let (backend, seen) = header_backend();
+        let engine = engine(&format!(
+            "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{backend}\", send_proxy: {version} }}] }}]\n"
+        ));
+        let proxy = addr(&engine, "fe");
+        let client_ip: IpAddr = "127.0.3.7".parse().unwrap();
+        let mut c = connect_from(proxy, client_ip);
+        echo_once(&mut c, b"payload after the header");
+        let (src, dst) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(src, Some(c.local_addr().unwrap()), "{version}: the server sees the client");
+        assert_eq!(dst, Some(proxy), "{version}: and the address the client reached");
+        assert_eq!(engine.stats().total(|w| w.proxy_headers_sent), 1);
+    }
+}
+
+#[test]
+fn send_proxy_on_a_wildcard_listener_names_the_local_address() {
+    let (backend, seen) = header_backend();
+    let engine = engine(&format!(
+        "global: {{ workers: 1 }}\nfrontends: [{{ name: fe, bind: \"0.0.0.0:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{backend}\", send_proxy: v1 }}] }}]\n"
+    ));
+    let port = addr(&engine, "fe").port();
+    let target: SocketAddr = format!("127.0.0.5:{port}").parse().unwrap();
+    let mut c = connect(target);
+    echo_once(&mut c, b"x");
+    let (src, dst) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(src, Some(c.local_addr().unwrap()));
+    assert_eq!(dst, Some(target), "the kernel's local address, not 0.0.0.0");
+}
+
+#[test]
+fn accept_proxy_uses_the_clients_header_and_passes_the_payload() {
+    let (backend, seen) = header_backend();
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, accept_proxy: true }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{backend}\", send_proxy: v2 }}] }}]\n"
+    ));
+    let proxy = addr(&engine, "fe");
+    // A v1 header in two pieces, with payload in the same segment as its end.
+    let mut c = connect(proxy);
+    c.write_all(b"PROXY TCP4 10.9.8.7 ").unwrap();
+    thread::sleep(Duration::from_millis(50));
+    c.write_all(b"10.0.0.1 5555 80\r\nhello").unwrap();
+    let mut got = [0u8; 5];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"hello");
+    let (src, dst) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(src, Some("10.9.8.7:5555".parse().unwrap()));
+    assert_eq!(dst, Some("10.0.0.1:80".parse().unwrap()));
+    // A v2 header, then an echo.
+    let mut c = connect(proxy);
+    let mut h = Vec::new();
+    proxy_protocol::write_v2("[2001:db8::9]:4000".parse().unwrap(), "[2001:db8::1]:443".parse().unwrap(), &mut h);
+    c.write_all(&h).unwrap();
+    echo_once(&mut c, b"v2 payload");
+    let (src, _) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(src, Some("[2001:db8::9]:4000".parse().unwrap()));
+}
+
+#[test]
+fn bad_oversized_or_late_headers_close_only_that_connection() {
+    let echo = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, accept_proxy: true, \
+         timeout: {{ proxy_header: 300ms }} }}]\nbackends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        echo.addr
+    ));
+    let proxy = addr(&engine, "fe");
+    // A good connection stays up through all of it.
+    let mut good = connect(proxy);
+    good.write_all(b"PROXY UNKNOWN\r\n").unwrap();
+    echo_once(&mut good, b"before");
+    let oversized = {
+        let mut v =
+            vec![0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A, 0x21, 0x11, 0x07, 0xD0];
+        v.extend_from_slice(&[0u8; 1100]);
+        v
+    };
+    let bad_inputs: [&[u8]; 4] =
+        [b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"PROXY TCP4 1.2.3.4 nonsense\r\n", &oversized, &[b'P'; 200]];
+    for bad in bad_inputs {
+        let mut c = connect(proxy);
+        let _ = c.write_all(bad);
+        let (got, _) = read_to_end(&mut c);
+        assert!(got.is_empty(), "nothing reaches a client whose header is refused");
+    }
+    // No header at all: closed after the header timeout.
+    let mut silent = connect(proxy);
+    let t = std::time::Instant::now();
+    let _ = read_to_end(&mut silent);
+    assert!(t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    echo_once(&mut good, b"after");
+    let s = engine.stats();
+    assert_eq!(s.total(|w| w.proxy_header_errors), 5);
+    assert_eq!(echo.total(), 1, "refused clients never reached the server");
+    let _ = TcpStream::connect(proxy);
+}
