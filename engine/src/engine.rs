@@ -15,7 +15,7 @@ use crossbeam_channel::{bounded, unbounded};
 use crate::config::Config;
 use crate::control::{Control, EventFd, Peer};
 use crate::host;
-use crate::listener::{self, Bound};
+use crate::listener::{self, Bound, ListenerGroup};
 use crate::log;
 use crate::plan::{self, Plan};
 use crate::sources;
@@ -65,8 +65,19 @@ impl StatsSource {
     }
 }
 
+/// How to start an engine beyond its configuration.
+#[derive(Default)]
+pub struct StartOptions<'a> {
+    /// Listening sockets of a previous engine, reused for addresses still configured (reload).
+    pub inherit: &'a [ListenerGroup],
+    /// Leave the stats socket and Prometheus endpoint to the caller (the supervisor keeps them
+    /// across reloads).
+    pub external_stats: bool,
+}
+
 pub struct Engine {
     config: Arc<Config>,
+    listeners: Vec<ListenerGroup>,
     plan: Arc<Plan>,
     peers: Arc<Vec<Peer>>,
     threads: Vec<JoinHandle<()>>,
@@ -81,6 +92,13 @@ pub struct Engine {
 impl Engine {
     /// Starts the engine for a validated configuration. Returns once every worker accepts.
     pub fn start(config: Config) -> Result<Engine, String> {
+        Engine::start_with(config, StartOptions::default())
+    }
+
+    /// Starts with options: inherited listeners (reload), stats served by the caller. Everything
+    /// that needs root (binding, opening the log) happens before privileges are dropped
+    /// (`global.user`/`group`), and that before any worker runs.
+    pub fn start_with(config: Config, opts: StartOptions) -> Result<Engine, String> {
         let limit = host::raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
         let ports = host::ephemeral_ports().unwrap_or(28_232);
         let plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
@@ -91,7 +109,11 @@ impl Engine {
                      (or the interface facing the servers)"
                 )
             })?;
-        let (listeners, bound) = listener::bind_all(&config, plan.workers)?;
+        let ids = match &config.global.user {
+            Some(user) => Some(crate::privileges::resolve(user, config.global.group.as_deref())?),
+            None => None,
+        };
+        let (listeners, bound, groups) = listener::bind_all(&config, plan.workers, opts.inherit)?;
         let (log_sink, log_thread) = match &config.global.connection_log {
             Some(target) => {
                 let (sink, thread) = log::spawn(target).map_err(|e| e.to_string())?;
@@ -121,13 +143,15 @@ impl Engine {
             health: health.as_ref().map(|h| h.status.clone()),
         };
         let stats_socket = match &config.global.stats.socket {
+            Some(_) if opts.external_stats => None,
             Some(path) => {
                 let src = source.clone();
-                Some(socket::serve(path, config.global.stats.mode, move || src.collect())?)
+                Some(socket::serve(path, config.global.stats.mode, move || src.collect(), None, ids)?)
             }
             None => None,
         };
         let metrics = match config.global.stats.prometheus {
+            Some(_) if opts.external_stats => None,
             Some(addr) => {
                 let src = source.clone();
                 Some(
@@ -137,6 +161,9 @@ impl Engine {
             }
             None => None,
         };
+        if let Some(ids) = ids {
+            crate::privileges::drop_to(ids)?;
+        }
         let (ready_tx, ready_rx) = bounded(plan.workers);
         let mut threads = Vec::new();
         for (id, (rx, listeners)) in receivers.into_iter().zip(listeners).enumerate() {
@@ -158,8 +185,19 @@ impl Engine {
             threads.push(t);
         }
         drop(log_sink);
-        let mut engine =
-            Engine { config, plan, peers, threads, bound, source, stats_socket, metrics, log_thread, health };
+        let mut engine = Engine {
+            config,
+            listeners: groups,
+            plan,
+            peers,
+            threads,
+            bound,
+            source,
+            stats_socket,
+            metrics,
+            log_thread,
+            health,
+        };
         for _ in 0..engine.plan.workers {
             let started = ready_rx
                 .recv_timeout(Duration::from_secs(30))
@@ -207,9 +245,16 @@ impl Engine {
         self.metrics.as_ref().map(|m| m.addr())
     }
 
+    /// This engine's listening sockets, for a successor to share (reload). The workers keep
+    /// accepting on them until this engine is drained.
+    pub fn listeners(&self) -> &[ListenerGroup] {
+        &self.listeners
+    }
+
     /// Stops accepting everywhere; workers exit once their connections are done or the drain
-    /// timeout passed.
-    pub fn drain(&self) {
+    /// timeout passed. Listening sockets not handed to a successor close with the workers' copies.
+    pub fn drain(&mut self) {
+        self.listeners.clear();
         for p in self.peers.iter() {
             p.send(Control::Drain);
         }

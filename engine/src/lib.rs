@@ -17,9 +17,11 @@ pub mod listener;
 pub mod log;
 pub mod pipes;
 pub mod plan;
+pub mod privileges;
 pub mod proxy_protocol;
 pub mod sources;
 pub mod stats;
+pub mod supervisor;
 pub mod worker;
 
 pub use engine::Engine;

@@ -4,6 +4,11 @@
 //! All sockets are created and bound by the main thread before any worker starts, so a busy port
 //! is reported before anything runs, and a `:0` bind (tests) resolves to one port that every
 //! worker then binds too.
+//!
+//! The engine keeps a duplicate of every listening socket ([`ListenerGroup`]) so that a reload can
+//! hand the *same* kernel sockets to the next engine: their accept queues are never closed, so no
+//! SYN and no queued connection is lost while the old engine drains. Only addresses removed from the
+//! configuration are closed, after the new engine is up.
 
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
@@ -20,28 +25,74 @@ pub struct Bound {
     pub addr: SocketAddr,
 }
 
-/// Binds every frontend address once per worker. Returns each worker's listeners and the addresses.
-pub fn bind_all(config: &Config, workers: usize) -> Result<(Vec<Vec<Listener>>, Vec<Bound>), String> {
+/// The listening sockets of one configured bind address (one per worker), as duplicates kept by
+/// the engine for a successor.
+pub struct ListenerGroup {
+    pub frontend: String,
+    /// The address as configured (what a reloaded configuration is matched against; a `:0` bind
+    /// matches only within the same frontend, and keeps its port).
+    pub configured: SocketAddr,
+    /// The address as bound.
+    pub bound: SocketAddr,
+    pub fds: Vec<OwnedFd>,
+}
+
+/// What binding produces: each worker's listeners, the bound addresses, the groups kept for a
+/// successor.
+pub type BoundListeners = (Vec<Vec<Listener>>, Vec<Bound>, Vec<ListenerGroup>);
+
+/// Binds every frontend address once per worker, reusing (duplicating) sockets from `inherit` (a
+/// previous engine's groups) for addresses that are still configured; `inherit` itself is left as
+/// it was, so a failed start changes nothing. Returns each worker's listeners, the bound addresses,
+/// and the groups to keep for a successor.
+pub fn bind_all(
+    config: &Config,
+    workers: usize,
+    inherit: &[ListenerGroup],
+) -> Result<BoundListeners, String> {
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
+    let mut groups = Vec::new();
     for (f, fe) in config.frontends.iter().enumerate() {
         for &want in &fe.binds {
+            let fail =
+                |e: std::io::Error| format!("frontend \"{}\": cannot listen on {want}: {}", fe.name, explain(&e));
+            let same = |g: &&ListenerGroup| g.configured == want && (want.port() != 0 || g.frontend == fe.name);
+            let mut old = match inherit.iter().find(same) {
+                Some(g) => g.fds.iter().map(|fd| fd.try_clone()).collect::<Result<Vec<_>, _>>().map_err(fail)?,
+                None => Vec::new(),
+            };
+            old.reverse();
             let mut addr = want;
+            let mut fds = Vec::with_capacity(workers);
             for list in per_worker.iter_mut() {
-                let sock = listen(addr, fe.backlog)
-                    .map_err(|e| format!("frontend \"{}\": cannot listen on {want}: {}", fe.name, explain(&e)))?;
+                let sock = match old.pop() {
+                    Some(fd) => {
+                        let sock = Socket::from(fd);
+                        // Same kernel socket, possibly a new backlog.
+                        sock.listen(fe.backlog.min(i32::MAX as u32) as i32).map_err(fail)?;
+                        sock
+                    }
+                    None => listen(addr, fe.backlog).map_err(fail)?,
+                };
                 if addr.port() == 0 {
                     addr =
                         sock.local_addr().ok().and_then(|a| a.as_socket()).ok_or_else(|| {
                             format!("frontend \"{}\": cannot read the port bound for {want}", fe.name)
                         })?;
                 }
-                list.push(Listener { frontend: f, fd: OwnedFd::from(sock), ipv6: addr.is_ipv6(), addr });
+                let fd = OwnedFd::from(sock);
+                fds.push(fd.try_clone().map_err(fail)?);
+                list.push(Listener { frontend: f, fd, ipv6: addr.is_ipv6(), addr });
             }
+            // Copies of sockets a previous engine with more workers used are closed here; those
+            // sockets close when that engine is drained.
+            drop(old);
             bound.push(Bound { frontend: fe.name.clone(), addr });
+            groups.push(ListenerGroup { frontend: fe.name.clone(), configured: want, bound: addr, fds });
         }
     }
-    Ok((per_worker, bound))
+    Ok((per_worker, bound, groups))
 }
 
 fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {

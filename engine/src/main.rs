@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ringproxy::supervisor::Supervisor;
 use ringproxy::{Engine, config};
 
 #[derive(Parser)]
@@ -25,6 +26,15 @@ enum Command {
     Check,
     /// Show a running engine's counters (per core, per server, per source IP).
     Stats(StatsArgs),
+    /// Ask the running engine to re-read its configuration (through the stats socket).
+    Reload(ReloadArgs),
+}
+
+#[derive(clap::Args)]
+struct ReloadArgs {
+    /// The engine's stats socket (default: global.stats.socket of the -c configuration).
+    #[arg(long)]
+    socket: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -59,6 +69,11 @@ fn main() -> ExitCode {
     if let Some(Command::Stats(args)) = &cli.command {
         return stats(args, cli.config.as_deref());
     }
+    if let Some(Command::Reload(args)) = &cli.command
+        && let Some(socket) = &args.socket
+    {
+        return reload_via(socket);
+    }
     let Some(path) = cli.config else {
         eprintln!("ringproxy: no configuration given; use -c FILE (see config-examples/)");
         return ExitCode::from(2);
@@ -72,8 +87,30 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => ExitCode::from(ringproxy::check::run(&config) as u8),
-        Command::Run => run(config),
+        Command::Run => run(&path, config),
+        Command::Reload(args) => reload(&args, &config),
         Command::Stats(_) => unreachable!("handled above"),
+    }
+}
+
+fn reload(args: &ReloadArgs, config: &config::Config) -> ExitCode {
+    let Some(path) = args.socket.clone().or_else(|| config.global.stats.socket.clone()) else {
+        eprintln!("ringproxy reload: the configuration sets no global.stats.socket; pass --socket PATH or send SIGHUP");
+        return ExitCode::from(2);
+    };
+    reload_via(&path)
+}
+
+fn reload_via(path: &std::path::Path) -> ExitCode {
+    match ringproxy::stats::socket::query(path, "reload") {
+        Ok(answer) => {
+            print!("{answer}");
+            if answer.starts_with("reloaded") { ExitCode::SUCCESS } else { ExitCode::from(1) }
+        }
+        Err(e) => {
+            eprintln!("ringproxy: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -131,20 +168,68 @@ fn stats(args: &StatsArgs, config: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(config: config::Config) -> ExitCode {
+fn run(path: &std::path::Path, config: config::Config) -> ExitCode {
     for w in &config.warnings {
         eprintln!("{w}");
     }
     // Block the signals we handle before any thread starts, so workers inherit the mask and the
     // main thread alone receives them.
-    let signals = Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1]);
-    let mut engine = match Engine::start(config) {
-        Ok(e) => e,
+    let signals = Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP]);
+    let mut service = match Supervisor::start(path, config) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("ringproxy: {e}");
             return ExitCode::from(1);
         }
     };
+    report(service.engine());
+    if let Some(p) = &service.engine().config().global.stats.socket {
+        eprintln!("ringproxy: stats socket {} (ringproxy stats --socket {})", p.display(), p.display());
+    }
+    if let Some(a) = service.metrics_addr() {
+        eprintln!("ringproxy: Prometheus metrics on http://{a}/metrics");
+    }
+    let sig = loop {
+        match signals.wait(Some(Duration::from_millis(100))) {
+            Some(libc::SIGUSR1) => dump(&service),
+            Some(libc::SIGHUP) => match service.reload() {
+                Ok(r) => {
+                    eprintln!("ringproxy: SIGHUP: {r}");
+                    report(service.engine());
+                }
+                Err(e) => eprintln!("ringproxy: SIGHUP: reload refused, the running configuration stays: {e}"),
+            },
+            Some(other) => break other,
+            None => {}
+        }
+        service.serve_requests();
+        service.reap();
+    };
+    let drain = service.engine().config().global.drain_timeout;
+    eprintln!(
+        "ringproxy: {}: draining: no new connections, open ones get up to {}",
+        signal_name(sig),
+        config::duration::format(drain)
+    );
+    service.drain();
+    while !service.finished() {
+        match signals.wait(Some(Duration::from_millis(100))) {
+            Some(libc::SIGUSR1) => dump(&service),
+            Some(libc::SIGHUP) => eprintln!("ringproxy: SIGHUP ignored while draining"),
+            Some(sig) => {
+                eprintln!("ringproxy: {} again: exiting now", signal_name(sig));
+                return ExitCode::from(1);
+            }
+            None => {}
+        }
+    }
+    service.join();
+    eprintln!("ringproxy: drained, exiting");
+    ExitCode::SUCCESS
+}
+
+/// The startup report: workers, limits, warnings, listening addresses.
+fn report(engine: &Engine) {
     let plan = engine.plan();
     let cpus: Vec<String> = plan.cpus.iter().map(|c| c.map_or("-".into(), |c| c.to_string())).collect();
     eprintln!(
@@ -163,53 +248,20 @@ fn run(config: config::Config) -> ExitCode {
     for b in engine.bound() {
         eprintln!("ringproxy: frontend \"{}\" listening on {}", b.frontend, b.addr);
     }
-    if let Some(p) = &engine.config().global.stats.socket {
-        eprintln!("ringproxy: stats socket {} (ringproxy stats --socket {})", p.display(), p.display());
-    }
-    if let Some(a) = engine.metrics_addr() {
-        eprintln!("ringproxy: Prometheus metrics on http://{a}/metrics");
-    }
-    let sig = loop {
-        match signals.wait(None) {
-            Some(libc::SIGUSR1) => {
-                let dump = ringproxy::stats::render::dump(&engine.stats(), None);
-                eprint!("ringproxy: SIGUSR1: per-core stats\n{dump}");
-            }
-            other => break other,
-        }
-    };
-    let drain = engine.config().global.drain_timeout;
-    eprintln!(
-        "ringproxy: {}: draining: no new connections, open ones get up to {}",
-        signal_name(sig.unwrap_or(libc::SIGTERM)),
-        config::duration::format(drain)
-    );
-    engine.drain();
-    loop {
-        if engine.finished() {
-            break;
-        }
-        match signals.wait(Some(Duration::from_millis(100))) {
-            Some(libc::SIGUSR1) => {
-                let dump = ringproxy::stats::render::dump(&engine.stats(), None);
-                eprint!("ringproxy: SIGUSR1: per-core stats\n{dump}");
-            }
-            Some(sig) => {
-                eprintln!("ringproxy: {} again: exiting now", signal_name(sig));
-                return ExitCode::from(1);
-            }
-            None => {}
-        }
-    }
-    engine.join();
-    eprintln!("ringproxy: drained, exiting");
-    ExitCode::SUCCESS
+}
+
+fn dump(service: &Supervisor) {
+    let d = ringproxy::stats::render::dump(&service.engine().stats(), None);
+    let draining = service.draining();
+    let note = if draining > 0 { format!(" ({draining} older engine(s) still draining)") } else { String::new() };
+    eprint!("ringproxy: SIGUSR1: per-core stats{note}\n{d}");
 }
 
 fn signal_name(sig: i32) -> &'static str {
     match sig {
         libc::SIGINT => "SIGINT",
         libc::SIGTERM => "SIGTERM",
+        libc::SIGHUP => "SIGHUP",
         _ => "signal",
     }
 }

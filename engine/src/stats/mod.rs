@@ -133,6 +133,8 @@ pub struct BackendStats {
 pub struct WorkerStats {
     pub worker: usize,
     pub cpu: Option<usize>,
+    /// Listening sockets this worker still accepts on (0 once a drain has closed them).
+    pub listening: u64,
     /// Proxied connections open now (client accepted and admitted).
     pub active: u64,
     pub accepted: u64,

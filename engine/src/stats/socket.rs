@@ -27,12 +27,32 @@ commands (one per connection):
   show stat         CSV with HAProxy's column names
   show json         everything, as one JSON object
   show prometheus   the Prometheus text format
+  reload            re-read the configuration file (like SIGHUP); answers with the outcome
 ";
 
+/// A reload request: the supervisor answers on the enclosed channel.
+pub type ReloadRequest = crossbeam_channel::Sender<String>;
+
 /// Answers one command line.
-pub fn answer(command: &str, collect: &dyn Fn() -> EngineStats) -> String {
+pub fn answer(
+    command: &str,
+    collect: &dyn Fn() -> EngineStats,
+    reload: Option<&crossbeam_channel::Sender<ReloadRequest>>,
+) -> String {
     let words: Vec<&str> = command.split_whitespace().collect();
     match words.as_slice() {
+        ["reload"] => match reload {
+            Some(tx) => {
+                let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
+                if tx.send(reply_tx).is_err() {
+                    return "reload failed: the engine is shutting down\n".into();
+                }
+                reply_rx
+                    .recv_timeout(Duration::from_secs(60))
+                    .unwrap_or_else(|_| "reload: no answer within 60s\n".into())
+            }
+            None => "reload is not available on this socket\n".into(),
+        },
         ["help"] | [] => HELP.to_string(),
         ["show", "info"] => render::info(&collect()),
         ["show", "cores"] => render::cores(&collect(), None),
@@ -53,7 +73,14 @@ pub struct Server {
 }
 
 /// Creates the socket at `path` with permission bits `mode` and serves it on a thread.
-pub fn serve(path: &Path, mode: u32, collect: impl Fn() -> EngineStats + Send + 'static) -> Result<Server, String> {
+/// `reload`, when given, is where the `reload` command is forwarded.
+pub fn serve(
+    path: &Path,
+    mode: u32,
+    collect: impl Fn() -> EngineStats + Send + 'static,
+    reload: Option<crossbeam_channel::Sender<ReloadRequest>>,
+    owner: Option<crate::privileges::Ids>,
+) -> Result<Server, String> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             return Err(format!(
@@ -74,6 +101,11 @@ pub fn serve(path: &Path, mode: u32, collect: impl Fn() -> EngineStats + Send + 
     let listener = bound.map_err(|e| format!("stats socket {}: {e}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("stats socket {}: chmod {mode:o}: {e}", path.display()))?;
+    if let Some(ids) = owner {
+        // The engine will run as this user: let it remove its socket at exit.
+        std::os::unix::fs::chown(path, Some(ids.uid), Some(ids.gid))
+            .map_err(|e| format!("stats socket {}: chown to {}:{}: {e}", path.display(), ids.uid, ids.gid))?;
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let thread = std::thread::Builder::new()
@@ -84,7 +116,7 @@ pub fn serve(path: &Path, mode: u32, collect: impl Fn() -> EngineStats + Send + 
                     break;
                 }
                 if let Ok(conn) = conn {
-                    let _ = handle(conn, &collect);
+                    let _ = handle(conn, &collect, reload.as_ref());
                 }
             }
         })
@@ -92,13 +124,17 @@ pub fn serve(path: &Path, mode: u32, collect: impl Fn() -> EngineStats + Send + 
     Ok(Server { path: path.to_owned(), stop, thread: Some(thread) })
 }
 
-fn handle(conn: UnixStream, collect: &dyn Fn() -> EngineStats) -> std::io::Result<()> {
+fn handle(
+    conn: UnixStream,
+    collect: &dyn Fn() -> EngineStats,
+    reload: Option<&crossbeam_channel::Sender<ReloadRequest>>,
+) -> std::io::Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(2)))?;
     conn.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut line = String::new();
     BufReader::new(conn.try_clone()?).take(4096).read_line(&mut line)?;
     let mut conn = conn;
-    conn.write_all(answer(&line, collect).as_bytes())
+    conn.write_all(answer(&line, collect, reload).as_bytes())
 }
 
 impl Drop for Server {

@@ -50,7 +50,8 @@ pub struct Listener {
 
 pub(crate) struct ListenerState {
     pub frontend: usize,
-    pub fd: OwnedFd,
+    /// `None` once closed (drain); the kernel socket lives on while another engine holds it.
+    pub fd: Option<OwnedFd>,
     pub ipv6: bool,
     pub addr: std::net::SocketAddr,
     /// A multishot accept is in flight.
@@ -253,7 +254,7 @@ impl Worker {
                 .into_iter()
                 .map(|l| ListenerState {
                     frontend: l.frontend,
-                    fd: l.fd,
+                    fd: Some(l.fd),
                     ipv6: l.ipv6,
                     addr: l.addr,
                     armed: false,
@@ -396,7 +397,9 @@ impl Worker {
             return;
         }
         let slot = c.result as u32;
-        if self.draining.is_some() || !self.parked.is_empty() {
+        // A connection the kernel handed over is served even when a drain has begun (the accept
+        // was cancelled, but completions already on their way still arrive).
+        if !self.parked.is_empty() {
             self.park(listener, slot);
         } else {
             self.admit(listener, slot);
@@ -426,10 +429,6 @@ impl Worker {
 
     /// Holds an accepted socket that cannot be admitted yet and stops the listeners concerned.
     fn park(&mut self, listener: u16, slot: u32) {
-        if self.draining.is_some() {
-            self.ring.close_fixed(slot, Token::worker(Op::CloseFixed, slot));
-            return;
-        }
         let frontend = self.listeners[listener as usize].frontend;
         let (ids, n) = self.admission_limits(frontend);
         for &id in &ids[..n] {
@@ -477,13 +476,13 @@ impl Worker {
             let should = self.draining.is_none() && self.parked.is_empty();
             let now = self.now;
             let l = &mut self.listeners[i];
+            let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else { continue };
             if l.closed {
                 continue;
             }
             if should && !l.armed && l.retry_at <= now {
                 l.retry_at = 0;
                 l.armed = true;
-                let fd = l.fd.as_raw_fd();
                 self.ring.accept_multi(fd, Token::worker(Op::Accept, i as u32));
             } else if !should && l.armed && !l.cancelling {
                 l.cancelling = true;
@@ -561,11 +560,8 @@ impl Worker {
         if self.draining.is_some() {
             return;
         }
+        // Parked connections stay: they are admitted as slots free, until the drain deadline.
         self.draining = Some(self.now + self.cfg.global.drain_timeout.as_millis() as u64);
-        while let Some((_, slot)) = self.parked.pop_front() {
-            self.ring.close_fixed(slot, Token::worker(Op::CloseFixed, slot));
-        }
-        self.stats.parked = 0;
         self.update_listeners();
     }
 
@@ -577,20 +573,28 @@ impl Worker {
         for l in &mut self.listeners {
             if !l.armed && !l.closed {
                 l.closed = true;
-                // Close now: new SYNs are refused; the workers drain together so no
-                // SO_REUSEPORT sibling is left to take them.
-                let _ = stop_listening(&l.fd);
+                // Close this worker's descriptor (the multishot accept is gone, so nothing holds the
+                // socket through it). The socket itself closes, refusing new SYNs, only when the
+                // engine's copy is gone too — or lives on in the engine that replaces this one.
+                l.fd = None;
             }
         }
         if self.now >= deadline {
             for idx in self.conns.live_indices() {
                 self.close(idx, CloseReason::Shutdown);
             }
+            while let Some((_, slot)) = self.parked.pop_front() {
+                self.ring.close_fixed(slot, Token::worker(Op::CloseFixed, slot));
+            }
+            self.stats.parked = 0;
         }
     }
 
     fn finished(&self) -> bool {
-        self.draining.is_some() && self.conns.live == 0 && self.listeners.iter().all(|l| l.closed)
+        self.draining.is_some()
+            && self.conns.live == 0
+            && self.parked.is_empty()
+            && self.listeners.iter().all(|l| l.closed)
     }
 
     fn snapshot(&mut self) -> WorkerStats {
@@ -603,6 +607,7 @@ impl Worker {
         s.queued = self.backends.iter().map(|b| b.queue.len() as u64).sum::<u64>().min(s.queued);
         s.ring = self.ring.counters;
         s.uptime_ms = self.now;
+        s.listening = self.listeners.iter().filter(|l| !l.closed).count() as u64;
         s.queued_by_backend = self.backends.iter().map(|b| b.queue.len() as u64).collect();
         s.connect_latency = self.connect_latency.clone();
         let mut k = 0;
@@ -629,14 +634,4 @@ impl Worker {
         }
         s
     }
-}
-
-/// Closes a listening socket's descriptor in place (the `OwnedFd` is dropped with the worker;
-/// shutting it down first makes the kernel stop queueing connections for it now).
-fn stop_listening(fd: &OwnedFd) -> std::io::Result<()> {
-    // SAFETY: shutdown on a descriptor we own; no memory is passed.
-    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
 }

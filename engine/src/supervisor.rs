@@ -1,0 +1,168 @@
+//! The running service across reloads: the current engine, engines still draining after a reload,
+//! and the stats endpoints that outlive them all.
+//!
+//! A reload re-reads the file. An invalid file is refused with the same `FILE:LINE:COLUMN` message
+//! as at start, and nothing changes. A valid one starts a new engine that inherits the listening
+//! sockets of the addresses still configured (the very same kernel sockets, so no queued connection
+//! and no SYN is lost), binds new addresses, and only then tells the old engine to drain: its
+//! established connections continue until they end or `timeout drain` passes, while every new
+//! connection goes to the new engine with the new backends, servers, weights and limits. Addresses
+//! no longer configured are closed once the new engine runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crossbeam_channel::{Receiver, unbounded};
+
+use crate::config::{self, Config};
+use crate::engine::{Engine, StartOptions, StatsSource};
+use crate::stats::socket::ReloadRequest;
+use crate::stats::{EngineStats, prometheus, socket};
+
+pub struct Supervisor {
+    path: PathBuf,
+    current: Engine,
+    draining: Vec<Engine>,
+    /// The current engine's stats, swapped on reload (read by the stats endpoints' threads).
+    source: Arc<Mutex<Option<StatsSource>>>,
+    reloads: Receiver<ReloadRequest>,
+    _stats_socket: Option<socket::Server>,
+    metrics: Option<prometheus::Endpoint>,
+    /// Successful reloads since start.
+    pub generation: u64,
+}
+
+impl Supervisor {
+    /// Opens the stats endpoints, then starts the first engine for `config` (read from `path`).
+    /// The endpoints come first because the engine drops privileges once it has bound.
+    pub fn start(path: &Path, config: Config) -> Result<Supervisor, String> {
+        let stats = config.global.stats.clone();
+        let owner = match &config.global.user {
+            Some(u) => Some(crate::privileges::resolve(u, config.global.group.as_deref())?),
+            None => None,
+        };
+        let source: Arc<Mutex<Option<StatsSource>>> = Arc::new(Mutex::new(None));
+        let (reload_tx, reloads) = unbounded();
+        let collect = {
+            let source = source.clone();
+            move || -> EngineStats {
+                let current = source.lock().ok().and_then(|s| s.clone());
+                current.map(|s| s.collect()).unwrap_or_default()
+            }
+        };
+        let stats_socket = match &stats.socket {
+            Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload_tx), owner)?),
+            None => None,
+        };
+        let metrics = match stats.prometheus {
+            Some(a) => Some(prometheus::serve(a, collect).map_err(|e| format!("Prometheus endpoint {a}: {e}"))?),
+            None => None,
+        };
+        let engine = Engine::start_with(config, StartOptions { inherit: &[], external_stats: true })?;
+        if let Ok(mut s) = source.lock() {
+            *s = Some(engine.stats_source());
+        }
+        Ok(Supervisor {
+            path: path.to_owned(),
+            current: engine,
+            draining: Vec::new(),
+            source,
+            reloads,
+            _stats_socket: stats_socket,
+            metrics,
+            generation: 0,
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.current
+    }
+
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.addr())
+    }
+
+    /// Engines still draining after reloads.
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+
+    /// Re-reads the configuration file and switches to it, or explains why not.
+    pub fn reload(&mut self) -> Result<String, String> {
+        let config = config::load(&self.path).map_err(|e| e.to_string())?;
+        let warnings = config.warnings.clone();
+        // On failure the current engine is untouched: it still holds and serves its sockets.
+        let new = Engine::start_with(config, StartOptions { inherit: self.current.listeners(), external_stats: true })?;
+        let mut old = std::mem::replace(&mut self.current, new);
+        if let Ok(mut s) = self.source.lock() {
+            *s = Some(self.current.stats_source());
+        }
+        old.drain();
+        // Return once the old engine has stopped accepting, so every connection from now on
+        // meets the new configuration (its cancelled accepts can still hand over a few first,
+        // which it serves).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline && old.stats().total(|w| w.listening) > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        self.draining.push(old);
+        self.generation += 1;
+        let mut report = format!(
+            "reloaded {}: {} workers, maxconn {}, listening on {}",
+            self.path.display(),
+            self.current.plan().workers,
+            self.current.plan().maxconn,
+            self.current.bound().iter().map(|b| format!("{} ({})", b.addr, b.frontend)).collect::<Vec<_>>().join(", ")
+        );
+        for w in warnings {
+            report.push_str(&format!("\n{w}"));
+        }
+        Ok(report)
+    }
+
+    /// Answers reload requests that came through the stats socket.
+    pub fn serve_requests(&mut self) {
+        while let Ok(reply) = self.reloads.try_recv() {
+            let text = match self.reload() {
+                Ok(r) => {
+                    eprintln!("ringproxy: {r}");
+                    format!("{r}\n")
+                }
+                Err(e) => {
+                    eprintln!("ringproxy: reload refused, the running configuration stays: {e}");
+                    format!("reload refused, the running configuration stays: {e}\n")
+                }
+            };
+            let _ = reply.send(text);
+        }
+    }
+
+    /// Forgets engines that have finished draining.
+    pub fn reap(&mut self) {
+        let mut i = 0;
+        while i < self.draining.len() {
+            if self.draining[i].finished() {
+                let mut e = self.draining.swap_remove(i);
+                e.join();
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Drains everything (shutdown).
+    pub fn drain(&mut self) {
+        self.current.drain();
+    }
+
+    pub fn finished(&self) -> bool {
+        self.current.finished() && self.draining.iter().all(|e| e.finished())
+    }
+
+    pub fn join(&mut self) {
+        self.current.join();
+        for e in &mut self.draining {
+            e.join();
+        }
+    }
+}
