@@ -235,11 +235,23 @@ fn example_configurations_start_and_proxy() {
         for be in &mut config.backends {
             for s in &mut be.servers {
                 s.address = backend.addr;
+                // An echo server would send our PROXY header back to the client.
+                s.send_proxy = None;
             }
         }
+        // In-process: dropping privileges would drop them for the whole test process.
+        config.global.user = None;
+        config.global.group = None;
+        config.global.stats = Default::default();
+        config.global.connection_log = None;
+        let accept_proxy: Vec<String> =
+            config.frontends.iter().filter(|f| f.accept_proxy).map(|f| f.name.clone()).collect();
         let engine = ringproxy::Engine::start(config).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         for b in engine.bound() {
             let mut c = connect(b.addr);
+            if accept_proxy.contains(&b.frontend) {
+                std::io::Write::write_all(&mut c, b"PROXY TCP4 10.1.1.1 10.2.2.2 1000 1883\r\n").unwrap();
+            }
             echo_once(&mut c, format!("via {}", path.display()).as_bytes());
         }
         engine.shutdown();
