@@ -45,11 +45,7 @@ pub type BoundListeners = (Vec<Vec<Listener>>, Vec<Bound>, Vec<ListenerGroup>);
 /// previous engine's groups) for addresses that are still configured; `inherit` itself is left as
 /// it was, so a failed start changes nothing. Returns each worker's listeners, the bound addresses,
 /// and the groups to keep for a successor.
-pub fn bind_all(
-    config: &Config,
-    workers: usize,
-    inherit: &[ListenerGroup],
-) -> Result<BoundListeners, String> {
+pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> Result<BoundListeners, String> {
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     let mut groups = Vec::new();
