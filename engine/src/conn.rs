@@ -1,11 +1,9 @@
-//! The proxied connection: its state machine, from accept to close, and the byte pump.
+//! The proxied connection: its state machine, from accept to close.
 //!
 //! A connection is a client socket and (once connected) a server socket, both io_uring direct
-//! descriptors, and two [`Flow`]s (client→server, server→client). Readiness is edge-triggered: a
-//! multishot poll per socket says "readable", a splice that finds nothing (EAGAIN) says "drained".
-//! A flow borrows a pipe only for a chunk in flight: socket → pipe → socket as one hard-linked pair
-//! of splices, and gives it back as soon as the pipe is empty, so an idle connection holds no pipe
-//! and no buffer.
+//! descriptors, and two [`Flow`]s (client→server, server→client) whose byte movement lives in
+//! `pump.rs`. This module owns the connection table, routes every completion to its handler, and
+//! closes: cancelling what is in flight and freeing the entry only when nothing is.
 //!
 //! Invariants:
 //! - At most one op of each kind is in flight per connection; `inflight` has its bit set from push to
@@ -28,7 +26,7 @@ pub const NO_TICKET: u32 = u32::MAX;
 pub const NO_INDEX: u16 = u16::MAX;
 
 pub(crate) const POLLIN_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
-const POLLOUT_EVENTS: u32 = libc::POLLOUT as u32;
+pub(crate) const POLLOUT_EVENTS: u32 = libc::POLLOUT as u32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum State {
@@ -59,26 +57,26 @@ pub enum Dir {
 impl Dir {
     pub const BOTH: [Dir; 2] = [Dir::ClientToServer, Dir::ServerToClient];
 
-    fn splice_in(self) -> Op {
+    pub(crate) fn splice_in(self) -> Op {
         match self {
             Dir::ClientToServer => Op::SpliceInC2S,
             Dir::ServerToClient => Op::SpliceInS2C,
         }
     }
-    fn splice_out(self) -> Op {
+    pub(crate) fn splice_out(self) -> Op {
         match self {
             Dir::ClientToServer => Op::SpliceOutC2S,
             Dir::ServerToClient => Op::SpliceOutS2C,
         }
     }
     /// The poll that says the destination can take more.
-    fn poll_out(self) -> Op {
+    pub(crate) fn poll_out(self) -> Op {
         match self {
             Dir::ClientToServer => Op::ServerPollOut,
             Dir::ServerToClient => Op::ClientPollOut,
         }
     }
-    fn shutdown(self) -> Op {
+    pub(crate) fn shutdown(self) -> Op {
         match self {
             Dir::ClientToServer => Op::ShutdownServer,
             Dir::ServerToClient => Op::ShutdownClient,
@@ -262,7 +260,7 @@ impl Conn {
         }
     }
 
-    fn has(&self, op: Op) -> bool {
+    pub(crate) fn has(&self, op: Op) -> bool {
         self.inflight & op.bit() != 0
     }
 }
@@ -435,202 +433,6 @@ impl Worker {
         }
     }
 
-    fn on_poll(&mut self, idx: u32, op: Op, result: i32, more: bool) {
-        let client_side = op == Op::ClientPoll;
-        if result < 0 {
-            if result != -libc::ECANCELED {
-                let reason = if client_side { CloseReason::ClientReset } else { CloseReason::ServerReset };
-                self.close(idx, reason);
-            } else if !more {
-                self.rearm_poll(idx, op);
-            }
-            return;
-        }
-        let mask = result as u32;
-        let dir = if client_side { Dir::ClientToServer } else { Dir::ServerToClient };
-        let c = self.conns.at(idx);
-        let f = c.flow(dir);
-        f.readable = true;
-        f.ready_seq = f.ready_seq.wrapping_add(1);
-        let reading_done = f.eof;
-        if !more {
-            self.rearm_poll(idx, op);
-        }
-        if self.conns.at(idx).state == State::ProxyHeader {
-            self.peek_proxy_header(idx);
-            return;
-        }
-        if mask & libc::POLLERR as u32 != 0 && reading_done {
-            // Nothing more will be read from this side, so no splice would notice the error.
-            let reason = if client_side { CloseReason::ClientReset } else { CloseReason::ServerReset };
-            self.close(idx, reason);
-            return;
-        }
-        self.pump(idx, dir);
-    }
-
-    fn rearm_poll(&mut self, idx: u32, op: Op) {
-        let c = self.conns.at(idx);
-        let slot = if op == Op::ClientPoll { c.client_slot } else { c.server_slot };
-        if c.state == State::Closing || slot == NO_SLOT || c.has(op) {
-            return;
-        }
-        let t = self.token(idx, op);
-        self.ring.poll_multi(slot, POLLIN_EVENTS, t);
-    }
-
-    /// Moves bytes in direction `dir` as far as readiness, pipes and the destination allow.
-    pub(crate) fn pump(&mut self, idx: u32, dir: Dir) {
-        let c = self.conns.at(idx);
-        if c.state != State::Established || c.has(dir.splice_in()) || c.has(dir.splice_out()) || c.has(dir.poll_out()) {
-            return;
-        }
-        let (src, dst) = match dir {
-            Dir::ClientToServer => (c.client_slot, c.server_slot),
-            Dir::ServerToClient => (c.server_slot, c.client_slot),
-        };
-        let f = *c.flow(dir);
-        if f.in_pipe > 0 {
-            let (rd, _) = self.pipes.fds(f.pipe);
-            let t = self.token(idx, dir.splice_out());
-            self.ring.splice_out(rd, dst, f.in_pipe, t);
-            return;
-        }
-        if f.eof || !f.readable {
-            if f.pipe != NO_PIPE {
-                self.pipes.release(f.pipe);
-                self.conns.at(idx).flow(dir).pipe = NO_PIPE;
-            }
-            if f.eof && !f.shut {
-                self.conns.at(idx).flow(dir).shut = true;
-                let t = self.token(idx, dir.shutdown());
-                self.ring.shutdown_write(dst, t);
-            }
-            return;
-        }
-        let pipe = if f.pipe != NO_PIPE {
-            f.pipe
-        } else {
-            match self.pipes.acquire() {
-                Ok(Some(p)) => p,
-                Ok(None) | Err(_) => {
-                    if !f.waiting_pipe {
-                        self.conns.at(idx).flow(dir).waiting_pipe = true;
-                        let generation = self.conns.at(idx).generation;
-                        self.pipe_waiters.push_back((idx, generation, dir));
-                        self.stats.pipe_waits += 1;
-                    }
-                    return;
-                }
-            }
-        };
-        let f = self.conns.at(idx).flow(dir);
-        f.pipe = pipe;
-        f.waiting_pipe = false;
-        f.seq_at_submit = f.ready_seq;
-        let t_in = self.token(idx, dir.splice_in());
-        let t_out = self.token(idx, dir.splice_out());
-        let size = self.pipes.effective_size;
-        self.ring.splice_pair(src, self.pipes.fds(pipe), dst, size, t_in, t_out);
-        self.stats.splices += 1;
-    }
-
-    fn on_splice_in(&mut self, idx: u32, dir: Dir, result: i32) {
-        let now = self.now;
-        let c = self.conns.at(idx);
-        match result {
-            n if n > 0 => {
-                match dir {
-                    Dir::ClientToServer => c.last_client = now,
-                    Dir::ServerToClient => c.last_server = now,
-                }
-                c.flow(dir).in_pipe += n as u32;
-                match dir {
-                    Dir::ClientToServer => {
-                        c.bytes_in += n as u64;
-                        self.stats.bytes_client_to_server += n as u64;
-                    }
-                    Dir::ServerToClient => {
-                        c.bytes_out += n as u64;
-                        self.stats.bytes_server_to_client += n as u64;
-                    }
-                }
-            }
-            0 => c.flow(dir).eof = true,
-            e if e == -libc::EAGAIN => {
-                let f = c.flow(dir);
-                if f.ready_seq == f.seq_at_submit {
-                    f.readable = false;
-                }
-            }
-            e if e == -libc::ECANCELED => {}
-            _ => {
-                let reason =
-                    if dir == Dir::ClientToServer { CloseReason::ClientReset } else { CloseReason::ServerReset };
-                self.close(idx, reason);
-                return;
-            }
-        }
-        self.after_splice(idx, dir);
-    }
-
-    fn on_splice_out(&mut self, idx: u32, dir: Dir, result: i32) {
-        let now = self.now;
-        let c = self.conns.at(idx);
-        match result {
-            n if n > 0 => {
-                match dir {
-                    Dir::ClientToServer => c.last_server = now,
-                    Dir::ServerToClient => c.last_client = now,
-                }
-                let f = c.flow(dir);
-                f.in_pipe = f.in_pipe.saturating_sub(n as u32);
-            }
-            e if e == -libc::EAGAIN || e == -libc::ECANCELED || e == 0 => {}
-            _ => {
-                let reason =
-                    if dir == Dir::ClientToServer { CloseReason::ServerReset } else { CloseReason::ClientReset };
-                self.close(idx, reason);
-                return;
-            }
-        }
-        self.after_splice(idx, dir);
-    }
-
-    /// Once both splices of a chunk completed: wait for the destination, or go on.
-    fn after_splice(&mut self, idx: u32, dir: Dir) {
-        let c = self.conns.at(idx);
-        if c.has(dir.splice_in()) || c.has(dir.splice_out()) {
-            return;
-        }
-        let f = *c.flow(dir);
-        if f.in_pipe > 0 {
-            // The destination took less than we had: wait until it can take more.
-            let dst = match dir {
-                Dir::ClientToServer => c.server_slot,
-                Dir::ServerToClient => c.client_slot,
-            };
-            let t = self.token(idx, dir.poll_out());
-            self.ring.poll_once(dst, POLLOUT_EVENTS, t);
-            return;
-        }
-        self.pump(idx, dir);
-        self.check_done(idx);
-    }
-
-    /// Closes gracefully once both directions have forwarded their EOF.
-    fn check_done(&mut self, idx: u32) {
-        let c = self.conns.at(idx);
-        if c.state == State::Established
-            && c.c2s.finished()
-            && c.s2c.finished()
-            && !c.has(Op::ShutdownServer)
-            && !c.has(Op::ShutdownClient)
-        {
-            self.close(idx, CloseReason::Done);
-        }
-    }
-
     /// Starts closing: gives back shares and sources, cancels what is in flight.
     pub(crate) fn close(&mut self, idx: u32, reason: CloseReason) {
         let c = self.conns.at(idx);
@@ -715,21 +517,6 @@ impl Worker {
         self.conns.remove(idx);
         self.stats.active -= 1;
         self.stats.closed += 1;
-    }
-
-    /// Gives freed pipes to flows that were waiting for one (once per loop turn).
-    pub(crate) fn serve_pipe_waiters(&mut self) {
-        while self.pipes.in_use < self.pipes_max {
-            let Some((idx, generation, dir)) = self.pipe_waiters.pop_front() else {
-                break;
-            };
-            if let Some(c) = self.conns.get(idx, generation & crate::worker::token::GENERATION_MASK)
-                && c.flow(dir).waiting_pipe
-            {
-                c.flow(dir).waiting_pipe = false;
-                self.pump(idx, dir);
-            }
-        }
     }
 
     /// Makes sure the connection's earliest deadline is in the timer wheel.

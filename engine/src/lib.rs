@@ -19,6 +19,7 @@ pub mod pipes;
 pub mod plan;
 pub mod privileges;
 pub mod proxy_protocol;
+pub mod pump;
 pub mod sources;
 pub mod stats;
 pub mod supervisor;
