@@ -18,10 +18,11 @@
 #   wrk            wrk -H 'Connection: close' against an nginx http backend (cross-check of rate)
 #   ka             keep-alive request/response: ringload latency at an unreachable rate (closed
 #                  loop, KA_CONNS connections): requests/s
-#   lat            ringload latency at a fixed LAT_RATE req/s: coordinated-omission-corrected
-#                  p50/p99/p99.9
-#   idle           IDLE_CONNS connections held with heartbeats: proxy RSS growth / connection,
-#                  machine Slab growth / connection, nothing lost
+#   lat            ringload latency at a fixed LAT_RATE req/s for 2 x DUR: coordinated-omission-
+#                  corrected p50/p99/p99.9
+#   idle           IDLE_CONNS connections held with heartbeats through a freshly started instance of
+#                  the proxy: its RSS growth / connection, the machine's Slab growth / connection
+#                  (minus direct's in the same round: the proxy's kernel share), nothing lost
 # CPU of the proxy = utime+stime of all its processes and threads (/proc/PID/stat; io_uring io-wq
 # threads are threads of ringproxy's process and count) over the tput4 test (-> CPU s per GB moved)
 # and over the rate test (-> CPU s per 10,000 connections).
@@ -131,15 +132,17 @@ pick_port() {
     done
 }
 
-start_serve() { # NAME MODE
+# start_serve MODE: ringload serve; sets ADDR[direct:MODE]. Not called in $(...): the pid must land in
+# this shell's BENCH_PIDS to be stopped on exit.
+start_serve() {
     local f="$OUT/run/serve-$1.out"
-    "$RL" serve --listen 127.0.0.1:0 --mode "$2" --workers "$WORKERS" >"$f" 2>"$OUT/run/serve-$1.err" &
+    "$RL" serve --listen 127.0.0.1:0 --mode "$1" --workers "$WORKERS" >"$f" 2>"$OUT/run/serve-$1.err" &
     track $!
     wait_for_file_match "$f" '^listening on ' || die "ringload serve $1 did not start: $(cat "$OUT/run/serve-$1.err")"
-    sed -n 's/^listening on //p' "$f" | head -1
+    ADDR[direct:$1]=$(sed -n 's/^listening on //p' "$f" | head -1)
 }
-ADDR[direct:echo]=$(start_serve echo echo)
-ADDR[direct:sink]=$(start_serve sink sink)
+start_serve echo
+start_serve sink
 
 IPERF_PORT=$(pick_port)
 PICKED="$PICKED$IPERF_PORT "
@@ -184,8 +187,13 @@ backend_of() { # SERVICE -> backend address
 RP_STATS=""
 "$RP" stats --help >/dev/null 2>&1 && RP_STATS=$OUT/run/ringproxy-stats.sock
 
-start_ringproxy() {
-    local d=$OUT/run/ringproxy s
+# start_PROXY INSTANCE [options] SERVICE...: one proxy process with a frontend per service, each to
+# that service's backend; sets ADDR[INSTANCE:SERVICE] and PIDS_OF[INSTANCE]. The main instances
+# (named after their path) serve every test but idle; idle gets a fresh instance per round, so that
+# its RSS growth is not hidden by memory an earlier round freed into the allocator.
+start_ringproxy() { # INSTANCE SERVICE...
+    local inst=$1 d=$OUT/run/$1 s
+    shift
     mkdir -p "$d"
     {
         echo "global:"
@@ -193,27 +201,28 @@ start_ringproxy() {
         echo "  pin_cpus: true"
         echo "  maxconn: $MAXCONN"
         echo "  tune: { pipe_size: $PIPE_SIZE }"
-        [ -n "$RP_STATS" ] && echo "  stats: { socket: \"$RP_STATS\" }"
+        [ "$inst" = ringproxy ] && [ -n "$RP_STATS" ] && echo "  stats: { socket: \"$RP_STATS\" }"
         echo "defaults:"
         echo "  timeout: { connect: 5s, client: 50s, server: 50s, drain: 1s }"
         echo "  balance: roundrobin"
         echo "frontends:"
-        for s in $SERVICES; do echo "  - { name: $s, bind: \"127.0.0.1:0\", backend: $s }"; done
+        for s in "$@"; do echo "  - { name: $s, bind: \"127.0.0.1:0\", backend: $s }"; done
         echo "backends:"
-        for s in $SERVICES; do echo "  - { name: $s, servers: [{ name: s1, address: \"$(backend_of "$s")\" }] }"; done
+        for s in "$@"; do echo "  - { name: $s, servers: [{ name: s1, address: \"$(backend_of "$s")\" }] }"; done
     } >"$d/ringproxy.yaml"
     "$RP" -c "$d/ringproxy.yaml" 2>"$d/stderr" &
     local pid=$!
     track "$pid"
-    wait_for_file_match "$d/stderr" 'frontend "http" listening on' || die "ringproxy did not start: $(cat "$d/stderr")"
-    for s in $SERVICES; do
-        ADDR[ringproxy:$s]=$(sed -n "s/^ringproxy: frontend \"$s\" listening on //p" "$d/stderr" | head -1)
+    wait_for_file_match "$d/stderr" "frontend \"${*: -1}\" listening on" || die "ringproxy did not start: $(cat "$d/stderr")"
+    for s in "$@"; do
+        ADDR[$inst:$s]=$(sed -n "s/^ringproxy: frontend \"$s\" listening on //p" "$d/stderr" | head -1)
     done
-    PIDS_OF[ringproxy]=$pid
+    PIDS_OF[$inst]=$pid
 }
 
-start_haproxy() { # NAME SPLICE(0|1)
-    local name=$1 splice=$2 d=$OUT/run/$1 s port
+start_haproxy() { # INSTANCE SPLICE(0|1) SERVICE...
+    local inst=$1 splice=$2 d=$OUT/run/$1 s port
+    shift 2
     mkdir -p "$d"
     {
         echo "global"
@@ -232,9 +241,9 @@ start_haproxy() { # NAME SPLICE(0|1)
         echo "    maxconn $MAXCONN"
         echo "    balance roundrobin"
         [ "$splice" = 1 ] && echo "    option splice-auto"
-        for s in $SERVICES; do
+        for s in "$@"; do
             port=$(pick_port)
-            ADDR[$name:$s]=127.0.0.1:$port
+            ADDR[$inst:$s]=127.0.0.1:$port
             echo "frontend $s"
             echo "    bind 127.0.0.1:$port"
             echo "    default_backend $s"
@@ -245,11 +254,12 @@ start_haproxy() { # NAME SPLICE(0|1)
     haproxy -db -f "$d/haproxy.cfg" >"$d/stdout" 2>"$d/stderr" &
     local pid=$!
     track "$pid"
-    PIDS_OF[$name]=$pid
+    PIDS_OF[$inst]=$pid
 }
 
-start_nginx() {
-    local d=$OUT/run/nginx s port
+start_nginx() { # INSTANCE SERVICE...
+    local inst=$1 d=$OUT/run/$1 s port
+    shift
     mkdir -p "$d"
     {
         echo "load_module /usr/lib/nginx/modules/ngx_stream_module.so;"
@@ -264,9 +274,9 @@ start_nginx() {
         echo "stream {"
         echo "    proxy_connect_timeout 5s;"
         echo "    proxy_timeout 50s;"
-        for s in $SERVICES; do
+        for s in "$@"; do
             port=$(pick_port)
-            ADDR[nginx:$s]=127.0.0.1:$port
+            ADDR[$inst:$s]=127.0.0.1:$port
             echo "    server { listen 127.0.0.1:$port reuseport backlog=4096; proxy_pass $(backend_of "$s"); }"
         done
         echo "}"
@@ -274,24 +284,24 @@ start_nginx() {
     "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' 2>"$d/stderr" &
     local pid=$!
     track "$pid"
-    PIDS_OF[nginx]=$pid
+    PIDS_OF[$inst]=$pid
 }
 
-for p in $PATHS; do
-    case "$p" in
-        direct) ;;
-        ringproxy) start_ringproxy ;;
-        haproxy) start_haproxy haproxy 0 ;;
-        haproxy-splice) start_haproxy haproxy-splice 1 ;;
-        nginx) start_nginx ;;
-        *) die "unknown path $p" ;;
+declare -A PROC
+# start_path PATH INSTANCE SERVICE...: start, wait until every frontend accepts, set PROC[INSTANCE]
+# (the processes whose CPU and memory are the proxy's: nginx's master and workers)
+start_path() {
+    local path=$1 inst=$2 s a ok
+    shift 2
+    case "$path" in
+        ringproxy) start_ringproxy "$inst" "$@" ;;
+        haproxy) start_haproxy "$inst" 0 "$@" ;;
+        haproxy-splice) start_haproxy "$inst" 1 "$@" ;;
+        nginx) start_nginx "$inst" "$@" ;;
+        *) die "unknown path $path" ;;
     esac
-done
-
-# Wait until every path answers on every service.
-for p in $PATHS; do
-    for s in $SERVICES; do
-        a=${ADDR[$p:$s]}
+    for s in "$@"; do
+        a=${ADDR[$inst:$s]}
         ok=0
         for _ in $(seq 100); do
             if python3 -c 'import socket,sys; h,p=sys.argv[1].rsplit(":",1); socket.create_connection((h,int(p)),1).close()' "$a" 2>/dev/null; then
@@ -299,17 +309,20 @@ for p in $PATHS; do
             fi
             sleep 0.1
         done
-        [ "$ok" = 1 ] || die "$p: $s ($a) does not accept connections; see $OUT/run/$p/"
+        [ "$ok" = 1 ] || die "$path: $s ($a) does not accept connections; see $OUT/run/$inst/"
     done
-done
-sleep 0.5
-# The proxies' processes (nginx: master and workers), fixed from here on.
-declare -A PROC
+    sleep 0.3
+    case "$path" in
+        nginx) PROC[$inst]=$(with_children "${PIDS_OF[$inst]}" | tr '\n' ' ') ;;
+        *) PROC[$inst]=${PIDS_OF[$inst]} ;;
+    esac
+}
+
 for p in $PATHS; do
     case "$p" in
-        direct) PROC[$p]="" ;;
-        nginx) PROC[$p]=$(with_children "${PIDS_OF[nginx]}" | tr '\n' ' ') ;;
-        *) PROC[$p]=${PIDS_OF[$p]} ;;
+        direct) PROC[direct]="" ;;
+        ringproxy | haproxy | haproxy-splice | nginx) start_path "$p" "$p" $SERVICES ;;
+        *) die "unknown path $p" ;;
     esac
     log "$p: echo ${ADDR[$p:echo]} sink ${ADDR[$p:sink]} iperf3 ${ADDR[$p:iperf]} http ${ADDR[$p:http]} pids ${PROC[$p]:--}"
 done
@@ -385,9 +398,10 @@ run_test() { # TEST PATH ROUND
             ;;
         lat)
             a=${ADDR[$p:echo]}
-            echo "ringload latency --target $a --conns $KA_CONNS --rate $LAT_RATE --size 64 --duration ${DUR}s" >"$f.cmd"
+            # twice as long: tails need samples, and a stall of the shared host hits fewer of them
+            echo "ringload latency --target $a --conns $KA_CONNS --rate $LAT_RATE --size 64 --duration $((2 * DUR))s" >"$f.cmd"
             timeout "$TO" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate "$LAT_RATE" --size 64 \
-                --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
+                --duration "$((2 * DUR))s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
         idle) idle_test "$p" "$r"; return ;;
     esac
@@ -407,14 +421,19 @@ run_test() { # TEST PATH ROUND
 # The idle test: IDLE_CONNS connections held through the path (heartbeat every 2 s, so each is really
 # proxied); RSS of the proxy and the machine's Slab sampled before and once all are established.
 idle_test() { # PATH ROUND
-    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 hold n=0 i rc=0 hold_s
+    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 sunr0 sunr1 hold n=0 i rc=0 hold_s inst
     f=$OUT/raw/r$r-idle-$p
-    a=${ADDR[$p:echo]}
+    inst=direct
+    if [ "$p" != direct ]; then
+        inst=idle-$p-r$r
+        start_path "$p" "$inst" echo
+    fi
+    a=${ADDR[$inst:echo]}
     port=$(port_of "$a")
     hold_s=$((IDLE_CONNS / 5000 + 7))
     sleep 1
     # shellcheck disable=SC2086
-    rss0=$(rss_kb ${PROC[$p]}); slab0=$(slab_kb)
+    rss0=$(rss_kb ${PROC[$inst]}); slab0=$(slab_kb); sunr0=$(sunreclaim_kb)
     echo "ringload hold --target $a --conns $IDLE_CONNS --ramp 10000/s --heartbeat 2s --duration ${hold_s}s --sources 127.0.5.0/28" >"$f.cmd"
     timeout $((hold_s + 60)) "$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat 2s \
         --duration "${hold_s}s" --sources 127.0.5.0/28 --json --no-progress >"$f.json" 2>"$f.err" &
@@ -428,12 +447,14 @@ idle_test() { # PATH ROUND
     done
     sleep 2.5
     # shellcheck disable=SC2086
-    rss1=$(rss_kb ${PROC[$p]}); slab1=$(slab_kb)
+    rss1=$(rss_kb ${PROC[$inst]}); slab1=$(slab_kb); sunr1=$(sunreclaim_kb)
     wait "$hold" || rc=$?
+    untrack "$hold"
     record test=idle path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" \
-        rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" \
+        rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  idle $p: exit $rc (see $f.*)"
+    [ "$inst" = direct ] || stop_pid "${PIDS_OF[$inst]}"
     # let the closed connections' memory go back before the next path's baseline
     sleep 1
 }

@@ -22,7 +22,7 @@
 #
 # Usage: scripts/scale.sh                    300,000 connections, held 60 s (~3 min; needs root)
 #        QUICK=1 scripts/scale.sh            20,000 connections, held 10 s
-# Knobs: SKIP_BUILD=1 CONNS HOLD_S RAMP WORKERS MAXCONN SERVE_WORKERS SOURCES_PER_SERVER HEARTBEAT OUT UPDATE_DOCS IMG
+# Knobs: SKIP_BUILD=1 IOWQ LOAD_NICE CONNS HOLD_S RAMP WORKERS MAXCONN SERVE_WORKERS SOURCES_PER_SERVER HEARTBEAT OUT UPDATE_DOCS IMG
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -46,6 +46,11 @@ WORKERS=${WORKERS:-$MIN_WORKERS}
 MAXCONN=${MAXCONN:-$((CONNS + CONNS / 30))}
 SERVE_WORKERS=${SERVE_WORKERS:-$((CONNS / 12500 + 2))}
 SOURCES_PER_SERVER=${SOURCES_PER_SERVER:-32}
+IOWQ=${IOWQ:-}                    # global.tune.iowq_workers (empty: the engine's default)
+# Scheduling priority of the clients and backends (ringload hold and serve). They share the 2 CPUs with
+# ringproxy's ~150 threads (workers + io-wq); -5 keeps them from being starved, as if they ran on
+# machines of their own, so what is lost is lost in the proxy.
+LOAD_NICE=${LOAD_NICE:--5}
 OUT=${OUT:-$(mktemp -d /tmp/ringproxy-scale.XXXXXX)}
 if [ "$UPDATE_DOCS" = 1 ]; then IMG=${IMG:-$ROOT/docs/img}; else IMG=${IMG:-$OUT}; fi
 mkdir -p "$OUT" "$IMG"
@@ -99,9 +104,10 @@ declare -A SET=(
 : "$r1" "$w1"
 
 # --- backends ----------------------------------------------------------------------------------
-"$RL" serve --listen 127.0.0.1:0 --listen 127.0.0.1:0 --mode echo --workers "$SERVE_WORKERS" \
+nice -n "$LOAD_NICE" "$RL" serve --listen 127.0.0.1:0 --listen 127.0.0.1:0 --mode echo --workers "$SERVE_WORKERS" \
     >"$OUT/serve.out" 2>"$OUT/serve.err" &
-track $!
+SERVE_PID=$!
+track "$SERVE_PID"
 wait_for_file_match "$OUT/serve.out" '^mode ' 100 || die "ringload serve did not start: $(cat "$OUT/serve.err")"
 mapfile -t SERVERS < <(sed -n 's/^listening on //p' "$OUT/serve.out")
 [ "${#SERVERS[@]}" = 2 ] || die "expected two listening addresses from ringload serve"
@@ -154,54 +160,79 @@ log "ringproxy $PROXY (pid $RP_PID, $WORKERS workers); RSS $RSS0 KiB, Slab $SLAB
 
 HOLD_CMD=(hold --target "$PROXY" --conns "$CONNS" --sources 127.0.1.0/24 --ramp "${RAMP}/s"
     --heartbeat "${HEARTBEAT}s" --duration "${DURATION}s" --connect-timeout 10s)
-echo "ringload ${HOLD_CMD[*]} --json --report $IMG/scale-hold.svg" >"$OUT/hold.cmd"
+echo "nice -n $LOAD_NICE ringload ${HOLD_CMD[*]} --json --report $IMG/scale-hold.svg" >"$OUT/hold.cmd"
 log "ringload ${HOLD_CMD[*]}"
 T0=$(date +%s)
-timeout $((DURATION + 120)) "$RL" "${HOLD_CMD[@]}" --json --no-progress --report "$IMG/scale-hold.svg" \
+timeout $((DURATION + 120)) nice -n "$LOAD_NICE" "$RL" "${HOLD_CMD[@]}" --json --no-progress --report "$IMG/scale-hold.svg" \
     >"$OUT/hold.json" 2>"$OUT/hold.err" &
 HOLD_PID=$!
 track "$HOLD_PID"
 
-# timeline every 5 s: proxied connections (stats), RSS, Slab, TCP sockets; memory is sampled at the
-# peak once every connection is up and has had a heartbeat round
+# timeline every 5 s: proxied connections (stats), RSS, Slab, TCP sockets. Memory at the peak is the
+# median of the samples taken while every connection is up, from one heartbeat round after the last
+# one was established (other work on the host moves Slab too; the median shrugs off a transient).
 echo "t_s active rss_kb slab_kb tcp_inuse tcp_mem_pages" >"$OUT/timeline.txt"
 PEAK_DONE=0 FULL_AT=""
+: >"$OUT/peak-samples.txt"
 while kill -0 "$HOLD_PID" 2>/dev/null; do
     t=$(($(date +%s) - T0))
     a=$(active); [[ "$a" =~ ^[0-9]+$ ]] || a=0
+    r=$(rss_kb "$RP_PID"); sl=$(slab_kb)
     read -r si sm < <(sockstat_tcp)
-    echo "$t $a $(rss_kb "$RP_PID") $(slab_kb) $si $sm" >>"$OUT/timeline.txt"
-    log "t=${t}s proxied $a, ringproxy RSS $(rss_kb "$RP_PID") KiB, Slab $(slab_kb) KiB, TCP sockets $si"
-    if [ "$PEAK_DONE" = 0 ] && [ "${a:-0}" -ge "$CONNS" ]; then
+    echo "$t $a $r $sl $si $sm" >>"$OUT/timeline.txt"
+    log "t=${t}s proxied $a, ringproxy RSS $r KiB, Slab $sl KiB, TCP sockets $si"
+    if [ "$a" -ge "$CONNS" ]; then
         [ -n "$FULL_AT" ] || FULL_AT=$t
         if [ $((t - FULL_AT)) -ge $((HEARTBEAT + 5)) ]; then
-            RSS1=$(rss_kb "$RP_PID"); SLAB1=$(slab_kb); read -r SOCK1 TCPMEM1 < <(sockstat_tcp)
-            "$RP" stats --socket "$STATS" >"$OUT/stats-peak.txt" 2>&1 || true
-            stats_json >"$OUT/stats-peak.json" || true
-            ps -L -o tid,psr,time,comm -p "$RP_PID" >"$OUT/threads-peak.txt" 2>&1 || true
-            PEAK_DONE=1
-            log "memory sampled at the peak"
+            echo "$r $sl $si $sm" >>"$OUT/peak-samples.txt"
+            # CPU of each side while every connection is held (first to last such sample)
+            # shellcheck disable=SC2046
+            cl=$(cpu_ticks $(descendants "$HOLD_PID"))
+            read -r iw _ _ < <(thread_stats "$RP_PID")
+            now="$(date +%s.%N) $(cpu_ticks "$RP_PID") $iw $(cpu_ticks "$SERVE_PID") $cl $(sys_ticks)"
+            [ "$PEAK_DONE" = 1 ] || echo "$now" >"$OUT/cpu-hold-start.txt"
+            echo "$now" >"$OUT/cpu-hold-end.txt"
+            if [ "$PEAK_DONE" = 0 ]; then
+                # in the background: a worker starved of CPU answers the stats socket late, and the
+                # sampling must go on meanwhile
+                ps -L -o tid,psr,time,comm -p "$RP_PID" >"$OUT/threads-peak.txt" 2>&1 || true
+                (
+                    timeout 60 "$RP" stats --socket "$STATS" >"$OUT/stats-peak.txt" 2>&1 || true
+                    timeout 60 "$RP" stats --socket "$STATS" --json >"$OUT/stats-peak.json" 2>/dev/null || true
+                ) &
+                STATS_BG=$!
+                track "$STATS_BG"
+                PEAK_DONE=1
+            fi
         fi
     fi
     sleep 5
 done
 rc=0
 wait "$HOLD_PID" || rc=$?
+untrack "$HOLD_PID"
+if [ -n "${STATS_BG:-}" ]; then wait "$STATS_BG" || true; untrack "$STATS_BG"; fi
 CPU1=$(cpu_ticks "$RP_PID")
-"$RP" stats --socket "$STATS" >"$OUT/stats-end.txt" 2>&1 || true
+timeout 30 "$RP" stats --socket "$STATS" >"$OUT/stats-end.txt" 2>&1 || true
 stats_json >"$OUT/stats-end.json" || true
 kill -0 "$RP_PID" 2>/dev/null || die "ringproxy exited during the run: $(tail -5 "$OUT/ringproxy.err")"
-if [ "$PEAK_DONE" = 0 ]; then
-    log "never saw all $CONNS connections proxied at once; memory sampled now is not the peak"
-    RSS1=${RSS1:-0}; SLAB1=${SLAB1:-0}; SOCK1=${SOCK1:-0}; TCPMEM1=${TCPMEM1:-0}
+if [ -s "$OUT/peak-samples.txt" ]; then
+    read -r RSS1 SLAB1 SOCK1 TCPMEM1 < <(python3 -c '
+import statistics, sys
+rows = [list(map(int, l.split())) for l in open(sys.argv[1]) if l.strip()]
+print(*[int(statistics.median(c)) for c in zip(*rows)])' "$OUT/peak-samples.txt")
+    log "memory at the peak: median of $(wc -l <"$OUT/peak-samples.txt") samples"
+else
+    log "never saw all $CONNS connections proxied for a heartbeat round; no memory figure"
+    RSS1=$RSS0; SLAB1=$SLAB0; SOCK1=$SOCK0; TCPMEM1=$TCPMEM0
 fi
 
 python3 - "$OUT" "$CONNS" "$HOLD_S" "$RSS0" "$RSS1" "$SLAB0" "$SLAB1" "$SOCK0" "$SOCK1" "$TCPMEM0" "$TCPMEM1" \
-    "$((CPU1 - CPU0))" "$(getconf CLK_TCK)" "$rc" "$WORKERS" "$SERVE_WORKERS" "$SOURCES_PER_SERVER" \
+    "$((CPU1 - CPU0))" "$(getconf CLK_TCK)" "$rc" "$WORKERS" "$SERVE_WORKERS" "$SOURCES_PER_SERVER" "$HEARTBEAT" \
     >"$OUT/scale-report.md" <<'PY'
-import json, sys
+import json, os, sys
 out = sys.argv[1]
-conns, hold_s, rss0, rss1, slab0, slab1, sock0, sock1, tm0, tm1, cpu, tck, rc, workers, swork, nsrc = map(int, sys.argv[2:18])
+conns, hold_s, rss0, rss1, slab0, slab1, sock0, sock1, tm0, tm1, cpu, tck, rc, workers, swork, nsrc, heartbeat = map(int, sys.argv[2:19])
 j = json.load(open(f"{out}/hold.json"))
 c, m, L = j["connections"], j["messages"], j["latency_us"] or {}
 ramp = c["ramp_time_s"]
@@ -230,6 +261,20 @@ w(f"| TCP sockets in use | {sock0:,} before, {sock1:,} at the peak; socket buffe
 w(f"| ringproxy CPU over the run | {cpu/tck:.1f} CPU s |")
 w(f"| ringload exit | {j['exit_code']} ({j['verdict']}); script saw exit {rc} |")
 w("")
+try:
+    a = list(map(float, open(f"{out}/cpu-hold-start.txt").read().split()))
+    b = list(map(float, open(f"{out}/cpu-hold-end.txt").read().split()))
+    dt = b[0] - a[0]
+    if dt > 0:
+        c = lambda i: (b[i] - a[i]) / tck / dt
+        rp = c(1)
+        w(f"CPU while all {conns:,} connections were held ({dt:.0f} s, heartbeats only): ringproxy {rp:.2f} CPUs "
+          f"(of which its io-wq threads {c(2):.2f}), `ringload serve` {c(3):.2f}, `ringload hold` {c(4):.2f}; "
+          f"the whole machine {100 * (b[5] - a[5]) / (b[6] - a[6]):.0f}% busy of {os.cpu_count()} CPUs. "
+          f"{conns / heartbeat:,.0f} heartbeats/s expected: ringproxy "
+          f"{rp * 1e6 / (conns / heartbeat):.0f} CPU µs per heartbeat round trip.\n")
+except (OSError, ValueError, IndexError):
+    pass
 try:
     w("ringproxy's per-core table (`ringproxy stats`) with every connection up:\n")
     # the per-core and per-server sections (the per-source one has a line per worker and source)

@@ -23,6 +23,7 @@ use crate::worker::token::{CONNECT_CHAIN, Op, Token};
 
 pub const NO_SLOT: u32 = u32::MAX;
 pub const NO_TICKET: u32 = u32::MAX;
+pub const NO_BUF: u32 = u32::MAX;
 pub const NO_INDEX: u16 = u16::MAX;
 
 pub(crate) const POLLIN_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
@@ -76,6 +77,22 @@ impl Dir {
             Dir::ServerToClient => Op::ClientPollOut,
         }
     }
+    pub(crate) fn recv(self) -> Op {
+        match self {
+            Dir::ClientToServer => Op::RecvC2S,
+            Dir::ServerToClient => Op::RecvS2C,
+        }
+    }
+    pub(crate) fn send(self) -> Op {
+        match self {
+            Dir::ClientToServer => Op::SendC2S,
+            Dir::ServerToClient => Op::SendS2C,
+        }
+    }
+    /// Every op that moves this direction's bytes: while one is in flight, the flow is busy.
+    pub(crate) fn busy(self) -> u32 {
+        self.splice_in().bit() | self.splice_out().bit() | self.poll_out().bit() | self.recv().bit() | self.send().bit()
+    }
     pub(crate) fn shutdown(self) -> Op {
         match self {
             Dir::ClientToServer => Op::ShutdownServer,
@@ -87,17 +104,24 @@ impl Dir {
 /// One direction of a connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Flow {
+    /// The pipe holding this flow's chunk (splice mode), or `NO_PIPE`.
     pub pipe: PipeId,
-    /// Bytes read into the pipe and not yet written out.
-    pub in_pipe: u32,
+    /// The chunk buffer holding it (small-transfer mode), or `NO_BUF`.
+    pub buf: u32,
+    /// Offset in `buf` of the next byte to send.
+    pub buf_off: u32,
+    /// Bytes read and not yet written out (in the pipe or the buffer).
+    pub pending: u32,
+    /// Move the next chunk with splice (a large transfer) rather than through a buffer.
+    pub bulk: bool,
     /// The source socket may have data (edge-triggered: set by poll, cleared by EAGAIN).
     pub readable: bool,
     /// The source sent EOF.
     pub eof: bool,
     /// shutdown(SHUT_WR) has been sent to the destination.
     pub shut: bool,
-    /// Waiting in the worker's queue for a pipe.
-    pub waiting_pipe: bool,
+    /// Waiting in the worker's queue for a pipe or a buffer.
+    pub waiting: bool,
     /// Poll events seen on the source, to tell an EAGAIN that raced with new data.
     pub ready_seq: u8,
     pub seq_at_submit: u8,
@@ -107,11 +131,14 @@ impl Default for Flow {
     fn default() -> Flow {
         Flow {
             pipe: NO_PIPE,
-            in_pipe: 0,
+            buf: NO_BUF,
+            buf_off: 0,
+            pending: 0,
+            bulk: false,
             readable: false,
             eof: false,
             shut: false,
-            waiting_pipe: false,
+            waiting: false,
             ready_seq: 0,
             seq_at_submit: 0,
         }
@@ -120,7 +147,7 @@ impl Default for Flow {
 
 impl Flow {
     pub fn finished(&self) -> bool {
-        self.eof && self.shut && self.in_pipe == 0
+        self.eof && self.shut && self.pending == 0
     }
 }
 
@@ -338,19 +365,27 @@ impl Worker {
             c.last_client = now;
             c.last_server = now;
             c.t_accept_us = self.now_us;
+            let bulk = self.cfg.global.tune.splice == crate::config::SpliceMode::Always;
+            c.c2s.bulk = bulk;
+            c.s2c.bulk = bulk;
         }
         self.stats.accepted += 1;
         self.stats.active += 1;
         let t = self.token(idx, Op::ClientPoll);
         self.ring.poll_multi(slot, POLLIN_EVENTS, t);
-        let t = self.token(idx, Op::PeerName);
-        match self.ring.peername(slot, ipv6, t) {
-            Some(ticket) => self.conns.at(idx).ticket = ticket.0,
-            None => {
-                // Every peer-address slot is in flight (thousands of accepts in one batch): go on
-                // without the address rather than wait.
-                self.conns.at(idx).inflight &= !Op::PeerName.bit();
-                self.dispatch(idx);
+        if !self.needs_peer[frontend] {
+            // Nothing will use the client's address: go straight to a server.
+            self.dispatch(idx);
+        } else {
+            let t = self.token(idx, Op::PeerName);
+            match self.ring.peername(slot, ipv6, t) {
+                Some(ticket) => self.conns.at(idx).ticket = ticket.0,
+                None => {
+                    // Every peer-address slot is in flight (thousands of accepts in one batch): go
+                    // on without the address rather than wait.
+                    self.conns.at(idx).inflight &= !Op::PeerName.bit();
+                    self.dispatch(idx);
+                }
             }
         }
         self.ensure_timer(idx);
@@ -387,15 +422,15 @@ impl Worker {
         if self.conns.at(idx).state == State::Closing {
             // Bytes a splice moved still count: a pipe is pooled again only if it is really empty.
             match t.op {
-                Op::SpliceInC2S if result > 0 => self.conns.at(idx).c2s.in_pipe += result as u32,
-                Op::SpliceInS2C if result > 0 => self.conns.at(idx).s2c.in_pipe += result as u32,
+                Op::SpliceInC2S if result > 0 => self.conns.at(idx).c2s.pending += result as u32,
+                Op::SpliceInS2C if result > 0 => self.conns.at(idx).s2c.pending += result as u32,
                 Op::SpliceOutC2S if result > 0 => {
                     let f = &mut self.conns.at(idx).c2s;
-                    f.in_pipe = f.in_pipe.saturating_sub(result as u32);
+                    f.pending = f.pending.saturating_sub(result as u32);
                 }
                 Op::SpliceOutS2C if result > 0 => {
                     let f = &mut self.conns.at(idx).s2c;
-                    f.in_pipe = f.in_pipe.saturating_sub(result as u32);
+                    f.pending = f.pending.saturating_sub(result as u32);
                 }
                 _ => {}
             }
@@ -421,6 +456,10 @@ impl Worker {
             Op::SpliceInS2C => self.on_splice_in(idx, Dir::ServerToClient, result),
             Op::SpliceOutC2S => self.on_splice_out(idx, Dir::ClientToServer, result),
             Op::SpliceOutS2C => self.on_splice_out(idx, Dir::ServerToClient, result),
+            Op::RecvC2S => self.on_recv(idx, Dir::ClientToServer, result),
+            Op::RecvS2C => self.on_recv(idx, Dir::ServerToClient, result),
+            Op::SendC2S => self.on_send(idx, Dir::ClientToServer, result),
+            Op::SendS2C => self.on_send(idx, Dir::ServerToClient, result),
             Op::ShutdownServer | Op::ShutdownClient => self.check_done(idx),
             Op::HeaderPeek => self.on_header_peek(idx, result),
             Op::HeaderRead => self.on_header_read(idx, result),
@@ -497,14 +536,18 @@ impl Worker {
             self.ring.release_header(t);
         }
         let c = self.conns.at(idx);
-        let pipes = [(c.c2s.pipe, c.c2s.in_pipe), (c.s2c.pipe, c.s2c.in_pipe)];
-        for (pipe, left) in pipes {
+        let held = [(c.c2s.pipe, c.c2s.buf, c.c2s.pending), (c.s2c.pipe, c.s2c.buf, c.s2c.pending)];
+        for (pipe, buf, left) in held {
             if pipe != NO_PIPE {
                 if left == 0 {
                     self.pipes.release(pipe);
                 } else {
                     self.pipes.discard(pipe);
                 }
+            }
+            if buf != NO_BUF {
+                // A buffer is ours: unsent bytes in it are simply dropped with the connection.
+                self.ring.release_chunk(crate::worker::ring::BufTicket(buf));
             }
         }
         self.ring.close_fixed(client_slot, Token::worker(Op::CloseFixed, client_slot));
@@ -580,6 +623,11 @@ impl Worker {
     /// The connect chain's ops complete one by one; act when the last one has.
     fn on_connect_step(&mut self, idx: u32, op: Op, result: i32) {
         let c = self.conns.at(idx);
+        if op == Op::Connect {
+            // The setup steps before CONNECT post a completion only on failure; by the time CONNECT
+            // completes, each of them has.
+            c.inflight &= !(Op::Socket.bit() | Op::NoDelay.bit() | Op::BindNoPort.bit() | Op::Bind.bit());
+        }
         match op {
             Op::ConnectTimeout => {
                 if result == -libc::ETIME {
@@ -613,7 +661,7 @@ mod tests {
     #[test]
     fn idle_connection_entry_is_small() {
         // The slab entry is the bulk of an idle connection's user-space memory (architecture.md).
-        assert!(std::mem::size_of::<Conn>() <= 224, "Conn is {} bytes", std::mem::size_of::<Conn>());
+        assert!(std::mem::size_of::<Conn>() <= 240, "Conn is {} bytes", std::mem::size_of::<Conn>());
     }
 
     #[test]

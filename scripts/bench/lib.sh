@@ -93,6 +93,9 @@ rss_kb() {
 }
 
 slab_kb() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
+# SUnreclaim: the unreclaimable part of Slab (sockets' tcp_sock, files, io_uring requests, epoll items);
+# it leaves out the dentry and inode caches that other work on the host (builds) moves a lot
+sunreclaim_kb() { awk '/^SUnreclaim:/ {print $2}' /proc/meminfo; }
 
 # sys_ticks: "busy total" CPU ticks of the whole machine (/proc/stat).
 sys_ticks() { awk '/^cpu / {t=0; for (i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
@@ -152,4 +155,28 @@ build_binaries() {
     (cd "$root" && git diff --quiet HEAD -- engine loadgen) || BUILD_INFO="$BUILD_INFO (engine/ or loadgen/ modified in the work tree)"
     [ "$built" = 1 ] || BUILD_INFO="$BUILD_INFO, prebuilt binary of $(date -r "$root/target/release/ringproxy" '+%Y-%m-%d %H:%M')"
     return 0
+}
+
+# untrack PID: forget a pid that has been waited for (so cleanup never signals a reused pid).
+untrack() {
+    local p keep=()
+    for p in "${BENCH_PIDS[@]:-}"; do [ -n "$p" ] && [ "$p" != "$1" ] && keep+=("$p"); done
+    BENCH_PIDS=("${keep[@]}")
+}
+
+# stop_pid PID: TERM, up to 5 s, then KILL; wait for it and untrack it.
+stop_pid() {
+    local p=$1 i
+    kill -TERM "$p" 2>/dev/null || true
+    for i in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+    untrack "$p"
+}
+
+# descendants PID: the pid and all its descendants (a split ringload run under `timeout`).
+descendants() {
+    local c
+    echo "$1"
+    for c in $(pgrep -P "$1" 2>/dev/null || true); do descendants "$c"; done
 }

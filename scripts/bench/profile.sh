@@ -24,14 +24,15 @@ build_binaries "$ROOT" "$OUT/bin"
 RL=$OUT/bin/ringload
 RP=$OUT/bin/ringproxy
 
-serve() { # MODE -> address
+serve() { # MODE: start ringload serve (in this shell, so that its pid is tracked)
     "$RL" serve --listen 127.0.0.1:0 --mode "$1" --workers "$WORKERS" >"$OUT/serve-$1.out" 2>&1 &
     track $!
     wait_for_file_match "$OUT/serve-$1.out" '^listening on ' || die "serve $1"
-    sed -n 's/^listening on //p' "$OUT/serve-$1.out" | head -1
 }
-ECHO=$(serve echo)
-SINK=$(serve sink)
+serve echo
+serve sink
+ECHO=$(sed -n 's/^listening on //p' "$OUT/serve-echo.out" | head -1)
+SINK=$(sed -n 's/^listening on //p' "$OUT/serve-sink.out" | head -1)
 
 cat >"$OUT/ringproxy.yaml" <<YAML
 global: { workers: $WORKERS, pin_cpus: true, maxconn: 9400 }

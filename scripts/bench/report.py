@@ -37,6 +37,7 @@ METRICS = {
     "idle_user": ("user-space memory per idle connection (RSS growth)", "bytes", False, 0),
     "idle_slab": ("kernel Slab growth per connection, whole machine", "bytes", False, 0),
     "idle_kernel": ("kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
+    "idle_sunr": ("unreclaimable Slab per connection added by the proxy (SUnreclaim minus direct's)", "bytes", False, 0),
     "cpu_gb": ("proxy CPU per GB moved (4 streams)", "CPU s/GB", False, 3),
     "cpu_10k": ("proxy CPU per 10,000 connections (rate test)", "CPU s", False, 3),
     "tput4_cpu_util": ("proxy CPU use during 4-stream throughput", "CPUs", False, 2),
@@ -68,6 +69,7 @@ def parse(out):
     lat_curves = {}  # path -> {round: [(nines, ms)]}
     problems = []
     direct_slab = {}
+    direct_sunr, sunr_by = {}, {}
 
     def put(metric, path, rnd, v):
         if v is not None:
@@ -149,6 +151,12 @@ def parse(out):
                 problems.append(f"round {rnd} idle {p}: memory sampled with {r.get('seen_established')} of {n} established")
             slab = (r["slab1_kb"] - r["slab0_kb"]) * 1024 / n
             put("idle_slab", p, rnd, slab)
+            if "sunr1_kb" in r:
+                sunr = (r["sunr1_kb"] - r["sunr0_kb"]) * 1024 / n
+                if p == "direct":
+                    direct_sunr[rnd] = sunr
+                else:
+                    sunr_by[(p, rnd)] = sunr
             put("idle_ok", p, rnd, 1 if ok else 0)
             if p == "direct":
                 direct_slab[rnd] = slab
@@ -185,6 +193,9 @@ def parse(out):
                               ("ring.enter_calls", "enters"), ("splices", "splices"),
                               ("loop_iterations", "loops")):
                 put(f"w:{t}:{name}", p, rnd, (tot(s1, key) - tot(s0, key)) / units)
+    for (p, rnd), v in sunr_by.items():
+        if rnd in direct_sunr:
+            put("idle_sunr", p, rnd, v - direct_sunr[rnd])
     # kernel memory the proxy adds: Slab growth through the proxy minus direct's, same round
     for (m, p), d in list(vals.items()):
         if m == "idle_slab" and p != "direct":
@@ -381,6 +392,12 @@ def main():
         open(a.doc, "w").write(doc)
 
 
+def save(fig, img, name):
+    fig.savefig(os.path.join(img, name + ".svg"))
+    if os.environ.get("BENCH_PNG"):  # for a quick look in tools that do not render SVG
+        fig.savefig(os.path.join(img, name + ".png"), dpi=80)
+
+
 def make_charts(img, paths, M, vals, curves):
     try:
         import matplotlib
@@ -426,20 +443,20 @@ def make_charts(img, paths, M, vals, curves):
         bars(ax, hib, proxies, "direct", "fraction of direct (higher is better)",
              "Each proxy relative to no proxy (median of rounds; whiskers: min–max)")
         fig.tight_layout()
-        fig.savefig(os.path.join(img, "bench-ratio-direct.svg"))
+        save(fig, img, "bench-ratio-direct")
         plt.close(fig)
         made.append(("bench-ratio-direct.svg", "ratio to direct"))
     ref = "haproxy-splice" if "haproxy-splice" in paths else ("haproxy" if "haproxy" in paths else None)
     if ref:
         others = [p for p in paths if p not in ("direct", ref)]
         up = [m for m in ("tput1", "tput4", "rate", "wrk", "ka") if (m, ref) in M]
-        down = [m for m in ("lat_p99", "cpu_gb", "cpu_10k", "idle_user", "idle_kernel") if M.get((m, ref))]
+        down = [m for m in ("lat_p99", "cpu_gb", "cpu_10k", "idle_user", "idle_kernel", "idle_sunr") if M.get((m, ref))]
         fig, axs = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [len(up) or 1, len(down) or 1]})
         bars(axs[0], up, others, ref, f"÷ {LABEL[ref]} (higher is better)", "Rates")
         bars(axs[1], down, others, ref, f"÷ {LABEL[ref]} (lower is better)", "Latency, CPU, memory")
         fig.suptitle(f"Relative to {LABEL[ref]} (median of rounds; whiskers: min–max)")
         fig.tight_layout()
-        fig.savefig(os.path.join(img, "bench-ratio-haproxy.svg"))
+        save(fig, img, "bench-ratio-haproxy")
         plt.close(fig)
         made.append(("bench-ratio-haproxy.svg", f"ratio to {LABEL[ref]}"))
     if curves:
@@ -461,7 +478,7 @@ def make_charts(img, paths, M, vals, curves):
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(os.path.join(img, "bench-latency.svg"))
+        save(fig, img, "bench-latency")
         plt.close(fig)
         made.append(("bench-latency.svg", "latency distribution"))
     proxies = [p for p in paths if p != "direct"]
@@ -478,7 +495,7 @@ def make_charts(img, paths, M, vals, curves):
             for i, y in enumerate(ys):
                 ax.annotate(fmt(y, METRICS[m][3]), (i, y), ha="center", va="bottom", fontsize=7)
         fig.tight_layout()
-        fig.savefig(os.path.join(img, "bench-cost.svg"))
+        save(fig, img, "bench-cost")
         plt.close(fig)
         made.append(("bench-cost.svg", "memory and CPU per connection / per GB"))
     return made

@@ -92,6 +92,17 @@ pub enum LogTarget {
     File(std::path::PathBuf),
 }
 
+/// How a flow moves its bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SpliceMode {
+    /// Small chunks through a buffer (inline recv/send), bulk transfers by splice.
+    #[default]
+    Auto,
+    /// Every chunk by splice.
+    Always,
+}
+
 /// Engine knobs with safe defaults; see docs/configuration.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Tune {
@@ -103,6 +114,7 @@ pub struct Tune {
     pub ring_entries: u32,
     /// Most io-wq threads the kernel may run for one worker's splices.
     pub iowq_workers: u32,
+    pub splice: SpliceMode,
 }
 
 impl Default for Tune {
@@ -112,6 +124,7 @@ impl Default for Tune {
             max_pipes: default::MAX_PIPES,
             ring_entries: default::RING_ENTRIES,
             iowq_workers: default::IOWQ_WORKERS,
+            splice: SpliceMode::Auto,
         }
     }
 }
@@ -542,6 +555,7 @@ impl Validator<'_> {
         if let Some(s) = &t.iowq_workers {
             tune.iowq_workers = self.count(s, "iowq_workers", 1, 1024)? as u32;
         }
+        tune.splice = t.splice.unwrap_or_default();
         Ok(tune)
     }
 

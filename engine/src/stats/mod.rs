@@ -160,6 +160,9 @@ pub struct WorkerStats {
     pub splices: u64,
     pub pipes_in_use: u64,
     pub pipes_pooled: u64,
+    /// Chunk buffers (small transfers) lent to connections and kept in the pool.
+    pub buffers_in_use: u64,
+    pub buffers_pooled: u64,
     pub pipe_waits: u64,
     /// This worker's share of the global maxconn, and share lent to / borrowed from other workers.
     pub global_share: u64,

@@ -117,7 +117,6 @@ pub struct Worker {
     pub(crate) backends: Vec<BackendState>,
     pub(crate) shares: Shares,
     pub(crate) pipes: PipePool,
-    pub(crate) pipes_max: u32,
     pub(crate) pipe_waiters: VecDeque<(u32, u32, Dir)>,
     pub(crate) timers: TimerWheel,
     /// Free fixed-file slots for server sockets.
@@ -132,6 +131,9 @@ pub struct Worker {
     pub(crate) server_index: Vec<usize>,
     pub(crate) connect_latency: Vec<Histogram<u64>>,
     pub(crate) log: Option<ConnLog>,
+    /// Per frontend: whether a connection needs its client address looked up (balance source,
+    /// connection logs, PROXY protocol); without, it goes straight to a server.
+    pub(crate) needs_peer: Vec<bool>,
     started: Instant,
     rx: Receiver<Control>,
     wake: Arc<EventFd>,
@@ -216,6 +218,7 @@ impl Worker {
             cpu,
             addrs,
             timeouts,
+            max_chunks: plan.pipes_per_worker as usize,
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);
@@ -269,7 +272,6 @@ impl Worker {
             backends,
             shares,
             pipes: PipePool::new(plan.pipes_per_worker, config.global.tune.pipe_size),
-            pipes_max: plan.pipes_per_worker,
             pipe_waiters: VecDeque::new(),
             timers: TimerWheel::new(0),
             server_slots: (plan.accept_slots..plan.table_slots).rev().collect(),
@@ -280,6 +282,17 @@ impl Worker {
             now_us: 0,
             server_index,
             connect_latency: (0..n).map(|_| latency_histogram()).collect(),
+            needs_peer: config
+                .frontends
+                .iter()
+                .map(|f| {
+                    let be = &config.backends[f.backend];
+                    f.accept_proxy
+                        || config.global.connection_log.is_some()
+                        || be.balance == crate::config::Balance::Source
+                        || be.servers.iter().any(|s| s.send_proxy.is_some())
+                })
+                .collect(),
             log: log.map(ConnLog::new),
             started,
             rx,
@@ -309,7 +322,7 @@ impl Worker {
             for c in completions.drain(..) {
                 self.on_completion(c);
             }
-            if !self.pipe_waiters.is_empty() && self.pipes.in_use < self.pipes_max {
+            if !self.pipe_waiters.is_empty() {
                 self.serve_pipe_waiters();
             }
             self.timers.expire(self.now, &mut expired);
@@ -601,6 +614,8 @@ impl Worker {
         let mut s = self.stats.clone();
         s.pipes_in_use = u64::from(self.pipes.in_use);
         s.pipes_pooled = u64::from(self.pipes.pooled());
+        s.buffers_in_use = u64::from(self.ring.chunks_in_use);
+        s.buffers_pooled = u64::from(self.ring.chunks_pooled());
         s.global_share = u64::from(self.shares.held(self.plan.limits.global));
         s.share_lent = self.shares.lent;
         s.share_borrowed = self.shares.borrowed;

@@ -39,6 +39,9 @@ pub struct PeerTicket(pub u32);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BufTicket(pub u32);
 
+/// Bytes per chunk buffer (small reads go through one, larger ones switch to splice).
+pub const CHUNK: usize = 16 * 1024;
+
 /// Bytes per header buffer: the longest PROXY header we accept or send.
 pub const HEADER_BUF: usize = crate::proxy_protocol::MAX_HEADER;
 const HEADER_SLOTS: usize = 4096;
@@ -74,6 +77,8 @@ pub struct RingSetup {
     pub addrs: Vec<SocketAddr>,
     /// Every connect timeout a chain may use.
     pub timeouts: Vec<Duration>,
+    /// Most chunk buffers (small transfers in flight) at once.
+    pub max_chunks: usize,
 }
 
 /// Counters the ring keeps about itself.
@@ -104,6 +109,12 @@ pub struct Ring {
     #[expect(clippy::vec_box, reason = "each buffer must keep its address while the Vec grows")]
     headers: Vec<Box<[u8; HEADER_BUF]>>,
     free_headers: Vec<u32>,
+    /// Chunk buffers for small transfers, created on demand up to `max_chunks`, same rules.
+    #[expect(clippy::vec_box, reason = "each buffer must keep its address while the Vec grows")]
+    chunks: Vec<Box<[u8; CHUNK]>>,
+    free_chunks: Vec<u32>,
+    max_chunks: usize,
+    pub chunks_in_use: u32,
     wake_buf: Box<u64>,
     pub counters: RingCounters,
 }
@@ -143,6 +154,10 @@ impl Ring {
             free_peers: (0..PEER_SLOTS as u32).rev().collect(),
             headers: Vec::new(),
             free_headers: Vec::new(),
+            chunks: Vec::new(),
+            free_chunks: Vec::new(),
+            max_chunks: setup.max_chunks,
+            chunks_in_use: 0,
             wake_buf: Box::new(0),
             counters: RingCounters::default(),
         })
@@ -194,9 +209,11 @@ impl Ring {
         self.push(e);
     }
 
-    /// Cancels the request carrying `target`.
+    /// Cancels the request carrying `target`. A successful cancel posts no completion of its own
+    /// (the cancelled request still completes, with -ECANCELED).
     pub fn cancel(&mut self, target: Token, token: Token) {
-        self.push(opcode::AsyncCancel::new(target.encode()).build().user_data(token.encode()));
+        let e = opcode::AsyncCancel::new(target.encode()).build().flags(Flags::SKIP_SUCCESS);
+        self.push(e.user_data(token.encode()));
     }
 
     /// Multishot poll on a fixed socket.
@@ -258,6 +275,47 @@ impl Ring {
         self.free_headers.push(t.0);
     }
 
+    /// Takes a chunk buffer (`None` when `max_chunks` are in flight).
+    pub fn chunk_buf(&mut self) -> Option<BufTicket> {
+        let t = match self.free_chunks.pop() {
+            Some(t) => t,
+            None if self.chunks.len() < self.max_chunks => {
+                self.chunks.push(Box::new([0u8; CHUNK]));
+                self.chunks.len() as u32 - 1
+            }
+            None => return None,
+        };
+        self.chunks_in_use += 1;
+        Some(BufTicket(t))
+    }
+
+    /// Gives a chunk buffer back. The caller holds no op on it in flight.
+    pub fn release_chunk(&mut self, t: BufTicket) {
+        self.chunks_in_use -= 1;
+        self.free_chunks.push(t.0);
+    }
+
+    /// Chunk buffers created and not lent.
+    pub fn chunks_pooled(&self) -> u32 {
+        self.free_chunks.len() as u32
+    }
+
+    /// recv of up to a chunk into a chunk buffer (non-blocking: EAGAIN when the socket is empty).
+    pub fn recv_chunk(&mut self, slot: u32, buf: BufTicket, token: Token) {
+        let p: *mut u8 = self.chunks[buf.0 as usize].as_mut_ptr();
+        let e = opcode::Recv::new(Fixed(slot), p, CHUNK as u32).flags(libc::MSG_DONTWAIT).build();
+        self.push(e.user_data(token.encode()));
+    }
+
+    /// send of `len` bytes from offset `off` of a chunk buffer (non-blocking: may be short).
+    pub fn send_chunk(&mut self, slot: u32, buf: BufTicket, off: u32, len: u32, token: Token) {
+        let off = (off as usize).min(CHUNK);
+        let len = (len as usize).min(CHUNK - off);
+        let p: *const u8 = self.chunks[buf.0 as usize][off..].as_ptr();
+        let e = opcode::Send::new(Fixed(slot), p, len as u32).flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL).build();
+        self.push(e.user_data(token.encode()));
+    }
+
     /// recv(MSG_PEEK) into a header buffer: looks at what the client sent without consuming it.
     pub fn peek(&mut self, slot: u32, buf: BufTicket, token: Token) {
         let p: *mut u8 = self.headers[buf.0 as usize].as_mut_ptr();
@@ -296,7 +354,8 @@ impl Ring {
 
     /// The chain that opens a server connection on fixed slot `slot`:
     /// SOCKET → TCP_NODELAY → [IP_BIND_ADDRESS_NO_PORT → BIND source] → CONNECT → LINK_TIMEOUT.
-    /// Returns the ops pushed, in order (each completes once).
+    /// Returns the ops pushed, in order. The steps before CONNECT post a completion only when they
+    /// fail (CQE_SKIP_SUCCESS); CONNECT and LINK_TIMEOUT always do, after every earlier step.
     pub fn connect_chain(
         &mut self,
         slot: u32,
@@ -315,7 +374,7 @@ impl Ring {
         let socket = opcode::Socket::new(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
             .file_index(Some(target))
             .build()
-            .flags(Flags::IO_LINK)
+            .flags(Flags::IO_LINK | Flags::SKIP_SUCCESS)
             .user_data(mk(Op::Socket).encode());
         let nodelay = opcode::SetSockOpt::new(
             Fixed(slot),
@@ -325,7 +384,7 @@ impl Ring {
             4,
         )
         .build()
-        .flags(Flags::IO_LINK)
+        .flags(Flags::IO_LINK | Flags::SKIP_SUCCESS)
         .user_data(mk(Op::NoDelay).encode());
         let connect = opcode::Connect::new(Fixed(slot), dst_ptr.cast(), dst_len)
             .build()
@@ -343,11 +402,11 @@ impl Ring {
                     4,
                 )
                 .build()
-                .flags(Flags::IO_LINK)
+                .flags(Flags::IO_LINK | Flags::SKIP_SUCCESS)
                 .user_data(mk(Op::BindNoPort).encode());
                 let bind = opcode::Bind::new(Fixed(slot), src.as_ptr().cast(), src.len())
                     .build()
-                    .flags(Flags::IO_LINK)
+                    .flags(Flags::IO_LINK | Flags::SKIP_SUCCESS)
                     .user_data(mk(Op::Bind).encode());
                 self.reserve(6);
                 for e in [&socket, &nodelay, &no_port, &bind, &connect, &link_timeout] {

@@ -52,6 +52,12 @@ pub enum Op {
     ProxySend,
     /// FIXED_FD_INSTALL of the client socket, to read its local address.
     LocalAddr,
+    /// recv of a small chunk into a worker buffer (client→server), and its send.
+    RecvC2S,
+    SendC2S,
+    /// The same, server→client.
+    RecvS2C,
+    SendS2C,
 
     // --- worker operations ---
     /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
@@ -67,7 +73,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 28] = [
+    const ALL: [Op; 32] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -91,6 +97,10 @@ impl Op {
         Op::HeaderRead,
         Op::ProxySend,
         Op::LocalAddr,
+        Op::RecvC2S,
+        Op::SendC2S,
+        Op::RecvS2C,
+        Op::SendS2C,
         Op::Cancel,
         Op::Accept,
         Op::AcceptCancel,
