@@ -110,7 +110,6 @@ pub struct Ring {
     headers: Vec<Box<[u8; HEADER_BUF]>>,
     free_headers: Vec<u32>,
     /// Chunk buffers for small transfers, created on demand up to `max_chunks`, same rules.
-    #[expect(clippy::vec_box, reason = "each buffer must keep its address while the Vec grows")]
     chunks: Vec<Box<[u8; CHUNK]>>,
     free_chunks: Vec<u32>,
     max_chunks: usize,
