@@ -1,0 +1,441 @@
+//! ringload through ringproxy: every client mode against `ringload serve` behind the real
+//! `ringproxy` binary, with results checked against what the backends saw (connections accepted,
+//! bytes in and out), and a corrupting backend behind the proxy still caught (the proxy does not
+//! hide corruption).
+//!
+//! `ringproxy` is the binary next to this test's (`target/<profile>/ringproxy`); `cargo test
+//! --workspace` builds it, `cargo test -p ringload` alone does not (build it with `cargo build -p
+//! ringproxy`). Loopback only, every port picked by the kernel and read back, every wait bounded,
+//! every child killed on drop.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const RINGLOAD: &str = env!("CARGO_BIN_EXE_ringload");
+
+/// `target/<profile>/ringproxy`, found from this test's executable (`target/<profile>/deps/..`).
+fn ringproxy_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("ringproxy");
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it: cargo build -p ringproxy (cargo test --workspace builds it too)",
+        bin.display()
+    );
+    bin
+}
+
+/// Lines a child writes on a pipe, collected by a thread; `first` waits for a line with a prefix.
+struct Lines {
+    all: Arc<Mutex<Vec<String>>>,
+    rx: mpsc::Receiver<String>,
+}
+
+impl Lines {
+    fn read(pipe: impl std::io::Read + Send + 'static) -> Lines {
+        let all = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = mpsc::channel();
+        let keep = all.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Lines { all, rx }
+    }
+
+    /// The rest of the first line containing `marker`, waiting at most `limit`.
+    fn after(&self, marker: &str, limit: Duration) -> Option<String> {
+        let end = Instant::now() + limit;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            let line = self.rx.recv_timeout(left).ok()?;
+            if let Some(i) = line.find(marker) {
+                return Some(line[i + marker.len()..].trim().to_string());
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        self.all.lock().unwrap().join("\n")
+    }
+}
+
+/// SIGTERM, then wait up to `limit`; SIGKILL if it is still running. The exit code (None: killed).
+fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
+    // SAFETY: kill(2) on the pid of a child we have not reaped yet (so it cannot have been reused).
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            return s.code();
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `ringload serve` child on a kernel-picked port, killed on drop.
+struct Serve {
+    child: Child,
+    addr: String,
+    stderr: Lines,
+}
+
+/// What `ringload serve` says on exit.
+#[derive(Debug, Default)]
+struct ServeSummary {
+    accepted: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+}
+
+impl Serve {
+    fn start(mode: &str, extra: &[&str]) -> Serve {
+        let mut child = Command::new(RINGLOAD)
+            .args(["serve", "--listen", "127.0.0.1:0", "--mode", mode, "--workers", "2", "--duration", "120s"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ringload serve");
+        let stdout = Lines::read(child.stdout.take().expect("serve stdout"));
+        let stderr = Lines::read(child.stderr.take().expect("serve stderr"));
+        let addr = stdout.after("listening on ", Duration::from_secs(10)).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("ringload serve printed no address within 10s: {}", stderr.text())
+        });
+        Serve { child, addr, stderr }
+    }
+
+    fn port(&self) -> u16 {
+        self.addr.rsplit(':').next().unwrap().parse().unwrap()
+    }
+
+    /// Stop it (SIGTERM) and parse its summary line: `N connections accepted, I bytes in, O bytes out`.
+    fn stop(mut self) -> ServeSummary {
+        let code = terminate(&mut self.child, Duration::from_secs(10));
+        assert_eq!(code, Some(0), "ringload serve exit: {}", self.stderr.text());
+        let line = self
+            .stderr
+            .after("ringload serve: ", Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("no summary line from ringload serve: {}", self.stderr.text()));
+        // "7501 connections accepted, 480064 bytes in, 480064 bytes out, 0 accept errors, ..."
+        let num = |what: &str| -> u64 {
+            let part =
+                line.split(", ").find(|p| p.ends_with(what)).unwrap_or_else(|| panic!("no \"{what}\" in {line:?}"));
+            part.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad count in {line:?}"))
+        };
+        ServeSummary { accepted: num("connections accepted"), bytes_in: num("bytes in"), bytes_out: num("bytes out") }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real `ringproxy` binary with a configuration in a temp file, frontend on a kernel-picked port.
+struct Proxy {
+    child: Child,
+    addr: String,
+    stderr: Lines,
+    config: PathBuf,
+}
+
+/// A server line: backend address and optional source set.
+struct Server<'a>(&'a str, Option<&'a str>);
+
+impl Proxy {
+    fn start(servers: &[Server]) -> Proxy {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let mut yaml = String::from(
+            "global: { workers: 2, maxconn: 4000 }\n\
+             defaults: { timeout: { connect: 5s, client: 60s, server: 60s } }\n\
+             frontends: [{ name: t, bind: \"127.0.0.1:0\", backend: b }]\n\
+             backends:\n  - name: b\n    balance: roundrobin\n    servers:\n",
+        );
+        for (i, Server(addr, source)) in servers.iter().enumerate() {
+            let source = source.map(|s| format!(", source: \"{s}\"")).unwrap_or_default();
+            yaml.push_str(&format!("      - {{ name: s{i}, address: \"{addr}\"{source} }}\n"));
+        }
+        let config = std::env::temp_dir().join(format!(
+            "ringload-through-proxy-{}-{}.yaml",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::write(&config, &yaml).expect("write the proxy configuration");
+        let mut child = Command::new(ringproxy_bin())
+            .arg("-c")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ringproxy");
+        let stderr = Lines::read(child.stderr.take().expect("ringproxy stderr"));
+        let Some(addr) = stderr.after("ringproxy: frontend \"t\" listening on ", Duration::from_secs(15)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = std::fs::remove_file(&config);
+            panic!("ringproxy did not report its listener within 15s:\n{}\nconfig:\n{yaml}", stderr.text());
+        };
+        Proxy { child, addr, stderr, config }
+    }
+
+    /// SIGTERM: the proxy drains and exits 0, quickly when no connection is left open.
+    fn stop_cleanly(mut self) {
+        let code = terminate(&mut self.child, Duration::from_secs(10));
+        assert_eq!(code, Some(0), "ringproxy did not drain and exit 0 within 10s:\n{}", self.stderr.text());
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// Run ringload with `args` plus `--json`, killed after `limit`: (exit code, report).
+fn ringload(args: &[&str], limit: Duration) -> (i32, Value) {
+    let mut child = Command::new(RINGLOAD)
+        .args(args)
+        .args(["--json", "--no-progress"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start ringload");
+    let out = child.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("try_wait") {
+            break s;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ringload {args:?} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let out = reader.join().unwrap_or_default();
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
+    let code = status.code().unwrap_or(-1);
+    assert_eq!(v["exit_code"].as_i64(), Some(code as i64), "exit code matches the JSON");
+    (code, v)
+}
+
+const LIMIT: Duration = Duration::from_secs(60);
+
+fn u(v: &Value, path: &str) -> u64 {
+    path.split('.').fold(v, |v, k| &v[k]).as_u64().unwrap_or_else(|| panic!("{path} is not a count in {v}"))
+}
+
+fn f(v: &Value, path: &str) -> f64 {
+    path.split('.').fold(v, |v, k| &v[k]).as_f64().unwrap_or_else(|| panic!("{path} is not a number in {v}"))
+}
+
+/// No connection to local port `port` in ESTABLISHED or CLOSE_WAIT any more (the backend has seen
+/// every connection end), waiting at most `limit`.
+fn wait_backend_idle(port: u16, limit: Duration) {
+    let end = Instant::now() + limit;
+    loop {
+        let busy: usize = ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|f| std::fs::read_to_string(f).ok())
+            .map(|t| {
+                t.lines()
+                    .skip(1)
+                    .filter(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        cols.len() > 3
+                            && cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
+                            && (cols[3] == "01" || cols[3] == "08")
+                    })
+                    .count()
+            })
+            .sum();
+        if busy == 0 {
+            return;
+        }
+        assert!(Instant::now() < end, "{busy} connections to the backend on port {port} still open after {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn hold_through_proxy_every_heartbeat_echoed_every_connection_proxied_once() {
+    // Like the demo: two backends, one server each with its own source IP, round robin.
+    let a = Serve::start("echo", &[]);
+    let b = Serve::start("echo", &[]);
+    let proxy = Proxy::start(&[Server(&a.addr, Some("127.0.2.1")), Server(&b.addr, Some("127.0.2.2"))]);
+    let (code, v) = ringload(
+        &[
+            "hold",
+            "--target",
+            &proxy.addr,
+            "--conns",
+            "300",
+            "--sources",
+            "127.0.1.0/29",
+            "--ramp",
+            "3000/s",
+            "--heartbeat",
+            "500ms",
+            "--duration",
+            "2500ms",
+        ],
+        LIMIT,
+    );
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(v["targets"][0].as_str(), Some(proxy.addr.as_str()));
+    assert_eq!(u(&v, "connections.established"), 300);
+    assert_eq!(u(&v, "connections.peak_open"), 300);
+    assert_eq!(u(&v, "connections.failed"), 0);
+    assert_eq!(u(&v, "connections.dropped"), 0);
+    assert_eq!(u(&v, "messages.lost"), 0);
+    assert_eq!(u(&v, "messages.corrupted"), 0);
+    let sent = u(&v, "messages.sent");
+    assert!(sent >= 300 * 3, "a heartbeat every 500ms for 2.5s on each connection: {sent}");
+    assert_eq!(u(&v, "messages.echoed_ok"), sent);
+    // Every connection ended: the proxy drains at once.
+    proxy.stop_cleanly();
+    let (sa, sb) = (a.stop(), b.stop());
+    // One backend connection per client connection, spread by round robin (each worker keeps its
+    // own rotation, so the split is even to within the number of workers).
+    assert_eq!(sa.accepted + sb.accepted, 300, "{sa:?} {sb:?}");
+    assert!(sa.accepted.abs_diff(sb.accepted) <= 4, "round robin: {sa:?} {sb:?}");
+    // Every heartbeat byte went through the proxy to a backend and back, nothing else.
+    assert_eq!(sa.bytes_in + sb.bytes_in, sent * 16, "{sa:?} {sb:?}");
+    assert_eq!(sa.bytes_out + sb.bytes_out, sent * 16, "{sa:?} {sb:?}");
+}
+
+#[test]
+fn rate_through_proxy() {
+    let s = Serve::start("echo", &[]);
+    let proxy = Proxy::start(&[Server(&s.addr, None)]);
+    let (code, v) =
+        ringload(&["rate", "--target", &proxy.addr, "--concurrency", "8", "--size", "64", "--duration", "2s"], LIMIT);
+    assert_eq!(code, 0, "{v}");
+    assert!(f(&v, "connections_per_s") > 0.0, "{v}");
+    assert_eq!(u(&v, "connections.failed"), 0, "{v}");
+    assert_eq!(u(&v, "connections.dropped"), 0, "{v}");
+    assert_eq!(u(&v, "messages.lost"), 0);
+    assert_eq!(u(&v, "messages.corrupted"), 0);
+    let done = u(&v, "messages.echoed_ok");
+    assert!(done > 0);
+    assert_eq!(u(&v, "latency_us.count"), done);
+    drop(proxy);
+    // Each completed exchange was one proxied connection carrying 64 bytes each way.
+    let sum = s.stop();
+    assert!(sum.accepted >= done, "{sum:?} vs {done} exchanges");
+    assert!(sum.bytes_in >= done * 64, "{sum:?} vs {done} exchanges");
+}
+
+#[test]
+fn throughput_through_proxy_up_down_and_both() {
+    // up: every byte ringload's sockets took arrives at the backend, exactly.
+    let sink = Serve::start("sink", &[]);
+    let proxy = Proxy::start(&[Server(&sink.addr, None)]);
+    let (code, v) = ringload(
+        &["throughput", "--target", &proxy.addr, "--streams", "2", "--direction", "up", "--duration", "1s"],
+        LIMIT,
+    );
+    assert_eq!(code, 0, "{v}");
+    let up = u(&v, "throughput.up_bytes");
+    assert!(up > 0 && f(&v, "throughput.up_gbps") > 0.0, "{v}");
+    assert_eq!(u(&v, "throughput.down_bytes"), 0);
+    wait_backend_idle(sink.port(), Duration::from_secs(10));
+    drop(proxy);
+    let sum = sink.stop();
+    assert_eq!(sum.accepted, 2);
+    assert_eq!(sum.bytes_in, up, "bytes sent through the proxy vs bytes the sink read: {sum:?}");
+
+    // down: the backend streams, ringload reads through the proxy.
+    let source = Serve::start("source", &[]);
+    let proxy = Proxy::start(&[Server(&source.addr, None)]);
+    let (code, v) = ringload(
+        &["throughput", "--target", &proxy.addr, "--streams", "2", "--direction", "down", "--duration", "1s"],
+        LIMIT,
+    );
+    assert_eq!(code, 0, "{v}");
+    let down = u(&v, "throughput.down_bytes");
+    assert!(down > 0 && f(&v, "throughput.down_gbps") > 0.0, "{v}");
+    assert_eq!(u(&v, "throughput.up_bytes"), 0);
+    drop(proxy);
+    let sum = source.stop();
+    assert!(sum.bytes_out >= down, "the source wrote at least what ringload read: {sum:?} vs {down}");
+
+    // both, against an echo: what comes back is at most what went up.
+    let echo = Serve::start("echo", &[]);
+    let proxy = Proxy::start(&[Server(&echo.addr, None)]);
+    let (code, v) = ringload(
+        &["throughput", "--target", &proxy.addr, "--streams", "2", "--direction", "both", "--duration", "1s"],
+        LIMIT,
+    );
+    assert_eq!(code, 0, "{v}");
+    let (up, down) = (u(&v, "throughput.up_bytes"), u(&v, "throughput.down_bytes"));
+    assert!(up > 0 && down > 0, "{v}");
+    assert!(down <= up, "echoed more than was sent: up {up}, down {down}");
+    assert_eq!(u(&v, "connections.dropped"), 0);
+}
+
+#[test]
+fn latency_through_proxy() {
+    let s = Serve::start("echo", &[]);
+    let proxy = Proxy::start(&[Server(&s.addr, None)]);
+    let (code, v) = ringload(
+        &["latency", "--target", &proxy.addr, "--conns", "4", "--rate", "400", "--size", "256", "--duration", "2s"],
+        LIMIT,
+    );
+    assert_eq!(code, 0, "{v}");
+    assert!(f(&v, "requests_per_s") > 100.0, "{v}");
+    assert_eq!(u(&v, "connections.established"), 4);
+    assert_eq!(u(&v, "connections.failed"), 0);
+    assert_eq!(u(&v, "messages.lost"), 0);
+    assert_eq!(u(&v, "messages.corrupted"), 0);
+    let sent = u(&v, "messages.sent");
+    assert_eq!(u(&v, "messages.echoed_ok"), sent);
+    assert_eq!(u(&v, "latency_us.count"), sent);
+    assert!(u(&v, "latency_uncorrected_us.count") > 0);
+    assert!(f(&v, "latency_us.p99") >= f(&v, "latency_us.p50"));
+    proxy.stop_cleanly();
+    let sum = s.stop();
+    assert_eq!(sum.accepted, 4);
+    assert_eq!(sum.bytes_in, sent * 256, "{sum:?}");
+}
+
+#[test]
+fn corruption_behind_the_proxy_is_detected() {
+    let s = Serve::start("echo", &["--corrupt-every", "64"]);
+    let proxy = Proxy::start(&[Server(&s.addr, None)]);
+    let (code, v) = ringload(
+        &["hold", "--target", &proxy.addr, "--conns", "20", "--heartbeat", "100ms", "--duration", "1s"],
+        LIMIT,
+    );
+    assert_eq!(code, 1, "{v}");
+    assert!(u(&v, "messages.corrupted") > 0, "{}", v["messages"]);
+    assert_eq!(v["verdict"].as_str().map(|s| s.starts_with("integrity")), Some(true), "{v}");
+    let (code, v) =
+        ringload(&["latency", "--target", &proxy.addr, "--conns", "2", "--rate", "200", "--duration", "1s"], LIMIT);
+    assert_eq!(code, 1, "{v}");
+    assert!(u(&v, "messages.corrupted") > 0, "{}", v["messages"]);
+}
