@@ -298,10 +298,12 @@ fn hold_through_proxy_every_heartbeat_echoed_every_connection_proxied_once() {
             "127.0.1.0/29",
             "--ramp",
             "3000/s",
+            // 1 s: a heartbeat counts as lost when its echo is not back by the next one, so a
+            // shorter interval would fail the test whenever a busy host stalls it for that long.
             "--heartbeat",
-            "500ms",
+            "1s",
             "--duration",
-            "2500ms",
+            "3s",
         ],
         LIMIT,
     );
@@ -314,7 +316,7 @@ fn hold_through_proxy_every_heartbeat_echoed_every_connection_proxied_once() {
     assert_eq!(u(&v, "messages.lost"), 0);
     assert_eq!(u(&v, "messages.corrupted"), 0);
     let sent = u(&v, "messages.sent");
-    assert!(sent >= 300 * 3, "a heartbeat every 500ms for 2.5s on each connection: {sent}");
+    assert!(sent >= 300 * 2, "a heartbeat every second for 3s on each connection: {sent}");
     assert_eq!(u(&v, "messages.echoed_ok"), sent);
     // Every connection ended: the proxy drains at once.
     proxy.stop_cleanly();
@@ -407,7 +409,7 @@ fn latency_through_proxy() {
         LIMIT,
     );
     assert_eq!(code, 0, "{v}");
-    assert!(f(&v, "requests_per_s") > 100.0, "{v}");
+    assert!(f(&v, "requests_per_s") > 50.0, "{v}");
     assert_eq!(u(&v, "connections.established"), 4);
     assert_eq!(u(&v, "connections.failed"), 0);
     assert_eq!(u(&v, "messages.lost"), 0);
