@@ -160,7 +160,7 @@ log "ringproxy $PROXY (pid $RP_PID, $WORKERS workers); RSS $RSS0 KiB, Slab $SLAB
 
 HOLD_CMD=(hold --target "$PROXY" --conns "$CONNS" --sources 127.0.1.0/24 --ramp "${RAMP}/s"
     --heartbeat "${HEARTBEAT}s" --duration "${DURATION}s" --connect-timeout 10s)
-echo "nice -n $LOAD_NICE ringload ${HOLD_CMD[*]} --json --report $IMG/scale-hold.svg" >"$OUT/hold.cmd"
+echo "nice -n $LOAD_NICE ringload ${HOLD_CMD[*]} --json --report ${IMG#"$ROOT"/}/scale-hold.svg" >"$OUT/hold.cmd"
 log "ringload ${HOLD_CMD[*]}"
 T0=$(date +%s)
 timeout $((DURATION + 120)) nice -n "$LOAD_NICE" "$RL" "${HOLD_CMD[@]}" --json --no-progress --report "$IMG/scale-hold.svg" \
@@ -185,13 +185,16 @@ while kill -0 "$HOLD_PID" 2>/dev/null; do
         [ -n "$FULL_AT" ] || FULL_AT=$t
         if [ $((t - FULL_AT)) -ge $((HEARTBEAT + 5)) ]; then
             echo "$r $sl $si $sm" >>"$OUT/peak-samples.txt"
-            # CPU of each side while every connection is held (first to last such sample)
-            # shellcheck disable=SC2046
-            cl=$(cpu_ticks $(descendants "$HOLD_PID"))
-            read -r iw _ _ < <(thread_stats "$RP_PID")
-            now="$(date +%s.%N) $(cpu_ticks "$RP_PID") $iw $(cpu_ticks "$SERVE_PID") $cl $(sys_ticks)"
-            [ "$PEAK_DONE" = 1 ] || echo "$now" >"$OUT/cpu-hold-start.txt"
-            echo "$now" >"$OUT/cpu-hold-end.txt"
+            # CPU of each side while every connection is held (first to last such sample, all
+            # taken before the clients' planned end, while every client process is alive)
+            if [ "$t" -lt $((DURATION - 3)) ]; then
+                # shellcheck disable=SC2046
+                cl=$(cpu_ticks $(descendants "$HOLD_PID"))
+                read -r iw _ _ < <(thread_stats "$RP_PID")
+                now="$(date +%s.%N) $(cpu_ticks "$RP_PID") $iw $(cpu_ticks "$SERVE_PID") $cl $(sys_ticks)"
+                [ "$PEAK_DONE" = 1 ] || echo "$now" >"$OUT/cpu-hold-start.txt"
+                echo "$now" >"$OUT/cpu-hold-end.txt"
+            fi
             if [ "$PEAK_DONE" = 0 ]; then
                 # in the background: a worker starved of CPU answers the stats socket late, and the
                 # sampling must go on meanwhile
@@ -269,8 +272,9 @@ try:
         c = lambda i: (b[i] - a[i]) / tck / dt
         rp = c(1)
         w(f"CPU while all {conns:,} connections were held ({dt:.0f} s, heartbeats only): ringproxy {rp:.2f} CPUs "
-          f"(of which its io-wq threads {c(2):.2f}), `ringload serve` {c(3):.2f}, `ringload hold` {c(4):.2f}; "
-          f"the whole machine {100 * (b[5] - a[5]) / (b[6] - a[6]):.0f}% busy of {os.cpu_count()} CPUs. "
+          f"(of which its live io-wq threads {c(2):.2f}), `ringload serve` {c(3):.2f}, `ringload hold` {c(4):.2f}; "
+          f"the whole machine {100 * (b[5] - a[5]) / (b[6] - a[6]):.0f}% busy of {os.cpu_count()} CPUs "
+          f"(the rest: other work on the host). "
           f"{conns / heartbeat:,.0f} heartbeats/s expected: ringproxy "
           f"{rp * 1e6 / (conns / heartbeat):.0f} CPU µs per heartbeat round trip.\n")
 except (OSError, ValueError, IndexError):

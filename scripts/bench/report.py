@@ -43,6 +43,14 @@ METRICS = {
     "tput4_cpu_util": ("proxy CPU use during 4-stream throughput", "CPUs", False, 2),
 }
 
+SHORT = {
+    "tput1": "1 stream\n(ringload)", "iperf1": "1 stream\n(iperf3)", "tput4": "4 streams\n(ringload)",
+    "iperf4": "4 streams\n(iperf3)", "rate": "new conn/s\n(ringload)", "wrk": "new conn/s\n(wrk)",
+    "ka": "keep-alive\nreq/s", "lat_p99": "p99 latency\nfixed rate", "cpu_gb": "CPU\nper GB",
+    "cpu_10k": "CPU per\n10k conns", "idle_user": "user bytes\nper idle conn", "idle_kernel": "kernel bytes\nper conn (Slab)",
+    "idle_sunr": "kernel bytes\n(SUnreclaim)",
+}
+
 TARGETS = [
     # metric, text, comparison, factor: ringproxy must be >= factor x ref (higher) or <= factor x ref
     ("tput4", "throughput, 4 streams >= 1.3 x HAProxy with splice", ">=", 1.3, ["haproxy-splice"]),
@@ -430,8 +438,12 @@ def make_charts(img, paths, M, vals, curves):
             ax.bar(x + (i - (len(series) - 1) / 2) * width, ys, width, yerr=[lo, hi], capsize=2,
                    label=LABEL[p], color=colors[p])
         ax.axhline(1.0, color="black", lw=0.8)
+        # whiskers of a noisy tail must not flatten the bars: cap the axis at 1.5 x the tallest median
+        top = max([M.get((m, p)) / M.get((m, ref)) for m in metrics for p in series
+                   if M.get((m, p)) is not None and M.get((m, ref))] + [1.0])
+        ax.set_ylim(0, top * 1.5)
         ax.set_xticks(x)
-        ax.set_xticklabels([METRICS[m][0].replace(" (", "\n(").replace(", ", ",\n", 1) for m in metrics], fontsize=7)
+        ax.set_xticklabels([SHORT.get(m, m) for m in metrics], fontsize=7)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend(fontsize=7)
