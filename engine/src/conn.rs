@@ -482,6 +482,11 @@ impl Worker {
         let was_established = c.state == State::Established;
         c.state = State::Closing;
         c.close_reason = Some(reason);
+        // No longer active: its shares go back right now (below); `closing` counts it until its
+        // sockets are closed.
+        self.stats.active -= 1;
+        self.stats.closed += 1;
+        self.stats.closing += 1;
         let (client_slot, server_slot) = (c.client_slot, c.server_slot);
         match reason {
             CloseReason::ClientReset => self.stats.resets_from_client += 1,
@@ -558,8 +563,7 @@ impl Worker {
             self.log_connection(idx);
         }
         self.conns.remove(idx);
-        self.stats.active -= 1;
-        self.stats.closed += 1;
+        self.stats.closing -= 1;
     }
 
     /// Makes sure the connection's earliest deadline is in the timer wheel.

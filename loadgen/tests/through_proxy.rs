@@ -253,30 +253,32 @@ fn f(v: &Value, path: &str) -> f64 {
     path.split('.').fold(v, |v, k| &v[k]).as_f64().unwrap_or_else(|| panic!("{path} is not a number in {v}"))
 }
 
-/// No connection to local port `port` in ESTABLISHED or CLOSE_WAIT any more (the backend has seen
-/// every connection end), waiting at most `limit`.
+/// No connection to the backend listening on 127.0.0.1:`port` is in ESTABLISHED or CLOSE_WAIT any
+/// more (the backend has seen every connection end), waiting at most `limit`.
 fn wait_backend_idle(port: u16, limit: Duration) {
+    // /proc/net/tcp prints the address as the raw 32-bit word: 0100007F on little-endian hosts.
+    let local = [format!("0100007F:{port:04X}"), format!("7F000001:{port:04X}")];
     let end = Instant::now() + limit;
     loop {
-        let busy: usize = ["/proc/net/tcp", "/proc/net/tcp6"]
-            .iter()
-            .filter_map(|f| std::fs::read_to_string(f).ok())
-            .map(|t| {
-                t.lines()
-                    .skip(1)
-                    .filter(|l| {
-                        let cols: Vec<&str> = l.split_whitespace().collect();
-                        cols.len() > 3
-                            && cols[1].rsplit(':').next().and_then(|p| u16::from_str_radix(p, 16).ok()) == Some(port)
-                            && (cols[3] == "01" || cols[3] == "08")
-                    })
-                    .count()
+        let busy: Vec<String> = std::fs::read_to_string("/proc/net/tcp")
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && local.iter().any(|a| a == cols[1]) && (cols[3] == "01" || cols[3] == "08")
             })
-            .sum();
-        if busy == 0 {
+            .map(str::to_string)
+            .collect();
+        if busy.is_empty() {
             return;
         }
-        assert!(Instant::now() < end, "{busy} connections to the backend on port {port} still open after {limit:?}");
+        assert!(
+            Instant::now() < end,
+            "{} connections to the backend on port {port} still open after {limit:?}:\n{}",
+            busy.len(),
+            busy.join("\n")
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

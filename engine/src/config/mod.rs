@@ -93,8 +93,7 @@ pub enum LogTarget {
 }
 
 /// How a flow moves its bytes.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SpliceMode {
     /// Small chunks through a buffer (inline recv/send), bulk transfers by splice.
     #[default]
@@ -232,8 +231,33 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
         _ => full,
     };
     let msg = msg.trim_start_matches("error: ").to_owned();
+    operator_words(&msg)
+}
+
+/// Rewrites the deserializer's wording (Rust types, library options) into the file's terms.
+fn operator_words(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
+        let key = rest.split(',').next().unwrap_or(rest).trim();
+        return format!("key `{key}` appears twice in this section; keep one");
+    }
+    if msg.starts_with("cannot deserialize null") || msg.contains("invalid type: unit value") {
+        return "a value is missing here".into();
+    }
     // serde's wording for a misspelt key lists every valid one: keep it, it is the fix.
-    msg.replace("unknown field", "unknown key")
+    let msg = msg.replace("unknown field", "unknown key");
+    // "invalid type: sequence, expected X" -> "expected X, found a list"
+    if let Some(rest) = msg.strip_prefix("invalid type: ")
+        && let Some((found, expected)) = rest.split_once(", expected ")
+    {
+        let found = match found {
+            "sequence" => "a list".to_string(),
+            "map" => "a mapping".to_string(),
+            "unit value" => "nothing".to_string(),
+            other => other.replace("string ", "").to_string(),
+        };
+        return format!("expected {expected}, found {found}");
+    }
+    msg
 }
 
 struct Validator<'a> {

@@ -108,8 +108,7 @@ pub struct RawCheck {
 }
 
 /// What happens to a server's connections when its health check marks it down.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OnDown {
     /// Established connections continue; only new ones avoid the server.
     Keep,
@@ -118,8 +117,7 @@ pub enum OnDown {
 }
 
 /// PROXY protocol version to send to a server.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProxyVersion {
     V1,
     V2,
@@ -151,9 +149,59 @@ pub struct RawServer {
     pub send_proxy: Option<ProxyVersion>,
 }
 
+/// Deserializes one of a fixed set of words, with an error that lists them (serde's derived enum
+/// errors speak of "unit variants" and "externally tagged enums").
+fn keyword<'de, D: Deserializer<'de>, T: Copy>(
+    d: D,
+    what: &'static str,
+    words: &'static [(&'static str, T)],
+) -> Result<T, D::Error> {
+    struct V<T: 'static> {
+        what: &'static str,
+        words: &'static [(&'static str, T)],
+    }
+    impl<T: Copy> Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            let names: Vec<&str> = self.words.iter().map(|(n, _)| *n).collect();
+            write!(f, "{} to be one of {}", self.what, names.join(", "))
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<T, E> {
+            match self.words.iter().find(|(n, _)| *n == v) {
+                Some((_, t)) => Ok(*t),
+                None => Err(E::custom(format!(
+                    "{} \"{v}\" is not one of {}",
+                    self.what,
+                    self.words.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                ))),
+            }
+        }
+    }
+    d.deserialize_any(V { what, words })
+}
+
+macro_rules! keyword_enum {
+    ($ty:ty, $what:literal, [$($word:literal => $val:expr),+ $(,)?]) => {
+        impl<'de> Deserialize<'de> for $ty {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                keyword(d, $what, &[$(($word, $val)),+])
+            }
+        }
+    };
+}
+
+keyword_enum!(Balance, "balance", [
+    "roundrobin" => Balance::Roundrobin,
+    "leastconn" => Balance::Leastconn,
+    "source" => Balance::Source,
+    "random" => Balance::Random,
+]);
+keyword_enum!(OnDown, "on_down", ["keep" => OnDown::Keep, "shutdown_sessions" => OnDown::ShutdownSessions]);
+keyword_enum!(ProxyVersion, "send_proxy", ["v1" => ProxyVersion::V1, "v2" => ProxyVersion::V2]);
+keyword_enum!(super::SpliceMode, "splice", ["auto" => super::SpliceMode::Auto, "always" => super::SpliceMode::Always]);
+
 /// How a backend picks a server for a new connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Balance {
     /// Weighted round robin, rotating independently on each worker.
     Roundrobin,

@@ -168,7 +168,7 @@ fn duplicate_names() {
     refused(&two_servers, 10, 15, "duplicate server name \"s1\"");
     let two_frontends = BASE.replace("backends:", "  - name: fe\n    bind: 127.0.0.1:8081\n    backend: be\nbackends:");
     refused(&two_frontends, 5, 11, "duplicate frontend name \"fe\"");
-    refused(&format!("global:\n  maxconn: 1\n  maxconn: 2\n{BASE}"), 3, 3, "duplicate");
+    refused(&format!("global:\n  maxconn: 1\n  maxconn: 2\n{BASE}"), 3, 3, "key `maxconn` appears twice");
 }
 
 #[test]

@@ -135,8 +135,10 @@ pub struct WorkerStats {
     pub cpu: Option<usize>,
     /// Listening sockets this worker still accepts on (0 once a drain has closed them).
     pub listening: u64,
-    /// Proxied connections open now (client accepted and admitted).
+    /// Proxied connections open now (admitted, not closing): what counts against maxconn.
     pub active: u64,
+    /// Connections being closed (cancelling their last operations); not counted in `active`.
+    pub closing: u64,
     pub accepted: u64,
     pub closed: u64,
     /// Accepted but waiting for a global/frontend slot (the listener is paused meanwhile).

@@ -77,6 +77,7 @@ pub fn render(s: &EngineStats) -> String {
     m.head("uptime_seconds", "gauge", "Seconds since the engine started.");
     m.sample("uptime_seconds", &[], s.uptime_s);
     m.per_worker(s, "connections_active", "gauge", "Proxied connections open now.", |w| w.active);
+    m.per_worker(s, "connections_closing", "gauge", "Connections being closed (not counted as active).", |w| w.closing);
     m.per_worker(s, "connections_accepted_total", "counter", "Connections accepted and admitted.", |w| w.accepted);
     m.per_worker(s, "connections_closed_total", "counter", "Proxied connections closed.", |w| w.closed);
     m.per_worker(s, "connections_parked", "gauge", "Accepted connections waiting for a maxconn slot.", |w| w.parked);
