@@ -321,7 +321,10 @@ start_path() {
 for p in $PATHS; do
     case "$p" in
         direct) PROC[direct]="" ;;
-        ringproxy | haproxy | haproxy-splice | nginx) start_path "$p" "$p" $SERVICES ;;
+        ringproxy | haproxy | haproxy-splice | nginx)
+            # shellcheck disable=SC2086 # SERVICES is a list of words
+            start_path "$p" "$p" $SERVICES
+            ;;
         *) die "unknown path $p" ;;
     esac
     log "$p: echo ${ADDR[$p:echo]} sink ${ADDR[$p:sink]} iperf3 ${ADDR[$p:iperf]} http ${ADDR[$p:http]} pids ${PROC[$p]:--}"
@@ -362,7 +365,7 @@ run_test() { # TEST PATH ROUND
     f=$OUT/raw/r$r-$t-$p
     snap_stats "$p" "$f.stats0.json"
     # shellcheck disable=SC2086
-    read -r iowq0 iowqn0 cs0 < <(thread_stats ${PROC[$p]})
+    read -r iowq0 _ cs0 < <(thread_stats ${PROC[$p]})
     # shellcheck disable=SC2086
     cpu0=$(cpu_ticks ${PROC[$p]}); read -r sys0 tot0 < <(sys_ticks); w0=$(date +%s.%N)
     case "$t" in
@@ -421,7 +424,7 @@ run_test() { # TEST PATH ROUND
 # The idle test: IDLE_CONNS connections held through the path (heartbeat every 2 s, so each is really
 # proxied); RSS of the proxy and the machine's Slab sampled before and once all are established.
 idle_test() { # PATH ROUND
-    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 sunr0 sunr1 hold n=0 i rc=0 hold_s inst
+    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 sunr0 sunr1 hold n=0 rc=0 hold_s inst
     f=$OUT/raw/r$r-idle-$p
     inst=direct
     if [ "$p" != direct ]; then
@@ -440,7 +443,7 @@ idle_test() { # PATH ROUND
     hold=$!
     track "$hold"
     # until every client connection is established (at most hold_s - 3 s), then one heartbeat round
-    for i in $(seq $(((hold_s - 3) * 10))); do
+    for _ in $(seq $(((hold_s - 3) * 10))); do
         n=$(established_to "$port")
         [ "$n" -ge "$IDLE_CONNS" ] && break
         sleep 0.1
@@ -477,7 +480,8 @@ for p in $PATHS; do
     kill -0 "${PIDS_OF[$p]}" 2>/dev/null || die "$p exited during the run; see $OUT/run/$p/"
 done
 
-python3 "$ROOT/scripts/bench/report.py" --out "$OUT" --img "$IMG" \
-    $([ "$UPDATE_DOCS" = 1 ] && echo "--doc $ROOT/docs/benchmarks.md") >"$OUT/report.md"
+DOC_ARGS=()
+[ "$UPDATE_DOCS" = 1 ] && DOC_ARGS=(--doc "$ROOT/docs/benchmarks.md")
+python3 "$ROOT/scripts/bench/report.py" --out "$OUT" --img "$IMG" "${DOC_ARGS[@]}" >"$OUT/report.md"
 cat "$OUT/report.md"
 log "raw results, configs and logs in $OUT; charts in $IMG"

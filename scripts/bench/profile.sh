@@ -108,7 +108,7 @@ TP=io_uring:io_uring_submit_req,io_uring:io_uring_queue_async_work,io_uring:io_u
 {
     echo "# profile: $S s per measurement, $WORKERS workers, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     for t in ka rate tput4; do
-        svc=echo; [ "$t" = tput4 ] && svc=sink
+        svc="echo"; [ "$t" = tput4 ] && svc="sink"
         for p in ringproxy haproxy; do
             pid=${PID[$p]}
             f=$OUT/$t-$p
