@@ -853,14 +853,14 @@ mod tests {
         let items = evaluate(&config("maxconn: 100000", "", ONE), &f);
         let files = item(&items, "open files");
         assert_eq!(files.status, Status::Fail);
-        assert!(files.detail.contains("hard limit is 1000 -> 2 worker(s) hold 936"), "{}", files.detail);
+        assert!(files.detail.contains("hard limit is 1000 -> 2 worker(s) hold 872"), "{}", files.detail);
         let f = fix(files);
-        assert!(f.contains("LimitNOFILE=200064"), "{f}");
-        assert!(f.contains("\"* hard nofile 200064\""), "{f}");
-        assert!(f.contains("global.workers: 214 (214 x 468 >= 100000"), "{f}");
+        assert!(f.contains("LimitNOFILE=200128"), "{f}");
+        assert!(f.contains("\"* hard nofile 200128\""), "{f}");
+        assert!(f.contains("global.workers: 230 (230 x 436 >= 100000"), "{f}");
         assert!(f.contains("fs.nr_open raised first"), "{f}");
         let nr_open = item(&items, "fs.nr_open");
-        assert_eq!((nr_open.status, fix(nr_open)), (Status::Fail, "sysctl -w fs.nr_open=200064"));
+        assert_eq!((nr_open.status, fix(nr_open)), (Status::Fail, "sysctl -w fs.nr_open=200128"));
         assert_eq!(exit_code(&items), 2);
     }
 

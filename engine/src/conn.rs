@@ -18,7 +18,7 @@ use std::net::SocketAddr;
 use crate::pipes::{NO_PIPE, PipeId};
 use crate::worker::Worker;
 use crate::worker::ring::PeerTicket;
-use crate::worker::timer::TimerEntry;
+use crate::worker::timer::{Links, TimerLink};
 use crate::worker::token::{CONNECT_CHAIN, Op, Token};
 
 pub const NO_SLOT: u32 = u32::MAX;
@@ -237,8 +237,8 @@ pub struct Conn {
     pub last_client: u64,
     pub last_server: u64,
     pub queued_at: u64,
-    /// Deadline of this connection's entry in the timer wheel (0: none).
-    pub timer_deadline: u64,
+    /// This connection's entry in the timer wheel.
+    pub timer: TimerLink,
 }
 
 impl Default for Conn {
@@ -274,7 +274,7 @@ impl Default for Conn {
             last_client: 0,
             last_server: 0,
             queued_at: 0,
-            timer_deadline: 0,
+            timer: TimerLink::default(),
         }
     }
 }
@@ -289,6 +289,12 @@ impl Conn {
 
     pub(crate) fn has(&self, op: Op) -> bool {
         self.inflight & op.bit() != 0
+    }
+}
+
+impl Links for Slab {
+    fn link(&mut self, index: u32) -> &mut TimerLink {
+        &mut self.entries[index as usize].timer
     }
 }
 
@@ -326,8 +332,10 @@ impl Slab {
         &mut self.entries[index as usize]
     }
 
+    /// Frees an entry. Its timer must already be cancelled (`close` does that).
     pub fn remove(&mut self, index: u32) {
         let c = &mut self.entries[index as usize];
+        debug_assert!(!c.timer.is_filed(), "freeing a connection still in the timer wheel");
         let generation = c.generation.wrapping_add(1);
         *c = Conn { generation, ..Conn::default() };
         self.free.push(index);
@@ -482,6 +490,8 @@ impl Worker {
         let was_established = c.state == State::Established;
         c.state = State::Closing;
         c.close_reason = Some(reason);
+        self.timers.cancel(idx, &mut self.conns);
+        let c = self.conns.at(idx);
         // No longer active: its shares go back right now (below); `closing` counts it until its
         // sockets are closed.
         self.stats.active -= 1;
@@ -571,11 +581,9 @@ impl Worker {
         let Some(deadline) = self.deadline(idx) else {
             return;
         };
-        let c = self.conns.at(idx);
-        if c.timer_deadline == 0 || deadline < c.timer_deadline {
-            c.timer_deadline = deadline;
-            let generation = c.generation & crate::worker::token::GENERATION_MASK;
-            self.timers.schedule(TimerEntry { index: idx, generation, deadline });
+        let t = self.conns.at(idx).timer;
+        if !t.is_filed() || deadline < t.deadline {
+            self.timers.schedule(idx, deadline, &mut self.conns);
         }
     }
 
@@ -594,23 +602,17 @@ impl Worker {
         }
     }
 
-    /// A timer entry fired.
-    pub(crate) fn on_timer(&mut self, e: TimerEntry) {
-        let Some(c) = self.conns.get(e.index, e.generation) else {
-            return;
-        };
-        if c.timer_deadline != e.deadline {
-            return; // superseded by an earlier entry
-        }
-        c.timer_deadline = 0;
-        let Some(deadline) = self.deadline(e.index) else {
+    /// The connection's timer entry fired (the wheel has already unfiled it).
+    pub(crate) fn on_timer(&mut self, idx: u32) {
+        let Some(deadline) = self.deadline(idx) else {
             return;
         };
         if deadline > self.now {
-            self.ensure_timer(e.index);
+            // Activity moved the deadline since the entry was filed.
+            self.ensure_timer(idx);
             return;
         }
-        let c = self.conns.at(e.index);
+        let c = self.conns.at(idx);
         let fe = &self.cfg.frontends[c.frontend as usize];
         let reason = match c.state {
             State::Queued => CloseReason::QueueTimeout,
@@ -621,7 +623,7 @@ impl Worker {
             State::Established => CloseReason::ServerTimeout,
             _ => CloseReason::ClientTimeout,
         };
-        self.close(e.index, reason);
+        self.close(idx, reason);
     }
 
     /// The connect chain's ops complete one by one; act when the last one has.

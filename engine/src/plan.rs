@@ -2,7 +2,7 @@
 //!
 //! Every socket lives in its worker's io_uring direct-descriptor table (two per proxied connection),
 //! and the kernel caps each ring's table at RLIMIT_NOFILE. So a worker holds at most
-//! `(nofile - 64) / 2` connections, whatever the configured maxconn; and because direct descriptors do
+//! `(nofile - 128) / 2` connections, whatever the configured maxconn; and because direct descriptors do
 //! not count against the process's descriptor table, more workers hold more connections. Pipes are
 //! ordinary descriptors, bounded so they fit in the process table. When the configured maxconn does
 //! not fit, the plan lowers it and says, in one line, by how much and how to fix the host.
@@ -10,8 +10,14 @@
 use crate::config::Config;
 use crate::limits::LimitTable;
 
-/// Accept slots beyond the connection capacity, for sockets accepted while a limit is being hit.
-pub const PARK_SLACK: u32 = 64;
+/// Direct-table slots beyond twice the connection capacity: 64 for sockets accepted while a limit
+/// is being hit, 64 for server sockets still closing while their connection's slot is reused.
+pub const PARK_SLACK: u32 = 128;
+/// Server-socket slots beyond the connection capacity (part of `PARK_SLACK`).
+pub const SERVER_SLACK: u32 = 64;
+/// Most extra accept slots, when RLIMIT_NOFILE leaves room: a burst of queued connections can be
+/// taken by one multishot accept without running out of slots.
+pub const ACCEPT_BURST: u32 = 65_536;
 /// maxconn when the configuration does not set one (and the host allows it).
 pub const DEFAULT_MAXCONN: u32 = 1_000_000;
 /// Most connections one worker is sized for (its direct table is 2x this, 8 bytes a slot).
@@ -32,6 +38,9 @@ pub struct Plan {
     pub accept_slots: u32,
     /// Size of each worker's direct table; `[accept_slots, table_slots)` take server sockets.
     pub table_slots: u32,
+    /// Free accept slots a worker needs before it may use a multishot accept: twice the connections
+    /// its listeners' backlogs can hold (one multishot accept may drain them all at once).
+    pub multishot_margin: u32,
     pub pipes_per_worker: u32,
     /// Global maxconn in force.
     pub maxconn: u32,
@@ -85,8 +94,16 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
             (effective, per_worker, 2 * u64::from(per_worker) + u64::from(PARK_SLACK))
         }
     };
-    let accept_slots = conns_per_worker + PARK_SLACK;
-    let table_slots = accept_slots + conns_per_worker;
+    // Whatever RLIMIT_NOFILE leaves beyond the minimum goes to the accept range (up to ACCEPT_BURST),
+    // so bursts are accepted in one go; with none left, workers accept one connection at a time
+    // near capacity (worker/mod.rs).
+    let minimum = 2 * conns_per_worker + PARK_SLACK;
+    let burst = (table_max.saturating_sub(minimum)).min(ACCEPT_BURST);
+    let accept_slots = conns_per_worker + (PARK_SLACK - SERVER_SLACK) + burst;
+    let table_slots = accept_slots + conns_per_worker + SERVER_SLACK;
+    let somaxconn = crate::host::sysctl1("net.core.somaxconn").unwrap_or(4096);
+    let queued: u64 = config.frontends.iter().map(|f| f.binds.len() as u64 * u64::from(f.backlog).min(somaxconn)).sum();
+    let multishot_margin = (2 * queued + 64).min(u64::from(u32::MAX)) as u32;
 
     let listeners: u64 = config.frontends.iter().map(|f| f.binds.len() as u64).sum::<u64>() * workers as u64;
     let fd_budget = nofile.saturating_sub(FD_RESERVE + listeners + 4 * workers as u64);
@@ -129,6 +146,7 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
         conns_per_worker,
         accept_slots,
         table_slots,
+        multishot_margin,
         pipes_per_worker,
         maxconn,
         configured_maxconn: config.global.maxconn,
@@ -171,8 +189,8 @@ mod tests {
         let w = &p.warnings[0];
         assert!(w.contains("maxconn 2000000 does not fit"), "{w}");
         assert!(w.contains(&format!("running with maxconn {}", p.maxconn)), "{w}");
-        assert!(w.contains("LimitNOFILE=4000064"), "{w}");
-        assert!(w.contains("run 201 workers"), "{w}");
+        assert!(w.contains("LimitNOFILE=4000128"), "{w}");
+        assert!(w.contains("run 202 workers"), "{w}");
     }
 
     #[test]

@@ -101,8 +101,8 @@ fn the_300k_configuration_cannot_be_all_ok_here() {
         // maxconn 2000000 on 2 sockets per connection: the limit cannot hold it.
         assert_eq!(files.0, "FAIL", "{files:?}");
         assert!(files.1.contains(&format!("hard limit is {hard}")), "{files:?}");
-        assert!(files.2.iter().any(|f| f.contains("LimitNOFILE=4000064")), "{files:?}");
-        assert!(files.2.iter().any(|f| f.contains("* hard nofile 4000064")), "{files:?}");
+        assert!(files.2.iter().any(|f| f.contains("LimitNOFILE=4000128")), "{files:?}");
+        assert!(files.2.iter().any(|f| f.contains("* hard nofile 4000128")), "{files:?}");
     }
     // One item per server for the port capacity, and the sources are all on loopback.
     for s in 1..=6 {

@@ -293,13 +293,11 @@ fn storm_of_five_times_maxconn_the_limit_holds_and_served_clients_are_intact() {
 
 /// Every client of the storm is eventually served: none is dropped.
 ///
-/// Engine bug: when a worker's multishot accept takes more connections than the accept range of
-/// its io_uring file table has free slots (maxconn per worker + 64; 114 here), the accept fails
-/// with ENFILE after the kernel has already taken the connection off the listen queue, and the
-/// kernel closes it: the client gets a reset without ever being served. `on_accept` treats ENFILE
-/// as "the connection stays queued, retry later" (worker/mod.rs). Seen here on 1-3% of clients.
+/// This found an engine bug (fixed): a multishot accept could take more queued connections than
+/// the accept range of the worker's io_uring file table had free slots, and the kernel dropped
+/// the ones it had no slot for. Workers now size that range from RLIMIT_NOFILE and fall back to
+/// one accept at a time when free slots get short.
 #[test]
-#[ignore = "engine bug: a multishot accept beyond the accept slots (ENFILE) drops the connection the kernel already dequeued; clients get a reset (see docs/proof.md)"]
 fn storm_of_five_times_maxconn_every_client_is_served() {
     let out = two_storms("storm (all served)");
     assert!(

@@ -43,6 +43,11 @@ impl Worker {
             self.shares.want(l, &mut self.outbox);
             return Outcome::Full;
         }
+        if self.server_slots.is_empty() {
+            // Every server-socket slot belongs to a connection still closing: wait a moment (the
+            // queue is served again as soon as one is free).
+            return Outcome::Full;
+        }
         let shares = &self.shares;
         let be = &mut self.backends[b];
         let servers = &be.servers;

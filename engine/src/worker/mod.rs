@@ -36,7 +36,7 @@ use crate::sources::{self, SourceShard};
 use crate::stats::{Latency, ServerStats, SourceStats, WorkerStats, latency_histogram};
 use hdrhistogram::Histogram;
 use ring::{AddrId, Completion, Ring, RingSetup, TimeoutId};
-use timer::{TimerEntry, TimerWheel};
+use timer::TimerWheel;
 use token::{Op, Token};
 
 /// A listening socket owned by one worker.
@@ -54,8 +54,9 @@ pub(crate) struct ListenerState {
     pub fd: Option<OwnedFd>,
     pub ipv6: bool,
     pub addr: std::net::SocketAddr,
-    /// A multishot accept is in flight.
+    /// An accept is in flight (multishot, or a single one when `single`).
     pub armed: bool,
+    pub single: bool,
     /// A cancel of that accept is in flight.
     pub cancelling: bool,
     /// Closed after drain.
@@ -121,6 +122,9 @@ pub struct Worker {
     pub(crate) timers: TimerWheel,
     /// Free fixed-file slots for server sockets.
     pub(crate) server_slots: Vec<u32>,
+    /// Accept-range slots holding a client socket (open, parked, or closing) or reserved by a
+    /// single accept in flight.
+    pub(crate) client_slots: u32,
     pub(crate) outbox: Vec<(u16, ShareMsg)>,
     pub(crate) stats: WorkerStats,
     pub(crate) stale_completions: u64,
@@ -261,6 +265,7 @@ impl Worker {
                     ipv6: l.ipv6,
                     addr: l.addr,
                     armed: false,
+                    single: false,
                     cancelling: false,
                     closed: false,
                     retry_at: 0,
@@ -275,6 +280,7 @@ impl Worker {
             pipe_waiters: VecDeque::new(),
             timers: TimerWheel::new(0),
             server_slots: (plan.accept_slots..plan.table_slots).rev().collect(),
+            client_slots: 0,
             outbox: Vec::new(),
             stats,
             stale_completions: 0,
@@ -308,7 +314,7 @@ impl Worker {
 
     fn event_loop(&mut self) -> std::io::Result<()> {
         let mut completions: Vec<Completion> = Vec::with_capacity(4096);
-        let mut expired: Vec<TimerEntry> = Vec::new();
+        let mut expired: Vec<u32> = Vec::new();
         loop {
             let mut sleep = self.timers.sleep_ms(self.now, 1000);
             for l in self.listeners.iter().filter(|l| !l.armed && !l.closed && l.retry_at > self.now) {
@@ -325,9 +331,9 @@ impl Worker {
             if !self.pipe_waiters.is_empty() {
                 self.serve_pipe_waiters();
             }
-            self.timers.expire(self.now, &mut expired);
-            for e in expired.drain(..) {
-                self.on_timer(e);
+            self.timers.expire(self.now, &mut self.conns, &mut expired);
+            for idx in expired.drain(..) {
+                self.on_timer(idx);
             }
             self.check_drain();
             if self.listeners.iter().any(|l| !l.armed && !l.closed && l.retry_at != 0 && l.retry_at <= self.now) {
@@ -369,6 +375,15 @@ impl Worker {
             Op::CloseFixed => {
                 if t.index >= self.plan.accept_slots && t.index < self.plan.table_slots {
                     self.server_slots.push(t.index);
+                    if self.server_slots.len() == 1 {
+                        // Connections may be waiting for a server slot.
+                        self.drain_queues();
+                    }
+                } else if t.index < self.plan.accept_slots {
+                    self.client_slots = self.client_slots.saturating_sub(1);
+                    if self.listeners.iter().any(|l| !l.armed && !l.closed) {
+                        self.update_listeners();
+                    }
                 }
             }
             _ => unreachable!("connection op {:?} routed to the worker", t.op),
@@ -377,8 +392,14 @@ impl Worker {
 
     fn on_accept(&mut self, listener: u16, c: Completion) {
         let l = &mut self.listeners[listener as usize];
+        if l.single {
+            // The slot reserved for this accept is either used now (counted below) or not at all.
+            self.client_slots = self.client_slots.saturating_sub(1);
+        }
+        let l = &mut self.listeners[listener as usize];
         if !c.more() {
             l.armed = false;
+            l.single = false;
             l.cancelling = false;
         }
         if c.result < 0 {
@@ -410,6 +431,7 @@ impl Worker {
             return;
         }
         let slot = c.result as u32;
+        self.client_slots += 1;
         // A connection the kernel handed over is served even when a drain has begun (the accept
         // was cancelled, but completions already on their way still arrive).
         if !self.parked.is_empty() {
@@ -487,17 +509,27 @@ impl Worker {
             // Accept until a connection has to be parked: that parked connection is the demand that
             // makes the worker borrow share (clients waiting in the kernel backlog are invisible).
             let should = self.draining.is_none() && self.parked.is_empty();
+            // A multishot accept may take every queued connection at once; the kernel drops one it
+            // has no slot for. With few slots free, accept one connection at a time instead.
+            let free = self.plan.accept_slots.saturating_sub(self.client_slots);
+            let roomy = free >= self.plan.multishot_margin;
             let now = self.now;
             let l = &mut self.listeners[i];
             let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else { continue };
             if l.closed {
                 continue;
             }
-            if should && !l.armed && l.retry_at <= now {
+            if should && !l.armed && l.retry_at <= now && free > 0 {
                 l.retry_at = 0;
                 l.armed = true;
-                self.ring.accept_multi(fd, Token::worker(Op::Accept, i as u32));
-            } else if !should && l.armed && !l.cancelling {
+                if roomy {
+                    self.ring.accept_multi(fd, Token::worker(Op::Accept, i as u32));
+                } else {
+                    l.single = true;
+                    self.client_slots += 1;
+                    self.ring.accept_once(fd, Token::worker(Op::Accept, i as u32));
+                }
+            } else if l.armed && !l.single && !l.cancelling && (!should || !roomy) {
                 l.cancelling = true;
                 self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
             }

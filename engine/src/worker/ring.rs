@@ -208,6 +208,17 @@ impl Ring {
         self.push(e);
     }
 
+    /// One accept into a kernel-chosen fixed slot (used near capacity, where a multishot accept
+    /// could take more connections than there are slots).
+    pub fn accept_once(&mut self, listener: RawFd, token: Token) {
+        let e = opcode::Accept::new(Fd(listener), std::ptr::null_mut(), std::ptr::null_mut())
+            .file_index(Some(DestinationSlot::auto_target()))
+            .flags(libc::SOCK_NONBLOCK)
+            .build()
+            .user_data(token.encode());
+        self.push(e);
+    }
+
     /// Cancels the request carrying `target`. A successful cancel posts no completion of its own
     /// (the cancelled request still completes, with -ECANCELED).
     pub fn cancel(&mut self, target: Token, token: Token) {

@@ -1,24 +1,48 @@
-//! A hashed timer wheel for connection deadlines (client/server idle, queue).
+//! A hashed timer wheel for connection deadlines (client/server idle, queue, PROXY header).
 //!
-//! Deadlines are milliseconds on the worker's clock. Scheduling is O(1); expiry walks only the ticks
-//! that passed. Rescheduling is lazy: a connection whose deadline moved later keeps its old entry,
-//! and when that entry fires the caller sees the new deadline and schedules again. Entries carry
-//! (slot, generation, deadline) so an entry for a freed or rescheduled connection is recognised as
-//! stale. Deadlines beyond the wheel's horizon are parked in the last slot and re-filed when reached.
+//! Each connection is in the wheel at most once, through a [`TimerLink`] stored in its own slab
+//! entry (an intrusive doubly linked list per slot), so the wheel itself is a fixed array of list
+//! heads: no allocation when filing, O(1) unlinking when a connection closes, and no entry left
+//! behind by a closed connection. Deadlines are milliseconds on the worker's clock. Rescheduling is
+//! lazy: traffic only moves a connection's activity time; when its entry fires, the caller sees the
+//! real deadline and files it again. Deadlines beyond the horizon are filed in the last slot and
+//! re-filed when reached. Timers fire on the first tick at or after their deadline, never before.
 
 /// Wheel resolution.
 pub const TICK_MS: u64 = 10;
 const SLOTS: u64 = 4096;
+/// "No connection" / "not filed".
+pub const NIL: u32 = u32::MAX;
 
+/// A connection's place in the wheel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimerEntry {
-    pub index: u32,
-    pub generation: u32,
+pub struct TimerLink {
+    pub prev: u32,
+    pub next: u32,
+    /// Slot the entry is filed in, or `NIL`.
+    pub slot: u32,
     pub deadline: u64,
 }
 
+impl Default for TimerLink {
+    fn default() -> TimerLink {
+        TimerLink { prev: NIL, next: NIL, slot: NIL, deadline: 0 }
+    }
+}
+
+impl TimerLink {
+    pub fn is_filed(&self) -> bool {
+        self.slot != NIL
+    }
+}
+
+/// Where the links live (the connection slab).
+pub trait Links {
+    fn link(&mut self, index: u32) -> &mut TimerLink;
+}
+
 pub struct TimerWheel {
-    slots: Vec<Vec<TimerEntry>>,
+    heads: Vec<u32>,
     /// The last tick whose entries were handed out.
     cursor: u64,
     len: usize,
@@ -26,7 +50,7 @@ pub struct TimerWheel {
 
 impl TimerWheel {
     pub fn new(now_ms: u64) -> TimerWheel {
-        TimerWheel { slots: (0..SLOTS).map(|_| Vec::new()).collect(), cursor: now_ms / TICK_MS, len: 0 }
+        TimerWheel { heads: vec![NIL; SLOTS as usize], cursor: now_ms / TICK_MS, len: 0 }
     }
 
     pub fn len(&self) -> usize {
@@ -37,36 +61,63 @@ impl TimerWheel {
         self.len == 0
     }
 
-    pub fn schedule(&mut self, entry: TimerEntry) {
-        let tick = (entry.deadline.div_ceil(TICK_MS)).clamp(self.cursor + 1, self.cursor + SLOTS - 1);
-        self.slots[(tick % SLOTS) as usize].push(entry);
+    /// Files `index` for `deadline`, moving it if it was filed already.
+    pub fn schedule(&mut self, index: u32, deadline: u64, links: &mut impl Links) {
+        self.cancel(index, links);
+        let tick = deadline.div_ceil(TICK_MS).clamp(self.cursor + 1, self.cursor + SLOTS - 1);
+        let slot = (tick % SLOTS) as u32;
+        let head = self.heads[slot as usize];
+        if head != NIL {
+            links.link(head).prev = index;
+        }
+        *links.link(index) = TimerLink { prev: NIL, next: head, slot, deadline };
+        self.heads[slot as usize] = index;
         self.len += 1;
     }
 
-    /// Moves every entry whose deadline is at or before `now_ms` into `out`; entries reached early
-    /// (beyond the horizon when filed) are filed again.
-    pub fn expire(&mut self, now_ms: u64, out: &mut Vec<TimerEntry>) {
+    /// Takes `index` out of the wheel if it is filed.
+    pub fn cancel(&mut self, index: u32, links: &mut impl Links) {
+        let l = *links.link(index);
+        if !l.is_filed() {
+            return;
+        }
+        if l.prev != NIL {
+            links.link(l.prev).next = l.next;
+        } else {
+            self.heads[l.slot as usize] = l.next;
+        }
+        if l.next != NIL {
+            links.link(l.next).prev = l.prev;
+        }
+        *links.link(index) = TimerLink::default();
+        self.len -= 1;
+    }
+
+    /// Unfiles every entry whose deadline is at or before `now_ms` and puts its index in `out`;
+    /// entries reached early (beyond the horizon when filed) are filed again.
+    pub fn expire(&mut self, now_ms: u64, links: &mut impl Links, out: &mut Vec<u32>) {
         let now_tick = now_ms / TICK_MS;
-        let mut refile = Vec::new();
         while self.cursor < now_tick && self.len > 0 {
             self.cursor += 1;
-            let slot = &mut self.slots[(self.cursor % SLOTS) as usize];
-            self.len -= slot.len();
-            for e in slot.drain(..) {
-                if e.deadline <= now_ms {
-                    out.push(e);
+            let slot = (self.cursor % SLOTS) as usize;
+            let mut i = std::mem::replace(&mut self.heads[slot], NIL);
+            while i != NIL {
+                let l = *links.link(i);
+                *links.link(i) = TimerLink::default();
+                self.len -= 1;
+                if l.deadline <= now_ms {
+                    out.push(i);
                 } else {
-                    refile.push(e);
+                    // `schedule` files at cursor + 1 or later: never into the slot being walked.
+                    self.schedule(i, l.deadline, links);
                 }
+                i = l.next;
             }
         }
         self.cursor = self.cursor.max(now_tick);
-        for e in refile {
-            self.schedule(e);
-        }
     }
 
-    /// How long the event loop may sleep before the next tick with entries is due (at most `cap_ms`).
+    /// How long the event loop may sleep before the next tick is due (at most `cap_ms`).
     pub fn sleep_ms(&self, now_ms: u64, cap_ms: u64) -> u64 {
         if self.len == 0 {
             return cap_ms;
@@ -80,53 +131,96 @@ impl TimerWheel {
 mod tests {
     use super::*;
 
-    fn e(index: u32, deadline: u64) -> TimerEntry {
-        TimerEntry { index, generation: 0, deadline }
+    struct Table(Vec<TimerLink>);
+
+    impl Links for Table {
+        fn link(&mut self, index: u32) -> &mut TimerLink {
+            &mut self.0[index as usize]
+        }
+    }
+
+    fn table(n: usize) -> Table {
+        Table(vec![TimerLink::default(); n])
     }
 
     #[test]
     fn fires_in_order_of_ticks_and_not_early() {
-        let mut w = TimerWheel::new(0);
-        w.schedule(e(1, 25));
-        w.schedule(e(2, 5));
-        w.schedule(e(3, 1000));
+        let (mut w, mut t) = (TimerWheel::new(0), table(4));
+        w.schedule(1, 25, &mut t);
+        w.schedule(2, 5, &mut t);
+        w.schedule(3, 1000, &mut t);
         let mut out = Vec::new();
-        w.expire(4, &mut out);
+        w.expire(4, &mut t, &mut out);
         assert!(out.is_empty());
-        w.expire(30, &mut out);
-        assert_eq!(out.iter().map(|t| t.index).collect::<Vec<_>>(), vec![2, 1]);
+        w.expire(30, &mut t, &mut out);
+        assert_eq!(out, vec![2, 1]);
         out.clear();
-        w.expire(999, &mut out);
+        w.expire(999, &mut t, &mut out);
         assert!(out.is_empty());
-        w.expire(1000, &mut out);
-        assert_eq!(out, vec![e(3, 1000)]);
-        assert_eq!(w.len(), 0);
+        w.expire(1000, &mut t, &mut out);
+        assert_eq!(out, vec![3]);
+        assert!(w.is_empty());
+        assert!(t.0.iter().all(|l| !l.is_filed()));
     }
 
     #[test]
     fn beyond_the_horizon_is_refiled_not_lost() {
-        let mut w = TimerWheel::new(0);
+        let (mut w, mut t) = (TimerWheel::new(0), table(1));
         let far = SLOTS * TICK_MS * 3 + 7;
-        w.schedule(e(9, far));
+        w.schedule(0, far, &mut t);
         let mut out = Vec::new();
         let mut now = 0;
         while now < far {
             now += 997;
-            w.expire(now.min(far - 1), &mut out);
+            w.expire(now.min(far - 1), &mut t, &mut out);
             assert!(out.is_empty(), "fired early at {now}");
         }
-        // Timers fire on the first tick at or after their deadline, never before it.
-        w.expire(far + TICK_MS, &mut out);
-        assert_eq!(out, vec![e(9, far)]);
+        w.expire(far + TICK_MS, &mut t, &mut out);
+        assert_eq!(out, vec![0]);
+    }
+
+    #[test]
+    fn cancel_and_reschedule_unlink_in_place() {
+        let (mut w, mut t) = (TimerWheel::new(0), table(5));
+        for i in 0..5 {
+            w.schedule(i, 100, &mut t); // all in one slot: a list of five
+        }
+        w.cancel(2, &mut t); // middle
+        w.cancel(4, &mut t); // head
+        w.cancel(0, &mut t); // tail
+        w.schedule(3, 500, &mut t); // moved to another slot
+        assert_eq!(w.len(), 2);
+        let mut out = Vec::new();
+        w.expire(200, &mut t, &mut out);
+        assert_eq!(out, vec![1]);
+        w.expire(600, &mut t, &mut out);
+        assert_eq!(out, vec![1, 3]);
+        assert!(w.is_empty());
+    }
+
+    #[test]
+    fn memory_does_not_grow_with_churn() {
+        // A million connections filed and cancelled: the wheel stays its fixed array of heads.
+        let (mut w, mut t) = (TimerWheel::new(0), table(1000));
+        for round in 0..1000u64 {
+            for i in 0..1000u32 {
+                w.schedule(i, round * 7 + u64::from(i), &mut t);
+            }
+            for i in 0..1000u32 {
+                w.cancel(i, &mut t);
+            }
+        }
+        assert!(w.is_empty());
+        assert_eq!(w.heads.len(), SLOTS as usize);
     }
 
     #[test]
     fn past_deadlines_fire_on_the_next_expiry() {
-        let mut w = TimerWheel::new(1000);
-        w.schedule(e(1, 10));
+        let (mut w, mut t) = (TimerWheel::new(1000), table(1));
+        w.schedule(0, 10, &mut t);
         let mut out = Vec::new();
-        w.expire(1011, &mut out);
-        assert_eq!(out.len(), 1);
+        w.expire(1011, &mut t, &mut out);
+        assert_eq!(out, vec![0]);
         assert_eq!(w.sleep_ms(1011, 500), 500);
     }
 }
