@@ -5,4 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
-cargo test --workspace
+# Build first, then run under a time limit: a test that hangs fails the run instead of stalling CI.
+cargo test --workspace --no-run
+timeout --kill-after=30 1200 cargo test --workspace

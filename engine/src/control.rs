@@ -22,6 +22,10 @@ pub enum Control {
     Drain,
     /// A health check changed a server's state (indices into the configuration).
     ServerState { backend: usize, server: usize, up: bool },
+    /// Re-arm every accept: the engine this one replaced has stopped accepting on the shared
+    /// listening sockets, and a wakeup for a queued connection may have gone to one of its
+    /// cancelled accepts (accept waits are exclusive: the kernel wakes one waiter per connection).
+    RearmAccepts,
 }
 
 /// An eventfd used as a doorbell.

@@ -260,6 +260,14 @@ impl Engine {
         }
     }
 
+    /// Makes every worker cancel and re-arm its accepts (after a predecessor stopped accepting on
+    /// the same sockets): re-arming accepts whatever waits in the backlogs.
+    pub fn rearm_accepts(&self) {
+        for p in self.peers.iter() {
+            p.send(Control::RearmAccepts);
+        }
+    }
+
     /// Whether every worker has exited.
     pub fn finished(&self) -> bool {
         self.threads.iter().all(|t| t.is_finished())

@@ -233,9 +233,10 @@ fn report(engine: &Engine) {
     let plan = engine.plan();
     let cpus: Vec<String> = plan.cpus.iter().map(|c| c.map_or("-".into(), |c| c.to_string())).collect();
     eprintln!(
-        "ringproxy {}: {} workers (CPUs {}), maxconn {}{}, RLIMIT_NOFILE {}, {} connections per worker",
+        "ringproxy {}: {} worker{} (CPUs {}), maxconn {}{}, RLIMIT_NOFILE {}, {} connections per worker",
         env!("CARGO_PKG_VERSION"),
         plan.workers,
+        if plan.workers == 1 { "" } else { "s" },
         cpus.join(","),
         plan.maxconn,
         plan.configured_maxconn.map_or(" (not configured)".into(), |m| format!(" (configured {m})")),

@@ -105,6 +105,9 @@ impl Supervisor {
         while std::time::Instant::now() < deadline && old.stats().total(|w| w.listening) > 0 {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
+        // A connection that arrived while the old accepts were being cancelled may have woken only
+        // one of them; the new engine's accepts re-arm and take it from the backlog.
+        self.current.rearm_accepts();
         self.draining.push(old);
         self.generation += 1;
         let mut report = format!(

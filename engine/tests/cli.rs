@@ -91,6 +91,11 @@ fn missing_file_and_missing_flag_exit_2() {
 
 /// Starts the binary and reads its startup report up to the listening lines.
 fn start(config: &PathBuf, extra: &[&str]) -> (Child, Vec<SocketAddr>, Vec<String>) {
+    start_listening(config, extra, 1)
+}
+
+/// Starts the binary and reads its report up to the `listeners`-th "listening on" line.
+fn start_listening(config: &PathBuf, extra: &[&str], listeners: usize) -> (Child, Vec<SocketAddr>, Vec<String>) {
     let mut child = Command::new(bin())
         .args(extra)
         .arg("-c")
@@ -108,7 +113,7 @@ fn start(config: &PathBuf, extra: &[&str]) -> (Child, Vec<SocketAddr>, Vec<Strin
         if let Some(a) = line.split("listening on ").nth(1) {
             addrs.push(a.trim().parse().unwrap());
         }
-        let done = line.contains("listening on");
+        let done = addrs.len() == listeners;
         report.push(line);
         if done {
             break;
@@ -189,6 +194,35 @@ fn sigterm_drains_open_connections_then_exits_0() {
     assert!(child.try_wait().unwrap().is_none(), "exited with a connection still open");
     drop(open);
     assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
+}
+
+#[test]
+fn sigterm_stops_workers_that_accept_one_connection_at_a_time() {
+    // Ten listening sockets with deep backlogs could queue more connections than the accept range of
+    // the file table holds, so the worker accepts one at a time (never a multishot accept); a drain
+    // must cancel those single accepts too, or the worker never finishes.
+    let backend = Backend::start(Mode::Echo);
+    let binds: Vec<String> = (0..10).map(|_| "\"127.0.0.1:0\"".to_string()).collect();
+    let cfg = write_config(
+        "single-accept.yaml",
+        &format!(
+            "global: {{ workers: 1, maxconn: 1000 }}\n\
+             frontends: [{{ name: fe, bind: [{}], backlog: 4096, backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            binds.join(", "),
+            backend.addr
+        ),
+    );
+    let (mut child, addrs, _) = start_listening(&cfg, &[], 10);
+    assert_eq!(addrs.len(), 10);
+    for (i, a) in addrs.iter().enumerate() {
+        for _ in 0..3 {
+            let mut c = connect(*a);
+            echo_once(&mut c, format!("bind {i}").as_bytes());
+        }
+    }
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0), "the drain did not finish");
 }
 
 #[test]

@@ -529,7 +529,20 @@ impl Worker {
                     self.client_slots += 1;
                     self.ring.accept_once(fd, Token::worker(Op::Accept, i as u32));
                 }
-            } else if l.armed && !l.single && !l.cancelling && (!should || !roomy) {
+            } else if l.armed && !l.cancelling && (!should || (!l.single && !roomy)) {
+                // A drain or a parked connection cancels any accept; a multishot one also goes when
+                // slots run short (a single accept already holds the slot it will use).
+                l.cancelling = true;
+                self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+            }
+        }
+    }
+
+    /// Cancels every armed accept; each re-arms when its cancellation completes (`on_accept`), and a
+    /// fresh accept takes whatever already waits in the backlog.
+    fn rearm_accepts(&mut self) {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if l.armed && !l.cancelling && !l.closed {
                 l.cancelling = true;
                 self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
             }
@@ -568,6 +581,7 @@ impl Worker {
                     let _ = reply.send(self.snapshot());
                 }
                 Control::Drain => self.start_drain(),
+                Control::RearmAccepts => self.rearm_accepts(),
                 Control::ServerState { backend, server, up } => self.set_server_state(backend, server, up),
             }
         }
