@@ -11,7 +11,7 @@
 #        net.ipv4.tcp_rmem/tcp_wmem    default buffers 4096 (idle sockets stay small)
 #   2. starts `ringload serve --mode echo` (SERVE_WORKERS workers, two listening addresses)
 #   3. starts ringproxy: WORKERS workers pinned over the CPUs (each worker's io_uring file table is
-#      capped by RLIMIT_NOFILE: 9,968 connections per worker under 20,000), maxconn MAXCONN, two servers
+#      capped by RLIMIT_NOFILE: 9,936 connections per worker under 20,000), maxconn MAXCONN, two servers
 #      with SOURCES_PER_SERVER source IPs each (127.0.2.0/24)
 #   4. `ringload hold --conns CONNS --sources 127.0.1.0/24 --ramp RAMP --heartbeat 10s`, held HOLD_S
 #      seconds after the ramp (ringload splits itself into processes of < 20,000 connections)

@@ -224,9 +224,10 @@ fn two_storms(test: &str) -> Storms {
         out.max_server
     );
     assert_eq!(out.max_server, MAXCONN, "the storm filled every slot");
-    // Not asserted: the engine's `active` also counts connections already closing (their share is
-    // given back at close, `active` drops when their last operation completes), so a snapshot may
-    // show a few more than maxconn while the server never sees more than maxconn.
+    // `active` drops at close() (connections whose last operations are in flight are `closing`),
+    // so the engine's own gauge stays at maxconn too. The workers answer a snapshot a moment apart
+    // and a share can move from one to the other in between, so the sum may show one or two more.
+    assert!(out.max_engine <= MAXCONN + 2, "the engine's active peaked at {}, above maxconn {MAXCONN}", out.max_engine);
 
     let s = engine.stats();
     if !out.dropped.is_empty() {
@@ -272,7 +273,7 @@ fn two_storms(test: &str) -> Storms {
     assert_eq!(back, msg);
     eprintln!(
         "{test}: {} clients in 2 storms of {CLIENTS}: {} served intact, {} dropped unserved, 0 damaged; at most {} at \
-         the server at once (maxconn {MAXCONN}; engine `active` peaked at {}, closing connections included), up to {} parked; slowest client {:?}",
+         the server at once (maxconn {MAXCONN}; engine `active` peaked at {}), up to {} parked; slowest client {:?}",
         out.tried,
         out.served,
         out.dropped.len(),
