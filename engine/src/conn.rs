@@ -93,6 +93,13 @@ impl Dir {
     pub(crate) fn busy(self) -> u32 {
         self.splice_in().bit() | self.splice_out().bit() | self.poll_out().bit() | self.recv().bit() | self.send().bit()
     }
+    /// The opposite direction.
+    pub(crate) fn other(self) -> Dir {
+        match self {
+            Dir::ClientToServer => Dir::ServerToClient,
+            Dir::ServerToClient => Dir::ClientToServer,
+        }
+    }
     pub(crate) fn shutdown(self) -> Op {
         match self {
             Dir::ClientToServer => Op::ShutdownServer,

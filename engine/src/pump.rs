@@ -95,6 +95,14 @@ impl Worker {
         if f.eof || !f.readable {
             if f.eof && !f.shut {
                 self.conns.at(idx).flow(dir).shut = true;
+                if self.conns.at(idx).flow(dir.other()).finished() {
+                    // The other direction is done too: closing both sockets forwards this EOF as a
+                    // FIN just as shutdown would (both receive queues were read to their EOF, so
+                    // the close is graceful and what was sent is still delivered), and it saves
+                    // shutdown's trip through an io-wq thread.
+                    self.close(idx, CloseReason::Done);
+                    return;
+                }
                 let t = self.token(idx, dir.shutdown());
                 self.ring.shutdown_write(dst, t);
             }
