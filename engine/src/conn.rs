@@ -129,6 +129,9 @@ pub struct Flow {
     pub shut: bool,
     /// Waiting in the worker's queue for a pipe or a buffer.
     pub waiting: bool,
+    /// A poll event on the source reported its peer's FIN, a hangup or an error: read on to the
+    /// EOF (or the error) instead of taking a short read as "drained".
+    pub hup: bool,
     /// Poll events seen on the source, to tell an EAGAIN that raced with new data.
     pub ready_seq: u8,
     pub seq_at_submit: u8,
@@ -146,6 +149,7 @@ impl Default for Flow {
             eof: false,
             shut: false,
             waiting: false,
+            hup: false,
             ready_seq: 0,
             seq_at_submit: 0,
         }

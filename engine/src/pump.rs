@@ -9,8 +9,9 @@
 //!
 //! Invariants: a flow has at most one chunk in flight (a recv/send, a hard-linked splice pair, or
 //! the rest of a short write); it holds a pipe or a buffer only while that chunk is in flight or
-//! bytes remain in it; `readable` is cleared only by an `EAGAIN` that no newer poll event
-//! contradicts (`ready_seq`), so no readiness edge is lost; an EOF is forwarded as
+//! bytes remain in it; `readable` is cleared only by an `EAGAIN` or a short recv (one that emptied
+//! the receive queue, with no FIN seen) that no newer poll event contradicts (`ready_seq`), so no
+//! readiness edge is lost; an EOF is forwarded as
 //! shutdown(SHUT_WR) only once nothing is pending.
 
 use crate::config::SpliceMode;
@@ -41,6 +42,9 @@ impl Worker {
         let f = c.flow(dir);
         f.readable = true;
         f.ready_seq = f.ready_seq.wrapping_add(1);
+        if mask & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32 != 0 {
+            f.hup = true;
+        }
         let reading_done = f.eof;
         if !more {
             self.rearm_poll(idx, op);
@@ -221,6 +225,11 @@ impl Worker {
                 if n as usize == CHUNK {
                     // The source has more than a buffer's worth: splice from the next chunk on.
                     f.bulk = true;
+                } else if !f.hup {
+                    // A short read emptied the socket's receive queue: data that comes later wakes
+                    // the poll (a new `ready_seq`), so the next read would only find EAGAIN. A FIN
+                    // already seen is the exception: it is read as the EOF by the next recv.
+                    self.drained(idx, dir);
                 }
             }
             0 => self.conns.at(idx).flow(dir).eof = true,
