@@ -39,7 +39,9 @@ impl StatsSource {
         let (tx, rx) = unbounded();
         let asked = self.peers.iter().filter(|p| p.send(Control::Snapshot(tx.clone()))).count();
         drop(tx);
-        let mut workers: Vec<_> = (0..asked).filter_map(|_| rx.recv_timeout(Duration::from_secs(5)).ok()).collect();
+        // One deadline for all answers (not one per worker): a busy engine answers late, not N times late.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut workers: Vec<_> = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).collect();
         workers.sort_by_key(|w| w.worker);
         let mut stats = EngineStats {
             version: env!("CARGO_PKG_VERSION").to_string(),

@@ -157,10 +157,20 @@ pub fn query(path: &Path, command: &str) -> Result<String, String> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).map_err(|e| e.to_string())?;
+    // A worker answers between two loop turns; starved of CPU (hundreds of thousands of busy
+    // connections on few cores) that can take seconds, so wait long before giving up.
+    let wait = Duration::from_secs(60);
+    s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
     s.write_all(format!("{command}\n").as_bytes()).map_err(|e| e.to_string())?;
     let mut out = String::new();
-    s.read_to_string(&mut out).map_err(|e| format!("reading from {}: {e}", path.display()))?;
+    s.read_to_string(&mut out).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => format!(
+            "ringproxy at {} did not answer within {} s (its workers may be starved of CPU); try again",
+            path.display(),
+            wait.as_secs()
+        ),
+        _ => format!("reading from {}: {e}", path.display()),
+    })?;
     Ok(out)
 }
 
