@@ -34,6 +34,7 @@
 #                                          the tables into docs/benchmarks.md (between markers)
 #         QUICK=1 scripts/bench.sh         smoke run (~1.5 min), nothing under docs/ is touched
 # Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS PATHS OUT
+#         TESTS CHURN_SOURCES
 #         UPDATE_DOCS=0|1 IMG=dir
 # Needs root for apt-get when haproxy, nginx (+ stream module), iperf3, wrk or jq are missing.
 set -euo pipefail
@@ -54,6 +55,10 @@ CONC=${CONC:-64}
 KA_CONNS=${KA_CONNS:-64}
 LAT_RATE=${LAT_RATE:-10000}
 PIPE_SIZE=${PIPE_SIZE:-262144}
+# Source addresses on each side of the churn test (client -> proxy, proxy -> echo backend): one
+# address pair has ~28,000 ephemeral ports, and a port in TIME-WAIT is reusable only after 1-2 s,
+# which caps one pair at ~14,000 connections/s for every path alike.
+CHURN_SOURCES=${CHURN_SOURCES:-8}
 PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice nginx}
 TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 rate wrk ka lat idle}
 OUT=${OUT:-$(mktemp -d /tmp/ringproxy-bench.XXXXXX)}
@@ -208,7 +213,13 @@ start_ringproxy() { # INSTANCE SERVICE...
         echo "frontends:"
         for s in "$@"; do echo "  - { name: $s, bind: \"127.0.0.1:0\", backend: $s }"; done
         echo "backends:"
-        for s in "$@"; do echo "  - { name: $s, servers: [{ name: s1, address: \"$(backend_of "$s")\" }] }"; done
+        for s in "$@"; do
+            if [ "$s" = echo ]; then
+                echo "  - { name: $s, servers: [{ name: s1, address: \"$(backend_of "$s")\", source: \"127.0.3.1-127.0.3.$CHURN_SOURCES\" }] }"
+            else
+                echo "  - { name: $s, servers: [{ name: s1, address: \"$(backend_of "$s")\" }] }"
+            fi
+        done
     } >"$d/ringproxy.yaml"
     "$RP" -c "$d/ringproxy.yaml" 2>"$d/stderr" &
     local pid=$!
@@ -248,7 +259,14 @@ start_haproxy() { # INSTANCE SPLICE(0|1) SERVICE...
             echo "    bind 127.0.0.1:$port"
             echo "    default_backend $s"
             echo "backend $s"
-            echo "    server s1 $(backend_of "$s")"
+            if [ "$s" = echo ]; then
+                # The classic recipe: one server line per source address.
+                for i in $(seq 1 "$CHURN_SOURCES"); do
+                    echo "    server s$i $(backend_of "$s") source 127.0.3.$i"
+                done
+            else
+                echo "    server s1 $(backend_of "$s")"
+            fi
         done
     } >"$d/haproxy.cfg"
     haproxy -db -f "$d/haproxy.cfg" >"$d/stdout" 2>"$d/stderr" &
@@ -277,7 +295,20 @@ start_nginx() { # INSTANCE SERVICE...
         for s in "$@"; do
             port=$(pick_port)
             ADDR[$inst:$s]=127.0.0.1:$port
-            echo "    server { listen 127.0.0.1:$port reuseport backlog=4096; proxy_pass $(backend_of "$s"); }"
+            if [ "$s" = echo ]; then
+                echo "    split_clients \"\$remote_addr\$remote_port\" \$churn_source {"
+                for i in $(seq 1 "$CHURN_SOURCES"); do
+                    if [ "$i" -lt "$CHURN_SOURCES" ]; then
+                        echo "        $(awk "BEGIN { printf \"%.2f\", 100 / $CHURN_SOURCES }")% 127.0.3.$i;"
+                    else
+                        echo "        * 127.0.3.$i;"
+                    fi
+                done
+                echo "    }"
+                echo "    server { listen 127.0.0.1:$port reuseport backlog=4096; proxy_bind \$churn_source; proxy_pass $(backend_of "$s"); }"
+            else
+                echo "    server { listen 127.0.0.1:$port reuseport backlog=4096; proxy_pass $(backend_of "$s"); }"
+            fi
         done
         echo "}"
     } >"$d/nginx.conf"
@@ -383,9 +414,9 @@ run_test() { # TEST PATH ROUND
             ;;
         rate)
             a=${ADDR[$p:echo]}
-            echo "ringload rate --target $a --concurrency $CONC --size 64 --duration ${DUR}s" >"$f.cmd"
+            echo "ringload rate --target $a --concurrency $CONC --size 64 --duration ${DUR}s --sources 127.0.6.1-127.0.6.$CHURN_SOURCES" >"$f.cmd"
             timeout "$TO" "$RL" rate --target "$a" --concurrency "$CONC" --size 64 --duration "${DUR}s" \
-                --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
+                --sources "127.0.6.1-127.0.6.$CHURN_SOURCES" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
         wrk)
             a=${ADDR[$p:http]}
