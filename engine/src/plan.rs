@@ -38,9 +38,11 @@ pub struct Plan {
     pub accept_slots: u32,
     /// Size of each worker's direct table; `[accept_slots, table_slots)` take server sockets.
     pub table_slots: u32,
-    /// Free accept slots a worker needs before it may use a multishot accept: twice the connections
-    /// its listeners' backlogs can hold (one multishot accept may drain them all at once).
-    pub multishot_margin: u32,
+    /// Per frontend: free accept slots one of its listeners needs before it may use a multishot
+    /// accept: twice the connections its backlog can hold (one multishot accept may drain it at
+    /// once), plus 64. A worker arms multishot accepts, in configuration order, while their margins
+    /// fit in its free slots; the other listeners accept one connection at a time.
+    pub multishot_margin: Vec<u32>,
     pub pipes_per_worker: u32,
     /// Global maxconn in force.
     pub maxconn: u32,
@@ -102,8 +104,11 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
     let accept_slots = conns_per_worker + (PARK_SLACK - SERVER_SLACK) + burst;
     let table_slots = accept_slots + conns_per_worker + SERVER_SLACK;
     let somaxconn = crate::host::sysctl1("net.core.somaxconn").unwrap_or(4096);
-    let queued: u64 = config.frontends.iter().map(|f| f.binds.len() as u64 * u64::from(f.backlog).min(somaxconn)).sum();
-    let multishot_margin = (2 * queued + 64).min(u64::from(u32::MAX)) as u32;
+    let multishot_margin: Vec<u32> = config
+        .frontends
+        .iter()
+        .map(|f| (2 * u64::from(f.backlog).min(somaxconn) + 64).min(u64::from(u32::MAX)) as u32)
+        .collect();
 
     let listeners: u64 = config.frontends.iter().map(|f| f.binds.len() as u64).sum::<u64>() * workers as u64;
     let fd_budget = nofile.saturating_sub(FD_RESERVE + listeners + 4 * workers as u64);

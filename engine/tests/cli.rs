@@ -199,8 +199,9 @@ fn sigterm_drains_open_connections_then_exits_0() {
 #[test]
 fn sigterm_stops_workers_that_accept_one_connection_at_a_time() {
     // Ten listening sockets with deep backlogs could queue more connections than the accept range of
-    // the file table holds, so the worker accepts one at a time (never a multishot accept); a drain
-    // must cancel those single accepts too, or the worker never finishes.
+    // the file table holds, so only the first listeners get multishot accepts and the others accept
+    // one connection at a time; a drain must cancel those single accepts too, or the worker never
+    // finishes.
     let backend = Backend::start(Mode::Echo);
     let binds: Vec<String> = (0..10).map(|_| "\"127.0.0.1:0\"".to_string()).collect();
     let cfg = write_config(

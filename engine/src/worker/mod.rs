@@ -505,19 +505,26 @@ impl Worker {
 
     /// Arms the accept of every listener that may take connections, cancels the others.
     pub(crate) fn update_listeners(&mut self) {
+        // Slots promised in this pass to the multishot accepts of earlier listeners.
+        let mut reserved: u32 = 0;
         for i in 0..self.listeners.len() {
             // Accept until a connection has to be parked: that parked connection is the demand that
             // makes the worker borrow share (clients waiting in the kernel backlog are invisible).
             let should = self.draining.is_none() && self.parked.is_empty();
-            // A multishot accept may take every queued connection at once; the kernel drops one it
-            // has no slot for. With few slots free, accept one connection at a time instead.
-            let free = self.plan.accept_slots.saturating_sub(self.client_slots);
-            let roomy = free >= self.plan.multishot_margin;
             let now = self.now;
+            let free = self.plan.accept_slots.saturating_sub(self.client_slots);
             let l = &mut self.listeners[i];
             let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else { continue };
             if l.closed {
                 continue;
+            }
+            // A multishot accept may take its listener's whole backlog at once; the kernel drops a
+            // connection it has no slot for. Listeners whose margin does not fit in what the earlier
+            // ones left accept one connection at a time instead.
+            let margin = self.plan.multishot_margin[l.frontend];
+            let roomy = free.saturating_sub(reserved) >= margin;
+            if roomy {
+                reserved += margin;
             }
             if should && !l.armed && l.retry_at <= now && free > 0 {
                 l.retry_at = 0;
