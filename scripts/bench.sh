@@ -276,7 +276,7 @@ start_haproxy() { # INSTANCE SPLICE(0|1) SERVICE...
 }
 
 start_nginx() { # INSTANCE SERVICE...
-    local inst=$1 d=$OUT/run/$1 s port
+    local inst=$1 d=$OUT/run/$1 s port share
     shift
     mkdir -p "$d"
     {
@@ -296,10 +296,11 @@ start_nginx() { # INSTANCE SERVICE...
             port=$(pick_port)
             ADDR[$inst:$s]=127.0.0.1:$port
             if [ "$s" = echo ]; then
+                share=$(awk "BEGIN { printf \"%.2f\", 100 / $CHURN_SOURCES }") # nginx takes 2 decimals
                 echo "    split_clients \"\$remote_addr\$remote_port\" \$churn_source {"
                 for i in $(seq 1 "$CHURN_SOURCES"); do
                     if [ "$i" -lt "$CHURN_SOURCES" ]; then
-                        echo "        $(awk "BEGIN { printf \"%.2f\", 100 / $CHURN_SOURCES }")% 127.0.3.$i;"
+                        echo "        $share% 127.0.3.$i;"
                     else
                         echo "        * 127.0.3.$i;"
                     fi

@@ -146,6 +146,12 @@ pub struct Worker {
     draining: Option<u64>,
 }
 
+/// Asks the kernel to cancel listener `i`'s accept; its final completion clears `armed`.
+fn cancel_accept(ring: &mut Ring, l: &mut ListenerState, i: usize) {
+    l.cancelling = true;
+    ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+}
+
 /// Runs a worker on the current thread until it has drained. `ready` gets `Ok` once the ring is up
 /// and the listeners accept, or the reason it could not start.
 pub fn run(setup: WorkerSetup, ready: Sender<Result<(), String>>) {
@@ -539,8 +545,7 @@ impl Worker {
             } else if l.armed && !l.cancelling && (!should || (!l.single && !roomy)) {
                 // A drain or a parked connection cancels any accept; a multishot one also goes when
                 // slots run short (a single accept already holds the slot it will use).
-                l.cancelling = true;
-                self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+                cancel_accept(&mut self.ring, l, i);
             }
         }
     }
@@ -550,8 +555,7 @@ impl Worker {
     fn rearm_accepts(&mut self) {
         for (i, l) in self.listeners.iter_mut().enumerate() {
             if l.armed && !l.cancelling && !l.closed {
-                l.cancelling = true;
-                self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+                cancel_accept(&mut self.ring, l, i);
             }
         }
     }
