@@ -20,6 +20,7 @@ pub mod plan;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod pump;
+pub mod ready;
 pub mod sources;
 pub mod stats;
 pub mod supervisor;

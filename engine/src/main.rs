@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use ringproxy::ready::{Ready, ReadyFile, ReadyListener};
 use ringproxy::supervisor::Supervisor;
 use ringproxy::{Engine, config};
 
@@ -14,6 +15,10 @@ struct Cli {
     /// Configuration file (YAML).
     #[arg(short = 'c', long = "config", global = true)]
     config: Option<PathBuf>,
+    /// Once every listener is bound, write PATH: JSON with the pid and the bound addresses
+    /// (rewritten after each reload, removed at exit).
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -87,7 +92,7 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => ExitCode::from(ringproxy::check::run(&config) as u8),
-        Command::Run => run(&path, config),
+        Command::Run => run(&path, config, cli.ready_file.as_deref()),
         Command::Reload(args) => reload(&args, &config),
         Command::Stats(_) => unreachable!("handled above"),
     }
@@ -168,7 +173,7 @@ fn stats(args: &StatsArgs, config: Option<&std::path::Path>) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn run(path: &std::path::Path, config: config::Config) -> ExitCode {
+fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::path::Path>) -> ExitCode {
     for w in &config.warnings {
         eprintln!("{w}");
     }
@@ -189,7 +194,18 @@ fn run(path: &std::path::Path, config: config::Config) -> ExitCode {
     if let Some(a) = service.metrics_addr() {
         eprintln!("ringproxy: Prometheus metrics on http://{a}/metrics");
     }
+    let ready_file = ready_file.map(ReadyFile::new);
+    let mut written = None;
     let sig = loop {
+        if let Some(f) = &ready_file
+            && written != Some(service.generation)
+        {
+            if let Err(e) = f.write(&ready(&service)) {
+                eprintln!("ringproxy: cannot write the ready file: {e}");
+                return ExitCode::from(1);
+            }
+            written = Some(service.generation);
+        }
         match signals.wait(Some(Duration::from_millis(100))) {
             Some(libc::SIGUSR1) => dump(&service),
             Some(libc::SIGHUP) => match service.reload() {
@@ -248,6 +264,18 @@ fn report(engine: &Engine) {
     }
     for b in engine.bound() {
         eprintln!("ringproxy: frontend \"{}\" listening on {}", b.frontend, b.addr);
+    }
+}
+
+/// What the ready file says about the current engine.
+fn ready(service: &Supervisor) -> Ready {
+    let engine = service.engine();
+    Ready {
+        pid: std::process::id(),
+        generation: service.generation,
+        listeners: engine.bound().iter().map(|b| ReadyListener { name: b.frontend.clone(), addr: b.addr }).collect(),
+        stats_socket: engine.config().global.stats.socket.clone(),
+        metrics: service.metrics_addr(),
     }
 }
 

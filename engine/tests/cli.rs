@@ -294,3 +294,41 @@ fn example_configurations_start_and_proxy() {
     }
     assert!(tried >= 3);
 }
+
+#[test]
+fn ready_file_names_every_bound_address_and_goes_away_at_exit() {
+    let backend = Backend::start(Mode::Echo);
+    let cfg = write_config(
+        "ready.yaml",
+        &format!(
+            "global: {{ workers: 1 }}\n\
+             frontends: [{{ name: fe, bind: [\"127.0.0.1:0\", \"127.0.0.1:0\"], backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            backend.addr
+        ),
+    );
+    let ready = cfg.with_extension("ready.json");
+    let _ = std::fs::remove_file(&ready);
+    let mut child = Command::new(bin())
+        .arg("--ready-file")
+        .arg(&ready)
+        .arg("-c")
+        .arg(&cfg)
+        .stderr(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("the ready file", Duration::from_secs(10), || ready.exists());
+    let info = ringproxy::ready::ReadyFile::read(&ready).unwrap();
+    assert_eq!(info.pid, child.id());
+    assert_eq!(info.generation, 0);
+    assert_eq!(info.listeners.len(), 2, "{info:?}");
+    for l in &info.listeners {
+        assert_eq!(l.name, "fe");
+        let mut c = connect(l.addr);
+        echo_once(&mut c, b"ready means serving");
+    }
+    sigterm(&child);
+    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    assert!(!ready.exists(), "the ready file outlived the process");
+}
