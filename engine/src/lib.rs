@@ -19,7 +19,6 @@ pub mod pipes;
 pub mod plan;
 pub mod privileges;
 pub mod proxy_protocol;
-pub mod pump;
 pub mod ready;
 pub mod sources;
 pub mod stats;

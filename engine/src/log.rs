@@ -117,19 +117,25 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
-impl crate::worker::Worker {
-    /// Appends the log line of connection `idx` (about to be freed) to this worker's buffer.
-    pub(crate) fn log_connection(&mut self, idx: u32) {
-        let now_us = self.now_us;
-        let now_ms = self.now;
-        let c = self.conns.at(idx).clone();
-        let cfg = self.cfg.clone();
-        let Some(log) = &mut self.log else { return };
-        let out = &mut log.buf;
+impl ConnLog {
+    /// Appends the line of a connection that is being freed (closed for `reason`; `source`: the
+    /// source IP it used toward its server).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn line(
+        &mut self,
+        worker: usize,
+        cfg: &crate::config::Config,
+        c: &crate::conn::Conn,
+        reason: crate::conn::CloseReason,
+        source: Option<std::net::IpAddr>,
+        now_us: u64,
+        now_ms: u64,
+    ) {
+        let out = &mut self.buf;
         let be = &cfg.backends[c.backend as usize];
         write_timestamp(out, SystemTime::now());
-        let _ = write!(out, " worker={} client=", self.id);
-        match c.client {
+        let _ = write!(out, " worker={worker} client=");
+        match c.client_addr {
             Some(a) => {
                 let _ = write!(out, "{a}");
             }
@@ -142,23 +148,21 @@ impl crate::worker::Worker {
             None => out.push(b'-'),
         }
         out.extend_from_slice(b" source=");
-        match server.filter(|_| c.source != crate::conn::NO_INDEX) {
-            Some(s) => {
-                let ip = self.backends[c.backend as usize].servers[s].sources.ips[c.source as usize];
+        match source {
+            Some(ip) => {
                 let _ = write!(out, "{ip}");
             }
             None => out.push(b'-'),
         }
         let ms = |us: u64| us as f64 / 1000.0;
-        let connected = server.is_some();
         let _ = write!(out, " wait_ms=");
-        if connected {
+        if server.is_some() {
             let _ = write!(out, "{:.3}", ms(u64::from(c.connect_after_us)));
         } else {
             out.push(b'-');
         }
         let _ = write!(out, " connect_ms=");
-        if connected {
+        if server.is_some() {
             let _ = write!(out, "{:.3}", ms(u64::from(c.connect_took_us)));
         } else {
             out.push(b'-');
@@ -169,9 +173,9 @@ impl crate::worker::Worker {
             ms(now_us.saturating_sub(c.t_accept_us)),
             c.bytes_in,
             c.bytes_out,
-            c.close_reason.map_or("done", |r| r.as_str())
+            reason.as_str()
         );
-        log.added(now_ms);
+        self.added(now_ms);
     }
 }
 

@@ -1,29 +1,47 @@
 //! The per-worker pool of splice pipes.
 //!
 //! A pipe is lent to one direction of one connection only while bytes are in flight (read from one
-//! socket, not yet written to the other), so an idle connection holds none. Invariants: a lent pipe
-//! is returned only when the splices using it have completed; a returned pipe is empty, or it is
-//! discarded (closed) instead of pooled; at most `max` pipes exist. Pipes are ordinary descriptors
-//! (not io_uring direct ones) so the direct table stays free for sockets; their number is bounded
-//! by the plan so they fit in RLIMIT_NOFILE.
+//! socket, not yet written to the other), so an idle connection holds none. The lease is a
+//! [`PipeLease`]: not `Copy`, made only here, and the only way back into the pool is
+//! [`PipePool::give_back`], which pools an empty pipe and closes one that may still hold bytes (so
+//! the pool never hands another connection a dirty pipe). The connection keeps the lease in the
+//! record of the splice that uses it until that splice's completion (conn/inflight.rs), so a pipe
+//! is neither closed nor lent again while the kernel uses it. At most `max` pipes exist. Pipes
+//! are ordinary descriptors (not io_uring direct ones) so the direct table stays free for sockets;
+//! their number is bounded by the plan so they fit in RLIMIT_NOFILE.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::mem::ManuallyDrop;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-pub type PipeId = u32;
-pub const NO_PIPE: PipeId = u32::MAX;
+/// A pipe lent out of the pool.
+#[must_use = "a pipe lease must be given back to its pool"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct PipeLease {
+    id: u32,
+}
 
-#[derive(Clone, Copy)]
+impl PipeLease {
+    fn into_id(self) -> u32 {
+        ManuallyDrop::new(self).id
+    }
+}
+
+impl Drop for PipeLease {
+    fn drop(&mut self) {
+        debug_assert!(std::thread::panicking(), "pipe {} dropped instead of given back", self.id);
+    }
+}
+
 struct Pipe {
-    rd: RawFd,
-    wr: RawFd,
+    rd: OwnedFd,
+    wr: OwnedFd,
 }
 
 pub struct PipePool {
-    pipes: Vec<Pipe>,
-    free: Vec<PipeId>,
-    /// Ids whose pipe was discarded and may be created again.
-    vacant: Vec<PipeId>,
+    /// `None`: a pipe that was closed (discarded) and may be created again.
+    pipes: Vec<Option<Pipe>>,
+    free: Vec<u32>,
     max: u32,
     size: u32,
     pub in_use: u32,
@@ -38,7 +56,6 @@ impl PipePool {
         PipePool {
             pipes: Vec::new(),
             free: Vec::new(),
-            vacant: Vec::new(),
             max,
             size,
             in_use: 0,
@@ -48,29 +65,30 @@ impl PipePool {
         }
     }
 
-    /// Lends a pipe, creating one if the pool is empty and below its maximum.
-    pub fn acquire(&mut self) -> io::Result<Option<PipeId>> {
+    /// Lends a pipe, creating one if the pool is empty and below its maximum; `Ok(None)` at the
+    /// maximum.
+    pub fn acquire(&mut self) -> io::Result<Option<PipeLease>> {
         if let Some(id) = self.free.pop() {
             self.in_use += 1;
-            return Ok(Some(id));
+            return Ok(Some(PipeLease { id }));
         }
-        let live = self.pipes.len() - self.vacant.len();
+        let live = self.pipes.iter().filter(|p| p.is_some()).count();
         if live as u32 >= self.max {
             return Ok(None);
         }
         let pipe = self.create()?;
-        let id = match self.vacant.pop() {
-            Some(id) => {
-                self.pipes[id as usize] = pipe;
-                id
+        let id = match self.pipes.iter().position(Option::is_none) {
+            Some(i) => {
+                self.pipes[i] = Some(pipe);
+                i as u32
             }
             None => {
-                self.pipes.push(pipe);
-                (self.pipes.len() - 1) as PipeId
+                self.pipes.push(Some(pipe));
+                self.pipes.len() as u32 - 1
             }
         };
         self.in_use += 1;
-        Ok(Some(id))
+        Ok(Some(PipeLease { id }))
     }
 
     fn create(&mut self) -> io::Result<Pipe> {
@@ -79,49 +97,42 @@ impl PipePool {
         if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: fcntl on a descriptor we own; failure only means the default size stays.
-        let got = unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, self.size as libc::c_int) };
+        // SAFETY: pipe2 succeeded: both descriptors are new and owned by nobody else.
+        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        // SAFETY: fcntl on a descriptor we own, no pointer; failure only means the default size.
+        let got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, self.size as libc::c_int) };
         if got > 0 {
             self.effective_size = got as u32;
         } else {
             // SAFETY: as above; F_GETPIPE_SZ only reads.
-            let cur = unsafe { libc::fcntl(fds[1], libc::F_GETPIPE_SZ) };
+            let cur = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
             if cur > 0 {
                 self.effective_size = cur as u32;
             }
         }
         self.created += 1;
-        Ok(Pipe { rd: fds[0], wr: fds[1] })
+        Ok(Pipe { rd, wr })
     }
 
     /// (read end, write end) of a lent pipe.
-    pub fn fds(&self, id: PipeId) -> (RawFd, RawFd) {
-        let p = self.pipes[id as usize];
-        (p.rd, p.wr)
-    }
-
-    /// Takes back an empty pipe whose splices have completed.
-    pub fn release(&mut self, id: PipeId) {
-        self.in_use -= 1;
-        self.free.push(id);
-    }
-
-    /// Takes back a pipe that may still hold bytes: it is closed, never lent again.
-    pub fn discard(&mut self, id: PipeId) {
-        self.in_use -= 1;
-        self.close(id);
-        self.vacant.push(id);
-        self.discarded += 1;
-    }
-
-    fn close(&mut self, id: PipeId) {
-        let p = self.pipes[id as usize];
-        // SAFETY: both descriptors belong to this pool and no splice uses them (caller's invariant).
-        unsafe {
-            libc::close(p.rd);
-            libc::close(p.wr);
+    pub fn fds(&self, lease: &PipeLease) -> (RawFd, RawFd) {
+        match &self.pipes[lease.id as usize] {
+            Some(p) => (p.rd.as_raw_fd(), p.wr.as_raw_fd()),
+            None => unreachable!("a lease names a live pipe"),
         }
-        self.pipes[id as usize] = Pipe { rd: -1, wr: -1 };
+    }
+
+    /// Takes a pipe back once no splice uses it: pooled if it is empty (`pending == 0`), closed
+    /// (never lent again) if it may still hold bytes.
+    pub fn give_back(&mut self, lease: PipeLease, pending: u32) {
+        let id = lease.into_id();
+        self.in_use -= 1;
+        if pending == 0 {
+            self.free.push(id);
+        } else {
+            self.pipes[id as usize] = None;
+            self.discarded += 1;
+        }
     }
 
     /// Pipes created and not lent.
@@ -130,34 +141,31 @@ impl PipePool {
     }
 }
 
-impl Drop for PipePool {
-    fn drop(&mut self) {
-        for id in 0..self.pipes.len() as PipeId {
-            if self.pipes[id as usize].rd >= 0 {
-                self.close(id);
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn lends_reuses_and_bounds() {
+    fn lends_reuses_discards_dirty_pipes_and_bounds() {
         let mut pool = PipePool::new(2, 65536);
         let a = pool.acquire().unwrap().unwrap();
         let b = pool.acquire().unwrap().unwrap();
         assert_ne!(a, b);
-        assert_eq!(pool.acquire().unwrap(), None, "at most two pipes");
-        pool.release(a);
-        assert_eq!(pool.acquire().unwrap(), Some(a), "an empty pipe is reused");
-        pool.discard(b);
+        assert!(pool.acquire().unwrap().is_none(), "at most two pipes");
+        let a_id = a.id;
+        pool.give_back(a, 0);
+        let a2 = pool.acquire().unwrap().unwrap();
+        assert_eq!(a2.id, a_id, "an empty pipe is reused");
+        let b_id = b.id;
+        pool.give_back(b, 100);
+        assert_eq!(pool.discarded, 1, "a pipe that may hold bytes is closed");
         let c = pool.acquire().unwrap().unwrap();
-        assert_eq!(c, b, "the discarded id is recreated with a fresh pipe");
+        assert_eq!(c.id, b_id, "the discarded id is recreated with a fresh pipe");
         assert_eq!(pool.created, 3);
         assert_eq!(pool.in_use, 2);
         assert!(pool.effective_size >= 4096);
+        pool.give_back(a2, 0);
+        pool.give_back(c, 0);
+        assert_eq!(pool.in_use, 0);
     }
 }

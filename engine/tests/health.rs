@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 
 fn server_state(engine: &ringproxy::Engine, name: &str) -> String {
-    engine.stats().servers.iter().find(|s| s.server == name).map(|s| s.state.clone()).unwrap_or_default()
+    engine.stats().servers.iter().find(|s| s.server == name).map(|s| s.state.to_string()).unwrap_or_default()
 }
 
 #[test]

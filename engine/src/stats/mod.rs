@@ -90,13 +90,48 @@ pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 3_600_000_000, 3).unwrap_or_else(|_| unreachable!("static bounds are valid"))
 }
 
+/// Whether a server takes new connections (health checks decide; without them it is always up).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerState {
+    #[default]
+    #[serde(rename = "UP")]
+    Up,
+    #[serde(rename = "DOWN")]
+    Down,
+}
+
+impl ServerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServerState::Up => "UP",
+            ServerState::Down => "DOWN",
+        }
+    }
+
+    pub fn is_up(self) -> bool {
+        self == ServerState::Up
+    }
+}
+
+impl std::fmt::Display for ServerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+/// Compares with the word operators see (`"UP"`, `"DOWN"`).
+impl PartialEq<&str> for ServerState {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerStats {
     pub backend: String,
     pub server: String,
     pub address: String,
-    /// `UP` (health checks are not configured, so every server is taken as up).
-    pub state: String,
+    pub state: ServerState,
     pub active: u64,
     pub total: u64,
     pub connect_errors: u64,
@@ -157,6 +192,10 @@ pub struct WorkerStats {
     /// PROXY protocol headers refused (malformed, oversized, late) and sent to servers.
     pub proxy_header_errors: u64,
     pub proxy_headers_sent: u64,
+    /// Looks at a client's bytes while waiting for its whole PROXY header (a header split over
+    /// several packets takes more than one).
+    #[serde(default)]
+    pub proxy_header_peeks: u64,
     pub bytes_client_to_server: u64,
     pub bytes_server_to_client: u64,
     pub splices: u64,
@@ -172,6 +211,9 @@ pub struct WorkerStats {
     pub share_borrowed: u64,
     pub ring: RingCounters,
     pub loop_iterations: u64,
+    /// Completions that matched nothing in flight (a kernel or engine bug; should stay 0).
+    #[serde(default)]
+    pub unexpected_completions: u64,
     pub busy_ns: u64,
     /// Worker clock when the snapshot was taken (ms since the worker started).
     pub uptime_ms: u64,

@@ -182,7 +182,7 @@ pub fn render(s: &EngineStats) -> String {
             }
         }
     };
-    servers(&mut m, "server_up", "gauge", "1 when the server takes new connections.", &|v| u64::from(v.state == "UP"));
+    servers(&mut m, "server_up", "gauge", "1 when the server takes new connections.", &|v| u64::from(v.state.is_up()));
     servers(&mut m, "server_connections_active", "gauge", "Connections open to the server.", &|v| v.active);
     servers(&mut m, "server_connections_total", "counter", "Connections made to the server.", &|v| v.total);
     servers(&mut m, "server_connect_errors_total", "counter", "Failed connects to the server.", &|v| v.connect_errors);

@@ -6,7 +6,8 @@
 //! operations (`Op::is_worker_op`) `index` names the listener or the fixed-file slot concerned and
 //! the generation is zero.
 
-/// What an SQE does. Connection ops double as bit positions in `Conn::inflight`.
+/// What an SQE does. A connection has at most one op of each kind in flight, so a connection's
+/// slot, generation and op name one request (for a cancel).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Op {
@@ -41,9 +42,6 @@ pub enum Op {
     ShutdownServer,
     /// shutdown(SHUT_WR) toward the client after the server's EOF.
     ShutdownClient,
-    /// SO_LINGER {1, 0} so the close sends RST (reset propagation).
-    LingerClient,
-    LingerServer,
     /// recv(MSG_PEEK) of the client's PROXY protocol header.
     HeaderPeek,
     /// recv of exactly the header's length, consuming it.
@@ -70,10 +68,13 @@ pub enum Op {
     Wake,
     /// Close of fixed-file slot `index`.
     CloseFixed,
+    /// SO_LINGER {1, 0} hard-linked before the close of slot `index` (posts a completion only if
+    /// it fails; ignored: that close then sends FIN instead of RST).
+    Linger,
 }
 
 impl Op {
-    const ALL: [Op; 32] = [
+    const ALL: [Op; 31] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -91,8 +92,6 @@ impl Op {
         Op::SpliceOutS2C,
         Op::ShutdownServer,
         Op::ShutdownClient,
-        Op::LingerClient,
-        Op::LingerServer,
         Op::HeaderPeek,
         Op::HeaderRead,
         Op::ProxySend,
@@ -106,6 +105,7 @@ impl Op {
         Op::AcceptCancel,
         Op::Wake,
         Op::CloseFixed,
+        Op::Linger,
     ];
 
     fn from_u8(v: u8) -> Option<Op> {
@@ -116,21 +116,7 @@ impl Op {
     pub fn is_worker_op(self) -> bool {
         self as u8 >= Op::Cancel as u8
     }
-
-    /// This op's bit in a connection's in-flight mask.
-    pub fn bit(self) -> u32 {
-        debug_assert!(!self.is_worker_op());
-        1 << (self as u8)
-    }
 }
-
-/// Bits of the connect chain in `Conn::inflight`.
-pub const CONNECT_CHAIN: u32 = (1 << Op::Socket as u8)
-    | (1 << Op::NoDelay as u8)
-    | (1 << Op::BindNoPort as u8)
-    | (1 << Op::Bind as u8)
-    | (1 << Op::Connect as u8)
-    | (1 << Op::ConnectTimeout as u8);
 
 /// A decoded `user_data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -182,10 +168,8 @@ mod tests {
     }
 
     #[test]
-    fn conn_ops_fit_the_inflight_mask() {
-        for op in Op::ALL.iter().filter(|op| !op.is_worker_op()) {
-            assert!((*op as u8) < 32);
-        }
-        assert!(Op::Accept.is_worker_op() && Op::Cancel.is_worker_op() && !Op::LingerServer.is_worker_op());
+    fn worker_ops_are_told_from_connection_ops() {
+        assert!(Op::Accept.is_worker_op() && Op::Cancel.is_worker_op() && Op::Linger.is_worker_op());
+        assert!(!Op::SendS2C.is_worker_op() && !Op::ClientPoll.is_worker_op());
     }
 }

@@ -1,0 +1,169 @@
+//! The first steps of a connection: opening it on an accepted socket, learning the client's
+//! address, and reading the PROXY protocol header a client sends (`accept_proxy`) before a server
+//! is chosen.
+//!
+//! The header is peeked at (nothing is consumed until a whole header is there), then exactly its
+//! length is consumed, so the first payload byte is the first byte forwarded to the server. A
+//! malformed or oversized header, or none within `timeout proxy_header`, closes that one
+//! connection and counts in `proxy_header_errors`. A header buffer is held only while a peek or
+//! the read is in flight: between peeks the connection holds nothing.
+
+use std::net::SocketAddr;
+
+use super::{CloseReason, Ctx, POLLIN_EVENTS, State, Step};
+use crate::proxy_protocol::{self, MAX_HEADER, Parsed};
+use crate::worker::ring::{ClientSlot, HeaderBuf};
+use crate::worker::token::Op;
+
+/// What a connection needs to know about the listener that accepted it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ListenerInfo {
+    pub frontend: u16,
+    /// The socket's family (SO_PEERNAME wants the exact address length).
+    pub ipv6: bool,
+    /// The bound address (a wildcard IP for `0.0.0.0` / `[::]` binds).
+    pub addr: SocketAddr,
+    /// Whether a connection needs its client's address looked up (balance source, connection
+    /// logs, PROXY protocol either way); without, it goes straight to a server.
+    pub needs_peer: bool,
+}
+
+impl Ctx<'_> {
+    /// A new admitted connection on `client`, accepted by listener `listener`: watch the client,
+    /// ask for its address (or go straight to a server).
+    pub(crate) fn open(&mut self, listener: u16, client: ClientSlot) {
+        debug_assert!(!self.c.is_live());
+        let l = self.listeners[listener as usize];
+        let fe = l.frontend as usize;
+        let bulk = self.cfg.global.tune.splice == crate::config::SpliceMode::Always;
+        let c = &mut *self.c;
+        c.listener = listener;
+        c.frontend = l.frontend;
+        c.backend = self.cfg.frontends[fe].backend as u16;
+        c.server = super::NO_INDEX;
+        c.source = super::NO_INDEX;
+        c.admitted = true;
+        c.last_client = self.now.ms;
+        c.last_server = self.now.ms;
+        c.t_accept_us = self.now.us;
+        c.c2s.bulk = bulk;
+        c.s2c.bulk = bulk;
+        self.enter(State::PeerName);
+        self.stats.accepted += 1;
+        let t = self.token(Op::ClientPoll);
+        self.ring.poll_multi(client.sock(), POLLIN_EVENTS, t);
+        self.c.client_poll = true;
+        self.c.client = Some(client);
+        self.ensure_timer();
+        if !l.needs_peer {
+            return self.dispatch();
+        }
+        match self.ring.peer_slot() {
+            Some(peer) => {
+                let t = self.token(Op::PeerName);
+                let Some(client) = &self.c.client else { unreachable!("set above") };
+                // SAFETY: `peer` moves into `Step::PeerName` right below, which only this op's
+                // completion takes apart (`Conn::settle`).
+                unsafe { self.ring.peername(client.sock(), l.ipv6, &peer, t) };
+                self.c.step = Step::PeerName(peer);
+            }
+            // Every peer-address slot is in flight (thousands of accepts in one batch): go on
+            // without the address rather than wait. A PROXY header still has to be read first.
+            None => self.after_peer_name(),
+        }
+    }
+
+    pub(super) fn on_peer_name(&mut self, addr: Option<SocketAddr>) {
+        self.c.client_addr = addr;
+        self.after_peer_name();
+    }
+
+    /// The client's address is known (or cannot be): read its PROXY header, or find a server.
+    fn after_peer_name(&mut self) {
+        if self.cfg.frontends[self.c.frontend as usize].accept_proxy {
+            self.enter(State::ProxyHeader);
+            self.ensure_timer();
+            self.peek_proxy_header();
+        } else {
+            self.dispatch();
+        }
+    }
+
+    /// Peeks at the client's bytes if it may have sent more since the last look.
+    pub(super) fn peek_proxy_header(&mut self) {
+        if self.c.state != State::ProxyHeader || !matches!(self.c.step, Step::Idle) || !self.c.c2s.readable {
+            return;
+        }
+        let Some(buf) = self.ring.header_buf() else {
+            // Thousands of handshakes at once on one worker: shed this one.
+            return self.close(CloseReason::BadProxyHeader);
+        };
+        self.c.c2s.seq_at_submit = self.c.c2s.ready_seq;
+        self.stats.proxy_header_peeks += 1;
+        let t = self.token(Op::HeaderPeek);
+        let Some(client) = &self.c.client else { unreachable!("a live connection has its client") };
+        // SAFETY: `buf` moves into `Step::HeaderPeek` right below; only this op's completion takes
+        // it out.
+        unsafe { self.ring.peek(client.sock(), &buf, t) };
+        self.c.step = Step::HeaderPeek(buf);
+    }
+
+    pub(super) fn on_header_peek(&mut self, buf: HeaderBuf, res: i32) {
+        let parsed = (res > 0).then(|| proxy_protocol::parse(&self.ring.header(&buf)[..res as usize]));
+        match (res, parsed) {
+            (_, Some(Ok(Parsed::Done(h)))) => {
+                let t = self.token(Op::HeaderRead);
+                let Some(client) = &self.c.client else { unreachable!("a live connection has its client") };
+                // SAFETY: `buf` moves into `Step::HeaderRead` right below; only this op's
+                // completion takes it out.
+                unsafe { self.ring.consume(client.sock(), &buf, h.len as u32, t) };
+                self.c.step = Step::HeaderRead(buf);
+            }
+            (n, Some(Ok(Parsed::Incomplete))) if (n as usize) < MAX_HEADER => {
+                self.ring.give_header(buf);
+                self.wait_for_more();
+            }
+            (_, Some(Ok(Parsed::Incomplete) | Err(_))) => {
+                self.ring.give_header(buf);
+                self.close(CloseReason::BadProxyHeader);
+            }
+            // EOF before a whole header.
+            (0, None) => {
+                self.ring.give_header(buf);
+                self.close(CloseReason::BadProxyHeader);
+            }
+            (e, None) if e == -libc::EAGAIN => {
+                self.ring.give_header(buf);
+                self.wait_for_more();
+            }
+            (_, None) => {
+                self.ring.give_header(buf);
+                self.close(CloseReason::ClientReset);
+            }
+        }
+    }
+
+    /// The header is not all there: look again when the client sends more.
+    fn wait_for_more(&mut self) {
+        let f = &mut self.c.c2s;
+        if f.ready_seq == f.seq_at_submit {
+            f.readable = false;
+        }
+        self.peek_proxy_header();
+    }
+
+    pub(super) fn on_header_read(&mut self, buf: HeaderBuf, res: i32) {
+        let parsed = (res > 0).then(|| proxy_protocol::parse(&self.ring.header(&buf)[..res as usize]));
+        self.ring.give_header(buf);
+        match parsed {
+            Some(Ok(Parsed::Done(h))) if h.len == res as usize => {
+                if h.source.is_some() {
+                    self.c.client_addr = h.source;
+                }
+                self.c.dest = h.dest;
+                self.dispatch();
+            }
+            _ => self.close(CloseReason::BadProxyHeader),
+        }
+    }
+}

@@ -1,0 +1,329 @@
+//! Moving bytes: readiness, small chunks through a buffer, large ones by splice, short writes,
+//! half-close. One direction of one connection at a time, driven by completions.
+//!
+//! Two ways to move a chunk, chosen per flow (`tune.splice: auto`): a small chunk is `recv`ed into
+//! a worker buffer and `send` back out — both complete inline on the worker's thread, which is what
+//! request/response traffic and connection churn need; once a read fills a whole buffer the flow
+//! is moving bulk data and switches to splice (socket → pipe → socket, zero copy, one io-wq trip
+//! per chunk), and back to buffers when chunks get small again. `tune.splice: always` splices
+//! everything.
+//!
+//! Invariants: a flow has at most one chunk in flight, and its `FlowIo` record owns the buffer or
+//! pipe holding it — a recv/send, a hard-linked splice pair, the rest of a short write, or the
+//! POLLOUT that waits for room with the unsent bytes; between chunks a flow holds nothing.
+//! `readable` is cleared only by an `EAGAIN` or a short recv (one that emptied the receive queue,
+//! with no FIN seen) that no newer poll event contradicts (`ready_seq`), so no readiness edge is
+//! lost; an EOF is forwarded as shutdown(SHUT_WR) only once nothing is pending.
+
+use super::{CloseReason, Ctx, Dir, FlowIo, Half, Held, POLLOUT_EVENTS, State};
+use crate::config::SpliceMode;
+use crate::pipes::PipeLease;
+use crate::worker::ring::{CHUNK, ChunkBuf, Sock};
+use crate::worker::token::Op;
+
+/// A splice that moves less than this means the flow carries small messages again.
+const SMALL: usize = 2048;
+
+impl super::Conn {
+    /// The (source, destination) sockets of `dir`; `None` before both exist.
+    fn ends(&self, dir: Dir) -> Option<(Sock<'_>, Sock<'_>)> {
+        let (client, server) = (self.client.as_ref()?.sock(), self.server_slot.as_ref()?.sock());
+        Some(match dir {
+            Dir::ClientToServer => (client, server),
+            Dir::ServerToClient => (server, client),
+        })
+    }
+}
+
+impl Ctx<'_> {
+    /// An event (or the end) of a multishot POLLIN on the client's or the server's socket.
+    pub(super) fn on_poll(&mut self, client: bool, res: i32, more: bool) {
+        let dir = if client { Dir::ClientToServer } else { Dir::ServerToClient };
+        if res < 0 {
+            if res != -libc::ECANCELED {
+                return self.close(dir.source_reset());
+            }
+            // Ended without an event (cancelled by the kernel, e.g. on overflow): watch again.
+            return self.rearm_poll(client);
+        }
+        let mask = res as u32;
+        let f = self.c.flow(dir);
+        f.readable = true;
+        f.ready_seq = f.ready_seq.wrapping_add(1);
+        if mask & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) as u32 != 0 {
+            f.hup = true;
+        }
+        let reading_done = f.half != Half::Open;
+        if !more {
+            self.rearm_poll(client);
+        }
+        match self.c.state {
+            State::ProxyHeader => return self.peek_proxy_header(),
+            State::Established => {}
+            // Not connected yet: a client that resets (rather than half-closes) is gone for good.
+            _ if mask & (libc::POLLERR | libc::POLLHUP) as u32 != 0 => return self.close(CloseReason::ClientReset),
+            _ => return,
+        }
+        if mask & libc::POLLERR as u32 != 0 && reading_done {
+            // Nothing more will be read from this side, so no read would notice the error.
+            return self.close(dir.source_reset());
+        }
+        self.pump(dir);
+    }
+
+    fn rearm_poll(&mut self, client: bool) {
+        let armed = if client { self.c.client_poll } else { self.c.server_poll };
+        if armed || self.c.is_closing() || !self.c.is_live() {
+            return;
+        }
+        let op = if client { Op::ClientPoll } else { Op::ServerPoll };
+        let t = self.token(op);
+        let sock = if client {
+            self.c.client.as_ref().map(|s| s.sock())
+        } else {
+            self.c.server_slot.as_ref().map(|s| s.sock())
+        };
+        let Some(sock) = sock else { return };
+        self.ring.poll_multi(sock, super::POLLIN_EVENTS, t);
+        if client {
+            self.c.client_poll = true;
+        } else {
+            self.c.server_poll = true;
+        }
+    }
+
+    /// Moves bytes in direction `dir` as far as readiness, resources and the destination allow.
+    pub(crate) fn pump(&mut self, dir: Dir) {
+        if self.c.state != State::Established || !matches!(self.c.flow(dir).io, FlowIo::Idle) {
+            return;
+        }
+        let f = self.c.flow(dir);
+        if f.half != Half::Open || !f.readable {
+            if f.half == Half::EofSeen {
+                f.half = Half::Shut;
+                if self.c.flow(other(dir)).finished() {
+                    // The other direction is done too: closing both sockets forwards this EOF as
+                    // a FIN just as shutdown would (both receive queues were read to their EOF,
+                    // so the close is graceful and what was sent is still delivered), and it
+                    // saves shutdown's trip through an io-wq thread.
+                    return self.close(CloseReason::Done);
+                }
+                let t = self.token(dir.shutdown());
+                let Some((_, dst)) = self.c.ends(dir) else { return };
+                self.ring.shutdown_write(dst, t);
+                self.c.flow(dir).io = FlowIo::Shutdown;
+            }
+            return;
+        }
+        // A small chunk goes through a buffer: recv and send run inline on this thread. A flow
+        // that fills buffers switches to splice: zero copy, in an io-wq thread.
+        if !f.bulk
+            && let Some(buf) = self.ring.chunk_buf()
+        {
+            let f = self.c.flow(dir);
+            f.seq_at_submit = f.ready_seq;
+            let t = self.token(dir.recv());
+            let Some((src, _)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
+            // SAFETY: `buf` moves into `FlowIo::Recv` right below; only this op's completion
+            // takes it out.
+            unsafe { self.ring.recv_chunk(src, &buf, t) };
+            self.c.flow(dir).io = FlowIo::Recv(buf);
+            return;
+        }
+        let pipe = match self.pipes.acquire() {
+            Ok(Some(p)) => p,
+            Ok(None) | Err(_) => {
+                self.c.flow(dir).io = FlowIo::Waiting;
+                self.waiters.push_back((self.idx, self.c.generation, dir));
+                self.stats.pipe_waits += 1;
+                return;
+            }
+        };
+        let f = self.c.flow(dir);
+        f.seq_at_submit = f.ready_seq;
+        let (t_in, t_out) = (self.token(dir.splice_in()), self.token(dir.splice_out()));
+        let size = self.pipes.effective_size;
+        let fds = self.pipes.fds(&pipe);
+        let Some((src, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
+        self.ring.splice_pair(src, fds, dst, size, t_in, t_out);
+        self.c.flow(dir).io = FlowIo::Splice { pipe, pending: 0, first: true };
+        self.stats.splices += 1;
+    }
+
+    /// Bytes came in from the source of `dir` (by splice or recv): count them.
+    fn received(&mut self, dir: Dir, n: u32) {
+        let now = self.now.ms;
+        let c = &mut *self.c;
+        match dir {
+            Dir::ClientToServer => {
+                c.last_client = now;
+                c.bytes_in += u64::from(n);
+                self.stats.bytes_client_to_server += u64::from(n);
+            }
+            Dir::ServerToClient => {
+                c.last_server = now;
+                c.bytes_out += u64::from(n);
+                self.stats.bytes_server_to_client += u64::from(n);
+            }
+        }
+    }
+
+    /// Bytes went out to the destination of `dir`.
+    fn sent(&mut self, dir: Dir) {
+        match dir {
+            Dir::ClientToServer => self.c.last_server = self.now.ms,
+            Dir::ServerToClient => self.c.last_client = self.now.ms,
+        }
+    }
+
+    /// A read found the source empty: it is not readable unless a poll event came in meanwhile.
+    fn drained(&mut self, dir: Dir) {
+        let f = self.c.flow(dir);
+        if f.ready_seq == f.seq_at_submit {
+            f.readable = false;
+        }
+    }
+
+    pub(super) fn on_recv(&mut self, dir: Dir, buf: ChunkBuf, res: i32) {
+        match res {
+            n if n > 0 => {
+                self.received(dir, n as u32);
+                let f = self.c.flow(dir);
+                if n as usize == CHUNK {
+                    // The source has more than a buffer's worth: splice from the next chunk on.
+                    f.bulk = true;
+                } else if !f.hup {
+                    // A short read emptied the socket's receive queue: data that comes later wakes
+                    // the poll (a new `ready_seq`), so the next read would only find EAGAIN. A FIN
+                    // already seen is the exception: it is read as the EOF by the next recv.
+                    self.drained(dir);
+                }
+                // Whatever came in is sent right away.
+                return self.send_held(dir, Held::Buf { buf, off: 0, len: n as u16 });
+            }
+            0 => self.c.flow(dir).half = Half::EofSeen,
+            e if e == -libc::EAGAIN => self.drained(dir),
+            e if e == -libc::ECANCELED => {}
+            _ => {
+                self.ring.give_chunk(buf);
+                return self.close(dir.source_reset());
+            }
+        }
+        self.ring.give_chunk(buf);
+        self.pump(dir);
+        self.check_done();
+    }
+
+    /// Writes held bytes to the destination of `dir`.
+    fn send_held(&mut self, dir: Dir, held: Held) {
+        let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
+        match held {
+            Held::Buf { buf, off, len } => {
+                let t = self.token(dir.send());
+                // SAFETY: `buf` moves into `FlowIo::Send` right below; only this op's completion
+                // takes it out.
+                unsafe { self.ring.send_chunk(dst, &buf, u32::from(off), u32::from(len), t) };
+                self.c.flow(dir).io = FlowIo::Send { buf, off, len };
+            }
+            Held::Pipe { pipe, pending } => {
+                let t = self.token(dir.splice_out());
+                let (rd, _) = self.pipes.fds(&pipe);
+                self.ring.splice_out(rd, dst, pending, t);
+                self.c.flow(dir).io = FlowIo::SpliceOut { pipe, pending };
+            }
+        }
+    }
+
+    pub(super) fn on_send(&mut self, dir: Dir, buf: ChunkBuf, off: u16, len: u16, res: i32) {
+        let n = match res {
+            n if n > 0 => {
+                self.sent(dir);
+                (n as u16).min(len)
+            }
+            e if e == -libc::EAGAIN || e == -libc::ECANCELED => 0,
+            _ => {
+                self.ring.give_chunk(buf);
+                return self.close(dir.destination_reset());
+            }
+        };
+        if n < len {
+            // The destination took less than we had: wait until it can take more.
+            return self.wait_for_room(dir, Held::Buf { buf, off: off + n, len: len - n });
+        }
+        self.ring.give_chunk(buf);
+        self.pump(dir);
+        self.check_done();
+    }
+
+    pub(super) fn on_splice_in(&mut self, dir: Dir, res: i32) {
+        match res {
+            n if n > 0 => {
+                self.received(dir, n as u32);
+                if (n as usize) < SMALL && self.cfg.global.tune.splice == SpliceMode::Auto {
+                    // Small messages again (not just a slow moment of a bulk transfer): back to
+                    // buffers once this chunk is out.
+                    self.c.flow(dir).bulk = false;
+                }
+            }
+            0 => self.c.flow(dir).half = Half::EofSeen,
+            e if e == -libc::EAGAIN => self.drained(dir),
+            e if e == -libc::ECANCELED => {}
+            _ => self.close(dir.source_reset()),
+        }
+    }
+
+    pub(super) fn on_splice_out(&mut self, dir: Dir, pipe: PipeLease, pending: u32, res: i32) {
+        match res {
+            n if n > 0 => self.sent(dir),
+            e if e == -libc::EAGAIN || e == -libc::ECANCELED || e == 0 => {}
+            _ => {
+                self.pipes.give_back(pipe, pending);
+                return self.close(dir.destination_reset());
+            }
+        }
+        if pending > 0 {
+            return self.wait_for_room(dir, Held::Pipe { pipe, pending });
+        }
+        self.pipes.give_back(pipe, 0);
+        self.pump(dir);
+        self.check_done();
+    }
+
+    /// Arms a one-shot POLLOUT on the destination of `dir`, holding what it could not take yet.
+    fn wait_for_room(&mut self, dir: Dir, held: Held) {
+        let t = self.token(dir.poll_out());
+        let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
+        self.ring.poll_once(dst, POLLOUT_EVENTS, t);
+        self.c.flow(dir).io = FlowIo::poll_out(held);
+    }
+
+    pub(super) fn on_poll_out(&mut self, dir: Dir, held: Held, res: i32) {
+        if res < 0 && res != -libc::ECANCELED {
+            self.give_back_held(held);
+            return self.close(dir.destination_reset());
+        }
+        self.send_held(dir, held);
+    }
+
+    /// Closes gracefully once both directions have forwarded their EOF.
+    pub(super) fn check_done(&mut self) {
+        if self.c.state == State::Established && self.c.c2s.finished() && self.c.s2c.finished() {
+            self.close(CloseReason::Done);
+        }
+    }
+
+    /// A flow that waited for a pipe or a buffer may try again (one was given back).
+    pub(crate) fn resume_waiting(&mut self, dir: Dir) {
+        if matches!(self.c.flow(dir).io, FlowIo::Waiting) {
+            self.c.flow(dir).io = FlowIo::Idle;
+            self.pump(dir);
+        }
+    }
+}
+
+fn other(dir: Dir) -> Dir {
+    match dir {
+        Dir::ClientToServer => Dir::ServerToClient,
+        Dir::ServerToClient => Dir::ClientToServer,
+    }
+}

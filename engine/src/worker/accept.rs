@@ -1,0 +1,202 @@
+//! A worker's listening sockets and their accepts.
+//!
+//! Each listener's accept is an [`Accept`] state: idle, armed (multishot, or one connection at a
+//! time), being cancelled, or closed (drain). A multishot accept may take its listener's whole
+//! backlog at once, and the kernel drops a connection it has no direct slot for, so a listener is
+//! multishot only while its backlog margin fits in the free accept slots left by the listeners
+//! before it; otherwise it accepts one connection at a time, reserving the slot it will fill.
+//! Accepting stops while a socket is parked (admission.rs) or a drain has begun.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::Worker;
+use super::ring::{ClientSlot, Completion};
+use super::token::{Op, Token};
+
+/// A listening socket owned by one worker.
+pub struct Listener {
+    pub frontend: usize,
+    pub fd: OwnedFd,
+    pub ipv6: bool,
+    /// The bound address (a wildcard IP for `0.0.0.0` / `[::]` binds).
+    pub addr: SocketAddr,
+}
+
+/// Where a listener's accept is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Accept {
+    /// No accept in flight; may be armed.
+    Idle,
+    /// An accept is in flight: multishot, or a single one (which reserved its slot).
+    Armed { multishot: bool },
+    /// A cancel of that accept is in flight; its final completion makes it `Idle`.
+    Cancelling { multishot: bool },
+    /// Closed for good (drain): the worker's descriptor is gone.
+    Closed,
+}
+
+pub(crate) struct ListenerState {
+    pub frontend: usize,
+    /// `None` once closed; the kernel socket lives on while another engine holds it.
+    pub fd: Option<OwnedFd>,
+    pub accept: Accept,
+    /// After an unexpected accept error, do not re-arm before this time (worker clock, ms).
+    pub retry_at: u64,
+    /// When the last accept error was logged, and how many were not logged since.
+    pub logged_at: Option<u64>,
+    pub unlogged: u64,
+}
+
+impl ListenerState {
+    pub fn new(frontend: usize, fd: OwnedFd) -> ListenerState {
+        ListenerState { frontend, fd: Some(fd), accept: Accept::Idle, retry_at: 0, logged_at: None, unlogged: 0 }
+    }
+
+    /// Open, with no accept in flight.
+    pub fn idle(&self) -> bool {
+        self.accept == Accept::Idle
+    }
+
+    /// How long until an idle listener backing off from an error may accept again.
+    pub fn retry_in(&self, now: u64) -> Option<u64> {
+        (self.idle() && self.retry_at > now).then(|| self.retry_at - now)
+    }
+}
+
+/// Back-off after an unexpected accept error, so a persistent one cannot spin the loop.
+const ACCEPT_RETRY_MS: u64 = 100;
+/// At most one log line per listener per this interval for repeated accept errors.
+const ACCEPT_LOG_MS: u64 = 10_000;
+
+impl Worker {
+    pub(super) fn on_accept(&mut self, listener: u16, c: Completion) {
+        let now = self.now.ms;
+        let l = &mut self.listeners[listener as usize];
+        let multishot = match l.accept {
+            Accept::Armed { multishot } | Accept::Cancelling { multishot } => multishot,
+            Accept::Idle | Accept::Closed => true,
+        };
+        if !multishot {
+            // The slot reserved for this accept is either used now (counted below) or not at all.
+            self.client_slots = self.client_slots.saturating_sub(1);
+        }
+        if !c.more() && l.accept != Accept::Closed {
+            l.accept = Accept::Idle;
+        }
+        if c.result < 0 {
+            match -c.result {
+                libc::ECANCELED => {}
+                // The accept range of the file table is full: wait for a close to free a slot.
+                libc::ENFILE | libc::EMFILE => {
+                    self.stats.limit_hits.global += 1;
+                    l.retry_at = now + ACCEPT_RETRY_MS;
+                }
+                e => {
+                    l.retry_at = now + ACCEPT_RETRY_MS;
+                    if l.logged_at.is_none_or(|t| now >= t + ACCEPT_LOG_MS) {
+                        eprintln!(
+                            "ringproxy: worker {}: accept on frontend \"{}\" failed: {} ({} more since the last report); retrying",
+                            self.id,
+                            self.cfg.frontends[l.frontend].name,
+                            std::io::Error::from_raw_os_error(e),
+                            l.unlogged
+                        );
+                        l.logged_at = Some(now);
+                        l.unlogged = 0;
+                    } else {
+                        l.unlogged += 1;
+                    }
+                }
+            }
+            self.update_listeners();
+            return;
+        }
+        let slot = ClientSlot::accepted(c.result as u32);
+        self.client_slots += 1;
+        // A connection the kernel handed over is served even when a drain has begun (the accept
+        // was cancelled, but completions already on their way still arrive).
+        if self.parked.is_empty() {
+            self.admit(listener, slot);
+        } else {
+            self.park(listener, slot);
+        }
+        if !c.more() {
+            self.update_listeners();
+        }
+    }
+
+    /// Arms the accept of every listener that may take connections, cancels the others.
+    pub(super) fn update_listeners(&mut self) {
+        // Accept until a connection has to be parked: that parked connection is the demand that
+        // makes the worker borrow share (clients waiting in the kernel backlog are invisible).
+        let should = self.draining.is_none() && self.parked.is_empty();
+        let now = self.now.ms;
+        // Slots promised in this pass to the multishot accepts of earlier listeners.
+        let mut reserved: u32 = 0;
+        for i in 0..self.listeners.len() {
+            // (A single accept armed below reserves a slot: recounted for each listener.)
+            let free = self.plan.accept_slots.saturating_sub(self.client_slots);
+            let l = &mut self.listeners[i];
+            let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else { continue };
+            let margin = self.plan.multishot_margin[l.frontend];
+            let roomy = free.saturating_sub(reserved) >= margin;
+            if roomy {
+                reserved += margin;
+            }
+            match l.accept {
+                Accept::Idle if should && l.retry_at <= now && free > 0 => {
+                    l.retry_at = 0;
+                    let token = Token::worker(Op::Accept, i as u32);
+                    if roomy {
+                        l.accept = Accept::Armed { multishot: true };
+                        self.ring.accept_multi(fd, token);
+                    } else {
+                        l.accept = Accept::Armed { multishot: false };
+                        self.client_slots += 1;
+                        self.ring.accept_once(fd, token);
+                    }
+                }
+                // A drain or a parked connection cancels any accept; a multishot one also goes when
+                // slots run short (a single accept already holds the slot it will use).
+                Accept::Armed { multishot } if !should || (multishot && !roomy) => {
+                    l.accept = Accept::Cancelling { multishot };
+                    self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Re-arms listeners whose back-off after an error has passed.
+    pub(super) fn retry_listeners(&mut self) {
+        let now = self.now.ms;
+        if self.listeners.iter().any(|l| l.idle() && l.retry_at != 0 && l.retry_at <= now) {
+            self.update_listeners();
+        }
+    }
+
+    /// Cancels every armed accept; each re-arms when its cancellation completes (`on_accept`), and a
+    /// fresh accept takes whatever already waits in the backlog.
+    pub(super) fn rearm_accepts(&mut self) {
+        for (i, l) in self.listeners.iter_mut().enumerate() {
+            if let Accept::Armed { multishot } = l.accept {
+                l.accept = Accept::Cancelling { multishot };
+                self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+            }
+        }
+    }
+
+    /// During a drain: closes each listener whose accept is gone.
+    pub(super) fn close_idle_listeners(&mut self) {
+        for l in &mut self.listeners {
+            if l.idle() {
+                l.accept = Accept::Closed;
+                // Close this worker's descriptor (no accept holds the socket through it any more).
+                // The socket itself closes, refusing new SYNs, only when the engine's copy is gone
+                // too — or lives on in the engine that replaces this one.
+                l.fd = None;
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The typed operations: each builds its SQE(s) and queues them. Memory the kernel uses after
+//! submission is either the ring's own (address and timeout tables, the wake buffer, `static`
+//! option values), alive until `Ring`'s `Drop` has cancelled everything, or a pool buffer named by
+//! a handle, in which case the operation is an `unsafe fn`: the caller keeps that handle in the
+//! operation's in-flight record until the completion is reaped.
+
+use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::RawFd;
+
+use io_uring::opcode;
+use io_uring::squeue::Flags;
+use io_uring::types::{DestinationSlot, Fd, Fixed, Timespec};
+
+use super::buffers::{CHUNK, ChunkBuf, HEADER_BUF, HeaderBuf, PeerSlot};
+use super::slots::{ClientSlot, ServerSlot, Sock};
+use super::{AddrId, Ring, TimeoutId};
+use crate::worker::token::{Op, Token};
+
+static ONE: libc::c_int = 1;
+static LINGER_RST: libc::linger = libc::linger { l_onoff: 1, l_linger: 0 };
+
+/// Splices never block an io-wq thread on an empty socket or a full pipe.
+const SPLICE_NONBLOCK: u32 = libc::SPLICE_F_NONBLOCK;
+
+impl Ring {
+    // --- listeners and the worker ---
+
+    /// Multishot accept into kernel-chosen fixed slots; non-blocking sockets. (SOCK_CLOEXEC is
+    /// refused with direct descriptors, which are never inherited anyway.)
+    pub fn accept_multi(&mut self, listener: RawFd, token: Token) {
+        let e = opcode::AcceptMulti::new(Fd(listener))
+            .allocate_file_index(true)
+            .flags(libc::SOCK_NONBLOCK)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: no pointer; the listener descriptor is kept open by the worker while armed.
+        unsafe { self.push(e) };
+    }
+
+    /// One accept into a kernel-chosen fixed slot (used near capacity, where a multishot accept
+    /// could take more connections than there are slots).
+    pub fn accept_once(&mut self, listener: RawFd, token: Token) {
+        let e = opcode::Accept::new(Fd(listener), std::ptr::null_mut(), std::ptr::null_mut())
+            .file_index(Some(DestinationSlot::auto_target()))
+            .flags(libc::SOCK_NONBLOCK)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: null address pointers (the peer address is not asked for); descriptor as above.
+        unsafe { self.push(e) };
+    }
+
+    /// Cancels the request carrying `target`. A successful cancel posts no completion of its own
+    /// (the cancelled request still completes, with -ECANCELED); a failed one (nothing found,
+    /// already running) posts one with `token`, which callers ignore.
+    pub fn cancel(&mut self, target: Token, token: Token) {
+        let e = opcode::AsyncCancel::new(target.encode()).build().flags(Flags::SKIP_SUCCESS);
+        // SAFETY: no pointer, no descriptor.
+        unsafe { self.push(e.user_data(token.encode())) };
+    }
+
+    /// Reads the control eventfd (completes when another thread signals it).
+    pub fn read_wake(&mut self, eventfd: RawFd, token: Token) {
+        let buf: *mut u64 = &raw mut **self.wake_buf;
+        // SAFETY: `wake_buf` is the ring's own box, freed only after `Drop` cancelled every
+        // request; only this read writes it, and one read is armed at a time (the worker re-arms
+        // on its completion). The eventfd outlives the worker.
+        unsafe { self.push(opcode::Read::new(Fd(eventfd), buf.cast(), 8).build().user_data(token.encode())) };
+    }
+
+    /// Closes a client socket's slot; with `rst`, SO_LINGER {1, 0} first, so the close sends RST.
+    pub fn close_client(&mut self, slot: ClientSlot, rst: bool) {
+        let index = slot.into_index();
+        self.close_index(index, rst, Token::worker(Op::CloseFixed, index));
+    }
+
+    /// Closes a server socket's slot (open or not); the slot is free again when the close
+    /// completes (`Op::CloseFixed` with the slot's index).
+    pub fn close_server(&mut self, slot: ServerSlot, rst: bool) {
+        let index = slot.into_index();
+        self.close_index(index, rst, Token::worker(Op::CloseFixed, index));
+    }
+
+    fn close_index(&mut self, index: u32, rst: bool, token: Token) {
+        let close = opcode::Close::new(Fixed(index)).build().user_data(token.encode());
+        if !rst {
+            // SAFETY: no pointer; the caller gave up the slot's handle, nothing else uses it.
+            unsafe { self.push(close) };
+            return;
+        }
+        // Hard-linked, so the close runs whatever the setsockopt returned; the setsockopt posts a
+        // completion only if it fails (`Op::Linger`, ignored: the close then sends FIN).
+        let linger = opcode::SetSockOpt::new(
+            Fixed(index),
+            libc::SOL_SOCKET as u32,
+            libc::SO_LINGER as u32,
+            (&raw const LINGER_RST).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        )
+        .build()
+        .flags(Flags::IO_HARDLINK | Flags::SKIP_SUCCESS)
+        .user_data(Token::worker(Op::Linger, index).encode());
+        // SAFETY: the option value is a `static`; the slot as above.
+        unsafe { self.push_chain(&[linger, close]) };
+    }
+
+    // --- connections ---
+
+    /// Multishot poll on a socket.
+    pub fn poll_multi(&mut self, sock: Sock<'_>, events: u32, token: Token) {
+        let e = opcode::PollAdd::new(Fixed(sock.index()), events).multi(true).build().user_data(token.encode());
+        // SAFETY: no pointer; the slot stays open until every op on it completed (module docs).
+        unsafe { self.push(e) };
+    }
+
+    /// One-shot poll on a socket (level-checked when armed).
+    pub fn poll_once(&mut self, sock: Sock<'_>, events: u32, token: Token) {
+        // SAFETY: as for `poll_multi`.
+        unsafe { self.push(opcode::PollAdd::new(Fixed(sock.index()), events).build().user_data(token.encode())) };
+    }
+
+    /// A peer-address slot, or `None` when every one is in flight.
+    pub fn peer_slot(&mut self) -> Option<PeerSlot> {
+        self.buffers.peer()
+    }
+
+    /// Asks for the peer address of a socket into `peer`. `ipv6` is the socket's family:
+    /// SO_PEERNAME refuses a buffer longer than the address.
+    ///
+    /// # Safety
+    /// `peer` is kept (not given back with [`Ring::take_peer`]) until this op's completion.
+    pub unsafe fn peername(&mut self, sock: Sock<'_>, ipv6: bool, peer: &PeerSlot, token: Token) {
+        let buf = self.buffers.peers.ptr(peer.index());
+        let len =
+            if ipv6 { std::mem::size_of::<libc::sockaddr_in6>() } else { std::mem::size_of::<libc::sockaddr_in>() };
+        let e = opcode::GetSockOpt::new(
+            Fixed(sock.index()),
+            libc::SOL_SOCKET as u32,
+            libc::SO_PEERNAME as u32,
+            buf.cast(),
+            len as u32,
+        )
+        .build()
+        .user_data(token.encode());
+        // SAFETY: `buf` is a pool slot that never moves; the caller keeps its handle until the
+        // completion, so the slot is not lent again meanwhile.
+        unsafe { self.push(e) };
+    }
+
+    /// Gives back the slot of a completed `peername` and returns the address it holds, if the
+    /// lookup succeeded.
+    pub fn take_peer(&mut self, peer: PeerSlot, result: i32) -> Option<SocketAddr> {
+        let raw = self.buffers.give_peer(peer);
+        if result < 0 { None } else { decode_sockaddr(&raw) }
+    }
+
+    /// A chunk buffer, or `None` when `max_chunks` are lent.
+    pub fn chunk_buf(&mut self) -> Option<ChunkBuf> {
+        self.buffers.chunk()
+    }
+
+    pub fn give_chunk(&mut self, b: ChunkBuf) {
+        self.buffers.give_chunk(b);
+    }
+
+    /// A header buffer, or `None` when every one is lent.
+    pub fn header_buf(&mut self) -> Option<HeaderBuf> {
+        self.buffers.header()
+    }
+
+    pub fn give_header(&mut self, b: HeaderBuf) {
+        self.buffers.give_header(b);
+    }
+
+    /// The bytes of a header buffer. Holding the handle outside an in-flight record means no
+    /// operation writes to it.
+    pub fn header(&self, b: &HeaderBuf) -> &[u8; HEADER_BUF] {
+        self.buffers.headers.get(b.index())
+    }
+
+    /// Copies `bytes` (at most `HEADER_BUF`) into a header buffer; returns how many.
+    pub fn fill_header(&mut self, b: &mut HeaderBuf, bytes: &[u8]) -> u32 {
+        let n = bytes.len().min(HEADER_BUF);
+        // SAFETY: the buffer is held through `b` (taken by `&mut`, so no op of ours names it
+        // while we write), and it lives as long as the pool.
+        let dst = unsafe { &mut *self.buffers.headers.ptr(b.index()) };
+        dst[..n].copy_from_slice(&bytes[..n]);
+        n as u32
+    }
+
+    /// recv of up to a chunk into a chunk buffer (non-blocking: EAGAIN when the socket is empty).
+    ///
+    /// # Safety
+    /// `buf` stays in this op's in-flight record until its completion.
+    pub unsafe fn recv_chunk(&mut self, sock: Sock<'_>, buf: &ChunkBuf, token: Token) {
+        let p = self.buffers.chunks.ptr(buf.index()).cast::<u8>();
+        let e = opcode::Recv::new(Fixed(sock.index()), p, CHUNK as u32).flags(libc::MSG_DONTWAIT).build();
+        // SAFETY: `p` is a pool buffer that never moves, held by the caller until the completion.
+        unsafe { self.push(e.user_data(token.encode())) };
+    }
+
+    /// send of `len` bytes from offset `off` of a chunk buffer (non-blocking: may be short).
+    ///
+    /// # Safety
+    /// As for [`Ring::recv_chunk`].
+    pub unsafe fn send_chunk(&mut self, sock: Sock<'_>, buf: &ChunkBuf, off: u32, len: u32, token: Token) {
+        let off = (off as usize).min(CHUNK);
+        let len = (len as usize).min(CHUNK - off);
+        // SAFETY: `off <= CHUNK`, so the pointer stays inside (or one past) the buffer.
+        let p = unsafe { self.buffers.chunks.ptr(buf.index()).cast::<u8>().add(off) };
+        let e = opcode::Send::new(Fixed(sock.index()), p, len as u32).flags(libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL);
+        // SAFETY: `p..p+len` lies in a pool buffer held by the caller until the completion.
+        unsafe { self.push(e.build().user_data(token.encode())) };
+    }
+
+    /// recv(MSG_PEEK) into a header buffer: looks at what the client sent without consuming it.
+    ///
+    /// # Safety
+    /// As for [`Ring::recv_chunk`].
+    pub unsafe fn peek(&mut self, sock: Sock<'_>, buf: &HeaderBuf, token: Token) {
+        let p = self.buffers.headers.ptr(buf.index()).cast::<u8>();
+        let e = opcode::Recv::new(Fixed(sock.index()), p, HEADER_BUF as u32).flags(libc::MSG_PEEK | libc::MSG_DONTWAIT);
+        // SAFETY: a pool buffer held by the caller until the completion.
+        unsafe { self.push(e.build().user_data(token.encode())) };
+    }
+
+    /// recv(MSG_WAITALL) of exactly `len` bytes into a header buffer: consumes a header already
+    /// peeked.
+    ///
+    /// # Safety
+    /// As for [`Ring::recv_chunk`].
+    pub unsafe fn consume(&mut self, sock: Sock<'_>, buf: &HeaderBuf, len: u32, token: Token) {
+        let p = self.buffers.headers.ptr(buf.index()).cast::<u8>();
+        let len = len.min(HEADER_BUF as u32);
+        let e = opcode::Recv::new(Fixed(sock.index()), p, len).flags(libc::MSG_WAITALL);
+        // SAFETY: as for `peek`.
+        unsafe { self.push(e.build().user_data(token.encode())) };
+    }
+
+    /// Sends the first `len` bytes of a header buffer, whole (MSG_WAITALL).
+    ///
+    /// # Safety
+    /// As for [`Ring::recv_chunk`].
+    pub unsafe fn send_header(&mut self, sock: Sock<'_>, buf: &HeaderBuf, len: u32, token: Token) {
+        let p = self.buffers.headers.ptr(buf.index()).cast::<u8>();
+        let len = len.min(HEADER_BUF as u32);
+        let e = opcode::Send::new(Fixed(sock.index()), p, len).flags(libc::MSG_WAITALL | libc::MSG_NOSIGNAL);
+        // SAFETY: as for `peek`.
+        unsafe { self.push(e.build().user_data(token.encode())) };
+    }
+
+    /// Installs a direct socket into the process table (the result is the new fd, which the
+    /// completion's handler must own), for the one thing io_uring cannot do on a direct socket
+    /// here: getsockname().
+    pub fn install_fd(&mut self, sock: Sock<'_>, token: Token) {
+        // SAFETY: no pointer; the slot as for `poll_multi`.
+        unsafe { self.push(opcode::FixedFdInstall::new(Fixed(sock.index()), 0).build().user_data(token.encode())) };
+    }
+
+    /// The chain that opens a server connection in `slot`:
+    /// SOCKET → TCP_NODELAY → [IP_BIND_ADDRESS_NO_PORT → BIND source] → CONNECT → LINK_TIMEOUT.
+    /// The steps before CONNECT post a completion only when they fail (CQE_SKIP_SUCCESS), always
+    /// before CONNECT's; CONNECT and LINK_TIMEOUT each post exactly one.
+    pub fn connect_chain(
+        &mut self,
+        slot: &ServerSlot,
+        dest: AddrId,
+        source: Option<AddrId>,
+        timeout: TimeoutId,
+        mk: impl Fn(Op) -> Token,
+    ) {
+        let index = slot.index();
+        let dst = &self.addrs[dest.0 as usize];
+        let domain = if dst.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
+        let (dst_ptr, dst_len) = (dst.as_ptr(), dst.len());
+        let target = DestinationSlot::try_from_slot_target(index)
+            .unwrap_or_else(|_| unreachable!("slot {index} is below the table size"));
+        let ts: *const Timespec = &self.timeouts[timeout.0 as usize];
+        let step = Flags::IO_LINK | Flags::SKIP_SUCCESS;
+        let socket = opcode::Socket::new(domain, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0)
+            .file_index(Some(target))
+            .build()
+            .flags(step)
+            .user_data(mk(Op::Socket).encode());
+        let nodelay =
+            opt_one(index, libc::IPPROTO_TCP, libc::TCP_NODELAY).flags(step).user_data(mk(Op::NoDelay).encode());
+        let connect = opcode::Connect::new(Fixed(index), dst_ptr.cast(), dst_len)
+            .build()
+            .flags(Flags::IO_LINK)
+            .user_data(mk(Op::Connect).encode());
+        let link_timeout = opcode::LinkTimeout::new(ts).build().user_data(mk(Op::ConnectTimeout).encode());
+        // Every pointer in the chain is into the ring's own tables (addresses, the timespec), alive
+        // until `Drop` cancelled every request, or a `static` option value; the slot is held by the
+        // caller's connection until its close.
+        match source {
+            Some(src) => {
+                let src = &self.addrs[src.0 as usize];
+                let no_port = opt_one(index, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)
+                    .flags(step)
+                    .user_data(mk(Op::BindNoPort).encode());
+                let bind = opcode::Bind::new(Fixed(index), src.as_ptr().cast(), src.len())
+                    .build()
+                    .flags(step)
+                    .user_data(mk(Op::Bind).encode());
+                // SAFETY: see above: ring tables, statics, a held slot.
+                unsafe { self.push_chain(&[socket, nodelay, no_port, bind, connect, link_timeout]) };
+            }
+            // SAFETY: see above: ring tables, statics, a held slot.
+            None => unsafe { self.push_chain(&[socket, nodelay, connect, link_timeout]) },
+        }
+    }
+
+    /// socket → pipe, hard-linked to pipe → socket: one io-wq trip moves a chunk end to end. The
+    /// hard link runs the second splice even when the first is short or fails. The pipe's
+    /// descriptors are the caller's lease, held until both complete.
+    pub fn splice_pair(
+        &mut self,
+        src: Sock<'_>,
+        pipe: (RawFd, RawFd),
+        dst: Sock<'_>,
+        len: u32,
+        t_in: Token,
+        t_out: Token,
+    ) {
+        let (rd, wr) = pipe;
+        let e_in = opcode::Splice::new(Fixed(src.index()), -1, Fd(wr), -1, len)
+            .flags(SPLICE_NONBLOCK)
+            .build()
+            .flags(Flags::IO_HARDLINK)
+            .user_data(t_in.encode());
+        let e_out = opcode::Splice::new(Fd(rd), -1, Fixed(dst.index()), -1, len)
+            .flags(SPLICE_NONBLOCK)
+            .build()
+            .user_data(t_out.encode());
+        // SAFETY: no pointer; the sockets and the pipe stay open until both complete.
+        unsafe { self.push_chain(&[e_in, e_out]) };
+    }
+
+    /// pipe → socket, for data left in the pipe by a short write.
+    pub fn splice_out(&mut self, pipe_rd: RawFd, dst: Sock<'_>, len: u32, token: Token) {
+        let e = opcode::Splice::new(Fd(pipe_rd), -1, Fixed(dst.index()), -1, len).flags(SPLICE_NONBLOCK).build();
+        // SAFETY: as for `splice_pair`.
+        unsafe { self.push(e.user_data(token.encode())) };
+    }
+
+    /// shutdown(SHUT_WR) on a socket: forwards an EOF.
+    pub fn shutdown_write(&mut self, sock: Sock<'_>, token: Token) {
+        // SAFETY: no pointer; the slot as for `poll_multi`.
+        unsafe {
+            self.push(opcode::Shutdown::new(Fixed(sock.index()), libc::SHUT_WR).build().user_data(token.encode()))
+        };
+    }
+}
+
+/// setsockopt(level, name, 1) on a direct socket.
+fn opt_one(index: u32, level: libc::c_int, name: libc::c_int) -> io_uring::squeue::Entry {
+    opcode::SetSockOpt::new(Fixed(index), level as u32, name as u32, (&raw const ONE).cast(), 4).build()
+}
+
+/// Decodes an AF_INET / AF_INET6 address written by the kernel (IPv4-mapped IPv6 as IPv4).
+fn decode_sockaddr(raw: &libc::sockaddr_in6) -> Option<SocketAddr> {
+    match raw.sin6_family as i32 {
+        libc::AF_INET6 => {
+            let ip = std::net::Ipv6Addr::from(raw.sin6_addr.s6_addr);
+            let v6 = SocketAddrV6::new(ip, u16::from_be(raw.sin6_port), raw.sin6_flowinfo, raw.sin6_scope_id);
+            Some(match ip.to_ipv4_mapped() {
+                Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, v6.port())),
+                None => SocketAddr::V6(v6),
+            })
+        }
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in at the start of this (larger, aligned) buffer.
+            let v4: &libc::sockaddr_in = unsafe { &*(raw as *const libc::sockaddr_in6).cast() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(v4.sin_port))))
+        }
+        _ => None,
+    }
+}

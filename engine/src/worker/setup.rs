@@ -1,0 +1,162 @@
+//! Building a worker: its ring with the address and timeout tables every connect chain may use,
+//! its side of every backend (source shards, balancers, maxconn shares), its counters.
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::accept::ListenerState;
+use super::ring::{AddrId, Ring, RingSetup, ServerSlots, TimeoutId};
+use super::timer::TimerWheel;
+use super::token::{Op, Token};
+use super::upstream::{Backend, Server, Upstream};
+use super::{Worker, WorkerSetup};
+use crate::balance::Balancer;
+use crate::conn::{Clock, Followups, ListenerInfo, Slab};
+use crate::limits::Shares;
+use crate::log::ConnLog;
+use crate::pipes::PipePool;
+use crate::sources::{self, SourceShard};
+use crate::stats::{ServerState, ServerStats, WorkerStats, latency_histogram};
+
+impl Worker {
+    pub(super) fn new(setup: WorkerSetup) -> std::io::Result<Worker> {
+        let WorkerSetup { id, config, plan, listeners, rx, wake, peers, log } = setup;
+        let cpu = plan.cpus[id];
+        if let Some(cpu) = cpu {
+            core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
+        }
+        // Address and timeout tables for the connect chains: every server, this worker's sources.
+        let mut addrs = Vec::new();
+        let mut timeouts = Vec::new();
+        let mut backends = Vec::with_capacity(config.backends.len());
+        for (b, be) in config.backends.iter().enumerate() {
+            let connect_timeout = TimeoutId(timeouts.len() as u32);
+            timeouts.push(be.connect_timeout);
+            let mut servers = Vec::with_capacity(be.servers.len());
+            for (s, srv) in be.servers.iter().enumerate() {
+                let dest = AddrId(addrs.len() as u32);
+                addrs.push(srv.address);
+                let picked = sources::shard(srv.sources.len(), id, plan.workers);
+                let ips: Vec<_> = picked.iter().map(|&i| srv.sources[i]).collect();
+                let ids = ips
+                    .iter()
+                    .map(|ip| {
+                        addrs.push(std::net::SocketAddr::new(*ip, 0));
+                        AddrId(addrs.len() as u32 - 1)
+                    })
+                    .collect();
+                servers.push(Server {
+                    state: ServerState::Up,
+                    dest,
+                    sources: SourceShard::new(ips, ids, plan.ephemeral_ports),
+                    active: 0,
+                    total: 0,
+                    errors: 0,
+                    limit: plan.limits.server[b][s],
+                });
+            }
+            let weights = be.servers.iter().map(|s| s.weight).collect();
+            backends.push(Backend {
+                balancer: Balancer::new(be.balance, weights, id),
+                servers,
+                queue: VecDeque::new(),
+                limit: plan.limits.backend[b],
+                connect_timeout,
+            });
+        }
+        let ring = Ring::new(RingSetup {
+            entries: config.global.tune.ring_entries,
+            files: plan.table_slots,
+            accept_slots: plan.accept_slots,
+            iowq_workers: config.global.tune.iowq_workers,
+            cpu,
+            addrs,
+            timeouts,
+            max_chunks: plan.pipes_per_worker as usize,
+        })?;
+        let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
+        let shares = Shares::new(&plan.limits, id, plan.workers, caps);
+        let stats = WorkerStats {
+            worker: id,
+            cpu,
+            servers: config
+                .backends
+                .iter()
+                .flat_map(|b| {
+                    b.servers.iter().map(|s| ServerStats {
+                        backend: b.name.clone(),
+                        server: s.name.clone(),
+                        address: s.address.to_string(),
+                        state: ServerState::Up,
+                        maxconn: u64::from(s.maxconn.unwrap_or(0)),
+                        ..ServerStats::default()
+                    })
+                })
+                .collect(),
+            ..WorkerStats::default()
+        };
+        let mut server_index = Vec::with_capacity(config.backends.len());
+        let mut n = 0;
+        for b in &config.backends {
+            server_index.push(n);
+            n += b.servers.len();
+        }
+        let admission =
+            (0..config.frontends.len()).map(|f| [Some(plan.limits.global), plan.limits.frontend[f]]).collect();
+        let needs_peer: Vec<bool> = config
+            .frontends
+            .iter()
+            .map(|f| {
+                let be = &config.backends[f.backend];
+                f.accept_proxy
+                    || config.global.connection_log.is_some()
+                    || be.balance == crate::config::Balance::Source
+                    || be.servers.iter().any(|s| s.send_proxy.is_some())
+            })
+            .collect();
+        let infos = listeners
+            .iter()
+            .map(|l| ListenerInfo {
+                frontend: l.frontend as u16,
+                ipv6: l.ipv6,
+                addr: l.addr,
+                needs_peer: needs_peer[l.frontend],
+            })
+            .collect();
+        let mut w = Worker {
+            id,
+            cfg: config.clone(),
+            ring,
+            conns: Slab::with_capacity(plan.conns_per_worker as usize),
+            timers: TimerWheel::new(0),
+            pipes: PipePool::new(plan.pipes_per_worker, config.global.tune.pipe_size),
+            waiters: VecDeque::new(),
+            up: Upstream {
+                backends,
+                shares,
+                outbox: Vec::new(),
+                server_slots: ServerSlots::new(plan.accept_slots, plan.table_slots),
+                server_index,
+                connect_latency: (0..n).map(|_| latency_histogram()).collect(),
+                admission,
+            },
+            stats,
+            now: Clock::default(),
+            log: log.map(ConnLog::new),
+            infos,
+            listeners: listeners.into_iter().map(|l| ListenerState::new(l.frontend, l.fd)).collect(),
+            parked: VecDeque::new(),
+            client_slots: 0,
+            follow: Followups::default(),
+            started: Instant::now(),
+            rx,
+            wake,
+            peers,
+            draining: None,
+            plan,
+        };
+        let fd = w.wake.fd();
+        w.ring.read_wake(fd, Token::worker(Op::Wake, 0));
+        Ok(w)
+    }
+}

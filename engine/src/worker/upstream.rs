@@ -1,0 +1,77 @@
+//! What a worker knows of its backends: per server its health, its share of the source IPs and
+//! its counters; per backend the balancer and the queue of connections waiting for a server; and
+//! the per-worker pools a connect draws from (maxconn shares, server slots of the direct table).
+//! conn/connect.rs works on it through a connection's context; the worker reads it for stats.
+
+use std::collections::VecDeque;
+
+use hdrhistogram::Histogram;
+
+use crate::balance::Balancer;
+use crate::limits::{LimitId, ShareMsg, Shares};
+use crate::sources::SourceShard;
+use crate::stats::ServerState;
+use crate::worker::ring::{AddrId, ServerSlots, TimeoutId};
+
+/// One server, as this worker sees it.
+pub(crate) struct Server {
+    /// Health as last reported (a server without health checks is always `Up`).
+    pub state: ServerState,
+    pub dest: AddrId,
+    pub sources: SourceShard,
+    pub active: u32,
+    pub total: u64,
+    pub errors: u64,
+    pub limit: Option<LimitId>,
+}
+
+pub(crate) struct Backend {
+    pub balancer: Balancer,
+    pub servers: Vec<Server>,
+    /// Connections waiting for a server slot: (slab index, generation), oldest first. Entries of
+    /// connections that left the queue otherwise (closed) are skipped when reached.
+    pub queue: VecDeque<(u32, u32)>,
+    pub limit: Option<LimitId>,
+    pub connect_timeout: TimeoutId,
+}
+
+/// The worker's side of every backend, and the pools a connect draws from.
+pub(crate) struct Upstream {
+    pub backends: Vec<Backend>,
+    /// This worker's maxconn shares (global, frontends, backends, servers).
+    pub shares: Shares,
+    /// Share messages to other workers, sent at the end of the loop turn: (worker, message).
+    pub outbox: Vec<(u16, ShareMsg)>,
+    /// Free direct-table slots for server sockets.
+    pub server_slots: ServerSlots,
+    /// Index of each backend's first server in the flattened per-server tables.
+    pub server_index: Vec<usize>,
+    /// Connect latency per server (flattened).
+    pub connect_latency: Vec<Histogram<u64>>,
+    /// Per frontend, the limits a connection is admitted against: the global one, and the
+    /// frontend's own if it has a maxconn.
+    pub admission: Vec<[Option<LimitId>; 2]>,
+}
+
+impl Upstream {
+    /// Takes the admission shares (global, and the frontend's if it has a maxconn) of frontend
+    /// `fe`: all of them, or none when one has no room.
+    pub fn take_admission(&mut self, fe: usize) -> bool {
+        let mut ids = [0; 2];
+        let mut n = 0;
+        for id in self.admission[fe].into_iter().flatten() {
+            ids[n] = id;
+            n += 1;
+        }
+        self.shares.take_all(&ids[..n])
+    }
+
+    /// The source IP a connection uses toward its server, if it has one.
+    pub fn source_ip(&self, c: &crate::conn::Conn) -> Option<std::net::IpAddr> {
+        if c.server == crate::conn::NO_INDEX || c.source == crate::conn::NO_INDEX {
+            return None;
+        }
+        let srv = self.backends.get(c.backend as usize)?.servers.get(c.server as usize)?;
+        srv.sources.ips.get(c.source as usize).copied()
+    }
+}
