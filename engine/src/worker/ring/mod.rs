@@ -20,6 +20,7 @@
 
 mod buffers;
 mod ops;
+mod register;
 mod slots;
 
 use std::collections::VecDeque;
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use io_uring::IoUring;
 use io_uring::squeue::Entry;
-use io_uring::types::{CancelBuilder, SubmitArgs, Timespec};
+use io_uring::types::{SubmitArgs, Timespec};
 use socket2::SockAddr;
 
 pub use buffers::{CHUNK, ChunkBuf, HEADER_BUF, HeaderBuf, PeerSlot};
@@ -122,7 +123,7 @@ impl Ring {
         ring.submitter()
             .register_files_sparse(setup.files)
             .map_err(|e| with_context(e, &format!("registering {} direct descriptors", setup.files)))?;
-        slots::register_file_alloc_range(&ring, 0, setup.accept_slots)
+        register::file_alloc_range(&ring, 0, setup.accept_slots)
             .map_err(|e| with_context(e, "setting the accept slot range"))?;
         let mut max = [0, setup.iowq_workers];
         ring.submitter().register_iowq_max_workers(&mut max).map_err(|e| with_context(e, "limiting io-wq workers"))?;
@@ -275,32 +276,61 @@ impl Ring {
     }
 }
 
+impl Ring {
+    /// Cancels every request and waits until none is left: true once the kernel finds nothing
+    /// more to cancel, false if some request still runs after `CANCEL_WAIT`.
+    ///
+    /// One IORING_REGISTER_SYNC_CANCEL matching any request does not wait for those already
+    /// running in an io-wq thread (it only interrupts them, and answers how many it found), and
+    /// does not see a request whose hand-over to io-wq is still deferred task work; so this runs
+    /// the task work, cancels, and repeats until the cancel finds nothing.
+    fn cancel_everything(&mut self) -> bool {
+        let deadline = std::time::Instant::now() + CANCEL_WAIT;
+        let mut pause = Timespec::new();
+        loop {
+            // Run the deferred task work first (DEFER_TASKRUN: only an enter with GETEVENTS does):
+            // a request may still have to be handed to an io-wq thread there, where the cancel
+            // below can find it. Completions are reaped and ignored.
+            let _ = self.ring.submitter().submit_with_args(1, &SubmitArgs::new().timespec(&pause));
+            self.ring.completion().for_each(drop);
+            match register::sync_cancel_any(&self.ring, Duration::from_millis(50)) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ETIME) => {}
+                Err(e) => {
+                    eprintln!("ringproxy: cancelling io_uring requests: {e}");
+                    return false;
+                }
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            // Found some: they complete (or finish being interrupted) in a moment.
+            pause = Timespec::new().nsec(1_000_000);
+        }
+    }
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
         // Entries never submitted are simply forgotten (the kernel never saw them).
         self.backlog.clear();
         let _ = self.ring.submitter().submit();
-        let ts = Timespec::new().sec(CANCEL_WAIT.as_secs()).nsec(CANCEL_WAIT.subsec_nanos());
-        let cancelled = match self.ring.submitter().register_sync_cancel(Some(ts), CancelBuilder::any()) {
-            Ok(()) => true,
-            // Nothing was in flight.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) => {
-                eprintln!(
-                    "ringproxy: io_uring requests still in flight after {CANCEL_WAIT:?} ({e}); leaking their buffers"
-                );
-                false
-            }
-        };
-        if cancelled {
-            // SAFETY: no request is in flight any more (the synchronous cancel waited for every one
-            // to complete), so the kernel holds no pointer into these; each is dropped once, here.
-            unsafe {
-                ManuallyDrop::drop(&mut self.buffers);
-                ManuallyDrop::drop(&mut self.wake_buf);
-            }
+        let cancelled = self.cancel_everything();
+        if cancelled && self.buffers.all_back() {
+            // SAFETY: every buffer handle is back, so no operation can name one (only an op that
+            // holds a handle points into the pools); dropped once, here.
+            unsafe { ManuallyDrop::drop(&mut self.buffers) };
+        } else {
+            // A handle still out means an op may still use its buffer (a worker whose ring failed
+            // abandons its connections): the pools stay allocated for the life of the process.
+            eprintln!("ringproxy: a ring went away with buffers possibly in use by the kernel; leaking them");
         }
-        // Otherwise both stay allocated for the life of the process: the kernel may still write.
+        if cancelled {
+            // SAFETY: the only op using it is the eventfd read, poll-driven, which the synchronous
+            // cancel has removed; dropped once, here.
+            unsafe { ManuallyDrop::drop(&mut self.wake_buf) };
+        }
     }
 }
 
@@ -314,4 +344,115 @@ fn cpu_set_of(cpu: usize) -> libc::cpu_set_t {
 
 fn with_context(e: io::Error, what: &str) -> io::Error {
     io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use io_uring::opcode;
+    use io_uring::types::Fd;
+
+    use super::*;
+    use crate::worker::token::{Op, Token};
+
+    fn small_ring() -> Ring {
+        Ring::new(RingSetup {
+            entries: 8,
+            files: 16,
+            accept_slots: 8,
+            iowq_workers: 2,
+            cpu: None,
+            addrs: Vec::new(),
+            timeouts: Vec::new(),
+            max_chunks: 1,
+        })
+        .expect("an io_uring")
+    }
+
+    /// A pipe with blocking ends: (read, write).
+    fn blocking_pipe() -> (OwnedFd, OwnedFd) {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both are new descriptors owned by nobody else.
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+    }
+
+    fn bytes_in(pipe_rd: &OwnedFd) -> i32 {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int into `n`.
+        assert_eq!(unsafe { libc::ioctl(pipe_rd.as_raw_fd(), libc::FIONREAD, &mut n) }, 0);
+        n
+    }
+
+    /// Review defect 4 (code-review-7b9477c §1.4): a flush of a full submission queue that the
+    /// kernel refuses reached `unreachable!` in `push_reserved`. Here the kernel refuses every
+    /// submit (a SINGLE_ISSUER ring used from another thread gets EEXIST): entries wait in the
+    /// backlog, whole chains together, and go in once the owner submits.
+    #[test]
+    fn a_full_submission_queue_that_cannot_be_flushed_keeps_its_entries() {
+        let ring = small_ring();
+        let ring = std::thread::spawn(move || {
+            let mut ring = ring;
+            for i in 0..100u32 {
+                ring.cancel(Token::worker(Op::Accept, 1_000 + i), Token::worker(Op::Cancel, i));
+            }
+            assert!(ring.submit().is_err(), "another thread may not submit to a SINGLE_ISSUER ring");
+            ring
+        })
+        .join()
+        .expect("pushing onto a full queue must not panic");
+        let mut ring = ring;
+        assert_eq!(ring.pending(), 100, "nothing was lost");
+        assert!(ring.counters.backlogged > 0 && ring.counters.sq_full > 0);
+        // Back on the owner's thread, everything goes in (each cancel finds nothing: -ENOENT).
+        let mut done = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while done.len() < 100 && std::time::Instant::now() < deadline {
+            ring.submit_and_wait(Some(Duration::from_millis(10))).unwrap();
+            ring.drain(&mut done);
+        }
+        assert_eq!(done.len(), 100);
+        assert!(done.iter().all(|c| c.result == -libc::ENOENT));
+        assert_eq!(ring.pending(), 0);
+    }
+
+    /// Review defect 5 (code-review-7b9477c §1.5): dropping a `Ring` closed its descriptor, which
+    /// only starts an asynchronous teardown, and freed the pools right away, while a request could
+    /// still be running and writing into a buffer. Here a read runs in an io-wq thread (forced
+    /// async, blocked on an empty pipe) into a chunk buffer whose handle its record still holds
+    /// (as a worker whose ring failed leaves it): after the drop, whatever that read does must
+    /// never land in memory that was freed and lent to someone else.
+    #[test]
+    fn dropping_a_ring_never_frees_a_buffer_an_op_may_still_write() {
+        for round in 0..10 {
+            let (a_rd, a_wr) = blocking_pipe();
+            let mut ring = small_ring();
+            let buf = ring.chunk_buf().unwrap();
+            let p = ring.buffers.chunks.ptr(buf.index()).cast::<u8>();
+            let e = opcode::Read::new(Fd(a_rd.as_raw_fd()), p, CHUNK as u32)
+                .build()
+                .flags(io_uring::squeue::Flags::ASYNC)
+                .user_data(Token::worker(Op::Wake, 0).encode());
+            // SAFETY: `p` is a pool buffer whose handle is never given back (forgotten below, as
+            // an abandoned connection's are); the pipe outlives the ring.
+            unsafe { ring.push(e) };
+            ring.submit().unwrap();
+            std::thread::sleep(Duration::from_millis(5));
+            std::mem::forget(buf);
+            drop(ring);
+            // Memory of the same size as a chunk buffer: what a freed buffer would be lent as.
+            let probes: Vec<Box<[u8; CHUNK]>> = (0..64).map(|_| Box::new([0u8; CHUNK])).collect();
+            let data = [0xAAu8; 4096];
+            // SAFETY: writes from a live buffer.
+            assert_eq!(unsafe { libc::write(a_wr.as_raw_fd(), data.as_ptr().cast(), data.len()) }, 4096);
+            std::thread::sleep(Duration::from_millis(20));
+            assert!(
+                probes.iter().all(|b| b.iter().all(|&x| x == 0)),
+                "round {round}: a request of the dropped ring wrote into freed memory"
+            );
+            assert_eq!(bytes_in(&a_rd), 4096, "round {round}: a request of the dropped ring still ran");
+        }
+    }
 }

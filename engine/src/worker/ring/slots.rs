@@ -8,13 +8,10 @@
 //! operation may still resolve the number. Operations borrow a slot as a [`Sock`], which can only
 //! be made from a handle that is still held.
 
-use std::io;
 use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::num::NonZeroU32;
-use std::os::fd::AsRawFd;
 
-use io_uring::IoUring;
 
 /// A socket in the direct table, borrowed for building one SQE.
 #[derive(Clone, Copy, Debug)]
@@ -122,33 +119,6 @@ impl ServerSlots {
         debug_assert!(self.owns(index) && !self.free.contains(&index));
         self.free.push(index);
     }
-}
-
-/// Tells the kernel which slots its accepts may allocate from (io-uring 0.7.16 has no wrapper
-/// for IORING_REGISTER_FILE_ALLOC_RANGE, so this is the raw system call).
-pub(super) fn register_file_alloc_range(ring: &IoUring, off: u32, len: u32) -> io::Result<()> {
-    #[repr(C)]
-    struct Range {
-        off: u32,
-        len: u32,
-        resv: u64,
-    }
-    const IORING_REGISTER_FILE_ALLOC_RANGE: libc::c_long = 25;
-    let range = Range { off, len, resv: 0 };
-    // SAFETY: `range` is a valid io_uring_file_index_range that the kernel only reads during the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_io_uring_register,
-            ring.as_raw_fd(),
-            IORING_REGISTER_FILE_ALLOC_RANGE,
-            &raw const range,
-            0,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,73 @@
+//! io_uring_register calls the io-uring crate does not wrap (FILE_ALLOC_RANGE), or wraps in a way
+//! that loses what the kernel answered (SYNC_CANCEL's count of requests it found).
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use io_uring::IoUring;
+
+const IORING_REGISTER_SYNC_CANCEL: libc::c_long = 24;
+const IORING_REGISTER_FILE_ALLOC_RANGE: libc::c_long = 25;
+const IORING_ASYNC_CANCEL_ANY: u32 = 1 << 2;
+
+/// Tells the kernel which slots its accepts may allocate from.
+pub(super) fn file_alloc_range(ring: &IoUring, off: u32, len: u32) -> io::Result<()> {
+    #[repr(C)]
+    struct Range {
+        off: u32,
+        len: u32,
+        resv: u64,
+    }
+    let range = Range { off, len, resv: 0 };
+    // SAFETY: `range` is a valid io_uring_file_index_range that the kernel only reads during the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring.as_raw_fd(),
+            IORING_REGISTER_FILE_ALLOC_RANGE,
+            &raw const range,
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Cancels every request of the ring, waiting up to `timeout` for those that can be waited for;
+/// returns how many it found (still running ones included: they were only interrupted). Only the
+/// ring's submitter thread may call it (SINGLE_ISSUER).
+pub(super) fn sync_cancel_any(ring: &IoUring, timeout: Duration) -> io::Result<u32> {
+    #[repr(C)]
+    struct SyncCancel {
+        addr: u64,
+        fd: i32,
+        flags: u32,
+        timeout_sec: i64,
+        timeout_nsec: i64,
+        opcode: u8,
+        pad: [u8; 7],
+        pad2: [u64; 3],
+    }
+    let arg = SyncCancel {
+        addr: 0,
+        fd: -1,
+        flags: IORING_ASYNC_CANCEL_ANY,
+        timeout_sec: timeout.as_secs() as i64,
+        timeout_nsec: i64::from(timeout.subsec_nanos()),
+        opcode: 0,
+        pad: [0; 7],
+        pad2: [0; 3],
+    };
+    // SAFETY: `arg` is a valid io_uring_sync_cancel_reg (64 bytes, as the kernel's) that the
+    // kernel only reads during the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_io_uring_register, ring.as_raw_fd(), IORING_REGISTER_SYNC_CANCEL, &raw const arg, 1)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r as u32)
+}
