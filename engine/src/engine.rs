@@ -112,7 +112,9 @@ impl Engine {
                 )
             })?;
         let ids = match &config.global.user {
-            Some(user) => Some(crate::privileges::resolve(user, config.global.group.as_deref())?),
+            Some(user) => {
+                Some(crate::privileges::resolve(user, config.global.group.as_deref()).map_err(|e| e.to_string())?)
+            }
             None => None,
         };
         let (listeners, bound, groups) = listener::bind_all(&config, plan.workers, opts.inherit)?;
@@ -164,7 +166,7 @@ impl Engine {
             None => None,
         };
         if let Some(ids) = ids {
-            crate::privileges::drop_to(ids)?;
+            crate::privileges::drop_to(ids).map_err(|e| e.to_string())?;
         }
         let (ready_tx, ready_rx) = bounded(plan.workers);
         let mut threads = Vec::new();

@@ -152,8 +152,8 @@ fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<Se
             }
         }
         let timeout = wake.saturating_duration_since(Instant::now()).as_millis().min(200) as libc::c_int;
-        // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        // An error (EINTR) is a wakeup like any other: every check's deadline is looked at below.
+        let _ = crate::sys::poll(&mut fds, timeout);
         let now = Instant::now();
         for (k, &i) in polled.iter().enumerate() {
             let revents = fds[k].revents;
@@ -176,7 +176,7 @@ fn start(t: &Target) -> Result<InFlight, String> {
     let domain = if t.addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None).map_err(|e| e.to_string())?;
     if let Some(src) = t.source {
-        crate::sources::set_bind_address_no_port(&sock).map_err(|e| e.to_string())?;
+        crate::sys::set_bind_address_no_port(&sock).map_err(|e| e.to_string())?;
         sock.bind(&SocketAddr::new(src, 0).into()).map_err(|e| format!("bind {src}: {e}"))?;
     }
     match sock.connect(&t.addr.into()) {

@@ -38,7 +38,7 @@ impl Supervisor {
     pub fn start(path: &Path, config: Config) -> Result<Supervisor, String> {
         let stats = config.global.stats.clone();
         let owner = match &config.global.user {
-            Some(u) => Some(crate::privileges::resolve(u, config.global.group.as_deref())?),
+            Some(u) => Some(crate::privileges::resolve(u, config.global.group.as_deref()).map_err(|e| e.to_string())?),
             None => None,
         };
         let source: Arc<Mutex<Option<StatsSource>>> = Arc::new(Mutex::new(None));

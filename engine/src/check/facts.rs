@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use crate::config::Config;
 use crate::host::{self, NofileLimit};
+use crate::sys;
 
 #[derive(Clone, Debug)]
 pub struct HostFacts {
@@ -55,7 +56,7 @@ impl HostFacts {
             .collect();
         let nonlocal = ["net.ipv4.ip_nonlocal_bind", "net.ipv6.ip_nonlocal_bind"];
         HostFacts {
-            kernel: kernel_release(),
+            kernel: sys::kernel_release(),
             nofile: host::nofile().ok(),
             nr_open: host::sysctl1("fs.nr_open"),
             file_max: host::sysctl1("fs.file-max"),
@@ -76,17 +77,6 @@ impl HostFacts {
             unbindable,
         }
     }
-}
-
-fn kernel_release() -> Option<String> {
-    // SAFETY: utsname is plain data (all zero is valid); uname only writes into it.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    // SAFETY: `u` is a valid, writable utsname for the duration of the call.
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return None;
-    }
-    let bytes: Vec<u8> = u.release.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8(bytes).ok()
 }
 
 /// Sets up a ring with the workers' flags, registers a sparse file table, probes the opcodes used.
