@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ringproxy::ready::{Ready, ReadyFile, ReadyListener};
+use ringproxy::stats::socket::ReloadAnswer;
 use ringproxy::supervisor::Supervisor;
 use ringproxy::sys::Signals;
 use ringproxy::{Engine, config};
@@ -108,10 +109,14 @@ fn reload(args: &ReloadArgs, config: &config::Config) -> ExitCode {
 }
 
 fn reload_via(path: &std::path::Path) -> ExitCode {
-    match ringproxy::stats::socket::query(path, "reload") {
-        Ok(answer) => {
-            print!("{answer}");
-            if answer.starts_with("reloaded") { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    match ringproxy::stats::socket::reload(path) {
+        Ok(ReloadAnswer::Reloaded(text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(ReloadAnswer::Refused(text)) => {
+            print!("{text}");
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("ringproxy: {e}");
