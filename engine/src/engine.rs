@@ -88,13 +88,7 @@ impl StatsSource {
             nofile: self.plan.nofile,
             ..EngineStats::default()
         };
-        let backends: Vec<(String, String, u64)> = self
-            .config
-            .backends
-            .iter()
-            .map(|b| (b.name.clone(), b.balance.as_str().to_string(), u64::from(b.maxconn.unwrap_or(0))))
-            .collect();
-        stats.aggregate(&backends);
+        stats.aggregate(&self.config);
         if let Some(h) = &self.health {
             stats.health = h.lock().map(|v| v.clone()).unwrap_or_default();
         }
