@@ -26,6 +26,7 @@ pub enum Control {
     RearmAccepts,
 }
 
+/// The doorbell each worker's ring keeps a read armed on (kept with the other libc wrappers).
 pub use crate::sys::EventFd;
 
 /// The way to reach one worker.
