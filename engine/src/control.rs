@@ -4,8 +4,6 @@
 //! so a sender pushes the message and then signals the eventfd. This is the control plane only:
 //! share lending, stats snapshots, drain. The data path never sends or waits on these channels.
 
-use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
 use crossbeam_channel::Sender;
@@ -28,30 +26,8 @@ pub enum Control {
     RearmAccepts,
 }
 
-/// An eventfd used as a doorbell.
-pub struct EventFd(OwnedFd);
-
-impl EventFd {
-    pub fn new() -> io::Result<EventFd> {
-        // SAFETY: eventfd has no pointer arguments.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a fresh descriptor we own.
-        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
-    }
-
-    pub fn signal(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live u64. EAGAIN (counter saturated) still leaves it signalled.
-        unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
-    }
-
-    pub fn fd(&self) -> RawFd {
-        self.0.as_raw_fd()
-    }
-}
+/// The doorbell each worker's ring keeps a read armed on (kept with the other libc wrappers).
+pub use crate::sys::EventFd;
 
 /// The way to reach one worker.
 #[derive(Clone)]

@@ -6,6 +6,8 @@
 //! and the error is returned. The engine is a library object so tests can run it in-process; the
 //! binary adds signal handling around it.
 
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -15,12 +17,45 @@ use crossbeam_channel::{bounded, unbounded};
 use crate::config::Config;
 use crate::control::{Control, EventFd, Peer};
 use crate::host;
-use crate::listener::{self, Bound, ListenerGroup};
+use crate::listener::{self, Bound, ListenError, ListenerGroup};
 use crate::log;
 use crate::plan::{self, Plan};
+use crate::privileges::{self, PrivilegeError};
 use crate::sources;
 use crate::stats::{EngineStats, prometheus, socket};
 use crate::worker::{self, WorkerSetup};
+
+/// Why an engine did not start. Nothing it had set up is left running.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot read RLIMIT_NOFILE: {0}")]
+    Nofile(io::Error),
+    #[error(
+        "source {ip} cannot be used: {source}. Assign it to an interface first, e.g. `ip addr add {ip}/32 dev lo` \
+         (or the interface facing the servers)"
+    )]
+    SourceNotLocal { ip: IpAddr, source: io::Error },
+    #[error(transparent)]
+    Privileges(#[from] PrivilegeError),
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    /// Opening the connection log (the error names the file).
+    #[error("{0}")]
+    ConnectionLog(io::Error),
+    #[error(transparent)]
+    StatsSocket(#[from] socket::ServeError),
+    #[error("Prometheus endpoint {addr}: {source}")]
+    Prometheus { addr: SocketAddr, source: io::Error },
+    #[error("eventfd: {0}")]
+    EventFd(io::Error),
+    #[error("cannot start worker thread {id}: {source}")]
+    Thread { id: usize, source: io::Error },
+    #[error("a worker did not start within 30s")]
+    WorkerTimeout,
+    /// A worker could not set up its ring (the text says which worker and why).
+    #[error("{0}")]
+    Worker(String),
+}
 
 /// Collects snapshots from the workers; cheap to clone, usable from any thread.
 #[derive(Clone)]
@@ -53,13 +88,7 @@ impl StatsSource {
             nofile: self.plan.nofile,
             ..EngineStats::default()
         };
-        let backends: Vec<(String, String, u64)> = self
-            .config
-            .backends
-            .iter()
-            .map(|b| (b.name.clone(), b.balance.as_str().to_string(), u64::from(b.maxconn.unwrap_or(0))))
-            .collect();
-        stats.aggregate(&backends);
+        stats.aggregate(&self.config);
         if let Some(h) = &self.health {
             stats.health = h.lock().map(|v| v.clone()).unwrap_or_default();
         }
@@ -93,32 +122,27 @@ pub struct Engine {
 
 impl Engine {
     /// Starts the engine for a validated configuration. Returns once every worker accepts.
-    pub fn start(config: Config) -> Result<Engine, String> {
+    pub fn start(config: Config) -> Result<Engine, StartError> {
         Engine::start_with(config, StartOptions::default())
     }
 
     /// Starts with options: inherited listeners (reload), stats served by the caller. Everything
     /// that needs root (binding, opening the log) happens before privileges are dropped
     /// (`global.user`/`group`), and that before any worker runs.
-    pub fn start_with(config: Config, opts: StartOptions) -> Result<Engine, String> {
-        let limit = host::raise_nofile().map_err(|e| format!("cannot read RLIMIT_NOFILE: {e}"))?;
+    pub fn start_with(config: Config, opts: StartOptions) -> Result<Engine, StartError> {
+        let limit = host::raise_nofile().map_err(StartError::Nofile)?;
         let ports = host::ephemeral_ports().unwrap_or(28_232);
         let plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
         sources::verify_local(config.backends.iter().flat_map(|b| b.servers.iter().flat_map(|s| s.sources.clone())))
-            .map_err(|(ip, e)| {
-                format!(
-                    "source {ip} cannot be used: {e}. Assign it to an interface first, e.g. `ip addr add {ip}/32 dev lo` \
-                     (or the interface facing the servers)"
-                )
-            })?;
+            .map_err(|(ip, source)| StartError::SourceNotLocal { ip, source })?;
         let ids = match &config.global.user {
-            Some(user) => Some(crate::privileges::resolve(user, config.global.group.as_deref())?),
+            Some(user) => Some(privileges::resolve(user, config.global.group.as_deref())?),
             None => None,
         };
         let (listeners, bound, groups) = listener::bind_all(&config, plan.workers, opts.inherit)?;
         let (log_sink, log_thread) = match &config.global.connection_log {
             Some(target) => {
-                let (sink, thread) = log::spawn(target).map_err(|e| e.to_string())?;
+                let (sink, thread) = log::spawn(target).map_err(StartError::ConnectionLog)?;
                 (Some(sink), Some(thread))
             }
             None => (None, None),
@@ -130,7 +154,7 @@ impl Engine {
         let mut peers = Vec::new();
         for _ in 0..plan.workers {
             let (tx, rx) = unbounded();
-            let wake = Arc::new(EventFd::new().map_err(|e| format!("eventfd: {e}"))?);
+            let wake = Arc::new(EventFd::new().map_err(StartError::EventFd)?);
             peers.push(Peer { tx, wake });
             receivers.push(rx);
         }
@@ -158,13 +182,13 @@ impl Engine {
                 let src = source.clone();
                 Some(
                     prometheus::serve(addr, move || src.collect())
-                        .map_err(|e| format!("Prometheus endpoint {addr}: {e}"))?,
+                        .map_err(|source| StartError::Prometheus { addr, source })?,
                 )
             }
             None => None,
         };
         if let Some(ids) = ids {
-            crate::privileges::drop_to(ids)?;
+            privileges::drop_to(ids)?;
         }
         let (ready_tx, ready_rx) = bounded(plan.workers);
         let mut threads = Vec::new();
@@ -183,7 +207,7 @@ impl Engine {
             let t = std::thread::Builder::new()
                 .name(format!("ringproxy-w{id}"))
                 .spawn(move || worker::run(setup, ready))
-                .map_err(|e| format!("cannot start worker thread {id}: {e}"))?;
+                .map_err(|source| StartError::Thread { id, source })?;
             threads.push(t);
         }
         drop(log_sink);
@@ -201,10 +225,10 @@ impl Engine {
             health,
         };
         for _ in 0..engine.plan.workers {
-            let started = ready_rx
-                .recv_timeout(Duration::from_secs(30))
-                .map_err(|_| "a worker did not start within 30s".to_string())
-                .and_then(|r| r);
+            let started = match ready_rx.recv_timeout(Duration::from_secs(30)) {
+                Ok(reported) => reported.map_err(StartError::Worker),
+                Err(_) => Err(StartError::WorkerTimeout),
+            };
             if let Err(e) = started {
                 engine.drain();
                 engine.join();

@@ -8,7 +8,7 @@
 //! poll(2), so one thread checks hundreds of servers without blocking on any; workers learn of state
 //! changes over their control channels and never wait for a check.
 
-use std::io::{Read, Write};
+use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -35,6 +35,22 @@ pub struct ServerHealth {
     pub last_error: Option<String>,
     /// Seconds since start at the last change.
     pub last_change_s: Option<u64>,
+}
+
+/// Why one check failed (shown as the server's `last_error`).
+#[derive(Debug, thiserror::Error)]
+enum CheckFailure {
+    /// Creating, connecting, writing to or reading from the check's socket.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+    #[error("bind {src}: {source}")]
+    Bind { src: IpAddr, source: io::Error },
+    #[error("closed before sending the expected answer")]
+    Closed,
+    #[error("expected answer not in the first 4096 bytes")]
+    NotFound,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
 }
 
 /// The running checker; stops when dropped.
@@ -152,8 +168,8 @@ fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<Se
             }
         }
         let timeout = wake.saturating_duration_since(Instant::now()).as_millis().min(200) as libc::c_int;
-        // SAFETY: `fds` is a live, correctly sized array of pollfd for the duration of the call.
-        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        // An error (EINTR) is a wakeup like any other: every check's deadline is looked at below.
+        let _ = crate::sys::poll(&mut fds, timeout);
         let now = Instant::now();
         for (k, &i) in polled.iter().enumerate() {
             let revents = fds[k].revents;
@@ -161,7 +177,7 @@ fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<Se
             let Some(f) = t.inflight.as_mut() else { continue };
             let mut outcome = if revents != 0 { advance(f, &t.check) } else { None };
             if outcome.is_none() && now >= f.deadline {
-                outcome = Some(Err(format!("no answer within {:?}", t.check.timeout)));
+                outcome = Some(Err(CheckFailure::Timeout(t.check.timeout)));
             }
             if let Some(result) = outcome {
                 t.inflight = None;
@@ -172,30 +188,29 @@ fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<Se
 }
 
 /// Opens the check's connection (non-blocking).
-fn start(t: &Target) -> Result<InFlight, String> {
+fn start(t: &Target) -> Result<InFlight, CheckFailure> {
     let domain = if t.addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
-    let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None).map_err(|e| e.to_string())?;
+    let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
     if let Some(src) = t.source {
-        crate::sources::set_bind_address_no_port(&sock).map_err(|e| e.to_string())?;
-        sock.bind(&SocketAddr::new(src, 0).into()).map_err(|e| format!("bind {src}: {e}"))?;
+        crate::sys::set_bind_address_no_port(&sock)?;
+        sock.bind(&SocketAddr::new(src, 0).into()).map_err(|source| CheckFailure::Bind { src, source })?;
     }
     match sock.connect(&t.addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-        Err(e) => return Err(e.to_string()),
+        Err(e) => return Err(e.into()),
     }
     Ok(InFlight { sock, deadline: Instant::now() + t.check.timeout, phase: Phase::Connecting })
 }
 
 /// Moves a check on after poll reported its socket ready; `Some` when it has finished.
-fn advance(f: &mut InFlight, check: &HealthCheck) -> Option<Result<(), String>> {
+fn advance(f: &mut InFlight, check: &HealthCheck) -> Option<Result<(), CheckFailure>> {
     loop {
         match &mut f.phase {
             Phase::Connecting => {
                 match f.sock.take_error() {
                     Ok(None) => {}
-                    Ok(Some(e)) => return Some(Err(e.to_string())),
-                    Err(e) => return Some(Err(e.to_string())),
+                    Ok(Some(e)) | Err(e) => return Some(Err(e.into())),
                 }
                 if f.sock.peer_addr().is_err() {
                     return None; // not connected yet
@@ -210,8 +225,8 @@ fn advance(f: &mut InFlight, check: &HealthCheck) -> Option<Result<(), String>> 
                 let data = check.send.as_deref().unwrap_or_default();
                 match (&f.sock).write(&data[*sent..]) {
                     Ok(n) => *sent += n,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
-                    Err(e) => return Some(Err(e.to_string())),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                    Err(e) => return Some(Err(e.into())),
                 }
                 if *sent < data.len() {
                     return None;
@@ -225,16 +240,16 @@ fn advance(f: &mut InFlight, check: &HealthCheck) -> Option<Result<(), String>> 
                 let want = check.expect.as_deref().unwrap_or_default();
                 let mut buf = [0u8; 1024];
                 match (&f.sock).read(&mut buf) {
-                    Ok(0) => return Some(Err("closed before sending the expected answer".into())),
+                    Ok(0) => return Some(Err(CheckFailure::Closed)),
                     Ok(n) => got.extend_from_slice(&buf[..n]),
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return None,
-                    Err(e) => return Some(Err(e.to_string())),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                    Err(e) => return Some(Err(e.into())),
                 }
                 if got.windows(want.len().max(1)).any(|w| w == want) {
                     return Some(Ok(()));
                 }
                 if got.len() > 4096 {
-                    return Some(Err("expected answer not in the first 4096 bytes".into()));
+                    return Some(Err(CheckFailure::NotFound));
                 }
             }
         }
@@ -244,7 +259,7 @@ fn advance(f: &mut InFlight, check: &HealthCheck) -> Option<Result<(), String>> 
 /// Counts a result, applies rise/fall, and tells the workers about a change.
 fn record(
     t: &mut Target,
-    result: Result<(), String>,
+    result: Result<(), CheckFailure>,
     peers: &[Peer],
     status: &Mutex<Vec<ServerHealth>>,
     started: Instant,
@@ -273,7 +288,7 @@ fn record(
         row.checks += 1;
         if let Err(e) = &result {
             row.failures += 1;
-            row.last_error = Some(e.clone());
+            row.last_error = Some(e.to_string());
         }
         if t.up != was_up {
             row.up = t.up;

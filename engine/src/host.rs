@@ -6,6 +6,8 @@
 use std::fs;
 use std::path::Path;
 
+use crate::sys;
+
 /// The soft and hard RLIMIT_NOFILE of this process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NofileLimit {
@@ -15,23 +17,15 @@ pub struct NofileLimit {
 
 /// Current RLIMIT_NOFILE.
 pub fn nofile() -> std::io::Result<NofileLimit> {
-    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
-    // SAFETY: `r` is a valid, writable rlimit for the duration of the call.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(NofileLimit { soft: r.rlim_cur, hard: r.rlim_max })
+    let (soft, hard) = sys::nofile()?;
+    Ok(NofileLimit { soft, hard })
 }
 
 /// Raises the soft RLIMIT_NOFILE to the hard limit and returns the limits now in force.
 pub fn raise_nofile() -> std::io::Result<NofileLimit> {
     let cur = nofile()?;
     if cur.soft < cur.hard {
-        let r = libc::rlimit { rlim_cur: cur.hard, rlim_max: cur.hard };
-        // SAFETY: `r` is a valid rlimit; setrlimit only reads it.
-        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        sys::set_nofile(cur.hard, cur.hard)?;
     }
     nofile()
 }
@@ -106,9 +100,7 @@ pub fn usable_cpus() -> Vec<usize> {
 
 /// Page size in bytes (for tcp_mem, which counts pages).
 pub fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if v > 0 { v as u64 } else { 4096 }
+    sys::page_size().unwrap_or(4096)
 }
 
 /// Total memory in bytes, from /proc/meminfo.

@@ -23,6 +23,7 @@ pub mod ready;
 pub mod sources;
 pub mod stats;
 pub mod supervisor;
+pub mod sys;
 pub mod worker;
 
 pub use engine::Engine;

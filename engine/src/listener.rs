@@ -10,6 +10,7 @@
 //! SYN and no queued connection is lost while the old engine drains. Only addresses removed from the
 //! configuration are closed, after the new engine is up.
 
+use std::io;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 
@@ -37,6 +38,16 @@ pub struct ListenerGroup {
     pub fds: Vec<OwnedFd>,
 }
 
+/// Why a frontend address could not be listened on.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// The error is followed by its likely cause (port in use, address not local, port < 1024).
+    #[error("frontend \"{frontend}\": cannot listen on {addr}: {}", explain(.source))]
+    Listen { frontend: String, addr: SocketAddr, source: io::Error },
+    #[error("frontend \"{frontend}\": cannot read the port bound for {addr}")]
+    BoundPort { frontend: String, addr: SocketAddr },
+}
+
 /// What binding produces: each worker's listeners, the bound addresses, the groups kept for a
 /// successor.
 pub type BoundListeners = (Vec<Vec<Listener>>, Vec<Bound>, Vec<ListenerGroup>);
@@ -45,14 +56,13 @@ pub type BoundListeners = (Vec<Vec<Listener>>, Vec<Bound>, Vec<ListenerGroup>);
 /// previous engine's groups) for addresses that are still configured; `inherit` itself is left as
 /// it was, so a failed start changes nothing. Returns each worker's listeners, the bound addresses,
 /// and the groups to keep for a successor.
-pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> Result<BoundListeners, String> {
+pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> Result<BoundListeners, ListenError> {
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     let mut groups = Vec::new();
     for (f, fe) in config.frontends.iter().enumerate() {
         for &want in &fe.binds {
-            let fail =
-                |e: std::io::Error| format!("frontend \"{}\": cannot listen on {want}: {}", fe.name, explain(&e));
+            let fail = |source: io::Error| ListenError::Listen { frontend: fe.name.clone(), addr: want, source };
             let same = |g: &&ListenerGroup| g.configured == want && (want.port() != 0 || g.frontend == fe.name);
             let mut old = match inherit.iter().find(same) {
                 Some(g) => g.fds.iter().map(|fd| fd.try_clone()).collect::<Result<Vec<_>, _>>().map_err(fail)?,
@@ -72,10 +82,8 @@ pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> R
                     None => listen(addr, fe.backlog).map_err(fail)?,
                 };
                 if addr.port() == 0 {
-                    addr =
-                        sock.local_addr().ok().and_then(|a| a.as_socket()).ok_or_else(|| {
-                            format!("frontend \"{}\": cannot read the port bound for {want}", fe.name)
-                        })?;
+                    addr = (sock.local_addr().ok().and_then(|a| a.as_socket()))
+                        .ok_or_else(|| ListenError::BoundPort { frontend: fe.name.clone(), addr: want })?;
                 }
                 let fd = OwnedFd::from(sock);
                 fds.push(fd.try_clone().map_err(fail)?);
@@ -91,7 +99,7 @@ pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> R
     Ok((per_worker, bound, groups))
 }
 
-fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
+fn listen(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {
     let domain = if addr.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), Some(Protocol::TCP))?;
     sock.set_reuse_address(true)?;
@@ -107,7 +115,7 @@ fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<Socket> {
     Ok(sock)
 }
 
-fn explain(e: &std::io::Error) -> String {
+fn explain(e: &io::Error) -> String {
     match e.raw_os_error() {
         Some(libc::EADDRINUSE) => format!(
             "{e} (another process listens there without SO_REUSEPORT, or a \

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ringproxy::ready::{Ready, ReadyFile, ReadyListener};
+use ringproxy::stats::socket::ReloadAnswer;
 use ringproxy::supervisor::Supervisor;
+use ringproxy::sys::Signals;
 use ringproxy::{Engine, config};
 
 #[derive(Parser)]
@@ -107,10 +109,14 @@ fn reload(args: &ReloadArgs, config: &config::Config) -> ExitCode {
 }
 
 fn reload_via(path: &std::path::Path) -> ExitCode {
-    match ringproxy::stats::socket::query(path, "reload") {
-        Ok(answer) => {
-            print!("{answer}");
-            if answer.starts_with("reloaded") { ExitCode::SUCCESS } else { ExitCode::from(1) }
+    match ringproxy::stats::socket::reload(path) {
+        Ok(ReloadAnswer::Reloaded(text)) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Ok(ReloadAnswer::Refused(text)) => {
+            print!("{text}");
+            ExitCode::from(1)
         }
         Err(e) => {
             eprintln!("ringproxy: {e}");
@@ -179,7 +185,13 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     // Block the signals we handle before any thread starts, so workers inherit the mask and the
     // main thread alone receives them.
-    let signals = Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP]);
+    let signals = match Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ringproxy: cannot block the signals it handles: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let mut service = match Supervisor::start(path, config) {
         Ok(s) => s,
         Err(e) => {
@@ -206,7 +218,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
             }
             written = Some(service.generation);
         }
-        match signals.wait(Some(Duration::from_millis(100))) {
+        match signals.wait(Duration::from_millis(100)) {
             Some(libc::SIGUSR1) => dump(&service),
             Some(libc::SIGHUP) => match service.reload() {
                 Ok(r) => {
@@ -229,7 +241,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     );
     service.drain();
     while !service.finished() {
-        match signals.wait(Some(Duration::from_millis(100))) {
+        match signals.wait(Duration::from_millis(100)) {
             Some(libc::SIGUSR1) => dump(&service),
             Some(libc::SIGHUP) => eprintln!("ringproxy: SIGHUP ignored while draining"),
             Some(sig) => {
@@ -292,46 +304,5 @@ fn signal_name(sig: i32) -> &'static str {
         libc::SIGTERM => "SIGTERM",
         libc::SIGHUP => "SIGHUP",
         _ => "signal",
-    }
-}
-
-/// A set of blocked signals, received synchronously with sigtimedwait.
-struct Signals(libc::sigset_t);
-
-impl Signals {
-    fn block(sigs: &[i32]) -> Signals {
-        // SAFETY: sigset_t is plain data initialised by sigemptyset; the calls only touch `set`.
-        unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for &s in sigs {
-                libc::sigaddset(&mut set, s);
-            }
-            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            Signals(set)
-        }
-    }
-
-    /// The next signal, or `None` after `timeout`.
-    fn wait(&self, timeout: Option<Duration>) -> Option<i32> {
-        loop {
-            let r = match timeout {
-                // SAFETY: `self.0` is an initialised set; `ts` lives across the call.
-                Some(d) => unsafe {
-                    let ts = libc::timespec { tv_sec: d.as_secs() as libc::time_t, tv_nsec: d.subsec_nanos() as _ };
-                    libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts)
-                },
-                // SAFETY: as above, without a timeout.
-                None => unsafe { libc::sigwaitinfo(&self.0, std::ptr::null_mut()) },
-            };
-            if r > 0 {
-                return Some(r);
-            }
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EINTR) {
-                continue;
-            }
-            return None;
-        }
     }
 }

@@ -7,6 +7,8 @@
 
 use std::ffi::CString;
 
+use crate::sys;
+
 /// A user and group resolved to ids.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ids {
@@ -14,68 +16,59 @@ pub struct Ids {
     pub gid: libc::gid_t,
 }
 
+/// Why an account could not be resolved or switched to.
+#[derive(Debug, thiserror::Error)]
+pub enum PrivilegeError {
+    /// `what` is "user" or "group".
+    #[error("{what} \"{name}\" contains a NUL byte")]
+    NulByte { what: &'static str, name: String },
+    #[error("{what} \"{name}\" does not exist on this host")]
+    Unknown { what: &'static str, name: String },
+    #[error("cannot switch to uid {} gid {}: not running as root (uid {uid})", .to.uid, .to.gid)]
+    NotRoot { to: Ids, uid: libc::uid_t },
+    /// A set*id call failed; `call` names it as the message shows it (`setresuid(65534)`).
+    #[error("{call}: {source}")]
+    Switch { call: String, source: std::io::Error },
+    #[error("still able to become root after dropping privileges")]
+    RootRegained,
+}
+
 /// Resolves `user` (and `group`, default: the user's primary group).
-pub fn resolve(user: &str, group: Option<&str>) -> Result<Ids, String> {
-    let (uid, primary) = lookup_user(user)?;
+pub fn resolve(user: &str, group: Option<&str>) -> Result<Ids, PrivilegeError> {
+    let (uid, primary) = sys::lookup_user(&c_name("user", user)?).ok_or_else(|| unknown("user", user))?;
     let gid = match group {
-        Some(g) => lookup_group(g)?,
+        Some(g) => sys::lookup_group(&c_name("group", g)?).ok_or_else(|| unknown("group", g))?,
         None => primary,
     };
     Ok(Ids { uid, gid })
 }
 
-fn lookup_user(name: &str) -> Result<(libc::uid_t, libc::gid_t), String> {
-    let c = CString::new(name).map_err(|_| format!("user \"{name}\" contains a NUL byte"))?;
-    // SAFETY: passwd is plain data; getpwnam_r writes into `pwd` and `buf`, which outlive the call.
-    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut out: *mut libc::passwd = std::ptr::null_mut();
-    let r = unsafe { libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
-    if r != 0 || out.is_null() {
-        return Err(format!("user \"{name}\" does not exist on this host"));
-    }
-    Ok((pwd.pw_uid, pwd.pw_gid))
+fn c_name(what: &'static str, name: &str) -> Result<CString, PrivilegeError> {
+    CString::new(name).map_err(|_| PrivilegeError::NulByte { what, name: name.to_owned() })
 }
 
-fn lookup_group(name: &str) -> Result<libc::gid_t, String> {
-    let c = CString::new(name).map_err(|_| format!("group \"{name}\" contains a NUL byte"))?;
-    // SAFETY: as above, with group/getgrnam_r.
-    let mut grp: libc::group = unsafe { std::mem::zeroed() };
-    let mut buf = vec![0 as libc::c_char; 16 * 1024];
-    let mut out: *mut libc::group = std::ptr::null_mut();
-    let r = unsafe { libc::getgrnam_r(c.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out) };
-    if r != 0 || out.is_null() {
-        return Err(format!("group \"{name}\" does not exist on this host"));
-    }
-    Ok(grp.gr_gid)
+fn unknown(what: &'static str, name: &str) -> PrivilegeError {
+    PrivilegeError::Unknown { what, name: name.to_owned() }
 }
 
 /// Switches to `ids` for good. A process that already runs as them is left alone; a non-root
 /// process that would need to change ids gets an error saying so.
-pub fn drop_to(ids: Ids) -> Result<(), String> {
-    // SAFETY: getuid/getgid have no preconditions.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+pub fn drop_to(ids: Ids) -> Result<(), PrivilegeError> {
+    let (uid, gid) = sys::ids();
     if uid == ids.uid && gid == ids.gid {
         return Ok(());
     }
     if uid != 0 {
-        return Err(format!("cannot switch to uid {} gid {}: not running as root (uid {uid})", ids.uid, ids.gid));
+        return Err(PrivilegeError::NotRoot { to: ids, uid });
     }
-    // SAFETY: plain syscalls with value arguments; order matters: groups and gid before uid.
-    unsafe {
-        if libc::setgroups(0, std::ptr::null()) != 0 {
-            return Err(format!("setgroups: {}", std::io::Error::last_os_error()));
-        }
-        if libc::setresgid(ids.gid, ids.gid, ids.gid) != 0 {
-            return Err(format!("setresgid({}): {}", ids.gid, std::io::Error::last_os_error()));
-        }
-        if libc::setresuid(ids.uid, ids.uid, ids.uid) != 0 {
-            return Err(format!("setresuid({}): {}", ids.uid, std::io::Error::last_os_error()));
-        }
-        // Root must be gone for good.
-        if ids.uid != 0 && libc::setuid(0) == 0 {
-            return Err("still able to become root after dropping privileges".into());
-        }
+    let failed = |call: String| move |source| PrivilegeError::Switch { call, source };
+    // Order matters: groups and gid while still root, the uid last.
+    sys::clear_groups().map_err(failed("setgroups".into()))?;
+    sys::set_gid(ids.gid).map_err(failed(format!("setresgid({})", ids.gid)))?;
+    sys::set_uid(ids.uid).map_err(failed(format!("setresuid({})", ids.uid)))?;
+    // Root must be gone for good.
+    if ids.uid != 0 && sys::set_uid(0).is_ok() {
+        return Err(PrivilegeError::RootRegained);
     }
     Ok(())
 }
@@ -88,7 +81,10 @@ mod tests {
     fn resolves_existing_and_refuses_unknown_accounts() {
         let root = resolve("root", None).unwrap();
         assert_eq!(root, Ids { uid: 0, gid: 0 });
-        assert!(resolve("no-such-user-ringproxy", None).unwrap_err().contains("does not exist"));
-        assert!(resolve("root", Some("no-such-group-ringproxy")).unwrap_err().contains("does not exist"));
+        let e = resolve("no-such-user-ringproxy", None).unwrap_err().to_string();
+        assert_eq!(e, "user \"no-such-user-ringproxy\" does not exist on this host");
+        let e = resolve("root", Some("no-such-group-ringproxy")).unwrap_err().to_string();
+        assert_eq!(e, "group \"no-such-group-ringproxy\" does not exist on this host");
+        assert_eq!(resolve("ro\0ot", None).unwrap_err().to_string(), "user \"ro\0ot\" contains a NUL byte");
     }
 }

@@ -85,28 +85,8 @@ pub fn verify_local(ips: impl IntoIterator<Item = IpAddr>) -> Result<(), (IpAddr
         let domain = if ip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
         let sock = Socket::new(domain, Type::STREAM, None).map_err(|e| (ip, e))?;
         // Without IP_BIND_ADDRESS_NO_PORT this probe would reserve an ephemeral port per source.
-        set_bind_address_no_port(&sock).map_err(|e| (ip, e))?;
+        crate::sys::set_bind_address_no_port(&sock).map_err(|e| (ip, e))?;
         sock.bind(&std::net::SocketAddr::new(ip, 0).into()).map_err(|e| (ip, e))?;
-    }
-    Ok(())
-}
-
-/// Sets IP_BIND_ADDRESS_NO_PORT: bind() fixes only the address, connect() picks the port per 4-tuple.
-pub fn set_bind_address_no_port(sock: &socket2::Socket) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let one: libc::c_int = 1;
-    // SAFETY: passes a pointer to a live c_int and its size; setsockopt only reads it.
-    let r = unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const one).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }

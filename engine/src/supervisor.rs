@@ -9,15 +9,57 @@
 //! connection goes to the new engine with the new backends, servers, weights and limits. Addresses
 //! no longer configured are closed once the new engine runs.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, unbounded};
 
-use crate::config::{self, Config};
-use crate::engine::{Engine, StartOptions, StatsSource};
-use crate::stats::socket::ReloadRequest;
+use crate::config::{self, Config, ConfigError};
+use crate::engine::{Engine, StartError, StartOptions, StatsSource};
+use crate::listener::Bound;
+use crate::privileges;
+use crate::stats::socket::{ReloadAnswer, ReloadRequest};
 use crate::stats::{EngineStats, prometheus, socket};
+
+/// What a successful reload put in place. Displays as the one line operators read (then the
+/// configuration's warnings, one per line).
+#[derive(Clone, Debug)]
+pub struct ReloadReport {
+    pub path: PathBuf,
+    pub workers: usize,
+    pub maxconn: u32,
+    pub listeners: Vec<Bound>,
+    /// The new configuration's warnings (`FILE:LINE:COLUMN: warning: ...`).
+    pub warnings: Vec<String>,
+}
+
+impl fmt::Display for ReloadReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let listening: Vec<String> = self.listeners.iter().map(|b| format!("{} ({})", b.addr, b.frontend)).collect();
+        write!(
+            f,
+            "reloaded {}: {} workers, maxconn {}, listening on {}",
+            self.path.display(),
+            self.workers,
+            self.maxconn,
+            listening.join(", ")
+        )?;
+        for w in &self.warnings {
+            write!(f, "\n{w}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a reload was refused; the running configuration stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+}
 
 pub struct Supervisor {
     path: PathBuf,
@@ -35,10 +77,10 @@ pub struct Supervisor {
 impl Supervisor {
     /// Opens the stats endpoints, then starts the first engine for `config` (read from `path`).
     /// The endpoints come first because the engine drops privileges once it has bound.
-    pub fn start(path: &Path, config: Config) -> Result<Supervisor, String> {
+    pub fn start(path: &Path, config: Config) -> Result<Supervisor, StartError> {
         let stats = config.global.stats.clone();
         let owner = match &config.global.user {
-            Some(u) => Some(crate::privileges::resolve(u, config.global.group.as_deref())?),
+            Some(u) => Some(privileges::resolve(u, config.global.group.as_deref())?),
             None => None,
         };
         let source: Arc<Mutex<Option<StatsSource>>> = Arc::new(Mutex::new(None));
@@ -55,7 +97,9 @@ impl Supervisor {
             None => None,
         };
         let metrics = match stats.prometheus {
-            Some(a) => Some(prometheus::serve(a, collect).map_err(|e| format!("Prometheus endpoint {a}: {e}"))?),
+            Some(addr) => {
+                Some(prometheus::serve(addr, collect).map_err(|source| StartError::Prometheus { addr, source })?)
+            }
             None => None,
         };
         let engine = Engine::start_with(config, StartOptions { inherit: &[], external_stats: true })?;
@@ -88,8 +132,8 @@ impl Supervisor {
     }
 
     /// Re-reads the configuration file and switches to it, or explains why not.
-    pub fn reload(&mut self) -> Result<String, String> {
-        let config = config::load(&self.path).map_err(|e| e.to_string())?;
+    pub fn reload(&mut self) -> Result<ReloadReport, ReloadError> {
+        let config = config::load(&self.path)?;
         let warnings = config.warnings.clone();
         // On failure the current engine is untouched: it still holds and serves its sockets.
         let new = Engine::start_with(config, StartOptions { inherit: self.current.listeners(), external_stats: true })?;
@@ -110,33 +154,29 @@ impl Supervisor {
         self.current.rearm_accepts();
         self.draining.push(old);
         self.generation += 1;
-        let mut report = format!(
-            "reloaded {}: {} workers, maxconn {}, listening on {}",
-            self.path.display(),
-            self.current.plan().workers,
-            self.current.plan().maxconn,
-            self.current.bound().iter().map(|b| format!("{} ({})", b.addr, b.frontend)).collect::<Vec<_>>().join(", ")
-        );
-        for w in warnings {
-            report.push_str(&format!("\n{w}"));
-        }
-        Ok(report)
+        Ok(ReloadReport {
+            path: self.path.clone(),
+            workers: self.current.plan().workers,
+            maxconn: self.current.plan().maxconn,
+            listeners: self.current.bound().to_vec(),
+            warnings,
+        })
     }
 
     /// Answers reload requests that came through the stats socket.
     pub fn serve_requests(&mut self) {
         while let Ok(reply) = self.reloads.try_recv() {
-            let text = match self.reload() {
+            let answer = match self.reload() {
                 Ok(r) => {
                     eprintln!("ringproxy: {r}");
-                    format!("{r}\n")
+                    ReloadAnswer::Reloaded(format!("{r}\n"))
                 }
                 Err(e) => {
                     eprintln!("ringproxy: reload refused, the running configuration stays: {e}");
-                    format!("reload refused, the running configuration stays: {e}\n")
+                    ReloadAnswer::Refused(format!("reload refused, the running configuration stays: {e}\n"))
                 }
             };
-            let _ = reply.send(text);
+            let _ = reply.send(answer);
         }
     }
 

@@ -230,7 +230,7 @@ fn socket_mode_is_the_configured_one_and_a_live_socket_is_not_stolen() {
     let engine = engine(&yaml);
     assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o660);
     let second = ringproxy::Engine::start(ringproxy::config::parse(&yaml, "t").unwrap());
-    let err = second.err().expect("a second engine must not take over a live stats socket");
+    let err = second.err().expect("a second engine must not take over a live stats socket").to_string();
     assert!(err.contains("another engine is answering"), "{err}");
     drop(engine);
 }

@@ -1,7 +1,7 @@
 //! The configuration file as written: serde types that mirror the YAML one to one.
 //!
 //! Nothing here is trusted. Every field a later check may reject is `Spanned`, so the validator in
-//! `mod.rs` can point at the line and column of the offending value. Unknown keys are refused here,
+//! `validate.rs` can point at the line and column of the offending value. Unknown keys are refused here,
 //! by serde, with the position of the key.
 
 use std::fmt;

@@ -251,9 +251,9 @@ impl EngineStats {
         self.workers.iter().map(f).sum()
     }
 
-    /// Fills `servers` and `backends` from the workers' rows; `backends` lists each backend's
-    /// (name, balance algorithm, maxconn or 0) in configuration order.
-    pub fn aggregate(&mut self, backends: &[(String, String, u64)]) {
+    /// Fills `servers` and `backends` from the workers' rows, one backend row per backend of
+    /// `config` (the one the workers run), in its order.
+    pub fn aggregate(&mut self, config: &crate::config::Config) {
         let mut servers: Vec<ServerStats> = Vec::new();
         let mut hists: Vec<Histogram<u64>> = Vec::new();
         for w in &self.workers {
@@ -281,11 +281,12 @@ impl EngineStats {
             s.connect_latency_us = Latency::of(h);
         }
         let mut rows: Vec<BackendStats> = Vec::new();
-        for (i, (name, algo, maxconn)) in backends.iter().enumerate() {
+        for (i, backend) in config.backends.iter().enumerate() {
+            let name = &backend.name;
             let mut b = BackendStats {
                 backend: name.clone(),
-                balance: algo.clone(),
-                maxconn: *maxconn,
+                balance: backend.balance.as_str().to_string(),
+                maxconn: u64::from(backend.maxconn.unwrap_or(0)),
                 queued: self.workers.iter().map(|w| w.queued_by_backend.get(i).copied().unwrap_or(0)).sum(),
                 ..BackendStats::default()
             };

@@ -1,0 +1,172 @@
+//! The validated configuration: what every other module reads, with values already parsed
+//! (addresses, durations, source sets) and cross-checked (a frontend's backend exists, names are
+//! unique). Only `validate.rs` builds these; nothing downstream re-checks strings.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use super::raw::{Balance, OnDown, ProxyVersion};
+
+/// Defaults that apply when neither the section nor `defaults` says otherwise.
+pub mod default {
+    use std::time::Duration;
+    pub const CONNECT: Duration = Duration::from_secs(5);
+    pub const CLIENT: Duration = Duration::from_secs(50);
+    pub const SERVER: Duration = Duration::from_secs(50);
+    pub const DRAIN: Duration = Duration::from_secs(30);
+    pub const RETRIES: u32 = 3;
+    pub const BACKLOG_MAX: u32 = 65_535;
+    pub const WEIGHT: u32 = 1;
+    pub const PIPE_SIZE: u32 = 256 * 1024;
+    pub const MAX_PIPES: u32 = 4096;
+    pub const RING_ENTRIES: u32 = 4096;
+    pub const IOWQ_WORKERS: u32 = 4;
+    pub const PROXY_HEADER: Duration = Duration::from_secs(5);
+    pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
+    pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+    pub const CHECK_RISE: u32 = 2;
+    pub const CHECK_FALL: u32 = 3;
+}
+
+/// Upper bound for any `maxconn`: far above what one host can hold, low enough to keep arithmetic exact.
+pub const MAXCONN_LIMIT: u64 = 100_000_000;
+/// Highest server weight (as in HAProxy).
+pub const WEIGHT_LIMIT: u64 = 256;
+
+/// A validated configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Where the configuration came from (a path, or a label for text), used in messages.
+    pub origin: String,
+    pub global: Global,
+    pub frontends: Vec<Frontend>,
+    pub backends: Vec<Backend>,
+    /// Things that are allowed but probably not intended, as `FILE:LINE:COLUMN: warning: ...`.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Global {
+    /// `None` means one worker per online CPU.
+    pub workers: Option<usize>,
+    pub pin_cpus: bool,
+    /// `None` means as many as this host's limits allow.
+    pub maxconn: Option<u32>,
+    pub drain_timeout: Duration,
+    pub tune: Tune,
+    pub stats: Stats,
+    pub connection_log: Option<LogTarget>,
+    /// Drop root to this user / group once everything is bound.
+    pub user: Option<String>,
+    pub group: Option<String>,
+}
+
+/// Where operators read the engine's counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Unix socket speaking the stats line protocol (docs/operations.md).
+    pub socket: Option<std::path::PathBuf>,
+    /// Permission bits of the socket (default 0600).
+    pub mode: u32,
+    /// Address of the Prometheus /metrics endpoint.
+    pub prometheus: Option<SocketAddr>,
+}
+
+/// Where connection log lines go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogTarget {
+    Stdout,
+    Stderr,
+    File(std::path::PathBuf),
+}
+
+/// How a flow moves its bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SpliceMode {
+    /// Small chunks through a buffer (inline recv/send), bulk transfers by splice.
+    #[default]
+    Auto,
+    /// Every chunk by splice.
+    Always,
+}
+
+/// Engine knobs with safe defaults; see docs/configuration.md.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tune {
+    /// Bytes per splice pipe (F_SETPIPE_SZ).
+    pub pipe_size: u32,
+    /// Most pipes one worker keeps (in flight plus pooled).
+    pub max_pipes: u32,
+    /// Submission queue entries per worker ring.
+    pub ring_entries: u32,
+    /// Most io-wq threads the kernel may run for one worker's splices.
+    pub iowq_workers: u32,
+    pub splice: SpliceMode,
+}
+
+impl Default for Tune {
+    fn default() -> Self {
+        Tune {
+            pipe_size: default::PIPE_SIZE,
+            max_pipes: default::MAX_PIPES,
+            ring_entries: default::RING_ENTRIES,
+            iowq_workers: default::IOWQ_WORKERS,
+            splice: SpliceMode::Auto,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Frontend {
+    pub name: String,
+    pub binds: Vec<SocketAddr>,
+    /// Index into [`Config::backends`].
+    pub backend: usize,
+    pub maxconn: Option<u32>,
+    pub backlog: u32,
+    pub client_timeout: Duration,
+    /// Expect a PROXY protocol header from clients, within `proxy_header_timeout`.
+    pub accept_proxy: bool,
+    pub proxy_header_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct Backend {
+    pub name: String,
+    pub balance: Balance,
+    pub maxconn: Option<u32>,
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    pub server_timeout: Duration,
+    pub queue_timeout: Duration,
+    pub check: Option<HealthCheck>,
+    pub on_down: OnDown,
+    pub servers: Vec<Server>,
+}
+
+/// A backend's health check (applied to each of its servers that has `check` enabled).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down server up, and failures that take an up server down.
+    pub rise: u32,
+    pub fall: u32,
+    /// Sent after connecting (none: a plain TCP connect check).
+    pub send: Option<Vec<u8>>,
+    /// Must appear in what the server answers within the timeout.
+    pub expect: Option<Vec<u8>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Server {
+    pub name: String,
+    pub address: SocketAddr,
+    pub weight: u32,
+    pub maxconn: Option<u32>,
+    /// Source addresses for connections to this server; empty means the kernel chooses.
+    pub sources: Vec<IpAddr>,
+    /// Health-checked (only when the backend has a check).
+    pub check: bool,
+    pub send_proxy: Option<ProxyVersion>,
+}

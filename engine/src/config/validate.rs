@@ -1,0 +1,569 @@
+//! The Validator: the raw file (`raw.rs`) in, the validated [`Config`] out, once.
+//!
+//! Every value is parsed and range-checked here, names are checked for uniqueness and references
+//! (a frontend's backend) for existence, and every refusal points at the value's line and column.
+//! The first error ends validation; warnings (allowed but probably unintended) are collected into
+//! [`Config::warnings`]. Nothing here touches the host.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_saphyr::{Location, Spanned};
+
+use super::message::{ConfigError, warning};
+use super::raw::{
+    self, Balance, Count, OnDown, RawBackend, RawConfig, RawDefaults, RawFrontend, RawGlobal, RawServer, RawTimeouts,
+    Workers,
+};
+use super::types::{
+    Backend, Config, Frontend, Global, HealthCheck, LogTarget, MAXCONN_LIMIT, Server, Stats, Tune, WEIGHT_LIMIT,
+    default,
+};
+use super::{address, duration};
+
+type Result<T, E = ConfigError> = std::result::Result<T, E>;
+
+/// Validates a parsed file; `origin` names it in messages.
+pub(super) fn validate(raw: RawConfig, origin: &str) -> Result<Config> {
+    Validator { origin, warnings: Vec::new() }.config(raw)
+}
+
+struct Validator<'a> {
+    origin: &'a str,
+    warnings: Vec<String>,
+}
+
+/// Values from the `defaults` section, resolved.
+struct Defaults {
+    connect: Duration,
+    client: Duration,
+    server: Duration,
+    /// `None`: each backend waits as long as its own connect timeout (HAProxy's rule).
+    queue: Option<Duration>,
+    proxy_header: Duration,
+    drain: Duration,
+    retries: u32,
+    backlog: Option<u32>,
+    maxconn: Option<u32>,
+    balance: Balance,
+}
+
+/// Backend names, each with its index in [`Config::backends`] and where it is defined.
+type BackendNames = HashMap<String, (usize, Location)>;
+
+impl Validator<'_> {
+    fn err<T>(&self, loc: Location, message: impl Into<String>) -> Result<T> {
+        Err(ConfigError::at(self.origin, loc, message))
+    }
+
+    fn warn(&mut self, loc: Location, message: impl AsRef<str>) {
+        self.warnings.push(warning(self.origin, loc, message.as_ref()));
+    }
+
+    fn count(&self, v: &Spanned<Count>, what: &str, min: u64, max: u64) -> Result<u64> {
+        let n = v.value.0;
+        if n < min || n > max {
+            return self.err(v.referenced, format!("{what} must be between {min} and {max}, not {n}"));
+        }
+        Ok(n)
+    }
+
+    /// `maxconn` values: 0 means "no limit" (as in HAProxy) where a limit is optional.
+    fn maxconn(&self, v: &Option<Spanned<Count>>, what: &str) -> Result<Option<u32>> {
+        match v {
+            None => Ok(None),
+            Some(s) if s.value.0 == 0 => Ok(None),
+            Some(s) => Ok(Some(self.count(s, what, 1, MAXCONN_LIMIT)? as u32)),
+        }
+    }
+
+    fn duration(
+        &self,
+        v: &Option<Spanned<duration::ConfigDuration>>,
+        what: &str,
+        fallback: Duration,
+    ) -> Result<Duration> {
+        match v {
+            None => Ok(fallback),
+            Some(s) if s.value.0.is_zero() => {
+                self.err(s.referenced, format!("timeout {what} must be greater than zero"))
+            }
+            Some(s) => Ok(s.value.0),
+        }
+    }
+
+    /// Refuses timeout keys that mean nothing in this section (e.g. `drain` in a backend).
+    fn only_timeouts(&self, t: &Spanned<RawTimeouts>, section: &str, allowed: &[&str]) -> Result<()> {
+        let present = [
+            ("connect", t.value.connect.as_ref()),
+            ("client", t.value.client.as_ref()),
+            ("server", t.value.server.as_ref()),
+            ("queue", t.value.queue.as_ref()),
+            ("drain", t.value.drain.as_ref()),
+            ("proxy_header", t.value.proxy_header.as_ref()),
+        ];
+        for (key, v) in present {
+            if let Some(v) = v
+                && !allowed.contains(&key)
+            {
+                return self.err(
+                    v.referenced,
+                    format!("timeout {key} does not apply to a {section}; allowed here: {}", allowed.join(", ")),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the sections in the order their errors are reported: global, defaults, backends,
+    /// frontends, then the accounts to run as.
+    fn config(mut self, raw: RawConfig) -> Result<Config> {
+        let mut global = self.global(&raw.global)?;
+        let defaults = self.defaults(&raw.defaults)?;
+        global.drain_timeout = defaults.drain;
+        let (backends, names) = self.backends(raw.backends.as_ref(), &defaults)?;
+        let frontends = self.frontends(raw.frontends.as_ref(), &defaults, &names, global.maxconn)?;
+        for (i, b) in backends.iter().enumerate() {
+            if !frontends.iter().any(|f| f.backend == i) {
+                self.warn(names[&b.name].1, format!("backend \"{}\" is not used by any frontend", b.name));
+            }
+        }
+        global.user = self.account(&raw.global.user, "user")?;
+        global.group = self.account(&raw.global.group, "group")?;
+        Ok(Config { origin: self.origin.to_owned(), global, frontends, backends, warnings: self.warnings })
+    }
+
+    /// The `global` section; [`Self::config`] fills in `drain_timeout` (from `defaults`) and the
+    /// accounts.
+    fn global(&mut self, g: &RawGlobal) -> Result<Global> {
+        let workers = match &g.workers {
+            None => None,
+            Some(s) => match s.value {
+                Workers::Auto => None,
+                Workers::Count(n) if (1..=1024).contains(&n) => Some(n as usize),
+                Workers::Count(n) => {
+                    return self.err(s.referenced, format!("workers must be `auto` or 1-1024, not {n}"));
+                }
+            },
+        };
+        let maxconn = match &g.maxconn {
+            None => None,
+            Some(s) => Some(self.count(s, "global maxconn", 1, MAXCONN_LIMIT)? as u32),
+        };
+        let tune = self.tune(&g.tune)?;
+        let stats = self.stats(g.stats.as_ref())?;
+        let connection_log = match &g.connection_log {
+            None => None,
+            Some(s) => Some(match s.value.trim() {
+                "stdout" => LogTarget::Stdout,
+                "stderr" => LogTarget::Stderr,
+                "" => {
+                    return self.err(s.referenced, "connection_log is empty; use stdout, stderr or a file path");
+                }
+                path => LogTarget::File(path.into()),
+            }),
+        };
+        Ok(Global {
+            workers,
+            pin_cpus: g.pin_cpus.unwrap_or(true),
+            maxconn,
+            drain_timeout: default::DRAIN,
+            tune,
+            stats,
+            connection_log,
+            user: None,
+            group: None,
+        })
+    }
+
+    /// The `defaults` section: what each frontend and backend gets unless it says otherwise.
+    fn defaults(&self, d: &RawDefaults) -> Result<Defaults> {
+        let connect = self.duration(&d.timeout.connect, "connect", default::CONNECT)?;
+        Ok(Defaults {
+            connect,
+            client: self.duration(&d.timeout.client, "client", default::CLIENT)?,
+            server: self.duration(&d.timeout.server, "server", default::SERVER)?,
+            queue: match &d.timeout.queue {
+                Some(_) => Some(self.duration(&d.timeout.queue, "queue", connect)?),
+                None => None,
+            },
+            drain: self.duration(&d.timeout.drain, "drain", default::DRAIN)?,
+            proxy_header: self.duration(&d.timeout.proxy_header, "proxy_header", default::PROXY_HEADER)?,
+            retries: match &d.retries {
+                Some(r) => self.count(r, "retries", 0, 100)? as u32,
+                None => default::RETRIES,
+            },
+            backlog: match &d.backlog {
+                Some(b) => Some(self.count(b, "backlog", 1, i32::MAX as u64)? as u32),
+                None => None,
+            },
+            maxconn: self.maxconn(&d.maxconn, "defaults maxconn")?,
+            balance: d.balance.unwrap_or(Balance::Roundrobin),
+        })
+    }
+
+    /// The `backends` section: at least one, names unique.
+    fn backends(
+        &self,
+        raw: Option<&Spanned<Vec<RawBackend>>>,
+        defaults: &Defaults,
+    ) -> Result<(Vec<Backend>, BackendNames)> {
+        let Some(raw) = raw else {
+            return self.err(Location::UNKNOWN, "no `backends:` section; at least one backend is needed");
+        };
+        if raw.value.is_empty() {
+            return self.err(raw.referenced, "`backends` is empty; at least one backend is needed");
+        }
+        let mut backends = Vec::with_capacity(raw.value.len());
+        let mut names = BackendNames::new();
+        for rb in &raw.value {
+            let name = self.name(&rb.name, "backend")?;
+            if let Some((_, first)) = names.get(&name) {
+                return self.err(
+                    rb.name.referenced,
+                    format!("duplicate backend name \"{name}\" (first defined at line {})", first.line()),
+                );
+            }
+            names.insert(name.clone(), (backends.len(), rb.name.referenced));
+            backends.push(self.backend(rb, name, defaults)?);
+        }
+        Ok((backends, names))
+    }
+
+    /// The `frontends` section: at least one, names unique, no address bound by two of them.
+    fn frontends(
+        &mut self,
+        raw: Option<&Spanned<Vec<RawFrontend>>>,
+        defaults: &Defaults,
+        backends: &BackendNames,
+        global_maxconn: Option<u32>,
+    ) -> Result<Vec<Frontend>> {
+        let Some(raw) = raw else {
+            return self.err(Location::UNKNOWN, "no `frontends:` section; at least one frontend is needed");
+        };
+        if raw.value.is_empty() {
+            return self.err(raw.referenced, "`frontends` is empty; at least one frontend is needed");
+        }
+        let mut frontends: Vec<Frontend> = Vec::with_capacity(raw.value.len());
+        let mut names: HashMap<String, Location> = HashMap::new();
+        let mut all_binds: Vec<(SocketAddr, String)> = Vec::new();
+        for rf in &raw.value {
+            let name = self.name(&rf.name, "frontend")?;
+            if let Some(first) = names.get(&name) {
+                return self.err(
+                    rf.name.referenced,
+                    format!("duplicate frontend name \"{name}\" (first defined at line {})", first.line()),
+                );
+            }
+            names.insert(name.clone(), rf.name.referenced);
+            let fe = self.frontend(rf, name, defaults, backends, global_maxconn)?;
+            for bind in &fe.binds {
+                if let Some((other, owner)) = all_binds.iter().find(|(b, _)| binds_overlap(*b, *bind)) {
+                    return self.err(
+                        rf.bind.referenced,
+                        format!(
+                            "bind {bind} overlaps {other} of frontend \"{owner}\"; each address:port may be bound by one frontend"
+                        ),
+                    );
+                }
+                all_binds.push((*bind, fe.name.clone()));
+            }
+            frontends.push(fe);
+        }
+        Ok(frontends)
+    }
+
+    fn account(&self, v: &Option<Spanned<String>>, what: &str) -> Result<Option<String>> {
+        match v {
+            None => Ok(None),
+            Some(s) if s.value.trim().is_empty() => self.err(s.referenced, format!("{what} is empty")),
+            Some(s) => Ok(Some(s.value.trim().to_owned())),
+        }
+    }
+
+    fn check(&self, raw: &Spanned<raw::RawCheck>, backend: &str) -> Result<HealthCheck> {
+        let r = &raw.value;
+        let interval = self.duration(&r.interval, "check interval", default::CHECK_INTERVAL)?;
+        let timeout = self.duration(&r.timeout, "check timeout", default::CHECK_TIMEOUT.min(interval))?;
+        let rise = match &r.rise {
+            Some(v) => self.count(v, "check rise", 1, 1000)? as u32,
+            None => default::CHECK_RISE,
+        };
+        let fall = match &r.fall {
+            Some(v) => self.count(v, "check fall", 1, 1000)? as u32,
+            None => default::CHECK_FALL,
+        };
+        let bytes = |v: &Option<Spanned<String>>, what: &str| -> Result<Option<Vec<u8>>> {
+            match v {
+                None => Ok(None),
+                Some(s) if s.value.is_empty() => {
+                    self.err(s.referenced, format!("backend \"{backend}\": check {what} is empty"))
+                }
+                Some(s) if s.value.len() > 1024 => {
+                    self.err(s.referenced, format!("backend \"{backend}\": check {what} is longer than 1024 bytes"))
+                }
+                Some(s) => Ok(Some(s.value.as_bytes().to_vec())),
+            }
+        };
+        Ok(HealthCheck {
+            interval,
+            timeout,
+            rise,
+            fall,
+            send: bytes(&r.send, "send")?,
+            expect: bytes(&r.expect, "expect")?,
+        })
+    }
+
+    fn stats(&mut self, raw: Option<&Spanned<raw::RawStats>>) -> Result<Stats> {
+        let mut stats = Stats { socket: None, mode: 0o600, prometheus: None };
+        let Some(raw) = raw else { return Ok(stats) };
+        if let Some(p) = &raw.value.socket {
+            if p.value.trim().is_empty() {
+                return self.err(p.referenced, "stats socket path is empty");
+            }
+            stats.socket = Some(p.value.trim().into());
+        }
+        if let Some(m) = &raw.value.mode {
+            let text = m.value.trim();
+            let Some(mode) = u32::from_str_radix(text.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777) else {
+                return self
+                    .err(m.referenced, format!("stats mode \"{text}\" is not octal permission bits such as \"0600\""));
+            };
+            if mode & 0o002 != 0 {
+                return self.err(
+                    m.referenced,
+                    format!("stats mode {text} makes the socket world-writable: anyone on the host could drive the engine; use 0600 or 0660"),
+                );
+            }
+            stats.mode = mode;
+        }
+        if let Some(p) = &raw.value.prometheus {
+            let addr =
+                address::parse_bind(&p.value).or_else(|m| self.err(p.referenced, format!("stats prometheus: {m}")))?;
+            if !addr.ip().is_loopback() {
+                self.warn(
+                    p.referenced,
+                    format!(
+                        "the Prometheus endpoint {addr} is reachable from other hosts; metrics reveal backends and load"
+                    ),
+                );
+            }
+            stats.prometheus = Some(addr);
+        }
+        Ok(stats)
+    }
+
+    fn tune(&self, t: &raw::RawTune) -> Result<Tune> {
+        let mut tune = Tune::default();
+        if let Some(s) = &t.pipe_size {
+            let n = s.value.0;
+            if !(4096..=64 << 20).contains(&n) {
+                return self.err(s.referenced, format!("pipe_size must be between 4k and 64m bytes, not {n}"));
+            }
+            tune.pipe_size = n as u32;
+        }
+        if let Some(s) = &t.max_pipes {
+            tune.max_pipes = self.count(s, "max_pipes", 1, 1 << 20)? as u32;
+        }
+        if let Some(s) = &t.ring_entries {
+            let n = self.count(s, "ring_entries", 64, 32768)?;
+            if !n.is_power_of_two() {
+                return self.err(s.referenced, format!("ring_entries must be a power of two, not {n}"));
+            }
+            tune.ring_entries = n as u32;
+        }
+        if let Some(s) = &t.iowq_workers {
+            tune.iowq_workers = self.count(s, "iowq_workers", 1, 1024)? as u32;
+        }
+        tune.splice = t.splice.unwrap_or_default();
+        Ok(tune)
+    }
+
+    fn name(&self, s: &Spanned<String>, what: &str) -> Result<String> {
+        let n = s.value.trim();
+        if n.is_empty() {
+            return self.err(s.referenced, format!("{what} name is empty"));
+        }
+        if !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+            return self.err(
+                s.referenced,
+                format!("{what} name \"{n}\" may only contain letters, digits, '-', '_', '.' and ':'"),
+            );
+        }
+        Ok(n.to_owned())
+    }
+
+    fn frontend(
+        &mut self,
+        rf: &RawFrontend,
+        name: String,
+        defaults: &Defaults,
+        backends: &HashMap<String, (usize, Location)>,
+        global_maxconn: Option<u32>,
+    ) -> Result<Frontend> {
+        let Some(&(backend, _)) = backends.get(rf.backend.value.trim()) else {
+            let mut known: Vec<&str> = backends.keys().map(String::as_str).collect();
+            known.sort_unstable();
+            return self.err(
+                rf.backend.referenced,
+                format!(
+                    "frontend \"{name}\": backend \"{}\" does not exist (defined backends: {})",
+                    rf.backend.value,
+                    known.join(", ")
+                ),
+            );
+        };
+        if rf.bind.value.0.is_empty() {
+            return self.err(rf.bind.referenced, format!("frontend \"{name}\": `bind` lists no address"));
+        }
+        let mut binds = Vec::new();
+        for text in &rf.bind.value.0 {
+            let addr = address::parse_bind(text)
+                .or_else(|m| self.err(rf.bind.referenced, format!("frontend \"{name}\": bind {m}")))?;
+            if binds.contains(&addr) && addr.port() != 0 {
+                return self.err(rf.bind.referenced, format!("frontend \"{name}\": bind {addr} is listed twice"));
+            }
+            binds.push(addr);
+        }
+        let maxconn = self.maxconn(&rf.maxconn, "frontend maxconn")?.or(defaults.maxconn);
+        if let (Some(fe), Some(g), Some(s)) = (maxconn, global_maxconn, &rf.maxconn)
+            && fe > g
+        {
+            self.warn(
+                s.referenced,
+                format!("frontend \"{name}\" maxconn {fe} is above the global maxconn {g}, which caps it"),
+            );
+        }
+        let backlog = match &rf.backlog {
+            Some(b) => self.count(b, "backlog", 1, i32::MAX as u64)? as u32,
+            None => defaults.backlog.unwrap_or_else(|| {
+                maxconn.or(global_maxconn).unwrap_or(default::BACKLOG_MAX).min(default::BACKLOG_MAX)
+            }),
+        };
+        let mut client_timeout = defaults.client;
+        let mut proxy_header_timeout = defaults.proxy_header;
+        if let Some(t) = &rf.timeout {
+            self.only_timeouts(t, "frontend", &["client", "proxy_header"])?;
+            client_timeout = self.duration(&t.value.client, "client", defaults.client)?;
+            proxy_header_timeout = self.duration(&t.value.proxy_header, "proxy_header", defaults.proxy_header)?;
+        }
+        Ok(Frontend {
+            name,
+            binds,
+            backend,
+            maxconn,
+            backlog,
+            client_timeout,
+            accept_proxy: rf.accept_proxy.unwrap_or(false),
+            proxy_header_timeout,
+        })
+    }
+
+    fn backend(&self, rb: &RawBackend, name: String, defaults: &Defaults) -> Result<Backend> {
+        if rb.servers.value.is_empty() {
+            return self.err(rb.servers.referenced, format!("backend \"{name}\" has no servers"));
+        }
+        let (mut connect, mut server) = (defaults.connect, defaults.server);
+        let mut queue = None;
+        if let Some(t) = &rb.timeout {
+            self.only_timeouts(t, "backend", &["connect", "server", "queue"])?;
+            connect = self.duration(&t.value.connect, "connect", connect)?;
+            server = self.duration(&t.value.server, "server", server)?;
+            if t.value.queue.is_some() {
+                queue = Some(self.duration(&t.value.queue, "queue", connect)?);
+            }
+        }
+        let queue = queue.or(defaults.queue).unwrap_or(connect);
+        let retries = match &rb.retries {
+            Some(r) => self.count(r, "retries", 0, 100)? as u32,
+            None => defaults.retries,
+        };
+        let mut servers: Vec<Server> = Vec::with_capacity(rb.servers.value.len());
+        let mut names: HashMap<&str, Location> = HashMap::new();
+        for rs in &rb.servers.value {
+            let sname = self.name(&rs.name, "server")?;
+            if let Some(first) = names.get(rs.name.value.trim()) {
+                return self.err(
+                    rs.name.referenced,
+                    format!(
+                        "backend \"{name}\": duplicate server name \"{sname}\" (first defined at line {})",
+                        first.line()
+                    ),
+                );
+            }
+            names.insert(rs.name.value.trim(), rs.name.referenced);
+            servers.push(self.server(rs, &name, sname)?);
+        }
+        if servers.iter().all(|s| s.weight == 0) {
+            return self.err(
+                rb.servers.referenced,
+                format!("backend \"{name}\": every server has weight 0, so none can take a connection"),
+            );
+        }
+        let check = match &rb.check {
+            Some(c) => Some(self.check(c, &name)?),
+            None => None,
+        };
+        Ok(Backend {
+            name,
+            balance: rb.balance.unwrap_or(defaults.balance),
+            maxconn: self.maxconn(&rb.maxconn, "backend maxconn")?,
+            retries,
+            connect_timeout: connect,
+            server_timeout: server,
+            queue_timeout: queue,
+            check,
+            on_down: rb.on_down.unwrap_or(OnDown::Keep),
+            servers,
+        })
+    }
+
+    fn server(&self, rs: &RawServer, backend: &str, name: String) -> Result<Server> {
+        let ctx = format!("backend \"{backend}\": server \"{name}\"");
+        let address = address::parse_server(&rs.address.value)
+            .or_else(|m| self.err(rs.address.referenced, format!("{ctx}: address {m}")))?;
+        let weight = match &rs.weight {
+            Some(w) => self.count(w, "weight", 0, WEIGHT_LIMIT)? as u32,
+            None => default::WEIGHT,
+        };
+        let mut sources = Vec::new();
+        if let Some(src) = &rs.source {
+            if src.value.0.is_empty() {
+                return self.err(src.referenced, format!("{ctx}: `source` lists no address"));
+            }
+            for text in &src.value.0 {
+                address::expand_source(text, &mut sources)
+                    .or_else(|m| self.err(src.referenced, format!("{ctx}: {m}")))?;
+            }
+            if let Some(bad) = sources.iter().find(|ip| ip.is_ipv4() != address.is_ipv4()) {
+                return self.err(
+                    src.referenced,
+                    format!("{ctx}: source {bad} is not of the same address family as the server address {address}"),
+                );
+            }
+            let mut seen = HashSet::new();
+            if let Some(dup) = sources.iter().find(|ip| !seen.insert(**ip)) {
+                return self.err(src.referenced, format!("{ctx}: source {dup} is listed twice"));
+            }
+        }
+        Ok(Server {
+            name,
+            address,
+            weight,
+            maxconn: self.maxconn(&rs.maxconn, "server maxconn")?,
+            sources,
+            check: rs.check.unwrap_or(true),
+            send_proxy: rs.send_proxy,
+        })
+    }
+}
+
+/// Whether two listener addresses would receive the same connections.
+fn binds_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}

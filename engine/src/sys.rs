@@ -1,0 +1,302 @@
+//! The few system calls the engine makes outside its rings, each behind a safe function.
+//!
+//! The data path talks to the kernel through `worker/ring.rs` only; this module holds the rest:
+//! the control eventfd, the signal mask, RLIMIT_NOFILE, account lookups and id switching, a pipe,
+//! one socket option, poll(2) for health checks, the kernel release and the page size. Every
+//! `unsafe` block is a single libc call (or a call and the adoption of the descriptor it returned)
+//! on arguments owned by the calling frame, with a `SAFETY:` line saying so. Nothing here keeps
+//! state, and nothing here is called per connection.
+
+use std::ffi::CStr;
+use std::fs::File;
+use std::io::{self, Write as _};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+/// An eventfd used as a doorbell: a sender signals, the woken side's ring has a read armed on it.
+pub struct EventFd(File);
+
+impl EventFd {
+    /// A non-blocking, close-on-exec eventfd with its counter at 0.
+    pub fn new() -> io::Result<EventFd> {
+        // SAFETY: eventfd takes no pointers. On success `fd` is a new descriptor nothing else owns,
+        // so the File may take it over (and close it once).
+        let file = unsafe {
+            let fd = libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            File::from_raw_fd(fd)
+        };
+        Ok(EventFd(file))
+    }
+
+    /// Adds 1 to the counter. A saturated counter (EAGAIN) is still signalled, so errors are moot.
+    pub fn signal(&self) {
+        let _ = (&self.0).write(&1u64.to_ne_bytes());
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+/// A set of signals blocked in the calling thread, and in every thread it starts afterwards, to be
+/// received synchronously with [`Signals::wait`] (so no handler runs inside a worker).
+pub struct Signals(libc::sigset_t);
+
+impl Signals {
+    /// Blocks `signals` in the calling thread. Call it before starting any thread.
+    pub fn block(signals: &[libc::c_int]) -> io::Result<Signals> {
+        // SAFETY: `set` is a local sigset_t (plain data, valid all-zero) that sigemptyset
+        // initialises before sigaddset and pthread_sigmask read it; the old mask is not asked for
+        // (null is allowed).
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &s in signals {
+                if libc::sigaddset(&mut set, s) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
+                0 => Ok(Signals(set)),
+                e => Err(io::Error::from_raw_os_error(e)),
+            }
+        }
+    }
+
+    /// The next of these signals, or `None` once `timeout` has passed.
+    pub fn wait(&self, timeout: Duration) -> Option<libc::c_int> {
+        let ts = libc::timespec { tv_sec: timeout.as_secs() as libc::time_t, tv_nsec: timeout.subsec_nanos() as _ };
+        loop {
+            // SAFETY: `self.0` is an initialised set and `ts` a timespec, both alive across the
+            // call; no siginfo is asked for (null is allowed).
+            let r = unsafe { libc::sigtimedwait(&self.0, std::ptr::null_mut(), &ts) };
+            if r > 0 {
+                return Some(r);
+            }
+            if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return None;
+            }
+        }
+    }
+}
+
+/// RLIMIT_NOFILE as (soft, hard).
+pub fn nofile() -> io::Result<(u64, u64)> {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: `r` is a local rlimit, writable for the duration of the call.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((r.rlim_cur, r.rlim_max))
+}
+
+/// Sets RLIMIT_NOFILE to (soft, hard).
+pub fn set_nofile(soft: u64, hard: u64) -> io::Result<()> {
+    let r = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+    // SAFETY: `r` is a local rlimit that setrlimit only reads.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &r) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Size of the buffers the passwd and group lookups write their strings into.
+const LOOKUP_BUF: usize = 16 * 1024;
+
+/// The uid and primary gid of the user `name`; `None` when the lookup finds none (or fails).
+pub fn lookup_user(name: &CStr) -> Option<(libc::uid_t, libc::gid_t)> {
+    let mut buf = vec![0 as libc::c_char; LOOKUP_BUF];
+    // SAFETY: `pwd` (plain data, valid all-zero), `buf` (its length passed along) and `out` live
+    // in this frame across the call, and `name` is NUL-terminated. The strings getpwnam_r points
+    // `pwd` at are in `buf`; only the numeric ids are read, before `buf` is dropped.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut out: *mut libc::passwd = std::ptr::null_mut();
+        let r = libc::getpwnam_r(name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out);
+        (r == 0 && !out.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+    }
+}
+
+/// The gid of the group `name`; `None` when the lookup finds none (or fails).
+pub fn lookup_group(name: &CStr) -> Option<libc::gid_t> {
+    let mut buf = vec![0 as libc::c_char; LOOKUP_BUF];
+    // SAFETY: as in `lookup_user`, with `group` and getgrnam_r.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut out: *mut libc::group = std::ptr::null_mut();
+        let r = libc::getgrnam_r(name.as_ptr(), &mut grp, buf.as_mut_ptr(), buf.len(), &mut out);
+        (r == 0 && !out.is_null()).then_some(grp.gr_gid)
+    }
+}
+
+/// The real uid and gid of this process.
+pub fn ids() -> (libc::uid_t, libc::gid_t) {
+    // SAFETY: getuid and getgid take no arguments and cannot fail.
+    unsafe { (libc::getuid(), libc::getgid()) }
+}
+
+/// Empties the supplementary group list.
+pub fn clear_groups() -> io::Result<()> {
+    // SAFETY: with a count of 0 setgroups reads nothing from the (null) list.
+    if unsafe { libc::setgroups(0, std::ptr::null()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the real, effective and saved gid.
+pub fn set_gid(gid: libc::gid_t) -> io::Result<()> {
+    // SAFETY: value arguments only.
+    if unsafe { libc::setresgid(gid, gid, gid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Sets the real, effective and saved uid.
+pub fn set_uid(uid: libc::uid_t) -> io::Result<()> {
+    // SAFETY: value arguments only.
+    if unsafe { libc::setresuid(uid, uid, uid) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A non-blocking, close-on-exec pipe (read end, write end) asked to hold `size` bytes, and the
+/// size it really holds: the kernel rounds up to a power of two of pages, and when it refuses
+/// (beyond fs.pipe-max-size, or over the user's pipe pages) the pipe keeps its current size.
+pub fn pipe(size: u32) -> io::Result<(OwnedFd, OwnedFd, u32)> {
+    let mut fds = [-1 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into `fds`, a local array of two. On success they are
+    // new descriptors nothing else owns, so each OwnedFd may take one over.
+    let (rd, wr) = unsafe {
+        if libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1]))
+    };
+    let size = libc::c_int::try_from(size).unwrap_or(libc::c_int::MAX);
+    // SAFETY: fcntl on a descriptor this frame owns, with an integer argument.
+    let mut got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, size) };
+    if got <= 0 {
+        // SAFETY: as above; F_GETPIPE_SZ takes no argument.
+        got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    }
+    if got <= 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((rd, wr, got as u32))
+}
+
+/// Sets IP_BIND_ADDRESS_NO_PORT: bind() fixes only the address, connect() picks the port per
+/// 4-tuple (so a source address is not limited to one connection per ephemeral port host-wide).
+pub fn set_bind_address_no_port(sock: impl AsFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: passes a pointer to `one`, a local c_int alive across the call, and its size;
+    // setsockopt only reads it.
+    let r = unsafe {
+        libc::setsockopt(
+            sock.as_fd().as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const one).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout_ms` for events on `fds` (poll(2)); returns how many have some.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usize> {
+    // SAFETY: `fds` is a live, exclusively borrowed slice of pollfd and its length is passed with
+    // it; poll writes only the `revents` fields.
+    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// The kernel release (`uname -r`), when it can be read.
+pub fn kernel_release() -> Option<String> {
+    // SAFETY: `u` is a local utsname (plain data, valid all-zero) that uname only writes into.
+    let u = unsafe {
+        let mut u: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut u) != 0 {
+            return None;
+        }
+        u
+    };
+    let bytes: Vec<u8> = u.release.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
+    String::from_utf8(bytes).ok()
+}
+
+/// The page size in bytes, when sysconf knows it.
+pub fn page_size() -> Option<u64> {
+    // SAFETY: sysconf takes a value argument and has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(v).ok().filter(|&v| v > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read as _;
+
+    use super::*;
+
+    /// Reads and resets the counter (0 when it was not signalled).
+    fn drain(e: &EventFd) -> u64 {
+        let mut count = [0u8; 8];
+        match (&e.0).read(&mut count) {
+            Ok(8) => u64::from_ne_bytes(count),
+            _ => 0,
+        }
+    }
+
+    #[test]
+    fn a_pipe_holds_exactly_the_size_it_reports() {
+        let (rd, wr, got) = pipe(128 << 10).unwrap();
+        assert!(got >= 4096 && got.is_power_of_two(), "{got}");
+        let (mut rd, mut wr) = (File::from(rd), File::from(wr));
+        let mut empty = [0u8; 1];
+        assert_eq!(rd.read(&mut empty).unwrap_err().kind(), io::ErrorKind::WouldBlock, "non-blocking");
+        let chunk = vec![7u8; 16 << 10];
+        let mut held = 0usize;
+        loop {
+            match wr.write(&chunk) {
+                Ok(n) => held += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(held, got as usize, "a full pipe holds the reported size");
+    }
+
+    #[test]
+    fn an_eventfd_counts_signals() {
+        let e = EventFd::new().unwrap();
+        assert_eq!(drain(&e), 0);
+        e.signal();
+        e.signal();
+        assert_eq!(drain(&e), 2);
+        assert_eq!(drain(&e), 0);
+    }
+
+    #[test]
+    fn reads_this_host() {
+        let (soft, hard) = nofile().unwrap();
+        assert!(soft <= hard);
+        set_nofile(soft, hard).unwrap();
+        assert!(kernel_release().is_some_and(|r| r.chars().next().is_some_and(|c| c.is_ascii_digit())));
+        assert!(page_size().is_some_and(|p| p.is_power_of_two()));
+        assert_eq!(lookup_user(c"root"), Some((0, 0)));
+        assert_eq!(lookup_user(c"no-such-user-ringproxy"), None);
+        assert_eq!(lookup_group(c"root"), Some(0));
+    }
+}
