@@ -10,6 +10,7 @@ use crossbeam_channel::Sender;
 
 use crate::limits::ShareMsg;
 use crate::stats::WorkerStats;
+use crate::sys::EventFd;
 
 pub enum Control {
     /// Lending protocol for maxconn shares.
@@ -25,9 +26,6 @@ pub enum Control {
     /// cancelled accepts (accept waits are exclusive: the kernel wakes one waiter per connection).
     RearmAccepts,
 }
-
-/// The doorbell each worker's ring keeps a read armed on (kept with the other libc wrappers).
-pub use crate::sys::EventFd;
 
 /// The way to reach one worker.
 #[derive(Clone)]

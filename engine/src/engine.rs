@@ -15,7 +15,7 @@ use std::time::Duration;
 use crossbeam_channel::{bounded, unbounded};
 
 use crate::config::Config;
-use crate::control::{Control, EventFd, Peer};
+use crate::control::{Control, Peer};
 use crate::host;
 use crate::listener::{self, Bound, ListenError, ListenerGroup};
 use crate::log;
@@ -23,6 +23,7 @@ use crate::plan::{self, Plan};
 use crate::privileges::{self, PrivilegeError};
 use crate::sources;
 use crate::stats::{EngineStats, prometheus, socket};
+use crate::sys::EventFd;
 use crate::worker::{self, WorkerSetup};
 
 /// Why an engine did not start. Nothing it had set up is left running.

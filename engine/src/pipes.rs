@@ -12,7 +12,7 @@
 
 use std::io;
 use std::mem::ManuallyDrop;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 /// A pipe lent out of the pool.
 #[must_use = "a pipe lease must be given back to its pool"]
@@ -92,24 +92,8 @@ impl PipePool {
     }
 
     fn create(&mut self) -> io::Result<Pipe> {
-        let mut fds = [0 as RawFd; 2];
-        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded: both descriptors are new and owned by nobody else.
-        let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        // SAFETY: fcntl on a descriptor we own, no pointer; failure only means the default size.
-        let got = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_SETPIPE_SZ, self.size as libc::c_int) };
-        if got > 0 {
-            self.effective_size = got as u32;
-        } else {
-            // SAFETY: as above; F_GETPIPE_SZ only reads.
-            let cur = unsafe { libc::fcntl(wr.as_raw_fd(), libc::F_GETPIPE_SZ) };
-            if cur > 0 {
-                self.effective_size = cur as u32;
-            }
-        }
+        let (rd, wr, size) = crate::sys::pipe(self.size)?;
+        self.effective_size = size;
         self.created += 1;
         Ok(Pipe { rd, wr })
     }

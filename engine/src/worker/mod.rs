@@ -29,11 +29,12 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::Config;
 use crate::conn::{Clock, Ctx, Dir, Followups, ListenerInfo, Slab};
-use crate::control::{Control, EventFd, Peer};
+use crate::control::{Control, Peer};
 use crate::log::{ConnLog, LogSink};
 use crate::pipes::PipePool;
 use crate::plan::Plan;
 use crate::stats::WorkerStats;
+use crate::sys::EventFd;
 use accept::ListenerState;
 use ring::{ClientSlot, Completion, Ring};
 use timer::TimerWheel;

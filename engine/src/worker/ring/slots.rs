@@ -12,7 +12,6 @@ use std::marker::PhantomData;
 use std::mem::ManuallyDrop;
 use std::num::NonZeroU32;
 
-
 /// A socket in the direct table, borrowed for building one SQE.
 #[derive(Clone, Copy, Debug)]
 pub struct Sock<'a> {
