@@ -8,9 +8,11 @@
 
 pub mod chart;
 pub mod cli;
+pub mod client;
 pub mod dial;
 pub mod hold;
 pub mod latency;
+pub mod nofile;
 pub mod rate;
 pub mod report;
 pub mod ring;
@@ -28,7 +30,7 @@ use cli::{Cli, Command};
 /// Run the parsed command line; returns the process exit code.
 pub fn main(cli: Cli) -> anyhow::Result<u8> {
     stop::install();
-    let nofile = stop::raise_nofile_limit();
+    let nofile = nofile::raise();
     match &cli.command {
         Command::Serve(a) => serve::main(a, nofile),
         Command::Hold(a) => run::main(a, nofile),

@@ -65,15 +65,13 @@ impl Exchange {
     }
 
     /// Where the next bytes of the echo go.
-    pub fn recv_window(&mut self) -> (*mut u8, u32) {
-        let rest = &mut self.rbuf[self.got..];
-        (rest.as_mut_ptr(), rest.len() as u32)
+    pub fn unreceived(&mut self) -> &mut [u8] {
+        &mut self.rbuf[self.got..]
     }
 
     /// What is left to send.
-    pub fn send_window(&self) -> (*const u8, u32) {
-        let rest = &self.sbuf[self.sent..];
-        (rest.as_ptr(), rest.len() as u32)
+    pub fn unsent(&self) -> &[u8] {
+        &self.sbuf[self.sent..]
     }
 
     /// Account `n` received bytes; once the whole echo is in, returns
