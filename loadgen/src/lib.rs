@@ -14,6 +14,7 @@ pub mod hold;
 pub mod latency;
 pub mod nofile;
 pub mod rate;
+pub mod ready;
 pub mod report;
 pub mod ring;
 pub mod run;

@@ -18,7 +18,8 @@
 //! it (and the listeners) is owned with the ring ([`ring::Owned`]) and freed
 //! only once nothing is in flight, on every return path.
 //! `--corrupt-every N` (test aid) flips one byte of the echo every N bytes
-//! echoed by a worker.
+//! echoed by a worker. `--ready-file PATH` ([`crate::ready`]) says where
+//! serve listens once every listener is bound.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -30,6 +31,7 @@ use io_uring::{opcode, types};
 use socket2::{Domain, Socket, Type};
 
 use crate::cli::{ServeArgs, ServeMode};
+use crate::ready::{Ready, ReadyFile};
 use crate::ring::{self, Completion, Op, Ring, Tag, next_generation};
 use crate::stats::add_fields;
 
@@ -50,6 +52,7 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
     // resolved address with SO_REUSEPORT so the kernel spreads connections.
     let mut per_worker: Vec<Vec<OwnedFd>> = (0..workers).map(|_| Vec::new()).collect();
     let mut out = std::io::stdout().lock();
+    let mut all_bound = Vec::new();
     for addr in &args.listen {
         let first = listener(addr)?;
         let bound =
@@ -59,6 +62,7 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
             fds.push(listener(&bound)?.into());
         }
         writeln!(out, "listening on {bound}").context("writing to stdout")?;
+        all_bound.push(bound);
     }
     writeln!(
         out,
@@ -69,6 +73,11 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
     .and_then(|_| out.flush())
     .context("writing to stdout")?;
     drop(out);
+    // Removed when `main` returns.
+    let _ready = match &args.ready_file {
+        Some(path) => Some(ReadyFile::create(path, &Ready::serve(&all_bound))?),
+        None => None,
+    };
     let deadline = args.duration.map(|d| Instant::now() + d);
     let table = nofile.clamp(64, 1 << 20) as u32;
     let stats: Vec<Result<Stats>> = std::thread::scope(|scope| {
