@@ -28,7 +28,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use io_uring::{opcode, types};
+use io_uring::{opcode, squeue, types};
 
 use crate::dial::{self, Endpoints};
 use crate::ring::{self, Completion, Op, Ring, Tag, errno, next_generation};
@@ -213,24 +213,14 @@ impl<'a, C, B> ClientWorker<'a, C, B> {
     /// # Safety
     /// The caller must not modify those bytes until this send's completion
     /// has been reaped. (The worker keeps them allocated until then.)
-    pub unsafe fn send(&mut self, slot: u32, buf: impl for<'x> FnOnce(&'x C, &'x B) -> &'x [u8]) -> Result<()> {
-        let (ring, held) = self.io.parts();
-        let s = &held.slots[slot as usize];
-        let Some(fd) = s.fd.as_ref() else {
-            return Ok(());
+    pub unsafe fn send(&mut self, slot: u32, buf: impl for<'x> FnOnce(&'x mut C, &'x mut B) -> &'x [u8]) -> Result<()> {
+        let entry = |fd, c: &mut C, b: &mut B| {
+            let bytes = buf(c, b);
+            opcode::Send::new(fd, bytes.as_ptr(), len_u32(bytes.len())).flags(libc::MSG_NOSIGNAL).build()
         };
-        let bytes = buf(&s.conn, &held.shared);
-        let e = opcode::Send::new(types::Fd(fd.as_raw_fd()), bytes.as_ptr(), len_u32(bytes.len()))
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(Tag::new(slot, s.generation, Op::Send).encode());
-        // SAFETY: the bytes are in `held` (the slot's data or the shared
-        // buffers), which `self.io` frees only once the ring is empty (or
-        // leaks); the caller leaves them unmodified until the completion
-        // (this function's contract); the fd stays open until the SQE has
-        // been submitted (`close`).
-        unsafe { ring.push(&e)? };
-        Ok(())
+        // SAFETY: the entry points into `buf`'s bytes only; forwarded from
+        // this function's contract.
+        unsafe { self.push_on(slot, Op::Send, entry) }
     }
 
     /// Queue a receive on `slot`'s socket into the bytes `buf` picks from
@@ -245,19 +235,38 @@ impl<'a, C, B> ClientWorker<'a, C, B> {
         slot: u32,
         buf: impl for<'x> FnOnce(&'x mut C, &'x mut B) -> &'x mut [u8],
     ) -> Result<()> {
+        let entry = |fd, c: &mut C, b: &mut B| {
+            let bytes = buf(c, b);
+            opcode::Recv::new(fd, bytes.as_mut_ptr(), len_u32(bytes.len())).build()
+        };
+        // SAFETY: the entry points into `buf`'s bytes only; forwarded from
+        // this function's contract.
+        unsafe { self.push_on(slot, Op::Recv, entry) }
+    }
+
+    /// Queue the SQE `entry` builds for `slot`'s socket (nothing if it has
+    /// none), tagged `op` with the slot's generation.
+    ///
+    /// # Safety
+    /// The SQE may point only into the slot's data or the shared buffers it
+    /// is given, and the caller must leave that memory as `send` or `recv`
+    /// says until the completion has been reaped.
+    unsafe fn push_on(
+        &mut self,
+        slot: u32,
+        op: Op,
+        entry: impl FnOnce(types::Fd, &mut C, &mut B) -> squeue::Entry,
+    ) -> Result<()> {
         let (ring, held) = self.io.parts();
         let s = &mut held.slots[slot as usize];
-        let Some(fd) = s.fd.as_ref().map(|f| f.as_raw_fd()) else {
+        let Some(fd) = s.fd.as_ref().map(|f| types::Fd(f.as_raw_fd())) else {
             return Ok(());
         };
-        let generation = s.generation;
-        let bytes = buf(&mut s.conn, &mut held.shared);
-        let e = opcode::Recv::new(types::Fd(fd), bytes.as_mut_ptr(), len_u32(bytes.len()))
-            .build()
-            .user_data(Tag::new(slot, generation, Op::Recv).encode());
-        // SAFETY: as for `send`: the bytes are in `held`, kept until the ring
-        // is empty; the caller leaves them alone until the completion; the fd
-        // stays open until the SQE has been submitted.
+        let e = entry(fd, &mut s.conn, &mut held.shared).user_data(Tag::new(slot, s.generation, op).encode());
+        // SAFETY: the memory is in `held`, which `self.io` frees only once
+        // the ring is empty (or leaks); the caller leaves it alone until the
+        // completion (this function's contract); the fd stays open until the
+        // SQE has been submitted (`close`).
         unsafe { ring.push(&e)? };
         Ok(())
     }

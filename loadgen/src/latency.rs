@@ -25,6 +25,7 @@ use anyhow::Result;
 
 use crate::cli::{ClientArgs, LatencyArgs};
 use crate::client::{ClientWorker, Event, State};
+use crate::exchange::HasExchange;
 use crate::run::{ClientMode, WorkerPlan};
 use crate::stats::{Cause, Measurement, Progress};
 use crate::wire::{Exchange, HEADER};
@@ -59,14 +60,19 @@ impl ClientMode for LatencyArgs {
 
 /// A connection's request schedule and its exchange.
 struct Conn {
-    /// Schedule origin: intended time of request `k` is `base + k × interval`.
+    /// Schedule origin: intended time of request `k` (counted from 0) is
+    /// `base + k × interval`; `x.seq` requests were sent so far.
     base: Instant,
-    /// Requests sent so far (the next one is number `next`).
-    next: u64,
     outstanding: bool,
     sent_at: Instant,
     intended: Instant,
     x: Exchange,
+}
+
+impl HasExchange for Conn {
+    fn exchange(&mut self) -> &mut Exchange {
+        &mut self.x
+    }
 }
 
 struct Worker<'a> {
@@ -82,7 +88,6 @@ impl<'a> Worker<'a> {
         let now = Instant::now();
         let w = ClientWorker::new("latency", plan, progress, 4096, (), || Conn {
             base: now,
-            next: 0,
             outstanding: false,
             sent_at: now,
             intended: now,
@@ -138,11 +143,7 @@ impl<'a> Worker<'a> {
                 Event::Connected(slot) => self.connected(slot),
                 Event::ConnectFailed(_) => {}
                 Event::Sent(slot, res) if res <= 0 => self.end(slot, Cause::from_result(res, false)),
-                Event::Sent(slot, res) => {
-                    if !self.w.conn_mut(slot).0.x.sent_bytes(res as usize) {
-                        self.push_send(slot)?;
-                    }
-                }
+                Event::Sent(slot, res) => self.w.exchange_sent(slot, res as usize)?,
                 Event::Received(slot, res) if res <= 0 => self.end(slot, Cause::from_result(res, true)),
                 Event::Received(slot, res) => self.received(slot, res as usize)?,
             }
@@ -151,7 +152,7 @@ impl<'a> Worker<'a> {
     }
 
     fn intended(&self, c: &Conn) -> Instant {
-        c.base + self.interval.mul_f64(c.next as f64)
+        c.base + self.interval.mul_f64(c.x.seq as f64)
     }
 
     /// Spread connections over the interval (connection i of C starts i/C
@@ -177,36 +178,23 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         let id = self.w.plan().first_id + u64::from(slot);
-        let (c, m) = self.w.conn_mut(slot);
-        c.next += 1;
+        let c = self.w.conn_mut(slot).0;
         c.outstanding = true;
         c.intended = intended;
         c.sent_at = now;
-        c.x.prepare(id, c.next);
-        m.msgs_sent += 1;
-        self.push_send(slot)?;
-        self.push_recv(slot)
+        self.w.start_exchange(slot, id)
     }
 
     /// `n` more bytes of the echo arrived.
     fn received(&mut self, slot: u32, n: usize) -> Result<()> {
-        let progress = self.w.progress();
-        let (c, m) = self.w.conn_mut(slot);
-        let Some(ok) = c.x.received(n) else {
-            return self.push_recv(slot);
-        };
-        let now = Instant::now();
-        c.outstanding = false;
-        if ok {
-            m.msgs_ok += 1;
-        } else {
-            m.corrupted += 1;
-            Progress::inc(&progress.corrupted);
+        if self.w.exchange_received(slot, n)?.is_none() {
+            return Ok(());
         }
+        let now = Instant::now();
+        let (c, m) = self.w.conn_mut(slot);
+        c.outstanding = false;
         m.latency.record_duration(now - c.intended);
         m.latency_uncorrected.record_duration(now - c.sent_at);
-        m.completed += 1;
-        Progress::inc(&progress.completed);
         let next = self.intended(self.w.conn(slot));
         if next <= now {
             self.send_due(slot, now)
@@ -220,19 +208,6 @@ impl<'a> Worker<'a> {
         self.w.conn_mut(slot).0.outstanding = false;
         self.w.drop_conn(slot, cause);
         Progress::inc(&self.w.progress().failed);
-    }
-
-    fn push_send(&mut self, slot: u32) -> Result<()> {
-        // SAFETY: the request is rewritten (`prepare`) only for the next
-        // request, once this one's echo is back: every byte of it was copied
-        // out before the peer could echo it.
-        unsafe { self.w.send(slot, |c, _| c.x.unsent()) }
-    }
-
-    fn push_recv(&mut self, slot: u32) -> Result<()> {
-        // SAFETY: the echo buffer is the slot's; one recv per slot at a time,
-        // and it is read only after that recv completed.
-        unsafe { self.w.recv(slot, |c, _| c.x.unreceived()) }
     }
 }
 

@@ -10,6 +10,7 @@ pub mod chart;
 pub mod cli;
 pub mod client;
 pub mod dial;
+pub mod exchange;
 pub mod hold;
 pub mod latency;
 pub mod nofile;

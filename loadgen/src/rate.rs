@@ -48,24 +48,15 @@ impl ClientMode for RateArgs {
     }
 }
 
-/// One loop's exchange.
-struct Conn {
-    seq: u64,
-    x: Exchange,
-}
-
 struct Worker<'a> {
-    w: ClientWorker<'a, Conn>,
+    w: ClientWorker<'a, Exchange>,
     retry: VecDeque<(Instant, u32)>,
     draining: bool,
 }
 
 impl<'a> Worker<'a> {
     fn new(args: &RateArgs, plan: &'a WorkerPlan, progress: &'a Progress) -> Result<Self> {
-        let w = ClientWorker::new("rate", plan, progress, 4096, (), || Conn {
-            seq: 0,
-            x: Exchange::new(args.size as usize),
-        })?;
+        let w = ClientWorker::new("rate", plan, progress, 4096, (), || Exchange::new(args.size as usize))?;
         Ok(Worker { w, retry: VecDeque::new(), draining: false })
     }
 
@@ -95,7 +86,7 @@ impl<'a> Worker<'a> {
             self.poll(Duration::from_millis(20))?;
         }
         self.w.m().window_s = plan.start.elapsed().as_secs_f64();
-        let lost = self.w.slots().filter(|s| s.state() == State::Open && s.conn.x.sent > 0).count() as u64;
+        let lost = self.w.slots().filter(|s| s.state() == State::Open && s.conn.sent > 0).count() as u64;
         self.w.m().lost += lost;
         self.w.fail_pending_connects();
         let m = self.w.m();
@@ -106,14 +97,10 @@ impl<'a> Worker<'a> {
     fn poll(&mut self, wait: Duration) -> Result<()> {
         for e in self.w.poll(wait)? {
             match e {
-                Event::Connected(slot) => self.connected(slot)?,
+                Event::Connected(slot) => self.w.start_exchange(slot, self.w.plan().first_id + u64::from(slot))?,
                 Event::ConnectFailed(slot) => self.retry_later(slot),
                 Event::Sent(slot, res) if res <= 0 => self.recycle(slot, Some(Cause::from_result(res, false)))?,
-                Event::Sent(slot, res) => {
-                    if !self.w.conn_mut(slot).0.x.sent_bytes(res as usize) {
-                        self.push_send(slot)?;
-                    }
-                }
+                Event::Sent(slot, res) => self.w.exchange_sent(slot, res as usize)?,
                 Event::Received(slot, res) if res <= 0 => self.recycle(slot, Some(Cause::from_result(res, true)))?,
                 Event::Received(slot, res) => self.received(slot, res as usize)?,
             }
@@ -132,31 +119,11 @@ impl<'a> Worker<'a> {
         self.retry.push_back((Instant::now() + RETRY_DELAY, slot));
     }
 
-    fn connected(&mut self, slot: u32) -> Result<()> {
-        let id = self.w.plan().first_id + u64::from(slot);
-        let (c, m) = self.w.conn_mut(slot);
-        c.seq += 1;
-        c.x.prepare(id, c.seq);
-        m.msgs_sent += 1;
-        self.push_send(slot)?;
-        self.push_recv(slot)
-    }
-
     /// `n` more bytes of the echo arrived.
     fn received(&mut self, slot: u32, n: usize) -> Result<()> {
-        let progress = self.w.progress();
-        let (c, m) = self.w.conn_mut(slot);
-        let Some(ok) = c.x.received(n) else {
-            return self.push_recv(slot);
-        };
-        if ok {
-            m.msgs_ok += 1;
-        } else {
-            m.corrupted += 1;
-            Progress::inc(&progress.corrupted);
+        if self.w.exchange_received(slot, n)?.is_none() {
+            return Ok(());
         }
-        m.completed += 1;
-        Progress::inc(&progress.completed);
         // The exchange's latency runs from the start of its connect.
         let started = self.w.connect_started(slot);
         self.w.m().latency.record_duration(started.elapsed());
@@ -174,17 +141,5 @@ impl<'a> Worker<'a> {
         Progress::inc(&self.w.progress().failed);
         self.retry_later(slot);
         Ok(())
-    }
-
-    fn push_send(&mut self, slot: u32) -> Result<()> {
-        // SAFETY: the message is rewritten (`prepare`) only for the slot's
-        // next connection, after this exchange's echo is back.
-        unsafe { self.w.send(slot, |c, _| c.x.unsent()) }
-    }
-
-    fn push_recv(&mut self, slot: u32) -> Result<()> {
-        // SAFETY: the echo buffer is the slot's; one recv per slot at a time,
-        // and it is read only after that recv completed.
-        unsafe { self.w.recv(slot, |c, _| c.x.unreceived()) }
     }
 }

@@ -88,19 +88,13 @@ impl<'a> Worker<'a> {
                 self.push_recv(i)
             }
             Event::ConnectFailed(_) => Ok(()),
-            Event::Sent(i, res) if res <= 0 => {
-                self.end(i, Cause::from_result(res, false));
-                Ok(())
-            }
+            Event::Sent(i, res) if res <= 0 => self.end(i, Cause::from_result(res, false)),
             Event::Sent(i, res) => {
                 self.w.m().up_bytes += res as u64;
                 Progress::add(&progress.up_bytes, res as u64);
                 self.push_send(i)
             }
-            Event::Received(i, res) if res <= 0 => {
-                self.end(i, Cause::from_result(res, true));
-                Ok(())
-            }
+            Event::Received(i, res) if res <= 0 => self.end(i, Cause::from_result(res, true)),
             Event::Received(i, res) => {
                 self.w.m().down_bytes += res as u64;
                 Progress::add(&progress.down_bytes, res as u64);
@@ -109,9 +103,11 @@ impl<'a> Worker<'a> {
         }
     }
 
-    fn end(&mut self, i: u32, cause: Cause) {
+    /// The stream ended early: dropped (and shown among the failures).
+    fn end(&mut self, i: u32, cause: Cause) -> Result<()> {
         self.w.drop_conn(i, cause);
         Progress::inc(&self.w.progress().failed);
+        Ok(())
     }
 
     fn push_send(&mut self, i: u32) -> Result<()> {

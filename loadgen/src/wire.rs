@@ -49,17 +49,26 @@ pub struct Exchange {
     pub got: usize,
     /// Bytes of the message sent so far.
     pub sent: usize,
+    /// Messages started so far: the current one's sequence number.
+    pub seq: u64,
 }
 
 impl Exchange {
     pub fn new(size: usize) -> Exchange {
         let size = size.max(HEADER);
-        Exchange { sbuf: vec![0; size].into_boxed_slice(), rbuf: vec![0; size].into_boxed_slice(), got: 0, sent: 0 }
+        Exchange {
+            sbuf: vec![0; size].into_boxed_slice(),
+            rbuf: vec![0; size].into_boxed_slice(),
+            got: 0,
+            sent: 0,
+            seq: 0,
+        }
     }
 
-    /// Start message `seq` of connection `id`.
-    pub fn prepare(&mut self, id: u64, seq: u64) {
-        fill(&mut self.sbuf, id, seq);
+    /// Start the next message (sequence number `seq + 1`) of connection `id`.
+    pub fn prepare(&mut self, id: u64) {
+        self.seq += 1;
+        fill(&mut self.sbuf, id, self.seq);
         self.got = 0;
         self.sent = 0;
     }
@@ -95,7 +104,7 @@ mod tests {
     #[test]
     fn exchange_collects_partial_echoes() {
         let mut x = Exchange::new(40);
-        x.prepare(7, 1);
+        x.prepare(7);
         assert!(!x.sent_bytes(10));
         assert!(x.sent_bytes(30));
         let sent = x.sbuf.to_vec();
@@ -104,7 +113,7 @@ mod tests {
         x.rbuf[20..].copy_from_slice(&sent[20..]);
         x.rbuf[39] ^= 1;
         assert_eq!(x.received(20), Some(false));
-        x.prepare(7, 2);
+        x.prepare(7);
         let sent = x.sbuf.to_vec();
         x.rbuf.copy_from_slice(&sent);
         assert_eq!(x.received(40), Some(true));
