@@ -7,7 +7,7 @@
 //!
 //! Invariants:
 //! - Everything the kernel may read or write for an operation in flight is
-//!   in [`Held`], owned by the ring's [`Owned`]: the slots with each mode's
+//!   in [`Held`], owned by the ring's [`ring::Owned`]: the slots with each mode's
 //!   per-connection buffers, the worker-wide buffers, the target sockaddrs,
 //!   the connect timeout and the sockets. It is freed only when the ring has
 //!   nothing in flight; a worker dropped early (an error returned with `?`)

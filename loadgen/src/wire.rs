@@ -7,7 +7,7 @@
 //! Every byte depends on (id, seq), so an echo that is corrupted, reordered,
 //! or delivered to the wrong connection (a proxy mixing up streams) differs
 //! from what the client sent. Invariant: a client keeps the message it sent
-//! unchanged until its echo has been compared ([`matches`]).
+//! unchanged until its echo has been compared ([`matches()`]).
 
 /// Smallest message: the header.
 pub const HEADER: usize = 16;
