@@ -5,6 +5,9 @@
 # that drift of the machine (other builds, thermal, caches) hits them alike:
 #   direct          the client talks to the backend itself
 #   ringproxy       target/release/ringproxy, workers = WORKERS, pinned
+#   ringproxy-base  (only with BASE_BIN or BASE_REV) an older ringproxy binary, run exactly like the
+#                   ringproxy path (same configuration, pinning, sampling); the report puts it
+#                   beside ringproxy with the ratio new / base
 #   haproxy         HAProxy `mode tcp`, nbthread = WORKERS, cpu-map, no splicing
 #   haproxy-splice  the same with `option splice-auto` (tune.pipesize = ringproxy's pipe size)
 #   nginx           nginx `stream`, worker_processes = WORKERS, worker_cpu_affinity auto, reuseport
@@ -33,15 +36,25 @@
 # Usage:  scripts/bench.sh                 full run (~13 min on 2 CPUs); charts go to docs/img/ and
 #                                          the tables into docs/benchmarks.md (between markers)
 #         QUICK=1 scripts/bench.sh         smoke run (~1.5 min), nothing under docs/ is touched
+#         BASE_REV=a1f32ab scripts/bench.sh        this tree's ringproxy against commit a1f32ab's, in
+#                                          the same run (adds the ringproxy-base path)
+#         BASE_BIN=/path/to/old/ringproxy PATHS="ringproxy ringproxy-base" QUICK=1 scripts/bench.sh
 # Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS PATHS OUT
 #         TESTS CHURN_SOURCES
 #         UPDATE_DOCS=0|1 IMG=dir
-# Needs root for apt-get when haproxy, nginx (+ stream module), iperf3, wrk or jq are missing.
+#         BASE_BIN=FILE  the ringproxy-base binary (copied into the run's directory first)
+#         BASE_REV=REV   build ringproxy at git revision REV in release, in a temporary worktree
+#                        outside the repository (target dir BASE_TARGET_DIR, default
+#                        target/bench-base, kept so the next build is incremental), and use that
+#         With either, PATHS defaults to "direct ringproxy ringproxy-base haproxy haproxy-splice nginx".
+#         A base older than ringproxy's --ready-file (a1f32ab) is located by its "listening on" lines.
+# Needs root for apt-get when a peer or tool the chosen PATHS and TESTS use is missing (haproxy,
+# nginx + stream module, iperf3, wrk, jq).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
-# shellcheck source=scripts/bench/lib.sh
-. "$ROOT/scripts/bench/lib.sh"
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 
 QUICK=${QUICK:-0}
 if [ "$QUICK" = 1 ]; then
@@ -59,17 +72,33 @@ PIPE_SIZE=${PIPE_SIZE:-262144}
 # address pair has ~28,000 ephemeral ports, and a port in TIME-WAIT is reusable only after 1-2 s,
 # which caps one pair at ~14,000 connections/s for every path alike.
 CHURN_SOURCES=${CHURN_SOURCES:-8}
-PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice nginx}
+BASE_BIN=${BASE_BIN:-}
+BASE_REV=${BASE_REV:-}
+BASE_TARGET_DIR=${BASE_TARGET_DIR:-$ROOT/target/bench-base}
+if [ -n "$BASE_BIN$BASE_REV" ]; then
+    PATHS=${PATHS:-direct ringproxy ringproxy-base haproxy haproxy-splice nginx}
+else
+    PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice nginx}
+fi
 TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 rate wrk ka lat idle}
+has() { [[ " $1 " == *" $2 "* ]]; } # has LIST WORD
+if has "$PATHS" ringproxy-base && [ -z "$BASE_BIN$BASE_REV" ]; then
+    die "the ringproxy-base path needs BASE_BIN=/path/to/ringproxy or BASE_REV=<git revision>"
+fi
+[ -z "$BASE_BIN" ] || [ -z "$BASE_REV" ] || die "set BASE_BIN or BASE_REV, not both"
+[ -z "$BASE_BIN" ] || [ -x "$BASE_BIN" ] || die "BASE_BIN $BASE_BIN is not an executable file"
+
 OUT=${OUT:-$(mktemp -d /tmp/ringproxy-bench.XXXXXX)}
 if [ "$UPDATE_DOCS" = 1 ]; then IMG=${IMG:-$ROOT/docs/img}; else IMG=${IMG:-$OUT/img}; fi
 mkdir -p "$OUT/raw" "$OUT/run" "$IMG"
 RESULTS=$OUT/results.jsonl
 : >"$RESULTS"
 
+BASE_WT=""
 on_exit() {
     local rc=$?
-    cleanup_pids
+    stop_all_bg
+    [ -z "$BASE_WT" ] || git -C "$ROOT" worktree remove --force "$BASE_WT" 2>/dev/null || true
     [ "$rc" = 0 ] || log "bench.sh failed (exit $rc); partial results in $OUT"
 }
 trap on_exit EXIT
@@ -78,12 +107,15 @@ trap 'exit 130' INT TERM
 [ "$(uname -s)" = Linux ] || die "Linux only"
 
 # --- peers and tools -------------------------------------------------------------------------------
+# what the chosen paths and tests use (the http backend, nginx, is wrk's)
 need=()
-command -v haproxy >/dev/null || need+=(haproxy)
-[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)
-[ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream)
-command -v iperf3 >/dev/null || need+=(iperf3)
-command -v wrk >/dev/null || need+=(wrk)
+if has "$PATHS" haproxy || has "$PATHS" haproxy-splice; then command -v haproxy >/dev/null || need+=(haproxy); fi
+if has "$PATHS" nginx || has "$TESTS" wrk; then
+    [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)
+fi
+if has "$PATHS" nginx; then [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream); fi
+if has "$TESTS" iperf1 || has "$TESTS" iperf4; then command -v iperf3 >/dev/null || need+=(iperf3); fi
+if has "$TESTS" wrk; then command -v wrk >/dev/null || need+=(wrk); fi
 command -v jq >/dev/null || need+=(jq)
 command -v ss >/dev/null || need+=(iproute2)
 command -v pgrep >/dev/null || need+=(procps)
@@ -107,6 +139,30 @@ build_binaries "$ROOT" "$OUT/bin"
 RL=$OUT/bin/ringload
 RP=$OUT/bin/ringproxy
 
+# build_base REV: ringproxy at git revision REV, built in release in a temporary worktree outside the
+# repository (target dir BASE_TARGET_DIR), copied to $OUT/bin/ringproxy-base. Sets BASE_INFO.
+build_base() {
+    local rev=$1 commit
+    commit=$(git -C "$ROOT" rev-parse --verify -q "$rev^{commit}") || die "BASE_REV $rev is not a commit of this repository"
+    BASE_WT=$(mktemp -d /tmp/ringproxy-base.XXXXXX)
+    git -C "$ROOT" worktree add -q --detach "$BASE_WT" "$commit"
+    log "building ringproxy at $rev (${commit:0:7}) in $BASE_WT (target dir $BASE_TARGET_DIR)"
+    (cd "$BASE_WT" && CARGO_TARGET_DIR=$BASE_TARGET_DIR cargo build --release -q -p ringproxy) ||
+        die "building ringproxy at $rev failed"
+    cp "$BASE_TARGET_DIR/release/ringproxy" "$OUT/bin/ringproxy-base"
+    git -C "$ROOT" worktree remove --force "$BASE_WT"
+    BASE_WT=""
+    BASE_INFO="commit ${commit:0:7} (BASE_REV=$rev)"
+}
+declare -A RP_BIN=([ringproxy]=$RP)
+if [ -n "$BASE_REV" ]; then
+    build_base "$BASE_REV"
+elif [ -n "$BASE_BIN" ]; then
+    cp "$BASE_BIN" "$OUT/bin/ringproxy-base"
+    BASE_INFO="$BASE_BIN ($(date -r "$BASE_BIN" '+%Y-%m-%d %H:%M'))"
+fi
+[ -z "$BASE_BIN$BASE_REV" ] || RP_BIN[ringproxy-base]=$OUT/bin/ringproxy-base
+
 # --- machine ---------------------------------------------------------------------------------------
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -115,6 +171,7 @@ RP=$OUT/bin/ringproxy
     echo "kernel: $(uname -r)"
     echo "RLIMIT_NOFILE: $(ulimit -Sn) soft / $(ulimit -Hn) hard"
     echo "ringproxy: $BUILD_INFO"
+    [ -z "$BASE_BIN$BASE_REV" ] || echo "ringproxy-base: $BASE_INFO"
     echo "haproxy: $(haproxy -v | head -1)"
     echo "nginx: $("$NGINX" -v 2>&1)"
     echo "iperf3: $(iperf3 --version | head -1)"
@@ -137,24 +194,24 @@ pick_port() {
     done
 }
 
-# start_serve MODE: ringload serve; sets ADDR[direct:MODE]. Not called in $(...): the pid must land in
-# this shell's BENCH_PIDS to be stopped on exit.
+# start_serve MODE: ringload serve; sets ADDR[direct:MODE]. Not called in $(...): the pid must be
+# remembered by this shell to be stopped on exit.
 start_serve() {
-    local f="$OUT/run/serve-$1.out"
-    "$RL" serve --listen 127.0.0.1:0 --mode "$1" --workers "$WORKERS" >"$f" 2>"$OUT/run/serve-$1.err" &
-    track $!
-    wait_for_file_match "$f" '^listening on ' || die "ringload serve $1 did not start: $(cat "$OUT/run/serve-$1.err")"
-    ADDR[direct:$1]=$(sed -n 's/^listening on //p' "$f" | head -1)
+    start_ready "serve-$1" "$OUT/run" "$RL" serve --listen 127.0.0.1:0 --mode "$1" --workers "$WORKERS"
+    ADDR[direct:$1]=$(ready_addr "$OUT/run/serve-$1.ready")
 }
 start_serve echo
 start_serve sink
+SERVICES="echo sink"
 
-IPERF_PORT=$(pick_port)
-PICKED="$PICKED$IPERF_PORT "
-iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$OUT/run/iperf3-server.log" 2>&1 &
-track $!
-ADDR[direct:iperf]=127.0.0.1:$IPERF_PORT
+if has "$TESTS" iperf1 || has "$TESTS" iperf4; then
+    IPERF_PORT=$(pick_port)
+    start_bg "iperf3 -s" iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$OUT/run/iperf3-server.log" 2>&1
+    ADDR[direct:iperf]=127.0.0.1:$IPERF_PORT
+    SERVICES="$SERVICES iperf"
+fi
 
+if has "$TESTS" wrk; then
 HTTP_PORT=$(pick_port)
 mkdir -p "$OUT/run/http/www" "$OUT/run/http/tmp"
 echo ok >"$OUT/run/http/www/index.html"
@@ -178,27 +235,35 @@ http {
     }
 }
 CONF
-"$NGINX" -p "$OUT/run/http" -c "$OUT/run/http/nginx.conf" -g 'daemon off;' 2>"$OUT/run/http/stderr" &
-track $!
+start_bg "nginx (http backend)" "$NGINX" -p "$OUT/run/http" -c "$OUT/run/http/nginx.conf" -g 'daemon off;' \
+    2>"$OUT/run/http/stderr"
 ADDR[direct:http]=127.0.0.1:$HTTP_PORT
-SERVICES="echo sink iperf http"
+SERVICES="$SERVICES http"
+fi
 
 # --- proxies ---------------------------------------------------------------------------------------
 backend_of() { # SERVICE -> backend address
     echo "${ADDR[direct:$1]}"
 }
 
-# ringproxy's stats socket, when this build has one: io_uring counters per test
-RP_STATS=""
-"$RP" stats --help >/dev/null 2>&1 && RP_STATS=$OUT/run/ringproxy-stats.sock
+# each ringproxy binary's stats socket, when that build has one: io_uring counters per test; and
+# whether it has --ready-file (a base built before a1f32ab does not)
+declare -A RP_STATS RP_READY
+for p in "${!RP_BIN[@]}"; do
+    RP_STATS[$p]=""
+    "${RP_BIN[$p]}" stats --help >/dev/null 2>&1 && RP_STATS[$p]=$OUT/run/$p-stats.sock
+    RP_READY[$p]=0
+    [[ "$("${RP_BIN[$p]}" --help 2>&1)" == *--ready-file* ]] && RP_READY[$p]=1
+done
 
 # start_PROXY INSTANCE [options] SERVICE...: one proxy process with a frontend per service, each to
 # that service's backend; sets ADDR[INSTANCE:SERVICE] and PIDS_OF[INSTANCE]. The main instances
 # (named after their path) serve every test but idle; idle gets a fresh instance per round, so that
 # its RSS growth is not hidden by memory an earlier round freed into the allocator.
-start_ringproxy() { # INSTANCE SERVICE...
-    local inst=$1 d=$OUT/run/$1 s
-    shift
+start_ringproxy() { # PATH INSTANCE SERVICE...
+    local path=$1 inst=$2 d=$OUT/run/$2 s bin
+    shift 2
+    bin=${RP_BIN[$path]}
     mkdir -p "$d"
     {
         echo "global:"
@@ -206,7 +271,7 @@ start_ringproxy() { # INSTANCE SERVICE...
         echo "  pin_cpus: true"
         echo "  maxconn: $MAXCONN"
         echo "  tune: { pipe_size: $PIPE_SIZE }"
-        [ "$inst" = ringproxy ] && [ -n "$RP_STATS" ] && echo "  stats: { socket: \"$RP_STATS\" }"
+        [ "$inst" = "$path" ] && [ -n "${RP_STATS[$path]}" ] && echo "  stats: { socket: \"${RP_STATS[$path]}\" }"
         echo "defaults:"
         echo "  timeout: { connect: 5s, client: 50s, server: 50s, drain: 1s }"
         echo "  balance: roundrobin"
@@ -221,14 +286,36 @@ start_ringproxy() { # INSTANCE SERVICE...
             fi
         done
     } >"$d/ringproxy.yaml"
-    "$RP" -c "$d/ringproxy.yaml" 2>"$d/stderr" &
-    local pid=$!
-    track "$pid"
-    wait_for_file_match "$d/stderr" "frontend \"${*: -1}\" listening on" || die "ringproxy did not start: $(cat "$d/stderr")"
+    if [ "${RP_READY[$path]}" = 1 ]; then
+        start_bg "$inst" "$bin" -c "$d/ringproxy.yaml" --ready-file "$d/ready.json" 2>"$d/stderr"
+        wait_ready "$d/ready.json" 15 "$BG_PID" || die "$path did not start: $(cat "$d/stderr")"
+    else
+        # a base older than --ready-file: the same JSON from its "listening on" lines
+        start_bg "$inst" "$bin" -c "$d/ringproxy.yaml" 2>"$d/stderr"
+        ready_from_log "$d/stderr" "$d/ready.json" "$BG_PID" "$@" || die "$path did not start: $(cat "$d/stderr")"
+    fi
     for s in "$@"; do
-        ADDR[$inst:$s]=$(sed -n "s/^ringproxy: frontend \"$s\" listening on //p" "$d/stderr" | head -1)
+        ADDR[$inst:$s]=$(ready_addr "$d/ready.json" "$s")
     done
-    PIDS_OF[$inst]=$pid
+    PIDS_OF[$inst]=$BG_PID
+}
+
+# ready_from_log STDERR READY PID FRONTEND...: for a ringproxy without --ready-file, wait (15 s, or
+# until PID exits) until STDERR says every FRONTEND is listening, then write READY from those lines.
+ready_from_log() {
+    local err=$1 ready=$2 pid=$3 end
+    shift 3
+    end=$(($(now_ms) + 15000))
+    until grep -q "frontend \"${*: -1}\" listening on" "$err" 2>/dev/null; do
+        kill -0 "$pid" 2>/dev/null && [ "$(now_ms)" -lt "$end" ] || return 1
+        sleep 0.1
+    done
+    python3 - "$err" "$pid" >"$ready.tmp" <<'PY'
+import json, re, sys
+ls = [{"name": m[1], "addr": m[2]} for m in re.finditer(r'frontend "([^"]*)" listening on (\S+)', open(sys.argv[1]).read())]
+print(json.dumps({"pid": int(sys.argv[2]), "generation": 0, "listeners": ls, "stats_socket": None, "metrics": None}))
+PY
+    mv "$ready.tmp" "$ready"
 }
 
 start_haproxy() { # INSTANCE SPLICE(0|1) SERVICE...
@@ -269,10 +356,8 @@ start_haproxy() { # INSTANCE SPLICE(0|1) SERVICE...
             fi
         done
     } >"$d/haproxy.cfg"
-    haproxy -db -f "$d/haproxy.cfg" >"$d/stdout" 2>"$d/stderr" &
-    local pid=$!
-    track "$pid"
-    PIDS_OF[$inst]=$pid
+    start_bg "$inst" haproxy -db -f "$d/haproxy.cfg" >"$d/stdout" 2>"$d/stderr"
+    PIDS_OF[$inst]=$BG_PID
 }
 
 start_nginx() { # INSTANCE SERVICE...
@@ -313,36 +398,32 @@ start_nginx() { # INSTANCE SERVICE...
         done
         echo "}"
     } >"$d/nginx.conf"
-    "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' 2>"$d/stderr" &
-    local pid=$!
-    track "$pid"
-    PIDS_OF[$inst]=$pid
+    start_bg "$inst" "$NGINX" -p "$d" -c "$d/nginx.conf" -g 'daemon off;' 2>"$d/stderr"
+    PIDS_OF[$inst]=$BG_PID
 }
 
 declare -A PROC
 # start_path PATH INSTANCE SERVICE...: start, wait until every frontend accepts, set PROC[INSTANCE]
 # (the processes whose CPU and memory are the proxy's: nginx's master and workers)
 start_path() {
-    local path=$1 inst=$2 s a ok
+    local path=$1 inst=$2 s
     shift 2
     case "$path" in
-        ringproxy) start_ringproxy "$inst" "$@" ;;
+        ringproxy | ringproxy-base) start_ringproxy "$path" "$inst" "$@" ;; # ready once its file is there
         haproxy) start_haproxy "$inst" 0 "$@" ;;
         haproxy-splice) start_haproxy "$inst" 1 "$@" ;;
         nginx) start_nginx "$inst" "$@" ;;
         *) die "unknown path $path" ;;
     esac
-    for s in "$@"; do
-        a=${ADDR[$inst:$s]}
-        ok=0
-        for _ in $(seq 100); do
-            if python3 -c 'import socket,sys; h,p=sys.argv[1].rsplit(":",1); socket.create_connection((h,int(p)),1).close()' "$a" 2>/dev/null; then
-                ok=1; break
-            fi
-            sleep 0.1
-        done
-        [ "$ok" = 1 ] || die "$path: $s ($a) does not accept connections; see $OUT/run/$inst/"
-    done
+    case "$path" in
+        ringproxy*) ;;
+        *)
+            for s in "$@"; do
+                wait_port "${ADDR[$inst:$s]}" 10 ||
+                    die "$path: $s (${ADDR[$inst:$s]}) does not accept connections; see $OUT/run/$inst/"
+            done
+            ;;
+    esac
     sleep 0.3
     case "$path" in
         nginx) PROC[$inst]=$(with_children "${PIDS_OF[$inst]}" | tr '\n' ' ') ;;
@@ -353,15 +434,17 @@ start_path() {
 for p in $PATHS; do
     case "$p" in
         direct) PROC[direct]="" ;;
-        ringproxy | haproxy | haproxy-splice | nginx)
+        ringproxy | ringproxy-base | haproxy | haproxy-splice | nginx)
             # shellcheck disable=SC2086 # SERVICES is a list of words
             start_path "$p" "$p" $SERVICES
             ;;
         *) die "unknown path $p" ;;
     esac
-    log "$p: echo ${ADDR[$p:echo]} sink ${ADDR[$p:sink]} iperf3 ${ADDR[$p:iperf]} http ${ADDR[$p:http]} pids ${PROC[$p]:--}"
+    log "$p: echo ${ADDR[$p:echo]} sink ${ADDR[$p:sink]} iperf3 ${ADDR[$p:iperf]:--} http ${ADDR[$p:http]:--} pids ${PROC[$p]:--}"
 done
-grep -h . "$OUT/run/ringproxy/stderr" 2>/dev/null | sed 's/^/  /' >&2 || true
+for p in ringproxy ringproxy-base; do
+    grep -h . "$OUT/run/$p/stderr" 2>/dev/null | sed "s/^/  $p: /" >&2 || true
+done
 
 # --- one measurement -------------------------------------------------------------------------------
 # record KEY=VALUE...: one JSON line in results.jsonl (numbers stay numbers)
@@ -382,15 +465,16 @@ print(json.dumps(d))
 PY
 }
 
-# snap_stats PATH FILE: ringproxy's counters (JSON) when it has a stats socket
+# snap_stats PATH FILE: a ringproxy path's counters (JSON) when its binary has a stats socket
 snap_stats() {
-    [ "$1" = ringproxy ] && [ -n "$RP_STATS" ] || return 0
-    timeout 5 "$RP" stats --socket "$RP_STATS" --json >"$2" 2>/dev/null || rm -f "$2"
+    [ -n "${RP_STATS[$1]:-}" ] || return 0
+    timeout 5 "${RP_BIN[$1]}" stats --socket "${RP_STATS[$1]}" --json >"$2" 2>/dev/null || rm -f "$2"
 }
 
 host_of() { echo "${1%:*}"; }
 port_of() { echo "${1##*:}"; }
 TO=$((DUR * 3 + 40))   # hard bound on any one client command
+RUN_TIMEOUT=$TO        # run_logged bounds every measured command by it
 
 run_test() { # TEST PATH ROUND
     local t=$1 p=$2 r=$3 f a cpu0 cpu1 sys0 sys1 w0 w1 rc=0
@@ -403,39 +487,33 @@ run_test() { # TEST PATH ROUND
     case "$t" in
         tput1 | tput4)
             a=${ADDR[$p:sink]}
-            echo "ringload throughput --target $a --streams ${t#tput} --direction up --duration ${DUR}s" >"$f.cmd"
-            timeout "$TO" "$RL" throughput --target "$a" --streams "${t#tput}" --direction up \
+            run_logged "$f.cmd" "$RL" throughput --target "$a" --streams "${t#tput}" --direction up \
                 --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
         iperf1 | iperf4)
             a=${ADDR[$p:iperf]}
-            echo "iperf3 -c $(host_of "$a") -p $(port_of "$a") -P ${t#iperf} -t $DUR -J" >"$f.cmd"
-            timeout "$TO" iperf3 -c "$(host_of "$a")" -p "$(port_of "$a")" -P "${t#iperf}" -t "$DUR" -J \
+            run_logged "$f.cmd" iperf3 -c "$(host_of "$a")" -p "$(port_of "$a")" -P "${t#iperf}" -t "$DUR" -J \
                 >"$f.json" 2>"$f.err" || rc=$?
             ;;
         rate)
             a=${ADDR[$p:echo]}
-            echo "ringload rate --target $a --concurrency $CONC --size 64 --duration ${DUR}s --sources 127.0.6.1-127.0.6.$CHURN_SOURCES" >"$f.cmd"
-            timeout "$TO" "$RL" rate --target "$a" --concurrency "$CONC" --size 64 --duration "${DUR}s" \
+            run_logged "$f.cmd" "$RL" rate --target "$a" --concurrency "$CONC" --size 64 --duration "${DUR}s" \
                 --sources "127.0.6.1-127.0.6.$CHURN_SOURCES" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
         wrk)
             a=${ADDR[$p:http]}
-            echo "wrk -t2 -c$CONC -d${DUR}s -H 'Connection: close' http://$a/" >"$f.cmd"
-            timeout "$TO" wrk -t2 -c"$CONC" -d"${DUR}s" -H 'Connection: close' "http://$a/" \
+            run_logged "$f.cmd" wrk -t2 -c"$CONC" -d"${DUR}s" -H 'Connection: close' "http://$a/" \
                 >"$f.txt" 2>"$f.err" || rc=$?
             ;;
         ka)
             a=${ADDR[$p:echo]}
-            echo "ringload latency --target $a --conns $KA_CONNS --rate 2000000 --size 64 --duration ${DUR}s" >"$f.cmd"
-            timeout "$TO" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate 2000000 --size 64 \
+            run_logged "$f.cmd" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate 2000000 --size 64 \
                 --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
         lat)
             a=${ADDR[$p:echo]}
             # twice as long: tails need samples, and a stall of the shared host hits fewer of them
-            echo "ringload latency --target $a --conns $KA_CONNS --rate $LAT_RATE --size 64 --duration $((2 * DUR))s" >"$f.cmd"
-            timeout "$TO" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate "$LAT_RATE" --size 64 \
+            run_logged "$f.cmd" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate "$LAT_RATE" --size 64 \
                 --duration "$((2 * DUR))s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
         idle) idle_test "$p" "$r"; return ;;
@@ -456,7 +534,7 @@ run_test() { # TEST PATH ROUND
 # The idle test: IDLE_CONNS connections held through the path (heartbeat every 2 s, so each is really
 # proxied); RSS of the proxy and the machine's Slab sampled before and once all are established.
 idle_test() { # PATH ROUND
-    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 sunr0 sunr1 hold n=0 rc=0 hold_s inst
+    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 sunr0 sunr1 hold n=0 rc=0 hold_s inst cmd
     f=$OUT/raw/r$r-idle-$p
     inst=direct
     if [ "$p" != direct ]; then
@@ -469,11 +547,11 @@ idle_test() { # PATH ROUND
     sleep 1
     # shellcheck disable=SC2086
     rss0=$(rss_kb ${PROC[$inst]}); slab0=$(slab_kb); sunr0=$(sunreclaim_kb)
-    echo "ringload hold --target $a --conns $IDLE_CONNS --ramp 10000/s --heartbeat 2s --duration ${hold_s}s --sources 127.0.5.0/28" >"$f.cmd"
-    timeout $((hold_s + 60)) "$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat 2s \
-        --duration "${hold_s}s" --sources 127.0.5.0/28 --json --no-progress >"$f.json" 2>"$f.err" &
-    hold=$!
-    track "$hold"
+    cmd=("$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat 2s --duration "${hold_s}s"
+        --sources 127.0.5.0/28 --json --no-progress)
+    log_cmd "$f.cmd" "${cmd[@]}"
+    start_bg "ringload hold (idle)" timeout $((hold_s + 60)) "${cmd[@]}" >"$f.json" 2>"$f.err"
+    hold=$BG_PID
     # until every client connection is established (at most hold_s - 3 s), then one heartbeat round
     for _ in $(seq $(((hold_s - 3) * 10))); do
         n=$(established_to "$port")
@@ -483,13 +561,12 @@ idle_test() { # PATH ROUND
     sleep 2.5
     # shellcheck disable=SC2086
     rss1=$(rss_kb ${PROC[$inst]}); slab1=$(slab_kb); sunr1=$(sunreclaim_kb)
-    wait "$hold" || rc=$?
-    untrack "$hold"
+    reap_bg "$hold" || rc=$?
     record test=idle path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" \
         rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  idle $p: exit $rc (see $f.*)"
-    [ "$inst" = direct ] || stop_pid "${PIDS_OF[$inst]}"
+    [ "$inst" = direct ] || stop_bg "${PIDS_OF[$inst]}" || true
     # let the closed connections' memory go back before the next path's baseline
     sleep 1
 }

@@ -19,6 +19,8 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 CONNS=${CONNS:-15000}
 SECS=${SECS:-20}
@@ -27,79 +29,21 @@ CLIENT_SOURCES=127.0.1.0/28
 CONFIG=config-examples/demo.yaml
 
 TMP=""
-PIDS=()    # every process started here, in start order
-NAMES=()
 KEEP_TMP=0
+BG_VERBOSE=1 # say what is stopped at the end
 
 step() { printf '\n== %s\n' "$*"; }
 indent() { sed '/./s/^/    /'; }
-# Milliseconds since the epoch. Every wait below is bounded by the clock, not by a count of sleeps,
-# so it stays bounded on a host too busy to run `sleep 0.1` on time.
-now_ms() {
-    local t=${EPOCHREALTIME/[.,]/}
-    echo $((t / 1000))
-}
 die() {
     printf '\nFAIL: %s\n' "$*"
     KEEP_TMP=1
     exit 1
 }
 
-# forget PID: it has been waited for
-forget() {
-    local i
-    for i in "${!PIDS[@]}"; do
-        if [ "${PIDS[$i]}" = "$1" ]; then
-            unset 'PIDS[i]' 'NAMES[i]'
-        fi
-    done
-}
-
-# reap PID: wait for it (it has exited or is about to); returns its exit status.
-reap() {
-    local rc=0
-    wait "$1" 2>/dev/null || rc=$?
-    forget "$1"
-    return "$rc"
-}
-
-# stop SECONDS PID...: SIGTERM to each, up to SECONDS for all to exit, then SIGKILL. Returns the exit
-# status of the last one.
-stop() {
-    local secs=$1 pid end alive rc=0
-    shift
-    for pid in "$@"; do
-        if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid" 2>/dev/null || true; fi
-    done
-    end=$(($(now_ms) + secs * 1000))
-    while [ "$(now_ms)" -lt "$end" ]; do
-        alive=0
-        for pid in "$@"; do
-            if kill -0 "$pid" 2>/dev/null; then alive=1; fi
-        done
-        [ "$alive" = 1 ] || break
-        sleep 0.1
-    done
-    for pid in "$@"; do
-        if kill -0 "$pid" 2>/dev/null; then
-            echo "    $pid did not stop within $secs s: SIGKILL" >&2
-            kill -KILL "$pid" 2>/dev/null || true
-        fi
-        rc=0
-        reap "$pid" || rc=$?
-    done
-    return "$rc"
-}
-
 cleanup() {
-    local i left=()
     # Finish cleaning up even if Ctrl-C is pressed again (bounded: 10 s, then SIGKILL).
     trap '' INT TERM HUP
-    for i in "${!PIDS[@]}"; do
-        echo "stopping ${NAMES[$i]} (pid ${PIDS[$i]})" >&2
-        left+=("${PIDS[$i]}")
-    done
-    if [ ${#left[@]} -gt 0 ]; then stop 10 "${left[@]}" || true; fi
+    stop_all_bg 10
     if [ -n "$TMP" ] && [ -d "$TMP" ]; then
         if [ "$KEEP_TMP" = 1 ]; then
             echo "logs and the rendered configuration are in $TMP" >&2
@@ -116,24 +60,6 @@ trap cleanup EXIT
 trap 'interrupted SIGINT' INT
 trap 'interrupted SIGTERM' TERM
 trap 'interrupted SIGHUP' HUP
-
-# track PID NAME
-track() {
-    PIDS+=("$1")
-    NAMES+=("$2")
-}
-
-# wait_for_line FILE REGEX PID SECONDS: until FILE has a line matching REGEX; fails if PID exits or
-# SECONDS pass first.
-wait_for_line() {
-    local end=$(($(now_ms) + $4 * 1000))
-    while [ "$(now_ms)" -lt "$end" ]; do
-        grep -qE "$2" "$1" 2>/dev/null && return 0
-        kill -0 "$3" 2>/dev/null || { grep -qE "$2" "$1" 2>/dev/null; return; }
-        sleep 0.1
-    done
-    return 1
-}
 
 # established_count FILTER: established TCP sockets matching an ss filter (empty without ss)
 established_count() {
@@ -162,16 +88,14 @@ BACKENDS=()
 BACKEND_PIDS=()
 for name in backend-1883 backend-1884; do
     # --duration: a backstop, in case this script is killed without a chance to clean up
-    "$BIN/ringload" serve --listen 127.0.0.1:0 --mode echo --workers 2 --duration 300s \
-        >"$TMP/$name.out" 2>"$TMP/$name.err" &
-    pid=$!
-    track "$pid" "ringload serve ($name)"
-    BACKEND_PIDS+=("$pid")
-    if ! wait_for_line "$TMP/$name.out" '^listening on ' "$pid" 10; then
+    start_bg "ringload serve ($name)" "$BIN/ringload" serve --listen 127.0.0.1:0 --mode echo --workers 2 \
+        --duration 300s --ready-file "$TMP/$name.ready" >"$TMP/$name.out" 2>"$TMP/$name.err"
+    BACKEND_PIDS+=("$BG_PID")
+    if ! wait_ready "$TMP/$name.ready" 10 "$BG_PID"; then
         indent <"$TMP/$name.err"
         die "ringload serve ($name) did not start within 10 s"
     fi
-    addr=$(sed -n 's/^listening on //p' "$TMP/$name.out" | head -n 1)
+    addr=$(ready_addr "$TMP/$name.ready")
     BACKENDS+=("$addr")
     echo "    $name: ringload serve --mode echo --workers 2 listening on $addr"
 done
@@ -200,14 +124,13 @@ if grep -qE '^WARN +reserved ports' "$TMP/check.txt"; then
     echo "    (reserved ports: the backends listen on ports the kernel picked, from the ephemeral range; harmless here)"
 fi
 
-"$BIN/ringproxy" -c "$TMP/demo.yaml" 2>"$TMP/proxy.err" &
-PROXY_PID=$!
-track "$PROXY_PID" "ringproxy"
-if ! wait_for_line "$TMP/proxy.err" 'frontend "[^"]*" listening on ' "$PROXY_PID" 15; then
+start_bg ringproxy "$BIN/ringproxy" -c "$TMP/demo.yaml" --ready-file "$TMP/proxy.ready" 2>"$TMP/proxy.err"
+PROXY_PID=$BG_PID
+if ! wait_ready "$TMP/proxy.ready" 15 "$PROXY_PID"; then
     indent <"$TMP/proxy.err"
     die "ringproxy did not start within 15 s"
 fi
-PROXY=$(sed -n 's/.*frontend "[^"]*" listening on //p' "$TMP/proxy.err" | head -n 1)
+PROXY=$(ready_addr "$TMP/proxy.ready")
 STARTUP_LINES=$(wc -l <"$TMP/proxy.err")
 indent <"$TMP/proxy.err"
 PROXY_PORT=${PROXY##*:}
@@ -217,9 +140,8 @@ HOLD_ARGS=(hold --target "$PROXY" --conns "$CONNS" --sources "$CLIENT_SOURCES" -
     --heartbeat "$HEARTBEAT" --duration "${SECS}s")
 echo "    ringload ${HOLD_ARGS[*]}"
 # The table goes to a file; the live line (on a terminal) and any warning go to stderr.
-"$BIN/ringload" "${HOLD_ARGS[@]}" >"$TMP/hold.txt" &
-HOLD_PID=$!
-track "$HOLD_PID" "ringload hold"
+start_bg "ringload hold" "$BIN/ringload" "${HOLD_ARGS[@]}" >"$TMP/hold.txt"
+HOLD_PID=$BG_PID
 HOLD_START=$(now_ms)
 since_start() { echo $((($(now_ms) - HOLD_START) / 1000)); }
 
@@ -264,9 +186,9 @@ while [ "$(now_ms)" -lt "$hold_end" ] && kill -0 "$HOLD_PID" 2>/dev/null; do
 done
 if kill -0 "$HOLD_PID" 2>/dev/null; then
     echo "ringload hold did not finish $((SECS + 30)) s after it started: stopping it" >&2
-    stop 5 "$HOLD_PID" || hold_rc=$?
+    stop_bg "$HOLD_PID" 5 || hold_rc=$?
 else
-    reap "$HOLD_PID" || hold_rc=$?
+    reap_bg "$HOLD_PID" || hold_rc=$?
 fi
 
 step "while the connections were held"
@@ -283,10 +205,10 @@ indent <"$TMP/hold.txt"
 
 step "stopping ringproxy (SIGTERM: drain) and the backends"
 proxy_rc=0
-stop 15 "$PROXY_PID" || proxy_rc=$?
+stop_bg "$PROXY_PID" 15 || proxy_rc=$?
 tail -n +"$((STARTUP_LINES + 1))" "$TMP/proxy.err" | indent
 echo "    ringproxy exit status $proxy_rc"
-stop 5 "${BACKEND_PIDS[@]}" || true
+for pid in "${BACKEND_PIDS[@]}"; do stop_bg "$pid" 5 || true; done
 accepted=0
 for name in backend-1883 backend-1884; do
     sed "s/^/    $name: /" "$TMP/$name.err"

@@ -5,18 +5,18 @@
 # Bounded: about 30 s. Loopback only. Usage: scripts/idle-memory.sh [CONNS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 CONNS=${1:-9000}
 cargo build --release -q -p ringproxy -p ringload
 BIN=target/release
 TMP=$(mktemp -d)
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT INT TERM
+cleanup() { stop_all_bg; rm -rf "$TMP"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
-$BIN/ringload serve --listen 127.0.0.1:0 --mode echo --workers 2 > "$TMP/serve.out" 2>&1 &
-pids+=($!)
-for _ in $(seq 50); do grep -q "listening on" "$TMP/serve.out" && break; sleep 0.1; done
-SERVER=$(grep -m1 -o 'listening on [0-9.:]*' "$TMP/serve.out" | cut -d' ' -f3)
+start_ready serve "$TMP" $BIN/ringload serve --listen 127.0.0.1:0 --mode echo --workers 2
+SERVER=$(ready_addr "$TMP/serve.ready")
 
 cat > "$TMP/proxy.yaml" <<YAML
 global: { workers: 2, maxconn: 19000 }
@@ -24,24 +24,19 @@ defaults: { timeout: { client: 5m, server: 5m } }
 frontends: [{ name: idle, bind: "127.0.0.1:0", backend: echo }]
 backends: [{ name: echo, servers: [{ name: s, address: "$SERVER", source: 127.0.4.0/30 }] }]
 YAML
-$BIN/ringproxy -c "$TMP/proxy.yaml" 2> "$TMP/proxy.err" &
-PROXY_PID=$!
-pids+=($PROXY_PID)
-for _ in $(seq 50); do grep -q "listening on" "$TMP/proxy.err" && break; sleep 0.1; done
-PROXY=$(grep -m1 -o 'listening on [0-9.:]*' "$TMP/proxy.err" | cut -d' ' -f3)
+start_ready proxy "$TMP" $BIN/ringproxy -c "$TMP/proxy.yaml"
+PROXY_PID=$BG_PID
+PROXY=$(ready_addr "$TMP/proxy.ready" idle)
 
-rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$PROXY_PID/status"; }
-slab_kb() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
 sleep 1
-RSS0=$(rss_kb); SLAB0=$(slab_kb)
-$BIN/ringload hold --target "$PROXY" --conns "$CONNS" --ramp 5000/s --heartbeat 5s --duration 20s \
-  --sources 127.0.5.0/28 --no-progress --json > "$TMP/hold.json" &
-HOLD=$!
-pids+=($HOLD)
+RSS0=$(rss_kb "$PROXY_PID"); SLAB0=$(slab_kb)
+start_bg "ringload hold" $BIN/ringload hold --target "$PROXY" --conns "$CONNS" --ramp 5000/s --heartbeat 5s \
+  --duration 20s --sources 127.0.5.0/28 --no-progress --json > "$TMP/hold.json"
+HOLD=$BG_PID
 # Measure while every connection is held (after the ramp, before the end of the run).
 sleep 15
-RSS1=$(rss_kb); SLAB1=$(slab_kb)
-wait $HOLD || true
+RSS1=$(rss_kb "$PROXY_PID"); SLAB1=$(slab_kb)
+reap_bg "$HOLD" || true
 python3 - "$TMP/hold.json" "$CONNS" "$RSS0" "$RSS1" "$SLAB0" "$SLAB1" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))

@@ -22,22 +22,19 @@ DUR=${DUR:-5}
 HOLD=${HOLD:-30000}
 CONC=${CONC:-64}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-loadgen}
 OUT=${OUT:-$(mktemp -d /tmp/ringload-selfcheck.XXXXXX)}
-PIDS=()
 
 cleanup() {
-    for p in "${PIDS[@]:-}"; do
-        [ -n "$p" ] && kill "$p" 2>/dev/null || true
-    done
-    for p in "${PIDS[@]:-}"; do
-        [ -n "$p" ] && wait "$p" 2>/dev/null || true
-    done
+    stop_all_bg
     if [ -f "$OUT/nginx/nginx.pid" ]; then
         kill "$(cat "$OUT/nginx/nginx.pid")" 2>/dev/null || true
     fi
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 
 need=()
 command -v iperf3 >/dev/null || need+=(iperf3)
@@ -54,22 +51,11 @@ echo "building ringload (release)..." >&2
 (cd "$ROOT" && cargo build --release -q -p ringload)
 BIN=$CARGO_TARGET_DIR/release/ringload
 
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
 # start_serve NAME MODE WORKERS: sets SERVE_ADDR (not run in a subshell, so the
-# pid lands in PIDS and is cleaned up)
+# pid is remembered and stopped on exit)
 start_serve() {
-    local f="$OUT/serve-$1.out"
-    timeout 900 "$BIN" serve --listen 127.0.0.1:0 --mode "$2" --workers "$3" >"$f" 2>"$OUT/serve-$1.err" &
-    PIDS+=($!)
-    for _ in $(seq 100); do
-        grep -q '^listening on ' "$f" 2>/dev/null && break
-        sleep 0.1
-    done
-    SERVE_ADDR=$(sed -n 's/^listening on //p' "$f" | head -1)
-    [ -n "$SERVE_ADDR" ] || { echo "ringload serve ($1) did not start; see $OUT/serve-$1.err" >&2; exit 1; }
+    start_ready "serve-$1" "$OUT" "$BIN" serve --listen 127.0.0.1:0 --mode "$2" --workers "$3" --duration 900s
+    SERVE_ADDR=$(ready_addr "$OUT/serve-$1.ready")
 }
 
 start_serve echo echo 2
@@ -81,8 +67,7 @@ echo "ringload serve: echo on $ECHO, sink on $SINK" >&2
 run() { # name, then the ringload command line
     local name=$1; shift
     echo "+ ringload $*" >&2
-    echo "ringload $*" >"$OUT/$name.cmd"
-    timeout $(( DUR * 4 + 120 )) "$BIN" "$@" --json --no-progress >"$OUT/$name.json" || true
+    RUN_TIMEOUT=$(( DUR * 4 + 120 )) run_logged "$OUT/$name.cmd" "$BIN" "$@" --json --no-progress >"$OUT/$name.json" || true
 }
 
 # nginx for wrk
@@ -107,8 +92,7 @@ CONF
 
 # iperf3 server
 IP=$(free_port)
-timeout $(( DUR * 6 + 120 )) iperf3 -s -p "$IP" -B 127.0.0.1 >"$OUT/iperf3-server.log" 2>&1 &
-PIDS+=($!)
+start_bg "iperf3 -s" timeout $(( DUR * 6 + 120 )) iperf3 -s -p "$IP" -B 127.0.0.1 >"$OUT/iperf3-server.log" 2>&1
 sleep 0.5
 
 # Each ringload figure right next to its cross-check, so background load

@@ -19,6 +19,8 @@
 # Exit status: 0 PASS, 1 FAIL, 2 set-up error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
 
 CYCLES=${1:-1000000}
 CONC=${SOAK_CONCURRENCY:-64}
@@ -34,10 +36,8 @@ cargo build --release -q -p ringproxy -p ringload
 BIN=target/release
 TMP=$(mktemp -d /tmp/ringproxy-soak.XXXXXX)
 SOCK=$TMP/stats.sock
-pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  stop_all_bg
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -46,10 +46,8 @@ trap 'echo "soak: interrupted" >&2; exit 130' INT TERM
 die() { echo "soak: $*" >&2; exit 2; }
 
 # --- backend and proxy -------------------------------------------------------------------------
-$BIN/ringload serve --listen 127.0.0.1:0 --mode echo --workers 2 > "$TMP/serve.out" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do grep -q "listening on" "$TMP/serve.out" && break; sleep 0.1; done
-SERVER=$(grep -m1 -o 'listening on [0-9.:]*' "$TMP/serve.out" | cut -d' ' -f3) || die "ringload serve did not start"
+start_ready serve "$TMP" $BIN/ringload serve --listen 127.0.0.1:0 --mode echo --workers 2
+SERVER=$(ready_addr "$TMP/serve.ready")
 
 cat > "$TMP/proxy.yaml" <<YAML
 global:
@@ -60,11 +58,9 @@ defaults: { timeout: { connect: 5s, client: $IDLE, server: $IDLE } }
 frontends: [{ name: soak, bind: "127.0.0.1:0", backend: echo, backlog: 4096 }]
 backends: [{ name: echo, servers: [{ name: s, address: "$SERVER", source: 127.0.6.0/28 }] }]
 YAML
-$BIN/ringproxy -c "$TMP/proxy.yaml" 2> "$TMP/proxy.err" &
-PID=$!
-pids+=($PID)
-for _ in $(seq 100); do grep -q "listening on" "$TMP/proxy.err" && [ -S "$SOCK" ] && break; sleep 0.1; done
-PROXY=$(grep -m1 -o 'listening on [0-9.:]*' "$TMP/proxy.err" | cut -d' ' -f3) || die "ringproxy did not start"
+start_ready proxy "$TMP" $BIN/ringproxy -c "$TMP/proxy.yaml"
+PID=$BG_PID
+PROXY=$(ready_addr "$TMP/proxy.ready" soak)
 [ -S "$SOCK" ] || die "no stats socket"
 FE_PORT=${PROXY##*:}
 BE_PORT=${SERVER##*:}
@@ -75,18 +71,7 @@ rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$PID/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$PID/status"; }
 stats_json() { $BIN/ringproxy stats --socket "$SOCK" --json; }
 # One engine figure summed over workers: stat KEY (dotted paths allowed, e.g. timeouts.client).
-engine_stat() {
-  stats_json | python3 -c '
-import json, sys
-s = json.load(sys.stdin)
-total = 0
-for w in s["workers"]:
-    v = w
-    for k in sys.argv[1].split("."):
-        v = v[k]
-    total += v if not isinstance(v, dict) else sum(v.values())
-print(total)' "$1"
-}
+engine_stat() { stats_json | stats_total "$1"; }
 # Sockets on a port in a state other than LISTEN or TIME-WAIT.
 open_sockets() { ss -Htan "( sport = :$1 or dport = :$1 )" | awk '$1 != "LISTEN" && $1 != "TIME-WAIT"' | wc -l; }
 wait_idle() {
@@ -169,23 +154,15 @@ FD1=$(fds); RSS1=$(rss_kb); HWM=$(hwm_kb)
 FE_OPEN=$(open_sockets "$FE_PORT"); BE_OPEN=$(open_sockets "$BE_PORT")
 FE_TW=$(ss -Htan "( sport = :$FE_PORT or dport = :$FE_PORT )" | awk '$1 == "TIME-WAIT"' | wc -l)
 
-python3 - "$TMP/start.json" "$TMP/end.json" "$(sum_runs soak)" "$CYCLES" "$FD0" "$FD1" "$RSS0" "$RSS1" "$HWM" \
+PYTHONPATH="$SCRIPTS/bench" python3 - "$TMP/start.json" "$TMP/end.json" "$(sum_runs soak)" "$CYCLES" "$FD0" "$FD1" "$RSS0" "$RSS1" "$HWM" \
   "$RSS_BOUND_KB" "$FE_OPEN" "$BE_OPEN" "$FE_TW" "$idle" "$sockets" "$SOAK_S" <<'PY'
 import json, sys
+from report import tot
 a, b = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
 attempted, established, echoed, corrupted, failed, dropped, lost = map(int, sys.argv[3].split())
 cycles_wanted = int(sys.argv[4])
 fd0, fd1, rss0, rss1, hwm, bound, fe_open, be_open, fe_tw = map(int, sys.argv[5:14])
 idle, sockets, soak_s = sys.argv[14], sys.argv[15], int(sys.argv[16])
-
-def tot(s, key):
-    t = 0
-    for w in s["workers"]:
-        v = w
-        for k in key.split("."):
-            v = v[k]
-        t += sum(v.values()) if isinstance(v, dict) else v
-    return t
 
 def d(key):
     return tot(b, key) - tot(a, key)

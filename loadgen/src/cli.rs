@@ -66,6 +66,11 @@ pub struct ServeArgs {
     /// (per worker), to check that clients detect corruption.
     #[arg(long, value_name = "N")]
     pub corrupt_every: Option<u64>,
+    /// Once every listener is bound, write PATH: one line of JSON with the
+    /// pid and the bound addresses (ringproxy's --ready-file shape; removed
+    /// at exit).
+    #[arg(long, value_name = "PATH")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Flags shared by every client mode.

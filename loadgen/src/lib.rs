@@ -8,10 +8,14 @@
 
 pub mod chart;
 pub mod cli;
+pub mod client;
 pub mod dial;
+pub mod exchange;
 pub mod hold;
 pub mod latency;
+pub mod nofile;
 pub mod rate;
+pub mod ready;
 pub mod report;
 pub mod ring;
 pub mod run;
@@ -28,7 +32,7 @@ use cli::{Cli, Command};
 /// Run the parsed command line; returns the process exit code.
 pub fn main(cli: Cli) -> anyhow::Result<u8> {
     stop::install();
-    let nofile = stop::raise_nofile_limit();
+    let nofile = nofile::raise();
     match &cli.command {
         Command::Serve(a) => serve::main(a, nofile),
         Command::Hold(a) => run::main(a, nofile),

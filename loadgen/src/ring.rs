@@ -5,7 +5,9 @@
 //! threads. [`Ring::push`] never fails because the submission queue is full
 //! (it submits and retries), and it counts operations in flight so a worker
 //! can drain every outstanding operation before it frees the buffers the
-//! kernel may still write into ([`Ring::in_flight`]).
+//! kernel may still write into ([`Ring::in_flight`]). [`Owned`] ties a ring
+//! to the memory its operations use, so that memory is freed only once the
+//! ring has nothing in flight, and leaked if the kernel does not let go.
 //!
 //! `user_data` layout (see [`Tag`]): bits 0..8 are the operation
 //! ([`Op`]), bits 8..32 the slot generation (24 bits, wrapping), bits 32..64
@@ -15,6 +17,7 @@
 //! ignored.
 
 use std::io;
+use std::mem::ManuallyDrop;
 use std::time::Duration;
 
 use io_uring::{IoUring, cqueue, squeue, types};
@@ -102,6 +105,8 @@ impl Completion {
 pub struct Ring {
     ring: IoUring,
     in_flight: usize,
+    /// SQEs queued since the ring was created (see [`Ring::submitted`]).
+    pushed: u64,
     completions: Vec<Completion>,
     /// Completions reaped while pushing (CQ backed up), not yet handed out.
     backlog: Vec<Completion>,
@@ -117,7 +122,13 @@ impl Ring {
             .setup_coop_taskrun()
             .build(entries)
             .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e} (is io_uring disabled by sysctl kernel.io_uring_disabled or a seccomp profile?)")))?;
-        Ok(Ring { ring, in_flight: 0, completions: Vec::with_capacity(entries as usize * 4), backlog: Vec::new() })
+        Ok(Ring {
+            ring,
+            in_flight: 0,
+            pushed: 0,
+            completions: Vec::with_capacity(entries as usize * 4),
+            backlog: Vec::new(),
+        })
     }
 
     /// Register a sparse table of `n` direct descriptors (used by `serve`).
@@ -128,6 +139,19 @@ impl Ring {
     /// Operations submitted whose final completion has not been reaped yet.
     pub fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// SQEs queued since the ring was created.
+    pub fn pushed(&self) -> u64 {
+        self.pushed
+    }
+
+    /// SQEs the kernel has taken from the submission queue. An SQE names its
+    /// file by fd number, which the kernel resolves when it takes the SQE:
+    /// once `submitted() >= n`, the first `n` SQEs no longer depend on
+    /// their fd numbers.
+    pub fn submitted(&mut self) -> u64 {
+        self.pushed - self.ring.submission().len() as u64
     }
 
     /// Queue an SQE, submitting first if the submission queue is full.
@@ -142,6 +166,7 @@ impl Ring {
             let pushed = unsafe { self.ring.submission().push(entry) };
             if pushed.is_ok() {
                 self.in_flight += 1;
+                self.pushed += 1;
                 return Ok(());
             }
             self.submit_for_room()?;
@@ -160,6 +185,7 @@ impl Ring {
             let res = unsafe { self.ring.submission().push_multiple(&pair) };
             if res.is_ok() {
                 self.in_flight += 2;
+                self.pushed += 2;
                 return Ok(());
             }
             self.submit_for_room()?;
@@ -222,6 +248,9 @@ impl Ring {
     /// completions until none is left or `timeout` passes. Returns true if
     /// nothing is in flight any more (buffers may then be freed).
     pub fn cancel_all_and_drain(&mut self, timeout: Duration) -> bool {
+        if self.in_flight == 0 {
+            return true;
+        }
         let e = io_uring::opcode::AsyncCancel2::new(types::CancelBuilder::any().all())
             .build()
             .user_data(Tag::new(u32::MAX, 0, Op::Other).encode());
@@ -236,6 +265,54 @@ impl Ring {
             }
         }
         self.in_flight == 0
+    }
+}
+
+/// How long dropping an [`Owned`] waits for the kernel to finish or cancel
+/// what is in flight before it leaks the memory instead.
+pub const DRAIN: Duration = Duration::from_secs(2);
+
+/// A ring and everything its operations may read or write (`T`: buffers,
+/// sockaddrs, timespecs, descriptors). Dropping it drains the ring first:
+/// `T` is freed only when nothing is in flight, and leaked on purpose if
+/// the kernel has not let go within [`DRAIN`]. So no return path, an early
+/// `?` included, can free memory the kernel still writes to.
+pub struct Owned<T> {
+    ring: Ring,
+    held: ManuallyDrop<T>,
+}
+
+impl<T> Owned<T> {
+    pub fn new(ring: Ring, held: T) -> Owned<T> {
+        Owned { ring, held: ManuallyDrop::new(held) }
+    }
+
+    pub fn ring(&mut self) -> &mut Ring {
+        &mut self.ring
+    }
+
+    pub fn held(&self) -> &T {
+        &self.held
+    }
+
+    pub fn held_mut(&mut self) -> &mut T {
+        &mut self.held
+    }
+
+    /// The ring and the memory at once (to point an SQE into the memory).
+    pub fn parts(&mut self) -> (&mut Ring, &mut T) {
+        (&mut self.ring, &mut self.held)
+    }
+}
+
+impl<T> Drop for Owned<T> {
+    fn drop(&mut self) {
+        if self.ring.cancel_all_and_drain(DRAIN) {
+            // SAFETY: `held` is dropped exactly once, here, and never used
+            // again (the ring, dropped right after, no longer points into it:
+            // nothing is in flight). Otherwise it is leaked, never dropped.
+            unsafe { ManuallyDrop::drop(&mut self.held) };
+        }
     }
 }
 

@@ -11,7 +11,6 @@
 //! bounded drain) or when [`crate::stop`] is requested.
 
 use std::net::IpAddr;
-use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,7 +19,6 @@ use anyhow::{Context, Result, bail};
 use crate::cli::ClientArgs;
 use crate::dial::Endpoints;
 use crate::report;
-use crate::ring::Ring;
 use crate::spawn;
 use crate::stats::{Measurement, Progress, Snapshot};
 
@@ -234,22 +232,4 @@ fn show(display: Display, mode: &str, snap: &Snapshot, prev: &Snapshot, secs: f6
         Display::Terminal => report::progress_line(mode, snap, prev, secs, elapsed),
         Display::ChildLines => spawn::emit_progress(snap),
     }
-}
-
-/// End of a worker: shut down every socket in `fds` (so pending receives
-/// complete), then reap completions until the ring has nothing in flight.
-/// Returns false if operations are still in flight after two seconds; the
-/// caller must then keep their buffers alive (leak them).
-pub fn drain_ring(ring: &mut Ring, fds: impl Iterator<Item = RawFd>) -> bool {
-    for fd in fds {
-        // SAFETY: shutdown on a descriptor the worker owns; no memory involved.
-        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
-    }
-    let end = Instant::now() + Duration::from_secs(2);
-    while ring.in_flight() > 0 && Instant::now() < end {
-        if ring.wait(1, Duration::from_millis(20)).is_err() {
-            break;
-        }
-    }
-    ring.in_flight() == 0
 }

@@ -14,9 +14,12 @@
 //! bumped on every accept into it, so completions of a previous connection
 //! in the same slot are ignored. Echo keeps one operation in flight per
 //! connection on its own buffer, which is only resized or reused when that
-//! operation has completed; sink and source use per-worker buffers that live
-//! as long as the worker. `--corrupt-every N` (test aid) flips one byte of
-//! the echo every N bytes echoed by a worker.
+//! operation has completed; sink and source use per-worker buffers. All of
+//! it (and the listeners) is owned with the ring ([`ring::Owned`]) and freed
+//! only once nothing is in flight, on every return path.
+//! `--corrupt-every N` (test aid) flips one byte of the echo every N bytes
+//! echoed by a worker. `--ready-file PATH` ([`crate::ready`]) says where
+//! serve listens once every listener is bound.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -28,7 +31,9 @@ use io_uring::{opcode, types};
 use socket2::{Domain, Socket, Type};
 
 use crate::cli::{ServeArgs, ServeMode};
-use crate::ring::{Completion, Op, Ring, Tag, next_generation};
+use crate::ready::{Ready, ReadyFile};
+use crate::ring::{self, Completion, Op, Ring, Tag, next_generation};
+use crate::stats::add_fields;
 
 const ECHO_BUF_START: usize = 4096;
 const ECHO_BUF_MAX: usize = 64 * 1024;
@@ -47,6 +52,7 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
     // resolved address with SO_REUSEPORT so the kernel spreads connections.
     let mut per_worker: Vec<Vec<OwnedFd>> = (0..workers).map(|_| Vec::new()).collect();
     let mut out = std::io::stdout().lock();
+    let mut all_bound = Vec::new();
     for addr in &args.listen {
         let first = listener(addr)?;
         let bound =
@@ -56,6 +62,7 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
             fds.push(listener(&bound)?.into());
         }
         writeln!(out, "listening on {bound}").context("writing to stdout")?;
+        all_bound.push(bound);
     }
     writeln!(
         out,
@@ -66,6 +73,11 @@ pub fn main(args: &ServeArgs, nofile: u64) -> Result<u8> {
     .and_then(|_| out.flush())
     .context("writing to stdout")?;
     drop(out);
+    // Removed when `main` returns.
+    let _ready = match &args.ready_file {
+        Some(path) => Some(ReadyFile::create(path, &Ready::serve(&all_bound))?),
+        None => None,
+    };
     let deadline = args.duration.map(|d| Instant::now() + d);
     let table = nofile.clamp(64, 1 << 20) as u32;
     let stats: Vec<Result<Stats>> = std::thread::scope(|scope| {
@@ -123,11 +135,7 @@ struct Stats {
 
 impl Stats {
     fn add(&mut self, o: &Stats) {
-        self.accepted += o.accepted;
-        self.bytes_in += o.bytes_in;
-        self.bytes_out += o.bytes_out;
-        self.accept_errors += o.accept_errors;
-        self.flips += o.flips;
+        add_fields!(self, o; accepted, bytes_in, bytes_out, accept_errors, flips);
     }
 }
 
@@ -141,13 +149,19 @@ struct Slot {
     sent: usize,
 }
 
-struct Worker {
-    // Field order matters: the ring is dropped before the buffers it may use.
-    ring: Ring,
+/// What the kernel may use while a worker's operations are in flight.
+struct Held {
+    /// One per direct descriptor; allocated once, never resized.
     slots: Vec<Slot>,
+    /// sink and source: the discard buffer every receive writes into.
     scratch: Box<[u8]>,
+    /// source: the read-only pattern every send reads.
     pattern: Box<[u8]>,
     listeners: Vec<OwnedFd>,
+}
+
+struct Worker {
+    io: ring::Owned<Held>,
     rearm: Vec<Option<Instant>>,
     mode: ServeMode,
     corrupt_every: Option<u64>,
@@ -167,12 +181,14 @@ impl Worker {
             *b = (i % 251) as u8;
         }
         let n = listeners.len();
-        Ok(Worker {
-            ring,
+        let held = Held {
             slots: (0..table).map(|_| Slot::default()).collect(),
             scratch: vec![0u8; SHARED_BUF].into_boxed_slice(),
             pattern,
             listeners,
+        };
+        Ok(Worker {
+            io: ring::Owned::new(ring, held),
             rearm: vec![Some(Instant::now()); n],
             mode: args.mode,
             corrupt_every: args.corrupt_every,
@@ -186,31 +202,27 @@ impl Worker {
     fn run(mut self, deadline: Option<Instant>) -> Result<Stats> {
         while !crate::stop::requested() && deadline.is_none_or(|d| Instant::now() < d) {
             let now = Instant::now();
-            for i in 0..self.listeners.len() {
+            for i in 0..self.rearm.len() {
                 if self.rearm[i].is_some_and(|t| t <= now) {
                     self.rearm[i] = None;
-                    let e = opcode::AcceptMulti::new(types::Fd(self.listeners[i].as_raw_fd()))
+                    let (ring, held) = self.io.parts();
+                    let e = opcode::AcceptMulti::new(types::Fd(held.listeners[i].as_raw_fd()))
                         .allocate_file_index(true)
                         .build()
                         .user_data(Tag::new(i as u32, 0, Op::Accept).encode());
-                    // SAFETY: the listener fd lives in `self.listeners` until
-                    // the worker ends, after the ring is drained/dropped.
-                    unsafe { self.ring.push(&e)? };
+                    // SAFETY: the listener fd lives in `held.listeners`, which
+                    // `self.io` closes only once the ring is empty.
+                    unsafe { ring.push(&e)? };
                 }
             }
-            let cs: Vec<Completion> = self.ring.wait(1, Duration::from_millis(100))?.to_vec();
+            let cs: Vec<Completion> = self.io.ring().wait(1, Duration::from_millis(100))?.to_vec();
             for c in cs {
                 self.complete(c)?;
             }
         }
-        let stats = self.stats;
-        if !self.ring.cancel_all_and_drain(Duration::from_secs(2)) {
-            // Operations may still point into the buffers: leak them.
-            std::mem::forget(std::mem::take(&mut self.slots));
-            std::mem::forget(std::mem::take(&mut self.scratch));
-            std::mem::forget(std::mem::take(&mut self.pattern));
-        }
-        Ok(stats)
+        // Dropping `self.io` cancels and drains what is in flight before the
+        // buffers go (or leaks them if the kernel does not let go).
+        Ok(self.stats)
     }
 
     fn complete(&mut self, c: Completion) -> Result<()> {
@@ -218,7 +230,7 @@ impl Worker {
             return self.on_accept(c);
         }
         let idx = c.tag.slot as usize;
-        let Some(slot) = self.slots.get(idx) else {
+        let Some(slot) = self.io.held().slots.get(idx) else {
             return Ok(());
         };
         if !slot.open || slot.generation != c.tag.generation {
@@ -237,7 +249,7 @@ impl Worker {
                 self.stats.bytes_out += c.result as u64;
                 match self.mode {
                     ServeMode::Echo => {
-                        let s = &mut self.slots[idx];
+                        let s = &mut self.io.held_mut().slots[idx];
                         s.sent += c.result as usize;
                         if s.sent < s.held {
                             return self.push_send(idx);
@@ -270,13 +282,13 @@ impl Worker {
                 self.warned_full = true;
                 eprintln!(
                     "ringload serve: a worker's table of {} direct descriptors is full; new connections are refused. Start serve with more --workers.",
-                    self.slots.len()
+                    self.io.held().slots.len()
                 );
             }
             return Ok(());
         }
         let idx = c.result as usize;
-        let Some(s) = self.slots.get_mut(idx) else {
+        let Some(s) = self.io.held_mut().slots.get_mut(idx) else {
             return Ok(());
         };
         s.generation = next_generation(s.generation);
@@ -300,7 +312,7 @@ impl Worker {
     }
 
     fn echo_received(&mut self, idx: usize, n: usize) -> Result<()> {
-        let s = &mut self.slots[idx];
+        let s = &mut self.io.held_mut().slots[idx];
         s.held = n;
         s.sent = 0;
         if let Some(every) = self.corrupt_every {
@@ -317,48 +329,52 @@ impl Worker {
     }
 
     fn push_recv(&mut self, idx: usize) -> Result<()> {
-        let s = &mut self.slots[idx];
+        let (ring, held) = self.io.parts();
+        let s = &mut held.slots[idx];
         let (ptr, len) = match self.mode {
             ServeMode::Echo => (s.buf.as_mut_ptr(), s.buf.len()),
-            _ => (self.scratch.as_mut_ptr(), self.scratch.len()),
+            _ => (held.scratch.as_mut_ptr(), held.scratch.len()),
         };
         let e = opcode::Recv::new(types::Fixed(idx as u32), ptr, len as u32)
             .build()
             .user_data(Tag::new(idx as u32, s.generation, Op::Recv).encode());
-        // SAFETY: echo: the slot's buffer is only touched again after this
-        // recv completes (one op in flight per echo connection) and lives in
-        // `self.slots` until the ring is drained; sink/source: `scratch` is a
-        // per-worker discard buffer that lives until the ring is drained
-        // (concurrent writes into it are harmless, nobody reads it).
-        unsafe { self.ring.push(&e)? };
+        // SAFETY: the buffer is in `held`, which `self.io` frees only once
+        // the ring is empty. echo: the slot's buffer is only touched again
+        // (or resized) after this recv completes (one op in flight per echo
+        // connection); sink/source: `scratch` is a discard buffer (concurrent
+        // writes into it are harmless, nobody reads it). The direct
+        // descriptor is the slot's until its close is queued, after this.
+        unsafe { ring.push(&e)? };
         Ok(())
     }
 
     fn push_send(&mut self, idx: usize) -> Result<()> {
-        let s = &self.slots[idx];
+        let (ring, held) = self.io.parts();
+        let s = &held.slots[idx];
         let (ptr, len) = match self.mode {
             ServeMode::Echo => (s.buf[s.sent..].as_ptr(), s.held - s.sent),
-            _ => (self.pattern.as_ptr(), self.pattern.len()),
+            _ => (held.pattern.as_ptr(), held.pattern.len()),
         };
         let e = opcode::Send::new(types::Fixed(idx as u32), ptr, len as u32)
             .flags(libc::MSG_NOSIGNAL)
             .build()
             .user_data(Tag::new(idx as u32, s.generation, Op::Send).encode());
-        // SAFETY: echo: the bytes stay in the slot's buffer, untouched until
-        // this send completes; source: `pattern` is read-only and lives until
-        // the ring is drained.
-        unsafe { self.ring.push(&e)? };
+        // SAFETY: the bytes are in `held`, freed only once the ring is empty.
+        // echo: they stay in the slot's buffer, untouched until this send
+        // completes; source: `pattern` is never written.
+        unsafe { ring.push(&e)? };
         Ok(())
     }
 
     fn close(&mut self, idx: usize) -> Result<()> {
-        let s = &mut self.slots[idx];
+        let (ring, held) = self.io.parts();
+        let s = &mut held.slots[idx];
         s.open = false;
         let e = opcode::Close::new(types::Fixed(idx as u32))
             .build()
             .user_data(Tag::new(idx as u32, s.generation, Op::Close).encode());
         // SAFETY: closing a direct descriptor involves no user memory.
-        unsafe { self.ring.push(&e)? };
+        unsafe { ring.push(&e)? };
         Ok(())
     }
 }

@@ -10,10 +10,20 @@
 //! [`Progress`] holds the live atomic counters a process's main thread
 //! samples for the progress line and the timeline.
 
+use std::ops::AddAssign;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
+
+/// `$to.f += $from.f` for every listed field `f`: how counters merge, here
+/// and in `serve`, written once.
+macro_rules! add_fields {
+    ($to:expr, $from:expr; $($f:ident),+ $(,)?) => {
+        $( $to.$f += $from.$f; )+
+    };
+}
+pub(crate) use add_fields;
 
 /// Largest latency recorded, in microseconds (values above are clamped).
 pub const MAX_LATENCY_US: u64 = 120_000_000;
@@ -41,6 +51,16 @@ impl Cause {
             libc::ECONNRESET | libc::EPIPE | libc::ECONNABORTED => Cause::Reset,
             libc::EADDRNOTAVAIL | libc::EADDRINUSE => Cause::PortExhaustion,
             _ => Cause::Other,
+        }
+    }
+
+    /// Why a send or receive ended the connection, from its result `<= 0`
+    /// (0 on a receive means the peer closed).
+    pub fn from_result(result: i32, recv: bool) -> Cause {
+        match result {
+            0 if recv => Cause::PeerClosed,
+            0 => Cause::Other,
+            r => Cause::from_errno(-r),
         }
     }
 }
@@ -71,14 +91,11 @@ impl Causes {
     pub fn total(&self) -> u64 {
         self.refused + self.timeout + self.reset + self.port_exhaustion + self.peer_closed + self.other
     }
+}
 
-    pub fn merge(&mut self, o: &Causes) {
-        self.refused += o.refused;
-        self.timeout += o.timeout;
-        self.reset += o.reset;
-        self.port_exhaustion += o.port_exhaustion;
-        self.peer_closed += o.peer_closed;
-        self.other += o.other;
+impl AddAssign<&Causes> for Causes {
+    fn add_assign(&mut self, o: &Causes) {
+        add_fields!(self, o; refused, timeout, reset, port_exhaustion, peer_closed, other);
     }
 }
 
@@ -208,26 +225,15 @@ impl Measurement {
             (None, b) if self.planned == 0 => b,
             _ => None,
         };
-        self.planned += o.planned;
-        self.attempted += o.attempted;
-        self.established += o.established;
-        self.failed.merge(&o.failed);
-        self.dropped.merge(&o.dropped);
-        self.peak_open += o.peak_open;
-        self.msgs_sent += o.msgs_sent;
-        self.msgs_ok += o.msgs_ok;
-        self.lost += o.lost;
-        self.corrupted += o.corrupted;
-        self.completed += o.completed;
-        self.up_bytes += o.up_bytes;
-        self.down_bytes += o.down_bytes;
+        add_fields!(self, o; planned, attempted, established, peak_open, msgs_sent, msgs_ok, lost, corrupted,
+            completed, up_bytes, down_bytes, processes, workers);
+        self.failed += &o.failed;
+        self.dropped += &o.dropped;
         self.window_s = self.window_s.max(o.window_s);
         self.latency.merge(&o.latency);
         self.latency_uncorrected.merge(&o.latency_uncorrected);
         self.connect_latency.merge(&o.connect_latency);
         self.timeline = merge_timelines(&self.timeline, &o.timeline);
-        self.processes += o.processes;
-        self.workers += o.workers;
         self.interrupted |= o.interrupted;
     }
 
@@ -257,17 +263,13 @@ pub fn merge_timelines(a: &[Sample], b: &[Sample]) -> Vec<Sample> {
     let n = a.len().max(b.len());
     (0..n)
         .map(|i| {
-            let x = a.get(i).or(a.last()).copied().unwrap_or_default();
+            let mut x = a.get(i).or(a.last()).copied().unwrap_or_default();
             let y = b.get(i).or(b.last()).copied().unwrap_or_default();
-            Sample {
-                t_s: if i < a.len() { x.t_s } else { y.t_s },
-                open: x.open + y.open,
-                established: x.established + y.established,
-                completed: x.completed + y.completed,
-                failed: x.failed + y.failed,
-                up_bytes: x.up_bytes + y.up_bytes,
-                down_bytes: x.down_bytes + y.down_bytes,
+            add_fields!(x, y; open, established, completed, failed, up_bytes, down_bytes);
+            if i >= a.len() {
+                x.t_s = y.t_s;
             }
+            x
         })
         .collect()
 }
@@ -331,16 +333,9 @@ impl Progress {
 
 impl Snapshot {
     pub fn sum<'a>(it: impl IntoIterator<Item = &'a Snapshot>) -> Snapshot {
-        it.into_iter().fold(Snapshot::default(), |a, b| Snapshot {
-            open: a.open + b.open,
-            attempted: a.attempted + b.attempted,
-            established: a.established + b.established,
-            failed: a.failed + b.failed,
-            completed: a.completed + b.completed,
-            up_bytes: a.up_bytes + b.up_bytes,
-            down_bytes: a.down_bytes + b.down_bytes,
-            lost: a.lost + b.lost,
-            corrupted: a.corrupted + b.corrupted,
+        it.into_iter().fold(Snapshot::default(), |mut a, b| {
+            add_fields!(a, b; open, attempted, established, failed, completed, up_bytes, down_bytes, lost, corrupted);
+            a
         })
     }
 
@@ -417,5 +412,8 @@ mod tests {
         assert_eq!(Cause::from_errno(libc::EPIPE), Cause::Reset);
         assert_eq!(Cause::from_errno(libc::EADDRNOTAVAIL), Cause::PortExhaustion);
         assert_eq!(Cause::from_errno(libc::EMFILE), Cause::Other);
+        assert_eq!(Cause::from_result(0, true), Cause::PeerClosed);
+        assert_eq!(Cause::from_result(0, false), Cause::Other);
+        assert_eq!(Cause::from_result(-libc::ECONNRESET, true), Cause::Reset);
     }
 }

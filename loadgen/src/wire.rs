@@ -7,7 +7,7 @@
 //! Every byte depends on (id, seq), so an echo that is corrupted, reordered,
 //! or delivered to the wrong connection (a proxy mixing up streams) differs
 //! from what the client sent. Invariant: a client keeps the message it sent
-//! unchanged until its echo has been compared ([`matches`]).
+//! unchanged until its echo has been compared ([`matches()`]).
 
 /// Smallest message: the header.
 pub const HEADER: usize = 16;
@@ -49,31 +49,38 @@ pub struct Exchange {
     pub got: usize,
     /// Bytes of the message sent so far.
     pub sent: usize,
+    /// Messages started so far: the current one's sequence number.
+    pub seq: u64,
 }
 
 impl Exchange {
     pub fn new(size: usize) -> Exchange {
         let size = size.max(HEADER);
-        Exchange { sbuf: vec![0; size].into_boxed_slice(), rbuf: vec![0; size].into_boxed_slice(), got: 0, sent: 0 }
+        Exchange {
+            sbuf: vec![0; size].into_boxed_slice(),
+            rbuf: vec![0; size].into_boxed_slice(),
+            got: 0,
+            sent: 0,
+            seq: 0,
+        }
     }
 
-    /// Start message `seq` of connection `id`.
-    pub fn prepare(&mut self, id: u64, seq: u64) {
-        fill(&mut self.sbuf, id, seq);
+    /// Start the next message (sequence number `seq + 1`) of connection `id`.
+    pub fn prepare(&mut self, id: u64) {
+        self.seq += 1;
+        fill(&mut self.sbuf, id, self.seq);
         self.got = 0;
         self.sent = 0;
     }
 
     /// Where the next bytes of the echo go.
-    pub fn recv_window(&mut self) -> (*mut u8, u32) {
-        let rest = &mut self.rbuf[self.got..];
-        (rest.as_mut_ptr(), rest.len() as u32)
+    pub fn unreceived(&mut self) -> &mut [u8] {
+        &mut self.rbuf[self.got..]
     }
 
     /// What is left to send.
-    pub fn send_window(&self) -> (*const u8, u32) {
-        let rest = &self.sbuf[self.sent..];
-        (rest.as_ptr(), rest.len() as u32)
+    pub fn unsent(&self) -> &[u8] {
+        &self.sbuf[self.sent..]
     }
 
     /// Account `n` received bytes; once the whole echo is in, returns
@@ -97,7 +104,7 @@ mod tests {
     #[test]
     fn exchange_collects_partial_echoes() {
         let mut x = Exchange::new(40);
-        x.prepare(7, 1);
+        x.prepare(7);
         assert!(!x.sent_bytes(10));
         assert!(x.sent_bytes(30));
         let sent = x.sbuf.to_vec();
@@ -106,7 +113,7 @@ mod tests {
         x.rbuf[20..].copy_from_slice(&sent[20..]);
         x.rbuf[39] ^= 1;
         assert_eq!(x.received(20), Some(false));
-        x.prepare(7, 2);
+        x.prepare(7);
         let sent = x.sbuf.to_vec();
         x.rbuf.copy_from_slice(&sent);
         assert_eq!(x.received(40), Some(true));

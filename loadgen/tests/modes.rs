@@ -1,84 +1,22 @@
 //! Every client mode against `ringload serve` on loopback (small counts),
 //! the multi-process split, integrity checking against a corrupting
 //! backend, failure classification, reports and Ctrl-C. Real sockets, real
-//! binary; every wait has a timeout and every port is chosen by the kernel.
+//! binary; every wait has a timeout and every port is chosen by the kernel
+//! (and read back from `serve --ready-file`).
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_ringload");
-
-/// A `ringload serve` child, killed on drop.
-struct Serve {
-    child: Child,
-    addr: String,
-    all: Vec<String>,
-}
-
-impl Serve {
-    fn start(mode: &str, extra: &[&str]) -> Serve {
-        Serve::start_on(&["127.0.0.1:0"], mode, extra)
-    }
-
-    fn start_on(listen: &[&str], mode: &str, extra: &[&str]) -> Serve {
-        let mut cmd = Command::new(BIN);
-        cmd.args(["serve", "--mode", mode, "--duration", "90s"]);
-        for l in listen {
-            cmd.args(["--listen", l]);
-        }
-        let mut child =
-            cmd.args(extra).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start ringload serve");
-        let out = child.stdout.take().expect("serve stdout");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Some(a) = line.strip_prefix("listening on ") {
-                    let _ = tx.send(a.to_string());
-                }
-            }
-        });
-        let all: Vec<String> = listen
-            .iter()
-            .map(|_| rx.recv_timeout(Duration::from_secs(10)).expect("serve printed its addresses within 10s"))
-            .collect();
-        Serve { child, addr: all[0].clone(), all }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::{RINGLOAD as BIN, Serve, wait_child};
 
 /// Run ringload with `args`; returns (exit code, stdout). Killed after `limit`.
 fn run(args: &[&str], limit: Duration) -> (i32, String) {
     let child =
         Command::new(BIN).args(args).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start ringload");
-    wait(child, limit)
-}
-
-fn wait(mut child: Child, limit: Duration) -> (i32, String) {
-    let out = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
-    let end = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ringload did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status.code().unwrap_or(-1), reader.join().unwrap_or_default())
+    wait_child(child, limit)
 }
 
 fn json(args: &[&str]) -> (i32, Value) {
@@ -291,7 +229,7 @@ fn ctrl_c_stops_a_split_run_and_still_reports() {
     // SAFETY: signalling our own child by pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = Instant::now();
-    let (code, out) = wait(child, Duration::from_secs(20));
+    let (code, out) = wait_child(child, Duration::from_secs(20));
     assert!(started.elapsed() < Duration::from_secs(10));
     let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
     assert_eq!(v["interrupted"], true);

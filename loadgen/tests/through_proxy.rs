@@ -4,151 +4,19 @@
 //! hide corruption).
 //!
 //! `ringproxy` is the binary next to this test's (`target/<profile>/ringproxy`); `cargo test
-//! --workspace` builds it, `cargo test -p ringload` alone does not (build it with `cargo build -p
-//! ringproxy`). Loopback only, every port picked by the kernel and read back, every wait bounded,
-//! every child killed on drop.
+//! --workspace` builds it, and `cargo test -p ringload` alone builds it when it is missing
+//! ([`common::ringproxy_bin`]). Both children say where they listen in their `--ready-file`.
+//! Loopback only, every port picked by the kernel and read back, every wait bounded, every child
+//! killed on drop.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const RINGLOAD: &str = env!("CARGO_BIN_EXE_ringload");
-
-/// `target/<profile>/ringproxy`, found from this test's executable (`target/<profile>/deps/..`).
-fn ringproxy_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>/deps/<test>");
-    let bin = profile_dir.join("ringproxy");
-    assert!(
-        bin.is_file(),
-        "{} is missing: build it: cargo build -p ringproxy (cargo test --workspace builds it too)",
-        bin.display()
-    );
-    bin
-}
-
-/// Lines a child writes on a pipe, collected by a thread; `first` waits for a line with a prefix.
-struct Lines {
-    all: Arc<Mutex<Vec<String>>>,
-    rx: mpsc::Receiver<String>,
-}
-
-impl Lines {
-    fn read(pipe: impl std::io::Read + Send + 'static) -> Lines {
-        let all = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = mpsc::channel();
-        let keep = all.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                keep.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        Lines { all, rx }
-    }
-
-    /// The rest of the first line containing `marker`, waiting at most `limit`.
-    fn after(&self, marker: &str, limit: Duration) -> Option<String> {
-        let end = Instant::now() + limit;
-        loop {
-            let left = end.checked_duration_since(Instant::now())?;
-            let line = self.rx.recv_timeout(left).ok()?;
-            if let Some(i) = line.find(marker) {
-                return Some(line[i + marker.len()..].trim().to_string());
-            }
-        }
-    }
-
-    fn text(&self) -> String {
-        self.all.lock().unwrap().join("\n")
-    }
-}
-
-/// SIGTERM, then wait up to `limit`; SIGKILL if it is still running. The exit code (None: killed).
-fn terminate(child: &mut Child, limit: Duration) -> Option<i32> {
-    // SAFETY: kill(2) on the pid of a child we have not reaped yet (so it cannot have been reused).
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let end = Instant::now() + limit;
-    loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            return s.code();
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A `ringload serve` child on a kernel-picked port, killed on drop.
-struct Serve {
-    child: Child,
-    addr: String,
-    stderr: Lines,
-}
-
-/// What `ringload serve` says on exit.
-#[derive(Debug, Default)]
-struct ServeSummary {
-    accepted: u64,
-    bytes_in: u64,
-    bytes_out: u64,
-}
-
-impl Serve {
-    fn start(mode: &str, extra: &[&str]) -> Serve {
-        let mut child = Command::new(RINGLOAD)
-            .args(["serve", "--listen", "127.0.0.1:0", "--mode", mode, "--workers", "2", "--duration", "120s"])
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ringload serve");
-        let stdout = Lines::read(child.stdout.take().expect("serve stdout"));
-        let stderr = Lines::read(child.stderr.take().expect("serve stderr"));
-        let addr = stdout.after("listening on ", Duration::from_secs(10)).unwrap_or_else(|| {
-            let _ = child.kill();
-            panic!("ringload serve printed no address within 10s: {}", stderr.text())
-        });
-        Serve { child, addr, stderr }
-    }
-
-    fn port(&self) -> u16 {
-        self.addr.rsplit(':').next().unwrap().parse().unwrap()
-    }
-
-    /// Stop it (SIGTERM) and parse its summary line: `N connections accepted, I bytes in, O bytes out`.
-    fn stop(mut self) -> ServeSummary {
-        let code = terminate(&mut self.child, Duration::from_secs(10));
-        assert_eq!(code, Some(0), "ringload serve exit: {}", self.stderr.text());
-        let line = self
-            .stderr
-            .after("ringload serve: ", Duration::from_secs(5))
-            .unwrap_or_else(|| panic!("no summary line from ringload serve: {}", self.stderr.text()));
-        // "7501 connections accepted, 480064 bytes in, 480064 bytes out, 0 accept errors, ..."
-        let num = |what: &str| -> u64 {
-            let part =
-                line.split(", ").find(|p| p.ends_with(what)).unwrap_or_else(|| panic!("no \"{what}\" in {line:?}"));
-            part.split(' ').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("bad count in {line:?}"))
-        };
-        ServeSummary { accepted: num("connections accepted"), bytes_in: num("bytes in"), bytes_out: num("bytes out") }
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::{Lines, RINGLOAD, Serve, ringproxy_bin, temp_path, terminate, wait_child, wait_ready};
 
 /// The real `ringproxy` binary with a configuration in a temp file, frontend on a kernel-picked port.
 struct Proxy {
@@ -156,6 +24,7 @@ struct Proxy {
     addr: String,
     stderr: Lines,
     config: PathBuf,
+    ready: PathBuf,
 }
 
 /// A server line: backend address and optional source set.
@@ -163,7 +32,6 @@ struct Server<'a>(&'a str, Option<&'a str>);
 
 impl Proxy {
     fn start(servers: &[Server]) -> Proxy {
-        static N: AtomicUsize = AtomicUsize::new(0);
         let mut yaml = String::from(
             "global: { workers: 2, maxconn: 4000 }\n\
              defaults: { timeout: { connect: 5s, client: 60s, server: 60s } }\n\
@@ -174,28 +42,32 @@ impl Proxy {
             let source = source.map(|s| format!(", source: \"{s}\"")).unwrap_or_default();
             yaml.push_str(&format!("      - {{ name: s{i}, address: \"{addr}\"{source} }}\n"));
         }
-        let config = std::env::temp_dir().join(format!(
-            "ringload-through-proxy-{}-{}.yaml",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
+        let config = temp_path("proxy.yaml");
+        let ready = temp_path("proxy.ready");
         std::fs::write(&config, &yaml).expect("write the proxy configuration");
         let mut child = Command::new(ringproxy_bin())
             .arg("-c")
             .arg(&config)
+            .arg("--ready-file")
+            .arg(&ready)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("start ringproxy");
         let stderr = Lines::read(child.stderr.take().expect("ringproxy stderr"));
-        let Some(addr) = stderr.after("ringproxy: frontend \"t\" listening on ", Duration::from_secs(15)) else {
-            let _ = child.kill();
-            let _ = child.wait();
-            let _ = std::fs::remove_file(&config);
-            panic!("ringproxy did not report its listener within 15s:\n{}\nconfig:\n{yaml}", stderr.text());
-        };
-        Proxy { child, addr, stderr, config }
+        let addr = wait_ready(&mut child, &ready, Duration::from_secs(15))
+            .and_then(|r| {
+                let t = r.listeners.iter().find(|l| l.name == "t");
+                t.map(|l| l.addr.to_string()).ok_or_else(|| format!("no frontend \"t\" in {r:?}"))
+            })
+            .unwrap_or_else(|e| {
+                let _ = child.kill();
+                let _ = child.wait();
+                let _ = std::fs::remove_file(&config);
+                panic!("ringproxy: {e}\n{}\nconfig:\n{yaml}", stderr.text())
+            });
+        Proxy { child, addr, stderr, config, ready }
     }
 
     /// SIGTERM: the proxy drains and exits 0, quickly when no connection is left open.
@@ -210,35 +82,21 @@ impl Drop for Proxy {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.config);
+        let _ = std::fs::remove_file(&self.ready);
     }
 }
 
 /// Run ringload with `args` plus `--json`, killed after `limit`: (exit code, report).
 fn ringload(args: &[&str], limit: Duration) -> (i32, Value) {
-    let mut child = Command::new(RINGLOAD)
+    let child = Command::new(RINGLOAD)
         .args(args)
         .args(["--json", "--no-progress"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start ringload");
-    let out = child.stdout.take().expect("stdout");
-    let reader = std::thread::spawn(move || std::io::read_to_string(out).unwrap_or_default());
-    let end = Instant::now() + limit;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("try_wait") {
-            break s;
-        }
-        if Instant::now() > end {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("ringload {args:?} did not finish within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = reader.join().unwrap_or_default();
-    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}): {out}"));
-    let code = status.code().unwrap_or(-1);
+    let (code, out) = wait_child(child, limit);
+    let v: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("bad JSON ({e}) from {args:?}: {out}"));
     assert_eq!(v["exit_code"].as_i64(), Some(code as i64), "exit code matches the JSON");
     (code, v)
 }
@@ -286,8 +144,8 @@ fn wait_backend_idle(port: u16, limit: Duration) {
 #[test]
 fn hold_through_proxy_every_heartbeat_echoed_every_connection_proxied_once() {
     // Like the demo: two backends, one server each with its own source IP, round robin.
-    let a = Serve::start("echo", &[]);
-    let b = Serve::start("echo", &[]);
+    let a = Serve::start("echo", &["--workers", "2"]);
+    let b = Serve::start("echo", &["--workers", "2"]);
     let proxy = Proxy::start(&[Server(&a.addr, Some("127.0.2.1")), Server(&b.addr, Some("127.0.2.2"))]);
     let (code, v) = ringload(
         &[
@@ -334,7 +192,7 @@ fn hold_through_proxy_every_heartbeat_echoed_every_connection_proxied_once() {
 
 #[test]
 fn rate_through_proxy() {
-    let s = Serve::start("echo", &[]);
+    let s = Serve::start("echo", &["--workers", "2"]);
     let proxy = Proxy::start(&[Server(&s.addr, None)]);
     let (code, v) =
         ringload(&["rate", "--target", &proxy.addr, "--concurrency", "8", "--size", "64", "--duration", "2s"], LIMIT);
@@ -357,7 +215,7 @@ fn rate_through_proxy() {
 #[test]
 fn throughput_through_proxy_up_down_and_both() {
     // up: every byte ringload's sockets took arrives at the backend, exactly.
-    let sink = Serve::start("sink", &[]);
+    let sink = Serve::start("sink", &["--workers", "2"]);
     let proxy = Proxy::start(&[Server(&sink.addr, None)]);
     let (code, v) = ringload(
         &["throughput", "--target", &proxy.addr, "--streams", "2", "--direction", "up", "--duration", "1s"],
@@ -374,7 +232,7 @@ fn throughput_through_proxy_up_down_and_both() {
     assert_eq!(sum.bytes_in, up, "bytes sent through the proxy vs bytes the sink read: {sum:?}");
 
     // down: the backend streams, ringload reads through the proxy.
-    let source = Serve::start("source", &[]);
+    let source = Serve::start("source", &["--workers", "2"]);
     let proxy = Proxy::start(&[Server(&source.addr, None)]);
     let (code, v) = ringload(
         &["throughput", "--target", &proxy.addr, "--streams", "2", "--direction", "down", "--duration", "1s"],
@@ -389,7 +247,7 @@ fn throughput_through_proxy_up_down_and_both() {
     assert!(sum.bytes_out >= down, "the source wrote at least what ringload read: {sum:?} vs {down}");
 
     // both, against an echo: what comes back is at most what went up.
-    let echo = Serve::start("echo", &[]);
+    let echo = Serve::start("echo", &["--workers", "2"]);
     let proxy = Proxy::start(&[Server(&echo.addr, None)]);
     let (code, v) = ringload(
         &["throughput", "--target", &proxy.addr, "--streams", "2", "--direction", "both", "--duration", "1s"],
@@ -404,7 +262,7 @@ fn throughput_through_proxy_up_down_and_both() {
 
 #[test]
 fn latency_through_proxy() {
-    let s = Serve::start("echo", &[]);
+    let s = Serve::start("echo", &["--workers", "2"]);
     let proxy = Proxy::start(&[Server(&s.addr, None)]);
     let (code, v) = ringload(
         &["latency", "--target", &proxy.addr, "--conns", "4", "--rate", "400", "--size", "256", "--duration", "2s"],
@@ -429,7 +287,7 @@ fn latency_through_proxy() {
 
 #[test]
 fn corruption_behind_the_proxy_is_detected() {
-    let s = Serve::start("echo", &["--corrupt-every", "64"]);
+    let s = Serve::start("echo", &["--workers", "2", "--corrupt-every", "64"]);
     let proxy = Proxy::start(&[Server(&s.addr, None)]);
     let (code, v) = ringload(
         &["hold", "--target", &proxy.addr, "--conns", "20", "--heartbeat", "100ms", "--duration", "1s"],

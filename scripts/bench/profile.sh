@@ -11,12 +11,12 @@
 # Usage: scripts/bench/profile.sh [SECONDS per measurement, default 4]   (root; installs linux-perf)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-# shellcheck source=scripts/bench/lib.sh
-. "$ROOT/scripts/bench/lib.sh"
+# shellcheck source=scripts/lib.sh
+. "$ROOT/scripts/lib.sh"
 S=${1:-4}
 WORKERS=${WORKERS:-$(nproc)}
 OUT=${OUT:-$(mktemp -d /tmp/ringproxy-profile.XXXXXX)}
-trap cleanup_pids EXIT
+trap stop_all_bg EXIT
 trap 'exit 130' INT TERM
 command -v perf >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq linux-perf >/dev/null; }
 command -v haproxy >/dev/null || die "haproxy missing: run scripts/bench.sh once (it installs the peers)"
@@ -24,15 +24,10 @@ build_binaries "$ROOT" "$OUT/bin"
 RL=$OUT/bin/ringload
 RP=$OUT/bin/ringproxy
 
-serve() { # MODE: start ringload serve (in this shell, so that its pid is tracked)
-    "$RL" serve --listen 127.0.0.1:0 --mode "$1" --workers "$WORKERS" >"$OUT/serve-$1.out" 2>&1 &
-    track $!
-    wait_for_file_match "$OUT/serve-$1.out" '^listening on ' || die "serve $1"
-}
-serve echo
-serve sink
-ECHO=$(sed -n 's/^listening on //p' "$OUT/serve-echo.out" | head -1)
-SINK=$(sed -n 's/^listening on //p' "$OUT/serve-sink.out" | head -1)
+start_ready serve-echo "$OUT" "$RL" serve --listen 127.0.0.1:0 --mode echo --workers "$WORKERS"
+start_ready serve-sink "$OUT" "$RL" serve --listen 127.0.0.1:0 --mode sink --workers "$WORKERS"
+ECHO=$(ready_addr "$OUT/serve-echo.ready")
+SINK=$(ready_addr "$OUT/serve-sink.ready")
 
 cat >"$OUT/ringproxy.yaml" <<YAML
 global: { workers: $WORKERS, pin_cpus: true, maxconn: 9400 }
@@ -44,13 +39,11 @@ backends:
   - { name: echo, servers: [{ name: s1, address: "$ECHO" }] }
   - { name: sink, servers: [{ name: s1, address: "$SINK" }] }
 YAML
-"$RP" -c "$OUT/ringproxy.yaml" 2>"$OUT/ringproxy.err" &
-RPID=$!
-track "$RPID"
-wait_for_file_match "$OUT/ringproxy.err" 'frontend "sink" listening' || die "ringproxy: $(cat "$OUT/ringproxy.err")"
+start_ready ringproxy "$OUT" "$RP" -c "$OUT/ringproxy.yaml"
+RPID=$BG_PID
 declare -A A
-A[ringproxy:echo]=$(sed -n 's/^ringproxy: frontend "echo" listening on //p' "$OUT/ringproxy.err")
-A[ringproxy:sink]=$(sed -n 's/^ringproxy: frontend "sink" listening on //p' "$OUT/ringproxy.err")
+A[ringproxy:echo]=$(ready_addr "$OUT/ringproxy.ready" echo)
+A[ringproxy:sink]=$(ready_addr "$OUT/ringproxy.ready" sink)
 
 HE=$(free_port); HS=$(free_port)
 while [ "$HS" = "$HE" ]; do HS=$(free_port); done
@@ -80,12 +73,11 @@ frontend sink
 backend sink
     server s1 $SINK
 CFG
-haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1 &
-HPID=$!
-track "$HPID"
+start_bg haproxy haproxy -db -f "$OUT/haproxy.cfg" >"$OUT/haproxy.log" 2>&1
+HPID=$BG_PID
 A[haproxy:echo]=127.0.0.1:$HE
 A[haproxy:sink]=127.0.0.1:$HS
-sleep 1
+wait_port "${A[haproxy:echo]}" && wait_port "${A[haproxy:sink]}" || die "haproxy: $(cat "$OUT/haproxy.log")"
 declare -A PID=([ringproxy]=$RPID [haproxy]=$HPID)
 
 load() { # TEST ADDR JSON

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Summarise a scripts/bench.sh run: medians (min-max) per path, ratios to direct and to HAProxy,
-the issue's targets, charts (SVG) and, with --doc, the generated section of docs/benchmarks.md.
+ringproxy against its baseline (the ringproxy-base path, BASE_BIN/BASE_REV) when it ran, the issue's
+targets, charts (SVG) and, with --doc, the generated section of docs/benchmarks.md.
 
 Input: OUT/results.jsonl (one line per test, path and round, written by bench.sh) and the raw files
 it names (ringload JSON `ringload.v1`, iperf3 -J JSON, wrk text). Output: markdown on stdout,
@@ -13,10 +14,11 @@ import re
 import statistics
 import sys
 
-PATH_ORDER = ["direct", "ringproxy", "haproxy", "haproxy-splice", "nginx"]
+PATH_ORDER = ["direct", "ringproxy", "ringproxy-base", "haproxy", "haproxy-splice", "nginx"]
 LABEL = {
     "direct": "direct",
     "ringproxy": "ringproxy",
+    "ringproxy-base": "ringproxy (base)",
     "haproxy": "HAProxy",
     "haproxy-splice": "HAProxy splice-auto",
     "nginx": "nginx stream",
@@ -61,6 +63,19 @@ TARGETS = [
     ("idle_kernel", "idle connection: kernel memory <= HAProxy's", "<=", 1.0, ["haproxy", "haproxy-splice"]),
     ("cpu_gb", "CPU per GB moved <= 0.7 x HAProxy", "<=", 0.7, ["haproxy-splice", "haproxy"]),
 ]
+
+
+def tot(snap, key):
+    """KEY (dotted, e.g. "ring.submitted") of a `ringproxy stats --json` snapshot, summed over its
+    workers; a map (e.g. "timeouts") counts as the sum of its values. scripts/soak.sh and
+    scripts/scale.sh use it too."""
+    t = 0
+    for w in snap["workers"]:
+        v = w
+        for k in key.split("."):
+            v = v[k]
+        t += sum(v.values()) if isinstance(v, dict) else v
+    return t
 
 
 def load(path):
@@ -185,18 +200,10 @@ def parse(out):
             put(f"w:{t}:ctxsw", p, rnd, r["ctxsw"] / units)
         if r.get("cpu_ticks"):
             put(f"w:{t}:cpu_us", p, rnd, r["cpu_ticks"] / r.get("clk_tck", 100) * 1e6 / units)
-            if p == "ringproxy":
+            if p.startswith("ringproxy"):
                 put(f"w:{t}:iowq_share", p, rnd, 100.0 * r.get("iowq_ticks", 0) / r["cpu_ticks"])
         s0, s1 = load(f + ".stats0.json"), load(f + ".stats1.json")
         if s0 and s1:
-            def tot(snap, key):
-                v = 0
-                for wk in snap["workers"]:
-                    x = wk
-                    for k in key.split("."):
-                        x = x[k]
-                    v += x
-                return v
             for key, name in (("ring.submitted", "sqes"), ("ring.completions", "cqes"),
                               ("ring.enter_calls", "enters"), ("splices", "splices"),
                               ("loop_iterations", "loops")):
@@ -236,6 +243,15 @@ def fmt(v, dec):
     return f"{v:,.{dec}f}"
 
 
+def cell(d, dec):
+    """A table cell: the median of the rounds, with min–max when there are several."""
+    if not d:
+        return "–"
+    if len(d) == 1:
+        return fmt(med(d), dec)
+    return f"{fmt(med(d), dec)} ({fmt(min(d.values()), dec)}–{fmt(max(d.values()), dec)})"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -259,15 +275,7 @@ def main():
     for m, (title, unit, hib, dec) in METRICS.items():
         if not any((m, p) in vals for p in paths):
             continue
-        cells = []
-        for p in paths:
-            d = vals.get((m, p))
-            if not d:
-                cells.append("–")
-            elif len(d) == 1:
-                cells.append(fmt(med(d), dec))
-            else:
-                cells.append(f"{fmt(med(d), dec)} ({fmt(min(d.values()), dec)}–{fmt(max(d.values()), dec)})")
+        cells = [cell(vals.get((m, p)), dec) for p in paths]
         w(f"| {title} | {unit} | " + " | ".join(cells) + " |")
     idle = [(p, vals.get(("idle_ok", p), {})) for p in paths]
     w("| idle connections held with nothing lost (rounds) | | " + " | ".join(
@@ -296,6 +304,7 @@ def main():
             w(f"| {title_m} {'↑' if hib else '↓'} | " + " | ".join(cells) + " |")
         w("")
 
+    base_table(paths, M, vals, w)
     ratio_table("direct", "Ratio to direct (no proxy)")
     ratio_table("haproxy-splice", "Ratio to HAProxy with `option splice-auto`")
     ratio_table("haproxy", "Ratio to HAProxy without splicing")
@@ -400,6 +409,25 @@ def main():
         open(a.doc, "w").write(doc)
 
 
+def base_table(paths, M, vals, w):
+    """ringproxy beside ringproxy-base, the same binary's older build run the same way, with new / base."""
+    if "ringproxy" not in paths or "ringproxy-base" not in paths:
+        return
+    w("### ringproxy against its baseline (ringproxy-base)\n")
+    w("The same tests, configuration and pinning, interleaved in the same rounds. new / base above 1 is "
+      "better for throughput and rates (↑), below 1 for latency, memory and CPU (↓).\n")
+    w("| measurement | unit | ringproxy | ringproxy (base) | new / base |")
+    w("|---|---|---|---|---|")
+    for m, (title, unit, hib, dec) in METRICS.items():
+        new, base = M.get((m, "ringproxy")), M.get((m, "ringproxy-base"))
+        if new is None and base is None:
+            continue
+        ratio = f"{new / base:.2f}" if new is not None and base else "–"
+        cells = [cell(vals.get((m, p)), dec) for p in ("ringproxy", "ringproxy-base")]
+        w(f"| {title} {'↑' if hib else '↓'} | {unit} | {cells[0]} | {cells[1]} | {ratio} |")
+    w("")
+
+
 def save(fig, img, name):
     fig.savefig(os.path.join(img, name + ".svg"))
     if os.environ.get("BENCH_PNG"):  # for a quick look in tools that do not render SVG
@@ -414,8 +442,8 @@ def make_charts(img, paths, M, vals, curves):
     except ImportError:
         return []
     plt.rcParams.update({"font.size": 9, "svg.hashsalt": "ringproxy", "svg.fonttype": "none"})
-    colors = {"direct": "#888888", "ringproxy": "#d62728", "haproxy": "#1f77b4", "haproxy-splice": "#17becf",
-              "nginx": "#2ca02c"}
+    colors = {"direct": "#888888", "ringproxy": "#d62728", "ringproxy-base": "#ff9896", "haproxy": "#1f77b4",
+              "haproxy-splice": "#17becf", "nginx": "#2ca02c"}
     made = []
 
     def bars(ax, metrics, series, ref, ylabel, title):
