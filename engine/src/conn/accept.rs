@@ -119,10 +119,12 @@ impl Ctx<'_> {
                 unsafe { self.ring.consume(client.sock(), &buf, h.len as u32, t) };
                 self.c.step = Step::HeaderRead(buf);
             }
-            (n, Some(Ok(Parsed::Incomplete))) if (n as usize) < MAX_HEADER => {
+            // Not all there yet, and the client may still send the rest.
+            (n, Some(Ok(Parsed::Incomplete))) if (n as usize) < MAX_HEADER && !self.c.c2s.hup => {
                 self.ring.give_header(buf);
                 self.wait_for_more();
             }
+            // Too long, malformed, or the client ended (FIN, reset) before the end of its header.
             (_, Some(Ok(Parsed::Incomplete) | Err(_))) => {
                 self.ring.give_header(buf);
                 self.close(CloseReason::BadProxyHeader);

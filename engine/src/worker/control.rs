@@ -74,14 +74,16 @@ impl Worker {
         let Some(deadline) = self.draining else { return };
         self.close_idle_listeners();
         if self.now.ms >= deadline {
-            for idx in self.conns.live_indices() {
-                self.with_conn(idx, |cx| cx.close(CloseReason::Shutdown));
-            }
-            self.follow_up();
+            // Parked sockets first: a share given back by a closing connection must not let one
+            // in after the deadline.
             while let Some((_, slot)) = self.parked.pop_front() {
                 self.ring.close_client(slot, false);
             }
             self.stats.parked = 0;
+            for idx in self.conns.live_indices() {
+                self.with_conn(idx, |cx| cx.close(CloseReason::Shutdown));
+            }
+            self.follow_up();
         }
     }
 
