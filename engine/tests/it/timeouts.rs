@@ -1,38 +1,17 @@
 //! Timeouts: connect (a server that never answers SYN), client idle, server idle.
 
-mod common;
-
 use std::io::Write;
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::*;
-
-/// A listener whose accept queue is full, so further SYNs are dropped and connects hang.
-fn blackhole() -> (socket2::Socket, Vec<socket2::Socket>, SocketAddr) {
-    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    l.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
-    l.listen(0).unwrap();
-    let addr = l.local_addr().unwrap().as_socket().unwrap();
-    // With backlog 0 one connection fills the queue; a second one sits in SYN-SENT.
-    let fillers = (0..2)
-        .map(|_| {
-            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-            s.set_nonblocking(true).unwrap();
-            let _ = s.connect(&addr.into());
-            s
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(100));
-    (l, fillers, addr)
-}
+use crate::common::*;
 
 #[test]
 fn connect_timeout_when_the_server_never_answers() {
-    let (_l, _fillers, hole) = blackhole();
+    let hole = BlackHole::start();
     let engine = engine(&format!(
         "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
-         backends:\n  - {{ name: be, retries: 0, timeout: {{ connect: 300ms }}, servers: [{{ name: s, address: \"{hole}\" }}] }}\n"
+         backends:\n  - {{ name: be, retries: 0, timeout: {{ connect: 300ms }}, servers: [{{ name: s, address: \"{}\" }}] }}\n",
+        hole.addr
     ));
     let mut c = connect(addr(&engine, "fe"));
     let t = Instant::now();
@@ -45,6 +24,9 @@ fn connect_timeout_when_the_server_never_answers() {
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.connect_errors.timeout), 1);
     assert_eq!(stats.total(|w| w.failed), 1);
+    drop(c);
+    wait_until("no connect pending toward the black hole", Duration::from_secs(5), || hole.connects_pending() == 0);
+    assert_clean(engine, &[]);
 }
 
 #[test]
@@ -65,6 +47,8 @@ fn client_idle_timeout_closes_both_sides() {
     assert!(waited < Duration::from_secs(2), "closed after {waited:?}");
     wait_until("the server side to close", Duration::from_secs(1), || backend.active() == 0);
     assert_eq!(engine.stats().total(|w| w.timeouts.client), 1);
+    drop(c);
+    assert_clean(engine, &[backend.addr.port()]);
 }
 
 #[test]
@@ -86,6 +70,8 @@ fn server_idle_timeout_closes_both_sides() {
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.timeouts.server), 1);
     assert_eq!(stats.total(|w| w.timeouts.client), 0);
+    drop(c);
+    assert_clean(engine, &[backend.addr.port()]);
 }
 
 #[test]
@@ -104,4 +90,6 @@ fn an_active_connection_does_not_time_out() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(engine.stats().total(|w| w.timeouts.client + w.timeouts.server), 0);
+    drop(c);
+    assert_clean(engine, &[backend.addr.port()]);
 }

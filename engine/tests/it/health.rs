@@ -1,15 +1,20 @@
 //! Health checks: a dead server is marked DOWN and gets no new connections, comes back UP, the
 //! expect string is honoured, and `on_down: shutdown_sessions` closes its connections.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn server_state(engine: &ringproxy::Engine, name: &str) -> String {
     engine.stats().servers.iter().find(|s| s.server == name).map(|s| s.state.clone()).unwrap_or_default()
+}
+
+/// `assert_clean` for an engine with health checks: the checker keeps connecting to the servers
+/// while the engine runs, so their ports are checked for open sockets only once it is shut down.
+fn stops_clean(engine: TestEngine, servers: &[u16]) {
+    assert_idle(&engine, &[]);
+    assert_stops_clean(engine, servers);
 }
 
 #[test]
@@ -51,6 +56,7 @@ fn a_dead_server_goes_down_gets_no_connections_and_comes_back() {
     }
     assert!(seen_b, "b serves again");
     drop(b2);
+    stops_clean(engine, &[a.addr.port(), b_addr.port()]);
 }
 
 #[test]
@@ -67,16 +73,16 @@ fn expect_string_must_be_in_the_answer() {
     wait_until("the mismatching server to go DOWN", Duration::from_secs(5), || {
         server_state(&engine, "wrong") == "DOWN"
     });
-    thread_sleep(300);
+    // Give a wrong DOWN time to show. This can only pass wrongly (had the moment been too short),
+    // never fail wrongly.
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(server_state(&engine, "echoes"), "UP");
     // With its only server DOWN, a client of `be` is refused service, not hung.
     let mut c = connect(addr(&engine, "fe"));
     let (got, _) = read_to_end(&mut c);
     assert!(got.is_empty());
-}
-
-fn thread_sleep(ms: u64) {
-    std::thread::sleep(Duration::from_millis(ms));
+    drop(c);
+    stops_clean(engine, &[echo.addr.port()]);
 }
 
 #[test]
@@ -104,4 +110,6 @@ fn shutdown_sessions_closes_connections_of_a_down_server() {
         assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::ConnectionReset), "clients see a reset");
     }
     wait_until("every session closed", Duration::from_secs(2), || engine.stats().total(|w| w.active) == 0);
+    drop(conns);
+    stops_clean(engine, &[held.addr.port()]);
 }
