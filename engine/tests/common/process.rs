@@ -91,7 +91,7 @@ impl Proxy {
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let pipe = child.stderr.take().unwrap();
         let lines = stderr.clone();
-        std::thread::spawn(move || {
+        let reader = std::thread::spawn(move || {
             for l in BufReader::new(pipe).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(l);
             }
@@ -102,8 +102,8 @@ impl Proxy {
             exited.is_some() || ready_file.exists()
         });
         if let Some(status) = exited {
-            // Give the reader a moment to collect the last words.
-            std::thread::sleep(Duration::from_millis(50));
+            // The pipe closed with the process: the reader has its last words.
+            let _ = reader.join();
             panic!("ringproxy exited before it was ready ({status}): {:#?}", stderr.lock().unwrap());
         }
         let ready = ReadyFile::read(&ready_file).unwrap();
