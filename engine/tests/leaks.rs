@@ -1,21 +1,20 @@
 //! Nothing leaks after resets, timeouts and normal closes: no socket left open in the kernel, no
-//! descriptor left in this process, no connection left in the engine. (One test in this binary,
-//! so no other test's descriptors disturb the count.)
+//! descriptor left in this process, no connection left in the engine. This binary runs its tests
+//! one at a time (`serial()`), so no other test's descriptors disturb the count: `assert_clean`
+//! then also checks that the process holds exactly the descriptors it held before the engine.
 
 mod common;
 
 use std::io::Write;
-use std::time::Duration;
 
 use common::*;
 
 #[test]
 fn resets_and_closes_leave_no_socket_or_descriptor_behind() {
-    let fds_before = open_fds();
+    let _serial = serial();
     let echo = Backend::start(Mode::Echo);
     let resetting = Backend::start(Mode::ResetAfterRead);
     let held = Backend::start(Mode::Hold);
-    let fds_with_backends = open_fds();
     let engine = engine(&format!(
         "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ client: 2s }} }}\n\
          frontends:\n  - {{ name: echo, bind: \"127.0.0.1:0\", backend: echo }}\n\
@@ -45,21 +44,11 @@ fn resets_and_closes_leave_no_socket_or_descriptor_behind() {
         c.write_all(&vec![7u8; 300_000]).unwrap();
         reset(c);
     }
-    wait_until("the engine to close every connection", Duration::from_secs(10), || {
-        engine.stats().total(|w| w.active) == 0
-    });
-    for port in
-        [fe_echo.port(), fe_reset.port(), fe_held.port(), echo.addr.port(), resetting.addr.port(), held.addr.port()]
-    {
-        wait_until(&format!("no open socket on port {port}"), Duration::from_secs(5), || {
-            open_sockets_on_port(port).is_empty()
-        });
-    }
+    let ports = [echo.addr.port(), resetting.addr.port(), held.addr.port()];
+    assert_idle(&engine, &ports);
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.accepted), 200);
     assert_eq!(stats.total(|w| w.closed), 200);
-    assert_eq!(stats.total(|w| w.pipes_in_use), 0, "every pipe is back in its pool");
-    engine.shutdown();
-    assert_eq!(open_fds(), fds_with_backends, "the engine left descriptors open");
-    assert!(fds_with_backends >= fds_before);
+    // Shut down: afterwards the process holds the descriptors it held before the engine started.
+    assert_stops_clean(engine, &ports);
 }

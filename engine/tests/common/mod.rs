@@ -1,224 +1,159 @@
-//! Test harness: real backends on loopback, the engine started in-process on port 0, small client
-//! helpers, and a reader for the kernel's socket table. Every wait is bounded.
-#![allow(dead_code)]
+//! The harness every engine test binary shares: the engine started in-process on port 0
+//! ([`engine`]), the one way to wait ([`wait_until`]), and the check every test ends with
+//! ([`assert_clean`]). Backends, the `ringproxy` child process, sockets and checksummed streams
+//! live in the submodules and are re-exported here. Real sockets on loopback; every wait bounded.
+#![allow(dead_code, unused_imports)]
 
-use std::collections::HashMap;
-use std::io::{ErrorKind, Read, Write};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+pub mod backend;
+pub mod process;
+pub mod sockets;
+pub mod stream;
+
+use std::cell::Cell;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Mutex, MutexGuard, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub use backend::*;
+pub use process::*;
 use ringproxy::Engine;
+use ringproxy::config::Config;
+use ringproxy::stats::WorkerStats;
+pub use sockets::*;
+pub use stream::*;
 
+/// Stack for the many small threads tests run (clients, backend connections).
 pub const STACK: usize = 256 * 1024;
+pub const KIB: u64 = 1024;
+pub const MIB: u64 = 1024 * 1024;
+/// The unit client streams and backends read and write in.
+pub const BLOCK: usize = 64 * 1024;
 
-/// What a test backend does with each connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    /// Echo everything back; close after the client's EOF.
-    Echo,
-    /// Echo, and keep the connection until `release()` (then close).
-    Hold,
-    /// Read and discard, never write; close on EOF.
-    Silent,
-    /// Reset the connection (SO_LINGER 0 close) after reading the first bytes.
-    ResetAfterRead,
-    /// Write this one byte on accept (so a client learns which server it reached), then echo.
-    Tag(u8),
+/// Runs `f` on a thread of its own (small stack).
+pub fn spawn<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> thread::JoinHandle<T> {
+    thread::Builder::new().stack_size(STACK).spawn(f).unwrap()
 }
 
-#[derive(Default)]
-pub struct BackendState {
-    stopped: AtomicBool,
-    pub active: AtomicUsize,
-    pub max_active: AtomicUsize,
-    pub total: AtomicUsize,
-    pub closed_by_peer: AtomicUsize,
-    pub peers: Mutex<Vec<SocketAddr>>,
-    release: AtomicBool,
+/// Runs `f(0)`, ..., `f(n - 1)` at once, each on its own thread (e.g. `n` clients).
+pub fn spawn_each<T: Send + 'static>(
+    n: u64,
+    f: impl Fn(u64) -> T + Send + Sync + Clone + 'static,
+) -> Vec<thread::JoinHandle<T>> {
+    (0..n)
+        .map(|i| {
+            let f = f.clone();
+            spawn(move || f(i))
+        })
+        .collect()
 }
 
-pub struct Backend {
-    pub addr: SocketAddr,
-    pub state: Arc<BackendState>,
+/// Joins every thread; a panic in one fails the test.
+pub fn join_all<T>(handles: Vec<thread::JoinHandle<T>>) -> Vec<T> {
+    handles.into_iter().map(|h| h.join().expect("a client thread panicked")).collect()
 }
 
-impl Drop for Backend {
+/// Waits until `f` holds (polling every 10 ms), failing the test after `limit`. The one way tests
+/// wait.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    wait_for(what, limit, || if f() { Ok(()) } else { Err(String::new()) });
+}
+
+/// [`wait_until`] for a condition that can say what it still sees: `f` returns `Err(what is
+/// left)`, and the last one is in the failure message.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> Result<(), String>) {
+    let start = Instant::now();
+    loop {
+        let left = match f() {
+            Ok(()) => return,
+            Err(left) => left,
+        };
+        if start.elapsed() >= limit {
+            let left = if left.is_empty() { left } else { format!("; still: {left}") };
+            panic!("timed out after {limit:?} waiting for: {what}{left}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One test at a time.
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+thread_local! {
+    static HOLDS_SERIAL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs the calling test alone among the tests that take this guard (a process-wide lock). In a
+/// binary where every test takes it, counts over the whole process are exact, and
+/// [`assert_clean`] also checks that the process holds as many descriptors as before the engine
+/// started.
+pub fn serial() -> Serial {
+    let guard = SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    HOLDS_SERIAL.with(|h| h.set(true));
+    Serial { _guard: guard }
+}
+
+pub struct Serial {
+    _guard: MutexGuard<'static, ()>,
+}
+
+impl Drop for Serial {
     fn drop(&mut self) {
-        self.stop();
+        HOLDS_SERIAL.with(|h| h.set(false));
     }
 }
 
-impl Backend {
-    pub fn start(mode: Mode) -> Backend {
-        Backend::on("127.0.0.1:0", mode)
-    }
+// ---------------------------------------------------------------------------------------------
+// The engine in-process.
 
-    pub fn on(bind: &str, mode: Mode) -> Backend {
-        let listener = listen(bind);
-        let addr = listener.local_addr().unwrap();
-        let state = Arc::new(BackendState::default());
-        let st = state.clone();
-        thread::Builder::new()
-            .stack_size(STACK)
-            .spawn(move || {
-                for conn in listener.incoming() {
-                    if st.stopped.load(Ordering::SeqCst) {
-                        // Stopped: the listener is dropped here, so further connects are refused.
-                        return;
-                    }
-                    let Ok(conn) = conn else { continue };
-                    let st = st.clone();
-                    st.total.fetch_add(1, Ordering::SeqCst);
-                    let now = st.active.fetch_add(1, Ordering::SeqCst) + 1;
-                    st.max_active.fetch_max(now, Ordering::SeqCst);
-                    if let Ok(peer) = conn.peer_addr() {
-                        st.peers.lock().unwrap().push(peer);
-                    }
-                    thread::Builder::new()
-                        .stack_size(STACK)
-                        .spawn(move || {
-                            serve(conn, mode, &st);
-                            st.active.fetch_sub(1, Ordering::SeqCst);
-                        })
-                        .unwrap();
-                }
-            })
-            .unwrap();
-        Backend { addr, state }
-    }
+/// An engine started by a test. Derefs to [`Engine`]; end the test with [`assert_clean`]. If the
+/// test fails first, dropping it shuts the engine down with a time limit, so a hang does not stall
+/// the run.
+pub struct TestEngine {
+    engine: Option<Engine>,
+    /// Descriptors this process held before the engine started (taken under [`serial`] only).
+    fds_before: Option<usize>,
+}
 
-    /// Closes the listener: connects to this address are refused from now on (established
-    /// connections are left alone).
-    pub fn stop(&self) {
-        if !self.state.stopped.swap(true, Ordering::SeqCst) {
-            // Wake the accept loop so it sees the flag and drops the listener.
-            let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-        }
-    }
-
-    /// Lets every held connection close (Hold mode).
-    pub fn release(&self) {
-        self.state.release.store(true, Ordering::SeqCst);
-    }
-
-    pub fn active(&self) -> usize {
-        self.state.active.load(Ordering::SeqCst)
-    }
-
-    pub fn total(&self) -> usize {
-        self.state.total.load(Ordering::SeqCst)
-    }
-
-    /// Peer IPs seen, with counts.
-    pub fn peer_ips(&self) -> HashMap<IpAddr, usize> {
-        let mut m = HashMap::new();
-        for p in self.state.peers.lock().unwrap().iter() {
-            *m.entry(p.ip()).or_insert(0) += 1;
-        }
-        m
+impl TestEngine {
+    pub fn start(config: Config) -> TestEngine {
+        let fds_before = HOLDS_SERIAL.with(Cell::get).then(open_fds);
+        let engine = Engine::start(config).unwrap_or_else(|e| panic!("engine did not start: {e}"));
+        TestEngine { engine: Some(engine), fds_before }
     }
 }
 
-fn serve(mut conn: TcpStream, mode: Mode, st: &BackendState) {
-    let mut buf = vec![0u8; 64 * 1024];
-    match mode {
-        Mode::Echo => loop {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    st.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
-                Ok(n) => {
-                    if conn.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-            }
-        },
-        Mode::Hold => {
-            // The first message is always echoed, so a client knows it got through.
-            match conn.read(&mut buf) {
-                Ok(n) if n > 0 => {
-                    if conn.write_all(&buf[..n]).is_err() {
-                        return;
-                    }
-                }
-                _ => {
-                    st.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
-            }
-            conn.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-            loop {
-                if st.release.load(Ordering::SeqCst) {
-                    return;
-                }
-                match conn.read(&mut buf) {
-                    Ok(0) => {
-                        st.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    Ok(n) => {
-                        if conn.write_all(&buf[..n]).is_err() {
-                            return;
-                        }
-                    }
-                    Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
-                    Err(_) => {
-                        st.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                }
-            }
-        }
-        Mode::Silent => loop {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => {
-                    st.closed_by_peer.fetch_add(1, Ordering::SeqCst);
-                    return;
-                }
-                Ok(_) => {}
-            }
-        },
-        Mode::ResetAfterRead => {
-            let _ = conn.read(&mut buf);
-            reset(conn);
-        }
-        Mode::Tag(tag) => {
-            if conn.write_all(&[tag]).is_err() {
-                return;
-            }
-            serve(conn, Mode::Echo, st);
-        }
+impl Deref for TestEngine {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        self.engine.as_ref().expect("the engine was shut down")
     }
 }
 
-/// A listening socket with a backlog deep enough for a thousand simultaneous connects
-/// (std's TcpListener uses 128, which overflows into SYN cookies and resets under a burst).
-pub fn listen(bind: &str) -> TcpListener {
-    let addr: SocketAddr = bind.parse().expect("a socket address");
-    let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
-    let s = socket2::Socket::new(domain, socket2::Type::STREAM, None).unwrap();
-    s.set_reuse_address(true).unwrap();
-    s.bind(&addr.into()).expect("bind test backend");
-    s.listen(4096).unwrap();
-    s.into()
+impl DerefMut for TestEngine {
+    fn deref_mut(&mut self) -> &mut Engine {
+        self.engine.as_mut().expect("the engine was shut down")
+    }
 }
 
-/// Closes with RST.
-pub fn reset(conn: TcpStream) {
-    let s = socket2::Socket::from(conn);
-    let _ = s.set_linger(Some(Duration::ZERO));
-    drop(s);
+impl Drop for TestEngine {
+    fn drop(&mut self) {
+        if let Some(engine) = self.engine.take() {
+            let limit = if thread::panicking() { Duration::from_secs(2) } else { shutdown_limit(&engine) };
+            if shutdown_within(engine, limit).is_none() && !thread::panicking() {
+                panic!("Engine::shutdown did not return within {limit:?}");
+            }
+        }
+    }
 }
 
 /// Starts the engine from YAML text.
-pub fn engine(yaml: &str) -> Engine {
-    let config = ringproxy::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}"));
-    Engine::start(config).unwrap_or_else(|e| panic!("engine did not start: {e}"))
+pub fn engine(yaml: &str) -> TestEngine {
+    TestEngine::start(ringproxy::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}")))
 }
 
 /// The first listening address of frontend `fe`.
@@ -226,142 +161,131 @@ pub fn addr(engine: &Engine, fe: &str) -> SocketAddr {
     engine.addrs(fe)[0]
 }
 
-pub fn connect(addr: SocketAddr) -> TcpStream {
-    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the proxy");
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
+// ---------------------------------------------------------------------------------------------
+// The checks every test ends with.
+
+/// A gauge: its name and how to read it from a worker's snapshot.
+pub type Gauge = (&'static str, fn(&WorkerStats) -> u64);
+
+/// The engine's gauges: what it holds now. All are 0 once every connection is closed and freed.
+pub const GAUGES: [Gauge; 6] = [
+    ("active", |w| w.active),
+    ("closing", |w| w.closing),
+    ("queued", |w| w.queued),
+    ("parked", |w| w.parked),
+    ("pipes_in_use", |w| w.pipes_in_use),
+    ("buffers_in_use", |w| w.buffers_in_use),
+];
+
+/// How long an idle engine may take to free what it holds, and the kernel to close sockets.
+const SETTLE: Duration = Duration::from_secs(10);
+/// Allowed beyond the drain timeout for `Engine::shutdown` to return.
+const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
+
+/// The engine holds nothing: every gauge is 0 on every worker, every accepted connection was
+/// closed, and no socket on `ports` (and the engine's own listening ports) is still open in the
+/// kernel. Each waits with a limit.
+pub fn assert_idle(engine: &Engine, ports: &[u16]) {
+    wait_for("the engine's gauges to be 0", SETTLE, || {
+        let s = engine.stats();
+        let held: Vec<String> = GAUGES
+            .iter()
+            .filter(|(_, g)| s.total(g) > 0)
+            .map(|(name, g)| {
+                format!("{name} = {} (per worker {:?})", s.total(g), s.workers.iter().map(g).collect::<Vec<_>>())
+            })
+            .collect();
+        if held.is_empty() { Ok(()) } else { Err(held.join(", ")) }
+    });
+    let s = engine.stats();
+    assert_eq!(s.total(|w| w.accepted), s.total(|w| w.closed), "every accepted connection was closed");
+    let ports: Vec<u16> = engine_ports(engine).union(&ports.iter().copied().collect()).copied().collect();
+    wait_for(&format!("no open socket on ports {ports:?}"), SETTLE, || {
+        let open: Vec<TcpSocket> = tcp_sockets_on(&ports).into_iter().filter(TcpSocket::is_open).collect();
+        if open.is_empty() { Ok(()) } else { Err(describe(&open)) }
+    });
 }
 
-/// Connects from a given local IP.
-pub fn connect_from(addr: SocketAddr, from: IpAddr) -> TcpStream {
-    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    sock.bind(&SocketAddr::new(from, 0).into()).unwrap();
-    sock.connect_timeout(&addr.into(), Duration::from_secs(5)).unwrap();
-    let s: TcpStream = sock.into();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s
+/// Shuts the engine down and checks it stops cleanly: `Engine::shutdown` returns within the
+/// drain timeout (plus a margin; a hang fails the test), and afterwards this process holds no
+/// descriptor for a TCP socket on the engine's ports or on `ports` (the servers' listeners
+/// aside). Under [`serial`], the process is also back to the descriptors it held before the engine
+/// started.
+pub fn assert_stops_clean(mut engine: TestEngine, ports: &[u16]) {
+    let inner = engine.engine.take().expect("the engine was shut down");
+    let own_ports = engine_ports(&inner);
+    let ports: Vec<u16> = own_ports.union(&ports.iter().copied().collect()).copied().collect();
+    // The sockets to see closed, known by inode: a port may be taken by another test once free.
+    let held: HashSet<u64> = own_tcp_sockets_on(&ports)
+        .iter()
+        .filter(|s| s.state != "LISTEN" || own_ports.contains(&s.local.port()))
+        .map(|s| s.inode)
+        .collect();
+    let limit = shutdown_limit(&inner);
+    shutdown_within(inner, limit)
+        .unwrap_or_else(|| panic!("Engine::shutdown did not return within {limit:?} (drain timeout + margin)"));
+    wait_for("this process to hold no descriptor for a socket of the engine", SETTLE, || {
+        let left: Vec<TcpSocket> = own_tcp_sockets_on(&ports).into_iter().filter(|s| held.contains(&s.inode)).collect();
+        if left.is_empty() { Ok(()) } else { Err(describe(&left)) }
+    });
+    if let Some(before) = engine.fds_before {
+        wait_for(&format!("this process to hold {before} descriptors again, as before the engine"), SETTLE, || {
+            let now = open_fds();
+            if now == before { Ok(()) } else { Err(format!("{now} descriptors")) }
+        });
+    }
 }
 
-/// Writes `msg`, reads the same number of bytes back, and checks them.
-pub fn echo_once(s: &mut TcpStream, msg: &[u8]) {
-    s.write_all(msg).unwrap();
-    let mut got = vec![0u8; msg.len()];
-    s.read_exact(&mut got).unwrap();
-    assert_eq!(got, msg);
+/// The check every engine test ends with: [`assert_idle`], then [`assert_stops_clean`]. `ports`
+/// are the servers' ports (the engine's own listening ports are always checked).
+pub fn assert_clean(engine: TestEngine, ports: &[u16]) {
+    assert_idle(&engine, ports);
+    assert_stops_clean(engine, ports);
 }
 
-/// Reads until EOF or error; returns what was read and whether it ended with an error.
-pub fn read_to_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
-    let mut out = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        match s.read(&mut buf) {
-            Ok(0) => return (out, None),
-            Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return (out, Some(e)),
+/// Several checksummed echo exchanges on each frontend listed: the engine still serves.
+/// `(frontend, whether its server sends a tag byte first)`.
+pub fn still_serves(engine: &Engine, frontends: &[(&str, bool)]) {
+    for &(fe, tagged) in frontends {
+        for i in 0..5u64 {
+            let mut p = Pump::connect(addr(engine, fe), 9_000_000 + i, tagged).unwrap().limit(32 * KIB + i);
+            p.run(Instant::now() + Duration::from_secs(10)).unwrap_or_else(|e| panic!("frontend {fe}: {e}"));
+            p.intact().unwrap_or_else(|e| panic!("frontend {fe}: {e}"));
         }
     }
 }
 
-/// Waits until `f` holds (polling), failing the test after `limit`.
-pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+/// `local -> remote STATE` per socket, marking those a descriptor of this process holds (on a
+/// frontend port, often a client the test has not dropped).
+fn describe(sockets: &[TcpSocket]) -> String {
+    let mine = socket_inodes();
+    let each = sockets.iter().map(|s| {
+        let held = if s.inode != 0 && mine.contains(&s.inode) { " (held by this process)" } else { "" };
+        format!("{} -> {} {}{held}", s.local, s.remote, s.state)
+    });
+    each.collect::<Vec<_>>().join(", ")
+}
+
+/// The ports the engine itself listens on: its frontends and its Prometheus endpoint.
+fn engine_ports(engine: &Engine) -> HashSet<u16> {
+    engine.bound().iter().map(|b| b.addr.port()).chain(engine.metrics_addr().map(|a| a.port())).collect()
+}
+
+fn shutdown_limit(engine: &Engine) -> Duration {
+    engine.config().global.drain_timeout + SHUTDOWN_MARGIN
+}
+
+/// Runs `Engine::shutdown` on a thread of its own; returns how long it took, or `None` if it did
+/// not return within `limit` (the engine is then left to its thread, still running).
+fn shutdown_within(engine: Engine, limit: Duration) -> Option<Duration> {
+    let (tx, rx) = mpsc::channel();
     let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for: {what}");
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-pub fn half_close(s: &TcpStream) {
-    s.shutdown(Shutdown::Write).unwrap();
-}
-
-/// TCP sockets in the kernel whose local or remote port is `port`, with their state
-/// (from /proc/net/tcp and tcp6; state names as in `ss`).
-pub fn sockets_on_port(port: u16) -> Vec<(SocketAddr, SocketAddr, &'static str)> {
-    let mut out = Vec::new();
-    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            if f.len() < 4 {
-                continue;
-            }
-            let (Some(l), Some(r)) = (parse_proc_addr(f[1]), parse_proc_addr(f[2])) else {
-                continue;
-            };
-            if l.port() == port || r.port() == port {
-                out.push((l, r, state_name(f[3])));
-            }
-        }
-    }
-    out
-}
-
-fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
-    let (ip, port) = s.split_once(':')?;
-    let port = u16::from_str_radix(port, 16).ok()?;
-    if ip.len() == 8 {
-        let v = u32::from_str_radix(ip, 16).ok()?;
-        Some(SocketAddr::new(IpAddr::from(v.swap_bytes().to_be_bytes()), port))
-    } else {
-        let mut bytes = [0u8; 16];
-        for i in 0..4 {
-            let w = u32::from_str_radix(&ip[i * 8..i * 8 + 8], 16).ok()?;
-            bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
-        }
-        Some(SocketAddr::new(IpAddr::from(bytes), port))
-    }
-}
-
-fn state_name(hex: &str) -> &'static str {
-    match hex {
-        "01" => "ESTAB",
-        "02" => "SYN-SENT",
-        "03" => "SYN-RECV",
-        "04" => "FIN-WAIT-1",
-        "05" => "FIN-WAIT-2",
-        "06" => "TIME-WAIT",
-        "07" => "CLOSE",
-        "08" => "CLOSE-WAIT",
-        "09" => "LAST-ACK",
-        "0A" => "LISTEN",
-        "0B" => "CLOSING",
-        _ => "?",
-    }
-}
-
-/// Sockets on `port` that still hold a connection open (anything but LISTEN, TIME-WAIT, CLOSE).
-pub fn open_sockets_on_port(port: u16) -> Vec<(SocketAddr, SocketAddr, &'static str)> {
-    sockets_on_port(port).into_iter().filter(|(_, _, s)| !matches!(*s, "LISTEN" | "TIME-WAIT" | "CLOSE")).collect()
-}
-
-/// Number of descriptors this process has open.
-pub fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
-}
-
-/// A deterministic pseudo-random byte stream (xorshift), cheap even in debug builds.
-pub struct Stream {
-    state: u64,
-}
-
-impl Stream {
-    pub fn new(seed: u64) -> Stream {
-        Stream { state: seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1 }
-    }
-
-    pub fn fill(&mut self, buf: &mut [u8]) {
-        for chunk in buf.chunks_mut(8) {
-            self.state ^= self.state << 13;
-            self.state ^= self.state >> 7;
-            self.state ^= self.state << 17;
-            let b = self.state.to_le_bytes();
-            chunk.copy_from_slice(&b[..chunk.len()]);
-        }
-    }
+    thread::Builder::new()
+        .name("engine-shutdown".into())
+        .spawn(move || {
+            engine.shutdown();
+            let _ = tx.send(());
+        })
+        .unwrap();
+    rx.recv_timeout(limit).ok().map(|()| start.elapsed())
 }

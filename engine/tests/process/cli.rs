@@ -1,32 +1,15 @@
 //! The binary: configuration errors and exit codes, the startup report, SIGTERM drain, and the
 //! bundled example configurations starting and proxying.
 
-mod common;
-
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_ringproxy")
-}
-
-fn write_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ringproxy-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
-}
+use crate::common::*;
 
 /// Runs `ringproxy -c FILE` on a configuration that must be refused.
 fn refused(name: &str, text: &str, line_col: &str, needle: &str) {
-    let path = write_config(name, text);
-    let out = Command::new(bin()).arg("-c").arg(&path).output().unwrap();
+    let path = write_temp(name, text);
+    let out = ringproxy().arg("-c").arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{name}: exit code; stderr: {stderr}");
     let want = format!("{}:{line_col}: ", path.display());
@@ -81,119 +64,68 @@ fn each_class_of_bad_configuration_names_its_line_and_column_and_exits_2() {
 
 #[test]
 fn missing_file_and_missing_flag_exit_2() {
-    let out = Command::new(bin()).args(["-c", "/nonexistent/x.yaml"]).output().unwrap();
+    let out = ringproxy().args(["-c", "/nonexistent/x.yaml"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
-    let out = Command::new(bin()).output().unwrap();
+    let out = ringproxy().output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("-c FILE"));
-}
-
-/// Starts the binary and reads its startup report up to the listening lines.
-fn start(config: &PathBuf, extra: &[&str]) -> (Child, Vec<SocketAddr>, Vec<String>) {
-    start_listening(config, extra, 1)
-}
-
-/// Starts the binary and reads its report up to the `listeners`-th "listening on" line.
-fn start_listening(config: &PathBuf, extra: &[&str], listeners: usize) -> (Child, Vec<SocketAddr>, Vec<String>) {
-    let mut child = Command::new(bin())
-        .args(extra)
-        .arg("-c")
-        .arg(config)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut addrs = Vec::new();
-    let mut report = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while let Some(Ok(line)) = lines.next() {
-        assert!(Instant::now() < deadline, "no startup report");
-        if let Some(a) = line.split("listening on ").nth(1) {
-            addrs.push(a.trim().parse().unwrap());
-        }
-        let done = addrs.len() == listeners;
-        report.push(line);
-        if done {
-            break;
-        }
-    }
-    // Keep draining stderr so the child never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines.by_ref() {});
-    (child, addrs, report)
-}
-
-fn sigterm(child: &Child) {
-    // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let _ = child.kill();
-    panic!("ringproxy did not exit within {limit:?}");
 }
 
 #[test]
 fn startup_report_states_workers_and_the_effective_maxconn() {
     let backend = Backend::start(Mode::Echo);
-    let cfg = write_config(
-        "report.yaml",
+    let sock = temp_path("report.sock");
+    let proxy = Proxy::start(
+        "report",
         &format!(
-            "global: {{ workers: 2, maxconn: 2000000 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+            "global: {{ workers: 2, maxconn: 2000000, stats: {{ socket: {} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
              backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            sock.display(),
             backend.addr
         ),
     );
-    let (mut child, addrs, report) = start(&cfg, &[]);
-    let text = report.join("\n");
-    assert!(text.contains("2 workers"), "{text}");
+    proxy.wait_stderr("2 workers");
     // This host allows 20000 open files per process: 2000000 cannot fit, and the report says so.
     let limit = ringproxy::host::nofile().unwrap().hard;
     if limit < 4_000_064 {
-        assert!(text.contains("warning: maxconn 2000000 does not fit"), "{text}");
-        assert!(text.contains("LimitNOFILE="), "{text}");
+        let warning = proxy.wait_stderr("warning: maxconn 2000000 does not fit");
+        assert!(warning.contains("LimitNOFILE="), "{warning}");
     }
-    let mut c = connect(addrs[0]);
+    let mut c = connect(proxy.addr("fe"));
     echo_once(&mut c, b"through the binary");
     drop(c);
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    proxy.stop_clean();
 }
 
 #[test]
 fn sigterm_drains_open_connections_then_exits_0() {
     let backend = Backend::start(Mode::Echo);
-    let cfg = write_config(
-        "drain.yaml",
+    let mut proxy = Proxy::start_with(
+        "drain",
         &format!(
             "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ drain: 20s }} }}\n\
              frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
              backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
             backend.addr
         ),
+        &["run"],
     );
-    let (mut child, addrs, _) = start(&cfg, &["run"]);
-    let proxy = addrs[0];
-    let mut open = connect(proxy);
+    let front = proxy.addr("fe");
+    let mut open = connect(front);
     echo_once(&mut open, b"before");
-    sigterm(&child);
+    proxy.sigterm();
     // New connections are refused once the listeners are closed...
     wait_until("new connections to be refused", Duration::from_secs(5), || {
-        std::net::TcpStream::connect_timeout(&proxy, Duration::from_millis(200)).is_err()
+        std::net::TcpStream::connect_timeout(&front, Duration::from_millis(200)).is_err()
     });
     // ...while the open one keeps working.
     echo_once(&mut open, b"during the drain");
-    assert!(child.try_wait().unwrap().is_none(), "exited with a connection still open");
+    assert!(!proxy.has_exited(), "exited with a connection still open");
     drop(open);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
+    // Well within the 20 s drain timeout: the drain ends when the last connection does.
+    assert_eq!(proxy.wait_exit(Duration::from_secs(5)), Some(0));
 }
 
 #[test]
@@ -204,8 +136,8 @@ fn sigterm_stops_workers_that_accept_one_connection_at_a_time() {
     // finishes.
     let backend = Backend::start(Mode::Echo);
     let binds: Vec<String> = (0..10).map(|_| "\"127.0.0.1:0\"".to_string()).collect();
-    let cfg = write_config(
-        "single-accept.yaml",
+    let mut proxy = Proxy::start(
+        "single-accept",
         &format!(
             "global: {{ workers: 1, maxconn: 1000 }}\n\
              frontends: [{{ name: fe, bind: [{}], backlog: 4096, backend: be }}]\n\
@@ -214,7 +146,7 @@ fn sigterm_stops_workers_that_accept_one_connection_at_a_time() {
             backend.addr
         ),
     );
-    let (mut child, addrs, _) = start_listening(&cfg, &[], 10);
+    let addrs = proxy.addrs("fe");
     assert_eq!(addrs.len(), 10);
     for (i, a) in addrs.iter().enumerate() {
         for _ in 0..3 {
@@ -222,15 +154,15 @@ fn sigterm_stops_workers_that_accept_one_connection_at_a_time() {
             echo_once(&mut c, format!("bind {i}").as_bytes());
         }
     }
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0), "the drain did not finish");
+    proxy.sigterm();
+    assert_eq!(proxy.wait_exit(Duration::from_secs(5)), Some(0), "the drain did not finish");
 }
 
 #[test]
 fn drain_timeout_bounds_the_wait() {
     let backend = Backend::start(Mode::Hold);
-    let cfg = write_config(
-        "drain-timeout.yaml",
+    let mut proxy = Proxy::start(
+        "drain-timeout",
         &format!(
             "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ drain: 500ms }} }}\n\
              frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
@@ -238,12 +170,12 @@ fn drain_timeout_bounds_the_wait() {
             backend.addr
         ),
     );
-    let (mut child, addrs, _) = start(&cfg, &[]);
-    let mut open = connect(addrs[0]);
+    let mut open = connect(proxy.addr("fe"));
     echo_once(&mut open, b"stays open");
     let t = Instant::now();
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(5)), Some(0));
+    // Deliberately not clean: the connection stays open, and the drain timeout must end it.
+    proxy.sigterm();
+    assert_eq!(proxy.wait_exit(Duration::from_secs(5)), Some(0));
     assert!(t.elapsed() >= Duration::from_millis(400), "exited before the drain timeout");
     let (_, _) = read_to_end(&mut open);
 }
@@ -281,7 +213,8 @@ fn example_configurations_start_and_proxy() {
         config.global.connection_log = None;
         let accept_proxy: Vec<String> =
             config.frontends.iter().filter(|f| f.accept_proxy).map(|f| f.name.clone()).collect();
-        let engine = ringproxy::Engine::start(config).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        eprintln!("{}", path.display());
+        let engine = TestEngine::start(config);
         for b in engine.bound() {
             let mut c = connect(b.addr);
             if accept_proxy.contains(&b.frontend) {
@@ -289,7 +222,7 @@ fn example_configurations_start_and_proxy() {
             }
             echo_once(&mut c, format!("via {}", path.display()).as_bytes());
         }
-        engine.shutdown();
+        assert_clean(engine, &[backend.addr.port()]);
         tried += 1;
     }
     assert!(tried >= 3);
@@ -298,8 +231,8 @@ fn example_configurations_start_and_proxy() {
 #[test]
 fn ready_file_names_every_bound_address_and_goes_away_at_exit() {
     let backend = Backend::start(Mode::Echo);
-    let cfg = write_config(
-        "ready.yaml",
+    let proxy = Proxy::start(
+        "ready",
         &format!(
             "global: {{ workers: 1 }}\n\
              frontends: [{{ name: fe, bind: [\"127.0.0.1:0\", \"127.0.0.1:0\"], backend: be }}]\n\
@@ -307,20 +240,9 @@ fn ready_file_names_every_bound_address_and_goes_away_at_exit() {
             backend.addr
         ),
     );
-    let ready = cfg.with_extension("ready.json");
-    let _ = std::fs::remove_file(&ready);
-    let mut child = Command::new(bin())
-        .arg("--ready-file")
-        .arg(&ready)
-        .arg("-c")
-        .arg(&cfg)
-        .stderr(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("the ready file", Duration::from_secs(10), || ready.exists());
-    let info = ringproxy::ready::ReadyFile::read(&ready).unwrap();
-    assert_eq!(info.pid, child.id());
+    // Proxy::start waited for the file and read it.
+    let info = proxy.ready().clone();
+    assert_eq!(info.pid, proxy.pid());
     assert_eq!(info.generation, 0);
     assert_eq!(info.listeners.len(), 2, "{info:?}");
     for l in &info.listeners {
@@ -328,7 +250,7 @@ fn ready_file_names_every_bound_address_and_goes_away_at_exit() {
         let mut c = connect(l.addr);
         echo_once(&mut c, b"ready means serving");
     }
-    sigterm(&child);
-    assert_eq!(wait_exit(&mut child, Duration::from_secs(10)), Some(0));
+    let ready = proxy.ready_file().to_owned();
+    proxy.stop_clean();
     assert!(!ready.exists(), "the ready file outlived the process");
 }

@@ -124,55 +124,14 @@ fn positioned(shown: &str) -> Result<(u64, u64, &str), TestCaseError> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Seeds: valid configurations.
-
-const EVERY_KEY: &str = "\
-global:
-  workers: 3
-  pin_cpus: false
-  maxconn: 1000
-  tune: { pipe_size: 1m, max_pipes: 64, ring_entries: 1024, iowq_workers: 2 }
-  stats: { socket: /tmp/ringproxy-fuzz.sock, mode: \"0660\", prometheus: \"127.0.0.1:9101\" }
-  connection_log: stderr
-defaults:
-  timeout: { connect: 250ms, client: 1m, server: 2m, queue: 1s, drain: 5s }
-  retries: 1
-  backlog: 128
-  maxconn: 500
-  balance: leastconn
-frontends:
-  - name: fe
-    bind: [\"0.0.0.0:1\", \"[::1]:2\"]
-    backend: be
-    maxconn: 100
-    backlog: 64
-    timeout: { client: 7s }
-  - name: other
-    bind: 127.0.0.1:3
-    backend: spare
-backends:
-  - name: be
-    balance: source
-    maxconn: 900
-    retries: 5
-    timeout: { connect: 1500, server: 3s, queue: 10s }
-    servers:
-      - { name: a, address: 127.0.0.1:9001, weight: 10, maxconn: 7, source: 127.0.2.0/30 }
-      - { name: b, address: \"[::1]:9002\", weight: 0, source: [\"::1\"] }
-      - name: c
-        address: 127.0.0.1:9003
-        source: [127.0.2.8-127.0.2.11, 127.0.2.20]
-  - name: spare
-    balance: random
-    servers: [{ name: s, address: 127.0.0.1:9004 }]
-";
+// Seeds: valid configurations (shipped examples, and every-key.yaml, which uses every key).
 
 fn seeds() -> Vec<&'static str> {
     vec![
-        include_str!("../../config-examples/minimal.yaml"),
-        include_str!("../../config-examples/pushserver.yaml"),
-        include_str!("../../config-examples/haproxy-300k.yaml"),
-        EVERY_KEY,
+        include_str!("../../../config-examples/minimal.yaml"),
+        include_str!("../../../config-examples/pushserver.yaml"),
+        include_str!("../../../config-examples/haproxy-300k.yaml"),
+        include_str!("../../../config-examples/every-key.yaml"),
     ]
 }
 

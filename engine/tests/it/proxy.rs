@@ -1,7 +1,5 @@
 //! Bytes through the proxy: integrity under concurrency, half-close, reset propagation.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -9,10 +7,8 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
-
-const MIB: u64 = 1 << 20;
 
 /// Log-uniform size in [1, 8 MiB]: many small transfers, a good number of large ones.
 fn size_for(id: u64, dir: u64) -> u64 {
@@ -71,38 +67,38 @@ struct Ledger {
     received: HashMap<(u64, u8), (u64, [u8; 32])>,
 }
 
+/// Sends `len` bytes of stream `seed` (then EOF) on a thread of its own while reading what comes
+/// back to EOF here; returns (SHA-256 of what was sent, (bytes, SHA-256) of what was received).
+fn both_ways(s: &mut TcpStream, seed: u64, len: u64) -> ([u8; 32], (u64, [u8; 32])) {
+    let mut w = s.try_clone().unwrap();
+    let writer = spawn(move || {
+        let hash = send_stream(&mut w, seed, len);
+        w.shutdown(Shutdown::Write).unwrap();
+        hash
+    });
+    let got = recv_stream(s);
+    (writer.join().unwrap(), got)
+}
+
 /// A backend that reads a 24-byte header (id, bytes up, bytes down), then concurrently receives
 /// the upload to EOF and sends the download, recording hashes of both.
 fn integrity_backend(ledger: Arc<Mutex<Ledger>>) -> std::net::SocketAddr {
     let l = listen("127.0.0.1:0");
     let addr = l.local_addr().unwrap();
-    thread::spawn(move || {
+    spawn(move || {
         for conn in l.incoming() {
             let Ok(mut conn) = conn else { continue };
             let ledger = ledger.clone();
-            thread::Builder::new()
-                .stack_size(STACK)
-                .spawn(move || {
-                    let mut h = [0u8; 24];
-                    conn.read_exact(&mut h).unwrap();
-                    let id = u64::from_le_bytes(h[0..8].try_into().unwrap());
-                    let down = u64::from_le_bytes(h[16..24].try_into().unwrap());
-                    let mut w = conn.try_clone().unwrap();
-                    let writer = thread::Builder::new()
-                        .stack_size(STACK)
-                        .spawn(move || {
-                            let hash = send_stream(&mut w, id * 2 + 1, down);
-                            w.shutdown(Shutdown::Write).unwrap();
-                            hash
-                        })
-                        .unwrap();
-                    let got = recv_stream(&mut conn);
-                    let sent = writer.join().unwrap();
-                    let mut l = ledger.lock().unwrap();
-                    l.received.insert((id, 0), got);
-                    l.sent.insert((id, 1), (down, sent));
-                })
-                .unwrap();
+            spawn(move || {
+                let mut h = [0u8; 24];
+                conn.read_exact(&mut h).unwrap();
+                let id = u64::from_le_bytes(h[0..8].try_into().unwrap());
+                let down = u64::from_le_bytes(h[16..24].try_into().unwrap());
+                let (sent, got) = both_ways(&mut conn, id * 2 + 1, down);
+                let mut l = ledger.lock().unwrap();
+                l.received.insert((id, 0), got);
+                l.sent.insert((id, 1), (down, sent));
+            });
         }
     });
     addr
@@ -121,42 +117,26 @@ fn integrity_1000_concurrent_connections_random_sizes_both_ways() {
     let proxy = addr(&engine, "fe");
     let barrier = Arc::new(Barrier::new(N as usize));
     let start = Instant::now();
-    let clients: Vec<_> = (0..N)
-        .map(|id| {
-            let ledger = ledger.clone();
-            let barrier = barrier.clone();
-            thread::Builder::new()
-                .stack_size(STACK)
-                .spawn(move || {
-                    let mut s = connect(proxy);
-                    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-                    s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
-                    // Every connection is open before any transfer starts.
-                    barrier.wait();
-                    let (up, down) = (size_for(id, 0), size_for(id, 1));
-                    let mut header = [0u8; 24];
-                    header[0..8].copy_from_slice(&id.to_le_bytes());
-                    header[8..16].copy_from_slice(&up.to_le_bytes());
-                    header[16..24].copy_from_slice(&down.to_le_bytes());
-                    s.write_all(&header).unwrap();
-                    let mut w = s.try_clone().unwrap();
-                    let writer = thread::Builder::new()
-                        .stack_size(STACK)
-                        .spawn(move || {
-                            let hash = send_stream(&mut w, id * 2, up);
-                            w.shutdown(Shutdown::Write).unwrap();
-                            hash
-                        })
-                        .unwrap();
-                    let got = recv_stream(&mut s);
-                    let sent = writer.join().unwrap();
-                    let mut l = ledger.lock().unwrap();
-                    l.sent.insert((id, 0), (up, sent));
-                    l.received.insert((id, 1), got);
-                })
-                .unwrap()
-        })
-        .collect();
+    let clients = spawn_each(N, {
+        let ledger = ledger.clone();
+        move |id| {
+            let mut s = connect(proxy);
+            s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+            s.set_write_timeout(Some(Duration::from_secs(120))).unwrap();
+            // Every connection is open before any transfer starts.
+            barrier.wait();
+            let (up, down) = (size_for(id, 0), size_for(id, 1));
+            let mut header = [0u8; 24];
+            header[0..8].copy_from_slice(&id.to_le_bytes());
+            header[8..16].copy_from_slice(&up.to_le_bytes());
+            header[16..24].copy_from_slice(&down.to_le_bytes());
+            s.write_all(&header).unwrap();
+            let (sent, got) = both_ways(&mut s, id * 2, up);
+            let mut l = ledger.lock().unwrap();
+            l.sent.insert((id, 0), (up, sent));
+            l.received.insert((id, 1), got);
+        }
+    });
     let mut failed = 0;
     for c in clients {
         failed += c.join().is_err() as usize;
@@ -192,7 +172,8 @@ fn integrity_1000_concurrent_connections_random_sizes_both_ways() {
         bytes[1] / MIB,
         start.elapsed()
     );
-    wait_until("every connection to close", Duration::from_secs(10), || engine.stats().total(|w| w.active) == 0);
+    drop(l);
+    assert_clean(engine, &[backend.port()]);
 }
 
 #[test]
@@ -221,6 +202,8 @@ fn half_close_keeps_the_other_direction_flowing() {
     assert_eq!(up_hash, up);
     assert_eq!(down_n, MIB, "the client got the whole 1 MiB reply after its own EOF");
     assert_eq!(down_hash, down_sent);
+    drop(c);
+    assert_clean(engine, &[backend.port()]);
 }
 
 #[test]
@@ -242,6 +225,7 @@ fn client_reset_closes_the_server_side() {
         engine.stats().total(|w| w.active) == 0
     });
     assert_eq!(engine.stats().total(|w| w.resets_from_client), 1);
+    assert_clean(engine, &[backend.addr.port()]);
 }
 
 #[test]
@@ -264,4 +248,6 @@ fn server_reset_reaches_the_client_as_a_reset() {
         engine.stats().total(|w| w.active) == 0
     });
     assert_eq!(engine.stats().total(|w| w.resets_from_server), 1);
+    drop(c);
+    assert_clean(engine, &[backend.addr.port()]);
 }

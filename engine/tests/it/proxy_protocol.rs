@@ -1,15 +1,13 @@
 //! PROXY protocol: the server sees the real client (`send_proxy` v1/v2), a client's header is
 //! honoured (`accept_proxy`), and a bad, oversized or late header closes only that connection.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ringproxy::proxy_protocol::{self, Parsed};
 
 /// (source, dest) of a header a backend received.
@@ -75,6 +73,8 @@ fn send_proxy_v1_and_v2_tell_the_server_who_the_client_is() {
         assert_eq!(src, Some(c.local_addr().unwrap()), "{version}: the server sees the client");
         assert_eq!(dst, Some(proxy), "{version}: and the address the client reached");
         assert_eq!(engine.stats().total(|w| w.proxy_headers_sent), 1);
+        drop(c);
+        assert_clean(engine, &[backend.port()]);
     }
 }
 
@@ -92,6 +92,8 @@ fn send_proxy_on_a_wildcard_listener_names_the_local_address() {
     let (src, dst) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(src, Some(c.local_addr().unwrap()));
     assert_eq!(dst, Some(target), "the kernel's local address, not 0.0.0.0");
+    drop(c);
+    assert_clean(engine, &[backend.port()]);
 }
 
 #[test]
@@ -103,24 +105,28 @@ fn accept_proxy_uses_the_clients_header_and_passes_the_payload() {
     ));
     let proxy = addr(&engine, "fe");
     // A v1 header in two pieces, with payload in the same segment as its end.
-    let mut c = connect(proxy);
-    c.write_all(b"PROXY TCP4 10.9.8.7 ").unwrap();
+    let mut split = connect(proxy);
+    split.write_all(b"PROXY TCP4 10.9.8.7 ").unwrap();
+    // TODO(lead): assert a peek counter. If the two writes coalesce, this passes without testing
+    // "incomplete header, peek again".
     thread::sleep(Duration::from_millis(50));
-    c.write_all(b"10.0.0.1 5555 80\r\nhello").unwrap();
+    split.write_all(b"10.0.0.1 5555 80\r\nhello").unwrap();
     let mut got = [0u8; 5];
-    c.read_exact(&mut got).unwrap();
+    split.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"hello");
     let (src, dst) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(src, Some("10.9.8.7:5555".parse().unwrap()));
     assert_eq!(dst, Some("10.0.0.1:80".parse().unwrap()));
     // A v2 header, then an echo.
-    let mut c = connect(proxy);
+    let mut v2 = connect(proxy);
     let mut h = Vec::new();
     proxy_protocol::write_v2("[2001:db8::9]:4000".parse().unwrap(), "[2001:db8::1]:443".parse().unwrap(), &mut h);
-    c.write_all(&h).unwrap();
-    echo_once(&mut c, b"v2 payload");
+    v2.write_all(&h).unwrap();
+    echo_once(&mut v2, b"v2 payload");
     let (src, _) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(src, Some("[2001:db8::9]:4000".parse().unwrap()));
+    drop((split, v2));
+    assert_clean(engine, &[backend.port()]);
 }
 
 #[test]
@@ -160,4 +166,6 @@ fn bad_oversized_or_late_headers_close_only_that_connection() {
     assert_eq!(s.total(|w| w.proxy_header_errors), 5);
     assert_eq!(echo.total(), 1, "refused clients never reached the server");
     let _ = TcpStream::connect(proxy);
+    drop((good, silent));
+    assert_clean(engine, &[echo.addr.port()]);
 }

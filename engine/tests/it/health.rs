@@ -1,15 +1,20 @@
 //! Health checks: a dead server is marked DOWN and gets no new connections, comes back UP, the
 //! expect string is honoured, and `on_down: shutdown_sessions` closes its connections.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn server_state(engine: &ringproxy::Engine, name: &str) -> String {
     engine.stats().servers.iter().find(|s| s.server == name).map(|s| s.state.to_string()).unwrap_or_default()
+}
+
+/// `assert_clean` for an engine with health checks: the checker keeps connecting to the servers
+/// while the engine runs, so their ports are checked for open sockets only once it is shut down.
+fn stops_clean(engine: TestEngine, servers: &[u16]) {
+    assert_idle(&engine, &[]);
+    assert_stops_clean(engine, servers);
 }
 
 #[test]
@@ -51,6 +56,7 @@ fn a_dead_server_goes_down_gets_no_connections_and_comes_back() {
     }
     assert!(seen_b, "b serves again");
     drop(b2);
+    stops_clean(engine, &[a.addr.port(), b_addr.port()]);
 }
 
 #[test]
@@ -67,16 +73,16 @@ fn expect_string_must_be_in_the_answer() {
     wait_until("the mismatching server to go DOWN", Duration::from_secs(5), || {
         server_state(&engine, "wrong") == "DOWN"
     });
-    thread_sleep(300);
+    // Give a wrong DOWN time to show. This can only pass wrongly (had the moment been too short),
+    // never fail wrongly.
+    std::thread::sleep(Duration::from_millis(300));
     assert_eq!(server_state(&engine, "echoes"), "UP");
     // With its only server DOWN, a client of `be` is refused service, not hung.
     let mut c = connect(addr(&engine, "fe"));
     let (got, _) = read_to_end(&mut c);
     assert!(got.is_empty());
-}
-
-fn thread_sleep(ms: u64) {
-    std::thread::sleep(Duration::from_millis(ms));
+    drop(c);
+    stops_clean(engine, &[echo.addr.port()]);
 }
 
 #[test]
@@ -104,4 +110,35 @@ fn shutdown_sessions_closes_connections_of_a_down_server() {
         assert_eq!(err.map(|e| e.kind()), Some(std::io::ErrorKind::ConnectionReset), "clients see a reset");
     }
     wait_until("every session closed", Duration::from_secs(2), || engine.stats().total(|w| w.active) == 0);
+    drop(conns);
+    stops_clean(engine, &[held.addr.port()]);
+}
+
+/// `on_down: shutdown_sessions` also closes connections still connecting to the server that went
+/// DOWN (here a black hole: its check times out, and so would every connect): their clients see
+/// the close and the engine frees them.
+#[test]
+#[ignore = "engine bug (review 7b9477c §1.1): a connection closed mid-connect is never freed: `closing` stays 3 \
+            and shutdown hangs (lead fixing)"]
+fn shutdown_sessions_closes_connections_still_connecting() {
+    let hole = BlackHole::start();
+    // Servers start UP; the first check starts at once and fails after its 1 s timeout.
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ connect: 30s, drain: 1s }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    retries: 0\n    on_down: shutdown_sessions\n\
+         \x20   check: {{ interval: 10s, timeout: 1s, fall: 1 }}\n\
+         \x20   servers: [{{ name: s, address: \"{}\" }}]\n",
+        hole.addr
+    ));
+    let mut conns: Vec<_> = (0..3).map(|_| connect(addr(&engine, "fe"))).collect();
+    wait_until("3 connections connecting", Duration::from_secs(1), || engine.stats().total(|w| w.active) == 3);
+    wait_until("the server to be DOWN", Duration::from_secs(5), || server_state(&engine, "s") == "DOWN");
+    for c in conns.iter_mut() {
+        c.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let (got, err) = read_to_end(c);
+        assert!(got.is_empty(), "{err:?}");
+    }
+    drop(conns);
+    stops_clean(engine, &[]);
 }

@@ -2,24 +2,15 @@
 //! Prometheus outputs parse, SIGUSR1 dumps the per-core table, the socket gets the configured
 //! mode, connection logs have one line per connection.
 
-mod common;
-
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use ringproxy::stats::{EngineStats, socket};
-
-fn tmp(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("ringproxy-stats-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
-}
 
 #[test]
 fn counters_match_what_the_clients_did() {
@@ -64,6 +55,7 @@ fn counters_match_what_the_clients_did() {
     assert_eq!(s.workers.iter().map(|w| w.accepted).sum::<u64>(), N + K);
     let used: u64 = s.workers.iter().flat_map(|w| &w.sources).map(|src| src.active).sum();
     assert_eq!(used, 0, "every source port is released");
+    assert_clean(engine, &[echo.addr.port(), dead.port()]);
 }
 
 /// One sample: metric name, labels, value.
@@ -125,7 +117,7 @@ fn parse_prometheus(text: &str) -> Vec<Sample> {
 #[test]
 fn socket_protocol_json_csv_and_prometheus() {
     let echo = Backend::start(Mode::Echo);
-    let sock = tmp("proto.sock");
+    let sock = temp_path("proto.sock");
     let engine = engine(&format!(
         "global: {{ workers: 2, stats: {{ socket: {}, prometheus: \"127.0.0.1:0\" }} }}\n\
          frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
@@ -174,10 +166,7 @@ fn socket_protocol_json_csv_and_prometheus() {
         && *v >= 0.0));
     // The HTTP endpoint serves the same families.
     let metrics = engine.metrics_addr().unwrap();
-    let mut c = TcpStream::connect(metrics).unwrap();
-    c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
+    let resp = http_get(metrics, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     let (head, body) = resp.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain; version=0.0.4"), "{head}");
     let samples = parse_prometheus(body);
@@ -196,20 +185,26 @@ fn socket_protocol_json_csv_and_prometheus() {
     ] {
         assert!(families.contains(f), "missing {f}");
     }
-    let mut c = TcpStream::connect(metrics).unwrap();
-    c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
+    let resp = http_get(metrics, "GET / HTTP/1.0\r\n\r\n");
     assert!(resp.starts_with("HTTP/1.1 404"));
     if which_promtool() {
-        let p = tmp("metrics.txt");
+        let p = temp_path("metrics.txt");
         std::fs::write(&p, body).unwrap();
         let out =
             Command::new("sh").arg("-c").arg(format!("promtool check metrics < {}", p.display())).output().unwrap();
         assert!(out.status.success(), "promtool: {}", String::from_utf8_lossy(&out.stderr));
     }
-    drop(engine);
+    assert_clean(engine, &[echo.addr.port()]);
     assert!(!sock.exists(), "the socket file is removed on shutdown");
+}
+
+/// Sends one HTTP request; returns the whole response (the server closes after it).
+fn http_get(to: SocketAddr, request: &str) -> String {
+    let mut c = TcpStream::connect(to).unwrap();
+    c.write_all(request.as_bytes()).unwrap();
+    let mut resp = String::new();
+    c.read_to_string(&mut resp).unwrap();
+    resp
 }
 
 fn which_promtool() -> bool {
@@ -219,7 +214,7 @@ fn which_promtool() -> bool {
 #[test]
 fn socket_mode_is_the_configured_one_and_a_live_socket_is_not_stolen() {
     let echo = Backend::start(Mode::Echo);
-    let sock = tmp("mode.sock");
+    let sock = temp_path("mode.sock");
     let yaml = format!(
         "global: {{ workers: 1, stats: {{ socket: {}, mode: \"0660\" }} }}\n\
          frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
@@ -232,23 +227,17 @@ fn socket_mode_is_the_configured_one_and_a_live_socket_is_not_stolen() {
     let second = ringproxy::Engine::start(ringproxy::config::parse(&yaml, "t").unwrap());
     let err = second.err().expect("a second engine must not take over a live stats socket").to_string();
     assert!(err.contains("another engine is answering"), "{err}");
-    drop(engine);
-}
-
-fn write_config(name: &str, text: &str) -> PathBuf {
-    let p = tmp(name);
-    std::fs::write(&p, text).unwrap();
-    p
+    assert_clean(engine, &[echo.addr.port()]);
 }
 
 #[test]
 fn cli_stats_sigusr1_and_connection_log() {
     let echo = Backend::start(Mode::Echo);
-    let sock = tmp("cli.sock");
-    let log = tmp("connections.log");
+    let sock = temp_path("cli.sock");
+    let log = temp_path("connections.log");
     let _ = std::fs::remove_file(&log);
-    let cfg = write_config(
-        "cli.yaml",
+    let proxy = Proxy::start(
+        "cli",
         &format!(
             "global: {{ workers: 2, stats: {{ socket: {} }}, connection_log: {} }}\n\
              frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
@@ -258,62 +247,34 @@ fn cli_stats_sigusr1_and_connection_log() {
             echo.addr
         ),
     );
-    let bin = env!("CARGO_BIN_EXE_ringproxy");
-    let mut child = Command::new(bin).arg("-c").arg(&cfg).stderr(Stdio::piped()).spawn().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let mut proxy = None;
-    let start = Instant::now();
-    while proxy.is_none() {
-        let line = rx.recv_timeout(Duration::from_secs(10)).expect("startup report");
-        if let Some(a) = line.split("listening on ").nth(1) {
-            proxy = Some(a.trim().parse::<SocketAddr>().unwrap());
-        }
-        assert!(start.elapsed() < Duration::from_secs(10));
-    }
-    let proxy = proxy.unwrap();
     for i in 0..5u8 {
-        let mut c = connect(proxy);
+        let mut c = connect(proxy.addr("fe"));
         echo_once(&mut c, &[i; 10]);
     }
     wait_until("5 connections to be closed", Duration::from_secs(5), || {
         socket::fetch(&sock).is_ok_and(|s| s.total(|w| w.closed) == 5)
     });
     // ringproxy stats: the table, then JSON, then two refreshes with rates.
-    let out = Command::new(bin).args(["stats", "--socket"]).arg(&sock).output().unwrap();
+    let out = ringproxy().args(["stats", "--socket"]).arg(&sock).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success());
     assert!(text.contains("core") && text.contains("be/s") && text.contains("127.0.2.22"), "{text}");
-    let out = Command::new(bin).args(["stats", "--json", "-c"]).arg(&cfg).output().unwrap();
+    let out = ringproxy().args(["stats", "--json", "-c"]).arg(proxy.config()).output().unwrap();
     let snap: EngineStats = serde_json::from_slice(&out.stdout).expect("--json is one JSON object");
     assert_eq!(snap.total(|w| w.accepted), 5);
-    let out =
-        Command::new(bin).args(["stats", "--watch", "200ms", "--count", "2", "--socket"]).arg(&sock).output().unwrap();
+    let out = ringproxy().args(["stats", "--watch", "200ms", "--count", "2", "--socket"]).arg(&sock).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.matches("accept/s").count(), 2, "{text}");
-    let out = Command::new(bin).args(["stats", "--socket", "/nonexistent.sock"]).output().unwrap();
+    let out = ringproxy().args(["stats", "--socket", "/nonexistent.sock"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the stats socket"));
     // SIGUSR1 writes the same table to stderr.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) };
-    let mut saw = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < deadline && !saw.iter().any(|l: &String| l.trim_start().starts_with("all")) {
-        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
-            saw.push(l);
-        }
-    }
-    assert!(saw.iter().any(|l| l.contains("SIGUSR1: per-core stats")), "{saw:?}");
-    assert!(saw.iter().any(|l| l.trim_start().starts_with("all")), "{saw:?}");
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    assert!(child.wait().unwrap().success());
+    proxy.signal(libc::SIGUSR1);
+    proxy.wait_stderr("SIGUSR1: per-core stats");
+    wait_until("the SIGUSR1 table's total row", Duration::from_secs(5), || {
+        proxy.stderr().iter().any(|l| l.trim_start().starts_with("all"))
+    });
+    proxy.stop_clean();
     let lines: Vec<String> = std::fs::read_to_string(&log).unwrap().lines().map(String::from).collect();
     assert_eq!(lines.len(), 5, "one line per connection: {lines:?}");
     for l in &lines {

@@ -2,8 +2,6 @@
 //! server never sees more than maxconn connections at a time), nothing crashes, no client is
 //! refused, every client is eventually served and every byte it gets back is intact (SHA-256).
 
-mod common;
-
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -11,7 +9,7 @@ use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
 
 const MAXCONN: usize = 50;
@@ -36,34 +34,28 @@ fn storm_server() -> (SocketAddr, Arc<ServerState>) {
     let addr = l.local_addr().unwrap();
     let st = Arc::new(ServerState::default());
     let s = st.clone();
-    thread::Builder::new()
-        .stack_size(STACK)
-        .spawn(move || {
-            for conn in l.incoming() {
-                let Ok(mut conn) = conn else { continue };
-                s.total.fetch_add(1, Ordering::SeqCst);
-                let now = s.active.fetch_add(1, Ordering::SeqCst) + 1;
-                s.max_active.fetch_max(now, Ordering::SeqCst);
-                let s = s.clone();
-                thread::Builder::new()
-                    .stack_size(STACK)
-                    .spawn(move || {
-                        conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-                        let mut buf = vec![0u8; SIZE];
-                        let ok = conn.read_exact(&mut buf).is_ok() && {
-                            thread::sleep(SERVICE);
-                            conn.write_all(&buf).is_ok()
-                        };
-                        if !ok {
-                            s.bad.fetch_add(1, Ordering::SeqCst);
-                        }
-                        s.active.fetch_sub(1, Ordering::SeqCst);
-                        drop(conn);
-                    })
-                    .unwrap();
-            }
-        })
-        .unwrap();
+    spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            s.total.fetch_add(1, Ordering::SeqCst);
+            let now = s.active.fetch_add(1, Ordering::SeqCst) + 1;
+            s.max_active.fetch_max(now, Ordering::SeqCst);
+            let s = s.clone();
+            spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut buf = vec![0u8; SIZE];
+                let ok = conn.read_exact(&mut buf).is_ok() && {
+                    thread::sleep(SERVICE);
+                    conn.write_all(&buf).is_ok()
+                };
+                if !ok {
+                    s.bad.fetch_add(1, Ordering::SeqCst);
+                }
+                s.active.fetch_sub(1, Ordering::SeqCst);
+                drop(conn);
+            });
+        }
+    });
     (addr, st)
 }
 
@@ -112,18 +104,10 @@ fn storm_client(proxy: SocketAddr, id: u64) -> Outcome {
 /// Every client of one storm, all released by one barrier.
 fn storm(proxy: SocketAddr, first_id: u64) -> Vec<Outcome> {
     let barrier = Arc::new(Barrier::new(CLIENTS));
-    let clients: Vec<_> = (0..CLIENTS as u64)
-        .map(|i| {
-            let barrier = barrier.clone();
-            thread::Builder::new()
-                .stack_size(STACK)
-                .spawn(move || {
-                    barrier.wait();
-                    storm_client(proxy, first_id + i)
-                })
-                .unwrap()
-        })
-        .collect();
+    let clients = spawn_each(CLIENTS as u64, move |i| {
+        barrier.wait();
+        storm_client(proxy, first_id + i)
+    });
     clients.into_iter().map(|c| c.join().unwrap_or_else(|_| Outcome::Failed("client thread panicked".into()))).collect()
 }
 
@@ -256,14 +240,8 @@ fn two_storms(test: &str) -> Storms {
     assert_eq!(s.total(|w| w.connect_errors.total()), 0);
     assert_eq!(s.total(|w| w.resets_from_client + w.resets_from_server), 0);
     assert_eq!(s.total(|w| w.timeouts.client + w.timeouts.server + w.timeouts.queue), 0);
-    wait_until("every connection to close", Duration::from_secs(10), || {
-        let s = engine.stats();
-        s.total(|w| w.active) == 0 && s.total(|w| w.parked) == 0 && s.total(|w| w.queued) == 0
-    });
+    assert_idle(&engine, &[server.port()]);
     assert_eq!(engine.stats().total(|w| w.closed), accepted as u64, "every admitted connection closed");
-    wait_until("no open socket on the frontend port", Duration::from_secs(5), || {
-        open_sockets_on_port(proxy.port()).is_empty()
-    });
     // Still serving.
     let mut c = connect(proxy);
     let mut msg = vec![0u8; SIZE];
@@ -271,6 +249,8 @@ fn two_storms(test: &str) -> Storms {
     c.write_all(&msg).unwrap();
     let (back, _) = read_to_end(&mut c);
     assert_eq!(back, msg);
+    drop(c);
+    assert_clean(engine, &[server.port()]);
     eprintln!(
         "{test}: {} clients in 2 storms of {CLIENTS}: {} served intact, {} dropped unserved, 0 damaged; at most {} at \
          the server at once (maxconn {MAXCONN}; engine `active` peaked at {}), up to {} parked; slowest client {:?}",

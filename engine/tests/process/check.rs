@@ -5,7 +5,8 @@
 //! fixes, and `FILE:LINE:COLUMN:` for a configuration that does not load.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+use crate::common::*;
 
 struct Run {
     code: i32,
@@ -14,12 +15,7 @@ struct Run {
 }
 
 fn check(config: &Path) -> Run {
-    let out = Command::new(env!("CARGO_BIN_EXE_ringproxy"))
-        .arg("check")
-        .arg("-c")
-        .arg(config)
-        .output()
-        .expect("run ringproxy");
+    let out = ringproxy().arg("check").arg("-c").arg(config).output().expect("run ringproxy");
     Run {
         code: out.status.code().expect("exited, not killed"),
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -31,21 +27,17 @@ fn example(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../config-examples").join(name)
 }
 
-/// A configuration file in the temp directory, removed when dropped.
-struct TempConfig(PathBuf);
-
-impl TempConfig {
-    fn new(name: &str, text: &str) -> TempConfig {
-        let path = std::env::temp_dir().join(format!("ringproxy-check-{}-{name}.yaml", std::process::id()));
-        std::fs::write(&path, text).expect("write the temp config");
-        TempConfig(path)
-    }
-}
-
-impl Drop for TempConfig {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
+/// A configuration file with maxconn 100 and one frontend in front of one server `be/s` at
+/// `address`, connecting from `source`.
+fn one_server(name: &str, address: &str, source: &str) -> PathBuf {
+    write_temp(
+        &format!("check-{name}.yaml"),
+        &format!(
+            "global:\n  maxconn: 100\n\
+             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
+             backends:\n  - name: be\n    servers:\n      - {{ name: s, address: \"{address}\", source: {source} }}\n"
+        ),
+    )
 }
 
 /// The item lines (`STATUS NAME DETAIL`) of a report, with the fix lines that follow each.
@@ -115,13 +107,8 @@ fn the_300k_configuration_cannot_be_all_ok_here() {
 
 #[test]
 fn a_small_configuration_has_no_failure() {
-    let config = TempConfig::new(
-        "small",
-        "global:\n  maxconn: 100\n\
-         frontends:\n  - { name: fe, bind: \"127.0.0.1:0\", backend: be }\n\
-         backends:\n  - name: be\n    servers:\n      - { name: s, address: \"127.0.0.1:9\", source: 127.0.2.1 }\n",
-    );
-    let run = check(&config.0);
+    let config = one_server("small", "127.0.0.1:9", "127.0.2.1");
+    let run = check(&config);
     assert!(run.code == 0 || run.code == 1, "exit {}:\n{}", run.code, run.stdout);
     assert!(!run.stdout.contains("\nFAIL "), "{}", run.stdout);
     assert_consistent(&run);
@@ -141,13 +128,8 @@ fn an_unassigned_source_fails_with_the_command_that_assigns_it() {
         eprintln!("skipped: ip_nonlocal_bind lets any address bind on this host");
         return;
     }
-    let config = TempConfig::new(
-        "unassigned",
-        "global:\n  maxconn: 100\n\
-         frontends:\n  - { name: fe, bind: \"127.0.0.1:0\", backend: be }\n\
-         backends:\n  - name: be\n    servers:\n      - { name: s, address: \"203.0.113.1:80\", source: 203.0.113.77 }\n",
-    );
-    let run = check(&config.0);
+    let config = one_server("unassigned", "203.0.113.1:80", "203.0.113.77");
+    let run = check(&config);
     assert_eq!(run.code, 2, "{}", run.stdout);
     assert_consistent(&run);
     let items = items(&run.stdout);
@@ -159,14 +141,14 @@ fn an_unassigned_source_fails_with_the_command_that_assigns_it() {
 
 #[test]
 fn a_bad_key_is_refused_with_its_position() {
-    let config = TempConfig::new(
-        "badkey",
+    let config = write_temp(
+        "check-badkey.yaml",
         "global:\n  maxconn: 100\nfrontends:\n  - name: fe\n    bind: \"127.0.0.1:0\"\n    backend: be\n    maxconns: 10\n\
          backends:\n  - { name: be, servers: [{ name: s, address: \"127.0.0.1:9\" }] }\n",
     );
-    let run = check(&config.0);
+    let run = check(&config);
     assert_eq!(run.code, 2);
-    let prefix = format!("{}:7:5: ", config.0.display());
+    let prefix = format!("{}:7:5: ", config.display());
     assert!(run.stderr.starts_with(&prefix), "wanted {prefix:?}, got {:?}", run.stderr);
     assert!(run.stderr.contains("maxconns"), "{}", run.stderr);
     assert!(run.stdout.is_empty(), "nothing is checked: {}", run.stdout);

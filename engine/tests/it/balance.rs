@@ -1,13 +1,11 @@
 //! Server choice (roundrobin, leastconn, source, random), source-IP shards and retries.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn tagged(n: u8) -> Vec<Backend> {
     (0..n).map(|i| Backend::start(Mode::Tag(i))).collect()
@@ -47,6 +45,7 @@ fn roundrobin_spreads_evenly() {
     let (min, max) = (counts.iter().min().unwrap(), counts.iter().max().unwrap());
     // Each worker rotates on its own: at most one connection per worker from even.
     assert!(max - min <= 2, "{counts:?}");
+    assert_clean(engine, &ports_of(&bs));
 }
 
 #[test]
@@ -63,6 +62,7 @@ fn roundrobin_follows_weights() {
         counts[which_server(proxy, None) as usize] += 1;
     }
     assert_eq!(counts, [10, 30]);
+    assert_clean(engine, &ports_of(&bs));
 }
 
 #[test]
@@ -95,22 +95,14 @@ fn leastconn_sends_new_connections_to_the_least_loaded_server() {
     // The next two connections must both go to the idle server.
     for _ in 0..2 {
         let mut c = connect(proxy);
-        c.write_all_ping();
+        // Server 0 (released) echoes the first message, then closes.
+        echo_once(&mut c, b"p");
         conns.push(c);
     }
     assert_eq!(held[0].total(), 4, "both new connections went to the idle server");
     assert_eq!(held[1].total(), 2);
-}
-
-trait Ping {
-    fn write_all_ping(&mut self);
-}
-
-impl Ping for std::net::TcpStream {
-    /// Sends one byte and reads its echo (the released server echoes the first message, then closes).
-    fn write_all_ping(&mut self) {
-        echo_once(self, b"p");
-    }
+    drop(conns);
+    assert_clean(engine, &ports_of(&held));
 }
 
 #[test]
@@ -133,6 +125,7 @@ fn source_hash_is_sticky_per_client_ip_and_spreads_ips() {
         used.insert(first);
     }
     assert_eq!(used.len(), 3, "24 client IPs should reach all 3 servers");
+    assert_clean(engine, &ports_of(&bs));
 }
 
 #[test]
@@ -149,6 +142,7 @@ fn random_uses_every_server() {
         counts[which_server(proxy, None) as usize] += 1;
     }
     assert!(counts.iter().all(|&c| c >= 10), "{counts:?}");
+    assert_clean(engine, &ports_of(&bs));
 }
 
 #[test]
@@ -192,6 +186,8 @@ fn sources_come_from_the_configured_ips_and_each_worker_uses_its_own_shard() {
             assert!(w.sources.iter().all(|s| s.active > 0), "worker {} left a source unused", w.worker);
         }
     }
+    drop(conns);
+    assert_clean(engine, &[backend.addr.port()]);
 }
 
 #[test]
@@ -216,5 +212,5 @@ fn retries_reach_the_live_server_when_the_other_is_down() {
     assert!(stats.total(|w| w.connect_errors.refused) >= 10, "the dead server was tried");
     assert_eq!(stats.total(|w| w.retries), stats.total(|w| w.connect_errors.refused));
     assert_eq!(stats.total(|w| w.failed), 0);
-    let _ = Duration::ZERO;
+    assert_clean(engine, &[live.addr.port(), dead.port()]);
 }

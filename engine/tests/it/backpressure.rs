@@ -2,16 +2,13 @@
 //! memory stays flat while the client is pushed back by TCP), and one connection moving bulk data
 //! does not starve the others on the same worker.
 
-mod common;
-
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::process::{Command, Stdio};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use sha2::{Digest, Sha256};
 
 fn rss_kib(pid: u32) -> u64 {
@@ -19,23 +16,16 @@ fn rss_kib(pid: u32) -> u64 {
     s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()).unwrap()
 }
 
-/// Runs the ringproxy binary with `yaml`; returns the child and its frontend address.
-fn spawn_proxy(name: &str, yaml: &str) -> (std::process::Child, SocketAddr) {
-    let path = std::env::temp_dir().join(format!("ringproxy-bp-{}-{name}.yaml", std::process::id()));
-    std::fs::write(&path, yaml).unwrap();
-    let mut child =
-        Command::new(env!("CARGO_BIN_EXE_ringproxy")).arg("-c").arg(&path).stderr(Stdio::piped()).spawn().unwrap();
-    let (tx, rx) = mpsc::channel();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(a) = l.split("listening on ").nth(1) {
-                let _ = tx.send(a.trim().to_string());
-            }
-        }
+/// Waits until the process's RSS stops changing (the same value over 5 samples 20 ms apart);
+/// returns it.
+fn settled_rss_kib(pid: u32) -> u64 {
+    let mut samples = vec![rss_kib(pid)];
+    wait_until("the proxy's RSS to settle", Duration::from_secs(5), || {
+        samples.push(rss_kib(pid));
+        let last = &samples[samples.len().saturating_sub(5)..];
+        last.len() == 5 && last.iter().all(|&v| v == last[0])
     });
-    let addr = rx.recv_timeout(Duration::from_secs(10)).expect("startup report").parse().unwrap();
-    (child, addr)
+    *samples.last().unwrap()
 }
 
 #[test]
@@ -66,19 +56,20 @@ fn a_server_that_stops_reading_is_not_buffered_by_the_proxy() {
             (n, <[u8; 32]>::from(h.finalize()))
         })
     };
-    let (mut child, proxy) = spawn_proxy(
+    let sock = temp_path("slow.sock");
+    let proxy = Proxy::start(
         "slow",
         &format!(
-            "global: {{ workers: 1 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
-             backends: [{{ name: be, servers: [{{ name: s, address: \"{server_addr}\" }}] }}]\n"
+            "global: {{ workers: 1, stats: {{ socket: {} }} }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{server_addr}\" }}] }}]\n",
+            sock.display()
         ),
     );
-    let pid = child.id();
-    std::thread::sleep(Duration::from_millis(200));
-    let rss_before = rss_kib(pid);
+    let pid = proxy.pid();
+    let rss_before = settled_rss_kib(pid);
     // Push as much as TCP lets through while the server reads nothing (non-blocking writes; a
     // partial write keeps its remainder for the next try, so the stream stays exact).
-    let mut c = TcpStream::connect(proxy).unwrap();
+    let mut c = TcpStream::connect(proxy.addr("fe")).unwrap();
     c.set_nonblocking(true).unwrap();
     let written = Arc::new(AtomicU64::new(0));
     let mut h = Sha256::new();
@@ -118,33 +109,20 @@ fn a_server_that_stops_reading_is_not_buffered_by_the_proxy() {
     let (n, digest) = server.join().unwrap();
     assert_eq!(n, written.load(Ordering::SeqCst));
     assert_eq!(digest, <[u8; 32]>::from(h.finalize()));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(c);
+    proxy.stop_clean();
 }
 
 #[test]
 fn a_bulk_transfer_does_not_starve_other_connections_on_the_same_worker() {
-    let sink = {
-        let l = listen("127.0.0.1:0");
-        let a = l.local_addr().unwrap();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 1 << 16];
-                    while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
-                });
-            }
-        });
-        a
-    };
+    let sink = Backend::start(Mode::Silent);
     let echo = Backend::start(Mode::Echo);
     let engine = engine(&format!(
         "global: {{ workers: 1 }}\nfrontends:\n  - {{ name: bulk, bind: \"127.0.0.1:0\", backend: sink }}\n\
          \x20 - {{ name: rr, bind: \"127.0.0.1:0\", backend: echo }}\n\
-         backends:\n  - {{ name: sink, servers: [{{ name: s, address: \"{sink}\" }}] }}\n\
+         backends:\n  - {{ name: sink, servers: [{{ name: s, address: \"{}\" }}] }}\n\
          \x20 - {{ name: echo, servers: [{{ name: s, address: \"{}\" }}] }}\n",
-        echo.addr
+        sink.addr, echo.addr
     ));
     let stop = Arc::new(AtomicBool::new(false));
     let moved = Arc::new(AtomicU64::new(0));
@@ -174,4 +152,6 @@ fn a_bulk_transfer_does_not_starve_other_connections_on_the_same_worker() {
     // Each chunk of the bulk flow is one bounded splice, then the worker turns to the next ready
     // connection: a round trip waits for at most a few chunks, never for the bulk flow to end.
     assert!(worst < Duration::from_millis(500), "a request waited {worst:?} behind the bulk transfer");
+    drop(rr);
+    assert_clean(engine, &[sink.addr.port(), echo.addr.port()]);
 }

@@ -1,37 +1,33 @@
 //! maxconn: the global limit holds exactly across workers; server limits queue; queue timeout.
 
-mod common;
-
 use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 /// Opens `n` clients that each send their number, wait for its echo, then wait for the close.
 /// Returns the join handles and a counter of clients whose echo came back.
-fn clients(proxy: std::net::SocketAddr, n: usize) -> (Vec<thread::JoinHandle<()>>, Arc<AtomicUsize>) {
+fn clients(proxy: std::net::SocketAddr, n: u64) -> (Vec<thread::JoinHandle<()>>, Arc<AtomicUsize>) {
     let served = Arc::new(AtomicUsize::new(0));
-    let handles = (0..n)
-        .map(|i| {
-            let served = served.clone();
-            thread::Builder::new()
-                .stack_size(STACK)
-                .spawn(move || {
-                    let mut s = connect(proxy);
-                    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-                    echo_once(&mut s, &(i as u64).to_le_bytes());
-                    served.fetch_add(1, Ordering::SeqCst);
-                    let mut rest = Vec::new();
-                    let _ = s.read_to_end(&mut rest);
-                })
-                .unwrap()
-        })
-        .collect();
+    let handles = spawn_each(n, {
+        let served = served.clone();
+        move |i| {
+            let mut s = connect(proxy);
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            echo_once(&mut s, &i.to_le_bytes());
+            served.fetch_add(1, Ordering::SeqCst);
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+        }
+    });
     (handles, served)
 }
+
+// Several tests below wait a moment, then assert that a count is "still N". Such a check can only
+// pass wrongly (had the moment been too short to see a breach), never fail wrongly.
 
 #[test]
 fn global_maxconn_is_exact_across_two_workers() {
@@ -43,9 +39,10 @@ fn global_maxconn_is_exact_across_two_workers() {
     ));
     let (handles, served) = clients(addr(&engine, "fe"), 150);
     wait_until("100 connections at the server", Duration::from_secs(10), || backend.active() == 100);
+    // Give a breach of the limit time to show (can only pass wrongly, see above).
     thread::sleep(Duration::from_millis(500));
     assert_eq!(backend.active(), 100, "exactly 100 proxied at once");
-    assert_eq!(backend.state.max_active.load(Ordering::SeqCst), 100);
+    assert_eq!(backend.max_active(), 100);
     assert_eq!(served.load(Ordering::SeqCst), 100, "the other 50 are waiting, not refused");
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.active), 100);
@@ -54,12 +51,10 @@ fn global_maxconn_is_exact_across_two_workers() {
     // server's own count lags the proxy's by the moment its handler takes to see each EOF, so the
     // limit is judged above, with everything held.)
     backend.release();
-    for h in handles {
-        h.join().unwrap();
-    }
+    join_all(handles);
     assert_eq!(served.load(Ordering::SeqCst), 150);
     assert_eq!(backend.total(), 150);
-    wait_until("the proxy to close everything", Duration::from_secs(5), || engine.stats().total(|w| w.active) == 0);
+    assert_clean(engine, &[backend.addr.port()]);
 }
 
 #[test]
@@ -73,20 +68,20 @@ fn server_maxconn_queues_and_serves_in_turn() {
     let (handles, served) = clients(addr(&engine, "fe"), 12);
     wait_until("5 connections at the server", Duration::from_secs(10), || backend.active() == 5);
     wait_until("7 connections queued", Duration::from_secs(5), || engine.stats().total(|w| w.queued) == 7);
+    // Give a breach of the server's maxconn time to show (can only pass wrongly, see above).
     thread::sleep(Duration::from_millis(300));
     assert_eq!(backend.active(), 5);
-    assert_eq!(backend.state.max_active.load(Ordering::SeqCst), 5, "never more than maxconn while held");
+    assert_eq!(backend.max_active(), 5, "never more than maxconn while held");
     assert_eq!(served.load(Ordering::SeqCst), 5);
     backend.release();
-    for h in handles {
-        h.join().unwrap();
-    }
+    join_all(handles);
     assert_eq!(served.load(Ordering::SeqCst), 12);
     let stats = engine.stats();
     // At least the 7 that waited at the peak; a worker may also queue a connection and then serve
     // it with share borrowed from the other worker before the peak.
     assert!(stats.total(|w| w.queued_total) >= 7);
     assert_eq!(stats.total(|w| w.timeouts.queue), 0);
+    assert_clean(engine, &[backend.addr.port()]);
 }
 
 #[test]
@@ -109,6 +104,8 @@ fn queue_timeout_closes_the_waiting_client() {
     assert_eq!(stats.total(|w| w.timeouts.queue), 1);
     assert_eq!(backend.total(), 1, "the queued client never reached the server");
     echo_once(&mut first, b"still fine");
+    drop((first, second));
+    assert_clean(engine, &[backend.addr.port()]);
 }
 
 /// Which worker took the connection just opened (the one whose accepted+parked count grew), or
@@ -166,6 +163,7 @@ fn global_maxconn_is_reached_when_one_worker_gets_every_connection() {
     wait_until("the extra connections to be parked", Duration::from_secs(5), || {
         engine.stats().total(|w| w.parked) >= 1
     });
+    // Give a breach of the limit time to show (can only pass wrongly, see above).
     thread::sleep(Duration::from_millis(300));
     assert_eq!(backend.active(), 100, "the limit holds");
     // Closing one kept connection lets a waiting connection in. (Waiting connections whose clients
@@ -174,5 +172,7 @@ fn global_maxconn_is_reached_when_one_worker_gets_every_connection() {
     drop(kept.pop());
     wait_until("a waiting connection to be proxied", Duration::from_secs(5), || backend.total() >= 101);
     wait_until("100 connections again", Duration::from_secs(5), || backend.active() == 100);
-    assert_eq!(backend.state.max_active.load(Ordering::SeqCst), 100);
+    assert_eq!(backend.max_active(), 100);
+    drop((kept, extra));
+    assert_clean(engine, &[backend.addr.port()]);
 }

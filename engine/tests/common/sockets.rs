@@ -1,0 +1,310 @@
+//! Client sockets and what the kernel says about sockets: connect helpers, the kernel's TCP
+//! sockets (with each one's inode), and this process's descriptors (`/proc/self/fd`).
+
+use std::collections::HashSet;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpStream};
+use std::time::Duration;
+
+pub fn connect(addr: SocketAddr) -> TcpStream {
+    let s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect to the proxy");
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Connects from a given local IP.
+pub fn connect_from(addr: SocketAddr, from: IpAddr) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::new(from, 0).into()).unwrap();
+    sock.connect_timeout(&addr.into(), Duration::from_secs(5)).unwrap();
+    let s: TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s
+}
+
+/// Writes `msg`, reads the same number of bytes back, and checks them.
+pub fn echo_once(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, msg);
+}
+
+/// Reads until EOF or error; returns what was read and whether it ended with an error.
+pub fn read_to_end(s: &mut TcpStream) -> (Vec<u8>, Option<std::io::Error>) {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return (out, None),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return (out, Some(e)),
+        }
+    }
+}
+
+pub fn half_close(s: &TcpStream) {
+    s.shutdown(Shutdown::Write).unwrap();
+}
+
+/// Closes with RST (SO_LINGER 0).
+pub fn reset(conn: TcpStream) {
+    let s = socket2::Socket::from(conn);
+    let _ = s.set_linger(Some(Duration::ZERO));
+    drop(s);
+}
+
+/// A port nobody listens on right now: bind port 0 and give it back.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// One TCP socket as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// As `ss` names it: ESTAB, SYN-SENT, LISTEN, FIN-WAIT-2, ...
+    pub state: &'static str,
+    /// For a listening socket, connections waiting in its accept queue; else bytes received and
+    /// not read.
+    pub rx_queue: u64,
+    /// For a listening socket, the accept queue's limit (its backlog); else bytes not yet acked.
+    pub tx_queue: u64,
+    /// The socket's inode (what `/proc/PID/fd/N` links to as `socket:[INODE]`); 0 for a
+    /// connection still in an accept queue, which no descriptor holds yet.
+    pub inode: u64,
+}
+
+impl TcpSocket {
+    pub fn on_port(&self, port: u16) -> bool {
+        self.local.port() == port || self.remote.port() == port
+    }
+
+    /// Still holds a connection open: anything but LISTEN and CLOSE (TIME-WAIT is never listed).
+    pub fn is_open(&self) -> bool {
+        !matches!(self.state, "LISTEN" | "CLOSE")
+    }
+}
+
+/// The TCP sockets of this network namespace whose local or remote port is one of `ports`, in
+/// every state but TIME-WAIT.
+///
+/// Asked of the kernel's sock_diag netlink interface (as `ss` does) rather than read from
+/// /proc/net/tcp: the kernel then skips the TIME-WAIT sockets, which no descriptor holds and nothing
+/// here looks at, and of which a test run leaves tens of thousands (making every read of
+/// /proc/net/tcp take 50 ms or more).
+pub fn tcp_sockets_on(ports: &[u16]) -> Vec<TcpSocket> {
+    let mut out = Vec::new();
+    for family in [libc::AF_INET, libc::AF_INET6] {
+        let all = diag::dump(family as u8).unwrap_or_else(|e| panic!("sock_diag dump (family {family}): {e}"));
+        out.extend(all.into_iter().filter(|s| ports.iter().any(|&p| s.on_port(p))));
+    }
+    out
+}
+
+/// The NETLINK_SOCK_DIAG request for every TCP socket of one address family (linux/inet_diag.h).
+mod diag {
+    use std::io;
+    use std::mem::size_of;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    use super::TcpSocket;
+
+    const NETLINK_SOCK_DIAG: i32 = 4;
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const NLM_F_REQUEST: u16 = 0x1;
+    const NLM_F_DUMP: u16 = 0x300;
+    const NLMSG_ERROR: u16 = 0x2;
+    const NLMSG_DONE: u16 = 0x3;
+    const TCP_TIME_WAIT: u32 = 6;
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct NlMsgHdr {
+        len: u32,
+        kind: u16,
+        flags: u16,
+        seq: u32,
+        pid: u32,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct SockId {
+        sport: [u8; 2],
+        dport: [u8; 2],
+        src: [u8; 16],
+        dst: [u8; 16],
+        interface: u32,
+        cookie: [u32; 2],
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct ReqV2 {
+        family: u8,
+        protocol: u8,
+        ext: u8,
+        pad: u8,
+        states: u32,
+        id: SockId,
+    }
+
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Msg {
+        family: u8,
+        state: u8,
+        timer: u8,
+        retrans: u8,
+        id: SockId,
+        expires: u32,
+        rqueue: u32,
+        wqueue: u32,
+        uid: u32,
+        inode: u32,
+    }
+
+    #[repr(C)]
+    struct Request {
+        hdr: NlMsgHdr,
+        req: ReqV2,
+    }
+
+    pub fn dump(family: u8) -> io::Result<Vec<TcpSocket>> {
+        // SAFETY: socket(2) with constant arguments; the result is checked before use.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let id = SockId { sport: [0; 2], dport: [0; 2], src: [0; 16], dst: [0; 16], interface: 0, cookie: [0; 2] };
+        let request = Request {
+            hdr: NlMsgHdr {
+                len: size_of::<Request>() as u32,
+                kind: SOCK_DIAG_BY_FAMILY,
+                flags: NLM_F_REQUEST | NLM_F_DUMP,
+                seq: 1,
+                pid: 0,
+            },
+            req: ReqV2 { family, protocol: libc::IPPROTO_TCP as u8, ext: 0, pad: 0, states: !(1 << TCP_TIME_WAIT), id },
+        };
+        // SAFETY: `request` is a plain repr(C) value that outlives the call; the length is its size.
+        let sent = unsafe { libc::send(fd.as_raw_fd(), (&raw const request).cast(), size_of::<Request>(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: `buf` is valid for writes of its whole length for the duration of the call.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let data = &buf[..n as usize];
+            let mut off = 0;
+            while off + size_of::<NlMsgHdr>() <= data.len() {
+                let hdr: NlMsgHdr = read(&data[off..]);
+                let len = hdr.len as usize;
+                if len < size_of::<NlMsgHdr>() || off + len > data.len() {
+                    return Err(io::Error::other("truncated netlink message"));
+                }
+                let body = &data[off + size_of::<NlMsgHdr>()..off + len];
+                match hdr.kind {
+                    NLMSG_DONE => return Ok(out),
+                    NLMSG_ERROR => {
+                        let errno: i32 = read(body);
+                        return Err(io::Error::from_raw_os_error(-errno));
+                    }
+                    SOCK_DIAG_BY_FAMILY if body.len() >= size_of::<Msg>() => out.push(socket(&read(body))),
+                    _ => {}
+                }
+                off += len.next_multiple_of(4);
+            }
+        }
+    }
+
+    /// A `T` from the start of `bytes` (netlink messages are 4-byte aligned, a `Vec<u8>` need not be).
+    fn read<T: Copy>(bytes: &[u8]) -> T {
+        assert!(bytes.len() >= size_of::<T>());
+        // SAFETY: `bytes` holds at least size_of::<T>() bytes (checked above), read unaligned, and
+        // `T` is only instantiated with the plain-integer repr(C) types above, valid for any bits.
+        unsafe { bytes.as_ptr().cast::<T>().read_unaligned() }
+    }
+
+    fn socket(m: &Msg) -> TcpSocket {
+        let addr = |ip: &[u8; 16], port: [u8; 2]| {
+            let ip = if m.family == libc::AF_INET as u8 {
+                IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]))
+            } else {
+                IpAddr::V6(Ipv6Addr::from(*ip))
+            };
+            SocketAddr::new(ip, u16::from_be_bytes(port))
+        };
+        TcpSocket {
+            local: addr(&m.id.src, m.id.sport),
+            remote: addr(&m.id.dst, m.id.dport),
+            state: super::state_name(m.state),
+            rx_queue: m.rqueue.into(),
+            tx_queue: m.wqueue.into(),
+            inode: m.inode.into(),
+        }
+    }
+}
+
+/// The kernel's TCP states (include/net/tcp_states.h), as `ss` names them.
+fn state_name(state: u8) -> &'static str {
+    match state {
+        1 => "ESTAB",
+        2 => "SYN-SENT",
+        3 | 12 => "SYN-RECV",
+        4 => "FIN-WAIT-1",
+        5 => "FIN-WAIT-2",
+        6 => "TIME-WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE-WAIT",
+        9 => "LAST-ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        _ => "?",
+    }
+}
+
+/// TCP sockets in the kernel whose local or remote port is `port`.
+pub fn sockets_on_port(port: u16) -> Vec<TcpSocket> {
+    tcp_sockets_on(&[port])
+}
+
+/// Sockets on `port` that still hold a connection open (anything but LISTEN, TIME-WAIT, CLOSE).
+pub fn open_sockets_on_port(port: u16) -> Vec<TcpSocket> {
+    sockets_on_port(port).into_iter().filter(TcpSocket::is_open).collect()
+}
+
+/// Number of descriptors this process has open.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0)
+}
+
+/// Inodes of the sockets this process holds a descriptor for (`/proc/self/fd/N -> socket:[INODE]`).
+pub fn socket_inodes() -> HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return HashSet::new();
+    };
+    dir.flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .filter_map(|t| t.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok())
+        .collect()
+}
+
+/// The TCP sockets on `ports` this process holds a descriptor for. Exact even while other tests of
+/// the same binary open and close sockets: a socket is recognised by its inode.
+pub fn own_tcp_sockets_on(ports: &[u16]) -> Vec<TcpSocket> {
+    let mine = socket_inodes();
+    tcp_sockets_on(ports).into_iter().filter(|s| s.inode != 0 && mine.contains(&s.inode)).collect()
+}

@@ -1,0 +1,10 @@
+//! The `ringproxy` binary as an operator runs it, one test binary: the command line and exit
+//! codes (`cli`), hot reload and privileges (`reload`), and `ringproxy check` (`check`). Every
+//! long-running process is started one way, `common::process::Proxy`.
+
+#[path = "../common/mod.rs"]
+mod common;
+
+mod check;
+mod cli;
+mod reload;
