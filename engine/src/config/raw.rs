@@ -57,6 +57,7 @@ pub struct RawTune {
     pub max_pipes: Option<Spanned<Count>>,
     pub ring_entries: Option<Spanned<Count>>,
     pub iowq_workers: Option<Spanned<Count>>,
+    pub peer_lookups: Option<Spanned<Count>>,
     pub splice: Option<super::SpliceMode>,
 }
 

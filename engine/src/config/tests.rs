@@ -57,7 +57,7 @@ global:
   workers: 3
   pin_cpus: false
   maxconn: 1000
-  tune: { pipe_size: 1m, max_pipes: 64, ring_entries: 1024, iowq_workers: 2, splice: always }
+  tune: { pipe_size: 1m, max_pipes: 64, ring_entries: 1024, iowq_workers: 2, peer_lookups: 512, splice: always }
 defaults:
   timeout: { connect: 250ms, client: 1m, server: 2m, queue: 1s, drain: 5s }
   retries: 1
@@ -85,7 +85,14 @@ backends:
     assert_eq!(c.global.drain_timeout, Duration::from_secs(5));
     assert_eq!(
         c.global.tune,
-        Tune { pipe_size: 1 << 20, max_pipes: 64, ring_entries: 1024, iowq_workers: 2, splice: SpliceMode::Always }
+        Tune {
+            pipe_size: 1 << 20,
+            max_pipes: 64,
+            ring_entries: 1024,
+            iowq_workers: 2,
+            peer_lookups: 512,
+            splice: SpliceMode::Always
+        }
     );
     let fe = &c.frontends[0];
     assert_eq!(fe.binds.len(), 2);

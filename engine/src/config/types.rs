@@ -21,6 +21,7 @@ pub mod default {
     pub const MAX_PIPES: u32 = 4096;
     pub const RING_ENTRIES: u32 = 4096;
     pub const IOWQ_WORKERS: u32 = 4;
+    pub const PEER_LOOKUPS: u32 = 4096;
     pub const PROXY_HEADER: Duration = Duration::from_secs(5);
     pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
     pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -101,6 +102,8 @@ pub struct Tune {
     pub ring_entries: u32,
     /// Most io-wq threads the kernel may run for one worker's splices.
     pub iowq_workers: u32,
+    /// Most client-address lookups in flight at once per worker.
+    pub peer_lookups: u32,
     pub splice: SpliceMode,
 }
 
@@ -111,6 +114,7 @@ impl Default for Tune {
             max_pipes: default::MAX_PIPES,
             ring_entries: default::RING_ENTRIES,
             iowq_workers: default::IOWQ_WORKERS,
+            peer_lookups: default::PEER_LOOKUPS,
             splice: SpliceMode::Auto,
         }
     }

@@ -377,6 +377,9 @@ impl Validator<'_> {
         if let Some(s) = &t.iowq_workers {
             tune.iowq_workers = self.count(s, "iowq_workers", 1, 1024)? as u32;
         }
+        if let Some(s) = &t.peer_lookups {
+            tune.peer_lookups = self.count(s, "peer_lookups", 1, 1 << 20)? as u32;
+        }
         tune.splice = t.splice.unwrap_or_default();
         Ok(tune)
     }

@@ -860,6 +860,9 @@ mod tests {
         assert!(c.settle(Op::ClientPoll, 1, false).is_none());
     }
 
+    /// Review defect 2 (code-review-7b9477c §1.2): the descriptor FIXED_FD_INSTALL made leaked
+    /// when its completion found the connection closing. Now the completion owns it first,
+    /// whatever the state, and dropping it closes it.
     #[test]
     fn an_installed_descriptor_is_owned_whatever_the_state() {
         // SAFETY: dup has no pointer argument; the new descriptor is handed to `settle` below.

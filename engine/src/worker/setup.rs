@@ -73,6 +73,7 @@ impl Worker {
             addrs,
             timeouts,
             max_chunks: plan.pipes_per_worker as usize,
+            peer_slots: config.global.tune.peer_lookups as usize,
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);

@@ -293,7 +293,16 @@ pub fn open_fds() -> usize {
 
 /// Inodes of the sockets this process holds a descriptor for (`/proc/self/fd/N -> socket:[INODE]`).
 pub fn socket_inodes() -> HashSet<u64> {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+    socket_inodes_in("/proc/self/fd")
+}
+
+/// Inodes of the sockets process `pid` holds a descriptor for.
+pub fn socket_inodes_of(pid: u32) -> HashSet<u64> {
+    socket_inodes_in(&format!("/proc/{pid}/fd"))
+}
+
+fn socket_inodes_in(fd_dir: &str) -> HashSet<u64> {
+    let Ok(dir) = std::fs::read_dir(fd_dir) else {
         return HashSet::new();
     };
     dir.flatten()
@@ -307,4 +316,10 @@ pub fn socket_inodes() -> HashSet<u64> {
 pub fn own_tcp_sockets_on(ports: &[u16]) -> Vec<TcpSocket> {
     let mine = socket_inodes();
     tcp_sockets_on(ports).into_iter().filter(|s| s.inode != 0 && mine.contains(&s.inode)).collect()
+}
+
+/// The TCP sockets on `ports` process `pid` holds a (process-table) descriptor for.
+pub fn tcp_sockets_held_by(pid: u32, ports: &[u16]) -> Vec<TcpSocket> {
+    let theirs = socket_inodes_of(pid);
+    tcp_sockets_on(ports).into_iter().filter(|s| s.inode != 0 && theirs.contains(&s.inode)).collect()
 }

@@ -118,8 +118,6 @@ fn shutdown_sessions_closes_connections_of_a_down_server() {
 /// DOWN (here a black hole: its check times out, and so would every connect): their clients see
 /// the close and the engine frees them.
 #[test]
-#[ignore = "engine bug (review 7b9477c §1.1): a connection closed mid-connect is never freed: `closing` stays 3 \
-            and shutdown hangs (lead fixing)"]
 fn shutdown_sessions_closes_connections_still_connecting() {
     let hole = BlackHole::start();
     // Servers start UP; the first check starts at once and fails after its 1 s timeout.

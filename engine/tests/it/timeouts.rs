@@ -98,8 +98,6 @@ fn an_active_connection_does_not_time_out() {
 /// timeout is shorter than the connect timeout): the client sees the close, and the engine frees
 /// the connection (`closing` back to 0, shutdown returns).
 #[test]
-#[ignore = "engine bug (review 7b9477c §1.1): a connection closed mid-connect is never freed: the client is \
-            never closed, `closing` stays 1 and shutdown hangs (lead fixing)"]
 fn client_timeout_while_connecting_frees_the_connection() {
     let hole = BlackHole::start();
     let engine = engine(&format!(
@@ -123,8 +121,6 @@ fn client_timeout_while_connecting_frees_the_connection() {
 /// A drain whose deadline passes while a connection is still connecting: the deadline closes it,
 /// and the drain ends (shutdown returns within the drain timeout).
 #[test]
-#[ignore = "engine bug (review 7b9477c §1.1): a connection closed mid-connect is never freed, so the drain \
-            never ends and Engine::shutdown does not return (lead fixing)"]
 fn drain_deadline_frees_a_connection_still_connecting() {
     let hole = BlackHole::start();
     let engine = engine(&format!(

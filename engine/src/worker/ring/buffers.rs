@@ -24,9 +24,6 @@ pub const HEADER_BUF: usize = crate::proxy_protocol::MAX_HEADER;
 /// Most header buffers (PROXY handshakes in flight at once per worker).
 pub const HEADER_SLOTS: usize = 4096;
 
-/// Most peer-address lookups in flight at once per worker.
-pub const PEER_SLOTS: usize = 4096;
-
 macro_rules! handle {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
@@ -126,8 +123,8 @@ pub(super) struct Buffers {
 }
 
 impl Buffers {
-    pub(super) fn new(max_chunks: usize) -> Buffers {
-        Buffers { chunks: Pool::new(max_chunks), headers: Pool::new(HEADER_SLOTS), peers: Pool::new(PEER_SLOTS) }
+    pub(super) fn new(max_chunks: usize, peer_slots: usize) -> Buffers {
+        Buffers { chunks: Pool::new(max_chunks), headers: Pool::new(HEADER_SLOTS), peers: Pool::new(peer_slots) }
     }
 
     pub(super) fn chunk(&mut self) -> Option<ChunkBuf> {
@@ -194,7 +191,7 @@ mod tests {
 
     #[test]
     fn handles_go_back_and_are_reused_up_to_the_maximum() {
-        let mut b = Buffers::new(2);
+        let mut b = Buffers::new(2, 1);
         let x = b.chunk().unwrap();
         let y = b.chunk().unwrap();
         assert!(b.chunk().is_none(), "two at most");
@@ -211,7 +208,7 @@ mod tests {
 
     #[test]
     fn buffers_never_move_while_the_pool_grows() {
-        let mut b = Buffers::new(64);
+        let mut b = Buffers::new(64, 1);
         let first = b.header().unwrap();
         let p = b.headers.ptr(first.index());
         let more: Vec<_> = (0..63).map(|_| b.header().unwrap()).collect();
@@ -225,7 +222,7 @@ mod tests {
     #[cfg(debug_assertions)]
     #[should_panic(expected = "dropped instead of given back")]
     fn a_dropped_handle_is_caught_in_debug_builds() {
-        let mut b = Buffers::new(1);
+        let mut b = Buffers::new(1, 1);
         let x = b.chunk().unwrap();
         drop(x);
     }

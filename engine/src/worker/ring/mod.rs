@@ -80,6 +80,8 @@ pub struct RingSetup {
     pub timeouts: Vec<Duration>,
     /// Most chunk buffers (small transfers in flight) at once.
     pub max_chunks: usize,
+    /// Most peer-address lookups in flight at once.
+    pub peer_slots: usize,
 }
 
 /// Counters the ring keeps about itself.
@@ -140,7 +142,7 @@ impl Ring {
                 .into_iter()
                 .map(|d| Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos()))
                 .collect(),
-            buffers: ManuallyDrop::new(Buffers::new(setup.max_chunks)),
+            buffers: ManuallyDrop::new(Buffers::new(setup.max_chunks, setup.peer_slots)),
             wake_buf: ManuallyDrop::new(Box::new(0)),
             counters: RingCounters::default(),
         })
@@ -366,6 +368,7 @@ mod tests {
             addrs: Vec::new(),
             timeouts: Vec::new(),
             max_chunks: 1,
+            peer_slots: 1,
         })
         .expect("an io_uring")
     }
