@@ -763,3 +763,244 @@ fn a_burst_beyond_the_peer_slots_still_reads_every_proxy_header() {
     drop(clients);
     proxy.stop_clean();
 }
+
+// --- randomized ---
+
+/// What the server side of one proxied connection does (chosen at random per connection).
+#[derive(Clone, Copy, Debug)]
+enum ServerPlay {
+    /// Echo until EOF, then close.
+    Echo,
+    /// Echo, then reset after about this many bytes.
+    ResetAfter(usize),
+    /// Echo, then send FIN after about this many bytes (and read on to the client's EOF).
+    FinAfter(usize),
+    /// Read and discard, never write.
+    Silent,
+    /// Never read; close after a while.
+    Stall,
+}
+
+/// What the client of one connection does, and how it ends.
+#[derive(Clone, Copy, Debug)]
+enum ClientPlay {
+    /// Messages, then FIN, then read to the end.
+    Fin,
+    /// Messages, then a reset at a random moment.
+    Reset,
+    /// Messages, then silence until the client timeout ends it.
+    Idle,
+    /// A reset right after connecting.
+    ResetAtOnce,
+    /// FIN before sending anything.
+    FinAtOnce,
+    /// Sends without reading, then resets (buffers fill up in between).
+    FloodThenReset,
+}
+
+/// The randomized run: 2,000 connections through two real servers and a black hole (connects to
+/// it time out and are retried), with maxconn limits that park and queue some, each connection
+/// ended by a fault injected at a random moment of its life by its client or its server. Every
+/// client must see its connection end; afterwards the same checks as every case.
+/// `RINGPROXY_SEED=n` replays a run.
+#[test]
+fn two_thousand_connections_with_faults_at_random_moments() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    let _serial = serial();
+    const THREADS: u64 = 40;
+    const PER_THREAD: u64 = 50;
+    let seed: u64 = std::env::var("RINGPROXY_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
+    });
+    eprintln!("randomized run: RINGPROXY_SEED={seed}");
+    let hung = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let servers: Vec<(TcpListener, JoinHandle<()>, Arc<AtomicBool>)> = (0..2)
+        .map(|k| {
+            let listener = listen("127.0.0.1:0");
+            let l = listener.try_clone().unwrap();
+            let stop = Arc::new(AtomicBool::new(false));
+            let (flag, hung) = (stop.clone(), hung.clone());
+            let t = std::thread::spawn(move || {
+                let mut rng = StdRng::seed_from_u64(seed ^ (k + 1));
+                for conn in l.incoming() {
+                    if flag.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(conn) = conn else { continue };
+                    let play = match rng.random_range(0..10) {
+                        0..4 => ServerPlay::Echo,
+                        4 | 5 => ServerPlay::ResetAfter(rng.random_range(1..100_000)),
+                        6 | 7 => ServerPlay::FinAfter(rng.random_range(1..100_000)),
+                        8 => ServerPlay::Silent,
+                        _ => ServerPlay::Stall,
+                    };
+                    let hung = hung.clone();
+                    spawn(move || serve_play(conn, play, &hung));
+                }
+            });
+            (listener, t, stop)
+        })
+        .collect();
+    let hole = BlackHole::start();
+    let engine = engine(&format!(
+        "global: {{ workers: 2, maxconn: 200 }}\n\
+         defaults: {{ timeout: {{ connect: 200ms, client: 500ms, server: 500ms, queue: 2s, drain: 500ms }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    retries: 2\n    servers:\n\
+         \x20     - {{ name: a, address: \"{}\", maxconn: 60 }}\n\
+         \x20     - {{ name: b, address: \"{}\", maxconn: 60 }}\n\
+         \x20     - {{ name: hole, address: \"{}\", weight: 1 }}\n",
+        servers[0].0.local_addr().unwrap(),
+        servers[1].0.local_addr().unwrap(),
+        hole.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let clients: Vec<JoinHandle<Vec<String>>> = (0..THREADS)
+        .map(|t| {
+            spawn(move || {
+                let mut rng = StdRng::seed_from_u64(seed.wrapping_mul(31).wrapping_add(t));
+                let mut failures = Vec::new();
+                for i in 0..PER_THREAD {
+                    let play = match rng.random_range(0..12) {
+                        0..4 => ClientPlay::Fin,
+                        4..7 => ClientPlay::Reset,
+                        7 => ClientPlay::Idle,
+                        8 | 9 => ClientPlay::ResetAtOnce,
+                        10 => ClientPlay::FinAtOnce,
+                        _ => ClientPlay::FloodThenReset,
+                    };
+                    if let Err(e) = client_play(fe, play, &mut rng) {
+                        failures.push(format!("thread {t} connection {i} ({play:?}): {e}"));
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    let failures: Vec<String> = clients.into_iter().flat_map(|c| c.join().expect("a client thread panicked")).collect();
+    assert!(
+        failures.is_empty(),
+        "seed {seed}: {} connections did not end as they should: {failures:#?}",
+        failures.len()
+    );
+    let s = engine.stats();
+    assert_eq!(s.total(|w| w.accepted), THREADS * PER_THREAD, "seed {seed}");
+    let ports: Vec<u16> = servers.iter().map(|s| s.0.local_addr().unwrap().port()).collect();
+    assert_idle(&engine, &ports);
+    assert_stops_clean(engine, &ports);
+    for (listener, t, stop) in servers {
+        stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(listener.local_addr().unwrap());
+        t.join().unwrap();
+    }
+    wait_until("every server connection to end", LIMIT, || std::sync::Arc::strong_count(&hung) == 1);
+    assert_eq!(hung.load(Ordering::SeqCst), 0, "seed {seed}: server connections that never saw their end");
+    drop(hole);
+}
+
+/// Plays one server side; counts in `hung` a connection that saw no end within `LIMIT`.
+fn serve_play(mut conn: TcpStream, play: ServerPlay, hung: &std::sync::atomic::AtomicUsize) {
+    conn.set_read_timeout(Some(LIMIT)).unwrap();
+    conn.set_write_timeout(Some(LIMIT)).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen = 0;
+    if let ServerPlay::Stall = play {
+        std::thread::sleep(Duration::from_millis(300));
+        return;
+    }
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                seen += n;
+                match play {
+                    ServerPlay::ResetAfter(k) if seen >= k => return reset(conn),
+                    ServerPlay::FinAfter(k) if seen >= k => {
+                        let _ = conn.shutdown(Shutdown::Write);
+                        // Read on to the end (the client's FIN or the proxy's close).
+                        while matches!(conn.read(&mut buf), Ok(n) if n > 0) {}
+                        return;
+                    }
+                    ServerPlay::Silent => {}
+                    _ => {
+                        if conn.write_all(&buf[..n]).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                hung.fetch_add(1, Ordering::SeqCst);
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Plays one client; `Err` says what went wrong (the connection did not end as it should).
+fn client_play(fe: SocketAddr, play: ClientPlay, rng: &mut impl rand::Rng) -> Result<(), String> {
+    let mut c = TcpStream::connect_timeout(&fe, LIMIT).map_err(|e| format!("connect: {e}"))?;
+    c.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    c.set_write_timeout(Some(LIMIT)).unwrap();
+    match play {
+        ClientPlay::ResetAtOnce => {
+            reset(c);
+            return Ok(());
+        }
+        ClientPlay::FinAtOnce => {
+            c.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            return ends(&mut c);
+        }
+        _ => {}
+    }
+    let messages = rng.random_range(1..6);
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..messages {
+        let len = rng.random_range(1..32 * 1024);
+        if c.write_all(&buf[..len]).is_err() {
+            // The server (or the proxy) ended it first.
+            return ends(&mut c);
+        }
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..10)));
+        if !matches!(play, ClientPlay::FloodThenReset) {
+            // Take whatever came back so far (echo), without waiting for it.
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    match play {
+        ClientPlay::Fin => {
+            let _ = c.shutdown(Shutdown::Write);
+            ends(&mut c)
+        }
+        ClientPlay::Reset | ClientPlay::FloodThenReset => {
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..50)));
+            reset(c);
+            Ok(())
+        }
+        ClientPlay::Idle => ends(&mut c),
+        ClientPlay::ResetAtOnce | ClientPlay::FinAtOnce => unreachable!("handled above"),
+    }
+}
+
+/// The connection ends (EOF or reset) within `LIMIT`.
+fn ends(c: &mut TcpStream) -> Result<(), String> {
+    c.set_read_timeout(Some(LIMIT)).unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(format!("no end within {LIMIT:?}"));
+            }
+            Err(_) => return Ok(()),
+        }
+    }
+}

@@ -107,9 +107,10 @@ fn accept_proxy_uses_the_clients_header_and_passes_the_payload() {
     // A v1 header in two pieces, with payload in the same segment as its end.
     let mut split = connect(proxy);
     split.write_all(b"PROXY TCP4 10.9.8.7 ").unwrap();
-    // TODO(lead): assert a peek counter. If the two writes coalesce, this passes without testing
-    // "incomplete header, peek again".
-    thread::sleep(Duration::from_millis(50));
+    // The proxy has looked at the first piece (an incomplete header) before the rest is sent.
+    wait_until("the proxy to peek at the first piece", Duration::from_secs(5), || {
+        engine.stats().total(|w| w.proxy_header_peeks) >= 1
+    });
     split.write_all(b"10.0.0.1 5555 80\r\nhello").unwrap();
     let mut got = [0u8; 5];
     split.read_exact(&mut got).unwrap();
@@ -117,6 +118,7 @@ fn accept_proxy_uses_the_clients_header_and_passes_the_payload() {
     let (src, dst) = seen.recv_timeout(Duration::from_secs(5)).unwrap();
     assert_eq!(src, Some("10.9.8.7:5555".parse().unwrap()));
     assert_eq!(dst, Some("10.0.0.1:80".parse().unwrap()));
+    assert!(engine.stats().total(|w| w.proxy_header_peeks) >= 2, "the split header was peeked at again");
     // A v2 header, then an echo.
     let mut v2 = connect(proxy);
     let mut h = Vec::new();
