@@ -52,33 +52,8 @@ fn minimal_gets_documented_defaults() {
 
 #[test]
 fn everything_set() {
-    let c = ok("\
-global:
-  workers: 3
-  pin_cpus: false
-  maxconn: 1000
-  tune: { pipe_size: 1m, max_pipes: 64, ring_entries: 1024, iowq_workers: 2, peer_lookups: 512, splice: always }
-defaults:
-  timeout: { connect: 250ms, client: 1m, server: 2m, queue: 1s, drain: 5s }
-  retries: 1
-  backlog: 128
-  maxconn: 500
-  balance: leastconn
-frontends:
-  - name: fe
-    bind: [\"0.0.0.0:1\", \"[::1]:2\"]
-    backend: be
-    timeout: { client: 7s }
-backends:
-  - name: be
-    balance: source
-    maxconn: 900
-    retries: 5
-    timeout: { connect: 1500, server: 3s, queue: 10s }
-    servers:
-      - { name: a, address: 127.0.0.1:9001, weight: 10, maxconn: 7, source: 127.0.2.0/30 }
-      - { name: b, address: \"[::1]:9002\", weight: 0, source: [\"::1\"] }
-");
+    // The every-key example (config-examples/every-key.yaml), read as the engine reads it.
+    let c = ok(include_str!("../../../config-examples/every-key.yaml"));
     assert_eq!(c.global.workers, Some(3));
     assert!(!c.global.pin_cpus);
     assert_eq!(c.global.maxconn, Some(1000));
