@@ -1,6 +1,6 @@
 //! The few system calls the engine makes outside its rings, each behind a safe function.
 //!
-//! The data path talks to the kernel through `worker/ring.rs` only; this module holds the rest:
+//! The data path talks to the kernel through `worker/ring/` only; this module holds the rest:
 //! the control eventfd, the signal mask, RLIMIT_NOFILE, account lookups and id switching, a pipe,
 //! one socket option, poll(2) for health checks, the kernel release and the page size. Every
 //! `unsafe` block is a single libc call (or a call and the adoption of the descriptor it returned)
