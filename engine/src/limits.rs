@@ -20,6 +20,9 @@ pub struct LimitTable {
     pub global: LimitId,
     /// Per frontend: its limit, when it has one below the global one.
     pub frontend: Vec<Option<LimitId>>,
+    /// Per frontend with `accept_proxy`: the connections reading their PROXY header (held instead
+    /// of the global and frontend limits until the header is all there).
+    pub proxy_header: Vec<Option<LimitId>>,
     pub backend: Vec<Option<LimitId>>,
     /// Per backend, per server.
     pub server: Vec<Vec<Option<LimitId>>>,

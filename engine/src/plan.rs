@@ -131,6 +131,13 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
             _ => None,
         })
         .collect();
+    limits.proxy_header = config
+        .frontends
+        .iter()
+        .map(|f| {
+            f.accept_proxy.then(|| limits.add(format!("frontend {} proxy headers", f.name), f.proxy_header_maxconn))
+        })
+        .collect();
     limits.backend =
         config.backends.iter().map(|b| b.maxconn.map(|m| limits.add(format!("backend {}", b.name), m))).collect();
     limits.server = config

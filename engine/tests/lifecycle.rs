@@ -161,6 +161,8 @@ enum Where {
     ProxyHeader,
     /// Accepted but waiting for a global maxconn slot (parked).
     Parked,
+    /// Its PROXY header all there, waiting for a maxconn slot (`accept_proxy`).
+    Admitting,
     /// Waiting in the backend's queue for a server slot.
     Queued,
     /// The connect to the server is in flight (the server drops SYNs).
@@ -197,9 +199,10 @@ enum End {
     Reload,
 }
 
-const WHERE: [Where; 10] = [
+const WHERE: [Where; 11] = [
     Where::ProxyHeader,
     Where::Parked,
+    Where::Admitting,
     Where::Queued,
     Where::Connecting,
     Where::Idle,
@@ -234,15 +237,15 @@ fn applies(w: Where, e: End) -> Result<(), &'static str> {
         (Closing, ServerTimeout) => Err("closing cancels the timers"),
         (HalfClosedByClient, ClientFin) => Err("the client's FIN was already sent"),
         (HalfClosedByServer, ServerFin) => Err("the server's FIN was already sent"),
-        (Parked, ClientTimeout) => Err("no timeout runs before admission (clients wait as in a backlog)"),
+        (Parked | Admitting, ClientTimeout) => Err("no timeout runs before admission (clients wait as in a backlog)"),
         (Queued, ClientTimeout) => Err("a queued connection has the queue timeout instead"),
         (Queued, QueueTimeout) => Ok(()),
         (_, QueueTimeout) => Err("only a queued connection has a queue timeout"),
-        (ProxyHeader | Parked | Queued | Connecting, ServerTimeout | ServerFin | ServerRst) => {
+        (ProxyHeader | Parked | Admitting | Queued | Connecting, ServerTimeout | ServerFin | ServerRst) => {
             Err("no server connection yet")
         }
-        (ProxyHeader | Parked | Queued, ServerDown) => Err("not on a server yet"),
-        (ProxyHeader | Parked | Queued | Connecting, ClientFin | ClientTimeout | ServerDown) => Ok(()),
+        (ProxyHeader | Parked | Admitting | Queued, ServerDown) => Err("not on a server yet"),
+        (ProxyHeader | Parked | Admitting | Queued | Connecting, ClientFin | ClientTimeout | ServerDown) => Ok(()),
         _ if established => Ok(()),
         _ => Err("not a case"),
     }
@@ -259,9 +262,9 @@ fn yaml(w: Where, e: End, server: SocketAddr) -> String {
     let proxy_header = ms(e == End::ClientTimeout && w == Where::ProxyHeader, "30s");
     let server_timeout = ms(e == End::ServerTimeout, "30s");
     let queue = ms(e == End::QueueTimeout, "30s");
-    let maxconn = if w == Where::Parked { 1 } else { 1000 };
+    let maxconn = if matches!(w, Where::Parked | Where::Admitting) { 1 } else { 1000 };
     let splice = if matches!(w, Where::Spliced | Where::Closing) { "always" } else { "auto" };
-    let accept_proxy = w == Where::ProxyHeader;
+    let accept_proxy = matches!(w, Where::ProxyHeader | Where::Admitting);
     let server_maxconn = if w == Where::Queued { ", maxconn: 1" } else { "" };
     let check = if e == End::ServerDown {
         "    check: { interval: 50ms, timeout: 50ms, rise: 1, fall: 4, send: \"CHECK\\n\" }\n    on_down: shutdown_sessions\n"
@@ -375,6 +378,17 @@ impl Scene {
                 self.client = Some(c);
                 self.wait_stat("the proxy to look at the header", |s| s.total(|w| w.proxy_header_peeks) >= 1);
             }
+            Where::Admitting => {
+                self.holder = Some(self.established());
+                let mut c = client(self.fe);
+                c.write_all(b"PROXY TCP4 10.1.2.4 10.4.5.6 1111 2222\r\n").unwrap();
+                self.client = Some(c);
+                self.wait_stat("the second connection to wait for a slot, its header read", |s| {
+                    s.total(|w| w.handshakes) == 1
+                        && s.total(|w| w.active) == 1
+                        && s.total(|w| w.proxy_header_peeks) >= 2
+                });
+            }
             Where::Parked | Where::Queued => {
                 self.holder = Some(self.established());
                 self.client = Some(client(self.fe));
@@ -443,7 +457,7 @@ impl Scene {
             End::DrainDeadline => self.engine.as_mut().unwrap().drain(),
             End::Reload => self.successor = Some(self.engine.as_mut().unwrap().reload(config)),
         }
-        if matches!((w, e), (Where::Parked | Where::Queued, End::ClientFin | End::ClientRst)) {
+        if matches!((w, e), (Where::Parked | Where::Admitting | Where::Queued, End::ClientFin | End::ClientRst)) {
             // The connection moves on (or is found reset) once the holder's slot is free.
             let (c, mut s) = self.holder.take().unwrap();
             drop(c);
@@ -453,8 +467,9 @@ impl Scene {
 
     /// Both ends see the end of the connection.
     fn both_see_the_end(&mut self, w: Where, e: End) {
-        let has_server = !matches!(w, Where::ProxyHeader | Where::Parked | Where::Queued | Where::Connecting)
-            || matches!((w, e), (Where::Parked | Where::Queued, End::ClientFin));
+        let has_server =
+            !matches!(w, Where::ProxyHeader | Where::Parked | Where::Admitting | Where::Queued | Where::Connecting)
+                || matches!((w, e), (Where::Parked | Where::Admitting | Where::Queued, End::ClientFin));
         if has_server && self.server_end.is_none() && !matches!(e, End::ServerRst) {
             // A parked or queued connection whose client sent a FIN is connected once a slot frees.
             self.server_end = Some(self.server.next());
@@ -523,7 +538,7 @@ fn run_case(w: Where, e: End) {
         server_end: None,
         holder: None,
         unread: 0,
-        accept_proxy: w == Where::ProxyHeader,
+        accept_proxy: matches!(w, Where::ProxyHeader | Where::Admitting),
     };
     scene.reach(w);
     scene.trigger(w, e, &config);
@@ -556,6 +571,11 @@ fn reading_the_proxy_header_ends_every_way() {
 #[test]
 fn parked_ends_every_way() {
     row(Where::Parked);
+}
+
+#[test]
+fn waiting_for_a_slot_with_the_proxy_header_read_ends_every_way() {
+    row(Where::Admitting);
 }
 
 #[test]

@@ -16,7 +16,9 @@ pub fn render(config: &Config, facts: &HostFacts, items: &[Item]) -> String {
     let (cpus, ram) = (facts.cpus.len(), facts.mem_total.map_or("?".into(), size));
     let mut out =
         format!("ringproxy check: {origin} ({}) on Linux {kernel}, {cpus} usable CPU(s), {ram} RAM\n", counts(config));
-    let width = items.iter().map(|i| i.name.len()).max().unwrap_or(0).max(20) + 2;
+    // Item names can carry configured names: the column stops growing at 40 (and a width of 65,535
+    // or more would make `format!` panic: review 3e).
+    let width = items.iter().map(|i| i.name.len()).max().unwrap_or(0).clamp(20, 40) + 2;
     for i in items {
         let status = ["OK", "WARN", "FAIL"][i.status as usize];
         let _ = writeln!(out, "{status:<6}{:<width$}{}", i.name, i.detail);

@@ -59,6 +59,9 @@ fn yaml_message(e: &serde_saphyr::Error) -> String {
 
 /// Rewrites the deserializer's wording (Rust types, library options) into the file's terms.
 fn operator_words(msg: &str) -> String {
+    if let Some(breach) = msg.strip_prefix("budget breached: ") {
+        return budget_words(breach);
+    }
     if let Some(rest) = msg.strip_prefix("duplicate mapping key: ") {
         let key = rest.split(',').next().unwrap_or(rest).trim();
         return format!("key `{key}` appears twice in this section; keep one");
@@ -81,4 +84,22 @@ fn operator_words(msg: &str) -> String {
         return format!("expected {expected}, found {found}");
     }
     msg
+}
+
+/// The YAML parser's safety limits (serde-saphyr's `Budget`), said in the file's terms: what the
+/// file has too much of. A configuration is a few KiB; these stop hostile or mistaken input.
+fn budget_words(breach: &str) -> String {
+    let kind = breach.split([' ', '{']).next().unwrap_or(breach);
+    let what = match kind {
+        "ScalarBytes" => "more than 64 MiB of text in its values",
+        "InputBytes" => "more than 256 MiB",
+        "Events" | "Nodes" => "too many entries (over 250,000 values, lists and mappings)",
+        "Aliases" | "AliasAnchorRatio" => "too many aliases (`*name`) for its anchors (a guard against alias bombs)",
+        "Anchors" => "too many anchors (`&name`)",
+        "Depth" => "lists or mappings nested more than 64 levels deep",
+        "Documents" => "more than 1,024 YAML documents (`---`); a configuration is one",
+        "MergeKeys" => "too many merge keys (`<<`)",
+        _ => return format!("the file is beyond a safety limit of the YAML parser ({breach}); is it the right file?"),
+    };
+    format!("the file has {what}; a configuration is far smaller: is it the right file?")
 }

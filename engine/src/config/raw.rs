@@ -95,6 +95,8 @@ pub struct RawFrontend {
     pub timeout: Option<Spanned<RawTimeouts>>,
     /// Expect a PROXY protocol header (v1 or v2) from clients.
     pub accept_proxy: Option<bool>,
+    /// The most connections reading their PROXY header at once.
+    pub proxy_header_maxconn: Option<Spanned<Count>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -321,3 +321,49 @@ fn unreadable_file() {
     let e = load(Path::new("/nonexistent/ringproxy.yaml")).unwrap_err();
     assert!(e.to_string().starts_with("/nonexistent/ringproxy.yaml: cannot read"), "{e}");
 }
+
+/// Review 3c (security-review-7b9477c): a duration of 2^64 ms (or s) was accepted and wrapped the
+/// engine's deadline arithmetic, closing every connection at once. Every duration now has a
+/// documented maximum, refused beyond with its position.
+#[test]
+fn durations_beyond_the_maximum_are_refused_where_they_are_written() {
+    refused(
+        &format!("defaults:\n  timeout: {{ client: 18446744073709551615 }}\n{BASE}"),
+        2,
+        22,
+        "timeout client must be at most 24d (as in HAProxy)",
+    );
+    refused(
+        &format!("defaults:\n  timeout: {{ server: 18446744073709551615s }}\n{BASE}"),
+        2,
+        22,
+        "timeout server must be at most",
+    );
+    refused(&format!("defaults:\n  timeout: {{ drain: 25d }}\n{BASE}"), 2, 21, "timeout drain must be at most");
+    // Review 3d: a check interval at the type's maximum made the health thread panic.
+    let check = BASE.replace("  - name: be\n", "  - name: be\n    check: { interval: 18446744073709551615s }\n");
+    refused(&check, 7, 24, "timeout check interval must be at most");
+    ok(&format!("defaults:\n  timeout: {{ client: 24d }}\n{BASE}"));
+}
+
+/// Review 3e: `ringproxy check` panicked (a format width of 65,535 or more) on a server name of
+/// 65,524 characters. Names now have a maximum, and the check report caps its column anyway.
+#[test]
+fn names_longer_than_the_maximum_are_refused() {
+    let long = "s".repeat(70_000);
+    refused(&BASE.replace("name: s1", &format!("name: {long}")), 8, 15, "name is 70000 characters long; at most 128");
+    ok(&BASE.replace("name: s1", &format!("name: {}", "s".repeat(128))));
+}
+
+/// Review 3a (wording): the YAML parser's safety limits were reported as Rust debug text
+/// (`budget breached: ScalarBytes { .. }`); they are said in the file's terms.
+#[test]
+fn parser_safety_limits_are_worded_in_the_files_terms() {
+    let big = format!("global: {{ workers: \"{}\" }}\n", "x".repeat(70 << 20));
+    let e = parse(&big, "t.yaml").unwrap_err().to_string();
+    assert!(e.starts_with("t.yaml:1:"), "{e}");
+    assert!(e.contains("more than 64 MiB of text in its values") && !e.contains("ScalarBytes"), "{e}");
+    let deep = format!("global: {}{}\n", "{ a: ".repeat(100), "}".repeat(100));
+    let e = parse(&deep, "t.yaml").unwrap_err().to_string();
+    assert!(e.contains("nested more than 64 levels deep") || e.contains("expected"), "{e}");
+}

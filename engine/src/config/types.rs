@@ -23,6 +23,7 @@ pub mod default {
     pub const IOWQ_WORKERS: u32 = 4;
     pub const PEER_LOOKUPS: u32 = 4096;
     pub const PROXY_HEADER: Duration = Duration::from_secs(5);
+    pub const PROXY_HEADER_MAXCONN: u32 = 1024;
     pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
     pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
     pub const CHECK_RISE: u32 = 2;
@@ -132,6 +133,9 @@ pub struct Frontend {
     /// Expect a PROXY protocol header from clients, within `proxy_header_timeout`.
     pub accept_proxy: bool,
     pub proxy_header_timeout: Duration,
+    /// The most connections reading their PROXY header at once (engine-wide); they hold this
+    /// limit's slots, not the maxconn ones, until their header is all there.
+    pub proxy_header_maxconn: u32,
 }
 
 #[derive(Clone, Debug)]

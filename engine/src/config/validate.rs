@@ -24,6 +24,13 @@ use super::{address, duration};
 
 type Result<T, E = ConfigError> = std::result::Result<T, E>;
 
+/// The longest duration any key accepts: 24 days (just under HAProxy's limit of 2^31 ms), so that
+/// every deadline computed from one fits on every clock it is added to.
+pub const MAX_DURATION: Duration = Duration::from_secs(24 * 86_400);
+
+/// The longest frontend, backend or server name (they appear in every stats row and log line).
+pub const NAME_MAX: usize = 128;
+
 /// Validates a parsed file; `origin` names it in messages.
 pub(super) fn validate(raw: RawConfig, origin: &str) -> Result<Config> {
     Validator { origin, warnings: Vec::new() }.config(raw)
@@ -89,6 +96,14 @@ impl Validator<'_> {
             Some(s) if s.value.0.is_zero() => {
                 self.err(s.referenced, format!("timeout {what} must be greater than zero"))
             }
+            Some(s) if s.value.0 > MAX_DURATION => self.err(
+                s.referenced,
+                format!(
+                    "timeout {what} must be at most {} (as in HAProxy), not {}",
+                    duration::format(MAX_DURATION),
+                    duration::format(s.value.0)
+                ),
+            ),
             Some(s) => Ok(s.value.0),
         }
     }
@@ -389,6 +404,9 @@ impl Validator<'_> {
         if n.is_empty() {
             return self.err(s.referenced, format!("{what} name is empty"));
         }
+        if n.len() > NAME_MAX {
+            return self.err(s.referenced, format!("{what} name is {} characters long; at most {NAME_MAX}", n.len()));
+        }
         if !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
             return self.err(
                 s.referenced,
@@ -452,6 +470,19 @@ impl Validator<'_> {
             client_timeout = self.duration(&t.value.client, "client", defaults.client)?;
             proxy_header_timeout = self.duration(&t.value.proxy_header, "proxy_header", defaults.proxy_header)?;
         }
+        let accept_proxy = rf.accept_proxy.unwrap_or(false);
+        let proxy_header_maxconn = match &rf.proxy_header_maxconn {
+            Some(s) => {
+                if !accept_proxy {
+                    self.warn(
+                        s.referenced,
+                        format!("frontend \"{name}\" sets proxy_header_maxconn without accept_proxy: it has no effect"),
+                    );
+                }
+                self.count(s, "proxy_header_maxconn", 1, MAXCONN_LIMIT)? as u32
+            }
+            None => default::PROXY_HEADER_MAXCONN,
+        };
         Ok(Frontend {
             name,
             binds,
@@ -459,8 +490,9 @@ impl Validator<'_> {
             maxconn,
             backlog,
             client_timeout,
-            accept_proxy: rf.accept_proxy.unwrap_or(false),
+            accept_proxy,
             proxy_header_timeout,
+            proxy_header_maxconn,
         })
     }
 

@@ -10,7 +10,7 @@
 
 use std::net::SocketAddr;
 
-use super::{CloseReason, Ctx, POLLIN_EVENTS, State, Step};
+use super::{Admission, CloseReason, Ctx, POLLIN_EVENTS, State, Step};
 use crate::proxy_protocol::{self, MAX_HEADER, Parsed};
 use crate::worker::ring::{ClientSlot, HeaderBuf};
 use crate::worker::token::Op;
@@ -31,7 +31,7 @@ pub(crate) struct ListenerInfo {
 impl Ctx<'_> {
     /// A new admitted connection on `client`, accepted by listener `listener`: watch the client,
     /// ask for its address (or go straight to a server).
-    pub(crate) fn open(&mut self, listener: u16, client: ClientSlot) {
+    pub(crate) fn open(&mut self, listener: u16, client: ClientSlot, admission: Admission) {
         debug_assert!(!self.c.is_live());
         let l = self.listeners[listener as usize];
         let fe = l.frontend as usize;
@@ -42,7 +42,7 @@ impl Ctx<'_> {
         c.backend = self.cfg.frontends[fe].backend as u16;
         c.server = super::NO_INDEX;
         c.source = super::NO_INDEX;
-        c.admitted = true;
+        c.admission = admission;
         c.last_client = self.now.ms;
         c.last_server = self.now.ms;
         c.t_accept_us = self.now.us;
@@ -50,6 +50,11 @@ impl Ctx<'_> {
         c.s2c.bulk = bulk;
         self.enter(State::PeerName);
         self.stats.accepted += 1;
+        match admission {
+            Admission::Handshake => self.stats.handshakes += 1,
+            Admission::Admitted => self.stats.active += 1,
+            Admission::None => debug_assert!(false, "a connection opened without a share"),
+        }
         let t = self.token(Op::ClientPoll);
         self.ring.poll_multi(client.sock(), POLLIN_EVENTS, t);
         self.c.client_poll = true;
@@ -111,6 +116,10 @@ impl Ctx<'_> {
     pub(super) fn on_header_peek(&mut self, buf: HeaderBuf, res: i32) {
         let parsed = (res > 0).then(|| proxy_protocol::parse(&self.ring.header(&buf)[..res as usize]));
         match (res, parsed) {
+            (_, Some(Ok(Parsed::Done(_)))) if !self.admit_after_header() => {
+                // No maxconn share yet: wait for one with the header left in the socket.
+                self.ring.give_header(buf);
+            }
             (_, Some(Ok(Parsed::Done(h)))) => {
                 let t = self.token(Op::HeaderRead);
                 let Some(client) = &self.c.client else { unreachable!("a live connection has its client") };
@@ -143,6 +152,49 @@ impl Ctx<'_> {
                 self.close(CloseReason::ClientReset);
             }
         }
+    }
+
+    /// The client's header is all there: trade its PROXY-header slot for the maxconn shares.
+    /// `false` when there are none: the connection waits in the worker's admission FIFO.
+    fn admit_after_header(&mut self) -> bool {
+        if self.c.admission != Admission::Handshake {
+            return true;
+        }
+        let fe = self.c.frontend as usize;
+        if self.up.take(fe, Admission::Admitted) {
+            self.up.release(fe, Admission::Handshake);
+            self.follow.admission = true;
+            self.c.admission = Admission::Admitted;
+            self.stats.handshakes -= 1;
+            self.stats.active += 1;
+            return true;
+        }
+        self.up.want(fe, Admission::Admitted);
+        self.stats.limit_hits.global += 1;
+        self.enter(State::Admitting);
+        self.timers.cancel(self.idx, self.links);
+        self.admitting.push_back((self.idx, self.c.generation));
+        false
+    }
+
+    /// A share came back for this waiting connection (`State::Admitting`): take it and read the
+    /// header. `false` if there is still none (it stays first in the FIFO).
+    pub(crate) fn resume_admission(&mut self) -> bool {
+        let fe = self.c.frontend as usize;
+        if !self.up.take(fe, Admission::Admitted) {
+            return false;
+        }
+        self.up.release(fe, Admission::Handshake);
+        self.follow.admission = true;
+        self.c.admission = Admission::Admitted;
+        self.stats.handshakes -= 1;
+        self.stats.active += 1;
+        self.enter(State::ProxyHeader);
+        self.ensure_timer();
+        // The header is still in the socket: look at it again (and now read it).
+        self.c.c2s.readable = true;
+        self.peek_proxy_header();
+        true
     }
 
     /// The header is not all there: look again when the client sends more.

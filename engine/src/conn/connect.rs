@@ -11,11 +11,14 @@
 
 use std::os::fd::OwnedFd;
 
-use super::{CloseReason, Ctx, Dir, NO_INDEX, POLLIN_EVENTS, State, Step};
+use super::{Admission, CloseReason, Ctx, Dir, NO_INDEX, POLLIN_EVENTS, State, Step};
 use crate::config::ProxyVersion;
 use crate::proxy_protocol;
 use crate::worker::ring::HeaderBuf;
 use crate::worker::token::{Op, Token};
+
+/// At most one "out of source ports" line per server and worker per this interval.
+const PORTS_LOG_MS: u64 = 10_000;
 
 /// What happened when a connection looked for a server.
 enum Outcome {
@@ -164,7 +167,10 @@ impl Ctx<'_> {
             _ if timed_out => errors.timeout += 1,
             libc::ETIMEDOUT | libc::ECANCELED => errors.timeout += 1,
             libc::ECONNREFUSED => errors.refused += 1,
-            libc::EADDRNOTAVAIL | libc::EADDRINUSE => errors.port_exhausted += 1,
+            libc::EADDRNOTAVAIL | libc::EADDRINUSE => {
+                errors.port_exhausted += 1;
+                self.ports_ran_out(b, s);
+            }
             libc::ENETUNREACH | libc::EHOSTUNREACH => errors.unreachable += 1,
             _ => errors.other += 1,
         }
@@ -183,6 +189,32 @@ impl Ctx<'_> {
         } else {
             self.close(CloseReason::ConnectFailed);
         }
+    }
+
+    /// A connect to server `s` of backend `b` found no free source port: counted, and said in a
+    /// log line at most every `PORTS_LOG_MS` per server and worker, with the fix.
+    fn ports_ran_out(&mut self, b: usize, s: usize) {
+        let source = self.up.source_ip(self.c);
+        let srv = &mut self.up.backends[b].servers[s];
+        let now = self.now.ms;
+        if srv.ports_logged_at.is_some_and(|t| now < t.saturating_add(PORTS_LOG_MS)) {
+            srv.ports_unlogged += 1;
+            return;
+        }
+        let (be, cfg) = (&self.cfg.backends[b], &self.cfg.backends[b].servers[s]);
+        let from = source.map_or("its address".to_string(), |ip| format!("source {ip}"));
+        let more = match srv.ports_unlogged {
+            0 => String::new(),
+            n => format!(" ({n} more since the last report)"),
+        };
+        eprintln!(
+            "ringproxy: worker {}: no free port from {from} to server {}/{} ({}): the connect failed{more}; \
+             each source address has {} ports toward one server. Add source addresses (servers[].source) \
+             or widen net.ipv4.ip_local_port_range",
+            self.worker, be.name, cfg.name, cfg.address, srv.sources.capacity
+        );
+        srv.ports_logged_at = Some(now);
+        srv.ports_unlogged = 0;
     }
 
     /// Connected to a `send_proxy` server: tell it who the client is before anything else.
@@ -273,17 +305,15 @@ impl Ctx<'_> {
         self.follow.queue(b as u16);
     }
 
-    /// Gives back the global (and frontend) share this connection was admitted with.
+    /// Gives back the shares this connection was admitted with (maxconn, or a PROXY-header slot).
     pub(super) fn release_admission(&mut self) {
-        if !self.c.admitted {
-            return;
+        let a = std::mem::take(&mut self.c.admission);
+        match a {
+            Admission::None => return,
+            Admission::Handshake => self.stats.handshakes -= 1,
+            Admission::Admitted => self.stats.active -= 1,
         }
-        self.c.admitted = false;
-        let fe = self.c.frontend as usize;
-        let limits = &self.up.admission[fe];
-        for &l in limits.iter().flatten() {
-            self.up.shares.release(l, &mut self.up.outbox);
-        }
+        self.up.release(self.c.frontend as usize, a);
         self.follow.admission = true;
     }
 

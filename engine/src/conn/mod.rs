@@ -10,8 +10,9 @@
 //!
 //! | state | holds | in flight | leaves for |
 //! |---|---|---|---|
-//! | `PeerName` | client slot, admission share | client poll; `Step::PeerName(PeerSlot)` | `ProxyHeader`, `Connecting`, `Queued` |
-//! | `ProxyHeader` | client slot, admission share | client poll; `Step::HeaderPeek/HeaderRead(HeaderBuf)` or nothing (waiting for bytes) | `Connecting`, `Queued` |
+//! | `PeerName` | client slot, admission share (a PROXY-header slot with `accept_proxy`) | client poll; `Step::PeerName(PeerSlot)` | `ProxyHeader`, `Connecting`, `Queued` |
+//! | `ProxyHeader` | client slot, a PROXY-header slot (the admission share once the header is all there) | client poll; `Step::HeaderPeek/HeaderRead(HeaderBuf)` or nothing (waiting for bytes) | `Admitting`, `Connecting`, `Queued` |
+//! | `Admitting` | client slot, a PROXY-header slot, a place in the admission FIFO | client poll | `ProxyHeader` (admitted: the header is read) |
 //! | `Queued` | client slot, admission share, a place in the backend's queue | client poll | `Connecting` |
 //! | `Connecting` | + server slot, server/backend shares, a source port | client poll; `Step::Connect` (CONNECT, LINK_TIMEOUT) | `SendingProxy`, `Established`, `Connecting` (retry), `Queued` |
 //! | `SendingProxy` | as `Connecting` | client poll; `Step::LocalAddr` or `Step::ProxySend(HeaderBuf)` | `Established` |
@@ -64,6 +65,9 @@ pub enum State {
     PeerName,
     /// Reading the client's PROXY protocol header (`accept_proxy`).
     ProxyHeader,
+    /// Its PROXY header is all there (peeked, not consumed); waiting for a global or frontend
+    /// maxconn share, in the worker's admission FIFO. No timer runs (as for a parked socket).
+    Admitting,
     /// Waiting in the backend's queue for a server slot.
     Queued,
     /// The connect chain to a server is in flight.
@@ -138,6 +142,19 @@ impl Dir {
     }
 }
 
+/// What an open connection holds of the limits checked at accept.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Admission {
+    /// Nothing (not open, or given back at close).
+    #[default]
+    None,
+    /// A PROXY-header slot of its frontend (`accept_proxy`, until the header is all there):
+    /// counted in `handshakes`, not in `active`.
+    Handshake,
+    /// The global (and frontend) maxconn shares: counted in `active`.
+    Admitted,
+}
+
 /// Why a connection ends; decides graceful close versus RST and which counter moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -199,8 +216,8 @@ pub struct Conn {
     pub server: u16,
     pub source: u16,
     pub attempts: u8,
-    /// Holds a global (and frontend) share.
-    pub admitted: bool,
+    /// What it holds of the accept-time limits.
+    pub admission: Admission,
     /// Holds backend and server shares and a source port.
     pub server_shares: bool,
     pub connect_timed_out: bool,
@@ -602,6 +619,8 @@ pub(crate) struct Ctx<'w> {
     /// Flows waiting for a pipe or a buffer: (index, generation, direction).
     pub waiters: &'w mut VecDeque<(u32, u32, Dir)>,
     pub up: &'w mut Upstream,
+    /// Connections waiting for an admission share once their PROXY header is there (FIFO).
+    pub admitting: &'w mut VecDeque<(u32, u32)>,
     pub stats: &'w mut WorkerStats,
     pub cfg: &'w Config,
     pub listeners: &'w [ListenerInfo],
@@ -618,7 +637,8 @@ impl Ctx<'_> {
         Token::conn(op, self.idx, self.c.generation)
     }
 
-    /// Moves to `next`, keeping the gauges that count states (`queued`, `active`, `closing`).
+    /// Moves to `next`, keeping the gauges that count states (`queued`, `closing`); `active` and
+    /// `handshakes` follow what the connection holds (`Admission`).
     fn enter(&mut self, next: State) {
         let prev = self.c.state;
         if prev == next {
@@ -632,12 +652,8 @@ impl Ctx<'_> {
             self.stats.queued_total += 1;
         }
         match (prev, next) {
-            (State::Free, _) => self.stats.active += 1,
             (State::Closing(_), State::Free) => self.stats.closing -= 1,
-            (_, State::Closing(_)) => {
-                self.stats.active -= 1;
-                self.stats.closing += 1;
-            }
+            (_, State::Closing(_)) => self.stats.closing += 1,
             _ => {}
         }
         self.c.state = next;
@@ -775,12 +791,14 @@ impl Ctx<'_> {
         let client = c.last_client.saturating_add(fe.client_timeout.as_millis() as u64);
         match c.state {
             State::PeerName | State::Connecting | State::SendingProxy => Some(client),
+            // Admitted after waiting (`Admitting`): the header is all there, only being read.
+            State::ProxyHeader if c.admission == Admission::Admitted => Some(client),
             State::ProxyHeader => {
                 Some((c.t_accept_us / 1000).saturating_add(fe.proxy_header_timeout.as_millis() as u64))
             }
             State::Queued => Some(c.queued_at.saturating_add(be.queue_timeout.as_millis() as u64)),
             State::Established => Some(client.min(c.last_server.saturating_add(be.server_timeout.as_millis() as u64))),
-            State::Closing(_) | State::Free => None,
+            State::Admitting | State::Closing(_) | State::Free => None,
         }
     }
 

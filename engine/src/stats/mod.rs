@@ -174,6 +174,10 @@ pub struct WorkerStats {
     pub active: u64,
     /// Connections being closed (cancelling their last operations); not counted in `active`.
     pub closing: u64,
+    /// Connections reading their PROXY header (`accept_proxy`): they hold a PROXY-header slot of
+    /// their frontend, not a maxconn one, so they are not counted in `active`.
+    #[serde(default)]
+    pub handshakes: u64,
     pub accepted: u64,
     pub closed: u64,
     /// Accepted but waiting for a global/frontend slot (the listener is paused meanwhile).

@@ -1,76 +1,97 @@
 //! Admission: an accepted socket is admitted against this worker's share of the global and
-//! frontend maxconn (limits.rs). Without a share the socket is parked (accepted, not proxied), the
-//! worker stops accepting, so further clients wait in the kernel backlog, and asks the other
-//! workers for share; parked sockets are admitted in order as share comes back. A worker keeps
-//! accepting right up to the first socket it must park, because that socket is what tells it
-//! there is demand.
+//! frontend maxconn (limits.rs) — or, on an `accept_proxy` frontend, against its share of the
+//! frontend's PROXY-header limit, the maxconn shares coming once the header is all there (so
+//! clients slow to send their header never hold the slots served clients need).
+//!
+//! Without a share the socket is parked (accepted, not proxied), the worker stops accepting, so
+//! further clients wait in the kernel backlog, and asks the other workers for share; parked sockets
+//! are admitted in order as share comes back. A worker keeps accepting right up to the first socket
+//! it must park, because that socket is what tells it there is demand. Connections whose header is
+//! there but that find no maxconn share wait in their own FIFO (`State::Admitting`), served before
+//! parked sockets (they came first).
 
 use super::Worker;
 use super::ring::ClientSlot;
+use crate::conn::{Admission, State};
+use crate::worker::token::GENERATION_MASK;
 
 impl Worker {
     /// Admits a freshly accepted socket, or parks it.
     pub(super) fn admit(&mut self, listener: u16, slot: ClientSlot) {
         let fe = self.infos[listener as usize].frontend as usize;
-        if self.up.take_admission(fe) {
-            self.open(listener, slot);
+        let a = self.up.on_accept(fe);
+        if self.up.take(fe, a) {
+            self.open(listener, slot, a);
         } else {
             self.park(listener, slot);
         }
     }
 
     /// Opens a connection on an admitted socket.
-    fn open(&mut self, listener: u16, slot: ClientSlot) {
+    fn open(&mut self, listener: u16, slot: ClientSlot, a: Admission) {
         let idx = self.conns.insert();
-        self.with_conn(idx, |cx| cx.open(listener, slot));
+        self.with_conn(idx, |cx| cx.open(listener, slot, a));
         self.follow_up();
     }
 
     /// Holds an accepted socket that cannot be admitted yet and stops the listeners concerned.
     pub(super) fn park(&mut self, listener: u16, slot: ClientSlot) {
         let fe = self.infos[listener as usize].frontend as usize;
+        let a = self.up.on_accept(fe);
         let global = self.plan.limits.global;
-        let up = &mut self.up;
-        for id in up.admission[fe].into_iter().flatten() {
-            if !up.shares.has_room(id) {
+        for id in self.up.limits(fe, a).into_iter().flatten() {
+            if !self.up.shares.has_room(id) {
                 if id == global {
                     self.stats.limit_hits.global += 1;
                 } else {
                     self.stats.limit_hits.frontend += 1;
                 }
-                up.shares.want(id, &mut up.outbox);
             }
         }
+        self.up.want(fe, a);
         self.parked.push_back((listener, slot));
         self.stats.parked = self.parked.len() as u64;
         self.update_listeners();
     }
 
-    /// Admits parked sockets while shares allow; then lets the listeners accept again.
+    /// Admits waiting connections, then parked sockets, while shares allow; then lets the
+    /// listeners accept again.
     pub(super) fn admit_parked(&mut self) {
+        while let Some(&(idx, generation)) = self.admitting.front() {
+            let waiting =
+                self.conns.peek(idx, generation & GENERATION_MASK).is_some_and(|c| c.state == State::Admitting);
+            if waiting && !self.with_conn(idx, |cx| cx.resume_admission()) {
+                break;
+            }
+            self.admitting.pop_front();
+            self.follow_up();
+        }
         while let Some(&(listener, _)) = self.parked.front() {
             let fe = self.infos[listener as usize].frontend as usize;
-            if !self.up.take_admission(fe) {
+            let a = self.up.on_accept(fe);
+            if !self.up.take(fe, a) {
                 break;
             }
             let Some((listener, slot)) = self.parked.pop_front() else { break };
             self.stats.parked = self.parked.len() as u64;
-            self.open(listener, slot);
+            self.open(listener, slot, a);
         }
         self.stats.parked = self.parked.len() as u64;
-        if self.parked.is_empty() {
+        if self.parked.is_empty() && self.admitting.is_empty() {
             let global = self.plan.limits.global;
             self.up.shares.satisfied(global);
-            for f in self.plan.limits.frontend.iter().flatten() {
+            let lists = [&self.plan.limits.frontend, &self.plan.limits.proxy_header];
+            for f in lists.into_iter().flatten().flatten() {
                 self.up.shares.satisfied(*f);
             }
         }
         self.update_listeners();
     }
 
-    /// A connection gave its admission share back: a parked socket may go in, or accepts resume.
+    /// A connection gave a share back: a waiting connection or a parked socket may go in, or
+    /// accepts resume.
     pub(super) fn admission_freed(&mut self) {
-        if !self.parked.is_empty() {
+        if !self.parked.is_empty() || !self.admitting.is_empty() {
             self.admit_parked();
         } else if self.listeners.iter().any(|l| l.idle()) {
             self.update_listeners();

@@ -73,8 +73,12 @@ pub struct Worker {
     /// What a connection needs to know of each listener (same order as `listeners`).
     infos: Vec<ListenerInfo>,
     listeners: Vec<ListenerState>,
-    /// Accepted sockets waiting for a global/frontend share: (listener, slot).
+    /// Accepted sockets waiting for a share (global/frontend, or a PROXY-header slot): (listener,
+    /// slot).
     parked: VecDeque<(u16, ClientSlot)>,
+    /// Connections whose PROXY header is there, waiting for a global/frontend share: (index,
+    /// generation), oldest first.
+    admitting: VecDeque<(u32, u32)>,
     /// Accept-range slots holding a client socket (open, parked, or closing) or reserved by a
     /// single accept in flight.
     client_slots: u32,
@@ -204,6 +208,7 @@ impl Worker {
             pipes: &mut self.pipes,
             waiters: &mut self.waiters,
             up: &mut self.up,
+            admitting: &mut self.admitting,
             stats: &mut self.stats,
             cfg: &self.cfg,
             listeners: &self.infos,

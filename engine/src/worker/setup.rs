@@ -53,6 +53,8 @@ impl Worker {
                     total: 0,
                     errors: 0,
                     limit: plan.limits.server[b][s],
+                    ports_logged_at: None,
+                    ports_unlogged: 0,
                 });
             }
             let weights = be.servers.iter().map(|s| s.weight).collect();
@@ -140,6 +142,7 @@ impl Worker {
                 server_index,
                 connect_latency: (0..n).map(|_| latency_histogram()).collect(),
                 admission,
+                proxy_header: plan.limits.proxy_header.clone(),
             },
             stats,
             now: Clock::default(),
@@ -147,6 +150,7 @@ impl Worker {
             infos,
             listeners: listeners.into_iter().map(|l| ListenerState::new(l.frontend, l.fd)).collect(),
             parked: VecDeque::new(),
+            admitting: VecDeque::new(),
             client_slots: 0,
             follow: Followups::default(),
             started: Instant::now(),

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use hdrhistogram::Histogram;
 
 use crate::balance::Balancer;
+use crate::conn::Admission;
 use crate::limits::{LimitId, ShareMsg, Shares};
 use crate::sources::SourceShard;
 use crate::stats::ServerState;
@@ -23,6 +24,10 @@ pub(crate) struct Server {
     pub total: u64,
     pub errors: u64,
     pub limit: Option<LimitId>,
+    /// When this worker last said that connects to this server ran out of source ports (worker
+    /// clock, ms), and how many such failures it has not reported since.
+    pub ports_logged_at: Option<u64>,
+    pub ports_unlogged: u64,
 }
 
 pub(crate) struct Backend {
@@ -51,19 +56,52 @@ pub(crate) struct Upstream {
     /// Per frontend, the limits a connection is admitted against: the global one, and the
     /// frontend's own if it has a maxconn.
     pub admission: Vec<[Option<LimitId>; 2]>,
+    /// Per frontend with `accept_proxy`, the limit of connections reading their PROXY header.
+    pub proxy_header: Vec<Option<LimitId>>,
 }
 
 impl Upstream {
-    /// Takes the admission shares (global, and the frontend's if it has a maxconn) of frontend
-    /// `fe`: all of them, or none when one has no room.
-    pub fn take_admission(&mut self, fe: usize) -> bool {
+    /// What a connection accepted on frontend `fe` first takes: a PROXY-header slot for an
+    /// `accept_proxy` frontend (the admission shares come once its header is there), else the
+    /// admission shares.
+    pub fn on_accept(&self, fe: usize) -> Admission {
+        if self.proxy_header[fe].is_some() { Admission::Handshake } else { Admission::Admitted }
+    }
+
+    /// The limits of frontend `fe` that `a` stands for.
+    pub fn limits(&self, fe: usize, a: Admission) -> [Option<LimitId>; 2] {
+        match a {
+            Admission::None => [None, None],
+            Admission::Handshake => [self.proxy_header[fe], None],
+            Admission::Admitted => self.admission[fe],
+        }
+    }
+
+    /// Takes the shares `a` stands for on frontend `fe`: all of them, or none when one has no room.
+    pub fn take(&mut self, fe: usize, a: Admission) -> bool {
         let mut ids = [0; 2];
         let mut n = 0;
-        for id in self.admission[fe].into_iter().flatten() {
+        for id in self.limits(fe, a).into_iter().flatten() {
             ids[n] = id;
             n += 1;
         }
         self.shares.take_all(&ids[..n])
+    }
+
+    /// Gives back the shares `a` stands for on frontend `fe`.
+    pub fn release(&mut self, fe: usize, a: Admission) {
+        for id in self.limits(fe, a).into_iter().flatten() {
+            self.shares.release(id, &mut self.outbox);
+        }
+    }
+
+    /// Asks the other workers for the shares of `a` that have no room here (the slow path).
+    pub fn want(&mut self, fe: usize, a: Admission) {
+        for id in self.limits(fe, a).into_iter().flatten() {
+            if !self.shares.has_room(id) {
+                self.shares.want(id, &mut self.outbox);
+            }
+        }
     }
 
     /// The source IP a connection uses toward its server, if it has one.

@@ -183,8 +183,9 @@ pub fn addr(engine: &Engine, fe: &str) -> SocketAddr {
 pub type Gauge = (&'static str, fn(&WorkerStats) -> u64);
 
 /// The engine's gauges: what it holds now. All are 0 once every connection is closed and freed.
-pub const GAUGES: [Gauge; 6] = [
+pub const GAUGES: [Gauge; 7] = [
     ("active", |w| w.active),
+    ("handshakes", |w| w.handshakes),
     ("closing", |w| w.closing),
     ("queued", |w| w.queued),
     ("parked", |w| w.parked),

@@ -171,3 +171,90 @@ fn bad_oversized_or_late_headers_close_only_that_connection() {
     drop((good, silent));
     assert_clean(engine, &[echo.addr.port()]);
 }
+
+/// Review 2b (security-review-7b9477c): connections waiting for their PROXY header held maxconn
+/// slots until their header timeout, so 150 clients that never send one made a real client wait
+/// (1.8 s with `maxconn: 100`). They now hold slots of the frontend's own PROXY-header limit
+/// (`proxy_header_maxconn`), and a client whose header is there is served at once.
+#[test]
+fn silent_clients_waiting_for_their_header_do_not_hold_maxconn_slots() {
+    let echo = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 2, maxconn: 100 }}\ndefaults: {{ timeout: {{ proxy_header: 2s }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, accept_proxy: true }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        echo.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let silent: Vec<TcpStream> = (0..150).map(|_| connect(fe)).collect();
+    wait_until("150 connections reading their header", Duration::from_secs(5), || {
+        engine.stats().total(|w| w.handshakes) == 150
+    });
+    assert_eq!(engine.stats().total(|w| w.active), 0, "none of them holds a maxconn slot");
+    let t = std::time::Instant::now();
+    let mut real = connect(fe);
+    real.write_all(b"PROXY TCP4 10.1.1.1 10.2.2.2 1000 2000\r\n").unwrap();
+    echo_once(&mut real, b"served at once");
+    let took = t.elapsed();
+    assert!(took < Duration::from_millis(500), "the real client waited {took:?}");
+    drop((real, silent));
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
+/// A connection whose header is all there but finds no maxconn slot waits for one (its header
+/// left in the socket), without a header timeout, and goes on when a slot frees.
+#[test]
+fn a_complete_header_waits_for_a_maxconn_slot_then_goes_on() {
+    let held = Backend::start(Mode::Hold);
+    let engine = engine(&format!(
+        "global: {{ workers: 1, maxconn: 1 }}\ndefaults: {{ timeout: {{ proxy_header: 300ms }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, accept_proxy: true }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        held.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut first = connect(fe);
+    first.write_all(b"PROXY TCP4 10.1.1.1 10.2.2.2 1000 2000\r\n").unwrap();
+    echo_once(&mut first, b"first");
+    let mut second = connect(fe);
+    second.write_all(b"PROXY TCP4 10.1.1.2 10.2.2.2 1001 2000\r\nsecond").unwrap();
+    wait_until("the second connection to wait for a slot", Duration::from_secs(5), || {
+        let s = engine.stats();
+        s.total(|w| w.handshakes) == 1 && s.total(|w| w.active) == 1 && s.total(|w| w.limit_hits.global) >= 1
+    });
+    // Longer than its header timeout: a connection waiting for a slot has none.
+    thread::sleep(Duration::from_millis(600));
+    assert_eq!(engine.stats().total(|w| w.proxy_header_errors), 0);
+    drop(first);
+    let mut got = [0u8; 6];
+    second.read_exact(&mut got).expect("the second connection goes on once the first has closed");
+    assert_eq!(&got, b"second");
+    held.release();
+    drop(second);
+    assert_clean(engine, &[held.addr.port()]);
+}
+
+/// `proxy_header_maxconn` bounds the connections reading their header: beyond it, accepted
+/// sockets wait (parked) like any beyond a maxconn.
+#[test]
+fn proxy_header_maxconn_bounds_the_connections_reading_their_header() {
+    let echo = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 1 }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, accept_proxy: true, proxy_header_maxconn: 3 }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        echo.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let silent: Vec<TcpStream> = (0..5).map(|_| connect(fe)).collect();
+    // (The fifth may be parked too, or still in the backlog: accepting stops at the first parked.)
+    wait_until("three reading their header, the others parked", Duration::from_secs(5), || {
+        let s = engine.stats();
+        s.total(|w| w.handshakes) == 3 && s.total(|w| w.parked) >= 1
+    });
+    // The bound holds (it can only pass wrongly, never fail wrongly, after this pause).
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(engine.stats().total(|w| w.handshakes), 3);
+    drop(silent);
+    assert_clean(engine, &[echo.addr.port()]);
+}
