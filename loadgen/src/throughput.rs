@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::cli::{ClientArgs, Direction, ThroughputArgs};
-use crate::client::{ClientWorker, Event};
+use crate::client::{ClientWorker, Event, State};
 use crate::run::{ClientMode, WorkerPlan};
 use crate::stats::{Cause, Measurement, Progress};
 
@@ -46,10 +46,20 @@ struct Buffers {
     scratch: Box<[u8]>,
 }
 
+/// One stream: whether a send of it is in flight (the kernel may still be sending when the window
+/// closes).
+#[derive(Default)]
+struct Stream {
+    sending: bool,
+}
+
 struct Worker<'a> {
-    w: ClientWorker<'a, (), Buffers>,
+    w: ClientWorker<'a, Stream, Buffers>,
     send: bool,
 }
+
+/// How long the end of a run waits for the sends in flight to complete (and be counted).
+const LAST_SENDS: Duration = Duration::from_secs(2);
 
 impl<'a> Worker<'a> {
     fn new(args: &ThroughputArgs, plan: &'a WorkerPlan, progress: &'a Progress) -> Result<Self> {
@@ -58,7 +68,7 @@ impl<'a> Worker<'a> {
             pattern: (0..chunk).map(|i| (i % 251) as u8).collect(),
             scratch: vec![0u8; chunk].into_boxed_slice(),
         };
-        let w = ClientWorker::new("throughput", plan, progress, 1024, buffers, || ())?;
+        let w = ClientWorker::new("throughput", plan, progress, 1024, buffers, Stream::default)?;
         Ok(Worker { w, send: args.direction != Direction::Down })
     }
 
@@ -75,6 +85,20 @@ impl<'a> Worker<'a> {
         }
         self.w.m().window_s = plan.start.elapsed().as_secs_f64();
         self.w.fail_pending_connects();
+        // A send in flight may already have handed its bytes to the kernel, which delivers them:
+        // count it when it completes (no new one starts), so what was sent equals what the other
+        // end reads — at most one chunk per stream beyond the window.
+        self.send = false;
+        let until = Instant::now() + LAST_SENDS;
+        let sending =
+            |w: &ClientWorker<'_, Stream, Buffers>| w.slots().any(|s| s.state() == State::Open && s.conn.sending);
+        while sending(&self.w) && Instant::now() < until {
+            for e in self.w.poll(Duration::from_millis(50))? {
+                if let Event::Sent(..) = e {
+                    self.on(e)?;
+                }
+            }
+        }
         Ok(self.w.finish())
     }
 
@@ -88,11 +112,15 @@ impl<'a> Worker<'a> {
                 self.push_recv(i)
             }
             Event::ConnectFailed(_) => Ok(()),
-            Event::Sent(i, res) if res <= 0 => self.end(i, Cause::from_result(res, false)),
+            Event::Sent(i, res) if res <= 0 => {
+                self.w.conn_mut(i).0.sending = false;
+                self.end(i, Cause::from_result(res, false))
+            }
             Event::Sent(i, res) => {
+                self.w.conn_mut(i).0.sending = false;
                 self.w.m().up_bytes += res as u64;
                 Progress::add(&progress.up_bytes, res as u64);
-                self.push_send(i)
+                if self.send { self.push_send(i) } else { Ok(()) }
             }
             Event::Received(i, res) if res <= 0 => self.end(i, Cause::from_result(res, true)),
             Event::Received(i, res) => {
@@ -111,6 +139,7 @@ impl<'a> Worker<'a> {
     }
 
     fn push_send(&mut self, i: u32) -> Result<()> {
+        self.w.conn_mut(i).0.sending = true;
         // SAFETY: `pattern` is never written.
         unsafe { self.w.send(i, |_, b| &b.pattern[..]) }
     }
