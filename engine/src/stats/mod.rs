@@ -13,6 +13,7 @@
 pub mod latency;
 pub mod prometheus;
 pub mod render;
+mod serve;
 pub mod socket;
 
 use std::net::IpAddr;
@@ -20,6 +21,7 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 
 pub use latency::{LatencyBucket, LatencyHistogram};
+pub use serve::{ANSWER_BUDGET, ANSWER_DEADLINE, MAX_CLIENTS, REQUEST_DEADLINE};
 
 use crate::worker::ring::RingCounters;
 
@@ -79,6 +81,10 @@ pub struct Latency {
 pub fn latency_histogram() -> LatencyHistogram {
     LatencyHistogram::default()
 }
+
+/// What one server's stats cost each worker, all the time: its latency histogram and its row
+/// (names aside). `ringproxy check` counts it in its memory item.
+pub const SERVER_BYTES_PER_WORKER: u64 = (latency::HISTOGRAM_BYTES + std::mem::size_of::<ServerStats>()) as u64;
 
 /// Whether a server takes new connections (health checks decide; without them it is always up).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
