@@ -281,7 +281,12 @@ fn bind_private(
     // Through the descriptor: whatever is done to `dir_path` meanwhile, this is our directory.
     let inside = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
     let bound = (|| {
-        let listener = UnixListener::bind(&inside).map_err(create)?;
+        let listener = UnixListener::bind(&inside).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                create(io::Error::other(format!("binding in {}: {e} (is /proc mounted?)", inside.display())))
+            }
+            _ => create(e),
+        })?;
         race(Step::Bound, &dir_path);
         std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(mode))
             .map_err(|source| ServeError::Chmod { path: path.to_owned(), mode, source })?;
@@ -455,6 +460,24 @@ mod tests {
         assert_eq!(std::fs::read_to_string(target).unwrap(), "root's\n");
     }
 
+    /// Binds `stats.sock` (owner nobody) in a fresh directory while the service user swaps the
+    /// private directory at step `at`; returns the directory, the target and the outcome.
+    fn bind_under_attack(
+        name: &str,
+        at: Step,
+        mode: u32,
+    ) -> (PathBuf, PathBuf, Result<(UnixListener, FileId), ServeError>) {
+        let dir = scratch(name);
+        let t = target(&dir);
+        let owner = Some(Ids { uid: 65534, gid: 65534 });
+        let bound = bind_private(&dir.join("stats.sock"), mode, owner, &|step, private| {
+            if step == at {
+                swap(private, &t);
+            }
+        });
+        (dir, t, bound)
+    }
+
     /// Review 6d: the directory the socket is created in is swapped for the service user's own, with
     /// a symlink where the socket goes, right after it was made (at 7b9477c, chmod and chown by
     /// path then changed the symlink's target: root's file became the service user's). The engine
@@ -464,19 +487,11 @@ mod tests {
         if crate::sys::ids().0 != 0 {
             return eprintln!("skipped: needs root to play another user");
         }
-        let dir = scratch("made");
-        let t = target(&dir);
-        let path = dir.join("stats.sock");
-        let owner = Some(Ids { uid: 65534, gid: 65534 });
-        let err = bind_private(&path, 0o600, owner, &|step, private| {
-            if step == Step::Made {
-                swap(private, &t);
-            }
-        })
-        .expect_err("a swapped directory is refused");
+        let (dir, t, bound) = bind_under_attack("made", Step::Made, 0o600);
+        let err = bound.expect_err("a swapped directory is refused");
         assert!(err.to_string().contains("was replaced while the socket was being created"), "{err}");
         unchanged(&t);
-        assert_eq!(occupant(&path), Occupant::Nothing);
+        assert_eq!(occupant(&dir.join("stats.sock")), Occupant::Nothing);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -488,17 +503,10 @@ mod tests {
         if crate::sys::ids().0 != 0 {
             return eprintln!("skipped: needs root to play another user");
         }
-        let dir = scratch("bound");
-        let t = target(&dir);
-        let path = dir.join("stats.sock");
-        let owner = Some(Ids { uid: 65534, gid: 65534 });
-        let (listener, file) = bind_private(&path, 0o640, owner, &|step, private| {
-            if step == Step::Bound {
-                swap(private, &t);
-            }
-        })
-        .unwrap();
+        let (dir, t, bound) = bind_under_attack("bound", Step::Bound, 0o640);
+        let (listener, file) = bound.unwrap();
         unchanged(&t);
+        let path = dir.join("stats.sock");
         let m = std::fs::symlink_metadata(&path).unwrap();
         assert!(m.file_type().is_socket());
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (65534, 65534, 0o640));

@@ -11,6 +11,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::stats::http_get;
 use ringproxy::stats::{self, socket};
 
 /// What a real query may take with the other clients around.
@@ -30,13 +31,20 @@ fn monitored(sock: &Path, echo: SocketAddr, servers: usize) -> TestEngine {
     ))
 }
 
-/// Clients that connect and send nothing.
-fn idle_unix(sock: &Path, n: usize) -> Vec<UnixStream> {
-    (0..n).map(|_| UnixStream::connect(sock).unwrap()).collect()
-}
-
-fn idle_tcp(to: SocketAddr, n: usize) -> Vec<TcpStream> {
-    (0..n).map(|_| TcpStream::connect(to).unwrap()).collect()
+/// Clients that connect and send nothing, `n` on the stats socket and `n` on /metrics, each
+/// reading with a time limit.
+fn idle(sock: &Path, metrics: SocketAddr, n: usize) -> Vec<Box<dyn Read + Send>> {
+    let limit = Some(Duration::from_secs(10));
+    let mut out: Vec<Box<dyn Read + Send>> = Vec::new();
+    for _ in 0..n {
+        let u = UnixStream::connect(sock).unwrap();
+        u.set_read_timeout(limit).unwrap();
+        out.push(Box::new(u));
+        let t = TcpStream::connect(metrics).unwrap();
+        t.set_read_timeout(limit).unwrap();
+        out.push(Box::new(t));
+    }
+    out
 }
 
 /// A client that sends one byte every 1.5 s and never ends its request, until the server closes
@@ -50,16 +58,6 @@ fn drip<S: Write + Send + 'static>(mut s: S) -> JoinHandle<usize> {
         }
         sent
     })
-}
-
-/// Sends one HTTP request; returns the whole response (the server closes after it).
-fn http_get(to: SocketAddr, request: &str) -> String {
-    let mut c = TcpStream::connect(to).unwrap();
-    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    c.write_all(request.as_bytes()).unwrap();
-    let mut resp = String::new();
-    c.read_to_string(&mut resp).unwrap();
-    resp
 }
 
 /// `show info` on the socket and a scrape of /metrics, each answered within [`ANSWER_WITHIN`].
@@ -97,18 +95,13 @@ fn idle_and_dripping_clients_delay_no_query() {
     let sock = temp_path("monitor-idle.sock");
     let engine = monitored(&sock, echo.addr, 2);
     let metrics = engine.metrics_addr().unwrap();
-    let idle = idle_unix(&sock, 20);
-    let idle_http = idle_tcp(metrics, 20);
+    let idle = idle(&sock, metrics, 20);
     let drips = [drip(UnixStream::connect(&sock).unwrap()), drip(TcpStream::connect(metrics).unwrap())];
     answered_at_once(&sock, metrics);
-    let limit = stats::REQUEST_DEADLINE + Duration::from_secs(3);
     for c in idle {
-        c.set_read_timeout(Some(limit)).unwrap();
-        assert_eq!(read_until_closed(c, limit).0, 0, "an idle client is closed without an answer");
-    }
-    for c in idle_http {
-        c.set_read_timeout(Some(limit)).unwrap();
-        assert_eq!(read_until_closed(c, limit).0, 0, "an idle client is closed without an answer");
+        let (got, after) = read_until_closed(c, Duration::from_secs(10));
+        assert_eq!(got, 0, "an idle client is closed without an answer");
+        assert!(after < stats::REQUEST_DEADLINE + Duration::from_secs(1), "closed at the request deadline: {after:?}");
     }
     for d in drips {
         let sent = d.join().unwrap();
@@ -137,11 +130,7 @@ fn shutdown_does_not_wait_for_monitoring_clients() {
     std::thread::sleep(Duration::from_millis(200));
     let limit = Duration::from_secs(10);
     let until_closed = |c: Box<dyn Read + Send>| spawn(move || read_until_closed(c, limit).1);
-    let mut readers = Vec::new();
-    for _ in 0..20 {
-        readers.push(until_closed(Box::new(UnixStream::connect(&sock).unwrap())));
-        readers.push(until_closed(Box::new(TcpStream::connect(metrics).unwrap())));
-    }
+    let mut readers: Vec<_> = idle(&sock, metrics, 20).into_iter().map(until_closed).collect();
     let mut slow = UnixStream::connect(&sock).unwrap();
     slow.write_all(b"show json\n").unwrap();
     readers.push(until_closed(Box::new(slow)));
@@ -169,7 +158,7 @@ fn a_client_beyond_the_cap_is_closed_at_once() {
     let echo = Backend::start(Mode::Echo);
     let sock = temp_path("monitor-cap.sock");
     let engine = monitored(&sock, echo.addr, 2);
-    let held = idle_unix(&sock, stats::MAX_CLIENTS);
+    let held: Vec<UnixStream> = (0..stats::MAX_CLIENTS).map(|_| UnixStream::connect(&sock).unwrap()).collect();
     // The loop accepts in order: once the one past the cap is closed, all of these are held.
     let mut extra = UnixStream::connect(&sock).unwrap();
     extra.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
