@@ -1,7 +1,7 @@
 //! What `ringproxy check` knows about this host: the only part of the preflight that reads it.
 //!
-//! [`HostFacts::read`] gathers limits, sysctls, memory, CPUs, an io_uring probe and a binding test
-//! per configured IP, and never fails: a value that cannot be read is `None` (or an `Err` text for
+//! [`HostFacts::read`] gathers limits, sysctls, memory, CPUs, an io_uring probe, a binding test
+//! per configured IP and what is at the stats socket's path, and never fails: a value that cannot be read is `None` (or an `Err` text for
 //! the probe) and the item that needs it says so. Nothing here judges; `items.rs` does, on these
 //! facts alone, so tests build synthetic hosts instead of reading this one.
 
@@ -10,6 +10,7 @@ use std::net::IpAddr;
 
 use crate::config::Config;
 use crate::host::{self, NofileLimit};
+use crate::stats::socket::{self, Occupant};
 use crate::sys;
 
 #[derive(Clone, Debug)]
@@ -38,6 +39,8 @@ pub struct HostFacts {
     pub nonlocal_bind: bool,
     /// Configured IPs (sources, server addresses) this host cannot bind to, with the error.
     pub unbindable: HashMap<IpAddr, String>,
+    /// What is at `global.stats.socket` now, when it is set.
+    pub stats_socket: Option<Occupant>,
 }
 
 impl HostFacts {
@@ -75,6 +78,7 @@ impl HostFacts {
             io_uring_disabled: host::sysctl1("kernel.io_uring_disabled"),
             nonlocal_bind: nonlocal.iter().any(|n| host::sysctl1(n).unwrap_or(0) != 0),
             unbindable,
+            stats_socket: config.global.stats.socket.as_deref().map(socket::occupant),
         }
     }
 }

@@ -15,6 +15,8 @@ use super::{HostFacts, Item, Status, fail, grade, ok, warn};
 use crate::config::Config;
 use crate::host::NofileLimit;
 use crate::plan::{self, Plan};
+use crate::stats::SERVER_BYTES_PER_WORKER;
+use crate::stats::socket::Occupant;
 
 /// Kernel structures per socket besides its buffers (tcp_sock, file, inode): a rough slab cost.
 const SOCKET_OVERHEAD: u64 = 3 << 10;
@@ -46,8 +48,29 @@ pub fn evaluate(config: &Config, facts: &HostFacts) -> Vec<Item> {
     items.push(ports::reserved(config, facts, range));
     items.extend(ports::port_capacity(config, facts, target, ephemeral_ports));
     items.push(sources_item(config, facts));
-    items.extend(memory(&plan, target, facts));
+    items.extend(stats_socket(config, facts));
+    items.extend(memory(config, &plan, target, facts));
     items
+}
+
+/// What is at the stats socket's path: the engine replaces only a stale socket, and refuses to
+/// start over anything else (review item 1i).
+fn stats_socket(config: &Config, facts: &HostFacts) -> Option<Item> {
+    let path = config.global.stats.socket.as_ref()?.display();
+    Some(match facts.stats_socket.as_ref()? {
+        Occupant::Nothing => ok("stats socket", format!("{path} will be created")),
+        Occupant::Socket => ok(
+            "stats socket",
+            format!("{path} is a socket: replaced at start if no engine answers on it, refused if one does"),
+        ),
+        Occupant::Other(kind) => fail(
+            "stats socket",
+            format!("{path} is {kind}, not a socket: the engine would refuse to start (it never removes it)"),
+        )
+        .fix("set global.stats.socket to a path of its own, e.g. /run/ringproxy/ringproxy.sock"),
+        Occupant::Unknown(e) => warn("stats socket", format!("cannot look at {path}: {e}"))
+            .fix("check that the engine's user can reach the socket's directory"),
+    })
 }
 
 fn kernel(facts: &HostFacts) -> Item {
@@ -289,8 +312,9 @@ fn sources_item(config: &Config, facts: &HostFacts) -> Item {
     item.fix("(or on the interface facing the servers; make it persistent in the network configuration)")
 }
 
-/// Kernel socket memory for `target` idle connections, vs tcp_mem and vs RAM.
-fn memory(plan: &Plan, target: u32, facts: &HostFacts) -> Vec<Item> {
+/// Kernel socket memory for `target` idle connections, vs tcp_mem; that and the per-server stats
+/// every worker keeps, vs RAM.
+fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<Item> {
     let (Some(mem), Some(r), Some(w)) = (facts.tcp_mem, facts.tcp_rmem, facts.tcp_wmem) else {
         return vec![
             warn("tcp memory", "cannot read tcp_mem / tcp_rmem / tcp_wmem")
@@ -345,11 +369,15 @@ fn memory(plan: &Plan, target: u32, facts: &HostFacts) -> Vec<Item> {
     let Some(ram) = ram else {
         return vec![tcp, warn("memory", "cannot read MemTotal from /proc/meminfo").fix("check `free -g`")];
     };
-    let total = per_conn * u64::from(target);
+    let servers: u64 = config.backends.iter().map(|b| b.servers.len() as u64).sum();
+    let stats = servers * plan.workers as u64 * SERVER_BYTES_PER_WORKER;
+    let total = per_conn * u64::from(target) + stats;
     let detail = format!(
-        "{target} connections x {} (2 sockets: buffer floor + ~{} of kernel structures each) = {} of {} RAM",
+        "{target} connections x {} (2 sockets: buffer floor + ~{} of kernel structures each) + {servers} servers x {} workers x {} of stats (latency histogram and counters) = {} of {} RAM",
         size(per_conn),
         size(SOCKET_OVERHEAD),
+        plan.workers,
+        size(SERVER_BYTES_PER_WORKER),
         size(total),
         size(ram)
     );
@@ -360,6 +388,12 @@ fn memory(plan: &Plan, target: u32, facts: &HostFacts) -> Vec<Item> {
             "global.maxconn: {fits} (half the RAM at this floor), or a host with {} RAM or more",
             size(total * 2)
         ));
+        if stats > ram / 4 {
+            item = item.fix(format!(
+                "per-server stats alone take {}: run fewer workers (global.workers), or split the servers over several engines",
+                size(stats)
+            ));
+        }
     }
     vec![tcp, item]
 }

@@ -28,6 +28,7 @@ fn roomy() -> HostFacts {
         io_uring_disabled: Some(0),
         nonlocal_bind: false,
         unbindable: HashMap::new(),
+        stats_socket: None,
     }
 }
 
@@ -222,6 +223,45 @@ fn memory_is_sized_for_the_configured_maxconn() {
     assert!(fix.contains("net.ipv4.tcp_rmem=\"4096 4096 6291456\""), "{fix}");
     let small = evaluate(&config("maxconn: 100", "", ONE), &f);
     assert_eq!(item(&small, "tcp memory").status, Status::Ok);
+}
+
+#[test]
+fn memory_counts_the_stats_every_worker_keeps_per_server() {
+    let servers: String =
+        (0..1000).map(|i| format!("      - {{ name: s{i}, address: \"127.0.0.1:{}\" }}\n", 2000 + i)).collect();
+    let mut f = roomy();
+    let items = evaluate(&config("maxconn: 100", "", &servers), &f);
+    let m = item(&items, "memory");
+    let each = crate::stats::SERVER_BYTES_PER_WORKER;
+    assert!(
+        m.detail.contains(&format!("+ 1000 servers x 2 workers x {} of stats", super::render::size(each))),
+        "{}",
+        m.detail
+    );
+    assert_eq!(m.status, Status::Ok);
+    // 1000 servers x 2 workers x ~1.7 KiB = ~3.3 MiB: too much for a 4 MiB host.
+    f.mem_total = Some(4 << 20);
+    let m = item(&evaluate(&config("maxconn: 100", "", &servers), &f), "memory").clone();
+    assert_eq!(m.status, Status::Fail, "{m:#?}");
+    assert!(fix(&m).contains("per-server stats alone take 3."), "{}", fix(&m));
+}
+
+#[test]
+fn a_file_at_the_stats_socket_path_fails() {
+    use crate::stats::socket::Occupant;
+    let c = config("stats: { socket: /etc/ringproxy.yaml }", "", ONE);
+    let mut f = roomy();
+    f.stats_socket = Some(Occupant::Other("a regular file"));
+    let i = item(&evaluate(&c, &f), "stats socket").clone();
+    assert_eq!(i.status, Status::Fail);
+    assert!(i.detail.contains("/etc/ringproxy.yaml is a regular file, not a socket"), "{}", i.detail);
+    assert!(fix(&i).contains("global.stats.socket"));
+    for ok in [Occupant::Nothing, Occupant::Socket] {
+        f.stats_socket = Some(ok);
+        assert_eq!(item(&evaluate(&c, &f), "stats socket").status, Status::Ok);
+    }
+    f.stats_socket = None;
+    assert!(evaluate(&config("", "", ONE), &f).iter().all(|i| i.name != "stats socket"));
 }
 
 #[test]

@@ -156,7 +156,7 @@ impl Ctx<'_> {
         c.connect_took_us = took.min(u64::from(u32::MAX)) as u32;
         if result == 0 && !timed_out {
             let k = self.up.server_index[b] + s;
-            let _ = self.up.connect_latency[k].record(took.max(1));
+            self.up.connect_latency[k].record(took);
             return match self.cfg.backends[b].servers[s].send_proxy {
                 Some(v) => self.begin_send_proxy(v),
                 None => self.establish(),

@@ -1,18 +1,15 @@
 //! Prometheus text exposition (format 0.0.4) of [`EngineStats`], and the optional /metrics endpoint.
 //!
 //! Every per-worker series carries a `worker` label, so uneven spread and one saturated core show up
-//! directly in PromQL. The endpoint is a plain thread with its own blocking sockets, off the data
-//! path: each scrape asks the workers for a snapshot like any other stats reader.
+//! directly in PromQL. The endpoint is served off the data path by `serve` (clients at once, each
+//! within deadlines, under a cap): each scrape asks the workers for a snapshot like any other stats
+//! reader, and scrapers waiting at the same time share one.
 
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::AtomicBool;
 
-use super::{EngineStats, WorkerStats};
+use super::{EngineStats, WorkerStats, serve};
 
 /// One value of a labelled family, read from a worker's counters.
 type Part<'a> = (&'a str, &'a dyn Fn(&WorkerStats) -> u64);
@@ -234,9 +231,8 @@ pub fn render(s: &EngineStats) -> String {
 
 /// A running /metrics endpoint; stops when dropped.
 pub struct Endpoint {
-    stop: Arc<AtomicBool>,
     addr: SocketAddr,
-    thread: Option<JoinHandle<()>>,
+    _running: serve::Running,
 }
 
 impl Endpoint {
@@ -249,54 +245,44 @@ impl Endpoint {
 pub fn serve(addr: SocketAddr, collect: impl Fn() -> EngineStats + Send + 'static) -> std::io::Result<Endpoint> {
     let listener = TcpListener::bind(addr)?;
     let addr = listener.local_addr()?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = std::thread::Builder::new().name("ringproxy-metrics".into()).spawn(move || {
-        for conn in listener.incoming() {
-            if flag.load(Ordering::SeqCst) {
-                break;
-            }
-            if let Ok(conn) = conn {
-                let _ = answer(conn, &collect);
-            }
-        }
-    })?;
-    Ok(Endpoint { stop, addr, thread: Some(thread) })
+    let running = serve::start("ringproxy-metrics", listener, Http { collect })?;
+    Ok(Endpoint { addr, _running: running })
 }
 
-fn answer(mut conn: TcpStream, collect: &impl Fn() -> EngineStats) -> std::io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut req = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !req.windows(4).any(|w| w == b"\r\n\r\n") && !req.windows(2).any(|w| w == b"\n\n") && req.len() < 8192 {
-        let n = conn.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        req.extend_from_slice(&buf[..n]);
+/// HTTP as `serve` runs it: a request's first line decides; anything but `GET /metrics` is a 404.
+struct Http<C> {
+    collect: C,
+}
+
+/// The request keys [`Http`] answers by.
+const METRICS: &str = "metrics";
+const NOT_FOUND: &str = "not found";
+
+impl<C: Fn() -> EngineStats + Send + 'static> serve::Protocol for Http<C> {
+    const MAX_REQUEST: usize = 8192;
+
+    fn complete(buf: &[u8]) -> bool {
+        buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")
     }
-    let line = String::from_utf8_lossy(&req);
-    let first = line.lines().next().unwrap_or("");
-    let (status, body, kind) = if first.starts_with("GET /metrics ") || first == "GET /metrics" {
-        ("200 OK", render(&collect()), "text/plain; version=0.0.4; charset=utf-8")
-    } else {
-        ("404 Not Found", "ringproxy serves /metrics only\n".to_string(), "text/plain; charset=utf-8")
-    };
-    write!(
-        conn,
-        "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-}
 
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wake the blocking accept so the thread sees the flag.
-        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200));
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+    fn request(buf: &[u8]) -> Option<String> {
+        let text = String::from_utf8_lossy(buf);
+        let first = text.lines().next().unwrap_or("");
+        let metrics = first.starts_with("GET /metrics ") || first == "GET /metrics";
+        Some(if metrics { METRICS } else { NOT_FOUND }.to_owned())
+    }
+
+    fn answer(&self, request: &str, _: &AtomicBool) -> Vec<u8> {
+        let (status, body, kind) = match request {
+            METRICS => ("200 OK", render(&(self.collect)()), "text/plain; version=0.0.4; charset=utf-8"),
+            _ => ("404 Not Found", "ringproxy serves /metrics only\n".to_string(), "text/plain; charset=utf-8"),
+        };
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        let mut out = head.into_bytes();
+        out.extend_from_slice(body.as_bytes());
+        out
     }
 }

@@ -4,24 +4,33 @@
 //! `help`, `show info`, `show cores`, `show servers`, `show sources`, `show stat` (HAProxy-style
 //! CSV), `show json` (everything, for `ringproxy stats`), `show prometheus`, and `reload`, whose
 //! answer starts with a status line (`OK` or `FAIL`) that [`reload`] reads so no caller parses
-//! prose. The socket is created inside a private directory and moved into place only once it has
-//! the configured mode (0600 by default) and owner, so nobody connects with more rights than
-//! configured, without touching the process-wide umask. A stale socket file left by a crashed
-//! engine is replaced, a live one is refused.
+//! prose. Clients are served at once, each within deadlines and under a cap (`serve`).
+//!
+//! The socket file is made so that nobody connects with more rights than configured and, when the
+//! engine starts as root, no path another user can swap is ever followed (review items 6d, 1i).
+//! What is at the configured path is looked at first, without following it: nothing, or a socket
+//! nobody answers on (left by a crashed engine, removed), is fine; a live socket, or anything that
+//! is not a socket (a typo naming the configuration file), is refused and left untouched. The
+//! socket is then bound in a new 0700 directory beside the path, which the engine checks is its own
+//! and from then on reaches only through its open descriptor (`/proc/self/fd/N`), so the directory
+//! being renamed or replaced by whoever can write the parent changes nothing. Its mode and owner are
+//! set in there, where nobody else can add or swap an entry, before it is linked into place with
+//! link(2), which never replaces what is at the path. The umask is not used: it is the whole
+//! process's, and engines in one process (the tests) bind at once. At exit the file is removed only
+//! if it is still this socket.
 
-use std::fs::DirBuilder;
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
-use super::{EngineStats, prometheus, render};
+use super::{EngineStats, prometheus, render, serve};
 use crate::privileges::Ids;
 
 pub const HELP: &str = "\
@@ -69,11 +78,16 @@ impl ReloadAnswer {
 /// A reload request: the supervisor answers on the enclosed channel.
 pub type ReloadRequest = Sender<ReloadAnswer>;
 
-/// Answers one command line.
-pub fn answer(command: &str, collect: &dyn Fn() -> EngineStats, reload: Option<&Sender<ReloadRequest>>) -> String {
+/// Answers one command line. `stop` is set when the socket shuts down: a reload stops waiting.
+pub fn answer(
+    command: &str,
+    collect: &dyn Fn() -> EngineStats,
+    reload: Option<&Sender<ReloadRequest>>,
+    stop: &AtomicBool,
+) -> String {
     let words: Vec<&str> = command.split_whitespace().collect();
     match words.as_slice() {
-        ["reload"] => ask_reload(reload).encode(),
+        ["reload"] => ask_reload(reload, stop).encode(),
         ["help"] | [] => HELP.to_string(),
         ["show", "info"] => render::info(&collect()),
         ["show", "cores"] => render::cores(&collect(), None),
@@ -86,8 +100,8 @@ pub fn answer(command: &str, collect: &dyn Fn() -> EngineStats, reload: Option<&
     }
 }
 
-/// Forwards a reload to the supervisor and waits for its outcome.
-fn ask_reload(reload: Option<&Sender<ReloadRequest>>) -> ReloadAnswer {
+/// Forwards a reload to the supervisor and waits for its outcome (60 s at most, less if `stop`).
+fn ask_reload(reload: Option<&Sender<ReloadRequest>>, stop: &AtomicBool) -> ReloadAnswer {
     let Some(tx) = reload else {
         return ReloadAnswer::Refused("reload is not available on this socket\n".into());
     };
@@ -95,8 +109,39 @@ fn ask_reload(reload: Option<&Sender<ReloadRequest>>) -> ReloadAnswer {
     if tx.send(reply_tx).is_err() {
         return ReloadAnswer::Refused("reload failed: the engine is shutting down\n".into());
     }
-    (reply_rx.recv_timeout(Duration::from_secs(60)))
-        .unwrap_or_else(|_| ReloadAnswer::Refused("reload: no answer within 60s\n".into()))
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+        match reply_rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(answer) => return answer,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    ReloadAnswer::Refused("reload: no answer within 60s, or the engine is shutting down\n".into())
+}
+
+/// The line protocol as `serve` runs it.
+struct Lines<C> {
+    collect: C,
+    reload: Option<Sender<ReloadRequest>>,
+}
+
+impl<C: Fn() -> EngineStats + Send + 'static> serve::Protocol for Lines<C> {
+    const MAX_REQUEST: usize = 4096;
+
+    fn complete(buf: &[u8]) -> bool {
+        buf.contains(&b'\n')
+    }
+
+    /// The first line, if it is text.
+    fn request(buf: &[u8]) -> Option<String> {
+        let line = buf.split(|&b| b == b'\n').next().unwrap_or_default();
+        std::str::from_utf8(line).ok().map(|l| l.trim().to_owned())
+    }
+
+    fn answer(&self, request: &str, stop: &AtomicBool) -> Vec<u8> {
+        answer(request, &self.collect, self.reload.as_ref(), stop).into_bytes()
+    }
 }
 
 /// Why the stats socket could not be served.
@@ -104,9 +149,17 @@ fn ask_reload(reload: Option<&Sender<ReloadRequest>>) -> ReloadAnswer {
 pub enum ServeError {
     #[error("stats socket {}: another engine is answering on it; stop it or choose another path", .path.display())]
     InUse { path: PathBuf },
-    #[error("stats socket {}: cannot remove the stale file: {source}", .path.display())]
+    #[error(
+        "stats socket {}: {kind} is there, not a socket. ringproxy replaces only a stale socket, so it left it \
+         untouched: set global.stats.socket to a path of its own (e.g. /run/ringproxy/ringproxy.sock)",
+        .path.display()
+    )]
+    NotASocket { path: PathBuf, kind: &'static str },
+    #[error("stats socket {}: cannot remove the stale socket: {source}", .path.display())]
     Stale { path: PathBuf, source: io::Error },
-    /// Creating the socket file (its private directory, the bind, the move into place).
+    #[error("stats socket {}: a file appeared there while the socket was being created; nothing was replaced", .path.display())]
+    Taken { path: PathBuf },
+    /// Creating the socket file (its private directory, the bind, the link into place).
     #[error("stats socket {}: {source}", .path.display())]
     Create { path: PathBuf, source: io::Error },
     #[error("stats socket {}: chmod {mode:o}: {source}", .path.display())]
@@ -117,16 +170,59 @@ pub enum ServeError {
     Thread(io::Error),
 }
 
-/// A running stats socket; removes its file and stops when dropped.
+/// What is at the stats socket's path before the engine creates its socket there.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Occupant {
+    Nothing,
+    /// A socket: replaced if nobody answers on it, else refused.
+    Socket,
+    /// Anything else (`"a regular file"`, `"a directory"`, ...): refused, never touched.
+    Other(&'static str),
+    /// The path cannot be looked at (the error says why).
+    Unknown(String),
+}
+
+/// Looks at `path` without following it.
+pub fn occupant(path: &Path) -> Occupant {
+    let kind = match std::fs::symlink_metadata(path) {
+        Ok(meta) => meta.file_type(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Occupant::Nothing,
+        Err(e) => return Occupant::Unknown(e.to_string()),
+    };
+    match () {
+        _ if kind.is_socket() => Occupant::Socket,
+        _ if kind.is_file() => Occupant::Other("a regular file"),
+        _ if kind.is_dir() => Occupant::Other("a directory"),
+        _ if kind.is_symlink() => Occupant::Other("a symbolic link"),
+        _ if kind.is_fifo() => Occupant::Other("a FIFO"),
+        _ if kind.is_char_device() || kind.is_block_device() => Occupant::Other("a device"),
+        _ => Occupant::Other("a file that is not a socket"),
+    }
+}
+
+/// A socket file, by identity: removed at exit only if the path still names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+}
+
+impl FileId {
+    fn of(path: &Path) -> Option<FileId> {
+        std::fs::symlink_metadata(path).ok().map(|m| FileId { dev: m.dev(), ino: m.ino() })
+    }
+}
+
+/// A running stats socket; stops, then removes its file (if it is still there), when dropped.
 pub struct Server {
     path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    file: FileId,
+    running: Option<serve::Running>,
 }
 
 /// Creates the socket at `path` with permission bits `mode` (and `owner`, when the engine will run
-/// as another user) and serves it on a thread. `reload`, when given, is where the `reload` command
-/// is forwarded.
+/// as another user) and serves it. `reload`, when given, is where the `reload` command is
+/// forwarded.
 pub fn serve(
     path: &Path,
     mode: u32,
@@ -134,88 +230,133 @@ pub fn serve(
     reload: Option<Sender<ReloadRequest>>,
     owner: Option<Ids>,
 ) -> Result<Server, ServeError> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(ServeError::InUse { path: path.to_owned() });
+    claim(path)?;
+    let (listener, file) = bind_private(path, mode, owner, &|_, _| {})?;
+    match serve::start("ringproxy-stats", listener, Lines { collect, reload }) {
+        Ok(running) => Ok(Server { path: path.to_owned(), file, running: Some(running) }),
+        Err(e) => {
+            remove_if_ours(path, file);
+            Err(ServeError::Thread(e))
         }
-        std::fs::remove_file(path).map_err(|source| ServeError::Stale { path: path.to_owned(), source })?;
     }
-    let listener = bind_private(path, mode, owner)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    let thread = std::thread::Builder::new()
-        .name("ringproxy-stats".into())
-        .spawn(move || {
-            for conn in listener.incoming() {
-                if flag.load(Ordering::SeqCst) {
-                    break;
-                }
-                if let Ok(conn) = conn {
-                    let _ = handle(conn, &collect, reload.as_ref());
-                }
-            }
-        })
-        .map_err(ServeError::Thread)?;
-    Ok(Server { path: path.to_owned(), stop, thread: Some(thread) })
 }
 
-/// Binds a Unix socket at `path` that nobody else can connect to before it has `mode` and `owner`:
-/// it is bound inside a new 0700 directory beside `path`, given its mode and owner there, then
-/// renamed into place. (A umask would do the same, but the umask is the whole process's, and
-/// engines in one process, as in the tests, bind at the same time.)
-fn bind_private(path: &Path, mode: u32, owner: Option<Ids>) -> Result<UnixListener, ServeError> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
+/// Makes room at `path`: nothing there, or a stale socket (removed). Anything else is refused.
+fn claim(path: &Path) -> Result<(), ServeError> {
+    match occupant(path) {
+        Occupant::Nothing => Ok(()),
+        Occupant::Other(kind) => Err(ServeError::NotASocket { path: path.to_owned(), kind }),
+        Occupant::Unknown(e) => Err(ServeError::Create { path: path.to_owned(), source: io::Error::other(e) }),
+        Occupant::Socket => match UnixStream::connect(path) {
+            Ok(_) => Err(ServeError::InUse { path: path.to_owned() }),
+            // Nobody listens: left by an engine that crashed. (Only a socket is ever removed.)
+            Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                std::fs::remove_file(path).map_err(|source| ServeError::Stale { path: path.to_owned(), source })
+            }
+            Err(source) => Err(ServeError::Create { path: path.to_owned(), source }),
+        },
+    }
+}
+
+/// Where [`bind_private`] is, for tests that play someone swapping paths under it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    /// The private directory was just made (not yet opened).
+    Made,
+    /// The socket is bound in it (its mode and owner not yet set).
+    Bound,
+}
+
+/// Binds a Unix socket at `path` that nobody else can connect to before it has `mode` and `owner`
+/// (see the module's doc). `race` runs at each [`Step`] with the private directory's path.
+fn bind_private(
+    path: &Path,
+    mode: u32,
+    owner: Option<Ids>,
+    race: &dyn Fn(Step, &Path),
+) -> Result<(UnixListener, FileId), ServeError> {
     let create = |source| ServeError::Create { path: path.to_owned(), source };
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let dir = parent.join(format!(".ringproxy-{}-{n}", std::process::id()));
-    let mut mkdir = DirBuilder::new();
-    mkdir.mode(0o700);
-    if let Err(e) = mkdir.create(&dir) {
-        if e.kind() != io::ErrorKind::AlreadyExists {
-            return Err(create(e));
-        }
-        // Left by a process that crashed while binding, and had this pid (a container's pid 1).
-        std::fs::remove_dir_all(&dir).and_then(|()| mkdir.create(&dir)).map_err(create)?;
-    }
+    let (dir, dir_path) = private_dir(parent, race).map_err(create)?;
+    // Through the descriptor: whatever is done to `dir_path` meanwhile, this is our directory.
+    let inside = PathBuf::from(format!("/proc/self/fd/{}/s", dir.as_raw_fd()));
     let bound = (|| {
-        let inside = dir.join("s");
-        let listener = UnixListener::bind(&inside).map_err(create)?;
+        let listener = UnixListener::bind(&inside).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => {
+                create(io::Error::other(format!("binding in {}: {e} (is /proc mounted?)", inside.display())))
+            }
+            _ => create(e),
+        })?;
+        race(Step::Bound, &dir_path);
         std::fs::set_permissions(&inside, std::fs::Permissions::from_mode(mode))
             .map_err(|source| ServeError::Chmod { path: path.to_owned(), mode, source })?;
         if let Some(owner) = owner {
             // The engine will run as this user: let it remove its socket at exit.
-            std::os::unix::fs::chown(&inside, Some(owner.uid), Some(owner.gid))
+            std::os::unix::fs::lchown(&inside, Some(owner.uid), Some(owner.gid))
                 .map_err(|source| ServeError::Chown { path: path.to_owned(), owner, source })?;
         }
-        std::fs::rename(&inside, path).map_err(create)?;
-        Ok(listener)
+        let file = FileId::of(&inside).ok_or_else(|| create(io::Error::other("the bound socket vanished")))?;
+        std::fs::hard_link(&inside, path).map_err(|e| match e.kind() {
+            io::ErrorKind::AlreadyExists => ServeError::Taken { path: path.to_owned() },
+            _ => create(e),
+        })?;
+        Ok((listener, file))
     })();
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&inside);
+    drop(dir);
+    // (By path: if it was swapped, this removes the stand-in when empty, and ours stays, empty.)
+    let _ = std::fs::remove_dir(&dir_path);
     bound
 }
 
-fn handle(
-    conn: UnixStream,
-    collect: &dyn Fn() -> EngineStats,
-    reload: Option<&Sender<ReloadRequest>>,
-) -> io::Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(2)))?;
-    conn.set_write_timeout(Some(Duration::from_secs(5)))?;
-    let mut line = String::new();
-    BufReader::new(conn.try_clone()?).take(4096).read_line(&mut line)?;
-    let mut conn = conn;
-    conn.write_all(answer(&line, collect, reload).as_bytes())
+/// A new directory beside the socket's path that only this user can enter, opened; fails if what
+/// got opened is not the directory just made (someone who can write `parent` swapped it).
+fn private_dir(parent: &Path, race: &dyn Fn(Step, &Path)) -> io::Result<(File, PathBuf)> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..16 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir_path = parent.join(format!(".ringproxy-{}-{n}", std::process::id()));
+        match DirBuilder::new().mode(0o700).create(&dir_path) {
+            Ok(()) => {}
+            // Left by a process that crashed while binding and had this pid (a container's pid 1).
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+        race(Step::Made, &dir_path);
+        let opened = OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW).open(&dir_path);
+        let ours = opened
+            .as_ref()
+            .ok()
+            .and_then(|d| d.metadata().ok())
+            .is_some_and(|m| m.is_dir() && m.uid() == crate::sys::ids().0 && m.mode() & 0o077 == 0);
+        return match (opened, ours) {
+            (Ok(dir), true) => Ok((dir, dir_path)),
+            (opened, _) => {
+                let _ = std::fs::remove_dir(&dir_path);
+                Err(opened.err().unwrap_or_else(|| {
+                    io::Error::other(format!(
+                        "{} was replaced while the socket was being created: another user can write to {}; \
+                         put the stats socket in a directory only the engine's user can write",
+                        dir_path.display(),
+                        parent.display()
+                    ))
+                }))
+            }
+        };
+    }
+    Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("no free private directory name in {}", parent.display())))
+}
+
+fn remove_if_ours(path: &Path, file: FileId) {
+    if FileId::of(path) == Some(file) {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = UnixStream::connect(&self.path);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = std::fs::remove_file(&self.path);
+        drop(self.running.take());
+        remove_if_ours(&self.path, self.file);
     }
 }
 
@@ -284,7 +425,117 @@ mod tests {
 
     #[test]
     fn reload_without_a_supervisor_fails() {
-        let text = answer("reload", &EngineStats::default, None);
+        let text = answer("reload", &EngineStats::default, None, &AtomicBool::new(false));
         assert_eq!(text, "FAIL\nreload is not available on this socket\n");
+    }
+
+    /// A fresh directory for one test, under the system's temporary directory.
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("ringproxy-socket-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    /// A root-owned file with mode 0644, as /etc/shadow stands for in the attack.
+    fn target(dir: &Path) -> PathBuf {
+        let t = dir.join("target");
+        std::fs::write(&t, "root's\n").unwrap();
+        std::fs::set_permissions(&t, std::fs::Permissions::from_mode(0o644)).unwrap();
+        t
+    }
+
+    /// Plays the service user who owns the socket's directory: moves the engine's private
+    /// directory away and puts one of its own in its place, holding `s` -> `target`.
+    fn swap(private: &Path, target: &Path) {
+        std::fs::rename(private, private.with_extension("moved")).unwrap();
+        std::fs::create_dir(private).unwrap();
+        std::os::unix::fs::symlink(target, private.join("s")).unwrap();
+        std::os::unix::fs::lchown(private, Some(65534), Some(65534)).unwrap();
+    }
+
+    fn unchanged(target: &Path) {
+        let m = std::fs::symlink_metadata(target).unwrap();
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o644), "the target was not touched");
+        assert_eq!(std::fs::read_to_string(target).unwrap(), "root's\n");
+    }
+
+    /// Binds `stats.sock` (owner nobody) in a fresh directory while the service user swaps the
+    /// private directory at step `at`; returns the directory, the target and the outcome.
+    fn bind_under_attack(
+        name: &str,
+        at: Step,
+        mode: u32,
+    ) -> (PathBuf, PathBuf, Result<(UnixListener, FileId), ServeError>) {
+        let dir = scratch(name);
+        let t = target(&dir);
+        let owner = Some(Ids { uid: 65534, gid: 65534 });
+        let bound = bind_private(&dir.join("stats.sock"), mode, owner, &|step, private| {
+            if step == at {
+                swap(private, &t);
+            }
+        });
+        (dir, t, bound)
+    }
+
+    /// Review 6d: the directory the socket is created in is swapped for the service user's own, with
+    /// a symlink where the socket goes, right after it was made (at 7b9477c, chmod and chown by
+    /// path then changed the symlink's target: root's file became the service user's). The engine
+    /// sees the directory is not its own and stops; the target is untouched.
+    #[test]
+    fn a_private_directory_swapped_before_it_is_opened_is_refused() {
+        if crate::sys::ids().0 != 0 {
+            return eprintln!("skipped: needs root to play another user");
+        }
+        let (dir, t, bound) = bind_under_attack("made", Step::Made, 0o600);
+        let err = bound.expect_err("a swapped directory is refused");
+        assert!(err.to_string().contains("was replaced while the socket was being created"), "{err}");
+        unchanged(&t);
+        assert_eq!(occupant(&dir.join("stats.sock")), Occupant::Nothing);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Review 6d: the same swap once the socket is bound, before its mode and owner are set: they
+    /// are set through the engine's descriptor of its own directory, so the symlink is never
+    /// followed, and the socket gets them.
+    #[test]
+    fn a_private_directory_swapped_after_bind_changes_nothing() {
+        if crate::sys::ids().0 != 0 {
+            return eprintln!("skipped: needs root to play another user");
+        }
+        let (dir, t, bound) = bind_under_attack("bound", Step::Bound, 0o640);
+        let (listener, file) = bound.unwrap();
+        unchanged(&t);
+        let path = dir.join("stats.sock");
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert!(m.file_type().is_socket());
+        assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (65534, 65534, 0o640));
+        assert_eq!(FileId::of(&path), Some(file));
+        UnixStream::connect(&path).unwrap();
+        drop(listener);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Review 1i: only a socket is ever removed from the path; anything else is refused as it is.
+    #[test]
+    fn claim_refuses_what_is_not_a_socket_and_replaces_a_stale_one() {
+        let dir = scratch("claim");
+        let file = dir.join("ringproxy.yaml");
+        std::fs::write(&file, "global: {}\n").unwrap();
+        let err = claim(&file).unwrap_err().to_string();
+        assert!(err.contains("a regular file is there, not a socket") && err.contains("left it untouched"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "global: {}\n");
+        std::os::unix::fs::symlink(&file, dir.join("link")).unwrap();
+        assert!(claim(&dir.join("link")).unwrap_err().to_string().contains("a symbolic link"));
+        assert!(claim(&dir).unwrap_err().to_string().contains("a directory"));
+        let stale = dir.join("stale.sock");
+        drop(UnixListener::bind(&stale).unwrap());
+        assert_eq!(occupant(&stale), Occupant::Socket);
+        claim(&stale).unwrap();
+        assert_eq!(occupant(&stale), Occupant::Nothing, "a socket nobody answers on is removed");
+        let live = UnixListener::bind(&stale).unwrap();
+        assert!(matches!(claim(&stale), Err(ServeError::InUse { .. })));
+        drop(live);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -5,7 +5,7 @@
 use super::Worker;
 use crate::conn::{CloseReason, State};
 use crate::control::Control;
-use crate::stats::{Latency, ServerState, SourceStats, WorkerStats};
+use crate::stats::{ServerState, SourceStats, WorkerStats};
 
 impl Worker {
     pub(super) fn on_control(&mut self) {
@@ -118,7 +118,6 @@ impl Worker {
                     as u64
             })
             .collect();
-        s.connect_latency = self.up.connect_latency.clone();
         let mut k = 0;
         s.sources.clear();
         for (b, be) in self.up.backends.iter().enumerate() {
@@ -128,7 +127,10 @@ impl Worker {
                 row.total = srv.total;
                 row.connect_errors = srv.errors;
                 row.share = srv.limit.map_or(0, |l| u64::from(self.up.shares.held(l)));
-                row.connect_latency_us = Latency::of(&self.up.connect_latency[k]);
+                // Percentiles for this worker's rows, buckets for merging across workers.
+                let latency = &self.up.connect_latency[k];
+                row.connect_latency_us = latency.latency();
+                latency.export(k as u32, &mut s.connect_latency);
                 k += 1;
                 for (j, ip) in srv.sources.ips.iter().enumerate() {
                     s.sources.push(SourceStats {

@@ -5,13 +5,11 @@
 
 use std::collections::VecDeque;
 
-use hdrhistogram::Histogram;
-
 use crate::balance::Balancer;
 use crate::conn::Admission;
 use crate::limits::{LimitId, ShareMsg, Shares};
 use crate::sources::SourceShard;
-use crate::stats::ServerState;
+use crate::stats::{LatencyHistogram, ServerState};
 use crate::worker::ring::{AddrId, ServerSlots, TimeoutId};
 
 /// One server, as this worker sees it.
@@ -51,8 +49,8 @@ pub(crate) struct Upstream {
     pub server_slots: ServerSlots,
     /// Index of each backend's first server in the flattened per-server tables.
     pub server_index: Vec<usize>,
-    /// Connect latency per server (flattened).
-    pub connect_latency: Vec<Histogram<u64>>,
+    /// Connect latency per server (flattened): 1.5 KiB each, allocated at start.
+    pub connect_latency: Vec<LatencyHistogram>,
     /// Per frontend, the limits a connection is admitted against: the global one, and the
     /// frontend's own if it has a maxconn.
     pub admission: Vec<[Option<LimitId>; 2]>,

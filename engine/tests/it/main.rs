@@ -12,6 +12,7 @@ mod balance;
 mod faults;
 mod health;
 mod limits;
+mod monitoring;
 mod ports;
 mod proxy;
 mod proxy_protocol;

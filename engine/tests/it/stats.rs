@@ -199,8 +199,9 @@ fn socket_protocol_json_csv_and_prometheus() {
 }
 
 /// Sends one HTTP request; returns the whole response (the server closes after it).
-fn http_get(to: SocketAddr, request: &str) -> String {
+pub(crate) fn http_get(to: SocketAddr, request: &str) -> String {
     let mut c = TcpStream::connect(to).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     c.write_all(request.as_bytes()).unwrap();
     let mut resp = String::new();
     c.read_to_string(&mut resp).unwrap();

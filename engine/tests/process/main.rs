@@ -7,4 +7,5 @@ mod common;
 
 mod check;
 mod cli;
+mod monitoring;
 mod reload;
