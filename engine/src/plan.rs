@@ -22,8 +22,9 @@ pub const ACCEPT_BURST: u32 = 65_536;
 pub const DEFAULT_MAXCONN: u32 = 1_000_000;
 /// Most connections one worker is sized for (its direct table is 2x this, 8 bytes a slot).
 pub const MAX_PER_WORKER: u32 = 4_000_000;
-/// Descriptors kept free for listeners, eventfds, rings, logs and the stats socket.
-const FD_RESERVE: u64 = 64;
+/// Descriptors kept free for eventfds, rings, logs, health checks and the monitoring endpoints
+/// (each serves at most `stats::MAX_CLIENTS` clients at once; listeners are counted apart).
+const FD_RESERVE: u64 = 64 + 2 * crate::stats::MAX_CLIENTS as u64;
 
 #[derive(Clone, Debug)]
 pub struct Plan {
