@@ -246,7 +246,11 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
             Some(libc::SIGHUP) => eprintln!("ringproxy: SIGHUP ignored while draining"),
             Some(sig) => {
                 eprintln!("ringproxy: {} again: exiting now", signal_name(sig));
-                return ExitCode::from(1);
+                // Exit without joining the draining workers (returning would: dropping the
+                // supervisor joins its engines); what the engines hold dies with the process.
+                service.abandon();
+                drop(ready_file);
+                std::process::exit(1);
             }
             None => {}
         }

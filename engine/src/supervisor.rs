@@ -69,6 +69,8 @@ pub struct Supervisor {
     source: Arc<Mutex<Option<StatsSource>>>,
     reloads: Receiver<ReloadRequest>,
     _stats_socket: Option<socket::Server>,
+    /// Where the stats socket is (removed by [`Supervisor::abandon`]).
+    stats_path: Option<PathBuf>,
     metrics: Option<prometheus::Endpoint>,
     /// Successful reloads since start.
     pub generation: u64,
@@ -113,6 +115,7 @@ impl Supervisor {
             source,
             reloads,
             _stats_socket: stats_socket,
+            stats_path: stats.socket,
             metrics,
             generation: 0,
         })
@@ -124,6 +127,16 @@ impl Supervisor {
 
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().map(|m| m.addr())
+    }
+
+    /// Gives up at once, without joining any thread (a second SIGTERM): removes the stats socket's
+    /// file and leaves the engines, still draining, to the process's exit, which the caller
+    /// brings about right after.
+    pub fn abandon(self) {
+        if let Some(p) = &self.stats_path {
+            let _ = std::fs::remove_file(p);
+        }
+        std::mem::forget(self);
     }
 
     /// Engines still draining after reloads.
