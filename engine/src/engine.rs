@@ -40,9 +40,8 @@ pub enum StartError {
     Privileges(#[from] PrivilegeError),
     #[error(transparent)]
     Listen(#[from] ListenError),
-    /// Opening the connection log (the error names the file).
-    #[error("{0}")]
-    ConnectionLog(io::Error),
+    #[error(transparent)]
+    ConnectionLog(#[from] log::OpenError),
     #[error(transparent)]
     StatsSocket(#[from] socket::ServeError),
     #[error("Prometheus endpoint {addr}: {source}")]
@@ -51,6 +50,8 @@ pub enum StartError {
     EventFd(io::Error),
     #[error("cannot start worker thread {id}: {source}")]
     Thread { id: usize, source: io::Error },
+    #[error("cannot start the {name} thread: {source}")]
+    Helper { name: &'static str, source: io::Error },
     #[error("a worker did not start within 30s")]
     WorkerTimeout,
     /// A worker could not set up its ring (the text says which worker and why).
@@ -143,7 +144,9 @@ impl Engine {
         let (listeners, bound, groups) = listener::bind_all(&config, plan.workers, opts.inherit)?;
         let (log_sink, log_thread) = match &config.global.connection_log {
             Some(target) => {
-                let (sink, thread) = log::spawn(target).map_err(StartError::ConnectionLog)?;
+                let out = log::open(target)?;
+                let (sink, thread) =
+                    log::spawn(out).map_err(|source| StartError::Helper { name: "ringproxy-log", source })?;
                 (Some(sink), Some(thread))
             }
             None => (None, None),

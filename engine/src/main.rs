@@ -183,6 +183,12 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     for w in &config.warnings {
         eprintln!("{w}");
     }
+    // A log file at RLIMIT_FSIZE then fails its writes (EFBIG, reported by the log thread) instead
+    // of killing the process.
+    if let Err(e) = ringproxy::sys::ignore_signal(libc::SIGXFSZ) {
+        eprintln!("ringproxy: cannot ignore SIGXFSZ: {e}");
+        return ExitCode::from(1);
+    }
     // Block the signals we handle before any thread starts, so workers inherit the mask and the
     // main thread alone receives them.
     let signals = match Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP]) {

@@ -1,8 +1,9 @@
 //! The few system calls the engine makes outside its rings, each behind a safe function.
 //!
 //! The data path talks to the kernel through `worker/ring/` only; this module holds the rest:
-//! the control eventfd, the signal mask, RLIMIT_NOFILE, account lookups and id switching, a pipe,
-//! one socket option, poll(2) for health checks, the kernel release and the page size. Every
+//! the control eventfd, the signal mask, RLIMIT_NOFILE, account lookups and id switching, opening
+//! a file without following symbolic links, a pipe, one socket option, poll(2) for health checks,
+//! the kernel release and the page size. Every
 //! `unsafe` block is a single libc call (or a call and the adoption of the descriptor it returned)
 //! on arguments owned by the calling frame, with a `SAFETY:` line saying so. Nothing here keeps
 //! state, and nothing here is called per connection.
@@ -10,7 +11,7 @@
 use std::ffi::CStr;
 use std::fs::File;
 use std::io::{self, Write as _};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// An eventfd used as a doorbell: a sender signals, the woken side's ring has a read armed on it.
@@ -163,6 +164,79 @@ pub fn set_uid(uid: libc::uid_t) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// Sets `signal` to be ignored (SIG_IGN), for this and every thread.
+pub fn ignore_signal(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: signal(2) with SIG_IGN installs no handler, so no code of ours runs on delivery.
+    if unsafe { libc::signal(signal, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `dir` as the raw descriptor *at() calls take (`None`: the working directory).
+fn at(dir: Option<BorrowedFd<'_>>) -> RawFd {
+    dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd())
+}
+
+/// The file type bits (`st_mode & S_IFMT`) of `name` in `dir`, not following a symbolic link.
+pub fn file_type_at(dir: Option<BorrowedFd<'_>>, name: &CStr) -> io::Result<libc::mode_t> {
+    // SAFETY: `st` is a local stat (plain data, valid all-zero) that fstatat only writes into;
+    // `name` is NUL-terminated and `dir` (when given) is a descriptor borrowed for the call.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstatat(at(dir), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+/// Opens the directory `name` in `dir` as a path-only descriptor (for further *at() calls),
+/// failing when `name` is a symbolic link.
+pub fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &CStr) -> io::Result<OwnedFd> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated and `dir` borrowed for the call. On success the result is a
+    // new descriptor nothing else owns, so the OwnedFd may take it over.
+    unsafe {
+        let fd = libc::openat(at(dir), name.as_ptr(), flags);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Opens `name` in `dir` for appending, creating it with `mode` (less the umask) when absent.
+/// Never follows a symbolic link (ELOOP), never waits for a FIFO's reader (ENXIO when it has
+/// none) and never becomes the controlling terminal. The file is returned blocking.
+pub fn open_append_at(dir: Option<BorrowedFd<'_>>, name: &CStr, mode: libc::mode_t) -> io::Result<File> {
+    let flags = libc::O_WRONLY
+        | libc::O_APPEND
+        | libc::O_CREAT
+        | libc::O_NOFOLLOW
+        | libc::O_NONBLOCK
+        | libc::O_NOCTTY
+        | libc::O_CLOEXEC;
+    // SAFETY: as in `open_dir_at`; the mode is passed as the variadic argument O_CREAT reads.
+    let file = unsafe {
+        let fd = libc::openat(at(dir), name.as_ptr(), flags, libc::c_uint::from(mode));
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        File::from_raw_fd(fd)
+    };
+    // SAFETY: fcntl on the descriptor `file` owns, with integer arguments.
+    let cleared = unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        fl >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
 }
 
 /// A non-blocking, close-on-exec pipe (read end, write end) asked to hold `size` bytes, and the
