@@ -1,10 +1,12 @@
 //! The running engine: start (size, bind, spawn workers), observe (stats), stop (drain).
 //!
-//! Start-up does everything that can fail before any worker runs: raise RLIMIT_NOFILE, size the
-//! workers to the host (plan.rs), check that source addresses are local, bind every listener. Then
-//! each worker thread builds its own ring and reports ready; if one cannot, the others are stopped
-//! and the error is returned. The engine is a library object so tests can run it in-process; the
-//! binary adds signal handling around it.
+//! Start-up does everything that can fail before any worker runs, in two halves. [`Engine::prepare`]
+//! starts no thread: raise RLIMIT_NOFILE, size the workers to the host (plan.rs), check that source
+//! addresses are local, bind every listener, drop privileges (privileges.rs). [`Prepared::launch`]
+//! opens the connection log with the rights that are left, starts the helper threads (health
+//! checks, log writer), then the workers: each builds its own ring and reports
+//! ready; if one cannot, the others are stopped and the error is returned. The engine is a library
+//! object so tests can run it in-process; the binary adds signal handling around it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -128,10 +130,16 @@ impl Engine {
         Engine::start_with(config, StartOptions::default())
     }
 
-    /// Starts with options: inherited listeners (reload), stats served by the caller. Everything
-    /// that needs root (binding, opening the log) happens before privileges are dropped
-    /// (`global.user`/`group`), and that before any worker runs.
+    /// Starts with options: inherited listeners (reload), stats served by the caller
+    /// ([`Engine::prepare`], then [`Prepared::launch`]).
     pub fn start_with(config: Config, opts: StartOptions) -> Result<Engine, StartError> {
+        Engine::prepare(config, opts)?.launch()
+    }
+
+    /// The first half of a start, everything that may need privileges and starts no thread: raise
+    /// RLIMIT_NOFILE, plan, check the sources, bind every listener; then drop privileges
+    /// (`global.user`/`group`, capabilities: see privileges.rs).
+    pub fn prepare(config: Config, opts: StartOptions) -> Result<Prepared, StartError> {
         let limit = host::raise_nofile().map_err(StartError::Nofile)?;
         let ports = host::ephemeral_ports().unwrap_or(28_232);
         let plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
@@ -142,6 +150,28 @@ impl Engine {
             None => None,
         };
         let (listeners, bound, groups) = listener::bind_all(&config, plan.workers, opts.inherit)?;
+        privileges::drop_after_binding(ids)?;
+        Ok(Prepared { config, plan, ids, listeners, bound, groups, external_stats: opts.external_stats })
+    }
+}
+
+/// An engine bound and without privileges, not yet running: [`Engine::prepare`], then
+/// [`Prepared::launch`]. Dropping it closes the listeners it bound.
+pub struct Prepared {
+    config: Config,
+    plan: Plan,
+    ids: Option<privileges::Ids>,
+    listeners: Vec<Vec<crate::worker::Listener>>,
+    bound: Vec<Bound>,
+    groups: Vec<ListenerGroup>,
+    external_stats: bool,
+}
+
+impl Prepared {
+    /// The second half: opens the connection log (with the rights the engine now has), starts the
+    /// helper threads, then the workers. Returns once every worker accepts.
+    pub fn launch(self) -> Result<Engine, StartError> {
+        let Prepared { config, plan, ids, listeners, bound, groups, external_stats } = self;
         let (log_sink, log_thread) = match &config.global.connection_log {
             Some(target) => {
                 let out = log::open(target)?;
@@ -173,7 +203,7 @@ impl Engine {
             health: health.as_ref().map(|h| h.status.clone()),
         };
         let stats_socket = match &config.global.stats.socket {
-            Some(_) if opts.external_stats => None,
+            Some(_) if external_stats => None,
             Some(path) => {
                 let src = source.clone();
                 Some(socket::serve(path, config.global.stats.mode, move || src.collect(), None, ids)?)
@@ -181,7 +211,7 @@ impl Engine {
             None => None,
         };
         let metrics = match config.global.stats.prometheus {
-            Some(_) if opts.external_stats => None,
+            Some(_) if external_stats => None,
             Some(addr) => {
                 let src = source.clone();
                 Some(
@@ -191,9 +221,6 @@ impl Engine {
             }
             None => None,
         };
-        if let Some(ids) = ids {
-            privileges::drop_to(ids)?;
-        }
         let (ready_tx, ready_rx) = bounded(plan.workers);
         let mut threads = Vec::new();
         for (id, (rx, listeners)) in receivers.into_iter().zip(listeners).enumerate() {
@@ -241,7 +268,9 @@ impl Engine {
         }
         Ok(engine)
     }
+}
 
+impl Engine {
     pub fn plan(&self) -> &Plan {
         &self.plan
     }

@@ -183,6 +183,12 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     for w in &config.warnings {
         eprintln!("{w}");
     }
+    // Before any thread starts, so that every thread inherits it: no_new_privs and no capability
+    // to pass on (privileges.rs); the rest is dropped once the engine has bound.
+    if let Err(e) = ringproxy::privileges::restrict() {
+        eprintln!("ringproxy: cannot restrict its privileges: {e}");
+        return ExitCode::from(1);
+    }
     // A log file at RLIMIT_FSIZE then fails its writes (EFBIG, reported by the log thread) instead
     // of killing the process.
     if let Err(e) = ringproxy::sys::ignore_signal(libc::SIGXFSZ) {

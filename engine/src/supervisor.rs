@@ -13,14 +13,15 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::{Receiver, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::config::{self, Config, ConfigError};
 use crate::engine::{Engine, StartError, StartOptions, StatsSource};
 use crate::listener::Bound;
-use crate::privileges;
+use crate::privileges::{self, Ids};
 use crate::stats::socket::{ReloadAnswer, ReloadRequest};
 use crate::stats::{EngineStats, prometheus, socket};
+use crate::sys;
 
 /// What a successful reload put in place. Displays as the one line operators read (then the
 /// configuration's warnings, one per line).
@@ -76,9 +77,36 @@ pub struct Supervisor {
     pub generation: u64,
 }
 
+/// The stats endpoints: the socket and the Prometheus endpoint, each when configured.
+type Endpoints = (Option<socket::Server>, Option<prometheus::Endpoint>);
+
+/// Opens the stats endpoints `stats` configures: the socket owned by `owner` (the user the engine
+/// will run as), forwarding `reload` commands.
+fn open_endpoints(
+    stats: &config::Stats,
+    owner: Option<Ids>,
+    collect: impl Fn() -> EngineStats + Clone + Send + 'static,
+    reload: Sender<ReloadRequest>,
+) -> Result<Endpoints, StartError> {
+    let stats_socket = match &stats.socket {
+        Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload), owner)?),
+        None => None,
+    };
+    let metrics = match stats.prometheus {
+        Some(addr) => Some(prometheus::serve(addr, collect).map_err(|source| StartError::Prometheus { addr, source })?),
+        None => None,
+    };
+    Ok((stats_socket, metrics))
+}
+
 impl Supervisor {
-    /// Opens the stats endpoints, then starts the first engine for `config` (read from `path`).
-    /// The endpoints come first because the engine drops privileges once it has bound.
+    /// Opens the stats endpoints and starts the first engine for `config` (read from `path`).
+    ///
+    /// Started as root, the endpoints come first: the engine switches to `global.user` once it has
+    /// bound, and the socket may be in a directory only root can write to (it is given to `user`;
+    /// the switch takes the capabilities of their threads too). Started as another user, they come
+    /// once the engine has bound and dropped its capabilities, so their threads never hold one;
+    /// either way before any worker runs.
     pub fn start(path: &Path, config: Config) -> Result<Supervisor, StartError> {
         let stats = config.global.stats.clone();
         let owner = match &config.global.user {
@@ -94,17 +122,17 @@ impl Supervisor {
                 current.map(|s| s.collect()).unwrap_or_default()
             }
         };
-        let stats_socket = match &stats.socket {
-            Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload_tx), owner)?),
-            None => None,
-        };
-        let metrics = match stats.prometheus {
-            Some(addr) => {
-                Some(prometheus::serve(addr, collect).map_err(|source| StartError::Prometheus { addr, source })?)
-            }
-            None => None,
-        };
-        let engine = Engine::start_with(config, StartOptions { inherit: &[], external_stats: true })?;
+        let as_root = sys::ids().0 == 0;
+        let mut endpoints = (None, None);
+        if as_root {
+            endpoints = open_endpoints(&stats, owner, collect.clone(), reload_tx.clone())?;
+        }
+        let prepared = Engine::prepare(config, StartOptions { inherit: &[], external_stats: true })?;
+        if !as_root {
+            endpoints = open_endpoints(&stats, owner, collect, reload_tx)?;
+        }
+        let engine = prepared.launch()?;
+        let (stats_socket, metrics) = endpoints;
         if let Ok(mut s) = source.lock() {
             *s = Some(engine.stats_source());
         }

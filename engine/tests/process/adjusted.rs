@@ -4,15 +4,18 @@
 //! on a thread, every wait bounded, the child killed when dropped.
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use ringproxy::ready::{Ready, ReadyFile};
 
 use crate::common::*;
 
 pub struct Adjusted {
     child: Child,
+    ready_file: PathBuf,
     stderr: Arc<Mutex<Vec<String>>>,
 }
 
@@ -36,7 +39,26 @@ impl Adjusted {
                 lines.lock().unwrap().push(l);
             }
         });
-        Adjusted { child, stderr }
+        Adjusted { child, ready_file, stderr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for the ready file; fails the test if the process exits first.
+    pub fn ready(&mut self) -> Ready {
+        let (file, child) = (&self.ready_file, &mut self.child);
+        let mut exited = None;
+        wait_until("ringproxy to write its ready file", Duration::from_secs(10), || {
+            exited = child.try_wait().unwrap();
+            exited.is_some() || file.exists()
+        });
+        if let Some(status) = exited {
+            std::thread::sleep(Duration::from_millis(100)); // its last words
+            panic!("ringproxy exited before it was ready ({status}): {:#?}", self.stderr());
+        }
+        ReadyFile::read(&self.ready_file).unwrap()
     }
 
     /// Waits for the exit (failing the test after `limit`); returns the exit code.
