@@ -4,7 +4,7 @@
 //! starts no thread: raise RLIMIT_NOFILE, size the workers to the host (plan.rs), check that source
 //! addresses are local, bind every listener, drop privileges (privileges.rs). [`Prepared::launch`]
 //! opens the connection log with the rights that are left, starts the helper threads (health
-//! checks, log writer), then the workers: each builds its own ring and reports
+//! checks, log writer) under a [`Watch`], then the workers: each builds its own ring and reports
 //! ready; if one cannot, the others are stopped and the error is returned. The engine is a library
 //! object so tests can run it in-process; the binary adds signal handling around it.
 
@@ -26,6 +26,7 @@ use crate::privileges::{self, PrivilegeError};
 use crate::sources;
 use crate::stats::{EngineStats, prometheus, socket};
 use crate::sys::EventFd;
+use crate::watch::Watch;
 use crate::worker::{self, WorkerSetup};
 
 /// Why an engine did not start. Nothing it had set up is left running.
@@ -130,10 +131,11 @@ impl Engine {
         Engine::start_with(config, StartOptions::default())
     }
 
-    /// Starts with options: inherited listeners (reload), stats served by the caller
-    /// ([`Engine::prepare`], then [`Prepared::launch`]).
+    /// Starts with options: inherited listeners (reload), stats served by the caller; helper
+    /// threads report failures only to stderr (see [`Engine::prepare`] and [`Prepared::launch`]
+    /// for a watched start).
     pub fn start_with(config: Config, opts: StartOptions) -> Result<Engine, StartError> {
-        Engine::prepare(config, opts)?.launch()
+        Engine::prepare(config, opts)?.launch(&Watch::detached())
     }
 
     /// The first half of a start, everything that may need privileges and starts no thread: raise
@@ -169,14 +171,14 @@ pub struct Prepared {
 
 impl Prepared {
     /// The second half: opens the connection log (with the rights the engine now has), starts the
-    /// helper threads, then the workers. Returns once every worker accepts.
-    pub fn launch(self) -> Result<Engine, StartError> {
+    /// helper threads under `watch`, then the workers. Returns once every worker accepts.
+    pub fn launch(self, watch: &Watch) -> Result<Engine, StartError> {
         let Prepared { config, plan, ids, listeners, bound, groups, external_stats } = self;
         let (log_sink, log_thread) = match &config.global.connection_log {
             Some(target) => {
                 let out = log::open(target)?;
                 let (sink, thread) =
-                    log::spawn(out).map_err(|source| StartError::Helper { name: "ringproxy-log", source })?;
+                    log::spawn(out, watch).map_err(|source| StartError::Helper { name: "ringproxy-log", source })?;
                 (Some(sink), Some(thread))
             }
             None => (None, None),
@@ -194,7 +196,8 @@ impl Prepared {
         }
         let peers = Arc::new(peers);
         // Checks may report before the workers run: their messages wait in the channels.
-        let health = crate::health::spawn(&config, peers.clone());
+        let health = crate::health::spawn(&config, peers.clone(), watch)
+            .map_err(|source| StartError::Helper { name: "ringproxy-health", source })?;
         let source = StatsSource {
             config: config.clone(),
             plan: plan.clone(),

@@ -8,6 +8,7 @@
 //! poll(2), so one thread checks hundreds of servers without blocking on any; workers learn of state
 //! changes over their control channels and never wait for a check.
 //!
+//! The thread runs under the engine's [`Watch`]: should it ever fail, the engine says so and stops.
 //! Its time arithmetic saturates, so no configured interval or timeout can make it panic (a value
 //! beyond a century means "not within a century").
 
@@ -24,6 +25,7 @@ use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, HealthCheck};
 use crate::control::{Control, Peer};
+use crate::watch::Watch;
 
 /// The furthest ahead a deadline is put: later than any run, and far from overflowing the clock.
 const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -98,8 +100,9 @@ struct Target {
     inflight: Option<InFlight>,
 }
 
-/// Starts checking every server that asks for it; `None` when none does.
-pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>) -> Option<HealthChecker> {
+/// Starts checking every server that asks for it, on a thread watched by `watch`; `None` when no
+/// server is checked.
+pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>, watch: &Watch) -> io::Result<Option<HealthChecker>> {
     let mut targets = Vec::new();
     let mut rows = Vec::new();
     let now = Instant::now();
@@ -130,16 +133,16 @@ pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>) -> Option<HealthChecker> {
         }
     }
     if targets.is_empty() {
-        return None;
+        return Ok(None);
     }
     let status = Arc::new(Mutex::new(rows));
     let stop = Arc::new(AtomicBool::new(false));
     let (st, flag) = (status.clone(), stop.clone());
-    let thread = std::thread::Builder::new()
-        .name("ringproxy-health".into())
-        .spawn(move || run(targets, peers, st, flag))
-        .ok()?;
-    Some(HealthChecker { status, stop, thread: Some(thread) })
+    let thread = watch.spawn("ringproxy-health", move || {
+        run(targets, peers, st, flag);
+        Ok::<(), io::Error>(())
+    })?;
+    Ok(Some(HealthChecker { status, stop, thread: Some(thread) }))
 }
 
 impl Drop for HealthChecker {

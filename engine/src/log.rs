@@ -29,6 +29,7 @@ use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 
 use crate::config::LogTarget;
 use crate::sys;
+use crate::watch::Watch;
 
 /// Flush a worker's buffer when it holds this much.
 const FLUSH_BYTES: usize = 32 * 1024;
@@ -166,12 +167,13 @@ fn describe(kind: libc::mode_t) -> &'static str {
     }
 }
 
-/// Starts the log thread writing to `out`. It exits once every sink is dropped, after writing all.
-pub fn spawn(out: Output) -> io::Result<(LogSink, JoinHandle<()>)> {
+/// Starts the log thread writing to `out`, watched by `watch`. It exits once every sink is
+/// dropped, after writing all.
+pub fn spawn(out: Output, watch: &Watch) -> io::Result<(LogSink, JoinHandle<()>)> {
     let Output { name, mut out } = out;
     let (full_tx, full_rx) = unbounded::<Vec<u8>>();
     let (empty_tx, empty_rx) = bounded::<Vec<u8>>(64);
-    let thread = std::thread::Builder::new().name("ringproxy-log".into()).spawn(move || {
+    let thread = watch.spawn("ringproxy-log", move || {
         // Lines dropped since writing last failed; `None` while writes succeed.
         let mut dropped: Option<usize> = None;
         for mut buf in full_rx.iter() {
@@ -195,6 +197,7 @@ pub fn spawn(out: Output) -> io::Result<(LogSink, JoinHandle<()>)> {
             let _ = empty_tx.try_send(buf);
         }
         let _ = out.flush();
+        Ok::<(), io::Error>(())
     })?;
     Ok((LogSink { full: full_tx, empty: empty_rx }, thread))
 }
@@ -343,7 +346,7 @@ mod tests {
     #[test]
     fn buffers_flow_to_the_writer_and_back() {
         let path = std::env::temp_dir().join(format!("ringproxy-log-test-{}", std::process::id()));
-        let (sink, thread) = spawn(open(&LogTarget::File(path.clone())).unwrap()).unwrap();
+        let (sink, thread) = spawn(open(&LogTarget::File(path.clone())).unwrap(), &Watch::detached()).unwrap();
         let mut log = ConnLog::new(sink);
         log.buf.extend_from_slice(b"line one\n");
         log.added(0);

@@ -220,7 +220,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     let ready_file = ready_file.map(ReadyFile::new);
     let mut written = None;
-    let sig = loop {
+    let stop = loop {
         if let Some(f) = &ready_file
             && written != Some(service.generation)
         {
@@ -239,18 +239,29 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
                 }
                 Err(e) => eprintln!("ringproxy: SIGHUP: reload refused, the running configuration stays: {e}"),
             },
-            Some(other) => break other,
+            Some(other) => break Stop::Signal(other),
             None => {}
+        }
+        if let Some(failure) = service.failure() {
+            break Stop::Failed(failure);
         }
         service.serve_requests();
         service.reap();
     };
-    let drain = service.engine().config().global.drain_timeout;
-    eprintln!(
-        "ringproxy: {}: draining: no new connections, open ones get up to {}",
-        signal_name(sig),
-        config::duration::format(drain)
-    );
+    let drain = config::duration::format(service.engine().config().global.drain_timeout);
+    let status = match &stop {
+        Stop::Signal(sig) => {
+            eprintln!("ringproxy: {}: draining: no new connections, open ones get up to {drain}", signal_name(*sig));
+            ExitCode::SUCCESS
+        }
+        Stop::Failed(failure) => {
+            eprintln!(
+                "ringproxy: {failure}; draining: no new connections, open ones get up to {drain}; then exiting with \
+                 status 1"
+            );
+            ExitCode::from(1)
+        }
+    };
     service.drain();
     while !service.finished() {
         match signals.wait(Duration::from_millis(100)) {
@@ -269,7 +280,15 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     service.join();
     eprintln!("ringproxy: drained, exiting");
-    ExitCode::SUCCESS
+    status
+}
+
+/// Why the main loop ended.
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A helper thread failed.
+    Failed(ringproxy::watch::Failure),
 }
 
 /// The startup report: workers, limits, warnings, listening addresses.

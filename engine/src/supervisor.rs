@@ -8,6 +8,10 @@
 //! established connections continue until they end or `timeout drain` passes, while every new
 //! connection goes to the new engine with the new backends, servers, weights and limits. Addresses
 //! no longer configured are closed once the new engine runs.
+//!
+//! Every helper thread of every engine (health checks, connection log) starts under the
+//! supervisor's [`Watcher`]: [`Supervisor::failure`] says when one has failed, and the binary then
+//! shuts down with a non-zero status.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,6 +26,7 @@ use crate::privileges::{self, Ids};
 use crate::stats::socket::{ReloadAnswer, ReloadRequest};
 use crate::stats::{EngineStats, prometheus, socket};
 use crate::sys;
+use crate::watch::{Failure, Watch, Watcher};
 
 /// What a successful reload put in place. Displays as the one line operators read (then the
 /// configuration's warnings, one per line).
@@ -73,6 +78,7 @@ pub struct Supervisor {
     /// Where the stats socket is (removed by [`Supervisor::abandon`]).
     stats_path: Option<PathBuf>,
     metrics: Option<prometheus::Endpoint>,
+    watcher: Watcher,
     /// Successful reloads since start.
     pub generation: u64,
 }
@@ -122,6 +128,7 @@ impl Supervisor {
                 current.map(|s| s.collect()).unwrap_or_default()
             }
         };
+        let watcher = Watcher::new();
         let as_root = sys::ids().0 == 0;
         let mut endpoints = (None, None);
         if as_root {
@@ -131,7 +138,7 @@ impl Supervisor {
         if !as_root {
             endpoints = open_endpoints(&stats, owner, collect, reload_tx)?;
         }
-        let engine = prepared.launch()?;
+        let engine = prepared.launch(&watcher.watch())?;
         let (stats_socket, metrics) = endpoints;
         if let Ok(mut s) = source.lock() {
             *s = Some(engine.stats_source());
@@ -145,6 +152,7 @@ impl Supervisor {
             _stats_socket: stats_socket,
             stats_path: stats.socket,
             metrics,
+            watcher,
             generation: 0,
         })
     }
@@ -155,6 +163,16 @@ impl Supervisor {
 
     pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
         self.metrics.as_ref().map(|m| m.addr())
+    }
+
+    /// Where helper threads of the service start, so that their failure is seen.
+    pub fn watch(&self) -> Watch {
+        self.watcher.watch()
+    }
+
+    /// A helper thread that has failed since the last call, if any.
+    pub fn failure(&self) -> Option<Failure> {
+        self.watcher.failure()
     }
 
     /// Gives up at once, without joining any thread (a second SIGTERM): removes the stats socket's
@@ -177,7 +195,8 @@ impl Supervisor {
         let config = config::load(&self.path)?;
         let warnings = config.warnings.clone();
         // On failure the current engine is untouched: it still holds and serves its sockets.
-        let new = Engine::start_with(config, StartOptions { inherit: self.current.listeners(), external_stats: true })?;
+        let opts = StartOptions { inherit: self.current.listeners(), external_stats: true };
+        let new = Engine::prepare(config, opts)?.launch(&self.watcher.watch())?;
         let mut old = std::mem::replace(&mut self.current, new);
         if let Ok(mut s) = self.source.lock() {
             *s = Some(self.current.stats_source());

@@ -1,7 +1,9 @@
-//! How the binary ends besides a clean drain: a second SIGTERM exits at once (review 7c).
+//! How the binary ends besides a clean drain: a second SIGTERM exits at once (review 7c), and a
+//! helper thread that fails makes it say so and exit non-zero (issue 10 item 4).
 
 use std::time::{Duration, Instant};
 
+use crate::adjusted::Adjusted;
 use crate::common::*;
 
 /// Review 7c: with a connection held open and `timeout drain` 20 s, a second SIGTERM during the
@@ -34,4 +36,31 @@ fn a_second_sigterm_exits_at_once_with_status_1() {
     assert!(!proxy.ready_file().exists(), "the ready file is removed");
     assert!(!sock.exists(), "the stats socket is removed");
     let (_, _) = read_to_end(&mut held);
+}
+
+/// Issue 10 item 4: a helper thread (health checks, connection log) that fails is named, with its
+/// cause, in one line, and the process drains and exits with status 1 (7b9477c went on without
+/// it, silently). The failure is injected with RINGPROXY_FAIL_THREAD, which debug builds honour.
+#[test]
+fn a_failed_helper_thread_is_reported_and_the_process_exits_1() {
+    if !cfg!(debug_assertions) {
+        eprintln!("skipped: RINGPROXY_FAIL_THREAD is honoured by debug builds only");
+        return;
+    }
+    let echo = Backend::start(Mode::Echo);
+    for thread in ["ringproxy-health", "ringproxy-log"] {
+        let yaml = format!(
+            "global: {{ workers: 1, connection_log: stderr }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, check: {{ interval: 100ms }}, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            echo.addr
+        );
+        let mut proxy = Adjusted::spawn(&temp_dir(), thread, &yaml, |cmd| {
+            cmd.env("RINGPROXY_FAIL_THREAD", thread);
+        });
+        assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(1), "{thread}: {:#?}", proxy.stderr());
+        let line = proxy.wait_stderr(&format!("the {thread} thread failed"));
+        assert!(line.contains(&format!("panicked: RINGPROXY_FAIL_THREAD={thread}")), "{line}");
+        assert!(line.contains("exiting with status 1"), "{line}");
+    }
 }
