@@ -1,10 +1,12 @@
 //! The running engine: start (size, bind, spawn workers), observe (stats), stop (drain).
 //!
-//! Start-up does everything that can fail before any worker runs: raise RLIMIT_NOFILE, size the
-//! workers to the host (plan.rs), check that source addresses are local, bind every listener. Then
-//! each worker thread builds its own ring and reports ready; if one cannot, the others are stopped
-//! and the error is returned. The engine is a library object so tests can run it in-process; the
-//! binary adds signal handling around it.
+//! Start-up does everything that can fail before any worker runs, in two halves. [`Engine::prepare`]
+//! starts no thread: raise RLIMIT_NOFILE, size the workers to the host (plan.rs), check that source
+//! addresses are local, bind every listener, drop privileges (privileges.rs). [`Prepared::launch`]
+//! opens the connection log with the rights that are left, starts the helper threads (health
+//! checks, log writer) under a [`Watch`], then the workers: each builds its own ring and reports
+//! ready; if one cannot, the others are stopped and the error is returned. The engine is a library
+//! object so tests can run it in-process; the binary adds signal handling around it.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -24,6 +26,7 @@ use crate::privileges::{self, PrivilegeError};
 use crate::sources;
 use crate::stats::{EngineStats, prometheus, socket};
 use crate::sys::EventFd;
+use crate::watch::Watch;
 use crate::worker::{self, WorkerSetup};
 
 /// Why an engine did not start. Nothing it had set up is left running.
@@ -40,9 +43,8 @@ pub enum StartError {
     Privileges(#[from] PrivilegeError),
     #[error(transparent)]
     Listen(#[from] ListenError),
-    /// Opening the connection log (the error names the file).
-    #[error("{0}")]
-    ConnectionLog(io::Error),
+    #[error(transparent)]
+    ConnectionLog(#[from] log::OpenError),
     #[error(transparent)]
     StatsSocket(#[from] socket::ServeError),
     #[error("Prometheus endpoint {addr}: {source}")]
@@ -51,6 +53,8 @@ pub enum StartError {
     EventFd(io::Error),
     #[error("cannot start worker thread {id}: {source}")]
     Thread { id: usize, source: io::Error },
+    #[error("cannot start the {name} thread: {source}")]
+    Helper { name: &'static str, source: io::Error },
     #[error("a worker did not start within 30s")]
     WorkerTimeout,
     /// A worker could not set up its ring (the text says which worker and why).
@@ -127,10 +131,17 @@ impl Engine {
         Engine::start_with(config, StartOptions::default())
     }
 
-    /// Starts with options: inherited listeners (reload), stats served by the caller. Everything
-    /// that needs root (binding, opening the log) happens before privileges are dropped
-    /// (`global.user`/`group`), and that before any worker runs.
+    /// Starts with options: inherited listeners (reload), stats served by the caller; helper
+    /// threads report failures only to stderr (see [`Engine::prepare`] and [`Prepared::launch`]
+    /// for a watched start).
     pub fn start_with(config: Config, opts: StartOptions) -> Result<Engine, StartError> {
+        Engine::prepare(config, opts)?.launch(&Watch::detached())
+    }
+
+    /// The first half of a start, everything that may need privileges and starts no thread: raise
+    /// RLIMIT_NOFILE, plan, check the sources, bind every listener; then drop privileges
+    /// (`global.user`/`group`, capabilities: see privileges.rs).
+    pub fn prepare(config: Config, opts: StartOptions) -> Result<Prepared, StartError> {
         let limit = host::raise_nofile().map_err(StartError::Nofile)?;
         let ports = host::ephemeral_ports().unwrap_or(28_232);
         let plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
@@ -141,9 +152,33 @@ impl Engine {
             None => None,
         };
         let (listeners, bound, groups) = listener::bind_all(&config, plan.workers, opts.inherit)?;
+        privileges::drop_after_binding(ids)?;
+        Ok(Prepared { config, plan, ids, listeners, bound, groups, external_stats: opts.external_stats })
+    }
+}
+
+/// An engine bound and without privileges, not yet running: [`Engine::prepare`], then
+/// [`Prepared::launch`]. Dropping it closes the listeners it bound.
+pub struct Prepared {
+    config: Config,
+    plan: Plan,
+    ids: Option<privileges::Ids>,
+    listeners: Vec<Vec<crate::worker::Listener>>,
+    bound: Vec<Bound>,
+    groups: Vec<ListenerGroup>,
+    external_stats: bool,
+}
+
+impl Prepared {
+    /// The second half: opens the connection log (with the rights the engine now has), starts the
+    /// helper threads under `watch`, then the workers. Returns once every worker accepts.
+    pub fn launch(self, watch: &Watch) -> Result<Engine, StartError> {
+        let Prepared { config, plan, ids, listeners, bound, groups, external_stats } = self;
         let (log_sink, log_thread) = match &config.global.connection_log {
             Some(target) => {
-                let (sink, thread) = log::spawn(target).map_err(StartError::ConnectionLog)?;
+                let out = log::open(target)?;
+                let (sink, thread) =
+                    log::spawn(out, watch).map_err(|source| StartError::Helper { name: "ringproxy-log", source })?;
                 (Some(sink), Some(thread))
             }
             None => (None, None),
@@ -161,7 +196,8 @@ impl Engine {
         }
         let peers = Arc::new(peers);
         // Checks may report before the workers run: their messages wait in the channels.
-        let health = crate::health::spawn(&config, peers.clone());
+        let health = crate::health::spawn(&config, peers.clone(), watch)
+            .map_err(|source| StartError::Helper { name: "ringproxy-health", source })?;
         let source = StatsSource {
             config: config.clone(),
             plan: plan.clone(),
@@ -170,7 +206,7 @@ impl Engine {
             health: health.as_ref().map(|h| h.status.clone()),
         };
         let stats_socket = match &config.global.stats.socket {
-            Some(_) if opts.external_stats => None,
+            Some(_) if external_stats => None,
             Some(path) => {
                 let src = source.clone();
                 Some(socket::serve(path, config.global.stats.mode, move || src.collect(), None, ids)?)
@@ -178,7 +214,7 @@ impl Engine {
             None => None,
         };
         let metrics = match config.global.stats.prometheus {
-            Some(_) if opts.external_stats => None,
+            Some(_) if external_stats => None,
             Some(addr) => {
                 let src = source.clone();
                 Some(
@@ -188,9 +224,6 @@ impl Engine {
             }
             None => None,
         };
-        if let Some(ids) = ids {
-            privileges::drop_to(ids)?;
-        }
         let (ready_tx, ready_rx) = bounded(plan.workers);
         let mut threads = Vec::new();
         for (id, (rx, listeners)) in receivers.into_iter().zip(listeners).enumerate() {
@@ -238,7 +271,9 @@ impl Engine {
         }
         Ok(engine)
     }
+}
 
+impl Engine {
     pub fn plan(&self) -> &Plan {
         &self.plan
     }

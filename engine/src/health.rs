@@ -7,6 +7,10 @@
 //! successes bring it back. Servers start UP. Checks run on non-blocking sockets multiplexed with
 //! poll(2), so one thread checks hundreds of servers without blocking on any; workers learn of state
 //! changes over their control channels and never wait for a check.
+//!
+//! The thread runs under the engine's [`Watch`]: should it ever fail, the engine says so and stops.
+//! Its time arithmetic saturates, so no configured interval or timeout can make it panic (a value
+//! beyond a century means "not within a century").
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -21,6 +25,16 @@ use socket2::{Domain, Socket, Type};
 
 use crate::config::{Config, HealthCheck};
 use crate::control::{Control, Peer};
+use crate::watch::Watch;
+
+/// The furthest ahead a deadline is put: later than any run, and far from overflowing the clock.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// `t + d`, saturating at a century ahead (a configured `18446744073709551615s` means "never").
+fn after(t: Instant, d: Duration) -> Instant {
+    // The monotonic clock counts seconds since boot in an i64: a century cannot overflow it.
+    t.checked_add(d.min(CENTURY)).unwrap_or(t)
+}
 
 /// What the checker knows about one server (shown by `ringproxy stats`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,8 +100,9 @@ struct Target {
     inflight: Option<InFlight>,
 }
 
-/// Starts checking every server that asks for it; `None` when none does.
-pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>) -> Option<HealthChecker> {
+/// Starts checking every server that asks for it, on a thread watched by `watch`; `None` when no
+/// server is checked.
+pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>, watch: &Watch) -> io::Result<Option<HealthChecker>> {
     let mut targets = Vec::new();
     let mut rows = Vec::new();
     let now = Instant::now();
@@ -106,7 +121,7 @@ pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>) -> Option<HealthChecker> {
                 up: true,
                 ok_run: 0,
                 fail_run: 0,
-                next_due: now + offset,
+                next_due: after(now, offset),
                 inflight: None,
             });
             rows.push(ServerHealth {
@@ -118,16 +133,16 @@ pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>) -> Option<HealthChecker> {
         }
     }
     if targets.is_empty() {
-        return None;
+        return Ok(None);
     }
     let status = Arc::new(Mutex::new(rows));
     let stop = Arc::new(AtomicBool::new(false));
     let (st, flag) = (status.clone(), stop.clone());
-    let thread = std::thread::Builder::new()
-        .name("ringproxy-health".into())
-        .spawn(move || run(targets, peers, st, flag))
-        .ok()?;
-    Some(HealthChecker { status, stop, thread: Some(thread) })
+    let thread = watch.spawn("ringproxy-health", move || {
+        run(targets, peers, st, flag);
+        Ok::<(), io::Error>(())
+    })?;
+    Ok(Some(HealthChecker { status, stop, thread: Some(thread) }))
 }
 
 impl Drop for HealthChecker {
@@ -146,7 +161,7 @@ fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<Se
     while !stop.load(Ordering::SeqCst) {
         let now = Instant::now();
         for t in targets.iter_mut().filter(|t| t.inflight.is_none() && now >= t.next_due) {
-            t.next_due = now + t.check.interval;
+            t.next_due = after(now, t.check.interval);
             match start(t) {
                 Ok(f) => t.inflight = Some(f),
                 Err(e) => record(t, Err(e), &peers, &status, started),
@@ -154,7 +169,7 @@ fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<Se
         }
         fds.clear();
         polled.clear();
-        let mut wake = now + Duration::from_millis(200);
+        let mut wake = after(now, Duration::from_millis(200));
         for (i, t) in targets.iter().enumerate() {
             wake = wake.min(t.next_due);
             if let Some(f) = &t.inflight {
@@ -200,7 +215,7 @@ fn start(t: &Target) -> Result<InFlight, CheckFailure> {
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e.into()),
     }
-    Ok(InFlight { sock, deadline: Instant::now() + t.check.timeout, phase: Phase::Connecting })
+    Ok(InFlight { sock, deadline: after(Instant::now(), t.check.timeout), phase: Phase::Connecting })
 }
 
 /// Moves a check on after poll reported its socket ready; `Some` when it has finished.
@@ -305,5 +320,18 @@ fn record(
         for p in peers {
             p.send(Control::ServerState { backend: t.backend, server: t.server, up: t.up });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_saturate_instead_of_overflowing() {
+        let now = Instant::now();
+        assert_eq!(after(now, Duration::from_secs(2)), now + Duration::from_secs(2));
+        assert_eq!(after(now, Duration::MAX), now + CENTURY, "review 3d: the type maximum is a century");
+        assert!(after(now, Duration::MAX.mul_f64(15.0 / 16.0)) > now);
     }
 }

@@ -24,6 +24,7 @@ pub mod sources;
 pub mod stats;
 pub mod supervisor;
 pub mod sys;
+pub mod watch;
 pub mod worker;
 
 pub use engine::Engine;

@@ -183,6 +183,18 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     for w in &config.warnings {
         eprintln!("{w}");
     }
+    // Before any thread starts, so that every thread inherits it: no_new_privs and no capability
+    // to pass on (privileges.rs); the rest is dropped once the engine has bound.
+    if let Err(e) = ringproxy::privileges::restrict() {
+        eprintln!("ringproxy: cannot restrict its privileges: {e}");
+        return ExitCode::from(1);
+    }
+    // A log file at RLIMIT_FSIZE then fails its writes (EFBIG, reported by the log thread) instead
+    // of killing the process.
+    if let Err(e) = ringproxy::sys::ignore_signal(libc::SIGXFSZ) {
+        eprintln!("ringproxy: cannot ignore SIGXFSZ: {e}");
+        return ExitCode::from(1);
+    }
     // Block the signals we handle before any thread starts, so workers inherit the mask and the
     // main thread alone receives them.
     let signals = match Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP]) {
@@ -208,7 +220,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     let ready_file = ready_file.map(ReadyFile::new);
     let mut written = None;
-    let sig = loop {
+    let stop = loop {
         if let Some(f) = &ready_file
             && written != Some(service.generation)
         {
@@ -227,18 +239,29 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
                 }
                 Err(e) => eprintln!("ringproxy: SIGHUP: reload refused, the running configuration stays: {e}"),
             },
-            Some(other) => break other,
+            Some(other) => break Stop::Signal(other),
             None => {}
+        }
+        if let Some(failure) = service.failure() {
+            break Stop::Failed(failure);
         }
         service.serve_requests();
         service.reap();
     };
-    let drain = service.engine().config().global.drain_timeout;
-    eprintln!(
-        "ringproxy: {}: draining: no new connections, open ones get up to {}",
-        signal_name(sig),
-        config::duration::format(drain)
-    );
+    let drain = config::duration::format(service.engine().config().global.drain_timeout);
+    let status = match &stop {
+        Stop::Signal(sig) => {
+            eprintln!("ringproxy: {}: draining: no new connections, open ones get up to {drain}", signal_name(*sig));
+            ExitCode::SUCCESS
+        }
+        Stop::Failed(failure) => {
+            eprintln!(
+                "ringproxy: {failure}; draining: no new connections, open ones get up to {drain}; then exiting with \
+                 status 1"
+            );
+            ExitCode::from(1)
+        }
+    };
     service.drain();
     while !service.finished() {
         match signals.wait(Duration::from_millis(100)) {
@@ -246,14 +269,26 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
             Some(libc::SIGHUP) => eprintln!("ringproxy: SIGHUP ignored while draining"),
             Some(sig) => {
                 eprintln!("ringproxy: {} again: exiting now", signal_name(sig));
-                return ExitCode::from(1);
+                // Exit without joining the draining workers (returning would: dropping the
+                // supervisor joins its engines); what the engines hold dies with the process.
+                service.abandon();
+                drop(ready_file);
+                std::process::exit(1);
             }
             None => {}
         }
     }
     service.join();
     eprintln!("ringproxy: drained, exiting");
-    ExitCode::SUCCESS
+    status
+}
+
+/// Why the main loop ended.
+enum Stop {
+    /// SIGTERM or SIGINT.
+    Signal(i32),
+    /// A helper thread failed.
+    Failed(ringproxy::watch::Failure),
 }
 
 /// The startup report: workers, limits, warnings, listening addresses.

@@ -1,9 +1,19 @@
-//! Dropping root: after every listener, the stats socket and the log file are open, switch to
-//! `global.user` / `global.group` for good (supplementary groups cleared, real, effective and saved
-//! ids all changed), so a compromise of the data path does not run as root.
+//! Least privilege: what the process may do once every listener is bound.
 //!
-//! glibc applies setuid/setgid to every thread of the process; we call it before the workers start
-//! anyway, so nothing ever runs as root that does not need to.
+//! Two steps. [`restrict`], before any thread starts (the binary calls it first), sets what every
+//! thread inherits and nothing ever needs: no_new_privs (execve can grant nothing), an empty
+//! ambient and inheritable set, and, when the process may (root), an empty bounding set. Then,
+//! once the engine has bound, [`drop_after_binding`]: started as root with `global.user`, switch to
+//! that user and group for good (supplementary groups cleared, real, effective and saved ids all
+//! changed, root checked to be gone); started as any other user, drop every capability it was
+//! given (ambient, file or inherited ones), whether `user` is set or not. The data path needs none:
+//! rings, sockets toward servers, pipes and the log work unprivileged. A process started as root
+//! without `user` (or with `user: root`) stays root; that is the operator's choice.
+//!
+//! Capabilities are per thread and a thread starts with its creator's: the engine drops them
+//! before it starts any thread of its own. The few threads started before (the stats endpoints,
+//! started as root so the socket can be given to `user`) lose theirs with the switch of ids, which
+//! glibc applies to every thread and the kernel answers by clearing their capabilities.
 
 use std::ffi::CString;
 
@@ -31,6 +41,11 @@ pub enum PrivilegeError {
     Switch { call: String, source: std::io::Error },
     #[error("still able to become root after dropping privileges")]
     RootRegained,
+    /// A prctl, capget or capset call failed; `call` names it.
+    #[error("{call}: {source}")]
+    Restrict { call: &'static str, source: std::io::Error },
+    #[error("capabilities {0:#x} remain after dropping them all")]
+    CapsRemain(u64),
 }
 
 /// Resolves `user` (and `group`, default: the user's primary group).
@@ -51,13 +66,50 @@ fn unknown(what: &'static str, name: &str) -> PrivilegeError {
     PrivilegeError::Unknown { what, name: name.to_owned() }
 }
 
-/// Switches to `ids` for good. A process that already runs as them is left alone; a non-root
-/// process that would need to change ids gets an error saying so.
-pub fn drop_to(ids: Ids) -> Result<(), PrivilegeError> {
-    let (uid, gid) = sys::ids();
-    if uid == ids.uid && gid == ids.gid {
-        return Ok(());
+/// CAP_SETPCAP: needed to change the bounding set.
+const CAP_SETPCAP: u64 = 1 << 8;
+
+/// Before any thread starts: sets no_new_privs and empties the ambient and inheritable sets (and
+/// the bounding set, when this process holds CAP_SETPCAP). Nothing of what the engine does needs
+/// them; every thread started afterwards inherits them. The effective and permitted sets are
+/// untouched: binding may still need them.
+pub fn restrict() -> Result<(), PrivilegeError> {
+    let failed = |call: &'static str| move |source| PrivilegeError::Restrict { call, source };
+    sys::set_no_new_privs().map_err(failed("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    sys::clear_ambient_caps().map_err(failed("prctl(PR_CAP_AMBIENT_CLEAR_ALL)"))?;
+    let caps = sys::caps().map_err(failed("capget"))?;
+    if caps.effective & CAP_SETPCAP != 0 {
+        sys::clear_bounding_caps().map_err(failed("prctl(PR_CAPBSET_DROP)"))?;
     }
+    sys::set_caps(sys::CapSets { inheritable: 0, ..caps }).map_err(failed("capset"))
+}
+
+/// After binding, on the thread that goes on to start the engine's threads: switches to `ids`
+/// when running as root, and drops every capability unless the process stays root (no `user`, or
+/// `user: root`). A non-root process that would need to change ids gets an error saying so.
+/// Calling it again (a reload) changes nothing.
+pub fn drop_after_binding(ids: Option<Ids>) -> Result<(), PrivilegeError> {
+    let (uid, gid) = sys::ids();
+    if let Some(ids) = ids
+        && (uid, gid) != (ids.uid, ids.gid)
+    {
+        switch(uid, ids)?;
+    }
+    if sys::ids().0 == 0 {
+        return Ok(()); // root stays root
+    }
+    sys::clear_ambient_caps()
+        .map_err(|source| PrivilegeError::Restrict { call: "prctl(PR_CAP_AMBIENT_CLEAR_ALL)", source })?;
+    sys::set_caps(sys::CapSets::default()).map_err(|source| PrivilegeError::Restrict { call: "capset", source })?;
+    match sys::caps() {
+        Ok(left) if left == sys::CapSets::default() => Ok(()),
+        Ok(left) => Err(PrivilegeError::CapsRemain(left.permitted | left.effective | left.inheritable)),
+        Err(source) => Err(PrivilegeError::Restrict { call: "capget", source }),
+    }
+}
+
+/// Switches a root process to `ids` for good.
+fn switch(uid: libc::uid_t, ids: Ids) -> Result<(), PrivilegeError> {
     if uid != 0 {
         return Err(PrivilegeError::NotRoot { to: ids, uid });
     }

@@ -8,19 +8,25 @@
 //! established connections continue until they end or `timeout drain` passes, while every new
 //! connection goes to the new engine with the new backends, servers, weights and limits. Addresses
 //! no longer configured are closed once the new engine runs.
+//!
+//! Every helper thread of every engine (health checks, connection log) starts under the
+//! supervisor's [`Watcher`]: [`Supervisor::failure`] says when one has failed, and the binary then
+//! shuts down with a non-zero status.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crossbeam_channel::{Receiver, unbounded};
+use crossbeam_channel::{Receiver, Sender, unbounded};
 
 use crate::config::{self, Config, ConfigError};
 use crate::engine::{Engine, StartError, StartOptions, StatsSource};
 use crate::listener::Bound;
-use crate::privileges;
+use crate::privileges::{self, Ids};
 use crate::stats::socket::{ReloadAnswer, ReloadRequest};
 use crate::stats::{EngineStats, prometheus, socket};
+use crate::sys;
+use crate::watch::{Failure, Watch, Watcher};
 
 /// What a successful reload put in place. Displays as the one line operators read (then the
 /// configuration's warnings, one per line).
@@ -69,14 +75,44 @@ pub struct Supervisor {
     source: Arc<Mutex<Option<StatsSource>>>,
     reloads: Receiver<ReloadRequest>,
     _stats_socket: Option<socket::Server>,
+    /// Where the stats socket is (removed by [`Supervisor::abandon`]).
+    stats_path: Option<PathBuf>,
     metrics: Option<prometheus::Endpoint>,
+    watcher: Watcher,
     /// Successful reloads since start.
     pub generation: u64,
 }
 
+/// The stats endpoints: the socket and the Prometheus endpoint, each when configured.
+type Endpoints = (Option<socket::Server>, Option<prometheus::Endpoint>);
+
+/// Opens the stats endpoints `stats` configures: the socket owned by `owner` (the user the engine
+/// will run as), forwarding `reload` commands.
+fn open_endpoints(
+    stats: &config::Stats,
+    owner: Option<Ids>,
+    collect: impl Fn() -> EngineStats + Clone + Send + 'static,
+    reload: Sender<ReloadRequest>,
+) -> Result<Endpoints, StartError> {
+    let stats_socket = match &stats.socket {
+        Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload), owner)?),
+        None => None,
+    };
+    let metrics = match stats.prometheus {
+        Some(addr) => Some(prometheus::serve(addr, collect).map_err(|source| StartError::Prometheus { addr, source })?),
+        None => None,
+    };
+    Ok((stats_socket, metrics))
+}
+
 impl Supervisor {
-    /// Opens the stats endpoints, then starts the first engine for `config` (read from `path`).
-    /// The endpoints come first because the engine drops privileges once it has bound.
+    /// Opens the stats endpoints and starts the first engine for `config` (read from `path`).
+    ///
+    /// Started as root, the endpoints come first: the engine switches to `global.user` once it has
+    /// bound, and the socket may be in a directory only root can write to (it is given to `user`;
+    /// the switch takes the capabilities of their threads too). Started as another user, they come
+    /// once the engine has bound and dropped its capabilities, so their threads never hold one;
+    /// either way before any worker runs.
     pub fn start(path: &Path, config: Config) -> Result<Supervisor, StartError> {
         let stats = config.global.stats.clone();
         let owner = match &config.global.user {
@@ -92,17 +128,18 @@ impl Supervisor {
                 current.map(|s| s.collect()).unwrap_or_default()
             }
         };
-        let stats_socket = match &stats.socket {
-            Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload_tx), owner)?),
-            None => None,
-        };
-        let metrics = match stats.prometheus {
-            Some(addr) => {
-                Some(prometheus::serve(addr, collect).map_err(|source| StartError::Prometheus { addr, source })?)
-            }
-            None => None,
-        };
-        let engine = Engine::start_with(config, StartOptions { inherit: &[], external_stats: true })?;
+        let watcher = Watcher::new();
+        let as_root = sys::ids().0 == 0;
+        let mut endpoints = (None, None);
+        if as_root {
+            endpoints = open_endpoints(&stats, owner, collect.clone(), reload_tx.clone())?;
+        }
+        let prepared = Engine::prepare(config, StartOptions { inherit: &[], external_stats: true })?;
+        if !as_root {
+            endpoints = open_endpoints(&stats, owner, collect, reload_tx)?;
+        }
+        let engine = prepared.launch(&watcher.watch())?;
+        let (stats_socket, metrics) = endpoints;
         if let Ok(mut s) = source.lock() {
             *s = Some(engine.stats_source());
         }
@@ -113,7 +150,9 @@ impl Supervisor {
             source,
             reloads,
             _stats_socket: stats_socket,
+            stats_path: stats.socket,
             metrics,
+            watcher,
             generation: 0,
         })
     }
@@ -126,6 +165,26 @@ impl Supervisor {
         self.metrics.as_ref().map(|m| m.addr())
     }
 
+    /// Where helper threads of the service start, so that their failure is seen.
+    pub fn watch(&self) -> Watch {
+        self.watcher.watch()
+    }
+
+    /// A helper thread that has failed since the last call, if any.
+    pub fn failure(&self) -> Option<Failure> {
+        self.watcher.failure()
+    }
+
+    /// Gives up at once, without joining any thread (a second SIGTERM): removes the stats socket's
+    /// file and leaves the engines, still draining, to the process's exit, which the caller
+    /// brings about right after.
+    pub fn abandon(self) {
+        if let Some(p) = &self.stats_path {
+            let _ = std::fs::remove_file(p);
+        }
+        std::mem::forget(self);
+    }
+
     /// Engines still draining after reloads.
     pub fn draining(&self) -> usize {
         self.draining.len()
@@ -136,7 +195,8 @@ impl Supervisor {
         let config = config::load(&self.path)?;
         let warnings = config.warnings.clone();
         // On failure the current engine is untouched: it still holds and serves its sockets.
-        let new = Engine::start_with(config, StartOptions { inherit: self.current.listeners(), external_stats: true })?;
+        let opts = StartOptions { inherit: self.current.listeners(), external_stats: true };
+        let new = Engine::prepare(config, opts)?.launch(&self.watcher.watch())?;
         let mut old = std::mem::replace(&mut self.current, new);
         if let Ok(mut s) = self.source.lock() {
             *s = Some(self.current.stats_source());

@@ -1,16 +1,17 @@
 //! The few system calls the engine makes outside its rings, each behind a safe function.
 //!
 //! The data path talks to the kernel through `worker/ring/` only; this module holds the rest:
-//! the control eventfd, the signal mask, RLIMIT_NOFILE, account lookups and id switching, a pipe,
-//! one socket option, poll(2) for health checks, the kernel release and the page size. Every
-//! `unsafe` block is a single libc call (or a call and the adoption of the descriptor it returned)
-//! on arguments owned by the calling frame, with a `SAFETY:` line saying so. Nothing here keeps
-//! state, and nothing here is called per connection.
+//! the control eventfd, the signal mask, RLIMIT_NOFILE, account lookups, id switching and
+//! capabilities, opening a file without following symbolic links, a pipe, one socket option,
+//! poll(2) for health checks, the kernel release and the page size. Every `unsafe` block is a
+//! single libc call (or a call and the adoption of the descriptor it returned) on arguments owned
+//! by the calling frame, with a `SAFETY:` line saying so. Nothing here keeps state, and nothing
+//! here is called per connection.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::io::{self, Write as _};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 /// An eventfd used as a doorbell: a sender signals, the woken side's ring has a read armed on it.
@@ -165,6 +166,175 @@ pub fn set_uid(uid: libc::uid_t) -> io::Result<()> {
     Ok(())
 }
 
+/// Sets `signal` to be ignored (SIG_IGN), for this and every thread.
+pub fn ignore_signal(signal: libc::c_int) -> io::Result<()> {
+    // SAFETY: signal(2) with SIG_IGN installs no handler, so no code of ours runs on delivery.
+    if unsafe { libc::signal(signal, libc::SIG_IGN) } == libc::SIG_ERR {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A thread's capability sets, one bit per capability (bit 10 is CAP_NET_BIND_SERVICE).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CapSets {
+    pub effective: u64,
+    pub permitted: u64,
+    pub inheritable: u64,
+}
+
+/// `struct __user_cap_header_struct` of <linux/capability.h>.
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+/// `struct __user_cap_data_struct`: version 3 takes two, the low and the high 32 capabilities.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// `_LINUX_CAPABILITY_VERSION_3`: 64-bit sets.
+const CAP_VERSION_3: u32 = 0x2008_0522;
+
+/// The calling thread's capability sets (capget(2)).
+pub fn caps() -> io::Result<CapSets> {
+    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: `header` and the two-element `data` array (what version 3 writes) are locals alive
+    // across the call; pid 0 is the calling thread.
+    if unsafe { libc::syscall(libc::SYS_capget, &raw mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let join = |f: fn(&CapData) -> u32| u64::from(f(&data[0])) | u64::from(f(&data[1])) << 32;
+    Ok(CapSets {
+        effective: join(|d| d.effective),
+        permitted: join(|d| d.permitted),
+        inheritable: join(|d| d.inheritable),
+    })
+}
+
+/// Sets the calling thread's capability sets (capset(2)); lowering is always allowed.
+pub fn set_caps(sets: CapSets) -> io::Result<()> {
+    let mut header = CapHeader { version: CAP_VERSION_3, pid: 0 };
+    let split = |v: u64| [v as u32, (v >> 32) as u32];
+    let (e, p, i) = (split(sets.effective), split(sets.permitted), split(sets.inheritable));
+    let data = [0, 1].map(|k| CapData { effective: e[k], permitted: p[k], inheritable: i[k] });
+    // SAFETY: as in `caps`; capset only reads `data`.
+    if unsafe { libc::syscall(libc::SYS_capset, &raw mut header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Empties the calling thread's ambient capability set. A kernel without ambient capabilities
+/// (before 4.3) has none to clear.
+pub fn clear_ambient_caps() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) };
+    match r {
+        0 => Ok(()),
+        _ => match io::Error::last_os_error() {
+            e if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            e => Err(e),
+        },
+    }
+}
+
+/// Removes every capability from the calling thread's bounding set (needs CAP_SETPCAP).
+pub fn clear_bounding_caps() -> io::Result<()> {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } < 0 {
+            break; // EINVAL: past the last capability this kernel knows
+        }
+        // SAFETY: as above.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sets no_new_privs on the calling thread (and every thread and process it starts afterwards):
+/// execve can no longer grant privileges (set-user-ID bits and file capabilities are ignored).
+pub fn set_no_new_privs() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `dir` as the raw descriptor *at() calls take (`None`: the working directory).
+fn at(dir: Option<BorrowedFd<'_>>) -> RawFd {
+    dir.map_or(libc::AT_FDCWD, |d| d.as_raw_fd())
+}
+
+/// The file type bits (`st_mode & S_IFMT`) of `name` in `dir`, not following a symbolic link.
+pub fn file_type_at(dir: Option<BorrowedFd<'_>>, name: &CStr) -> io::Result<libc::mode_t> {
+    // SAFETY: `st` is a local stat (plain data, valid all-zero) that fstatat only writes into;
+    // `name` is NUL-terminated and `dir` (when given) is a descriptor borrowed for the call.
+    let st = unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstatat(at(dir), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    Ok(st.st_mode & libc::S_IFMT)
+}
+
+/// Opens the directory `name` in `dir` as a path-only descriptor (for further *at() calls),
+/// failing when `name` is a symbolic link.
+pub fn open_dir_at(dir: Option<BorrowedFd<'_>>, name: &CStr) -> io::Result<OwnedFd> {
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: `name` is NUL-terminated and `dir` borrowed for the call. On success the result is a
+    // new descriptor nothing else owns, so the OwnedFd may take it over.
+    unsafe {
+        let fd = libc::openat(at(dir), name.as_ptr(), flags);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from_raw_fd(fd))
+    }
+}
+
+/// Opens `name` in `dir` for appending, creating it with `mode` (less the umask) when absent.
+/// Never follows a symbolic link (ELOOP), never waits for a FIFO's reader (ENXIO when it has
+/// none) and never becomes the controlling terminal. The file is returned blocking.
+pub fn open_append_at(dir: Option<BorrowedFd<'_>>, name: &CStr, mode: libc::mode_t) -> io::Result<File> {
+    let flags = libc::O_WRONLY
+        | libc::O_APPEND
+        | libc::O_CREAT
+        | libc::O_NOFOLLOW
+        | libc::O_NONBLOCK
+        | libc::O_NOCTTY
+        | libc::O_CLOEXEC;
+    // SAFETY: as in `open_dir_at`; the mode is passed as the variadic argument O_CREAT reads.
+    let file = unsafe {
+        let fd = libc::openat(at(dir), name.as_ptr(), flags, libc::c_uint::from(mode));
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        File::from_raw_fd(fd)
+    };
+    // SAFETY: fcntl on the descriptor `file` owns, with integer arguments.
+    let cleared = unsafe {
+        let fl = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        fl >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, fl & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(file)
+}
+
 /// A non-blocking, close-on-exec pipe (read end, write end) asked to hold `size` bytes, and the
 /// size it really holds: the kernel rounds up to a power of two of pages, and when it refuses
 /// (beyond fs.pipe-max-size, or over the user's pipe pages) the pipe keeps its current size.
@@ -298,5 +468,8 @@ mod tests {
         assert_eq!(lookup_user(c"root"), Some((0, 0)));
         assert_eq!(lookup_user(c"no-such-user-ringproxy"), None);
         assert_eq!(lookup_group(c"root"), Some(0));
+        let held = caps().unwrap();
+        set_caps(held).unwrap();
+        assert_eq!(caps().unwrap(), held, "capget and capset agree on the layout");
     }
 }

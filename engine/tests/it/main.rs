@@ -11,6 +11,7 @@ mod backpressure;
 mod balance;
 mod faults;
 mod health;
+mod huge_durations;
 mod limits;
 mod monitoring;
 mod ports;

@@ -1,11 +1,17 @@
 //! The `ringproxy` binary as an operator runs it, one test binary: the command line and exit
-//! codes (`cli`), hot reload and privileges (`reload`), and `ringproxy check` (`check`). Every
-//! long-running process is started one way, `common::process::Proxy`.
+//! codes (`cli`), hot reload and privileges (`reload`), `ringproxy check` (`check`), capabilities
+//! after start (`capabilities`), the connection log's file (`connection_log`), and ending other
+//! than by a drain (`shutdown`). Every long-running process is started one way,
+//! `common::process::Proxy`, except the few whose command must be adjusted first (`adjusted`).
 
 #[path = "../common/mod.rs"]
 mod common;
 
+mod adjusted;
+mod capabilities;
 mod check;
 mod cli;
+mod connection_log;
 mod monitoring;
 mod reload;
+mod shutdown;

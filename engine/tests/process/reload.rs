@@ -123,7 +123,8 @@ fn privileges_are_dropped_after_binding() {
     std::fs::create_dir_all(&run_dir).unwrap();
     std::os::unix::fs::chown(&run_dir, Some(nobody.uid), Some(nobody.gid)).unwrap();
     let sock = run_dir.join("priv.sock");
-    let log = temp_path("priv.log");
+    // Opened after the switch, as nobody: in nobody's directory too.
+    let log = run_dir.join("priv.log");
     // The ready file is written after the privileges are dropped: it goes in the user's directory.
     let proxy = Proxy::start_in(
         &run_dir,
