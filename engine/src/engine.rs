@@ -209,7 +209,7 @@ impl Prepared {
             Some(_) if external_stats => None,
             Some(path) => {
                 let src = source.clone();
-                Some(socket::serve(path, config.global.stats.mode, move || src.collect(), None, ids)?)
+                Some(socket::serve(path, config.global.stats.mode, move || src.collect(), None, ids, watch)?)
             }
             None => None,
         };
@@ -218,7 +218,7 @@ impl Prepared {
             Some(addr) => {
                 let src = source.clone();
                 Some(
-                    prometheus::serve(addr, move || src.collect())
+                    prometheus::serve(addr, move || src.collect(), watch)
                         .map_err(|source| StartError::Prometheus { addr, source })?,
                 )
             }

@@ -93,13 +93,16 @@ fn open_endpoints(
     owner: Option<Ids>,
     collect: impl Fn() -> EngineStats + Clone + Send + 'static,
     reload: Sender<ReloadRequest>,
+    watch: &Watch,
 ) -> Result<Endpoints, StartError> {
     let stats_socket = match &stats.socket {
-        Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload), owner)?),
+        Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload), owner, watch)?),
         None => None,
     };
     let metrics = match stats.prometheus {
-        Some(addr) => Some(prometheus::serve(addr, collect).map_err(|source| StartError::Prometheus { addr, source })?),
+        Some(addr) => {
+            Some(prometheus::serve(addr, collect, watch).map_err(|source| StartError::Prometheus { addr, source })?)
+        }
         None => None,
     };
     Ok((stats_socket, metrics))
@@ -132,11 +135,11 @@ impl Supervisor {
         let as_root = sys::ids().0 == 0;
         let mut endpoints = (None, None);
         if as_root {
-            endpoints = open_endpoints(&stats, owner, collect.clone(), reload_tx.clone())?;
+            endpoints = open_endpoints(&stats, owner, collect.clone(), reload_tx.clone(), &watcher.watch())?;
         }
         let prepared = Engine::prepare(config, StartOptions { inherit: &[], external_stats: true })?;
         if !as_root {
-            endpoints = open_endpoints(&stats, owner, collect, reload_tx)?;
+            endpoints = open_endpoints(&stats, owner, collect, reload_tx, &watcher.watch())?;
         }
         let engine = prepared.launch(&watcher.watch())?;
         let (stats_socket, metrics) = endpoints;

@@ -5,6 +5,7 @@
 //! within deadlines, under a cap): each scrape asks the workers for a snapshot like any other stats
 //! reader, and scrapers waiting at the same time share one.
 
+use crate::watch::Watch;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::AtomicBool;
@@ -242,10 +243,14 @@ impl Endpoint {
 }
 
 /// Serves `GET /metrics` on `addr`, calling `collect` for each scrape.
-pub fn serve(addr: SocketAddr, collect: impl Fn() -> EngineStats + Send + 'static) -> std::io::Result<Endpoint> {
+pub fn serve(
+    addr: SocketAddr,
+    collect: impl Fn() -> EngineStats + Send + 'static,
+    watch: &Watch,
+) -> std::io::Result<Endpoint> {
     let listener = TcpListener::bind(addr)?;
     let addr = listener.local_addr()?;
-    let running = serve::start("ringproxy-metrics", listener, Http { collect })?;
+    let running = serve::start("ringproxy-metrics", listener, Http { collect }, watch)?;
     Ok(Endpoint { addr, _running: running })
 }
 

@@ -14,6 +14,7 @@
 //! them all, and the answer thread after the answer in hand (a snapshot has its own deadline; a
 //! reload stops waiting on the flag). Nothing here runs on a worker.
 
+use crate::watch::Watch;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -93,7 +94,15 @@ pub(super) struct Running {
 }
 
 /// Serves `listener` with `protocol` on two threads named after `name`.
-pub(super) fn start<L: Listener, P: Protocol>(name: &str, listener: L, protocol: P) -> io::Result<Running> {
+///
+/// Both run under `watch`: a panic in either (a bug: answering catches its own) is reported as
+/// the failure of a helper thread.
+pub(super) fn start<L: Listener, P: Protocol>(
+    name: &str,
+    listener: L,
+    protocol: P,
+    watch: &Watch,
+) -> io::Result<Running> {
     listener.nonblocking()?;
     let (wake, woken) = UnixStream::pair()?;
     wake.set_nonblocking(true)?;
@@ -103,9 +112,10 @@ pub(super) fn start<L: Listener, P: Protocol>(name: &str, listener: L, protocol:
     let (done, done_rx) = crossbeam_channel::unbounded::<Arc<[u8]>>();
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    let answer = std::thread::Builder::new()
-        .name(format!("{name}-answers"))
-        .spawn(move || answer_each(&protocol, &jobs, &done, &answered_wake, &flag))?;
+    let answer = watch.spawn(&format!("{name}-answers"), move || {
+        answer_each(&protocol, &jobs, &done, &answered_wake, &flag);
+        Ok::<(), std::convert::Infallible>(())
+    })?;
     let state = Loop {
         listener,
         woken,
@@ -119,7 +129,10 @@ pub(super) fn start<L: Listener, P: Protocol>(name: &str, listener: L, protocol:
         rules: Rules { max: P::MAX_REQUEST, complete: P::complete, request: P::request },
     };
     // (If this spawn fails, the job channel closes with `state` and the answer thread ends.)
-    let poll = std::thread::Builder::new().name(name.to_owned()).spawn(move || state.run())?;
+    let poll = watch.spawn(name, move || {
+        state.run();
+        Ok::<(), std::convert::Infallible>(())
+    })?;
     Ok(Running { stop, wake, poll: Some(poll), answer: Some(answer) })
 }
 

@@ -19,6 +19,7 @@
 //! process's, and engines in one process (the tests) bind at once. At exit the file is removed only
 //! if it is still this socket.
 
+use crate::watch::Watch;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
@@ -229,10 +230,11 @@ pub fn serve(
     collect: impl Fn() -> EngineStats + Send + 'static,
     reload: Option<Sender<ReloadRequest>>,
     owner: Option<Ids>,
+    watch: &Watch,
 ) -> Result<Server, ServeError> {
     claim(path)?;
     let (listener, file) = bind_private(path, mode, owner, &|_, _| {})?;
-    match serve::start("ringproxy-stats", listener, Lines { collect, reload }) {
+    match serve::start("ringproxy-stats", listener, Lines { collect, reload }, watch) {
         Ok(running) => Ok(Server { path: path.to_owned(), file, running: Some(running) }),
         Err(e) => {
             remove_if_ours(path, file);
