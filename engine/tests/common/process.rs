@@ -49,123 +49,61 @@ pub fn write_temp(name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// A running `ringproxy` process.
-pub struct Proxy {
+/// A `ringproxy` child process as started: the one way tests start the binary. [`Proxy`] is one
+/// that reported ready; a test that expects the start to fail, or must adjust the command (an
+/// environment variable, another user set up between fork and exec), uses this directly.
+pub struct Started {
     child: Child,
     config: PathBuf,
     ready_file: PathBuf,
-    ready: Ready,
-    /// The configured drain timeout: how long a SIGTERM may take.
-    drain: Duration,
     stderr: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
-impl Proxy {
-    /// Runs `ringproxy -c NAME.yaml` on `yaml` and returns once it is ready.
-    pub fn start(name: &str, yaml: &str) -> Proxy {
-        Proxy::start_with(name, yaml, &[])
-    }
-
-    /// Same, with more arguments after `-c FILE` (e.g. `run`).
-    pub fn start_with(name: &str, yaml: &str, args: &[&str]) -> Proxy {
-        Proxy::start_in(&temp_dir(), name, yaml, args)
-    }
-
-    /// Same, with the configuration and the ready file in `dir` (which the process must be able to
-    /// write once it has dropped its privileges).
-    pub fn start_in(dir: &Path, name: &str, yaml: &str, args: &[&str]) -> Proxy {
+impl Started {
+    /// Writes `yaml` to `dir/NAME.yaml` and starts `ringproxy --ready-file dir/NAME.ready.json -c
+    /// dir/NAME.yaml ARGS`, after `adjust` has had its say on the command. Does not wait.
+    pub fn spawn(dir: &Path, name: &str, yaml: &str, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Started {
         let config = dir.join(format!("{name}.yaml"));
         let ready_file = dir.join(format!("{name}.ready.json"));
         std::fs::write(&config, yaml).unwrap();
         let _ = std::fs::remove_file(&ready_file);
-        let mut child = ringproxy()
-            .arg("--ready-file")
-            .arg(&ready_file)
-            .arg("-c")
-            .arg(&config)
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut cmd = ringproxy();
+        cmd.arg("--ready-file").arg(&ready_file).arg("-c").arg(&config).args(args);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        adjust(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        let pipe = child.stderr.take().unwrap();
-        let lines = stderr.clone();
+        let (pipe, lines) = (child.stderr.take().unwrap(), stderr.clone());
         let reader = std::thread::spawn(move || {
             for l in BufReader::new(pipe).lines().map_while(Result::ok) {
                 lines.lock().unwrap().push(l);
             }
         });
+        Started { child, config, ready_file, stderr, reader: Some(reader) }
+    }
+
+    /// Waits for the ready file and returns what it says; fails the test, with what the process
+    /// said, if it exits first.
+    pub fn wait_ready(&mut self) -> Ready {
+        let (file, child) = (&self.ready_file, &mut self.child);
         let mut exited = None;
-        wait_until(&format!("{} to write its ready file", config.display()), START_LIMIT, || {
+        wait_until(&format!("{} to write its ready file", self.config.display()), START_LIMIT, || {
             exited = child.try_wait().unwrap();
-            exited.is_some() || ready_file.exists()
+            exited.is_some() || file.exists()
         });
         if let Some(status) = exited {
             // The pipe closed with the process: the reader has its last words.
-            let _ = reader.join();
-            panic!("ringproxy exited before it was ready ({status}): {:#?}", stderr.lock().unwrap());
+            if let Some(r) = self.reader.take() {
+                let _ = r.join();
+            }
+            panic!("ringproxy exited before it was ready ({status}): {:#?}", self.stderr());
         }
-        let ready = ReadyFile::read(&ready_file).unwrap();
-        let drain = drain_timeout(yaml);
-        Proxy { child, config, ready_file, ready, drain, stderr }
+        ReadyFile::read(&self.ready_file).unwrap()
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
-    }
-
-    /// What the ready file said when last read.
-    pub fn ready(&self) -> &Ready {
-        &self.ready
-    }
-
-    pub fn ready_file(&self) -> &Path {
-        &self.ready_file
-    }
-
-    /// The configuration file the process was started with (rewrite it, then reload).
-    pub fn config(&self) -> &Path {
-        &self.config
-    }
-
-    /// Replaces the configuration file (takes effect at the next reload).
-    pub fn write_config(&mut self, yaml: &str) {
-        std::fs::write(&self.config, yaml).unwrap();
-        if ringproxy::config::parse(yaml, "reload").is_ok() {
-            self.drain = self.drain.max(drain_timeout(yaml));
-        }
-    }
-
-    /// The first listening address of frontend `fe`.
-    pub fn addr(&self, fe: &str) -> SocketAddr {
-        self.addrs(fe).first().copied().unwrap_or_else(|| panic!("no listener for frontend {fe}: {:?}", self.ready))
-    }
-
-    /// Every listening address of frontend `fe`, in the order the ready file lists them.
-    pub fn addrs(&self, fe: &str) -> Vec<SocketAddr> {
-        self.ready.listeners.iter().filter(|l| l.name == fe).map(|l| l.addr).collect()
-    }
-
-    pub fn stats_socket(&self) -> Option<&Path> {
-        self.ready.stats_socket.as_deref()
-    }
-
-    /// Waits until the ready file reports `generation` (the number of successful reloads).
-    pub fn wait_generation(&mut self, generation: u64) {
-        let path = self.ready_file.clone();
-        let mut now = None;
-        wait_until(&format!("the ready file to reach generation {generation}"), START_LIMIT, || {
-            now = ReadyFile::read(&path).ok();
-            now.as_ref().is_some_and(|r| r.generation >= generation)
-        });
-        self.ready = now.unwrap();
-        assert_eq!(self.ready.generation, generation, "more reloads than asked for");
-    }
-
-    /// The ready file as it is now.
-    pub fn read_ready(&self) -> Ready {
-        ReadyFile::read(&self.ready_file).unwrap()
     }
 
     /// Every line written to stderr so far.
@@ -205,6 +143,130 @@ impl Proxy {
         });
         status.unwrap().code()
     }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("ringproxy ({}) said:\n{}", self.config.display(), self.stderr().join("\n"));
+        }
+    }
+}
+
+/// A running `ringproxy` process that reported ready.
+pub struct Proxy {
+    proc: Started,
+    ready: Ready,
+    /// The configured drain timeout: how long a SIGTERM may take.
+    drain: Duration,
+}
+
+impl Proxy {
+    /// Runs `ringproxy -c NAME.yaml` on `yaml` and returns once it is ready.
+    pub fn start(name: &str, yaml: &str) -> Proxy {
+        Proxy::start_with(name, yaml, &[])
+    }
+
+    /// Same, with more arguments after `-c FILE` (e.g. `run`).
+    pub fn start_with(name: &str, yaml: &str, args: &[&str]) -> Proxy {
+        Proxy::start_in(&temp_dir(), name, yaml, args)
+    }
+
+    /// Same, with the configuration and the ready file in `dir` (which the process must be able to
+    /// write once it has dropped its privileges).
+    pub fn start_in(dir: &Path, name: &str, yaml: &str, args: &[&str]) -> Proxy {
+        let mut proc = Started::spawn(dir, name, yaml, args, |_| {});
+        let ready = proc.wait_ready();
+        Proxy { proc, ready, drain: drain_timeout(yaml) }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// What the ready file said when last read.
+    pub fn ready(&self) -> &Ready {
+        &self.ready
+    }
+
+    pub fn ready_file(&self) -> &Path {
+        &self.proc.ready_file
+    }
+
+    /// The configuration file the process was started with (rewrite it, then reload).
+    pub fn config(&self) -> &Path {
+        &self.proc.config
+    }
+
+    /// Replaces the configuration file (takes effect at the next reload).
+    pub fn write_config(&mut self, yaml: &str) {
+        std::fs::write(&self.proc.config, yaml).unwrap();
+        if ringproxy::config::parse(yaml, "reload").is_ok() {
+            self.drain = self.drain.max(drain_timeout(yaml));
+        }
+    }
+
+    /// The first listening address of frontend `fe`.
+    pub fn addr(&self, fe: &str) -> SocketAddr {
+        self.addrs(fe).first().copied().unwrap_or_else(|| panic!("no listener for frontend {fe}: {:?}", self.ready))
+    }
+
+    /// Every listening address of frontend `fe`, in the order the ready file lists them.
+    pub fn addrs(&self, fe: &str) -> Vec<SocketAddr> {
+        self.ready.listeners.iter().filter(|l| l.name == fe).map(|l| l.addr).collect()
+    }
+
+    pub fn stats_socket(&self) -> Option<&Path> {
+        self.ready.stats_socket.as_deref()
+    }
+
+    /// Waits until the ready file reports `generation` (the number of successful reloads).
+    pub fn wait_generation(&mut self, generation: u64) {
+        let path = self.proc.ready_file.clone();
+        let mut now = None;
+        wait_until(&format!("the ready file to reach generation {generation}"), START_LIMIT, || {
+            now = ReadyFile::read(&path).ok();
+            now.as_ref().is_some_and(|r| r.generation >= generation)
+        });
+        self.ready = now.unwrap();
+        assert_eq!(self.ready.generation, generation, "more reloads than asked for");
+    }
+
+    /// The ready file as it is now.
+    pub fn read_ready(&self) -> Ready {
+        ReadyFile::read(&self.proc.ready_file).unwrap()
+    }
+
+    /// Every line written to stderr so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.proc.stderr()
+    }
+
+    /// Waits until a stderr line contains `what`; returns that line.
+    pub fn wait_stderr(&self, what: &str) -> String {
+        self.proc.wait_stderr(what)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        self.proc.signal(sig);
+    }
+
+    pub fn sigterm(&self) {
+        self.proc.sigterm();
+    }
+
+    pub fn has_exited(&mut self) -> bool {
+        self.proc.has_exited()
+    }
+
+    /// Waits for the process to exit (failing the test after `limit`); returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        self.proc.wait_exit(limit)
+    }
 
     /// The subprocess's `assert_clean`: its gauges are all 0 (when it has a stats socket), then
     /// SIGTERM makes it exit with status 0 within its drain timeout.
@@ -219,18 +281,6 @@ impl Proxy {
         self.sigterm();
         let limit = self.drain + EXIT_MARGIN;
         assert_eq!(self.wait_exit(limit), Some(0), "ringproxy's exit status after SIGTERM");
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("ringproxy ({}) said:\n{}", self.config.display(), self.stderr().join("\n"));
-        }
     }
 }
 

@@ -11,7 +11,6 @@ use std::time::Duration;
 use ringproxy::privileges::{self, Ids};
 use ringproxy::sys::{self, CapSets};
 
-use crate::adjusted::Adjusted;
 use crate::common::*;
 
 const CAP_NET_BIND_SERVICE: u64 = 10;
@@ -152,7 +151,7 @@ fn non_root_start_with_ambient_capabilities_leaves_no_thread_a_capability() {
     let low = free_privileged_port();
     let n = nobody();
     let mut proxy =
-        Adjusted::spawn(&dir, "caps-ambient", &config(&dir, &format!("127.0.0.1:{low}"), echo.addr), |cmd| {
+        Started::spawn(&dir, "caps-ambient", &config(&dir, &format!("127.0.0.1:{low}"), echo.addr), &[], |cmd| {
             let caps = 1 << CAP_NET_BIND_SERVICE | 1 << CAP_NET_ADMIN;
             let child = move || {
                 // Keep the permitted set across the switch to nobody, then make the capabilities
@@ -177,7 +176,7 @@ fn non_root_start_with_ambient_capabilities_leaves_no_thread_a_capability() {
             // lock), on values copied in before the fork.
             unsafe { cmd.pre_exec(child) };
         });
-    let ready = proxy.ready();
+    let ready = proxy.wait_ready();
     assert_eq!(ready.listeners[0].addr.port(), low, "bound below 1024 with the ambient capability");
     let names = assert_unprivileged(proxy.pid(), n, false);
     assert_helpers_seen(&names);

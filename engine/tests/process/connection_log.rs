@@ -10,7 +10,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::adjusted::Adjusted;
 use crate::common::*;
 
 fn config(log: &Path, server: std::net::SocketAddr, global: &str) -> String {
@@ -25,7 +24,7 @@ fn config(log: &Path, server: std::net::SocketAddr, global: &str) -> String {
 /// Runs `ringproxy -c` on `yaml`, which must be refused at start: exit 1, no ready file, and a
 /// message that names `log` and contains `why`.
 fn refused_at_start(name: &str, dir: &Path, yaml: &str, log: &Path, why: &str) {
-    let mut proxy = Adjusted::spawn(dir, name, yaml, |_| {});
+    let mut proxy = Started::spawn(dir, name, yaml, &[], |_| {});
     assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(1), "{name}: {:#?}", proxy.stderr());
     assert!(!dir.join(format!("{name}.ready.json")).exists(), "{name}: it said it was ready");
     let line = proxy.wait_stderr("connection log");

@@ -7,7 +7,6 @@
 #[path = "../common/mod.rs"]
 mod common;
 
-mod adjusted;
 mod capabilities;
 mod check;
 mod cli;

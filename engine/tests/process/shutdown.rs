@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use crate::adjusted::Adjusted;
 use crate::common::*;
 
 /// Review 7c: with a connection held open and `timeout drain` 20 s, a second SIGTERM during the
@@ -55,7 +54,7 @@ fn a_failed_helper_thread_is_reported_and_the_process_exits_1() {
              backends: [{{ name: be, check: {{ interval: 100ms }}, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
             echo.addr
         );
-        let mut proxy = Adjusted::spawn(&temp_dir(), thread, &yaml, |cmd| {
+        let mut proxy = Started::spawn(&temp_dir(), thread, &yaml, &[], |cmd| {
             cmd.env("RINGPROXY_FAIL_THREAD", thread);
         });
         assert_eq!(proxy.wait_exit(Duration::from_secs(10)), Some(1), "{thread}: {:#?}", proxy.stderr());
