@@ -251,7 +251,18 @@ fn applies(w: Where, e: End) -> Result<(), &'static str> {
     }
 }
 
-fn yaml(w: Where, e: End, server: SocketAddr) -> String {
+/// How the engine of a case moves bytes (`global.tune.splice`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The default: small chunks through buffers, bulk by splice.
+    Auto,
+    /// Every chunk by splice.
+    Always,
+    /// Multishot receives into the ring of receive buffers, no splice.
+    Never,
+}
+
+fn yaml(w: Where, e: End, server: SocketAddr, mode: Mode) -> String {
     let ms = |short: bool, long: &str| if short { "300ms".to_string() } else { long.to_string() };
     let connect = match (w, e) {
         // A FIN does not stop a connect; its timeout does.
@@ -263,7 +274,11 @@ fn yaml(w: Where, e: End, server: SocketAddr) -> String {
     let server_timeout = ms(e == End::ServerTimeout, "30s");
     let queue = ms(e == End::QueueTimeout, "30s");
     let maxconn = if matches!(w, Where::Parked | Where::Admitting) { 1 } else { 1000 };
-    let splice = if matches!(w, Where::Spliced | Where::Closing) { "always" } else { "auto" };
+    let splice = match mode {
+        Mode::Auto => "auto",
+        Mode::Always => "always",
+        Mode::Never => "never",
+    };
     let accept_proxy = matches!(w, Where::ProxyHeader | Where::Admitting);
     let server_maxconn = if w == Where::Queued { ", maxconn: 1" } else { "" };
     let check = if e == End::ServerDown {
@@ -298,6 +313,7 @@ struct Scene {
     unread: usize,
     /// The frontend wants a PROXY header first.
     accept_proxy: bool,
+    mode: Mode,
 }
 
 impl Scene {
@@ -412,7 +428,7 @@ impl Scene {
                 let (c, s) = self.established();
                 self.client = Some(c);
                 self.server_end = Some(s);
-                self.fill(w != Where::Buffered);
+                self.fill(self.mode == Mode::Always);
             }
             Where::HalfClosedByClient => {
                 self.reach(Where::Idle);
@@ -519,13 +535,13 @@ fn finish(scene: Scene) {
     drop(hole);
 }
 
-fn run_case(w: Where, e: End) {
-    eprintln!("case {w:?} × {e:?}");
+fn run_case(w: Where, e: End, mode: Mode) {
+    eprintln!("case {w:?} × {e:?} ({mode:?})");
     let small = matches!(w, Where::Buffered | Where::Spliced | Where::Closing).then_some(4096);
     let server = Server::start(small, e == End::ServerDown);
     let hole = (w == Where::Connecting).then(BlackHole::start);
     let target = hole.as_ref().map_or(server.addr, |h| h.addr);
-    let config = yaml(w, e, target);
+    let config = yaml(w, e, target, mode);
     let engine = engine(&config);
     let fe = addr(&engine, "fe");
     let mut scene = Scene {
@@ -539,6 +555,7 @@ fn run_case(w: Where, e: End) {
         holder: None,
         unread: 0,
         accept_proxy: matches!(w, Where::ProxyHeader | Where::Admitting),
+        mode,
     };
     scene.reach(w);
     scene.trigger(w, e, &config);
@@ -554,11 +571,18 @@ fn run_case(w: Where, e: End) {
     finish(scene);
 }
 
+/// Every ending of state `w`, with the engine moving bytes as its mode says (mid-transfer in a
+/// pipe needs splice: `Spliced` and `Closing` run with `always` in the default row).
 fn row(w: Where) {
+    let mode = if matches!(w, Where::Spliced | Where::Closing) { Mode::Always } else { Mode::Auto };
+    row_in(w, mode);
+}
+
+fn row_in(w: Where, mode: Mode) {
     let _serial = serial();
     for e in END {
         if applies(w, e).is_ok() {
-            run_case(w, e);
+            run_case(w, e, mode);
         }
     }
 }
@@ -616,6 +640,39 @@ fn half_closed_by_the_server_ends_every_way() {
 #[test]
 fn closing_ends_every_way() {
     row(Where::Closing);
+}
+
+// The established states again with `splice: never`: bytes held in the send queue of the ring of
+// receive buffers instead of a chunk buffer or a pipe.
+
+#[test]
+fn ring_buffers_established_idle_ends_every_way() {
+    row_in(Where::Idle, Mode::Never);
+}
+
+#[test]
+fn ring_buffers_mid_transfer_ends_every_way() {
+    row_in(Where::Buffered, Mode::Never);
+}
+
+#[test]
+fn ring_buffers_half_closed_by_the_client_ends_every_way() {
+    row_in(Where::HalfClosedByClient, Mode::Never);
+}
+
+#[test]
+fn ring_buffers_half_closed_by_the_server_ends_every_way() {
+    row_in(Where::HalfClosedByServer, Mode::Never);
+}
+
+#[test]
+fn ring_buffers_closing_ends_every_way() {
+    row_in(Where::Closing, Mode::Never);
+}
+
+#[test]
+fn ring_buffers_connecting_ends_every_way() {
+    row_in(Where::Connecting, Mode::Never);
 }
 
 #[test]
@@ -825,6 +882,16 @@ enum ClientPlay {
 /// `RINGPROXY_SEED=n` replays a run.
 #[test]
 fn two_thousand_connections_with_faults_at_random_moments() {
+    randomized("auto");
+}
+
+/// The same with `splice: never` (multishot receives into the ring of receive buffers).
+#[test]
+fn two_thousand_connections_with_faults_at_random_moments_through_ring_buffers() {
+    randomized("never");
+}
+
+fn randomized(splice: &str) {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -865,7 +932,7 @@ fn two_thousand_connections_with_faults_at_random_moments() {
         .collect();
     let hole = BlackHole::start();
     let engine = engine(&format!(
-        "global: {{ workers: 2, maxconn: 200 }}\n\
+        "global: {{ workers: 2, maxconn: 200, tune: {{ splice: {splice} }} }}\n\
          defaults: {{ timeout: {{ connect: 200ms, client: 500ms, server: 500ms, queue: 2s, drain: 500ms }} }}\n\
          frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
          backends:\n  - name: be\n    retries: 2\n    servers:\n\

@@ -201,7 +201,11 @@ keyword_enum!(Balance, "balance", [
 ]);
 keyword_enum!(OnDown, "on_down", ["keep" => OnDown::Keep, "shutdown_sessions" => OnDown::ShutdownSessions]);
 keyword_enum!(ProxyVersion, "send_proxy", ["v1" => ProxyVersion::V1, "v2" => ProxyVersion::V2]);
-keyword_enum!(super::SpliceMode, "splice", ["auto" => super::SpliceMode::Auto, "always" => super::SpliceMode::Always]);
+keyword_enum!(
+    super::SpliceMode,
+    "splice",
+    ["auto" => super::SpliceMode::Auto, "always" => super::SpliceMode::Always, "never" => super::SpliceMode::Never]
+);
 
 /// How a backend picks a server for a new connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -90,6 +90,9 @@ pub enum SpliceMode {
     Auto,
     /// Every chunk by splice.
     Always,
+    /// No splice: a multishot receive into the worker's ring of provided buffers, and a send of
+    /// what came in, all in the worker's own thread (no io-wq).
+    Never,
 }
 
 /// Engine knobs with safe defaults; see docs/configuration.md.

@@ -274,10 +274,18 @@ impl Ctx<'_> {
     fn establish(&mut self) {
         self.enter(State::Established);
         self.c.last_server = self.now.ms;
-        let t = self.token(Op::ServerPoll);
-        let Some(server) = &self.c.server_slot else { unreachable!("connected: the server slot is held") };
-        self.ring.poll_multi(server.sock(), POLLIN_EVENTS, t);
-        self.c.server_poll = true;
+        if self.ring_mode() {
+            // The multishot receives watch both sockets from now on: the client's poll goes.
+            if self.c.client_poll {
+                let target = self.token(Op::ClientPoll);
+                self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+            }
+        } else {
+            let t = self.token(Op::ServerPoll);
+            let Some(server) = &self.c.server_slot else { unreachable!("connected: the server slot is held") };
+            self.ring.poll_multi(server.sock(), POLLIN_EVENTS, t);
+            self.c.server_poll = true;
+        }
         self.ensure_timer();
         for dir in Dir::BOTH {
             self.pump(dir);

@@ -12,6 +12,7 @@
 //!
 //! Closing is then "cancel what is in flight; free when nothing is" ([`Conn::idle`]).
 
+use super::sendq::QueueLease;
 use crate::pipes::PipeLease;
 use crate::worker::ring::{ChunkBuf, HeaderBuf, PeerSlot};
 use crate::worker::token::Op;
@@ -87,6 +88,9 @@ pub enum FlowIo {
     PollOutPipe { pipe: PipeLease, pending: u32 },
     /// shutdown(SHUT_WR) of the destination (forwarding the source's EOF).
     Shutdown,
+    /// Receive buffers queued for the destination (`splice: never`), a `sendmsg` of them in
+    /// flight (a queue with buffers always has one: sendq.rs).
+    Ring(QueueLease),
 }
 
 impl FlowIo {
@@ -113,6 +117,7 @@ impl FlowIo {
             FlowIo::Splice { first: false, .. } | FlowIo::SpliceOut { .. } => [Some(dir.splice_out()), None],
             FlowIo::PollOutBuf { .. } | FlowIo::PollOutPipe { .. } => [Some(dir.poll_out()), None],
             FlowIo::Shutdown => [Some(dir.shutdown()), None],
+            FlowIo::Ring(_) => [Some(dir.send()), None],
         }
     }
 }
@@ -142,6 +147,9 @@ pub struct Flow {
     /// A poll event on the source reported its peer's FIN, a hangup or an error: read on to the
     /// EOF (or the error) instead of taking a short read as "drained".
     pub hup: bool,
+    /// `splice: never`: the source's multishot receive is stopped — its send queue is long
+    /// (backpressure) or the worker ran out of receive buffers — and is re-armed when that ends.
+    pub paused: bool,
     /// Poll events seen on the source, and their count when the last read was submitted: a read
     /// that finds the socket empty clears `readable` only if no event came in between.
     pub ready_seq: u8,

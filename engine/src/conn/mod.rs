@@ -31,12 +31,14 @@ mod accept;
 mod connect;
 mod inflight;
 mod pump;
+mod sendq;
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 
 pub use inflight::{Flow, FlowIo, Half, Held, Step};
+pub use sendq::{QueueLease, SendQueues};
 
 use crate::config::Config;
 use crate::log::ConnLog;
@@ -205,6 +207,10 @@ pub struct Conn {
     /// The multishot POLLIN on each socket is armed.
     pub client_poll: bool,
     pub server_poll: bool,
+    /// The multishot receive into the ring of receive buffers on each socket is armed
+    /// (`splice: never`, once established).
+    pub client_recv: bool,
+    pub server_recv: bool,
     pub step: Step,
     pub c2s: Flow,
     pub s2c: Flow,
@@ -308,6 +314,19 @@ pub(crate) enum Done {
     /// shutdown(SHUT_WR) completed (its result does not matter: a peer that reset is seen by
     /// the reads).
     Shutdown,
+    /// A completion of a multishot receive into the ring of receive buffers (`client` says which
+    /// socket); the buffer it filled, if any, is taken from the ring by `on_completion`.
+    Recvd {
+        client: bool,
+        res: i32,
+        more: bool,
+    },
+    /// A `sendmsg` of a send queue completed: the queue comes back.
+    RingSent {
+        dir: Dir,
+        lease: QueueLease,
+        res: i32,
+    },
 }
 
 impl Conn {
@@ -330,6 +349,8 @@ impl Conn {
     pub fn idle(&self) -> bool {
         !self.client_poll
             && !self.server_poll
+            && !self.client_recv
+            && !self.server_recv
             && matches!(self.step, Step::Idle)
             && !self.c2s.io.busy()
             && !self.s2c.io.busy()
@@ -337,10 +358,15 @@ impl Conn {
 
     /// The operations to cancel when closing: one per record that has one in flight.
     fn cancel_targets(&self) -> impl Iterator<Item = Op> {
-        let polls = [self.client_poll.then_some(Op::ClientPoll), self.server_poll.then_some(Op::ServerPoll)];
+        let watchers = [
+            self.client_poll.then_some(Op::ClientPoll),
+            self.server_poll.then_some(Op::ServerPoll),
+            self.client_recv.then_some(Op::ClientRecv),
+            self.server_recv.then_some(Op::ServerRecv),
+        ];
         let [a, b] = self.c2s.io.cancel_targets(Dir::ClientToServer);
         let [c, d] = self.s2c.io.cancel_targets(Dir::ServerToClient);
-        polls.into_iter().chain([self.step.cancel_target(), a, b, c, d]).flatten()
+        watchers.into_iter().chain([self.step.cancel_target(), a, b, c, d]).flatten()
     }
 
     /// Takes the completion of `op` out of its record: the record is cleared (or, for the first
@@ -428,8 +454,18 @@ impl Conn {
             }),
             Op::SendC2S | Op::SendS2C => self.take_flow(dir, |io| match io {
                 FlowIo::Send { buf, off, len } => Ok(Done::Send { dir, buf, off, len, res }),
+                FlowIo::Ring(lease) => Ok(Done::RingSent { dir, lease, res }),
                 io => Err(io),
             }),
+            Op::ClientRecv | Op::ServerRecv => {
+                let client = op == Op::ClientRecv;
+                let armed = if client { &mut self.client_recv } else { &mut self.server_recv };
+                if !*armed {
+                    return None;
+                }
+                *armed = more;
+                Some(Done::Recvd { client, res, more })
+            }
             Op::SpliceInC2S | Op::SpliceInS2C => {
                 let FlowIo::Splice { pending, first, .. } = &mut self.flow(dir).io else { return None };
                 if !*first {
@@ -616,6 +652,8 @@ pub(crate) struct Ctx<'w> {
     pub timers: &'w mut TimerWheel,
     pub ring: &'w mut Ring,
     pub pipes: &'w mut PipePool,
+    /// Send queues of the receive-buffer path (`splice: never`).
+    pub sendq: &'w mut SendQueues,
     /// Flows waiting for a pipe or a buffer: (index, generation, direction).
     pub waiters: &'w mut VecDeque<(u32, u32, Dir)>,
     pub up: &'w mut Upstream,
@@ -660,12 +698,21 @@ impl Ctx<'_> {
     }
 
     /// Every completion of this connection's operations: the one transition function.
-    pub(crate) fn on_completion(&mut self, op: Op, res: i32, more: bool) {
+    pub(crate) fn on_completion(&mut self, op: Op, res: i32, more: bool, flags: u32) {
+        // A receive into the ring of receive buffers hands a buffer over with its completion,
+        // whatever else happens: ours from here.
+        let filled = if matches!(op, Op::ClientRecv | Op::ServerRecv) { self.ring.received(flags) } else { None };
         let Some(done) = self.c.settle(op, res, more) else {
+            if let Some(b) = filled {
+                self.ring.give_ring_buf(b);
+            }
             self.stats.unexpected_completions += 1;
             return;
         };
         if self.c.is_closing() {
+            if let Some(b) = filled {
+                self.ring.give_ring_buf(b);
+            }
             self.absorb(done);
             self.finish_if_idle();
             return;
@@ -688,6 +735,8 @@ impl Ctx<'_> {
             Done::SpliceOut { dir, pipe, pending, res } => self.on_splice_out(dir, pipe, pending, res),
             Done::PollOut { dir, held, res } => self.on_poll_out(dir, held, res),
             Done::Shutdown => self.check_done(),
+            Done::Recvd { client, res, more } => self.on_recvd(client, res, more, filled),
+            Done::RingSent { dir, lease, res } => self.on_ring_sent(dir, lease, res),
         }
     }
 
@@ -703,9 +752,15 @@ impl Ctx<'_> {
             Done::Recv { buf, .. } | Done::Send { buf, .. } => self.ring.give_chunk(buf),
             Done::SpliceOut { pipe, pending, .. } => self.pipes.give_back(pipe, pending),
             Done::PollOut { held, .. } => self.give_back_held(held),
+            Done::RingSent { lease, .. } => self.sendq.give_back(lease, self.ring),
             // The descriptor is closed here, as it is dropped.
             Done::LocalAddr { fd } => drop(fd),
-            Done::Poll { .. } | Done::ConnectStep | Done::Connected | Done::SpliceIn { .. } | Done::Shutdown => {}
+            Done::Poll { .. }
+            | Done::ConnectStep
+            | Done::Connected
+            | Done::SpliceIn { .. }
+            | Done::Shutdown
+            | Done::Recvd { .. } => {}
         }
     }
 

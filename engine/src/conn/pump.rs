@@ -15,11 +15,11 @@
 //! with no FIN seen) that no newer poll event contradicts (`ready_seq`), so no readiness edge is
 //! lost; an EOF is forwarded as shutdown(SHUT_WR) only once nothing is pending.
 
-use super::{CloseReason, Ctx, Dir, FlowIo, Half, Held, POLLOUT_EVENTS, State};
+use super::{CloseReason, Ctx, Dir, FlowIo, Half, Held, POLLOUT_EVENTS, QueueLease, State};
 use crate::config::SpliceMode;
 use crate::pipes::PipeLease;
-use crate::worker::ring::{CHUNK, ChunkBuf, Sock};
-use crate::worker::token::Op;
+use crate::worker::ring::{CHUNK, ChunkBuf, RingBuf, Sock};
+use crate::worker::token::{Op, Token};
 
 /// A splice that moves less than this means the flow carries small messages again.
 const SMALL: usize = 2048;
@@ -76,6 +76,10 @@ impl Ctx<'_> {
         if armed || self.c.is_closing() || !self.c.is_live() {
             return;
         }
+        if self.ring_mode() && self.c.state == State::Established {
+            // Established, this mode watches the sockets with its receives instead.
+            return;
+        }
         let op = if client { Op::ClientPoll } else { Op::ServerPoll };
         let t = self.token(op);
         let sock = if client {
@@ -97,8 +101,13 @@ impl Ctx<'_> {
         if self.c.state != State::Established || !matches!(self.c.flow(dir).io, FlowIo::Idle) {
             return;
         }
+        let ring = self.ring_mode();
         let f = self.c.flow(dir);
-        if f.half != Half::Open || !f.readable {
+        if f.half != Half::Open || !f.readable || ring {
+            if ring && f.half == Half::Open {
+                // The multishot receive brings the bytes; nothing to do but make sure it runs.
+                return self.arm_recv(dir);
+            }
             if f.half == Half::EofSeen {
                 f.half = Half::Shut;
                 if self.c.flow(other(dir)).finished() {
@@ -314,6 +323,15 @@ impl Ctx<'_> {
 
     /// A flow that waited for a pipe or a buffer may try again (one was given back).
     pub(crate) fn resume_waiting(&mut self, dir: Dir) {
+        if self.ring_mode() {
+            // Waiting for receive buffers: re-arm (or queue up again) if still paused.
+            let f = self.c.flow(dir);
+            if f.paused && !matches!(f.io, FlowIo::Ring(_)) {
+                f.paused = false;
+                self.arm_recv(dir);
+            }
+            return;
+        }
         if matches!(self.c.flow(dir).io, FlowIo::Waiting) {
             self.c.flow(dir).io = FlowIo::Idle;
             self.pump(dir);
@@ -325,5 +343,159 @@ fn other(dir: Dir) -> Dir {
     match dir {
         Dir::ClientToServer => Dir::ServerToClient,
         Dir::ServerToClient => Dir::ClientToServer,
+    }
+}
+
+/// `splice: never`: a send queue this long stops its source's receive (backpressure) ...
+const PAUSE_BYTES: u64 = 1 << 20;
+
+impl Ctx<'_> {
+    /// Whether this worker moves bytes through its ring of receive buffers (`splice: never`).
+    pub(super) fn ring_mode(&self) -> bool {
+        self.cfg.global.tune.splice == SpliceMode::Never
+    }
+
+    /// Arms the multishot receive on the source of `dir`, unless it is armed, paused, or the
+    /// source has ended.
+    pub(super) fn arm_recv(&mut self, dir: Dir) {
+        let f = self.c.flow(dir);
+        if f.half != Half::Open || f.paused || !self.c.is_live() || self.c.is_closing() {
+            return;
+        }
+        let client = dir == Dir::ClientToServer;
+        if if client { self.c.client_recv } else { self.c.server_recv } {
+            return;
+        }
+        if !self.ring.ring_bufs_available() {
+            // The worker's receive buffers are all out: wait for some to come back.
+            return self.starve(dir);
+        }
+        let op = if client { Op::ClientRecv } else { Op::ServerRecv };
+        let t = self.token(op);
+        let Some((src, _)) = self.c.ends(dir) else { return };
+        self.ring.recv_multi(src, t);
+        if client {
+            self.c.client_recv = true;
+        } else {
+            self.c.server_recv = true;
+        }
+    }
+
+    /// The receive of `dir` stops until receive buffers come back (the worker's FIFO of waiters).
+    fn starve(&mut self, dir: Dir) {
+        let f = self.c.flow(dir);
+        if !f.paused {
+            f.paused = true;
+            self.waiters.push_back((self.idx, self.c.generation, dir));
+            self.stats.pipe_waits += 1;
+        }
+    }
+
+    /// A completion of the multishot receive on the client's (`client`) or the server's socket,
+    /// with the buffer it filled.
+    pub(super) fn on_recvd(&mut self, client: bool, res: i32, more: bool, buf: Option<RingBuf>) {
+        let dir = if client { Dir::ClientToServer } else { Dir::ServerToClient };
+        match (res, buf) {
+            (n, Some(buf)) if n > 0 => self.forward(dir, buf, n as u32),
+            (n, buf) => {
+                if let Some(b) = buf {
+                    self.ring.give_ring_buf(b);
+                }
+                match n {
+                    0 => self.c.flow(dir).half = Half::EofSeen,
+                    e if e == -libc::ENOBUFS => self.starve(dir),
+                    e if e == -libc::ECANCELED => {}
+                    _ => return self.close(dir.source_reset()),
+                }
+            }
+        }
+        if !more && self.c.state == State::Established {
+            // Ended (EOF, out of buffers, paused, or the kernel's own reasons): go on if it may.
+            self.arm_recv(dir);
+        }
+        self.pump(dir);
+        self.check_done();
+    }
+
+    /// Queues `n` bytes received into `buf` for the destination of `dir`, and sends them now if
+    /// no send of this direction is in flight.
+    fn forward(&mut self, dir: Dir, buf: RingBuf, n: u32) {
+        self.received(dir, n);
+        let io = std::mem::take(&mut self.c.flow(dir).io);
+        let lease = match io {
+            FlowIo::Ring(lease) => lease,
+            FlowIo::Idle => self.sendq.lend(),
+            other => {
+                // Cannot happen: in this mode a flow is idle, or its queue is.
+                debug_assert!(false, "a receive buffer for a flow in {other:?}");
+                self.c.flow(dir).io = other;
+                return self.ring.give_ring_buf(buf);
+            }
+        };
+        self.sendq.push(&lease, buf, n);
+        if !self.sendq.sending(&lease) {
+            self.send_queue(dir, &lease);
+        }
+        if self.sendq.bytes(&lease) >= PAUSE_BYTES {
+            self.pause(dir);
+        }
+        self.c.flow(dir).io = FlowIo::Ring(lease);
+    }
+
+    /// A `sendmsg` of everything queued (the queue's record is `FlowIo::Ring`).
+    fn send_queue(&mut self, dir: Dir, lease: &QueueLease) {
+        let msg = self.sendq.prepare(lease, self.ring);
+        let t = self.token(dir.send());
+        let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
+        // SAFETY: the message, its iovecs and the buffers they point into belong to the queue,
+        // which stays in `FlowIo::Ring` (sendq.rs keeps them in place) until this op's completion.
+        unsafe { self.ring.sendmsg(dst, msg, t) };
+    }
+
+    /// Backpressure: the destination of `dir` is slower than its source; stop receiving.
+    fn pause(&mut self, dir: Dir) {
+        let f = self.c.flow(dir);
+        if f.paused {
+            return;
+        }
+        f.paused = true;
+        let (armed, op) = match dir {
+            Dir::ClientToServer => (self.c.client_recv, Op::ClientRecv),
+            Dir::ServerToClient => (self.c.server_recv, Op::ServerRecv),
+        };
+        if armed {
+            let target = self.token(op);
+            self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+        }
+    }
+
+    /// A `sendmsg` of `dir`'s queue completed.
+    pub(super) fn on_ring_sent(&mut self, dir: Dir, lease: QueueLease, res: i32) {
+        if res < 0 && res != -libc::ECANCELED {
+            self.sendq.give_back(lease, self.ring);
+            return self.close(dir.destination_reset());
+        }
+        self.sendq.sent(&lease, res.max(0) as u64, self.ring);
+        if res > 0 {
+            self.sent(dir);
+        }
+        if self.sendq.is_empty(&lease) {
+            self.sendq.give_back(lease, self.ring);
+        } else {
+            self.send_queue(dir, &lease);
+            self.c.flow(dir).io = FlowIo::Ring(lease);
+        }
+        let f = self.c.flow(dir);
+        let drained = match &f.io {
+            FlowIo::Ring(l) => self.sendq.bytes(l) < PAUSE_BYTES / 2,
+            _ => true,
+        };
+        if f.paused && drained {
+            // Resume the source: buffers permitting (else it waits for them).
+            self.c.flow(dir).paused = false;
+            self.arm_recv(dir);
+        }
+        self.pump(dir);
+        self.check_done();
     }
 }

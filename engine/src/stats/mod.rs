@@ -201,7 +201,8 @@ pub struct WorkerStats {
     pub splices: u64,
     pub pipes_in_use: u64,
     pub pipes_pooled: u64,
-    /// Chunk buffers (small transfers) lent to connections and kept in the pool.
+    /// Buffers lent to connections and kept in the pool: chunk buffers (small transfers), PROXY
+    /// header buffers and, with `tune.splice: never`, the receive buffers of the provided-buffer ring.
     pub buffers_in_use: u64,
     pub buffers_pooled: u64,
     pub pipe_waits: u64,

@@ -64,6 +64,7 @@ pub struct Worker {
     conns: Slab,
     timers: TimerWheel,
     pipes: PipePool,
+    sendq: crate::conn::SendQueues,
     /// Flows waiting for a pipe or a buffer: (index, generation, direction), oldest first.
     waiters: VecDeque<(u32, u32, Dir)>,
     up: Upstream,
@@ -172,11 +173,14 @@ impl Worker {
         if !t.op.is_worker_op() {
             if self.conns.get(t.index, t.generation).is_none() {
                 // The connection was freed since (nothing of it was in flight): cannot happen for
-                // ops it held; counted for the stats.
+                // ops it held; counted for the stats. A receive buffer it names still goes back.
+                if let Some(b) = self.ring.received(c.flags) {
+                    self.ring.give_ring_buf(b);
+                }
                 self.stats.unexpected_completions += 1;
                 return;
             }
-            self.with_conn(t.index, |cx| cx.on_completion(t.op, c.result, c.more()));
+            self.with_conn(t.index, |cx| cx.on_completion(t.op, c.result, c.more(), c.flags));
             self.follow_up();
             return;
         }
@@ -206,6 +210,7 @@ impl Worker {
             timers: &mut self.timers,
             ring: &mut self.ring,
             pipes: &mut self.pipes,
+            sendq: &mut self.sendq,
             waiters: &mut self.waiters,
             up: &mut self.up,
             admitting: &mut self.admitting,

@@ -18,6 +18,13 @@ use crate::pipes::PipePool;
 use crate::sources::{self, SourceShard};
 use crate::stats::{ServerState, ServerStats, WorkerStats, latency_histogram};
 
+/// Bytes per receive buffer of the ring (`splice: never`): a multishot receive fills one per
+/// completion, up to this.
+const RECV_BUF: usize = 64 * 1024;
+/// Most receive buffers one worker creates (32 MiB): what all its flows together may hold on
+/// their way, beyond which receives wait for buffers to come back.
+const RECV_BUFS: usize = 512;
+
 impl Worker {
     pub(super) fn new(setup: WorkerSetup) -> std::io::Result<Worker> {
         let WorkerSetup { id, config, plan, listeners, rx, wake, peers, log } = setup;
@@ -76,6 +83,7 @@ impl Worker {
             timeouts,
             max_chunks: plan.pipes_per_worker as usize,
             peer_slots: config.global.tune.peer_lookups as usize,
+            recv_bufs: (config.global.tune.splice == crate::config::SpliceMode::Never).then_some((RECV_BUF, RECV_BUFS)),
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);
@@ -133,6 +141,7 @@ impl Worker {
             conns: Slab::with_capacity(plan.conns_per_worker as usize),
             timers: TimerWheel::new(0),
             pipes: PipePool::new(plan.pipes_per_worker, config.global.tune.pipe_size),
+            sendq: crate::conn::SendQueues::default(),
             waiters: VecDeque::new(),
             up: Upstream {
                 backends,

@@ -56,6 +56,10 @@ pub enum Op {
     /// The same, server→client.
     RecvS2C,
     SendS2C,
+    /// Multishot recv into the worker's provided-buffer ring on the client socket (`splice:
+    /// never`, once established), and on the server socket.
+    ClientRecv,
+    ServerRecv,
 
     // --- worker operations ---
     /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
@@ -74,7 +78,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 31] = [
+    const ALL: [Op; 33] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -100,6 +104,8 @@ impl Op {
         Op::SendC2S,
         Op::RecvS2C,
         Op::SendS2C,
+        Op::ClientRecv,
+        Op::ServerRecv,
         Op::Cancel,
         Op::Accept,
         Op::AcceptCancel,

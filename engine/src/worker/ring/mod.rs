@@ -20,6 +20,7 @@
 
 mod buffers;
 mod ops;
+mod pbuf;
 mod register;
 mod slots;
 
@@ -35,6 +36,7 @@ use io_uring::types::{SubmitArgs, Timespec};
 use socket2::SockAddr;
 
 pub use buffers::{CHUNK, ChunkBuf, HEADER_BUF, HeaderBuf, PeerSlot};
+pub use pbuf::RingBuf;
 pub use slots::{ClientSlot, ServerSlot, ServerSlots, Sock};
 
 use buffers::Buffers;
@@ -82,6 +84,9 @@ pub struct RingSetup {
     pub max_chunks: usize,
     /// Most peer-address lookups in flight at once.
     pub peer_slots: usize,
+    /// The provided-buffer ring multishot receives pick from (`splice: never`): (buffer size,
+    /// most buffers). `None`: no ring.
+    pub recv_bufs: Option<(usize, usize)>,
 }
 
 /// Counters the ring keeps about itself.
@@ -98,6 +103,9 @@ pub struct RingCounters {
     pub enter_calls: u64,
 }
 
+/// The buffer group id of the ring of receive buffers.
+const RECV_GROUP: u16 = 1;
+
 /// How long dropping a ring waits for its requests to be cancelled.
 const CANCEL_WAIT: Duration = Duration::from_secs(2);
 
@@ -109,6 +117,8 @@ pub struct Ring {
     timeouts: Box<[Timespec]>,
     /// Freed by `Drop` only once every request is known to be cancelled.
     buffers: ManuallyDrop<Buffers>,
+    /// Unregistered and freed by `Drop` likewise (only if every buffer came back).
+    recv_bufs: Option<ManuallyDrop<pbuf::BufRing>>,
     wake_buf: ManuallyDrop<Box<u64>>,
     pub counters: RingCounters,
 }
@@ -133,8 +143,18 @@ impl Ring {
             // Affinity is an optimisation; a refusal (e.g. in a restricted cpuset) is not fatal.
             let _ = ring.submitter().register_iowq_aff(&cpu_set_of(cpu));
         }
+        let recv_bufs = match setup.recv_bufs {
+            Some((size, max)) => {
+                let entries = (max.max(1) as u16).next_power_of_two();
+                let r = pbuf::BufRing::new(&ring, RECV_GROUP, entries, size, max)
+                    .map_err(|e| with_context(e, "registering the ring of receive buffers"))?;
+                Some(ManuallyDrop::new(r))
+            }
+            None => None,
+        };
         Ok(Ring {
             ring,
+            recv_bufs,
             backlog: VecDeque::new(),
             addrs: setup.addrs.into_iter().map(SockAddr::from).collect(),
             timeouts: setup
@@ -261,20 +281,22 @@ impl Ring {
         self.ring.submission().len() + self.backlog.iter().map(Vec::len).sum::<usize>()
     }
 
-    /// Chunk and header buffers lent out now.
+    /// Chunk, header and receive buffers lent out now.
     pub fn buffers_in_use(&self) -> u32 {
-        self.buffers.chunks.in_use + self.buffers.headers.in_use
+        self.buffers.chunks.in_use + self.buffers.headers.in_use + self.recv_bufs.as_ref().map_or(0, |r| r.out)
     }
 
-    /// Chunk and header buffers created and not lent.
+    /// Chunk, header and receive buffers created and not lent (a receive buffer in the
+    /// provided-buffer ring counts as pooled: the kernel may fill it, no connection holds it).
     pub fn buffers_pooled(&self) -> u32 {
-        self.buffers.chunks.pooled() + self.buffers.headers.pooled()
+        let recv = self.recv_bufs.as_ref().map_or(0, |r| r.created() as u32 - r.out);
+        self.buffers.chunks.pooled() + self.buffers.headers.pooled() + recv
     }
 
     /// Whether every buffer and peer slot has been given back (a worker that ends normally holds
     /// none: it checks this in debug builds).
     pub fn all_buffers_back(&self) -> bool {
-        self.buffers.all_back()
+        self.buffers.all_back() && self.recv_bufs.as_ref().is_none_or(|r| r.out == 0)
     }
 }
 
@@ -319,6 +341,15 @@ impl Drop for Ring {
         self.backlog.clear();
         let _ = self.ring.submitter().submit();
         let cancelled = self.cancel_everything();
+        if let Some(r) = self.recv_bufs.as_mut() {
+            if cancelled && r.out == 0 {
+                r.release(&self.ring);
+                // SAFETY: unregistered, and every buffer is back: nothing can use them; once.
+                unsafe { ManuallyDrop::drop(r) };
+            } else {
+                eprintln!("ringproxy: a ring went away with receive buffers possibly in use; leaking them");
+            }
+        }
         if cancelled && self.buffers.all_back() {
             // SAFETY: every buffer handle is back, so no operation can name one (only an op that
             // holds a handle points into the pools); dropped once, here.
@@ -369,6 +400,7 @@ mod tests {
             timeouts: Vec::new(),
             max_chunks: 1,
             peer_slots: 1,
+            recv_bufs: None,
         })
         .expect("an io_uring")
     }

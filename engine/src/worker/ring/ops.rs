@@ -12,6 +12,7 @@ use io_uring::squeue::Flags;
 use io_uring::types::{DestinationSlot, Fd, Fixed, Timespec};
 
 use super::buffers::{CHUNK, ChunkBuf, HEADER_BUF, HeaderBuf, PeerSlot};
+use super::pbuf::RingBuf;
 use super::slots::{ClientSlot, ServerSlot, Sock};
 use super::{AddrId, Ring, TimeoutId};
 use crate::worker::token::{Op, Token};
@@ -340,6 +341,66 @@ impl Ring {
         let e = opcode::Splice::new(Fd(pipe_rd), -1, Fixed(dst.index()), -1, len).flags(SPLICE_NONBLOCK).build();
         // SAFETY: as for `splice_pair`.
         unsafe { self.push(e.user_data(token.encode())) };
+    }
+
+    /// Multishot recv on a socket into the ring of receive buffers: one completion per chunk that
+    /// came in, each naming the buffer it filled ([`Ring::received`]), until EOF, an error, a
+    /// cancel, or the ring runs dry (-ENOBUFS).
+    pub fn recv_multi(&mut self, sock: Sock<'_>, token: Token) {
+        let Some(bufs) = &self.recv_bufs else { unreachable!("recv_multi without a ring of receive buffers") };
+        let e = opcode::RecvMulti::new(Fixed(sock.index()), bufs.bgid).build().user_data(token.encode());
+        // SAFETY: no pointer: the kernel picks buffers from the registered ring, whose memory
+        // lives until `Drop` (freed only once every buffer is back).
+        unsafe { self.push(e) };
+    }
+
+    /// The receive buffer a completion with `flags` filled, now ours; `None` if it names none.
+    pub fn received(&mut self, flags: u32) -> Option<RingBuf> {
+        let bid = io_uring::cqueue::buffer_select(flags)?;
+        self.recv_bufs.as_mut().map(|r| r.taken(bid))
+    }
+
+    /// The bytes of a receive buffer we hold.
+    pub fn ring_buf(&self, b: &RingBuf) -> &[u8] {
+        match &self.recv_bufs {
+            Some(r) => r.bytes(b),
+            None => unreachable!("a RingBuf comes from the ring of receive buffers"),
+        }
+    }
+
+    /// A pointer to byte `off` of a receive buffer we hold (for an iovec).
+    pub fn ring_buf_ptr(&mut self, b: &RingBuf, off: usize) -> *const u8 {
+        match &mut self.recv_bufs {
+            Some(r) => r.ptr(b, off),
+            None => unreachable!("a RingBuf comes from the ring of receive buffers"),
+        }
+    }
+
+    /// Gives a receive buffer back to the ring.
+    pub fn give_ring_buf(&mut self, b: RingBuf) {
+        if let Some(r) = self.recv_bufs.as_mut() {
+            r.give_back(b);
+        }
+    }
+
+    /// Whether the ring of receive buffers has buffers for a receive to take.
+    pub fn ring_bufs_available(&self) -> bool {
+        self.recv_bufs.as_ref().is_some_and(|r| !r.is_empty())
+    }
+
+    /// sendmsg of the iovecs `msg` names, whole (MSG_WAITALL: the kernel waits for room, polling,
+    /// without an io-wq thread).
+    ///
+    /// # Safety
+    /// `msg`, its iovec array and every buffer the iovecs point into stay valid and unchanged
+    /// until this op's completion (the caller keeps them in the op's in-flight record).
+    pub unsafe fn sendmsg(&mut self, sock: Sock<'_>, msg: *const libc::msghdr, token: Token) {
+        let e = opcode::SendMsg::new(Fixed(sock.index()), msg)
+            .flags(libc::MSG_WAITALL as u32 | libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: forwarded to the caller.
+        unsafe { self.push(e) };
     }
 
     /// shutdown(SHUT_WR) on a socket: forwards an EOF.

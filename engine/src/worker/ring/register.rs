@@ -71,3 +71,33 @@ pub(super) fn sync_cancel_any(ring: &IoUring, timeout: Duration) -> io::Result<u
     }
     Ok(r as u32)
 }
+
+/// An anonymous, zeroed, page-aligned mapping of `bytes` (a provided-buffer ring's descriptors).
+pub(super) fn map_anonymous(bytes: usize) -> io::Result<std::ptr::NonNull<u8>> {
+    // SAFETY: an anonymous private mapping at an address of the kernel's choosing: no pointer is
+    // passed in, and the result is checked before use.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))
+}
+
+/// Unmaps a mapping made by [`map_anonymous`].
+///
+/// # Safety
+/// `p` and `bytes` are exactly a mapping made by `map_anonymous`, and nothing (the kernel
+/// included) uses it any more.
+pub(super) unsafe fn unmap(p: std::ptr::NonNull<u8>, bytes: usize) {
+    // SAFETY: forwarded to the caller.
+    unsafe { libc::munmap(p.as_ptr().cast(), bytes) };
+}

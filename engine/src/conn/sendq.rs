@@ -1,0 +1,164 @@
+//! Send queues of the receive-buffer path (`splice: never`): what one direction of a connection
+//! received and has not sent on yet, and the `sendmsg` that sends it.
+//!
+//! A direction's multishot receive hands it filled buffers from the worker's ring, possibly
+//! several per loop turn; they wait here, in order, and one `sendmsg` at a time sends as many of
+//! them as are queued (one iovec each), so a fast source is forwarded in a few large writes and a
+//! TCP stream's order is kept (two sends in flight on one socket could pass each other). A queue
+//! is lent to a direction while it holds buffers — a [`QueueLease`], not `Copy` — so an idle
+//! connection holds none; leases are pooled per worker.
+//!
+//! Invariants: a queue with buffers always has a `sendmsg` in flight (it is issued as soon as
+//! there is something to send and the previous one completed), so "nothing in flight" still means
+//! "nothing held"; the in-flight `sendmsg` reads only `msg`, `iov[..sending]` and the buffers of
+//! its first `sending` entries, which are neither moved nor given back before its completion;
+//! new buffers are appended behind them.
+
+use std::collections::VecDeque;
+use std::mem::ManuallyDrop;
+
+use crate::worker::ring::{Ring, RingBuf};
+
+/// Most buffers one `sendmsg` carries.
+const MAX_IOV: usize = 64;
+
+/// One queued buffer: `len` bytes at `off`.
+struct Queued {
+    buf: RingBuf,
+    off: u32,
+    len: u32,
+}
+
+/// One direction's queue (boxed: `msg` and `iov` keep their address during a `sendmsg`).
+struct Queue {
+    bufs: VecDeque<Queued>,
+    /// Bytes queued (sent ones excluded).
+    bytes: u64,
+    /// Entries the `sendmsg` in flight carries (from the front); 0: none in flight.
+    sending: usize,
+    iov: Vec<libc::iovec>,
+    msg: libc::msghdr,
+}
+
+/// A queue lent to one direction of one connection.
+#[must_use = "a send queue must be given back"]
+#[derive(Debug, PartialEq, Eq)]
+pub struct QueueLease {
+    index: u32,
+}
+
+impl QueueLease {
+    fn into_index(self) -> u32 {
+        ManuallyDrop::new(self).index
+    }
+}
+
+impl Drop for QueueLease {
+    fn drop(&mut self) {
+        debug_assert!(std::thread::panicking(), "send queue {} dropped instead of given back", self.index);
+    }
+}
+
+/// The worker's send queues.
+#[derive(Default)]
+pub struct SendQueues {
+    #[expect(clippy::vec_box, reason = "a queue's msghdr must keep its address while the Vec grows")]
+    queues: Vec<Box<Queue>>,
+    free: Vec<u32>,
+    /// Leases out now.
+    pub in_use: u32,
+}
+
+impl SendQueues {
+    /// Lends an empty queue.
+    pub fn lend(&mut self) -> QueueLease {
+        self.in_use += 1;
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                // SAFETY: msghdr is plain old data; all-zero is an empty message.
+                let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                let q = Queue { bufs: VecDeque::new(), bytes: 0, sending: 0, iov: Vec::with_capacity(MAX_IOV), msg };
+                self.queues.push(Box::new(q));
+                self.queues.len() as u32 - 1
+            }
+        };
+        QueueLease { index }
+    }
+
+    fn q(&mut self, l: &QueueLease) -> &mut Queue {
+        &mut self.queues[l.index as usize]
+    }
+
+    /// Appends `len` bytes a receive put at the start of `buf`.
+    pub fn push(&mut self, l: &QueueLease, buf: RingBuf, len: u32) {
+        let q = self.q(l);
+        q.bytes += u64::from(len);
+        q.bufs.push_back(Queued { buf, off: 0, len });
+    }
+
+    /// Bytes queued and not yet sent.
+    pub fn bytes(&self, l: &QueueLease) -> u64 {
+        self.queues[l.index as usize].bytes
+    }
+
+    /// Whether a `sendmsg` of this queue is in flight.
+    pub fn sending(&self, l: &QueueLease) -> bool {
+        self.queues[l.index as usize].sending > 0
+    }
+
+    pub fn is_empty(&self, l: &QueueLease) -> bool {
+        self.queues[l.index as usize].bufs.is_empty()
+    }
+
+    /// Builds the message for a `sendmsg` of every queued buffer (at most `MAX_IOV`) and returns a
+    /// pointer to it, stable until [`SendQueues::sent`]. Nothing may be in flight.
+    pub fn prepare(&mut self, l: &QueueLease, ring: &mut Ring) -> *const libc::msghdr {
+        let q = &mut self.queues[l.index as usize];
+        debug_assert_eq!(q.sending, 0, "one sendmsg at a time per queue");
+        q.iov.clear();
+        for e in q.bufs.iter().take(MAX_IOV) {
+            let base = ring.ring_buf_ptr(&e.buf, e.off as usize);
+            q.iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: e.len as usize });
+        }
+        q.sending = q.iov.len();
+        q.msg.msg_iov = q.iov.as_mut_ptr();
+        q.msg.msg_iovlen = q.iov.len();
+        &raw const q.msg
+    }
+
+    /// The `sendmsg` in flight completed having sent `n` bytes: the buffers it sent whole go back
+    /// to the ring; a buffer it sent part of keeps the rest, in front.
+    pub fn sent(&mut self, l: &QueueLease, mut n: u64, ring: &mut Ring) {
+        let q = &mut self.queues[l.index as usize];
+        let sending = std::mem::take(&mut q.sending);
+        for _ in 0..sending {
+            let Some(front) = q.bufs.front_mut() else { break };
+            if n >= u64::from(front.len) {
+                n -= u64::from(front.len);
+                q.bytes -= u64::from(front.len);
+                if let Some(e) = q.bufs.pop_front() {
+                    ring.give_ring_buf(e.buf);
+                }
+            } else {
+                front.off += n as u32;
+                front.len -= n as u32;
+                q.bytes -= n;
+                break;
+            }
+        }
+    }
+
+    /// Gives a lease back, and every buffer still in it to the ring. Nothing may be in flight.
+    pub fn give_back(&mut self, l: QueueLease, ring: &mut Ring) {
+        let index = l.into_index();
+        let q = &mut self.queues[index as usize];
+        q.sending = 0;
+        q.bytes = 0;
+        for e in q.bufs.drain(..) {
+            ring.give_ring_buf(e.buf);
+        }
+        self.in_use -= 1;
+        self.free.push(index);
+    }
+}
