@@ -8,6 +8,9 @@
 #   ringproxy-base  (only with BASE_BIN or BASE_REV) an older ringproxy binary, run exactly like the
 #                   ringproxy path (same configuration, pinning, sampling); the report puts it
 #                   beside ringproxy with the ratio new / base
+#   ringproxy-auto, ringproxy-always, ringproxy-never
+#                   target/release/ringproxy with that `tune.splice` (the ringproxy path runs the
+#                   default): the modes side by side, for choosing the default
 #   haproxy         HAProxy `mode tcp`, nbthread = WORKERS, cpu-map, no splicing
 #   haproxy-splice  the same with `option splice-auto` (tune.pipesize = ringproxy's pipe size)
 #   nginx           nginx `stream`, worker_processes = WORKERS, worker_cpu_affinity auto, reuseport
@@ -154,7 +157,7 @@ build_base() {
     BASE_WT=""
     BASE_INFO="commit ${commit:0:7} (BASE_REV=$rev)"
 }
-declare -A RP_BIN=([ringproxy]=$RP)
+declare -A RP_BIN=([ringproxy]=$RP [ringproxy-auto]=$RP [ringproxy-always]=$RP [ringproxy-never]=$RP)
 if [ -n "$BASE_REV" ]; then
     build_base "$BASE_REV"
 elif [ -n "$BASE_BIN" ]; then
@@ -270,8 +273,11 @@ start_ringproxy() { # PATH INSTANCE SERVICE...
         echo "  workers: $WORKERS"
         echo "  pin_cpus: true"
         echo "  maxconn: $MAXCONN"
-        echo "  tune: { pipe_size: $PIPE_SIZE }"
-        [ "$inst" = "$path" ] && [ -n "${RP_STATS[$path]}" ] && echo "  stats: { socket: \"${RP_STATS[$path]}\" }"
+        case "$path" in
+            ringproxy-auto | ringproxy-always | ringproxy-never) echo "  tune: { pipe_size: $PIPE_SIZE, splice: ${path#ringproxy-} }" ;;
+            *) echo "  tune: { pipe_size: $PIPE_SIZE }" ;;
+        esac
+        [ "$inst" = "$path" ] && [ -n "${RP_STATS[$path]:-}" ] && echo "  stats: { socket: \"${RP_STATS[$path]}\" }"
         echo "defaults:"
         echo "  timeout: { connect: 5s, client: 50s, server: 50s, drain: 1s }"
         echo "  balance: roundrobin"
@@ -409,7 +415,7 @@ start_path() {
     local path=$1 inst=$2 s
     shift 2
     case "$path" in
-        ringproxy | ringproxy-base) start_ringproxy "$path" "$inst" "$@" ;; # ready once its file is there
+        ringproxy*) start_ringproxy "$path" "$inst" "$@" ;; # ready once its file is there
         haproxy) start_haproxy "$inst" 0 "$@" ;;
         haproxy-splice) start_haproxy "$inst" 1 "$@" ;;
         nginx) start_nginx "$inst" "$@" ;;
@@ -434,7 +440,7 @@ start_path() {
 for p in $PATHS; do
     case "$p" in
         direct) PROC[direct]="" ;;
-        ringproxy | ringproxy-base | haproxy | haproxy-splice | nginx)
+        ringproxy | ringproxy-base | ringproxy-auto | ringproxy-always | ringproxy-never | haproxy | haproxy-splice | nginx)
             # shellcheck disable=SC2086 # SERVICES is a list of words
             start_path "$p" "$p" $SERVICES
             ;;

@@ -14,11 +14,15 @@ import re
 import statistics
 import sys
 
-PATH_ORDER = ["direct", "ringproxy", "ringproxy-base", "haproxy", "haproxy-splice", "nginx"]
+PATH_ORDER = ["direct", "ringproxy", "ringproxy-base", "ringproxy-auto", "ringproxy-always", "ringproxy-never", "haproxy",
+              "haproxy-splice", "nginx"]
 LABEL = {
     "direct": "direct",
     "ringproxy": "ringproxy",
     "ringproxy-base": "ringproxy (base)",
+    "ringproxy-auto": "ringproxy splice: auto",
+    "ringproxy-always": "ringproxy splice: always",
+    "ringproxy-never": "ringproxy splice: never",
     "haproxy": "HAProxy",
     "haproxy-splice": "HAProxy splice-auto",
     "nginx": "nginx stream",
@@ -442,7 +446,8 @@ def make_charts(img, paths, M, vals, curves):
     except ImportError:
         return []
     plt.rcParams.update({"font.size": 9, "svg.hashsalt": "ringproxy", "svg.fonttype": "none"})
-    colors = {"direct": "#888888", "ringproxy": "#d62728", "ringproxy-base": "#ff9896", "haproxy": "#1f77b4",
+    colors = {"direct": "#888888", "ringproxy": "#d62728", "ringproxy-base": "#ff9896", "ringproxy-auto": "#e377c2",
+              "ringproxy-always": "#8c564b", "ringproxy-never": "#ff7f0e", "haproxy": "#1f77b4",
               "haproxy-splice": "#17becf", "nginx": "#2ca02c"}
     made = []
 

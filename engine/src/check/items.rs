@@ -371,9 +371,23 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
     };
     let servers: u64 = config.backends.iter().map(|b| b.servers.len() as u64).sum();
     let stats = servers * plan.workers as u64 * SERVER_BYTES_PER_WORKER;
-    let total = per_conn * u64::from(target) + stats;
+    // splice: never: each worker's receive buffers, created as transfers need them, up to this.
+    let (recv, recv_words) = match config.global.tune.splice {
+        crate::config::SpliceMode::Never => {
+            let per_worker = u64::from(config.global.tune.recv_buffers) * crate::worker::RECV_BUF as u64;
+            let words = format!(
+                " + {} workers x {} receive buffers x {} (at most, as bulk transfers need them)",
+                plan.workers,
+                config.global.tune.recv_buffers,
+                size(crate::worker::RECV_BUF as u64)
+            );
+            (per_worker * plan.workers as u64, words)
+        }
+        _ => (0, String::new()),
+    };
+    let total = per_conn * u64::from(target) + stats + recv;
     let detail = format!(
-        "{target} connections x {} (2 sockets: buffer floor + ~{} of kernel structures each) + {servers} servers x {} workers x {} of stats (latency histogram and counters) = {} of {} RAM",
+        "{target} connections x {} (2 sockets: buffer floor + ~{} of kernel structures each) + {servers} servers x {} workers x {} of stats (latency histogram and counters){recv_words} = {} of {} RAM",
         size(per_conn),
         size(SOCKET_OVERHEAD),
         plan.workers,

@@ -64,6 +64,7 @@ fn everything_set() {
         Tune {
             pipe_size: 1 << 20,
             max_pipes: 64,
+            recv_buffers: 1024,
             ring_entries: 1024,
             iowq_workers: 2,
             peer_lookups: 512,

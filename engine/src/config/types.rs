@@ -19,6 +19,7 @@ pub mod default {
     pub const WEIGHT: u32 = 1;
     pub const PIPE_SIZE: u32 = 256 * 1024;
     pub const MAX_PIPES: u32 = 4096;
+    pub const RECV_BUFFERS: u32 = 4096;
     pub const RING_ENTRIES: u32 = 4096;
     pub const IOWQ_WORKERS: u32 = 4;
     pub const PEER_LOOKUPS: u32 = 4096;
@@ -86,12 +87,14 @@ pub enum LogTarget {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SpliceMode {
     /// Small chunks through a buffer (inline recv/send), bulk transfers by splice.
-    #[default]
     Auto,
     /// Every chunk by splice.
     Always,
     /// No splice: a multishot receive into the worker's ring of provided buffers, and a send of
-    /// what came in, all in the worker's own thread (no io-wq).
+    /// what came in, all in the worker's own thread (no io-wq). The default: faster than splice
+    /// on every benchmark row (docs/benchmarks.md), since an io_uring splice always runs on an
+    /// io-wq thread.
+    #[default]
     Never,
 }
 
@@ -102,6 +105,8 @@ pub struct Tune {
     pub pipe_size: u32,
     /// Most pipes one worker keeps (in flight plus pooled).
     pub max_pipes: u32,
+    /// Most receive buffers (64 KiB each) one worker creates (`splice: never`).
+    pub recv_buffers: u32,
     /// Submission queue entries per worker ring.
     pub ring_entries: u32,
     /// Most io-wq threads the kernel may run for one worker's splices.
@@ -116,10 +121,11 @@ impl Default for Tune {
         Tune {
             pipe_size: default::PIPE_SIZE,
             max_pipes: default::MAX_PIPES,
+            recv_buffers: default::RECV_BUFFERS,
             ring_entries: default::RING_ENTRIES,
             iowq_workers: default::IOWQ_WORKERS,
             peer_lookups: default::PEER_LOOKUPS,
-            splice: SpliceMode::Auto,
+            splice: SpliceMode::Never,
         }
     }
 }

@@ -382,6 +382,9 @@ impl Validator<'_> {
         if let Some(s) = &t.max_pipes {
             tune.max_pipes = self.count(s, "max_pipes", 1, 1 << 20)? as u32;
         }
+        if let Some(s) = &t.recv_buffers {
+            tune.recv_buffers = self.count(s, "recv_buffers", 64, 65536)? as u32;
+        }
         if let Some(s) = &t.ring_entries {
             let n = self.count(s, "ring_entries", 64, 32768)?;
             if !n.is_power_of_two() {

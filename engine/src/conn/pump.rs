@@ -346,8 +346,12 @@ fn other(dir: Dir) -> Dir {
     }
 }
 
-/// `splice: never`: a send queue this long stops its source's receive (backpressure) ...
-const PAUSE_BYTES: u64 = 1 << 20;
+/// `splice: never`: a send queue holding this many receive buffers stops its source's receive
+/// (backpressure), until it holds fewer than half. A flow's share of its worker's buffers is
+/// thus bounded (a few more may arrive from receives already completed when it pauses), so a
+/// destination that stops reading holds at most this many (1 MiB of 64 KiB buffers), not the
+/// worker's whole set.
+const PAUSE_BUFS: usize = 16;
 
 impl Ctx<'_> {
     /// Whether this worker moves bytes through its ring of receive buffers (`splice: never`).
@@ -387,7 +391,7 @@ impl Ctx<'_> {
         if !f.paused {
             f.paused = true;
             self.waiters.push_back((self.idx, self.c.generation, dir));
-            self.stats.pipe_waits += 1;
+            self.stats.buffer_waits += 1;
         }
     }
 
@@ -421,6 +425,7 @@ impl Ctx<'_> {
     /// no send of this direction is in flight.
     fn forward(&mut self, dir: Dir, buf: RingBuf, n: u32) {
         self.received(dir, n);
+        self.stats.ring_recvs += 1;
         let io = std::mem::take(&mut self.c.flow(dir).io);
         let lease = match io {
             FlowIo::Ring(lease) => lease,
@@ -436,7 +441,7 @@ impl Ctx<'_> {
         if !self.sendq.sending(&lease) {
             self.send_queue(dir, &lease);
         }
-        if self.sendq.bytes(&lease) >= PAUSE_BYTES {
+        if self.sendq.held(&lease) >= PAUSE_BUFS {
             self.pause(dir);
         }
         self.c.flow(dir).io = FlowIo::Ring(lease);
@@ -446,6 +451,7 @@ impl Ctx<'_> {
     fn send_queue(&mut self, dir: Dir, lease: &QueueLease) {
         let msg = self.sendq.prepare(lease, self.ring);
         let t = self.token(dir.send());
+        self.stats.ring_sends += 1;
         let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
         // SAFETY: the message, its iovecs and the buffers they point into belong to the queue,
         // which stays in `FlowIo::Ring` (sendq.rs keeps them in place) until this op's completion.
@@ -487,7 +493,7 @@ impl Ctx<'_> {
         }
         let f = self.c.flow(dir);
         let drained = match &f.io {
-            FlowIo::Ring(l) => self.sendq.bytes(l) < PAUSE_BYTES / 2,
+            FlowIo::Ring(l) => self.sendq.held(l) < PAUSE_BUFS / 2,
             _ => true,
         };
         if f.paused && drained {

@@ -97,9 +97,9 @@ impl SendQueues {
         q.bufs.push_back(Queued { buf, off: 0, len });
     }
 
-    /// Bytes queued and not yet sent.
-    pub fn bytes(&self, l: &QueueLease) -> u64 {
-        self.queues[l.index as usize].bytes
+    /// Buffers queued (each holds one receive buffer of the worker's ring).
+    pub fn held(&self, l: &QueueLease) -> usize {
+        self.queues[l.index as usize].bufs.len()
     }
 
     /// Whether a `sendmsg` of this queue is in flight.

@@ -199,6 +199,12 @@ pub struct WorkerStats {
     pub bytes_client_to_server: u64,
     pub bytes_server_to_client: u64,
     pub splices: u64,
+    /// `splice: never`: receive completions that brought bytes, and the sends that forwarded
+    /// them (one send may carry several receives' buffers).
+    #[serde(default)]
+    pub ring_recvs: u64,
+    #[serde(default)]
+    pub ring_sends: u64,
     pub pipes_in_use: u64,
     pub pipes_pooled: u64,
     /// Buffers lent to connections and kept in the pool: chunk buffers (small transfers), PROXY
@@ -206,6 +212,10 @@ pub struct WorkerStats {
     pub buffers_in_use: u64,
     pub buffers_pooled: u64,
     pub pipe_waits: u64,
+    /// Times a connection's receive waited because every receive buffer of its worker was out
+    /// (`splice: never`).
+    #[serde(default)]
+    pub buffer_waits: u64,
     /// This worker's share of the global maxconn, and share lent to / borrowed from other workers.
     pub global_share: u64,
     pub share_lent: u64,

@@ -141,6 +141,10 @@ pub fn render(s: &EngineStats) -> String {
         &[("client_to_server", &|w| w.bytes_client_to_server), ("server_to_client", &|w| w.bytes_server_to_client)],
     );
     m.per_worker(s, "splices_total", "counter", "Splice chunks (socket to pipe to socket) started.", |w| w.splices);
+    m.per_worker(s, "ring_recvs_total", "counter", "Receives into the ring's buffers that brought bytes.", |w| {
+        w.ring_recvs
+    });
+    m.per_worker(s, "ring_sends_total", "counter", "Sends of received buffers started.", |w| w.ring_sends);
     m.per_worker_by(
         s,
         "pipes",
@@ -150,6 +154,9 @@ pub fn render(s: &EngineStats) -> String {
         &[("in_use", &|w| w.pipes_in_use), ("pooled", &|w| w.pipes_pooled)],
     );
     m.per_worker(s, "pipe_waits_total", "counter", "Times a connection waited for a free pipe.", |w| w.pipe_waits);
+    m.per_worker(s, "buffer_waits_total", "counter", "Times a receive waited for a free receive buffer.", |w| {
+        w.buffer_waits
+    });
     m.per_worker(s, "maxconn_share", "gauge", "This worker's share of the global maxconn.", |w| w.global_share);
     m.per_worker(s, "maxconn_share_lent_total", "counter", "maxconn share lent to other workers.", |w| w.share_lent);
     m.per_worker(s, "maxconn_share_borrowed_total", "counter", "maxconn share borrowed from other workers.", |w| {

@@ -42,6 +42,7 @@ use token::{GENERATION_MASK, Op, Token};
 use upstream::Upstream;
 
 pub use accept::Listener;
+pub(crate) use setup::RECV_BUF;
 
 /// Everything a worker thread starts from.
 pub struct WorkerSetup {

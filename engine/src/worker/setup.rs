@@ -20,10 +20,7 @@ use crate::stats::{ServerState, ServerStats, WorkerStats, latency_histogram};
 
 /// Bytes per receive buffer of the ring (`splice: never`): a multishot receive fills one per
 /// completion, up to this.
-const RECV_BUF: usize = 64 * 1024;
-/// Most receive buffers one worker creates (32 MiB): what all its flows together may hold on
-/// their way, beyond which receives wait for buffers to come back.
-const RECV_BUFS: usize = 512;
+pub(crate) const RECV_BUF: usize = 64 * 1024;
 
 impl Worker {
     pub(super) fn new(setup: WorkerSetup) -> std::io::Result<Worker> {
@@ -83,7 +80,8 @@ impl Worker {
             timeouts,
             max_chunks: plan.pipes_per_worker as usize,
             peer_slots: config.global.tune.peer_lookups as usize,
-            recv_bufs: (config.global.tune.splice == crate::config::SpliceMode::Never).then_some((RECV_BUF, RECV_BUFS)),
+            recv_bufs: (config.global.tune.splice == crate::config::SpliceMode::Never)
+                .then_some((RECV_BUF, config.global.tune.recv_buffers as usize)),
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);

@@ -14,10 +14,19 @@ use ringproxy::stats::{EngineStats, socket};
 
 #[test]
 fn counters_match_what_the_clients_did() {
+    counters_match_in("never");
+}
+
+#[test]
+fn counters_match_what_the_clients_did_when_splicing() {
+    counters_match_in("auto");
+}
+
+fn counters_match_in(splice: &str) {
     let echo = Backend::start(Mode::Echo);
     let dead: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let engine = engine(&format!(
-        "global: {{ workers: 2 }}\nfrontends:\n  - {{ name: ok, bind: \"127.0.0.1:0\", backend: ok }}\n\
+        "global: {{ workers: 2, tune: {{ splice: {splice} }} }}\nfrontends:\n  - {{ name: ok, bind: \"127.0.0.1:0\", backend: ok }}\n\
          \x20 - {{ name: down, bind: \"127.0.0.1:0\", backend: down }}\n\
          backends:\n  - {{ name: ok, servers: [{{ name: s, address: \"{}\", source: 127.0.2.20 }}] }}\n\
          \x20 - {{ name: down, retries: 0, servers: [{{ name: gone, address: \"{dead}\" }}] }}\n",
@@ -45,7 +54,15 @@ fn counters_match_what_the_clients_did() {
     assert_eq!(s.total(|w| w.bytes_server_to_client), N * B as u64);
     assert_eq!(s.total(|w| w.connect_errors.refused), K);
     assert_eq!(s.total(|w| w.failed), K);
-    assert!(s.total(|w| w.splices) >= 2 * N, "at least one chunk each way per connection");
+    if splice == "never" {
+        assert_eq!(s.total(|w| w.splices), 0, "no splice");
+        assert!(s.total(|w| w.ring_recvs) >= 2 * N, "at least one receive each way per connection");
+        assert!(s.total(|w| w.ring_sends) >= 2 * N, "at least one send each way per connection");
+        assert!(s.total(|w| w.ring_sends) <= s.total(|w| w.ring_recvs), "a send carries one receive or more");
+    } else {
+        assert!(s.total(|w| w.splices) >= 2 * N, "at least one chunk each way per connection");
+        assert_eq!(s.total(|w| w.ring_recvs), 0, "no ring receives");
+    }
     let ok = s.servers.iter().find(|v| v.backend == "ok").unwrap();
     assert_eq!((ok.total, ok.connect_errors, ok.connect_latency_us.count), (N, 0, N));
     assert!(ok.connect_latency_us.p50 > 0);

@@ -145,8 +145,7 @@ impl Ring {
         }
         let recv_bufs = match setup.recv_bufs {
             Some((size, max)) => {
-                let entries = (max.max(1) as u16).next_power_of_two();
-                let r = pbuf::BufRing::new(&ring, RECV_GROUP, entries, size, max)
+                let r = pbuf::BufRing::new(&ring, RECV_GROUP, size, max)
                     .map_err(|e| with_context(e, "registering the ring of receive buffers"))?;
                 Some(ManuallyDrop::new(r))
             }

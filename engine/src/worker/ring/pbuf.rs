@@ -73,10 +73,14 @@ pub(super) struct BufRing {
 unsafe impl Send for BufRing {}
 
 impl BufRing {
-    /// Registers a ring of `entries` descriptors (a power of two, at most 32768) for buffers of
-    /// `size` bytes, at most `max` of them, as buffer group `bgid`.
-    pub(super) fn new(uring: &IoUring, bgid: u16, entries: u16, size: usize, max: usize) -> io::Result<BufRing> {
-        debug_assert!(entries.is_power_of_two() && usize::from(entries) >= max.min(32768));
+    /// Registers a ring for buffers of `size` bytes, at most `max` of them (at most 65,536: a
+    /// buffer id is 16 bits), as buffer group `bgid`. The ring holds only the `high` buffers
+    /// offered at a time, so its descriptors are few whatever `max` is.
+    pub(super) fn new(uring: &IoUring, bgid: u16, size: usize, max: usize) -> io::Result<BufRing> {
+        debug_assert!((1..=1 << 16).contains(&max));
+        let low = 8.min(max as u32);
+        let high = 32.min(max as u32).max(low);
+        let entries = (high as u16).next_power_of_two();
         let ring_bytes = usize::from(entries) * std::mem::size_of::<BufRingEntry>();
         let ring = super::register::map_anonymous(ring_bytes)?.cast::<BufRingEntry>();
         // SAFETY: `ring` is a fresh, zeroed, page-aligned mapping of `entries` descriptors that
@@ -88,8 +92,6 @@ impl BufRing {
             unsafe { super::register::unmap(ring.cast(), ring_bytes) };
             return Err(e);
         }
-        let low = 8.min(max as u32);
-        let high = 32.min(max as u32).max(low);
         let mut r = BufRing {
             ring,
             ring_bytes,

@@ -153,10 +153,14 @@ fn backend_that_stops_reading() {
     wait_until("every client toward the stuck server to stall", Duration::from_secs(20), || {
         stalled.load(Ordering::SeqCst) == STUCK as usize
     });
-    // Bounded: one pipe per stuck flow at most, and nothing moves any more.
+    // Bounded: one pipe per stuck flow at most (splice), or a paused flow's share of receive
+    // buffers (`splice: never`, the default here: 16, and at most the 32 the ring offers at a
+    // time that completed before the pause took effect), and nothing moves any more.
     let s1 = engine.stats();
     let pipes_stalled = s1.total(|w| w.pipes_in_use);
     assert!(pipes_stalled <= STUCK, "pipes lent: {pipes_stalled}");
+    let buffers_stalled = s1.total(|w| w.buffers_in_use);
+    assert!(buffers_stalled <= STUCK * (16 + 32), "receive buffers held: {buffers_stalled}");
     assert_eq!(stuck.st.bytes_in.load(Ordering::SeqCst), STUCK * MIB, "the server read 1 MiB each, then stopped");
     thread::sleep(Duration::from_millis(300));
     let s2 = engine.stats();
@@ -190,7 +194,8 @@ fn backend_that_stops_reading() {
     eprintln!(
         "backend stops reading: {STUCK} clients stalled after pushing at most {:.1} MiB each (bound from kernel \
          buffers + one pipe: {:.1} MiB); the proxy forwarded {:.1} MiB in all and the server read {STUCK} MiB; pipes \
-         lent {pipes_stalled} while stalled, {pipes_during} with bystanders running, {pipes_after} after; all closed by \
+         lent {pipes_stalled} while stalled, {pipes_during} with bystanders running, {pipes_after} after; receive buffers \
+         held {buffers_stalled} while stalled; all closed by \
          the server timeout ({:?})",
         most as f64 / MIB as f64,
         bound as f64 / MIB as f64,
