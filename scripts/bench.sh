@@ -20,12 +20,25 @@
 # Tests (each path, each round):
 #   tput1, tput4   ringload throughput, 1 and 4 streams, up into `ringload serve --mode sink`
 #   iperf1, iperf4 iperf3 -P 1 / -P 4 (cross-check of the above)
+#   down1, down4   ringload throughput the other way: down from `ringload serve --mode source`
+#   iperf1r, iperf4r  iperf3 -R -P 1 / -P 4 (server -> client)
+#   both1, both4   ringload throughput both directions at once (source server): up + down
+#   curl           one download of a CURL_MIB file (default 1 GiB) by curl from an nginx http
+#                  backend; its bytes compared with the file's (integrity), Gbit/s
 #   rate           ringload rate: connect, 64-byte echo, close; CONC loops
 #   wrk            wrk -H 'Connection: close' against an nginx http backend (cross-check of rate)
 #   ka             keep-alive request/response: ringload latency at an unreachable rate (closed
 #                  loop, KA_CONNS connections): requests/s
 #   lat            ringload latency at a fixed LAT_RATE req/s for 2 x DUR: coordinated-omission-
 #                  corrected p50/p99/p99.9
+#   hb9k, hb18k    the workload this proxy exists for: 9,000 / 18,000 connections held through a
+#                  freshly started instance of the proxy, a 16-byte heartbeat on each every second
+#                  (`ringload hold --heartbeat 1s`); the proxy's CPU over HB_WINDOW s once all are
+#                  established -> CPU µs per heartbeat round trip, and the heartbeats' p99 RTT
+#                  once the ramp is over (--latency-after).
+#                  HAProxy cannot hold 18,000 (36,000 descriptors) in one process under
+#                  RLIMIT_NOFILE 20000: above MAXCONN it runs as WORKERS processes of one thread
+#                  each on one SO_REUSEPORT port (each its own CPU), the way it is run on such hosts
 #   idle           IDLE_CONNS connections held with heartbeats through a freshly started instance of
 #                  the proxy: its RSS growth / connection, the machine's Slab growth / connection
 #                  (minus direct's in the same round: the proxy's kernel share), nothing lost
@@ -43,7 +56,7 @@
 #                                          the same run (adds the ringproxy-base path)
 #         BASE_BIN=/path/to/old/ringproxy PATHS="ringproxy ringproxy-base" QUICK=1 scripts/bench.sh
 # Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS PATHS OUT
-#         TESTS CHURN_SOURCES
+#         TESTS CHURN_SOURCES HB_WINDOW CURL_MIB
 #         UPDATE_DOCS=0|1 IMG=dir
 #         BASE_BIN=FILE  the ringproxy-base binary (copied into the run's directory first)
 #         BASE_REV=REV   build ringproxy at git revision REV in release, in a temporary worktree
@@ -83,7 +96,9 @@ if [ -n "$BASE_BIN$BASE_REV" ]; then
 else
     PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice nginx}
 fi
-TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 rate wrk ka lat idle}
+TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k idle}
+HB_WINDOW=${HB_WINDOW:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
+CURL_MIB=${CURL_MIB:-1024}
 has() { [[ " $1 " == *" $2 "* ]]; } # has LIST WORD
 if has "$PATHS" ringproxy-base && [ -z "$BASE_BIN$BASE_REV" ]; then
     die "the ringproxy-base path needs BASE_BIN=/path/to/ringproxy or BASE_REV=<git revision>"
@@ -102,6 +117,7 @@ on_exit() {
     local rc=$?
     stop_all_bg
     [ -z "$BASE_WT" ] || git -C "$ROOT" worktree remove --force "$BASE_WT" 2>/dev/null || true
+    rm -f "${BIG:-}" "${DL:-}"
     [ "$rc" = 0 ] || log "bench.sh failed (exit $rc); partial results in $OUT"
 }
 trap on_exit EXIT
@@ -113,11 +129,14 @@ trap 'exit 130' INT TERM
 # what the chosen paths and tests use (the http backend, nginx, is wrk's)
 need=()
 if has "$PATHS" haproxy || has "$PATHS" haproxy-splice; then command -v haproxy >/dev/null || need+=(haproxy); fi
-if has "$PATHS" nginx || has "$TESTS" wrk; then
+if has "$PATHS" nginx || has "$TESTS" wrk || has "$TESTS" curl; then
     [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)
 fi
 if has "$PATHS" nginx; then [ -e /usr/lib/nginx/modules/ngx_stream_module.so ] || need+=(libnginx-mod-stream); fi
-if has "$TESTS" iperf1 || has "$TESTS" iperf4; then command -v iperf3 >/dev/null || need+=(iperf3); fi
+if has "$TESTS" iperf1 || has "$TESTS" iperf4 || has "$TESTS" iperf1r || has "$TESTS" iperf4r; then
+    command -v iperf3 >/dev/null || need+=(iperf3)
+fi
+if has "$TESTS" curl; then command -v curl >/dev/null || need+=(curl); fi
 if has "$TESTS" wrk; then command -v wrk >/dev/null || need+=(wrk); fi
 command -v jq >/dev/null || need+=(jq)
 command -v ss >/dev/null || need+=(iproute2)
@@ -205,19 +224,27 @@ start_serve() {
 }
 start_serve echo
 start_serve sink
-SERVICES="echo sink"
+start_serve source
+SERVICES="echo sink source"
 
-if has "$TESTS" iperf1 || has "$TESTS" iperf4; then
+if has "$TESTS" iperf1 || has "$TESTS" iperf4 || has "$TESTS" iperf1r || has "$TESTS" iperf4r; then
     IPERF_PORT=$(pick_port)
     start_bg "iperf3 -s" iperf3 -s -B 127.0.0.1 -p "$IPERF_PORT" >"$OUT/run/iperf3-server.log" 2>&1
     ADDR[direct:iperf]=127.0.0.1:$IPERF_PORT
     SERVICES="$SERVICES iperf"
 fi
 
-if has "$TESTS" wrk; then
+if has "$TESTS" wrk || has "$TESTS" curl; then
 HTTP_PORT=$(pick_port)
 mkdir -p "$OUT/run/http/www" "$OUT/run/http/tmp"
 echo ok >"$OUT/run/http/www/index.html"
+if has "$TESTS" curl; then
+    # in memory (tmpfs), so a download measures the path and not the disk; removed on exit
+    BIG=/dev/shm/ringproxy-bench-big.$$ DL=/dev/shm/ringproxy-bench-dl.$$
+    log "writing the ${CURL_MIB} MiB file for the curl test"
+    head -c "$((CURL_MIB << 20))" /dev/urandom >"$BIG"
+    ln -s "$BIG" "$OUT/run/http/www/big.bin"
+fi
 cat >"$OUT/run/http/nginx.conf" <<CONF
 user root;
 worker_processes $WORKERS;
@@ -272,7 +299,7 @@ start_ringproxy() { # PATH INSTANCE SERVICE...
         echo "global:"
         echo "  workers: $WORKERS"
         echo "  pin_cpus: true"
-        echo "  maxconn: $MAXCONN"
+        echo "  maxconn: ${INST_MAXCONN:-$MAXCONN}"
         case "$path" in
             ringproxy-auto | ringproxy-always | ringproxy-never) echo "  tune: { pipe_size: $PIPE_SIZE, splice: ${path#ringproxy-} }" ;;
             *) echo "  tune: { pipe_size: $PIPE_SIZE }" ;;
@@ -324,46 +351,57 @@ PY
     mv "$ready.tmp" "$ready"
 }
 
-start_haproxy() { # INSTANCE SPLICE(0|1) SERVICE...
-    local inst=$1 splice=$2 d=$OUT/run/$1 s port
+# start_haproxy INSTANCE SPLICE(0|1) SERVICE...: one process of WORKERS threads; when the instance
+# must hold more than MAXCONN connections (INST_MAXCONN; 2 descriptors each under RLIMIT_NOFILE),
+# WORKERS processes of one thread each, pinned one per CPU, on the same SO_REUSEPORT ports (HAProxy
+# sets SO_REUSEPORT on its listeners), each with maxconn MAXCONN.
+start_haproxy() {
+    local inst=$1 splice=$2 d=$OUT/run/$1 s procs=1 threads=$WORKERS k
     shift 2
     mkdir -p "$d"
-    {
-        echo "global"
-        echo "    nbthread $WORKERS"
-        echo "    cpu-map auto:1/1-$WORKERS 0-$((WORKERS - 1))"
-        echo "    maxconn $MAXCONN"
-        echo "    fd-hard-limit $(ulimit -Hn)"
-        echo "    maxpipes 512"
-        echo "    tune.pipesize $PIPE_SIZE"
-        echo "    pidfile $d/haproxy.pid"
-        echo "defaults"
-        echo "    mode tcp"
-        echo "    timeout connect 5s"
-        echo "    timeout client 50s"
-        echo "    timeout server 50s"
-        echo "    maxconn $MAXCONN"
-        echo "    balance roundrobin"
-        [ "$splice" = 1 ] && echo "    option splice-auto"
-        for s in "$@"; do
-            port=$(pick_port)
-            ADDR[$inst:$s]=127.0.0.1:$port
-            echo "frontend $s"
-            echo "    bind 127.0.0.1:$port"
-            echo "    default_backend $s"
-            echo "backend $s"
-            if [ "$s" = echo ]; then
-                # The classic recipe: one server line per source address.
-                for i in $(seq 1 "$CHURN_SOURCES"); do
-                    echo "    server s$i $(backend_of "$s") source 127.0.3.$i"
-                done
+    [ "${INST_MAXCONN:-$MAXCONN}" -le "$MAXCONN" ] || { procs=$WORKERS; threads=1; }
+    for s in "$@"; do ADDR[$inst:$s]=127.0.0.1:$(pick_port); done
+    PIDS_OF[$inst]=""
+    for k in $(seq 0 $((procs - 1))); do
+        {
+            echo "global"
+            echo "    nbthread $threads"
+            if [ "$procs" = 1 ]; then
+                echo "    cpu-map auto:1/1-$WORKERS 0-$((WORKERS - 1))"
             else
-                echo "    server s1 $(backend_of "$s")"
+                echo "    cpu-map 1/1 $k"
             fi
-        done
-    } >"$d/haproxy.cfg"
-    start_bg "$inst" haproxy -db -f "$d/haproxy.cfg" >"$d/stdout" 2>"$d/stderr"
-    PIDS_OF[$inst]=$BG_PID
+            echo "    maxconn $MAXCONN"
+            echo "    fd-hard-limit $(ulimit -Hn)"
+            echo "    maxpipes 512"
+            echo "    tune.pipesize $PIPE_SIZE"
+            echo "    pidfile $d/haproxy-$k.pid"
+            echo "defaults"
+            echo "    mode tcp"
+            echo "    timeout connect 5s"
+            echo "    timeout client 50s"
+            echo "    timeout server 50s"
+            echo "    maxconn $MAXCONN"
+            echo "    balance roundrobin"
+            [ "$splice" = 1 ] && echo "    option splice-auto"
+            for s in "$@"; do
+                echo "frontend $s"
+                echo "    bind ${ADDR[$inst:$s]}"
+                echo "    default_backend $s"
+                echo "backend $s"
+                if [ "$s" = echo ]; then
+                    # The classic recipe: one server line per source address.
+                    for i in $(seq 1 "$CHURN_SOURCES"); do
+                        echo "    server s$i $(backend_of "$s") source 127.0.3.$i"
+                    done
+                else
+                    echo "    server s1 $(backend_of "$s")"
+                fi
+            done
+        } >"$d/haproxy-$k.cfg"
+        start_bg "$inst-$k" haproxy -db -f "$d/haproxy-$k.cfg" >"$d/stdout-$k" 2>"$d/stderr-$k"
+        PIDS_OF[$inst]="${PIDS_OF[$inst]}${PIDS_OF[$inst]:+ }$BG_PID"
+    done
 }
 
 start_nginx() { # INSTANCE SERVICE...
@@ -379,7 +417,7 @@ start_nginx() { # INSTANCE SERVICE...
         echo "pid $d/nginx.pid;"
         echo "error_log $d/error.log warn;"
         # each proxied connection is two nginx connections; reuseport spreads clients over workers
-        echo "events { worker_connections $((2 * MAXCONN / WORKERS + 1024)); }"
+        echo "events { worker_connections $((2 * ${INST_MAXCONN:-$MAXCONN} / WORKERS + 1024)); }"
         echo "stream {"
         echo "    proxy_connect_timeout 5s;"
         echo "    proxy_timeout 50s;"
@@ -433,6 +471,7 @@ start_path() {
     sleep 0.3
     case "$path" in
         nginx) PROC[$inst]=$(with_children "${PIDS_OF[$inst]}" | tr '\n' ' ') ;;
+        haproxy*) PROC[$inst]=${PIDS_OF[$inst]} ;;
         *) PROC[$inst]=${PIDS_OF[$inst]} ;;
     esac
 }
@@ -496,11 +535,30 @@ run_test() { # TEST PATH ROUND
             run_logged "$f.cmd" "$RL" throughput --target "$a" --streams "${t#tput}" --direction up \
                 --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
-        iperf1 | iperf4)
-            a=${ADDR[$p:iperf]}
-            run_logged "$f.cmd" iperf3 -c "$(host_of "$a")" -p "$(port_of "$a")" -P "${t#iperf}" -t "$DUR" -J \
-                >"$f.json" 2>"$f.err" || rc=$?
+        down1 | down4 | both1 | both4)
+            a=${ADDR[$p:source]}
+            run_logged "$f.cmd" "$RL" throughput --target "$a" --streams "${t: -1}" \
+                --direction "$([ "${t%?}" = down ] && echo down || echo both)" \
+                --duration "${DUR}s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
+        iperf1 | iperf4 | iperf1r | iperf4r)
+            a=${ADDR[$p:iperf]}
+            local streams=${t#iperf}
+            run_logged "$f.cmd" iperf3 -c "$(host_of "$a")" -p "$(port_of "$a")" -P "${streams%r}" -t "$DUR" -J \
+                $([ "${t: -1}" = r ] && echo -R) >"$f.json" 2>"$f.err" || rc=$?
+            ;;
+        curl)
+            a=${ADDR[$p:http]}
+            rm -f "$DL"
+            run_logged "$f.cmd" curl -sS --max-time "$TO" -o "$DL" \
+                -w '%{http_code} %{size_download} %{speed_download} %{time_total}\n' "http://$a/big.bin" \
+                >"$f.txt" 2>"$f.err" || rc=$?
+            # integrity: the bytes that arrived are the file's
+            if cmp -s "$DL" "$BIG"; then echo intact >>"$f.txt"; else echo "DIFFERENT from the file" >>"$f.txt"; fi
+            rm -f "$DL"
+            ;;
+        hb9k) hb_test "$t" "$p" "$r" 9000; return ;;
+        hb18k) hb_test "$t" "$p" "$r" 18000; return ;;
         rate)
             a=${ADDR[$p:echo]}
             run_logged "$f.cmd" "$RL" rate --target "$a" --concurrency "$CONC" --size 64 --duration "${DUR}s" \
@@ -572,8 +630,55 @@ idle_test() { # PATH ROUND
         rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  idle $p: exit $rc (see $f.*)"
-    [ "$inst" = direct ] || stop_bg "${PIDS_OF[$inst]}" || true
+    [ "$inst" = direct ] || stop_inst "$inst"
     # let the closed connections' memory go back before the next path's baseline
+    sleep 1
+}
+
+# stop_inst INSTANCE: stops every process of a proxy instance
+stop_inst() {
+    local pid
+    for pid in ${PIDS_OF[$1]}; do stop_bg "$pid" || true; done
+}
+
+# The heartbeat test: N connections held through a fresh instance of the path (as idle, but every
+# connection sends a 16-byte heartbeat each second and checks its echo); once all are established
+# and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s. -> CPU per heartbeat round
+# trip (cpu / (N x HB_WINDOW)) and the heartbeats' p99 RTT over the whole hold.
+hb_test() { # TEST PATH ROUND CONNS
+    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 rc=0 cmd
+    f=$OUT/raw/r$r-$t-$p
+    inst=direct
+    if [ "$p" != direct ]; then
+        inst=$t-$p-r$r
+        INST_MAXCONN=$((n + 1000)) start_path "$p" "$inst" echo
+    fi
+    a=${ADDR[$inst:echo]}
+    port=$(port_of "$a")
+    ramp_s=$((n / 10000 + 1))
+    hold_s=$((ramp_s + 4 + HB_WINDOW + 3))
+    cmd=("$RL" hold --target "$a" --conns "$n" --ramp 10000/s --heartbeat 1s --duration "${hold_s}s"
+        --latency-after "$((ramp_s + 2))s" --sources 127.0.5.0/28 --json --no-progress)
+    log_cmd "$f.cmd" "${cmd[@]}"
+    start_bg "ringload hold ($t)" timeout $((hold_s + 60)) "${cmd[@]}" >"$f.json" 2>"$f.err"
+    hold=$BG_PID
+    for _ in $(seq $(((ramp_s + 3) * 10))); do
+        est=$(established_to "$port")
+        [ "$est" -ge "$n" ] && break
+        sleep 0.1
+    done
+    sleep 2
+    # shellcheck disable=SC2086
+    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N)
+    sleep "$HB_WINDOW"
+    # shellcheck disable=SC2086
+    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N)
+    reap_bg "$hold" || rc=$?
+    record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" seen_established="$est" \
+        window_s="$(awk "BEGIN {print $w1 - $w0}")" cpu_ticks="$((cpu1 - cpu0))" clk_tck="$(getconf CLK_TCK)" \
+        proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
+    [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
+    [ "$inst" = direct ] || stop_inst "$inst"
     sleep 1
 }
 

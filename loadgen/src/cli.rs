@@ -124,6 +124,11 @@ pub struct HoldArgs {
     /// Interval between heartbeats on each connection.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub heartbeat: Duration,
+    /// Record the round-trip times only of heartbeats sent this long after the start or later
+    /// (e.g. once the ramp is over), so that the latency figures describe the steady state;
+    /// every heartbeat is still checked and counted.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub latency_after: Duration,
 }
 
 #[derive(Args, Debug, Clone)]

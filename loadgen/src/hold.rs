@@ -74,6 +74,8 @@ struct Worker<'a> {
     ramp: f64,
     /// Planned connections whose dial has resolved (established or failed).
     resolved: u64,
+    /// Heartbeats sent from then on have their round trip recorded (`--latency-after`).
+    record_from: Instant,
 }
 
 impl<'a> Worker<'a> {
@@ -88,7 +90,8 @@ impl<'a> Worker<'a> {
             rbuf: [0; HEADER],
             rlen: 0,
         })?;
-        Ok(Worker { w, timers: VecDeque::new(), heartbeat: args.heartbeat, ramp: args.ramp, resolved: 0 })
+        let record_from = plan.start + args.latency_after;
+        Ok(Worker { w, timers: VecDeque::new(), heartbeat: args.heartbeat, ramp: args.ramp, resolved: 0, record_from })
     }
 
     fn run(mut self) -> Result<Measurement> {
@@ -214,6 +217,7 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         let progress = self.w.progress();
+        let record_from = self.record_from;
         let (c, m) = self.w.conn_mut(slot);
         c.rlen += res as usize;
         if c.rlen == HEADER {
@@ -222,7 +226,7 @@ impl<'a> Worker<'a> {
                 Some(at) if wire::matches(&c.sbuf, &c.rbuf) => {
                     m.msgs_ok += 1;
                     Progress::inc(&progress.completed);
-                    if !c.lost_marked {
+                    if !c.lost_marked && at >= record_from {
                         m.latency.record_duration(at.elapsed());
                     }
                 }

@@ -34,6 +34,13 @@ METRICS = {
     "iperf1": ("throughput, 1 stream (iperf3)", "Gbit/s", True, 2),
     "tput4": ("throughput, 4 streams (ringload)", "Gbit/s", True, 2),
     "iperf4": ("throughput, 4 streams (iperf3)", "Gbit/s", True, 2),
+    "down1": ("throughput, 1 stream server -> client (ringload)", "Gbit/s", True, 2),
+    "iperf1r": ("throughput, 1 stream server -> client (iperf3 -R)", "Gbit/s", True, 2),
+    "down4": ("throughput, 4 streams server -> client (ringload)", "Gbit/s", True, 2),
+    "iperf4r": ("throughput, 4 streams server -> client (iperf3 -R)", "Gbit/s", True, 2),
+    "both1": ("throughput, 1 stream both ways at once, up + down (ringload)", "Gbit/s", True, 2),
+    "both4": ("throughput, 4 streams both ways at once, up + down (ringload)", "Gbit/s", True, 2),
+    "curl": ("one 1 GiB download by curl from nginx (integrity checked)", "Gbit/s", True, 2),
     "rate": ("new connections/s (ringload rate)", "conn/s", True, 0),
     "wrk": ("new connections/s (wrk, Connection: close)", "conn/s", True, 0),
     "ka": ("keep-alive requests/s (closed loop)", "req/s", True, 0),
@@ -47,6 +54,10 @@ METRICS = {
     "cpu_gb": ("proxy CPU per GB moved (4 streams)", "CPU s/GB", False, 3),
     "cpu_10k": ("proxy CPU per 10,000 connections (rate test)", "CPU s", False, 3),
     "tput4_cpu_util": ("proxy CPU use during 4-stream throughput", "CPUs", False, 2),
+    "hb9k_cpu": ("9,000 connections, 16-byte heartbeat each per second: proxy CPU per heartbeat", "µs", False, 1),
+    "hb9k_p99": ("9,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
+    "hb18k_cpu": ("18,000 connections, 16-byte heartbeat each per second: proxy CPU per heartbeat", "µs", False, 1),
+    "hb18k_p99": ("18,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
 }
 
 SHORT = {
@@ -54,18 +65,39 @@ SHORT = {
     "iperf4": "4 streams\n(iperf3)", "rate": "new conn/s\n(ringload)", "wrk": "new conn/s\n(wrk)",
     "ka": "keep-alive\nreq/s", "lat_p99": "p99 latency\nfixed rate", "cpu_gb": "CPU\nper GB",
     "cpu_10k": "CPU per\n10k conns", "idle_user": "user bytes\nper idle conn", "idle_kernel": "kernel bytes\nper conn (Slab)",
-    "idle_sunr": "kernel bytes\n(SUnreclaim)",
+    "idle_sunr": "kernel bytes\n(SUnreclaim)", "down1": "1 stream\ndown", "down4": "4 streams\ndown",
+    "both1": "1 stream\nboth ways", "both4": "4 streams\nboth ways", "curl": "1 GiB\ncurl",
+    "hb9k_cpu": "CPU per\nheartbeat 9k", "hb18k_cpu": "CPU per\nheartbeat 18k",
 }
 
+PEERS = ["haproxy", "haproxy-splice", "nginx"]
 TARGETS = [
-    # metric, text, comparison, factor: ringproxy must be >= factor x ref (higher) or <= factor x ref
-    ("tput4", "throughput, 4 streams >= 1.3 x HAProxy with splice", ">=", 1.3, ["haproxy-splice"]),
-    ("rate", "new connections/s >= 1.5 x HAProxy", ">=", 1.5, ["haproxy", "haproxy-splice"]),
-    ("ka", "keep-alive requests/s >= 1.2 x HAProxy", ">=", 1.2, ["haproxy", "haproxy-splice"]),
-    ("lat_p99", "p99 latency <= HAProxy's", "<=", 1.0, ["haproxy", "haproxy-splice"]),
+    # metric, text, comparison, factor, references: ringproxy must be >= factor x the best reference
+    # (higher is better) or <= factor x the best (lower is better); "abs<=": at most factor
+    ("tput1", "1 stream up (ringload) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("iperf1", "1 stream up (iperf3) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("tput4", "4 streams up (ringload) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("iperf4", "4 streams up (iperf3) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("down1", "1 stream down (ringload) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("iperf1r", "1 stream down (iperf3 -R) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("down4", "4 streams down (ringload) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("iperf4r", "4 streams down (iperf3 -R) >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("both1", "1 stream both ways >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("both4", "4 streams both ways >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("curl", "1 GiB curl download >= 1.2 x the best peer", ">=", 1.2, PEERS),
+    ("rate", "new connections/s (ringload) >= 1.5 x HAProxy", ">=", 1.5, ["haproxy", "haproxy-splice"]),
+    ("rate", "new connections/s (ringload) >= 1.5 x nginx", ">=", 1.5, ["nginx"]),
+    ("wrk", "new connections/s (wrk) >= 1.5 x HAProxy", ">=", 1.5, ["haproxy", "haproxy-splice"]),
+    ("wrk", "new connections/s (wrk) >= 1.5 x nginx", ">=", 1.5, ["nginx"]),
+    ("ka", "keep-alive requests/s >= 1.3 x the best peer", ">=", 1.3, PEERS),
+    ("lat_p99", "p99 latency at the fixed rate <= 0.9 x the best peer's", "<=", 0.9, PEERS),
+    ("cpu_gb", "CPU per GB moved <= 0.6 x HAProxy splice-auto's", "<=", 0.6, ["haproxy-splice"]),
+    ("hb9k_cpu", "9,000 heartbeating connections: CPU per heartbeat <= 0.6 x HAProxy's", "<=", 0.6, ["haproxy"]),
+    ("hb9k_p99", "9,000 heartbeating connections: p99 RTT no worse than HAProxy's", "<=", 1.0, ["haproxy"]),
+    ("hb18k_cpu", "18,000 heartbeating connections: CPU per heartbeat <= 0.6 x HAProxy's", "<=", 0.6, ["haproxy"]),
+    ("hb18k_p99", "18,000 heartbeating connections: p99 RTT no worse than HAProxy's", "<=", 1.0, ["haproxy"]),
     ("idle_user", "idle connection: <= 512 B user-space memory", "abs<=", 512, []),
     ("idle_kernel", "idle connection: kernel memory <= HAProxy's", "<=", 1.0, ["haproxy", "haproxy-splice"]),
-    ("cpu_gb", "CPU per GB moved <= 0.7 x HAProxy", "<=", 0.7, ["haproxy-splice", "haproxy"]),
 ]
 
 
@@ -116,7 +148,36 @@ def parse(out):
                     if gb > 0:
                         put("cpu_gb", p, rnd, cpu_s / gb)
                     put("tput4_cpu_util", p, rnd, cpu_s / max(r.get("wall_s", 1), 1e-9))
-        elif t in ("iperf1", "iperf4"):
+        elif t in ("down1", "down4", "both1", "both4"):
+            j = load(f + ".json")
+            if not j or j.get("exit_code") != 0:
+                problems.append(f"round {rnd} {t} {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            if j and j.get("throughput"):
+                T = j["throughput"]
+                put(t, p, rnd, T["down_gbps"] + (T["up_gbps"] if t.startswith("both") else 0))
+        elif t == "curl":
+            try:
+                lines = open(f + ".txt").read().split("\n")
+                code, size, speed, _ = lines[0].split()
+                intact = "intact" in lines
+            except (OSError, ValueError):
+                code, size, speed, intact = "-", 0, 0, False
+            if code != "200" or not intact:
+                problems.append(f"round {rnd} curl {p}: HTTP {code}, {size} bytes, {'intact' if intact else 'NOT the file'}")
+            else:
+                put("curl", p, rnd, float(speed) * 8 / 1e9)
+        elif t in ("hb9k", "hb18k"):
+            j = load(f + ".json")
+            n = r["conns"]
+            if not j or j.get("exit_code") != 0:
+                problems.append(f"round {rnd} {t} {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            if r.get("seen_established", 0) < n:
+                problems.append(f"round {rnd} {t} {p}: CPU sampled with {r.get('seen_established')} of {n} established")
+            if j and j.get("latency_us"):
+                put(f"{t}_p99", p, rnd, j["latency_us"]["p99"] / 1e3)
+            if r.get("proxied") and r.get("window_s"):
+                put(f"{t}_cpu", p, rnd, cpu_s * 1e6 / (n * r["window_s"]))
+        elif t in ("iperf1", "iperf4", "iperf1r", "iperf4r"):
             j = load(f + ".json")
             try:
                 put(t, p, rnd, j["end"]["sum_received"]["bits_per_second"] / 1e9)
@@ -316,9 +377,9 @@ def main():
     # targets
     summary_targets = []
     if "ringproxy" in paths:
-        w("### Targets (issue 5)\n")
-        w("The HAProxy reference is the better of its two variants for that measurement (the splice variant "
-          "alone for throughput, as the target says).\n")
+        w("### Targets (issue 11)\n")
+        w("The reference is the best of the peers named by the target for that measurement (\"the best peer\": "
+          "HAProxy, HAProxy splice-auto and nginx stream).\n")
         w("| target | ringproxy | reference | ringproxy / reference | met |")
         w("|---|---|---|---|---|")
         for m, text, cmp, factor, refs in TARGETS:

@@ -407,7 +407,10 @@ impl Ctx<'_> {
                 }
                 match n {
                     0 => self.c.flow(dir).half = Half::EofSeen,
-                    e if e == -libc::ENOBUFS => self.starve(dir),
+                    e if e == -libc::ENOBUFS => {
+                        self.ring.ring_bufs_short();
+                        self.starve(dir);
+                    }
                     e if e == -libc::ECANCELED => {}
                     _ => return self.close(dir.source_reset()),
                 }

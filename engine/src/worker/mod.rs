@@ -272,7 +272,13 @@ impl Worker {
     /// Gives freed pipes and buffers to flows that were waiting for one (once per loop turn).
     fn serve_waiters(&mut self) {
         // Each waiter gets one try; one that still finds nothing queues itself again (at the back).
-        for _ in 0..self.waiters.len() {
+        // Receive-buffer waiters (`splice: never`): no more re-armed than the ring offers buffers
+        // (the others would most likely end with ENOBUFS again, a completion each, at once).
+        let tries = match self.cfg.global.tune.splice {
+            crate::config::SpliceMode::Never => (self.ring.ring_bufs_offered() as usize).min(self.waiters.len()),
+            _ => self.waiters.len(),
+        };
+        for _ in 0..tries {
             let Some((idx, generation, dir)) = self.waiters.pop_front() else { break };
             if self.conns.get(idx, generation & GENERATION_MASK).is_some() {
                 self.with_conn(idx, |cx| cx.resume_waiting(dir));

@@ -166,3 +166,47 @@ fn a_bulk_transfer_does_not_starve_other_connections_on_the_same_worker() {
     drop(rr);
     assert_clean(engine, &[sink.addr.port(), echo.addr.port()]);
 }
+
+#[test]
+fn a_burst_on_many_connections_with_few_receive_buffers_all_gets_through() {
+    // `splice: never` with the fewest receive buffers a worker may have (64): 400 connections
+    // send at once, more than the ring offers buffers, so receives end with ENOBUFS and wait for
+    // buffers to come back; every byte must still arrive, in order, and everything be given back.
+    const CONNS: usize = 400;
+    const LEN: usize = 16 * 1024;
+    let echo = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 1, tune: {{ splice: never, recv_buffers: 64 }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.0.2.30 }}] }}]\n",
+        echo.addr
+    ));
+    let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect(addr(&engine, "fe"))).collect();
+    let message = |i: usize| -> Vec<u8> {
+        let mut m = vec![0u8; LEN];
+        Stream::new(i as u64).fill(&mut m);
+        m
+    };
+    for round in 0..3 {
+        // Everyone writes first (each fits in the socket buffers), then everyone reads.
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write_all(&message(i + round * CONNS)).unwrap();
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            let mut back = vec![0u8; LEN];
+            c.read_exact(&mut back).unwrap();
+            assert!(back == message(i + round * CONNS), "connection {i}, round {round}: the echo differs");
+        }
+    }
+    let s = engine.stats();
+    eprintln!(
+        "{CONNS} connections x 3 bursts of {LEN} B: {} receives, {} sends, {} waits for a receive buffer, {} buffers created",
+        s.total(|w| w.ring_recvs),
+        s.total(|w| w.ring_sends),
+        s.total(|w| w.buffer_waits),
+        s.total(|w| w.buffers_in_use + w.buffers_pooled)
+    );
+    assert!(s.total(|w| w.buffers_in_use + w.buffers_pooled) <= 64 + 8, "at most recv_buffers (and header buffers)");
+    drop(conns);
+    assert_clean(engine, &[echo.addr.port()]);
+}

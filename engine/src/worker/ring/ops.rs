@@ -388,6 +388,18 @@ impl Ring {
         self.recv_bufs.as_ref().is_some_and(|r| !r.is_empty())
     }
 
+    /// Receive buffers offered to the kernel now (as the completions seen so far tell).
+    pub fn ring_bufs_offered(&self) -> u32 {
+        self.recv_bufs.as_ref().map_or(0, |r| r.offered())
+    }
+
+    /// A receive ended for want of a buffer (ENOBUFS): the ring offers more from now on.
+    pub fn ring_bufs_short(&mut self) {
+        if let Some(r) = self.recv_bufs.as_mut() {
+            r.widen();
+        }
+    }
+
     /// sendmsg of the iovecs `msg` names, whole (MSG_WAITALL: the kernel waits for room, polling,
     /// without an io-wq thread).
     ///

@@ -9,8 +9,13 @@
 //!
 //! Only as many buffers are in the ring as it takes to keep the receives fed (`low` to `high`,
 //! refilled from a LIFO free list as completions consume them), and buffers are created on first
-//! use up to `max`: a worker that only sees small messages cycles a handful of buffers, so its
+//! use up to `max`: a worker that only sees small messages cycles a few dozen buffers, so its
 //! memory does not grow with the number of connections; bulk transfers grow the set up to `max`.
+//! The kernel fills buffers for every socket with data in one go (task work): when more sockets
+//! had data at once than the ring offered, some receives end with ENOBUFS and must be re-armed.
+//! Each time that happens the ring offers twice as many (up to `WIDEST`), so a worker settles at
+//! what its bursts need: many connections with periodic messages need more offered than one
+//! bulk flow does.
 //!
 //! Invariants: a buffer is in exactly one place — the ring (the kernel may fill it), a
 //! `RingBuf` (ours), or the free list; the ring's memory and every buffer are freed only when no
@@ -22,6 +27,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::IoUring;
+
+/// Buffers offered at first, and at most (after widening on ENOBUFS).
+const NARROWEST: u32 = 64;
+const WIDEST: u32 = 2048;
 use io_uring::types::BufRingEntry;
 
 /// A buffer a receive filled, ours until given back to the ring.
@@ -78,9 +87,9 @@ impl BufRing {
     /// offered at a time, so its descriptors are few whatever `max` is.
     pub(super) fn new(uring: &IoUring, bgid: u16, size: usize, max: usize) -> io::Result<BufRing> {
         debug_assert!((1..=1 << 16).contains(&max));
-        let low = 8.min(max as u32);
-        let high = 32.min(max as u32).max(low);
-        let entries = (high as u16).next_power_of_two();
+        let high = NARROWEST.min(max as u32);
+        let low = high / 4;
+        let entries = (WIDEST.min(max as u32) as u16).next_power_of_two();
         let ring_bytes = usize::from(entries) * std::mem::size_of::<BufRingEntry>();
         let ring = super::register::map_anonymous(ring_bytes)?.cast::<BufRingEntry>();
         // SAFETY: `ring` is a fresh, zeroed, page-aligned mapping of `entries` descriptors that
@@ -190,6 +199,22 @@ impl BufRing {
     /// Whether the ring has run dry (a multishot receive then ends with ENOBUFS).
     pub(super) fn is_empty(&self) -> bool {
         self.in_ring == 0
+    }
+
+    /// Buffers in the ring now, as far as the completions seen so far tell.
+    pub(super) fn offered(&self) -> u32 {
+        self.in_ring
+    }
+
+    /// A receive found the ring empty: offer twice as many from now on (up to `WIDEST`, and
+    /// `max`), and top the ring up.
+    pub(super) fn widen(&mut self) {
+        let widest = WIDEST.min(self.max as u32).min(u32::from(self.entries));
+        if self.high < widest {
+            self.high = (self.high * 2).min(widest);
+            self.low = self.high / 4;
+        }
+        self.refill();
     }
 
     /// Unregisters and unmaps the ring (the owning `Ring` calls this once nothing can use it).
