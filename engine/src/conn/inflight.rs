@@ -161,6 +161,12 @@ impl Flow {
     pub fn finished(&self) -> bool {
         self.half == Half::Shut && !self.io.busy()
     }
+
+    /// No byte of this direction is left to move: its EOF is forwarded, or its shutdown is in
+    /// flight (which a close of the connection waits for rather than cancels).
+    pub fn drained(&self) -> bool {
+        self.half == Half::Shut && matches!(self.io, FlowIo::Idle | FlowIo::Waiting | FlowIo::Shutdown)
+    }
 }
 
 #[cfg(test)]
@@ -183,6 +189,7 @@ mod tests {
         f.half = Half::Shut;
         f.io = FlowIo::Shutdown;
         assert!(!f.finished(), "the shutdown is still in flight");
+        assert!(f.drained(), "but no byte is left to move");
         f.io = FlowIo::Idle;
         assert!(f.finished());
         f.io = FlowIo::Waiting;

@@ -800,6 +800,10 @@ impl Ctx<'_> {
         }
         let (idx, generation) = (self.idx, self.c.generation);
         for op in self.c.cancel_targets() {
+            if reason == CloseReason::Done && matches!(op, Op::ShutdownServer | Op::ShutdownClient) {
+                // A graceful end waits for the FIN it is sending rather than race it.
+                continue;
+            }
             self.ring.cancel(Token::conn(op, idx, generation), Token::worker(Op::Cancel, idx));
         }
         self.finish_if_idle();

@@ -110,11 +110,13 @@ impl Ctx<'_> {
             }
             if f.half == Half::EofSeen {
                 f.half = Half::Shut;
-                if self.c.flow(other(dir)).finished() {
-                    // The other direction is done too: closing both sockets forwards this EOF as
-                    // a FIN just as shutdown would (both receive queues were read to their EOF,
-                    // so the close is graceful and what was sent is still delivered), and it
-                    // saves shutdown's trip through an io-wq thread.
+                if self.c.flow(other(dir)).drained() {
+                    // The other direction is done too (its shutdown may still be in flight: the
+                    // close waits for it): closing both sockets forwards this EOF as a FIN just
+                    // as shutdown would (both receive queues were read to their EOF, so the close
+                    // is graceful and what was sent is still delivered), and it saves a
+                    // shutdown's trip through an io-wq thread (io_uring always runs shutdown
+                    // there: io_uring/net.c sets REQ_F_FORCE_ASYNC).
                     return self.close(CloseReason::Done);
                 }
                 let t = self.token(dir.shutdown());

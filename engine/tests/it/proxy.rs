@@ -207,6 +207,54 @@ fn half_close_keeps_the_other_direction_flowing() {
 }
 
 #[test]
+fn a_server_that_answers_the_eof_and_closes_at_once_is_delivered_whole_in_both_modes() {
+    // The request/response/close pattern: the client half-closes, the server reads to that EOF,
+    // answers and closes straight away, so the server's EOF usually reaches the proxy while its
+    // shutdown toward the server (run on an io-wq thread) is still in flight. The proxy then
+    // closes both sockets without a second shutdown; nothing may be cut short or reset.
+    for splice in ["never", "auto"] {
+        const CONNS: usize = 300;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend = l.local_addr().unwrap();
+        let server = thread::spawn(move || {
+            for _ in 0..CONNS {
+                let (mut conn, _) = l.accept().unwrap();
+                conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+                let mut req = Vec::new();
+                conn.read_to_end(&mut req).expect("the request up to the client's EOF");
+                let reply: Vec<u8> = req.iter().rev().copied().chain(std::iter::repeat_n(7u8, 3000)).collect();
+                conn.write_all(&reply).unwrap();
+                // dropped: closed at once, with nothing left to read
+            }
+        });
+        let engine = engine(&format!(
+            "global: {{ workers: 2, tune: {{ splice: {splice} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{backend}\" }}] }}]\n"
+        ));
+        let fe = addr(&engine, "fe");
+        for i in 0..CONNS {
+            let mut c = connect(fe);
+            let req = format!("request {i} ").repeat(1 + i % 20).into_bytes();
+            c.write_all(&req).unwrap();
+            c.shutdown(Shutdown::Write).unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got)
+                .unwrap_or_else(|e| panic!("{splice}: connection {i}: {e} after {} bytes", got.len()));
+            let want: Vec<u8> = req.iter().rev().copied().chain(std::iter::repeat_n(7u8, 3000)).collect();
+            assert!(got == want, "{splice}: connection {i}: {} bytes back, {} expected", got.len(), want.len());
+        }
+        server.join().unwrap();
+        wait_until("every connection closed", Duration::from_secs(5), || {
+            engine.stats().total(|w| w.closed) == CONNS as u64
+        });
+        let stats = engine.stats();
+        assert_eq!(stats.total(|w| w.resets_from_client + w.resets_from_server), 0, "{splice}: no reset");
+        assert_clean(engine, &[backend.port()]);
+    }
+}
+
+#[test]
 fn client_reset_closes_the_server_side() {
     let backend = Backend::start(Mode::Hold);
     let engine = engine(&format!(
