@@ -39,6 +39,10 @@
 #                  HAProxy cannot hold 18,000 (36,000 descriptors) in one process under
 #                  RLIMIT_NOFILE 20000: above MAXCONN it runs as WORKERS processes of one thread
 #                  each on one SO_REUSEPORT port (each its own CPU), the way it is run on such hosts
+#   flows          FLOWS (default 1,000) bulk streams both ways at once (`ringload throughput
+#                  --direction both`, source server) through a freshly started instance of the
+#                  proxy, 2 x DUR: Gbit/s up + down, and the proxy's peak RSS growth (sampled every
+#                  0.2 s): the memory that many bulk flows cost
 #   idle           IDLE_CONNS connections held with heartbeats through a freshly started instance of
 #                  the proxy: its RSS growth / connection, the machine's Slab growth / connection
 #                  (minus direct's in the same round: the proxy's kernel share), nothing lost
@@ -56,7 +60,7 @@
 #                                          the same run (adds the ringproxy-base path)
 #         BASE_BIN=/path/to/old/ringproxy PATHS="ringproxy ringproxy-base" QUICK=1 scripts/bench.sh
 # Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS PATHS OUT
-#         TESTS CHURN_SOURCES HB_WINDOW CURL_MIB
+#         TESTS CHURN_SOURCES HB_WINDOW CURL_MIB FLOWS
 #         UPDATE_DOCS=0|1 IMG=dir
 #         BASE_BIN=FILE  the ringproxy-base binary (copied into the run's directory first)
 #         BASE_REV=REV   build ringproxy at git revision REV in release, in a temporary worktree
@@ -96,9 +100,10 @@ if [ -n "$BASE_BIN$BASE_REV" ]; then
 else
     PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice nginx}
 fi
-TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k idle}
+TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k flows idle}
 HB_WINDOW=${HB_WINDOW:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
 CURL_MIB=${CURL_MIB:-1024}
+FLOWS=${FLOWS:-1000}
 has() { [[ " $1 " == *" $2 "* ]]; } # has LIST WORD
 if has "$PATHS" ringproxy-base && [ -z "$BASE_BIN$BASE_REV" ]; then
     die "the ringproxy-base path needs BASE_BIN=/path/to/ringproxy or BASE_REV=<git revision>"
@@ -581,6 +586,7 @@ run_test() { # TEST PATH ROUND
                 --duration "$((2 * DUR))s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
         idle) idle_test "$p" "$r"; return ;;
+        flows) flows_test "$p" "$r"; return ;;
     esac
     w1=$(date +%s.%N)
     # shellcheck disable=SC2086
@@ -632,6 +638,41 @@ idle_test() { # PATH ROUND
     [ "$rc" = 0 ] || log "  idle $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"
     # let the closed connections' memory go back before the next path's baseline
+    sleep 1
+}
+
+# The bulk-flows test: FLOWS streams both ways at once through a fresh instance of the path (as
+# idle: a long-running instance would reuse what earlier tests left); the proxy's RSS sampled every
+# 0.2 s: its peak growth over the start is what so many bulk flows cost in memory.
+flows_test() { # PATH ROUND
+    local p=$1 r=$2 f a inst rss0 rss peak run rc=0 cmd
+    f=$OUT/raw/r$r-flows-$p
+    inst=direct
+    if [ "$p" != direct ]; then
+        inst=flows-$p-r$r
+        start_path "$p" "$inst" source
+    fi
+    a=${ADDR[$inst:source]}
+    sleep 0.5
+    # shellcheck disable=SC2086
+    rss0=$(rss_kb ${PROC[$inst]})
+    peak=$rss0
+    cmd=("$RL" throughput --target "$a" --streams "$FLOWS" --direction both --duration "$((2 * DUR))s"
+        --json --no-progress)
+    log_cmd "$f.cmd" "${cmd[@]}"
+    start_bg "ringload throughput (flows)" timeout "$TO" "${cmd[@]}" >"$f.json" 2>"$f.err"
+    run=$BG_PID
+    while kill -0 "$run" 2>/dev/null; do
+        # shellcheck disable=SC2086
+        rss=$(rss_kb ${PROC[$inst]})
+        [ "$rss" -le "$peak" ] || peak=$rss
+        sleep 0.2
+    done
+    reap_bg "$run" || rc=$?
+    record test=flows path="$p" round="$r" file="$f" rc="$rc" flows="$FLOWS" rss0_kb="$rss0" peak_kb="$peak" \
+        proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
+    [ "$rc" = 0 ] || log "  flows $p: exit $rc (see $f.*)"
+    [ "$inst" = direct ] || stop_inst "$inst"
     sleep 1
 }
 

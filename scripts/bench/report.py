@@ -58,6 +58,8 @@ METRICS = {
     "hb9k_p99": ("9,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
     "hb18k_cpu": ("18,000 connections, 16-byte heartbeat each per second: proxy CPU per heartbeat", "µs", False, 1),
     "hb18k_p99": ("18,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
+    "flows_tput": ("1,000 bulk flows both ways at once, up + down (ringload)", "Gbit/s", True, 2),
+    "flows_rss": ("1,000 bulk flows both ways: the proxy's peak RSS growth", "MiB", False, 1),
 }
 
 SHORT = {
@@ -68,6 +70,7 @@ SHORT = {
     "idle_sunr": "kernel bytes\n(SUnreclaim)", "down1": "1 stream\ndown", "down4": "4 streams\ndown",
     "both1": "1 stream\nboth ways", "both4": "4 streams\nboth ways", "curl": "1 GiB\ncurl",
     "hb9k_cpu": "CPU per\nheartbeat 9k", "hb18k_cpu": "CPU per\nheartbeat 18k",
+    "flows_tput": "1,000 flows\nboth ways", "flows_rss": "RSS with\n1,000 flows",
 }
 
 PEERS = ["haproxy", "haproxy-splice", "nginx"]
@@ -166,6 +169,15 @@ def parse(out):
                 problems.append(f"round {rnd} curl {p}: HTTP {code}, {size} bytes, {'intact' if intact else 'NOT the file'}")
             else:
                 put("curl", p, rnd, float(speed) * 8 / 1e9)
+        elif t == "flows":
+            j = load(f + ".json")
+            if not j or j.get("exit_code") != 0:
+                problems.append(f"round {rnd} flows {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            if j and j.get("throughput"):
+                T = j["throughput"]
+                put("flows_tput", p, rnd, T["down_gbps"] + T["up_gbps"])
+            if p != "direct":
+                put("flows_rss", p, rnd, (r["peak_kb"] - r["rss0_kb"]) / 1024)
         elif t in ("hb9k", "hb18k"):
             j = load(f + ".json")
             n = r["conns"]

@@ -413,7 +413,8 @@ impl Ctx<'_> {
                         self.ring.ring_bufs_short();
                         self.starve(dir);
                     }
-                    e if e == -libc::ECANCELED => {}
+                    // Cancelled (a pause), or found nothing after all: re-armed below.
+                    e if e == -libc::ECANCELED || e == -libc::EAGAIN => {}
                     _ => return self.close(dir.source_reset()),
                 }
             }
@@ -482,6 +483,12 @@ impl Ctx<'_> {
 
     /// A `sendmsg` of `dir`'s queue completed.
     pub(super) fn on_ring_sent(&mut self, dir: Dir, lease: QueueLease, res: i32) {
+        // -EAGAIN: nothing was sent (io_uring reports the bytes of a partial send instead). It
+        // can reach us when a send that waited for room found none again after its poll fired
+        // and io_uring retried it on an io-wq thread, where the non-blocking socket answers
+        // EAGAIN (seen about once per 1,000 connections in the integrity test when receives page
+        // fault). Sending again arms a fresh poll; the queue is unchanged.
+        let res = if res == -libc::EAGAIN { 0 } else { res };
         if res < 0 && res != -libc::ECANCELED {
             self.sendq.give_back(lease, self.ring);
             return self.close(dir.destination_reset());

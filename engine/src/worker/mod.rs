@@ -91,6 +91,8 @@ pub struct Worker {
     peers: Arc<Vec<Peer>>,
     /// Drain deadline (worker clock, ms) once a drain began.
     draining: Option<u64>,
+    /// When the receive buffers are next trimmed (worker clock, ms).
+    next_trim: u64,
 }
 
 /// Runs a worker on the current thread until it has drained. `ready` gets `Ok` once the ring is up
@@ -147,6 +149,12 @@ impl Worker {
             for idx in expired.drain(..) {
                 self.with_conn(idx, |cx| cx.on_timer());
                 self.follow_up();
+            }
+            if self.now.ms >= self.next_trim {
+                // Once a second (the loop wakes at least that often): an offer that grew for a
+                // burst shrinks back, and buffers nobody used since give their memory back.
+                self.next_trim = self.now.ms + 1000;
+                self.ring.trim_recv_bufs();
             }
             self.check_drain();
             self.retry_listeners();

@@ -165,6 +165,7 @@ impl Worker {
             wake,
             peers,
             draining: None,
+            next_trim: 1000,
             plan,
         };
         let fd = w.wake.fd();

@@ -9,13 +9,17 @@
 //!
 //! Only as many buffers are in the ring as it takes to keep the receives fed (`low` to `high`,
 //! refilled from a LIFO free list as completions consume them), and buffers are created on first
-//! use up to `max`: a worker that only sees small messages cycles a few dozen buffers, so its
-//! memory does not grow with the number of connections; bulk transfers grow the set up to `max`.
+//! use up to `max`. All of them lie in one lazy mapping (`max × size` of address space): a page
+//! becomes memory only when a receive writes into it, so a 16-byte message costs one page of its
+//! 64 KiB buffer, and a worker that only sees small messages holds about `high` pages whatever
+//! its number of connections; bulk transfers fill whole buffers, up to `max` of them.
 //! The kernel fills buffers for every socket with data in one go (task work): when more sockets
 //! had data at once than the ring offered, some receives end with ENOBUFS and must be re-armed.
 //! Each time that happens the ring offers twice as many (up to `WIDEST`), so a worker settles at
 //! what its bursts need: many connections with periodic messages need more offered than one
-//! bulk flow does.
+//! bulk flow does. Once a second ([`BufRing::trim`]) the offer halves again if no receive ran
+//! short since, and the buffers that sat unused at the bottom of the free list all that time
+//! give their pages back to the kernel: after a burst, memory returns to what the traffic uses.
 //!
 //! Invariants: a buffer is in exactly one place — the ring (the kernel may fill it), a
 //! `RingBuf` (ours), or the free list; the ring's memory and every buffer are freed only when no
@@ -60,16 +64,25 @@ pub(super) struct BufRing {
     /// Our copy of the tail (the kernel reads the one in the ring).
     tail: u16,
     pub(super) bgid: u16,
-    /// Each buffer its own allocation (so it keeps its address while the Vec grows), created on
-    /// first use: `bufs[bid]`.
-    bufs: Vec<Box<[u8]>>,
+    /// The buffers: buffer `bid` is `size` bytes at `bid × size` of this lazy mapping of
+    /// `max × size` bytes (unmapped by `release`).
+    region: NonNull<u8>,
     size: usize,
     max: usize,
+    /// Buffers handed out so far (ids `0..created`).
+    created: usize,
     /// Buffers neither in the ring nor out: the last given back first.
     free: Vec<u16>,
+    /// The fewest entries `free` had since the last trim: `free[..cold]` were not used since.
+    cold: usize,
+    /// `free[..discarded]` hold no memory (their pages were given back and not written since).
+    discarded: usize,
+    /// A receive ran short (ENOBUFS) since the last trim.
+    short: bool,
     /// Buffers in the ring now (provided, not yet consumed by a completion).
     in_ring: u32,
-    /// Keep at least `low` buffers in the ring; refill up to `high`.
+    /// Keep at least `low` buffers in the ring; refill up to `high` (the same: every buffer a
+    /// completion takes is replaced before the next wait, so a burst finds `high` offered).
     low: u32,
     high: u32,
     /// Buffers out (`RingBuf`s alive).
@@ -88,7 +101,7 @@ impl BufRing {
     pub(super) fn new(uring: &IoUring, bgid: u16, size: usize, max: usize) -> io::Result<BufRing> {
         debug_assert!((1..=1 << 16).contains(&max));
         let high = NARROWEST.min(max as u32);
-        let low = high / 4;
+        let low = high;
         let entries = (WIDEST.min(max as u32) as u16).next_power_of_two();
         let ring_bytes = usize::from(entries) * std::mem::size_of::<BufRingEntry>();
         let ring = super::register::map_anonymous(ring_bytes)?.cast::<BufRingEntry>();
@@ -101,16 +114,29 @@ impl BufRing {
             unsafe { super::register::unmap(ring.cast(), ring_bytes) };
             return Err(e);
         }
+        let region = match super::register::map_lazy(max * size) {
+            Ok(region) => region,
+            Err(e) => {
+                let _ = uring.submitter().unregister_buf_ring(bgid);
+                // SAFETY: unregistered: the kernel holds no reference to the mapping any more.
+                unsafe { super::register::unmap(ring.cast(), ring_bytes) };
+                return Err(e);
+            }
+        };
         let mut r = BufRing {
             ring,
             ring_bytes,
             entries,
             tail: 0,
             bgid,
-            bufs: Vec::new(),
+            region,
             size,
             max,
+            created: 0,
             free: Vec::new(),
+            cold: 0,
+            discarded: 0,
+            short: false,
             in_ring: 0,
             low,
             high,
@@ -129,10 +155,14 @@ impl BufRing {
         let mut added = false;
         while self.in_ring < self.high {
             let bid = match self.free.pop() {
-                Some(bid) => bid,
-                None if self.bufs.len() < self.max => {
-                    self.bufs.push(vec![0u8; self.size].into_boxed_slice());
-                    (self.bufs.len() - 1) as u16
+                Some(bid) => {
+                    self.cold = self.cold.min(self.free.len());
+                    self.discarded = self.discarded.min(self.free.len());
+                    bid
+                }
+                None if self.created < self.max => {
+                    self.created += 1;
+                    (self.created - 1) as u16
                 }
                 None => break,
             };
@@ -147,11 +177,12 @@ impl BufRing {
     /// Writes buffer `bid`'s descriptor at the tail (not yet visible to the kernel).
     fn push(&mut self, bid: u16) {
         let slot = usize::from(self.tail & (self.entries - 1));
-        let buf = &mut self.bufs[usize::from(bid)];
+        let addr = self.buf_ptr(bid);
         // SAFETY: `slot` < `entries`, so the descriptor lies in the mapping; the kernel reads only
         // descriptors between its head and the published tail, and this one is past the tail.
         let e = unsafe { &mut *self.ring.as_ptr().add(slot) };
-        e.set_addr(buf.as_mut_ptr() as u64);
+        // The buffer stays mapped until `release`, which runs only once no request can use it.
+        e.set_addr(addr as u64);
         e.set_len(self.size as u32);
         e.set_bid(bid);
         self.tail = self.tail.wrapping_add(1);
@@ -174,14 +205,24 @@ impl BufRing {
         RingBuf { bid }
     }
 
-    /// The bytes of a buffer we hold.
-    pub(super) fn bytes(&self, b: &RingBuf) -> &[u8] {
-        &self.bufs[usize::from(b.bid)]
+    /// Where buffer `bid` starts.
+    fn buf_ptr(&self, bid: u16) -> *mut u8 {
+        debug_assert!(usize::from(bid) < self.created);
+        // SAFETY: `bid` < `created` <= `max`, so the buffer lies inside the region's mapping.
+        unsafe { self.region.as_ptr().add(usize::from(bid) * self.size) }
     }
 
-    /// A pointer into a buffer we hold, for a send (stable: each buffer is its own allocation).
+    /// The bytes of a buffer we hold.
+    pub(super) fn bytes(&self, b: &RingBuf) -> &[u8] {
+        // SAFETY: a `RingBuf` is ours (the kernel filled it and writes no more into it until it
+        // is given back and offered again), mapped until `release`, `size` bytes long.
+        unsafe { std::slice::from_raw_parts(self.buf_ptr(b.bid), self.size) }
+    }
+
+    /// A pointer into a buffer we hold, for a send (stable: the region never moves).
     pub(super) fn ptr(&mut self, b: &RingBuf, off: usize) -> *const u8 {
-        self.bufs[usize::from(b.bid)][off.min(self.size)..].as_ptr()
+        // SAFETY: within the buffer (`off` is clamped to its size), which is in the mapping.
+        unsafe { self.buf_ptr(b.bid).add(off.min(self.size)) }
     }
 
     /// Gives a buffer back: onto the free list, and into the ring if it runs low.
@@ -193,7 +234,7 @@ impl BufRing {
 
     /// Buffers created so far.
     pub(super) fn created(&self) -> usize {
-        self.bufs.len()
+        self.created
     }
 
     /// Whether the ring has run dry (a multishot receive then ends with ENOBUFS).
@@ -209,18 +250,106 @@ impl BufRing {
     /// A receive found the ring empty: offer twice as many from now on (up to `WIDEST`, and
     /// `max`), and top the ring up.
     pub(super) fn widen(&mut self) {
+        self.short = true;
         let widest = WIDEST.min(self.max as u32).min(u32::from(self.entries));
         if self.high < widest {
             self.high = (self.high * 2).min(widest);
-            self.low = self.high / 4;
+            self.low = self.high;
         }
         self.refill();
     }
 
-    /// Unregisters and unmaps the ring (the owning `Ring` calls this once nothing can use it).
+    /// The slow path, once a second: offers half as many buffers if no receive ran short since
+    /// the last call (down to `NARROWEST`), and gives the pages of the buffers that sat unused in
+    /// the free list since then back to the kernel. Returns how many buffers it discarded.
+    pub(super) fn trim(&mut self) -> usize {
+        if !self.short && self.high > NARROWEST.min(self.max as u32) {
+            self.high = (self.high / 2).max(NARROWEST.min(self.max as u32));
+            self.low = self.high;
+        }
+        self.short = false;
+        let cold = self.cold.min(self.free.len());
+        let from = self.discarded.min(cold);
+        for &bid in &self.free[from..cold] {
+            // SAFETY: a buffer in the free list is neither in the ring nor out: nothing reads or
+            // writes it until it is offered again, and it lies in the lazy region.
+            unsafe { super::register::discard(self.buf_ptr(bid), self.size) };
+        }
+        self.discarded = cold;
+        self.cold = self.free.len();
+        cold - from
+    }
+
+    /// Unregisters and unmaps the ring and the buffers (the owning `Ring` calls this once nothing
+    /// can use them).
     pub(super) fn release(&mut self, uring: &IoUring) {
         let _ = uring.submitter().unregister_buf_ring(self.bgid);
-        // SAFETY: unregistered: the kernel holds no reference to the mapping any more.
-        unsafe { super::register::unmap(self.ring.cast(), self.ring_bytes) };
+        // SAFETY: unregistered: the kernel holds no reference to the mappings any more, and the
+        // owner calls this only when no buffer is out.
+        unsafe {
+            super::register::unmap(self.ring.cast(), self.ring_bytes);
+            super::register::unmap(self.region, self.max * self.size);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the kernel does when a receive fills the buffer at the ring's head: the buffers come
+    /// out in the order they were offered.
+    fn take_next(r: &mut BufRing, next: &mut u16) -> RingBuf {
+        let slot = usize::from(*next & (r.entries - 1));
+        // SAFETY: the descriptor lies in the ring's mapping and was written by `push`.
+        let bid = unsafe { (*r.ring.as_ptr().add(slot)).bid() };
+        *next = next.wrapping_add(1);
+        r.taken(bid)
+    }
+
+    #[test]
+    fn a_burst_widens_the_offer_and_quiet_seconds_shrink_it_and_give_the_memory_back() {
+        let uring = IoUring::new(8).expect("an io_uring");
+        let mut r = BufRing::new(&uring, 7, 4096, 1024).expect("a buffer ring");
+        let mut head = 0u16;
+        assert_eq!((r.offered(), r.created()), (64, 64), "64 offered at first, created as offered");
+
+        // A burst: every offered buffer taken, twice over, with ENOBUFS twice.
+        let mut held: Vec<RingBuf> = (0..128).map(|_| take_next(&mut r, &mut head)).collect();
+        r.widen();
+        r.widen();
+        assert_eq!(r.offered(), 256, "each ENOBUFS doubles the offer");
+        for b in &held {
+            // The bytes a receive wrote.
+            // SAFETY: a buffer we hold, inside the mapping.
+            unsafe { r.buf_ptr(b.bid).write_bytes(0xab, 4096) };
+        }
+        let written = held[0].bid;
+        for b in held.drain(..) {
+            r.give_back(b);
+        }
+        assert_eq!(r.out, 0);
+
+        // The first second after the burst: still short, so the offer stays; nothing is cold yet.
+        assert_eq!(r.trim(), 0);
+        assert_eq!(r.high, 256);
+        // A quiet second: the offer halves, and the buffers nobody used give their pages back.
+        let discarded = r.trim();
+        assert_eq!(r.high, 128);
+        assert_eq!(discarded, r.free.len(), "every free buffer sat unused for a second");
+        assert!(r.free.contains(&written));
+        let b = RingBuf { bid: written };
+        assert!(r.bytes(&b).iter().all(|&x| x == 0), "a discarded buffer reads as zeros: its page went back");
+        std::mem::forget(b);
+        assert_eq!(r.trim(), 0, "a discarded buffer is not discarded again");
+        r.trim();
+        assert_eq!(r.high, 64, "down to the narrowest offer, not below");
+        r.trim();
+        assert_eq!(r.high, 64);
+
+        // A buffer used again is hot: taken from the free list, it is not counted as cold.
+        let b = take_next(&mut r, &mut head);
+        r.give_back(b);
+        r.release(&uring);
     }
 }

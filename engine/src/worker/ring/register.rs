@@ -74,6 +74,27 @@ pub(super) fn sync_cancel_any(ring: &IoUring, timeout: Duration) -> io::Result<u
 
 /// An anonymous, zeroed, page-aligned mapping of `bytes` (a provided-buffer ring's descriptors).
 pub(super) fn map_anonymous(bytes: usize) -> io::Result<std::ptr::NonNull<u8>> {
+    map(bytes, 0)
+}
+
+/// An anonymous, zeroed, page-aligned mapping of `bytes` whose pages become memory only when they
+/// are first written (MAP_NORESERVE: no swap is reserved for the whole span): the receive buffers.
+pub(super) fn map_lazy(bytes: usize) -> io::Result<std::ptr::NonNull<u8>> {
+    map(bytes, libc::MAP_NORESERVE)
+}
+
+/// Gives the pages of `bytes` at `p` back to the kernel: they read as zeros and cost no memory
+/// until written again (MADV_DONTNEED on a private anonymous mapping).
+///
+/// # Safety
+/// The span lies in a mapping made by [`map_lazy`], and nothing (the kernel included) may be
+/// writing into it or reading from it.
+pub(super) unsafe fn discard(p: *mut u8, bytes: usize) {
+    // SAFETY: forwarded to the caller; madvise does not touch memory outside the span.
+    unsafe { libc::madvise(p.cast(), bytes, libc::MADV_DONTNEED) };
+}
+
+fn map(bytes: usize, flags: libc::c_int) -> io::Result<std::ptr::NonNull<u8>> {
     // SAFETY: an anonymous private mapping at an address of the kernel's choosing: no pointer is
     // passed in, and the result is checked before use.
     let p = unsafe {
@@ -81,7 +102,7 @@ pub(super) fn map_anonymous(bytes: usize) -> io::Result<std::ptr::NonNull<u8>> {
             std::ptr::null_mut(),
             bytes,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | flags,
             -1,
             0,
         )
@@ -92,10 +113,10 @@ pub(super) fn map_anonymous(bytes: usize) -> io::Result<std::ptr::NonNull<u8>> {
     std::ptr::NonNull::new(p.cast()).ok_or_else(|| io::Error::other("mmap returned null"))
 }
 
-/// Unmaps a mapping made by [`map_anonymous`].
+/// Unmaps a mapping made by [`map_anonymous`] or [`map_lazy`].
 ///
 /// # Safety
-/// `p` and `bytes` are exactly a mapping made by `map_anonymous`, and nothing (the kernel
+/// `p` and `bytes` are exactly such a mapping, and nothing (the kernel
 /// included) uses it any more.
 pub(super) unsafe fn unmap(p: std::ptr::NonNull<u8>, bytes: usize) {
     // SAFETY: forwarded to the caller.
