@@ -19,7 +19,7 @@ pub mod default {
     pub const WEIGHT: u32 = 1;
     pub const PIPE_SIZE: u32 = 256 * 1024;
     pub const MAX_PIPES: u32 = 4096;
-    pub const RECV_BUFFERS: u32 = 4096;
+    pub const RECV_BUFFERS: u32 = 1024;
     pub const RING_ENTRIES: u32 = 4096;
     pub const IOWQ_WORKERS: u32 = 4;
     pub const PEER_LOOKUPS: u32 = 4096;

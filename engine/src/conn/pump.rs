@@ -352,7 +352,7 @@ fn other(dir: Dir) -> Dir {
 /// (backpressure), until it holds fewer than half. A flow's share of its worker's buffers is
 /// thus bounded (a few more may arrive from receives already completed when it pauses), so a
 /// destination that stops reading holds at most this many (1 MiB of 64 KiB buffers), not the
-/// worker's whole set.
+/// worker's whole set. That is while the worker has buffers to spare; see [`Ctx::pause_at`].
 const PAUSE_BUFS: usize = 16;
 
 impl Ctx<'_> {
@@ -447,10 +447,25 @@ impl Ctx<'_> {
         if !self.sendq.sending(&lease) {
             self.send_queue(dir, &lease);
         }
-        if self.sendq.held(&lease) >= PAUSE_BUFS {
+        if self.sendq.held(&lease) >= self.pause_at() {
             self.pause(dir);
         }
         self.c.flow(dir).io = FlowIo::Ring(lease);
+    }
+
+    /// How many receive buffers a direction may hold before its receive pauses: 16 while fewer
+    /// than a quarter of the worker's buffers are out, 4 while fewer than half are, then 1. One
+    /// fast flow gets deep queues; a thousand busy flows share the buffers instead of the first
+    /// few hundred holding them all (and the memory they cost) while the rest wait for one.
+    fn pause_at(&self) -> usize {
+        let (out, max) = self.ring.ring_bufs_out_of();
+        if out * 4 < max {
+            PAUSE_BUFS
+        } else if out * 2 < max {
+            4
+        } else {
+            1
+        }
     }
 
     /// A `sendmsg` of everything queued (the queue's record is `FlowIo::Ring`).
@@ -503,9 +518,10 @@ impl Ctx<'_> {
             self.send_queue(dir, &lease);
             self.c.flow(dir).io = FlowIo::Ring(lease);
         }
+        let resume_below = self.pause_at().div_ceil(2);
         let f = self.c.flow(dir);
         let drained = match &f.io {
-            FlowIo::Ring(l) => self.sendq.held(l) < PAUSE_BUFS / 2,
+            FlowIo::Ring(l) => self.sendq.held(l) < resume_below,
             _ => true,
         };
         if f.paused && drained {

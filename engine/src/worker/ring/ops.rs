@@ -388,6 +388,11 @@ impl Ring {
         self.recv_bufs.as_ref().is_some_and(|r| !r.is_empty())
     }
 
+    /// Receive buffers out (held by flows) and the most the worker may create.
+    pub fn ring_bufs_out_of(&self) -> (usize, usize) {
+        self.recv_bufs.as_ref().map_or((0, 1), |r| (r.out as usize, r.max()))
+    }
+
     /// Receive buffers offered to the kernel now (as the completions seen so far tell).
     pub fn ring_bufs_offered(&self) -> u32 {
         self.recv_bufs.as_ref().map_or(0, |r| r.offered())

@@ -232,6 +232,11 @@ impl BufRing {
         self.refill();
     }
 
+    /// The most buffers this ring creates.
+    pub(super) fn max(&self) -> usize {
+        self.max
+    }
+
     /// Buffers created so far.
     pub(super) fn created(&self) -> usize {
         self.created
