@@ -17,9 +17,10 @@
 //! had data at once than the ring offered, some receives end with ENOBUFS and must be re-armed.
 //! Each time that happens the ring offers twice as many (up to `WIDEST`), so a worker settles at
 //! what its bursts need: many connections with periodic messages need more offered than one
-//! bulk flow does. Once a second ([`BufRing::trim`]) the offer halves again if no receive ran
-//! short since, and the buffers that sat unused at the bottom of the free list all that time
-//! give their pages back to the kernel: after a burst, memory returns to what the traffic uses.
+//! bulk flow does. Once a second ([`BufRing::trim`]) the offer falls to a quarter if no receive
+//! ran short since, and the free buffers that sat unused all that time, or lie below what the
+//! ring can take, give their pages back to the kernel: after a burst, memory returns to what the
+//! traffic uses.
 //!
 //! Invariants: a buffer is in exactly one place — the ring (the kernel may fill it), a
 //! `RingBuf` (ours), or the free list; the ring's memory and every buffer are freed only when no
@@ -264,25 +265,30 @@ impl BufRing {
         self.refill();
     }
 
-    /// The slow path, once a second: offers half as many buffers if no receive ran short since
-    /// the last call (down to `NARROWEST`), and gives the pages of the buffers that sat unused in
-    /// the free list since then back to the kernel. Returns how many buffers it discarded.
+    /// The slow path, once a second: offers a quarter as many buffers if no receive ran short
+    /// since the last call (down to `NARROWEST`), and gives back to the kernel the pages of the
+    /// free buffers that sat unused since then or lie below the `high` most recently used.
+    /// Returns how many buffers it discarded.
     pub(super) fn trim(&mut self) -> usize {
-        if !self.short && self.high > NARROWEST.min(self.max as u32) {
-            self.high = (self.high / 2).max(NARROWEST.min(self.max as u32));
+        let narrowest = NARROWEST.min(self.max as u32);
+        if !self.short && self.high > narrowest {
+            // A quiet second: a quarter of the offer (a burst widens it again in a few doublings).
+            self.high = (self.high / 4).max(narrowest);
             self.low = self.high;
         }
         self.short = false;
-        let cold = self.cold.min(self.free.len());
-        let from = self.discarded.min(cold);
-        for &bid in &self.free[from..cold] {
+        // The bottom of the free list: what sat unused for the whole second, and everything below
+        // the `high` most recently used (more than the ring can take before the next trim).
+        let upto = self.cold.max(self.free.len().saturating_sub(self.high as usize)).min(self.free.len());
+        let from = self.discarded.min(upto);
+        for &bid in &self.free[from..upto] {
             // SAFETY: a buffer in the free list is neither in the ring nor out: nothing reads or
             // writes it until it is offered again, and it lies in the lazy region.
             unsafe { super::register::discard(self.buf_ptr(bid), self.size) };
         }
-        self.discarded = cold;
+        self.discarded = upto;
         self.cold = self.free.len();
-        cold - from
+        upto - from
     }
 
     /// Unregisters and unmaps the ring and the buffers (the owning `Ring` calls this once nothing
@@ -338,9 +344,10 @@ mod tests {
         // The first second after the burst: still short, so the offer stays; nothing is cold yet.
         assert_eq!(r.trim(), 0);
         assert_eq!(r.high, 256);
-        // A quiet second: the offer halves, and the buffers nobody used give their pages back.
+        // A quiet second: the offer falls to a quarter, and the buffers nobody used give their
+        // pages back.
         let discarded = r.trim();
-        assert_eq!(r.high, 128);
+        assert_eq!(r.high, 64);
         assert_eq!(discarded, r.free.len(), "every free buffer sat unused for a second");
         assert!(r.free.contains(&written));
         let b = RingBuf { bid: written };
@@ -349,8 +356,6 @@ mod tests {
         assert_eq!(r.trim(), 0, "a discarded buffer is not discarded again");
         r.trim();
         assert_eq!(r.high, 64, "down to the narrowest offer, not below");
-        r.trim();
-        assert_eq!(r.high, 64);
 
         // A buffer used again is hot: taken from the free list, it is not counted as cold.
         let b = take_next(&mut r, &mut head);
