@@ -601,16 +601,22 @@ run_test() { # TEST PATH ROUND
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
 }
 
+# fresh_instance PATH NAME SERVICE: for a test that measures a proxy from its start, a new instance
+# NAME of PATH serving SERVICE; INST names it (the direct path has no instance: INST=direct)
+fresh_instance() {
+    INST=direct
+    [ "$1" = direct ] && return
+    INST=$2
+    start_path "$1" "$INST" "$3"
+}
+
 # The idle test: IDLE_CONNS connections held through the path (heartbeat every 2 s, so each is really
 # proxied); RSS of the proxy and the machine's Slab sampled before and once all are established.
 idle_test() { # PATH ROUND
     local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 sunr0 sunr1 hold n=0 rc=0 hold_s inst cmd
     f=$OUT/raw/r$r-idle-$p
-    inst=direct
-    if [ "$p" != direct ]; then
-        inst=idle-$p-r$r
-        start_path "$p" "$inst" echo
-    fi
+    fresh_instance "$p" "idle-$p-r$r" echo
+    inst=$INST
     a=${ADDR[$inst:echo]}
     port=$(port_of "$a")
     hold_s=$((IDLE_CONNS / 5000 + 7))
@@ -647,11 +653,8 @@ idle_test() { # PATH ROUND
 flows_test() { # PATH ROUND
     local p=$1 r=$2 f a inst rss0 rss peak run rc=0 cmd
     f=$OUT/raw/r$r-flows-$p
-    inst=direct
-    if [ "$p" != direct ]; then
-        inst=flows-$p-r$r
-        start_path "$p" "$inst" source
-    fi
+    fresh_instance "$p" "flows-$p-r$r" source
+    inst=$INST
     a=${ADDR[$inst:source]}
     sleep 0.5
     # shellcheck disable=SC2086
@@ -689,11 +692,8 @@ stop_inst() {
 hb_test() { # TEST PATH ROUND CONNS
     local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 rc=0 cmd
     f=$OUT/raw/r$r-$t-$p
-    inst=direct
-    if [ "$p" != direct ]; then
-        inst=$t-$p-r$r
-        INST_MAXCONN=$((n + 1000)) start_path "$p" "$inst" echo
-    fi
+    INST_MAXCONN=$((n + 1000)) fresh_instance "$p" "$t-$p-r$r" echo
+    inst=$INST
     a=${ADDR[$inst:echo]}
     port=$(port_of "$a")
     ramp_s=$((n / 10000 + 1))

@@ -125,6 +125,15 @@ def load(path):
         return None
 
 
+def load_run(f, rnd, t, p, problems):
+    """The JSON report of a ringload or iperf3 run (None if missing); a run that did not exit 0
+    is listed in `problems`."""
+    j = load(f + ".json")
+    if not j or j.get("exit_code") != 0:
+        problems.append(f"round {rnd} {t} {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+    return j
+
+
 def parse(out):
     rows = [json.loads(l) for l in open(os.path.join(out, "results.jsonl")) if l.strip()]
     vals = {}  # (metric, path) -> {round: value}
@@ -141,9 +150,7 @@ def parse(out):
         t, p, rnd, f = r["test"], r["path"], r["round"], r["file"]
         cpu_s = r.get("cpu_ticks", 0) / r.get("clk_tck", 100)
         if t in ("tput1", "tput4"):
-            j = load(f + ".json")
-            if not j or j.get("exit_code") != 0:
-                problems.append(f"round {rnd} {t} {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            j = load_run(f, rnd, t, p, problems)
             if j and j.get("throughput"):
                 put(t, p, rnd, j["throughput"]["up_gbps"])
                 if t == "tput4" and r.get("proxied"):
@@ -152,9 +159,7 @@ def parse(out):
                         put("cpu_gb", p, rnd, cpu_s / gb)
                     put("tput4_cpu_util", p, rnd, cpu_s / max(r.get("wall_s", 1), 1e-9))
         elif t in ("down1", "down4", "both1", "both4"):
-            j = load(f + ".json")
-            if not j or j.get("exit_code") != 0:
-                problems.append(f"round {rnd} {t} {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            j = load_run(f, rnd, t, p, problems)
             if j and j.get("throughput"):
                 T = j["throughput"]
                 put(t, p, rnd, T["down_gbps"] + (T["up_gbps"] if t.startswith("both") else 0))
@@ -170,19 +175,15 @@ def parse(out):
             else:
                 put("curl", p, rnd, float(speed) * 8 / 1e9)
         elif t == "flows":
-            j = load(f + ".json")
-            if not j or j.get("exit_code") != 0:
-                problems.append(f"round {rnd} flows {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            j = load_run(f, rnd, t, p, problems)
             if j and j.get("throughput"):
                 T = j["throughput"]
                 put("flows_tput", p, rnd, T["down_gbps"] + T["up_gbps"])
             if p != "direct":
                 put("flows_rss", p, rnd, (r["peak_kb"] - r["rss0_kb"]) / 1024)
         elif t in ("hb9k", "hb18k"):
-            j = load(f + ".json")
+            j = load_run(f, rnd, t, p, problems)
             n = r["conns"]
-            if not j or j.get("exit_code") != 0:
-                problems.append(f"round {rnd} {t} {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
             if r.get("seen_established", 0) < n:
                 problems.append(f"round {rnd} {t} {p}: CPU sampled with {r.get('seen_established')} of {n} established")
             if j and j.get("latency_us"):
@@ -196,9 +197,7 @@ def parse(out):
             except (TypeError, KeyError):
                 problems.append(f"round {rnd} {t} {p}: iperf3 failed ({j and j.get('error')})")
         elif t == "rate":
-            j = load(f + ".json")
-            if not j or j.get("exit_code") != 0:
-                problems.append(f"round {rnd} rate {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            j = load_run(f, rnd, t, p, problems)
             if j and j.get("connections_per_s"):
                 put("rate", p, rnd, j["connections_per_s"])
                 done = j["connections_per_s"] * j["elapsed_s"]
@@ -227,9 +226,7 @@ def parse(out):
             if not j or j.get("messages", {}).get("corrupted") or j.get("connections", {}).get("failed"):
                 problems.append(f"round {rnd} ka {p}: {j and j.get('verdict')}")
         elif t == "lat":
-            j = load(f + ".json")
-            if not j or j.get("exit_code") != 0:
-                problems.append(f"round {rnd} lat {p}: exit {j and j.get('exit_code')} ({j and j.get('verdict')})")
+            j = load_run(f, rnd, t, p, problems)
             if j and j.get("latency_us"):
                 L = j["latency_us"]
                 put("lat_p50", p, rnd, L["p50"] / 1e3)

@@ -398,10 +398,11 @@ impl Ring {
         self.recv_bufs.as_ref().map_or(0, |r| r.offered())
     }
 
-    /// The receive buffers' slow path (once a second): see `BufRing::trim`. Returns how many
-    /// buffers gave their memory back.
-    pub fn trim_recv_bufs(&mut self) -> usize {
-        self.recv_bufs.as_mut().map_or(0, |r| r.trim())
+    /// The receive buffers' slow path (once a second): see `BufRing::trim`.
+    pub fn trim_recv_bufs(&mut self) {
+        if let Some(r) = self.recv_bufs.as_mut() {
+            r.trim();
+        }
     }
 
     /// A receive ended for want of a buffer (ENOBUFS): the ring offers more from now on.

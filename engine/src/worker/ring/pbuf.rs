@@ -7,8 +7,8 @@
 //! [`RingBuf`] handle (not `Copy`, made only from such a completion), until we give it back —
 //! after the send that forwards its bytes has completed.
 //!
-//! Only as many buffers are in the ring as it takes to keep the receives fed (`low` to `high`,
-//! refilled from a LIFO free list as completions consume them), and buffers are created on first
+//! Only as many buffers are in the ring as it takes to keep the receives fed (`high`, topped
+//! up from a LIFO free list as completions consume them), and buffers are created on first
 //! use up to `max`. All of them lie in one lazy mapping (`max × size` of address space): a page
 //! becomes memory only when a receive writes into it, so a 16-byte message costs one page of its
 //! 64 KiB buffer, and a worker that only sees small messages holds about `high` pages whatever
@@ -82,9 +82,7 @@ pub(super) struct BufRing {
     short: bool,
     /// Buffers in the ring now (provided, not yet consumed by a completion).
     in_ring: u32,
-    /// Keep at least `low` buffers in the ring; refill up to `high` (the same: every buffer a
-    /// completion takes is replaced before the next wait, so a burst finds `high` offered).
-    low: u32,
+    /// Buffers the ring offers: kept in it, widened on ENOBUFS, narrowed by `trim`.
     high: u32,
     /// Buffers out (`RingBuf`s alive).
     pub(super) out: u32,
@@ -102,7 +100,6 @@ impl BufRing {
     pub(super) fn new(uring: &IoUring, bgid: u16, size: usize, max: usize) -> io::Result<BufRing> {
         debug_assert!((1..=1 << 16).contains(&max));
         let high = NARROWEST.min(max as u32);
-        let low = high;
         let entries = (WIDEST.min(max as u32) as u16).next_power_of_two();
         let ring_bytes = usize::from(entries) * std::mem::size_of::<BufRingEntry>();
         let ring = super::register::map_anonymous(ring_bytes)?.cast::<BufRingEntry>();
@@ -139,7 +136,6 @@ impl BufRing {
             discarded: 0,
             short: false,
             in_ring: 0,
-            low,
             high,
             out: 0,
         };
@@ -147,10 +143,11 @@ impl BufRing {
         Ok(r)
     }
 
-    /// Tops the ring up to `high` buffers when it holds fewer than `low`: from the free list
+    /// Tops the ring up to `high` buffers (every buffer a completion takes is replaced before the
+    /// next wait, so a burst finds `high` offered): from the free list
     /// first (the most recently used), then new buffers up to `max`.
     pub(super) fn refill(&mut self) {
-        if self.in_ring >= self.low {
+        if self.in_ring >= self.high {
             return;
         }
         let mut added = false;
@@ -260,7 +257,6 @@ impl BufRing {
         let widest = WIDEST.min(self.max as u32).min(u32::from(self.entries));
         if self.high < widest {
             self.high = (self.high * 2).min(widest);
-            self.low = self.high;
         }
         self.refill();
     }
@@ -274,7 +270,6 @@ impl BufRing {
         if !self.short && self.high > narrowest {
             // A quiet second: a quarter of the offer (a burst widens it again in a few doublings).
             self.high = (self.high / 4).max(narrowest);
-            self.low = self.high;
         }
         self.short = false;
         // The bottom of the free list: what sat unused for the whole second, and everything below
