@@ -64,11 +64,23 @@ impl Started {
     /// Writes `yaml` to `dir/NAME.yaml` and starts `ringproxy --ready-file dir/NAME.ready.json -c
     /// dir/NAME.yaml ARGS`, after `adjust` has had its say on the command. Does not wait.
     pub fn spawn(dir: &Path, name: &str, yaml: &str, args: &[&str], adjust: impl FnOnce(&mut Command)) -> Started {
+        Started::spawn_binary(Path::new(RINGPROXY), dir, name, yaml, args, adjust)
+    }
+
+    /// [`Started::spawn`] of the `ringproxy` binary at `binary` (a copy another user can run).
+    pub fn spawn_binary(
+        binary: &Path,
+        dir: &Path,
+        name: &str,
+        yaml: &str,
+        args: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Started {
         let config = dir.join(format!("{name}.yaml"));
         let ready_file = dir.join(format!("{name}.ready.json"));
         std::fs::write(&config, yaml).unwrap();
         let _ = std::fs::remove_file(&ready_file);
-        let mut cmd = ringproxy();
+        let mut cmd = Command::new(binary);
         cmd.arg("--ready-file").arg(&ready_file).arg("-c").arg(&config).args(args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         adjust(&mut cmd);

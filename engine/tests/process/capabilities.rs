@@ -39,6 +39,16 @@ fn run_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A copy of the binary under test that `nobody` can run, in `dir`: the build's own may lie in a
+/// directory only its owner can enter (a checkout in `mktemp -d`).
+fn runnable_copy(dir: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let copy = dir.join("ringproxy");
+    std::fs::copy(RINGPROXY, &copy).unwrap();
+    std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o755)).unwrap();
+    copy
+}
+
 /// A port below 1024 nobody listens on now.
 fn free_privileged_port() -> u16 {
     (700..1000).find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok()).expect("a free port in 700..1000")
@@ -150,32 +160,33 @@ fn non_root_start_with_ambient_capabilities_leaves_no_thread_a_capability() {
     let dir = run_dir("caps-ambient");
     let low = free_privileged_port();
     let n = nobody();
-    let mut proxy =
-        Started::spawn(&dir, "caps-ambient", &config(&dir, &format!("127.0.0.1:{low}"), echo.addr), &[], |cmd| {
-            let caps = 1 << CAP_NET_BIND_SERVICE | 1 << CAP_NET_ADMIN;
-            let child = move || {
-                // Keep the permitted set across the switch to nobody, then make the capabilities
-                // ambient, so that they survive exec.
-                // SAFETY: prctl with integer arguments only.
-                if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+    let binary = runnable_copy(&dir);
+    let yaml = config(&dir, &format!("127.0.0.1:{low}"), echo.addr);
+    let mut proxy = Started::spawn_binary(&binary, &dir, "caps-ambient", &yaml, &[], |cmd| {
+        let caps = 1 << CAP_NET_BIND_SERVICE | 1 << CAP_NET_ADMIN;
+        let child = move || {
+            // Keep the permitted set across the switch to nobody, then make the capabilities
+            // ambient, so that they survive exec.
+            // SAFETY: prctl with integer arguments only.
+            if unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            sys::clear_groups()?;
+            sys::set_gid(n.gid)?;
+            sys::set_uid(n.uid)?;
+            sys::set_caps(CapSets { effective: caps, permitted: caps, inheritable: caps })?;
+            for cap in [CAP_NET_BIND_SERVICE, CAP_NET_ADMIN] {
+                // SAFETY: as above.
+                if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) } != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                sys::clear_groups()?;
-                sys::set_gid(n.gid)?;
-                sys::set_uid(n.uid)?;
-                sys::set_caps(CapSets { effective: caps, permitted: caps, inheritable: caps })?;
-                for cap in [CAP_NET_BIND_SERVICE, CAP_NET_ADMIN] {
-                    // SAFETY: as above.
-                    if unsafe { libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_RAISE, cap, 0, 0) } != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            };
-            // SAFETY: between fork and exec the closure makes system calls only (no allocation, no
-            // lock), on values copied in before the fork.
-            unsafe { cmd.pre_exec(child) };
-        });
+            }
+            Ok(())
+        };
+        // SAFETY: between fork and exec the closure makes system calls only (no allocation, no
+        // lock), on values copied in before the fork.
+        unsafe { cmd.pre_exec(child) };
+    });
     let ready = proxy.wait_ready();
     assert_eq!(ready.listeners[0].addr.port(), low, "bound below 1024 with the ambient capability");
     let names = assert_unprivileged(proxy.pid(), n, false);
