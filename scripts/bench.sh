@@ -92,6 +92,9 @@ PIPE_SIZE=${PIPE_SIZE:-262144}
 # address pair has ~28,000 ephemeral ports, and a port in TIME-WAIT is reusable only after 1-2 s,
 # which caps one pair at ~14,000 connections/s for every path alike.
 CHURN_SOURCES=${CHURN_SOURCES:-8}
+# Extra `global.tune` keys for the ringproxy path only (not ringproxy-base): with BASE_BIN set to
+# the same binary, a knob is measured against its default in one run, e.g. RP_TUNE='batch_wait: 50us'.
+RP_TUNE=${RP_TUNE:-}
 BASE_BIN=${BASE_BIN:-}
 BASE_REV=${BASE_REV:-}
 BASE_TARGET_DIR=${BASE_TARGET_DIR:-$ROOT/target/bench-base}
@@ -307,6 +310,7 @@ start_ringproxy() { # PATH INSTANCE SERVICE...
         echo "  maxconn: ${INST_MAXCONN:-$MAXCONN}"
         case "$path" in
             ringproxy-auto | ringproxy-always | ringproxy-never) echo "  tune: { pipe_size: $PIPE_SIZE, splice: ${path#ringproxy-} }" ;;
+            ringproxy) echo "  tune: { pipe_size: $PIPE_SIZE${RP_TUNE:+, $RP_TUNE} }" ;;
             *) echo "  tune: { pipe_size: $PIPE_SIZE }" ;;
         esac
         [ "$inst" = "$path" ] && [ -n "${RP_STATS[$path]:-}" ] && echo "  stats: { socket: \"${RP_STATS[$path]}\" }"
