@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # The project's one test command (README.md, .ci/run): formatting, lints, every test.
-# Tests run against real sockets on loopback and the real kernel io_uring; nothing to set up.
+# Tests run against real sockets on loopback and the real kernel io_uring.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# Beyond the Rust toolchain the tests need one Debian package, installed here if missing (as root):
+# python3-seccomp, which packaging/seccomp/run-under.py uses to run the engine under the shipped
+# seccomp profile (engine/tests/process/access.rs).
+if ! /usr/bin/python3 -c 'import seccomp' 2>/dev/null; then
+    echo "test.sh: installing python3-seccomp (for the seccomp-profile tests)"
+    apt-get install -y -q python3-seccomp >/dev/null 2>&1 ||
+        { apt-get update -q >/dev/null && apt-get install -y -q python3-seccomp >/dev/null; }
+fi
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 # Build first, then run under a time limit: a test that hangs fails the run instead of stalling CI.

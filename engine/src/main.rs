@@ -183,6 +183,12 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     for w in &config.warnings {
         eprintln!("{w}");
     }
+    // Before anything binds: where io_uring is blocked (seccomp, sysctl, sandbox) say why and how
+    // to fix it, in one line, instead of failing in the first worker.
+    if let Err(b) = uring_access::check() {
+        eprintln!("ringproxy: {b}");
+        return ExitCode::from(1);
+    }
     // Before any thread starts, so that every thread inherits it: no_new_privs and no capability
     // to pass on (privileges.rs); the rest is dropped once the engine has bound.
     if let Err(e) = ringproxy::privileges::restrict() {

@@ -121,7 +121,7 @@ impl Ring {
             .setup_single_issuer()
             .setup_coop_taskrun()
             .build(entries)
-            .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e} (is io_uring disabled by sysctl kernel.io_uring_disabled or a seccomp profile?)")))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("io_uring_setup failed: {e}")))?;
         Ok(Ring {
             ring,
             in_flight: 0,

@@ -270,3 +270,22 @@ fn connections_spread_over_several_targets() {
     assert_eq!(v["targets"].as_array().map(|a| a.len()), Some(2));
     assert_eq!(u(&v, "connections.established"), 100);
 }
+
+#[test]
+fn under_a_seccomp_filter_serve_and_hold_say_why_in_one_line() {
+    use std::os::unix::process::CommandExt;
+    // The filter denies the io_uring calls as Docker's default profile does (installed between
+    // fork and exec); each command must name it and the fix, and exit 2 (setup error).
+    for args in [&["serve", "--listen", "127.0.0.1:0"][..], &["hold", "--target", "127.0.0.1:9", "--conns", "1"]] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args);
+        // SAFETY: the closure only makes prctl calls (`deny_io_uring`), allowed after fork.
+        unsafe { cmd.pre_exec(|| uring_access::deny_io_uring(libc::EPERM as u16)) };
+        let out = cmd.output().expect("run ringload");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: one line, got: {stderr}");
+        assert!(stderr.starts_with("ringload: error: io_uring is not available:"), "{stderr}");
+        assert!(stderr.contains("under a seccomp filter") && stderr.contains("--security-opt seccomp="), "{stderr}");
+    }
+}

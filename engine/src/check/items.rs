@@ -105,11 +105,11 @@ fn io_uring_item(facts: &HostFacts) -> Item {
             let detail = format!("the kernel lacks IORING_OP_{}", missing.join(", IORING_OP_"));
             fail("io_uring", detail).fix("upgrade the kernel to Linux 6.11 or later")
         }
-        Err(e) if disabled != 0 => fail("io_uring", format!("{e}; kernel.io_uring_disabled = {disabled}"))
-            .sysctl("kernel.io_uring_disabled", 0),
+        // Access itself (seccomp, sysctl) was checked before the report (`run`): what fails here
+        // is a later step (the file table, the probe).
         Err(e) => fail("io_uring", e.clone()).fix(
-            "allow io_uring_setup, io_uring_enter and io_uring_register in the seccomp profile of the \
-             container or service (Docker: --security-opt seccomp=<a profile allowing them>)",
+            "upgrade the kernel (the workers' ring flags, SINGLE_ISSUER and DEFER_TASKRUN, need 6.1+); \
+             EMFILE when registering the file table means RLIMIT_NOFILE is too small",
         ),
     }
 }

@@ -194,11 +194,11 @@ fn unassigned_sources_fail_with_ip_addr_add() {
 #[test]
 fn io_uring_and_kernel_problems_fail() {
     let mut f = roomy();
-    f.io_uring = Err("io_uring_setup failed: Operation not permitted (os error 1)".into());
-    f.io_uring_disabled = Some(2);
+    f.io_uring = Err("io_uring_setup failed: Invalid argument (os error 22)".into());
     f.kernel = Some("5.15.0-91-generic".into());
     let items = evaluate(&config("maxconn: 100", "", ONE), &f);
-    assert_eq!(fix(item(&items, "io_uring")), "sysctl -w kernel.io_uring_disabled=0");
+    assert_eq!(item(&items, "io_uring").status, Status::Fail);
+    assert!(fix(item(&items, "io_uring")).contains("need 6.1+"));
     assert_eq!(item(&items, "kernel").status, Status::Fail);
     f.io_uring = Ok(vec!["BIND"]);
     assert!(item(&evaluate(&config("maxconn: 100", "", ONE), &f), "io_uring").detail.contains("lacks IORING_OP_BIND"));

@@ -76,14 +76,20 @@ impl Started {
         args: &[&str],
         adjust: impl FnOnce(&mut Command),
     ) -> Started {
+        let mut cmd = Command::new(binary);
+        adjust(&mut cmd);
+        Started::spawn_command(cmd, dir, name, yaml, args)
+    }
+
+    /// [`Started::spawn`] through `cmd`, a command that ends in the binary (a wrapper such as
+    /// `run-under.py PROFILE -- ringproxy`): the usual arguments are appended to it.
+    pub fn spawn_command(mut cmd: Command, dir: &Path, name: &str, yaml: &str, args: &[&str]) -> Started {
         let config = dir.join(format!("{name}.yaml"));
         let ready_file = dir.join(format!("{name}.ready.json"));
         std::fs::write(&config, yaml).unwrap();
         let _ = std::fs::remove_file(&ready_file);
-        let mut cmd = Command::new(binary);
         cmd.arg("--ready-file").arg(&ready_file).arg("-c").arg(&config).args(args);
         cmd.stdout(Stdio::null()).stderr(Stdio::piped());
-        adjust(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let stderr = Arc::new(Mutex::new(Vec::new()));
         let (pipe, lines) = (child.stderr.take().unwrap(), stderr.clone());
@@ -191,7 +197,15 @@ impl Proxy {
     /// Same, with the configuration and the ready file in `dir` (which the process must be able to
     /// write once it has dropped its privileges).
     pub fn start_in(dir: &Path, name: &str, yaml: &str, args: &[&str]) -> Proxy {
-        let mut proc = Started::spawn(dir, name, yaml, args, |_| {});
+        Proxy::started(Started::spawn(dir, name, yaml, args, |_| {}), yaml)
+    }
+
+    /// Runs `cmd` (a wrapper that ends in the binary, see [`Started::spawn_command`]) on `yaml`.
+    pub fn start_through(cmd: Command, name: &str, yaml: &str) -> Proxy {
+        Proxy::started(Started::spawn_command(cmd, &temp_dir(), name, yaml, &[]), yaml)
+    }
+
+    fn started(mut proc: Started, yaml: &str) -> Proxy {
         let ready = proc.wait_ready();
         Proxy { proc, ready, drain: drain_timeout(yaml) }
     }

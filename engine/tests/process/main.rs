@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod access;
 mod capabilities;
 mod check;
 mod cli;
