@@ -16,3 +16,7 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Build first, then run under a time limit: a test that hangs fails the run instead of stalling CI.
 cargo test --workspace --no-run
 timeout --kill-after=30 1200 cargo test --workspace
+# Again under the Linux 6.1 feature set (engine/src/features.rs: every fallback for what 6.1 lacks),
+# the suites that cover proxying, the PROXY protocol, faults, reloads and the connection lifecycle.
+RINGPROXY_IO_FEATURES=6.1 timeout --kill-after=30 600 \
+    cargo test -p ringproxy --test it --test process --test lifecycle --test leaks

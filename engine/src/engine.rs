@@ -60,6 +60,8 @@ pub enum StartError {
     /// A worker could not set up its ring (the text says which worker and why).
     #[error("{0}")]
     Worker(String),
+    #[error("probing io_uring's features: {0}")]
+    IoFeatures(io::Error),
 }
 
 /// Collects snapshots from the workers; cheap to clone, usable from any thread.
@@ -144,7 +146,9 @@ impl Engine {
     pub fn prepare(config: Config, opts: StartOptions) -> Result<Prepared, StartError> {
         let limit = host::raise_nofile().map_err(StartError::Nofile)?;
         let ports = host::ephemeral_ports().unwrap_or(28_232);
-        let plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
+        let mut plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
+        (plan.io, plan.io_chosen) =
+            crate::features::effective(config.global.tune.io_features).map_err(StartError::IoFeatures)?;
         sources::verify_local(config.backends.iter().flat_map(|b| b.servers.iter().flat_map(|s| s.sources.clone())))
             .map_err(|(ip, source)| StartError::SourceNotLocal { ip, source })?;
         let ids = match &config.global.user {

@@ -10,6 +10,7 @@ pub mod config;
 pub mod conn;
 pub mod control;
 pub mod engine;
+pub mod features;
 pub mod health;
 pub mod host;
 pub mod limits;

@@ -312,6 +312,7 @@ fn report(engine: &Engine) {
         plan.nofile,
         plan.conns_per_worker,
     );
+    eprintln!("ringproxy: io_uring features ({}): {}", plan.io_chosen, plan.io);
     for w in &plan.warnings {
         eprintln!("ringproxy: warning: {w}");
     }

@@ -55,6 +55,10 @@ pub struct Plan {
     pub ephemeral_ports: u32,
     /// One line each, already phrased for the operator.
     pub warnings: Vec<String>,
+    /// The io_uring operations the workers use (features.rs); every one unless the engine says.
+    pub io: crate::features::IoFeatures,
+    /// How `io` was chosen ("this kernel's", "pinned to Linux 6.1").
+    pub io_chosen: String,
 }
 
 /// Connections a worker should be able to hold for a global `maxconn`: twice its fair share (room
@@ -153,6 +157,8 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
         .collect();
 
     Plan {
+        io: crate::features::IoFeatures::ALL,
+        io_chosen: "this kernel's".to_owned(),
         workers,
         cpus,
         nofile,

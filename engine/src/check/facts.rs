@@ -35,6 +35,8 @@ pub struct HostFacts {
     /// The io_uring probe: opcodes the kernel lacks, or why no ring could be set up.
     pub io_uring: Result<Vec<&'static str>, String>,
     pub io_uring_disabled: Option<u64>,
+    /// The io_uring features the engine would use with this configuration, and how chosen.
+    pub io_features: Result<(crate::features::IoFeatures, String), String>,
     /// ip_nonlocal_bind is on: binding succeeds for any address, so the binding test proves nothing.
     pub nonlocal_bind: bool,
     /// Configured IPs (sources, server addresses) this host cannot bind to, with the error.
@@ -76,6 +78,7 @@ impl HostFacts {
             cpus: host::usable_cpus(),
             io_uring: probe_io_uring(),
             io_uring_disabled: host::sysctl1("kernel.io_uring_disabled"),
+            io_features: crate::features::effective(config.global.tune.io_features).map_err(|e| e.to_string()),
             nonlocal_bind: nonlocal.iter().any(|n| host::sysctl1(n).unwrap_or(0) != 0),
             unbindable,
             stats_socket: config.global.stats.socket.as_deref().map(socket::occupant),
@@ -99,10 +102,8 @@ fn probe_io_uring() -> Result<Vec<&'static str>, String> {
     let ops = [
         ("ACCEPT", Accept::CODE),
         ("SOCKET", Socket::CODE),
-        ("BIND", Bind::CODE),
         ("CONNECT", Connect::CODE),
         ("LINK_TIMEOUT", LinkTimeout::CODE),
-        ("URING_CMD", UringCmd16::CODE),
         ("SPLICE", Splice::CODE),
         ("POLL_ADD", PollAdd::CODE),
         ("SHUTDOWN", Shutdown::CODE),

@@ -20,8 +20,7 @@ use crate::stats::socket::Occupant;
 
 /// Kernel structures per socket besides its buffers (tcp_sock, file, inode): a rough slab cost.
 const SOCKET_OVERHEAD: u64 = 3 << 10;
-/// Oldest kernel with everything the engine uses (IORING_OP_BIND is the newest).
-const MIN_KERNEL: (u32, u32) = (6, 11);
+use crate::features::FLOOR;
 
 /// Judges the host against the configuration.
 pub fn evaluate(config: &Config, facts: &HostFacts) -> Vec<Item> {
@@ -76,20 +75,23 @@ fn stats_socket(config: &Config, facts: &HostFacts) -> Option<Item> {
 fn kernel(facts: &HostFacts) -> Item {
     let Some(release) = &facts.kernel else {
         return warn("kernel", "cannot read the kernel release (uname)")
-            .fix("check `uname -r`: ringproxy needs Linux 6.11 or later");
+            .fix("check `uname -r`: ringproxy needs Linux 6.1 or later");
     };
-    let mut it = release.split(['.', '-']).map(|t| t.parse::<u32>().ok());
-    match it.next().flatten().zip(it.next().flatten()) {
-        Some(v) if v >= MIN_KERNEL => {
-            ok("kernel", format!("Linux {release} (needs 6.11+: direct descriptors, multishot accept, IORING_OP_BIND)"))
-        }
+    match uring_access::version(release) {
+        Some(v) if v >= FLOOR => ok(
+            "kernel",
+            format!(
+                "Linux {release} (needs 6.1+; 6.7 adds socket options on direct sockets, 6.8 FIXED_FD_INSTALL, \
+                 6.11 BIND: each spares a fallback)"
+            ),
+        ),
         Some(_) => fail(
             "kernel",
-            format!("Linux {release} is too old: ringproxy needs 6.11+ (IORING_OP_BIND, uring_cmd setsockopt)"),
+            format!("Linux {release} is too old: ringproxy needs 6.1+ (multishot receive, DEFER_TASKRUN)"),
         )
-        .fix("upgrade the kernel to Linux 6.11 or later"),
+        .fix("upgrade the kernel to Linux 6.1 or later"),
         None => warn("kernel", format!("cannot parse the release \"{release}\""))
-            .fix("check `uname -r`: ringproxy needs Linux 6.11 or later"),
+            .fix("check `uname -r`: ringproxy needs Linux 6.1 or later"),
     }
 }
 
@@ -98,12 +100,18 @@ fn io_uring_item(facts: &HostFacts) -> Item {
     match &facts.io_uring {
         Ok(missing) if missing.is_empty() => {
             let note = if disabled == 1 { " (kernel.io_uring_disabled = 1, but this user may)" } else { "" };
-            let detail = format!("ring set up, sparse file table registered, every opcode used is supported{note}");
+            let features = match &facts.io_features {
+                Ok((f, chosen)) => format!("; features ({chosen}): {f}"),
+                Err(e) => format!("; features: cannot probe: {e}"),
+            };
+            let detail = format!(
+                "ring set up, sparse file table registered, every opcode of the 6.1 floor supported{note}{features}"
+            );
             ok("io_uring", detail)
         }
         Ok(missing) => {
             let detail = format!("the kernel lacks IORING_OP_{}", missing.join(", IORING_OP_"));
-            fail("io_uring", detail).fix("upgrade the kernel to Linux 6.11 or later")
+            fail("io_uring", detail).fix("upgrade the kernel to Linux 6.1 or later")
         }
         // Access itself (seccomp, sysctl) was checked before the report (`run`): what fails here
         // is a later step (the file table, the probe).

@@ -26,6 +26,7 @@ fn roomy() -> HostFacts {
         cpus: vec![0, 1, 2, 3],
         io_uring: Ok(Vec::new()),
         io_uring_disabled: Some(0),
+        io_features: Ok((crate::features::IoFeatures::ALL, "this kernel's".into())),
         nonlocal_bind: false,
         unbindable: HashMap::new(),
         stats_socket: None,
@@ -200,8 +201,21 @@ fn io_uring_and_kernel_problems_fail() {
     assert_eq!(item(&items, "io_uring").status, Status::Fail);
     assert!(fix(item(&items, "io_uring")).contains("need 6.1+"));
     assert_eq!(item(&items, "kernel").status, Status::Fail);
-    f.io_uring = Ok(vec!["BIND"]);
-    assert!(item(&evaluate(&config("maxconn: 100", "", ONE), &f), "io_uring").detail.contains("lacks IORING_OP_BIND"));
+    f.io_uring = Ok(vec!["SPLICE"]);
+    assert!(
+        item(&evaluate(&config("maxconn: 100", "", ONE), &f), "io_uring").detail.contains("lacks IORING_OP_SPLICE")
+    );
+    // 6.1 is enough; what it lacks is named with its fallback.
+    f.io_uring = Ok(Vec::new());
+    f.kernel = Some("6.1.0-28-amd64".into());
+    f.io_features = Ok((crate::features::IoFeatures::of_kernel((6, 1)), "this kernel's".into()));
+    let items = evaluate(&config("maxconn: 100", "", ONE), &f);
+    assert_eq!(item(&items, "kernel").status, Status::Ok);
+    let detail = &item(&items, "io_uring").detail;
+    assert!(
+        detail.contains("no BIND") && detail.contains("fallbacks: ") && detail.contains("passed on as a FIN"),
+        "{detail}"
+    );
 }
 
 #[test]

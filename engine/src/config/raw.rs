@@ -59,6 +59,7 @@ pub struct RawTune {
     pub ring_entries: Option<Spanned<Count>>,
     pub iowq_workers: Option<Spanned<Count>>,
     pub peer_lookups: Option<Spanned<Count>>,
+    pub io_features: Option<Spanned<String>>,
     pub splice: Option<super::SpliceMode>,
 }
 

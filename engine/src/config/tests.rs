@@ -68,6 +68,7 @@ fn everything_set() {
             ring_entries: 1024,
             iowq_workers: 2,
             peer_lookups: 512,
+            io_features: None,
             splice: SpliceMode::Always
         }
     );
@@ -431,4 +432,18 @@ fn every_key_the_loader_accepts_is_documented() {
         }
     }
     assert!(missing.is_empty(), "keys the loader accepts but docs/configuration.md does not document: {missing:?}");
+}
+
+#[test]
+fn io_features_names_a_kernel_at_or_above_the_floor() {
+    let base = "frontends:\n  - { name: fe, bind: \"127.0.0.1:0\", backend: be }\n\
+                backends:\n  - { name: be, servers: [ { name: s, address: \"127.0.0.1:9\" } ] }\n";
+    let with = |v: &str| format!("global:\n  tune: {{ io_features: {v} }}\n{base}");
+    assert_eq!(ok(&with("\"6.1\"")).global.tune.io_features, Some((6, 1)));
+    assert_eq!(ok(&with("\"6.8\"")).global.tune.io_features, Some((6, 8)));
+    assert_eq!(ok(&with("native")).global.tune.io_features, None);
+    let e = parse(&with("\"5.15\""), "t.yaml").unwrap_err().to_string();
+    assert!(e.starts_with("t.yaml:2:") && e.contains("below the kernel ringproxy needs, 6.1"), "{e}");
+    let e = parse(&with("newest"), "t.yaml").unwrap_err().to_string();
+    assert!(e.contains("\"native\" or a kernel version"), "{e}");
 }

@@ -113,6 +113,9 @@ pub struct Tune {
     pub iowq_workers: u32,
     /// Most client-address lookups in flight at once per worker.
     pub peer_lookups: u32,
+    /// Use only what this kernel version's io_uring offers (`None`: what the running kernel
+    /// offers); see features.rs.
+    pub io_features: Option<(u32, u32)>,
     pub splice: SpliceMode,
 }
 
@@ -125,6 +128,7 @@ impl Default for Tune {
             ring_entries: default::RING_ENTRIES,
             iowq_workers: default::IOWQ_WORKERS,
             peer_lookups: default::PEER_LOOKUPS,
+            io_features: None,
             splice: SpliceMode::Never,
         }
     }

@@ -398,6 +398,12 @@ impl Validator<'_> {
         if let Some(s) = &t.peer_lookups {
             tune.peer_lookups = self.count(s, "peer_lookups", 1, 1 << 20)? as u32;
         }
+        if let Some(s) = &t.io_features {
+            let v = s.value.trim();
+            if v != "native" {
+                tune.io_features = Some(crate::features::parse(v).or_else(|e| self.err(s.referenced, e))?);
+            }
+        }
         tune.splice = t.splice.unwrap_or_default();
         Ok(tune)
     }

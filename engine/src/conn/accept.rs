@@ -28,10 +28,20 @@ pub(crate) struct ListenerInfo {
     pub needs_peer: bool,
 }
 
+/// Addresses of an accepted socket read before it moved into its direct slot (the plain-accept
+/// fallback, features.rs): then the connection does not look its client's address up.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Known {
+    pub looked_up: bool,
+    pub peer: Option<SocketAddr>,
+    /// The local address, read only where a wildcard listener's PROXY header may need it.
+    pub local: Option<SocketAddr>,
+}
+
 impl Ctx<'_> {
     /// A new admitted connection on `client`, accepted by listener `listener`: watch the client,
     /// ask for its address (or go straight to a server).
-    pub(crate) fn open(&mut self, listener: u16, client: ClientSlot, admission: Admission) {
+    pub(crate) fn open(&mut self, listener: u16, client: ClientSlot, admission: Admission, known: Known) {
         debug_assert!(!self.c.is_live());
         let l = self.listeners[listener as usize];
         let fe = l.frontend as usize;
@@ -60,6 +70,10 @@ impl Ctx<'_> {
         self.c.client_poll = true;
         self.c.client = Some(client);
         self.ensure_timer();
+        if known.looked_up {
+            self.c.dest = known.local;
+            return self.on_peer_name(known.peer);
+        }
         if !l.needs_peer {
             return self.dispatch();
         }

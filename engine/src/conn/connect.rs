@@ -222,15 +222,16 @@ impl Ctx<'_> {
         self.enter(State::SendingProxy);
         if self.c.dest.is_none() {
             let l = self.listeners[self.c.listener as usize];
-            if l.addr.ip().is_unspecified() {
+            if l.addr.ip().is_unspecified() && self.ring.io().fd_install {
                 // A wildcard listener: ask the kernel which local address the client reached.
+                // (Without FIXED_FD_INSTALL the plain-accept fallback read it at accept.)
                 let t = self.token(Op::LocalAddr);
                 let Some(client) = &self.c.client else { unreachable!("a live connection has its client") };
                 self.ring.install_fd(client.sock(), t);
                 self.c.step = Step::LocalAddr;
                 return;
             }
-            self.c.dest = Some(l.addr);
+            self.c.dest = (!l.addr.ip().is_unspecified()).then_some(l.addr);
         }
         self.send_proxy(version);
     }

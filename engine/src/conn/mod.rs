@@ -49,7 +49,7 @@ use crate::worker::timer::{Links, TimerLink, TimerWheel};
 use crate::worker::token::{GENERATION_MASK, Op, Token};
 use crate::worker::upstream::Upstream;
 
-pub(crate) use accept::ListenerInfo;
+pub(crate) use accept::{Known, ListenerInfo};
 
 /// "No server / no source chosen" in the compact `u16` indices of a [`Conn`].
 pub const NO_INDEX: u16 = u16::MAX;

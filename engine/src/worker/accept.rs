@@ -8,11 +8,12 @@
 //! Accepting stops while a socket is parked (admission.rs) or a drain has begun.
 
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::Worker;
 use super::ring::{ClientSlot, Completion};
 use super::token::{Op, Token};
+use crate::conn::Known;
 
 /// A listening socket owned by one worker.
 pub struct Listener {
@@ -112,18 +113,57 @@ impl Worker {
             self.update_listeners();
             return;
         }
-        let slot = ClientSlot::accepted(c.result as u32);
+        let (slot, known) = if self.ring.io().direct_accept() {
+            (ClientSlot::accepted(c.result as u32), Known::default())
+        } else {
+            // SAFETY: a non-negative result of an accept without a direct slot is a new
+            // descriptor that nothing else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+            match self.adopt(listener, fd) {
+                Some(adopted) => adopted,
+                None => {
+                    if !c.more() {
+                        self.update_listeners();
+                    }
+                    return;
+                }
+            }
+        };
         self.client_slots += 1;
         // A connection the kernel handed over is served even when a drain has begun (the accept
         // was cancelled, but completions already on their way still arrive).
         if self.parked.is_empty() {
-            self.admit(listener, slot);
+            self.admit(listener, slot, known);
         } else {
-            self.park(listener, slot);
+            self.park(listener, slot, known);
         }
         if !c.more() {
             self.update_listeners();
         }
+    }
+
+    /// The plain-accept fallback (features.rs): reads what the connection will need of `fd`'s
+    /// addresses, moves it into a free accept slot and closes the plain descriptor. `None` (the
+    /// client is closed): no free slot, as when the kernel finds none for a direct accept.
+    fn adopt(&mut self, listener: u16, fd: OwnedFd) -> Option<(ClientSlot, Known)> {
+        let Some(index) = self.free_client_slots.pop() else {
+            self.stats.limit_hits.global += 1;
+            return None;
+        };
+        let info = self.infos[listener as usize];
+        let sock = socket2::SockRef::from(&fd);
+        let addr = |a: std::io::Result<socket2::SockAddr>| a.ok().and_then(|a| a.as_socket());
+        let known = Known {
+            looked_up: true,
+            peer: if info.needs_peer { addr(sock.peer_addr()) } else { None },
+            local: if info.addr.ip().is_unspecified() { addr(sock.local_addr()) } else { None },
+        };
+        if let Err(e) = self.ring.install_in_slot(index, fd.as_raw_fd()) {
+            self.free_client_slots.push(index);
+            eprintln!("ringproxy: worker {}: moving an accepted socket into the file table: {e}", self.id);
+            return None;
+        }
+        Some((ClientSlot::accepted(index), known))
     }
 
     /// Arms the accept of every listener that may take connections, cancels the others.

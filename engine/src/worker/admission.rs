@@ -12,30 +12,30 @@
 
 use super::Worker;
 use super::ring::ClientSlot;
-use crate::conn::{Admission, State};
+use crate::conn::{Admission, Known, State};
 use crate::worker::token::GENERATION_MASK;
 
 impl Worker {
     /// Admits a freshly accepted socket, or parks it.
-    pub(super) fn admit(&mut self, listener: u16, slot: ClientSlot) {
+    pub(super) fn admit(&mut self, listener: u16, slot: ClientSlot, known: Known) {
         let fe = self.infos[listener as usize].frontend as usize;
         let a = self.up.on_accept(fe);
         if self.up.take(fe, a) {
-            self.open(listener, slot, a);
+            self.open(listener, slot, a, known);
         } else {
-            self.park(listener, slot);
+            self.park(listener, slot, known);
         }
     }
 
     /// Opens a connection on an admitted socket.
-    fn open(&mut self, listener: u16, slot: ClientSlot, a: Admission) {
+    fn open(&mut self, listener: u16, slot: ClientSlot, a: Admission, known: Known) {
         let idx = self.conns.insert();
-        self.with_conn(idx, |cx| cx.open(listener, slot, a));
+        self.with_conn(idx, |cx| cx.open(listener, slot, a, known));
         self.follow_up();
     }
 
     /// Holds an accepted socket that cannot be admitted yet and stops the listeners concerned.
-    pub(super) fn park(&mut self, listener: u16, slot: ClientSlot) {
+    pub(super) fn park(&mut self, listener: u16, slot: ClientSlot, known: Known) {
         let fe = self.infos[listener as usize].frontend as usize;
         let a = self.up.on_accept(fe);
         let global = self.plan.limits.global;
@@ -49,7 +49,7 @@ impl Worker {
             }
         }
         self.up.want(fe, a);
-        self.parked.push_back((listener, slot));
+        self.parked.push_back((listener, slot, known));
         self.stats.parked = self.parked.len() as u64;
         self.update_listeners();
     }
@@ -66,15 +66,15 @@ impl Worker {
             self.admitting.pop_front();
             self.follow_up();
         }
-        while let Some(&(listener, _)) = self.parked.front() {
+        while let Some(&(listener, _, _)) = self.parked.front() {
             let fe = self.infos[listener as usize].frontend as usize;
             let a = self.up.on_accept(fe);
             if !self.up.take(fe, a) {
                 break;
             }
-            let Some((listener, slot)) = self.parked.pop_front() else { break };
+            let Some((listener, slot, known)) = self.parked.pop_front() else { break };
             self.stats.parked = self.parked.len() as u64;
-            self.open(listener, slot, a);
+            self.open(listener, slot, a, known);
         }
         self.stats.parked = self.parked.len() as u64;
         if self.parked.is_empty() && self.admitting.is_empty() {

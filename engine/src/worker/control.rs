@@ -76,7 +76,7 @@ impl Worker {
         if self.now.ms >= deadline {
             // Parked sockets first: a share given back by a closing connection must not let one
             // in after the deadline.
-            while let Some((_, slot)) = self.parked.pop_front() {
+            while let Some((_, slot, _)) = self.parked.pop_front() {
                 self.ring.close_client(slot, false);
             }
             self.stats.parked = 0;

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::config::Config;
-use crate::conn::{Clock, Ctx, Dir, Followups, ListenerInfo, Slab};
+use crate::conn::{Clock, Ctx, Dir, Followups, Known, ListenerInfo, Slab};
 use crate::control::{Control, Peer};
 use crate::log::{ConnLog, LogSink};
 use crate::pipes::PipePool;
@@ -77,13 +77,16 @@ pub struct Worker {
     listeners: Vec<ListenerState>,
     /// Accepted sockets waiting for a share (global/frontend, or a PROXY-header slot): (listener,
     /// slot).
-    parked: VecDeque<(u16, ClientSlot)>,
+    parked: VecDeque<(u16, ClientSlot, Known)>,
     /// Connections whose PROXY header is there, waiting for a global/frontend share: (index,
     /// generation), oldest first.
     admitting: VecDeque<(u32, u32)>,
     /// Accept-range slots holding a client socket (open, parked, or closing) or reserved by a
     /// single accept in flight.
     client_slots: u32,
+    /// Free accept slots, when accepted sockets are plain descriptors the worker moves into the
+    /// table itself (features.rs); empty when the kernel picks them (direct accept).
+    free_client_slots: Vec<u32>,
     follow: Followups,
     started: Instant,
     rx: Receiver<Control>,
@@ -305,6 +308,9 @@ impl Worker {
             }
         } else if index < self.plan.accept_slots {
             self.client_slots = self.client_slots.saturating_sub(1);
+            if !self.ring.io().direct_accept() {
+                self.free_client_slots.push(index);
+            }
             if self.listeners.iter().any(ListenerState::idle) {
                 self.update_listeners();
             }

@@ -82,6 +82,7 @@ impl Worker {
             peer_slots: config.global.tune.peer_lookups as usize,
             recv_bufs: (config.global.tune.splice == crate::config::SpliceMode::Never)
                 .then_some((RECV_BUF, config.global.tune.recv_buffers as usize)),
+            io: plan.io,
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);
@@ -159,6 +160,11 @@ impl Worker {
             parked: VecDeque::new(),
             admitting: VecDeque::new(),
             client_slots: 0,
+            free_client_slots: if plan.io.direct_accept() {
+                Vec::new()
+            } else {
+                (0..plan.accept_slots).rev().collect()
+            },
             follow: Followups::default(),
             started: Instant::now(),
             rx,

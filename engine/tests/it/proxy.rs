@@ -289,13 +289,38 @@ fn server_reset_reaches_the_client_as_a_reset() {
     let t = Instant::now();
     c.write_all(b"hello").unwrap();
     let (_, err) = read_to_end(&mut c);
-    let err = err.expect("the client sees an error, not a clean EOF");
-    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert_reset_passed_on(&engine, err);
     assert!(t.elapsed() < Duration::from_secs(1));
     wait_until("the proxy to forget the connection", Duration::from_secs(1), || {
         engine.stats().total(|w| w.active) == 0
     });
     assert_eq!(engine.stats().total(|w| w.resets_from_server), 1);
     drop(c);
+    assert_clean(engine, &[backend.addr.port()]);
+}
+
+/// `tune.io_features: "6.1"` in the file makes the engine use only what Linux 6.1 offers
+/// (features.rs) — accepts into plain descriptors moved into direct slots, server sockets made and
+/// bound by system calls — and it proxies exactly as with every feature: bytes both ways, the
+/// configured source, the client's address for the balancer, every gauge back to zero.
+#[test]
+fn pinned_to_the_6_1_feature_set_the_engine_proxies_from_its_source() {
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 2, tune: {{ io_features: \"6.1\" }} }}\n\
+         frontends: [{{ name: fe, bind: \"0.0.0.0:0\", backend: be }}]\n\
+         backends: [{{ name: be, balance: source, servers: [{{ name: s, address: \"{}\", source: 127.0.9.1 }}] }}]\n",
+        backend.addr
+    ));
+    assert_eq!(engine.plan().io, ringproxy::features::IoFeatures::of_kernel((6, 1)));
+    assert_eq!(engine.plan().io_chosen, "pinned to Linux 6.1");
+    let port = addr(&engine, "fe").port();
+    let mut conns: Vec<TcpStream> = (0..20).map(|_| connect(([127, 0, 0, 1], port).into())).collect();
+    for (i, c) in conns.iter_mut().enumerate() {
+        let (sent, (n, got)) = both_ways(c, i as u64, 64 << 10);
+        assert_eq!((n, got), (64 << 10, sent), "connection {i} intact");
+    }
+    assert_eq!(backend.peer_ips().get(&"127.0.9.1".parse().unwrap()), Some(&20), "every connect from the source");
+    drop(conns);
     assert_clean(engine, &[backend.addr.port()]);
 }

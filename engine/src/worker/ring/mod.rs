@@ -28,6 +28,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use io_uring::IoUring;
@@ -87,6 +88,8 @@ pub struct RingSetup {
     /// The provided-buffer ring multishot receives pick from (`splice: never`): (buffer size,
     /// most buffers). `None`: no ring.
     pub recv_bufs: Option<(usize, usize)>,
+    /// The operations above the 6.1 floor this ring may use (features.rs).
+    pub io: crate::features::IoFeatures,
 }
 
 /// Counters the ring keeps about itself.
@@ -120,6 +123,11 @@ pub struct Ring {
     /// Unregistered and freed by `Drop` likewise (only if every buffer came back).
     recv_bufs: Option<ManuallyDrop<pbuf::BufRing>>,
     wake_buf: ManuallyDrop<Box<u64>>,
+    io: crate::features::IoFeatures,
+    /// Completions of steps a fallback ran as system calls instead of in the ring (a server socket
+    /// made with socket/bind that failed, and the chain it cancels): handed out by the next
+    /// `drain` as if the kernel had posted them, so each step is still settled exactly once.
+    injected: Vec<Completion>,
     pub counters: RingCounters,
 }
 
@@ -163,6 +171,8 @@ impl Ring {
                 .collect(),
             buffers: ManuallyDrop::new(Buffers::new(setup.max_chunks, setup.peer_slots)),
             wake_buf: ManuallyDrop::new(Box::new(0)),
+            io: setup.io,
+            injected: Vec::new(),
             counters: RingCounters::default(),
         })
     }
@@ -242,7 +252,7 @@ impl Ring {
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.flush_backlog()?;
         self.counters.enter_calls += 1;
-        let want = usize::from(self.backlog.is_empty());
+        let want = usize::from(self.backlog.is_empty() && self.injected.is_empty());
         let r = match timeout {
             Some(d) => {
                 let ts = Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
@@ -270,6 +280,7 @@ impl Ring {
     pub fn drain(&mut self, out: &mut Vec<Completion>) {
         let mut cq = self.ring.completion();
         let before = out.len();
+        out.append(&mut self.injected);
         out.extend(cq.by_ref().map(|c| Completion { user_data: c.user_data(), result: c.result(), flags: c.flags() }));
         self.counters.cq_overflow = u64::from(cq.overflow());
         self.counters.completions += (out.len() - before) as u64;
@@ -278,6 +289,21 @@ impl Ring {
     /// Entries queued (in the SQ or the backlog) but not yet handed to the kernel.
     pub fn pending(&mut self) -> usize {
         self.ring.submission().len() + self.backlog.iter().map(Vec::len).sum::<usize>()
+    }
+
+    /// The operations above the 6.1 floor this ring uses.
+    pub fn io(&self) -> crate::features::IoFeatures {
+        self.io
+    }
+
+    /// Moves a plain socket into direct slot `index` (the table takes its own reference; the
+    /// caller closes `fd` afterwards): the fallbacks' way into the table (features.rs).
+    pub fn install_in_slot(&mut self, index: u32, fd: RawFd) -> io::Result<()> {
+        match self.ring.submitter().register_files_update(index, &[fd]) {
+            Ok(1) => Ok(()),
+            Ok(_) => Err(io::Error::other("the file table took no descriptor")),
+            Err(e) => Err(e),
+        }
     }
 
     /// Chunk, header and receive buffers lent out now.
@@ -400,8 +426,59 @@ mod tests {
             max_chunks: 1,
             peer_slots: 1,
             recv_bufs: None,
+            io: crate::features::IoFeatures::ALL,
         })
         .expect("an io_uring")
+    }
+
+    /// The connect chain of the 6.1 feature set (features.rs): the socket is made and bound by
+    /// system calls and moved into its slot; CONNECT and LINK_TIMEOUT run in the ring. A step that
+    /// fails is reported exactly as the kernel reports a failed chain step: its error, then
+    /// CONNECT and LINK_TIMEOUT cancelled — one completion each.
+    #[test]
+    fn the_fallback_connect_chain_binds_its_source_and_reports_a_failed_step_like_the_kernel() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let dest = listener.local_addr().unwrap();
+        let mut ring = Ring::new(RingSetup {
+            entries: 8,
+            files: 16,
+            accept_slots: 8,
+            iowq_workers: 2,
+            cpu: None,
+            addrs: vec![dest, "127.0.9.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
+            timeouts: vec![Duration::from_secs(5)],
+            max_chunks: 1,
+            peer_slots: 1,
+            recv_bufs: None,
+            io: crate::features::IoFeatures::of_kernel((6, 1)),
+        })
+        .expect("an io_uring");
+        let mut slots = slots::ServerSlots::new(8, 16);
+        let mk = |op| Token::conn(op, 3, 1);
+        let run = |ring: &mut Ring, want: usize| {
+            let mut got = Vec::new();
+            while got.len() < want {
+                ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+                ring.drain(&mut got);
+            }
+            got.iter().map(|c| (Token::decode(c.user_data).unwrap().op, c.result)).collect::<Vec<_>>()
+        };
+        // From 127.0.9.1: connected, the server sees that source.
+        let slot = slots.take().unwrap();
+        ring.connect_chain(&slot, AddrId(0), Some(AddrId(1)), TimeoutId(0), mk);
+        assert_eq!(run(&mut ring, 2), vec![(Op::Connect, 0), (Op::ConnectTimeout, -libc::ECANCELED)]);
+        assert_eq!(listener.accept().unwrap().1.ip().to_string(), "127.0.9.1");
+        ring.close_server(slot, false);
+        assert_eq!(run(&mut ring, 1), vec![(Op::CloseFixed, 0)]);
+        // An IPv6 source for an IPv4 server: the bind fails, the chain is cancelled behind it.
+        let slot = slots.take().unwrap();
+        ring.connect_chain(&slot, AddrId(0), Some(AddrId(2)), TimeoutId(0), mk);
+        let got = run(&mut ring, 3);
+        assert_eq!(got[0].0, Op::Bind);
+        assert!(got[0].1 < 0);
+        assert_eq!(&got[1..], &[(Op::Connect, -libc::ECANCELED), (Op::ConnectTimeout, -libc::ECANCELED)]);
+        ring.close_server(slot, false);
+        assert_eq!(run(&mut ring, 1).len(), 1, "the close of a slot the failed chain left empty completes");
     }
 
     /// A pipe with blocking ends: (read, write).

@@ -28,10 +28,16 @@ impl Ring {
 
     /// Multishot accept into kernel-chosen fixed slots; non-blocking sockets. (SOCK_CLOEXEC is
     /// refused with direct descriptors, which are never inherited anyway.)
+    ///
+    /// Without uring_cmd socket options or FIXED_FD_INSTALL (features.rs) the accepted sockets are
+    /// plain descriptors (non-blocking, close-on-exec): the worker reads their addresses and moves
+    /// them into direct slots itself.
     pub fn accept_multi(&mut self, listener: RawFd, token: Token) {
+        let direct = self.io.direct_accept();
+        let flags = if direct { libc::SOCK_NONBLOCK } else { libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC };
         let e = opcode::AcceptMulti::new(Fd(listener))
-            .allocate_file_index(true)
-            .flags(libc::SOCK_NONBLOCK)
+            .allocate_file_index(direct)
+            .flags(flags)
             .build()
             .user_data(token.encode());
         // SAFETY: no pointer; the listener descriptor is kept open by the worker while armed.
@@ -41,9 +47,10 @@ impl Ring {
     /// One accept into a kernel-chosen fixed slot (used near capacity, where a multishot accept
     /// could take more connections than there are slots).
     pub fn accept_once(&mut self, listener: RawFd, token: Token) {
+        let direct = self.io.direct_accept();
         let e = opcode::Accept::new(Fd(listener), std::ptr::null_mut(), std::ptr::null_mut())
-            .file_index(Some(DestinationSlot::auto_target()))
-            .flags(libc::SOCK_NONBLOCK)
+            .file_index(direct.then(DestinationSlot::auto_target))
+            .flags(if direct { libc::SOCK_NONBLOCK } else { libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC })
             .build()
             .user_data(token.encode());
         // SAFETY: null address pointers (the peer address is not asked for); descriptor as above.
@@ -83,7 +90,9 @@ impl Ring {
 
     fn close_index(&mut self, index: u32, rst: bool, token: Token) {
         let close = opcode::Close::new(Fixed(index)).build().user_data(token.encode());
-        if !rst {
+        // Without uring_cmd socket options SO_LINGER cannot be set on a direct socket: the close
+        // sends a FIN (features.rs).
+        if !rst || !self.io.sockopt {
             // SAFETY: no pointer; the caller gave up the slot's handle, nothing else uses it.
             unsafe { self.push(close) };
             return;
@@ -289,6 +298,29 @@ impl Ring {
             .flags(Flags::IO_LINK)
             .user_data(mk(Op::Connect).encode());
         let link_timeout = opcode::LinkTimeout::new(ts).build().user_data(mk(Op::ConnectTimeout).encode());
+        if !self.io.chained_connect() {
+            // No BIND or no uring_cmd setsockopt (features.rs): make the socket with system calls,
+            // move it into the slot, and run only CONNECT and its timeout in the ring. A step that
+            // fails is reported as the chain would report it: its own error, then CONNECT and
+            // LINK_TIMEOUT cancelled.
+            let src = source.map(|s| self.addrs[s.0 as usize].clone());
+            let dst = self.addrs[dest.0 as usize].clone();
+            match made_socket(&dst, src.as_ref()).and_then(|sock| {
+                self.install_in_slot(index, std::os::fd::AsRawFd::as_raw_fd(&sock)).map_err(|e| (Op::Socket, e))
+            }) {
+                // SAFETY: as for the full chain below: ring tables and a held slot.
+                Ok(()) => unsafe { self.push_chain(&[connect, link_timeout]) },
+                Err((op, e)) => {
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    for (op, res) in
+                        [(op, -errno), (Op::Connect, -libc::ECANCELED), (Op::ConnectTimeout, -libc::ECANCELED)]
+                    {
+                        self.injected.push(super::Completion { user_data: mk(op).encode(), result: res, flags: 0 });
+                    }
+                }
+            }
+            return;
+        }
         // Every pointer in the chain is into the ring's own tables (addresses, the timespec), alive
         // until `Drop` cancelled every request, or a `static` option value; the slot is held by the
         // caller's connection until its close.
@@ -460,4 +492,22 @@ fn decode_sockaddr(raw: &libc::sockaddr_in6) -> Option<SocketAddr> {
         }
         _ => None,
     }
+}
+
+/// The fallback's server socket: non-blocking, TCP_NODELAY, bound to `src` (with
+/// IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, per destination). On failure,
+/// the chain step that would have failed and the error.
+fn made_socket(
+    dst: &socket2::SockAddr,
+    src: Option<&socket2::SockAddr>,
+) -> Result<socket2::Socket, (Op, std::io::Error)> {
+    use socket2::{Domain, Socket, Type};
+    let domain = if dst.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
+    let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None).map_err(|e| (Op::Socket, e))?;
+    sock.set_tcp_nodelay(true).map_err(|e| (Op::NoDelay, e))?;
+    if let Some(src) = src {
+        crate::sys::set_bind_address_no_port(&sock).map_err(|e| (Op::BindNoPort, e))?;
+        sock.bind(src).map_err(|e| (Op::Bind, e))?;
+    }
+    Ok(sock)
 }

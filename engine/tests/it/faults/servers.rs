@@ -154,13 +154,20 @@ fn backend_that_stops_reading() {
         stalled.load(Ordering::SeqCst) == STUCK as usize
     });
     // Bounded: one pipe per stuck flow at most (splice), or a paused flow's share of receive
-    // buffers (`splice: never`, the default here: 16, and at most the 32 the ring offers at a
-    // time that completed before the pause took effect), and nothing moves any more.
+    // buffers (`splice: never`, the default here): 16, plus what its multishot receive took
+    // before the pause took effect — at most what its socket held then, the receive buffer's
+    // autotuning ceiling (tcp_rmem max) in 64 KiB buffers (the ring's offer, which other flows'
+    // bursts may have widened, is no bound). And nothing moves any more.
     let s1 = engine.stats();
     let pipes_stalled = s1.total(|w| w.pipes_in_use);
     assert!(pipes_stalled <= STUCK, "pipes lent: {pipes_stalled}");
+    let rmem_max: u64 = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .ok()
+        .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
+        .unwrap_or(6 << 20);
+    let per_flow = 16 + rmem_max.div_ceil(64 << 10);
     let buffers_stalled = s1.total(|w| w.buffers_in_use);
-    assert!(buffers_stalled <= STUCK * (16 + 32), "receive buffers held: {buffers_stalled}");
+    assert!(buffers_stalled <= STUCK * per_flow, "receive buffers held: {buffers_stalled} (bound {per_flow} per flow)");
     assert_eq!(stuck.st.bytes_in.load(Ordering::SeqCst), STUCK * MIB, "the server read 1 MiB each, then stopped");
     thread::sleep(Duration::from_millis(300));
     let s2 = engine.stats();
@@ -169,6 +176,7 @@ fn backend_that_stops_reading() {
         s2.total(|w| w.bytes_client_to_server),
         "the proxy moves nothing toward a server that reads nothing"
     );
+    assert!(s2.total(|w| w.buffers_in_use) <= buffers_stalled, "stalled flows take no more buffers: memory stays flat");
     let forwarded = s2.total(|w| w.bytes_client_to_server);
     // Others are unaffected meanwhile.
     let bystanders = Bystanders::start(by, 3, 3);
