@@ -20,3 +20,7 @@ timeout --kill-after=30 1200 cargo test --workspace
 # the suites that cover proxying, the PROXY protocol, faults, reloads and the connection lifecycle.
 RINGPROXY_IO_FEATURES=6.1 timeout --kill-after=30 600 \
     cargo test -p ringproxy --test it --test process --test lifecycle --test leaks
+# What packaging/ ships: the systemd unit (security score, every system call the engine makes
+# allowed by its filter), the Debian package (built, inspected, installed, purged), the container
+# manifest's configuration.
+timeout --kill-after=30 900 bash packaging/test.sh

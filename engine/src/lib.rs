@@ -21,6 +21,7 @@ pub mod plan;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod ready;
+pub mod sdnotify;
 pub mod sources;
 pub mod stats;
 pub mod supervisor;

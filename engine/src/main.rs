@@ -30,11 +30,19 @@ enum Command {
     /// Run the proxy (the default).
     Run,
     /// Validate the configuration and check this host against it.
-    Check,
+    Check(CheckArgs),
     /// Show a running engine's counters (per core, per server, per source IP).
     Stats(StatsArgs),
     /// Ask the running engine to re-read its configuration (through the stats socket).
     Reload(ReloadArgs),
+}
+
+#[derive(clap::Args)]
+struct CheckArgs {
+    /// Print only the /etc/sysctl.d/ drop-in this configuration needs on a host with the kernel's
+    /// stock settings (to ship with the configuration), instead of checking this host.
+    #[arg(long)]
+    sysctl: bool,
 }
 
 #[derive(clap::Args)]
@@ -93,7 +101,11 @@ fn main() -> ExitCode {
         }
     };
     match cli.command.unwrap_or(Command::Run) {
-        Command::Check => ExitCode::from(ringproxy::check::run(&config) as u8),
+        Command::Check(args) if args.sysctl => {
+            print!("{}", ringproxy::check::sysctl_dropin(&config));
+            ExitCode::SUCCESS
+        }
+        Command::Check(_) => ExitCode::from(ringproxy::check::run(&config) as u8),
         Command::Run => run(&path, config, cli.ready_file.as_deref()),
         Command::Reload(args) => reload(&args, &config),
         Command::Stats(_) => unreachable!("handled above"),
@@ -225,26 +237,37 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         eprintln!("ringproxy: Prometheus metrics on http://{a}/metrics");
     }
     let ready_file = ready_file.map(ReadyFile::new);
+    let notify = ringproxy::sdnotify::Notifier::from_env();
     let mut written = None;
     let stop = loop {
-        if let Some(f) = &ready_file
-            && written != Some(service.generation)
-        {
-            if let Err(e) = f.write(&ready(&service)) {
+        if written != Some(service.generation) {
+            if let Some(f) = &ready_file
+                && let Err(e) = f.write(&ready(&service))
+            {
                 eprintln!("ringproxy: cannot write the ready file: {e}");
                 return ExitCode::from(1);
+            }
+            if let Some(n) = &notify {
+                n.ready(&status_line(&service));
             }
             written = Some(service.generation);
         }
         match signals.wait(Duration::from_millis(100)) {
             Some(libc::SIGUSR1) => dump(&service),
-            Some(libc::SIGHUP) => match service.reload() {
-                Ok(r) => {
-                    eprintln!("ringproxy: SIGHUP: {r}");
-                    report(service.engine());
+            Some(libc::SIGHUP) => {
+                if let Some(n) = &notify {
+                    n.reloading();
                 }
-                Err(e) => eprintln!("ringproxy: SIGHUP: reload refused, the running configuration stays: {e}"),
-            },
+                match service.reload() {
+                    Ok(r) => {
+                        eprintln!("ringproxy: SIGHUP: {r}");
+                        report(service.engine());
+                    }
+                    Err(e) => eprintln!("ringproxy: SIGHUP: reload refused, the running configuration stays: {e}"),
+                }
+                // READY=1 again (with the new generation's status if it took).
+                written = None;
+            }
             Some(other) => break Stop::Signal(other),
             None => {}
         }
@@ -268,6 +291,9 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
             ExitCode::from(1)
         }
     };
+    if let Some(n) = &notify {
+        n.stopping(&format!("draining, up to {drain}"));
+    }
     service.drain();
     while !service.finished() {
         match signals.wait(Duration::from_millis(100)) {
@@ -319,6 +345,19 @@ fn report(engine: &Engine) {
     for b in engine.bound() {
         eprintln!("ringproxy: frontend \"{}\" listening on {}", b.frontend, b.addr);
     }
+}
+
+/// systemd's STATUS= line: what runs.
+fn status_line(service: &Supervisor) -> String {
+    let engine = service.engine();
+    let plan = engine.plan();
+    format!(
+        "generation {}: {} workers, maxconn {}, {} listeners",
+        service.generation,
+        plan.workers,
+        plan.maxconn,
+        engine.bound().len()
+    )
 }
 
 /// What the ready file says about the current engine.

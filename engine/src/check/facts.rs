@@ -46,6 +46,25 @@ pub struct HostFacts {
 }
 
 impl HostFacts {
+    /// Replaces what was read of the sysctls by the values a stock kernel starts with on a host
+    /// with this RAM (`ringproxy check --sysctl`).
+    pub fn stock_sysctls(&mut self) {
+        let pages = self.mem_total.unwrap_or(1 << 30) / self.page_size.max(1);
+        // fs/file_table.c: about 10% of memory, in 1 KiB units; net/ipv4/tcp.c: tcp_mem from 1/16
+        // of the buffer pages.
+        let tcp = (pages / 16).max(128);
+        self.nr_open = Some(1 << 20);
+        self.file_max = Some((self.mem_total.unwrap_or(1 << 30) / 1024 / 10).max(8192));
+        self.files_in_use = Some(0);
+        self.somaxconn = Some(4096);
+        self.syn_backlog = Some(1024);
+        self.port_range = Some((32768, 60999));
+        self.reserved_ports = Vec::new();
+        self.tcp_mem = Some([tcp / 4 * 3, tcp, tcp / 4 * 3 * 2]);
+        self.tcp_rmem = Some([4096, 131072, 6291456]);
+        self.tcp_wmem = Some([4096, 16384, 4194304]);
+    }
+
     /// Reads this host. Never fails; what cannot be read is `None`.
     pub fn read(config: &Config) -> HostFacts {
         let triple = |n: &str| host::sysctl(n).and_then(|v| <[u64; 3]>::try_from(v).ok());

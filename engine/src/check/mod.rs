@@ -97,6 +97,31 @@ pub fn run(config: &Config) -> i32 {
     exit_code(&items)
 }
 
+/// `ringproxy check --sysctl`: the /etc/sysctl.d/ drop-in the configuration needs, judged as on a
+/// host with the kernel's stock sysctls (this host's RAM, CPUs and limits), so that it can ship
+/// with the configuration to hosts not yet tuned. Every value is one a check item asks for.
+pub fn sysctl_dropin(config: &Config) -> String {
+    let mut facts = HostFacts::read(config);
+    facts.stock_sysctls();
+    let items = evaluate(config, &facts);
+    let mut seen = std::collections::BTreeSet::new();
+    let mut out = format!(
+        "# /etc/sysctl.d/90-ringproxy.conf: what {} needs ({}), from `ringproxy check --sysctl`.\n\
+         # Load it with `sysctl --system`; `ringproxy check -c FILE` then verifies the host.\n",
+        config.origin,
+        render::counts(config)
+    );
+    for (name, value) in items.iter().flat_map(|i| &i.sysctls) {
+        if seen.insert(name.clone()) {
+            out.push_str(&format!("{name} = {value}\n"));
+        }
+    }
+    if seen.is_empty() {
+        out.push_str("# nothing: the kernel's stock settings are enough for this configuration\n");
+    }
+    out
+}
+
 /// 0 when every item is OK, 1 with warnings only, 2 with any failure.
 pub fn exit_code(items: &[Item]) -> i32 {
     match items.iter().map(|i| i.status).max() {

@@ -200,6 +200,11 @@ impl Proxy {
         Proxy::started(Started::spawn(dir, name, yaml, args, |_| {}), yaml)
     }
 
+    /// Same, after `adjust` has had its say on the command (an environment variable).
+    pub fn start_adjusted(name: &str, yaml: &str, adjust: impl FnOnce(&mut Command)) -> Proxy {
+        Proxy::started(Started::spawn(&temp_dir(), name, yaml, &[], adjust), yaml)
+    }
+
     /// Runs `cmd` (a wrapper that ends in the binary, see [`Started::spawn_command`]) on `yaml`.
     pub fn start_through(cmd: Command, name: &str, yaml: &str) -> Proxy {
         Proxy::started(Started::spawn_command(cmd, &temp_dir(), name, yaml, &[]), yaml)

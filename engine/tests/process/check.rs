@@ -153,3 +153,26 @@ fn a_bad_key_is_refused_with_its_position() {
     assert!(run.stderr.contains("maxconns"), "{}", run.stderr);
     assert!(run.stdout.is_empty(), "nothing is checked: {}", run.stdout);
 }
+
+/// `check --sysctl` prints the /etc/sysctl.d/ drop-in the configuration needs on a stock kernel:
+/// `name = value` lines only (after the comments), every setting the 300k example needs, and
+/// values the running check agrees with (the same items compute them).
+#[test]
+fn sysctl_prints_the_drop_in_a_fresh_host_needs() {
+    let out = ringproxy().args(["check", "--sysctl", "-c"]).arg(example("haproxy-300k.yaml")).output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let settings: Vec<(&str, &str)> = text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split_once(" = ").unwrap_or_else(|| panic!("not `name = value`: {l}")))
+        .collect();
+    let names: Vec<&str> = settings.iter().map(|s| s.0).collect();
+    for want in ["fs.nr_open", "fs.file-max", "net.core.somaxconn", "net.ipv4.ip_local_port_range", "net.ipv4.tcp_mem"]
+    {
+        assert!(names.contains(&want), "{want} missing from:\n{text}");
+    }
+    let nr_open: u64 = settings.iter().find(|s| s.0 == "fs.nr_open").unwrap().1.parse().unwrap();
+    assert!(nr_open > 2 * 300_000, "two descriptors per connection at maxconn 300,000+: {nr_open}");
+    assert_eq!(settings.iter().find(|s| s.0 == "net.ipv4.ip_local_port_range").unwrap().1, "1024 65535");
+}

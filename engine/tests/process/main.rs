@@ -15,3 +15,4 @@ mod connection_log;
 mod monitoring;
 mod reload;
 mod shutdown;
+mod systemd;
