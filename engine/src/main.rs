@@ -197,7 +197,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     // Before anything binds: where io_uring is blocked (seccomp, sysctl, sandbox) say why and how
     // to fix it, in one line, instead of failing in the first worker.
-    if let Err(b) = uring_access::check() {
+    if let Err(b) = uring_access::check(ringproxy::features::FLOOR) {
         eprintln!("ringproxy: {b}");
         return ExitCode::from(1);
     }

@@ -32,7 +32,8 @@ use cli::{Cli, Command};
 /// Run the parsed command line; returns the process exit code.
 pub fn main(cli: Cli) -> anyhow::Result<u8> {
     // Every command runs on io_uring: where it is blocked, say why and how to fix it, up front.
-    uring_access::check().map_err(|b| anyhow::anyhow!("{b}"))?;
+    // Multishot receive (6.0) is the newest thing ringload's rings need.
+    uring_access::check((6, 0)).map_err(|b| anyhow::anyhow!("{b}"))?;
     stop::install();
     let nofile = nofile::raise();
     match &cli.command {

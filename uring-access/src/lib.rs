@@ -90,8 +90,10 @@ pub fn version(release: &str) -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-/// Sets up (and drops) a small ring with no flags: `Ok` when this process may use io_uring.
-pub fn check() -> Result<(), Blocked> {
+/// Sets up (and drops) a small ring with no flags: `Ok` when this process may use io_uring, on a
+/// kernel at least `min` (`(6, 1)`: the program's floor; an older kernel may set up a ring and
+/// then refuse what the program needs of it).
+pub fn check(min: (u32, u32)) -> Result<(), Blocked> {
     // SAFETY: `p` is a zeroed io_uring_params the kernel reads and fills; the returned descriptor
     // is closed at once and nothing is mapped.
     let fd = unsafe {
@@ -101,7 +103,17 @@ pub fn check() -> Result<(), Blocked> {
     if fd >= 0 {
         // SAFETY: `fd` was just returned by io_uring_setup and is owned here.
         unsafe { libc::close(fd as i32) };
-        return Ok(());
+        let release = release();
+        return match version(&release) {
+            Some(v) if v < min => Err(Blocked {
+                cause: format!(
+                    "Linux {release} is older than {}.{}, the oldest kernel whose io_uring has what this program uses",
+                    min.0, min.1
+                ),
+                fix: format!("run on Linux {}.{} or newer (Debian 12 and Amazon Linux 2023 ship 6.1)", min.0, min.1),
+            }),
+            _ => Ok(()),
+        };
     }
     let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
     Err(diagnose(errno, &Host::read()))
@@ -311,7 +323,7 @@ mod tests {
         // A child of this test binary re-runs the check under the filter: its exit status carries
         // the verdict (0: the cause named seccomp; 1: it did not; 2: the filter did not apply).
         if std::env::var_os("URING_ACCESS_CHILD").is_some() {
-            std::process::exit(match check() {
+            std::process::exit(match check((6, 1)) {
                 Err(b) if b.cause.contains("seccomp filter") && b.fix.contains("--security-opt seccomp=") => 0,
                 Err(_) => 1,
                 Ok(()) => 2,
@@ -327,6 +339,8 @@ mod tests {
     #[test]
     fn this_host_may_use_io_uring() {
         // The test machine runs io_uring (every other test needs it); `check` must agree.
-        assert_eq!(check(), Ok(()));
+        assert_eq!(check((6, 1)), Ok(()));
+        let b = check((99, 0)).unwrap_err();
+        assert!(b.cause.contains("older than 99.0") && b.fix.starts_with("run on Linux 99.0"), "{b}");
     }
 }

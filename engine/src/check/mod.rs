@@ -87,7 +87,7 @@ fn fail(name: impl Into<String>, detail: impl Into<String>) -> Item {
 /// Runs the preflight, prints one line per item, returns the exit code (0 ok, 1 warnings, 2 errors).
 pub fn run(config: &Config) -> i32 {
     // Without io_uring nothing else here matters yet: one line, the cause and the fix.
-    if let Err(b) = uring_access::check() {
+    if let Err(b) = uring_access::check(crate::features::FLOOR) {
         eprintln!("ringproxy check: {b}");
         return 2;
     }
