@@ -395,16 +395,7 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: libc::c_int) -> io::Result<usi
 
 /// The kernel release (`uname -r`), when it can be read.
 pub fn kernel_release() -> Option<String> {
-    // SAFETY: `u` is a local utsname (plain data, valid all-zero) that uname only writes into.
-    let u = unsafe {
-        let mut u: libc::utsname = std::mem::zeroed();
-        if libc::uname(&mut u) != 0 {
-            return None;
-        }
-        u
-    };
-    let bytes: Vec<u8> = u.release.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
-    String::from_utf8(bytes).ok()
+    Some(uring_access::release()).filter(|r| !r.is_empty())
 }
 
 /// The page size in bytes, when sysconf knows it.

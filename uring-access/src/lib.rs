@@ -72,7 +72,8 @@ fn sysctl(name: &str) -> Option<i64> {
     std::fs::read_to_string(format!("/proc/sys/{name}")).ok()?.trim().parse().ok()
 }
 
-fn release() -> String {
+/// `uname -r` (empty if uname fails).
+pub fn release() -> String {
     // SAFETY: `u` is a local utsname (plain data, valid all-zero) that uname only writes into.
     let u = unsafe {
         let mut u: libc::utsname = std::mem::zeroed();
