@@ -152,6 +152,8 @@ pub struct RawServer {
     /// Health-check this server (default: yes when its backend has a `check` section).
     pub check: Option<bool>,
     pub send_proxy: Option<ProxyVersion>,
+    /// Only when no normal server of the backend is UP.
+    pub backup: Option<bool>,
 }
 
 /// Deserializes one of a fixed set of words, with an error that lists them (serde's derived enum

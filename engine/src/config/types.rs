@@ -190,4 +190,6 @@ pub struct Server {
     /// Health-checked (only when the backend has a check).
     pub check: bool,
     pub send_proxy: Option<ProxyVersion>,
+    /// Takes new connections only while no normal (non-backup) server of its backend is UP.
+    pub backup: bool,
 }

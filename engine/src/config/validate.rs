@@ -600,6 +600,7 @@ impl Validator<'_> {
             sources,
             check: rs.check.unwrap_or(true),
             send_proxy: rs.send_proxy,
+            backup: rs.backup.unwrap_or(false),
         })
     }
 }

@@ -77,9 +77,15 @@ impl Ctx<'_> {
         let shares = &up.shares;
         let be = &mut up.backends[b];
         let servers = &be.servers;
+        let cfg_servers = &self.cfg.backends[b].servers;
+        // Backup servers serve only while no normal server is UP (whatever its weight or maxconn).
+        let backups_serve = !(0..servers.len()).any(|i| !cfg_servers[i].backup && servers[i].state.is_up());
         let free = |i: usize| servers[i].limit.is_none_or(|l| shares.has_room(l));
         let usable = |i: usize| {
-            servers[i].state.is_up() && tried & (1 << (i % 64)) == 0 && servers[i].sources.remaining_or_any()
+            servers[i].state.is_up()
+                && (backups_serve || !cfg_servers[i].backup)
+                && tried & (1 << (i % 64)) == 0
+                && servers[i].sources.remaining_or_any()
         };
         let pick = be.balancer.pick(|i| servers[i].active, client, |i| usable(i) && free(i));
         let Some(s) = pick else {

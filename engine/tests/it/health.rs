@@ -140,3 +140,40 @@ fn shutdown_sessions_closes_connections_still_connecting() {
     drop(conns);
     stops_clean(engine, &[]);
 }
+
+/// `servers[].backup: true`: a backup server takes no connection while a normal one is UP, takes
+/// every new one once no normal server is UP, and stops taking them when one comes back.
+#[test]
+fn a_backup_server_serves_only_while_no_normal_server_is_up() {
+    let a = Backend::start(Mode::Tag(0));
+    let spare = Backend::start(Mode::Tag(9));
+    let a_addr: SocketAddr = a.addr;
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    retries: 0\n    check: {{ interval: 100ms, timeout: 100ms, rise: 2, fall: 2 }}\n\
+         \x20   servers: [{{ name: a, address: \"{}\" }}, {{ name: spare, address: \"{}\", backup: true }}]\n",
+        a.addr, spare.addr
+    ));
+    let proxy = addr(&engine, "fe");
+    let tags = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                let mut c = connect(proxy);
+                let mut tag = [0u8];
+                std::io::Read::read_exact(&mut c, &mut tag).expect("served");
+                tag[0]
+            })
+            .collect()
+    };
+    wait_until("both servers checked", Duration::from_secs(5), || engine.stats().health.iter().all(|h| h.checks >= 2));
+    assert_eq!(server_state(&engine, "spare"), "UP", "a backup is checked like any server");
+    assert!(tags(20).iter().all(|&t| t == 0), "the backup takes nothing while a is UP");
+    a.stop();
+    wait_until("a to be marked DOWN", Duration::from_secs(5), || server_state(&engine, "a") == "DOWN");
+    assert!(tags(20).iter().all(|&t| t == 9), "with no normal server UP, the backup takes every connection");
+    let a2 = Backend::on(&a_addr.to_string(), Mode::Tag(0));
+    wait_until("a to be marked UP", Duration::from_secs(5), || server_state(&engine, "a") == "UP");
+    assert!(tags(20).iter().all(|&t| t == 0), "a is back: the backup stops taking new connections");
+    drop(a2);
+    stops_clean(engine, &[a_addr.port(), spare.addr.port()]);
+}
