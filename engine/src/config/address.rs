@@ -114,6 +114,48 @@ pub fn expand_source(text: &str, out: &mut Vec<IpAddr>) -> Result<(), String> {
     Ok(())
 }
 
+/// A block of addresses, `IP/PREFIX` (a bare IP is its own /32 or /128), for access lists.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    base: u128,
+    prefix: u8,
+    v4: bool,
+}
+
+impl Cidr {
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let t = text.trim();
+        let (ip, prefix) = t.split_once('/').map_or((t, None), |(a, p)| (a, Some(p)));
+        let ip: IpAddr = ip.parse().map_err(|_| format!("\"{text}\" is not an IP address or a CIDR block (A/N)"))?;
+        let bits = if ip.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(|| format!("\"{text}\": \"/{p}\" is not a prefix length 0-{bits}"))?,
+        };
+        Ok(Cidr { base: to_u128(ip) & mask(bits, prefix), prefix, v4: ip.is_ipv4() })
+    }
+
+    /// Whether `ip` lies in the block (an IPv4-mapped IPv6 address counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let bits = if self.v4 { 32 } else { 128 };
+        ip.is_ipv4() == self.v4 && to_u128(ip) & mask(bits, self.prefix) == self.base
+    }
+}
+
+fn mask(bits: u8, prefix: u8) -> u128 {
+    let host = u32::from(bits - prefix);
+    let all = if bits == 32 { u128::from(u32::MAX) } else { u128::MAX };
+    if host >= 128 { 0 } else { all & (u128::MAX << host) }
+}
+
 fn too_many(text: &str) -> String {
     format!("source \"{text}\": more than {MAX_SOURCES_PER_SERVER} addresses for one server")
 }
@@ -135,6 +177,22 @@ fn from_u128(family: IpAddr, n: u128) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidr_blocks_match_their_addresses_only() {
+        let net = Cidr::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.255.7".parse().unwrap()));
+        assert!(!net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.2.3".parse().unwrap()), "IPv4-mapped counts as IPv4");
+        assert!(!net.contains("2001:db8::1".parse().unwrap()));
+        let one = Cidr::parse("127.0.0.5").unwrap();
+        assert!(one.contains("127.0.0.5".parse().unwrap()) && !one.contains("127.0.0.6".parse().unwrap()));
+        assert!(Cidr::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        let v6 = Cidr::parse("2001:db8::/32").unwrap();
+        assert!(v6.contains("2001:db8:ffff::1".parse().unwrap()) && !v6.contains("2001:db9::1".parse().unwrap()));
+        assert!(Cidr::parse("10.0.0.0/33").unwrap_err().contains("prefix length 0-32"));
+        assert!(Cidr::parse("host").is_err());
+    }
 
     #[test]
     fn binds() {

@@ -99,6 +99,10 @@ pub struct RawFrontend {
     pub accept_proxy: Option<bool>,
     /// The most connections reading their PROXY header at once.
     pub proxy_header_maxconn: Option<Spanned<Count>>,
+    /// Client addresses or CIDR blocks served (all when absent).
+    pub allow: Option<Spanned<StringList>>,
+    /// Client addresses or CIDR blocks refused at accept.
+    pub deny: Option<Spanned<StringList>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -74,6 +74,10 @@ fn everything_set() {
     );
     let fe = &c.frontends[0];
     assert_eq!(fe.binds.len(), 2);
+    let acl = fe.acl.as_ref().expect("allow and deny are set");
+    assert!(acl.permits("10.1.2.3".parse().unwrap()) && acl.permits("127.0.0.1".parse().unwrap()));
+    assert!(!acl.permits("10.66.0.1".parse().unwrap()) && !acl.permits("192.0.2.1".parse().unwrap()));
+    assert!(c.frontends[1].acl.is_none());
     assert_eq!(fe.maxconn, Some(500));
     assert_eq!(fe.backlog, 128);
     assert_eq!(fe.client_timeout, Duration::from_secs(7));
@@ -446,4 +450,21 @@ fn io_features_names_a_kernel_at_or_above_the_floor() {
     assert!(e.starts_with("t.yaml:2:") && e.contains("below the kernel ringproxy needs, 6.1"), "{e}");
     let e = parse(&with("newest"), "t.yaml").unwrap_err().to_string();
     assert!(e.contains("\"native\" or a kernel version"), "{e}");
+}
+
+#[test]
+fn access_lists_name_their_bad_entry() {
+    let with = |l: &str| {
+        format!(
+            "frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be, {l} }}\n\
+             backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
+        )
+    };
+    let e = parse(&with("deny: [\"10.0.0.0/40\"]"), "t.yaml").unwrap_err().to_string();
+    assert!(
+        e.starts_with("t.yaml:2:") && e.contains("frontend \"fe\": deny") && e.contains("prefix length 0-32"),
+        "{e}"
+    );
+    let e = parse(&with("allow: []"), "t.yaml").unwrap_err().to_string();
+    assert!(e.contains("`allow` lists no address"), "{e}");
 }

@@ -149,6 +149,23 @@ pub struct Frontend {
     /// The most connections reading their PROXY header at once (engine-wide); they hold this
     /// limit's slots, not the maxconn ones, until their header is all there.
     pub proxy_header_maxconn: u32,
+    /// Who may connect (`allow` / `deny`); `None`: everyone.
+    pub acl: Option<Acl>,
+}
+
+/// A frontend's access list: a client is served if `allow` is empty or holds its address, and
+/// `deny` does not.
+#[derive(Clone, Debug, Default)]
+pub struct Acl {
+    pub allow: Vec<super::address::Cidr>,
+    pub deny: Vec<super::address::Cidr>,
+}
+
+impl Acl {
+    pub fn permits(&self, ip: std::net::IpAddr) -> bool {
+        (self.allow.is_empty() || self.allow.iter().any(|c| c.contains(ip)))
+            && !self.deny.iter().any(|c| c.contains(ip))
+    }
 }
 
 #[derive(Clone, Debug)]

@@ -14,10 +14,10 @@ use serde_saphyr::{Location, Spanned};
 use super::message::{ConfigError, warning};
 use super::raw::{
     self, Balance, Count, OnDown, RawBackend, RawConfig, RawDefaults, RawFrontend, RawGlobal, RawServer, RawTimeouts,
-    Workers,
+    StringList, Workers,
 };
 use super::types::{
-    Backend, Config, Frontend, Global, HealthCheck, LogTarget, MAXCONN_LIMIT, Server, Stats, Tune, WEIGHT_LIMIT,
+    Acl, Backend, Config, Frontend, Global, HealthCheck, LogTarget, MAXCONN_LIMIT, Server, Stats, Tune, WEIGHT_LIMIT,
     default,
 };
 use super::{address, duration};
@@ -492,6 +492,22 @@ impl Validator<'_> {
             }
             None => default::PROXY_HEADER_MAXCONN,
         };
+        let list = |l: &Option<Spanned<StringList>>, what: &str| -> Result<Vec<address::Cidr>> {
+            let Some(l) = l else { return Ok(Vec::new()) };
+            if l.value.0.is_empty() {
+                return self.err(l.referenced, format!("frontend \"{name}\": `{what}` lists no address"));
+            }
+            l.value
+                .0
+                .iter()
+                .map(|t| {
+                    address::Cidr::parse(t)
+                        .or_else(|m| self.err(l.referenced, format!("frontend \"{name}\": {what} {m}")))
+                })
+                .collect()
+        };
+        let (allow, deny) = (list(&rf.allow, "allow")?, list(&rf.deny, "deny")?);
+        let acl = (!allow.is_empty() || !deny.is_empty()).then_some(Acl { allow, deny });
         Ok(Frontend {
             name,
             binds,
@@ -502,6 +518,7 @@ impl Validator<'_> {
             accept_proxy,
             proxy_header_timeout,
             proxy_header_maxconn,
+            acl,
         })
     }
 

@@ -99,7 +99,15 @@ impl Ctx<'_> {
 
     /// The client's address is known (or cannot be): read its PROXY header, or find a server.
     fn after_peer_name(&mut self) {
-        if self.cfg.frontends[self.c.frontend as usize].accept_proxy {
+        let fe = &self.cfg.frontends[self.c.frontend as usize];
+        if let Some(acl) = &fe.acl {
+            // The socket's peer (before any PROXY header). Unknown (every address lookup was in
+            // flight in a burst): refused, as an access list must fail closed.
+            if !self.c.client_addr.is_some_and(|a| acl.permits(a.ip())) {
+                return self.close(CloseReason::Denied);
+            }
+        }
+        if fe.accept_proxy {
             self.enter(State::ProxyHeader);
             self.ensure_timer();
             self.peek_proxy_header();

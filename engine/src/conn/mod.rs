@@ -174,6 +174,8 @@ pub enum CloseReason {
     Shutdown,
     /// The client's PROXY protocol header was malformed, oversized, or late.
     BadProxyHeader,
+    /// The frontend's access list (`allow` / `deny`) refuses the client's address.
+    Denied,
 }
 
 impl CloseReason {
@@ -189,6 +191,7 @@ impl CloseReason {
             CloseReason::ConnectFailed => "connect_failed",
             CloseReason::Shutdown => "shutdown",
             CloseReason::BadProxyHeader => "bad_proxy_header",
+            CloseReason::Denied => "denied",
         }
     }
 
@@ -788,6 +791,7 @@ impl Ctx<'_> {
             CloseReason::QueueTimeout => self.stats.timeouts.queue += 1,
             CloseReason::ConnectFailed => self.stats.failed += 1,
             CloseReason::BadProxyHeader => self.stats.proxy_header_errors += 1,
+            CloseReason::Denied => self.stats.denied += 1,
             CloseReason::Done | CloseReason::Shutdown => {}
         }
         self.release_server();

@@ -191,6 +191,9 @@ pub struct WorkerStats {
     pub resets_from_server: u64,
     /// PROXY protocol headers refused (malformed, oversized, late) and sent to servers.
     pub proxy_header_errors: u64,
+    /// Connections refused by their frontend's access list (`allow` / `deny`), closed at accept.
+    #[serde(default)]
+    pub denied: u64,
     pub proxy_headers_sent: u64,
     /// Looks at a client's bytes while waiting for its whole PROXY header (a header split over
     /// several packets takes more than one).

@@ -132,6 +132,13 @@ pub fn render(s: &EngineStats) -> String {
         "side",
         &[("client", &|w| w.resets_from_client), ("server", &|w| w.resets_from_server)],
     );
+    m.per_worker(
+        s,
+        "connections_denied_total",
+        "counter",
+        "Connections refused by a frontend's allow/deny list.",
+        |w| w.denied,
+    );
     m.per_worker_by(
         s,
         "bytes_total",

@@ -119,6 +119,7 @@ impl Worker {
             .map(|f| {
                 let be = &config.backends[f.backend];
                 f.accept_proxy
+                    || f.acl.is_some()
                     || config.global.connection_log.is_some()
                     || be.balance == crate::config::Balance::Source
                     || be.servers.iter().any(|s| s.send_proxy.is_some())
