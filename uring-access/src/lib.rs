@@ -128,8 +128,8 @@ pub fn diagnose(errno: i32, host: &Host) -> Blocked {
         "run it with a seccomp profile that allows io_uring_setup, io_uring_enter and io_uring_register: \
          ringproxy ships one ({PROFILE}, packaging/seccomp/ in the source); Docker: docker run --security-opt \
          seccomp={PROFILE} ...; Kubernetes: securityContext.seccompProfile {{type: Localhost, localhostProfile: \
-         ringproxy-seccomp.json}} with the file in the kubelet's seccomp directory; systemd: let \
-         SystemCallFilter= allow @io_uring"
+         ringproxy-seccomp.json}} with the file in the kubelet's seccomp directory; systemd: \
+         SystemCallFilter= must allow @aio, which holds the io_uring calls (@system-service does)"
     );
     let b = |cause: String, fix: String| Blocked { cause, fix };
     if kernel.is_some_and(|k| k < (5, 1)) {
