@@ -85,6 +85,9 @@ pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> R
                     addr = (sock.local_addr().ok().and_then(|a| a.as_socket()))
                         .ok_or_else(|| ListenError::BoundPort { frontend: fe.name.clone(), addr: want })?;
                 }
+                // Set on every start (a reload may change it on an inherited socket): accepted
+                // sockets inherit the listener's keepalive settings.
+                set_keepalive(&sock, fe.tcp_keepalive).map_err(fail)?;
                 let fd = OwnedFd::from(sock);
                 fds.push(fd.try_clone().map_err(fail)?);
                 list.push(Listener { frontend: f, fd, ipv6: addr.is_ipv6(), addr });
@@ -97,6 +100,16 @@ pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> R
         }
     }
     Ok((per_worker, bound, groups))
+}
+
+/// SO_KEEPALIVE with the probes' timing, or off.
+fn set_keepalive(sock: &Socket, k: Option<crate::config::Keepalive>) -> io::Result<()> {
+    match k {
+        None => sock.set_keepalive(false),
+        Some(k) => sock.set_tcp_keepalive(
+            &socket2::TcpKeepalive::new().with_time(k.idle).with_interval(k.interval).with_retries(k.count),
+        ),
+    }
 }
 
 fn listen(addr: SocketAddr, backlog: u32) -> io::Result<Socket> {

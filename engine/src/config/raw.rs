@@ -74,6 +74,15 @@ pub struct RawDefaults {
     pub balance: Option<Balance>,
 }
 
+/// TCP keepalive probes on one side's sockets.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeepalive {
+    pub idle: Option<Spanned<ConfigDuration>>,
+    pub interval: Option<Spanned<ConfigDuration>>,
+    pub count: Option<Spanned<Count>>,
+}
+
 /// Timeouts; which keys are allowed depends on the section and is checked by the validator.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +112,8 @@ pub struct RawFrontend {
     pub allow: Option<Spanned<StringList>>,
     /// Client addresses or CIDR blocks refused at accept.
     pub deny: Option<Spanned<StringList>>,
+    /// Keepalive probes on client sockets.
+    pub tcp_keepalive: Option<Spanned<RawKeepalive>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -142,6 +153,8 @@ pub struct RawBackend {
     pub timeout: Option<Spanned<RawTimeouts>>,
     pub check: Option<Spanned<RawCheck>>,
     pub on_down: Option<OnDown>,
+    /// Keepalive probes on server sockets.
+    pub tcp_keepalive: Option<Spanned<RawKeepalive>>,
     pub servers: Spanned<Vec<RawServer>>,
 }
 

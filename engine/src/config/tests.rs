@@ -78,6 +78,11 @@ fn everything_set() {
     assert!(acl.permits("10.1.2.3".parse().unwrap()) && acl.permits("127.0.0.1".parse().unwrap()));
     assert!(!acl.permits("10.66.0.1".parse().unwrap()) && !acl.permits("192.0.2.1".parse().unwrap()));
     assert!(c.frontends[1].acl.is_none());
+    let k = fe.tcp_keepalive.expect("set");
+    assert_eq!((k.idle, k.interval, k.count), (Duration::from_secs(120), Duration::from_secs(15), 4));
+    let k = c.backends[0].tcp_keepalive.expect("set");
+    assert_eq!(k.as_sockopts(), [300, 10, 6], "interval and count default to 10s and 6");
+    assert!(c.frontends[1].tcp_keepalive.is_none());
     assert_eq!(fe.maxconn, Some(500));
     assert_eq!(fe.backlog, 128);
     assert_eq!(fe.client_timeout, Duration::from_secs(7));
@@ -467,4 +472,22 @@ fn access_lists_name_their_bad_entry() {
     );
     let e = parse(&with("allow: []"), "t.yaml").unwrap_err().to_string();
     assert!(e.contains("`allow` lists no address"), "{e}");
+}
+
+#[test]
+fn tcp_keepalive_takes_whole_seconds_the_kernel_accepts() {
+    let with = |k: &str| {
+        format!(
+            "frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be, tcp_keepalive: {k} }}\n\
+             backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
+        )
+    };
+    let e = parse(&with("{ idle: 1500ms }"), "t.yaml").unwrap_err().to_string();
+    assert!(e.starts_with("t.yaml:2:") && e.contains("tcp_keepalive idle must be whole seconds"), "{e}");
+    let e = parse(&with("{ interval: 10h }"), "t.yaml").unwrap_err().to_string();
+    assert!(e.contains("from 1s to 32767s"), "{e}");
+    let e = parse(&with("{ count: 0 }"), "t.yaml").unwrap_err().to_string();
+    assert!(e.contains("tcp_keepalive count must be between 1 and 127"), "{e}");
+    let e = parse(&with("{ idel: 5s }"), "t.yaml").unwrap_err().to_string();
+    assert!(e.contains("unknown key `idel`"), "{e}");
 }

@@ -24,6 +24,9 @@ pub mod default {
     pub const IOWQ_WORKERS: u32 = 4;
     pub const PEER_LOOKUPS: u32 = 4096;
     pub const PROXY_HEADER: Duration = Duration::from_secs(5);
+    pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+    pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+    pub const KEEPALIVE_COUNT: u32 = 6;
     pub const PROXY_HEADER_MAXCONN: u32 = 1024;
     pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
     pub const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
@@ -151,6 +154,24 @@ pub struct Frontend {
     pub proxy_header_maxconn: u32,
     /// Who may connect (`allow` / `deny`); `None`: everyone.
     pub acl: Option<Acl>,
+    /// Keepalive probes on client sockets (set on the listeners, which accepted sockets inherit).
+    pub tcp_keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive: after `idle` without traffic, a probe every `interval`; `count` unanswered
+/// probes reset the connection (which the proxy then sees as a reset of that side).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+impl Keepalive {
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT as the kernel takes them (seconds, seconds, count).
+    pub fn as_sockopts(&self) -> [i32; 3] {
+        [self.idle.as_secs() as i32, self.interval.as_secs() as i32, self.count as i32]
+    }
 }
 
 /// A frontend's access list: a client is served if `allow` is empty or holds its address, and
@@ -179,6 +200,8 @@ pub struct Backend {
     pub queue_timeout: Duration,
     pub check: Option<HealthCheck>,
     pub on_down: OnDown,
+    /// Keepalive probes on server sockets (set in the connect chain).
+    pub tcp_keepalive: Option<Keepalive>,
     pub servers: Vec<Server>,
 }
 

@@ -13,12 +13,12 @@ use serde_saphyr::{Location, Spanned};
 
 use super::message::{ConfigError, warning};
 use super::raw::{
-    self, Balance, Count, OnDown, RawBackend, RawConfig, RawDefaults, RawFrontend, RawGlobal, RawServer, RawTimeouts,
-    StringList, Workers,
+    self, Balance, Count, OnDown, RawBackend, RawConfig, RawDefaults, RawFrontend, RawGlobal, RawKeepalive, RawServer,
+    RawTimeouts, StringList, Workers,
 };
 use super::types::{
-    Acl, Backend, Config, Frontend, Global, HealthCheck, LogTarget, MAXCONN_LIMIT, Server, Stats, Tune, WEIGHT_LIMIT,
-    default,
+    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, LogTarget, MAXCONN_LIMIT, Server, Stats, Tune,
+    WEIGHT_LIMIT, default,
 };
 use super::{address, duration};
 
@@ -519,6 +519,7 @@ impl Validator<'_> {
             proxy_header_timeout,
             proxy_header_maxconn,
             acl,
+            tcp_keepalive: self.keepalive(&rf.tcp_keepalive)?,
         })
     }
 
@@ -577,8 +578,35 @@ impl Validator<'_> {
             queue_timeout: queue,
             check,
             on_down: rb.on_down.unwrap_or(OnDown::Keep),
+            tcp_keepalive: self.keepalive(&rb.tcp_keepalive)?,
             servers,
         })
+    }
+
+    /// `tcp_keepalive: { idle, interval, count }`: whole seconds within what the kernel takes.
+    fn keepalive(&self, k: &Option<Spanned<RawKeepalive>>) -> Result<Option<Keepalive>> {
+        let Some(k) = k else { return Ok(None) };
+        let secs = |v: &Option<Spanned<duration::ConfigDuration>>, what: &str, fallback: Duration| match v {
+            None => Ok(fallback),
+            Some(s) => {
+                let d = s.value.0;
+                if d.subsec_nanos() != 0 || !(1..=32_767).contains(&d.as_secs()) {
+                    return self.err(
+                        s.referenced,
+                        format!("tcp_keepalive {what} must be whole seconds from 1s to 32767s, not {d:?}"),
+                    );
+                }
+                Ok(d)
+            }
+        };
+        Ok(Some(Keepalive {
+            idle: secs(&k.value.idle, "idle", default::KEEPALIVE_IDLE)?,
+            interval: secs(&k.value.interval, "interval", default::KEEPALIVE_INTERVAL)?,
+            count: match &k.value.count {
+                Some(c) => self.count(c, "tcp_keepalive count", 1, 127)? as u32,
+                None => default::KEEPALIVE_COUNT,
+            },
+        }))
     }
 
     fn server(&self, rs: &RawServer, backend: &str, name: String) -> Result<Server> {

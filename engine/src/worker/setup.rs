@@ -32,10 +32,12 @@ impl Worker {
         // Address and timeout tables for the connect chains: every server, this worker's sources.
         let mut addrs = Vec::new();
         let mut timeouts = Vec::new();
+        let mut keepalives = Vec::new();
         let mut backends = Vec::with_capacity(config.backends.len());
         for (b, be) in config.backends.iter().enumerate() {
             let connect_timeout = TimeoutId(timeouts.len() as u32);
             timeouts.push(be.connect_timeout);
+            keepalives.push(be.tcp_keepalive.map(|k| k.as_sockopts()));
             let mut servers = Vec::with_capacity(be.servers.len());
             for (s, srv) in be.servers.iter().enumerate() {
                 let dest = AddrId(addrs.len() as u32);
@@ -78,6 +80,7 @@ impl Worker {
             cpu,
             addrs,
             timeouts,
+            keepalives,
             max_chunks: plan.pipes_per_worker as usize,
             peer_slots: config.global.tune.peer_lookups as usize,
             recv_bufs: (config.global.tune.splice == crate::config::SpliceMode::Never)

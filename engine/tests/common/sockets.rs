@@ -76,6 +76,10 @@ pub struct TcpSocket {
     /// The socket's inode (what `/proc/PID/fd/N` links to as `socket:[INODE]`); 0 for a
     /// connection still in an accept queue, which no descriptor holds yet.
     pub inode: u64,
+    /// The timer running (`ss -o`): 0 none, 1 retransmit, 2 keepalive, 3 TIME-WAIT, 4 zero-window
+    /// probe; and when it fires, in milliseconds from now.
+    pub timer: u8,
+    pub expires_ms: u32,
 }
 
 impl TcpSocket {
@@ -254,6 +258,8 @@ mod diag {
             rx_queue: m.rqueue.into(),
             tx_queue: m.wqueue.into(),
             inode: m.inode.into(),
+            timer: m.timer,
+            expires_ms: m.expires,
         }
     }
 }

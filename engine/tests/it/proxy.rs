@@ -324,3 +324,36 @@ fn pinned_to_the_6_1_feature_set_the_engine_proxies_from_its_source() {
     drop(conns);
     assert_clean(engine, &[backend.addr.port()]);
 }
+
+/// `tcp_keepalive` on a frontend and on a backend: the proxy's socket toward the client and its
+/// socket toward the server run a keepalive timer with the configured idle time (the kernel's own
+/// view, `ss -o`), and the sockets of the client and the server themselves do not.
+#[test]
+fn tcp_keepalive_arms_the_kernel_s_timer_on_each_configured_side() {
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, tcp_keepalive: {{ idle: 40s, interval: 7s, count: 3 }} }}]\n\
+         backends: [{{ name: be, tcp_keepalive: {{ idle: 90s }}, servers: [{{ name: s, address: \"{}\", source: 127.0.9.1 }}] }}]\n",
+        backend.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut c = connect(fe);
+    echo_once(&mut c, b"keep me alive");
+    let client_port = c.local_addr().unwrap().port();
+    let sockets = tcp_sockets_on(&[fe.port(), backend.addr.port()]);
+    let find = |what: &str, f: &dyn Fn(&TcpSocket) -> bool| {
+        sockets.iter().find(|s| s.state == "ESTAB" && f(s)).cloned().unwrap_or_else(|| panic!("{what} in {sockets:?}"))
+    };
+    let to_client = find("the proxy's client socket", &|s| s.local == fe && s.remote.port() == client_port);
+    let to_server = find("the proxy's server socket", &|s| s.remote == backend.addr);
+    let client = find("the client's socket", &|s| s.local.port() == client_port);
+    let server = find("the server's socket", &|s| s.local == backend.addr);
+    assert_eq!(to_client.timer, 2, "keepalive timer on the client side: {to_client:?}");
+    assert!((35_000..=40_000).contains(&to_client.expires_ms), "idle 40s: {to_client:?}");
+    assert_eq!(to_server.timer, 2, "keepalive timer on the server side: {to_server:?}");
+    assert!((85_000..=90_000).contains(&to_server.expires_ms), "idle 90s: {to_server:?}");
+    assert_eq!((client.timer, server.timer), (0, 0), "the peers' own sockets have none");
+    drop(c);
+    assert_clean(engine, &[backend.addr.port()]);
+}

@@ -79,8 +79,11 @@ pub struct RingSetup {
     pub cpu: Option<usize>,
     /// Every address a connect chain may use (servers and sources).
     pub addrs: Vec<SocketAddr>,
-    /// Every connect timeout a chain may use.
+    /// Every connect timeout a chain may use (one per backend).
     pub timeouts: Vec<Duration>,
+    /// Beside each timeout, the keepalive (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) its backend's
+    /// server sockets get, if any.
+    pub keepalives: Vec<Option<[i32; 3]>>,
     /// Most chunk buffers (small transfers in flight) at once.
     pub max_chunks: usize,
     /// Most peer-address lookups in flight at once.
@@ -118,6 +121,10 @@ pub struct Ring {
     backlog: VecDeque<Vec<Entry>>,
     addrs: Box<[SockAddr]>,
     timeouts: Box<[Timespec]>,
+    /// Indexed like `timeouts`: the option values the connect chains point at.
+    keepalives: Box<[Option<[i32; 3]>]>,
+    /// Scratch space for building a connect chain.
+    chain: Vec<Entry>,
     /// Freed by `Drop` only once every request is known to be cancelled.
     buffers: ManuallyDrop<Buffers>,
     /// Unregistered and freed by `Drop` likewise (only if every buffer came back).
@@ -169,6 +176,8 @@ impl Ring {
                 .into_iter()
                 .map(|d| Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos()))
                 .collect(),
+            keepalives: setup.keepalives.into_boxed_slice(),
+            chain: Vec::with_capacity(10),
             buffers: ManuallyDrop::new(Buffers::new(setup.max_chunks, setup.peer_slots)),
             wake_buf: ManuallyDrop::new(Box::new(0)),
             io: setup.io,
@@ -423,6 +432,7 @@ mod tests {
             cpu: None,
             addrs: Vec::new(),
             timeouts: Vec::new(),
+            keepalives: Vec::new(),
             max_chunks: 1,
             peer_slots: 1,
             recv_bufs: None,
@@ -447,6 +457,7 @@ mod tests {
             cpu: None,
             addrs: vec![dest, "127.0.9.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
             timeouts: vec![Duration::from_secs(5)],
+            keepalives: vec![Some([30, 5, 3])],
             max_chunks: 1,
             peer_slots: 1,
             recv_bufs: None,

@@ -266,8 +266,9 @@ impl Ring {
         unsafe { self.push(opcode::FixedFdInstall::new(Fixed(sock.index()), 0).build().user_data(token.encode())) };
     }
 
-    /// The chain that opens a server connection in `slot`:
-    /// SOCKET → TCP_NODELAY → [IP_BIND_ADDRESS_NO_PORT → BIND source] → CONNECT → LINK_TIMEOUT.
+    /// The chain that opens a server connection in `slot`: SOCKET → TCP_NODELAY → [SO_KEEPALIVE,
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT] → [IP_BIND_ADDRESS_NO_PORT → BIND source] → CONNECT
+    /// → LINK_TIMEOUT. (The keepalive steps post failures as `Op::NoDelay`: a socket option step.)
     /// The steps before CONNECT post a completion only when they fail (CQE_SKIP_SUCCESS), always
     /// before CONNECT's; CONNECT and LINK_TIMEOUT each post exactly one.
     pub fn connect_chain(
@@ -305,7 +306,8 @@ impl Ring {
             // LINK_TIMEOUT cancelled.
             let src = source.map(|s| self.addrs[s.0 as usize].clone());
             let dst = self.addrs[dest.0 as usize].clone();
-            match made_socket(&dst, src.as_ref()).and_then(|sock| {
+            let keepalive = self.keepalives.get(timeout.0 as usize).copied().flatten();
+            match made_socket(&dst, src.as_ref(), keepalive).and_then(|sock| {
                 self.install_in_slot(index, std::os::fd::AsRawFd::as_raw_fd(&sock)).map_err(|e| (Op::Socket, e))
             }) {
                 // SAFETY: as for the full chain below: ring tables and a held slot.
@@ -321,25 +323,45 @@ impl Ring {
             }
             return;
         }
-        // Every pointer in the chain is into the ring's own tables (addresses, the timespec), alive
-        // until `Drop` cancelled every request, or a `static` option value; the slot is held by the
-        // caller's connection until its close.
-        match source {
-            Some(src) => {
-                let src = &self.addrs[src.0 as usize];
-                let no_port = opt_one(index, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)
-                    .flags(step)
-                    .user_data(mk(Op::BindNoPort).encode());
-                let bind = opcode::Bind::new(Fixed(index), src.as_ptr().cast(), src.len())
+        // Every pointer in the chain is into the ring's own tables (addresses, the timespec, the
+        // keepalive values), alive until `Drop` cancelled every request, or a `static` option
+        // value; the slot is held by the caller's connection until its close.
+        // A scratch list the ring keeps: no allocation per connection.
+        let mut chain = std::mem::take(&mut self.chain);
+        chain.clear();
+        chain.extend([socket, nodelay]);
+        if let Some(k) = self.keepalives.get(timeout.0 as usize).and_then(Option::as_ref) {
+            let opt = |level: libc::c_int, name: libc::c_int, value: *const i32| {
+                opcode::SetSockOpt::new(Fixed(index), level as u32, name as u32, value.cast(), 4)
                     .build()
                     .flags(step)
-                    .user_data(mk(Op::Bind).encode());
-                // SAFETY: see above: ring tables, statics, a held slot.
-                unsafe { self.push_chain(&[socket, nodelay, no_port, bind, connect, link_timeout]) };
-            }
-            // SAFETY: see above: ring tables, statics, a held slot.
-            None => unsafe { self.push_chain(&[socket, nodelay, connect, link_timeout]) },
+                    .user_data(mk(Op::NoDelay).encode())
+            };
+            chain.push(
+                opt_one(index, libc::SOL_SOCKET, libc::SO_KEEPALIVE).flags(step).user_data(mk(Op::NoDelay).encode()),
+            );
+            chain.push(opt(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, &k[0]));
+            chain.push(opt(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, &k[1]));
+            chain.push(opt(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &k[2]));
         }
+        if let Some(src) = source {
+            let src = &self.addrs[src.0 as usize];
+            chain.push(
+                opt_one(index, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)
+                    .flags(step)
+                    .user_data(mk(Op::BindNoPort).encode()),
+            );
+            chain.push(
+                opcode::Bind::new(Fixed(index), src.as_ptr().cast(), src.len())
+                    .build()
+                    .flags(step)
+                    .user_data(mk(Op::Bind).encode()),
+            );
+        }
+        chain.extend([connect, link_timeout]);
+        // SAFETY: see above: ring tables, statics, a held slot.
+        unsafe { self.push_chain(&chain) };
+        self.chain = chain;
     }
 
     /// socket → pipe, hard-linked to pipe → socket: one io-wq trip moves a chunk end to end. The
@@ -494,17 +516,23 @@ fn decode_sockaddr(raw: &libc::sockaddr_in6) -> Option<SocketAddr> {
     }
 }
 
-/// The fallback's server socket: non-blocking, TCP_NODELAY, bound to `src` (with
-/// IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, per destination). On failure,
-/// the chain step that would have failed and the error.
+/// The fallback's server socket: non-blocking, TCP_NODELAY, the backend's keepalive, bound to
+/// `src` (with IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, per destination).
+/// On failure, the chain step that would have failed and the error.
 fn made_socket(
     dst: &socket2::SockAddr,
     src: Option<&socket2::SockAddr>,
+    keepalive: Option<[i32; 3]>,
 ) -> Result<socket2::Socket, (Op, std::io::Error)> {
-    use socket2::{Domain, Socket, Type};
+    use socket2::{Domain, Socket, TcpKeepalive, Type};
     let domain = if dst.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
     let sock = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None).map_err(|e| (Op::Socket, e))?;
     sock.set_tcp_nodelay(true).map_err(|e| (Op::NoDelay, e))?;
+    if let Some([idle, interval, count]) = keepalive {
+        let secs = |s: i32| std::time::Duration::from_secs(s as u64);
+        let k = TcpKeepalive::new().with_time(secs(idle)).with_interval(secs(interval)).with_retries(count as u32);
+        sock.set_tcp_keepalive(&k).map_err(|e| (Op::NoDelay, e))?;
+    }
     if let Some(src) = src {
         crate::sys::set_bind_address_no_port(&sock).map_err(|e| (Op::BindNoPort, e))?;
         sock.bind(src).map_err(|e| (Op::Bind, e))?;
