@@ -38,6 +38,7 @@ need() { # COMMAND DEBIAN-PACKAGE
 need strace strace
 need systemd-analyze systemd
 need dpkg-deb dpkg
+need readelf binutils
 if ! cargo deb --version >/dev/null 2>&1; then
     log "installing cargo-deb (cargo install --locked)"
     cargo install cargo-deb --locked --quiet
@@ -133,6 +134,13 @@ done
 dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./postinst | grep -q "adduser --system --group" || { ctrl_ok=0; fail "deb: postinst makes no system user"; }
 [ "$(dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./conffiles)" = /etc/ringproxy/ringproxy.yaml ] || { ctrl_ok=0; fail "deb: conffiles"; }
 [ "$ctrl_ok" = 1 ] && pass "deb: control (Depends: adduser, Section: net), conffile, maintainer scripts"
+mkdir -p "$WORK/x" && dpkg-deb -x "$DEB" "$WORK/x"
+if ls "$WORK"/ringproxy-dbgsym_*.ddeb >/dev/null 2>&1 &&
+    ! readelf -S "$WORK/x/usr/bin/ringproxy" "$WORK/x/usr/bin/ringload" | grep -q '\.debug_'; then
+    pass "deb: binaries stripped ($(du -sh "$WORK/x/usr/bin" | cut -f1)), debug info in $(basename "$WORK"/ringproxy-dbgsym_*.ddeb)"
+else
+    fail "deb: binaries carry debug sections, or no dbgsym package was made"
+fi
 
 if dpkg -s ringproxy >/dev/null 2>&1 || getent passwd ringproxy >/dev/null; then
     fail "deb: ringproxy is already installed on this host (or its user exists): not touching it"
