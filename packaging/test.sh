@@ -136,7 +136,8 @@ dpkg-deb --ctrl-tarfile "$DEB" | tar -xO ./postinst | grep -q "adduser --system 
 [ "$ctrl_ok" = 1 ] && pass "deb: control (Depends: adduser, Section: net), conffile, maintainer scripts"
 mkdir -p "$WORK/x" && dpkg-deb -x "$DEB" "$WORK/x"
 if ls "$WORK"/ringproxy-dbgsym_*.ddeb >/dev/null 2>&1 &&
-    ! readelf -S "$WORK/x/usr/bin/ringproxy" "$WORK/x/usr/bin/ringload" | grep -q '\.debug_'; then
+    ! readelf -SW "$WORK/x/usr/bin/ringproxy" "$WORK/x/usr/bin/ringload" | grep -Eq '\.debug_(info|line|abbrev|str) '; then
+    # (.debug_gdb_scripts, rustc's pointer to gdb's pretty printers, is no debug info and stays)
     pass "deb: binaries stripped ($(du -sh "$WORK/x/usr/bin" | cut -f1)), debug info in $(basename "$WORK"/ringproxy-dbgsym_*.ddeb)"
 else
     fail "deb: binaries carry debug sections, or no dbgsym package was made"
