@@ -33,6 +33,20 @@ impl Balancer {
         }
     }
 
+    /// The weight server `i` is balanced with now.
+    pub fn weight(&self, i: usize) -> u32 {
+        self.weights.get(i).copied().unwrap_or(0)
+    }
+
+    /// Changes server `i`'s weight (runtime API, slowstart); 0 takes no new connection.
+    pub fn set_weight(&mut self, i: usize, weight: u32) {
+        if let Some(w) = self.weights.get_mut(i) {
+            *w = weight;
+            // Smooth round robin: a server whose weight dropped must not keep its old credit.
+            self.current[i] = self.current[i].min(i64::from(weight));
+        }
+    }
+
     /// Picks a server among those for which `eligible(i)` holds. `active[i]` is this worker's count of
     /// open connections to server `i`; `client` is used by `source`.
     pub fn pick(

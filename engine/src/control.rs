@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use crossbeam_channel::Sender;
 
+use crate::admin::ServerOp;
 use crate::limits::ShareMsg;
 use crate::stats::WorkerStats;
 use crate::sys::EventFd;
@@ -21,6 +22,12 @@ pub enum Control {
     Drain,
     /// A health check changed a server's state (indices into the configuration).
     ServerState { backend: usize, server: usize, up: bool },
+    /// The runtime API changes one server (indices into the configuration); `done` hears once it
+    /// is applied.
+    Server { backend: usize, server: usize, op: ServerOp, done: Sender<()> },
+    /// List up to `limit` of this worker's connections (only those to `server`, when given), one
+    /// line each.
+    ListConns { server: Option<(usize, usize)>, limit: usize, reply: Sender<Vec<String>> },
     /// Re-arm every accept: the engine this one replaced has stopped accepting on the shared
     /// listening sockets, and a wakeup for a queued connection may have gone to one of its
     /// cancelled accepts (accept waits are exclusive: the kernel wakes one waiter per connection).

@@ -213,7 +213,8 @@ impl Prepared {
             Some(_) if external_stats => None,
             Some(path) => {
                 let src = source.clone();
-                Some(socket::serve(path, config.global.stats.mode, move || src.collect(), None, ids, watch)?)
+                let mode = config.global.stats.mode;
+                Some(socket::serve(path, mode, move || src.collect(), None, socket::Level::Read, ids, watch)?)
             }
             None => None,
         };
@@ -332,6 +333,40 @@ impl Engine {
         for p in self.peers.iter() {
             p.send(Control::RearmAccepts);
         }
+    }
+
+    /// Applies a runtime-API change to server `server` of backend `backend` on every worker, and
+    /// returns once each has applied it (at its next loop turn), or says which did not within 10 s.
+    pub fn server_op(&self, backend: usize, server: usize, op: crate::admin::ServerOp) -> Result<(), String> {
+        let (tx, rx) = unbounded();
+        let asked: Vec<usize> = (0..self.peers.len())
+            .filter(|&w| self.peers[w].send(Control::Server { backend, server, op, done: tx.clone() }))
+            .collect();
+        drop(tx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let answered = (0..asked.len()).map_while(|_| rx.recv_deadline(deadline).ok()).count();
+        if asked.len() < self.peers.len() || answered < asked.len() {
+            return Err(format!(
+                "{} of {} workers applied it ({} have exited, the others did not answer within 10s)",
+                answered,
+                self.peers.len(),
+                self.peers.len() - asked.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` connections (to one server when given), from all workers: worker 0's first.
+    pub fn list_conns(&self, server: Option<(usize, usize)>, limit: usize) -> Vec<String> {
+        let (tx, rx) = unbounded();
+        let asked =
+            self.peers.iter().filter(|p| p.send(Control::ListConns { server, limit, reply: tx.clone() })).count();
+        drop(tx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut lists: Vec<Vec<String>> = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).collect();
+        // Each line starts with `worker=N`: order by worker, then keep `limit` in all.
+        lists.sort_by_key(|l| l.first().and_then(|line| line[7..].split(' ').next()?.parse::<usize>().ok()));
+        lists.into_iter().flatten().take(limit).collect()
     }
 
     /// Whether every worker has exited.

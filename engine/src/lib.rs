@@ -4,6 +4,7 @@
 //! for the design: one worker per core (`worker`), each with its own ring, listeners, connection
 //! slab (`conn`), pipes (`pipes`), maxconn shares (`limits`) and source shards (`sources`).
 
+pub mod admin;
 pub mod balance;
 pub mod check;
 pub mod config;

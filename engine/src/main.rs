@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use ringproxy::ready::{Ready, ReadyFile, ReadyListener};
-use ringproxy::stats::socket::ReloadAnswer;
+use ringproxy::stats::socket::Answer;
 use ringproxy::supervisor::Supervisor;
 use ringproxy::sys::Signals;
 use ringproxy::{Engine, config};
@@ -33,8 +33,22 @@ enum Command {
     Check(CheckArgs),
     /// Show a running engine's counters (per core, per server, per source IP).
     Stats(StatsArgs),
-    /// Ask the running engine to re-read its configuration (through the stats socket).
+    /// Ask the running engine to re-read its configuration (through the admin socket).
     Reload(ReloadArgs),
+    /// Send one command to the running engine and print the answer (`help` lists them): through
+    /// the admin socket when the configuration has one, else the read-only stats socket.
+    Cmd(CmdArgs),
+}
+
+#[derive(clap::Args)]
+struct CmdArgs {
+    /// The socket to send it to (default: global.stats.admin_socket of the -c configuration, or
+    /// its global.stats.socket).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The command, e.g. 'set server app/s1 state drain' (one argument, or several words).
+    #[arg(required = true, num_args = 1.., trailing_var_arg = true)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -47,7 +61,7 @@ struct CheckArgs {
 
 #[derive(clap::Args)]
 struct ReloadArgs {
-    /// The engine's stats socket (default: global.stats.socket of the -c configuration).
+    /// The engine's admin socket (default: global.stats.admin_socket of the -c configuration).
     #[arg(long)]
     socket: Option<PathBuf>,
 }
@@ -87,7 +101,12 @@ fn main() -> ExitCode {
     if let Some(Command::Reload(args)) = &cli.command
         && let Some(socket) = &args.socket
     {
-        return reload_via(socket);
+        return command_via(socket, "reload");
+    }
+    if let Some(Command::Cmd(args)) = &cli.command
+        && let Some(socket) = &args.socket
+    {
+        return command_via(socket, &args.command.join(" "));
     }
     let Some(path) = cli.config else {
         eprintln!("ringproxy: no configuration given; use -c FILE (see config-examples/)");
@@ -108,25 +127,40 @@ fn main() -> ExitCode {
         Command::Check(_) => ExitCode::from(ringproxy::check::run(&config) as u8),
         Command::Run => run(&path, config, cli.ready_file.as_deref()),
         Command::Reload(args) => reload(&args, &config),
+        Command::Cmd(args) => cmd(&args, &config),
         Command::Stats(_) => unreachable!("handled above"),
     }
 }
 
 fn reload(args: &ReloadArgs, config: &config::Config) -> ExitCode {
-    let Some(path) = args.socket.clone().or_else(|| config.global.stats.socket.clone()) else {
-        eprintln!("ringproxy reload: the configuration sets no global.stats.socket; pass --socket PATH or send SIGHUP");
+    let Some(path) = args.socket.clone().or_else(|| config.global.stats.admin_socket.clone()) else {
+        eprintln!(
+            "ringproxy reload: the configuration sets no global.stats.admin_socket (reload is an admin command); \
+             pass --socket PATH or send SIGHUP"
+        );
         return ExitCode::from(2);
     };
-    reload_via(&path)
+    command_via(&path, "reload")
 }
 
-fn reload_via(path: &std::path::Path) -> ExitCode {
-    match ringproxy::stats::socket::reload(path) {
-        Ok(ReloadAnswer::Reloaded(text)) => {
+fn cmd(args: &CmdArgs, config: &config::Config) -> ExitCode {
+    let stats = &config.global.stats;
+    let Some(path) = args.socket.clone().or_else(|| stats.admin_socket.clone()).or_else(|| stats.socket.clone()) else {
+        eprintln!("ringproxy cmd: the configuration sets neither global.stats.admin_socket nor global.stats.socket");
+        return ExitCode::from(2);
+    };
+    command_via(&path, &args.command.join(" "))
+}
+
+/// Sends one command; prints the answer (without its status line). Exit 0 done, 1 refused or no
+/// answer.
+fn command_via(path: &std::path::Path, line: &str) -> ExitCode {
+    match ringproxy::stats::socket::any_command(path, line) {
+        Ok(Answer::Ok(text)) => {
             print!("{text}");
             ExitCode::SUCCESS
         }
-        Ok(ReloadAnswer::Refused(text)) => {
+        Ok(Answer::Fail(text)) => {
             print!("{text}");
             ExitCode::from(1)
         }
@@ -232,6 +266,9 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     report(service.engine());
     if let Some(p) = &service.engine().config().global.stats.socket {
         eprintln!("ringproxy: stats socket {} (ringproxy stats --socket {})", p.display(), p.display());
+    }
+    if let Some(p) = &service.engine().config().global.stats.admin_socket {
+        eprintln!("ringproxy: admin socket {} (ringproxy cmd --socket {} help)", p.display(), p.display());
     }
     if let Some(a) = service.metrics_addr() {
         eprintln!("ringproxy: Prometheus metrics on http://{a}/metrics");
@@ -368,6 +405,7 @@ fn ready(service: &Supervisor) -> Ready {
         generation: service.generation,
         listeners: engine.bound().iter().map(|b| ReadyListener { name: b.frontend.clone(), addr: b.addr }).collect(),
         stats_socket: engine.config().global.stats.socket.clone(),
+        admin_socket: engine.config().global.stats.admin_socket.clone(),
         metrics: service.metrics_addr(),
     }
 }

@@ -34,6 +34,9 @@ pub struct Ready {
     pub generation: u64,
     pub listeners: Vec<ReadyListener>,
     pub stats_socket: Option<PathBuf>,
+    /// The admin socket (runtime API), when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_socket: Option<PathBuf>,
     pub metrics: Option<SocketAddr>,
 }
 
@@ -85,6 +88,7 @@ mod tests {
             generation: 1,
             listeners: vec![ReadyListener { name: "mqtt".into(), addr: "127.0.0.1:1883".parse().unwrap() }],
             stats_socket: Some("/tmp/s.sock".into()),
+            admin_socket: None,
             metrics: None,
         };
         {

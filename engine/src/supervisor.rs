@@ -19,11 +19,12 @@ use std::sync::{Arc, Mutex};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 
+use crate::admin::{Command, ServerOp};
 use crate::config::{self, Config, ConfigError};
 use crate::engine::{Engine, StartError, StartOptions, StatsSource};
 use crate::listener::Bound;
 use crate::privileges::{self, Ids};
-use crate::stats::socket::{ReloadAnswer, ReloadRequest};
+use crate::stats::socket::{Answer, Level, Request};
 use crate::stats::{EngineStats, prometheus, socket};
 use crate::sys;
 use crate::watch::{Failure, Watch, Watcher};
@@ -38,6 +39,9 @@ pub struct ReloadReport {
     pub listeners: Vec<Bound>,
     /// The new configuration's warnings (`FILE:LINE:COLUMN: warning: ...`).
     pub warnings: Vec<String>,
+    /// Runtime-API changes the old engine ran with, which the new one does not have (the file
+    /// wins).
+    pub dropped: Vec<String>,
 }
 
 impl fmt::Display for ReloadReport {
@@ -53,6 +57,9 @@ impl fmt::Display for ReloadReport {
         )?;
         for w in &self.warnings {
             write!(f, "\n{w}")?;
+        }
+        if !self.dropped.is_empty() {
+            write!(f, "\nruntime changes dropped (the file wins): {}", self.dropped.join("; "))?;
         }
         Ok(())
     }
@@ -73,30 +80,46 @@ pub struct Supervisor {
     draining: Vec<Engine>,
     /// The current engine's stats, swapped on reload (read by the stats endpoints' threads).
     source: Arc<Mutex<Option<StatsSource>>>,
-    reloads: Receiver<ReloadRequest>,
+    requests: Receiver<Request>,
     _stats_socket: Option<socket::Server>,
-    /// Where the stats socket is (removed by [`Supervisor::abandon`]).
-    stats_path: Option<PathBuf>,
+    _admin_socket: Option<socket::Server>,
+    /// Where the stats sockets are (removed by [`Supervisor::abandon`]).
+    stats_paths: Vec<PathBuf>,
+    /// The runtime-API changes the current engine runs with, as commands: (what they set, line).
+    runtime: Vec<(String, String)>,
     metrics: Option<prometheus::Endpoint>,
     watcher: Watcher,
     /// Successful reloads since start.
     pub generation: u64,
 }
 
-/// The stats endpoints: the socket and the Prometheus endpoint, each when configured.
-type Endpoints = (Option<socket::Server>, Option<prometheus::Endpoint>);
+/// The stats endpoints, each when configured: the stats socket, the admin socket, the Prometheus
+/// endpoint.
+struct Endpoints {
+    stats: Option<socket::Server>,
+    admin: Option<socket::Server>,
+    metrics: Option<prometheus::Endpoint>,
+}
 
-/// Opens the stats endpoints `stats` configures: the socket owned by `owner` (the user the engine
-/// will run as), forwarding `reload` commands.
+/// Opens the stats endpoints `stats` configures: the sockets owned by `owner` (the user the engine
+/// will run as), forwarding the runtime API's commands to `requests`.
 fn open_endpoints(
     stats: &config::Stats,
     owner: Option<Ids>,
     collect: impl Fn() -> EngineStats + Clone + Send + 'static,
-    reload: Sender<ReloadRequest>,
+    requests: Sender<Request>,
     watch: &Watch,
 ) -> Result<Endpoints, StartError> {
     let stats_socket = match &stats.socket {
-        Some(p) => Some(socket::serve(p, stats.mode, collect.clone(), Some(reload), owner, watch)?),
+        Some(p) => {
+            Some(socket::serve(p, stats.mode, collect.clone(), Some(requests.clone()), Level::Read, owner, watch)?)
+        }
+        None => None,
+    };
+    let admin = match &stats.admin_socket {
+        Some(p) => {
+            Some(socket::serve(p, stats.admin_mode, collect.clone(), Some(requests), Level::Admin, owner, watch)?)
+        }
         None => None,
     };
     let metrics = match stats.prometheus {
@@ -105,7 +128,7 @@ fn open_endpoints(
         }
         None => None,
     };
-    Ok((stats_socket, metrics))
+    Ok(Endpoints { stats: stats_socket, admin, metrics })
 }
 
 impl Supervisor {
@@ -123,7 +146,7 @@ impl Supervisor {
             None => None,
         };
         let source: Arc<Mutex<Option<StatsSource>>> = Arc::new(Mutex::new(None));
-        let (reload_tx, reloads) = unbounded();
+        let (requests_tx, requests) = unbounded();
         let collect = {
             let source = source.clone();
             move || -> EngineStats {
@@ -133,16 +156,18 @@ impl Supervisor {
         };
         let watcher = Watcher::new();
         let as_root = sys::ids().0 == 0;
-        let mut endpoints = (None, None);
+        let mut endpoints = None;
         if as_root {
-            endpoints = open_endpoints(&stats, owner, collect.clone(), reload_tx.clone(), &watcher.watch())?;
+            endpoints = Some(open_endpoints(&stats, owner, collect.clone(), requests_tx.clone(), &watcher.watch())?);
         }
         let prepared = Engine::prepare(config, StartOptions { inherit: &[], external_stats: true })?;
         if !as_root {
-            endpoints = open_endpoints(&stats, owner, collect, reload_tx, &watcher.watch())?;
+            endpoints = Some(open_endpoints(&stats, owner, collect, requests_tx, &watcher.watch())?);
         }
         let engine = prepared.launch(&watcher.watch())?;
-        let (stats_socket, metrics) = endpoints;
+        let Some(Endpoints { stats: stats_socket, admin, metrics }) = endpoints else {
+            unreachable!("opened above, as root or not")
+        };
         if let Ok(mut s) = source.lock() {
             *s = Some(engine.stats_source());
         }
@@ -151,9 +176,11 @@ impl Supervisor {
             current: engine,
             draining: Vec::new(),
             source,
-            reloads,
+            requests,
             _stats_socket: stats_socket,
-            stats_path: stats.socket,
+            _admin_socket: admin,
+            stats_paths: stats.socket.into_iter().chain(stats.admin_socket).collect(),
+            runtime: Vec::new(),
             metrics,
             watcher,
             generation: 0,
@@ -182,7 +209,7 @@ impl Supervisor {
     /// file and leaves the engines, still draining, to the process's exit, which the caller
     /// brings about right after.
     pub fn abandon(self) {
-        if let Some(p) = &self.stats_path {
+        for p in &self.stats_paths {
             let _ = std::fs::remove_file(p);
         }
         std::mem::forget(self);
@@ -223,22 +250,85 @@ impl Supervisor {
             maxconn: self.current.plan().maxconn,
             listeners: self.current.bound().to_vec(),
             warnings,
+            dropped: std::mem::take(&mut self.runtime).into_iter().map(|(_, line)| line).collect(),
         })
     }
 
-    /// Answers reload requests that came through the stats socket.
+    /// The runtime-API changes the current engine runs with (until the next reload).
+    pub fn runtime_changes(&self) -> Vec<String> {
+        self.runtime.iter().map(|(_, line)| line.clone()).collect()
+    }
+
+    /// Carries out a runtime-API command on the current engine. A command naming what the running
+    /// configuration does not have changes nothing.
+    pub fn command(&mut self, command: &Command) -> Answer {
+        let config = self.current.config();
+        let find = |name: &crate::admin::ServerName| name.find(config);
+        let (server, op) = match command {
+            Command::Reload => {
+                return match self.reload() {
+                    Ok(r) => {
+                        eprintln!("ringproxy: {r}");
+                        Answer::Ok(format!("{r}\n"))
+                    }
+                    Err(e) => {
+                        eprintln!("ringproxy: reload refused, the running configuration stays: {e}");
+                        Answer::Fail(format!("reload refused, the running configuration stays: {e}\n"))
+                    }
+                };
+            }
+            Command::ShowConns { server, limit } => {
+                let at = match server.as_ref().map(find).transpose() {
+                    Ok(at) => at,
+                    Err(e) => return Answer::Fail(format!("{e}\n")),
+                };
+                let lines = self.current.list_conns(at, *limit);
+                let mut text = format!("{} connections listed (limit {limit})\n", lines.len());
+                for l in lines {
+                    text.push_str(&l);
+                    text.push('\n');
+                }
+                return Answer::Ok(text);
+            }
+            Command::SetState { server, state } => (server, ServerOp::State(*state)),
+            Command::SetWeight { server, weight } => (server, ServerOp::Weight(*weight)),
+            Command::Shutdown { server } => (server, ServerOp::Shutdown),
+        };
+        let (b, s) = match find(server) {
+            Ok(at) => at,
+            Err(e) => return Answer::Fail(format!("{e}\n")),
+        };
+        // What it sets, and whether that is what the file says (then nothing is left to drop).
+        let configured = &config.backends[b].servers[s];
+        let (key, as_configured) = match op {
+            ServerOp::State(st) => (format!("{server} state"), st == crate::stats::AdminState::Ready),
+            ServerOp::Weight(w) => (format!("{server} weight"), w == configured.weight),
+            ServerOp::Shutdown => (String::new(), true),
+        };
+        if let Err(e) = self.current.server_op(b, s, op) {
+            return Answer::Fail(format!("{}: {e}\n", command.line()));
+        }
+        eprintln!("ringproxy: runtime API: {}", command.line());
+        if !key.is_empty() {
+            self.runtime.retain(|(k, _)| *k != key);
+            if !as_configured {
+                self.runtime.push((key, command.line()));
+            }
+        }
+        let done = match op {
+            ServerOp::Shutdown => match config.backends[b].close_spread {
+                Some(w) => format!("closing its connections over {}", config::duration::format(w)),
+                None => "its connections are closed".into(),
+            },
+            _ => "applied by every worker".into(),
+        };
+        Answer::Ok(format!("{}: {done}\n", command.line()))
+    }
+
+    /// Answers the commands that came through the stats sockets.
     pub fn serve_requests(&mut self) {
-        while let Ok(reply) = self.reloads.try_recv() {
-            let answer = match self.reload() {
-                Ok(r) => {
-                    eprintln!("ringproxy: {r}");
-                    ReloadAnswer::Reloaded(format!("{r}\n"))
-                }
-                Err(e) => {
-                    eprintln!("ringproxy: reload refused, the running configuration stays: {e}");
-                    ReloadAnswer::Refused(format!("reload refused, the running configuration stays: {e}\n"))
-                }
-            };
+        while let Ok(Request { command, reply }) = self.requests.try_recv() {
+            let answer = self.command(&command);
             let _ = reply.send(answer);
         }
     }

@@ -47,6 +47,10 @@ pub struct RawStats {
     pub socket: Option<Spanned<String>>,
     /// Octal permission bits for the socket, e.g. "0600".
     pub mode: Option<Spanned<String>>,
+    /// Unix socket that also takes commands that change state (the runtime API).
+    pub admin_socket: Option<Spanned<String>>,
+    /// Octal permission bits for the admin socket (default "0600").
+    pub admin_mode: Option<Spanned<String>>,
     pub prometheus: Option<Spanned<String>>,
 }
 
@@ -155,6 +159,9 @@ pub struct RawBackend {
     pub on_down: Option<OnDown>,
     /// Keepalive probes on server sockets.
     pub tcp_keepalive: Option<Spanned<RawKeepalive>>,
+    /// Connections shut down together (`on_down: shutdown_sessions`, `shutdown sessions server`)
+    /// are closed at an even pace over this window.
+    pub close_spread: Option<Spanned<ConfigDuration>>,
     pub servers: Spanned<Vec<RawServer>>,
 }
 
@@ -171,6 +178,8 @@ pub struct RawServer {
     pub send_proxy: Option<ProxyVersion>,
     /// Only when no normal server of the backend is UP.
     pub backup: Option<bool>,
+    /// A server that comes back ramps its weight from ~0 to full over this time.
+    pub slowstart: Option<Spanned<ConfigDuration>>,
 }
 
 /// Deserializes one of a fixed set of words, with an error that lists them (serde's derived enum

@@ -300,7 +300,10 @@ fn stats_and_connection_log() {
     assert_eq!(c.global.stats.prometheus, Some("127.0.0.1:9101".parse().unwrap()));
     assert_eq!(c.global.connection_log, Some(LogTarget::Stdout));
     let c = ok(BASE);
-    assert_eq!(c.global.stats, Stats { socket: None, mode: 0o600, prometheus: None });
+    assert_eq!(
+        c.global.stats,
+        Stats { socket: None, mode: 0o600, admin_socket: None, admin_mode: 0o600, prometheus: None }
+    );
     assert_eq!(c.global.connection_log, None);
     refused(&format!("global:\n  stats: {{ socket: /x, mode: \"0666\" }}\n{BASE}"), 2, 30, "world-writable");
     refused(&format!("global:\n  stats: {{ socket: /x, mode: \"rw\" }}\n{BASE}"), 2, 30, "not octal");

@@ -74,6 +74,11 @@ pub struct Stats {
     pub socket: Option<std::path::PathBuf>,
     /// Permission bits of the socket (default 0600).
     pub mode: u32,
+    /// Unix socket that takes the read-only commands and those that change state (`set server`,
+    /// `shutdown sessions`, `reload`...).
+    pub admin_socket: Option<std::path::PathBuf>,
+    /// Permission bits of the admin socket (default 0600).
+    pub admin_mode: u32,
     /// Address of the Prometheus /metrics endpoint.
     pub prometheus: Option<SocketAddr>,
 }
@@ -202,6 +207,8 @@ pub struct Backend {
     pub on_down: OnDown,
     /// Keepalive probes on server sockets (set in the connect chain).
     pub tcp_keepalive: Option<Keepalive>,
+    /// Connections shut down together are closed at an even pace over this window (none: at once).
+    pub close_spread: Option<Duration>,
     pub servers: Vec<Server>,
 }
 
@@ -232,4 +239,7 @@ pub struct Server {
     pub send_proxy: Option<ProxyVersion>,
     /// Takes new connections only while no normal (non-backup) server of its backend is UP.
     pub backup: bool,
+    /// Coming back (health check up, `set server ... state ready`), the server's weight ramps
+    /// from ~0 to full over this time (none: at once).
+    pub slowstart: Option<Duration>,
 }

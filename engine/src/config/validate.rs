@@ -332,27 +332,46 @@ impl Validator<'_> {
     }
 
     fn stats(&mut self, raw: Option<&Spanned<raw::RawStats>>) -> Result<Stats> {
-        let mut stats = Stats { socket: None, mode: 0o600, prometheus: None };
+        let mut stats = Stats { socket: None, mode: 0o600, admin_socket: None, admin_mode: 0o600, prometheus: None };
         let Some(raw) = raw else { return Ok(stats) };
-        if let Some(p) = &raw.value.socket {
-            if p.value.trim().is_empty() {
-                return self.err(p.referenced, "stats socket path is empty");
+        for (key, p, to) in [
+            ("socket", &raw.value.socket, &mut stats.socket),
+            ("admin_socket", &raw.value.admin_socket, &mut stats.admin_socket),
+        ] {
+            if let Some(p) = p {
+                if p.value.trim().is_empty() {
+                    return self.err(p.referenced, format!("stats {key} path is empty"));
+                }
+                *to = Some(p.value.trim().into());
             }
-            stats.socket = Some(p.value.trim().into());
         }
-        if let Some(m) = &raw.value.mode {
+        if let (Some(a), Some(b)) = (&stats.socket, &stats.admin_socket)
+            && a == b
+        {
+            let at = raw.value.admin_socket.as_ref().map_or(raw.referenced, |p| p.referenced);
+            return self.err(
+                at,
+                format!("stats admin_socket is the same path as stats socket ({}): give each its own", a.display()),
+            );
+        }
+        for (key, m, to) in
+            [("mode", &raw.value.mode, &mut stats.mode), ("admin_mode", &raw.value.admin_mode, &mut stats.admin_mode)]
+        {
+            let Some(m) = m else { continue };
             let text = m.value.trim();
             let Some(mode) = u32::from_str_radix(text.trim_start_matches("0o"), 8).ok().filter(|m| *m <= 0o777) else {
-                return self
-                    .err(m.referenced, format!("stats mode \"{text}\" is not octal permission bits such as \"0600\""));
+                return self.err(
+                    m.referenced,
+                    format!("stats {key} \"{text}\" is not octal permission bits such as \"0600\""),
+                );
             };
             if mode & 0o002 != 0 {
                 return self.err(
                     m.referenced,
-                    format!("stats mode {text} makes the socket world-writable: anyone on the host could drive the engine; use 0600 or 0660"),
+                    format!("stats {key} {text} makes the socket world-writable: anyone on the host could drive the engine; use 0600 or 0660"),
                 );
             }
-            stats.mode = mode;
+            *to = mode;
         }
         if let Some(p) = &raw.value.prometheus {
             let addr =
@@ -579,8 +598,21 @@ impl Validator<'_> {
             check,
             on_down: rb.on_down.unwrap_or(OnDown::Keep),
             tcp_keepalive: self.keepalive(&rb.tcp_keepalive)?,
+            close_spread: self.window(&rb.close_spread, "close_spread")?,
             servers,
         })
+    }
+
+    /// A ramp or spread window (`slowstart`, `close_spread`): above zero, at most an hour.
+    fn window(&self, v: &Option<Spanned<duration::ConfigDuration>>, what: &str) -> Result<Option<Duration>> {
+        match v {
+            None => Ok(None),
+            Some(s) if s.value.0.is_zero() || s.value.0 > Duration::from_secs(3600) => self.err(
+                s.referenced,
+                format!("{what} must be above zero and at most 1h, not {}", duration::format(s.value.0)),
+            ),
+            Some(s) => Ok(Some(s.value.0)),
+        }
     }
 
     /// `tcp_keepalive: { idle, interval, count }`: whole seconds within what the kernel takes.
@@ -646,6 +678,7 @@ impl Validator<'_> {
             check: rs.check.unwrap_or(true),
             send_proxy: rs.send_proxy,
             backup: rs.backup.unwrap_or(false),
+            slowstart: self.window(&rs.slowstart, "slowstart")?,
         })
     }
 }

@@ -76,13 +76,17 @@ impl Ctx<'_> {
         }
         let shares = &up.shares;
         let be = &mut up.backends[b];
+        if be.ramping > 0 {
+            be.ramp(self.now.ms, &self.cfg.backends[b]);
+        }
         let servers = &be.servers;
         let cfg_servers = &self.cfg.backends[b].servers;
-        // Backup servers serve only while no normal server is UP (whatever its weight or maxconn).
-        let backups_serve = !(0..servers.len()).any(|i| !cfg_servers[i].backup && servers[i].state.is_up());
+        // Backup servers serve only while no normal server is available (UP and not set to drain
+        // or maint), whatever its weight or maxconn.
+        let backups_serve = !(0..servers.len()).any(|i| !cfg_servers[i].backup && servers[i].available());
         let free = |i: usize| servers[i].limit.is_none_or(|l| shares.has_room(l));
         let usable = |i: usize| {
-            servers[i].state.is_up()
+            servers[i].available()
                 && (backups_serve || !cfg_servers[i].backup)
                 && tried & (1 << (i % 64)) == 0
                 && servers[i].sources.remaining_or_any()
@@ -90,9 +94,8 @@ impl Ctx<'_> {
         let pick = be.balancer.pick(|i| servers[i].active, client, |i| usable(i) && free(i));
         let Some(s) = pick else {
             // Nobody free: is it because of maxconn (wait) or because nobody is left (fail)?
-            let weights = &self.cfg.backends[b].servers;
             let full: Vec<usize> =
-                (0..servers.len()).filter(|&i| usable(i) && !free(i) && weights[i].weight > 0).collect();
+                (0..servers.len()).filter(|&i| usable(i) && !free(i) && be.balancer.weight(i) > 0).collect();
             if !full.is_empty() {
                 self.stats.limit_hits.server += 1;
                 for i in full {

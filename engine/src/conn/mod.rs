@@ -82,6 +82,23 @@ pub enum State {
     Closing(CloseReason),
 }
 
+impl State {
+    /// The state as `show conns` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            State::Free => "free",
+            State::PeerName => "peer_name",
+            State::ProxyHeader => "proxy_header",
+            State::Admitting => "admitting",
+            State::Queued => "queued",
+            State::Connecting => "connecting",
+            State::SendingProxy => "sending_proxy",
+            State::Established => "established",
+            State::Closing(_) => "closing",
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dir {
     ClientToServer,
@@ -176,6 +193,8 @@ pub enum CloseReason {
     BadProxyHeader,
     /// The frontend's access list (`allow` / `deny`) refuses the client's address.
     Denied,
+    /// Closed by the operator (`shutdown sessions server`, runtime API).
+    Killed,
 }
 
 impl CloseReason {
@@ -192,6 +211,7 @@ impl CloseReason {
             CloseReason::Shutdown => "shutdown",
             CloseReason::BadProxyHeader => "bad_proxy_header",
             CloseReason::Denied => "denied",
+            CloseReason::Killed => "killed",
         }
     }
 
@@ -585,6 +605,11 @@ impl Slab {
         &mut self.entries[index as usize]
     }
 
+    /// The entry at `index`, read-only, whatever its state.
+    pub fn entry(&self, index: u32) -> &Conn {
+        &self.entries[index as usize]
+    }
+
     /// The entry and the timer links, borrowed together.
     pub(crate) fn split(&mut self, index: u32) -> (&mut Conn, &mut LinkTable) {
         (&mut self.entries[index as usize], &mut self.links)
@@ -792,6 +817,7 @@ impl Ctx<'_> {
             CloseReason::ConnectFailed => self.stats.failed += 1,
             CloseReason::BadProxyHeader => self.stats.proxy_header_errors += 1,
             CloseReason::Denied => self.stats.denied += 1,
+            CloseReason::Killed => self.stats.killed += 1,
             CloseReason::Done | CloseReason::Shutdown => {}
         }
         self.release_server();

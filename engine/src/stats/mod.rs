@@ -109,6 +109,18 @@ impl ServerState {
     }
 }
 
+impl ServerStats {
+    /// The status operators read (HAProxy's words): MAINT and DRAIN override UP; DOWN stays DOWN
+    /// under DRAIN.
+    pub fn status(&self) -> &'static str {
+        match (self.admin, self.state) {
+            (AdminState::Maint, _) => "MAINT",
+            (AdminState::Drain, ServerState::Up) => "DRAIN",
+            (_, state) => state.as_str(),
+        }
+    }
+}
+
 impl std::fmt::Display for ServerState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.pad(self.as_str())
@@ -122,12 +134,54 @@ impl PartialEq<&str> for ServerState {
     }
 }
 
+/// What the operator set a server to through the runtime API (`set server B/S state ...`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminState {
+    /// Takes new connections (when UP).
+    #[default]
+    #[serde(rename = "READY")]
+    Ready,
+    /// Takes no new connection; its open ones continue.
+    #[serde(rename = "DRAIN")]
+    Drain,
+    /// Taken out for maintenance: no new connection, its open ones continue; its health no
+    /// longer matters (the row says MAINT).
+    #[serde(rename = "MAINT")]
+    Maint,
+}
+
+impl AdminState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminState::Ready => "ready",
+            AdminState::Drain => "drain",
+            AdminState::Maint => "maint",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<AdminState> {
+        match word {
+            "ready" => Some(AdminState::Ready),
+            "drain" => Some(AdminState::Drain),
+            "maint" => Some(AdminState::Maint),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServerStats {
     pub backend: String,
     pub server: String,
     pub address: String,
     pub state: ServerState,
+    /// Set through the runtime API (READY unless changed).
+    #[serde(default)]
+    pub admin: AdminState,
+    /// The weight new connections are balanced with now: the configured one or the one set at
+    /// run time, lower while the server ramps up after `slowstart`.
+    #[serde(default)]
+    pub weight: u64,
     pub active: u64,
     pub total: u64,
     pub connect_errors: u64,
@@ -194,6 +248,9 @@ pub struct WorkerStats {
     /// Connections refused by their frontend's access list (`allow` / `deny`), closed at accept.
     #[serde(default)]
     pub denied: u64,
+    /// Connections closed by the operator (`shutdown sessions server`).
+    #[serde(default)]
+    pub killed: u64,
     pub proxy_headers_sent: u64,
     /// Looks at a client's bytes while waiting for its whole PROXY header (a header split over
     /// several packets takes more than one).

@@ -139,6 +139,13 @@ pub fn render(s: &EngineStats) -> String {
         "Connections refused by a frontend's allow/deny list.",
         |w| w.denied,
     );
+    m.per_worker(
+        s,
+        "connections_killed_total",
+        "counter",
+        "Connections closed by the operator (shutdown sessions server).",
+        |w| w.killed,
+    );
     m.per_worker_by(
         s,
         "bytes_total",
@@ -194,7 +201,13 @@ pub fn render(s: &EngineStats) -> String {
             }
         }
     };
-    servers(&mut m, "server_up", "gauge", "1 when the server takes new connections.", &|v| u64::from(v.state.is_up()));
+    servers(&mut m, "server_up", "gauge", "1 when health checks (or their absence) say the server is up.", &|v| {
+        u64::from(v.state.is_up())
+    });
+    servers(&mut m, "server_ready", "gauge", "1 unless the runtime API set the server to drain or maint.", &|v| {
+        u64::from(v.admin == super::AdminState::Ready)
+    });
+    servers(&mut m, "server_weight", "gauge", "The weight new connections are balanced with now.", &|v| v.weight);
     servers(&mut m, "server_connections_active", "gauge", "Connections open to the server.", &|v| v.active);
     servers(&mut m, "server_connections_total", "counter", "Connections made to the server.", &|v| v.total);
     servers(&mut m, "server_connect_errors_total", "counter", "Failed connects to the server.", &|v| v.connect_errors);

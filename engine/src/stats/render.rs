@@ -29,6 +29,8 @@ pub fn info(s: &EngineStats) -> String {
     kv(&mut o, "accepted", s.total(|w| w.accepted).to_string());
     kv(&mut o, "closed", s.total(|w| w.closed).to_string());
     kv(&mut o, "failed", s.total(|w| w.failed).to_string());
+    kv(&mut o, "denied", s.total(|w| w.denied).to_string());
+    kv(&mut o, "killed", s.total(|w| w.killed).to_string());
     kv(&mut o, "bytes_client_to_server", s.total(|w| w.bytes_client_to_server).to_string());
     kv(&mut o, "bytes_server_to_client", s.total(|w| w.bytes_server_to_client).to_string());
     o
@@ -151,10 +153,11 @@ pub fn servers(s: &EngineStats) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<24} {:<22} {:<5} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "{:<24} {:<22} {:<5} {:>6} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
         "backend/server",
         "address",
         "state",
+        "weight",
         "active",
         "total",
         "errors",
@@ -167,10 +170,11 @@ pub fn servers(s: &EngineStats) -> String {
         let l = &v.connect_latency_us;
         let _ = writeln!(
             o,
-            "{:<24} {:<22} {:<5} {:>8} {:>10} {:>8} {:>8} {:>8}us {:>8}us {:>8}us",
+            "{:<24} {:<22} {:<5} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8}us {:>8}us {:>8}us",
             format!("{}/{}", v.backend, v.server),
             v.address,
-            v.state,
+            v.status(),
+            v.weight,
             v.active,
             v.total,
             v.connect_errors,
@@ -272,14 +276,15 @@ pub fn csv(s: &EngineStats) -> String {
     for v in &s.servers {
         let _ = writeln!(
             o,
-            "{},{},,,{},,{},{},,,,,,{},,,,{},,",
+            "{},{},,,{},,{},{},,,,,,{},,,,{},{},",
             v.backend,
             v.server,
             v.active,
             if v.maxconn == 0 { String::new() } else { v.maxconn.to_string() },
             v.total,
             v.connect_errors,
-            v.state
+            v.status(),
+            v.weight
         );
     }
     for b in &s.backends {

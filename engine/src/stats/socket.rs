@@ -2,9 +2,11 @@
 //!
 //! A client connects, writes one command line, reads the answer until the server closes. Commands:
 //! `help`, `show info`, `show cores`, `show servers`, `show sources`, `show stat` (HAProxy-style
-//! CSV), `show json` (everything, for `ringproxy stats`), `show prometheus`, and `reload`, whose
-//! answer starts with a status line (`OK` or `FAIL`) that [`reload`] reads so no caller parses
-//! prose. Clients are served at once, each within deadlines and under a cap (`serve`).
+//! CSV), `show json` (everything, for `ringproxy stats`), `show prometheus`, and those of the
+//! runtime API (admin.rs: `show conns`, `set server`, `shutdown sessions`, `reload`), whose answer
+//! starts with a status line (`OK` or `FAIL`) that [`command`] reads so no caller parses prose.
+//! The admin socket takes them all; the stats socket refuses those that change state. Clients are
+//! served at once, each within deadlines and under a cap (`serve`).
 //!
 //! The socket file is made so that nobody connects with more rights than configured and, when the
 //! engine starts as root, no path another user can swap is ever followed (review items 6d, 1i).
@@ -31,6 +33,8 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 
+use crate::admin::Command;
+
 use super::{EngineStats, prometheus, render, serve};
 use crate::privileges::Ids;
 
@@ -44,51 +48,87 @@ commands (one per connection):
   show stat         CSV with HAProxy's column names
   show json         everything, as one JSON object
   show prometheus   the Prometheus text format
-  reload            re-read the configuration file (like SIGHUP); answers OK or FAIL on the
-                    first line, then the outcome
+  show conns [BACKEND/SERVER] [limit N]
+                    open connections, one per line (100 unless limit says, at most 10000)
+admin socket only (global.stats.admin_socket):
+  set server BACKEND/SERVER state ready|drain|maint
+                    drain and maint take no new connection (open ones continue); ready again
+                    ramps up over the server's slowstart
+  set server BACKEND/SERVER weight N
+                    0 to 256; 0 takes no new connection
+  shutdown sessions server BACKEND/SERVER
+                    close its connections (over the backend's close_spread)
+  reload            re-read the configuration file (like SIGHUP); runtime changes are dropped
+answers of show conns and of the admin commands start with a status line, OK or FAIL
 ";
 
-/// How a reload asked for through the socket ended, with the text for the operator.
+/// How a command carried out by the supervisor ended, with the text for the operator.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ReloadAnswer {
-    /// The new configuration runs.
-    Reloaded(String),
-    /// Nothing changed.
-    Refused(String),
+pub enum Answer {
+    /// Done (for a reload: the new configuration runs).
+    Ok(String),
+    /// Refused: nothing changed.
+    Fail(String),
 }
 
-impl ReloadAnswer {
+impl Answer {
     /// On the wire: a status line, then the text.
     fn encode(&self) -> String {
         match self {
-            ReloadAnswer::Reloaded(text) => format!("OK\n{text}"),
-            ReloadAnswer::Refused(text) => format!("FAIL\n{text}"),
+            Answer::Ok(text) => format!("OK\n{text}"),
+            Answer::Fail(text) => format!("FAIL\n{text}"),
         }
     }
 
-    fn decode(answer: &str) -> Option<ReloadAnswer> {
+    fn decode(answer: &str) -> Option<Answer> {
         let (status, text) = answer.split_once('\n')?;
         match status {
-            "OK" => Some(ReloadAnswer::Reloaded(text.to_owned())),
-            "FAIL" => Some(ReloadAnswer::Refused(text.to_owned())),
+            "OK" => Some(Answer::Ok(text.to_owned())),
+            "FAIL" => Some(Answer::Fail(text.to_owned())),
             _ => None,
         }
     }
 }
 
-/// A reload request: the supervisor answers on the enclosed channel.
-pub type ReloadRequest = Sender<ReloadAnswer>;
+/// A command for the supervisor: it answers on `reply`.
+pub struct Request {
+    pub command: Command,
+    pub reply: Sender<Answer>,
+}
 
-/// Answers one command line. `stop` is set when the socket shuts down: a reload stops waiting.
+/// What a socket may be asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// Reads only (`global.stats.socket`).
+    Read,
+    /// Reads and changes (`global.stats.admin_socket`).
+    Admin,
+}
+
+/// Answers one command line. Commands for the supervisor go to `requests` (when this socket has a
+/// supervisor behind it); `stop` is set when the socket shuts down: the wait for them ends.
 pub fn answer(
     command: &str,
     collect: &dyn Fn() -> EngineStats,
-    reload: Option<&Sender<ReloadRequest>>,
+    requests: Option<&Sender<Request>>,
+    level: Level,
     stop: &AtomicBool,
 ) -> String {
     let words: Vec<&str> = command.split_whitespace().collect();
+    match Command::parse(&words) {
+        Ok(Some(cmd)) if cmd.changes_state() && level == Level::Read => {
+            return Answer::Fail(format!(
+                "\"{}\" changes the engine: this socket is read-only; send it to the admin socket \
+                 (global.stats.admin_socket)\n",
+                words[0]
+            ))
+            .encode();
+        }
+        Ok(Some(cmd)) => return ask(requests, cmd, stop).encode(),
+        Err(why) => return Answer::Fail(format!("{why}\n")).encode(),
+        Ok(None) => {}
+    }
     match words.as_slice() {
-        ["reload"] => ask_reload(reload, stop).encode(),
         ["help"] | [] => HELP.to_string(),
         ["show", "info"] => render::info(&collect()),
         ["show", "cores"] => render::cores(&collect(), None),
@@ -97,18 +137,18 @@ pub fn answer(
         ["show", "stat"] => render::csv(&collect()),
         ["show", "json"] => serde_json::to_string(&collect()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
         ["show", "prometheus"] => prometheus::render(&collect()),
-        _ => format!("unknown command \"{}\"\n{HELP}", command.trim()),
+        _ => Answer::Fail(format!("unknown command \"{}\"\n{HELP}", command.trim())).encode(),
     }
 }
 
-/// Forwards a reload to the supervisor and waits for its outcome (60 s at most, less if `stop`).
-fn ask_reload(reload: Option<&Sender<ReloadRequest>>, stop: &AtomicBool) -> ReloadAnswer {
-    let Some(tx) = reload else {
-        return ReloadAnswer::Refused("reload is not available on this socket\n".into());
+/// Hands `command` to the supervisor and waits for its outcome (60 s at most, less if `stop`).
+fn ask(requests: Option<&Sender<Request>>, command: Command, stop: &AtomicBool) -> Answer {
+    let Some(tx) = requests else {
+        return Answer::Fail(format!("{} is not available on this socket\n", command.line()));
     };
-    let (reply_tx, reply_rx) = crossbeam_channel::bounded(1);
-    if tx.send(reply_tx).is_err() {
-        return ReloadAnswer::Refused("reload failed: the engine is shutting down\n".into());
+    let (reply, reply_rx) = crossbeam_channel::bounded(1);
+    if tx.send(Request { command, reply }).is_err() {
+        return Answer::Fail("the engine is shutting down\n".into());
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
@@ -118,13 +158,14 @@ fn ask_reload(reload: Option<&Sender<ReloadRequest>>, stop: &AtomicBool) -> Relo
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
         }
     }
-    ReloadAnswer::Refused("reload: no answer within 60s, or the engine is shutting down\n".into())
+    Answer::Fail("no answer within 60s, or the engine is shutting down\n".into())
 }
 
 /// The line protocol as `serve` runs it.
 struct Lines<C> {
     collect: C,
-    reload: Option<Sender<ReloadRequest>>,
+    requests: Option<Sender<Request>>,
+    level: Level,
 }
 
 impl<C: Fn() -> EngineStats + Send + 'static> serve::Protocol for Lines<C> {
@@ -141,7 +182,7 @@ impl<C: Fn() -> EngineStats + Send + 'static> serve::Protocol for Lines<C> {
     }
 
     fn answer(&self, request: &str, stop: &AtomicBool) -> Vec<u8> {
-        answer(request, &self.collect, self.reload.as_ref(), stop).into_bytes()
+        answer(request, &self.collect, self.requests.as_ref(), self.level, stop).into_bytes()
     }
 }
 
@@ -222,19 +263,21 @@ pub struct Server {
 }
 
 /// Creates the socket at `path` with permission bits `mode` (and `owner`, when the engine will run
-/// as another user) and serves it. `reload`, when given, is where the `reload` command is
-/// forwarded.
+/// as another user) and serves it at `level`. `requests`, when given, is where the commands the
+/// supervisor carries out are forwarded.
 pub fn serve(
     path: &Path,
     mode: u32,
     collect: impl Fn() -> EngineStats + Send + 'static,
-    reload: Option<Sender<ReloadRequest>>,
+    requests: Option<Sender<Request>>,
+    level: Level,
     owner: Option<Ids>,
     watch: &Watch,
 ) -> Result<Server, ServeError> {
     claim(path)?;
     let (listener, file) = bind_private(path, mode, owner, &|_, _| {})?;
-    match serve::start("ringproxy-stats", listener, Lines { collect, reload }, watch) {
+    let name = if level == Level::Admin { "ringproxy-admin" } else { "ringproxy-stats" };
+    match serve::start(name, listener, Lines { collect, requests, level }, watch) {
         Ok(running) => Ok(Server { path: path.to_owned(), file, running: Some(running) }),
         Err(e) => {
             remove_if_ours(path, file);
@@ -406,11 +449,19 @@ pub fn fetch(path: &Path) -> Result<EngineStats, ClientError> {
     serde_json::from_str(&text).map_err(|e| ClientError::Answer { path: path.to_owned(), detail: e.to_string() })
 }
 
-/// Client side: asks the engine to reload, and how that ended.
-pub fn reload(path: &Path) -> Result<ReloadAnswer, ClientError> {
-    let text = query(path, "reload")?;
-    ReloadAnswer::decode(&text)
-        .ok_or_else(|| ClientError::Answer { path: path.to_owned(), detail: format!("no reload status in {text:?}") })
+/// Client side: sends a command whose answer starts with a status line (`reload`, `show conns`,
+/// the admin commands), and how it ended.
+pub fn command(path: &Path, line: &str) -> Result<Answer, ClientError> {
+    let text = query(path, line)?;
+    Answer::decode(&text)
+        .ok_or_else(|| ClientError::Answer { path: path.to_owned(), detail: format!("no status line in {text:?}") })
+}
+
+/// Client side: a command line, answered by the supervisor (a status line first) or by the socket
+/// (plain text: taken as done).
+pub fn any_command(path: &Path, line: &str) -> Result<Answer, ClientError> {
+    let text = query(path, line)?;
+    Ok(Answer::decode(&text).unwrap_or(Answer::Ok(text)))
 }
 
 #[cfg(test)]
@@ -418,17 +469,32 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_reload_answer_survives_the_wire() {
-        for a in [ReloadAnswer::Reloaded("reloaded t.yaml: 2 workers\n".into()), ReloadAnswer::Refused("no\n".into())] {
-            assert_eq!(ReloadAnswer::decode(&a.encode()), Some(a));
+    fn an_answer_survives_the_wire() {
+        for a in [Answer::Ok("reloaded t.yaml: 2 workers\n".into()), Answer::Fail("no\n".into())] {
+            assert_eq!(Answer::decode(&a.encode()), Some(a));
         }
-        assert_eq!(ReloadAnswer::decode("reloaded t.yaml: 2 workers\n"), None, "a status line is required");
+        assert_eq!(Answer::decode("reloaded t.yaml: 2 workers\n"), None, "a status line is required");
     }
 
     #[test]
     fn reload_without_a_supervisor_fails() {
-        let text = answer("reload", &EngineStats::default, None, &AtomicBool::new(false));
+        let text = answer("reload", &EngineStats::default, None, Level::Admin, &AtomicBool::new(false));
         assert_eq!(text, "FAIL\nreload is not available on this socket\n");
+    }
+
+    #[test]
+    fn the_read_only_socket_refuses_every_change_and_sends_nothing_on() {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for line in ["reload", "set server a/b state drain", "set server a/b weight 3", "shutdown sessions server a/b"]
+        {
+            let text = answer(line, &EngineStats::default, Some(&tx), Level::Read, &AtomicBool::new(false));
+            assert!(text.starts_with("FAIL\n") && text.contains("this socket is read-only"), "{line}: {text}");
+        }
+        assert!(rx.try_recv().is_err(), "nothing reached the supervisor");
+        let text =
+            answer("set server a/b state up", &EngineStats::default, Some(&tx), Level::Admin, &AtomicBool::new(false));
+        assert_eq!(text, "FAIL\nstate \"up\" is not one of ready, drain, maint\n");
+        assert!(rx.try_recv().is_err(), "a malformed command reaches nobody");
     }
 
     /// A fresh directory for one test, under the system's temporary directory.

@@ -3,9 +3,11 @@
 //! All of it runs between two loop turns, never inside a connection's transition.
 
 use super::Worker;
-use crate::conn::{CloseReason, State};
+use crate::admin::ServerOp;
+use crate::conn::{CloseReason, Conn, State};
 use crate::control::Control;
 use crate::stats::{ServerState, SourceStats, WorkerStats};
+use crate::worker::token::GENERATION_MASK;
 
 impl Worker {
     pub(super) fn on_control(&mut self) {
@@ -26,30 +28,161 @@ impl Worker {
                     let state = if up { ServerState::Up } else { ServerState::Down };
                     self.set_server_state(backend, server, state);
                 }
+                Control::Server { backend, server, op, done } => {
+                    self.server_op(backend, server, op);
+                    let _ = done.send(());
+                }
+                Control::ListConns { server, limit, reply } => {
+                    let _ = reply.send(self.list_conns(server, limit));
+                }
             }
         }
     }
 
     /// A health check marked a server up or down.
     fn set_server_state(&mut self, b: usize, s: usize, state: ServerState) {
-        let Some(srv) = self.up.backends.get_mut(b).and_then(|be| be.servers.get_mut(s)) else { return };
-        srv.state = state;
+        let Some(srv) = self.up.backends.get(b).and_then(|be| be.servers.get(s)) else { return };
+        let was = srv.available();
+        self.up.backends[b].servers[s].state = state;
         if let Some(row) = self.stats.servers.get_mut(self.up.server_index[b] + s) {
             row.state = state;
         }
-        if state.is_up() {
-            self.drain_queue(b);
-            self.follow_up();
-        } else if self.cfg.backends[b].on_down == crate::config::OnDown::ShutdownSessions {
-            for idx in self.conns.live_indices() {
-                let c = self.conns.at(idx);
-                let on_it = c.backend as usize == b && c.server as usize == s && c.server_shares;
-                if on_it && matches!(c.state, State::Connecting | State::SendingProxy | State::Established) {
-                    self.with_conn(idx, |cx| cx.close(CloseReason::ServerReset));
+        self.availability_changed(b, s, was);
+        if !state.is_up() && self.cfg.backends[b].on_down == crate::config::OnDown::ShutdownSessions {
+            self.shut_down(b, s, CloseReason::ServerReset);
+        }
+    }
+
+    /// The runtime API changes server `s` of backend `b`.
+    fn server_op(&mut self, b: usize, s: usize, op: ServerOp) {
+        let Some(srv) = self.up.backends.get(b).and_then(|be| be.servers.get(s)) else { return };
+        let was = srv.available();
+        match op {
+            ServerOp::State(admin) => {
+                self.up.backends[b].servers[s].admin = admin;
+                if let Some(row) = self.stats.servers.get_mut(self.up.server_index[b] + s) {
+                    row.admin = admin;
                 }
             }
-            self.follow_up();
+            ServerOp::Weight(w) => {
+                let be = &mut self.up.backends[b];
+                be.servers[s].weight = w;
+                if be.servers[s].ramp_from.is_some() {
+                    be.ramp(self.now.ms, &self.cfg.backends[b]);
+                } else {
+                    be.balancer.set_weight(s, w);
+                }
+            }
+            ServerOp::Shutdown => self.shut_down(b, s, CloseReason::Killed),
         }
+        self.availability_changed(b, s, was);
+    }
+
+    /// After a change to server `s`: coming back, it ramps up (`slowstart`) and takes the queued
+    /// connections; going away, a ramp in progress ends.
+    fn availability_changed(&mut self, b: usize, s: usize, was: bool) {
+        let now = self.up.backends[b].servers[s].available();
+        if now && !was {
+            self.up.backends[b].start_ramp(s, self.now.ms, &self.cfg.backends[b]);
+            self.drain_queue(b);
+            self.follow_up();
+        } else if !now && was {
+            self.up.backends[b].stop_ramp(s);
+        }
+    }
+
+    /// Closes every connection this worker has to server `s` of backend `b`: at once, or at an
+    /// even pace over the backend's `close_spread`.
+    fn shut_down(&mut self, b: usize, s: usize, reason: CloseReason) {
+        let victims: Vec<(u32, u32)> = self
+            .conns
+            .live_indices()
+            .into_iter()
+            .filter_map(|idx| {
+                let c = self.conns.entry(idx);
+                on_server(c, b, s).then_some((idx, c.generation & GENERATION_MASK))
+            })
+            .collect();
+        let spread = Spread { backend: b, server: s, reason, from: self.now.ms, victims, done: 0 };
+        match self.cfg.backends[b].close_spread {
+            Some(window) if !spread.victims.is_empty() => {
+                self.spreads.push((spread, window.as_millis().max(1) as u64));
+                self.run_spreads();
+            }
+            _ => {
+                self.close_victims(&spread.victims, b, s, reason);
+                self.follow_up();
+            }
+        }
+    }
+
+    fn close_victims(&mut self, victims: &[(u32, u32)], b: usize, s: usize, reason: CloseReason) {
+        for &(idx, generation) in victims {
+            if self.conns.get(idx, generation).is_some_and(|c| on_server(c, b, s)) {
+                self.with_conn(idx, |cx| cx.close(reason));
+            }
+        }
+    }
+
+    /// Closes what is due of each spread shutdown: by now, `victims × elapsed / window` of them.
+    pub(super) fn run_spreads(&mut self) {
+        let mut spreads = std::mem::take(&mut self.spreads);
+        for (sp, window) in &mut spreads {
+            let elapsed = self.now.ms.saturating_sub(sp.from);
+            let due = if elapsed >= *window {
+                sp.victims.len()
+            } else {
+                (sp.victims.len() as u64 * elapsed / *window) as usize
+            };
+            if due > sp.done {
+                let batch = sp.victims[sp.done..due].to_vec();
+                sp.done = due;
+                self.close_victims(&batch, sp.backend, sp.server, sp.reason);
+            }
+        }
+        spreads.retain(|(sp, _)| sp.done < sp.victims.len());
+        // (A shutdown started while these ran went to `self.spreads`: keep both.)
+        spreads.append(&mut self.spreads);
+        self.spreads = spreads;
+        self.follow_up();
+    }
+
+    /// Up to `limit` of this worker's connections, one line each.
+    fn list_conns(&self, server: Option<(usize, usize)>, limit: usize) -> Vec<String> {
+        let mut out = Vec::new();
+        for idx in self.conns.live_indices() {
+            if out.len() >= limit {
+                break;
+            }
+            let c = self.conns.entry(idx);
+            let to_server = c.server != crate::conn::NO_INDEX;
+            if let Some((b, s)) = server
+                && !(to_server && c.backend as usize == b && c.server as usize == s)
+            {
+                continue;
+            }
+            let fe = self.cfg.frontends.get(c.frontend as usize).map_or("-", |f| f.name.as_str());
+            let target = match self.cfg.backends.get(c.backend as usize) {
+                Some(be) if to_server => {
+                    format!("{}/{}", be.name, be.servers.get(c.server as usize).map_or("-", |s| s.name.as_str()))
+                }
+                Some(be) => format!("{}/-", be.name),
+                None => "-".into(),
+            };
+            let client = c.client_addr.map_or("-".into(), |a| a.to_string());
+            let source = self.up.source_ip(c).map_or("-".into(), |ip| ip.to_string());
+            let age = self.now.us.saturating_sub(c.t_accept_us) / 1000;
+            let idle = self.now.ms.saturating_sub(c.last_client.max(c.last_server));
+            out.push(format!(
+                "worker={} frontend={fe} client={client} server={target} source={source} state={} age_ms={age} \
+                 idle_ms={idle} bytes_in={} bytes_out={}",
+                self.id,
+                c.state.name(),
+                c.bytes_in,
+                c.bytes_out
+            ));
+        }
+        out
     }
 
     pub(super) fn flush_outbox(&mut self) {
@@ -127,6 +260,8 @@ impl Worker {
                 row.total = srv.total;
                 row.connect_errors = srv.errors;
                 row.share = srv.limit.map_or(0, |l| u64::from(self.up.shares.held(l)));
+                row.admin = srv.admin;
+                row.weight = u64::from(be.balancer.weight(i));
                 // Percentiles for this worker's rows, buckets for merging across workers.
                 let latency = &self.up.connect_latency[k];
                 row.connect_latency_us = latency.latency();
@@ -145,4 +280,26 @@ impl Worker {
         }
         s
     }
+}
+
+/// A shutdown of one server's connections, paced over a window (`close_spread`).
+pub(super) struct Spread {
+    backend: usize,
+    server: usize,
+    reason: CloseReason,
+    /// When it began (worker clock, ms).
+    from: u64,
+    /// The connections it closes (index, generation), in the order they are closed.
+    victims: Vec<(u32, u32)>,
+    /// How many of them are behind it.
+    done: usize,
+}
+
+/// Whether connection `c` holds a connection to server `s` of backend `b` (connecting or
+/// established): what a shutdown of the server closes.
+fn on_server(c: &Conn, b: usize, s: usize) -> bool {
+    c.backend as usize == b
+        && c.server as usize == s
+        && c.server_shares
+        && matches!(c.state, State::Connecting | State::SendingProxy | State::Established)
 }

@@ -96,6 +96,8 @@ pub struct Worker {
     draining: Option<u64>,
     /// When the receive buffers are next trimmed (worker clock, ms).
     next_trim: u64,
+    /// Shutdowns of a server's connections paced over `close_spread`, with their window (ms).
+    spreads: Vec<(control::Spread, u64)>,
 }
 
 /// Runs a worker on the current thread until it has drained. `ready` gets `Ok` once the ring is up
@@ -136,7 +138,8 @@ impl Worker {
                 .listeners
                 .iter()
                 .filter_map(|l| l.retry_in(self.now.ms))
-                .fold(self.timers.sleep_ms(self.now.ms, 1000), u64::min);
+                .fold(self.timers.sleep_ms(self.now.ms, 1000), u64::min)
+                .min(if self.spreads.is_empty() { u64::MAX } else { timer::TICK_MS });
             self.ring.submit_and_wait(Some(Duration::from_millis(sleep)))?;
             let woke = Instant::now();
             let us = woke.duration_since(self.started).as_micros() as u64;
@@ -158,6 +161,9 @@ impl Worker {
                 // burst shrinks back, and buffers nobody used since give their memory back.
                 self.next_trim = self.now.ms + 1000;
                 self.ring.trim_recv_bufs();
+            }
+            if !self.spreads.is_empty() {
+                self.run_spreads();
             }
             self.check_drain();
             self.retry_listeners();

@@ -16,7 +16,7 @@ use crate::limits::Shares;
 use crate::log::ConnLog;
 use crate::pipes::PipePool;
 use crate::sources::{self, SourceShard};
-use crate::stats::{ServerState, ServerStats, WorkerStats, latency_histogram};
+use crate::stats::{AdminState, ServerState, ServerStats, WorkerStats, latency_histogram};
 
 /// Bytes per receive buffer of the ring (`splice: never`): a multishot receive fills one per
 /// completion, up to this.
@@ -53,6 +53,9 @@ impl Worker {
                     .collect();
                 servers.push(Server {
                     state: ServerState::Up,
+                    admin: AdminState::Ready,
+                    weight: srv.weight,
+                    ramp_from: None,
                     dest,
                     sources: SourceShard::new(ips, ids, plan.ephemeral_ports),
                     active: 0,
@@ -70,6 +73,7 @@ impl Worker {
                 queue: VecDeque::new(),
                 limit: plan.limits.backend[b],
                 connect_timeout,
+                ramping: 0,
             });
         }
         let ring = Ring::new(RingSetup {
@@ -101,6 +105,7 @@ impl Worker {
                         server: s.name.clone(),
                         address: s.address.to_string(),
                         state: ServerState::Up,
+                        weight: u64::from(s.weight),
                         maxconn: u64::from(s.maxconn.unwrap_or(0)),
                         ..ServerStats::default()
                     })
@@ -176,6 +181,7 @@ impl Worker {
             peers,
             draining: None,
             next_trim: 1000,
+            spreads: Vec::new(),
             plan,
         };
         let fd = w.wake.fd();

@@ -9,13 +9,20 @@ use crate::balance::Balancer;
 use crate::conn::Admission;
 use crate::limits::{LimitId, ShareMsg, Shares};
 use crate::sources::SourceShard;
-use crate::stats::{LatencyHistogram, ServerState};
+use crate::stats::{AdminState, LatencyHistogram, ServerState};
 use crate::worker::ring::{AddrId, ServerSlots, TimeoutId};
 
 /// One server, as this worker sees it.
 pub(crate) struct Server {
     /// Health as last reported (a server without health checks is always `Up`).
     pub state: ServerState,
+    /// As the runtime API set it.
+    pub admin: AdminState,
+    /// Its weight: the configured one, or the one the runtime API set. The balancer holds the one
+    /// in use, lower while the server ramps up.
+    pub weight: u32,
+    /// Since when (worker clock, ms) the server ramps up after coming back (`slowstart`).
+    pub ramp_from: Option<u64>,
     pub dest: AddrId,
     pub sources: SourceShard,
     pub active: u32,
@@ -36,6 +43,55 @@ pub(crate) struct Backend {
     pub queue: VecDeque<(u32, u32)>,
     pub limit: Option<LimitId>,
     pub connect_timeout: TimeoutId,
+    /// Servers ramping up (`ramp_from` set): their weights are brought up to date before a pick.
+    pub ramping: u16,
+}
+
+impl Server {
+    /// Whether it may take new connections (health and the runtime API agree).
+    pub fn available(&self) -> bool {
+        self.state.is_up() && self.admin == AdminState::Ready
+    }
+}
+
+impl Backend {
+    /// Brings the weights of ramping servers up to date: `weight × elapsed / slowstart` (at least
+    /// 1 while ramping, so the server gets a first few connections), full once the ramp is over.
+    pub fn ramp(&mut self, now_ms: u64, cfg: &crate::config::Backend) {
+        for (i, srv) in self.servers.iter_mut().enumerate() {
+            let Some(from) = srv.ramp_from else { continue };
+            let window = cfg.servers[i].slowstart.map_or(0, |d| d.as_millis() as u64);
+            let elapsed = now_ms.saturating_sub(from);
+            let w = if elapsed >= window {
+                srv.ramp_from = None;
+                self.ramping -= 1;
+                srv.weight
+            } else {
+                ((u64::from(srv.weight) * elapsed / window) as u32).max(1).min(srv.weight)
+            };
+            self.balancer.set_weight(i, w);
+        }
+    }
+
+    /// Server `s` has just become available: with a `slowstart`, it ramps up from now.
+    pub fn start_ramp(&mut self, s: usize, now_ms: u64, cfg: &crate::config::Backend) {
+        if cfg.servers[s].slowstart.is_none() || self.servers[s].weight == 0 {
+            return;
+        }
+        if self.servers[s].ramp_from.replace(now_ms).is_none() {
+            self.ramping += 1;
+        }
+        self.ramp(now_ms, cfg);
+    }
+
+    /// Server `s` is no longer available: a ramp in progress ends (it starts again when it comes
+    /// back).
+    pub fn stop_ramp(&mut self, s: usize) {
+        if self.servers[s].ramp_from.take().is_some() {
+            self.ramping -= 1;
+            self.balancer.set_weight(s, self.servers[s].weight);
+        }
+    }
 }
 
 /// The worker's side of every backend, and the pools a connect draws from.

@@ -252,7 +252,7 @@ impl Proxy {
     }
 
     pub fn stats_socket(&self) -> Option<&Path> {
-        self.ready.stats_socket.as_deref()
+        self.ready.stats_socket.as_deref().or(self.ready.admin_socket.as_deref())
     }
 
     /// Waits until the ready file reports `generation` (the number of successful reloads).

@@ -160,7 +160,7 @@ fn socket_protocol_json_csv_and_prometheus() {
     let sources = socket::query(&sock, "show sources").unwrap();
     assert!(sources.contains("127.0.2.21"), "{sources}");
     let help = socket::query(&sock, "what").unwrap();
-    assert!(help.starts_with("unknown command \"what\"") && help.contains("show stat"), "{help}");
+    assert!(help.starts_with("FAIL\nunknown command \"what\"") && help.contains("show stat"), "{help}");
 
     let snapshot: EngineStats = serde_json::from_str(&socket::query(&sock, "show json").unwrap()).unwrap();
     assert_eq!(snapshot.workers.len(), 2);

@@ -54,15 +54,16 @@ fn free_privileged_port() -> u16 {
     (700..1000).find(|&p| TcpListener::bind(("127.0.0.1", p)).is_ok()).expect("a free port in 700..1000")
 }
 
-/// Every helper thread there is: stats socket, Prometheus, connection log, health checks, two
+/// Every helper thread there is: stats and admin sockets, Prometheus, connection log, health checks, two
 /// workers.
 fn config(dir: &Path, bind: &str, server: std::net::SocketAddr) -> String {
     format!(
-        "global:\n  workers: 2\n  user: nobody\n  connection_log: {}\n  stats: {{ socket: {}, prometheus: \"127.0.0.1:0\" }}\n\
+        "global:\n  workers: 2\n  user: nobody\n  connection_log: {}\n  stats: {{ socket: {}, admin_socket: {}, prometheus: \"127.0.0.1:0\" }}\n\
          frontends: [{{ name: fe, bind: \"{bind}\", backend: be }}]\n\
          backends:\n  - name: be\n    check: {{ interval: 100ms }}\n    servers: [{{ name: s, address: \"{server}\" }}]\n",
         dir.join("conn.log").display(),
         dir.join("s.sock").display(),
+        dir.join("a.sock").display(),
     )
 }
 
@@ -107,7 +108,9 @@ fn assert_unprivileged(pid: u32, ids: Ids, bounding: bool) -> Vec<String> {
 
 /// Every kind of thread was among those looked at (names as the kernel keeps them: 15 bytes).
 fn assert_helpers_seen(names: &[String]) {
-    for helper in ["ringproxy-stats", "ringproxy-metrics", "ringproxy-log", "ringproxy-health", "ringproxy-w0"] {
+    for helper in
+        ["ringproxy-stats", "ringproxy-admin", "ringproxy-metrics", "ringproxy-log", "ringproxy-health", "ringproxy-w0"]
+    {
         let comm = &helper[..helper.len().min(15)];
         assert!(names.iter().any(|n| n == comm), "no thread {comm} in {names:?}");
     }
@@ -138,7 +141,7 @@ fn root_start_with_a_user_leaves_no_thread_a_capability() {
 
     let low = free_privileged_port();
     proxy.write_config(&config(&dir, &format!("127.0.0.1:{low}"), echo.addr));
-    let out = ringproxy().args(["reload", "--socket"]).arg(dir.join("s.sock")).output().unwrap();
+    let out = ringproxy().args(["reload", "--socket"]).arg(dir.join("a.sock")).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("Permission denied") && text.contains("CAP_NET_BIND_SERVICE"), "{text}");

@@ -1,4 +1,5 @@
-//! The `ringproxy` binary as an operator runs it, one test binary: the command line and exit
+//! The `ringproxy` binary as an operator runs it, one test binary: the runtime API (`admin`), the
+//! command line and exit
 //! codes (`cli`), hot reload and privileges (`reload`), `ringproxy check` (`check`), capabilities
 //! after start (`capabilities`), the connection log's file (`connection_log`), and ending other
 //! than by a drain (`shutdown`). Every long-running process is started one way,
@@ -8,6 +9,7 @@
 mod common;
 
 mod access;
+mod admin;
 mod capabilities;
 mod check;
 mod cli;

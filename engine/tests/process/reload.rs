@@ -20,7 +20,7 @@ fn tag_of(mut c: TcpStream) -> u8 {
 
 fn config(port: u16, server: SocketAddr, sock: &Path, extra: &str) -> String {
     format!(
-        "global: {{ workers: 2, stats: {{ socket: {} }} }}\nfrontends:\n  - {{ name: fe, bind: \"127.0.0.1:{port}\", backend: be }}\n{extra}\
+        "global: {{ workers: 2, stats: {{ admin_socket: {} }} }}\nfrontends:\n  - {{ name: fe, bind: \"127.0.0.1:{port}\", backend: be }}\n{extra}\
          backends:\n  - {{ name: be, servers: [{{ name: s, address: \"{server}\" }}] }}\n",
         sock.display()
     )

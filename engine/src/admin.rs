@@ -1,0 +1,210 @@
+//! The runtime API: commands that change a running engine's state (or list its connections), as
+//! the stats sockets receive them, checked against the running configuration before anything is
+//! sent to a worker, so that a refused command changes nothing.
+//!
+//! Two levels: the stats socket (`global.stats.socket`) answers reads, including `show conns`; the
+//! admin socket (`global.stats.admin_socket`, mode 0600 by default) answers those and the commands
+//! that change state. Every worker applies a change at its next loop turn; the answer comes once all
+//! of them have (the supervisor waits for each). A change made here lasts until the next reload:
+//! the file wins, and the reload's answer names the runtime changes it dropped.
+
+use crate::config::Config;
+use crate::stats::AdminState;
+
+/// The most connections `show conns` lists (and its default when no `limit` is given: 100).
+pub const MAX_LISTED: usize = 10_000;
+pub const DEFAULT_LISTED: usize = 100;
+
+/// A command the supervisor carries out (the other commands are answered by the socket's thread).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Command {
+    Reload,
+    /// `set server B/S state ready|drain|maint`
+    SetState {
+        server: ServerName,
+        state: AdminState,
+    },
+    /// `set server B/S weight N`
+    SetWeight {
+        server: ServerName,
+        weight: u32,
+    },
+    /// `shutdown sessions server B/S`
+    Shutdown {
+        server: ServerName,
+    },
+    /// `show conns [B/S] [limit N]`
+    ShowConns {
+        server: Option<ServerName>,
+        limit: usize,
+    },
+}
+
+/// `backend/server`, as typed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerName {
+    pub backend: String,
+    pub server: String,
+}
+
+impl std::fmt::Display for ServerName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.backend, self.server)
+    }
+}
+
+impl ServerName {
+    fn parse(word: &str) -> Result<ServerName, String> {
+        match word.split_once('/') {
+            Some((b, s)) if !b.is_empty() && !s.is_empty() && !s.contains('/') => {
+                Ok(ServerName { backend: b.to_owned(), server: s.to_owned() })
+            }
+            _ => Err(format!("\"{word}\" is not BACKEND/SERVER")),
+        }
+    }
+
+    /// Indices of the backend and the server in `config`, or what does not exist.
+    pub fn find(&self, config: &Config) -> Result<(usize, usize), String> {
+        let Some(b) = config.backends.iter().position(|b| b.name == self.backend) else {
+            let names: Vec<&str> = config.backends.iter().map(|b| b.name.as_str()).collect();
+            return Err(format!("no backend \"{}\" (backends: {})", self.backend, names.join(", ")));
+        };
+        let servers = &config.backends[b].servers;
+        let Some(s) = servers.iter().position(|s| s.name == self.server) else {
+            let names: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
+            return Err(format!(
+                "backend \"{}\" has no server \"{}\" (servers: {})",
+                self.backend,
+                self.server,
+                names.join(", ")
+            ));
+        };
+        Ok((b, s))
+    }
+}
+
+/// The highest weight a server can be given (as in the configuration).
+pub const MAX_WEIGHT: u32 = crate::config::WEIGHT_LIMIT as u32;
+
+impl Command {
+    /// Parses the words of a command line: `Ok(None)` when it is none of these commands (the
+    /// socket answers it, or says it is unknown), `Err` with the reason when it is one of them
+    /// written wrong.
+    pub fn parse(words: &[&str]) -> Result<Option<Command>, String> {
+        let cmd = match words {
+            ["reload"] => Command::Reload,
+            ["set", "server", name, "state", state] => Command::SetState {
+                server: ServerName::parse(name)?,
+                state: AdminState::parse(state)
+                    .ok_or_else(|| format!("state \"{state}\" is not one of ready, drain, maint"))?,
+            },
+            ["set", "server", name, "weight", w] => Command::SetWeight {
+                server: ServerName::parse(name)?,
+                weight: w
+                    .parse()
+                    .ok()
+                    .filter(|w| *w <= MAX_WEIGHT)
+                    .ok_or_else(|| format!("weight \"{w}\" is not a whole number from 0 to {MAX_WEIGHT}"))?,
+            },
+            ["set", "server", ..] => {
+                return Err("usage: set server BACKEND/SERVER state ready|drain|maint, or set server \
+                            BACKEND/SERVER weight N"
+                    .into());
+            }
+            ["shutdown", "sessions", "server", name] => Command::Shutdown { server: ServerName::parse(name)? },
+            ["shutdown", ..] => return Err("usage: shutdown sessions server BACKEND/SERVER".into()),
+            ["show", "conns", rest @ ..] => {
+                let (server, rest) = match rest {
+                    [name, rest @ ..] if *name != "limit" => (Some(ServerName::parse(name)?), rest),
+                    _ => (None, rest),
+                };
+                let limit = match rest {
+                    [] => DEFAULT_LISTED,
+                    ["limit", n] => n
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=MAX_LISTED).contains(n))
+                        .ok_or_else(|| format!("limit \"{n}\" is not a whole number from 1 to {MAX_LISTED}"))?,
+                    _ => return Err("usage: show conns [BACKEND/SERVER] [limit N]".into()),
+                };
+                Command::ShowConns { server, limit }
+            }
+            _ => return Ok(None),
+        };
+        Ok(Some(cmd))
+    }
+
+    /// Whether it changes the engine (admin socket only).
+    pub fn changes_state(&self) -> bool {
+        !matches!(self, Command::ShowConns { .. })
+    }
+
+    /// The command as a line (for the answer and the list of runtime changes a reload drops).
+    pub fn line(&self) -> String {
+        match self {
+            Command::Reload => "reload".into(),
+            Command::SetState { server, state } => format!("set server {server} state {}", state.as_str()),
+            Command::SetWeight { server, weight } => format!("set server {server} weight {weight}"),
+            Command::Shutdown { server } => format!("shutdown sessions server {server}"),
+            Command::ShowConns { server: Some(s), limit } => format!("show conns {s} limit {limit}"),
+            Command::ShowConns { server: None, limit } => format!("show conns limit {limit}"),
+        }
+    }
+}
+
+/// What a worker is asked to do to one of its servers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ServerOp {
+    State(AdminState),
+    Weight(u32),
+    /// Close every connection to it (at the pace of the backend's `close_spread`).
+    Shutdown,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(line: &str) -> Result<Option<Command>, String> {
+        Command::parse(&line.split_whitespace().collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn each_command_parses_and_prints_back() {
+        for line in [
+            "reload",
+            "set server app/s1 state drain",
+            "set server app/s1 state maint",
+            "set server app/s1 state ready",
+            "set server app/s1 weight 0",
+            "set server app/s1 weight 256",
+            "shutdown sessions server app/s1",
+            "show conns limit 100",
+            "show conns app/s1 limit 7",
+        ] {
+            assert_eq!(parse(line).unwrap().unwrap().line(), line);
+        }
+        assert_eq!(parse("show conns").unwrap(), Some(Command::ShowConns { server: None, limit: DEFAULT_LISTED }));
+        assert_eq!(parse("show info").unwrap(), None, "answered by the socket");
+        assert!(!parse("show conns").unwrap().unwrap().changes_state());
+        assert!(parse("shutdown sessions server a/b").unwrap().unwrap().changes_state());
+    }
+
+    #[test]
+    fn bad_words_are_named() {
+        for (line, want) in [
+            ("set server app/s1 state up", "state \"up\" is not one of ready, drain, maint"),
+            ("set server app/s1 weight 257", "weight \"257\" is not a whole number from 0 to 256"),
+            ("set server app/s1 weight -1", "weight \"-1\""),
+            ("set server app state drain", "\"app\" is not BACKEND/SERVER"),
+            ("set server a/b/c state drain", "\"a/b/c\" is not BACKEND/SERVER"),
+            ("set server app/s1", "usage: set server"),
+            ("shutdown sessions app/s1", "usage: shutdown sessions server"),
+            ("show conns limit 0", "limit \"0\""),
+            ("show conns app/s1 limit", "usage: show conns"),
+        ] {
+            let e = parse(line).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+}

@@ -1,0 +1,256 @@
+//! The runtime API (`global.stats.admin_socket`, `ringproxy cmd`): taking a server out and back
+//! (`set server ... state`), weights, `shutdown sessions` at once and over `close_spread`,
+//! `slowstart`, `show conns`; the read-only stats socket refusing every change; refused commands
+//! changing nothing; a reload naming the runtime changes it dropped.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+use ringproxy::stats::socket;
+
+/// `ringproxy cmd --socket SOCK LINE`: exit code and what it printed.
+fn cmd(sock: &Path, line: &str) -> (Option<i32>, String) {
+    let out = ringproxy().args(["cmd", "--socket"]).arg(sock).arg(line).output().unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// Runs `line` on the admin socket and expects it done.
+fn ok(sock: &Path, line: &str) -> String {
+    let (code, text) = cmd(sock, line);
+    assert_eq!(code, Some(0), "{line}: {text}");
+    text
+}
+
+/// Runs `line` and expects it refused with `why` in the answer.
+fn refused(sock: &Path, line: &str, why: &str) {
+    let (code, text) = cmd(sock, line);
+    assert_eq!(code, Some(1), "{line}: {text}");
+    assert!(text.contains(why), "{line}: wanted {why:?} in {text}");
+}
+
+/// A connection through the proxy, and the tag of the server it reached.
+fn tagged(front: SocketAddr) -> (TcpStream, u8) {
+    let mut c = connect(front);
+    let mut t = [0u8];
+    c.read_exact(&mut t).unwrap();
+    (c, t[0])
+}
+
+/// Of `n` new connections (each closed after its tag), how many reached the server tagged 1.
+fn to_first(front: SocketAddr, n: usize) -> usize {
+    (0..n).filter(|_| tagged(front).1 == 1).count()
+}
+
+/// The engine's server rows, as JSON gives them.
+fn servers(sock: &Path) -> Vec<ringproxy::stats::ServerStats> {
+    socket::fetch(sock).unwrap().servers
+}
+
+/// A row's status, weight and active connections.
+fn row(sock: &Path, name: &str) -> (String, u64, u64) {
+    let r = servers(sock).into_iter().find(|r| r.server == name).unwrap();
+    (r.status().to_string(), r.weight, r.active)
+}
+
+fn sockets(name: &str) -> (PathBuf, PathBuf) {
+    (temp_path(&format!("{name}-stats.sock")), temp_path(&format!("{name}-admin.sock")))
+}
+
+fn config(stats: &Path, admin: &Path, a: SocketAddr, b: SocketAddr, backend_extra: &str, a_extra: &str) -> String {
+    format!(
+        "global: {{ workers: 2, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, allow: [127.0.0.0/8] }}]\n\
+         backends:\n  - name: be\n    balance: roundrobin\n{backend_extra}    servers:\n\
+         \x20     - {{ name: a, address: \"{a}\"{a_extra} }}\n      - {{ name: b, address: \"{b}\" }}\n",
+        stats.display(),
+        admin.display()
+    )
+}
+
+/// Every command on real sockets: what it does to new and open connections, what the stats
+/// say, and that a refused command (read-only socket, unknown names, bad words) changes nothing.
+#[test]
+fn set_server_state_weight_and_shutdown_sessions_do_what_they_say_and_nothing_else() {
+    let (a, b) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)));
+    let (stats, admin) = sockets("rt");
+    let mut proxy = Proxy::start("rt", &config(&stats, &admin, a.addr, b.addr, "", ""));
+    let front = proxy.addr("fe");
+    let half = to_first(front, 40);
+    assert!((16..=24).contains(&half), "round robin over a and b: {half} of 40 to a");
+
+    // The read-only socket refuses every change, and so does a malformed or unknown command on
+    // the admin socket: none changes anything.
+    let settings = || -> Vec<(String, String, u64)> {
+        servers(&stats).into_iter().map(|r| (r.server.clone(), r.status().to_string(), r.weight)).collect()
+    };
+    let before = settings();
+    assert_eq!(before, [("a".into(), "UP".into(), 1), ("b".into(), "UP".into(), 1)]);
+    for line in ["set server be/a state drain", "set server be/a weight 0", "shutdown sessions server be/a", "reload"] {
+        refused(&stats, line, "this socket is read-only; send it to the admin socket");
+    }
+    refused(&admin, "set server nope/a state drain", "no backend \"nope\" (backends: be)");
+    refused(&admin, "set server be/c state drain", "backend \"be\" has no server \"c\" (servers: a, b)");
+    refused(&admin, "set server be/a state down", "state \"down\" is not one of ready, drain, maint");
+    refused(&admin, "set server be/a weight 999", "weight \"999\" is not a whole number from 0 to 256");
+    refused(&admin, "shutdown sessions server be", "\"be\" is not BACKEND/SERVER");
+    refused(&admin, "show conns be/zz", "has no server \"zz\"");
+    refused(&admin, "frobnicate", "unknown command \"frobnicate\"");
+    assert_eq!(settings(), before, "refused commands changed nothing");
+    let half = to_first(front, 40);
+    assert!((16..=24).contains(&half), "still round robin: {half} of 40 to a");
+
+    // drain: no new connection to a; one open to it continues, and `show conns` lists it.
+    let (mut held, tag) = (0..8).map(|_| tagged(front)).find(|(_, t)| *t == 1).unwrap();
+    assert_eq!(tag, 1);
+    let text = ok(&admin, "set server be/a state drain");
+    assert!(text.contains("set server be/a state drain: applied by every worker"), "{text}");
+    assert_eq!(to_first(front, 20), 0, "a draining server takes no new connection");
+    echo_once(&mut held, b"drained, not cut");
+    assert_eq!(row(&stats, "a").0, "DRAIN");
+    // (The client's address is known: the frontend's `allow` list needs it.)
+    let listed = ok(&stats, "show conns be/a");
+    let me = held.local_addr().unwrap().to_string();
+    assert!(listed.starts_with("1 connections listed (limit 100)\n"), "{listed}");
+    assert!(listed.contains(&format!("client={me} server=be/a")) && listed.contains("state=established"), "{listed}");
+    let all = ok(&stats, "show conns limit 1");
+    assert!(all.starts_with("1 connections listed (limit 1)\n") && all.lines().count() == 2, "{all}");
+
+    // maint, then ready again: back to round robin.
+    ok(&admin, "set server be/a state maint");
+    assert_eq!(row(&stats, "a").0, "MAINT");
+    assert_eq!(to_first(front, 10), 0);
+    ok(&admin, "set server be/a state ready");
+    assert_eq!(row(&stats, "a").0, "UP");
+    let half = to_first(front, 40);
+    assert!((16..=24).contains(&half), "ready again: {half} of 40 to a");
+
+    // weight: 0 takes nothing new; 3 against b's 1 takes three quarters (smooth round robin per
+    // worker: within one connection per worker of exact).
+    ok(&admin, "set server be/a weight 0");
+    assert_eq!(to_first(front, 20), 0);
+    ok(&admin, "set server be/a weight 3");
+    assert_eq!(row(&stats, "a").1, 3);
+    let three_quarters = to_first(front, 40);
+    assert!((27..=33).contains(&three_quarters), "weight 3:1 gave {three_quarters} of 40 to a");
+
+    // shutdown sessions: every connection to a is closed (a FIN: the client reads its end),
+    // those to b are not; counted as killed.
+    let mut on_a = vec![held];
+    let mut on_b = Vec::new();
+    while on_a.len() < 4 || on_b.is_empty() {
+        let (c, t) = tagged(front);
+        if t == 1 { on_a.push(c) } else { on_b.push(c) }
+    }
+    wait_until("a's connections to show", Duration::from_secs(5), || row(&stats, "a").2 == on_a.len() as u64);
+    let text = ok(&admin, "shutdown sessions server be/a");
+    assert!(text.contains("its connections are closed"), "{text}");
+    for c in &mut on_a {
+        let mut buf = [0u8; 16];
+        assert!(matches!(c.read(&mut buf), Ok(0) | Err(_)), "a connection to a stays open");
+    }
+    for c in &mut on_b {
+        echo_once(c, b"b's connections live on");
+    }
+    wait_until("a to have no connection", Duration::from_secs(5), || row(&stats, "a").2 == 0);
+    let info = socket::query(&stats, "show info").unwrap();
+    assert!(info.contains(&format!("killed: {}\n", on_a.len())), "{info}");
+    drop(on_a);
+    drop(on_b);
+
+    // A reload: the file wins, and its answer names the runtime change it dropped. Through the
+    // admin socket only (refused on the stats socket above).
+    let out = ringproxy().args(["reload", "-c"]).arg(proxy.config()).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("runtime changes dropped (the file wins): set server be/a weight 3"), "{text}");
+    proxy.wait_generation(1);
+    assert_eq!(row(&stats, "a").1, 1, "the configured weight is back");
+    let half = to_first(front, 40);
+    assert!((16..=24).contains(&half), "after the reload: {half} of 40 to a");
+    // Set back to what the file says, a change is no longer a change: the next reload drops none.
+    ok(&admin, "set server be/a state drain");
+    ok(&admin, "set server be/a state ready");
+    let out = ringproxy().args(["reload", "--socket"]).arg(&admin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && !text.contains("runtime changes dropped"), "{text}");
+    proxy.wait_generation(2);
+    proxy.stop_clean();
+}
+
+/// `close_spread`: a shutdown of 40 connections over 2 s closes them at an even pace (not all in
+/// the same instant), and all of them within the window.
+#[test]
+fn close_spread_paces_a_shutdown_over_its_window() {
+    let (a, b) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)));
+    let (stats, admin) = sockets("spread");
+    let yaml = config(&stats, &admin, a.addr, b.addr, "    close_spread: 2s\n", "");
+    let proxy = Proxy::start("spread", &yaml);
+    let front = proxy.addr("fe");
+    let mut on_a = Vec::new();
+    while on_a.len() < 40 {
+        let (c, t) = tagged(front);
+        if t == 1 {
+            on_a.push(c);
+        }
+    }
+    wait_until("the 40 connections to show", Duration::from_secs(5), || row(&stats, "a").2 == 40);
+    let start = Instant::now();
+    let text = ok(&admin, "shutdown sessions server be/a");
+    assert!(text.contains("closing its connections over 2s"), "{text}");
+    // One reader per connection: when did each see its end?
+    let ends: Vec<Duration> = join_all(
+        on_a.into_iter()
+            .map(|mut c| {
+                spawn(move || {
+                    let mut buf = [0u8; 16];
+                    let _ = c.read(&mut buf);
+                    start.elapsed()
+                })
+            })
+            .collect(),
+    );
+    let (first, last) = (*ends.iter().min().unwrap(), *ends.iter().max().unwrap());
+    assert!(last <= Duration::from_millis(2_800), "all closed within the window (+ margin): last at {last:?}");
+    assert!(last - first >= Duration::from_millis(1_200), "spread over the window: {first:?} .. {last:?}");
+    // Even: no quarter of a second sees more than a third of them (40 at once without it).
+    let busiest = ends
+        .iter()
+        .map(|t| ends.iter().filter(|u| **u >= *t && **u < *t + Duration::from_millis(250)).count())
+        .max()
+        .unwrap();
+    assert!(busiest <= 13, "{busiest} closes within 250 ms: {ends:?}");
+    let info = socket::query(&stats, "show info").unwrap();
+    assert!(info.contains("killed: 40\n"), "{info}");
+    proxy.stop_clean();
+}
+
+/// `slowstart`: a server set ready again ramps from ~0 to its full weight over the window:
+/// right after, it takes a small share of new connections and reports a low weight; once the
+/// window has passed, its full half.
+#[test]
+fn slowstart_ramps_a_returning_server_from_little_to_its_full_share() {
+    let (a, b) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)));
+    let (stats, admin) = sockets("slow");
+    let yaml = config(&stats, &admin, a.addr, b.addr, "", ", weight: 100, slowstart: 3s");
+    let proxy = Proxy::start("slow", &yaml.replace("name: b, address", "name: b, weight: 100, address"));
+    let front = proxy.addr("fe");
+    ok(&admin, "set server be/a state maint");
+    assert_eq!(to_first(front, 10), 0);
+    let back = Instant::now();
+    ok(&admin, "set server be/a state ready");
+    let (status, weight, _) = row(&stats, "a");
+    assert_eq!(status, "UP");
+    assert!(weight < 30, "just back, a is balanced with a low weight: {weight}");
+    let early = to_first(front, 40);
+    let early_took = back.elapsed();
+    assert!(early_took < Duration::from_millis(1_000), "the early sample took {early_took:?}");
+    assert!(early <= 12, "in the first {early_took:?} of a 3s ramp a took {early} of 40 (half is 20)");
+    std::thread::sleep(Duration::from_millis(3_100).saturating_sub(back.elapsed()));
+    let late = to_first(front, 40);
+    assert!((16..=24).contains(&late), "after the ramp a takes half again: {late} of 40");
+    assert_eq!(row(&stats, "a").1, 100);
+    proxy.stop_clean();
+}
