@@ -97,6 +97,10 @@ pub struct RawTimeouts {
     pub queue: Option<Spanned<ConfigDuration>>,
     pub drain: Option<Spanned<ConfigDuration>>,
     pub proxy_header: Option<Spanned<ConfigDuration>>,
+    /// Maximum age of a client connection (none by default).
+    pub lifetime: Option<Spanned<ConfigDuration>>,
+    /// Up to this much is taken off each connection's lifetime, at random.
+    pub lifetime_jitter: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -494,3 +494,51 @@ fn tcp_keepalive_takes_whole_seconds_the_kernel_accepts() {
     let e = parse(&with("{ idel: 5s }"), "t.yaml").unwrap_err().to_string();
     assert!(e.contains("unknown key `idel`"), "{e}");
 }
+
+#[test]
+fn lifetime_slowstart_close_spread_and_the_admin_socket_are_checked() {
+    let with = |defaults: &str, fe: &str, be: &str, server: &str| {
+        format!(
+            "global: {{ stats: {{ socket: /tmp/s.sock, admin_socket: /tmp/a.sock }} }}\ndefaults: {{ {defaults} }}\n\
+             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be{fe} }}\n\
+             backends:\n  - {{ name: be{be}, servers: [ {{ name: s, address: \"127.0.0.1:9\"{server} }} ] }}\n"
+        )
+    };
+    let c = parse(
+        &with("timeout: { lifetime: 1h, lifetime_jitter: 10m }", "", ", close_spread: 10s", ", slowstart: 30s"),
+        "t.yaml",
+    )
+    .unwrap();
+    let life = c.frontends[0].lifetime.expect("inherited from defaults");
+    assert_eq!((life.max, life.jitter), (Duration::from_secs(3600), Duration::from_secs(600)));
+    assert!((0..1000).map(|k| life.of(k)).all(|ms| (3_000_000..=3_600_000).contains(&ms)));
+    assert_ne!(life.of(1), life.of(2), "each connection draws its own part of the jitter");
+    assert_eq!(c.backends[0].close_spread, Some(Duration::from_secs(10)));
+    assert_eq!(c.backends[0].servers[0].slowstart, Some(Duration::from_secs(30)));
+    assert_eq!(c.global.stats.admin_socket.as_deref(), Some(std::path::Path::new("/tmp/a.sock")));
+    let c = parse(&with("timeout: { lifetime: 1h }", ", timeout: { lifetime: 0s }", "", ""), "t.yaml").unwrap();
+    assert_eq!(c.frontends[0].lifetime, None, "lifetime: 0 turns the default off");
+    for (yaml, want) in [
+        (
+            with("timeout: { lifetime: 10s, lifetime_jitter: 10s }", "", "", ""),
+            "lifetime_jitter (10s) must be below the lifetime (10s)",
+        ),
+        (with("timeout: { lifetime_jitter: 1s }", "", "", ""), "timeout lifetime_jitter needs a timeout lifetime"),
+        (with("timeout: { lifetime: 500ms }", "", "", ""), "timeout lifetime must be from 1s to 365d"),
+        (with("", "", ", timeout: { lifetime: 1h }", ""), "timeout lifetime does not apply to a backend"),
+        (with("", "", ", close_spread: 2h", ""), "close_spread must be above zero and at most 1h, not 2h"),
+        (with("", "", "", ", slowstart: 0s"), "slowstart must be above zero"),
+        (
+            with("", "", "", "").replace("/tmp/a.sock", "/tmp/s.sock"),
+            "stats admin_socket is the same path as stats socket",
+        ),
+        (
+            with("", "", "", "")
+                .replace("admin_socket: /tmp/a.sock", "admin_socket: /tmp/a.sock, admin_mode: \"0666\""),
+            "stats admin_mode 0666 makes the socket world-writable",
+        ),
+    ] {
+        let e = parse(&yaml, "t.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:") && e.contains(want), "{want}: {e}");
+    }
+}

@@ -67,6 +67,28 @@ pub struct Global {
     pub group: Option<String>,
 }
 
+/// `timeout.lifetime`: a connection is closed once it is `max` old, less a part of `jitter`
+/// drawn for each connection (so that connections made together do not all end together).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lifetime {
+    pub max: Duration,
+    pub jitter: Duration,
+}
+
+impl Lifetime {
+    /// The age (ms) at which connection `key` (any number that differs between connections) ends:
+    /// `max - jitter × u`, `u` in [0, 1) drawn from `key`.
+    pub fn of(&self, key: u64) -> u64 {
+        let mut x = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        x ^= x >> 31;
+        let jitter = self.jitter.as_millis() as u64;
+        let off = if jitter == 0 { 0 } else { ((u128::from(x) * u128::from(jitter)) >> 64) as u64 };
+        self.max.as_millis() as u64 - off
+    }
+}
+
 /// Where operators read the engine's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Stats {
@@ -154,6 +176,8 @@ pub struct Frontend {
     /// Expect a PROXY protocol header from clients, within `proxy_header_timeout`.
     pub accept_proxy: bool,
     pub proxy_header_timeout: Duration,
+    /// Maximum age of a connection (`timeout.lifetime`), with its jitter.
+    pub lifetime: Option<Lifetime>,
     /// The most connections reading their PROXY header at once (engine-wide); they hold this
     /// limit's slots, not the maxconn ones, until their header is all there.
     pub proxy_header_maxconn: u32,

@@ -17,8 +17,8 @@ use super::raw::{
     RawTimeouts, StringList, Workers,
 };
 use super::types::{
-    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, LogTarget, MAXCONN_LIMIT, Server, Stats, Tune,
-    WEIGHT_LIMIT, default,
+    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, Server, Stats,
+    Tune, WEIGHT_LIMIT, default,
 };
 use super::{address, duration};
 
@@ -49,6 +49,8 @@ struct Defaults {
     /// `None`: each backend waits as long as its own connect timeout (HAProxy's rule).
     queue: Option<Duration>,
     proxy_header: Duration,
+    /// Maximum connection age and its jitter (`None`: connections may live forever).
+    lifetime: Option<Lifetime>,
     drain: Duration,
     retries: u32,
     backlog: Option<u32>,
@@ -117,6 +119,8 @@ impl Validator<'_> {
             ("queue", t.value.queue.as_ref()),
             ("drain", t.value.drain.as_ref()),
             ("proxy_header", t.value.proxy_header.as_ref()),
+            ("lifetime", t.value.lifetime.as_ref()),
+            ("lifetime_jitter", t.value.lifetime_jitter.as_ref()),
         ];
         for (key, v) in present {
             if let Some(v) = v
@@ -205,6 +209,7 @@ impl Validator<'_> {
             },
             drain: self.duration(&d.timeout.drain, "drain", default::DRAIN)?,
             proxy_header: self.duration(&d.timeout.proxy_header, "proxy_header", default::PROXY_HEADER)?,
+            lifetime: self.lifetime(&d.timeout, None)?,
             retries: match &d.retries {
                 Some(r) => self.count(r, "retries", 0, 100)? as u32,
                 None => default::RETRIES,
@@ -493,10 +498,12 @@ impl Validator<'_> {
         };
         let mut client_timeout = defaults.client;
         let mut proxy_header_timeout = defaults.proxy_header;
+        let mut lifetime = defaults.lifetime;
         if let Some(t) = &rf.timeout {
-            self.only_timeouts(t, "frontend", &["client", "proxy_header"])?;
+            self.only_timeouts(t, "frontend", &["client", "proxy_header", "lifetime", "lifetime_jitter"])?;
             client_timeout = self.duration(&t.value.client, "client", defaults.client)?;
             proxy_header_timeout = self.duration(&t.value.proxy_header, "proxy_header", defaults.proxy_header)?;
+            lifetime = self.lifetime(&t.value, defaults.lifetime)?;
         }
         let accept_proxy = rf.accept_proxy.unwrap_or(false);
         let proxy_header_maxconn = match &rf.proxy_header_maxconn {
@@ -537,6 +544,7 @@ impl Validator<'_> {
             accept_proxy,
             proxy_header_timeout,
             proxy_header_maxconn,
+            lifetime,
             acl,
             tcp_keepalive: self.keepalive(&rf.tcp_keepalive)?,
         })
@@ -601,6 +609,44 @@ impl Validator<'_> {
             close_spread: self.window(&rb.close_spread, "close_spread")?,
             servers,
         })
+    }
+
+    /// `timeout.lifetime` and `timeout.lifetime_jitter` of one section, over `inherited` (the
+    /// defaults'): a jitter below the lifetime; `lifetime: 0` turns an inherited one off.
+    fn lifetime(&self, t: &RawTimeouts, inherited: Option<Lifetime>) -> Result<Option<Lifetime>> {
+        let max = match &t.lifetime {
+            None => match (&t.lifetime_jitter, inherited) {
+                (Some(j), None) => return self.err(j.referenced, "timeout lifetime_jitter needs a timeout lifetime"),
+                (_, inherited) => inherited.map(|l| l.max),
+            },
+            Some(s) if s.value.0.is_zero() => None,
+            Some(s) if s.value.0 < Duration::from_secs(1) || s.value.0 > Duration::from_secs(365 * 86_400) => {
+                return self.err(
+                    s.referenced,
+                    format!(
+                        "timeout lifetime must be from 1s to 365d (0 for none), not {}",
+                        duration::format(s.value.0)
+                    ),
+                );
+            }
+            Some(s) => Some(s.value.0),
+        };
+        let Some(max) = max else { return Ok(None) };
+        let jitter = match &t.lifetime_jitter {
+            Some(j) if j.value.0 >= max => {
+                return self.err(
+                    j.referenced,
+                    format!(
+                        "timeout lifetime_jitter ({}) must be below the lifetime ({})",
+                        duration::format(j.value.0),
+                        duration::format(max)
+                    ),
+                );
+            }
+            Some(j) => j.value.0,
+            None => inherited.map_or(Duration::ZERO, |l| l.jitter.min(max / 2)),
+        };
+        Ok(Some(Lifetime { max, jitter }))
     }
 
     /// A ramp or spread window (`slowstart`, `close_spread`): above zero, at most an hour.

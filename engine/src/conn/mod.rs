@@ -195,6 +195,8 @@ pub enum CloseReason {
     Denied,
     /// Closed by the operator (`shutdown sessions server`, runtime API).
     Killed,
+    /// Reached its frontend's `timeout.lifetime`.
+    Lifetime,
 }
 
 impl CloseReason {
@@ -212,6 +214,7 @@ impl CloseReason {
             CloseReason::BadProxyHeader => "bad_proxy_header",
             CloseReason::Denied => "denied",
             CloseReason::Killed => "killed",
+            CloseReason::Lifetime => "lifetime",
         }
     }
 
@@ -818,6 +821,7 @@ impl Ctx<'_> {
             CloseReason::BadProxyHeader => self.stats.proxy_header_errors += 1,
             CloseReason::Denied => self.stats.denied += 1,
             CloseReason::Killed => self.stats.killed += 1,
+            CloseReason::Lifetime => self.stats.lifetime_ends += 1,
             CloseReason::Done | CloseReason::Shutdown => {}
         }
         self.release_server();
@@ -886,9 +890,21 @@ impl Ctx<'_> {
                 Some((c.t_accept_us / 1000).saturating_add(fe.proxy_header_timeout.as_millis() as u64))
             }
             State::Queued => Some(c.queued_at.saturating_add(be.queue_timeout.as_millis() as u64)),
-            State::Established => Some(client.min(c.last_server.saturating_add(be.server_timeout.as_millis() as u64))),
+            State::Established => {
+                let idle = client.min(c.last_server.saturating_add(be.server_timeout.as_millis() as u64));
+                Some(self.end_of_life().map_or(idle, |end| idle.min(end)))
+            }
             State::Admitting | State::Closing(_) | State::Free => None,
         }
+    }
+
+    /// When the connection reaches its frontend's `timeout.lifetime` (worker clock, ms), if it has
+    /// one: its accept time plus the lifetime less this connection's part of the jitter.
+    fn end_of_life(&self) -> Option<u64> {
+        let c = &*self.c;
+        let life = self.cfg.frontends[c.frontend as usize].lifetime?;
+        let key = c.t_accept_us ^ (u64::from(self.idx) << 40) ^ u64::from(c.generation);
+        Some((c.t_accept_us / 1000).saturating_add(life.of(key)))
     }
 
     /// The connection's timer entry fired (the wheel has already unfiled it).
@@ -904,6 +920,7 @@ impl Ctx<'_> {
         let reason = match c.state {
             State::Queued => CloseReason::QueueTimeout,
             State::ProxyHeader => CloseReason::BadProxyHeader,
+            State::Established if self.end_of_life().is_some_and(|end| end <= self.now.ms) => CloseReason::Lifetime,
             State::Established if c.last_client.saturating_add(client_timeout) <= self.now.ms => {
                 CloseReason::ClientTimeout
             }

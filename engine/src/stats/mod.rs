@@ -251,6 +251,9 @@ pub struct WorkerStats {
     /// Connections closed by the operator (`shutdown sessions server`).
     #[serde(default)]
     pub killed: u64,
+    /// Connections closed at their frontend's `timeout.lifetime`.
+    #[serde(default)]
+    pub lifetime_ends: u64,
     pub proxy_headers_sent: u64,
     /// Looks at a client's bytes while waiting for its whole PROXY header (a header split over
     /// several packets takes more than one).

@@ -146,6 +146,13 @@ pub fn render(s: &EngineStats) -> String {
         "Connections closed by the operator (shutdown sessions server).",
         |w| w.killed,
     );
+    m.per_worker(
+        s,
+        "connections_lifetime_ends_total",
+        "counter",
+        "Connections closed at their frontend's timeout.lifetime.",
+        |w| w.lifetime_ends,
+    );
     m.per_worker_by(
         s,
         "bytes_total",

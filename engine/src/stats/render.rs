@@ -31,6 +31,7 @@ pub fn info(s: &EngineStats) -> String {
     kv(&mut o, "failed", s.total(|w| w.failed).to_string());
     kv(&mut o, "denied", s.total(|w| w.denied).to_string());
     kv(&mut o, "killed", s.total(|w| w.killed).to_string());
+    kv(&mut o, "lifetime_ends", s.total(|w| w.lifetime_ends).to_string());
     kv(&mut o, "bytes_client_to_server", s.total(|w| w.bytes_client_to_server).to_string());
     kv(&mut o, "bytes_server_to_client", s.total(|w| w.bytes_server_to_client).to_string());
     o

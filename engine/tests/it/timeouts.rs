@@ -1,4 +1,4 @@
-//! Timeouts: connect (a server that never answers SYN), client idle, server idle.
+//! Timeouts: connect (a server that never answers SYN), client idle, server idle, lifetime.
 
 use std::io::{ErrorKind, Write};
 use std::time::{Duration, Instant};
@@ -138,4 +138,53 @@ fn drain_deadline_frees_a_connection_still_connecting() {
     assert_stops_clean(engine, &[]);
     assert!(client.join().unwrap().is_empty());
     wait_until("no connect pending toward the black hole", Duration::from_secs(5), || hole.connects_pending() == 0);
+}
+
+/// `timeout.lifetime` with `lifetime_jitter`: every connection, busy or idle, is closed (a clean
+/// FIN) once it is `lifetime` old less its own part of the jitter, so connections made together
+/// end spread over the jitter window; a frontend that says `lifetime: 0` keeps its connections.
+#[test]
+fn lifetime_ends_each_connection_within_its_jitter_window() {
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ client: 30s, server: 30s, lifetime: 2s, lifetime_jitter: 1s }} }}\n\
+         frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
+         \x20 - {{ name: forever, bind: \"127.0.0.1:0\", backend: be, timeout: {{ lifetime: 0s }} }}\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut kept = connect(addr(&engine, "forever"));
+    let start = Instant::now();
+    let ends = join_all(
+        (0..40)
+            .map(|i| {
+                spawn(move || {
+                    let mut c = connect(fe);
+                    let opened = Instant::now();
+                    if i == 0 {
+                        // A busy one: traffic does not extend a lifetime.
+                        while opened.elapsed() < Duration::from_millis(900) {
+                            echo_once(&mut c, b"busy");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                    let (got, err) = read_to_end(&mut c);
+                    assert!(got.is_empty() && err.is_none(), "a clean close: {err:?}");
+                    opened.elapsed()
+                })
+            })
+            .collect(),
+    );
+    let (first, last) = (*ends.iter().min().unwrap(), *ends.iter().max().unwrap());
+    assert!(first >= Duration::from_millis(950), "none ends before lifetime - jitter: first at {first:?}");
+    assert!(last <= Duration::from_millis(2_300), "none lives past the lifetime (+ a tick): last at {last:?}");
+    assert!(last - first >= Duration::from_millis(300), "the jitter spreads the ends: {first:?} .. {last:?}");
+    assert!(start.elapsed() >= Duration::from_secs(1));
+    echo_once(&mut kept, b"lifetime: 0 keeps it");
+    let stats = engine.stats();
+    assert_eq!(stats.total(|w| w.lifetime_ends), 40);
+    assert_eq!(stats.total(|w| w.timeouts.client + w.timeouts.server), 0);
+    drop(kept);
+    assert_clean(engine, &[backend.addr.port()]);
 }
