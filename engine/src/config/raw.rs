@@ -122,6 +122,8 @@ pub struct RawFrontend {
     pub deny: Option<Spanned<StringList>>,
     /// Keepalive probes on client sockets.
     pub tcp_keepalive: Option<Spanned<RawKeepalive>>,
+    /// New connections accepted per second, at most (the others wait in the backlog).
+    pub rate_limit: Option<Spanned<Rate>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -323,6 +325,44 @@ impl<'de> Deserialize<'de> for Count {
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<Count, E> {
                 Err(E::custom(format!("expected a whole number, not {v}")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A rate per second: `200/s`, or a bare whole number (per second).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate(pub u64);
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Rate;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a rate such as 200/s")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Rate, E> {
+                Ok(Rate(v))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Rate, E> {
+                Err(E::custom(format!("expected a rate such as 200/s, not the negative {v}")))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Rate, E> {
+                Err(E::custom(format!("expected a rate such as 200/s, not {v}")))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Rate, E> {
+                let t = v.trim();
+                t.strip_suffix("/s")
+                    .unwrap_or(t)
+                    .trim()
+                    .parse()
+                    .map(Rate)
+                    .map_err(|_| E::custom(format!("expected a rate such as 200/s, not \"{v}\"")))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<Rate, E> {
+                Err(E::custom(format!("expected a rate such as 200/s, not {v}")))
             }
         }
         d.deserialize_any(V)

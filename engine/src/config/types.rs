@@ -185,6 +185,9 @@ pub struct Frontend {
     pub acl: Option<Acl>,
     /// Keepalive probes on client sockets (set on the listeners, which accepted sockets inherit).
     pub tcp_keepalive: Option<Keepalive>,
+    /// New connections per second accepted, at most (`rate_limit`); the others wait in the
+    /// listen backlog.
+    pub rate_limit: Option<u32>,
 }
 
 /// TCP keepalive: after `idle` without traffic, a probe every `interval`; `count` unanswered

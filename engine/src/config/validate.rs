@@ -547,6 +547,14 @@ impl Validator<'_> {
             lifetime,
             acl,
             tcp_keepalive: self.keepalive(&rf.tcp_keepalive)?,
+            rate_limit: match &rf.rate_limit {
+                None => None,
+                Some(r) if r.value.0 == 0 || r.value.0 > 10_000_000 => {
+                    return self
+                        .err(r.referenced, format!("rate_limit must be from 1/s to 10000000/s, not {}/s", r.value.0));
+                }
+                Some(r) => Some(r.value.0 as u32),
+            },
         })
     }
 

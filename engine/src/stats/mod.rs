@@ -55,6 +55,9 @@ pub struct LimitHits {
     pub frontend: u64,
     pub backend: u64,
     pub server: u64,
+    /// Times a listener waited for its frontend's `rate_limit`.
+    #[serde(default)]
+    pub rate: u64,
 }
 
 /// Connections closed by a timeout, by kind (connect timeouts are in `ConnectErrors::timeout`).

@@ -100,6 +100,7 @@ pub fn render(s: &EngineStats) -> String {
             ("frontend", &|w| w.limit_hits.frontend),
             ("backend", &|w| w.limit_hits.backend),
             ("server", &|w| w.limit_hits.server),
+            ("rate", &|w| w.limit_hits.rate),
         ],
     );
     m.per_worker_by(

@@ -65,6 +65,46 @@ impl ListenerState {
     }
 }
 
+/// A frontend's `rate_limit` as one worker applies it: a token bucket refilled at the worker's
+/// share of the rate. A rate-limited listener accepts one connection at a time, and only while a
+/// token is there; meanwhile its clients wait in the listen backlog (they are not refused).
+pub(crate) struct Bucket {
+    /// Tokens added per millisecond.
+    per_ms: f64,
+    tokens: f64,
+    /// At most this many tokens saved up (a tenth of a second's worth, at least one).
+    cap: f64,
+    /// When the tokens were last counted (worker clock, ms).
+    at: u64,
+}
+
+impl Bucket {
+    /// This worker's share of `rate` per second among `workers`.
+    pub fn new(rate: u32, workers: usize, now: u64) -> Bucket {
+        let per_s = f64::from(rate) / workers.max(1) as f64;
+        let cap = (per_s / 10.0).max(1.0);
+        Bucket { per_ms: per_s / 1000.0, tokens: cap, cap, at: now }
+    }
+
+    fn refill(&mut self, now: u64) {
+        self.tokens = (self.tokens + (now.saturating_sub(self.at)) as f64 * self.per_ms).min(self.cap);
+        self.at = now;
+    }
+
+    /// Whether a connection may be accepted now; if not, in how many ms one may.
+    fn wait_ms(&mut self, now: u64) -> Option<u64> {
+        self.refill(now);
+        (self.tokens < 1.0).then(|| (((1.0 - self.tokens) / self.per_ms).ceil() as u64).max(1))
+    }
+
+    /// A connection was accepted (several single accepts may complete on one token: the debt is
+    /// paid before the next).
+    fn take(&mut self, now: u64) {
+        self.refill(now);
+        self.tokens -= 1.0;
+    }
+}
+
 /// Back-off after an unexpected accept error, so a persistent one cannot spin the loop.
 const ACCEPT_RETRY_MS: u64 = 100;
 /// At most one log line per listener per this interval for repeated accept errors.
@@ -112,6 +152,9 @@ impl Worker {
             }
             self.update_listeners();
             return;
+        }
+        if let Some(b) = self.rate[l.frontend].as_mut() {
+            b.take(now);
         }
         let (slot, known) = if self.ring.io().direct_accept() {
             (ClientSlot::accepted(c.result as u32), Known::default())
@@ -180,9 +223,23 @@ impl Worker {
             let l = &mut self.listeners[i];
             let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else { continue };
             let margin = self.plan.multishot_margin[l.frontend];
-            let roomy = free.saturating_sub(reserved) >= margin;
+            let bucket = self.rate[l.frontend].as_mut();
+            // A rate-limited listener takes one connection at a time (a multishot accept would
+            // take the whole backlog at once).
+            let roomy = bucket.is_none() && free.saturating_sub(reserved) >= margin;
             if roomy {
                 reserved += margin;
+            }
+            if let Some(b) = bucket
+                && should
+                && l.accept == Accept::Idle
+                && l.retry_at <= now
+                && let Some(wait) = b.wait_ms(now)
+            {
+                // No token: the backlog keeps the clients until one is there.
+                l.retry_at = now + wait;
+                self.stats.limit_hits.rate += 1;
+                continue;
             }
             match l.accept {
                 Accept::Idle if should && l.retry_at <= now && free > 0 => {

@@ -98,6 +98,8 @@ pub struct Worker {
     next_trim: u64,
     /// Shutdowns of a server's connections paced over `close_spread`, with their window (ms).
     spreads: Vec<(control::Spread, u64)>,
+    /// Per frontend, its `rate_limit` bucket (this worker's share).
+    rate: Vec<Option<accept::Bucket>>,
 }
 
 /// Runs a worker on the current thread until it has drained. `ready` gets `Ok` once the ring is up

@@ -182,6 +182,11 @@ impl Worker {
             draining: None,
             next_trim: 1000,
             spreads: Vec::new(),
+            rate: config
+                .frontends
+                .iter()
+                .map(|f| f.rate_limit.map(|r| super::accept::Bucket::new(r, plan.workers, 0)))
+                .collect(),
             plan,
         };
         let fd = w.wake.fd();

@@ -1,10 +1,11 @@
-//! maxconn: the global limit holds exactly across workers; server limits queue; queue timeout.
+//! maxconn: the global limit holds exactly across workers; server limits queue; queue timeout;
+//! rate_limit.
 
 use std::io::Read;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::common::*;
 
@@ -202,5 +203,47 @@ fn an_access_list_closes_refused_clients_at_accept_and_counts_them() {
     }
     wait_until("both refusals counted", Duration::from_secs(2), || engine.stats().total(|w| w.denied) == 2);
     assert_eq!(backend.total(), 2, "only the allowed clients reached the server");
+    assert_clean(engine, &[backend.addr.port()]);
+}
+
+/// `rate_limit: 20/s`: 60 clients that connect at once are all served — none refused, the ones
+/// above the rate wait in the listen backlog — at about 20 per second (each of the two workers
+/// accepts its share, 10/s, one connection at a time).
+#[test]
+fn rate_limit_paces_accepts_and_refuses_nobody() {
+    let backend = Backend::start(Mode::Tag(7));
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, rate_limit: 20/s }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let start = Instant::now();
+    let mut served: Vec<Duration> = join_all(
+        (0..60)
+            .map(|_| {
+                spawn(move || {
+                    let mut c = connect(fe);
+                    let mut tag = [0u8];
+                    c.read_exact(&mut tag).unwrap();
+                    assert_eq!(tag[0], 7);
+                    let at = start.elapsed();
+                    echo_once(&mut c, b"served");
+                    at
+                })
+            })
+            .collect(),
+    );
+    served.sort();
+    let last = served[59];
+    assert!(last >= Duration::from_millis(2_300), "60 at 20/s take ~3 s; the last was served at {last:?}");
+    assert!(last <= Duration::from_secs(6), "the last was served only at {last:?}");
+    let busiest =
+        served.iter().map(|t| served.iter().filter(|u| **u >= *t && **u < *t + Duration::from_secs(1)).count());
+    let busiest = busiest.max().unwrap();
+    assert!(busiest <= 24, "{busiest} served within one second (20/s and a burst of one per worker)");
+    let stats = engine.stats();
+    assert_eq!(stats.total(|w| w.accepted), 60);
+    assert!(stats.total(|w| w.limit_hits.rate) > 0);
     assert_clean(engine, &[backend.addr.port()]);
 }
