@@ -1,11 +1,12 @@
-//! Choosing a server: roundrobin, leastconn, source (client-IP hash) and random (power of two).
+//! Choosing a server: roundrobin, leastconn, source (client-IP hash), random (power of two) and
+//! hash (Maglev consistent hashing of the client IP).
 //!
 //! Each worker balances on its own, from its own counts, with no shared state: roundrobin rotates
 //! per worker (each worker starts at a different server, so the sum over workers stays within one
 //! connection per worker of even), leastconn and random compare the connections *this worker* has
 //! open to each server (with many connections the per-worker views add up to the global one), and
-//! source is a pure function of the client IP, identical on every worker. Weights scale every
-//! algorithm; weight 0 takes no new connections.
+//! source and hash are pure functions of the client IP and the servers' availability, identical on
+//! every worker. Weights scale every algorithm; weight 0 takes no new connections.
 
 use std::net::IpAddr;
 
@@ -14,6 +15,8 @@ use crate::config::Balance;
 pub struct Balancer {
     algo: Balance,
     weights: Vec<u32>,
+    /// `hash` only: the Maglev table, rebuilt when a server's availability or weight changed.
+    maglev: Option<Maglev>,
     /// Smooth weighted round robin state (as nginx): current weight per server.
     current: Vec<i64>,
     /// Where ties start, rotating, so equal servers share evenly.
@@ -27,6 +30,7 @@ impl Balancer {
         Balancer {
             algo,
             current: vec![0; weights.len()],
+            maglev: None,
             weights,
             rotor: worker % n,
             rng: 0x9e37_79b9_7f4a_7c15 ^ (worker as u64 + 1).wrapping_mul(0xbf58_476d_1ce4_e5b9),
@@ -38,9 +42,35 @@ impl Balancer {
         self.weights.get(i).copied().unwrap_or(0)
     }
 
+    /// `balance: hash`: identifies each server by `keys` (a hash of its name, so that a server keeps
+    /// its place in the table whatever its position in the list).
+    pub fn with_keys(mut self, keys: Vec<u64>) -> Balancer {
+        if self.algo == Balance::Hash {
+            let n = keys.len();
+            self.maglev = Some(Maglev { keys, available: vec![true; n], table: Vec::new(), dirty: true });
+        }
+        self
+    }
+
+    /// Server `i` may take new connections (health, runtime API) or not: for `hash`, whose table
+    /// holds only the servers that may.
+    pub fn set_available(&mut self, i: usize, available: bool) {
+        if let Some(m) = &mut self.maglev
+            && m.available.get(i).is_some_and(|a| *a != available)
+        {
+            m.available[i] = available;
+            m.dirty = true;
+        }
+    }
+
     /// Changes server `i`'s weight (runtime API, slowstart); 0 takes no new connection.
     pub fn set_weight(&mut self, i: usize, weight: u32) {
         if let Some(w) = self.weights.get_mut(i) {
+            if *w != weight
+                && let Some(m) = &mut self.maglev
+            {
+                m.dirty = true;
+            }
             *w = weight;
             // Smooth round robin: a server whose weight dropped must not keep its old credit.
             self.current[i] = self.current[i].min(i64::from(weight));
@@ -55,7 +85,7 @@ impl Balancer {
         client: Option<IpAddr>,
         eligible: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let Balancer { algo, weights, current, rotor, rng } = self;
+        let Balancer { algo, weights, current, rotor, rng, maglev } = self;
         let n = weights.len();
         let ok = |i: usize| weights[i] > 0 && eligible(i);
         let lighter = |a: usize, b: usize| {
@@ -94,20 +124,16 @@ impl Balancer {
                 }
                 best
             }
-            Balance::Source => {
+            Balance::Source => rendezvous(weights, client.map_or(0, hash_ip), &ok),
+            Balance::Hash => {
                 let key = client.map_or(0, hash_ip);
-                let mut best: Option<(usize, f64)> = None;
-                for i in (0..n).filter(|&i| ok(i)) {
-                    // Weighted rendezvous hashing: each server draws a score from the (client, server)
-                    // hash; the best score wins. Removing a server moves only its own clients.
-                    let h = mix(key ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
-                    let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
-                    let score = f64::from(weights[i]) / -u.ln();
-                    if best.is_none_or(|(_, s)| score > s) {
-                        best = Some((i, score));
-                    }
+                let table = maglev.as_mut().map(|m| m.table(weights)).unwrap_or_default();
+                match table.get((key % table.len().max(1) as u64) as usize) {
+                    Some(&s) if s != NONE && ok(s as usize) => Some(s as usize),
+                    // The key's server cannot take this connection (full, already tried by it, or
+                    // the table is empty): the next choice for this key, among those that can.
+                    _ => rendezvous(weights, key, &ok),
                 }
-                best.map(|(i, _)| i)
             }
             Balance::Random => {
                 let a = weighted_random(weights, rng, &ok)?;
@@ -116,6 +142,102 @@ impl Balancer {
             }
         }
     }
+}
+
+/// Weighted rendezvous hashing: each server draws a score from the (key, server) hash; the best
+/// score wins. Removing a server moves only its own keys.
+fn rendezvous(weights: &[u32], key: u64, ok: &impl Fn(usize) -> bool) -> Option<usize> {
+    let mut best: Option<(usize, f64)> = None;
+    for i in (0..weights.len()).filter(|&i| ok(i)) {
+        let h = mix(key ^ (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let u = ((h >> 11) as f64 + 0.5) / (1u64 << 53) as f64;
+        let score = f64::from(weights[i]) / -u.ln();
+        if best.is_none_or(|(_, s)| score > s) {
+            best = Some((i, score));
+        }
+    }
+    best.map(|(i, _)| i)
+}
+
+/// An entry of the Maglev table that names no server (no server available).
+const NONE: u16 = u16::MAX;
+
+/// Maglev consistent hashing (Eisenbud et al., "Maglev: A Fast and Reliable Software Network Load
+/// Balancer", NSDI 2016): a table of M entries (M prime, at least 100 × servers), each naming a
+/// server; a key goes to entry `hash % M`. Each server fills entries in its own order (a
+/// permutation of the table drawn from its name), servers taking turns in proportion to their
+/// weights, until the table is full. Removing one server leaves almost every other entry where it
+/// was: only ~1/N of the keys move (measured in the tests). One lookup per connection; the table
+/// (2 bytes per entry: 128 KiB for up to 655 servers) is rebuilt, off the data path's common case,
+/// only when a server's availability or weight changed.
+struct Maglev {
+    /// Per server: its identity (a hash of its name).
+    keys: Vec<u64>,
+    /// Per server: whether it may take new connections (health and runtime API).
+    available: Vec<bool>,
+    table: Vec<u16>,
+    dirty: bool,
+}
+
+impl Maglev {
+    /// The table, rebuilt first if something changed.
+    fn table(&mut self, weights: &[u32]) -> &[u16] {
+        if self.dirty {
+            self.build(weights);
+            self.dirty = false;
+        }
+        &self.table
+    }
+
+    fn build(&mut self, weights: &[u32]) {
+        let n = self.keys.len();
+        let m = table_size(n);
+        self.table.clear();
+        self.table.resize(m, NONE);
+        let live: Vec<usize> = (0..n).filter(|&i| self.available[i] && weights[i] > 0).collect();
+        let Some(heaviest) = live.iter().map(|&i| u64::from(weights[i])).max() else { return };
+        let m64 = m as u64;
+        let offset: Vec<u64> = self.keys.iter().map(|&k| mix(k) % m64).collect();
+        let skip: Vec<u64> = self.keys.iter().map(|&k| mix(k ^ 0x5851_f42d_4c95_7f2d) % (m64 - 1) + 1).collect();
+        let mut next = vec![0u64; n];
+        let mut credit = vec![0u64; n];
+        let mut filled = 0;
+        while filled < m {
+            for &i in &live {
+                // A server of the heaviest weight places one entry per turn, the others in
+                // proportion.
+                credit[i] += u64::from(weights[i]);
+                while credit[i] >= heaviest && filled < m {
+                    credit[i] -= heaviest;
+                    loop {
+                        let c = ((offset[i] + next[i] * skip[i]) % m64) as usize;
+                        next[i] += 1;
+                        if self.table[c] == NONE {
+                            self.table[c] = i as u16;
+                            filled += 1;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The smallest prime at least 100 × `servers` (and at least 65,537).
+fn table_size(servers: usize) -> usize {
+    let is_prime = |n: usize| n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d));
+    (servers.saturating_mul(100).max(65_537)..).find(|&n| is_prime(n)).unwrap_or(65_537)
+}
+
+/// What one worker's Maglev table for a backend of `servers` servers takes.
+pub fn table_bytes(servers: usize) -> u64 {
+    (table_size(servers) * std::mem::size_of::<u16>()) as u64
+}
+
+/// The identity `balance: hash` gives a server: a hash of its name.
+pub fn server_key(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// A random eligible server, with probability proportional to its weight.
@@ -230,5 +352,61 @@ mod tests {
         let mut b = Balancer::new(Balance::Random, vec![1, 1], 0);
         let heavy = (0..200).filter(|_| b.pick(|i| [100, 0][i], None, |_| true) == Some(0)).count();
         assert!(heavy < 80, "the loaded server won {heavy} of 200");
+    }
+
+    fn maglev(weights: Vec<u32>, worker: usize) -> Balancer {
+        let keys = (0..weights.len()).map(|i| server_key(&format!("s{i}"))).collect();
+        Balancer::new(Balance::Hash, weights, worker).with_keys(keys)
+    }
+
+    /// Where each of `keys` client addresses goes.
+    fn placement(b: &mut Balancer, keys: u32) -> Vec<usize> {
+        (0..keys).map(|k| b.pick(|_| 0, Some(IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + k))), |_| true).unwrap()).collect()
+    }
+
+    /// The issue's measure: with one of N servers DOWN, only its own ~1/N of the keys move (and
+    /// almost none of the others'); it comes back, and they all return.
+    #[test]
+    fn hash_moves_only_the_keys_of_a_server_that_goes_away() {
+        const KEYS: u32 = 100_000;
+        for n in [3usize, 10, 50] {
+            let mut b = maglev(vec![1; n], 0);
+            let before = placement(&mut b, KEYS);
+            let mut per = vec![0u32; n];
+            before.iter().for_each(|&s| per[s] += 1);
+            let even = KEYS as f64 / n as f64;
+            assert!(per.iter().all(|&c| (c as f64 - even).abs() < even * 0.1), "n={n}: uneven {per:?}");
+            b.set_available(1, false);
+            let after = placement(&mut b, KEYS);
+            assert!(after.iter().all(|&s| s != 1), "nothing goes to the server that left");
+            let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+            let others_moved = before.iter().zip(&after).filter(|(a, b)| **a != 1 && a != b).count();
+            let fraction = moved as f64 / KEYS as f64;
+            eprintln!(
+                "maglev, {n} servers, one goes DOWN: {:.2}% of {KEYS} keys moved ({:.2}% ideal), {:.3}% of the other servers' keys",
+                fraction * 100.0,
+                100.0 / n as f64,
+                others_moved as f64 * 100.0 / KEYS as f64
+            );
+            assert!(fraction < 1.0 / n as f64 * 1.1 + 0.01, "n={n}: {fraction} moved");
+            assert!((others_moved as f64) < KEYS as f64 * 0.02, "n={n}: {others_moved} keys of live servers moved");
+            b.set_available(1, true);
+            assert_eq!(placement(&mut b, KEYS), before, "back to the same table");
+        }
+    }
+
+    #[test]
+    fn hash_is_the_same_on_every_worker_weighted_and_spills_when_its_server_cannot() {
+        let (mut a, mut b) = (maglev(vec![1, 3], 0), maglev(vec![1, 3], 5));
+        assert_eq!(placement(&mut a, 5000), placement(&mut b, 5000), "workers agree");
+        let heavy = placement(&mut a, 40_000).iter().filter(|&&s| s == 1).count();
+        assert!((28_000..32_000).contains(&heavy), "weight 3 of 4 took {heavy} of 40000");
+        let ip = IpAddr::V4(Ipv4Addr::new(10, 9, 8, 7));
+        let s = a.pick(|_| 0, Some(ip), |_| true).unwrap();
+        assert_eq!(a.pick(|_| 0, Some(ip), |i| i != s), Some(1 - s), "full or tried: the other one");
+        assert_eq!(a.pick(|_| 0, Some(ip), |_| false), None);
+        a.set_weight(0, 0);
+        a.set_weight(1, 0);
+        assert_eq!(a.pick(|_| 0, Some(ip), |_| true), None, "no weight, no server");
     }
 }

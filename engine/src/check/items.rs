@@ -393,6 +393,19 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
         }
         _ => (0, String::new()),
     };
+    // balance: hash: each worker's Maglev table of each such backend.
+    let hash_tables: u64 = config
+        .backends
+        .iter()
+        .filter(|b| b.balance == crate::config::Balance::Hash)
+        .map(|b| crate::balance::table_bytes(b.servers.len()) * plan.workers as u64)
+        .sum();
+    let recv_words = if hash_tables > 0 {
+        format!("{recv_words} + {} of balance: hash tables", size(hash_tables))
+    } else {
+        recv_words
+    };
+    let recv = recv + hash_tables;
     let total = per_conn * u64::from(target) + stats + recv;
     let detail = format!(
         "{target} connections x {} (2 sockets: buffer floor + ~{} of kernel structures each) + {servers} servers x {} workers x {} of stats (latency histogram and counters){recv_words} = {} of {} RAM",

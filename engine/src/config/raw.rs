@@ -168,6 +168,8 @@ pub struct RawBackend {
     /// Connections shut down together (`on_down: shutdown_sessions`, `shutdown sessions server`)
     /// are closed at an even pace over this window.
     pub close_spread: Option<Spanned<ConfigDuration>>,
+    /// What `balance: hash` hashes (default: source).
+    pub hash_key: Option<Spanned<HashKey>>,
     pub servers: Spanned<Vec<RawServer>>,
 }
 
@@ -234,7 +236,9 @@ keyword_enum!(Balance, "balance", [
     "leastconn" => Balance::Leastconn,
     "source" => Balance::Source,
     "random" => Balance::Random,
+    "hash" => Balance::Hash,
 ]);
+keyword_enum!(HashKey, "hash_key", ["source" => HashKey::Source]);
 keyword_enum!(OnDown, "on_down", ["keep" => OnDown::Keep, "shutdown_sessions" => OnDown::ShutdownSessions]);
 keyword_enum!(ProxyVersion, "send_proxy", ["v1" => ProxyVersion::V1, "v2" => ProxyVersion::V2]);
 keyword_enum!(
@@ -254,6 +258,16 @@ pub enum Balance {
     Source,
     /// Two random servers (by weight), the less loaded one wins ("power of two choices").
     Random,
+    /// Consistent hashing (Maglev) of `hash_key`: when one of N servers goes away, only its own
+    /// ~1/N of the keys move.
+    Hash,
+}
+
+/// What `balance: hash` hashes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HashKey {
+    /// The client's IP address.
+    Source,
 }
 
 impl Balance {
@@ -263,6 +277,7 @@ impl Balance {
             Balance::Leastconn => "leastconn",
             Balance::Source => "source",
             Balance::Random => "random",
+            Balance::Hash => "hash",
         }
     }
 }

@@ -603,9 +603,18 @@ impl Validator<'_> {
             Some(c) => Some(self.check(c, &name)?),
             None => None,
         };
+        let balance = rb.balance.unwrap_or(defaults.balance);
+        if let Some(k) = &rb.hash_key
+            && balance != Balance::Hash
+        {
+            return self.err(
+                k.referenced,
+                format!("backend \"{name}\": hash_key applies to balance: hash, not {}", balance.as_str()),
+            );
+        }
         Ok(Backend {
             name,
-            balance: rb.balance.unwrap_or(defaults.balance),
+            balance,
             maxconn: self.maxconn(&rb.maxconn, "backend maxconn")?,
             retries,
             connect_timeout: connect,

@@ -82,6 +82,7 @@ impl Worker {
     /// connections; going away, a ramp in progress ends.
     fn availability_changed(&mut self, b: usize, s: usize, was: bool) {
         let now = self.up.backends[b].servers[s].available();
+        self.up.backends[b].balancer.set_available(s, now);
         if now && !was {
             self.up.backends[b].start_ramp(s, self.now.ms, &self.cfg.backends[b]);
             self.drain_queue(b);

@@ -68,7 +68,8 @@ impl Worker {
             }
             let weights = be.servers.iter().map(|s| s.weight).collect();
             backends.push(Backend {
-                balancer: Balancer::new(be.balance, weights, id),
+                balancer: Balancer::new(be.balance, weights, id)
+                    .with_keys(be.servers.iter().map(|s| crate::balance::server_key(&s.name)).collect()),
                 servers,
                 queue: VecDeque::new(),
                 limit: plan.limits.backend[b],
@@ -129,7 +130,7 @@ impl Worker {
                 f.accept_proxy
                     || f.acl.is_some()
                     || config.global.connection_log.is_some()
-                    || be.balance == crate::config::Balance::Source
+                    || matches!(be.balance, crate::config::Balance::Source | crate::config::Balance::Hash)
                     || be.servers.iter().any(|s| s.send_proxy.is_some())
             })
             .collect();

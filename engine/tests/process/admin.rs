@@ -254,3 +254,50 @@ fn slowstart_ramps_a_returning_server_from_little_to_its_full_share() {
     assert_eq!(row(&stats, "a").1, 100);
     proxy.stop_clean();
 }
+
+/// `balance: hash` (Maglev on the client address), from 60 real source addresses through three
+/// servers: each address keeps its server; one server taken out moves only its own clients (to
+/// the other two), and they return when it comes back.
+#[test]
+fn balance_hash_moves_only_the_clients_of_a_server_taken_out() {
+    let backends = [Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)), Backend::start(Mode::Tag(3))];
+    let (stats, admin) = sockets("hash");
+    let yaml = format!(
+        "global: {{ workers: 2, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    balance: hash\n    hash_key: source\n    servers:\n\
+         \x20     - {{ name: a, address: \"{}\" }}\n      - {{ name: b, address: \"{}\" }}\n      - {{ name: c, address: \"{}\" }}\n",
+        stats.display(),
+        admin.display(),
+        backends[0].addr,
+        backends[1].addr,
+        backends[2].addr
+    );
+    let proxy = Proxy::start("hash", &yaml);
+    let front = proxy.addr("fe");
+    let ips: Vec<std::net::IpAddr> = (1..=60).map(|i| format!("127.0.4.{i}").parse().unwrap()).collect();
+    let place = || -> Vec<u8> {
+        ips.iter()
+            .map(|ip| {
+                let mut c = connect_from(front, *ip);
+                let mut t = [0u8];
+                c.read_exact(&mut t).unwrap();
+                t[0]
+            })
+            .collect()
+    };
+    let before = place();
+    assert_eq!(place(), before, "each address keeps its server");
+    for tag in 1..=3 {
+        let n = before.iter().filter(|&&t| t == tag).count();
+        assert!((8..=32).contains(&n), "server {tag} has {n} of the 60 addresses: {before:?}");
+    }
+    ok(&admin, "set server be/a state maint");
+    let during = place();
+    assert!(during.iter().all(|&t| t != 1), "nobody reaches a server in maintenance");
+    let moved_others = before.iter().zip(&during).filter(|(b, d)| **b != 1 && b != d).count();
+    assert_eq!(moved_others, 0, "the clients of b and c stay where they were: {before:?} -> {during:?}");
+    ok(&admin, "set server be/a state ready");
+    assert_eq!(place(), before, "a's clients return to it");
+    proxy.stop_clean();
+}
