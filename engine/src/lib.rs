@@ -23,6 +23,7 @@ pub mod privileges;
 pub mod proxy_protocol;
 pub mod ready;
 pub mod sdnotify;
+pub mod sourcelimits;
 pub mod sources;
 pub mod stats;
 pub mod supervisor;

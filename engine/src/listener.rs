@@ -95,11 +95,111 @@ pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> R
             // Copies of sockets a previous engine with more workers used are closed here; those
             // sockets close when that engine is drained.
             drop(old);
+            // Per-source limits are counted by each worker on its own: every connection of one
+            // source must reach the same worker's socket. (Set on every start: a reload may add,
+            // change or remove them, or change the number of workers.)
+            match (fe.per_source, fds.first()) {
+                (Some(p), Some(first)) if workers > 1 => {
+                    steer_by_source(first, p, workers, addr.is_ipv6()).map_err(fail)?
+                }
+                (_, Some(first)) => unsteer(first),
+                _ => {}
+            }
             bound.push(Bound { frontend: fe.name.clone(), addr });
             groups.push(ListenerGroup { frontend: fe.name.clone(), configured: want, bound: addr, fds });
         }
     }
     Ok((per_worker, bound, groups))
+}
+
+/// Classic BPF, as `SO_ATTACH_REUSEPORT_CBPF` takes it.
+fn insn(code: u16, k: u32) -> libc::sock_filter {
+    libc::sock_filter { code, jt: 0, jf: 0, k }
+}
+
+/// The program that picks a listening socket of the SO_REUSEPORT group from the client's source
+/// address (its prefix), so that all connections of one source reach one worker: it loads the
+/// source address from the IP header (relative to the network header: a SYN has no payload),
+/// masks it to the prefix, hashes it and returns the hash modulo the number of workers — an index
+/// into the group, whose first `workers` sockets are this engine's (a socket beyond them, of an
+/// engine still draining after a reload with more workers, gets no new connection).
+pub fn source_program(p: crate::config::PerSource, workers: usize, ipv6: bool) -> Vec<libc::sock_filter> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const AND_K: u16 = (libc::BPF_ALU | libc::BPF_AND | libc::BPF_K) as u16;
+    const MUL_K: u16 = (libc::BPF_ALU | libc::BPF_MUL | libc::BPF_K) as u16;
+    const XOR_X: u16 = (libc::BPF_ALU | libc::BPF_XOR | libc::BPF_X) as u16;
+    const RSH_K: u16 = (libc::BPF_ALU | libc::BPF_RSH | libc::BPF_K) as u16;
+    const MOD_K: u16 = (libc::BPF_ALU | libc::BPF_MOD | libc::BPF_K) as u16;
+    const TAX: u16 = (libc::BPF_MISC | libc::BPF_TAX) as u16;
+    const RET_A: u16 = (libc::BPF_RET | libc::BPF_A) as u16;
+    const GOLDEN: u32 = 0x9e37_79b1;
+    let net = |off: u32| (libc::SKF_NET_OFF as u32).wrapping_add(off);
+    // The address's 32-bit words (IPv4: one at offset 12; IPv6: four from offset 8) and the mask
+    // the prefix leaves of each.
+    let (words, prefix): (&[u32], u32) =
+        if ipv6 { (&[8, 12, 16, 20], p.prefix_v6.into()) } else { (&[12], p.prefix_v4.into()) };
+    let mut prog = Vec::with_capacity(5 * words.len() + 4);
+    // For each word: h = (h ^ (word & mask)) * GOLDEN (h kept in X between words; the first has
+    // no h to mix in): h = (h ^ (word & mask)) * GOLDEN   (h kept in X between words)
+    let mut first = true;
+    for (i, &off) in words.iter().enumerate() {
+        let bits = prefix.saturating_sub(32 * i as u32).min(32);
+        if bits == 0 {
+            continue;
+        }
+        let mask = if bits == 32 { u32::MAX } else { !(u32::MAX >> bits) };
+        prog.push(insn(LD_W_ABS, net(off)));
+        prog.push(insn(AND_K, mask));
+        if !first {
+            prog.push(insn(XOR_X, 0));
+        }
+        prog.push(insn(MUL_K, GOLDEN));
+        prog.push(insn(TAX, 0));
+        first = false;
+    }
+    if first {
+        // A prefix of 0: every source is one; all to the first socket.
+        return vec![insn((libc::BPF_RET | libc::BPF_K) as u16, 0)];
+    }
+    // h ^= h >> 16 (the multiply's good bits are the high ones), then h % workers.
+    prog.push(insn(RSH_K, 16));
+    prog.push(insn(XOR_X, 0));
+    prog.push(insn(MOD_K, workers as u32));
+    prog.push(insn(RET_A, 0));
+    prog
+}
+
+/// Attaches [`source_program`] to the SO_REUSEPORT group of `fd`.
+fn steer_by_source(fd: &OwnedFd, p: crate::config::PerSource, workers: usize, ipv6: bool) -> io::Result<()> {
+    let mut prog = source_program(p, workers, ipv6);
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
+    // SAFETY: the kernel copies the program during the call; `prog` outlives it.
+    let r = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&raw const fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 { Ok(()) } else { Err(io::Error::other(format!("steering by source: {}", io::Error::last_os_error()))) }
+}
+
+/// Takes a steering program off the group of `fd`, if one is attached (the kernel's hash then
+/// spreads connections again).
+fn unsteer(fd: &OwnedFd) {
+    let zero: libc::c_int = 0;
+    // SAFETY: a plain option call on a descriptor we own; ENOENT (nothing attached) is expected.
+    let _ = unsafe {
+        libc::setsockopt(
+            std::os::fd::AsRawFd::as_raw_fd(fd),
+            libc::SOL_SOCKET,
+            libc::SO_DETACH_REUSEPORT_BPF,
+            (&raw const zero).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 /// SO_KEEPALIVE with the probes' timing, or off.
@@ -137,5 +237,31 @@ fn explain(e: &io::Error) -> String {
         Some(libc::EADDRNOTAVAIL) => format!("{e} (the address is not assigned to this host)"),
         Some(libc::EACCES) => format!("{e} (ports below 1024 need root or CAP_NET_BIND_SERVICE)"),
         _ => e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::PerSource;
+
+    /// The kernel takes the steering program for each family and prefix length (it checks
+    /// classic BPF when it is attached).
+    #[test]
+    fn the_source_program_is_accepted_for_every_prefix() {
+        for (addr, prefixes) in [("127.0.0.1:0", [0u8, 8, 24, 31, 32]), ("[::1]:0", [0, 48, 64, 100, 128])] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let Ok(sock) = listen(addr, 16) else {
+                eprintln!("skipped {addr}: cannot listen (no IPv6?)");
+                continue;
+            };
+            let fd = OwnedFd::from(sock);
+            for p in prefixes {
+                let per = PerSource { maxconn: Some(1), rate: None, prefix_v4: p.min(32), prefix_v6: p };
+                steer_by_source(&fd, per, 3, addr.is_ipv6()).unwrap_or_else(|e| panic!("{addr} /{p}: {e}"));
+                assert!(source_program(per, 3, addr.is_ipv6()).len() <= 24);
+            }
+            unsteer(&fd);
+        }
     }
 }

@@ -19,8 +19,8 @@ use std::path::Path;
 pub use message::ConfigError;
 pub use raw::{Balance, OnDown, ProxyVersion};
 pub use types::{
-    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, Server,
-    SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,
+    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource,
+    Server, SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,
 };
 
 /// Reads and validates the configuration file at `path`.

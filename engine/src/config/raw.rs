@@ -124,6 +124,14 @@ pub struct RawFrontend {
     pub tcp_keepalive: Option<Spanned<RawKeepalive>>,
     /// New connections accepted per second, at most (the others wait in the backlog).
     pub rate_limit: Option<Spanned<Rate>>,
+    /// Connections open at once from one source (address or prefix), at most.
+    pub maxconn_per_source: Option<Spanned<Count>>,
+    /// New connections per second from one source, at most.
+    pub rate_per_source: Option<Spanned<Rate>>,
+    /// IPv4 prefix length a source is keyed by (default 32: the address).
+    pub source_prefix: Option<Spanned<Count>>,
+    /// IPv6 prefix length a source is keyed by (default 128: the address).
+    pub source_prefix_v6: Option<Spanned<Count>>,
 }
 
 #[derive(Debug, Deserialize)]

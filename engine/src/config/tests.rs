@@ -542,3 +542,42 @@ fn lifetime_slowstart_close_spread_and_the_admin_socket_are_checked() {
         assert!(e.starts_with("t.yaml:") && e.contains(want), "{want}: {e}");
     }
 }
+
+#[test]
+fn per_source_limits_and_rate_limit_are_checked() {
+    let with = |fe: &str| {
+        format!(
+            "frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be{fe} }}\n\
+             backends:\n  - {{ name: be, balance: hash, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
+        )
+    };
+    let c =
+        parse(&with(", maxconn_per_source: 50, rate_per_source: 10/s, source_prefix: 24, rate_limit: 2000"), "t.yaml")
+            .unwrap();
+    let p = c.frontends[0].per_source.expect("set");
+    assert_eq!((p.maxconn, p.rate, p.prefix_v4, p.prefix_v6), (Some(50), Some(10), 24, 128));
+    assert_eq!(c.frontends[0].rate_limit, Some(2000), "a bare number is per second");
+    assert_eq!(c.backends[0].balance, Balance::Hash);
+    for (fe, want) in [
+        (
+            ", maxconn_per_source: 5, accept_proxy: true",
+            "which on an accept_proxy frontend is the load balancer in front",
+        ),
+        (", rate_per_source: 0/s", "rate_per_source must be from 1/s to 1000000/s, not 0/s"),
+        (", rate_per_source: fast", "expected a rate such as 200/s, not \"fast\""),
+        (", maxconn_per_source: 5, source_prefix: 33", "source_prefix must be between 0 and 32, not 33"),
+        (", rate_limit: 0", "rate_limit must be from 1/s to 10000000/s, not 0/s"),
+    ] {
+        let e = parse(&with(fe), "t.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:") && e.contains(want), "{want}: {e}");
+    }
+    let e = parse(&with("").replace("balance: hash", "balance: leastconn, hash_key: source"), "t.yaml").unwrap_err();
+    assert!(e.to_string().contains("hash_key applies to balance: hash, not leastconn"), "{e}");
+    let c = parse(&with(", source_prefix: 24"), "t.yaml").unwrap();
+    assert!(c.frontends[0].per_source.is_none());
+    assert!(
+        c.warnings.iter().any(|w| w.contains("sets a source prefix without maxconn_per_source")),
+        "{:?}",
+        c.warnings
+    );
+}

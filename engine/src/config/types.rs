@@ -188,6 +188,30 @@ pub struct Frontend {
     /// New connections per second accepted, at most (`rate_limit`); the others wait in the
     /// listen backlog.
     pub rate_limit: Option<u32>,
+    /// Limits per client source (`maxconn_per_source`, `rate_per_source`).
+    pub per_source: Option<PerSource>,
+}
+
+/// A frontend's limits per client source: an address, or the prefix it is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PerSource {
+    pub maxconn: Option<u32>,
+    /// New connections per second.
+    pub rate: Option<u32>,
+    /// Prefix lengths a source is keyed by (32 and 128: each address on its own).
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
+}
+
+impl PerSource {
+    /// The source `ip` is counted as: its prefix, as one number (IPv4 as IPv4-mapped IPv6).
+    pub fn key(&self, ip: std::net::IpAddr) -> u128 {
+        let (v, len) = match ip {
+            std::net::IpAddr::V4(a) => (u128::from(a.to_ipv6_mapped()), 96 + u32::from(self.prefix_v4)),
+            std::net::IpAddr::V6(a) => (u128::from(a), u32::from(self.prefix_v6)),
+        };
+        if len == 0 { 0 } else { v & (u128::MAX << (128 - len)) }
+    }
 }
 
 /// TCP keepalive: after `idle` without traffic, a probe every `interval`; `count` unanswered

@@ -17,8 +17,8 @@ use super::raw::{
     RawTimeouts, StringList, Workers,
 };
 use super::types::{
-    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, Server, Stats,
-    Tune, WEIGHT_LIMIT, default,
+    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource,
+    Server, Stats, Tune, WEIGHT_LIMIT, default,
 };
 use super::{address, duration};
 
@@ -534,6 +534,7 @@ impl Validator<'_> {
         };
         let (allow, deny) = (list(&rf.allow, "allow")?, list(&rf.deny, "deny")?);
         let acl = (!allow.is_empty() || !deny.is_empty()).then_some(Acl { allow, deny });
+        let per_source = self.per_source(rf, &name, accept_proxy)?;
         Ok(Frontend {
             name,
             binds,
@@ -555,7 +556,55 @@ impl Validator<'_> {
                 }
                 Some(r) => Some(r.value.0 as u32),
             },
+            per_source,
         })
+    }
+
+    /// `maxconn_per_source`, `rate_per_source` and the prefixes a source is keyed by.
+    fn per_source(&mut self, rf: &RawFrontend, name: &str, accept_proxy: bool) -> Result<Option<PerSource>> {
+        let maxconn = match &rf.maxconn_per_source {
+            Some(m) => Some(self.count(m, "maxconn_per_source", 1, MAXCONN_LIMIT)? as u32),
+            None => None,
+        };
+        let rate = match &rf.rate_per_source {
+            Some(r) if r.value.0 == 0 || r.value.0 > 1_000_000 => {
+                return self
+                    .err(r.referenced, format!("rate_per_source must be from 1/s to 1000000/s, not {}/s", r.value.0));
+            }
+            Some(r) => Some(r.value.0 as u32),
+            None => None,
+        };
+        let prefix_v4 = match &rf.source_prefix {
+            Some(p) => self.count(p, "source_prefix", 0, 32)? as u8,
+            None => 32,
+        };
+        let prefix_v6 = match &rf.source_prefix_v6 {
+            Some(p) => self.count(p, "source_prefix_v6", 0, 128)? as u8,
+            None => 128,
+        };
+        if maxconn.is_none() && rate.is_none() {
+            if let Some(p) =
+                rf.source_prefix.as_ref().map(|p| p.referenced).or(rf.source_prefix_v6.as_ref().map(|p| p.referenced))
+            {
+                self.warn(p, format!("frontend \"{name}\" sets a source prefix without maxconn_per_source or rate_per_source: it has no effect"));
+            }
+            return Ok(None);
+        }
+        if accept_proxy {
+            let at = rf
+                .maxconn_per_source
+                .as_ref()
+                .map(|m| m.referenced)
+                .or(rf.rate_per_source.as_ref().map(|r| r.referenced));
+            return self.err(
+                at.unwrap_or(rf.name.referenced),
+                format!(
+                    "frontend \"{name}\": maxconn_per_source and rate_per_source count the connection's own source, which on \
+                     an accept_proxy frontend is the load balancer in front; set them on that load balancer"
+                ),
+            );
+        }
+        Ok(Some(PerSource { maxconn, rate, prefix_v4, prefix_v6 }))
     }
 
     fn backend(&self, rb: &RawBackend, name: String, defaults: &Defaults) -> Result<Backend> {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 
 use super::{Admission, CloseReason, Ctx, POLLIN_EVENTS, State, Step};
 use crate::proxy_protocol::{self, MAX_HEADER, Parsed};
+use crate::sourcelimits::Refusal;
 use crate::worker::ring::{ClientSlot, HeaderBuf};
 use crate::worker::token::Op;
 
@@ -107,12 +108,41 @@ impl Ctx<'_> {
                 return self.close(CloseReason::Denied);
             }
         }
+        if let Some(table) = self.up.per_source[self.c.frontend as usize].as_mut() {
+            // Unknown address (every lookup was in flight in a burst): refused, as by the access
+            // list (a limit that anyone could pass by arriving in a burst would be none).
+            let admitted = match self.c.client_addr {
+                Some(a) => table.admit(table.limits().key(a.ip()), self.now.ms),
+                None => Err(Refusal::Maxconn),
+            };
+            match admitted {
+                Ok(()) => self.c.source_counted = true,
+                Err(why) => {
+                    match why {
+                        Refusal::Maxconn => self.stats.source_refused.maxconn += 1,
+                        Refusal::Rate => self.stats.source_refused.rate += 1,
+                        Refusal::TableFull => self.stats.source_refused.table_full += 1,
+                    }
+                    return self.close(CloseReason::SourceLimit);
+                }
+            }
+        }
         if fe.accept_proxy {
             self.enter(State::ProxyHeader);
             self.ensure_timer();
             self.peek_proxy_header();
         } else {
             self.dispatch();
+        }
+    }
+
+    /// Gives back the connection's count in its frontend's per-source table.
+    pub(super) fn release_source(&mut self) {
+        if !std::mem::take(&mut self.c.source_counted) {
+            return;
+        }
+        if let (Some(table), Some(a)) = (self.up.per_source[self.c.frontend as usize].as_mut(), self.c.client_addr) {
+            table.release(table.limits().key(a.ip()));
         }
     }
 

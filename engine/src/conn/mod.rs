@@ -197,6 +197,8 @@ pub enum CloseReason {
     Killed,
     /// Reached its frontend's `timeout.lifetime`.
     Lifetime,
+    /// Refused at accept by its frontend's `maxconn_per_source` or `rate_per_source`.
+    SourceLimit,
 }
 
 impl CloseReason {
@@ -215,6 +217,7 @@ impl CloseReason {
             CloseReason::Denied => "denied",
             CloseReason::Killed => "killed",
             CloseReason::Lifetime => "lifetime",
+            CloseReason::SourceLimit => "source_limit",
         }
     }
 
@@ -252,6 +255,8 @@ pub struct Conn {
     pub admission: Admission,
     /// Holds backend and server shares and a source port.
     pub server_shares: bool,
+    /// Counted in its frontend's per-source table (released when it closes).
+    pub source_counted: bool,
     pub connect_timed_out: bool,
     /// Result of the connect chain: its first error, or 0.
     pub connect_result: i32,
@@ -822,10 +827,12 @@ impl Ctx<'_> {
             CloseReason::Denied => self.stats.denied += 1,
             CloseReason::Killed => self.stats.killed += 1,
             CloseReason::Lifetime => self.stats.lifetime_ends += 1,
+            CloseReason::SourceLimit => {}
             CloseReason::Done | CloseReason::Shutdown => {}
         }
         self.release_server();
         self.release_admission();
+        self.release_source();
         for dir in Dir::BOTH {
             // A flow waiting for a pipe holds nothing; its place in the FIFO goes stale.
             if matches!(self.c.flow(dir).io, FlowIo::Waiting) {

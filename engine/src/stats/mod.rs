@@ -60,6 +60,17 @@ pub struct LimitHits {
     pub rate: u64,
 }
 
+/// Connections refused at accept by `maxconn_per_source` / `rate_per_source`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SourceRefused {
+    /// The source had `maxconn_per_source` open (or its address was unknown).
+    pub maxconn: u64,
+    /// The source's `rate_per_source` was used up.
+    pub rate: u64,
+    /// The worker's table of sources was full.
+    pub table_full: u64,
+}
+
 /// Connections closed by a timeout, by kind (connect timeouts are in `ConnectErrors::timeout`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
@@ -257,6 +268,12 @@ pub struct WorkerStats {
     /// Connections closed at their frontend's `timeout.lifetime`.
     #[serde(default)]
     pub lifetime_ends: u64,
+    /// Connections refused by a frontend's per-source limits, by cause.
+    #[serde(default)]
+    pub source_refused: SourceRefused,
+    /// Sources this worker tracks for per-source limits (gauge).
+    #[serde(default)]
+    pub sources_tracked: u64,
     pub proxy_headers_sent: u64,
     /// Looks at a client's bytes while waiting for its whole PROXY header (a header split over
     /// several packets takes more than one).

@@ -147,6 +147,19 @@ pub fn render(s: &EngineStats) -> String {
         "Connections closed by the operator (shutdown sessions server).",
         |w| w.killed,
     );
+    m.per_worker_by(
+        s,
+        "source_refused_total",
+        "counter",
+        "Connections refused by a frontend's maxconn_per_source / rate_per_source, by cause.",
+        "cause",
+        &[
+            ("maxconn", &|w| w.source_refused.maxconn),
+            ("rate", &|w| w.source_refused.rate),
+            ("table_full", &|w| w.source_refused.table_full),
+        ],
+    );
+    m.per_worker(s, "sources_tracked", "gauge", "Client sources tracked for per-source limits.", |w| w.sources_tracked);
     m.per_worker(
         s,
         "connections_lifetime_ends_total",

@@ -32,6 +32,10 @@ pub fn info(s: &EngineStats) -> String {
     kv(&mut o, "denied", s.total(|w| w.denied).to_string());
     kv(&mut o, "killed", s.total(|w| w.killed).to_string());
     kv(&mut o, "lifetime_ends", s.total(|w| w.lifetime_ends).to_string());
+    kv(&mut o, "source_refused_maxconn", s.total(|w| w.source_refused.maxconn).to_string());
+    kv(&mut o, "source_refused_rate", s.total(|w| w.source_refused.rate).to_string());
+    kv(&mut o, "source_refused_table_full", s.total(|w| w.source_refused.table_full).to_string());
+    kv(&mut o, "sources_tracked", s.total(|w| w.sources_tracked).to_string());
     kv(&mut o, "bytes_client_to_server", s.total(|w| w.bytes_client_to_server).to_string());
     kv(&mut o, "bytes_server_to_client", s.total(|w| w.bytes_server_to_client).to_string());
     o

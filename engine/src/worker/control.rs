@@ -241,6 +241,7 @@ impl Worker {
         s.ring = self.ring.counters;
         s.uptime_ms = self.now.ms;
         s.listening = self.listeners.iter().filter(|l| l.fd.is_some()).count() as u64;
+        s.sources_tracked = self.up.per_source.iter().flatten().map(|t| t.len() as u64).sum();
         // (A queue may still hold entries of connections that closed while waiting: skipped.)
         let conns = &self.conns;
         s.queued_by_backend = self

@@ -163,6 +163,9 @@ impl Worker {
                 // burst shrinks back, and buffers nobody used since give their memory back.
                 self.next_trim = self.now.ms + 1000;
                 self.ring.trim_recv_bufs();
+                for t in self.up.per_source.iter_mut().flatten() {
+                    t.sweep(self.now.ms);
+                }
             }
             if !self.spreads.is_empty() {
                 self.run_spreads();

@@ -129,6 +129,7 @@ impl Worker {
                 let be = &config.backends[f.backend];
                 f.accept_proxy
                     || f.acl.is_some()
+                    || f.per_source.is_some()
                     || config.global.connection_log.is_some()
                     || matches!(be.balance, crate::config::Balance::Source | crate::config::Balance::Hash)
                     || be.servers.iter().any(|s| s.send_proxy.is_some())
@@ -161,6 +162,14 @@ impl Worker {
                 connect_latency: (0..n).map(|_| latency_histogram()).collect(),
                 admission,
                 proxy_header: plan.limits.proxy_header.clone(),
+                per_source: config
+                    .frontends
+                    .iter()
+                    .map(|f| {
+                        let capacity = 2 * plan.conns_per_worker as usize;
+                        f.per_source.map(|p| crate::sourcelimits::SourceTable::new(p, capacity))
+                    })
+                    .collect(),
             },
             stats,
             now: Clock::default(),

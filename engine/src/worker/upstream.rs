@@ -112,6 +112,9 @@ pub(crate) struct Upstream {
     pub admission: Vec<[Option<LimitId>; 2]>,
     /// Per frontend with `accept_proxy`, the limit of connections reading their PROXY header.
     pub proxy_header: Vec<Option<LimitId>>,
+    /// Per frontend with per-source limits, this worker's table of sources (all of theirs: the
+    /// listeners steer each source to one worker).
+    pub per_source: Vec<Option<crate::sourcelimits::SourceTable>>,
 }
 
 impl Upstream {
