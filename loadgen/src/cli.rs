@@ -129,6 +129,11 @@ pub struct HoldArgs {
     /// every heartbeat is still checked and counted.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub latency_after: Duration,
+    /// Like a real client, dial again this long after a held connection ended (closed or reset by
+    /// the other side) or a connect failed; counted as reconnects. The run then passes when every
+    /// planned connection is open at the end (drops are expected, not errors).
+    #[arg(long, value_parser = parse_duration)]
+    pub reconnect: Option<Duration>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -157,6 +157,11 @@ impl<'a, C, B> ClientWorker<'a, C, B> {
         self.io.held().slots.iter()
     }
 
+    /// Connections open now.
+    pub fn open(&self) -> u64 {
+        self.open
+    }
+
     pub fn state(&self, slot: u32) -> State {
         self.io.held().slots[slot as usize].state
     }

@@ -11,8 +11,15 @@
 //! corruption but gives no RTT sample). At the end the worker waits up to
 //! [`DRAIN`] for outstanding echoes; those still missing are lost.
 //!
+//! With `--reconnect D`, a connection that ends (the other side closed or
+//! reset it) or whose dial failed is dialed again in its slot D later, as a
+//! real client does after a server went away; its heartbeats start over on
+//! the new connection (a heartbeat in flight when it ended is not counted
+//! lost: the connection is counted dropped). The run then passes when every
+//! planned connection is open at the end.
+//!
 //! Invariants: slot `i` of a worker is connection `first_id + i`, dialed
-//! once, in order; slots are never reused. A heartbeat's message stays in
+//! in order (and again only with `--reconnect`). A heartbeat's message stays in
 //! its slot's `sbuf`, unchanged until its echo is back. The shared
 //! [`ClientWorker`] owns the slots, their buffers and sockets.
 
@@ -56,6 +63,11 @@ impl ClientMode for HoldArgs {
 
 /// A held connection's heartbeat.
 struct Conn {
+    /// Which connection of the slot this is (bumped on each reconnect): a heartbeat timer of an
+    /// earlier one is ignored.
+    chain: u32,
+    /// The slot is being dialed again (`--reconnect`).
+    redial: bool,
     seq: u64,
     /// When the outstanding heartbeat was sent; `None` if none is outstanding.
     sent_at: Option<Instant>,
@@ -69,7 +81,11 @@ struct Conn {
 
 struct Worker<'a> {
     w: ClientWorker<'a, Conn>,
-    timers: VecDeque<(Instant, u32)>,
+    /// Heartbeat timers: (due, slot, chain).
+    timers: VecDeque<(Instant, u32, u32)>,
+    /// `--reconnect`: slots to dial again, (due, slot), in due order.
+    redials: VecDeque<(Instant, u32)>,
+    reconnect: Option<Duration>,
     heartbeat: Duration,
     ramp: f64,
     /// Planned connections whose dial has resolved (established or failed).
@@ -81,6 +97,8 @@ struct Worker<'a> {
 impl<'a> Worker<'a> {
     fn new(args: &HoldArgs, plan: &'a WorkerPlan, progress: &'a Progress) -> Result<Self> {
         let w = ClientWorker::new("hold", plan, progress, 4096, (), || Conn {
+            chain: 0,
+            redial: false,
             seq: 0,
             sent_at: None,
             lost_marked: false,
@@ -91,7 +109,16 @@ impl<'a> Worker<'a> {
             rlen: 0,
         })?;
         let record_from = plan.start + args.latency_after;
-        Ok(Worker { w, timers: VecDeque::new(), heartbeat: args.heartbeat, ramp: args.ramp, resolved: 0, record_from })
+        Ok(Worker {
+            w,
+            timers: VecDeque::new(),
+            redials: VecDeque::new(),
+            reconnect: args.reconnect,
+            heartbeat: args.heartbeat,
+            ramp: args.ramp,
+            resolved: 0,
+            record_from,
+        })
     }
 
     fn run(mut self) -> Result<Measurement> {
@@ -105,22 +132,40 @@ impl<'a> Worker<'a> {
             for _ in 0..k {
                 if !self.w.dial(dialed as u32)? {
                     self.resolve();
+                    self.redial_later(dialed as u32, now);
                 }
                 dialed += 1;
             }
-            while let Some(&(due, slot)) = self.timers.front() {
+            while let Some(&(due, slot)) = self.redials.front() {
+                if due > now {
+                    break;
+                }
+                self.redials.pop_front();
+                if self.w.state(slot) == State::Idle {
+                    self.w.conn_mut(slot).0.redial = true;
+                    if !self.w.dial(slot)? {
+                        self.redial_later(slot, now);
+                    }
+                }
+            }
+            while let Some(&(due, slot, chain)) = self.timers.front() {
                 if due > now {
                     break;
                 }
                 self.timers.pop_front();
-                self.beat(slot, due, now)?;
+                if self.w.conn(slot).chain == chain {
+                    self.beat(slot, due, now)?;
+                }
             }
             let mut wait = plan.deadline.saturating_duration_since(now);
             wait = wait.min(Duration::from_millis(100));
             if dialed < n {
                 wait = wait.min(pacer.next_in(now).max(Duration::from_micros(200)));
             }
-            if let Some(&(due, _)) = self.timers.front() {
+            if let Some(&(due, _, _)) = self.timers.front() {
+                wait = wait.min(due.saturating_duration_since(now));
+            }
+            if let Some(&(due, _)) = self.redials.front() {
                 wait = wait.min(due.saturating_duration_since(now));
             }
             self.poll(wait)?;
@@ -138,16 +183,43 @@ impl<'a> Worker<'a> {
             match e {
                 Event::Connected(slot) => {
                     let now = Instant::now();
-                    self.resolve();
+                    let (c, m) = self.w.conn_mut(slot);
+                    if std::mem::take(&mut c.redial) {
+                        m.reconnects += 1;
+                    } else {
+                        self.resolve();
+                    }
+                    // A fresh connection in the slot: its own heartbeats, from the first.
+                    let c = self.w.conn_mut(slot).0;
+                    c.chain = c.chain.wrapping_add(1);
+                    (c.seq, c.sent_at, c.lost_marked, c.send_busy, c.sent, c.rlen) = (0, None, false, false, 0, 0);
                     self.arm_recv(slot)?;
                     self.beat(slot, now, now)?;
                 }
-                Event::ConnectFailed(_) => self.resolve(),
+                Event::ConnectFailed(slot) => {
+                    if !self.w.conn(slot).redial {
+                        self.resolve();
+                    }
+                    self.redial_later(slot, Instant::now());
+                }
                 Event::Sent(slot, res) => self.on_send(slot, res)?,
                 Event::Received(slot, res) => self.on_recv(slot, res)?,
             }
         }
         Ok(())
+    }
+
+    /// `--reconnect`: dial `slot` again after the delay.
+    fn redial_later(&mut self, slot: u32, now: Instant) {
+        if let Some(d) = self.reconnect {
+            self.redials.push_back((now + d, slot));
+        }
+    }
+
+    /// A held connection ended early: counted dropped; dialed again with `--reconnect`.
+    fn ended(&mut self, slot: u32, cause: Cause) {
+        self.w.drop_conn(slot, cause);
+        self.redial_later(slot, Instant::now());
     }
 
     fn resolve(&mut self) {
@@ -177,7 +249,8 @@ impl<'a> Worker<'a> {
             return Ok(());
         }
         let next = if due + self.heartbeat > now { due + self.heartbeat } else { now + self.heartbeat };
-        self.timers.push_back((next, slot));
+        let chain = self.w.conn(slot).chain;
+        self.timers.push_back((next, slot, chain));
         let id = self.w.plan().first_id + u64::from(slot);
         let progress = self.w.progress();
         let (c, m) = self.w.conn_mut(slot);
@@ -201,7 +274,7 @@ impl<'a> Worker<'a> {
         let c = self.w.conn_mut(slot).0;
         c.send_busy = false;
         if res <= 0 {
-            self.w.drop_conn(slot, Cause::from_result(res, false));
+            self.ended(slot, Cause::from_result(res, false));
             return Ok(());
         }
         c.sent += res as usize;
@@ -213,7 +286,7 @@ impl<'a> Worker<'a> {
 
     fn on_recv(&mut self, slot: u32, res: i32) -> Result<()> {
         if res <= 0 {
-            self.w.drop_conn(slot, Cause::from_result(res, true));
+            self.ended(slot, Cause::from_result(res, true));
             return Ok(());
         }
         let progress = self.w.progress();
@@ -247,6 +320,11 @@ impl<'a> Worker<'a> {
         Progress::add(&progress.lost, lost);
         let cut_short = self.w.fail_pending_connects();
         Progress::add(&progress.failed, cut_short);
+        let open = self.w.open();
+        let reconnecting = self.reconnect.is_some();
+        let m = self.w.m();
+        m.open_at_end = open;
+        m.reconnecting = reconnecting;
         self.w.drain();
         self.w.m().window_s = self.w.plan().start.elapsed().as_secs_f64();
         Ok(self.w.finish())

@@ -129,6 +129,10 @@ pub struct Connections {
     pub dropped_by_cause: Causes,
     pub peak_open: u64,
     pub ramp_time_s: Option<f64>,
+    /// hold --reconnect: connections dialed again after one ended, and established.
+    pub reconnects: u64,
+    /// hold: connections open at the end of the run.
+    pub open_at_end: u64,
 }
 
 #[derive(Serialize, Debug)]
@@ -177,6 +181,24 @@ pub fn exit_code(mode: &str, m: &Measurement) -> (u8, String) {
     if m.lost > 0 || m.corrupted > 0 {
         return (1, format!("integrity: {} lost, {} corrupted messages", m.lost, m.corrupted));
     }
+    if m.reconnecting {
+        // Clients that dial again: ends and failed dials are part of the run; what counts is that
+        // every planned connection is open at the end.
+        if m.open_at_end < m.planned {
+            return (
+                3,
+                format!(
+                    "{} of {} planned connections open at the end ({} reconnects, {} failed dials, {} dropped)",
+                    m.open_at_end,
+                    m.planned,
+                    m.reconnects,
+                    m.failed.total(),
+                    m.dropped.total()
+                ),
+            );
+        }
+        return if m.interrupted { (130, "interrupted".into()) } else { (0, "ok".into()) };
+    }
     let not_opened = if mode == "hold" { m.planned.saturating_sub(m.established) } else { 0 };
     if m.failed.total() > 0 || m.dropped.total() > 0 || not_opened > 0 {
         return (
@@ -222,6 +244,8 @@ pub fn build(mode: &dyn ClientMode, s: &Settings, m: &Measurement) -> Report {
             dropped_by_cause: m.dropped,
             peak_open: m.peak_open,
             ramp_time_s: m.ramp_time_s,
+            reconnects: m.reconnects,
+            open_at_end: m.open_at_end,
         },
         messages: Messages { sent: m.msgs_sent, echoed_ok: m.msgs_ok, lost: m.lost, corrupted: m.corrupted },
         connections_per_s: (name == "rate").then(|| m.completed as f64 / w),
@@ -299,6 +323,9 @@ pub fn table(r: &Report) -> String {
     }
     row("failed", format!("{} ({})", c.failed, causes_line(&c.failed_by_cause)));
     row("dropped", format!("{} ({})", c.dropped, causes_line(&c.dropped_by_cause)));
+    if c.reconnects > 0 || c.open_at_end > 0 {
+        row("open at the end", format!("{} ({} reconnects)", c.open_at_end, c.reconnects));
+    }
     let m = &r.messages;
     if m.sent > 0 {
         row(

@@ -194,6 +194,15 @@ pub struct Measurement {
     pub dropped: Causes,
     /// Most connections open at one time (sum over processes of each one's peak).
     pub peak_open: u64,
+    /// hold --reconnect: connections dialed again after one ended, that got established.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Connections open when the run ended (hold).
+    #[serde(default)]
+    pub open_at_end: u64,
+    /// hold --reconnect was given: a drop is expected (the client dials again).
+    #[serde(default)]
+    pub reconnecting: bool,
     /// hold: seconds from start until every planned connection was attempted
     /// and resolved; `None` if that never happened.
     pub ramp_time_s: Option<f64>,
@@ -225,7 +234,8 @@ impl Measurement {
             (None, b) if self.planned == 0 => b,
             _ => None,
         };
-        add_fields!(self, o; planned, attempted, established, peak_open, msgs_sent, msgs_ok, lost, corrupted,
+        self.reconnecting |= o.reconnecting;
+        add_fields!(self, o; planned, attempted, established, peak_open, reconnects, open_at_end, msgs_sent, msgs_ok, lost, corrupted,
             completed, up_bytes, down_bytes, processes, workers);
         self.failed += &o.failed;
         self.dropped += &o.dropped;

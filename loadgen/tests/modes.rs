@@ -289,3 +289,59 @@ fn under_a_seccomp_filter_serve_and_hold_say_why_in_one_line() {
         assert!(stderr.contains("under a seccomp filter") && stderr.contains("--security-opt seccomp="), "{stderr}");
     }
 }
+
+/// An echo server on loopback that, `cut_after` after it started, closes every connection it has
+/// (as a server taken out does) and then serves new ones normally.
+fn cutting_echo(cut_after: Duration) -> String {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let open: Arc<Mutex<Vec<std::net::TcpStream>>> = Arc::default();
+    let cutter = open.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(cut_after);
+        for c in cutter.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    });
+    let started = Instant::now();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            if started.elapsed() < cut_after {
+                open.lock().unwrap().push(c.try_clone().unwrap());
+            }
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = c.read(&mut buf) {
+                    if n == 0 || c.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn hold_reconnects_what_the_server_closed_and_passes_when_all_are_back() {
+    let addr = cutting_echo(Duration::from_millis(700));
+    let args = ["hold", "--target", &addr, "--conns", "20", "--heartbeat", "100ms", "--duration", "2s"];
+    let (code, v) = json(&[&args[..], &["--reconnect", "100ms"]].concat());
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(u(&v, "connections.dropped"), 20, "the server closed all 20");
+    assert_eq!(u(&v, "connections.reconnects"), 20, "each dialed again once");
+    assert_eq!(u(&v, "connections.open_at_end"), 20);
+    assert_eq!(u(&v, "messages.lost"), 0);
+    assert_eq!(u(&v, "messages.corrupted"), 0);
+    assert!(u(&v, "messages.echoed_ok") >= 20 * 12, "heartbeats went on after the reconnect: {}", v["messages"]);
+    // Without --reconnect, the same cut leaves them closed: connection errors.
+    let addr = cutting_echo(Duration::from_millis(500));
+    let args = ["hold", "--target", &addr, "--conns", "20", "--heartbeat", "100ms", "--duration", "1s"];
+    let (code, v) = json(&args);
+    assert_eq!(code, 3, "{v}");
+    assert_eq!(u(&v, "connections.reconnects"), 0);
+    assert_eq!(u(&v, "connections.open_at_end"), 0);
+}
