@@ -12,6 +12,11 @@ use std::net::IpAddr;
 
 use crate::config::Balance;
 
+/// Weights are kept ×256 inside the balancer, so that a server ramping up (`slowstart`) moves in
+/// small steps even at the default weight 1. Every algorithm only compares weights with each
+/// other, so the scale changes no choice.
+pub const WEIGHT_SCALE: u32 = 256;
+
 pub struct Balancer {
     algo: Balance,
     weights: Vec<u32>,
@@ -25,8 +30,10 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// `weights` as configured (they are scaled by [`WEIGHT_SCALE`] here).
     pub fn new(algo: Balance, weights: Vec<u32>, worker: usize) -> Balancer {
         let n = weights.len().max(1);
+        let weights: Vec<u32> = weights.into_iter().map(|w| w.saturating_mul(WEIGHT_SCALE)).collect();
         Balancer {
             algo,
             current: vec![0; weights.len()],
@@ -37,7 +44,7 @@ impl Balancer {
         }
     }
 
-    /// The weight server `i` is balanced with now.
+    /// The weight server `i` is balanced with now (×[`WEIGHT_SCALE`]).
     pub fn weight(&self, i: usize) -> u32 {
         self.weights.get(i).copied().unwrap_or(0)
     }
@@ -63,7 +70,8 @@ impl Balancer {
         }
     }
 
-    /// Changes server `i`'s weight (runtime API, slowstart); 0 takes no new connection.
+    /// Changes server `i`'s weight (×[`WEIGHT_SCALE`]: runtime API, slowstart); 0 takes no new
+    /// connection.
     pub fn set_weight(&mut self, i: usize, weight: u32) {
         if let Some(w) = self.weights.get_mut(i) {
             if *w != weight
@@ -407,6 +415,7 @@ mod tests {
         assert_eq!(a.pick(|_| 0, Some(ip), |_| false), None);
         a.set_weight(0, 0);
         a.set_weight(1, 0);
+        assert_eq!(a.weight(0), 0);
         assert_eq!(a.pick(|_| 0, Some(ip), |_| true), None, "no weight, no server");
     }
 }

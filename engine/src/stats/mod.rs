@@ -196,6 +196,10 @@ pub struct ServerStats {
     /// run time, lower while the server ramps up after `slowstart`.
     #[serde(default)]
     pub weight: u64,
+    /// Where a `slowstart` ramp is: the weight in use as a percentage of the server's weight (100
+    /// when not ramping).
+    #[serde(default)]
+    pub ramp_pct: u64,
     pub active: u64,
     pub total: u64,
     pub connect_errors: u64,

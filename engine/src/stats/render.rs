@@ -158,7 +158,7 @@ pub fn servers(s: &EngineStats) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:<24} {:<22} {:<5} {:>6} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
+        "{:<24} {:<22} {:<8} {:>6} {:>8} {:>10} {:>8} {:>8} {:>10} {:>10} {:>10}",
         "backend/server",
         "address",
         "state",
@@ -175,10 +175,14 @@ pub fn servers(s: &EngineStats) -> String {
         let l = &v.connect_latency_us;
         let _ = writeln!(
             o,
-            "{:<24} {:<22} {:<5} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8}us {:>8}us {:>8}us",
+            "{:<24} {:<22} {:<8} {:>6} {:>8} {:>10} {:>8} {:>8} {:>8}us {:>8}us {:>8}us",
             format!("{}/{}", v.backend, v.server),
             v.address,
-            v.status(),
+            // A server ramping up after `slowstart` says how far it has got.
+            match v.status() {
+                "UP" if v.ramp_pct < 100 => format!("UP {}%", v.ramp_pct),
+                s => s.to_string(),
+            },
             v.weight,
             v.active,
             v.total,

@@ -70,7 +70,7 @@ impl Worker {
                 if be.servers[s].ramp_from.is_some() {
                     be.ramp(self.now.ms, &self.cfg.backends[b]);
                 } else {
-                    be.balancer.set_weight(s, w);
+                    be.balancer.set_weight(s, w.saturating_mul(crate::balance::WEIGHT_SCALE));
                 }
             }
             ServerOp::Shutdown => self.shut_down(b, s, CloseReason::Killed),
@@ -263,7 +263,15 @@ impl Worker {
                 row.connect_errors = srv.errors;
                 row.share = srv.limit.map_or(0, |l| u64::from(self.up.shares.held(l)));
                 row.admin = srv.admin;
-                row.weight = u64::from(be.balancer.weight(i));
+                // The weight in use, in the configuration's units (rounded up while ramping), and
+                // how far a ramp has got.
+                let scaled = u64::from(be.balancer.weight(i));
+                let scale = u64::from(crate::balance::WEIGHT_SCALE);
+                row.weight = scaled.div_ceil(scale);
+                row.ramp_pct = match u64::from(srv.weight) * scale {
+                    0 => 100,
+                    full => (scaled * 100 / full).min(100),
+                };
                 // Percentiles for this worker's rows, buckets for merging across workers.
                 let latency = &self.up.connect_latency[k];
                 row.connect_latency_us = latency.latency();

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use crate::balance::Balancer;
+use crate::balance::{Balancer, WEIGHT_SCALE};
 use crate::conn::Admission;
 use crate::limits::{LimitId, ShareMsg, Shares};
 use crate::sources::SourceShard;
@@ -56,18 +56,20 @@ impl Server {
 
 impl Backend {
     /// Brings the weights of ramping servers up to date: `weight × elapsed / slowstart` (at least
-    /// 1 while ramping, so the server gets a first few connections), full once the ramp is over.
+    /// 1/256 of a weight while ramping, so the server gets a first few connections), full once the
+    /// ramp is over.
     pub fn ramp(&mut self, now_ms: u64, cfg: &crate::config::Backend) {
         for (i, srv) in self.servers.iter_mut().enumerate() {
             let Some(from) = srv.ramp_from else { continue };
             let window = cfg.servers[i].slowstart.map_or(0, |d| d.as_millis() as u64);
             let elapsed = now_ms.saturating_sub(from);
+            let full = srv.weight.saturating_mul(WEIGHT_SCALE);
             let w = if elapsed >= window {
                 srv.ramp_from = None;
                 self.ramping -= 1;
-                srv.weight
+                full
             } else {
-                ((u64::from(srv.weight) * elapsed / window) as u32).max(1).min(srv.weight)
+                ((u64::from(full) * elapsed / window) as u32).max(1).min(full)
             };
             self.balancer.set_weight(i, w);
         }
@@ -89,7 +91,7 @@ impl Backend {
     pub fn stop_ramp(&mut self, s: usize) {
         if self.servers[s].ramp_from.take().is_some() {
             self.ramping -= 1;
-            self.balancer.set_weight(s, self.servers[s].weight);
+            self.balancer.set_weight(s, self.servers[s].weight.saturating_mul(WEIGHT_SCALE));
         }
     }
 }
