@@ -44,6 +44,10 @@ impl Balancer {
         }
     }
 
+    pub fn algo(&self) -> Balance {
+        self.algo
+    }
+
     /// The weight server `i` is balanced with now (×[`WEIGHT_SCALE`]).
     pub fn weight(&self, i: usize) -> u32 {
         self.weights.get(i).copied().unwrap_or(0)

@@ -91,7 +91,13 @@ impl Ctx<'_> {
                 && tried & (1 << (i % 64)) == 0
                 && servers[i].sources.remaining_or_any()
         };
-        let pick = be.balancer.pick(|i| servers[i].active, client, |i| usable(i) && free(i));
+        let (ramping, picks, algo) = (be.ramping > 0, be.picks, be.balancer.algo());
+        let capped = |i: usize| ramping && crate::worker::upstream::ramp_capped(servers, picks, algo, i);
+        let mut pick = be.balancer.pick(|i| servers[i].active, client, |i| usable(i) && free(i) && !capped(i));
+        if pick.is_none() && ramping {
+            // Only a ramping server can take it: it does (the ramp shapes the share, never refuses).
+            pick = be.balancer.pick(|i| servers[i].active, client, |i| usable(i) && free(i));
+        }
         let Some(s) = pick else {
             // Nobody free: is it because of maxconn (wait) or because nobody is left (fail)?
             let full: Vec<usize> =
@@ -129,7 +135,11 @@ impl Ctx<'_> {
         let taken = up.shares.take_all(&ids[..n]);
         debug_assert!(taken, "room was checked by try_connect");
         let timeout = up.backends[b].connect_timeout;
+        up.backends[b].picks += 1;
         let srv = &mut up.backends[b].servers[s];
+        if srv.ramp_from.is_some() {
+            srv.ramp_picks += 1;
+        }
         let source = if srv.sources.is_empty() { None } else { srv.sources.pick() };
         let source_addr = source.map(|i| srv.sources.addrs[i]);
         srv.active += 1;

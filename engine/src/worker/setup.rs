@@ -56,6 +56,9 @@ impl Worker {
                     admin: AdminState::Ready,
                     weight: srv.weight,
                     ramp_from: None,
+                    ramp_base: 0,
+                    ramp_picks: 0,
+                    ramp_progress: 1.0,
                     dest,
                     sources: SourceShard::new(ips, ids, plan.ephemeral_ports),
                     active: 0,
@@ -75,6 +78,7 @@ impl Worker {
                 limit: plan.limits.backend[b],
                 connect_timeout,
                 ramping: 0,
+                picks: 0,
             });
         }
         let ring = Ring::new(RingSetup {

@@ -23,6 +23,11 @@ pub(crate) struct Server {
     pub weight: u32,
     /// Since when (worker clock, ms) the server ramps up after coming back (`slowstart`).
     pub ramp_from: Option<u64>,
+    /// While it ramps: the backend's connects when the ramp began, and this server's since.
+    pub ramp_base: u64,
+    pub ramp_picks: u64,
+    /// How far the ramp has got (the weight in use over the full one).
+    pub ramp_progress: f32,
     pub dest: AddrId,
     pub sources: SourceShard,
     pub active: u32,
@@ -45,6 +50,8 @@ pub(crate) struct Backend {
     pub connect_timeout: TimeoutId,
     /// Servers ramping up (`ramp_from` set): their weights are brought up to date before a pick.
     pub ramping: u16,
+    /// Connects this worker started in this backend.
+    pub picks: u64,
 }
 
 impl Server {
@@ -52,6 +59,28 @@ impl Server {
     pub fn available(&self) -> bool {
         self.state.is_up() && self.admin == AdminState::Ready
     }
+}
+
+/// Whether ramping server `i` of `servers` has had its share of new connections for now, under
+/// `leastconn` and `random` (`algo`), which pick by load: an empty server coming back would take
+/// every new connection at any weight above 0. Its share of the backend's connects since its ramp
+/// began (`picks` now) may be at most its weight's fair share times how far the ramp has got — so
+/// its new-connection rate ramps from ~0 to full with its weight. (Under `roundrobin`, `source`
+/// and `hash` the weight alone sets the share.)
+pub(crate) fn ramp_capped(servers: &[Server], picks: u64, algo: crate::config::Balance, i: usize) -> bool {
+    let srv = &servers[i];
+    if srv.ramp_from.is_none()
+        || srv.ramp_picks == 0
+        || !matches!(algo, crate::config::Balance::Leastconn | crate::config::Balance::Random)
+    {
+        return false;
+    }
+    let full: u64 = servers.iter().filter(|s| s.available()).map(|s| u64::from(s.weight)).sum();
+    if full == 0 || srv.weight == 0 {
+        return false;
+    }
+    let share = f64::from(srv.weight) / full as f64;
+    srv.ramp_picks as f64 > f64::from(srv.ramp_progress) * share * picks.saturating_sub(srv.ramp_base) as f64
 }
 
 impl Backend {
@@ -71,6 +100,7 @@ impl Backend {
             } else {
                 ((u64::from(full) * elapsed / window) as u32).max(1).min(full)
             };
+            srv.ramp_progress = if full == 0 { 1.0 } else { w as f32 / full as f32 };
             self.balancer.set_weight(i, w);
         }
     }
@@ -83,6 +113,8 @@ impl Backend {
         if self.servers[s].ramp_from.replace(now_ms).is_none() {
             self.ramping += 1;
         }
+        self.servers[s].ramp_base = self.picks;
+        self.servers[s].ramp_picks = 0;
         self.ramp(now_ms, cfg);
     }
 
