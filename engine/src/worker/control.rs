@@ -95,19 +95,26 @@ impl Worker {
     /// Closes every connection this worker has to server `s` of backend `b`: at once, or at an
     /// even pace over the backend's `close_spread`.
     fn shut_down(&mut self, b: usize, s: usize, reason: CloseReason) {
+        let window = self.cfg.backends[b].close_spread.map(|w| w.as_millis() as u64);
+        self.close_spread(b, Some(s), reason, window);
+    }
+
+    /// Closes the connections of backend `b` (to server `s`, or all of them when `None`): over
+    /// `window` ms, at an even pace, or at once.
+    fn close_spread(&mut self, b: usize, s: Option<usize>, reason: CloseReason, window: Option<u64>) {
         let victims: Vec<(u32, u32)> = self
             .conns
             .live_indices()
             .into_iter()
             .filter_map(|idx| {
                 let c = self.conns.entry(idx);
-                on_server(c, b, s).then_some((idx, c.generation & GENERATION_MASK))
+                closes(c, b, s).then_some((idx, c.generation & GENERATION_MASK))
             })
             .collect();
         let spread = Spread { backend: b, server: s, reason, from: self.now.ms, victims, done: 0 };
-        match self.cfg.backends[b].close_spread {
+        match window {
             Some(window) if !spread.victims.is_empty() => {
-                self.spreads.push((spread, window.as_millis().max(1) as u64));
+                self.spreads.push((spread, window.max(1)));
                 self.run_spreads();
             }
             _ => {
@@ -117,9 +124,9 @@ impl Worker {
         }
     }
 
-    fn close_victims(&mut self, victims: &[(u32, u32)], b: usize, s: usize, reason: CloseReason) {
+    fn close_victims(&mut self, victims: &[(u32, u32)], b: usize, s: Option<usize>, reason: CloseReason) {
         for &(idx, generation) in victims {
-            if self.conns.get(idx, generation).is_some_and(|c| on_server(c, b, s)) {
+            if self.conns.get(idx, generation).is_some_and(|c| closes(c, b, s)) {
                 self.with_conn(idx, |cx| cx.close(reason));
             }
         }
@@ -207,6 +214,17 @@ impl Worker {
     pub(super) fn check_drain(&mut self) {
         let Some(deadline) = self.draining else { return };
         self.close_idle_listeners();
+        // Backends with a close_spread close what is left of their connections at an even pace
+        // over the window that ends at the deadline (or over what is left of the drain, when it is
+        // shorter), not all at the deadline.
+        for b in 0..self.cfg.backends.len() {
+            let Some(w) = self.cfg.backends[b].close_spread.map(|w| w.as_millis() as u64) else { continue };
+            if !self.drain_spread[b] && self.now.ms + w >= deadline {
+                self.drain_spread[b] = true;
+                let window = deadline.saturating_sub(self.now.ms);
+                self.close_spread(b, None, CloseReason::Shutdown, Some(window));
+            }
+        }
         if self.now.ms >= deadline {
             // Parked sockets first: a share given back by a closing connection must not let one
             // in after the deadline.
@@ -292,10 +310,11 @@ impl Worker {
     }
 }
 
-/// A shutdown of one server's connections, paced over a window (`close_spread`).
+/// A shutdown of one server's connections (or a backend's, at the end of a drain), paced over a
+/// window (`close_spread`).
 pub(super) struct Spread {
     backend: usize,
-    server: usize,
+    server: Option<usize>,
     reason: CloseReason,
     /// When it began (worker clock, ms).
     from: u64,
@@ -305,11 +324,17 @@ pub(super) struct Spread {
     done: usize,
 }
 
-/// Whether connection `c` holds a connection to server `s` of backend `b` (connecting or
-/// established): what a shutdown of the server closes.
-fn on_server(c: &Conn, b: usize, s: usize) -> bool {
-    c.backend as usize == b
-        && c.server as usize == s
-        && c.server_shares
-        && matches!(c.state, State::Connecting | State::SendingProxy | State::Established)
+/// Whether connection `c` is one a shutdown closes: for server `s` of backend `b`, those that hold
+/// a connection to it (connecting or established); for the whole backend (`None`, a drain), every
+/// one of the backend's that is not closing already.
+fn closes(c: &Conn, b: usize, s: Option<usize>) -> bool {
+    match s {
+        Some(s) => {
+            c.backend as usize == b
+                && c.server as usize == s
+                && c.server_shares
+                && matches!(c.state, State::Connecting | State::SendingProxy | State::Established)
+        }
+        None => c.backend as usize == b && c.is_live() && !c.is_closing(),
+    }
 }

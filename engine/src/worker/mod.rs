@@ -98,6 +98,8 @@ pub struct Worker {
     next_trim: u64,
     /// Shutdowns of a server's connections paced over `close_spread`, with their window (ms).
     spreads: Vec<(control::Spread, u64)>,
+    /// Per backend: a drain has started its close_spread.
+    drain_spread: Vec<bool>,
     /// Per frontend, its `rate_limit` bucket (this worker's share).
     rate: Vec<Option<accept::Bucket>>,
 }

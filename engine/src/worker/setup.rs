@@ -196,6 +196,7 @@ impl Worker {
             draining: None,
             next_trim: 1000,
             spreads: Vec::new(),
+            drain_spread: vec![false; config.backends.len()],
             rate: config
                 .frontends
                 .iter()

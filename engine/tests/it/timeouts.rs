@@ -188,3 +188,39 @@ fn lifetime_ends_each_connection_within_its_jitter_window() {
     drop(kept);
     assert_clean(engine, &[backend.addr.port()]);
 }
+
+/// A drain (shutdown) with `close_spread` on the backend: the connections still open when the
+/// window before the drain deadline begins are closed at an even pace over it, not all at the
+/// deadline; the drain still ends by its deadline.
+#[test]
+fn a_drain_closes_a_close_spread_backend_at_an_even_pace_before_its_deadline() {
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ drain: 2500ms }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, close_spread: 2s, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut conns: Vec<_> = (0..40).map(|_| connect(fe)).collect();
+    for c in &mut conns {
+        echo_once(c, b"held");
+    }
+    let start = Instant::now();
+    let ends = conns
+        .into_iter()
+        .map(|mut c| {
+            spawn(move || {
+                let _ = read_to_end(&mut c);
+                start.elapsed()
+            })
+        })
+        .collect::<Vec<_>>();
+    // Deliberately not idle: the drain closes them.
+    assert_stops_clean(engine, &[backend.addr.port()]);
+    let ends = join_all(ends);
+    let (first, last) = (*ends.iter().min().unwrap(), *ends.iter().max().unwrap());
+    assert!(first >= Duration::from_millis(300), "none closed before the window began: first at {first:?}");
+    assert!(last <= Duration::from_millis(3_000), "all closed by the deadline: last at {last:?}");
+    assert!(last - first >= Duration::from_millis(1_000), "spread over the window: {first:?} .. {last:?}");
+}
