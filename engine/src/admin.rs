@@ -38,6 +38,83 @@ pub enum Command {
         server: Option<ServerName>,
         limit: usize,
     },
+    /// `add server B/S ADDRESS [source IP[,IP...]] [weight N] [maxconn N]`
+    AddServer(NewServer),
+    /// `del server B/S` (only once it has no connection)
+    DelServer {
+        server: ServerName,
+    },
+}
+
+/// A server `add server` describes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewServer {
+    pub server: ServerName,
+    pub address: std::net::SocketAddr,
+    pub sources: Vec<std::net::IpAddr>,
+    pub weight: u32,
+    pub maxconn: Option<u32>,
+}
+
+impl NewServer {
+    /// `B/S ADDRESS [source IP[,IP...]] [weight N] [maxconn N]`, the options in any order.
+    fn parse(words: &[&str]) -> Result<NewServer, String> {
+        const USAGE: &str = "usage: add server BACKEND/SERVER ADDRESS:PORT [source IP[,IP...]] [weight N] [maxconn N]";
+        let [name, address, rest @ ..] = words else { return Err(USAGE.into()) };
+        let server = ServerName::parse(name)?;
+        let address = crate::config::address::parse_server(address).map_err(|e| format!("address {e}"))?;
+        let mut new = NewServer { server, address, sources: Vec::new(), weight: 1, maxconn: None };
+        let mut rest = rest;
+        while let [key, value, more @ ..] = rest {
+            match *key {
+                "source" => {
+                    for text in value.split(',') {
+                        crate::config::address::expand_source(text, &mut new.sources)?;
+                    }
+                    if let Some(bad) = new.sources.iter().find(|ip| ip.is_ipv4() != address.is_ipv4()) {
+                        return Err(format!("source {bad} is not of the same address family as {address}"));
+                    }
+                }
+                "weight" => {
+                    new.weight =
+                        value.parse().ok().filter(|w| *w <= MAX_WEIGHT).ok_or_else(|| {
+                            format!("weight \"{value}\" is not a whole number from 0 to {MAX_WEIGHT}")
+                        })?;
+                }
+                "maxconn" => {
+                    let limit = crate::config::MAXCONN_LIMIT;
+                    new.maxconn = Some(
+                        value
+                            .parse::<u64>()
+                            .ok()
+                            .filter(|m| (1..=limit).contains(m))
+                            .ok_or_else(|| format!("maxconn \"{value}\" is not a whole number from 1 to {limit}"))?
+                            as u32,
+                    );
+                }
+                _ => return Err(format!("unknown option \"{key}\"; {USAGE}")),
+            }
+            rest = more;
+        }
+        if let [key] = rest {
+            return Err(format!("\"{key}\" has no value; {USAGE}"));
+        }
+        Ok(new)
+    }
+
+    /// As a command line.
+    fn line(&self) -> String {
+        let mut l = format!("add server {} {}", self.server, self.address);
+        if !self.sources.is_empty() {
+            let ips: Vec<String> = self.sources.iter().map(|ip| ip.to_string()).collect();
+            l += &format!(" source {}", ips.join(","));
+        }
+        l += &format!(" weight {}", self.weight);
+        if let Some(m) = self.maxconn {
+            l += &format!(" maxconn {m}");
+        }
+        l
+    }
 }
 
 /// `backend/server`, as typed.
@@ -112,6 +189,9 @@ impl Command {
                     .into());
             }
             ["shutdown", "sessions", "server", name] => Command::Shutdown { server: ServerName::parse(name)? },
+            ["add", "server", rest @ ..] => Command::AddServer(NewServer::parse(rest)?),
+            ["del", "server", name] => Command::DelServer { server: ServerName::parse(name)? },
+            ["del", ..] => return Err("usage: del server BACKEND/SERVER".into()),
             ["shutdown", ..] => return Err("usage: shutdown sessions server BACKEND/SERVER".into()),
             ["show", "conns", rest @ ..] => {
                 let (server, rest) = match rest {
@@ -148,6 +228,8 @@ impl Command {
             Command::Shutdown { server } => format!("shutdown sessions server {server}"),
             Command::ShowConns { server: Some(s), limit } => format!("show conns {s} limit {limit}"),
             Command::ShowConns { server: None, limit } => format!("show conns limit {limit}"),
+            Command::AddServer(new) => new.line(),
+            Command::DelServer { server } => format!("del server {server}"),
         }
     }
 }
@@ -159,6 +241,9 @@ pub enum ServerOp {
     Weight(u32),
     /// Close every connection to it (at the pace of the backend's `close_spread`).
     Shutdown,
+    /// `del server`: it takes no connection ever again and leaves the stats (it has none open; its
+    /// index stays taken, so that nothing else moves).
+    Remove,
 }
 
 #[cfg(test)]
@@ -181,6 +266,9 @@ mod tests {
             "shutdown sessions server app/s1",
             "show conns limit 100",
             "show conns app/s1 limit 7",
+            "add server app/s3 127.0.0.1:9000 weight 1",
+            "add server app/s3 10.0.0.5:1883 source 10.0.1.1,10.0.1.2 weight 3 maxconn 500",
+            "del server app/s3",
         ] {
             assert_eq!(parse(line).unwrap().unwrap().line(), line);
         }
@@ -202,6 +290,13 @@ mod tests {
             ("shutdown sessions app/s1", "usage: shutdown sessions server"),
             ("show conns limit 0", "limit \"0\""),
             ("show conns app/s1 limit", "usage: show conns"),
+            ("add server app/s3", "usage: add server"),
+            ("add server app/s3 nowhere", "address"),
+            ("add server app/s3 127.0.0.1:1 weight", "\"weight\" has no value"),
+            ("add server app/s3 127.0.0.1:1 colour red", "unknown option \"colour\""),
+            ("add server app/s3 127.0.0.1:1 source ::1", "not of the same address family"),
+            ("add server app/s3 127.0.0.1:1 maxconn 0", "maxconn \"0\""),
+            ("del server", "usage: del server"),
         ] {
             let e = parse(line).unwrap_err();
             assert!(e.contains(want), "{line}: {e}");

@@ -63,6 +63,18 @@ impl Balancer {
         self
     }
 
+    /// A server added at run time (`add server`), with its configured weight and (for `hash`) its
+    /// identity: it takes index `weights.len()`.
+    pub fn add_server(&mut self, weight: u32, key: u64) {
+        self.weights.push(weight.saturating_mul(WEIGHT_SCALE));
+        self.current.push(0);
+        if let Some(m) = &mut self.maglev {
+            m.keys.push(key);
+            m.available.push(true);
+            m.dirty = true;
+        }
+    }
+
     /// Server `i` may take new connections (health, runtime API) or not: for `hash`, whose table
     /// holds only the servers that may.
     pub fn set_available(&mut self, i: usize, available: bool) {

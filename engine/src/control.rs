@@ -25,6 +25,9 @@ pub enum Control {
     /// The runtime API changes one server (indices into the configuration); `done` hears once it
     /// is applied.
     Server { backend: usize, server: usize, op: ServerOp, done: Sender<()> },
+    /// `add server`: `config` is the running one with the new server appended to backend
+    /// `backend`; the worker takes it and sets the server up. `done` hears once it has.
+    AddServer { backend: usize, config: Arc<crate::config::Config>, done: Sender<()> },
     /// List up to `limit` of this worker's connections (only those to `server`, when given), one
     /// line each.
     ListConns { server: Option<(usize, usize)>, limit: usize, reply: Sender<Vec<String>> },

@@ -283,6 +283,11 @@ impl Engine {
         &self.plan
     }
 
+    /// The configuration as loaded (shared).
+    pub fn config_arc(&self) -> Arc<Config> {
+        self.config.clone()
+    }
+
     pub fn config(&self) -> &Config {
         &self.config
     }
@@ -352,6 +357,22 @@ impl Engine {
                 self.peers.len(),
                 self.peers.len() - asked.len()
             ));
+        }
+        Ok(())
+    }
+
+    /// `add server`: hands every worker `config` (the running one with a server appended to backend
+    /// `backend`) and returns once each has set the server up, or says which did not within 10 s.
+    pub fn add_server(&self, backend: usize, config: Arc<Config>) -> Result<(), String> {
+        let (tx, rx) = unbounded();
+        let asked = (0..self.peers.len())
+            .filter(|&w| self.peers[w].send(Control::AddServer { backend, config: config.clone(), done: tx.clone() }))
+            .count();
+        drop(tx);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let answered = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).count();
+        if asked < self.peers.len() || answered < asked {
+            return Err(format!("{answered} of {} workers added it", self.peers.len()));
         }
         Ok(())
     }

@@ -87,6 +87,19 @@ impl Shares {
         }
     }
 
+    /// A limit added at run time (`add server ... maxconn N`): every worker adds the same limits in
+    /// the same order, so they get the same id; this worker starts with its initial part of
+    /// `total` (at most `cap`).
+    pub fn push(&mut self, total: u32, cap: u32) -> LimitId {
+        self.held.push(initial_share(total, self.workers as usize, self.me as usize).min(cap));
+        self.used.push(0);
+        self.cap.push(cap);
+        self.asking.push(false);
+        self.blocked.push(false);
+        self.waiters.push(Vec::new());
+        (self.held.len() - 1) as LimitId
+    }
+
     pub fn held(&self, id: LimitId) -> u32 {
         self.held[id as usize]
     }

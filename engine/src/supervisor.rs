@@ -87,6 +87,10 @@ pub struct Supervisor {
     stats_paths: Vec<PathBuf>,
     /// The runtime-API changes the current engine runs with, as commands: (what they set, line).
     runtime: Vec<(String, String)>,
+    /// The configuration the current engine runs when servers were added at run time.
+    live_config: Option<Arc<Config>>,
+    /// Servers deleted at run time (backend, server): their indices stay taken until a reload.
+    removed: std::collections::HashSet<(usize, usize)>,
     metrics: Option<prometheus::Endpoint>,
     watcher: Watcher,
     /// Successful reloads since start.
@@ -181,6 +185,8 @@ impl Supervisor {
             _admin_socket: admin,
             stats_paths: stats.socket.into_iter().chain(stats.admin_socket).collect(),
             runtime: Vec::new(),
+            live_config: None,
+            removed: std::collections::HashSet::new(),
             metrics,
             watcher,
             generation: 0,
@@ -250,7 +256,11 @@ impl Supervisor {
             maxconn: self.current.plan().maxconn,
             listeners: self.current.bound().to_vec(),
             warnings,
-            dropped: std::mem::take(&mut self.runtime).into_iter().map(|(_, line)| line).collect(),
+            dropped: {
+                self.live_config = None;
+                self.removed.clear();
+                std::mem::take(&mut self.runtime).into_iter().map(|(_, line)| line).collect()
+            },
         })
     }
 
@@ -262,8 +272,6 @@ impl Supervisor {
     /// Carries out a runtime-API command on the current engine. A command naming what the running
     /// configuration does not have changes nothing.
     pub fn command(&mut self, command: &Command) -> Answer {
-        let config = self.current.config();
-        let find = |name: &crate::admin::ServerName| name.find(config);
         let (server, op) = match command {
             Command::Reload => {
                 return match self.reload() {
@@ -278,7 +286,7 @@ impl Supervisor {
                 };
             }
             Command::ShowConns { server, limit } => {
-                let at = match server.as_ref().map(find).transpose() {
+                let at = match server.as_ref().map(|n| self.find(n)).transpose() {
                     Ok(at) => at,
                     Err(e) => return Answer::Fail(format!("{e}\n")),
                 };
@@ -290,20 +298,23 @@ impl Supervisor {
                 }
                 return Answer::Ok(text);
             }
+            Command::AddServer(new) => return self.add_server(new, command),
+            Command::DelServer { server } => return self.del_server(server, command),
             Command::SetState { server, state } => (server, ServerOp::State(*state)),
             Command::SetWeight { server, weight } => (server, ServerOp::Weight(*weight)),
             Command::Shutdown { server } => (server, ServerOp::Shutdown),
         };
-        let (b, s) = match find(server) {
+        let (b, s) = match self.find(server) {
             Ok(at) => at,
             Err(e) => return Answer::Fail(format!("{e}\n")),
         };
+        let config = self.config();
         // What it sets, and whether that is what the file says (then nothing is left to drop).
         let configured = &config.backends[b].servers[s];
         let (key, as_configured) = match op {
             ServerOp::State(st) => (format!("{server} state"), st == crate::stats::AdminState::Ready),
             ServerOp::Weight(w) => (format!("{server} weight"), w == configured.weight),
-            ServerOp::Shutdown => (String::new(), true),
+            ServerOp::Shutdown | ServerOp::Remove => (String::new(), true),
         };
         if let Err(e) = self.current.server_op(b, s, op) {
             return Answer::Fail(format!("{}: {e}\n", command.line()));
@@ -323,6 +334,122 @@ impl Supervisor {
             _ => "applied by every worker".into(),
         };
         Answer::Ok(format!("{}: {done}\n", command.line()))
+    }
+
+    /// The configuration the current engine runs: the file's, with the servers added at run time.
+    fn config(&self) -> Arc<Config> {
+        self.live_config.clone().unwrap_or_else(|| self.current.config_arc())
+    }
+
+    /// Where server `name` is (the latest of that name, removed ones left aside).
+    fn find(&self, name: &crate::admin::ServerName) -> Result<(usize, usize), String> {
+        let config = self.config();
+        let Some(b) = config.backends.iter().position(|b| b.name == name.backend) else {
+            let names: Vec<&str> = config.backends.iter().map(|b| b.name.as_str()).collect();
+            return Err(format!("no backend \"{}\" (backends: {})", name.backend, names.join(", ")));
+        };
+        let live = |s: usize| !self.removed.contains(&(b, s));
+        let servers = &config.backends[b].servers;
+        match (0..servers.len()).rev().find(|&s| live(s) && servers[s].name == name.server) {
+            Some(s) => Ok((b, s)),
+            None => {
+                let names: Vec<&str> =
+                    (0..servers.len()).filter(|&s| live(s)).map(|s| servers[s].name.as_str()).collect();
+                Err(format!(
+                    "backend \"{}\" has no server \"{}\" (servers: {})",
+                    name.backend,
+                    name.server,
+                    names.join(", ")
+                ))
+            }
+        }
+    }
+
+    /// `add server`: checked against the running configuration and the host (its sources must be
+    /// local), then appended to the backend on every worker.
+    fn add_server(&mut self, new: &crate::admin::NewServer, command: &Command) -> Answer {
+        let fail = |e: String| Answer::Fail(format!("{}: {e}\n", command.line()));
+        let mut config = (*self.config()).clone();
+        let Some(b) = config.backends.iter().position(|be| be.name == new.server.backend) else {
+            let names: Vec<&str> = config.backends.iter().map(|b| b.name.as_str()).collect();
+            return fail(format!("no backend \"{}\" (backends: {})", new.server.backend, names.join(", ")));
+        };
+        if self.find(&new.server).is_ok() {
+            return fail(format!("backend \"{}\" already has a server \"{}\"", new.server.backend, new.server.server));
+        }
+        if let Err(e) = crate::config::check_name(&new.server.server, "server") {
+            return fail(e);
+        }
+        let servers = &config.backends[b].servers;
+        // (Indices are u16 in a connection; u16::MAX means none.)
+        if servers.len() >= usize::from(u16::MAX) - 1 {
+            return fail(format!("backend \"{}\" has {} servers, the most it can", new.server.backend, servers.len()));
+        }
+        if let Err((ip, e)) = crate::sources::verify_local(new.sources.iter().copied()) {
+            return fail(format!("source {ip} is not an address of this host: {e}"));
+        }
+        config.backends[b].servers.push(crate::config::Server {
+            name: new.server.server.clone(),
+            address: new.address,
+            weight: new.weight,
+            maxconn: new.maxconn,
+            sources: new.sources.clone(),
+            check: false,
+            send_proxy: None,
+            backup: false,
+            slowstart: None,
+        });
+        let config = Arc::new(config);
+        if let Err(e) = self.current.add_server(b, config.clone()) {
+            return fail(e);
+        }
+        self.live_config = Some(config);
+        eprintln!("ringproxy: runtime API: {}", command.line());
+        self.runtime.push((format!("{} add", new.server), command.line()));
+        Answer::Ok(format!(
+            "{}: added; every worker balances new connections to it (not health-checked: add it to the file \
+             for that, and to keep it across reloads)\n",
+            command.line()
+        ))
+    }
+
+    /// `del server`: refused while the server has a connection; first it is put in maintenance so
+    /// that none can start while the workers are counted, and set back as it was if one is open.
+    fn del_server(&mut self, name: &crate::admin::ServerName, command: &Command) -> Answer {
+        let fail = |e: String| Answer::Fail(format!("{}: {e}\n", command.line()));
+        let (b, s) = match self.find(name) {
+            Ok(at) => at,
+            Err(e) => return fail(e),
+        };
+        let config = self.config();
+        let k = config.backends[..b].iter().map(|be| be.servers.len()).sum::<usize>() + s;
+        let row = |stats: &EngineStats| -> (u64, Option<crate::stats::AdminState>) {
+            let active = stats.workers.iter().filter_map(|w| w.servers.get(k)).map(|r| r.active).sum();
+            (active, stats.workers.first().and_then(|w| w.servers.get(k)).map(|r| r.admin))
+        };
+        let (_, before) = row(&self.current.stats());
+        if let Err(e) = self.current.server_op(b, s, ServerOp::State(crate::stats::AdminState::Maint)) {
+            return fail(e);
+        }
+        let (active, _) = row(&self.current.stats());
+        if active > 0 {
+            let _ = self.current.server_op(b, s, ServerOp::State(before.unwrap_or_default()));
+            return fail(format!(
+                "it has {active} connection(s) open; `shutdown sessions server {name}` (or wait), then delete it"
+            ));
+        }
+        if let Err(e) = self.current.server_op(b, s, ServerOp::Remove) {
+            return fail(e);
+        }
+        self.removed.insert((b, s));
+        eprintln!("ringproxy: runtime API: {}", command.line());
+        self.runtime.retain(|(key, _)| !key.starts_with(&format!("{name} ")));
+        if s < self.current.config().backends[b].servers.len() {
+            // A server of the file: the deletion is a runtime change (a server added at run time
+            // and deleted leaves nothing behind).
+            self.runtime.push((format!("{name} del"), command.line()));
+        }
+        Answer::Ok(format!("{}: removed\n", command.line()))
     }
 
     /// Answers the commands that came through the stats sockets.

@@ -13,6 +13,7 @@ mod message;
 mod raw;
 mod types;
 mod validate;
+pub use validate::check_name;
 
 use std::path::Path;
 

@@ -433,20 +433,7 @@ impl Validator<'_> {
     }
 
     fn name(&self, s: &Spanned<String>, what: &str) -> Result<String> {
-        let n = s.value.trim();
-        if n.is_empty() {
-            return self.err(s.referenced, format!("{what} name is empty"));
-        }
-        if n.len() > NAME_MAX {
-            return self.err(s.referenced, format!("{what} name is {} characters long; at most {NAME_MAX}", n.len()));
-        }
-        if !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
-            return self.err(
-                s.referenced,
-                format!("{what} name \"{n}\" may only contain letters, digits, '-', '_', '.' and ':'"),
-            );
-        }
-        Ok(n.to_owned())
+        check_name(&s.value, what).or_else(|m| self.err(s.referenced, m))
     }
 
     fn frontend(
@@ -793,6 +780,21 @@ impl Validator<'_> {
             slowstart: self.window(&rs.slowstart, "slowstart")?,
         })
     }
+}
+
+/// A frontend, backend or server name (`what`), trimmed, or why it is refused.
+pub fn check_name(text: &str, what: &str) -> std::result::Result<String, String> {
+    let n = text.trim();
+    if n.is_empty() {
+        return Err(format!("{what} name is empty"));
+    }
+    if n.len() > NAME_MAX {
+        return Err(format!("{what} name is {} characters long; at most {NAME_MAX}", n.len()));
+    }
+    if !n.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c)) {
+        return Err(format!("{what} name \"{n}\" may only contain letters, digits, '-', '_', '.' and ':'"));
+    }
+    Ok(n.to_owned())
 }
 
 /// Whether two listener addresses would receive the same connections.

@@ -196,6 +196,9 @@ pub struct ServerStats {
     /// run time, lower while the server ramps up after `slowstart`.
     #[serde(default)]
     pub weight: u64,
+    /// `del server` removed it: its row is left out of the merged stats.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removed: bool,
     /// Where a `slowstart` ramp is: the weight in use as a percentage of the server's weight (100
     /// when not ramping).
     #[serde(default)]
@@ -389,6 +392,7 @@ impl EngineStats {
         for w in &mut self.workers {
             w.connect_latency = Vec::new();
         }
+        servers.retain(|s| !s.removed);
         let mut rows: Vec<BackendStats> = Vec::new();
         for (i, backend) in config.backends.iter().enumerate() {
             let name = &backend.name;

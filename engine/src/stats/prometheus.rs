@@ -217,7 +217,7 @@ pub fn render(s: &EngineStats) -> String {
         m.head(name, kind, help);
         for w in &s.workers {
             let id = w.worker.to_string();
-            for v in &w.servers {
+            for v in w.servers.iter().filter(|v| !v.removed) {
                 m.sample(name, &[("worker", &id), ("backend", &v.backend), ("server", &v.server)], f(v));
             }
         }
@@ -236,7 +236,7 @@ pub fn render(s: &EngineStats) -> String {
     m.head("server_connect_seconds", "summary", "Time to connect to the server.");
     for w in &s.workers {
         let id = w.worker.to_string();
-        for v in &w.servers {
+        for v in w.servers.iter().filter(|v| !v.removed) {
             let l = &v.connect_latency_us;
             let base = [("worker", id.as_str()), ("backend", v.backend.as_str()), ("server", v.server.as_str())];
             for (q, us) in [("0.5", l.p50), ("0.9", l.p90), ("0.99", l.p99), ("0.999", l.p999)] {

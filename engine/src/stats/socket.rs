@@ -58,6 +58,10 @@ admin socket only (global.stats.admin_socket):
                     0 to 256; 0 takes no new connection
   shutdown sessions server BACKEND/SERVER
                     close its connections (over the backend's close_spread)
+  add server BACKEND/SERVER ADDRESS:PORT [source IP[,IP...]] [weight N] [maxconn N]
+                    a new server, balanced to at once (not health-checked)
+  del server BACKEND/SERVER
+                    remove a server that has no connection left
   reload            re-read the configuration file (like SIGHUP); runtime changes are dropped
 answers of show conns and of the admin commands start with a status line, OK or FAIL
 ";

@@ -32,6 +32,10 @@ impl Worker {
                     self.server_op(backend, server, op);
                     let _ = done.send(());
                 }
+                Control::AddServer { backend, config, done } => {
+                    self.add_server(backend, config);
+                    let _ = done.send(());
+                }
                 Control::ListConns { server, limit, reply } => {
                     let _ = reply.send(self.list_conns(server, limit));
                 }
@@ -74,8 +78,76 @@ impl Worker {
                 }
             }
             ServerOp::Shutdown => self.shut_down(b, s, CloseReason::Killed),
+            ServerOp::Remove => {
+                let be = &mut self.up.backends[b];
+                be.servers[s].removed = true;
+                be.servers[s].weight = 0;
+                be.balancer.set_weight(s, 0);
+                if let Some(row) = self.stats.servers.get_mut(self.up.server_index[b] + s) {
+                    row.removed = true;
+                }
+            }
         }
         self.availability_changed(b, s, was);
+    }
+
+    /// `add server`: `cfg` is the running configuration with one server appended to backend `b`;
+    /// this worker takes it and sets the server up as it does at start (its address and its share
+    /// of the sources in the ring's table, its maxconn as a new limit, its stats row).
+    fn add_server(&mut self, b: usize, cfg: std::sync::Arc<crate::config::Config>) {
+        let s = cfg.backends[b].servers.len() - 1;
+        if self.up.backends[b].servers.len() != s {
+            return; // (Not the next server of this backend: cannot happen; nothing changes.)
+        }
+        self.cfg = cfg;
+        let srv = &self.cfg.backends[b].servers[s];
+        let dest = self.ring.add_addr(srv.address);
+        let picked = crate::sources::shard(srv.sources.len(), self.id, self.plan.workers);
+        let ips: Vec<std::net::IpAddr> = picked.iter().map(|&i| srv.sources[i]).collect();
+        let ids = ips.iter().map(|ip| self.ring.add_addr(std::net::SocketAddr::new(*ip, 0))).collect();
+        let limit = srv.maxconn.map(|m| self.up.shares.push(m, m.min(self.plan.conns_per_worker)));
+        let be = &mut self.up.backends[b];
+        be.servers.push(crate::worker::upstream::Server {
+            state: ServerState::Up,
+            admin: crate::stats::AdminState::Ready,
+            removed: false,
+            weight: srv.weight,
+            ramp_from: None,
+            ramp_base: 0,
+            ramp_picks: 0,
+            ramp_progress: 1.0,
+            dest,
+            sources: crate::sources::SourceShard::new(ips, ids, self.plan.ephemeral_ports),
+            active: 0,
+            total: 0,
+            errors: 0,
+            limit,
+            ports_logged_at: None,
+            ports_unlogged: 0,
+        });
+        be.balancer.add_server(srv.weight, crate::balance::server_key(&srv.name));
+        // Its row and latency histogram go after the backend's last server: the flattened tables
+        // of the backends after it move up by one (on every worker alike).
+        let at = self.up.server_index[b] + s;
+        self.stats.servers.insert(
+            at,
+            crate::stats::ServerStats {
+                backend: self.cfg.backends[b].name.clone(),
+                server: srv.name.clone(),
+                address: srv.address.to_string(),
+                state: ServerState::Up,
+                weight: u64::from(srv.weight),
+                ramp_pct: 100,
+                maxconn: u64::from(srv.maxconn.unwrap_or(0)),
+                ..crate::stats::ServerStats::default()
+            },
+        );
+        self.up.connect_latency.insert(at, crate::stats::latency_histogram());
+        for i in &mut self.up.server_index[b + 1..] {
+            *i += 1;
+        }
+        self.drain_queue(b);
+        self.follow_up();
     }
 
     /// After a change to server `s`: coming back, it ramps up (`slowstart`) and takes the queued
@@ -295,7 +367,8 @@ impl Worker {
                 row.connect_latency_us = latency.latency();
                 latency.export(k as u32, &mut s.connect_latency);
                 k += 1;
-                for (j, ip) in srv.sources.ips.iter().enumerate() {
+                // (A removed server's sources leave the stats with it.)
+                for (j, ip) in srv.sources.ips.iter().enumerate().filter(|_| !srv.removed) {
                     s.sources.push(SourceStats {
                         backend: self.cfg.backends[b].name.clone(),
                         server: self.cfg.backends[b].servers[i].name.clone(),

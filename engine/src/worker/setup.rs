@@ -54,6 +54,7 @@ impl Worker {
                 servers.push(Server {
                     state: ServerState::Up,
                     admin: AdminState::Ready,
+                    removed: false,
                     weight: srv.weight,
                     ramp_from: None,
                     ramp_base: 0,

@@ -18,6 +18,8 @@ pub(crate) struct Server {
     pub state: ServerState,
     /// As the runtime API set it.
     pub admin: AdminState,
+    /// `del server`: gone for good (its index stays taken).
+    pub removed: bool,
     /// Its weight: the configured one, or the one the runtime API set. The balancer holds the one
     /// in use, lower while the server ramps up.
     pub weight: u32,
@@ -57,7 +59,7 @@ pub(crate) struct Backend {
 impl Server {
     /// Whether it may take new connections (health and the runtime API agree).
     pub fn available(&self) -> bool {
-        self.state.is_up() && self.admin == AdminState::Ready
+        self.state.is_up() && self.admin == AdminState::Ready && !self.removed
     }
 }
 

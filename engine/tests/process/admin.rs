@@ -301,3 +301,73 @@ fn balance_hash_moves_only_the_clients_of_a_server_taken_out() {
     assert_eq!(place(), before, "a's clients return to it");
     proxy.stop_clean();
 }
+
+/// `add server` and `del server` on real sockets: an added server takes new connections at
+/// once (from every worker); one with connections cannot be deleted (and stays as it was); once
+/// they are shut down it is, and it leaves the stats; bad adds change nothing; a reload drops
+/// what was added and names it.
+#[test]
+fn add_server_takes_connections_and_del_server_waits_for_none() {
+    let (a, b, d) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)), Backend::start(Mode::Tag(4)));
+    let (stats, admin) = sockets("add");
+    let mut proxy = Proxy::start("add", &config(&stats, &admin, a.addr, b.addr, "", ""));
+    let front = proxy.addr("fe");
+    let names = || servers(&stats).into_iter().map(|r| r.server).collect::<Vec<_>>();
+    assert_eq!(names(), ["a", "b"]);
+
+    // Refused adds change nothing.
+    refused(&admin, &format!("add server be/a {}", d.addr), "already has a server \"a\"");
+    refused(&admin, &format!("add server nope/d {}", d.addr), "no backend \"nope\"");
+    refused(
+        &admin,
+        &format!("add server be/d {} source 192.0.2.77", d.addr),
+        "source 192.0.2.77 is not an address of this host",
+    );
+    refused(&admin, &format!("add server be/d! {}", d.addr), "may only contain letters");
+    refused(&stats, &format!("add server be/d {}", d.addr), "this socket is read-only");
+    assert_eq!(names(), ["a", "b"]);
+
+    // Added (with a source address of its own and a weight): it takes its share at once.
+    let text = ok(&admin, &format!("add server be/d {} source 127.0.9.4 weight 2", d.addr));
+    assert!(text.contains("added"), "{text}");
+    assert_eq!(names(), ["a", "b", "d"]);
+    let tags: Vec<u8> = (0..40).map(|_| tagged(front).1).collect();
+    let to_d = tags.iter().filter(|&&t| t == 4).count();
+    assert!((16..=24).contains(&to_d), "weight 2 of 4 took {to_d} of 40: {tags:?}");
+    assert_eq!(d.peer_ips().keys().copied().collect::<Vec<_>>(), ["127.0.9.4".parse::<std::net::IpAddr>().unwrap()]);
+    ok(&admin, "set server be/d weight 1");
+
+    // Deleting it while it has a connection is refused, and it keeps taking connections.
+    let (mut held, _) = (0..20).map(|_| tagged(front)).find(|(_, t)| *t == 4).unwrap();
+    refused(&admin, "del server be/d", "has 1 connection(s) open; `shutdown sessions server be/d`");
+    assert_eq!(row(&stats, "d").0, "UP", "the refused delete left it as it was");
+    echo_once(&mut held, b"still served");
+    ok(&admin, "shutdown sessions server be/d");
+    wait_until("d to have no connection", Duration::from_secs(5), || row(&stats, "d").2 == 0);
+    ok(&admin, "del server be/d");
+    assert_eq!(names(), ["a", "b"]);
+    assert!((0..20).all(|_| tagged(front).1 != 4), "a deleted server takes nothing");
+    refused(&admin, "set server be/d state ready", "has no server \"d\" (servers: a, b)");
+    let prom = socket::query(&stats, "show prometheus").unwrap();
+    assert!(!prom.contains("server=\"d\""), "a deleted server leaves the metrics");
+    drop(held);
+
+    // A file server deleted, and the name added again: a new server.
+    ok(&admin, "set server be/b state maint");
+    ok(&admin, "del server be/b");
+    ok(&admin, &format!("add server be/b {}", d.addr));
+    assert!((0..10).any(|_| tagged(front).1 == 4), "the new b is d's address");
+
+    // A reload: the file wins, and says what it dropped (d, added and deleted, left nothing).
+    let out = ringproxy().args(["reload", "--socket"]).arg(&admin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let dropped =
+        format!("runtime changes dropped (the file wins): del server be/b; add server be/b {} weight 1", d.addr);
+    assert!(text.contains(&dropped), "{dropped} in {text}");
+    proxy.wait_generation(1);
+    assert_eq!(names(), ["a", "b"]);
+    let tags: Vec<u8> = (0..20).map(|_| tagged(front).1).collect();
+    assert!(tags.contains(&2) && !tags.contains(&4), "the file's b again: {tags:?}");
+    proxy.stop_clean();
+}

@@ -119,7 +119,11 @@ pub struct Ring {
     ring: IoUring,
     /// Entries the submission queue could not take yet, each link chain as one unit, in order.
     backlog: VecDeque<Vec<Entry>>,
-    addrs: Box<[SockAddr]>,
+    /// Server and source addresses the connect chains point at. Each is boxed, so that one added
+    /// at run time (`add server`) moves none of those a chain in flight points at (the boxing is
+    /// the point: a plain `Vec<SockAddr>` would move them all when it grows).
+    #[allow(clippy::vec_box)]
+    addrs: Vec<Box<SockAddr>>,
     timeouts: Box<[Timespec]>,
     /// Indexed like `timeouts`: the option values the connect chains point at.
     keepalives: Box<[Option<[i32; 3]>]>,
@@ -139,6 +143,12 @@ pub struct Ring {
 }
 
 impl Ring {
+    /// Adds an address for connect chains to point at (`add server`): its id.
+    pub fn add_addr(&mut self, addr: SocketAddr) -> AddrId {
+        self.addrs.push(Box::new(SockAddr::from(addr)));
+        AddrId(self.addrs.len() as u32 - 1)
+    }
+
     pub fn new(setup: RingSetup) -> io::Result<Ring> {
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -170,7 +180,7 @@ impl Ring {
             ring,
             recv_bufs,
             backlog: VecDeque::new(),
-            addrs: setup.addrs.into_iter().map(SockAddr::from).collect(),
+            addrs: setup.addrs.into_iter().map(|a| Box::new(SockAddr::from(a))).collect(),
             timeouts: setup
                 .timeouts
                 .into_iter()

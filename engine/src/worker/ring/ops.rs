@@ -304,8 +304,8 @@ impl Ring {
             // move it into the slot, and run only CONNECT and its timeout in the ring. A step that
             // fails is reported as the chain would report it: its own error, then CONNECT and
             // LINK_TIMEOUT cancelled.
-            let src = source.map(|s| self.addrs[s.0 as usize].clone());
-            let dst = self.addrs[dest.0 as usize].clone();
+            let src = source.map(|s| socket2::SockAddr::clone(&self.addrs[s.0 as usize]));
+            let dst = socket2::SockAddr::clone(&self.addrs[dest.0 as usize]);
             let keepalive = self.keepalives.get(timeout.0 as usize).copied().flatten();
             match made_socket(&dst, src.as_ref(), keepalive).and_then(|sock| {
                 self.install_in_slot(index, std::os::fd::AsRawFd::as_raw_fd(&sock)).map_err(|e| (Op::Socket, e))
