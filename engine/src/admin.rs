@@ -54,16 +54,19 @@ pub struct NewServer {
     pub sources: Vec<std::net::IpAddr>,
     pub weight: u32,
     pub maxconn: Option<u32>,
+    /// Ramps up from ~0 over this time once added.
+    pub slowstart: Option<std::time::Duration>,
 }
 
 impl NewServer {
     /// `B/S ADDRESS [source IP[,IP...]] [weight N] [maxconn N]`, the options in any order.
     fn parse(words: &[&str]) -> Result<NewServer, String> {
-        const USAGE: &str = "usage: add server BACKEND/SERVER ADDRESS:PORT [source IP[,IP...]] [weight N] [maxconn N]";
+        const USAGE: &str =
+            "usage: add server BACKEND/SERVER ADDRESS:PORT [source IP[,IP...]] [weight N] [maxconn N] [slowstart T]";
         let [name, address, rest @ ..] = words else { return Err(USAGE.into()) };
         let server = ServerName::parse(name)?;
         let address = crate::config::address::parse_server(address).map_err(|e| format!("address {e}"))?;
-        let mut new = NewServer { server, address, sources: Vec::new(), weight: 1, maxconn: None };
+        let mut new = NewServer { server, address, sources: Vec::new(), weight: 1, maxconn: None, slowstart: None };
         let mut rest = rest;
         while let [key, value, more @ ..] = rest {
             match *key {
@@ -92,6 +95,13 @@ impl NewServer {
                             as u32,
                     );
                 }
+                "slowstart" => {
+                    let d = crate::config::duration::parse(value).map_err(|e| format!("slowstart: {e}"))?;
+                    if d.is_zero() || d > std::time::Duration::from_secs(3600) {
+                        return Err(format!("slowstart must be above zero and at most 1h, not {value}"));
+                    }
+                    new.slowstart = Some(d);
+                }
                 _ => return Err(format!("unknown option \"{key}\"; {USAGE}")),
             }
             rest = more;
@@ -112,6 +122,9 @@ impl NewServer {
         l += &format!(" weight {}", self.weight);
         if let Some(m) = self.maxconn {
             l += &format!(" maxconn {m}");
+        }
+        if let Some(d) = self.slowstart {
+            l += &format!(" slowstart {}", crate::config::duration::format(d));
         }
         l
     }
@@ -267,7 +280,7 @@ mod tests {
             "show conns limit 100",
             "show conns app/s1 limit 7",
             "add server app/s3 127.0.0.1:9000 weight 1",
-            "add server app/s3 10.0.0.5:1883 source 10.0.1.1,10.0.1.2 weight 3 maxconn 500",
+            "add server app/s3 10.0.0.5:1883 source 10.0.1.1,10.0.1.2 weight 3 maxconn 500 slowstart 30s",
             "del server app/s3",
         ] {
             assert_eq!(parse(line).unwrap().unwrap().line(), line);

@@ -397,7 +397,7 @@ impl Supervisor {
             check: false,
             send_proxy: None,
             backup: false,
-            slowstart: None,
+            slowstart: new.slowstart,
         });
         let config = Arc::new(config);
         if let Err(e) = self.current.add_server(b, config.clone()) {

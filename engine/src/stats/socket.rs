@@ -58,7 +58,7 @@ admin socket only (global.stats.admin_socket):
                     0 to 256; 0 takes no new connection
   shutdown sessions server BACKEND/SERVER
                     close its connections (over the backend's close_spread)
-  add server BACKEND/SERVER ADDRESS:PORT [source IP[,IP...]] [weight N] [maxconn N]
+  add server BACKEND/SERVER ADDRESS:PORT [source IP[,IP...]] [weight N] [maxconn N] [slowstart T]
                     a new server, balanced to at once (not health-checked)
   del server BACKEND/SERVER
                     remove a server that has no connection left

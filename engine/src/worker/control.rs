@@ -146,6 +146,8 @@ impl Worker {
         for i in &mut self.up.server_index[b + 1..] {
             *i += 1;
         }
+        // Added with a slowstart: it ramps up from now.
+        self.up.backends[b].start_ramp(s, self.now.ms, &self.cfg.backends[b]);
         self.drain_queue(b);
         self.follow_up();
     }
@@ -225,6 +227,16 @@ impl Worker {
         spreads.append(&mut self.spreads);
         self.spreads = spreads;
         self.follow_up();
+    }
+
+    /// Brings every slowstart ramp up to date (before a pick does it), so the stats show where it
+    /// is and it ends on time even when no connection comes.
+    pub(super) fn advance_ramps(&mut self) {
+        for (b, be) in self.up.backends.iter_mut().enumerate() {
+            if be.ramping > 0 {
+                be.ramp(self.now.ms, &self.cfg.backends[b]);
+            }
+        }
     }
 
     /// Up to `limit` of this worker's connections, one line each.
@@ -320,6 +332,7 @@ impl Worker {
     }
 
     fn snapshot(&mut self) -> WorkerStats {
+        self.advance_ramps();
         let mut s = self.stats.clone();
         s.pipes_in_use = u64::from(self.pipes.in_use);
         s.pipes_pooled = u64::from(self.pipes.pooled());

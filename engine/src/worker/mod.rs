@@ -168,6 +168,7 @@ impl Worker {
                 for t in self.up.per_source.iter_mut().flatten() {
                     t.sweep(self.now.ms);
                 }
+                self.advance_ramps();
             }
             if !self.spreads.is_empty() {
                 self.run_spreads();

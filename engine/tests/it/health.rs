@@ -177,3 +177,44 @@ fn a_backup_server_serves_only_while_no_normal_server_is_up() {
     drop(a2);
     stops_clean(engine, &[a_addr.port(), spare.addr.port()]);
 }
+
+/// `servers[].slowstart` when a health check brings a server back: it starts at a small part of
+/// its weight (the stats say how far the ramp is), takes a small share of new connections under
+/// `leastconn` at first, and its full weight once the window has passed. Not at start-up.
+#[test]
+fn a_server_brought_back_by_its_health_check_ramps_over_its_slowstart() {
+    let a = Backend::start(Mode::Tag(0));
+    let b = Backend::start(Mode::Tag(1));
+    let a_addr: SocketAddr = a.addr;
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    balance: leastconn\n    retries: 0\n    check: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }}\n\
+         \x20   servers: [{{ name: a, address: \"{}\", slowstart: 3s }}, {{ name: b, address: \"{}\" }}]\n",
+        a.addr, b.addr
+    ));
+    let proxy = addr(&engine, "fe");
+    let ramp = |name: &str| engine.stats().servers.iter().find(|s| s.server == name).map(|s| s.ramp_pct).unwrap();
+    assert_eq!(ramp("a"), 100, "no ramp at start-up");
+    a.stop();
+    wait_until("a to be marked DOWN", Duration::from_secs(5), || server_state(&engine, "a") == "DOWN");
+    // Connections held on b while a is away: an empty a would take every new one under leastconn.
+    let mut held: Vec<_> = (0..20).map(|_| connect(proxy)).collect();
+    let a2 = Backend::on(&a_addr.to_string(), Mode::Tag(0));
+    wait_until("a to be marked UP", Duration::from_secs(5), || server_state(&engine, "a") == "UP");
+    let back = std::time::Instant::now();
+    assert!(ramp("a") < 40, "just back: {}% of its weight", ramp("a"));
+    let mut to_a = 0;
+    for _ in 0..20 {
+        let mut c = connect(proxy);
+        let mut tag = [0u8];
+        std::io::Read::read_exact(&mut c, &mut tag).expect("served");
+        to_a += usize::from(tag[0] == 0);
+        held.push(c);
+    }
+    assert!(back.elapsed() < Duration::from_millis(1500), "the sample took {:?}", back.elapsed());
+    assert!(to_a <= 8, "early in its ramp a took {to_a} of 20 new connections (all 20 without slowstart)");
+    wait_until("the ramp to end", Duration::from_secs(5), || ramp("a") == 100);
+    drop(held);
+    drop(a2);
+    stops_clean(engine, &[a_addr.port(), b.addr.port()]);
+}

@@ -358,7 +358,13 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
     ok(&admin, &format!("add server be/b {}", d.addr));
     assert!((0..10).any(|_| tagged(front).1 == 4), "the new b is d's address");
 
-    // A reload: the file wins, and says what it dropped (d, added and deleted, left nothing).
+    // Added with a slowstart, it ramps up from ~0 (and, with no connection, deletes at once).
+    ok(&admin, &format!("add server be/e {} weight 10 slowstart 10s", a.addr));
+    let e = servers(&stats).into_iter().find(|r| r.server == "e").unwrap();
+    assert!(e.ramp_pct < 50 && e.weight < 5, "just added: {}% of its weight ({})", e.ramp_pct, e.weight);
+    ok(&admin, "del server be/e");
+
+    // A reload: the file wins, and says what it dropped (d and e, added and deleted, left nothing).
     let out = ringproxy().args(["reload", "--socket"]).arg(&admin).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
