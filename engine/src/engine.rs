@@ -377,6 +377,13 @@ impl Engine {
         Ok(())
     }
 
+    /// Tells the health checker (when the engine has one) of a server added or deleted at run time.
+    pub fn health_change(&self, change: crate::health::Change) {
+        if let Some(h) = &self.health {
+            h.change(change);
+        }
+    }
+
     /// Up to `limit` connections (to one server when given), from all workers: worker 0's first.
     pub fn list_conns(&self, server: Option<(usize, usize)>, limit: usize) -> Vec<String> {
         let (tx, rx) = unbounded();

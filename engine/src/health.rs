@@ -72,6 +72,24 @@ pub struct HealthChecker {
     pub status: Arc<Mutex<Vec<ServerHealth>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+    /// Servers added or deleted at run time (`add server`, `del server`): taken at the thread's
+    /// next turn (it turns at least every 200 ms).
+    changes: crossbeam_channel::Sender<Change>,
+}
+
+/// A change to the set of checked servers.
+pub enum Change {
+    /// Check server `server` of backend `backend` (of `config`, the running configuration), from now.
+    Add { backend: usize, server: usize, config: Arc<Config> },
+    /// Stop checking it.
+    Remove { backend: usize, server: usize },
+}
+
+impl HealthChecker {
+    /// Hands the checker a change (a checker that has stopped drops it).
+    pub fn change(&self, c: Change) {
+        let _ = self.changes.send(c);
+    }
 }
 
 enum Phase {
@@ -108,28 +126,12 @@ pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>, watch: &Watch) -> io::Resul
     let now = Instant::now();
     for (b, be) in config.backends.iter().enumerate() {
         let Some(check) = &be.check else { continue };
-        for (s, srv) in be.servers.iter().enumerate().filter(|(_, s)| s.check) {
+        for (s, _) in be.servers.iter().enumerate().filter(|(_, s)| s.check) {
             // Spread the first checks over one interval so they do not all start at once.
             let offset = check.interval.mul_f64((targets.len() % 16) as f64 / 16.0);
-            targets.push(Target {
-                backend: b,
-                server: s,
-                row: rows.len(),
-                addr: srv.address,
-                source: srv.sources.first().copied(),
-                check: check.clone(),
-                up: true,
-                ok_run: 0,
-                fail_run: 0,
-                next_due: after(now, offset),
-                inflight: None,
-            });
-            rows.push(ServerHealth {
-                backend: be.name.clone(),
-                server: srv.name.clone(),
-                up: true,
-                ..Default::default()
-            });
+            let (t, row) = target(config, b, s, check, rows.len(), after(now, offset));
+            targets.push(t);
+            rows.push(row);
         }
     }
     if targets.is_empty() {
@@ -137,12 +139,69 @@ pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>, watch: &Watch) -> io::Resul
     }
     let status = Arc::new(Mutex::new(rows));
     let stop = Arc::new(AtomicBool::new(false));
+    let (changes, changes_rx) = crossbeam_channel::unbounded();
     let (st, flag) = (status.clone(), stop.clone());
     let thread = watch.spawn("ringproxy-health", move || {
-        run(targets, peers, st, flag);
+        run(targets, peers, st, flag, changes_rx);
         Ok::<(), io::Error>(())
     })?;
-    Ok(Some(HealthChecker { status, stop, thread: Some(thread) }))
+    Ok(Some(HealthChecker { status, stop, thread: Some(thread), changes }))
+}
+
+/// The check of server `s` of backend `b`, with its status row (at `row`), first due at `due`.
+fn target(
+    config: &Config,
+    b: usize,
+    s: usize,
+    check: &HealthCheck,
+    row: usize,
+    due: Instant,
+) -> (Target, ServerHealth) {
+    let (be, srv) = (&config.backends[b], &config.backends[b].servers[s]);
+    let t = Target {
+        backend: b,
+        server: s,
+        row,
+        addr: srv.address,
+        source: srv.sources.first().copied(),
+        check: check.clone(),
+        up: true,
+        ok_run: 0,
+        fail_run: 0,
+        next_due: due,
+        inflight: None,
+    };
+    (t, ServerHealth { backend: be.name.clone(), server: srv.name.clone(), up: true, ..Default::default() })
+}
+
+/// Takes the servers added or deleted since the last turn.
+fn apply_changes(
+    targets: &mut Vec<Target>,
+    status: &Mutex<Vec<ServerHealth>>,
+    rx: &crossbeam_channel::Receiver<Change>,
+) {
+    while let Ok(c) = rx.try_recv() {
+        let Ok(mut rows) = status.lock() else { return };
+        match c {
+            Change::Add { backend, server, config } => {
+                let Some(check) = config.backends.get(backend).and_then(|b| b.check.as_ref()) else { continue };
+                if config.backends[backend].servers.get(server).is_none() {
+                    continue;
+                }
+                let (t, row) = target(&config, backend, server, check, rows.len(), Instant::now());
+                targets.push(t);
+                rows.push(row);
+            }
+            Change::Remove { backend, server } => {
+                let Some(i) = targets.iter().position(|t| t.backend == backend && t.server == server) else { continue };
+                let gone = targets.remove(i).row;
+                rows.remove(gone);
+                for t in targets.iter_mut().filter(|t| t.row > gone) {
+                    t.row -= 1;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for HealthChecker {
@@ -154,11 +213,18 @@ impl Drop for HealthChecker {
     }
 }
 
-fn run(mut targets: Vec<Target>, peers: Arc<Vec<Peer>>, status: Arc<Mutex<Vec<ServerHealth>>>, stop: Arc<AtomicBool>) {
+fn run(
+    mut targets: Vec<Target>,
+    peers: Arc<Vec<Peer>>,
+    status: Arc<Mutex<Vec<ServerHealth>>>,
+    stop: Arc<AtomicBool>,
+    changes: crossbeam_channel::Receiver<Change>,
+) {
     let started = Instant::now();
     let mut fds: Vec<libc::pollfd> = Vec::new();
     let mut polled: Vec<usize> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
+        apply_changes(&mut targets, &status, &changes);
         let now = Instant::now();
         for t in targets.iter_mut().filter(|t| t.inflight.is_none() && now >= t.next_due) {
             t.next_due = after(now, t.check.interval);

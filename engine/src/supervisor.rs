@@ -388,27 +388,38 @@ impl Supervisor {
         if let Err((ip, e)) = crate::sources::verify_local(new.sources.iter().copied()) {
             return fail(format!("source {ip} is not an address of this host: {e}"));
         }
+        let checked = config.backends[b].check.is_some();
         config.backends[b].servers.push(crate::config::Server {
             name: new.server.server.clone(),
             address: new.address,
             weight: new.weight,
             maxconn: new.maxconn,
             sources: new.sources.clone(),
-            check: false,
+            // Checked like the backend's other servers, when it has a check.
+            check: checked,
             send_proxy: None,
             backup: false,
             slowstart: new.slowstart,
         });
+        let s = config.backends[b].servers.len() - 1;
         let config = Arc::new(config);
         if let Err(e) = self.current.add_server(b, config.clone()) {
             return fail(e);
         }
+        if config.backends[b].servers[s].check {
+            self.current.health_change(crate::health::Change::Add { backend: b, server: s, config: config.clone() });
+        }
         self.live_config = Some(config);
         eprintln!("ringproxy: runtime API: {}", command.line());
         self.runtime.push((format!("{} add", new.server), command.line()));
+        let checked = if self.config().backends[b].check.is_some() {
+            "health-checked like the backend's other servers"
+        } else {
+            "the backend has no health check"
+        };
         Answer::Ok(format!(
-            "{}: added; every worker balances new connections to it (not health-checked: add it to the file \
-             for that, and to keep it across reloads)\n",
+            "{}: added; every worker balances new connections to it; {checked} (put it in the file to keep it \
+             across reloads)\n",
             command.line()
         ))
     }
@@ -442,6 +453,7 @@ impl Supervisor {
             return fail(e);
         }
         self.removed.insert((b, s));
+        self.current.health_change(crate::health::Change::Remove { backend: b, server: s });
         eprintln!("ringproxy: runtime API: {}", command.line());
         self.runtime.retain(|(key, _)| !key.starts_with(&format!("{name} ")));
         if s < self.current.config().backends[b].servers.len() {

@@ -124,6 +124,20 @@ impl ServerState {
 }
 
 impl ServerStats {
+    /// The row of server `srv` of backend `backend` before anything happened.
+    pub fn new(backend: &str, srv: &crate::config::Server) -> ServerStats {
+        ServerStats {
+            backend: backend.to_owned(),
+            server: srv.name.clone(),
+            address: srv.address.to_string(),
+            state: ServerState::Up,
+            weight: u64::from(srv.weight),
+            ramp_pct: 100,
+            maxconn: u64::from(srv.maxconn.unwrap_or(0)),
+            ..ServerStats::default()
+        }
+    }
+
     /// The status operators read (HAProxy's words): MAINT and DRAIN override UP; DOWN stays DOWN
     /// under DRAIN.
     pub fn status(&self) -> &'static str {

@@ -59,7 +59,7 @@ admin socket only (global.stats.admin_socket):
   shutdown sessions server BACKEND/SERVER
                     close its connections (over the backend's close_spread)
   add server BACKEND/SERVER ADDRESS:PORT [source IP[,IP...]] [weight N] [maxconn N] [slowstart T]
-                    a new server, balanced to at once (not health-checked)
+                    a new server, balanced to at once, checked like the backend's others
   del server BACKEND/SERVER
                     remove a server that has no connection left
   reload            re-read the configuration file (like SIGHUP); runtime changes are dropped

@@ -107,41 +107,13 @@ impl Worker {
         let ids = ips.iter().map(|ip| self.ring.add_addr(std::net::SocketAddr::new(*ip, 0))).collect();
         let limit = srv.maxconn.map(|m| self.up.shares.push(m, m.min(self.plan.conns_per_worker)));
         let be = &mut self.up.backends[b];
-        be.servers.push(crate::worker::upstream::Server {
-            state: ServerState::Up,
-            admin: crate::stats::AdminState::Ready,
-            removed: false,
-            weight: srv.weight,
-            ramp_from: None,
-            ramp_base: 0,
-            ramp_picks: 0,
-            ramp_progress: 1.0,
-            dest,
-            sources: crate::sources::SourceShard::new(ips, ids, self.plan.ephemeral_ports),
-            active: 0,
-            total: 0,
-            errors: 0,
-            limit,
-            ports_logged_at: None,
-            ports_unlogged: 0,
-        });
+        let shard = crate::sources::SourceShard::new(ips, ids, self.plan.ephemeral_ports);
+        be.servers.push(crate::worker::upstream::Server::new(dest, shard, srv.weight, limit));
         be.balancer.add_server(srv.weight, crate::balance::server_key(&srv.name));
         // Its row and latency histogram go after the backend's last server: the flattened tables
         // of the backends after it move up by one (on every worker alike).
         let at = self.up.server_index[b] + s;
-        self.stats.servers.insert(
-            at,
-            crate::stats::ServerStats {
-                backend: self.cfg.backends[b].name.clone(),
-                server: srv.name.clone(),
-                address: srv.address.to_string(),
-                state: ServerState::Up,
-                weight: u64::from(srv.weight),
-                ramp_pct: 100,
-                maxconn: u64::from(srv.maxconn.unwrap_or(0)),
-                ..crate::stats::ServerStats::default()
-            },
-        );
+        self.stats.servers.insert(at, crate::stats::ServerStats::new(&self.cfg.backends[b].name, srv));
         self.up.connect_latency.insert(at, crate::stats::latency_histogram());
         for i in &mut self.up.server_index[b + 1..] {
             *i += 1;

@@ -16,7 +16,7 @@ use crate::limits::Shares;
 use crate::log::ConnLog;
 use crate::pipes::PipePool;
 use crate::sources::{self, SourceShard};
-use crate::stats::{AdminState, ServerState, ServerStats, WorkerStats, latency_histogram};
+use crate::stats::{ServerStats, WorkerStats, latency_histogram};
 
 /// Bytes per receive buffer of the ring (`splice: never`): a multishot receive fills one per
 /// completion, up to this.
@@ -51,24 +51,8 @@ impl Worker {
                         AddrId(addrs.len() as u32 - 1)
                     })
                     .collect();
-                servers.push(Server {
-                    state: ServerState::Up,
-                    admin: AdminState::Ready,
-                    removed: false,
-                    weight: srv.weight,
-                    ramp_from: None,
-                    ramp_base: 0,
-                    ramp_picks: 0,
-                    ramp_progress: 1.0,
-                    dest,
-                    sources: SourceShard::new(ips, ids, plan.ephemeral_ports),
-                    active: 0,
-                    total: 0,
-                    errors: 0,
-                    limit: plan.limits.server[b][s],
-                    ports_logged_at: None,
-                    ports_unlogged: 0,
-                });
+                let shard = SourceShard::new(ips, ids, plan.ephemeral_ports);
+                servers.push(Server::new(dest, shard, srv.weight, plan.limits.server[b][s]));
             }
             let weights = be.servers.iter().map(|s| s.weight).collect();
             backends.push(Backend {
@@ -105,17 +89,7 @@ impl Worker {
             servers: config
                 .backends
                 .iter()
-                .flat_map(|b| {
-                    b.servers.iter().map(|s| ServerStats {
-                        backend: b.name.clone(),
-                        server: s.name.clone(),
-                        address: s.address.to_string(),
-                        state: ServerState::Up,
-                        weight: u64::from(s.weight),
-                        maxconn: u64::from(s.maxconn.unwrap_or(0)),
-                        ..ServerStats::default()
-                    })
-                })
+                .flat_map(|b| b.servers.iter().map(|s| ServerStats::new(&b.name, s)))
                 .collect(),
             ..WorkerStats::default()
         };

@@ -57,6 +57,29 @@ pub(crate) struct Backend {
 }
 
 impl Server {
+    /// A server as a worker starts it (at start, or added by `add server`): UP, ready, its
+    /// configured weight, no connection yet.
+    pub fn new(dest: AddrId, sources: SourceShard, weight: u32, limit: Option<LimitId>) -> Server {
+        Server {
+            state: ServerState::Up,
+            admin: AdminState::Ready,
+            removed: false,
+            weight,
+            ramp_from: None,
+            ramp_base: 0,
+            ramp_picks: 0,
+            ramp_progress: 1.0,
+            dest,
+            sources,
+            active: 0,
+            total: 0,
+            errors: 0,
+            limit,
+            ports_logged_at: None,
+            ports_unlogged: 0,
+        }
+    }
+
     /// Whether it may take new connections (health and the runtime API agree).
     pub fn available(&self) -> bool {
         self.state.is_up() && self.admin == AdminState::Ready && !self.removed

@@ -377,3 +377,36 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
     assert!(tags.contains(&2) && !tags.contains(&4), "the file's b again: {tags:?}");
     proxy.stop_clean();
 }
+
+/// An added server in a backend with a health check is checked like the others: one with nothing
+/// listening goes DOWN and takes no connection; deleted, it leaves the checks.
+#[test]
+fn an_added_server_is_health_checked_like_the_others() {
+    let (a, b) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)));
+    let (stats, admin) = sockets("addcheck");
+    let yaml = config(
+        &stats,
+        &admin,
+        a.addr,
+        b.addr,
+        "    check: { interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }\n",
+        "",
+    );
+    let proxy = Proxy::start("addcheck", &yaml);
+    let front = proxy.addr("fe");
+    // A port nothing listens on (bound, then closed).
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let text = ok(&admin, &format!("add server be/x {dead}"));
+    assert!(text.contains("health-checked like the backend's other servers"), "{text}");
+    wait_until("x to be checked and marked DOWN", Duration::from_secs(5), || {
+        let s = socket::fetch(&stats).unwrap();
+        s.health.iter().any(|h| h.server == "x" && h.checks >= 1)
+            && s.servers.iter().any(|r| r.server == "x" && r.status() == "DOWN")
+    });
+    assert!((0..20).all(|_| tagged(front).1 != 0), "every connection reached a or b");
+    ok(&admin, "del server be/x");
+    wait_until("x to leave the checks", Duration::from_secs(5), || {
+        socket::fetch(&stats).unwrap().health.iter().all(|h| h.server != "x")
+    });
+    proxy.stop_clean();
+}
