@@ -410,3 +410,29 @@ fn an_added_server_is_health_checked_like_the_others() {
     });
     proxy.stop_clean();
 }
+
+/// `ringproxy reload` and `ringproxy cmd` without a socket to talk to: exit 2 and what to set.
+#[test]
+fn reload_and_cmd_say_which_socket_the_configuration_lacks() {
+    let file = write_temp(
+        "nosock.yaml",
+        "frontends: [{ name: fe, bind: \"127.0.0.1:0\", backend: be }]\n\
+         backends: [{ name: be, servers: [{ name: s, address: \"127.0.0.1:9\" }] }]\n",
+    );
+    let out = ringproxy().args(["reload", "-c"]).arg(&file).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sets no global.stats.admin_socket (reload is an admin command)") && err.contains("SIGHUP"),
+        "{err}"
+    );
+    let out = ringproxy().args(["cmd", "-c"]).arg(&file).arg("show servers").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("neither global.stats.admin_socket nor global.stats.socket"), "{err}");
+    let out = ringproxy().args(["cmd", "--socket", "/nonexistent/admin.sock", "help"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("cannot connect to the stats socket /nonexistent/admin.sock")
+    );
+}
