@@ -11,15 +11,15 @@
 //! not), which a sweep once a second finds. At most `capacity` entries are kept (twice the
 //! worker's share of maxconn: every source with an open connection fits, with room for as many
 //! that only connect now and then); a new source that finds the table full is refused (fail
-//! closed, as the access list), counted in `source_table_full`. Each tracked source costs
-//! [`ENTRY_BYTES`].
+//! closed, as the access list), counted in `source_table_full`. Each tracked source costs one
+//! [`SLOT_BYTES`] slot of the hash table, which is 44–87 % full: 38–75 bytes.
 
 use std::collections::HashMap;
 
 use crate::config::PerSource;
 
-/// What one tracked source costs (the entry and its share of the hash table's slack).
-pub const ENTRY_BYTES: usize = 48;
+/// One slot of the table: the key, the entry, the hash table's control byte.
+pub const SLOT_BYTES: usize = std::mem::size_of::<(u128, Entry)>() + 1;
 
 #[derive(Clone, Copy, Debug)]
 struct Entry {
@@ -119,6 +119,11 @@ mod tests {
 
     fn limits(maxconn: Option<u32>, rate: Option<u32>) -> PerSource {
         PerSource { maxconn, rate, prefix_v4: 24, prefix_v6: 64 }
+    }
+
+    #[test]
+    fn a_slot_is_33_bytes() {
+        assert_eq!(SLOT_BYTES, 33, "the figure docs/configuration.md gives (38-75 bytes per source)");
     }
 
     #[test]
