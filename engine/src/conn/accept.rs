@@ -66,9 +66,19 @@ impl Ctx<'_> {
             Admission::Admitted => self.stats.active += 1,
             Admission::None => debug_assert!(false, "a connection opened without a share"),
         }
-        let t = self.token(Op::ClientPoll);
-        self.ring.poll_multi(client.sock(), POLLIN_EVENTS, t);
-        self.c.client_poll = true;
+        if self.ring_mode() && !self.cfg.frontends[fe].accept_proxy && self.ring.ring_bufs_available() {
+            // `splice: never`: the multishot receive that will carry the client's bytes watches the
+            // client from now on (a reset or an end while connecting), and what it receives before
+            // the server is there waits in the flow's queue. One op for the connection's life,
+            // instead of a poll now and its cancellation once connected.
+            let t = self.token(Op::ClientRecv);
+            self.ring.recv_multi(client.sock(), t);
+            self.c.client_recv = true;
+        } else {
+            let t = self.token(Op::ClientPoll);
+            self.ring.poll_multi(client.sock(), POLLIN_EVENTS, t);
+            self.c.client_poll = true;
+        }
         self.c.client = Some(client);
         self.ensure_timer();
         if known.looked_up {

@@ -295,11 +295,14 @@ impl Ctx<'_> {
         self.enter(State::Established);
         self.c.last_server = self.now.ms;
         if self.ring_mode() {
-            // The multishot receives watch both sockets from now on: the client's poll goes.
+            // The multishot receives watch both sockets from now on: the client's poll goes (when
+            // the client's receive could not be armed at accept), and what that receive queued
+            // meanwhile is sent.
             if self.c.client_poll {
                 let target = self.token(Op::ClientPoll);
                 self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
             }
+            self.send_early();
         } else {
             let t = self.token(Op::ServerPoll);
             let Some(server) = &self.c.server_slot else { unreachable!("connected: the server slot is held") };

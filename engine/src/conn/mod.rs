@@ -839,6 +839,7 @@ impl Ctx<'_> {
                 self.c.flow(dir).io = FlowIo::Idle;
             }
         }
+        self.drop_unsent();
         let (idx, generation) = (self.idx, self.c.generation);
         for op in self.c.cancel_targets() {
             if reason == CloseReason::Done && matches!(op, Op::ShutdownServer | Op::ShutdownClient) {

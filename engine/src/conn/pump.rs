@@ -378,7 +378,12 @@ impl Ctx<'_> {
         }
         let op = if client { Op::ClientRecv } else { Op::ServerRecv };
         let t = self.token(op);
-        let Some((src, _)) = self.c.ends(dir) else { return };
+        let src = if client {
+            self.c.client.as_ref().map(|s| s.sock())
+        } else {
+            self.c.server_slot.as_ref().filter(|_| self.c.state == State::Established).map(|s| s.sock())
+        };
+        let Some(src) = src else { return };
         self.ring.recv_multi(src, t);
         if client {
             self.c.client_recv = true;
@@ -419,8 +424,9 @@ impl Ctx<'_> {
                 }
             }
         }
-        if !more && self.c.state == State::Established {
-            // Ended (EOF, out of buffers, paused, or the kernel's own reasons): go on if it may.
+        if !more && self.c.is_live() && !self.c.is_closing() {
+            // Ended (EOF, out of buffers, paused, or the kernel's own reasons): go on if it may
+            // (before the server is there too: the client's receive is armed at accept).
             self.arm_recv(dir);
         }
         self.pump(dir);
@@ -444,7 +450,9 @@ impl Ctx<'_> {
             }
         };
         self.sendq.push(&lease, buf, n);
-        if !self.sendq.sending(&lease) {
+        // Before the server is connected (and its PROXY header sent), the bytes wait in the
+        // queue: `establish` sends them.
+        if !self.sendq.sending(&lease) && self.c.state == State::Established {
             self.send_queue(dir, &lease);
         }
         if self.sendq.held(&lease) >= self.pause_at() {
@@ -465,6 +473,27 @@ impl Ctx<'_> {
             4
         } else {
             1
+        }
+    }
+
+    /// Connected: sends what the client's receive queued while the server was not there.
+    pub(super) fn send_early(&mut self) {
+        let dir = Dir::ClientToServer;
+        let unsent = matches!(&self.c.flow(dir).io, FlowIo::Ring(lease) if !self.sendq.sending(lease));
+        if unsent && let FlowIo::Ring(lease) = std::mem::take(&mut self.c.flow(dir).io) {
+            self.send_queue(dir, &lease);
+            self.c.flow(dir).io = FlowIo::Ring(lease);
+        }
+    }
+
+    /// Closing before the server was there: a queue of received bytes with no send in flight
+    /// goes back at once (no completion will come for it).
+    pub(super) fn drop_unsent(&mut self) {
+        for dir in Dir::BOTH {
+            let unsent = matches!(&self.c.flow(dir).io, FlowIo::Ring(lease) if !self.sendq.sending(lease));
+            if unsent && let FlowIo::Ring(lease) = std::mem::take(&mut self.c.flow(dir).io) {
+                self.sendq.give_back(lease, self.ring);
+            }
         }
     }
 

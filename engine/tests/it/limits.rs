@@ -247,3 +247,45 @@ fn rate_limit_paces_accepts_and_refuses_nobody() {
     assert!(stats.total(|w| w.limit_hits.rate) > 0);
     assert_clean(engine, &[backend.addr.port()]);
 }
+
+/// A client that sends its whole request and its end (FIN) while it waits in the queue for a
+/// server slot: with `splice: never` the client's receive runs from accept, so those bytes wait in
+/// the proxy's queue, bounded by backpressure; once a server is there they arrive whole and in
+/// order, then the end. Both modes.
+#[test]
+fn bytes_and_the_end_sent_while_queued_arrive_whole_once_connected() {
+    for splice in ["never", "always"] {
+        let backend = Backend::start(Mode::Echo);
+        let engine = engine(&format!(
+            "global: {{ workers: 1, tune: {{ splice: {splice} }} }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, timeout: {{ queue: 20s }}, servers: [{{ name: s, address: \"{}\", maxconn: 1 }}] }}]\n",
+            backend.addr
+        ));
+        let fe = addr(&engine, "fe");
+        let mut first = connect(fe);
+        echo_once(&mut first, b"holds the only slot");
+        let mut second = connect(fe);
+        wait_until("the second client to be queued", Duration::from_secs(5), || {
+            engine.stats().total(|w| w.queued) == 1
+        });
+        let request: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+        let writer = {
+            let mut w = second.try_clone().unwrap();
+            let request = request.clone();
+            spawn(move || {
+                std::io::Write::write_all(&mut w, &request).unwrap();
+                w.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        };
+        thread::sleep(Duration::from_millis(200));
+        assert_eq!(engine.stats().total(|w| w.queued), 1, "{splice}: still queued");
+        drop(first);
+        let (got, err) = read_to_end(&mut second);
+        writer.join().unwrap();
+        assert!(err.is_none(), "{splice}: {err:?}");
+        assert_eq!(got.len(), request.len(), "{splice}: every byte echoed");
+        assert!(got == request, "{splice}: in order");
+        drop(second);
+        assert_clean(engine, &[backend.addr.port()]);
+    }
+}
