@@ -5,6 +5,7 @@
 //! share lending, stats snapshots, drain. The data path never sends or waits on these channels.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crossbeam_channel::Sender;
 
@@ -29,12 +30,24 @@ pub enum Control {
     /// `backend`; the worker takes it and sets the server up. `done` hears once it has.
     AddServer { backend: usize, config: Arc<crate::config::Config>, done: Sender<()> },
     /// List up to `limit` of this worker's connections (only those to `server`, when given), one
-    /// line each.
-    ListConns { server: Option<(usize, usize)>, limit: usize, reply: Sender<Vec<String>> },
+    /// line each, with the worker's id.
+    ListConns { server: Option<(usize, usize)>, limit: usize, reply: Sender<(usize, Vec<String>)> },
     /// Re-arm every accept: the engine this one replaced has stopped accepting on the shared
     /// listening sockets, and a wakeup for a queued connection may have gone to one of its
     /// cancelled accepts (accept waits are exclusive: the kernel wakes one waiter per connection).
     RearmAccepts,
+}
+
+/// Sends every worker the message `make` builds around a reply channel, and gathers the answers
+/// that come within `wait` (one deadline for all: a busy engine answers late, not N times late).
+/// Returns how many workers were asked (those that have exited are not) and their answers.
+pub fn ask_all<T>(peers: &[Peer], wait: Duration, make: impl Fn(Sender<T>) -> Control) -> (usize, Vec<T>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let asked = peers.iter().filter(|p| p.send(make(tx.clone()))).count();
+    drop(tx);
+    let deadline = std::time::Instant::now() + wait;
+    let answers = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).collect();
+    (asked, answers)
 }
 
 /// The way to reach one worker.

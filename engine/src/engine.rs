@@ -78,12 +78,7 @@ pub struct StatsSource {
 impl StatsSource {
     /// A snapshot of every worker's counters (workers answer between two loop turns).
     pub fn collect(&self) -> EngineStats {
-        let (tx, rx) = unbounded();
-        let asked = self.peers.iter().filter(|p| p.send(Control::Snapshot(tx.clone()))).count();
-        drop(tx);
-        // One deadline for all answers (not one per worker): a busy engine answers late, not N times late.
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut workers: Vec<_> = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).collect();
+        let (_, mut workers) = crate::control::ask_all(&self.peers, Duration::from_secs(10), Control::Snapshot);
         workers.sort_by_key(|w| w.worker);
         let mut stats = EngineStats {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -343,36 +338,29 @@ impl Engine {
     /// Applies a runtime-API change to server `server` of backend `backend` on every worker, and
     /// returns once each has applied it (at its next loop turn), or says which did not within 10 s.
     pub fn server_op(&self, backend: usize, server: usize, op: crate::admin::ServerOp) -> Result<(), String> {
-        let (tx, rx) = unbounded();
-        let asked: Vec<usize> = (0..self.peers.len())
-            .filter(|&w| self.peers[w].send(Control::Server { backend, server, op, done: tx.clone() }))
-            .collect();
-        drop(tx);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let answered = (0..asked.len()).map_while(|_| rx.recv_deadline(deadline).ok()).count();
-        if asked.len() < self.peers.len() || answered < asked.len() {
-            return Err(format!(
-                "{} of {} workers applied it ({} have exited, the others did not answer within 10s)",
-                answered,
-                self.peers.len(),
-                self.peers.len() - asked.len()
-            ));
-        }
-        Ok(())
+        self.ask_every_worker("applied it", |done| Control::Server { backend, server, op, done })
     }
 
     /// `add server`: hands every worker `config` (the running one with a server appended to backend
     /// `backend`) and returns once each has set the server up, or says which did not within 10 s.
     pub fn add_server(&self, backend: usize, config: Arc<Config>) -> Result<(), String> {
-        let (tx, rx) = unbounded();
-        let asked = (0..self.peers.len())
-            .filter(|&w| self.peers[w].send(Control::AddServer { backend, config: config.clone(), done: tx.clone() }))
-            .count();
-        drop(tx);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let answered = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).count();
-        if asked < self.peers.len() || answered < asked {
-            return Err(format!("{answered} of {} workers added it", self.peers.len()));
+        self.ask_every_worker("added it", |done| Control::AddServer { backend, config: config.clone(), done })
+    }
+
+    /// A change every worker must acknowledge: `Err` says how many did (`did` what).
+    fn ask_every_worker(
+        &self,
+        did: &str,
+        make: impl Fn(crossbeam_channel::Sender<()>) -> Control,
+    ) -> Result<(), String> {
+        let n = self.peers.len();
+        let (asked, answers) = crate::control::ask_all(&self.peers, Duration::from_secs(10), make);
+        if asked < n || answers.len() < asked {
+            return Err(format!(
+                "{} of {n} workers {did} ({} have exited, the others did not answer within 10s)",
+                answers.len(),
+                n - asked
+            ));
         }
         Ok(())
     }
@@ -386,15 +374,11 @@ impl Engine {
 
     /// Up to `limit` connections (to one server when given), from all workers: worker 0's first.
     pub fn list_conns(&self, server: Option<(usize, usize)>, limit: usize) -> Vec<String> {
-        let (tx, rx) = unbounded();
-        let asked =
-            self.peers.iter().filter(|p| p.send(Control::ListConns { server, limit, reply: tx.clone() })).count();
-        drop(tx);
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let mut lists: Vec<Vec<String>> = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).collect();
-        // Each line starts with `worker=N`: order by worker, then keep `limit` in all.
-        lists.sort_by_key(|l| l.first().and_then(|line| line[7..].split(' ').next()?.parse::<usize>().ok()));
-        lists.into_iter().flatten().take(limit).collect()
+        let (_, mut lists) = crate::control::ask_all(&self.peers, Duration::from_secs(10), |reply| {
+            Control::ListConns { server, limit, reply }
+        });
+        lists.sort_by_key(|(worker, _)| *worker);
+        lists.into_iter().flat_map(|(_, lines)| lines).take(limit).collect()
     }
 
     /// Whether every worker has exited.

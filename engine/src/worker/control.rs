@@ -37,7 +37,7 @@ impl Worker {
                     let _ = done.send(());
                 }
                 Control::ListConns { server, limit, reply } => {
-                    let _ = reply.send(self.list_conns(server, limit));
+                    let _ = reply.send((self.id, self.list_conns(server, limit)));
                 }
             }
         }
@@ -62,12 +62,7 @@ impl Worker {
         let Some(srv) = self.up.backends.get(b).and_then(|be| be.servers.get(s)) else { return };
         let was = srv.available();
         match op {
-            ServerOp::State(admin) => {
-                self.up.backends[b].servers[s].admin = admin;
-                if let Some(row) = self.stats.servers.get_mut(self.up.server_index[b] + s) {
-                    row.admin = admin;
-                }
-            }
+            ServerOp::State(admin) => self.up.backends[b].servers[s].admin = admin,
             ServerOp::Weight(w) => {
                 let be = &mut self.up.backends[b];
                 be.servers[s].weight = w;
@@ -83,9 +78,6 @@ impl Worker {
                 be.servers[s].removed = true;
                 be.servers[s].weight = 0;
                 be.balancer.set_weight(s, 0);
-                if let Some(row) = self.stats.servers.get_mut(self.up.server_index[b] + s) {
-                    row.removed = true;
-                }
             }
         }
         self.availability_changed(b, s, was);
@@ -338,6 +330,7 @@ impl Worker {
                 row.connect_errors = srv.errors;
                 row.share = srv.limit.map_or(0, |l| u64::from(self.up.shares.held(l)));
                 row.admin = srv.admin;
+                row.removed = srv.removed;
                 // The weight in use, in the configuration's units (rounded up while ramping), and
                 // how far a ramp has got.
                 let scaled = u64::from(be.balancer.weight(i));
