@@ -153,24 +153,25 @@ impl ServerName {
         }
     }
 
-    /// Indices of the backend and the server in `config`, or what does not exist.
-    pub fn find(&self, config: &Config) -> Result<(usize, usize), String> {
-        let Some(b) = config.backends.iter().position(|b| b.name == self.backend) else {
-            let names: Vec<&str> = config.backends.iter().map(|b| b.name.as_str()).collect();
-            return Err(format!("no backend \"{}\" (backends: {})", self.backend, names.join(", ")));
-        };
+    /// Indices of the backend and the server in `config` (the last server of that name for which
+    /// `live` holds: servers deleted at run time keep their index), or what does not exist.
+    pub fn find(&self, config: &Config, live: impl Fn(usize, usize) -> bool) -> Result<(usize, usize), String> {
+        let b = backend_index(config, &self.backend)?;
         let servers = &config.backends[b].servers;
-        let Some(s) = servers.iter().position(|s| s.name == self.server) else {
-            let names: Vec<&str> = servers.iter().map(|s| s.name.as_str()).collect();
-            return Err(format!(
-                "backend \"{}\" has no server \"{}\" (servers: {})",
-                self.backend,
-                self.server,
-                names.join(", ")
-            ));
-        };
-        Ok((b, s))
+        if let Some(s) = (0..servers.len()).rev().find(|&s| live(b, s) && servers[s].name == self.server) {
+            return Ok((b, s));
+        }
+        let names: Vec<&str> = (0..servers.len()).filter(|&s| live(b, s)).map(|s| servers[s].name.as_str()).collect();
+        Err(format!("backend \"{}\" has no server \"{}\" (servers: {})", self.backend, self.server, names.join(", ")))
     }
+}
+
+/// The index of backend `name` in `config`, or what the backends are.
+pub fn backend_index(config: &Config, name: &str) -> Result<usize, String> {
+    config.backends.iter().position(|b| b.name == name).ok_or_else(|| {
+        let names: Vec<&str> = config.backends.iter().map(|b| b.name.as_str()).collect();
+        format!("no backend \"{name}\" (backends: {})", names.join(", "))
+    })
 }
 
 /// The highest weight a server can be given (as in the configuration).

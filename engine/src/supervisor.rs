@@ -264,11 +264,6 @@ impl Supervisor {
         })
     }
 
-    /// The runtime-API changes the current engine runs with (until the next reload).
-    pub fn runtime_changes(&self) -> Vec<String> {
-        self.runtime.iter().map(|(_, line)| line.clone()).collect()
-    }
-
     /// Carries out a runtime-API command on the current engine. A command naming what the running
     /// configuration does not have changes nothing.
     pub fn command(&mut self, command: &Command) -> Answer {
@@ -343,26 +338,7 @@ impl Supervisor {
 
     /// Where server `name` is (the latest of that name, removed ones left aside).
     fn find(&self, name: &crate::admin::ServerName) -> Result<(usize, usize), String> {
-        let config = self.config();
-        let Some(b) = config.backends.iter().position(|b| b.name == name.backend) else {
-            let names: Vec<&str> = config.backends.iter().map(|b| b.name.as_str()).collect();
-            return Err(format!("no backend \"{}\" (backends: {})", name.backend, names.join(", ")));
-        };
-        let live = |s: usize| !self.removed.contains(&(b, s));
-        let servers = &config.backends[b].servers;
-        match (0..servers.len()).rev().find(|&s| live(s) && servers[s].name == name.server) {
-            Some(s) => Ok((b, s)),
-            None => {
-                let names: Vec<&str> =
-                    (0..servers.len()).filter(|&s| live(s)).map(|s| servers[s].name.as_str()).collect();
-                Err(format!(
-                    "backend \"{}\" has no server \"{}\" (servers: {})",
-                    name.backend,
-                    name.server,
-                    names.join(", ")
-                ))
-            }
-        }
+        name.find(&self.config(), |b, s| !self.removed.contains(&(b, s)))
     }
 
     /// `add server`: checked against the running configuration and the host (its sources must be
@@ -370,9 +346,9 @@ impl Supervisor {
     fn add_server(&mut self, new: &crate::admin::NewServer, command: &Command) -> Answer {
         let fail = |e: String| Answer::Fail(format!("{}: {e}\n", command.line()));
         let mut config = (*self.config()).clone();
-        let Some(b) = config.backends.iter().position(|be| be.name == new.server.backend) else {
-            let names: Vec<&str> = config.backends.iter().map(|b| b.name.as_str()).collect();
-            return fail(format!("no backend \"{}\" (backends: {})", new.server.backend, names.join(", ")));
+        let b = match crate::admin::backend_index(&config, &new.server.backend) {
+            Ok(b) => b,
+            Err(e) => return fail(e),
         };
         if self.find(&new.server).is_ok() {
             return fail(format!("backend \"{}\" already has a server \"{}\"", new.server.backend, new.server.server));

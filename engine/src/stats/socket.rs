@@ -453,14 +453,6 @@ pub fn fetch(path: &Path) -> Result<EngineStats, ClientError> {
     serde_json::from_str(&text).map_err(|e| ClientError::Answer { path: path.to_owned(), detail: e.to_string() })
 }
 
-/// Client side: sends a command whose answer starts with a status line (`reload`, `show conns`,
-/// the admin commands), and how it ended.
-pub fn command(path: &Path, line: &str) -> Result<Answer, ClientError> {
-    let text = query(path, line)?;
-    Answer::decode(&text)
-        .ok_or_else(|| ClientError::Answer { path: path.to_owned(), detail: format!("no status line in {text:?}") })
-}
-
 /// Client side: a command line, answered by the supervisor (a status line first) or by the socket
 /// (plain text: taken as done).
 pub fn any_command(path: &Path, line: &str) -> Result<Answer, ClientError> {
