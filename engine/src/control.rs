@@ -36,6 +36,18 @@ pub enum Control {
     /// listening sockets, and a wakeup for a queued connection may have gone to one of its
     /// cancelled accepts (accept waits are exclusive: the kernel wakes one waiter per connection).
     RearmAccepts,
+    /// A reload: stop accepting and move established connections to the new engine (worker/
+    /// moving.rs).
+    MoveTo(Arc<crate::worker::MovePlan>),
+    /// Connections offered by worker `from` (a process-wide worker id) of an older engine; the
+    /// answer goes to `reply`.
+    MoveOffer { from: u64, reply: Peer, items: Vec<crate::worker::MoveOffer> },
+    /// The answer to an offer: per connection, the slots granted, or refused.
+    MoveGrant { items: Vec<((u32, u32), Option<crate::worker::Grant>)> },
+    /// Connections whose sockets are now in the slots granted to them.
+    MoveArrive { from: u64, conns: Vec<crate::conn::Moved> },
+    /// Grants called off (with the accept slot the client socket reached, if it did).
+    MoveCancel { from: u64, keys: Vec<((u32, u32), Option<u32>)> },
 }
 
 /// Sends every worker the message `make` builds around a reply channel, and gathers the answers

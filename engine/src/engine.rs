@@ -120,6 +120,8 @@ pub struct Engine {
     metrics: Option<prometheus::Endpoint>,
     log_thread: Option<JoinHandle<()>>,
     health: Option<crate::health::HealthChecker>,
+    /// A duplicate of each worker's ring descriptor, in worker order (the targets of a move).
+    rings: Vec<Arc<std::os::fd::OwnedFd>>,
 }
 
 impl Engine {
@@ -257,18 +259,25 @@ impl Prepared {
             metrics,
             log_thread,
             health,
+            rings: Vec::new(),
         };
+        let mut rings = Vec::with_capacity(engine.plan.workers);
         for _ in 0..engine.plan.workers {
             let started = match ready_rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(reported) => reported.map_err(StartError::Worker),
                 Err(_) => Err(StartError::WorkerTimeout),
             };
-            if let Err(e) = started {
-                engine.drain();
-                engine.join();
-                return Err(e);
+            match started {
+                Ok(ring) => rings.push(ring),
+                Err(e) => {
+                    engine.drain();
+                    engine.join();
+                    return Err(e);
+                }
             }
         }
+        rings.sort_by_key(|(id, _)| *id);
+        engine.rings = rings.into_iter().map(|(_, fd)| Arc::new(fd)).collect();
         Ok(engine)
     }
 }
@@ -324,6 +333,31 @@ impl Engine {
         self.listeners.clear();
         for p in self.peers.iter() {
             p.send(Control::Drain);
+        }
+    }
+
+    /// Where this engine's connections can move: its configuration, and per worker its control
+    /// channel and ring (worker/moving.rs).
+    pub fn move_plan(&self) -> Arc<crate::worker::MovePlan> {
+        let targets = self
+            .peers
+            .iter()
+            .zip(&self.rings)
+            .map(|(peer, ring)| crate::worker::MoveTarget { peer: peer.clone(), ring: ring.clone() })
+            .collect();
+        Arc::new(crate::worker::MovePlan { config: self.config.clone(), targets })
+    }
+
+    /// A reload: stops accepting (as [`Engine::drain`]) and moves the established connections to
+    /// `next`, the engine that replaces this one, instead of closing them at the end of the drain.
+    /// Those that cannot move (their server is gone from `next`'s configuration, or `next` has no
+    /// room) stay until they end or the drain ends. Also for an engine already draining: what it
+    /// has left moves to `next`.
+    pub fn move_to(&mut self, next: &Engine) {
+        self.listeners.clear();
+        let plan = next.move_plan();
+        for p in self.peers.iter() {
+            p.send(Control::MoveTo(plan.clone()));
         }
     }
 
@@ -397,6 +431,7 @@ impl Engine {
         self.stats_socket = None;
         self.metrics = None;
         self.health = None;
+        self.rings.clear();
     }
 
     /// Drain, then wait.

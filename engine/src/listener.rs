@@ -169,6 +169,36 @@ pub fn source_program(p: crate::config::PerSource, workers: usize, ipv6: bool) -
     prog
 }
 
+/// The worker [`source_program`] sends connections from `ip` to: the same arithmetic in user space
+/// (a connection that moves to a new engine on reload goes to the worker its source's new
+/// connections reach, which counts the source).
+pub fn steered_worker(p: crate::config::PerSource, workers: usize, ip: std::net::IpAddr) -> usize {
+    const GOLDEN: u32 = 0x9e37_79b1;
+    let (words, prefix): (Vec<u32>, u32) = match ip {
+        std::net::IpAddr::V4(a) => (vec![u32::from(a)], p.prefix_v4.into()),
+        std::net::IpAddr::V6(a) => {
+            let o = a.octets();
+            (
+                (0..4).map(|i| u32::from_be_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]])).collect(),
+                p.prefix_v6.into(),
+            )
+        }
+    };
+    let mut h: Option<u32> = None;
+    for (i, w) in words.into_iter().enumerate() {
+        let bits = prefix.saturating_sub(32 * i as u32).min(32);
+        if bits == 0 {
+            continue;
+        }
+        let mask = if bits == 32 { u32::MAX } else { !(u32::MAX >> bits) };
+        h = Some((h.unwrap_or(0) ^ (w & mask)).wrapping_mul(GOLDEN));
+    }
+    match h {
+        None => 0,
+        Some(h) => ((h ^ (h >> 16)) % workers.max(1) as u32) as usize,
+    }
+}
+
 /// Attaches [`source_program`] to the SO_REUSEPORT group of `fd`.
 fn steer_by_source(fd: &OwnedFd, p: crate::config::PerSource, workers: usize, ipv6: bool) -> io::Result<()> {
     let mut prog = source_program(p, workers, ipv6);

@@ -92,6 +92,18 @@ impl SourceTable {
         Ok(())
     }
 
+    /// A connection admitted elsewhere (by the engine it moved from) is counted for `key`, without
+    /// a limit: it is open already. False when the table has no room for a new source (then it is
+    /// not counted).
+    pub fn adopt(&mut self, key: u128) -> bool {
+        if self.entries.len() >= self.capacity && !self.entries.contains_key(&key) {
+            return false;
+        }
+        let burst = self.limits.rate.map_or(0.0, |r| r as f32);
+        self.entries.entry(key).or_insert(Entry { open: 0, tokens: burst, at: 0 }).open += 1;
+        true
+    }
+
     /// A connection admitted for `key` closed.
     pub fn release(&mut self, key: u128) {
         if let Some(e) = self.entries.get_mut(&key) {

@@ -58,6 +58,14 @@ impl SourceShard {
         Some(b)
     }
 
+    /// A connection moved in from another engine already has a port from `ip`: counted against
+    /// that source, if it is one of this shard's (its index).
+    pub fn adopt(&mut self, ip: IpAddr) -> Option<usize> {
+        let i = self.ips.iter().position(|&x| x == ip)?;
+        self.active[i] += 1;
+        Some(i)
+    }
+
     pub fn release(&mut self, i: usize) {
         self.active[i] = self.active[i].saturating_sub(1);
     }

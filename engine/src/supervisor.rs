@@ -4,10 +4,13 @@
 //! A reload re-reads the file. An invalid file is refused with the same `FILE:LINE:COLUMN` message
 //! as at start, and nothing changes. A valid one starts a new engine that inherits the listening
 //! sockets of the addresses still configured (the very same kernel sockets, so no queued connection
-//! and no SYN is lost), binds new addresses, and only then tells the old engine to drain: its
-//! established connections continue until they end or `timeout drain` passes, while every new
-//! connection goes to the new engine with the new backends, servers, weights and limits. Addresses
-//! no longer configured are closed once the new engine runs.
+//! and no SYN is lost), binds new addresses, and only then tells the old engine to drain and to
+//! move its established connections to the new engine (worker/moving.rs): each one whose frontend,
+//! backend and server the new file still has continues there, with its sockets, times and
+//! counters, under the new configuration; the others follow their backend's `on_removed` (stay
+//! until they end or `timeout drain` passes, or close). Every new connection goes to the new engine
+//! with the new backends, servers, weights and limits. Addresses no longer configured are closed
+//! once the new engine runs.
 //!
 //! Every helper thread of every engine (health checks, connection log) starts under the
 //! supervisor's [`Watcher`]: [`Supervisor::failure`] says when one has failed, and the binary then
@@ -237,7 +240,12 @@ impl Supervisor {
         if let Ok(mut s) = self.source.lock() {
             *s = Some(self.current.stats_source());
         }
-        old.drain();
+        // The old engine stops accepting and moves its established connections to the new one;
+        // engines still draining after earlier reloads move what they have left there too.
+        old.move_to(&self.current);
+        for e in &mut self.draining {
+            e.move_to(&self.current);
+        }
         // Return once the old engine has stopped accepting, so every connection from now on
         // meets the new configuration (its cancelled accepts can still hand over a few first,
         // which it serves).

@@ -195,7 +195,9 @@ enum End {
     QueueTimeout,
     /// The engine drains and its drain deadline passes.
     DrainDeadline,
-    /// A reload: a new engine takes the listeners, the old one drains.
+    /// A reload whose file renames the server: the connection cannot move (`on_removed: keep`),
+    /// a new engine takes the listeners, the old one drains. (Reloads that move connections:
+    /// [`move_case`].)
     Reload,
 }
 
@@ -471,7 +473,11 @@ impl Scene {
             End::ServerRst => rst(self.server_end.take().unwrap()),
             End::ServerDown => self.server.stop_listening(),
             End::DrainDeadline => self.engine.as_mut().unwrap().drain(),
-            End::Reload => self.successor = Some(self.engine.as_mut().unwrap().reload(config)),
+            End::Reload => {
+                let renamed = config.replace("name: s, address", "name: s2, address");
+                assert_ne!(renamed, config);
+                self.successor = Some(self.engine.as_mut().unwrap().reload(&renamed));
+            }
         }
         if matches!((w, e), (Where::Parked | Where::Admitting | Where::Queued, End::ClientFin | End::ClientRst)) {
             // The connection moves on (or is found reset) once the holder's slot is free.
@@ -682,6 +688,81 @@ fn ring_buffers_closing_ends_every_way() {
 #[test]
 fn ring_buffers_connecting_ends_every_way() {
     row_in(Where::Connecting, Mode::Never);
+}
+
+/// A reload that keeps the connection's frontend, backend and server: an established connection
+/// in state `w` moves to the new engine (worker/moving.rs) — once the bytes the proxy holds are
+/// written, so the server reads them first — and then carries bytes both ways where they are still
+/// open, and ends gracefully through the new engine. Both engines end idle and clean.
+fn move_case(w: Where, mode: Mode) {
+    eprintln!("move {w:?} ({mode:?})");
+    let small = matches!(w, Where::Buffered | Where::Spliced).then_some(4096);
+    let server = Server::start(small, false);
+    let config = yaml(w, End::ClientFin, server.addr, mode);
+    let engine = engine(&config);
+    let fe = addr(&engine, "fe");
+    let mut scene = Scene {
+        engine: Some(engine),
+        successor: None,
+        server,
+        hole: None,
+        fe,
+        client: None,
+        server_end: None,
+        holder: None,
+        unread: 0,
+        accept_proxy: false,
+        mode,
+    };
+    scene.reach(w);
+    scene.successor = Some(scene.engine.as_mut().unwrap().reload(&config));
+    if scene.unread > 0 {
+        // The connection moves once what the proxy holds is written.
+        let s = scene.server_end.as_mut().unwrap();
+        let mut held = vec![0u8; scene.unread];
+        s.read_exact(&mut held).unwrap();
+        assert!(held.iter().all(|&b| b == 0x5A), "the bytes held at the reload arrive intact");
+    }
+    let next = scene.successor.as_ref().unwrap();
+    wait_until("the connection to move to the new engine", LIMIT, || next.stats().total(|w| w.moved_in) == 1);
+    let old = scene.engine.as_ref().unwrap();
+    wait_until("the old engine to finish", LIMIT, || old.finished());
+    let (mut c, mut s) = (scene.client.take().unwrap(), scene.server_end.take().unwrap());
+    let mut got = [0u8; 5];
+    if w != Where::HalfClosedByClient {
+        c.write_all(b"after").unwrap();
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"after");
+    }
+    if w != Where::HalfClosedByServer {
+        s.write_all(b"moved").unwrap();
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"moved");
+    }
+    if w != Where::HalfClosedByClient {
+        c.shutdown(Shutdown::Write).unwrap();
+    }
+    assert_eq!(read_to_end_within(&mut s, "the server").0, Ended::Eof, "the client's FIN, through the new engine");
+    if w != Where::HalfClosedByServer {
+        s.shutdown(Shutdown::Write).unwrap();
+    }
+    assert_eq!(read_to_end_within(&mut c, "the client").0, Ended::Eof, "the server's FIN, through the new engine");
+    drop((c, s));
+    let next = scene.successor.as_ref().unwrap();
+    assert_eq!(next.stats().total(|w| w.closed), 1, "it ended in the new engine");
+    finish(scene);
+}
+
+#[test]
+fn established_connections_move_on_reload_in_every_state() {
+    let _serial = serial();
+    let states = [Where::Idle, Where::Buffered, Where::HalfClosedByClient, Where::HalfClosedByServer];
+    for mode in [Mode::Auto, Mode::Never, Mode::Always] {
+        for w in states {
+            move_case(w, mode);
+        }
+    }
+    move_case(Where::Spliced, Mode::Always);
 }
 
 #[test]

@@ -18,7 +18,7 @@ pub use validate::check_name;
 use std::path::Path;
 
 pub use message::ConfigError;
-pub use raw::{Balance, OnDown, ProxyVersion};
+pub use raw::{Balance, OnDown, OnRemoved, ProxyVersion};
 pub use types::{
     Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource,
     Server, SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,

@@ -154,6 +154,16 @@ pub enum OnDown {
     ShutdownSessions,
 }
 
+/// What a reload does with the established connections of a server it removes (one the new
+/// configuration no longer has, by name and address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnRemoved {
+    /// They stay on the old engine until they end or `timeout.drain` passes.
+    Keep,
+    /// They are closed (over the backend's `close_spread`, when it has one).
+    Close,
+}
+
 /// PROXY protocol version to send to a server.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProxyVersion {
@@ -171,6 +181,8 @@ pub struct RawBackend {
     pub timeout: Option<Spanned<RawTimeouts>>,
     pub check: Option<Spanned<RawCheck>>,
     pub on_down: Option<OnDown>,
+    /// Connections to a server a reload removes: kept until the drain ends, or closed.
+    pub on_removed: Option<OnRemoved>,
     /// Keepalive probes on server sockets.
     pub tcp_keepalive: Option<Spanned<RawKeepalive>>,
     /// Connections shut down together (`on_down: shutdown_sessions`, `shutdown sessions server`)
@@ -248,6 +260,7 @@ keyword_enum!(Balance, "balance", [
 ]);
 keyword_enum!(HashKey, "hash_key", ["source" => HashKey::Source]);
 keyword_enum!(OnDown, "on_down", ["keep" => OnDown::Keep, "shutdown_sessions" => OnDown::ShutdownSessions]);
+keyword_enum!(OnRemoved, "on_removed", ["keep" => OnRemoved::Keep, "close" => OnRemoved::Close]);
 keyword_enum!(ProxyVersion, "send_proxy", ["v1" => ProxyVersion::V1, "v2" => ProxyVersion::V2]);
 keyword_enum!(
     super::SpliceMode,

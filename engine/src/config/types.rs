@@ -5,7 +5,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use super::raw::{Balance, OnDown, ProxyVersion};
+use super::raw::{Balance, OnDown, OnRemoved, ProxyVersion};
 
 /// Defaults that apply when neither the section nor `defaults` says otherwise.
 pub mod default {
@@ -256,6 +256,9 @@ pub struct Backend {
     pub queue_timeout: Duration,
     pub check: Option<HealthCheck>,
     pub on_down: OnDown,
+    /// What a reload does with the connections of a server it removes (the new file's backend of
+    /// the same name decides; the old one's when the backend is gone too).
+    pub on_removed: OnRemoved,
     /// Keepalive probes on server sockets (set in the connect chain).
     pub tcp_keepalive: Option<Keepalive>,
     /// Connections shut down together are closed at an even pace over this window (none: at once).

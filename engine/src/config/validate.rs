@@ -13,8 +13,8 @@ use serde_saphyr::{Location, Spanned};
 
 use super::message::{ConfigError, warning};
 use super::raw::{
-    self, Balance, Count, OnDown, RawBackend, RawConfig, RawDefaults, RawFrontend, RawGlobal, RawKeepalive, RawServer,
-    RawTimeouts, StringList, Workers,
+    self, Balance, Count, OnDown, OnRemoved, RawBackend, RawConfig, RawDefaults, RawFrontend, RawGlobal, RawKeepalive,
+    RawServer, RawTimeouts, StringList, Workers,
 };
 use super::types::{
     Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource,
@@ -658,6 +658,7 @@ impl Validator<'_> {
             queue_timeout: queue,
             check,
             on_down: rb.on_down.unwrap_or(OnDown::Keep),
+            on_removed: rb.on_removed.unwrap_or(OnRemoved::Keep),
             tcp_keepalive: self.keepalive(&rb.tcp_keepalive)?,
             close_spread: self.window(&rb.close_spread, "close_spread")?,
             servers,

@@ -37,6 +37,11 @@ pub enum Step {
     LocalAddr,
     /// send of our PROXY header from this buffer.
     ProxySend(HeaderBuf),
+    /// The two MSG_RINGs handing the client and the server socket to another engine's ring (a
+    /// move on reload): `true` while each is still to come; `failed` once one has failed; `slot`:
+    /// the client's MSG_RING result once it succeeded (the slot the kernel picked, or 0 for a
+    /// named one), else `u32::MAX`.
+    Move { client: bool, server: bool, failed: bool, slot: u32 },
 }
 
 impl Step {
@@ -44,7 +49,8 @@ impl Step {
     /// descriptor install complete inline: there is nothing to cancel).
     pub fn cancel_target(&self) -> Option<Op> {
         match self {
-            Step::Idle | Step::PeerName(_) | Step::LocalAddr => None,
+            // (A MSG_RING completes at once, or once the target ring's thread has installed it.)
+            Step::Idle | Step::PeerName(_) | Step::LocalAddr | Step::Move { .. } => None,
             Step::HeaderPeek(_) => Some(Op::HeaderPeek),
             Step::HeaderRead(_) => Some(Op::HeaderRead),
             Step::Connect { connect: true, .. } => Some(Op::Connect),

@@ -30,6 +30,7 @@
 mod accept;
 mod connect;
 mod inflight;
+mod moving;
 mod pump;
 mod sendq;
 
@@ -38,6 +39,7 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 
 pub use inflight::{Flow, FlowIo, Half, Held, Step};
+pub use moving::{Moved, MovedState};
 pub use sendq::{QueueLease, SendQueues};
 
 use crate::config::Config;
@@ -240,6 +242,9 @@ pub struct Conn {
     /// (`splice: never`, once established).
     pub client_recv: bool,
     pub server_recv: bool,
+    /// On its way to another engine (reload): nothing new is armed; once nothing is in flight it
+    /// is offered to the new engine's worker (worker/moving.rs).
+    pub moving: bool,
     pub step: Step,
     pub c2s: Flow,
     pub s2c: Flow,
@@ -357,6 +362,12 @@ pub(crate) enum Done {
         dir: Dir,
         lease: QueueLease,
         res: i32,
+    },
+    /// Both MSG_RINGs of a move are in: `ok` when both sockets are in the other ring's table;
+    /// `client`: the client's MSG_RING result when it succeeded.
+    Moved {
+        ok: bool,
+        client: Option<u32>,
     },
 }
 
@@ -526,6 +537,24 @@ impl Conn {
                 FlowIo::Shutdown => Ok(Done::Shutdown),
                 io => Err(io),
             }),
+            Op::MoveClient | Op::MoveServer => {
+                let Step::Move { client, server, failed, slot } = &mut self.step else { return None };
+                let mine = if op == Op::MoveClient { client } else { server };
+                if !*mine {
+                    return None;
+                }
+                *mine = false;
+                *failed |= res < 0;
+                if op == Op::MoveClient && res >= 0 {
+                    *slot = res as u32;
+                }
+                if let Step::Move { client: false, server: false, failed, slot } = self.step {
+                    self.step = Step::Idle;
+                    Some(Done::Moved { ok: !failed, client: (slot != u32::MAX).then_some(slot) })
+                } else {
+                    Some(Done::ConnectStep)
+                }
+            }
             Op::LocalAddr => unreachable!("handled above"),
             Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed | Op::Linger => None,
         }
@@ -638,6 +667,11 @@ impl Slab {
         }
     }
 
+    /// Entries, live or free (indices `0..slots`).
+    pub fn slots(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Indices of live entries (slow path: drain and shutdown).
     pub fn live_indices(&self) -> Vec<u32> {
         (0..self.entries.len() as u32).filter(|&i| self.entries[i as usize].is_live()).collect()
@@ -662,6 +696,10 @@ pub(crate) struct Followups {
     pub queues: Vec<u16>,
     /// A global or frontend share was given back: admit parked sockets, re-arm accepts.
     pub admission: bool,
+    /// A move's MSG_RINGs are in: `true` when both sockets reached the other ring and the
+    /// connection is still open (the move completes), `false` otherwise (it is called off); and
+    /// the client MSG_RING's result when it succeeded.
+    pub moved: Option<(bool, Option<u32>)>,
 }
 
 impl Followups {
@@ -672,11 +710,23 @@ impl Followups {
     }
 }
 
-/// The worker's clock (since the worker started).
+/// The workers' clock: CLOCK_MONOTONIC (time since boot), the same in every worker of every
+/// engine and process, so a connection's times (accept, last traffic, queue entry) stay right
+/// when it moves to another engine's worker.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Clock {
     pub ms: u64,
     pub us: u64,
+}
+
+impl Clock {
+    pub fn now() -> Clock {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid timespec the call writes; CLOCK_MONOTONIC always exists.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+        let us = ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000;
+        Clock { ms: us / 1000, us }
+    }
 }
 
 /// One connection's context: its entry and what its transitions may touch, split-borrowed from
@@ -773,6 +823,7 @@ impl Ctx<'_> {
             Done::Shutdown => self.check_done(),
             Done::Recvd { client, res, more } => self.on_recvd(client, res, more, filled),
             Done::RingSent { dir, lease, res } => self.on_ring_sent(dir, lease, res),
+            Done::Moved { ok, client } => self.follow.moved = Some((ok, client)),
         }
     }
 
@@ -791,6 +842,8 @@ impl Ctx<'_> {
             Done::RingSent { lease, .. } => self.sendq.give_back(lease, self.ring),
             // The descriptor is closed here, as it is dropped.
             Done::LocalAddr { fd } => drop(fd),
+            // Closing while moving: whatever reached the other ring is taken back there.
+            Done::Moved { client, .. } => self.follow.moved = Some((false, client)),
             Done::Poll { .. }
             | Done::ConnectStep
             | Done::Connected

@@ -73,7 +73,7 @@ impl Ctx<'_> {
 
     fn rearm_poll(&mut self, client: bool) {
         let armed = if client { self.c.client_poll } else { self.c.server_poll };
-        if armed || self.c.is_closing() || !self.c.is_live() {
+        if armed || self.c.is_closing() || !self.c.is_live() || self.c.moving {
             return;
         }
         if self.ring_mode() && self.c.state == State::Established {
@@ -98,7 +98,8 @@ impl Ctx<'_> {
 
     /// Moves bytes in direction `dir` as far as readiness, resources and the destination allow.
     pub(crate) fn pump(&mut self, dir: Dir) {
-        if self.c.state != State::Established || !matches!(self.c.flow(dir).io, FlowIo::Idle) {
+        // (Moving: nothing new starts; the worker it moves to goes on.)
+        if self.c.state != State::Established || !matches!(self.c.flow(dir).io, FlowIo::Idle) || self.c.moving {
             return;
         }
         let ring = self.ring_mode();
@@ -365,7 +366,7 @@ impl Ctx<'_> {
     /// source has ended.
     pub(super) fn arm_recv(&mut self, dir: Dir) {
         let f = self.c.flow(dir);
-        if f.half != Half::Open || f.paused || !self.c.is_live() || self.c.is_closing() {
+        if f.half != Half::Open || f.paused || !self.c.is_live() || self.c.is_closing() || self.c.moving {
             return;
         }
         let client = dir == Dir::ClientToServer;

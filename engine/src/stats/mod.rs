@@ -289,6 +289,19 @@ pub struct WorkerStats {
     /// Connections closed at their frontend's `timeout.lifetime`.
     #[serde(default)]
     pub lifetime_ends: u64,
+    /// Established connections that moved in from the engine a reload replaced, and out to the
+    /// engine that replaced this one (their sockets stay open: they are not in `closed`).
+    #[serde(default)]
+    pub moved_in: u64,
+    #[serde(default)]
+    pub moved_out: u64,
+    /// Moves the new engine refused (no maxconn share, no free slot, draining itself): the
+    /// connection stays and is offered again a second later.
+    #[serde(default)]
+    pub move_refused: u64,
+    /// Moves whose hand-over failed in the kernel (MSG_RING): the connection stays.
+    #[serde(default)]
+    pub move_failed: u64,
     /// Connections refused by a frontend's per-source limits, by cause.
     #[serde(default)]
     pub source_refused: SourceRefused,

@@ -169,6 +169,22 @@ pub fn render(s: &EngineStats) -> String {
     );
     m.per_worker_by(
         s,
+        "connections_moved_total",
+        "counter",
+        "Established connections moved between engines on reload, by direction (in: from the engine replaced).",
+        "direction",
+        &[("in", &|w| w.moved_in), ("out", &|w| w.moved_out)],
+    );
+    m.per_worker_by(
+        s,
+        "connection_moves_kept_total",
+        "counter",
+        "Moves that did not happen (refused by the new engine, failed in the kernel): the connection stayed.",
+        "cause",
+        &[("refused", &|w| w.move_refused), ("failed", &|w| w.move_failed)],
+    );
+    m.per_worker_by(
+        s,
         "bytes_total",
         "counter",
         "Bytes forwarded, by direction.",

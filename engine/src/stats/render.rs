@@ -32,6 +32,10 @@ pub fn info(s: &EngineStats) -> String {
     kv(&mut o, "denied", s.total(|w| w.denied).to_string());
     kv(&mut o, "killed", s.total(|w| w.killed).to_string());
     kv(&mut o, "lifetime_ends", s.total(|w| w.lifetime_ends).to_string());
+    kv(&mut o, "moved_in", s.total(|w| w.moved_in).to_string());
+    kv(&mut o, "moved_out", s.total(|w| w.moved_out).to_string());
+    kv(&mut o, "move_refused", s.total(|w| w.move_refused).to_string());
+    kv(&mut o, "move_failed", s.total(|w| w.move_failed).to_string());
     kv(&mut o, "source_refused_maxconn", s.total(|w| w.source_refused.maxconn).to_string());
     kv(&mut o, "source_refused_rate", s.total(|w| w.source_refused.rate).to_string());
     kv(&mut o, "source_refused_table_full", s.total(|w| w.source_refused.table_full).to_string());

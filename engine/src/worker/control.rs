@@ -39,6 +39,11 @@ impl Worker {
                 Control::ListConns { server, limit, reply } => {
                     let _ = reply.send((self.id, self.list_conns(server, limit)));
                 }
+                Control::MoveTo(plan) => self.move_to(plan),
+                Control::MoveOffer { from, reply, items } => self.on_move_offer(from, reply, items),
+                Control::MoveGrant { items } => self.on_move_grant(items),
+                Control::MoveArrive { from, conns } => self.on_move_arrive(from, conns),
+                Control::MoveCancel { from, keys } => self.on_move_cancel(from, keys),
             }
         }
     }
@@ -139,7 +144,7 @@ impl Worker {
 
     /// Closes the connections of backend `b` (to server `s`, or all of them when `None`): over
     /// `window` ms, at an even pace, or at once.
-    fn close_spread(&mut self, b: usize, s: Option<usize>, reason: CloseReason, window: Option<u64>) {
+    pub(super) fn close_spread(&mut self, b: usize, s: Option<usize>, reason: CloseReason, window: Option<u64>) {
         let victims: Vec<(u32, u32)> = self
             .conns
             .live_indices()
@@ -249,7 +254,7 @@ impl Worker {
         }
     }
 
-    fn start_drain(&mut self) {
+    pub(super) fn start_drain(&mut self) {
         if self.draining.is_some() {
             return;
         }
@@ -287,10 +292,13 @@ impl Worker {
         }
     }
 
-    /// Drained: no connection, no parked socket, every listener closed.
+    /// Drained: no connection, no parked socket, every listener closed, no grant of a move
+    /// outstanding, nothing left to tell the engine moved to.
     pub(super) fn finished(&self) -> bool {
         self.draining.is_some()
             && self.conns.live == 0
+            && self.landing.is_empty()
+            && self.mover.as_ref().is_none_or(|m| !m.has_mail())
             && self.parked.is_empty()
             && self.listeners.iter().all(|l| l.accept == super::accept::Accept::Closed)
     }
@@ -306,7 +314,7 @@ impl Worker {
         s.share_lent = self.up.shares.lent;
         s.share_borrowed = self.up.shares.borrowed;
         s.ring = self.ring.counters;
-        s.uptime_ms = self.now.ms;
+        s.uptime_ms = self.now.ms.saturating_sub(self.started_ms);
         s.listening = self.listeners.iter().filter(|l| l.fd.is_some()).count() as u64;
         s.sources_tracked = self.up.per_source.iter().flatten().map(|t| t.len() as u64).sum();
         // (A queue may still hold entries of connections that closed while waiting: skipped.)

@@ -15,6 +15,7 @@
 mod accept;
 mod admission;
 mod control;
+mod moving;
 pub mod ring;
 mod setup;
 pub mod timer;
@@ -42,6 +43,7 @@ use token::{GENERATION_MASK, Op, Token};
 use upstream::Upstream;
 
 pub use accept::Listener;
+pub use moving::{Grant, MoveOffer, MovePlan, MoveTarget};
 pub(crate) use setup::RECV_BUF;
 
 /// Everything a worker thread starts from.
@@ -59,6 +61,8 @@ pub struct WorkerSetup {
 
 pub struct Worker {
     id: usize,
+    /// Unique among every worker this process starts (moves name their sender by it).
+    uid: u64,
     cfg: Arc<Config>,
     plan: Arc<Plan>,
     ring: Ring,
@@ -88,7 +92,8 @@ pub struct Worker {
     /// table itself (features.rs); empty when the kernel picks them (direct accept).
     free_client_slots: Vec<u32>,
     follow: Followups,
-    started: Instant,
+    /// When the worker started (worker clock, ms).
+    started_ms: u64,
     rx: Receiver<Control>,
     wake: Arc<EventFd>,
     peers: Arc<Vec<Peer>>,
@@ -102,11 +107,17 @@ pub struct Worker {
     drain_spread: Vec<bool>,
     /// Per frontend, its `rate_limit` bucket (this worker's share).
     rate: Vec<Option<accept::Bucket>>,
+    /// Moving this engine's connections to the one a reload started.
+    mover: Option<moving::Mover>,
+    /// Slots granted to connections moving in: (sender's uid, key) → what they hold.
+    landing: std::collections::HashMap<(u64, (u32, u32)), moving::Landing>,
 }
 
 /// Runs a worker on the current thread until it has drained. `ready` gets `Ok` once the ring is up
-/// and the listeners accept, or the reason it could not start.
-pub fn run(setup: WorkerSetup, ready: Sender<Result<(), String>>) {
+/// and the listeners accept — with the worker's id and a duplicate of its ring's descriptor, by
+/// which an older engine's workers move connections into it on reload — or the reason it could
+/// not start.
+pub fn run(setup: WorkerSetup, ready: Sender<Result<(usize, std::os::fd::OwnedFd), String>>) {
     let id = setup.id;
     let mut worker = match Worker::new(setup) {
         Ok(w) => w,
@@ -120,7 +131,15 @@ pub fn run(setup: WorkerSetup, ready: Sender<Result<(), String>>) {
         let _ = ready.send(Err(format!("worker {id}: first submit: {e}")));
         return;
     }
-    let _ = ready.send(Ok(()));
+    // SAFETY: dup has no pointer argument; the ring's descriptor is open (the ring is alive).
+    let dup = unsafe { libc::fcntl(worker.ring.ring_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+    if dup < 0 {
+        let _ = ready
+            .send(Err(format!("worker {id}: duplicating its ring's descriptor: {}", std::io::Error::last_os_error())));
+        return;
+    }
+    // SAFETY: a new descriptor nothing else owns.
+    let _ = ready.send(Ok((id, unsafe { std::os::fd::FromRawFd::from_raw_fd(dup) })));
     match worker.event_loop() {
         Ok(()) => debug_assert!(worker.ring.all_buffers_back(), "worker {id} ended holding pool buffers"),
         Err(e) => {
@@ -143,11 +162,11 @@ impl Worker {
                 .iter()
                 .filter_map(|l| l.retry_in(self.now.ms))
                 .fold(self.timers.sleep_ms(self.now.ms, 1000), u64::min)
-                .min(if self.spreads.is_empty() { u64::MAX } else { timer::TICK_MS });
+                .min(if self.spreads.is_empty() { u64::MAX } else { timer::TICK_MS })
+                .min(if self.mover.as_ref().is_some_and(moving::Mover::busy) { 1 } else { u64::MAX });
             self.ring.submit_and_wait(Some(Duration::from_millis(sleep)))?;
             let woke = Instant::now();
-            let us = woke.duration_since(self.started).as_micros() as u64;
-            self.now = Clock { ms: us / 1000, us };
+            self.now = Clock::now();
             self.ring.drain(&mut completions);
             for c in completions.drain(..) {
                 self.on_completion(c);
@@ -172,6 +191,10 @@ impl Worker {
             }
             if !self.spreads.is_empty() {
                 self.run_spreads();
+            }
+            if self.mover.is_some() {
+                self.sweep_moves();
+                self.flush_moves();
             }
             self.check_drain();
             self.retry_listeners();
@@ -208,6 +231,9 @@ impl Worker {
             }
             self.with_conn(t.index, |cx| cx.on_completion(t.op, c.result, c.more(), c.flags));
             self.follow_up();
+            if self.mover.is_some() {
+                self.after_move_event(t.index, t.generation);
+            }
             return;
         }
         match t.op {

@@ -2,7 +2,6 @@
 //! its side of every backend (source shards, balancers, maxconn shares), its counters.
 
 use std::collections::VecDeque;
-use std::time::Instant;
 
 use super::accept::ListenerState;
 use super::ring::{AddrId, Ring, RingSetup, ServerSlots, TimeoutId};
@@ -123,12 +122,15 @@ impl Worker {
                 needs_peer: needs_peer[l.frontend],
             })
             .collect();
+        let now = Clock::now();
+        static UIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut w = Worker {
             id,
+            uid: UIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             cfg: config.clone(),
             ring,
             conns: Slab::with_capacity(plan.conns_per_worker as usize),
-            timers: TimerWheel::new(0),
+            timers: TimerWheel::new(now.ms),
             pipes: PipePool::new(plan.pipes_per_worker, config.global.tune.pipe_size),
             sendq: crate::conn::SendQueues::default(),
             waiters: VecDeque::new(),
@@ -151,7 +153,7 @@ impl Worker {
                     .collect(),
             },
             stats,
-            now: Clock::default(),
+            now,
             log: log.map(ConnLog::new),
             infos,
             listeners: listeners.into_iter().map(|l| ListenerState::new(l.frontend, l.fd)).collect(),
@@ -164,20 +166,22 @@ impl Worker {
                 (0..plan.accept_slots).rev().collect()
             },
             follow: Followups::default(),
-            started: Instant::now(),
+            started_ms: now.ms,
             rx,
             wake,
             peers,
             draining: None,
-            next_trim: 1000,
+            next_trim: now.ms + 1000,
             spreads: Vec::new(),
             drain_spread: vec![false; config.backends.len()],
             rate: config
                 .frontends
                 .iter()
-                .map(|f| f.rate_limit.map(|r| super::accept::Bucket::new(r, plan.workers, 0)))
+                .map(|f| f.rate_limit.map(|r| super::accept::Bucket::new(r, plan.workers, now.ms)))
                 .collect(),
             plan,
+            mover: None,
+            landing: std::collections::HashMap::new(),
         };
         let fd = w.wake.fd();
         w.ring.read_wake(fd, Token::worker(Op::Wake, 0));

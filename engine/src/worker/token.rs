@@ -60,6 +60,10 @@ pub enum Op {
     /// never`, once established), and on the server socket.
     ClientRecv,
     ServerRecv,
+    /// MSG_RING of the client socket, then of the server socket, into another ring's table (a
+    /// connection moving to a new engine on reload).
+    MoveClient,
+    MoveServer,
 
     // --- worker operations ---
     /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
@@ -78,7 +82,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 33] = [
+    const ALL: [Op; 35] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -106,6 +110,8 @@ impl Op {
         Op::SendS2C,
         Op::ClientRecv,
         Op::ServerRecv,
+        Op::MoveClient,
+        Op::MoveServer,
         Op::Cancel,
         Op::Accept,
         Op::AcceptCancel,

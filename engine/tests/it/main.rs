@@ -14,6 +14,7 @@ mod health;
 mod huge_durations;
 mod limits;
 mod monitoring;
+mod moves;
 mod per_source;
 mod ports;
 mod proxy;

@@ -311,6 +311,11 @@ impl Ring {
     }
 
     /// The operations above the 6.1 floor this ring uses.
+    /// The ring's own descriptor, for other rings to address (MSG_RING). Valid while the ring is.
+    pub fn ring_fd(&self) -> RawFd {
+        std::os::fd::AsRawFd::as_raw_fd(&self.ring)
+    }
+
     pub fn io(&self) -> crate::features::IoFeatures {
         self.io
     }

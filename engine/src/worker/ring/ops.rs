@@ -23,6 +23,9 @@ static LINGER_RST: libc::linger = libc::linger { l_onoff: 1, l_linger: 0 };
 /// Splices never block an io-wq thread on an empty socket or a full pipe.
 const SPLICE_NONBLOCK: u32 = libc::SPLICE_F_NONBLOCK;
 
+/// IORING_MSG_RING_CQE_SKIP: the target ring of a MSG_RING posts no completion.
+const MSG_RING_CQE_SKIP: u32 = 1;
+
 impl Ring {
     // --- listeners and the worker ---
 
@@ -73,6 +76,33 @@ impl Ring {
         // request; only this read writes it, and one read is armed at a time (the worker re-arms
         // on its completion). The eventfd outlives the worker.
         unsafe { self.push(opcode::Read::new(Fd(eventfd), buf.cast(), 8).build().user_data(token.encode())) };
+    }
+
+    /// Installs the socket in direct slot `src` into another ring's table (IORING_OP_MSG_RING with
+    /// IORING_MSG_SEND_FD, Linux 6.0+; the target posts no completion): into slot `dest`, or, with
+    /// `None`, into a free slot of the target's allocation range, which the kernel picks (race-free
+    /// with the target's own direct accepts) and this op's completion names. Both tables then hold
+    /// the socket: the source slot still has to be closed, which closes nothing of the socket while
+    /// the other table holds it. Completes once the socket is in the other table (for a ring with
+    /// DEFER_TASKRUN, once its thread has run the install).
+    pub fn send_slot(&mut self, src: Sock<'_>, target_ring: RawFd, dest: Option<u32>, token: Token) {
+        let slot = match dest {
+            None => Ok(DestinationSlot::auto_target()),
+            Some(d) => DestinationSlot::try_from_slot_target(d),
+        };
+        let Ok(slot) = slot else {
+            // (A slot number that cannot be named cannot have been granted: fail this op alone.)
+            self.injected.push(super::Completion { user_data: token.encode(), result: -libc::EINVAL, flags: 0 });
+            return;
+        };
+        let e = opcode::MsgRingSendFd::new(Fd(target_ring), Fixed(src.index()), slot, 0)
+            .opcode_flags(MSG_RING_CQE_SKIP)
+            .build()
+            .user_data(token.encode());
+        // SAFETY: no pointer. The target ring's descriptor is a duplicate held by the move plan
+        // (`Arc<OwnedFd>`) for as long as this worker may submit to it; the source slot is held
+        // by the connection, which closes it only after this op's completion.
+        unsafe { self.push(e) };
     }
 
     /// Closes a client socket's slot; with `rst`, SO_LINGER {1, 0} first, so the close sends RST.
