@@ -57,6 +57,9 @@ impl Ctx<'_> {
         c.last_client = self.now.ms;
         c.last_server = self.now.ms;
         c.t_accept_us = self.now.us;
+        // Connections accepted in one loop turn share their accept time: the slab index sets them
+        // apart (and the generation, a reused entry).
+        c.jitter = (self.idx.wrapping_mul(0x9e37) ^ c.generation.rotate_left(8)) as u16;
         c.c2s.bulk = bulk;
         c.s2c.bulk = bulk;
         self.enter(State::PeerName);

@@ -255,6 +255,9 @@ pub struct Conn {
     pub backend: u16,
     pub server: u16,
     pub source: u16,
+    /// Drawn at accept, it picks the connection's point in its frontend's `lifetime_jitter` (and
+    /// moves with it on reload, so its end of life stays where it was).
+    pub jitter: u16,
     pub attempts: u8,
     /// What it holds of the accept-time limits.
     pub admission: Admission,
@@ -377,6 +380,14 @@ impl Conn {
             Dir::ClientToServer => &mut self.c2s,
             Dir::ServerToClient => &mut self.s2c,
         }
+    }
+
+    /// When the connection reaches its frontend's `timeout.lifetime` (worker clock, ms), if it has
+    /// one: its accept time plus the lifetime less this connection's part of the jitter.
+    pub fn end_of_life(&self, cfg: &Config) -> Option<u64> {
+        let life = cfg.frontends.get(self.frontend as usize)?.lifetime?;
+        let key = self.t_accept_us ^ (u64::from(self.jitter) << 40);
+        Some((self.t_accept_us / 1000).saturating_add(life.of(key)))
     }
 
     pub fn is_closing(&self) -> bool {
@@ -959,13 +970,8 @@ impl Ctx<'_> {
         }
     }
 
-    /// When the connection reaches its frontend's `timeout.lifetime` (worker clock, ms), if it has
-    /// one: its accept time plus the lifetime less this connection's part of the jitter.
     fn end_of_life(&self) -> Option<u64> {
-        let c = &*self.c;
-        let life = self.cfg.frontends[c.frontend as usize].lifetime?;
-        let key = c.t_accept_us ^ (u64::from(self.idx) << 40) ^ u64::from(c.generation);
-        Some((c.t_accept_us / 1000).saturating_add(life.of(key)))
+        self.c.end_of_life(self.cfg)
     }
 
     /// The connection's timer entry fired (the wheel has already unfiled it).

@@ -28,6 +28,7 @@ pub struct MovedState {
     pub source_ip: Option<IpAddr>,
     pub attempts: u8,
     pub tried: u64,
+    pub jitter: u16,
     pub client_addr: Option<SocketAddr>,
     pub dest: Option<SocketAddr>,
     pub t_accept_us: u64,
@@ -117,6 +118,7 @@ impl Ctx<'_> {
             source_ip: self.up.source_ip(c),
             attempts: c.attempts,
             tried: c.tried,
+            jitter: c.jitter,
             client_addr: c.client_addr,
             dest: c.dest,
             t_accept_us: c.t_accept_us,
@@ -172,6 +174,7 @@ impl Ctx<'_> {
         c.server = s;
         c.attempts = st.attempts;
         c.tried = st.tried;
+        c.jitter = st.jitter;
         c.client_addr = st.client_addr;
         c.dest = st.dest;
         c.t_accept_us = st.t_accept_us;

@@ -234,14 +234,18 @@ impl Worker {
             let source = self.up.source_ip(c).map_or("-".into(), |ip| ip.to_string());
             let age = self.now.us.saturating_sub(c.t_accept_us) / 1000;
             let idle = self.now.ms.saturating_sub(c.last_client.max(c.last_server));
-            out.push(format!(
+            let mut line = format!(
                 "worker={} frontend={fe} client={client} server={target} source={source} state={} age_ms={age} \
                  idle_ms={idle} bytes_in={} bytes_out={}",
                 self.id,
                 c.state.name(),
                 c.bytes_in,
                 c.bytes_out
-            ));
+            );
+            if let Some(end) = c.end_of_life(&self.cfg) {
+                line.push_str(&format!(" ends_in_ms={}", end.saturating_sub(self.now.ms)));
+            }
+            out.push(line);
         }
         out
     }

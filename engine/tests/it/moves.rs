@@ -2,6 +2,7 @@
 //! the rings, worker/moving.rs) and keep flowing both ways, keep their deadlines and count exactly
 //! once against maxconn; those whose server the new file removed follow `on_removed`.
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
@@ -89,5 +90,196 @@ fn established_connections_move_on_reload_and_keep_flowing_both_ways() {
         drop(pumps);
         assert_clean(new, &[echo.addr.port()]);
         assert_clean(old, &[echo.addr.port()]);
+    }
+}
+
+/// `show conns` lines of an engine, by client address: (state, the absolute time the connection
+/// reaches its lifetime, if the line says).
+fn lifetimes(engine: &TestEngine) -> std::collections::HashMap<String, Instant> {
+    let now = Instant::now();
+    engine
+        .list_conns(None, 1000)
+        .iter()
+        .filter_map(|l| {
+            let field = |k: &str| l.split(' ').find_map(|f| f.strip_prefix(k)).map(str::to_string);
+            let ends: u64 = field("ends_in_ms=")?.parse().ok()?;
+            Some((field("client=")?, now + Duration::from_millis(ends)))
+        })
+        .collect()
+}
+
+#[test]
+fn a_moved_connection_keeps_its_deadlines() {
+    let echo = Backend::start(Mode::Echo);
+    // Idle deadline: the client timeout, counted from its last traffic. End of life: the
+    // lifetime less each connection's part of the jitter (`balance: source`, so the engine knows
+    // each client's address and `show conns` names it).
+    let y = format!(
+        "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ client: 1500ms, server: 30s, drain: 10s }} }}\n\
+         frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
+         \x20 - {{ name: long, bind: \"127.0.0.1:0\", backend: be, timeout: {{ client: 30s, lifetime: 4s, lifetime_jitter: 2s }} }}\n\
+         backends: [{{ name: be, balance: source, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        echo.addr
+    );
+    let mut old = engine(&y);
+    let mut idle = connect(addr(&old, "fe"));
+    echo_once(&mut idle, b"x");
+    let t0 = Instant::now();
+    let mut long: Vec<TcpStream> = (0..20)
+        .map(|_| {
+            let mut c = connect(addr(&old, "long"));
+            echo_once(&mut c, b"y");
+            c
+        })
+        .collect();
+    let before = lifetimes(&old);
+    assert_eq!(before.len(), 20);
+    std::thread::sleep(Duration::from_millis(700));
+    let new = old.reload(&y);
+    wait_moved(&new, 21);
+    wait_finished(&old);
+    // Each connection ends at the same moment as it would have (±50 ms of measuring).
+    let after = lifetimes(&new);
+    assert_eq!(after.len(), 20, "all 20 moved");
+    for (client, end) in &before {
+        let moved = after.get(client).unwrap_or_else(|| panic!("{client} moved"));
+        let diff = if *moved > *end { *moved - *end } else { *end - *moved };
+        assert!(diff < Duration::from_millis(50), "{client}: its end of life moved by {diff:?}");
+    }
+    // The idle connection times out 1.5 s after its last traffic, not 1.5 s after the move.
+    idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (_, err) = read_to_end(&mut idle);
+    let at = t0.elapsed();
+    assert!(err.is_none(), "closed gracefully: {err:?}");
+    assert!(at >= Duration::from_millis(1400) && at < Duration::from_millis(2100), "timed out after {at:?}");
+    for c in &mut long {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        read_to_end(c);
+    }
+    let s = new.stats();
+    assert_eq!(s.total(|w| w.timeouts.client), 1);
+    assert_eq!(s.total(|w| w.lifetime_ends), 20);
+    drop((idle, long));
+    assert_clean(new, &[echo.addr.port()]);
+    assert_clean(old, &[echo.addr.port()]);
+}
+
+#[test]
+fn maxconn_counts_each_moved_connection_exactly_once() {
+    let hold = Backend::start(Mode::Echo);
+    let y = |maxconn: u32| yaml(hold.addr, &format!(", maxconn: {maxconn}"), "");
+    let mut old = engine(&y(6));
+    let fe = addr(&old, "fe");
+    let mut conns: Vec<TcpStream> = (0..6u8)
+        .map(|i| {
+            let mut c = connect(fe);
+            echo_once(&mut c, &[i]);
+            c
+        })
+        .collect();
+    let mut new = old.reload(&y(6));
+    wait_moved(&new, 6);
+    wait_finished(&old);
+    let s = new.stats();
+    assert_eq!(s.total(|w| w.active), 6, "the six moved, counted once");
+    // A seventh waits for a slot (parked), as it would have before the reload.
+    let mut seventh = connect(fe);
+    seventh.write_all(b"7").unwrap();
+    wait_until("the seventh to be parked", Duration::from_secs(5), || new.stats().total(|w| w.parked) == 1);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(new.stats().total(|w| w.active), 6, "still six: the limit holds");
+    drop(conns.pop());
+    let mut got = [0u8];
+    seventh.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"7", "served once a moved connection closed");
+    conns.push(seventh);
+    // A reload to maxconn 4: four move, two stay on the old engine (refused, offered again each
+    // second) until one of the four closes.
+    let newer = new.reload(&y(4));
+    wait_moved(&newer, 4);
+    assert_eq!(newer.stats().total(|w| w.active), 4);
+    wait_until("the two refused to be offered again", Duration::from_secs(10), || {
+        new.stats().total(|w| w.move_refused) >= 2
+    });
+    assert_eq!(new.stats().total(|w| w.active), 2, "two stay where they are");
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo_once(c, &[100 + i as u8]);
+    }
+    // One connection ends: if it was one of the four, one of the two left moves into its slot;
+    // either way the new engine holds four and the old one one.
+    drop(conns.remove(0));
+    wait_until("four in the new engine, one left in the old", Duration::from_secs(10), || {
+        let (n, o) = (newer.stats(), new.stats());
+        n.total(|w| w.active) == 4 && o.total(|w| w.active) == 1
+    });
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo_once(c, &[200 + i as u8]);
+    }
+    drop(conns);
+    assert_clean(newer, &[hold.addr.port()]);
+    assert_clean(new, &[hold.addr.port()]);
+    assert_clean(old, &[hold.addr.port()]);
+}
+
+/// Reads the tag byte a `Mode::Tag` backend sends first.
+fn tag(c: &mut TcpStream) -> u8 {
+    let mut t = [0u8];
+    c.read_exact(&mut t).unwrap();
+    t[0]
+}
+
+#[test]
+fn connections_of_a_removed_server_follow_on_removed() {
+    for rule in ["keep", "close"] {
+        let (a, b) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)));
+        let y = |servers: &str| {
+            format!(
+                "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ client: 30s, server: 30s, drain: 2s }} }}\n\
+                 frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+                 backends: [{{ name: be, on_removed: {rule}, close_spread: 200ms, servers: [{servers}] }}]\n"
+            )
+        };
+        let sa = format!("{{ name: a, address: \"{}\" }}", a.addr);
+        let sb = format!("{{ name: b, address: \"{}\" }}", b.addr);
+        let mut old = engine(&y(&format!("{sa}, {sb}")));
+        let fe = addr(&old, "fe");
+        let mut conns: Vec<(u8, TcpStream)> = (0..20)
+            .map(|i| {
+                let mut c = connect(fe);
+                let t = tag(&mut c);
+                echo_once(&mut c, &[i]);
+                (t, c)
+            })
+            .collect();
+        let on_b = conns.iter().filter(|(t, _)| *t == 2).count() as u64;
+        assert!(on_b > 0 && on_b < 20, "both servers have connections");
+        let new = old.reload(&y(&sa));
+        wait_moved(&new, 20 - on_b);
+        let reloaded = Instant::now();
+        for (t, c) in conns.iter_mut() {
+            match (*t, rule) {
+                (1, _) => echo_once(c, b"moved"),
+                // Still served by the old engine, until its drain ends.
+                (_, "keep") => echo_once(c, b"kept"),
+                _ => {}
+            }
+        }
+        for (_, c) in conns.iter_mut().filter(|(t, _)| *t == 2) {
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let (_, err) = read_to_end(c);
+            let at = reloaded.elapsed();
+            assert!(err.is_none(), "{rule}: closed, not reset: {err:?}");
+            if rule == "close" {
+                assert!(at < Duration::from_millis(1500), "{rule}: closed at once (over close_spread), after {at:?}");
+            } else {
+                assert!(at >= Duration::from_millis(1500), "{rule}: kept until the drain ends, closed after {at:?}");
+            }
+        }
+        wait_finished(&old);
+        let s = new.stats();
+        assert_eq!(s.total(|w| w.active), 20 - on_b);
+        drop(conns);
+        assert_clean(new, &[a.addr.port(), b.addr.port()]);
+        assert_clean(old, &[a.addr.port(), b.addr.port()]);
     }
 }
