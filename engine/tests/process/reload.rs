@@ -114,6 +114,87 @@ fn reload_switches_new_connections_keeps_old_ones_and_refuses_bad_files() {
     proxy.stop_clean();
 }
 
+/// Runs clients that connect, read one tag byte and close, until `stop`; counts those served and
+/// those refused, reset or unanswered.
+fn churn(front: SocketAddr, stop: Arc<AtomicBool>) -> (std::thread::JoinHandle<()>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let t = {
+        let (ok, failed) = (ok.clone(), failed.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let served = TcpStream::connect_timeout(&front, Duration::from_secs(2)).is_ok_and(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut t = [0u8];
+                    c.read_exact(&mut t).is_ok()
+                });
+                if served { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    (t, ok, failed)
+}
+
+#[test]
+fn reloads_in_quick_succession_move_every_established_connection_and_refuse_none() {
+    let (a, b) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)));
+    let port = free_port();
+    let sock = temp_path("r-move.sock");
+    let yaml = |timeouts: &str, servers: &str| {
+        format!(
+            "global: {{ workers: 2, stats: {{ socket: {} }} }}\ndefaults: {{ timeout: {{ {timeouts} }} }}\n\
+             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:{port}\", backend: be }}\n\
+             backends:\n  - {{ name: be, servers: [{servers}] }}\n",
+            sock.display()
+        )
+    };
+    let sa = |w: u32| format!("{{ name: a, address: \"{}\", weight: {w} }}", a.addr);
+    let sb = format!("{{ name: b, address: \"{}\" }}", b.addr);
+    let mut proxy = Proxy::start("rmove", &yaml("client: 60s", &sa(1)));
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held: Vec<TcpStream> = (0..300u32)
+        .map(|i| {
+            let mut c = connect(front);
+            let mut t = [0u8];
+            c.read_exact(&mut t).unwrap();
+            assert_eq!(t[0], 1);
+            echo_once(&mut c, &i.to_le_bytes());
+            c
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (churner, ok, failed) = churn(front, stop.clone());
+    // Three reloads, one right after the other (each while the moves of the one before may still
+    // be on their way): a weight, the timeouts, then a server added.
+    let files = [
+        yaml("client: 60s", &sa(5)),
+        yaml("client: 90s, server: 90s", &sa(5)),
+        yaml("client: 90s, server: 90s", &format!("{}, {sb}", sa(5))),
+    ];
+    for (g, file) in files.iter().enumerate() {
+        proxy.write_config(file);
+        proxy.signal(libc::SIGHUP);
+        proxy.wait_generation(g as u64 + 1);
+    }
+    // Every held connection ends up in the newest engine, once.
+    let mut last = None;
+    wait_until("the 300 held connections to be in the newest engine", Duration::from_secs(30), || {
+        last = ringproxy::stats::socket::fetch(&sock).ok();
+        last.as_ref().is_some_and(|s| s.total(|w| w.moved_in) == 300 && s.total(|w| w.active) >= 300)
+    });
+    for (i, c) in held.iter_mut().enumerate() {
+        echo_once(c, format!("after three reloads {i}").as_bytes());
+    }
+    let before = ok.load(Ordering::SeqCst);
+    wait_until("the churn to go on after the reloads", Duration::from_secs(5), || ok.load(Ordering::SeqCst) >= before + 10);
+    stop.store(true, Ordering::SeqCst);
+    churner.join().unwrap();
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no new connection refused, reset or unanswered during the reloads");
+    let s = ringproxy::stats::socket::fetch(&sock).unwrap();
+    assert_eq!(s.total(|w| w.closed), s.total(|w| w.accepted), "in the newest engine only the churn ended");
+    drop(held);
+    proxy.stop_clean();
+}
+
 #[test]
 fn privileges_are_dropped_after_binding() {
     let echo = Backend::start(Mode::Echo);
