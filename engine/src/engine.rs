@@ -113,7 +113,9 @@ pub struct Engine {
     listeners: Vec<ListenerGroup>,
     plan: Arc<Plan>,
     peers: Arc<Vec<Peer>>,
-    threads: Vec<JoinHandle<()>>,
+    threads: Vec<JoinHandle<Option<crate::stats::WorkerStats>>>,
+    /// The workers' counters as they exited (filled by [`Engine::join`]).
+    exited: Vec<crate::stats::WorkerStats>,
     bound: Vec<Bound>,
     source: StatsSource,
     stats_socket: Option<socket::Server>,
@@ -260,6 +262,7 @@ impl Prepared {
             log_thread,
             health,
             rings: Vec::new(),
+            exited: Vec::new(),
         };
         let mut rings = Vec::with_capacity(engine.plan.workers);
         for _ in 0..engine.plan.workers {
@@ -423,7 +426,9 @@ impl Engine {
     /// Waits for every worker to exit, then for the connection log to be written out.
     pub fn join(&mut self) {
         for t in self.threads.drain(..) {
-            let _ = t.join();
+            if let Ok(Some(stats)) = t.join() {
+                self.exited.push(stats);
+            }
         }
         if let Some(t) = self.log_thread.take() {
             let _ = t.join();
@@ -432,6 +437,11 @@ impl Engine {
         self.metrics = None;
         self.health = None;
         self.rings.clear();
+    }
+
+    /// The workers' counters as they exited (after [`Engine::join`]): what a drained engine did.
+    pub fn exited(&self) -> &[crate::stats::WorkerStats] {
+        &self.exited
     }
 
     /// Drain, then wait.

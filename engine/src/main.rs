@@ -312,7 +312,9 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
             break Stop::Failed(failure);
         }
         service.serve_requests();
-        service.reap();
+        for h in service.reap() {
+            eprintln!("ringproxy: {h}");
+        }
     };
     let drain = config::duration::format(service.engine().config().global.drain_timeout);
     let status = match &stop {

@@ -68,6 +68,39 @@ impl fmt::Display for ReloadReport {
     }
 }
 
+/// What an engine replaced by a reload did before it exited. Displays as the line operators read.
+#[derive(Clone, Debug)]
+pub struct Handover {
+    /// The reload that replaced it.
+    pub generation: u64,
+    /// From that reload to its exit.
+    pub after: std::time::Duration,
+    /// Established connections it moved on to a newer engine.
+    pub moved: u64,
+    /// Connections it closed after the reload (ended by their peers, timed out, removed servers
+    /// with `on_removed: close`, or left at the drain deadline).
+    pub closed: u64,
+    /// Moves the newer engine refused (no room), each retried a second later.
+    pub refused: u64,
+}
+
+impl fmt::Display for Handover {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the engine replaced by reload {} exited {:.2}s after it: {} connections moved on, {} closed",
+            self.generation,
+            self.after.as_secs_f64(),
+            self.moved,
+            self.closed
+        )?;
+        if self.refused > 0 {
+            write!(f, " ({} moves refused for want of room, and retried)", self.refused)?;
+        }
+        Ok(())
+    }
+}
+
 /// Why a reload was refused; the running configuration stays.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -80,7 +113,9 @@ pub enum ReloadError {
 pub struct Supervisor {
     path: PathBuf,
     current: Engine,
-    draining: Vec<Engine>,
+    /// Engines replaced by reloads, still draining: each with the reload that replaced it
+    /// (generation, when).
+    draining: Vec<(Engine, u64, std::time::Instant)>,
     /// The current engine's stats, swapped on reload (read by the stats endpoints' threads).
     source: Arc<Mutex<Option<StatsSource>>>,
     requests: Receiver<Request>,
@@ -243,7 +278,7 @@ impl Supervisor {
         // The old engine stops accepting and moves its established connections to the new one;
         // engines still draining after earlier reloads move what they have left there too.
         old.move_to(&self.current);
-        for e in &mut self.draining {
+        for (e, _, _) in &mut self.draining {
             e.move_to(&self.current);
         }
         // Return once the old engine has stopped accepting, so every connection from now on
@@ -256,8 +291,8 @@ impl Supervisor {
         // A connection that arrived while the old accepts were being cancelled may have woken only
         // one of them; the new engine's accepts re-arm and take it from the backlog.
         self.current.rearm_accepts();
-        self.draining.push(old);
         self.generation += 1;
+        self.draining.push((old, self.generation, std::time::Instant::now()));
         Ok(ReloadReport {
             path: self.path.clone(),
             workers: self.current.plan().workers,
@@ -456,17 +491,27 @@ impl Supervisor {
         }
     }
 
-    /// Forgets engines that have finished draining.
-    pub fn reap(&mut self) {
+    /// Forgets engines that have finished draining; says what each did with its connections.
+    pub fn reap(&mut self) -> Vec<Handover> {
+        let mut done = Vec::new();
         let mut i = 0;
         while i < self.draining.len() {
-            if self.draining[i].finished() {
-                let mut e = self.draining.swap_remove(i);
+            if self.draining[i].0.finished() {
+                let (mut e, generation, at) = self.draining.swap_remove(i);
                 e.join();
+                let total = |f: fn(&crate::stats::WorkerStats) -> u64| e.exited().iter().map(f).sum::<u64>();
+                done.push(Handover {
+                    generation,
+                    after: at.elapsed(),
+                    moved: total(|w| w.moved_out),
+                    closed: total(|w| w.closed),
+                    refused: total(|w| w.move_refused),
+                });
             } else {
                 i += 1;
             }
         }
+        done
     }
 
     /// Drains everything (shutdown).
@@ -475,12 +520,12 @@ impl Supervisor {
     }
 
     pub fn finished(&self) -> bool {
-        self.current.finished() && self.draining.iter().all(|e| e.finished())
+        self.current.finished() && self.draining.iter().all(|(e, _, _)| e.finished())
     }
 
     pub fn join(&mut self) {
         self.current.join();
-        for e in &mut self.draining {
+        for (e, _, _) in &mut self.draining {
             e.join();
         }
     }

@@ -117,26 +117,29 @@ pub struct Worker {
 /// and the listeners accept — with the worker's id and a duplicate of its ring's descriptor, by
 /// which an older engine's workers move connections into it on reload — or the reason it could
 /// not start.
-pub fn run(setup: WorkerSetup, ready: Sender<Result<(usize, std::os::fd::OwnedFd), String>>) {
+///
+/// Returns the worker's counters as it exits (the report of a reload says what the old engine
+/// moved on and closed), or `None` if it never started.
+pub fn run(setup: WorkerSetup, ready: Sender<Result<(usize, std::os::fd::OwnedFd), String>>) -> Option<WorkerStats> {
     let id = setup.id;
     let mut worker = match Worker::new(setup) {
         Ok(w) => w,
         Err(e) => {
             let _ = ready.send(Err(format!("worker {id}: {e}")));
-            return;
+            return None;
         }
     };
     worker.update_listeners();
     if let Err(e) = worker.ring.submit() {
         let _ = ready.send(Err(format!("worker {id}: first submit: {e}")));
-        return;
+        return None;
     }
     // SAFETY: dup has no pointer argument; the ring's descriptor is open (the ring is alive).
     let dup = unsafe { libc::fcntl(worker.ring.ring_fd(), libc::F_DUPFD_CLOEXEC, 0) };
     if dup < 0 {
         let _ = ready
             .send(Err(format!("worker {id}: duplicating its ring's descriptor: {}", std::io::Error::last_os_error())));
-        return;
+        return None;
     }
     // SAFETY: a new descriptor nothing else owns.
     let _ = ready.send(Ok((id, unsafe { std::os::fd::FromRawFd::from_raw_fd(dup) })));
@@ -150,6 +153,7 @@ pub fn run(setup: WorkerSetup, ready: Sender<Result<(usize, std::os::fd::OwnedFd
             worker.parked.drain(..).for_each(std::mem::forget);
         }
     }
+    Some(worker.stats.clone())
 }
 
 impl Worker {
