@@ -48,6 +48,11 @@ pub enum Control {
     MoveArrive { from: u64, conns: Vec<crate::conn::Moved> },
     /// Grants called off (with the accept slot the client socket reached, if it did).
     MoveCancel { from: u64, keys: Vec<((u32, u32), Option<u32>)> },
+    /// A binary upgrade: stop accepting and hand established connections to the new process
+    /// through the courier.
+    ExportTo(Arc<crate::worker::ExportPlan>),
+    /// The new process took the exported connection `key` (it leaves), or did not (it stays).
+    ExportAck { key: (u32, u32), taken: bool },
 }
 
 /// Sends every worker the message `make` builds around a reply channel, and gathers the answers

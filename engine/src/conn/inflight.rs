@@ -42,6 +42,10 @@ pub enum Step {
     /// the client's MSG_RING result once it succeeded (the slot the kernel picked, or 0 for a
     /// named one), else `u32::MAX`.
     Move { client: bool, server: bool, failed: bool, slot: u32 },
+    /// The two FIXED_FD_INSTALLs making process descriptors of both sockets, to hand to a new
+    /// process (binary upgrade): `true` while each is still to come. (Each descriptor is owned by
+    /// its completion, as for `LocalAddr`.)
+    Export { client: bool, server: bool },
 }
 
 impl Step {
@@ -50,7 +54,7 @@ impl Step {
     pub fn cancel_target(&self) -> Option<Op> {
         match self {
             // (A MSG_RING completes at once, or once the target ring's thread has installed it.)
-            Step::Idle | Step::PeerName(_) | Step::LocalAddr | Step::Move { .. } => None,
+            Step::Idle | Step::PeerName(_) | Step::LocalAddr | Step::Move { .. } | Step::Export { .. } => None,
             Step::HeaderPeek(_) => Some(Op::HeaderPeek),
             Step::HeaderRead(_) => Some(Op::HeaderRead),
             Step::Connect { connect: true, .. } => Some(Op::Connect),

@@ -366,6 +366,11 @@ pub(crate) enum Done {
         lease: QueueLease,
         res: i32,
     },
+    /// A FIXED_FD_INSTALL of an export completed (`client` says which socket): its descriptor.
+    Exported {
+        client: bool,
+        fd: Option<OwnedFd>,
+    },
     /// Both MSG_RINGs of a move are in: `ok` when both sockets are in the other ring's table;
     /// `client`: the client's MSG_RING result when it succeeded.
     Moved {
@@ -428,6 +433,21 @@ impl Conn {
     /// error; the caller counts it).
     pub(crate) fn settle(&mut self, op: Op, res: i32, more: bool) -> Option<Done> {
         // The descriptor FIXED_FD_INSTALL made is ours the moment it exists, whatever happens next.
+        if matches!(op, Op::ExportClient | Op::ExportServer) {
+            // SAFETY: as below.
+            let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
+            let Step::Export { client, server } = &mut self.step else { return None };
+            let mine = if op == Op::ExportClient { client } else { server };
+            if !*mine {
+                // (Cannot happen; the descriptor is closed as it is dropped.)
+                return None;
+            }
+            *mine = false;
+            if matches!(self.step, Step::Export { client: false, server: false }) {
+                self.step = Step::Idle;
+            }
+            return Some(Done::Exported { client: op == Op::ExportClient, fd });
+        }
         if op == Op::LocalAddr {
             // SAFETY: a non-negative result of FIXED_FD_INSTALL is a new descriptor nothing else owns.
             let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
@@ -566,7 +586,7 @@ impl Conn {
                     Some(Done::ConnectStep)
                 }
             }
-            Op::LocalAddr => unreachable!("handled above"),
+            Op::LocalAddr | Op::ExportClient | Op::ExportServer => unreachable!("handled above"),
             Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed | Op::Linger => None,
         }
     }
@@ -711,6 +731,9 @@ pub(crate) struct Followups {
     /// connection is still open (the move completes), `false` otherwise (it is called off); and
     /// the client MSG_RING's result when it succeeded.
     pub moved: Option<(bool, Option<u32>)>,
+    /// An export's FIXED_FD_INSTALL completed: which socket, and its descriptor (`None`: it
+    /// failed, or the connection is closing).
+    pub exported: Option<(bool, Option<OwnedFd>)>,
 }
 
 impl Followups {
@@ -835,6 +858,7 @@ impl Ctx<'_> {
             Done::Recvd { client, res, more } => self.on_recvd(client, res, more, filled),
             Done::RingSent { dir, lease, res } => self.on_ring_sent(dir, lease, res),
             Done::Moved { ok, client } => self.follow.moved = Some((ok, client)),
+            Done::Exported { client, fd } => self.follow.exported = Some((client, fd)),
         }
     }
 
@@ -855,6 +879,12 @@ impl Ctx<'_> {
             Done::LocalAddr { fd } => drop(fd),
             // Closing while moving: whatever reached the other ring is taken back there.
             Done::Moved { client, .. } => self.follow.moved = Some((false, client)),
+            // Closing while exporting: the descriptor is closed as it is dropped; the worker calls
+            // the export off.
+            Done::Exported { client, fd } => {
+                drop(fd);
+                self.follow.exported = Some((client, None));
+            }
             Done::Poll { .. }
             | Done::ConnectStep
             | Done::Connected

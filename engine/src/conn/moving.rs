@@ -101,6 +101,18 @@ impl Ctx<'_> {
         self.c.step = Step::Move { client: true, server: true, failed: false, slot: u32::MAX };
     }
 
+    /// Makes process descriptors of both sockets (FIXED_FD_INSTALL), to hand to a new process.
+    pub(crate) fn export(&mut self) {
+        debug_assert!(self.c.ready_to_move());
+        let (tc, ts) = (self.token(Op::ExportClient), self.token(Op::ExportServer));
+        let (Some(c), Some(s)) = (&self.c.client, &self.c.server_slot) else {
+            unreachable!("established: both sockets exist")
+        };
+        self.ring.install_fd(c.sock(), tc);
+        self.ring.install_fd(s.sock(), ts);
+        self.c.step = Step::Export { client: true, server: true };
+    }
+
     /// The move is off (refused, or a MSG_RING failed): the connection goes on here.
     pub(crate) fn resume(&mut self) {
         if !self.c.moving || self.c.is_closing() || !self.c.is_live() {

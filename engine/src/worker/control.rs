@@ -44,6 +44,8 @@ impl Worker {
                 Control::MoveGrant { items } => self.on_move_grant(items),
                 Control::MoveArrive { from, conns } => self.on_move_arrive(from, conns),
                 Control::MoveCancel { from, keys } => self.on_move_cancel(from, keys),
+                Control::ExportTo(plan) => self.export_to(plan),
+                Control::ExportAck { key, taken } => self.on_export_ack(key, taken),
             }
         }
     }

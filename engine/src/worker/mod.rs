@@ -43,7 +43,7 @@ use token::{GENERATION_MASK, Op, Token};
 use upstream::Upstream;
 
 pub use accept::Listener;
-pub use moving::{Grant, MoveOffer, MovePlan, MoveTarget};
+pub use moving::{ExportPlan, Exported, Grant, MoveOffer, MovePlan, MoveTarget};
 pub(crate) use setup::RECV_BUF;
 
 /// Everything a worker thread starts from.

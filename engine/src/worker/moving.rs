@@ -63,6 +63,37 @@ pub struct MoveTarget {
     pub ring: Arc<OwnedFd>,
 }
 
+/// Where a binary upgrade sends the connections of this process (the upgrade's courier, which
+/// passes them to the new process; upgrade.rs).
+pub struct ExportPlan {
+    pub tx: crossbeam_channel::Sender<Exported>,
+}
+
+/// A connection leaving for a new process: where it belongs, by name (the new process reads the
+/// configuration anew), its state, and its two sockets as process descriptors. The worker keeps
+/// it, quiet, until the new process has said whether it took it ([`Control::ExportAck`]).
+#[derive(Debug)]
+pub struct Exported {
+    /// The worker (its index in the engine) and the connection's key there.
+    pub worker: usize,
+    pub key: (u32, u32),
+    pub frontend: String,
+    pub backend: String,
+    pub server: String,
+    pub address: std::net::SocketAddr,
+    pub state: crate::conn::MovedState,
+    pub client: OwnedFd,
+    pub server_fd: OwnedFd,
+}
+
+/// The two descriptors of a connection being exported, as their FIXED_FD_INSTALLs complete.
+#[derive(Default)]
+struct Installing {
+    client: Option<OwnedFd>,
+    server: Option<OwnedFd>,
+    answers: u8,
+}
+
 /// A connection offered to a new worker: its key in the old worker (slab index, generation) and
 /// where it belongs in the new configuration.
 #[derive(Clone, Copy, Debug)]
@@ -128,12 +159,23 @@ pub(super) struct Mover {
     /// No connection is offered again before this (after a refusal).
     retry_at: u64,
     rotor: usize,
+    /// A binary upgrade: connections leave as descriptors through this courier instead of moving
+    /// to another ring.
+    export: Option<crossbeam_channel::Sender<Exported>>,
+    /// Exporting: the descriptors made so far.
+    installing: HashMap<(u32, u32), Installing>,
+    /// Handed to the courier, waiting for the new process's answer.
+    exported: HashSet<(u32, u32)>,
 }
 
 impl Mover {
     /// Whether the worker should wake every tick for it.
     pub(super) fn busy(&self) -> bool {
-        !self.ready.is_empty() || !self.offered.is_empty() || !self.granted.is_empty() || !self.quiescing.is_empty()
+        !self.ready.is_empty()
+            || !self.offered.is_empty()
+            || !self.granted.is_empty()
+            || !self.quiescing.is_empty()
+            || !self.installing.is_empty()
     }
 
     /// Messages not sent yet.
@@ -142,7 +184,12 @@ impl Mover {
     }
 
     fn in_flight(&self) -> usize {
-        self.ready.len() + self.offered.len() + self.granted.len() + self.quiescing.len()
+        self.ready.len()
+            + self.offered.len()
+            + self.granted.len()
+            + self.quiescing.len()
+            + self.installing.len()
+            + self.exported.len()
     }
 
     /// The new (frontend, backend, server) of a connection, if the plan's configuration has them.
@@ -209,11 +256,118 @@ impl Worker {
                     next_sweep: self.now.ms,
                     retry_at: 0,
                     rotor: self.id,
+                    export: None,
+                    installing: HashMap::new(),
+                    exported: HashSet::new(),
                 })
             }
         }
         self.close_removed();
         self.sweep_moves();
+    }
+
+    /// A binary upgrade: stop accepting (a drain) and hand established connections to `plan`'s
+    /// courier as descriptors. Without FIXED_FD_INSTALL (Linux 6.8) a direct socket cannot become
+    /// a descriptor: the connections then stay and end with the drain.
+    pub(super) fn export_to(&mut self, plan: Arc<ExportPlan>) {
+        self.start_drain();
+        if !self.ring.io().fd_install || self.mover.is_some() {
+            return;
+        }
+        let servers = self
+            .up
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(b, be)| {
+                (0..be.servers.len()).map(|s| (!be.servers[s].removed).then_some((b as u16, s as u16))).collect()
+            })
+            .collect();
+        let frontends = (0..self.cfg.frontends.len()).map(|f| Some(f as u16)).collect();
+        let same = Arc::new(MovePlan { config: self.cfg.clone(), targets: Vec::new() });
+        self.mover = Some(Mover {
+            plan: same,
+            servers,
+            frontends,
+            quiescing: HashSet::new(),
+            ready: Vec::new(),
+            offered: HashMap::new(),
+            withdrawn: HashMap::new(),
+            granted: HashMap::new(),
+            outbox: Vec::new(),
+            cursor: 0,
+            next_sweep: self.now.ms,
+            retry_at: 0,
+            rotor: self.id,
+            export: Some(plan.tx.clone()),
+            installing: HashMap::new(),
+            exported: HashSet::new(),
+        });
+        self.sweep_moves();
+    }
+
+    /// An export's FIXED_FD_INSTALL completed: once both have, the connection goes to the courier
+    /// (or, one failed or it closed meanwhile, stays).
+    fn export_step(&mut self, key: (u32, u32), client: bool, fd: Option<OwnedFd>) {
+        let Some(m) = &mut self.mover else { return };
+        let Some(tx) = m.export.clone() else { return };
+        let e = m.installing.entry(key).or_default();
+        e.answers += 1;
+        if client {
+            e.client = fd;
+        } else {
+            e.server = fd;
+        }
+        if e.answers < 2 {
+            return;
+        }
+        let Some(Installing { client, server, .. }) = m.installing.remove(&key) else { return };
+        let c = self.conns.peek(key.0, key.1).filter(|c| c.ready_to_move());
+        let (Some(c), Some(client), Some(server_fd)) = (c, client, server) else {
+            // (The descriptors made are closed as they are dropped.)
+            self.stats.move_failed += 1;
+            return self.resume_key(key);
+        };
+        let (fe, be) = (&self.cfg.frontends[c.frontend as usize], &self.cfg.backends[c.backend as usize]);
+        let srv = &be.servers[c.server as usize];
+        let (frontend, backend, server, address) = (fe.name.clone(), be.name.clone(), srv.name.clone(), srv.address);
+        let state = self.with_conn(key.0, |cx| cx.moved_state());
+        let out = Exported { worker: self.id, key, frontend, backend, server, address, state, client, server_fd };
+        if tx.send(out).is_err() {
+            // The courier is gone (the upgrade failed): the connection stays.
+            return self.resume_key(key);
+        }
+        if let Some(m) = &mut self.mover {
+            m.exported.insert(key);
+        }
+    }
+
+    /// The new process's answer for an exported connection: taken (it leaves) or not (it stays).
+    pub(super) fn on_export_ack(&mut self, key: (u32, u32), taken: bool) {
+        let Some(m) = &mut self.mover else { return };
+        if !m.exported.remove(&key) {
+            return;
+        }
+        let quiet = self.conns.peek(key.0, key.1).is_some_and(|c| c.ready_to_move());
+        if taken && quiet {
+            self.with_conn(key.0, |cx| cx.leave());
+            self.follow_up();
+        } else {
+            if !taken {
+                self.stats.move_refused += 1;
+                if let Some(m) = &mut self.mover {
+                    m.retry_at = self.now.ms + RETRY_MS;
+                }
+            }
+            self.resume_key(key);
+        }
+    }
+
+    fn resume_key(&mut self, key: (u32, u32)) {
+        if self.conns.peek(key.0, key.1).is_some() {
+            self.with_conn(key.0, |cx| cx.resume());
+            self.follow_up();
+        }
     }
 
     /// Closes, by their backend's `on_removed: close`, the connections whose server the plan's
@@ -294,6 +448,9 @@ impl Worker {
         let key = (idx, generation & GENERATION_MASK);
         if let Some((ok, client)) = self.follow.moved.take() {
             return self.handed_over(key, ok, client);
+        }
+        if let Some((client, fd)) = self.follow.exported.take() {
+            return self.export_step(key, client, fd);
         }
         let Some(m) = &mut self.mover else { return };
         if m.quiescing.is_empty() {
@@ -379,6 +536,17 @@ impl Worker {
     pub(super) fn flush_moves(&mut self) {
         let now = self.now.ms;
         let Some(m) = &mut self.mover else { return };
+        if m.export.is_some() {
+            for key in std::mem::take(&mut m.ready) {
+                if self.conns.peek(key.0, key.1).is_some_and(|c| c.ready_to_move()) {
+                    self.with_conn(key.0, |cx| cx.export());
+                    if let Some(m) = &mut self.mover {
+                        m.installing.insert(key, Installing::default());
+                    }
+                }
+            }
+            return;
+        }
         let mut offers: Vec<Vec<MoveOffer>> = vec![Vec::new(); m.plan.targets.len()];
         let mut resume = Vec::new();
         for key in std::mem::take(&mut m.ready) {

@@ -64,6 +64,10 @@ pub enum Op {
     /// connection moving to a new engine on reload).
     MoveClient,
     MoveServer,
+    /// FIXED_FD_INSTALL of the client socket, then of the server socket: descriptors to hand to
+    /// a new process (binary upgrade).
+    ExportClient,
+    ExportServer,
 
     // --- worker operations ---
     /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
@@ -82,7 +86,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 35] = [
+    const ALL: [Op; 37] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -112,6 +116,8 @@ impl Op {
         Op::ServerRecv,
         Op::MoveClient,
         Op::MoveServer,
+        Op::ExportClient,
+        Op::ExportServer,
         Op::Cancel,
         Op::Accept,
         Op::AcceptCancel,
