@@ -19,6 +19,10 @@ pub const DEFAULT_LISTED: usize = 100;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Command {
     Reload,
+    /// `upgrade [BINARY]`: start the new binary and hand it everything (upgrade.rs).
+    Upgrade {
+        binary: Option<std::path::PathBuf>,
+    },
     /// `set server B/S state ready|drain|maint`
     SetState {
         server: ServerName,
@@ -184,6 +188,8 @@ impl Command {
     pub fn parse(words: &[&str]) -> Result<Option<Command>, String> {
         let cmd = match words {
             ["reload"] => Command::Reload,
+            ["upgrade"] => Command::Upgrade { binary: None },
+            ["upgrade", path] => Command::Upgrade { binary: Some(std::path::PathBuf::from(path)) },
             ["set", "server", name, "state", state] => Command::SetState {
                 server: ServerName::parse(name)?,
                 state: AdminState::parse(state)
@@ -237,6 +243,8 @@ impl Command {
     pub fn line(&self) -> String {
         match self {
             Command::Reload => "reload".into(),
+            Command::Upgrade { binary: None } => "upgrade".into(),
+            Command::Upgrade { binary: Some(b) } => format!("upgrade {}", b.display()),
             Command::SetState { server, state } => format!("set server {server} state {}", state.as_str()),
             Command::SetWeight { server, weight } => format!("set server {server} weight {weight}"),
             Command::Shutdown { server } => format!("shutdown sessions server {server}"),
@@ -272,6 +280,8 @@ mod tests {
     fn each_command_parses_and_prints_back() {
         for line in [
             "reload",
+            "upgrade",
+            "upgrade /usr/sbin/ringproxy.new",
             "set server app/s1 state drain",
             "set server app/s1 state maint",
             "set server app/s1 state ready",

@@ -364,6 +364,20 @@ impl Engine {
         }
     }
 
+    /// A binary upgrade: stops accepting and hands the established connections to `plan`'s
+    /// courier (upgrade.rs). The listening sockets stay in this engine's hands until it is
+    /// dropped, so that a failed upgrade can start a fresh engine on them.
+    pub fn export_to(&self, plan: Arc<crate::worker::ExportPlan>) {
+        for p in self.peers.iter() {
+            p.send(Control::ExportTo(plan.clone()));
+        }
+    }
+
+    /// The workers' control channels.
+    pub fn peers(&self) -> Arc<Vec<Peer>> {
+        self.peers.clone()
+    }
+
     /// Makes every worker cancel and re-arm its accepts (after a predecessor stopped accepting on
     /// the same sockets): re-arming accepts whatever waits in the backlogs.
     pub fn rearm_accepts(&self) {

@@ -28,6 +28,7 @@ pub mod sources;
 pub mod stats;
 pub mod supervisor;
 pub mod sys;
+pub mod upgrade;
 pub mod watch;
 pub mod worker;
 

@@ -35,6 +35,10 @@ enum Command {
     Stats(StatsArgs),
     /// Ask the running engine to re-read its configuration (through the admin socket).
     Reload(ReloadArgs),
+    /// Replace the running process by a new binary without closing anything: it hands the new
+    /// process its listening sockets and established connections, then exits (through the admin
+    /// socket; SIGUSR2 does the same with the default binary).
+    Upgrade(UpgradeArgs),
     /// Send one command to the running engine and print the answer (`help` lists them): through
     /// the admin socket when the configuration has one, else the read-only stats socket.
     Cmd(CmdArgs),
@@ -64,6 +68,16 @@ struct ReloadArgs {
     /// The engine's admin socket (default: global.stats.admin_socket of the -c configuration).
     #[arg(long)]
     socket: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct UpgradeArgs {
+    /// The engine's admin socket (default: global.stats.admin_socket of the -c configuration).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// The new binary (default: the path the running process was started from, where a package
+    /// upgrade puts the new one).
+    binary: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -103,6 +117,11 @@ fn main() -> ExitCode {
     {
         return command_via(socket, "reload");
     }
+    if let Some(Command::Upgrade(args)) = &cli.command
+        && let Some(socket) = &args.socket
+    {
+        return command_via(socket, &upgrade_line(args));
+    }
     if let Some(Command::Cmd(args)) = &cli.command
         && let Some(socket) = &args.socket
     {
@@ -127,6 +146,16 @@ fn main() -> ExitCode {
         Command::Check(_) => ExitCode::from(ringproxy::check::run(&config) as u8),
         Command::Run => run(&path, config, cli.ready_file.as_deref()),
         Command::Reload(args) => reload(&args, &config),
+        Command::Upgrade(args) => match config.global.stats.admin_socket.clone() {
+            Some(path) => command_via(&path, &upgrade_line(&args)),
+            None => {
+                eprintln!(
+                    "ringproxy upgrade: the configuration sets no global.stats.admin_socket (upgrade is an admin \
+                     command); pass --socket PATH or send SIGUSR2"
+                );
+                ExitCode::from(2)
+            }
+        },
         Command::Cmd(args) => cmd(&args, &config),
         Command::Stats(_) => unreachable!("handled above"),
     }
@@ -141,6 +170,15 @@ fn reload(args: &ReloadArgs, config: &config::Config) -> ExitCode {
         return ExitCode::from(2);
     };
     command_via(&path, "reload")
+}
+
+/// The admin command an `upgrade` asks for (a relative binary path made absolute: the engine runs
+/// elsewhere).
+fn upgrade_line(args: &UpgradeArgs) -> String {
+    match &args.binary {
+        Some(b) => format!("upgrade {}", std::path::absolute(b).unwrap_or_else(|_| b.clone()).display()),
+        None => "upgrade".into(),
+    }
 }
 
 fn cmd(args: &CmdArgs, config: &config::Config) -> ExitCode {
@@ -249,14 +287,20 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     // Block the signals we handle before any thread starts, so workers inherit the mask and the
     // main thread alone receives them.
-    let signals = match Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP]) {
+    let signals = match Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP, libc::SIGUSR2]) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ringproxy: cannot block the signals it handles: {e}");
             return ExitCode::from(1);
         }
     };
-    let mut service = match Supervisor::start(path, config) {
+    // Started by `ringproxy upgrade` (or SIGUSR2) of a running ringproxy: take its sockets over.
+    let started = match ringproxy::upgrade::Link::from_env() {
+        Some(Ok(link)) => Supervisor::take_over(path, config, link).map_err(|e| format!("upgrade: {e}")),
+        Some(Err(e)) => Err(format!("upgrade: {e}")),
+        None => Supervisor::start(path, config).map_err(|e| e.to_string()),
+    };
+    let mut service = match started {
         Ok(s) => s,
         Err(e) => {
             eprintln!("ringproxy: {e}");
@@ -305,6 +349,10 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
                 // READY=1 again (with the new generation's status if it took).
                 written = None;
             }
+            Some(libc::SIGUSR2) => match service.upgrade(None) {
+                Ok(line) => eprintln!("ringproxy: SIGUSR2: {line}"),
+                Err(e) => eprintln!("ringproxy: SIGUSR2: {e}"),
+            },
             Some(other) => break Stop::Signal(other),
             None => {}
         }
@@ -314,6 +362,24 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         service.serve_requests();
         for h in service.reap() {
             eprintln!("ringproxy: {h}");
+        }
+        match service.upgrade_end() {
+            Some(end @ ringproxy::supervisor::UpgradeEnd::HandedOver { pid, .. }) => {
+                eprintln!("ringproxy: {end}");
+                if let Some(n) = &notify {
+                    n.main_pid(pid, "upgraded");
+                }
+                service.handed_over();
+                if let Some(f) = ready_file {
+                    f.leave();
+                }
+                return ExitCode::SUCCESS;
+            }
+            Some(end) => {
+                eprintln!("ringproxy: {end}");
+                written = None;
+            }
+            None => {}
         }
     };
     let drain = config::duration::format(service.engine().config().global.drain_timeout);

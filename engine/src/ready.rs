@@ -70,6 +70,13 @@ impl ReadyFile {
     }
 }
 
+impl ReadyFile {
+    /// Leaves the file as it is (a binary upgrade: the new process has rewritten it).
+    pub fn leave(self) {
+        std::mem::forget(self);
+    }
+}
+
 impl Drop for ReadyFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);

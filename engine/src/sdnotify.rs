@@ -45,6 +45,12 @@ impl Notifier {
         self.send(&format!("RELOADING=1\nMONOTONIC_USEC={usec}"));
     }
 
+    /// A binary upgrade handed everything to process `pid`, which is the service's main process
+    /// from now on (sent by the old one, the main process until then, just before it exits).
+    pub fn main_pid(&self, pid: u32, status: &str) {
+        self.send(&format!("MAINPID={pid}\nSTATUS={status}"));
+    }
+
     /// The drain begins: no new connections.
     pub fn stopping(&self, status: &str) {
         self.send(&format!("STOPPING=1\nSTATUS={status}"));

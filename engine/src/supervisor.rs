@@ -101,6 +101,17 @@ impl fmt::Display for Handover {
     }
 }
 
+/// The path this program was started from: what `/proc/self/exe` names (" (deleted)" once a
+/// package replaced the file there, which is then the binary to upgrade to).
+fn own_binary() -> std::io::Result<PathBuf> {
+    let p = std::fs::read_link("/proc/self/exe")?;
+    let s = p.to_string_lossy();
+    Ok(match s.strip_suffix(" (deleted)") {
+        Some(stripped) => PathBuf::from(stripped),
+        None => p,
+    })
+}
+
 /// Why a reload was refused; the running configuration stays.
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
@@ -108,6 +119,8 @@ pub enum ReloadError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Start(#[from] StartError),
+    #[error("a binary upgrade is under way (the new process takes over; reload it instead)")]
+    Upgrading,
 }
 
 pub struct Supervisor {
@@ -133,6 +146,46 @@ pub struct Supervisor {
     watcher: Watcher,
     /// Successful reloads since start.
     pub generation: u64,
+    /// A binary upgrade handing everything to a new process.
+    upgrading: Option<Upgrading>,
+}
+
+/// A binary upgrade under way, seen from the old process.
+struct Upgrading {
+    binary: PathBuf,
+    pid: u32,
+    started: std::time::Instant,
+    courier: std::thread::JoinHandle<Result<u64, String>>,
+    failed: Receiver<String>,
+}
+
+/// How a binary upgrade ended, seen from the old process.
+#[derive(Debug)]
+pub enum UpgradeEnd {
+    /// Everything was handed over: the old process exits (status 0).
+    HandedOver { pid: u32, binary: PathBuf, taken: u64, after: std::time::Duration },
+    /// The new process broke off after taking the listening sockets: this process started a
+    /// fresh engine and serves on.
+    RolledBack { pid: u32, reason: String },
+}
+
+impl fmt::Display for UpgradeEnd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpgradeEnd::HandedOver { pid, binary, taken, after } => write!(
+                f,
+                "upgrade: handed the listening sockets and {taken} established connections to {} (pid {pid}) in \
+                 {:.2}s; exiting",
+                binary.display(),
+                after.as_secs_f64()
+            ),
+            UpgradeEnd::RolledBack { pid, reason } => write!(
+                f,
+                "upgrade: the new process (pid {pid}) broke off while taking over: {reason}; this process serves on \
+                 (a fresh engine from its configuration file; connections it had taken are lost with it)"
+            ),
+        }
+    }
 }
 
 /// The stats endpoints, each when configured: the stats socket, the admin socket, the Prometheus
@@ -144,29 +197,44 @@ struct Endpoints {
 }
 
 /// Opens the stats endpoints `stats` configures: the sockets owned by `owner` (the user the engine
-/// will run as), forwarding the runtime API's commands to `requests`.
+/// will run as), forwarding the runtime API's commands to `requests`. An endpoint the process a
+/// binary upgrade replaces handed over (`inherited`, same path or address) is served from its
+/// socket as it is.
 fn open_endpoints(
     stats: &config::Stats,
     owner: Option<Ids>,
     collect: impl Fn() -> EngineStats + Clone + Send + 'static,
     requests: Sender<Request>,
     watch: &Watch,
+    inherited: &mut Option<crate::upgrade::Inherited>,
 ) -> Result<Endpoints, StartError> {
+    let mut take_unix = |p: &Path, admin: bool| {
+        let i = inherited.as_mut()?;
+        let slot = if admin { &mut i.admin } else { &mut i.stats };
+        slot.take_if(|(q, _)| q == p).map(|(_, fd)| fd)
+    };
     let stats_socket = match &stats.socket {
-        Some(p) => {
-            Some(socket::serve(p, stats.mode, collect.clone(), Some(requests.clone()), Level::Read, owner, watch)?)
-        }
+        Some(p) => Some(match take_unix(p, false) {
+            Some(fd) => socket::serve_inherited(p, fd, collect.clone(), Some(requests.clone()), Level::Read, watch)?,
+            None => socket::serve(p, stats.mode, collect.clone(), Some(requests.clone()), Level::Read, owner, watch)?,
+        }),
         None => None,
     };
     let admin = match &stats.admin_socket {
-        Some(p) => {
-            Some(socket::serve(p, stats.admin_mode, collect.clone(), Some(requests), Level::Admin, owner, watch)?)
-        }
+        Some(p) => Some(match take_unix(p, true) {
+            Some(fd) => socket::serve_inherited(p, fd, collect.clone(), Some(requests), Level::Admin, watch)?,
+            None => socket::serve(p, stats.admin_mode, collect.clone(), Some(requests), Level::Admin, owner, watch)?,
+        }),
         None => None,
     };
     let metrics = match stats.prometheus {
         Some(addr) => {
-            Some(prometheus::serve(addr, collect, watch).map_err(|source| StartError::Prometheus { addr, source })?)
+            let handed = inherited.as_mut().and_then(|i| i.prometheus.take_if(|(a, _)| *a == addr)).map(|(_, fd)| fd);
+            let served = match handed {
+                Some(fd) => prometheus::serve_listener(std::net::TcpListener::from(fd), collect, watch),
+                None => prometheus::serve(addr, collect, watch),
+            };
+            Some(served.map_err(|source| StartError::Prometheus { addr, source })?)
         }
         None => None,
     };
@@ -182,6 +250,38 @@ impl Supervisor {
     /// once the engine has bound and dropped its capabilities, so their threads never hold one;
     /// either way before any worker runs.
     pub fn start(path: &Path, config: Config) -> Result<Supervisor, StartError> {
+        Supervisor::start_from(path, config, None)
+    }
+
+    /// The new process of a binary upgrade: starts on the listening sockets the old process handed
+    /// over (upgrade.rs), says it serves, and takes the established connections the old process
+    /// sends, in the background. Whatever fails, the old process is told why (it serves on).
+    pub fn take_over(path: &Path, config: Config, link: crate::upgrade::Link) -> Result<Supervisor, String> {
+        let inherited = crate::upgrade::receive_hello(&link)?;
+        let old = inherited.old_pid;
+        let refuse = |why: String| {
+            let _ = link.send(&crate::upgrade::Msg::Refused { reason: why.clone() }, &[]);
+            why
+        };
+        let service = Supervisor::start_from(path, config, Some(inherited)).map_err(|e| refuse(e.to_string()))?;
+        let ready = crate::upgrade::Msg::Ready { protocol: crate::upgrade::PROTOCOL, pid: std::process::id() };
+        link.send(&ready, &[]).map_err(|e| format!("telling the old process it serves: {e}"))?;
+        let plan = service.current.move_plan();
+        std::thread::Builder::new()
+            .name("ringproxy-upgrade".into())
+            .spawn(move || match crate::upgrade::receive_conns(link, plan) {
+                Ok(n) => eprintln!("ringproxy: upgrade: took {n} established connections from pid {old}"),
+                Err(e) => eprintln!("ringproxy: upgrade: taking connections from pid {old} broke off: {e}"),
+            })
+            .map_err(|e| format!("cannot start the upgrade's courier thread: {e}"))?;
+        Ok(service)
+    }
+
+    fn start_from(
+        path: &Path,
+        config: Config,
+        mut inherited: Option<crate::upgrade::Inherited>,
+    ) -> Result<Supervisor, StartError> {
         let stats = config.global.stats.clone();
         let owner = match &config.global.user {
             Some(u) => Some(privileges::resolve(u, config.global.group.as_deref())?),
@@ -200,11 +300,20 @@ impl Supervisor {
         let as_root = sys::ids().0 == 0;
         let mut endpoints = None;
         if as_root {
-            endpoints = Some(open_endpoints(&stats, owner, collect.clone(), requests_tx.clone(), &watcher.watch())?);
+            endpoints = Some(open_endpoints(
+                &stats,
+                owner,
+                collect.clone(),
+                requests_tx.clone(),
+                &watcher.watch(),
+                &mut inherited,
+            )?);
         }
-        let prepared = Engine::prepare(config, StartOptions { inherit: &[], external_stats: true })?;
+        let groups = inherited.as_mut().map(|i| std::mem::take(&mut i.groups)).unwrap_or_default();
+        let prepared = Engine::prepare(config, StartOptions { inherit: &groups, external_stats: true })?;
+        drop(groups);
         if !as_root {
-            endpoints = Some(open_endpoints(&stats, owner, collect, requests_tx, &watcher.watch())?);
+            endpoints = Some(open_endpoints(&stats, owner, collect, requests_tx, &watcher.watch(), &mut inherited)?);
         }
         let engine = prepared.launch(&watcher.watch())?;
         let Some(Endpoints { stats: stats_socket, admin, metrics }) = endpoints else {
@@ -228,6 +337,7 @@ impl Supervisor {
             metrics,
             watcher,
             generation: 0,
+            upgrading: None,
         })
     }
 
@@ -266,6 +376,9 @@ impl Supervisor {
 
     /// Re-reads the configuration file and switches to it, or explains why not.
     pub fn reload(&mut self) -> Result<ReloadReport, ReloadError> {
+        if self.upgrading.is_some() {
+            return Err(ReloadError::Upgrading);
+        }
         let config = config::load(&self.path)?;
         let warnings = config.warnings.clone();
         // On failure the current engine is untouched: it still holds and serves its sockets.
@@ -307,10 +420,174 @@ impl Supervisor {
         })
     }
 
+    /// Starts `binary` (default: this program's path) with this process's arguments and hands it
+    /// the listening sockets (upgrade.rs); returns once it serves them, and then hands it the
+    /// established connections in the background ([`Supervisor::upgrade_end`] says when that is
+    /// over). If it does not start, refuses, or does not serve within 30 s, it is stopped and
+    /// this process serves on: the error says why.
+    pub fn upgrade(&mut self, binary: Option<&Path>) -> Result<String, String> {
+        use std::os::fd::{AsFd, AsRawFd};
+        if self.upgrading.is_some() {
+            return Err("upgrade refused: an upgrade is already under way".into());
+        }
+        if !self.draining.is_empty() {
+            return Err(format!(
+                "upgrade refused: {} engine(s) replaced by a reload still hold connections that could not move (their \
+                 server was removed); retry once they have drained (at most timeout.drain)",
+                self.draining.len()
+            ));
+        }
+        let binary = match binary {
+            Some(b) => b.to_owned(),
+            None => own_binary().map_err(|e| format!("upgrade refused: cannot tell this program's path: {e}"))?,
+        };
+        let fail = |why: String| format!("upgrade to {} failed, this process serves on: {why}", binary.display());
+        let (link, theirs) = crate::upgrade::Link::pair().map_err(|e| fail(format!("socketpair: {e}")))?;
+        let raw = theirs.as_raw_fd();
+        let mut cmd = std::process::Command::new(&binary);
+        cmd.args(std::env::args_os().skip(1)).env(crate::upgrade::ENV_FD, raw.to_string());
+        // SAFETY: between fork and exec only async-signal-safe calls: fcntl on a number.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                if libc::fcntl(raw, libc::F_SETFD, 0) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| fail(format!("cannot start it: {e}")))?;
+        drop(theirs);
+        let stop = |child: &mut std::process::Child| {
+            let _ = child.kill();
+            let _ = child.wait();
+        };
+        // What it takes over: every frontend socket, then the stats endpoints.
+        let groups = self.current.listeners();
+        let listeners = groups
+            .iter()
+            .map(|g| crate::upgrade::ListenerDesc {
+                frontend: g.frontend.clone(),
+                configured: g.configured,
+                bound: g.bound,
+                fds: g.fds.len(),
+            })
+            .collect();
+        let mut fds: Vec<std::os::fd::BorrowedFd<'_>> =
+            groups.iter().flat_map(|g| g.fds.iter().map(|f| f.as_fd())).collect();
+        fds.extend(self._stats_socket.as_ref().map(|s| s.listener()));
+        fds.extend(self._admin_socket.as_ref().map(|s| s.listener()));
+        fds.extend(self.metrics.as_ref().map(|m| m.listener()));
+        let hello = crate::upgrade::Msg::Hello {
+            protocol: crate::upgrade::PROTOCOL,
+            version: env!("CARGO_PKG_VERSION").into(),
+            pid: std::process::id(),
+            listeners,
+            stats: self._stats_socket.as_ref().map(|s| s.path().to_owned()),
+            admin: self._admin_socket.as_ref().map(|s| s.path().to_owned()),
+            prometheus: self.metrics.as_ref().map(|m| m.addr()),
+        };
+        if let Err(e) = link.send(&hello, &fds) {
+            stop(&mut child);
+            return Err(fail(format!("handing it the listening sockets: {e}")));
+        }
+        drop(fds);
+        let deadline = std::time::Instant::now() + crate::upgrade::START_WAIT;
+        let pid = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(fail(format!("it exited ({status}) before serving")));
+            }
+            if std::time::Instant::now() >= deadline {
+                stop(&mut child);
+                return Err(fail(format!("it did not serve within {}s", crate::upgrade::START_WAIT.as_secs())));
+            }
+            match link.recv(std::time::Duration::from_millis(100)) {
+                Ok(None) => {}
+                Ok(Some((crate::upgrade::Msg::Ready { pid, .. }, _))) => break pid,
+                Ok(Some((crate::upgrade::Msg::Refused { reason }, _))) => {
+                    stop(&mut child);
+                    return Err(fail(format!("it refused: {reason}")));
+                }
+                Ok(Some((other, _))) => {
+                    stop(&mut child);
+                    return Err(fail(format!("it said {other:?} instead of serving")));
+                }
+                Err(e) => {
+                    let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|_| "unknown status".into());
+                    return Err(fail(format!("it broke off ({e}) and exited ({status})")));
+                }
+            }
+        };
+        // It serves. (The child is not waited for: it outlives this process.)
+        std::mem::forget(child);
+        let (tx, exports) = crossbeam_channel::unbounded();
+        self.current.export_to(Arc::new(crate::worker::ExportPlan { tx }));
+        let (failed_tx, failed) = crossbeam_channel::bounded(1);
+        let peers = self.current.peers();
+        let courier = std::thread::Builder::new()
+            .name("ringproxy-upgrade".into())
+            .spawn(move || crate::upgrade::send_conns(link, exports, peers, failed_tx))
+            .map_err(|e| format!("upgrade: cannot start its courier thread: {e}"))?;
+        self.upgrading =
+            Some(Upgrading { binary: binary.clone(), pid, started: std::time::Instant::now(), courier, failed });
+        Ok(format!(
+            "upgrade: {} (pid {pid}) serves the listening sockets; handing it the established connections",
+            binary.display()
+        ))
+    }
+
+    /// How the binary upgrade under way ended, once it has: everything handed over (the caller
+    /// exits), or rolled back after the new process broke off (a fresh engine serves on).
+    pub fn upgrade_end(&mut self) -> Option<UpgradeEnd> {
+        let u = self.upgrading.as_ref()?;
+        if let Ok(reason) = u.failed.try_recv() {
+            let pid = u.pid;
+            self.upgrading = None;
+            // The courier answers "not taken" for everything from now on, so each connection
+            // stays; a fresh engine on the same sockets takes them (a reload).
+            let end = match self.reload() {
+                Ok(_) => UpgradeEnd::RolledBack { pid, reason },
+                Err(e) => UpgradeEnd::RolledBack { pid, reason: format!("{reason}; and the fresh engine failed: {e}") },
+            };
+            // (The courier thread ends once the old engine's workers exit.)
+            return Some(end);
+        }
+        if !u.courier.is_finished() || !self.current.finished() {
+            return None;
+        }
+        let u = self.upgrading.take()?;
+        let after = u.started.elapsed();
+        match u.courier.join() {
+            Ok(Ok(taken)) => Some(UpgradeEnd::HandedOver { pid: u.pid, binary: u.binary, taken, after }),
+            Ok(Err(reason)) => Some(UpgradeEnd::RolledBack { pid: u.pid, reason }),
+            Err(_) => Some(UpgradeEnd::RolledBack { pid: u.pid, reason: "its courier thread failed".into() }),
+        }
+    }
+
+    /// The old process has handed everything over: it leaves the stats sockets' files to the new
+    /// process and exits without draining anything more.
+    pub fn handed_over(mut self) {
+        if let Some(s) = self._stats_socket.take() {
+            s.disown();
+        }
+        if let Some(s) = self._admin_socket.take() {
+            s.disown();
+        }
+        self.stats_paths.clear();
+    }
+
     /// Carries out a runtime-API command on the current engine. A command naming what the running
     /// configuration does not have changes nothing.
     pub fn command(&mut self, command: &Command) -> Answer {
         let (server, op) = match command {
+            Command::Upgrade { binary } => {
+                return match self.upgrade(binary.as_deref()) {
+                    Ok(line) => {
+                        eprintln!("ringproxy: {line}");
+                        Answer::Ok(format!("{line}\n"))
+                    }
+                    Err(e) => {
+                        eprintln!("ringproxy: {e}");
+                        Answer::Fail(format!("{e}\n"))
+                    }
+                };
+            }
             Command::Reload => {
                 return match self.reload() {
                     Ok(r) => {

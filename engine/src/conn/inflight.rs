@@ -133,7 +133,7 @@ impl FlowIo {
 }
 
 /// How far one direction's end-of-stream has got.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Half {
     /// The source may send more.
     #[default]

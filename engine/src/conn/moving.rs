@@ -20,7 +20,7 @@ use crate::worker::token::{Op, Token};
 
 /// What a moving connection carries besides its two sockets. Times are on the workers' shared
 /// clock (`Clock`), so they mean the same in the new worker.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct MovedState {
     /// The address of the listener that accepted it.
     pub listener_addr: SocketAddr,

@@ -298,9 +298,16 @@ pub fn render(s: &EngineStats) -> String {
 pub struct Endpoint {
     addr: SocketAddr,
     _running: serve::Running,
+    /// A copy of the listening socket, for a binary upgrade to hand to the new process.
+    listener: std::os::fd::OwnedFd,
 }
 
 impl Endpoint {
+    /// The listening socket.
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -312,10 +319,20 @@ pub fn serve(
     collect: impl Fn() -> EngineStats + Send + 'static,
     watch: &Watch,
 ) -> std::io::Result<Endpoint> {
-    let listener = TcpListener::bind(addr)?;
+    serve_listener(TcpListener::bind(addr)?, collect, watch)
+}
+
+/// Serves on a listening socket already bound (by [`serve`], or handed over by the process a
+/// binary upgrade replaced).
+pub fn serve_listener(
+    listener: TcpListener,
+    collect: impl Fn() -> EngineStats + Send + 'static,
+    watch: &Watch,
+) -> std::io::Result<Endpoint> {
     let addr = listener.local_addr()?;
+    let copy = listener.try_clone()?.into();
     let running = serve::start("ringproxy-metrics", listener, Http { collect }, watch)?;
-    Ok(Endpoint { addr, _running: running })
+    Ok(Endpoint { addr, _running: running, listener: copy })
 }
 
 /// HTTP as `serve` runs it: a request's first line decides; anything but `GET /metrics` is a 404.

@@ -63,6 +63,9 @@ admin socket only (global.stats.admin_socket):
   del server BACKEND/SERVER
                     remove a server that has no connection left
   reload            re-read the configuration file (like SIGHUP); runtime changes are dropped
+                    and established connections move to the new configuration
+  upgrade [BINARY]  start BINARY (default: this program's path) with the same arguments and hand
+                    it the listening sockets, then every established connection (like SIGUSR2)
 answers of show conns and of the admin commands start with a status line, OK or FAIL
 ";
 
@@ -264,6 +267,46 @@ pub struct Server {
     path: PathBuf,
     file: FileId,
     running: Option<serve::Running>,
+    /// A copy of the listening socket, for a binary upgrade to hand to the new process.
+    listener: std::os::fd::OwnedFd,
+    /// Handed over: stop serving, but leave the file to the new process.
+    disowned: bool,
+}
+
+impl Server {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The listening socket (a binary upgrade hands a copy to the new process).
+    pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.listener)
+    }
+
+    /// Stops serving without removing the socket's file: a new process serves it now.
+    pub fn disown(mut self) {
+        self.disowned = true;
+    }
+}
+
+/// Serves a stats socket another process created and handed over (binary upgrade): the same
+/// listening socket, the file at `path` as it is.
+pub fn serve_inherited(
+    path: &Path,
+    listener: std::os::fd::OwnedFd,
+    collect: impl Fn() -> EngineStats + Send + 'static,
+    requests: Option<Sender<Request>>,
+    level: Level,
+    watch: &Watch,
+) -> Result<Server, ServeError> {
+    let create = |source| ServeError::Create { path: path.to_owned(), source };
+    let file = FileId::of(path).ok_or_else(|| create(io::Error::other("the handed-over socket's file is gone")))?;
+    let copy = listener.try_clone().map_err(create)?;
+    let listener = UnixListener::from(listener);
+    let name = if level == Level::Admin { "ringproxy-admin" } else { "ringproxy-stats" };
+    let running =
+        serve::start(name, listener, Lines { collect, requests, level }, watch).map_err(ServeError::Thread)?;
+    Ok(Server { path: path.to_owned(), file, running: Some(running), listener: copy, disowned: false })
 }
 
 /// Creates the socket at `path` with permission bits `mode` (and `owner`, when the engine will run
@@ -280,9 +323,18 @@ pub fn serve(
 ) -> Result<Server, ServeError> {
     claim(path)?;
     let (listener, file) = bind_private(path, mode, owner, &|_, _| {})?;
+    let copy = match std::os::fd::AsFd::as_fd(&listener).try_clone_to_owned() {
+        Ok(c) => c,
+        Err(source) => {
+            remove_if_ours(path, file);
+            return Err(ServeError::Create { path: path.to_owned(), source });
+        }
+    };
     let name = if level == Level::Admin { "ringproxy-admin" } else { "ringproxy-stats" };
     match serve::start(name, listener, Lines { collect, requests, level }, watch) {
-        Ok(running) => Ok(Server { path: path.to_owned(), file, running: Some(running) }),
+        Ok(running) => {
+            Ok(Server { path: path.to_owned(), file, running: Some(running), listener: copy, disowned: false })
+        }
         Err(e) => {
             remove_if_ours(path, file);
             Err(ServeError::Thread(e))
@@ -405,7 +457,9 @@ fn remove_if_ours(path: &Path, file: FileId) {
 impl Drop for Server {
     fn drop(&mut self) {
         drop(self.running.take());
-        remove_if_ours(&self.path, self.file);
+        if !self.disowned {
+            remove_if_ours(&self.path, self.file);
+        }
     }
 }
 

@@ -235,6 +235,9 @@ impl Worker {
             .collect();
         match &mut self.mover {
             Some(m) => {
+                // (After an upgrade that failed: the connections go to the engine that replaces
+                // this one in this process instead.)
+                m.export = None;
                 m.plan = plan;
                 m.servers = servers;
                 m.frontends = frontends;
@@ -310,7 +313,6 @@ impl Worker {
     /// (or, one failed or it closed meanwhile, stays).
     fn export_step(&mut self, key: (u32, u32), client: bool, fd: Option<OwnedFd>) {
         let Some(m) = &mut self.mover else { return };
-        let Some(tx) = m.export.clone() else { return };
         let e = m.installing.entry(key).or_default();
         e.answers += 1;
         if client {
@@ -322,6 +324,10 @@ impl Worker {
             return;
         }
         let Some(Installing { client, server, .. }) = m.installing.remove(&key) else { return };
+        let Some(tx) = m.export.clone() else {
+            // The upgrade was called off meanwhile (a rollback): the connection stays.
+            return self.resume_key(key);
+        };
         let c = self.conns.peek(key.0, key.1).filter(|c| c.ready_to_move());
         let (Some(c), Some(client), Some(server_fd)) = (c, client, server) else {
             // (The descriptors made are closed as they are dropped.)
@@ -622,32 +628,12 @@ impl Worker {
         }
     }
 
-    /// The new worker a connection goes to: the one its client's source is steered to (per-source
-    /// limits count it there), else the one holding its source address toward the server (its
-    /// port is counted there), else the next in turn.
-    fn target_for(&mut self, idx: u32, (fe, b, s): (u16, u16, u16)) -> usize {
+    /// The new worker a connection goes to ([`pick_target`]).
+    fn target_for(&mut self, idx: u32, place: (u16, u16, u16)) -> usize {
         let source_ip = self.up.source_ip(self.conns.entry(idx));
         let client = self.conns.entry(idx).client_addr;
         let Some(m) = &mut self.mover else { return 0 };
-        let cfg = &m.plan.config;
-        let n = m.plan.targets.len().max(1);
-        if let (Some(p), Some(a)) = (cfg.frontends[fe as usize].per_source, client)
-            && n > 1
-        {
-            return crate::listener::steered_worker(p, n, a.ip());
-        }
-        m.rotor = m.rotor.wrapping_add(1);
-        let sources = &cfg.backends[b as usize].servers[s as usize].sources;
-        if let Some(j) = source_ip.and_then(|ip| sources.iter().position(|&x| x == ip)) {
-            // sources.rs: source j is used by worker j mod n (at least as many sources as
-            // workers), else by every worker w with w mod sources = j.
-            if sources.len() >= n {
-                return j % n;
-            }
-            let owners: Vec<usize> = (j..n).step_by(sources.len()).collect();
-            return owners[m.rotor % owners.len()];
-        }
-        m.rotor % n
+        pick_target(&m.plan.config, m.plan.targets.len(), place, source_ip, client, &mut m.rotor)
     }
 
     // --- the new worker's side ---
@@ -744,4 +730,51 @@ impl Worker {
         }
         self.follow_up();
     }
+}
+
+/// The worker of an engine (of `cfg`, `workers` of them) a connection moving in goes to: the one its
+/// client's source is steered to when its frontend has per-source limits (they count it there),
+/// else the one holding its source address toward the server (its port is counted there), else
+/// the next in turn (`rotor`).
+pub fn pick_target(
+    cfg: &Config,
+    workers: usize,
+    (fe, b, s): (u16, u16, u16),
+    source_ip: Option<std::net::IpAddr>,
+    client: Option<std::net::SocketAddr>,
+    rotor: &mut usize,
+) -> usize {
+    let n = workers.max(1);
+    if let (Some(p), Some(a)) = (cfg.frontends[fe as usize].per_source, client)
+        && n > 1
+    {
+        return crate::listener::steered_worker(p, n, a.ip());
+    }
+    *rotor = rotor.wrapping_add(1);
+    let sources = &cfg.backends[b as usize].servers[s as usize].sources;
+    if let Some(j) = source_ip.and_then(|ip| sources.iter().position(|&x| x == ip)) {
+        // sources.rs: source j is used by worker j mod n (at least as many sources as workers),
+        // else by every worker w with w mod sources = j.
+        if sources.len() >= n {
+            return j % n;
+        }
+        let owners: Vec<usize> = (j..n).step_by(sources.len()).collect();
+        return owners[*rotor % owners.len()];
+    }
+    *rotor % n
+}
+
+/// A connection's (frontend, backend, server) in `cfg`, found by name (the server by name and
+/// address), if `cfg` has them.
+pub fn place_by_name(
+    cfg: &Config,
+    frontend: &str,
+    backend: &str,
+    server: &str,
+    address: std::net::SocketAddr,
+) -> Option<(u16, u16, u16)> {
+    let fe = cfg.frontends.iter().position(|f| f.name == frontend)?;
+    let b = cfg.backends.iter().position(|x| x.name == backend)?;
+    let s = cfg.backends[b].servers.iter().position(|x| x.name == server && x.address == address)?;
+    Some((fe as u16, b as u16, s as u16))
 }

@@ -21,6 +21,12 @@ use crate::stats::{ServerStats, WorkerStats, latency_histogram};
 /// completion, up to this.
 pub(crate) const RECV_BUF: usize = 64 * 1024;
 
+/// A number no other worker (or upgrade courier) of this process has: moves name their sender by it.
+pub fn next_uid() -> u64 {
+    static UIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    UIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Worker {
     pub(super) fn new(setup: WorkerSetup) -> std::io::Result<Worker> {
         let WorkerSetup { id, config, plan, listeners, rx, wake, peers, log } = setup;
@@ -123,10 +129,9 @@ impl Worker {
             })
             .collect();
         let now = Clock::now();
-        static UIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let mut w = Worker {
             id,
-            uid: UIDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            uid: next_uid(),
             cfg: config.clone(),
             ring,
             conns: Slab::with_capacity(plan.conns_per_worker as usize),
