@@ -484,6 +484,14 @@ impl Supervisor {
             prometheus: self.metrics.as_ref().map(|m| m.addr()),
         };
         if let Err(e) = link.send(&hello, &fds) {
+            // Most likely it has exited already: say how.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(fail(format!("it exited ({status}) before serving")));
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             stop(&mut child);
             return Err(fail(format!("handing it the listening sockets: {e}")));
         }

@@ -18,3 +18,4 @@ mod monitoring;
 mod reload;
 mod shutdown;
 mod systemd;
+mod upgrade;

@@ -1,0 +1,153 @@
+//! Binary upgrade without closing (`ringproxy upgrade`, SIGUSR2; upgrade.rs): the new process takes
+//! the listening sockets and the established connections, the old one exits; a new binary that
+//! fails, or speaks another hand-over protocol, leaves the old process serving.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+fn yaml(port: u16, server: SocketAddr, sock: &Path, admin: &Path) -> String {
+    format!(
+        "global: {{ workers: 2, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+         frontends:\n  - {{ name: fe, bind: \"127.0.0.1:{port}\", backend: be }}\n\
+         backends:\n  - {{ name: be, servers: [{{ name: s, address: \"{server}\" }}] }}\n",
+        sock.display(),
+        admin.display()
+    )
+}
+
+/// Whether process `pid` is gone (or a zombie nobody here can reap: the new process's parent was
+/// the old one).
+fn gone(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_process_exits() {
+    let echo = Backend::start(Mode::Echo);
+    let port = free_port();
+    let (sock, admin) = (temp_path("up1.sock"), temp_path("up1-admin.sock"));
+    let mut proxy = Proxy::start("up1", &yaml(port, echo.addr, &sock, &admin));
+    let old_pid = proxy.pid();
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held: Vec<TcpStream> = (0..200u32)
+        .map(|i| {
+            let mut c = connect(front);
+            echo_once(&mut c, &i.to_le_bytes());
+            c
+        })
+        .collect();
+    // Transfers both ways through the upgrade, checked byte for byte.
+    let mut transfers = Some(spawn(move || {
+        let mut pumps: Vec<Pump> =
+            (0..2).map(|i| Pump::connect(front, 900 + i, false).unwrap().limit(6 * MIB).paced(3 * MIB)).collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for p in &mut pumps {
+            p.run(deadline).unwrap();
+            p.intact().unwrap();
+        }
+    }));
+    // New connections all along: none may be refused or reset.
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let churn = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let served = TcpStream::connect_timeout(&front, Duration::from_secs(2)).is_ok_and(|mut c| {
+                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    std::io::Write::write_all(&mut c, b"c").is_ok() && {
+                        let mut b = [0u8];
+                        c.read_exact(&mut b).is_ok() && b[0] == b'c'
+                    }
+                });
+                if served { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let out = ringproxy().args(["upgrade", "--socket"]).arg(&admin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("serves the listening sockets"), "{text}");
+    // Connections move only where the kernel makes descriptors of direct sockets
+    // (FIXED_FD_INSTALL, 6.8); elsewhere the old process keeps its own until they end.
+    let (io, _) = ringproxy::features::effective(None).unwrap();
+    if !io.fd_install {
+        for (i, c) in held.iter_mut().enumerate() {
+            echo_once(c, format!("still with the old process {i}").as_bytes());
+        }
+        transfers.take().unwrap().join().expect("the transfers came through intact");
+        drop(std::mem::take(&mut held));
+    }
+    let line = proxy.wait_stderr("upgrade: handed the listening sockets and");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0), "the old process exits once it has handed over");
+    let s = ringproxy::stats::socket::fetch(&sock).unwrap();
+    let new_pid = s.pid;
+    assert_ne!(new_pid, old_pid, "the stats socket is the new process's");
+    if io.fd_install {
+        assert!(s.total(|w| w.moved_in) >= 200, "{line}; moved in: {}", s.total(|w| w.moved_in));
+        for (i, c) in held.iter_mut().enumerate() {
+            echo_once(c, format!("after the upgrade {i}").as_bytes());
+        }
+        transfers.take().unwrap().join().expect("the transfers came through intact");
+    }
+    let before = ok.load(Ordering::SeqCst);
+    wait_until("the churn to go on after the upgrade", Duration::from_secs(5), || {
+        ok.load(Ordering::SeqCst) > before + 10
+    });
+    stop.store(true, Ordering::SeqCst);
+    churn.join().unwrap();
+    assert_eq!(failed.load(Ordering::SeqCst), 0, "no new connection refused, reset or unanswered");
+    drop(held);
+    // The new process holds nothing once the clients are gone, and stops on SIGTERM.
+    wait_until("the new process's gauges to be 0", Duration::from_secs(10), || {
+        let s = ringproxy::stats::socket::fetch(&sock).unwrap();
+        GAUGES.iter().all(|(_, g)| s.total(g) == 0)
+    });
+    // SAFETY: kill on a pid this test started (through the old process).
+    unsafe { libc::kill(new_pid as i32, libc::SIGTERM) };
+    wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || gone(new_pid));
+    assert!(!sock.exists() && !admin.exists(), "the new process removed the stats sockets at exit");
+}
+
+#[test]
+fn a_new_binary_that_fails_or_speaks_another_protocol_leaves_the_old_process_serving() {
+    let echo = Backend::start(Mode::Echo);
+    let port = free_port();
+    let (sock, admin) = (temp_path("up2.sock"), temp_path("up2-admin.sock"));
+    // Every binary this process starts claims another hand-over protocol.
+    let proxy = Proxy::start_adjusted("up2", &yaml(port, echo.addr, &sock, &admin), |c| {
+        c.env("RINGPROXY_UPGRADE_PROTOCOL", "99");
+    });
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held = connect(front);
+    echo_once(&mut held, b"before");
+    let upgrade = |binary: Option<&str>| {
+        let mut cmd = ringproxy();
+        cmd.args(["upgrade", "--socket"]).arg(&admin).args(binary);
+        let out = cmd.output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, text) = upgrade(Some("/bin/false"));
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("exited") && text.contains("serves on"), "{text}");
+    let (code, text) = upgrade(None);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("speaks hand-over protocol 99") && text.contains("serves on"), "{text}");
+    // Still the same process, serving old and new connections.
+    assert_eq!(ringproxy::stats::socket::fetch(&sock).unwrap().pid, proxy.pid());
+    echo_once(&mut held, b"after two failed upgrades");
+    let mut fresh = connect(front);
+    echo_once(&mut fresh, b"new");
+    drop((held, fresh));
+    proxy.stop_clean();
+}
