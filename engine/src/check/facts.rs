@@ -127,6 +127,8 @@ fn probe_io_uring() -> Result<Vec<&'static str>, String> {
         ("POLL_ADD", PollAdd::CODE),
         ("SHUTDOWN", Shutdown::CODE),
         ("CLOSE", Close::CODE),
+        // Reloads move established connections between rings with it (6.0).
+        ("MSG_RING", MsgRingData::CODE),
     ];
     Ok(ops.iter().filter(|(_, c)| !probe.is_supported(*c)).map(|(n, _)| *n).collect())
 }

@@ -40,6 +40,7 @@ pub fn evaluate(config: &Config, facts: &HostFacts) -> Vec<Item> {
     }
     items.push(kernel(facts));
     items.push(io_uring_item(facts));
+    items.push(hand_over(facts));
     items.push(workers(config, &plan, facts));
     items.extend(open_files(config, &plan, facts));
     items.push(file_max(&plan, target, facts));
@@ -119,6 +120,28 @@ fn io_uring_item(facts: &HostFacts) -> Item {
             "upgrade the kernel (the workers' ring flags, SINGLE_ISSUER and DEFER_TASKRUN, need 6.1+); \
              EMFILE when registering the file table means RLIMIT_NOFILE is too small",
         ),
+    }
+}
+
+/// What reloads and binary upgrades hand over on this host without closing: a reload moves
+/// established connections between rings (MSG_RING, within the 6.1 floor); an upgrade hands the
+/// new process its listening sockets always, and established connections where direct sockets can
+/// become descriptors (FIXED_FD_INSTALL, 6.8).
+fn hand_over(facts: &HostFacts) -> Item {
+    match &facts.io_features {
+        Ok((f, _)) if f.fd_install => ok(
+            "hand-over",
+            "reload and binary upgrade (ringproxy upgrade, SIGUSR2) move every established connection: nothing is \
+             closed",
+        ),
+        Ok(_) => warn(
+            "hand-over",
+            "reload moves every established connection; a binary upgrade hands the new process the listening \
+             sockets only: established connections stay with the old process until they end or timeout.drain \
+             passes (making descriptors of direct sockets needs FIXED_FD_INSTALL, Linux 6.8)",
+        )
+        .fix("upgrade the kernel to Linux 6.8 or later for upgrades that close nothing"),
+        Err(e) => warn("hand-over", format!("cannot tell (io_uring features: {e})")),
     }
 }
 
