@@ -55,6 +55,9 @@ pub const BATCH: usize = 100;
 pub const START_WAIT: Duration = Duration::from_secs(30);
 /// Largest message (a batch's JSON is ~40 KB).
 const MAX_MSG: usize = 4 << 20;
+/// Batches the new process's courier moves in one round (grants, MSG_RINGs): the old workers keep
+/// up to 256 connections each on their way, so a round takes what a dozen workers have sent.
+const GATHER: usize = 32;
 
 /// The messages of the hand-over.
 #[derive(Debug, Serialize, Deserialize)]
@@ -251,41 +254,60 @@ pub fn send_conns(
     peers: std::sync::Arc<Vec<Peer>>,
     failed: crossbeam_channel::Sender<String>,
 ) -> Result<u64, String> {
-    let mut pending: usize = 0;
-    let mut taken = 0u64;
-    let mut broken: Option<String> = None;
-    let mut told = false;
     let ack = |worker: usize, key: (u32, u32), taken: bool| {
         if let Some(p) = peers.get(worker) {
             p.send(Control::ExportAck { key, taken });
         }
     };
-    let mut outstanding: Vec<(usize, (u32, u32))> = Vec::new();
+    let mut taken = 0u64;
+    let mut broken: Option<String> = None;
+    // Sent, not answered yet: (worker, key).
+    let mut outstanding: std::collections::HashSet<(usize, (u32, u32))> = std::collections::HashSet::new();
+    let mut gone = false;
+    // An export taken while waiting, for the next batch.
+    let mut carry: Vec<Exported> = Vec::new();
     loop {
-        // A batch: what is there now (waiting a moment for the first).
-        let mut batch = Vec::new();
-        let mut gone = false;
-        match exports.recv_timeout(Duration::from_millis(20)) {
-            Ok(e) => batch.push(e),
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => gone = true,
-        }
-        while batch.len() < BATCH {
-            match exports.try_recv() {
-                Ok(e) => batch.push(e),
-                Err(_) => break,
+        let mut busy = false;
+        // The answers first: each frees room in its worker for the next connections.
+        while broken.is_none() && !outstanding.is_empty() {
+            match link.recv(Duration::ZERO) {
+                Ok(Some((Msg::Acks { acks }, _))) => {
+                    busy = true;
+                    for (worker, key, ok) in acks {
+                        if outstanding.remove(&(worker, key)) {
+                            ack(worker, key, ok);
+                            taken += u64::from(ok);
+                        }
+                    }
+                }
+                Ok(Some((other, _))) => broken = Some(format!("unexpected message {other:?}")),
+                Ok(None) => break,
+                Err(e) => broken = Some(e.to_string()),
             }
         }
-        if broken.is_some() {
-            for e in batch {
-                ack(e.worker, e.key, false);
+        // Then every export there is, in batches.
+        loop {
+            let mut batch: Vec<Exported> = std::mem::take(&mut carry);
+            while batch.len() < BATCH {
+                match exports.try_recv() {
+                    Ok(e) => batch.push(e),
+                    Err(crossbeam_channel::TryRecvError::Empty) => break,
+                    Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                        gone = true;
+                        break;
+                    }
+                }
             }
-            if gone {
-                return Err(broken.unwrap_or_default());
+            if batch.is_empty() {
+                break;
             }
-            continue;
-        }
-        if !batch.is_empty() {
+            busy = true;
+            if broken.is_some() {
+                for e in batch {
+                    ack(e.worker, e.key, false);
+                }
+                continue;
+            }
             let fds: Vec<BorrowedFd<'_>> = batch.iter().flat_map(|e| [e.client.as_fd(), e.server_fd.as_fd()]).collect();
             let conns: Vec<WireConn> = batch
                 .iter()
@@ -300,10 +322,7 @@ pub fn send_conns(
                 })
                 .collect();
             match link.send(&Msg::Conns { conns }, &fds) {
-                Ok(()) => {
-                    pending += batch.len();
-                    outstanding.extend(batch.iter().map(|e| (e.worker, e.key)));
-                }
+                Ok(()) => outstanding.extend(batch.iter().map(|e| (e.worker, e.key))),
                 Err(e) => {
                     for x in &batch {
                         ack(x.worker, x.key, false);
@@ -311,50 +330,34 @@ pub fn send_conns(
                     broken = Some(format!("sending connections: {e}"));
                 }
             }
-            // Our copies of the descriptors close here; the new process has its own.
+            // (Our copies of the descriptors close here; the new process has its own.)
         }
-        // Answers.
-        while broken.is_none() {
-            match link.recv(Duration::ZERO) {
-                Ok(Some((Msg::Acks { acks }, _))) => {
-                    for (worker, key, ok) in acks {
-                        ack(worker, key, ok);
-                        taken += u64::from(ok);
-                        pending = pending.saturating_sub(1);
-                        if let Some(i) = outstanding.iter().position(|x| *x == (worker, key)) {
-                            outstanding.swap_remove(i);
-                        }
-                    }
-                }
-                Ok(Some((other, _))) => broken = Some(format!("unexpected message {other:?}")),
-                Ok(None) => break,
-                Err(e) => broken = Some(e.to_string()),
-            }
-        }
-        if let Some(why) = &broken
-            && !told
-        {
-            told = true;
-            let _ = failed.send(why.clone());
-        }
-        if broken.is_some() {
-            // Whatever the new process had not answered stays here.
-            for (worker, key) in outstanding.drain(..) {
+        if let Some(why) = &broken {
+            // Whatever the new process had not answered stays here; so does everything after.
+            for (worker, key) in outstanding.drain() {
                 ack(worker, key, false);
             }
+            let _ = failed.try_send(why.clone());
             if gone {
-                return Err(broken.unwrap_or_default());
+                return Err(why.clone());
             }
-            continue;
-        }
-        if gone && pending == 0 {
+        } else if gone && outstanding.is_empty() {
             let _ = link.send(&Msg::Done, &[]);
             return Ok(taken);
         }
-        if gone {
-            // Every worker has exited, answers still due (cannot happen: a worker waits for its
-            // answers before it exits); wait for them.
-            std::thread::sleep(Duration::from_millis(5));
+        if !busy {
+            // Nothing to do: wait a moment for an answer or for the next exports.
+            if outstanding.is_empty() || broken.is_some() {
+                match exports.recv_timeout(Duration::from_millis(5)) {
+                    Ok(e) => carry.push(e),
+                    Err(crossbeam_channel::RecvTimeoutError::Disconnected) => gone = true,
+                    Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+                }
+            } else {
+                let mut p = libc::pollfd { fd: link.0.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut p, 1, 2) };
+            }
         }
     }
 }
@@ -422,37 +425,60 @@ pub fn receive_hello(link: &Link) -> Result<Inherited, String> {
 /// into a worker of `plan`'s engine and answers which it took, until the old process is done.
 /// Returns how many it took.
 pub fn receive_conns(link: Link, plan: std::sync::Arc<MovePlan>) -> Result<u64, String> {
-    let mut ring = io_uring::IoUring::new(4 * BATCH as u32).map_err(|e| format!("the courier's ring: {e}"))?;
-    ring.submitter()
-        .register_files_sparse(2 * BATCH as u32)
-        .map_err(|e| format!("the courier's descriptor table: {e}"))?;
+    let slots = (2 * BATCH * GATHER) as u32;
+    let mut ring = io_uring::IoUring::new(slots.next_power_of_two()).map_err(|e| format!("the courier's ring: {e}"))?;
+    ring.submitter().register_files_sparse(slots).map_err(|e| format!("the courier's descriptor table: {e}"))?;
     let (tx, rx) = crossbeam_channel::unbounded();
     let wake = std::sync::Arc::new(crate::sys::EventFd::new().map_err(|e| e.to_string())?);
     let me = Peer { tx, wake };
     let uid = crate::worker::next_uid();
-    let mut batch_no: u32 = 0;
+    let mut round: u32 = 0;
     let mut taken = 0u64;
     let mut rotor = 0usize;
     loop {
-        let (msg, fds) = match link.recv(Duration::from_secs(1)) {
-            Ok(Some(m)) => m,
-            Ok(None) => continue,
-            Err(e) => return Err(e.to_string()),
-        };
-        match msg {
-            Msg::Done => return Ok(taken),
-            Msg::Conns { conns } => {
-                let acks = adopt(&mut ring, &plan, &me, &rx, uid, batch_no, &mut rotor, conns, fds);
-                taken += acks.iter().filter(|a| a.2).count() as u64;
-                batch_no = batch_no.wrapping_add(1);
-                link.send(&Msg::Acks { acks }, &[]).map_err(|e| e.to_string())?;
+        // One round: the first message that comes, and every one behind it (up to GATHER).
+        let mut conns = Vec::new();
+        let mut fds = Vec::new();
+        let mut done = false;
+        let mut wait = Duration::from_secs(1);
+        for _ in 0..GATHER {
+            let (msg, more) = match link.recv(wait) {
+                Ok(Some(m)) => m,
+                Ok(None) => break,
+                Err(e) if conns.is_empty() => return Err(e.to_string()),
+                Err(_) => break,
+            };
+            match msg {
+                Msg::Done => {
+                    done = true;
+                    break;
+                }
+                Msg::Conns { conns: c } if more.len() == 2 * c.len() => {
+                    conns.extend(c);
+                    fds.extend(more);
+                }
+                Msg::Conns { conns: c } => {
+                    // (Descriptors missing: those connections stay with the old process.)
+                    let acks = c.iter().map(|c| (c.worker, c.key, false)).collect();
+                    link.send(&Msg::Acks { acks }, &[]).map_err(|e| e.to_string())?;
+                }
+                other => return Err(format!("unexpected message {other:?}")),
             }
-            other => return Err(format!("unexpected message {other:?}")),
+            wait = Duration::ZERO;
+        }
+        if !conns.is_empty() {
+            let acks = adopt(&mut ring, &plan, &me, &rx, uid, round, &mut rotor, conns, fds);
+            taken += acks.iter().filter(|a| a.2).count() as u64;
+            round = round.wrapping_add(1);
+            link.send(&Msg::Acks { acks }, &[]).map_err(|e| e.to_string())?;
+        }
+        if done {
+            return Ok(taken);
         }
     }
 }
 
-/// Moves one batch into the engine's workers, as an older engine's worker moves its connections on
+/// Moves one round's connections into the engine's workers, as an older engine's worker moves its connections on
 /// reload (offer, grant, MSG_RING from the courier's table, arrival or call-off).
 #[allow(clippy::too_many_arguments)]
 fn adopt(
@@ -461,13 +487,13 @@ fn adopt(
     me: &Peer,
     answers: &Receiver<Control>,
     uid: u64,
-    batch_no: u32,
+    round: u32,
     rotor: &mut usize,
     conns: Vec<WireConn>,
     fds: Vec<OwnedFd>,
 ) -> Vec<(usize, (u32, u32), bool)> {
     let mut acks: Vec<(usize, (u32, u32), bool)> = conns.iter().map(|c| (c.worker, c.key, false)).collect();
-    if fds.len() != 2 * conns.len() || conns.len() > BATCH {
+    if fds.len() != 2 * conns.len() || conns.len() > BATCH * GATHER {
         return acks;
     }
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
@@ -488,7 +514,7 @@ fn adopt(
         let t = crate::worker::pick_target(cfg, n, place, source, c.state.client_addr, rotor);
         target_of[i] = t;
         let (frontend, backend, server) = place;
-        offers[t].push(MoveOffer { key: (batch_no, i as u32), frontend, backend, server });
+        offers[t].push(MoveOffer { key: (round, i as u32), frontend, backend, server });
     }
     let mut asked = 0;
     for (t, items) in offers.into_iter().enumerate().filter(|(_, v)| !v.is_empty()) {
@@ -568,7 +594,7 @@ fn adopt(
     let mut cancel: Vec<Vec<((u32, u32), Option<u32>)>> = (0..n).map(|_| Vec::new()).collect();
     for (i, (c, g)) in conns.into_iter().zip(&grants).enumerate() {
         let Some(g) = g else { continue };
-        let key = (batch_no, i as u32);
+        let key = (round, i as u32);
         let client = results[2 * i].filter(|&r| r >= 0).map(|r| g.client.unwrap_or(r as u32));
         let server_ok = results[2 * i + 1].is_some_and(|r| r >= 0);
         match (client, server_ok) {

@@ -40,12 +40,18 @@ use crate::worker::token::GENERATION_MASK;
 
 /// Connections a worker has on their way at once (quiescing, offered, handing over).
 const IN_FLIGHT: usize = 2048;
+/// The same for a binary upgrade, where each holds two process descriptors until the new process
+/// has its own: 256 per worker keeps even 40 workers within a 20,000-descriptor limit.
+const IN_FLIGHT_EXPORT: usize = 256;
 /// Free server slots a new worker keeps for its own connects when it grants slots.
 const SLOT_RESERVE: usize = 64;
 /// How long an offer may wait for its answer.
 pub(super) const OFFER_WAIT_MS: u64 = 2000;
 /// How long a refused connection waits before it is offered again.
 const RETRY_MS: u64 = 1000;
+/// While connections keep moving, the drain deadline stays at least this far ahead: it cuts only
+/// what cannot move (or moves that have stalled), not a large hand-over still under way.
+const MOVE_GRACE_MS: u64 = 2000;
 
 /// Where the connections of an engine move on reload: the new engine.
 pub struct MovePlan {
@@ -356,6 +362,7 @@ impl Worker {
         }
         let quiet = self.conns.peek(key.0, key.1).is_some_and(|c| c.ready_to_move());
         if taken && quiet {
+            self.moved_one();
             self.with_conn(key.0, |cx| cx.leave());
             self.follow_up();
         } else {
@@ -366,6 +373,13 @@ impl Worker {
                 }
             }
             self.resume_key(key);
+        }
+    }
+
+    /// A connection moved on: the drain deadline stays [`MOVE_GRACE_MS`] ahead.
+    fn moved_one(&mut self) {
+        if let Some(d) = self.draining {
+            self.draining = Some(d.max(self.now.ms + MOVE_GRACE_MS));
         }
     }
 
@@ -418,7 +432,8 @@ impl Worker {
             return;
         }
         let total = self.conns.slots() as u32;
-        let mut budget = IN_FLIGHT.saturating_sub(m.in_flight());
+        let cap = if m.export.is_some() { IN_FLIGHT_EXPORT } else { IN_FLIGHT };
+        let mut budget = cap.saturating_sub(m.in_flight());
         let mut begun = Vec::new();
         let mut seen = 0;
         while budget > 0 && seen < total {
@@ -485,6 +500,7 @@ impl Worker {
         let client_slot = client.map(|res| grant.client.unwrap_or(res));
         let live = self.conns.peek(key.0, key.1).is_some_and(|c| c.ready_to_move());
         if let (true, true, Some(client_slot)) = (ok, live, client_slot) {
+            self.moved_one();
             let state = self.with_conn(key.0, |cx| {
                 let st = cx.moved_state();
                 cx.leave();
