@@ -42,8 +42,9 @@ pub enum Control {
     /// Connections offered by worker `from` (a process-wide worker id) of an older engine; the
     /// answer goes to `reply`.
     MoveOffer { from: u64, reply: Peer, items: Vec<crate::worker::MoveOffer> },
-    /// The answer to an offer: per connection, the slots granted, or refused.
-    MoveGrant { items: Vec<((u32, u32), Option<crate::worker::Grant>)> },
+    /// The answer to an offer from worker `worker` (its index in its engine): per connection, the
+    /// slots granted, or refused.
+    MoveGrant { worker: usize, items: Vec<((u32, u32), Option<crate::worker::Grant>)> },
     /// Connections whose sockets are now in the slots granted to them.
     MoveArrive { from: u64, conns: Vec<crate::conn::Moved> },
     /// Grants called off (with the accept slot the client socket reached, if it did).

@@ -524,7 +524,15 @@ fn adopt(
     let deadline = Instant::now() + Duration::from_secs(5);
     while asked > 0 {
         match answers.recv_deadline(deadline) {
-            Ok(Control::MoveGrant { items }) => {
+            Ok(Control::MoveGrant { worker, items }) => {
+                if items.first().is_some_and(|((r, _), _)| *r != round) {
+                    // An earlier round's answer, too late: what it granted is called off.
+                    let keys: Vec<_> = items.iter().filter(|(_, g)| g.is_some()).map(|(k, _)| (*k, None)).collect();
+                    if let (Some(t), false) = (plan.targets.get(worker), keys.is_empty()) {
+                        t.peer.send(Control::MoveCancel { from: uid, keys });
+                    }
+                    continue;
+                }
                 asked -= 1;
                 for ((_, i), g) in items {
                     if let Some(slot) = grants.get_mut(i as usize) {

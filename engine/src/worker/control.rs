@@ -41,7 +41,7 @@ impl Worker {
                 }
                 Control::MoveTo(plan) => self.move_to(plan),
                 Control::MoveOffer { from, reply, items } => self.on_move_offer(from, reply, items),
-                Control::MoveGrant { items } => self.on_move_grant(items),
+                Control::MoveGrant { items, .. } => self.on_move_grant(items),
                 Control::MoveArrive { from, conns } => self.on_move_arrive(from, conns),
                 Control::MoveCancel { from, keys } => self.on_move_cancel(from, keys),
                 Control::ExportTo(plan) => self.export_to(plan),
@@ -294,6 +294,7 @@ impl Worker {
             for idx in self.conns.live_indices() {
                 self.with_conn(idx, |cx| cx.close(CloseReason::Shutdown));
             }
+            self.drop_landings();
             self.follow_up();
         }
     }

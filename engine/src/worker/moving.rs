@@ -658,7 +658,7 @@ impl Worker {
     /// refuse; the answer goes back to `reply`.
     pub(super) fn on_move_offer(&mut self, from: u64, reply: Peer, items: Vec<MoveOffer>) {
         let answers = items.into_iter().map(|o| (o.key, self.land(from, o))).collect();
-        reply.send(Control::MoveGrant { items: answers });
+        reply.send(Control::MoveGrant { worker: self.id, items: answers });
         self.follow_up();
     }
 
@@ -718,6 +718,16 @@ impl Worker {
             let client = ClientSlot::accepted(m.client_slot);
             self.with_conn(idx, |cx| cx.arrive(listener, (fe, l.backend, l.srv), client, l.server, m.state));
             self.follow_up();
+        }
+    }
+
+    /// The drain deadline: grants still outstanding (their sender is gone or stalled) are given
+    /// back, so that the worker can finish. A client socket a MSG_RING may have put in the
+    /// accept range closes with the ring.
+    pub(super) fn drop_landings(&mut self) {
+        let keys: Vec<(u64, (u32, u32))> = self.landing.keys().copied().collect();
+        for (from, key) in keys {
+            self.on_move_cancel(from, vec![(key, None)]);
         }
     }
 
