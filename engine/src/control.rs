@@ -48,7 +48,7 @@ pub enum Control {
     /// Connections whose sockets are now in the slots granted to them.
     MoveArrive { from: u64, conns: Vec<crate::conn::Moved> },
     /// Grants called off (with the accept slot the client socket reached, if it did).
-    MoveCancel { from: u64, keys: Vec<((u32, u32), Option<u32>)> },
+    MoveCancel { from: u64, keys: Vec<crate::worker::CallOff> },
     /// A binary upgrade: stop accepting and hand established connections to the new process
     /// through the courier.
     ExportTo(Arc<crate::worker::ExportPlan>),

@@ -101,6 +101,20 @@ impl fmt::Display for Handover {
     }
 }
 
+/// The answer to a command the supervisor carried out, also written to the log.
+fn logged(outcome: Result<String, String>) -> Answer {
+    match outcome {
+        Ok(text) => {
+            eprintln!("ringproxy: {text}");
+            Answer::Ok(format!("{text}\n"))
+        }
+        Err(text) => {
+            eprintln!("ringproxy: {text}");
+            Answer::Fail(format!("{text}\n"))
+        }
+    }
+}
+
 /// The path this program was started from: what `/proc/self/exe` names (" (deleted)" once a
 /// package replaced the file there, which is then the binary to upgrade to).
 fn own_binary() -> std::io::Result<PathBuf> {
@@ -584,29 +598,13 @@ impl Supervisor {
     /// configuration does not have changes nothing.
     pub fn command(&mut self, command: &Command) -> Answer {
         let (server, op) = match command {
-            Command::Upgrade { binary } => {
-                return match self.upgrade(binary.as_deref()) {
-                    Ok(line) => {
-                        eprintln!("ringproxy: {line}");
-                        Answer::Ok(format!("{line}\n"))
-                    }
-                    Err(e) => {
-                        eprintln!("ringproxy: {e}");
-                        Answer::Fail(format!("{e}\n"))
-                    }
-                };
-            }
+            Command::Upgrade { binary } => return logged(self.upgrade(binary.as_deref())),
             Command::Reload => {
-                return match self.reload() {
-                    Ok(r) => {
-                        eprintln!("ringproxy: {r}");
-                        Answer::Ok(format!("{r}\n"))
-                    }
-                    Err(e) => {
-                        eprintln!("ringproxy: reload refused, the running configuration stays: {e}");
-                        Answer::Fail(format!("reload refused, the running configuration stays: {e}\n"))
-                    }
-                };
+                return logged(
+                    self.reload()
+                        .map(|r| r.to_string())
+                        .map_err(|e| format!("reload refused, the running configuration stays: {e}")),
+                );
             }
             Command::ShowConns { server, limit } => {
                 let at = match server.as_ref().map(|n| self.find(n)).transpose() {

@@ -49,6 +49,9 @@ pub const PROTOCOL: u32 = 1;
 pub const ENV_FD: &str = "RINGPROXY_UPGRADE_FD";
 /// A testing aid: the protocol version the new process claims (to see a refusal happen).
 pub const ENV_PROTOCOL: &str = "RINGPROXY_UPGRADE_PROTOCOL";
+/// A testing aid: the new process dies (exit 70) once it has moved this many connections into its
+/// workers, before it answers for them (to see the old process keep them and serve on).
+pub const ENV_DIE_AFTER: &str = "RINGPROXY_UPGRADE_DIE_AFTER";
 /// Connections per message: two descriptors each, under the kernel's 253 per message.
 pub const BATCH: usize = 100;
 /// How long the old process waits for the new one to serve.
@@ -435,6 +438,7 @@ pub fn receive_conns(link: Link, plan: std::sync::Arc<MovePlan>) -> Result<u64, 
     let mut round: u32 = 0;
     let mut taken = 0u64;
     let mut rotor = 0usize;
+    let die_after: Option<u64> = std::env::var(ENV_DIE_AFTER).ok().and_then(|v| v.parse().ok());
     loop {
         // One round: the first message that comes, and every one behind it (up to GATHER).
         let mut conns = Vec::new();
@@ -469,6 +473,10 @@ pub fn receive_conns(link: Link, plan: std::sync::Arc<MovePlan>) -> Result<u64, 
         if !conns.is_empty() {
             let acks = adopt(&mut ring, &plan, &me, &rx, uid, round, &mut rotor, conns, fds);
             taken += acks.iter().filter(|a| a.2).count() as u64;
+            if die_after.is_some_and(|n| taken >= n) {
+                eprintln!("ringproxy: upgrade: {ENV_DIE_AFTER}: exiting after taking {taken} connections, unanswered");
+                std::process::exit(70);
+            }
             round = round.wrapping_add(1);
             link.send(&Msg::Acks { acks }, &[]).map_err(|e| e.to_string())?;
         }
@@ -599,7 +607,7 @@ fn adopt(
         }
     }
     let mut arrive: Vec<Vec<Moved>> = (0..n).map(|_| Vec::new()).collect();
-    let mut cancel: Vec<Vec<((u32, u32), Option<u32>)>> = (0..n).map(|_| Vec::new()).collect();
+    let mut cancel: Vec<Vec<crate::worker::CallOff>> = (0..n).map(|_| Vec::new()).collect();
     for (i, (c, g)) in conns.into_iter().zip(&grants).enumerate() {
         let Some(g) = g else { continue };
         let key = (round, i as u32);

@@ -319,6 +319,25 @@ struct Scene {
 }
 
 impl Scene {
+    /// A case on `engine` (with its server, and the black hole it connects to, if any): nothing
+    /// reached yet.
+    fn new(engine: TestEngine, server: Server, hole: Option<BlackHole>, accept_proxy: bool, mode: Mode) -> Scene {
+        let fe = addr(&engine, "fe");
+        Scene {
+            engine: Some(engine),
+            successor: None,
+            server,
+            hole,
+            fe,
+            client: None,
+            server_end: None,
+            holder: None,
+            unread: 0,
+            accept_proxy,
+            mode,
+        }
+    }
+
     fn engine(&self) -> &TestEngine {
         self.engine.as_ref().expect("the engine runs")
     }
@@ -557,21 +576,7 @@ fn run_case(w: Where, e: End, mode: Mode) {
     let hole = (w == Where::Connecting).then(BlackHole::start);
     let target = hole.as_ref().map_or(server.addr, |h| h.addr);
     let config = yaml(w, e, target, mode);
-    let engine = engine(&config);
-    let fe = addr(&engine, "fe");
-    let mut scene = Scene {
-        engine: Some(engine),
-        successor: None,
-        server,
-        hole,
-        fe,
-        client: None,
-        server_end: None,
-        holder: None,
-        unread: 0,
-        accept_proxy: matches!(w, Where::ProxyHeader | Where::Admitting),
-        mode,
-    };
+    let mut scene = Scene::new(engine(&config), server, hole, matches!(w, Where::ProxyHeader | Where::Admitting), mode);
     scene.reach(w);
     scene.trigger(w, e, &config);
     scene.both_see_the_end(w, e);
@@ -699,21 +704,7 @@ fn move_case(w: Where, mode: Mode) {
     let small = matches!(w, Where::Buffered | Where::Spliced).then_some(4096);
     let server = Server::start(small, false);
     let config = yaml(w, End::ClientFin, server.addr, mode);
-    let engine = engine(&config);
-    let fe = addr(&engine, "fe");
-    let mut scene = Scene {
-        engine: Some(engine),
-        successor: None,
-        server,
-        hole: None,
-        fe,
-        client: None,
-        server_end: None,
-        holder: None,
-        unread: 0,
-        accept_proxy: false,
-        mode,
-    };
+    let mut scene = Scene::new(engine(&config), server, None, false, mode);
     scene.reach(w);
     scene.successor = Some(scene.engine.as_mut().unwrap().reload(&config));
     if scene.unread > 0 {

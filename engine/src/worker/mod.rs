@@ -43,7 +43,7 @@ use token::{GENERATION_MASK, Op, Token};
 use upstream::Upstream;
 
 pub use accept::Listener;
-pub use moving::{ExportPlan, Exported, Grant, MoveOffer, MovePlan, MoveTarget, pick_target, place_by_name};
+pub use moving::{CallOff, ExportPlan, Exported, Grant, MoveOffer, MovePlan, MoveTarget, pick_target, place_by_name};
 pub(crate) use setup::RECV_BUF;
 pub use setup::next_uid;
 

@@ -120,6 +120,10 @@ pub struct Grant {
     pub server: u32,
 }
 
+/// A grant called off: the connection's key, and the accept slot its client socket reached, if a
+/// MSG_RING put it there before the call-off.
+pub type CallOff = ((u32, u32), Option<u32>);
+
 /// A grant the new worker made and holds until the connection arrives or is called off.
 pub(super) struct Landing {
     server: ServerSlot,
@@ -175,6 +179,35 @@ pub(super) struct Mover {
 }
 
 impl Mover {
+    /// Nothing on its way yet; the first sweep is due at `now`.
+    fn new(
+        plan: Arc<MovePlan>,
+        servers: Vec<Vec<Option<(u16, u16)>>>,
+        frontends: Vec<Option<u16>>,
+        rotor: usize,
+        now: u64,
+        export: Option<crossbeam_channel::Sender<Exported>>,
+    ) -> Mover {
+        Mover {
+            plan,
+            servers,
+            frontends,
+            quiescing: HashSet::new(),
+            ready: Vec::new(),
+            offered: HashMap::new(),
+            withdrawn: HashMap::new(),
+            granted: HashMap::new(),
+            outbox: Vec::new(),
+            cursor: 0,
+            next_sweep: now,
+            retry_at: 0,
+            rotor,
+            export,
+            installing: HashMap::new(),
+            exported: HashSet::new(),
+        }
+    }
+
     /// Whether the worker should wake every tick for it.
     pub(super) fn busy(&self) -> bool {
         !self.ready.is_empty()
@@ -250,26 +283,7 @@ impl Worker {
                 m.next_sweep = self.now.ms;
                 m.retry_at = 0;
             }
-            None => {
-                self.mover = Some(Mover {
-                    plan,
-                    servers,
-                    frontends,
-                    quiescing: HashSet::new(),
-                    ready: Vec::new(),
-                    offered: HashMap::new(),
-                    withdrawn: HashMap::new(),
-                    granted: HashMap::new(),
-                    outbox: Vec::new(),
-                    cursor: 0,
-                    next_sweep: self.now.ms,
-                    retry_at: 0,
-                    rotor: self.id,
-                    export: None,
-                    installing: HashMap::new(),
-                    exported: HashSet::new(),
-                })
-            }
+            None => self.mover = Some(Mover::new(plan, servers, frontends, self.id, self.now.ms, None)),
         }
         self.close_removed();
         self.sweep_moves();
@@ -294,24 +308,7 @@ impl Worker {
             .collect();
         let frontends = (0..self.cfg.frontends.len()).map(|f| Some(f as u16)).collect();
         let same = Arc::new(MovePlan { config: self.cfg.clone(), targets: Vec::new() });
-        self.mover = Some(Mover {
-            plan: same,
-            servers,
-            frontends,
-            quiescing: HashSet::new(),
-            ready: Vec::new(),
-            offered: HashMap::new(),
-            withdrawn: HashMap::new(),
-            granted: HashMap::new(),
-            outbox: Vec::new(),
-            cursor: 0,
-            next_sweep: self.now.ms,
-            retry_at: 0,
-            rotor: self.id,
-            export: Some(plan.tx.clone()),
-            installing: HashMap::new(),
-            exported: HashSet::new(),
-        });
+        self.mover = Some(Mover::new(same, servers, frontends, self.id, self.now.ms, Some(plan.tx.clone())));
         self.sweep_moves();
     }
 
@@ -682,6 +679,9 @@ impl Worker {
         }
         let limits: Vec<_> = [srv.limit, self.up.backends[b].limit].into_iter().flatten().collect();
         if !self.up.take(fe, Admission::Admitted) {
+            // Ask the other workers for share (lending, limits.rs): the connection is offered
+            // again a second later.
+            self.up.want(fe, Admission::Admitted);
             return None;
         }
         if !self.up.shares.take_all(&limits) {
@@ -733,7 +733,7 @@ impl Worker {
 
     /// Grants called off: close what the slots hold (the old worker still has the sockets, or
     /// has closed them) and give the shares back.
-    pub(super) fn on_move_cancel(&mut self, from: u64, keys: Vec<((u32, u32), Option<u32>)>) {
+    pub(super) fn on_move_cancel(&mut self, from: u64, keys: Vec<CallOff>) {
         for (key, client) in keys {
             let Some(l) = self.landing.remove(&(from, key)) else { continue };
             self.ring.close_server(l.server, false);
