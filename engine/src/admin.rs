@@ -37,6 +37,8 @@ pub enum Command {
     Shutdown {
         server: ServerName,
     },
+    /// `show ready`: whether this host should get new connections (for a routing daemon's check).
+    ShowReady,
     /// `show conns [B/S] [limit N]`
     ShowConns {
         server: Option<ServerName>,
@@ -213,6 +215,7 @@ impl Command {
             ["del", "server", name] => Command::DelServer { server: ServerName::parse(name)? },
             ["del", ..] => return Err("usage: del server BACKEND/SERVER".into()),
             ["shutdown", ..] => return Err("usage: shutdown sessions server BACKEND/SERVER".into()),
+            ["show", "ready"] => Command::ShowReady,
             ["show", "conns", rest @ ..] => {
                 let (server, rest) = match rest {
                     [name, rest @ ..] if *name != "limit" => (Some(ServerName::parse(name)?), rest),
@@ -236,7 +239,7 @@ impl Command {
 
     /// Whether it changes the engine (admin socket only).
     pub fn changes_state(&self) -> bool {
-        !matches!(self, Command::ShowConns { .. })
+        !matches!(self, Command::ShowConns { .. } | Command::ShowReady)
     }
 
     /// The command as a line (for the answer and the list of runtime changes a reload drops).
@@ -248,6 +251,7 @@ impl Command {
             Command::SetState { server, state } => format!("set server {server} state {}", state.as_str()),
             Command::SetWeight { server, weight } => format!("set server {server} weight {weight}"),
             Command::Shutdown { server } => format!("shutdown sessions server {server}"),
+            Command::ShowReady => "show ready".into(),
             Command::ShowConns { server: Some(s), limit } => format!("show conns {s} limit {limit}"),
             Command::ShowConns { server: None, limit } => format!("show conns limit {limit}"),
             Command::AddServer(new) => new.line(),
@@ -289,6 +293,7 @@ mod tests {
             "set server app/s1 weight 256",
             "shutdown sessions server app/s1",
             "show conns limit 100",
+            "show ready",
             "show conns app/s1 limit 7",
             "add server app/s3 127.0.0.1:9000 weight 1",
             "add server app/s3 10.0.0.5:1883 source 10.0.1.1,10.0.1.2 weight 3 maxconn 500 slowstart 30s",

@@ -383,6 +383,25 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         }
     };
     let drain = config::duration::format(service.engine().config().global.drain_timeout);
+    // Say "not ready" first, still accepting, so that a routing daemon checking `show ready`
+    // withdraws this host's route before its listeners close (a second signal cuts it short).
+    if let (Stop::Signal(sig), Some(delay)) = (&stop, service.engine().config().global.withdraw_delay) {
+        eprintln!(
+            "ringproxy: {}: reporting not ready for {} (withdraw_delay), still accepting; then draining",
+            signal_name(*sig),
+            config::duration::format(delay)
+        );
+        service.withdraw();
+        let until = std::time::Instant::now() + delay;
+        while std::time::Instant::now() < until {
+            match signals.wait(Duration::from_millis(50)) {
+                Some(libc::SIGTERM | libc::SIGINT) => break,
+                Some(libc::SIGUSR1) => dump(&service),
+                _ => {}
+            }
+            service.serve_requests();
+        }
+    }
     let status = match &stop {
         Stop::Signal(sig) => {
             eprintln!("ringproxy: {}: draining: no new connections, open ones get up to {drain}", signal_name(*sig));

@@ -162,6 +162,8 @@ pub struct Supervisor {
     pub generation: u64,
     /// A binary upgrade handing everything to a new process.
     upgrading: Option<Upgrading>,
+    /// Since when the service reports that it is going away (SIGTERM with `withdraw_delay`).
+    withdrawing: Option<std::time::Instant>,
 }
 
 /// A binary upgrade under way, seen from the old process.
@@ -352,6 +354,7 @@ impl Supervisor {
             watcher,
             generation: 0,
             upgrading: None,
+            withdrawing: None,
         })
     }
 
@@ -594,6 +597,41 @@ impl Supervisor {
         self.stats_paths.clear();
     }
 
+    /// Whether this host should get new connections, for a routing daemon's check (`show ready`):
+    /// the engine runs (every listener bound), every frontend's backend has a server that takes
+    /// connections (health up, admin `ready`), and the service is not going away. `Err` says why
+    /// not.
+    pub fn readiness(&self) -> Result<String, String> {
+        if let Some(since) = self.withdrawing {
+            return Err(format!(
+                "not ready: going away (SIGTERM {:.1}s ago; draining follows)",
+                since.elapsed().as_secs_f64()
+            ));
+        }
+        let stats = self.current.stats();
+        let config = self.config();
+        let mut empty: Vec<&str> = Vec::new();
+        for fe in &config.frontends {
+            let be = &config.backends[fe.backend].name;
+            let up = stats.servers.iter().any(|s| {
+                &s.backend == be && !s.removed && s.state.is_up() && s.admin == crate::stats::AdminState::Ready
+            });
+            if !up && !empty.contains(&be.as_str()) {
+                empty.push(be);
+            }
+        }
+        if !empty.is_empty() {
+            return Err(format!("not ready: no server up and ready in backend {}", empty.join(", ")));
+        }
+        Ok(format!("ready: {} listeners, generation {}", self.current.bound().len(), self.generation))
+    }
+
+    /// The service is going away (SIGTERM with `withdraw_delay`): from now on it reports not ready,
+    /// while it still accepts, so that a routing daemon withdraws its route first.
+    pub fn withdraw(&mut self) {
+        self.withdrawing.get_or_insert_with(std::time::Instant::now);
+    }
+
     /// Carries out a runtime-API command on the current engine. A command naming what the running
     /// configuration does not have changes nothing.
     pub fn command(&mut self, command: &Command) -> Answer {
@@ -605,6 +643,12 @@ impl Supervisor {
                         .map(|r| r.to_string())
                         .map_err(|e| format!("reload refused, the running configuration stays: {e}")),
                 );
+            }
+            Command::ShowReady => {
+                return match self.readiness() {
+                    Ok(text) => Answer::Ok(format!("{text}\n")),
+                    Err(text) => Answer::Fail(format!("{text}\n")),
+                };
             }
             Command::ShowConns { server, limit } => {
                 let at = match server.as_ref().map(|n| self.find(n)).transpose() {

@@ -39,6 +39,8 @@ pub struct RawGlobal {
     /// Drop root to this user (and group) once everything is bound.
     pub user: Option<Spanned<String>>,
     pub group: Option<Spanned<String>>,
+    /// On SIGTERM, report not ready (`show ready`) this long, still accepting, before draining.
+    pub withdraw_delay: Option<Spanned<ConfigDuration>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -59,6 +59,9 @@ pub struct Global {
     /// `None` means as many as this host's limits allow.
     pub maxconn: Option<u32>,
     pub drain_timeout: Duration,
+    /// On SIGTERM: how long the engine says it is not ready (`show ready`), still accepting, before
+    /// it stops accepting and drains (a routing daemon withdraws its route meanwhile).
+    pub withdraw_delay: Option<Duration>,
     pub tune: Tune,
     pub stats: Stats,
     pub connection_log: Option<LogTarget>,

@@ -188,6 +188,7 @@ impl Validator<'_> {
             pin_cpus: g.pin_cpus.unwrap_or(true),
             maxconn,
             drain_timeout: default::DRAIN,
+            withdraw_delay: self.window(&g.withdraw_delay, "withdraw_delay")?,
             tune,
             stats,
             connection_log,

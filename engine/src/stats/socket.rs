@@ -62,6 +62,9 @@ admin socket only (global.stats.admin_socket):
                     a new server, balanced to at once, checked like the backend's others
   del server BACKEND/SERVER
                     remove a server that has no connection left
+  show ready        OK when this host should get new connections (every frontend's backend has a
+                    server up and ready, not going away); FAIL and why otherwise: for a routing
+                    daemon's health check (`ringproxy cmd show ready` exits 0 or 1)
   reload            re-read the configuration file (like SIGHUP); runtime changes are dropped
                     and established connections move to the new configuration
   upgrade [BINARY]  start BINARY (default: this program's path) with the same arguments and hand

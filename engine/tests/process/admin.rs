@@ -436,3 +436,58 @@ fn reload_and_cmd_say_which_socket_the_configuration_lacks() {
         String::from_utf8_lossy(&out.stderr).contains("cannot connect to the stats socket /nonexistent/admin.sock")
     );
 }
+
+/// `show ready` for a routing daemon's check: ready while a server takes connections, not when
+/// none does; on SIGTERM with `withdraw_delay` not ready at once while still accepting, listeners
+/// closed only after the delay.
+#[test]
+fn show_ready_says_when_to_announce_and_sigterm_withdraws_before_it_stops_accepting() {
+    let echo = Backend::start(Mode::Echo);
+    let port = free_port();
+    let (sock, admin) = (temp_path("ready.sock"), temp_path("ready-admin.sock"));
+    let yaml = format!(
+        "global: {{ workers: 2, withdraw_delay: 1500ms, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+         frontends:\n  - {{ name: fe, bind: \"127.0.0.1:{port}\", backend: be }}\n\
+         backends:\n  - {{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}\n",
+        sock.display(),
+        admin.display(),
+        echo.addr
+    );
+    let mut proxy = Proxy::start("ready", &yaml);
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // What a check runs: `ringproxy cmd --socket S show ready`, exit 0 or 1.
+    let check = |socket: &Path| {
+        let out = ringproxy().args(["cmd", "--socket"]).arg(socket).arg("show ready").output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (code, text) = check(&sock);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.starts_with("ready: 1 listeners"), "{text}");
+    // No server to send to: not ready (and ready again once there is).
+    let out = ringproxy().args(["cmd", "--socket"]).arg(&admin).arg("set server be/s state maint").output().unwrap();
+    assert!(out.status.success());
+    let (code, text) = check(&sock);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("no server up and ready in backend be"), "{text}");
+    ringproxy().args(["cmd", "--socket"]).arg(&admin).arg("set server be/s state ready").output().unwrap();
+    assert_eq!(check(&sock).0, Some(0));
+    // SIGTERM: not ready at once, still accepting and proxying for the delay, then draining.
+    let mut held = connect(front);
+    echo_once(&mut held, b"before");
+    let t0 = Instant::now();
+    proxy.sigterm();
+    proxy.wait_stderr("reporting not ready for 1500ms");
+    let (code, text) = check(&sock);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("going away"), "{text}");
+    let mut late = connect(front);
+    echo_once(&mut late, b"accepted during the withdraw delay");
+    assert!(t0.elapsed() < Duration::from_millis(1500), "checked within the delay");
+    wait_until("the listeners to close after the delay", Duration::from_secs(5), || {
+        TcpStream::connect_timeout(&front, Duration::from_millis(200)).is_err()
+    });
+    assert!(t0.elapsed() >= Duration::from_millis(1400), "closed after {:?}, not before the delay", t0.elapsed());
+    echo_once(&mut held, b"still served while draining");
+    drop((held, late));
+    assert_eq!(proxy.wait_exit(Duration::from_secs(40)), Some(0));
+}
