@@ -963,16 +963,24 @@ enum ClientPlay {
 /// `RINGPROXY_SEED=n` replays a run.
 #[test]
 fn two_thousand_connections_with_faults_at_random_moments() {
-    randomized("auto");
+    randomized("auto", false);
 }
 
 /// The same with `splice: never` (multishot receives into the ring of receive buffers).
 #[test]
 fn two_thousand_connections_with_faults_at_random_moments_through_ring_buffers() {
-    randomized("never");
+    randomized("never", false);
 }
 
-fn randomized(splice: &str) {
+/// The same while the engine is reloaded every 150 ms: connections move between engines at every
+/// moment of their lives, faults included (a reset while quiescing, a close while its sockets are
+/// on their way), and every engine ends idle and clean.
+#[test]
+fn two_thousand_connections_with_faults_through_a_reload_every_150ms() {
+    randomized("never", true);
+}
+
+fn randomized(splice: &str, reloads: bool) {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -1012,7 +1020,7 @@ fn randomized(splice: &str) {
         })
         .collect();
     let hole = BlackHole::start();
-    let engine = engine(&format!(
+    let yaml = format!(
         "global: {{ workers: 2, maxconn: 200, tune: {{ splice: {splice} }} }}\n\
          defaults: {{ timeout: {{ connect: 200ms, client: 500ms, server: 500ms, queue: 2s, drain: 500ms }} }}\n\
          frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
@@ -1023,7 +1031,8 @@ fn randomized(splice: &str) {
         servers[0].0.local_addr().unwrap(),
         servers[1].0.local_addr().unwrap(),
         hole.addr
-    ));
+    );
+    let mut engine = engine(&yaml);
     let fe = addr(&engine, "fe");
     let clients: Vec<JoinHandle<Vec<String>>> = (0..THREADS)
         .map(|t| {
@@ -1047,16 +1056,47 @@ fn randomized(splice: &str) {
             })
         })
         .collect();
+    // Reloads while the clients run, as the supervisor does them: the engine replaced moves its
+    // connections to the new one, and so do the older ones still draining.
+    let mut replaced: Vec<TestEngine> = Vec::new();
+    while reloads && !clients.iter().all(|c| c.is_finished()) {
+        std::thread::sleep(Duration::from_millis(150));
+        let next = engine.reload(&yaml);
+        for old in &mut replaced {
+            old.move_to(&next);
+        }
+        replaced.push(std::mem::replace(&mut engine, next));
+    }
     let failures: Vec<String> = clients.into_iter().flat_map(|c| c.join().expect("a client thread panicked")).collect();
     assert!(
         failures.is_empty(),
         "seed {seed}: {} connections did not end as they should: {failures:#?}",
         failures.len()
     );
-    let s = engine.stats();
-    assert_eq!(s.total(|w| w.accepted), THREADS * PER_THREAD, "seed {seed}");
+    // The engines replaced exit once they hold nothing (each within its drain): their counters as
+    // they exited, each balanced (accepted or moved in = closed or moved on; every completion
+    // matched an operation), and all of them with the current one's account for every connection.
+    let mut accepted = engine.stats().total(|w| w.accepted);
+    let mut moved = engine.stats().total(|w| w.moved_in);
+    for e in &mut replaced {
+        wait_until("a replaced engine to exit", LIMIT, || e.finished());
+        e.join();
+        let sum = |f: fn(&ringproxy::stats::WorkerStats) -> u64| e.exited().iter().map(f).sum::<u64>();
+        assert_eq!(sum(|w| w.accepted) + sum(|w| w.moved_in), sum(|w| w.closed) + sum(|w| w.moved_out), "seed {seed}");
+        assert_eq!(sum(|w| w.unexpected_completions), 0, "seed {seed}");
+        accepted += sum(|w| w.accepted);
+        moved += sum(|w| w.moved_in);
+    }
+    assert_eq!(accepted, THREADS * PER_THREAD, "seed {seed}");
+    if reloads {
+        eprintln!("{} reloads, {moved} connections moved", replaced.len());
+        assert!(replaced.len() >= 3, "seed {seed}: the run saw a few reloads");
+    }
     let ports: Vec<u16> = servers.iter().map(|s| s.0.local_addr().unwrap().port()).collect();
     assert_idle(&engine, &ports);
+    for e in replaced {
+        assert_stops_clean(e, &ports);
+    }
     assert_stops_clean(engine, &ports);
     for (listener, t, stop) in servers {
         stop.store(true, Ordering::SeqCst);
