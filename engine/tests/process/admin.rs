@@ -489,5 +489,10 @@ fn show_ready_says_when_to_announce_and_sigterm_withdraws_before_it_stops_accept
     assert!(t0.elapsed() >= Duration::from_millis(1400), "closed after {:?}, not before the delay", t0.elapsed());
     echo_once(&mut held, b"still served while draining");
     drop((held, late));
+    // As `Proxy::stop_clean` checks (the SIGTERM was the test's own): every gauge back to 0 — or
+    // already exited, which a drain does only once it holds nothing — then exit 0.
+    wait_until("ringproxy's gauges to be 0 while it drains", Duration::from_secs(10), || {
+        proxy.has_exited() || socket::fetch(&sock).is_ok_and(|s| GAUGES.iter().all(|(_, g)| s.total(g) == 0))
+    });
     assert_eq!(proxy.wait_exit(Duration::from_secs(40)), Some(0));
 }
