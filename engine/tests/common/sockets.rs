@@ -329,3 +329,71 @@ pub fn tcp_sockets_held_by(pid: u32, ports: &[u16]) -> Vec<TcpSocket> {
     let theirs = socket_inodes_of(pid);
     tcp_sockets_on(ports).into_iter().filter(|s| s.inode != 0 && theirs.contains(&s.inode)).collect()
 }
+
+/// `n` connections to `front`, each having sent its number and read it back (through an echo
+/// server): connections held across a reload or an upgrade.
+pub fn held_echoing(front: SocketAddr, n: u32) -> Vec<TcpStream> {
+    (0..n)
+        .map(|i| {
+            let mut c = connect(front);
+            echo_once(&mut c, &i.to_le_bytes());
+            c
+        })
+        .collect()
+}
+
+/// New connections to a frontend, one after another until stopped, on a thread of their own: each
+/// counts as served when `exchange` succeeds on it, else (refused, reset, unanswered) as failed.
+pub struct Churn {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Churn {
+    pub fn start(front: SocketAddr, exchange: fn(&mut TcpStream) -> bool) -> Churn {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let ok = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let thread = {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    let served = TcpStream::connect_timeout(&front, Duration::from_secs(2)).is_ok_and(|mut c| {
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        exchange(&mut c)
+                    });
+                    if served { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        Churn { stop, ok, failed, thread }
+    }
+
+    /// Connections served so far.
+    pub fn served(&self) -> usize {
+        self.ok.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Stops; returns (served, failed).
+    pub fn stop(self) -> (usize, usize) {
+        use std::sync::atomic::Ordering;
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread.join().unwrap();
+        (self.ok.load(Ordering::SeqCst), self.failed.load(Ordering::SeqCst))
+    }
+}
+
+/// For [`Churn`]: the server's first byte (a tag) arrives.
+pub fn reads_a_byte(c: &mut TcpStream) -> bool {
+    let mut t = [0u8];
+    c.read_exact(&mut t).is_ok()
+}
+
+/// For [`Churn`]: one byte echoed back.
+pub fn echoes_a_byte(c: &mut TcpStream) -> bool {
+    let mut b = [0u8];
+    c.write_all(b"c").is_ok() && c.read_exact(&mut b).is_ok() && b[0] == b'c'
+}

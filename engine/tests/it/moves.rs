@@ -37,13 +37,7 @@ fn established_connections_move_on_reload_and_keep_flowing_both_ways() {
         let mut old = engine(&yaml(echo.addr, &tune, ""));
         let fe = addr(&old, "fe");
         // Idle connections, each having said something.
-        let mut idle: Vec<TcpStream> = (0..100u32)
-            .map(|i| {
-                let mut c = connect(fe);
-                echo_once(&mut c, &i.to_le_bytes());
-                c
-            })
-            .collect();
+        let mut idle = held_echoing(fe, 100);
         // Transfers in both directions at once (echo), running through the reload.
         let mut pumps: Vec<Pump> =
             (0..4).map(|i| Pump::connect(fe, 77 + i, false).unwrap().limit(4 * MIB).paced(4 * MIB)).collect();

@@ -5,8 +5,6 @@
 use std::io::Read;
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use crate::common::*;
@@ -42,28 +40,7 @@ fn reload_switches_new_connections_keeps_old_ones_and_refuses_bad_files() {
     assert_eq!(t[0], 1);
 
     // Clients keep connecting during the reloads; none may be refused.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let churn = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                match TcpStream::connect_timeout(&front, Duration::from_secs(2)) {
-                    Ok(mut c) => {
-                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                        let mut t = [0u8];
-                        match c.read_exact(&mut t) {
-                            Ok(()) => ok.fetch_add(1, Ordering::SeqCst),
-                            Err(_) => failed.fetch_add(1, Ordering::SeqCst),
-                        };
-                    }
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
-        })
-    };
+    let churn = Churn::start(front, reads_a_byte);
 
     // SIGHUP with the server switched to b.
     proxy.write_config(&config(port, b.addr, &sock, ""));
@@ -101,40 +78,16 @@ fn reload_switches_new_connections_keeps_old_ones_and_refuses_bad_files() {
         TcpStream::connect_timeout(&format!("127.0.0.1:{port2}").parse().unwrap(), Duration::from_millis(200)).is_err()
     });
 
-    let before = ok.load(Ordering::SeqCst);
+    let before = churn.served();
     wait_until("the churn to keep connecting after the last reload", Duration::from_secs(5), || {
-        ok.load(Ordering::SeqCst) >= before + 10
+        churn.served() >= before + 10
     });
-    stop.store(true, Ordering::SeqCst);
-    churn.join().unwrap();
-    assert!(ok.load(Ordering::SeqCst) > 10, "the churn ran");
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "no connection failed during the reloads");
+    let (served, failed) = churn.stop();
+    assert!(served > 10, "the churn ran");
+    assert_eq!(failed, 0, "no connection failed during the reloads");
     echo_once(&mut old, b"end");
     drop(old);
     proxy.stop_clean();
-}
-
-/// Runs clients that connect, read one tag byte and close, until `stop`; counts those served and
-/// those refused, reset or unanswered.
-fn churn(
-    front: SocketAddr,
-    stop: Arc<AtomicBool>,
-) -> (std::thread::JoinHandle<()>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let t = {
-        let (ok, failed) = (ok.clone(), failed.clone());
-        std::thread::spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let served = TcpStream::connect_timeout(&front, Duration::from_secs(2)).is_ok_and(|mut c| {
-                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                    let mut t = [0u8];
-                    c.read_exact(&mut t).is_ok()
-                });
-                if served { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-    };
-    (t, ok, failed)
 }
 
 #[test]
@@ -164,8 +117,7 @@ fn reloads_in_quick_succession_move_every_established_connection_and_refuse_none
             c
         })
         .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let (churner, ok, failed) = churn(front, stop.clone());
+    let churn = Churn::start(front, reads_a_byte);
     // Three reloads, one right after the other (each while the moves of the one before may still
     // be on their way): a weight, the timeouts, then a server added.
     let files = [
@@ -192,13 +144,10 @@ fn reloads_in_quick_succession_move_every_established_connection_and_refuse_none
     let s = ringproxy::stats::socket::fetch(&sock).unwrap();
     assert!(s.total(|w| w.moved_in) >= 300, "moved in: {}", s.total(|w| w.moved_in));
     assert!(s.total(|w| w.active) >= 300, "active: {}", s.total(|w| w.active));
-    let before = ok.load(Ordering::SeqCst);
-    wait_until("the churn to go on after the reloads", Duration::from_secs(5), || {
-        ok.load(Ordering::SeqCst) >= before + 10
-    });
-    stop.store(true, Ordering::SeqCst);
-    churner.join().unwrap();
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "no new connection refused, reset or unanswered during the reloads");
+    let before = churn.served();
+    wait_until("the churn to go on after the reloads", Duration::from_secs(5), || churn.served() >= before + 10);
+    let (_, failed) = churn.stop();
+    assert_eq!(failed, 0, "no new connection refused, reset or unanswered during the reloads");
     drop(held);
     proxy.stop_clean();
 }

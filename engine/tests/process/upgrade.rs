@@ -2,11 +2,8 @@
 //! the listening sockets and the established connections, the old one exits; a new binary that
 //! fails, or speaks another hand-over protocol, leaves the old process serving.
 
-use std::io::Read;
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -38,13 +35,7 @@ fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_proc
     let mut proxy = Proxy::start("up1", &yaml(port, echo.addr, &sock, &admin));
     let old_pid = proxy.pid();
     let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut held: Vec<TcpStream> = (0..200u32)
-        .map(|i| {
-            let mut c = connect(front);
-            echo_once(&mut c, &i.to_le_bytes());
-            c
-        })
-        .collect();
+    let mut held = held_echoing(front, 200);
     // Transfers both ways through the upgrade, checked byte for byte.
     let mut transfers = Some(spawn(move || {
         let mut pumps: Vec<Pump> =
@@ -56,23 +47,7 @@ fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_proc
         }
     }));
     // New connections all along: none may be refused or reset.
-    let stop = Arc::new(AtomicBool::new(false));
-    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let churn = {
-        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-        spawn(move || {
-            while !stop.load(Ordering::SeqCst) {
-                let served = TcpStream::connect_timeout(&front, Duration::from_secs(2)).is_ok_and(|mut c| {
-                    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                    std::io::Write::write_all(&mut c, b"c").is_ok() && {
-                        let mut b = [0u8];
-                        c.read_exact(&mut b).is_ok() && b[0] == b'c'
-                    }
-                });
-                if served { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
-            }
-        })
-    };
+    let churn = Churn::start(front, echoes_a_byte);
     std::thread::sleep(Duration::from_millis(300));
     let out = ringproxy().args(["upgrade", "--socket"]).arg(&admin).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -100,13 +75,10 @@ fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_proc
         }
         transfers.take().unwrap().join().expect("the transfers came through intact");
     }
-    let before = ok.load(Ordering::SeqCst);
-    wait_until("the churn to go on after the upgrade", Duration::from_secs(5), || {
-        ok.load(Ordering::SeqCst) > before + 10
-    });
-    stop.store(true, Ordering::SeqCst);
-    churn.join().unwrap();
-    assert_eq!(failed.load(Ordering::SeqCst), 0, "no new connection refused, reset or unanswered");
+    let before = churn.served();
+    wait_until("the churn to go on after the upgrade", Duration::from_secs(5), || churn.served() > before + 10);
+    let (_, failed) = churn.stop();
+    assert_eq!(failed, 0, "no new connection refused, reset or unanswered");
     drop(held);
     // The new process holds nothing once the clients are gone, and stops on SIGTERM.
     wait_until("the new process's gauges to be 0", Duration::from_secs(10), || {
@@ -174,13 +146,7 @@ fn a_new_process_that_dies_while_taking_over_leaves_the_old_one_serving_every_co
         return;
     }
     let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    let mut held: Vec<TcpStream> = (0..100u32)
-        .map(|i| {
-            let mut c = connect(front);
-            echo_once(&mut c, &i.to_le_bytes());
-            c
-        })
-        .collect();
+    let mut held = held_echoing(front, 100);
     let out = ringproxy().args(["upgrade", "--socket"]).arg(&admin).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let line = proxy.wait_stderr("upgrade: the new process");
