@@ -420,6 +420,9 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     service.drain();
     while !service.finished() {
+        // The runtime API keeps answering while the connections drain: `show ready` says FAIL at
+        // once (a routing daemon's check must not hang), reads answer, changes are refused.
+        service.serve_requests();
         match signals.wait(Duration::from_millis(100)) {
             Some(libc::SIGUSR1) => dump(&service),
             Some(libc::SIGHUP) => eprintln!("ringproxy: SIGHUP ignored while draining"),

@@ -135,6 +135,8 @@ pub enum ReloadError {
     Start(#[from] StartError),
     #[error("a binary upgrade is under way (the new process takes over; reload it instead)")]
     Upgrading,
+    #[error("the service is stopping (SIGTERM): it withdraws, then drains, then exits")]
+    Stopping,
 }
 
 pub struct Supervisor {
@@ -164,6 +166,8 @@ pub struct Supervisor {
     upgrading: Option<Upgrading>,
     /// Since when the service reports that it is going away (SIGTERM with `withdraw_delay`).
     withdrawing: Option<std::time::Instant>,
+    /// Since when it drains on its way out (listeners closed; SIGTERM, or a helper failed).
+    stopping: Option<std::time::Instant>,
 }
 
 /// A binary upgrade under way, seen from the old process.
@@ -355,6 +359,7 @@ impl Supervisor {
             generation: 0,
             upgrading: None,
             withdrawing: None,
+            stopping: None,
         })
     }
 
@@ -395,6 +400,9 @@ impl Supervisor {
     pub fn reload(&mut self) -> Result<ReloadReport, ReloadError> {
         if self.upgrading.is_some() {
             return Err(ReloadError::Upgrading);
+        }
+        if self.withdrawing.is_some() || self.stopping.is_some() {
+            return Err(ReloadError::Stopping);
         }
         let config = config::load(&self.path)?;
         let warnings = config.warnings.clone();
@@ -446,6 +454,9 @@ impl Supervisor {
         use std::os::fd::{AsFd, AsRawFd};
         if self.upgrading.is_some() {
             return Err("upgrade refused: an upgrade is already under way".into());
+        }
+        if self.withdrawing.is_some() || self.stopping.is_some() {
+            return Err(format!("upgrade refused: {}", ReloadError::Stopping));
         }
         if !self.draining.is_empty() {
             return Err(format!(
@@ -602,6 +613,12 @@ impl Supervisor {
     /// connections (health up, admin `ready`), and the service is not going away. `Err` says why
     /// not.
     pub fn readiness(&self) -> Result<String, String> {
+        if let Some(since) = self.stopping {
+            return Err(format!(
+                "not ready: draining on the way out (listeners closed {:.1}s ago)",
+                since.elapsed().as_secs_f64()
+            ));
+        }
         if let Some(since) = self.withdrawing {
             return Err(format!(
                 "not ready: going away (SIGTERM {:.1}s ago; draining follows)",
@@ -842,7 +859,10 @@ impl Supervisor {
     }
 
     /// Drains everything (shutdown).
+    /// Closes the listeners and drains, on the way out; from now on `show ready` says so (and
+    /// [`Supervisor::serve_requests`] must go on answering until [`Supervisor::finished`]).
     pub fn drain(&mut self) {
+        self.stopping.get_or_insert_with(std::time::Instant::now);
         self.current.drain();
     }
 

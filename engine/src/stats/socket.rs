@@ -514,6 +514,14 @@ pub fn fetch(path: &Path) -> Result<EngineStats, ClientError> {
 /// (plain text: taken as done).
 pub fn any_command(path: &Path, line: &str) -> Result<Answer, ClientError> {
     let text = query(path, line)?;
+    if text.is_empty() {
+        // Every command has an answer: none means the engine went away meanwhile. Never an OK:
+        // a routing daemon's `show ready` check would announce a host that is stopping.
+        return Err(ClientError::Answer {
+            path: path.to_owned(),
+            detail: "the connection closed without an answer (is ringproxy stopping?)".into(),
+        });
+    }
     Ok(Answer::decode(&text).unwrap_or(Answer::Ok(text)))
 }
 
@@ -527,6 +535,25 @@ mod tests {
             assert_eq!(Answer::decode(&a.encode()), Some(a));
         }
         assert_eq!(Answer::decode("reloaded t.yaml: 2 workers\n"), None, "a status line is required");
+    }
+
+    #[test]
+    fn no_answer_is_never_an_ok() {
+        // An engine going away closes the connection without a word: `show ready` must fail.
+        let dir = std::env::temp_dir().join(format!("rp-noanswer-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        let closer = std::thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut line = [0u8; 64];
+            let _ = c.read(&mut line);
+        });
+        let r = any_command(&path, "show ready");
+        closer.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(matches!(r, Err(ClientError::Answer { .. })), "{r:?}");
     }
 
     #[test]

@@ -488,6 +488,17 @@ fn show_ready_says_when_to_announce_and_sigterm_withdraws_before_it_stops_accept
     });
     assert!(t0.elapsed() >= Duration::from_millis(1400), "closed after {:?}, not before the delay", t0.elapsed());
     echo_once(&mut held, b"still served while draining");
+    // Draining: the check answers at once (a routing daemon's check must not hang for the drain)
+    // and says not ready; changes that would start an engine are refused.
+    let asked = Instant::now();
+    let (code, text) = check(&sock);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("draining on the way out"), "{text}");
+    assert!(asked.elapsed() < Duration::from_secs(2), "answered in {:?}", asked.elapsed());
+    let out = ringproxy().args(["cmd", "--socket"]).arg(&admin).arg("reload").output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("the service is stopping"), "{out:?}");
+    echo_once(&mut held, b"still served after the reload was refused");
     drop((held, late));
     // As `Proxy::stop_clean` checks (the SIGTERM was the test's own): every gauge back to 0 — or
     // already exited, which a drain does only once it holds nothing — then exit 0.
