@@ -34,6 +34,15 @@ pub const MAX_PROCESSES: u64 = 512;
 /// Extra time past `--duration` a child may take before it is killed.
 const GRACE: Duration = Duration::from_secs(30);
 
+/// And per connection of the whole run: at the end every connection is shut down at once, and
+/// through a proxy on a small host a million of them take about a minute of CPU to close.
+const GRACE_PER_CONN: Duration = Duration::from_micros(60);
+
+/// The time past `--duration` the children of a run of `conns` connections may take.
+fn grace(conns: u64) -> Duration {
+    GRACE + GRACE_PER_CONN.saturating_mul(u32::try_from(conns).unwrap_or(u32::MAX))
+}
+
 /// Processes needed so that none holds more than `fds_per_process` connections.
 pub fn processes_needed(conns: u64, fds_per_process: u64) -> Result<usize> {
     let k = conns.div_ceil(fds_per_process.max(1)).max(1);
@@ -143,7 +152,8 @@ pub fn run_children(mode: &dyn ClientMode, s: &Settings) -> Result<Measurement> 
     }
     let show = !mode.client().no_progress && report::stderr_is_terminal();
     let start = Instant::now();
-    let kill_at = start + s.duration + GRACE + mode.client().connect_timeout;
+    let grace = grace(mode.conns());
+    let kill_at = start + s.duration + grace + mode.client().connect_timeout;
     let mut forwarded = false;
     let mut killed = false;
     let mut prev = Snapshot::default();
@@ -157,7 +167,7 @@ pub fn run_children(mode: &dyn ClientMode, s: &Settings) -> Result<Measurement> 
         if Instant::now() > kill_at && !killed {
             eprintln!(
                 "ringload: worker processes did not finish {}s after the run should have ended; killing them",
-                GRACE.as_secs()
+                grace.as_secs()
             );
             kill_all(&mut children, libc::SIGKILL);
             killed = true;
@@ -224,6 +234,13 @@ mod tests {
             }
             assert_eq!(next, total);
         }
+    }
+
+    #[test]
+    fn grace_grows_with_the_connections_to_close() {
+        assert_eq!(grace(0), GRACE);
+        assert_eq!(grace(1_000_000), GRACE + Duration::from_secs(60));
+        assert_eq!(grace(u64::MAX), GRACE + GRACE_PER_CONN.saturating_mul(u32::MAX));
     }
 
     #[test]
