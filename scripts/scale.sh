@@ -23,7 +23,11 @@
 #
 # Usage: scripts/scale.sh                    300,000 connections, held 60 s, then the control (~7 min; root)
 #        QUICK=1 scripts/scale.sh            20,000 connections, held 10 s
-# Knobs: SKIP_BUILD=1 BASELINE=0|1 IOWQ LOAD_NICE CONNS HOLD_S RAMP WORKERS MAXCONN SERVE_WORKERS SOURCES_PER_SERVER HEARTBEAT OUT UPDATE_DOCS IMG
+#        CONNS=1000000 HEARTBEAT=60 scripts/scale.sh   one million (~109 workers; ~21 GiB; see docs/tuning.md)
+# Memory guard: the run is stopped cleanly (the clients are told to stop, every figure is still
+# reported) as soon as MemAvailable falls under MEM_FLOOR_MB (default 1024), never by the OOM killer;
+# memory-guard.txt then says where the memory went (meminfo, the largest slab caches, each side's RSS).
+# Knobs: SKIP_BUILD=1 BASELINE=0|1 IOWQ LOAD_NICE CONNS HOLD_S RAMP WORKERS MAXCONN SERVE_WORKERS SOURCES_PER_SERVER HEARTBEAT OUT UPDATE_DOCS IMG MEM_FLOOR_MB
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -53,6 +57,7 @@ IOWQ=${IOWQ:-}                    # global.tune.iowq_workers (empty: the engine'
 # machines of their own, so what is lost is lost in the proxy.
 LOAD_NICE=${LOAD_NICE:--5}
 BASELINE=${BASELINE:-1}           # 1: also run the same hold without the proxy, as a control
+MEM_FLOOR_MB=${MEM_FLOOR_MB:-1024}
 OUT=${OUT:-$(mktemp -d /tmp/ringproxy-scale.XXXXXX)}
 if [ "$UPDATE_DOCS" = 1 ]; then IMG=${IMG:-$ROOT/docs/img}; else IMG=${IMG:-$OUT}; fi
 mkdir -p "$OUT" "$IMG"
@@ -156,16 +161,44 @@ HOLD_PID=$BG_PID
 # timeline every 5 s: proxied connections (stats), RSS, Slab, TCP sockets. Memory at the peak is the
 # median of the samples taken while every connection is up, from one heartbeat round after the last
 # one was established (other work on the host moves Slab too; the median shrugs off a transient).
+mem_available_mb() { awk '/^MemAvailable:/ {print int($2 / 1024)}' /proc/meminfo; }
+# memory_guard: every 0.5 s, on its own (the sampling below waits on the stats socket, which a
+# starved host answers late); once MemAvailable is under the floor, it writes where the memory went
+# and stops the clients (SIGINT: they still report), then exits.
+memory_guard() {
+    local t0 m; t0=$(date +%s)
+    while kill -0 "$HOLD_PID" 2>/dev/null; do
+        m=$(mem_available_mb)
+        if [ "$m" -lt "$MEM_FLOOR_MB" ]; then
+            {
+                echo "MemAvailable fell to $m MiB (floor $MEM_FLOOR_MB MiB) $(($(date +%s) - t0)) s into the hold, with $(
+                    awk '/^TCP:/ {print $3}' /proc/net/sockstat) TCP sockets open on the host"
+                echo; grep -E '^(MemTotal|MemFree|MemAvailable|Cached|Slab|SReclaimable|SUnreclaim|PageTables|KernelStack|Percpu):' /proc/meminfo
+                echo; echo "largest slab caches (name, objects, object size, MiB):"
+                awk 'NR > 2 {printf "%-28s %10d %6d %8.1f\n", $1, $3, $4, $3 * $4 / 1048576}' /proc/slabinfo | sort -k4 -n -r | head -12
+                # shellcheck disable=SC2046
+                echo; echo "RSS: ringproxy $(rss_kb "$RP_PID") KiB, ringload serve $(rss_kb "$SERVE_PID") KiB, ringload hold (all processes) $(
+                    rss_kb $(descendants "$HOLD_PID")) KiB"
+                echo; grep -E '^(TCP|sockets):' /proc/net/sockstat
+            } >"$OUT/memory-guard.txt"
+            log "memory guard: $(head -1 "$OUT/memory-guard.txt"); stopping the clients (details: $OUT/memory-guard.txt)"
+            kill -INT "$HOLD_PID" 2>/dev/null || true
+            return
+        fi
+        sleep 0.5
+    done
+}
+start_bg "memory guard" memory_guard
 echo "t_s active rss_kb slab_kb tcp_inuse tcp_mem_pages" >"$OUT/timeline.txt"
 PEAK_DONE=0 FULL_AT=""
 : >"$OUT/peak-samples.txt"
 while kill -0 "$HOLD_PID" 2>/dev/null; do
     t=$(($(date +%s) - T0))
-    a=$(active); [[ "$a" =~ ^[0-9]+$ ]] || a=0
+    a=$(active); [[ "$a" =~ ^[0-9]+$ ]] || a=0   # 0 also when the stats socket did not answer in 10 s
     r=$(rss_kb "$RP_PID"); sl=$(slab_kb)
     read -r si sm < <(sockstat_tcp)
     echo "$t $a $r $sl $si $sm" >>"$OUT/timeline.txt"
-    log "t=${t}s proxied $a, ringproxy RSS $r KiB, Slab $sl KiB, TCP sockets $si"
+    log "t=${t}s proxied $a, ringproxy RSS $r KiB, Slab $sl KiB, TCP sockets $si, MemAvailable $(mem_available_mb) MiB"
     if [ "$a" -ge "$CONNS" ]; then
         [ -n "$FULL_AT" ] || FULL_AT=$t
         if [ $((t - FULL_AT)) -ge $((HEARTBEAT + 5)) ]; then
@@ -248,6 +281,10 @@ w(f"| TCP sockets in use | {sock0:,} before, {sock1:,} at the peak; socket buffe
 w(f"| ringproxy CPU over the run | {cpu/tck:.1f} CPU s |")
 w(f"| ringload exit | {j['exit_code']} ({j['verdict']}); script saw exit {rc} |")
 w("")
+if os.path.exists(f"{out}/memory-guard.txt"):
+    g = open(f"{out}/memory-guard.txt").read()
+    w(f"**Stopped by the memory guard**: {g.splitlines()[0]}. Where the memory was:\n")
+    w("```\n" + g.split("\n", 2)[2].rstrip() + "\n```\n")
 try:
     a = list(map(float, open(f"{out}/cpu-hold-start.txt").read().split()))
     b = list(map(float, open(f"{out}/cpu-hold-end.txt").read().split()))
@@ -288,7 +325,9 @@ except (OSError, ValueError, KeyError):
 PY
 # Control: the same clients against the same backends with no proxy, right after, under the same
 # host conditions. What it loses, the host (clients, backends, other work) loses without any proxy.
-if [ "$BASELINE" = 1 ]; then
+if [ "$BASELINE" = 1 ] && [ -f "$OUT/memory-guard.txt" ]; then
+    log "no control run: the memory guard stopped this one"
+elif [ "$BASELINE" = 1 ]; then
     stop_bg "$RP_PID" || true
     sleep 5
     log "control run without the proxy: ringload hold --target ${SERVERS[0]},${SERVERS[1]} ..."
