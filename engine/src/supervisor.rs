@@ -858,8 +858,7 @@ impl Supervisor {
         done
     }
 
-    /// Drains everything (shutdown).
-    /// Closes the listeners and drains, on the way out; from now on `show ready` says so (and
+    /// Closes the listeners and drains everything, on the way out (shutdown); from now on `show ready` says so (and
     /// [`Supervisor::serve_requests`] must go on answering until [`Supervisor::finished`]).
     pub fn drain(&mut self) {
         self.stopping.get_or_insert_with(std::time::Instant::now);
