@@ -289,9 +289,12 @@ impl Supervisor {
         let plan = service.current.move_plan();
         std::thread::Builder::new()
             .name("ringproxy-upgrade".into())
-            .spawn(move || match crate::upgrade::receive_conns(link, plan) {
-                Ok(n) => eprintln!("ringproxy: upgrade: took {n} established connections from pid {old}"),
-                Err(e) => eprintln!("ringproxy: upgrade: taking connections from pid {old} broke off: {e}"),
+            .spawn(move || {
+                match crate::upgrade::receive_conns(link, std::sync::Arc::clone(&plan)) {
+                    Ok(n) => eprintln!("ringproxy: upgrade: took {n} established connections from pid {old}"),
+                    Err(e) => eprintln!("ringproxy: upgrade: taking connections from pid {old} broke off: {e}"),
+                }
+                crate::upgrade::after_old_exits(old, &plan);
             })
             .map_err(|e| format!("cannot start the upgrade's courier thread: {e}"))?;
         Ok(service)

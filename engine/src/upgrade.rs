@@ -424,9 +424,38 @@ pub fn receive_hello(link: &Link) -> Result<Inherited, String> {
     })
 }
 
+/// Every worker of `plan`'s engine cancels its accepts and arms them again: a fresh accept takes
+/// whatever waits in the listening sockets' backlogs. Needed while the old process still has
+/// accepts on the same sockets: a connection's wakeup goes to one waiter only, and when that is
+/// the old process's (stopping) accept, the connection waits in the backlog, unseen by ours,
+/// until the next one arrives (the same as on reload: `Supervisor::reload`).
+pub fn rearm_accepts(plan: &MovePlan) {
+    for t in &plan.targets {
+        t.peer.send(Control::RearmAccepts);
+    }
+}
+
+/// The new process, once the old one is done: waits (at most 30 s) until process `old` has exited,
+/// so that none of its accepts can take a wakeup any more, and re-arms our accepts then (and once
+/// more a little later: the exiting ring's accepts go asynchronously).
+pub fn after_old_exits(old: u32, plan: &MovePlan) {
+    let gone = || match std::fs::read_to_string(format!("/proc/{old}/stat")) {
+        Err(_) => true,
+        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !gone() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rearm_accepts(plan);
+    std::thread::sleep(Duration::from_millis(300));
+    rearm_accepts(plan);
+}
+
 /// The new process's courier: takes the batches of connections the old process sends, moves each
 /// into a worker of `plan`'s engine and answers which it took, until the old process is done.
-/// Returns how many it took.
+/// Meanwhile it re-arms the workers' accepts every second ([`rearm_accepts`]): a connection whose
+/// wakeup the old process's accept took waits at most that long. Returns how many it took.
 pub fn receive_conns(link: Link, plan: std::sync::Arc<MovePlan>) -> Result<u64, String> {
     let slots = (2 * BATCH * GATHER) as u32;
     let mut ring = io_uring::IoUring::new(slots.next_power_of_two()).map_err(|e| format!("the courier's ring: {e}"))?;
@@ -439,7 +468,12 @@ pub fn receive_conns(link: Link, plan: std::sync::Arc<MovePlan>) -> Result<u64, 
     let mut taken = 0u64;
     let mut rotor = 0usize;
     let die_after: Option<u64> = std::env::var(ENV_DIE_AFTER).ok().and_then(|v| v.parse().ok());
+    let mut rearmed = Instant::now();
     loop {
+        if rearmed.elapsed() >= Duration::from_secs(1) {
+            rearm_accepts(&plan);
+            rearmed = Instant::now();
+        }
         // One round: the first message that comes, and every one behind it (up to GATHER).
         let mut conns = Vec::new();
         let mut fds = Vec::new();

@@ -312,6 +312,16 @@ snap() {
         echo "$i $(stats_total accepted <<<"$j") $(stats_total closed <<<"$j") $(stats_total active <<<"$j")" >>"$OUT/snap-$name.txt"
     done
 }
+# wait_all_open PROXY: until the clients have every connection open again (PROXY's clients have
+# redialled); prints the time (ms)
+wait_all_open() {
+    local t0; t0=$(now_ms)
+    until [ "$(client_open)" -ge "$CONNS" ]; do
+        [ $(($(now_ms) - t0)) -lt 60000 ] || die "$1's clients did not all reconnect within 60 s: $(client_open) open"
+        sleep 0.2
+    done
+    now_ms
+}
 field() { awk -v i="$2" -v f="$3" '$1 == i {print $f}' "$OUT/snap-$1.txt"; }   # field SNAP I 2|3|4
 total_active() { local t=0 i; for i in "$@"; do t=$((t + $(stat "$i" active))); done; echo "$t"; }
 
@@ -362,12 +372,7 @@ T_KILL=$(now_ms)
 kill -KILL "${RP_PID[4]}"
 T_KILL_W=$(wait_members 1/2/3/5 30)
 log "kill -9 p4 ($A4 connections): route withdrawn after $((T_KILL_W - T_KILL)) ms"
-t0=$(now_ms)
-until [ "$(client_open)" -ge "$CONNS" ]; do
-    [ $(($(now_ms) - t0)) -lt 60000 ] || die "p4's clients did not all reconnect within 60 s: $(client_open) open"
-    sleep 0.2
-done
-T_KILL_R=$(now_ms)
+T_KILL_R=$(wait_all_open p4)
 log "all $CONNS connections open again $((T_KILL_R - T_KILL)) ms after the kill"
 snap kill1 1 2 3 5
 reap_bg "${RP_PID[4]}" || true
@@ -396,12 +401,7 @@ reap_bg "${RP_PID[3]}" && P3_RC=0 || P3_RC=$?
 log "p3 exited (status $P3_RC) $((T_TERM_X - T_TERM)) ms after SIGTERM"
 grep -h "listeners\|drain" "$OUT/p3.log" | tail -5 >&2 || true
 reap_bg "$CHURN_PID" || true
-t0=$(now_ms)
-until [ "$(client_open)" -ge "$CONNS" ]; do
-    [ $(($(now_ms) - t0)) -lt 60000 ] || die "p3's clients did not all reconnect within 60 s: $(client_open) open"
-    sleep 0.2
-done
-T_TERM_R=$(now_ms)
+T_TERM_R=$(wait_all_open p3)
 snap term1 1 2 5
 sleep "$((HEARTBEAT + 1))"
 

@@ -361,10 +361,25 @@ impl Churn {
             let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    let served = TcpStream::connect_timeout(&front, Duration::from_secs(2)).is_ok_and(|mut c| {
-                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                        exchange(&mut c)
-                    });
+                    let t0 = std::time::Instant::now();
+                    let served = match TcpStream::connect_timeout(&front, Duration::from_secs(2)) {
+                        Ok(mut c) => {
+                            c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                            let ok = exchange(&mut c);
+                            if !ok {
+                                eprintln!(
+                                    "churn: the exchange failed after {:?} (local {:?})",
+                                    t0.elapsed(),
+                                    c.local_addr()
+                                );
+                            }
+                            ok
+                        }
+                        Err(e) => {
+                            eprintln!("churn: connect failed after {:?}: {e}", t0.elapsed());
+                            false
+                        }
+                    };
                     if served { &ok } else { &failed }.fetch_add(1, Ordering::SeqCst);
                 }
             })
