@@ -404,7 +404,7 @@ impl Supervisor {
         if self.upgrading.is_some() {
             return Err(ReloadError::Upgrading);
         }
-        if self.withdrawing.is_some() || self.stopping.is_some() {
+        if self.going_away() {
             return Err(ReloadError::Stopping);
         }
         let config = config::load(&self.path)?;
@@ -458,7 +458,7 @@ impl Supervisor {
         if self.upgrading.is_some() {
             return Err("upgrade refused: an upgrade is already under way".into());
         }
-        if self.withdrawing.is_some() || self.stopping.is_some() {
+        if self.going_away() {
             return Err(format!("upgrade refused: {}", ReloadError::Stopping));
         }
         if !self.draining.is_empty() {
@@ -644,6 +644,11 @@ impl Supervisor {
             return Err(format!("not ready: no server up and ready in backend {}", empty.join(", ")));
         }
         Ok(format!("ready: {} listeners, generation {}", self.current.bound().len(), self.generation))
+    }
+
+    /// Withdrawing or draining on the way out: nothing may start a new engine any more.
+    fn going_away(&self) -> bool {
+        self.withdrawing.is_some() || self.stopping.is_some()
     }
 
     /// The service is going away (SIGTERM with `withdraw_delay`): from now on it reports not ready,
@@ -861,8 +866,9 @@ impl Supervisor {
         done
     }
 
-    /// Closes the listeners and drains everything, on the way out (shutdown); from now on `show ready` says so (and
-    /// [`Supervisor::serve_requests`] must go on answering until [`Supervisor::finished`]).
+    /// Closes the listeners and drains everything, on the way out (shutdown); from now on `show
+    /// ready` says so (and [`Supervisor::serve_requests`] must go on answering until
+    /// [`Supervisor::finished`]).
     pub fn drain(&mut self) {
         self.stopping.get_or_insert_with(std::time::Instant::now);
         self.current.drain();

@@ -435,16 +435,21 @@ pub fn rearm_accepts(plan: &MovePlan) {
     }
 }
 
+/// Whether process `pid` has exited: gone, or a zombie (whose parent, not we, reaps it: the old
+/// process is the new one's parent).
+pub fn exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
 /// The new process, once the old one is done: waits (at most 30 s) until process `old` has exited,
 /// so that none of its accepts can take a wakeup any more, and re-arms our accepts then (and once
 /// more a little later: the exiting ring's accepts go asynchronously).
 pub fn after_old_exits(old: u32, plan: &MovePlan) {
-    let gone = || match std::fs::read_to_string(format!("/proc/{old}/stat")) {
-        Err(_) => true,
-        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with(['Z', 'X'])),
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !gone() && Instant::now() < deadline {
+    while !exited(old) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     rearm_accepts(plan);

@@ -18,15 +18,6 @@ fn yaml(port: u16, server: SocketAddr, sock: &Path, admin: &Path) -> String {
     )
 }
 
-/// Whether process `pid` is gone (or a zombie nobody here can reap: the new process's parent was
-/// the old one).
-fn gone(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s.rsplit(')').next().is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    }
-}
-
 #[test]
 fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_process_exits() {
     let echo = Backend::start(Mode::Echo);
@@ -87,7 +78,7 @@ fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_proc
     });
     // SAFETY: kill on a pid this test started (through the old process).
     unsafe { libc::kill(new_pid as i32, libc::SIGTERM) };
-    wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || gone(new_pid));
+    wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || ringproxy::upgrade::exited(new_pid));
     assert!(!sock.exists() && !admin.exists(), "the new process removed the stats sockets at exit");
 }
 
