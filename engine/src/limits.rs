@@ -149,9 +149,23 @@ impl Shares {
         }
     }
 
-    /// The demand recorded by [`Shares::want`] is gone (admitted, or no longer there).
-    pub fn satisfied(&mut self, id: LimitId) {
-        self.blocked[id as usize] = false;
+    /// The demand recorded by [`Shares::want`] is gone (admitted, or no longer there). Spare share
+    /// goes to the workers that asked meanwhile (this one turned them down while it was blocked):
+    /// half of what is spare to each in turn, as a borrow would have got.
+    pub fn satisfied(&mut self, id: LimitId, out: &mut Vec<(u16, ShareMsg)>) {
+        let i = id as usize;
+        self.blocked[i] = false;
+        while !self.waiters[i].is_empty() {
+            let spare = self.held[i].saturating_sub(self.used[i]);
+            if spare == 0 {
+                break;
+            }
+            let give = (spare / 2).max(1);
+            let to = self.waiters[i].remove(0);
+            self.held[i] -= give;
+            self.lent += u64::from(give);
+            out.push((to, ShareMsg::Grant { limit: id, amount: give }));
+        }
     }
 
     pub fn is_blocked(&self, id: LimitId) -> bool {
@@ -299,6 +313,27 @@ mod tests {
         ws[1].release(0, &mut mail);
         assert!(mail.is_empty(), "worker 1 has demand itself");
         assert!(ws[1].has_room(0));
+    }
+
+    #[test]
+    fn a_worker_that_turned_askers_down_while_blocked_lends_once_satisfied() {
+        let t = table(10);
+        let mut ws: Vec<Shares> = (0..2).map(|w| Shares::new(&t, w, 2, vec![10])).collect();
+        // Worker 0 is blocked (its demand waits for something else) with 3 of its 5 spare.
+        for _ in 0..2 {
+            assert!(ws[0].take_all(&[0]));
+        }
+        let mut mail = Vec::new();
+        ws[0].blocked[0] = true;
+        while ws[1].take_all(&[0]) {}
+        ws[1].want(0, &mut mail);
+        run(&mut ws, std::mem::take(&mut mail));
+        assert!(!ws[1].has_room(0), "turned down while blocked");
+        // Its demand gone, it lends the asker half of its spare without being asked again.
+        ws[0].satisfied(0, &mut mail);
+        run(&mut ws, std::mem::take(&mut mail));
+        assert_eq!(ws[1].held(0), 6);
+        assert_eq!(ws[0].held(0) + ws[1].held(0), 10);
     }
 
     #[test]

@@ -79,13 +79,35 @@ impl Worker {
         self.stats.parked = self.parked.len() as u64;
         if self.parked.is_empty() && self.admitting.is_empty() {
             let global = self.plan.limits.global;
-            self.up.shares.satisfied(global);
+            self.up.shares.satisfied(global, &mut self.up.outbox);
             let lists = [&self.plan.limits.frontend, &self.plan.limits.proxy_header];
             for f in lists.into_iter().flatten().flatten() {
-                self.up.shares.satisfied(*f);
+                self.up.shares.satisfied(*f, &mut self.up.outbox);
             }
         }
         self.update_listeners();
+    }
+
+    /// Share came from another worker: admit what waits, and if that was not enough, ask again. A
+    /// worker with parked sockets does not accept, so no new socket would make it ask; without
+    /// this, what waits here (and in its listeners' backlog) would wait until some connection
+    /// closes, while other workers have room. An ask that comes back empty is not repeated: the
+    /// asker is then on every worker's list of waiters and gets the next share that frees.
+    pub(super) fn share_arrived(&mut self) {
+        self.admit_parked();
+        if self.parked.is_empty() && self.admitting.is_empty() {
+            return;
+        }
+        if let Some(&(idx, generation)) = self.admitting.front()
+            && let Some(c) = self.conns.peek(idx, generation & GENERATION_MASK)
+        {
+            self.up.want(c.frontend as usize, Admission::Admitted);
+        }
+        if let Some(&(listener, _, _)) = self.parked.front() {
+            let fe = self.infos[listener as usize].frontend as usize;
+            let a = self.up.on_accept(fe);
+            self.up.want(fe, a);
+        }
     }
 
     /// A connection gave a share back: a waiting connection or a parked socket may go in, or

@@ -15,7 +15,7 @@ impl Worker {
             match msg {
                 Control::Share(m) => {
                     if self.up.shares.on_message(m, &mut self.up.outbox) {
-                        self.admit_parked();
+                        self.share_arrived();
                         self.drain_queues();
                     }
                 }

@@ -178,6 +178,38 @@ fn global_maxconn_is_reached_when_one_worker_gets_every_connection() {
     assert_clean(engine, &[backend.addr.port()]);
 }
 
+/// Many workers and a global maxconn barely above the demand: `SO_REUSEPORT` hands some workers
+/// more connections than their share, and they must borrow the few spare slots of the others, one
+/// or two at a time. A worker that got less than it had parked must ask again: it has stopped
+/// accepting, so no new connection would ever make it ask (found at 100 workers: connections parked
+/// and in its backlog waited for good while other workers had room).
+#[test]
+fn every_worker_borrows_until_its_parked_connections_are_in() {
+    const WORKERS: u64 = 8;
+    const CLIENTS: u64 = 400;
+    let backend = Backend::start(Mode::Hold);
+    let engine = engine(&format!(
+        "global: {{ workers: {WORKERS}, maxconn: {} }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        CLIENTS + WORKERS,
+        backend.addr
+    ));
+    let (handles, served) = clients(addr(&engine, "fe"), CLIENTS);
+    wait_until("every client proxied and echoed", Duration::from_secs(20), || {
+        served.load(Ordering::SeqCst) == CLIENTS as usize
+    });
+    let stats = engine.stats();
+    assert_eq!(stats.total(|w| w.active), CLIENTS);
+    assert_eq!(stats.total(|w| w.parked), 0);
+    assert_eq!(backend.active(), CLIENTS as usize);
+    assert!(backend.max_active() <= (CLIENTS + WORKERS) as usize, "the limit held");
+    // The shares still add up to the limit, wherever they are now.
+    assert_eq!(stats.total(|w| w.global_share), CLIENTS + WORKERS);
+    backend.release();
+    join_all(handles);
+    assert_clean(engine, &[backend.addr.port()]);
+}
+
 /// `allow` / `deny` on a frontend: a client whose address the list refuses is closed at accept,
 /// before any server is tried, and counted in `denied`; the others are served. Both with every
 /// io_uring feature and, where CI runs this suite under the 6.1 set, with addresses read at accept.
