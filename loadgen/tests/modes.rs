@@ -59,6 +59,19 @@ fn hold_500_connections_all_heartbeats_echoed() {
     assert!(v["connections"]["ramp_time_s"].as_f64().is_some());
 }
 
+/// An echo connection starts with a small buffer (most of serve's memory at a million idle
+/// connections) and grows it while messages fill it: a 48 KiB exchange comes back whole.
+#[test]
+fn echo_grows_its_buffer_for_messages_larger_than_the_first() {
+    let s = Serve::start("echo", &["--workers", "1"]);
+    let (code, v) = json(&["rate", "--target", &s.addr, "--concurrency", "2", "--size", "49152", "--duration", "1s"]);
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(u(&v, "connections.failed"), 0, "{v}");
+    assert_eq!(u(&v, "messages.lost"), 0, "{v}");
+    assert_eq!(u(&v, "messages.corrupted"), 0, "{v}");
+    assert!(u(&v, "messages.echoed_ok") > 0, "{v}");
+}
+
 #[test]
 fn hold_splits_into_processes_and_merges() {
     let s = Serve::start("echo", &[]);
