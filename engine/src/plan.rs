@@ -1,14 +1,19 @@
 //! Sizing: how many workers, how many connections each can hold, and the maxconn actually in force.
 //!
 //! Every socket lives in its worker's io_uring direct-descriptor table (two per proxied connection),
-//! and the kernel caps each ring's table at RLIMIT_NOFILE. So a worker holds at most
-//! `(nofile - 128) / 2` connections, whatever the configured maxconn; and because direct descriptors do
+//! and the kernel caps each ring's table at RLIMIT_NOFILE and at 1,048,576 slots
+//! (`IORING_MAX_FIXED_FILES`). So a worker holds at most `(min(nofile, 1,048,576) - 128) / 2`
+//! connections, whatever the configured maxconn; and because direct descriptors do
 //! not count against the process's descriptor table, more workers hold more connections. Pipes are
 //! ordinary descriptors, bounded so they fit in the process table. When the configured maxconn does
 //! not fit, the plan lowers it and says, in one line, by how much and how to fix the host.
 
 use crate::config::Config;
 use crate::limits::LimitTable;
+
+/// The most slots the kernel gives one ring's direct-descriptor table (`IORING_MAX_FIXED_FILES`,
+/// io_uring/rsrc.h): a larger registration fails with EMFILE, whatever RLIMIT_NOFILE says.
+pub const MAX_TABLE: u32 = 1 << 20;
 
 /// Direct-table slots beyond twice the connection capacity: 64 for sockets accepted while a limit
 /// is being hit, 64 for server sockets still closing while their connection's slot is reused.
@@ -73,7 +78,7 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
     let cpus = (0..workers)
         .map(|w| (config.global.pin_cpus && !usable_cpus.is_empty()).then(|| usable_cpus[w % usable_cpus.len()]))
         .collect();
-    let table_max = nofile.min(u64::from(u32::MAX)) as u32;
+    let table_max = nofile.min(u64::from(MAX_TABLE)) as u32;
     let per_worker_max = (table_max.saturating_sub(PARK_SLACK) / 2).clamp(1, MAX_PER_WORKER);
     let mut warnings = Vec::new();
 
@@ -82,8 +87,31 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
             let target = per_worker_target(m, workers);
             let per_worker = target.min(per_worker_max);
             let effective = m.min(per_worker.saturating_mul(workers as u32));
-            let needed = 2 * u64::from(target) + u64::from(PARK_SLACK);
-            if effective < m {
+            // A table larger than the kernel's cap cannot be had by raising the limit: past it,
+            // the fix is the cap and more workers.
+            let needed_raw = 2 * u64::from(target) + u64::from(PARK_SLACK);
+            let needed = needed_raw.min(u64::from(MAX_TABLE));
+            if effective < m && nofile >= u64::from(MAX_TABLE) {
+                // The open-files limit is not what stops it: a ring's table cannot grow further.
+                let workers_needed = m.div_ceil(per_worker_max);
+                warnings.push(format!(
+                    "maxconn {m} does not fit: each worker's io_uring file table holds at most {table_max} sockets \
+                     (the kernel's limit per ring), i.e. {per_worker_max} proxied connections, so {workers} worker(s) \
+                     hold {effective}; running with maxconn {effective}. To allow {m}: run {workers_needed} workers \
+                     (global.workers)"
+                ));
+            } else if effective < m && needed_raw > u64::from(MAX_TABLE) {
+                let workers_needed = m.div_ceil(per_worker_max);
+                let at_cap = m.div_ceil((MAX_TABLE - PARK_SLACK) / 2);
+                warnings.push(format!(
+                    "maxconn {m} does not fit: each worker's io_uring file table holds at most {table_max} sockets \
+                     (RLIMIT_NOFILE), i.e. {per_worker_max} proxied connections, so {workers} worker(s) hold \
+                     {effective}; running with maxconn {effective}. To allow {m}: raise the open-files limit to \
+                     {needed} (LimitNOFILE={needed} in the systemd unit, or \"* hard nofile {needed}\" in \
+                     /etc/security/limits.conf; the kernel's limit per ring) and run {at_cap} workers, or run \
+                     {workers_needed} workers (global.workers) at this limit"
+                ));
+            } else if effective < m {
                 let workers_needed = m.div_ceil(per_worker_max);
                 warnings.push(format!(
                     "maxconn {m} does not fit: each worker's io_uring file table holds at most {table_max} sockets \
@@ -199,6 +227,23 @@ mod tests {
         assert_eq!(p.limits.totals, vec![100, 50, 70, 9]);
     }
 
+    /// A host whose open-files limit is above the kernel's cap on one ring's table (1,048,576):
+    /// the tables stay within the cap (a larger one fails to register), and what does not fit is
+    /// told to use more workers, not a higher limit.
+    #[test]
+    fn tables_stay_within_the_kernels_cap_per_ring() {
+        let p = plan(&config("  workers: 2\n  maxconn: 1000000"), 4_000_000, &[0, 1], 28_232);
+        assert_eq!(p.maxconn, 1_000_000);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert!(p.table_slots <= MAX_TABLE, "{}", p.table_slots);
+        let p = plan(&config("  workers: 1\n  maxconn: 1000000"), 4_000_000, &[0], 28_232);
+        assert!(p.table_slots <= MAX_TABLE, "{}", p.table_slots);
+        assert_eq!(p.maxconn, (MAX_TABLE - PARK_SLACK) / 2);
+        let w = &p.warnings[0];
+        assert!(w.contains("the kernel's limit per ring") && w.contains("run 2 workers"), "{w}");
+        assert!(!w.contains("LimitNOFILE"), "{w}");
+    }
+
     #[test]
     fn too_large_maxconn_is_lowered_with_the_fix() {
         let p = plan(&config("  workers: 2\n  maxconn: 2000000"), 20_000, &[0, 1], 28_232);
@@ -208,8 +253,10 @@ mod tests {
         let w = &p.warnings[0];
         assert!(w.contains("maxconn 2000000 does not fit"), "{w}");
         assert!(w.contains(&format!("running with maxconn {}", p.maxconn)), "{w}");
-        assert!(w.contains("LimitNOFILE=4000128"), "{w}");
-        assert!(w.contains("run 202 workers"), "{w}");
+        // 2 x 2,000,000 sockets per worker is past one ring's cap: the cap and more workers.
+        assert!(w.contains("LimitNOFILE=1048576"), "{w}");
+        assert!(w.contains("and run 4 workers"), "{w}");
+        assert!(w.contains("or run 202 workers"), "{w}");
     }
 
     #[test]

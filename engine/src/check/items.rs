@@ -188,7 +188,15 @@ fn nofile(config: &Config, plan: &Plan, facts: &HostFacts, limit: NofileLimit, n
             if facts.nr_open.is_some_and(|n| n < needed) {
                 item = item.fix("  (either needs fs.nr_open raised first, see below)");
             }
-            let per_worker = (hard.min(u64::from(u32::MAX)) as u32).saturating_sub(plan::PARK_SLACK) / 2;
+            if needed >= u64::from(plan::MAX_TABLE) {
+                // One ring's table cannot hold a worker's share however high the limit goes.
+                let at_cap = m.div_ceil((plan::MAX_TABLE - plan::PARK_SLACK) / 2);
+                item = item.fix(format!(
+                    "  and global.workers: {at_cap} (one io_uring table holds at most {} sockets)",
+                    plan::MAX_TABLE
+                ));
+            }
+            let per_worker = (hard.min(u64::from(plan::MAX_TABLE)) as u32).saturating_sub(plan::PARK_SLACK) / 2;
             let more = m.div_ceil(per_worker.max(1)) as usize;
             if more <= 1024 {
                 let mut c = config.clone();
