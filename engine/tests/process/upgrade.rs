@@ -18,6 +18,24 @@ fn yaml(port: u16, server: SocketAddr, sock: &Path, admin: &Path) -> String {
     )
 }
 
+/// The pid in the upgrade command's answer ("... (pid N) serves the listening sockets ...").
+fn pid_in(text: &str) -> u32 {
+    let after = text.split("(pid ").nth(1).unwrap_or_else(|| panic!("no pid in: {text}"));
+    after.split(')').next().and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no pid in: {text}"))
+}
+
+/// SIGKILLs a process the test did not spawn itself if the test panics while it still runs.
+struct KilledIfTheTestFails(u32);
+
+impl Drop for KilledIfTheTestFails {
+    fn drop(&mut self) {
+        if std::thread::panicking() && !ringproxy::upgrade::exited(self.0) {
+            // SAFETY: kill(2) on the pid the upgrade started for this test, still running.
+            unsafe { libc::kill(self.0 as i32, libc::SIGKILL) };
+        }
+    }
+}
+
 #[test]
 fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_process_exits() {
     let echo = Backend::start(Mode::Echo);
@@ -44,6 +62,9 @@ fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_proc
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("serves the listening sockets"), "{text}");
+    // The new process is not this test's child: should the test fail from here on, it must not
+    // outlive it (its ring would hold this host's locked memory, and the next tests' rings fail).
+    let _new_process = KilledIfTheTestFails(pid_in(&text));
     // Connections move only where the kernel makes descriptors of direct sockets
     // (FIXED_FD_INSTALL, 6.8); elsewhere the old process keeps its own until they end.
     let (io, _) = ringproxy::features::effective(None).unwrap();
