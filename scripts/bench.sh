@@ -531,13 +531,13 @@ TO=$((DUR * 3 + 40))   # hard bound on any one client command
 RUN_TIMEOUT=$TO        # run_logged bounds every measured command by it
 
 run_test() { # TEST PATH ROUND
-    local t=$1 p=$2 r=$3 f a cpu0 cpu1 sys0 sys1 w0 w1 rc=0
+    local t=$1 p=$2 r=$3 f a cpu0 cpu1 sys0 sys1 w0 w1 st0 st1 rc=0
     f=$OUT/raw/r$r-$t-$p
     snap_stats "$p" "$f.stats0.json"
     # shellcheck disable=SC2086
     read -r iowq0 _ cs0 < <(thread_stats ${PROC[$p]})
     # shellcheck disable=SC2086
-    cpu0=$(cpu_ticks ${PROC[$p]}); read -r sys0 tot0 < <(sys_ticks); w0=$(date +%s.%N)
+    cpu0=$(cpu_ticks ${PROC[$p]}); read -r sys0 tot0 < <(sys_ticks); w0=$(date +%s.%N); st0=$(steal_ticks)
     case "$t" in
         tput1 | tput4)
             a=${ADDR[$p:sink]}
@@ -594,14 +594,14 @@ run_test() { # TEST PATH ROUND
     esac
     w1=$(date +%s.%N)
     # shellcheck disable=SC2086
-    cpu1=$(cpu_ticks ${PROC[$p]}); read -r sys1 tot1 < <(sys_ticks)
+    cpu1=$(cpu_ticks ${PROC[$p]}); read -r sys1 tot1 < <(sys_ticks); st1=$(steal_ticks)
     # shellcheck disable=SC2086
     read -r iowq1 iowqn1 cs1 < <(thread_stats ${PROC[$p]})
     snap_stats "$p" "$f.stats1.json"
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" wall_s="$(awk "BEGIN {print $w1 - $w0}")" \
         iowq_ticks="$((iowq1 - iowq0))" iowq_threads="$iowqn1" ctxsw="$((cs1 - cs0))" \
         cpu_ticks="$((cpu1 - cpu0))" sys_busy_ticks="$((sys1 - sys0))" sys_total_ticks="$((tot1 - tot0))" \
-        clk_tck="$(getconf CLK_TCK)" proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
+        steal_ticks="$((st1 - st0))" clk_tck="$(getconf CLK_TCK)" proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
 }
 
@@ -694,7 +694,7 @@ stop_inst() {
 # and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s. -> CPU per heartbeat round
 # trip (cpu / (N x HB_WINDOW)) and the heartbeats' p99 RTT over the whole hold.
 hb_test() { # TEST PATH ROUND CONNS
-    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 rc=0 cmd
+    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 tot0 tot1 rc=0 cmd
     f=$OUT/raw/r$r-$t-$p
     INST_MAXCONN=$((n + 1000)) fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
@@ -714,13 +714,14 @@ hb_test() { # TEST PATH ROUND CONNS
     done
     sleep 2
     # shellcheck disable=SC2086
-    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N)
+    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r _ tot0 < <(sys_ticks)
     sleep "$HB_WINDOW"
     # shellcheck disable=SC2086
-    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N)
+    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r _ tot1 < <(sys_ticks)
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" seen_established="$est" \
         window_s="$(awk "BEGIN {print $w1 - $w0}")" cpu_ticks="$((cpu1 - cpu0))" clk_tck="$(getconf CLK_TCK)" \
+        steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"

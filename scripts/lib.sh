@@ -33,7 +33,7 @@
 #   stats_total KEY          ringproxy `stats --json` on stdin: KEY (dotted; a map counts as the
 #                            sum of its values) summed over workers (scripts/bench/report.py tot).
 # Build and host
-#   build_binaries ROOT DIR, free_port, cpu_ticks, rss_kb, slab_kb, sunreclaim_kb, sys_ticks,
+#   build_binaries ROOT DIR, free_port, cpu_ticks, rss_kb, slab_kb, sunreclaim_kb, sys_ticks, steal_ticks,
 #   with_children, descendants, established_to, thread_stats, log, die, now_ms (see each below).
 
 SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -317,6 +317,11 @@ sunreclaim_kb() { awk '/^SUnreclaim:/ {print $2}' /proc/meminfo; }
 
 # sys_ticks: "busy total" CPU ticks of the whole machine (/proc/stat).
 sys_ticks() { awk '/^cpu / {t=0; for (i=2;i<=NF;i++) t+=$i; print t-$5-$6, t}' /proc/stat; }
+
+# steal_ticks: CPU ticks of the whole machine that the hypervisor gave to others (/proc/stat
+# `steal`; counted in sys_ticks' busy and total). On a shared virtual machine a measurement taken
+# while much is stolen is slower for every path alike, and heartbeats are lost whatever the proxy.
+steal_ticks() { awk '/^cpu / {print $9}' /proc/stat; }
 
 # established_to PORT: established TCP connections whose remote port is PORT (client side of a
 # frontend on this host).

@@ -125,6 +125,20 @@ def load(path):
         return None
 
 
+# A measurement during which the hypervisor took more than this share of the host's CPU is listed
+# under "Problems seen during the run".
+STEAL_WARN = 0.10
+
+
+def stolen(r):
+    """The share of the host's CPU stolen by the hypervisor while test row `r` measured (None when
+    the row has no such record: tests that sample otherwise, or runs from before it was kept)."""
+    total = r.get("sys_total_ticks")
+    if not total or "steal_ticks" not in r:
+        return None
+    return r["steal_ticks"] / total
+
+
 def load_run(f, rnd, t, p, problems):
     """The JSON report of a ringload or iperf3 run (None if missing); a run that did not exit 0
     is listed in `problems`."""
@@ -149,6 +163,10 @@ def parse(out):
     for r in rows:
         t, p, rnd, f = r["test"], r["path"], r["round"], r["file"]
         cpu_s = r.get("cpu_ticks", 0) / r.get("clk_tck", 100)
+        steal = stolen(r)
+        if steal is not None and steal > STEAL_WARN:
+            problems.append(f"round {rnd} {t} {p}: {steal:.0%} of the host's CPU stolen by the hypervisor "
+                            "during the measurement (every path slows alike; heartbeats may be lost)")
         if t in ("tput1", "tput4"):
             j = load_run(f, rnd, t, p, problems)
             if j and j.get("throughput"):
@@ -452,6 +470,10 @@ def main():
         cmd = re.sub(r"-c 127\.0\.0\.1 -p \d+", "-c ADDR_IP -p ADDR_PORT", cmd)
         w(f"{r['test']:6} {cmd}")
     w("```\n")
+    steals = sorted(x for x in (stolen(r) for r in rows) if x is not None)
+    if steals:
+        w(f"CPU stolen by the hypervisor while measuring (`/proc/stat` steal, per test): median "
+          f"{statistics.median(steals):.0%}, most {steals[-1]:.0%}.\n")
     if problems:
         w("### Problems seen during the run\n")
         for p in problems:
