@@ -64,8 +64,8 @@ SERVE_WORKERS=${SERVE_WORKERS:-$((CONNS / 12500 + 2))}
 SOURCES_PER_SERVER=${SOURCES_PER_SERVER:-32}
 IOWQ=${IOWQ:-}                    # global.tune.iowq_workers (empty: the engine's default)
 # Scheduling priority of the clients and backends (ringload hold and serve). They share the 2 CPUs with
-# ringproxy's workers. 0, the same as the proxy: at a million connections the clients and backends
-# need about one CPU for their heartbeats alone, and ahead of the proxy (-5, this script's default
+# ringproxy's workers. 0, the same as the proxy: at a million connections the clients and backends,
+# with the kernel's TCP work for their sockets, keep about one CPU busy, and ahead of the proxy (-5, this script's default
 # until 2026-12-03) they starve it: it falls behind on accepts and on relaying, its queues grow and
 # heartbeats are lost (docs/tuning.md section 6 has both runs).
 LOAD_NICE=${LOAD_NICE:-0}
