@@ -15,6 +15,11 @@ use crate::limits::LimitTable;
 /// io_uring/rsrc.h): a larger registration fails with EMFILE, whatever RLIMIT_NOFILE says.
 pub const MAX_TABLE: u32 = 1 << 20;
 
+/// How many workers hold `maxconn` connections when every worker's table is at [`MAX_TABLE`].
+pub fn workers_at_table_cap(maxconn: u32) -> u32 {
+    maxconn.div_ceil((MAX_TABLE - PARK_SLACK) / 2)
+}
+
 /// Direct-table slots beyond twice the connection capacity: 64 for sockets accepted while a limit
 /// is being hit, 64 for server sockets still closing while their connection's slot is reused.
 pub const PARK_SLACK: u32 = 128;
@@ -91,34 +96,31 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
             // the fix is the cap and more workers.
             let needed_raw = 2 * u64::from(target) + u64::from(PARK_SLACK);
             let needed = needed_raw.min(u64::from(MAX_TABLE));
-            if effective < m && nofile >= u64::from(MAX_TABLE) {
-                // The open-files limit is not what stops it: a ring's table cannot grow further.
+            if effective < m {
                 let workers_needed = m.div_ceil(per_worker_max);
+                let (cause, fix) = if nofile >= u64::from(MAX_TABLE) {
+                    // The open-files limit is not what stops it: a ring's table cannot grow further.
+                    ("the kernel's limit per ring", format!("run {workers_needed} workers (global.workers)"))
+                } else {
+                    let raise = format!(
+                        "raise the open-files limit to {needed} (LimitNOFILE={needed} in the systemd unit, or \
+                         \"* hard nofile {needed}\" in /etc/security/limits.conf"
+                    );
+                    let fix = if needed_raw > u64::from(MAX_TABLE) {
+                        format!(
+                            "{raise}; the kernel's limit per ring) and run {} workers, or run {workers_needed} \
+                             workers (global.workers) at this limit",
+                            workers_at_table_cap(m)
+                        )
+                    } else {
+                        format!("{raise}), or run {workers_needed} workers (global.workers)")
+                    };
+                    ("RLIMIT_NOFILE", fix)
+                };
                 warnings.push(format!(
                     "maxconn {m} does not fit: each worker's io_uring file table holds at most {table_max} sockets \
-                     (the kernel's limit per ring), i.e. {per_worker_max} proxied connections, so {workers} worker(s) \
-                     hold {effective}; running with maxconn {effective}. To allow {m}: run {workers_needed} workers \
-                     (global.workers)"
-                ));
-            } else if effective < m && needed_raw > u64::from(MAX_TABLE) {
-                let workers_needed = m.div_ceil(per_worker_max);
-                let at_cap = m.div_ceil((MAX_TABLE - PARK_SLACK) / 2);
-                warnings.push(format!(
-                    "maxconn {m} does not fit: each worker's io_uring file table holds at most {table_max} sockets \
-                     (RLIMIT_NOFILE), i.e. {per_worker_max} proxied connections, so {workers} worker(s) hold \
-                     {effective}; running with maxconn {effective}. To allow {m}: raise the open-files limit to \
-                     {needed} (LimitNOFILE={needed} in the systemd unit, or \"* hard nofile {needed}\" in \
-                     /etc/security/limits.conf; the kernel's limit per ring) and run {at_cap} workers, or run \
-                     {workers_needed} workers (global.workers) at this limit"
-                ));
-            } else if effective < m {
-                let workers_needed = m.div_ceil(per_worker_max);
-                warnings.push(format!(
-                    "maxconn {m} does not fit: each worker's io_uring file table holds at most {table_max} sockets \
-                     (RLIMIT_NOFILE), i.e. {per_worker_max} proxied connections, so {workers} worker(s) hold \
-                     {effective}; running with maxconn {effective}. To allow {m}: raise the open-files limit to \
-                     {needed} (LimitNOFILE={needed} in the systemd unit, or \"* hard nofile {needed}\" in \
-                     /etc/security/limits.conf), or run {workers_needed} workers (global.workers)"
+                     ({cause}), i.e. {per_worker_max} proxied connections, so {workers} worker(s) hold {effective}; \
+                     running with maxconn {effective}. To allow {m}: {fix}"
                 ));
             }
             (effective, per_worker, needed)

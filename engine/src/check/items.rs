@@ -190,9 +190,9 @@ fn nofile(config: &Config, plan: &Plan, facts: &HostFacts, limit: NofileLimit, n
             }
             if needed >= u64::from(plan::MAX_TABLE) {
                 // One ring's table cannot hold a worker's share however high the limit goes.
-                let at_cap = m.div_ceil((plan::MAX_TABLE - plan::PARK_SLACK) / 2);
                 item = item.fix(format!(
-                    "  and global.workers: {at_cap} (one io_uring table holds at most {} sockets)",
+                    "  and global.workers: {} (one io_uring table holds at most {} sockets)",
+                    plan::workers_at_table_cap(m),
                     plan::MAX_TABLE
                 ));
             }
