@@ -35,9 +35,6 @@ RL=$OUT/bin/ringload
 RAMP_S=$((CONNS / 10000 + 1))
 SETTLE=$((RAMP_S + 6))
 
-# steal_ticks: "steal,total" clock ticks of all CPUs (/proc/stat).
-steal_ticks() { awk '/^cpu / {t=0; for (i=2;i<=NF;i++) t+=$i; print $9 "," t}' /proc/stat; }
-
 # One measurement: $1 = workers (0: no proxy). Prints one table row.
 measure() {
     local w=$1 dir=$OUT/w$1 target serve_pid rp_pid="" hold_pid
@@ -61,23 +58,24 @@ EOF
         >"$dir/hold.json" 2>"$dir/hold.err"
     hold_pid=$BG_PID
     sleep "$SETTLE"
-    local h0 s0 p0=0 t0 h1 s1 p1=0 t1 st0 st1
+    local h0 s0 p0=0 t0 h1 s1 p1=0 t1 st0 st1 tot0 tot1
     # shellcheck disable=SC2046 # one pid per word
     h0=$(cpu_ticks $(descendants "$hold_pid")) s0=$(cpu_ticks "$serve_pid") t0=$(now_ms) st0=$(steal_ticks)
+    read -r _ tot0 < <(sys_ticks)
     [ -z "$rp_pid" ] || p0=$(cpu_ticks "$rp_pid")
     sleep "$WINDOW"
     # shellcheck disable=SC2046
     h1=$(cpu_ticks $(descendants "$hold_pid")) s1=$(cpu_ticks "$serve_pid") t1=$(now_ms) st1=$(steal_ticks)
+    read -r _ tot1 < <(sys_ticks)
     [ -z "$rp_pid" ] || p1=$(cpu_ticks "$rp_pid")
     reap_bg "$hold_pid" || true
     [ -z "$rp_pid" ] || stop_bg "$rp_pid" || true
     stop_bg "$serve_pid" || true
-    python3 - "$dir/hold.json" "$w" "$CONNS" "$HZ" "$t0" "$t1" "$h0" "$h1" "$s0" "$s1" "$p0" "$p1" "$st0" "$st1" <<'PY'
+    python3 - "$dir/hold.json" "$w" "$CONNS" "$HZ" "$t0" "$t1" "$h0" "$h1" "$s0" "$s1" "$p0" "$p1" "$st0" "$st1" "$tot0" "$tot1" <<'PY'
 import json, sys
 j = json.load(open(sys.argv[1]))
 w, n, hz = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-t0, t1, h0, h1, s0, s1, p0, p1 = map(int, sys.argv[5:13])
-(sa, ta), (sb, tb) = (map(int, x.split(",")) for x in sys.argv[13:15])
+t0, t1, h0, h1, s0, s1, p0, p1, sa, sb, ta, tb = map(int, sys.argv[5:17])
 steal = 100 * (sb - sa) / max(tb - ta, 1)
 rts = n * (t1 - t0) / 1000          # one round trip per connection per second
 us = lambda a, b: (b - a) / hz * 1e6 / rts
