@@ -96,8 +96,9 @@ pub enum FlowIo {
     PollOutBuf { buf: ChunkBuf, off: u16, len: u16 },
     /// POLLOUT on the destination, holding `pending` bytes in this pipe (a [`Held::Pipe`]).
     PollOutPipe { pipe: PipeLease, pending: u32 },
-    /// shutdown(SHUT_WR) of the destination (forwarding the source's EOF).
-    Shutdown,
+    /// shutdown(SHUT_WR) of the destination (forwarding the source's EOF): `via_fd`, the
+    /// FIXED_FD_INSTALL whose descriptor will do it by a system call; otherwise a SHUTDOWN op.
+    Shutdown { via_fd: bool },
     /// Receive buffers queued for the destination (`splice: never`), a `sendmsg` of them in
     /// flight (a queue with buffers always has one: sendq.rs).
     Ring(QueueLease),
@@ -126,7 +127,7 @@ impl FlowIo {
             FlowIo::Splice { first: true, .. } => [Some(dir.splice_in()), Some(dir.splice_out())],
             FlowIo::Splice { first: false, .. } | FlowIo::SpliceOut { .. } => [Some(dir.splice_out()), None],
             FlowIo::PollOutBuf { .. } | FlowIo::PollOutPipe { .. } => [Some(dir.poll_out()), None],
-            FlowIo::Shutdown => [Some(dir.shutdown()), None],
+            FlowIo::Shutdown { via_fd } => [Some(dir.shutdown(*via_fd)), None],
             FlowIo::Ring(_) => [Some(dir.send()), None],
         }
     }
@@ -175,7 +176,7 @@ impl Flow {
     /// No byte of this direction is left to move: its EOF is forwarded, or its shutdown is in
     /// flight (which a close of the connection waits for rather than cancels).
     pub fn drained(&self) -> bool {
-        self.half == Half::Shut && matches!(self.io, FlowIo::Idle | FlowIo::Waiting | FlowIo::Shutdown)
+        self.half == Half::Shut && matches!(self.io, FlowIo::Idle | FlowIo::Waiting | FlowIo::Shutdown { .. })
     }
 }
 
@@ -197,7 +198,7 @@ mod tests {
         f.half = Half::EofSeen;
         assert!(!f.finished());
         f.half = Half::Shut;
-        f.io = FlowIo::Shutdown;
+        f.io = FlowIo::Shutdown { via_fd: true };
         assert!(!f.finished(), "the shutdown is still in flight");
         assert!(f.drained(), "but no byte is left to move");
         f.io = FlowIo::Idle;
@@ -209,7 +210,8 @@ mod tests {
     #[test]
     fn cancel_targets_name_every_op_in_flight() {
         let d = Dir::ClientToServer;
-        assert_eq!(FlowIo::Shutdown.cancel_targets(d), [Some(Op::ShutdownServer), None]);
+        assert_eq!(FlowIo::Shutdown { via_fd: false }.cancel_targets(d), [Some(Op::ShutdownServer), None]);
+        assert_eq!(FlowIo::Shutdown { via_fd: true }.cancel_targets(d), [Some(Op::ShutdownFdServer), None]);
         assert_eq!(FlowIo::Idle.cancel_targets(d), [None, None]);
         assert_eq!(Step::Connect { connect: true, timeout: true }.cancel_target(), Some(Op::Connect));
         assert_eq!(Step::Connect { connect: false, timeout: true }.cancel_target(), None);

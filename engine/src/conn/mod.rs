@@ -141,10 +141,14 @@ impl Dir {
             Dir::ServerToClient => Op::SendS2C,
         }
     }
-    pub(crate) fn shutdown(self) -> Op {
-        match self {
-            Dir::ClientToServer => Op::ShutdownServer,
-            Dir::ServerToClient => Op::ShutdownClient,
+    /// The op that forwards this direction's EOF: the descriptor install that precedes a
+    /// shutdown by system call (`via_fd`), or a SHUTDOWN.
+    pub(crate) fn shutdown(self, via_fd: bool) -> Op {
+        match (self, via_fd) {
+            (Dir::ClientToServer, false) => Op::ShutdownServer,
+            (Dir::ServerToClient, false) => Op::ShutdownClient,
+            (Dir::ClientToServer, true) => Op::ShutdownFdServer,
+            (Dir::ServerToClient, true) => Op::ShutdownFdClient,
         }
     }
     /// The reset a failure to read this direction's source means.
@@ -350,9 +354,14 @@ pub(crate) enum Done {
         held: Held,
         res: i32,
     },
-    /// shutdown(SHUT_WR) completed (its result does not matter: a peer that reset is seen by
-    /// the reads).
-    Shutdown,
+    /// The EOF of `dir` was forwarded: shutdown(SHUT_WR) completed (its result does not matter:
+    /// a peer that reset is seen by the reads), or the descriptor it is to be done with was
+    /// installed (`fd`), or that install failed (`retry`: forward it with a SHUTDOWN op).
+    Shutdown {
+        dir: Dir,
+        fd: Option<OwnedFd>,
+        retry: bool,
+    },
     /// A completion of a multishot receive into the ring of receive buffers (`client` says which
     /// socket); the buffer it filled, if any, is taken from the ring by `on_completion`.
     Recvd {
@@ -433,6 +442,17 @@ impl Conn {
     /// error; the caller counts it).
     pub(crate) fn settle(&mut self, op: Op, res: i32, more: bool) -> Option<Done> {
         // The descriptor FIXED_FD_INSTALL made is ours the moment it exists, whatever happens next.
+        if matches!(op, Op::ShutdownFdServer | Op::ShutdownFdClient) {
+            // SAFETY: as below.
+            let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
+            let dir = if op == Op::ShutdownFdServer { Dir::ClientToServer } else { Dir::ServerToClient };
+            // (A record that is not this install's cannot happen; the descriptor is closed as it
+            // is dropped.)
+            return self.take_flow(dir, |io| match io {
+                FlowIo::Shutdown { via_fd: true } => Ok(Done::Shutdown { dir, retry: fd.is_none(), fd }),
+                io => Err(io),
+            });
+        }
         if matches!(op, Op::ExportClient | Op::ExportServer) {
             // SAFETY: as below.
             let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
@@ -565,7 +585,7 @@ impl Conn {
                 io => Err(io),
             }),
             Op::ShutdownServer | Op::ShutdownClient => self.take_flow(dir, |io| match io {
-                FlowIo::Shutdown => Ok(Done::Shutdown),
+                FlowIo::Shutdown { via_fd: false } => Ok(Done::Shutdown { dir, fd: None, retry: false }),
                 io => Err(io),
             }),
             Op::MoveClient | Op::MoveServer => {
@@ -586,7 +606,9 @@ impl Conn {
                     Some(Done::ConnectStep)
                 }
             }
-            Op::LocalAddr | Op::ExportClient | Op::ExportServer => unreachable!("handled above"),
+            Op::LocalAddr | Op::ExportClient | Op::ExportServer | Op::ShutdownFdServer | Op::ShutdownFdClient => {
+                unreachable!("handled above")
+            }
             Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed | Op::Linger => None,
         }
     }
@@ -854,7 +876,7 @@ impl Ctx<'_> {
             Done::SpliceIn { dir, res } => self.on_splice_in(dir, res),
             Done::SpliceOut { dir, pipe, pending, res } => self.on_splice_out(dir, pipe, pending, res),
             Done::PollOut { dir, held, res } => self.on_poll_out(dir, held, res),
-            Done::Shutdown => self.check_done(),
+            Done::Shutdown { dir, fd, retry } => self.on_shutdown(dir, fd, retry),
             Done::Recvd { client, res, more } => self.on_recvd(client, res, more, filled),
             Done::RingSent { dir, lease, res } => self.on_ring_sent(dir, lease, res),
             Done::Moved { ok, client } => self.follow.moved = Some((ok, client)),
@@ -885,12 +907,10 @@ impl Ctx<'_> {
                 drop(fd);
                 self.follow.exported = Some((client, None));
             }
-            Done::Poll { .. }
-            | Done::ConnectStep
-            | Done::Connected
-            | Done::SpliceIn { .. }
-            | Done::Shutdown
-            | Done::Recvd { .. } => {}
+            // Closing: the close of the socket sends the FIN (or the RST) the shutdown was for;
+            // the installed descriptor is closed as it is dropped, before that close.
+            Done::Shutdown { fd, .. } => drop(fd),
+            Done::Poll { .. } | Done::ConnectStep | Done::Connected | Done::SpliceIn { .. } | Done::Recvd { .. } => {}
         }
     }
 
@@ -936,7 +956,9 @@ impl Ctx<'_> {
         self.drop_unsent();
         let (idx, generation) = (self.idx, self.c.generation);
         for op in self.c.cancel_targets() {
-            if reason == CloseReason::Done && matches!(op, Op::ShutdownServer | Op::ShutdownClient) {
+            if reason == CloseReason::Done
+                && matches!(op, Op::ShutdownServer | Op::ShutdownClient | Op::ShutdownFdServer | Op::ShutdownFdClient)
+            {
                 // A graceful end waits for the FIN it is sending rather than race it.
                 continue;
             }
@@ -1097,13 +1119,47 @@ mod tests {
         assert!(c.idle());
     }
 
+    /// The EOF forwarded by a descriptor: the install's completion owns the descriptor whatever
+    /// the record says, and a failed install asks for a SHUTDOWN op instead.
+    #[test]
+    fn an_eof_forwarded_by_descriptor_owns_it_and_falls_back_when_the_install_fails() {
+        // SAFETY: dup has no pointer argument; the new descriptor is handed to `settle` below.
+        let fd = unsafe { libc::dup(0) };
+        assert!(fd >= 0);
+        let shut = || Flow { half: Half::Shut, io: FlowIo::Shutdown { via_fd: true }, ..Flow::default() };
+        let mut c = Conn { state: State::Established, c2s: shut(), ..Conn::default() };
+        let Some(Done::Shutdown { dir: Dir::ClientToServer, fd: Some(owned), retry: false }) =
+            c.settle(Op::ShutdownFdServer, fd, false)
+        else {
+            panic!()
+        };
+        assert!(c.idle());
+        drop(owned);
+        // SAFETY: fcntl on a number; EBADF proves the descriptor was closed by the drop.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_GETFD) }, -1);
+        assert!(c.settle(Op::ShutdownFdServer, -libc::EMFILE, false).is_none(), "it completes once");
+
+        let mut c = Conn { state: State::Established, s2c: shut(), ..Conn::default() };
+        let Some(Done::Shutdown { dir: Dir::ServerToClient, fd: None, retry: true }) =
+            c.settle(Op::ShutdownFdClient, -libc::EMFILE, false)
+        else {
+            panic!()
+        };
+        // The SHUTDOWN op that follows is another record.
+        c.s2c.io = FlowIo::Shutdown { via_fd: false };
+        let Some(Done::Shutdown { fd: None, retry: false, .. }) = c.settle(Op::ShutdownClient, 0, false) else {
+            panic!()
+        };
+        assert!(c.idle());
+    }
+
     #[test]
     fn cancel_targets_cover_every_record() {
         let c = Conn {
             client_poll: true,
             server_poll: true,
             step: Step::Connect { connect: true, timeout: true },
-            s2c: Flow { io: FlowIo::Shutdown, ..Flow::default() },
+            s2c: Flow { io: FlowIo::Shutdown { via_fd: false }, ..Flow::default() },
             ..Conn::default()
         };
         let ops: Vec<Op> = c.cancel_targets().collect();

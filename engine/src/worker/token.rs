@@ -68,10 +68,16 @@ pub enum Op {
     /// a new process (binary upgrade).
     ExportClient,
     ExportServer,
+    /// FIXED_FD_INSTALL of the server socket, whose descriptor then forwards the client's EOF by
+    /// shutdown(SHUT_WR) in this thread and is closed (io_uring runs a SHUTDOWN on an io-wq
+    /// thread); `ShutdownServer` only if the install fails.
+    ShutdownFdServer,
+    /// The same toward the client, after the server's EOF.
+    ShutdownFdClient,
 
     // --- worker operations ---
     /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
-    Cancel = 31,
+    Cancel = 40,
     /// Multishot accept on listener `index`.
     Accept,
     /// Cancel of the multishot accept on listener `index`.
@@ -86,7 +92,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 37] = [
+    const ALL: [Op; 39] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -118,6 +124,8 @@ impl Op {
         Op::MoveServer,
         Op::ExportClient,
         Op::ExportServer,
+        Op::ShutdownFdServer,
+        Op::ShutdownFdClient,
         Op::Cancel,
         Op::Accept,
         Op::AcceptCancel,

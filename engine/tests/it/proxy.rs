@@ -210,7 +210,7 @@ fn half_close_keeps_the_other_direction_flowing() {
 fn a_server_that_answers_the_eof_and_closes_at_once_is_delivered_whole_in_both_modes() {
     // The request/response/close pattern: the client half-closes, the server reads to that EOF,
     // answers and closes straight away, so the server's EOF usually reaches the proxy while its
-    // shutdown toward the server (run on an io-wq thread) is still in flight. The proxy then
+    // shutdown toward the server is still in flight. The proxy then
     // closes both sockets without a second shutdown; nothing may be cut short or reset.
     for splice in ["never", "auto"] {
         const CONNS: usize = 300;

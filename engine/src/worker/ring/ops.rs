@@ -289,8 +289,8 @@ impl Ring {
     }
 
     /// Installs a direct socket into the process table (the result is the new fd, which the
-    /// completion's handler must own), for the one thing io_uring cannot do on a direct socket
-    /// here: getsockname().
+    /// completion's handler must own), for what io_uring cannot do on a direct socket, or only
+    /// on an io-wq thread: getsockname(), shutdown().
     pub fn install_fd(&mut self, sock: Sock<'_>, token: Token) {
         // SAFETY: no pointer; the slot as for `poll_multi`.
         unsafe { self.push(opcode::FixedFdInstall::new(Fixed(sock.index()), 0).build().user_data(token.encode())) };
