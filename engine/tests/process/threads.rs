@@ -42,7 +42,9 @@ fn churn_with_half_closes_runs_nothing_on_io_wq_threads() {
     for (set, fd_install) in [("native", native.fd_install), ("\"6.7\"", false)] {
         let backend = Backend::start(Mode::Echo);
         let sock = temp_path("threads.sock");
-        let proxy = Proxy::start(
+        // The set is the file's alone: `native` in the file means "not pinned", which the
+        // environment (scripts/test.sh's 6.1 pass) would otherwise pin.
+        let proxy = Proxy::start_adjusted(
             "threads",
             &format!(
                 "global: {{ workers: 2, stats: {{ socket: {} }}, tune: {{ io_features: {set} }} }}\n\
@@ -51,6 +53,9 @@ fn churn_with_half_closes_runs_nothing_on_io_wq_threads() {
                 sock.display(),
                 backend.addr
             ),
+            |cmd| {
+                cmd.env_remove(ringproxy::features::ENV);
+            },
         );
         let pid = proxy.pid();
         assert_eq!(io_wq_threads(pid), 0, "{set}: io-wq threads before any connection");
