@@ -315,7 +315,6 @@ impl Ctx<'_> {
         self.send_held(dir, held);
     }
 
-    /// Closes gracefully once both directions have forwarded their EOF.
     /// Sends the destination of `dir` a FIN (shutdown(SHUT_WR)). io_uring runs a SHUTDOWN op on an
     /// io-wq thread (io_uring/net.c sets REQ_F_FORCE_ASYNC): a wakeup of another thread and two
     /// context switches per connection, 17% of the CPU of a connect-echo-close churn. Where the
@@ -351,6 +350,7 @@ impl Ctx<'_> {
         self.check_done();
     }
 
+    /// Closes gracefully once both directions have forwarded their EOF.
     pub(super) fn check_done(&mut self) {
         if self.c.state == State::Established && self.c.c2s.finished() && self.c.s2c.finished() {
             self.close(CloseReason::Done);
