@@ -285,6 +285,13 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         eprintln!("ringproxy: cannot ignore SIGXFSZ: {e}");
         return ExitCode::from(1);
     }
+    // A splice(2) into a socket whose peer has gone fails with EPIPE and would also raise SIGPIPE
+    // (tcp_sendmsg without MSG_NOSIGNAL): the worker sees the error; the process must not die of
+    // it. (Rust's runtime ignores SIGPIPE already; this keeps it so whatever starts the engine.)
+    if let Err(e) = ringproxy::sys::ignore_signal(libc::SIGPIPE) {
+        eprintln!("ringproxy: cannot ignore SIGPIPE: {e}");
+        return ExitCode::from(1);
+    }
     // Block the signals we handle before any thread starts, so workers inherit the mask and the
     // main thread alone receives them.
     let signals = match Signals::block(&[libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP, libc::SIGUSR2]) {

@@ -119,6 +119,11 @@ impl PipePool {
         }
     }
 
+    /// Most pipes this pool makes.
+    pub fn max(&self) -> u32 {
+        self.max
+    }
+
     /// Pipes created and not lent.
     pub fn pooled(&self) -> u32 {
         self.free.len() as u32

@@ -361,6 +361,26 @@ pub fn pipe(size: u32) -> io::Result<(OwnedFd, OwnedFd, u32)> {
     Ok((rd, wr, got as u32))
 }
 
+/// splice(2) of up to `len` bytes from `from` to `to` (one of them a pipe), without blocking:
+/// the bytes moved (0: the source is at its end), or the error (`EAGAIN`: nothing to read, or no
+/// room to write). Pages move by reference, no copy (SPLICE_F_MOVE).
+/// The caller keeps both descriptors open across the call (they are its own).
+pub fn splice(from: RawFd, to: RawFd, len: u32) -> Result<u32, i32> {
+    // SAFETY: no pointer (null offsets: both ends are a socket or a pipe, read at their current
+    // position); a descriptor that were closed would only fail the call (EBADF).
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len as usize,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if n < 0 { Err(io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)) } else { Ok(n as u32) }
+}
+
 /// Sets IP_BIND_ADDRESS_NO_PORT: bind() fixes only the address, connect() picks the port per
 /// 4-tuple (so a source address is not limited to one connection per ephemeral port host-wide).
 pub fn set_bind_address_no_port(sock: impl AsFd) -> io::Result<()> {

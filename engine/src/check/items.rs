@@ -410,19 +410,18 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
     };
     let servers: u64 = config.backends.iter().map(|b| b.servers.len() as u64).sum();
     let stats = servers * plan.workers as u64 * SERVER_BYTES_PER_WORKER;
-    // splice: never: each worker's receive buffers, created as transfers need them, up to this.
-    let (recv, recv_words) = match config.global.tune.splice {
-        crate::config::SpliceMode::Never => {
-            let per_worker = u64::from(config.global.tune.recv_buffers) * crate::worker::RECV_BUF as u64;
-            let words = format!(
-                " + {} workers x {} receive buffers x {} (at most, as bulk transfers need them)",
-                plan.workers,
-                config.global.tune.recv_buffers,
-                size(crate::worker::RECV_BUF as u64)
-            );
-            (per_worker * plan.workers as u64, words)
-        }
-        _ => (0, String::new()),
+    // splice: auto or never: each worker's receive buffers, created as transfers need them, up to this.
+    let (recv, recv_words) = if config.global.tune.splice.uses_ring() {
+        let per_worker = u64::from(config.global.tune.recv_buffers) * crate::worker::RECV_BUF as u64;
+        let words = format!(
+            " + {} workers x {} receive buffers x {} (at most, as bulk transfers need them)",
+            plan.workers,
+            config.global.tune.recv_buffers,
+            size(crate::worker::RECV_BUF as u64)
+        );
+        (per_worker * plan.workers as u64, words)
+    } else {
+        (0, String::new())
     };
     // balance: hash: each worker's Maglev table of each such backend.
     let hash_tables: u64 = config

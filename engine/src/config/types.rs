@@ -119,16 +119,26 @@ pub enum LogTarget {
 /// How a flow moves its bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SpliceMode {
-    /// Small chunks through a buffer (inline recv/send), bulk transfers by splice.
+    /// The default: small chunks as `Never` moves them; a flow that fills a whole receive buffer
+    /// is moving bulk data and splices (zero copy) by splice(2) on the worker's own thread, back
+    /// to receive buffers when its chunks get small. Where the sockets cannot have process
+    /// descriptors (a kernel before 6.8, or the descriptor limit), everything as `Never`.
+    #[default]
     Auto,
-    /// Every chunk by splice.
+    /// Every chunk by splice: on the worker's thread where the sockets have process
+    /// descriptors, through io_uring (an io-wq thread) where they cannot.
     Always,
     /// No splice: a multishot receive into the worker's ring of provided buffers, and a send of
-    /// what came in, all in the worker's own thread (no io-wq). The default: faster than splice
-    /// on every benchmark row (docs/benchmarks.md), since an io_uring splice always runs on an
-    /// io-wq thread.
-    #[default]
+    /// what came in, all in the worker's own thread (no io-wq): two copies per byte.
     Never,
+}
+
+impl SpliceMode {
+    /// Whether small chunks (all of them with `Never`) go through the worker's ring of receive
+    /// buffers.
+    pub fn uses_ring(self) -> bool {
+        self != SpliceMode::Always
+    }
 }
 
 /// Engine knobs with safe defaults; see docs/configuration.md.
@@ -138,7 +148,7 @@ pub struct Tune {
     pub pipe_size: u32,
     /// Most pipes one worker keeps (in flight plus pooled).
     pub max_pipes: u32,
-    /// Most receive buffers (64 KiB each) one worker creates (`splice: never`).
+    /// Most receive buffers (64 KiB each) one worker creates (`splice: auto` or `never`).
     pub recv_buffers: u32,
     /// Submission queue entries per worker ring.
     pub ring_entries: u32,
@@ -162,7 +172,7 @@ impl Default for Tune {
             iowq_workers: default::IOWQ_WORKERS,
             peer_lookups: default::PEER_LOOKUPS,
             io_features: None,
-            splice: SpliceMode::Never,
+            splice: SpliceMode::Auto,
         }
     }
 }

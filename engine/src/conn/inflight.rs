@@ -12,6 +12,8 @@
 //!
 //! Closing is then "cancel what is in flight; free when nothing is" ([`Conn::idle`]).
 
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
 use super::sendq::QueueLease;
 use crate::pipes::PipeLease;
 use crate::worker::ring::{ChunkBuf, HeaderBuf, PeerSlot};
@@ -46,6 +48,10 @@ pub enum Step {
     /// process (binary upgrade): `true` while each is still to come. (Each descriptor is owned by
     /// its completion, as for `LocalAddr`.)
     Export { client: bool, server: bool },
+    /// The two FIXED_FD_INSTALLs making process descriptors of both sockets for splicing on the
+    /// worker's thread (a bulk flow, once established): `true` while each is still to come. Each
+    /// descriptor is owned by its completion and kept in [`SpliceFds`].
+    SpliceFds { client: bool, server: bool },
 }
 
 impl Step {
@@ -54,7 +60,12 @@ impl Step {
     pub fn cancel_target(&self) -> Option<Op> {
         match self {
             // (A MSG_RING completes at once, or once the target ring's thread has installed it.)
-            Step::Idle | Step::PeerName(_) | Step::LocalAddr | Step::Move { .. } | Step::Export { .. } => None,
+            Step::Idle
+            | Step::PeerName(_)
+            | Step::LocalAddr
+            | Step::Move { .. }
+            | Step::Export { .. }
+            | Step::SpliceFds { .. } => None,
             Step::HeaderPeek(_) => Some(Op::HeaderPeek),
             Step::HeaderRead(_) => Some(Op::HeaderRead),
             Step::Connect { connect: true, .. } => Some(Op::Connect),
@@ -102,6 +113,10 @@ pub enum FlowIo {
     /// Receive buffers queued for the destination (`splice: never`), a `sendmsg` of them in
     /// flight (a queue with buffers always has one: sendq.rs).
     Ring(QueueLease),
+    /// A bulk flow splicing on the worker's thread moved its share for this loop turn; the
+    /// completion the worker posted itself (`Op::Again*`, no SQE: it cannot be cancelled and
+    /// arrives with the next turn's completions) lets it go on. Holds nothing.
+    Again,
 }
 
 impl FlowIo {
@@ -129,7 +144,35 @@ impl FlowIo {
             FlowIo::PollOutBuf { .. } | FlowIo::PollOutPipe { .. } => [Some(dir.poll_out()), None],
             FlowIo::Shutdown { via_fd } => [Some(dir.shutdown(*via_fd)), None],
             FlowIo::Ring(_) => [Some(dir.send()), None],
+            FlowIo::Again => [None, None],
         }
+    }
+}
+
+/// A connection's sockets as process descriptors (made by FIXED_FD_INSTALL from its direct
+/// ones), with which the worker splices by system calls on its own thread: io_uring runs every
+/// SPLICE on an io-wq thread, two thread hand-offs per chunk. Made for a flow that moves bulk
+/// data, kept for the connection's life (in the worker's table, `SpliceTable`), closed as it is
+/// dropped; the direct descriptors stay the sockets' owners.
+#[derive(Debug, Default)]
+pub struct SpliceFds {
+    pub client: Option<OwnedFd>,
+    pub server: Option<OwnedFd>,
+}
+
+impl SpliceFds {
+    /// (source, destination) of `dir`, once both descriptors are there.
+    pub fn ends(&self, dir: Dir) -> Option<(RawFd, RawFd)> {
+        let (c, s) = (self.client.as_ref()?.as_raw_fd(), self.server.as_ref()?.as_raw_fd());
+        Some(match dir {
+            Dir::ClientToServer => (c, s),
+            Dir::ServerToClient => (s, c),
+        })
+    }
+
+    /// Descriptors held (for the worker's gauge).
+    pub fn count(&self) -> u64 {
+        u64::from(self.client.is_some()) + u64::from(self.server.is_some())
     }
 }
 

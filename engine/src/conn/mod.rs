@@ -38,7 +38,7 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 
-pub use inflight::{Flow, FlowIo, Half, Held, Step};
+pub use inflight::{Flow, FlowIo, Half, Held, SpliceFds, Step};
 pub use moving::{Moved, MovedState};
 pub use sendq::{QueueLease, SendQueues};
 
@@ -139,6 +139,13 @@ impl Dir {
         match self {
             Dir::ClientToServer => Op::SendC2S,
             Dir::ServerToClient => Op::SendS2C,
+        }
+    }
+    /// The completion a bulk flow posts itself to go on in the next loop turn.
+    pub(crate) fn again(self) -> Op {
+        match self {
+            Dir::ClientToServer => Op::AgainC2S,
+            Dir::ServerToClient => Op::AgainS2C,
         }
     }
     /// The op that forwards this direction's EOF: the descriptor install that precedes a
@@ -265,6 +272,10 @@ pub struct Conn {
     pub attempts: u8,
     /// What it holds of the accept-time limits.
     pub admission: Admission,
+    /// Making process descriptors of its sockets for splicing failed (the process's table is
+    /// full): its bulk flows go on through receive buffers (`splice: auto`) or splice through
+    /// io_uring (`always`). (The descriptors it has are in the worker's [`SpliceTable`].)
+    pub fds_failed: bool,
     /// Holds backend and server shares and a source port.
     pub server_shares: bool,
     /// Counted in its frontend's per-source table (released when it closes).
@@ -375,6 +386,16 @@ pub(crate) enum Done {
         lease: QueueLease,
         res: i32,
     },
+    /// A FIXED_FD_INSTALL for splicing completed (`client` says which socket): its descriptor,
+    /// or `None` if it failed.
+    SpliceFd {
+        client: bool,
+        fd: Option<OwnedFd>,
+    },
+    /// The completion a bulk flow posted itself to go on (`FlowIo::Again`).
+    Again {
+        dir: Dir,
+    },
     /// A FIXED_FD_INSTALL of an export completed (`client` says which socket): its descriptor.
     Exported {
         client: bool,
@@ -468,6 +489,21 @@ impl Conn {
             }
             return Some(Done::Exported { client: op == Op::ExportClient, fd });
         }
+        if matches!(op, Op::SpliceFdClient | Op::SpliceFdServer) {
+            // SAFETY: as below.
+            let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
+            let Step::SpliceFds { client, server } = &mut self.step else { return None };
+            let mine = if op == Op::SpliceFdClient { client } else { server };
+            if !*mine {
+                // (Cannot happen; the descriptor is closed as it is dropped.)
+                return None;
+            }
+            *mine = false;
+            if matches!(self.step, Step::SpliceFds { client: false, server: false }) {
+                self.step = Step::Idle;
+            }
+            return Some(Done::SpliceFd { client: op == Op::SpliceFdClient, fd });
+        }
         if op == Op::LocalAddr {
             // SAFETY: a non-negative result of FIXED_FD_INSTALL is a new descriptor nothing else owns.
             let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
@@ -480,9 +516,13 @@ impl Conn {
             };
         }
         let dir = match op {
-            Op::RecvC2S | Op::SendC2S | Op::SpliceInC2S | Op::SpliceOutC2S | Op::ServerPollOut | Op::ShutdownServer => {
-                Dir::ClientToServer
-            }
+            Op::RecvC2S
+            | Op::SendC2S
+            | Op::SpliceInC2S
+            | Op::SpliceOutC2S
+            | Op::ServerPollOut
+            | Op::ShutdownServer
+            | Op::AgainC2S => Dir::ClientToServer,
             _ => Dir::ServerToClient,
         };
         match op {
@@ -606,7 +646,17 @@ impl Conn {
                     Some(Done::ConnectStep)
                 }
             }
-            Op::LocalAddr | Op::ExportClient | Op::ExportServer | Op::ShutdownFdServer | Op::ShutdownFdClient => {
+            Op::AgainC2S | Op::AgainS2C => self.take_flow(dir, |io| match io {
+                FlowIo::Again => Ok(Done::Again { dir }),
+                io => Err(io),
+            }),
+            Op::LocalAddr
+            | Op::ExportClient
+            | Op::ExportServer
+            | Op::ShutdownFdServer
+            | Op::ShutdownFdClient
+            | Op::SpliceFdClient
+            | Op::SpliceFdServer => {
                 unreachable!("handled above")
             }
             Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed | Op::Linger => None,
@@ -640,6 +690,11 @@ impl Conn {
         }
     }
 }
+
+/// The sockets of the connections that splice on the worker's thread, as process descriptors, by
+/// slab index: beside the entries (most connections never have them, and an idle connection's
+/// entry is kept small). An entry goes when its connection closes or leaves (`release_fds`).
+pub type SpliceTable = std::collections::HashMap<u32, SpliceFds>;
 
 /// The connections' timer links, beside (not inside) the entries, so a connection's context can
 /// hold its own entry and the wheel's links at once.
@@ -796,6 +851,8 @@ pub(crate) struct Ctx<'w> {
     pub pipes: &'w mut PipePool,
     /// Send queues of the receive-buffer path (`splice: never`).
     pub sendq: &'w mut SendQueues,
+    /// The process descriptors of connections that splice on the worker's thread.
+    pub fds: &'w mut SpliceTable,
     /// Flows waiting for a pipe or a buffer: (index, generation, direction).
     pub waiters: &'w mut VecDeque<(u32, u32, Dir)>,
     pub up: &'w mut Upstream,
@@ -879,6 +936,11 @@ impl Ctx<'_> {
             Done::Shutdown { dir, fd, retry } => self.on_shutdown(dir, fd, retry),
             Done::Recvd { client, res, more } => self.on_recvd(client, res, more, filled),
             Done::RingSent { dir, lease, res } => self.on_ring_sent(dir, lease, res),
+            Done::SpliceFd { client, fd } => self.on_splice_fd(client, fd),
+            Done::Again { dir } => {
+                self.pump(dir);
+                self.check_done();
+            }
             Done::Moved { ok, client } => self.follow.moved = Some((ok, client)),
             Done::Exported { client, fd } => self.follow.exported = Some((client, fd)),
         }
@@ -910,7 +972,18 @@ impl Ctx<'_> {
             // Closing: the close of the socket sends the FIN (or the RST) the shutdown was for;
             // the installed descriptor is closed as it is dropped, before that close.
             Done::Shutdown { fd, .. } => drop(fd),
-            Done::Poll { .. } | Done::ConnectStep | Done::Connected | Done::SpliceIn { .. } | Done::Recvd { .. } => {}
+            // Closing: a descriptor for splicing is given up (closed as dropped; the others
+            // were at the close).
+            Done::SpliceFd { fd, .. } => {
+                drop(fd);
+                self.stats.splice_fds -= 1;
+            }
+            Done::Poll { .. }
+            | Done::ConnectStep
+            | Done::Connected
+            | Done::SpliceIn { .. }
+            | Done::Recvd { .. }
+            | Done::Again { .. } => {}
         }
     }
 
@@ -947,6 +1020,8 @@ impl Ctx<'_> {
         self.release_server();
         self.release_admission();
         self.release_source();
+        // Only this thread's system calls use them, and none will now.
+        self.release_fds();
         for dir in Dir::BOTH {
             // A flow waiting for a pipe holds nothing; its place in the FIFO goes stale.
             if matches!(self.c.flow(dir).io, FlowIo::Waiting) {
@@ -987,8 +1062,17 @@ impl Ctx<'_> {
             log.line(self.worker, self.cfg, self.c, reason, source, self.now.us, self.now.ms);
         }
         self.enter(State::Free);
+        self.release_fds();
         let generation = self.c.generation.wrapping_add(1);
         *self.c = Conn { generation, ..Conn::default() };
+    }
+
+    /// Closes the descriptors made for splicing, if any (the sockets stay open by their direct
+    /// descriptors).
+    pub(crate) fn release_fds(&mut self) {
+        if let Some(fds) = self.fds.remove(&self.idx) {
+            self.stats.splice_fds -= fds.count();
+        }
     }
 
     /// Makes sure the connection's earliest deadline is in the timer wheel.

@@ -161,6 +161,7 @@ impl Ctx<'_> {
         }
         self.stats.moved_out += 1;
         self.enter(State::Free);
+        self.release_fds();
         let generation = self.c.generation.wrapping_add(1);
         *self.c = Conn { generation, ..Conn::default() };
     }

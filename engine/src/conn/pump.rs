@@ -1,23 +1,33 @@
-//! Moving bytes: readiness, small chunks through a buffer, large ones by splice, short writes,
-//! half-close. One direction of one connection at a time, driven by completions.
+//! Moving bytes: readiness, receive buffers, splice, short writes, half-close. One direction of
+//! one connection at a time, driven by completions.
 //!
-//! Two ways to move a chunk, chosen per flow (`tune.splice: auto`): a small chunk is `recv`ed into
-//! a worker buffer and `send` back out — both complete inline on the worker's thread, which is what
-//! request/response traffic and connection churn need; once a read fills a whole buffer the flow
-//! is moving bulk data and switches to splice (socket → pipe → socket, zero copy, one io-wq trip
-//! per chunk), and back to buffers when chunks get small again. `tune.splice: always` splices
-//! everything.
+//! `tune.splice: auto` (the default) and `never`: each direction keeps a multishot receive into
+//! the worker's ring of provided buffers armed on its source, and sends what came in (a send
+//! queue, one `sendmsg` in flight): all inline on the worker's thread, what request/response
+//! traffic, heartbeats and churn need. With `auto`, a receive that fills a whole buffer means the
+//! flow is moving bulk data: its receive stops, its queue is sent, and from then on it splices
+//! (socket → pipe → socket, pages moved by reference, no copy) by splice(2) system calls on the
+//! worker's own thread, through process descriptors FIXED_FD_INSTALL made of the two sockets (an
+//! io_uring SPLICE always runs on an io-wq thread: two thread hand-offs per chunk); a poll of
+//! the source says when. A splice that moves little sends the flow back to its receive.
 //!
-//! Invariants: a flow has at most one chunk in flight, and its `FlowIo` record owns the buffer or
-//! pipe holding it — a recv/send, a hard-linked splice pair, the rest of a short write, or the
-//! POLLOUT that waits for room with the unsent bytes; between chunks a flow holds nothing.
-//! `readable` is cleared only by an `EAGAIN` or a short recv (one that emptied the receive queue,
-//! with no FIN seen) that no newer poll event contradicts (`ready_seq`), so no readiness edge is
-//! lost; an EOF is forwarded as shutdown(SHUT_WR) only once nothing is pending.
+//! `tune.splice: always` is poll-driven: every chunk by splice — by system calls where the
+//! sockets have process descriptors, else a hard-linked io_uring splice pair (io-wq) — with a
+//! chunk through a buffer (`recv`/`send`) while the descriptors are being made.
+//!
+//! Invariants: a flow has at most one chunk in flight, and its `FlowIo` record owns the buffer,
+//! queue or pipe holding it — a recv/send, a send queue, a hard-linked splice pair, the rest of a
+//! short write, or the POLLOUT that waits for room with the unsent bytes; between chunks a flow
+//! holds nothing (a splice on the worker's thread completes before it returns, and gives its
+//! pipe back unless bytes wait in it for room). A flow splices only while idle, so no spliced
+//! byte passes a queued one. `readable` is cleared only by an `EAGAIN` or a short recv (one that
+//! emptied the receive queue, with no FIN seen) that no newer poll event contradicts
+//! (`ready_seq`), so no readiness edge is lost; an EOF is forwarded as shutdown(SHUT_WR) only once
+//! nothing is pending.
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use super::{CloseReason, Ctx, Dir, FlowIo, Half, Held, POLLOUT_EVENTS, QueueLease, State};
+use super::{CloseReason, Ctx, Dir, FlowIo, Half, Held, POLLOUT_EVENTS, QueueLease, State, Step};
 use crate::config::SpliceMode;
 use crate::pipes::PipeLease;
 use crate::worker::ring::{CHUNK, ChunkBuf, RingBuf, Sock};
@@ -25,6 +35,10 @@ use crate::worker::token::{Op, Token};
 
 /// A splice that moves less than this means the flow carries small messages again.
 const SMALL: usize = 2048;
+
+/// Most bytes a flow splices on the worker's thread in one go; then it goes on in the next loop
+/// turn, after the other connections' events (`FlowIo::Again`).
+const TURN_BYTES: u32 = 1 << 20;
 
 impl super::Conn {
     /// The (source, destination) sockets of `dir`; `None` before both exist.
@@ -78,8 +92,10 @@ impl Ctx<'_> {
         if armed || self.c.is_closing() || !self.c.is_live() || self.c.moving {
             return;
         }
-        if self.ring_mode() && self.c.state == State::Established {
-            // Established, this mode watches the sockets with its receives instead.
+        let dir = if client { Dir::ClientToServer } else { Dir::ServerToClient };
+        if self.ring_mode() && self.c.state == State::Established && !self.c.flow(dir).bulk {
+            // Established, this mode watches the sockets with its receives instead (but for a
+            // bulk flow, which splices: its source's poll says when to).
             return;
         }
         let op = if client { Op::ClientPoll } else { Op::ServerPoll };
@@ -108,8 +124,18 @@ impl Ctx<'_> {
         let f = self.c.flow(dir);
         if f.half != Half::Open || !f.readable || ring {
             if ring && f.half == Half::Open {
-                // The multishot receive brings the bytes; nothing to do but make sure it runs.
-                return self.arm_recv(dir);
+                // The multishot receive brings the bytes; nothing to do but make sure it runs. A
+                // bulk flow's poll says when it may splice (once its queue is sent: the flow is
+                // idle, so no byte can pass another).
+                self.arm_recv(dir);
+                let f = self.c.flow(dir);
+                if f.bulk
+                    && f.readable
+                    && let Some(ends) = self.splice_ends(dir)
+                {
+                    return self.splice_here(dir, ends);
+                }
+                return;
             }
             if f.half == Half::EofSeen {
                 f.half = Half::Shut;
@@ -126,8 +152,18 @@ impl Ctx<'_> {
             return;
         }
         // A small chunk goes through a buffer: recv and send run inline on this thread. A flow
-        // that fills buffers switches to splice: zero copy, in an io-wq thread.
-        if !f.bulk
+        // that fills buffers switches to splice: zero copy, by system calls on this thread once
+        // the sockets have process descriptors (`splice_here`), through io_uring (an io-wq
+        // thread) where they cannot have them.
+        if f.bulk {
+            if let Some(ends) = self.splice_ends(dir) {
+                return self.splice_here(dir, ends);
+            }
+            self.make_fds();
+        }
+        // (While the descriptors are being made, a chunk goes through a buffer.)
+        let making = matches!(self.c.step, Step::SpliceFds { .. });
+        if (!self.c.flow(dir).bulk || making)
             && let Some(buf) = self.ring.chunk_buf()
         {
             let f = self.c.flow(dir);
@@ -236,6 +272,21 @@ impl Ctx<'_> {
                 self.c.flow(dir).io = FlowIo::Send { buf, off, len };
             }
             Held::Pipe { pipe, pending } => {
+                if let Some((_, dst)) = self.splice_ends(dir) {
+                    let (rd, _) = self.pipes.fds(&pipe);
+                    return match self.pipe_out(dir, rd, dst, pending) {
+                        Err(left) => {
+                            self.pipes.give_back(pipe, left);
+                            self.close(dir.destination_reset())
+                        }
+                        Ok(0) => {
+                            self.pipes.give_back(pipe, 0);
+                            self.pump(dir);
+                            self.check_done()
+                        }
+                        Ok(left) => self.wait_for_room(dir, Held::Pipe { pipe, pending: left }),
+                    };
+                }
                 let t = self.token(dir.splice_out());
                 let (rd, _) = self.pipes.fds(&pipe);
                 self.ring.splice_out(rd, dst, pending, t);
@@ -299,6 +350,194 @@ impl Ctx<'_> {
         self.check_done();
     }
 
+    /// Splices `dir` on this thread, by system calls on the sockets' process descriptors `src`
+    /// and `dst` through a pipe: socket → pipe → socket, pages moved by reference, with no
+    /// io-wq hand-off (io_uring runs every SPLICE op on an io-wq thread). Goes on until the
+    /// source is empty (EAGAIN: readable again at its next poll event) or at its end, the
+    /// destination is full (the rest waits in the pipe for POLLOUT), or `TURN_BYTES` moved (it
+    /// goes on next loop turn). Runs only while the flow is idle, so nothing of it is in flight.
+    fn splice_here(&mut self, dir: Dir, (src, dst): (RawFd, RawFd)) {
+        let pipe = match self.pipes.acquire() {
+            Ok(Some(p)) => p,
+            Ok(None) | Err(_) => {
+                self.c.flow(dir).io = FlowIo::Waiting;
+                self.waiters.push_back((self.idx, self.c.generation, dir));
+                self.stats.pipe_waits += 1;
+                return;
+            }
+        };
+        let (rd, wr) = self.pipes.fds(&pipe);
+        let size = self.pipes.effective_size;
+        let mut moved = 0u32;
+        loop {
+            let n = match crate::sys::splice(src, wr, size) {
+                Ok(0) => {
+                    self.pipes.give_back(pipe, 0);
+                    self.c.flow(dir).half = Half::EofSeen;
+                    return self.pump(dir);
+                }
+                Ok(n) => n,
+                Err(libc::EAGAIN) => {
+                    // Nothing was read, and no poll event can have come in meanwhile (this
+                    // thread reaps them): the next one says there is more.
+                    self.pipes.give_back(pipe, 0);
+                    self.c.flow(dir).readable = false;
+                    return;
+                }
+                Err(libc::EINTR) => continue,
+                Err(_) => {
+                    self.pipes.give_back(pipe, 0);
+                    return self.close(dir.source_reset());
+                }
+            };
+            self.received(dir, n);
+            self.stats.splices += 1;
+            self.stats.inline_splices += 1;
+            match self.pipe_out(dir, rd, dst, n) {
+                Ok(0) => {}
+                Ok(left) => return self.wait_for_room(dir, Held::Pipe { pipe, pending: left }),
+                Err(left) => {
+                    self.pipes.give_back(pipe, left);
+                    return self.close(dir.destination_reset());
+                }
+            }
+            moved += n;
+            if (n as usize) < SMALL && self.cfg.global.tune.splice == SpliceMode::Auto {
+                // Small messages again: back to the multishot receive (its poll goes).
+                self.pipes.give_back(pipe, 0);
+                return self.back_to_ring(dir);
+            }
+            if moved >= TURN_BYTES {
+                self.pipes.give_back(pipe, 0);
+                let t = self.token(dir.again());
+                self.ring.post(t);
+                self.c.flow(dir).io = FlowIo::Again;
+                return;
+            }
+        }
+    }
+
+    /// Writes `pending` bytes from the pipe read end `rd` to `dst` (splice(2) on this thread)
+    /// until they are out or the destination is full: `Ok` with the bytes left in the pipe, or
+    /// `Err` with them if the destination failed.
+    fn pipe_out(&mut self, dir: Dir, rd: RawFd, dst: RawFd, pending: u32) -> Result<u32, u32> {
+        let mut left = pending;
+        while left > 0 {
+            match crate::sys::splice(rd, dst, left) {
+                Ok(0) | Err(libc::EAGAIN) => break,
+                Ok(m) => left -= m.min(left),
+                Err(libc::EINTR) => {}
+                Err(_) => return Err(left),
+            }
+        }
+        if left < pending {
+            self.sent(dir);
+        }
+        Ok(left)
+    }
+
+    /// Asks for process descriptors of both sockets (FIXED_FD_INSTALL), to splice with on this
+    /// thread, if this connection has none and may have them: the kernel has the op, nothing else
+    /// of the connection's setup is in flight, and the worker holds fewer than its share of
+    /// RLIMIT_NOFILE (as many connections as pipes: plan.rs). Otherwise its bulk flows splice
+    /// through io_uring.
+    fn make_fds(&mut self) {
+        if self.fds.contains_key(&self.idx)
+            || self.c.fds_failed
+            || !matches!(self.c.step, Step::Idle)
+            || !self.ring.io().fd_install
+            || self.stats.splice_fds + 2 > 2 * u64::from(self.pipes.max())
+        {
+            return;
+        }
+        let (tc, ts) = (self.token(Op::SpliceFdClient), self.token(Op::SpliceFdServer));
+        let (Some(c), Some(s)) = (&self.c.client, &self.c.server_slot) else { return };
+        self.ring.install_fd(c.sock(), tc);
+        self.ring.install_fd(s.sock(), ts);
+        self.c.step = Step::SpliceFds { client: true, server: true };
+        // Counted from now (each install's completion settles its own), so that installs in
+        // flight count against the share too.
+        self.stats.splice_fds += 2;
+    }
+
+    /// A descriptor for splicing came (or its install failed: no room in the process's table;
+    /// the connection then splices through io_uring, and gives up the one it may have got).
+    pub(super) fn on_splice_fd(&mut self, client: bool, fd: Option<OwnedFd>) {
+        let Some(fd) = fd else {
+            self.stats.splice_fds -= 1;
+            self.c.fds_failed = true;
+            self.release_fds();
+            if self.ring_mode() {
+                // Bulk flows waiting for them go on with receive buffers.
+                for dir in Dir::BOTH {
+                    if self.c.flow(dir).bulk {
+                        self.back_to_ring(dir);
+                    }
+                }
+            }
+            return;
+        };
+        if self.c.fds_failed {
+            self.stats.splice_fds -= 1;
+            return drop(fd);
+        }
+        let fds = self.fds.entry(self.idx).or_default();
+        if client {
+            fds.client = Some(fd);
+        } else {
+            fds.server = Some(fd);
+        }
+        if matches!(self.c.step, Step::Idle) {
+            // Both are here: a flow that waited for them goes on.
+            for dir in Dir::BOTH {
+                self.pump(dir);
+            }
+            self.check_done();
+        }
+    }
+
+    /// (source, destination) of `dir` as process descriptors, if this connection has them.
+    fn splice_ends(&self, dir: Dir) -> Option<(RawFd, RawFd)> {
+        self.fds.get(&self.idx)?.ends(dir)
+    }
+
+    /// Whether this connection has, or may have, descriptors to splice with on this thread.
+    fn may_splice_here(&self) -> bool {
+        self.fds.contains_key(&self.idx)
+            || matches!(self.c.step, Step::SpliceFds { .. })
+            || (!self.c.fds_failed
+                && matches!(self.c.step, Step::Idle)
+                && self.ring.io().fd_install
+                && self.stats.splice_fds + 2 <= 2 * u64::from(self.pipes.max()))
+    }
+
+    /// `splice: auto`: a flow whose receive filled a whole buffer is moving bulk data: it stops
+    /// its multishot receive (what that still brings is queued and sent first), and once its
+    /// queue is sent it splices on this thread, watched by a poll of its source.
+    fn start_splicing(&mut self, dir: Dir) {
+        self.c.flow(dir).bulk = true;
+        self.make_fds();
+        self.pause(dir);
+    }
+
+    /// Back from splicing to the multishot receive (small chunks again, or no descriptors).
+    fn back_to_ring(&mut self, dir: Dir) {
+        self.c.flow(dir).bulk = false;
+        let (armed, op) = match dir {
+            Dir::ClientToServer => (self.c.client_poll, Op::ClientPoll),
+            Dir::ServerToClient => (self.c.server_poll, Op::ServerPoll),
+        };
+        if armed {
+            let target = self.token(op);
+            self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+        }
+        let f = self.c.flow(dir);
+        if f.paused && !matches!(f.io, FlowIo::Ring(_)) {
+            f.paused = false;
+        }
+        self.pump(dir);
+    }
+
     /// Arms a one-shot POLLOUT on the destination of `dir`, holding what it could not take yet.
     fn wait_for_room(&mut self, dir: Dir, held: Held) {
         let t = self.token(dir.poll_out());
@@ -359,6 +598,11 @@ impl Ctx<'_> {
 
     /// A flow that waited for a pipe or a buffer may try again (one was given back).
     pub(crate) fn resume_waiting(&mut self, dir: Dir) {
+        if matches!(self.c.flow(dir).io, FlowIo::Waiting) {
+            // A pipe (or a chunk buffer) may be there now.
+            self.c.flow(dir).io = FlowIo::Idle;
+            return self.pump(dir);
+        }
         if self.ring_mode() {
             // Waiting for receive buffers: re-arm (or queue up again) if still paused.
             let f = self.c.flow(dir);
@@ -366,11 +610,6 @@ impl Ctx<'_> {
                 f.paused = false;
                 self.arm_recv(dir);
             }
-            return;
-        }
-        if matches!(self.c.flow(dir).io, FlowIo::Waiting) {
-            self.c.flow(dir).io = FlowIo::Idle;
-            self.pump(dir);
         }
     }
 }
@@ -390,9 +629,10 @@ fn other(dir: Dir) -> Dir {
 const PAUSE_BUFS: usize = 16;
 
 impl Ctx<'_> {
-    /// Whether this worker moves bytes through its ring of receive buffers (`splice: never`).
+    /// Whether this worker moves bytes through its ring of receive buffers (`splice: auto`, bulk
+    /// flows aside, and `never`).
     pub(super) fn ring_mode(&self) -> bool {
-        self.cfg.global.tune.splice == SpliceMode::Never
+        self.cfg.global.tune.splice.uses_ring()
     }
 
     /// Arms the multishot receive on the source of `dir`, unless it is armed, paused, or the
@@ -403,6 +643,10 @@ impl Ctx<'_> {
             return;
         }
         let client = dir == Dir::ClientToServer;
+        if self.c.flow(dir).bulk {
+            // A bulk flow splices; its source's poll says when.
+            return self.rearm_poll(client);
+        }
         if if client { self.c.client_recv } else { self.c.server_recv } {
             return;
         }
@@ -483,6 +727,16 @@ impl Ctx<'_> {
                 return self.ring.give_ring_buf(buf);
             }
         };
+        if n as usize == crate::worker::RECV_BUF
+            && self.cfg.global.tune.splice == SpliceMode::Auto
+            && self.c.state == State::Established
+            && !self.c.flow(dir).bulk
+            && self.may_splice_here()
+        {
+            // A whole buffer at once: bulk data. It splices from the next bytes on (this
+            // buffer and what the receive still brings are sent first).
+            self.start_splicing(dir);
+        }
         self.sendq.push(&lease, buf, n);
         // Before the server is connected (and its PROXY header sent), the bytes wait in the
         // queue: `establish` sends them.

@@ -192,6 +192,16 @@ pub fn render(s: &EngineStats) -> String {
         &[("client_to_server", &|w| w.bytes_client_to_server), ("server_to_client", &|w| w.bytes_server_to_client)],
     );
     m.per_worker(s, "splices_total", "counter", "Splice chunks (socket to pipe to socket) started.", |w| w.splices);
+    m.per_worker(
+        s,
+        "inline_splices_total",
+        "counter",
+        "Splice chunks moved by system calls on the worker's thread.",
+        |w| w.inline_splices,
+    );
+    m.per_worker(s, "splice_fds", "gauge", "Process descriptors held for splicing on the worker's thread.", |w| {
+        w.splice_fds
+    });
     m.per_worker(s, "ring_recvs_total", "counter", "Receives into the ring's buffers that brought bytes.", |w| {
         w.ring_recvs
     });

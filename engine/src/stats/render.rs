@@ -153,6 +153,7 @@ fn add(sum: &mut WorkerStats, w: &WorkerStats) {
     sum.share_lent += w.share_lent;
     sum.pipes_in_use += w.pipes_in_use;
     sum.pipes_pooled += w.pipes_pooled;
+    sum.splice_fds += w.splice_fds;
     sum.ring.submitted += w.ring.submitted;
     sum.ring.sq_full += w.ring.sq_full;
 }

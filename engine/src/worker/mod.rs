@@ -71,6 +71,7 @@ pub struct Worker {
     timers: TimerWheel,
     pipes: PipePool,
     sendq: crate::conn::SendQueues,
+    splice_fds: crate::conn::SpliceTable,
     /// Flows waiting for a pipe or a buffer: (index, generation, direction), oldest first.
     waiters: VecDeque<(u32, u32, Dir)>,
     up: Upstream,
@@ -268,6 +269,7 @@ impl Worker {
             ring: &mut self.ring,
             pipes: &mut self.pipes,
             sendq: &mut self.sendq,
+            fds: &mut self.splice_fds,
             waiters: &mut self.waiters,
             up: &mut self.up,
             admitting: &mut self.admitting,
@@ -330,9 +332,11 @@ impl Worker {
         // Each waiter gets one try; one that still finds nothing queues itself again (at the back).
         // Receive-buffer waiters (`splice: never`): no more re-armed than the ring offers buffers
         // (the others would most likely end with ENOBUFS again, a completion each, at once).
-        let tries = match self.cfg.global.tune.splice {
-            crate::config::SpliceMode::Never => (self.ring.ring_bufs_offered() as usize).min(self.waiters.len()),
-            _ => self.waiters.len(),
+        // (At least one, so that a flow waiting for a pipe is not stuck behind them.)
+        let tries = if self.cfg.global.tune.splice.uses_ring() {
+            (self.ring.ring_bufs_offered() as usize).clamp(1, self.waiters.len().max(1))
+        } else {
+            self.waiters.len()
         };
         for _ in 0..tries {
             let Some((idx, generation, dir)) = self.waiters.pop_front() else { break };

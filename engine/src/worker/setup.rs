@@ -82,7 +82,11 @@ impl Worker {
             keepalives,
             max_chunks: plan.pipes_per_worker as usize,
             peer_slots: config.global.tune.peer_lookups as usize,
-            recv_bufs: (config.global.tune.splice == crate::config::SpliceMode::Never)
+            recv_bufs: config
+                .global
+                .tune
+                .splice
+                .uses_ring()
                 .then_some((RECV_BUF, config.global.tune.recv_buffers as usize)),
             io: plan.io,
         })?;
@@ -138,6 +142,7 @@ impl Worker {
             timers: TimerWheel::new(now.ms),
             pipes: PipePool::new(plan.pipes_per_worker, config.global.tune.pipe_size),
             sendq: crate::conn::SendQueues::default(),
+            splice_fds: Default::default(),
             waiters: VecDeque::new(),
             up: Upstream {
                 backends,

@@ -74,6 +74,15 @@ pub enum Op {
     ShutdownFdServer,
     /// The same toward the client, after the server's EOF.
     ShutdownFdClient,
+    /// FIXED_FD_INSTALL of the client socket, then of the server socket: descriptors the worker
+    /// splices with by system calls on its own thread (a bulk flow; io_uring runs every SPLICE on
+    /// an io-wq thread). They live as long as the connection's entry.
+    SpliceFdClient,
+    SpliceFdServer,
+    /// A completion the worker posts to itself (no SQE): a bulk flow that moved its share of
+    /// bytes in one go goes on in the next loop turn, after the other connections' events.
+    AgainC2S,
+    AgainS2C,
 
     // --- worker operations ---
     /// Cancellation of one in-flight op (result ignored; the cancelled op completes on its own).
@@ -92,7 +101,7 @@ pub enum Op {
 }
 
 impl Op {
-    const ALL: [Op; 39] = [
+    const ALL: [Op; 43] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -126,6 +135,10 @@ impl Op {
         Op::ExportServer,
         Op::ShutdownFdServer,
         Op::ShutdownFdClient,
+        Op::SpliceFdClient,
+        Op::SpliceFdServer,
+        Op::AgainC2S,
+        Op::AgainS2C,
         Op::Cancel,
         Op::Accept,
         Op::AcceptCancel,

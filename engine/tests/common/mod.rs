@@ -195,13 +195,14 @@ pub fn addr(engine: &Engine, fe: &str) -> SocketAddr {
 pub type Gauge = (&'static str, fn(&WorkerStats) -> u64);
 
 /// The engine's gauges: what it holds now. All are 0 once every connection is closed and freed.
-pub const GAUGES: [Gauge; 7] = [
+pub const GAUGES: [Gauge; 8] = [
     ("active", |w| w.active),
     ("handshakes", |w| w.handshakes),
     ("closing", |w| w.closing),
     ("queued", |w| w.queued),
     ("parked", |w| w.parked),
     ("pipes_in_use", |w| w.pipes_in_use),
+    ("splice_fds", |w| w.splice_fds),
     ("buffers_in_use", |w| w.buffers_in_use),
 ];
 

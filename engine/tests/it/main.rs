@@ -19,6 +19,7 @@ mod per_source;
 mod ports;
 mod proxy;
 mod proxy_protocol;
+mod splice;
 mod stats;
 mod storm;
 mod timeouts;

@@ -69,3 +69,56 @@ fn churn_with_half_closes_runs_nothing_on_io_wq_threads() {
         proxy.stop_clean();
     }
 }
+
+/// Bulk transfers both ways, spliced (`splice: auto`, the default, and `always`), start no io-wq
+/// thread either: each connection's sockets get process descriptors (FIXED_FD_INSTALL) and the
+/// worker splices with splice(2) on its own thread. With the kernel 6.7 feature set (no install)
+/// `always` splices through io_uring, on io-wq threads.
+#[test]
+fn bulk_splicing_runs_nothing_on_io_wq_threads() {
+    let native = ringproxy::features::IoFeatures::probe().unwrap();
+    for (set, splice, fd_install) in
+        [("native", "auto", native.fd_install), ("native", "always", native.fd_install), ("\"6.7\"", "always", false)]
+    {
+        let backend = Backend::start(Mode::Echo);
+        let sock = temp_path("threads-bulk.sock");
+        let proxy = Proxy::start_adjusted(
+            "threads-bulk",
+            &format!(
+                "global: {{ workers: 2, stats: {{ socket: {} }}, tune: {{ io_features: {set}, splice: {splice} }} }}\n\
+                 frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+                 backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+                sock.display(),
+                backend.addr
+            ),
+            |cmd| {
+                cmd.env_remove(ringproxy::features::ENV);
+            },
+        );
+        let pid = proxy.pid();
+        let mut pumps: Vec<Pump> =
+            (0..4).map(|i| Pump::connect(proxy.addr("fe"), 60 + i, false).unwrap().limit(16 << 20)).collect();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while pumps.iter().any(|p| !p.eof) {
+            assert!(std::time::Instant::now() < deadline, "{set} {splice}: the transfers stalled");
+            let mut moved = false;
+            for p in pumps.iter_mut().filter(|p| !p.eof) {
+                moved |= p.step().unwrap();
+            }
+            if !moved {
+                pumps.iter().find(|p| !p.eof).unwrap().wait(5);
+            }
+        }
+        for p in &pumps {
+            p.intact().unwrap();
+        }
+        let threads = io_wq_threads(pid);
+        if fd_install {
+            assert_eq!(threads, 0, "{set} {splice}: io-wq threads after 4 bulk transfers of 16 MiB each way");
+        } else {
+            assert!(threads > 0, "{set} {splice}: io_uring splices run on io-wq threads, but none was seen");
+        }
+        drop(pumps);
+        proxy.stop_clean();
+    }
+}

@@ -288,6 +288,13 @@ impl Ring {
         unsafe { self.push(e.build().user_data(token.encode())) };
     }
 
+    /// A completion for `token` with result 0, delivered by the next [`Ring::drain`] without any
+    /// SQE (and the next wait does not block): work a connection resumes after the other
+    /// connections' events of this loop turn.
+    pub fn post(&mut self, token: Token) {
+        self.injected.push(super::Completion { user_data: token.encode(), result: 0, flags: 0 });
+    }
+
     /// Installs a direct socket into the process table (the result is the new fd, which the
     /// completion's handler must own), for what io_uring cannot do on a direct socket, or only
     /// on an io-wq thread: getsockname(), shutdown().

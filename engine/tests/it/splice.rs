@@ -1,0 +1,150 @@
+//! Bulk flows with `tune.splice: auto` (the default) and `always`: spliced by splice(2) on the
+//! worker's own thread, through process descriptors FIXED_FD_INSTALL made of the connection's
+//! sockets (an io_uring SPLICE always runs on an io-wq thread). Where a connection cannot have
+//! them (a kernel without the op, or the worker's share of descriptors is taken) `auto` keeps
+//! the receive buffers and `always` splices through io_uring.
+
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const MIB: u64 = 1 << 20;
+
+/// Engine with one frontend to `backend` and these `tune` keys.
+fn engine_with(backend: std::net::SocketAddr, workers: u32, tune: &str) -> TestEngine {
+    engine(&format!(
+        "global: {{ workers: {workers}, tune: {{ {tune} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{backend}\" }}] }}]\n"
+    ))
+}
+
+/// `pumps` send their streams through the echo path at once and read them back; every byte
+/// comes back in order, and each sees its echo's EOF. Returns the most descriptors for splicing
+/// the engine held at once (sampled every 20 ms).
+fn run_all(engine: &TestEngine, pumps: &mut [Pump]) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut most, mut sampled) = (0, Instant::now());
+    while pumps.iter().any(|p| !p.eof) {
+        if sampled.elapsed() > Duration::from_millis(20) {
+            most = most.max(engine.stats().total(|w| w.splice_fds));
+            sampled = Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "stalled: {:?}",
+            pumps.iter().map(|p| (p.sent, p.received)).collect::<Vec<_>>()
+        );
+        let mut moved = false;
+        for p in pumps.iter_mut().filter(|p| !p.eof) {
+            moved |= p.step().unwrap();
+        }
+        if !moved {
+            pumps.iter().find(|p| !p.eof).unwrap().wait(5);
+        }
+    }
+    for (i, p) in pumps.iter().enumerate() {
+        p.intact().unwrap_or_else(|e| panic!("stream {i}: {e}"));
+    }
+    most
+}
+
+#[test]
+fn bulk_flows_are_spliced_on_the_workers_own_thread_and_arrive_intact() {
+    for splice in ["auto", "always"] {
+        let backend = Backend::start(Mode::Echo);
+        let engine = engine_with(backend.addr, 2, &format!("splice: {splice}, pipe_size: 64k"));
+        let fe = addr(&engine, "fe");
+        // The kernel's (or the pinned feature set's, scripts/test.sh's 6.1 pass) FIXED_FD_INSTALL.
+        let here = engine.plan().io.fd_install;
+        let mut pumps: Vec<Pump> =
+            (0..6).map(|i| Pump::connect(fe, 4_000 + i, false).unwrap().limit(8 * MIB)).collect();
+        let most = run_all(&engine, &mut pumps);
+        let s = engine.stats();
+        let (spliced, inline) = (s.total(|w| w.splices), s.total(|w| w.inline_splices));
+        assert_eq!(s.total(|w| w.bytes_client_to_server), 6 * 8 * MIB, "{splice}: bytes up");
+        assert_eq!(s.total(|w| w.bytes_server_to_client), 6 * 8 * MIB, "{splice}: bytes down");
+        if here {
+            assert!(inline > 0, "{splice}: nothing spliced on the worker's thread ({spliced} splices)");
+            assert_eq!(spliced, inline, "{splice}: every splice on the worker's thread, none through io_uring");
+            // Each of the 6 connections carried bulk data: each held its two descriptors until
+            // it closed.
+            assert_eq!(most, 12, "{splice}: descriptors held while the connections were open");
+        } else {
+            assert_eq!(inline, 0, "{splice}: no FIXED_FD_INSTALL, no splice on the worker's thread");
+            if splice == "always" {
+                assert!(spliced > 0, "{splice}: bulk data through io_uring splices");
+            } else {
+                // (An io_uring splice costs an io-wq hand-off per chunk: receive buffers are faster.)
+                assert_eq!(spliced, 0, "{splice}: bulk data through receive buffers");
+            }
+            assert_eq!(most, 0);
+        }
+        drop(pumps);
+        // Every gauge back to 0, the descriptors for splicing included, and no socket left open.
+        assert_clean(engine, &[backend.addr.port()]);
+    }
+}
+
+#[test]
+fn connections_beyond_the_workers_share_of_descriptors_splice_through_io_uring() {
+    // `max_pipes: 1`: the worker holds descriptors for one connection at a time (as many
+    // connections as pipes, plan.rs); the others' bulk flows splice through io_uring, and every
+    // connection gets its bytes across whole.
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine_with(backend.addr, 1, "splice: always, max_pipes: 1, pipe_size: 64k");
+    let fe = addr(&engine, "fe");
+    let here = engine.plan().io.fd_install;
+    let mut pumps: Vec<Pump> = (0..3).map(|i| Pump::connect(fe, 5_000 + i, false).unwrap().limit(4 * MIB)).collect();
+    let most = run_all(&engine, &mut pumps);
+    let s = engine.stats();
+    let (spliced, inline) = (s.total(|w| w.splices), s.total(|w| w.inline_splices));
+    assert!(spliced > inline, "some splices through io_uring ({spliced} splices, {inline} on the worker's thread)");
+    if here {
+        assert!(inline > 0, "one connection spliced on the worker's thread");
+        assert_eq!(most, 2, "at most one connection's two descriptors at once");
+    }
+    drop(pumps);
+    assert_clean(engine, &[backend.addr.port()]);
+}
+
+#[test]
+fn a_flow_goes_back_to_receive_buffers_when_its_messages_get_small() {
+    // `auto`: a connection moves 4 MiB each way (its flows splice), then carries small request /
+    // response messages: those go through the ring of receive buffers again, each flow having
+    // spliced at most its first small message (which tells it the bulk transfer is over).
+    use std::io::{Read, Write};
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine_with(backend.addr, 1, "splice: auto");
+    let here = engine.plan().io.fd_install;
+    let mut c = connect(addr(&engine, "fe"));
+    let mut w = c.try_clone().unwrap();
+    let bulk: Vec<u8> = (0..4 * MIB as usize).map(|i| (i * 7 % 251) as u8).collect();
+    let sent = bulk.clone();
+    let writer = std::thread::spawn(move || w.write_all(&sent).unwrap());
+    let mut back = vec![0u8; bulk.len()];
+    c.read_exact(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == bulk, "the bulk transfer came back whole");
+    let before = engine.stats();
+    let inline_bulk = before.total(|w| w.inline_splices);
+    if here {
+        assert!(inline_bulk > 0, "the bulk transfer was spliced");
+    } else {
+        assert_eq!(inline_bulk, 0, "no FIXED_FD_INSTALL: receive buffers only");
+    }
+    for i in 0..50u32 {
+        let msg = format!("small message {i:>4}");
+        c.write_all(msg.as_bytes()).unwrap();
+        let mut got = vec![0u8; msg.len()];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(got, msg.as_bytes(), "message {i}");
+    }
+    let after = engine.stats();
+    let recvs = after.total(|w| w.ring_recvs) - before.total(|w| w.ring_recvs);
+    let spliced = after.total(|w| w.inline_splices) - inline_bulk;
+    assert!(spliced <= 2, "{spliced} small messages spliced (at most the first each way)");
+    assert!(recvs >= 2 * 50 - 2, "small messages through receive buffers: {recvs} receives for 50 each way");
+    drop(c);
+    assert_clean(engine, &[backend.addr.port()]);
+}
