@@ -13,6 +13,9 @@
 #                   default): the modes side by side, for choosing the default
 #   haproxy         HAProxy `mode tcp`, nbthread = WORKERS, cpu-map, no splicing
 #   haproxy-splice  the same with `option splice-auto` (tune.pipesize = ringproxy's pipe size)
+#   haproxy-splice-always
+#                   the same with `option splice-request` and `option splice-response`: every
+#                   transfer spliced (HAProxy's splice-auto splices only when its heuristics say so)
 #   nginx           nginx `stream`, worker_processes = WORKERS, worker_cpu_affinity auto, reuseport
 # Every proxy gets the same maxconn, timeouts (connect 5s, client/server 50s) and one server per
 # backend (roundrobin).
@@ -66,7 +69,8 @@
 #         BASE_REV=REV   build ringproxy at git revision REV in release, in a temporary worktree
 #                        outside the repository (target dir BASE_TARGET_DIR, default
 #                        target/bench-base, kept so the next build is incremental), and use that
-#         With either, PATHS defaults to "direct ringproxy ringproxy-base haproxy haproxy-splice nginx".
+#         With either, PATHS defaults to "direct ringproxy ringproxy-base haproxy haproxy-splice
+#         haproxy-splice-always nginx".
 #         A base older than ringproxy's --ready-file (a1f32ab) is located by its "listening on" lines.
 # Needs root for apt-get when a peer or tool the chosen PATHS and TESTS use is missing (haproxy,
 # nginx + stream module, iperf3, wrk, jq).
@@ -99,9 +103,9 @@ BASE_BIN=${BASE_BIN:-}
 BASE_REV=${BASE_REV:-}
 BASE_TARGET_DIR=${BASE_TARGET_DIR:-$ROOT/target/bench-base}
 if [ -n "$BASE_BIN$BASE_REV" ]; then
-    PATHS=${PATHS:-direct ringproxy ringproxy-base haproxy haproxy-splice nginx}
+    PATHS=${PATHS:-direct ringproxy ringproxy-base haproxy haproxy-splice haproxy-splice-always nginx}
 else
-    PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice nginx}
+    PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice haproxy-splice-always nginx}
 fi
 TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k flows idle}
 HB_WINDOW=${HB_WINDOW:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
@@ -136,7 +140,7 @@ trap 'exit 130' INT TERM
 # --- peers and tools -------------------------------------------------------------------------------
 # what the chosen paths and tests use (the http backend, nginx, is wrk's)
 need=()
-if has "$PATHS" haproxy || has "$PATHS" haproxy-splice; then command -v haproxy >/dev/null || need+=(haproxy); fi
+if has "$PATHS" haproxy || has "$PATHS" haproxy-splice || has "$PATHS" haproxy-splice-always; then command -v haproxy >/dev/null || need+=(haproxy); fi
 if has "$PATHS" nginx || has "$TESTS" wrk || has "$TESTS" curl; then
     [ -x /usr/sbin/nginx ] || command -v nginx >/dev/null || need+=(nginx-light)
 fi
@@ -393,6 +397,7 @@ start_haproxy() {
             echo "    maxconn $MAXCONN"
             echo "    balance roundrobin"
             [ "$splice" = 1 ] && echo "    option splice-auto"
+            [ "$splice" = 2 ] && printf '    option splice-request\n    option splice-response\n'
             for s in "$@"; do
                 echo "frontend $s"
                 echo "    bind ${ADDR[$inst:$s]}"
@@ -465,6 +470,7 @@ start_path() {
         ringproxy*) start_ringproxy "$path" "$inst" "$@" ;; # ready once its file is there
         haproxy) start_haproxy "$inst" 0 "$@" ;;
         haproxy-splice) start_haproxy "$inst" 1 "$@" ;;
+        haproxy-splice-always) start_haproxy "$inst" 2 "$@" ;;
         nginx) start_nginx "$inst" "$@" ;;
         *) die "unknown path $path" ;;
     esac
@@ -488,7 +494,7 @@ start_path() {
 for p in $PATHS; do
     case "$p" in
         direct) PROC[direct]="" ;;
-        ringproxy | ringproxy-base | ringproxy-auto | ringproxy-always | ringproxy-never | haproxy | haproxy-splice | nginx)
+        ringproxy | ringproxy-base | ringproxy-auto | ringproxy-always | ringproxy-never | haproxy | haproxy-splice | haproxy-splice-always | nginx)
             # shellcheck disable=SC2086 # SERVICES is a list of words
             start_path "$p" "$p" $SERVICES
             ;;

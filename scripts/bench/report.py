@@ -15,7 +15,7 @@ import statistics
 import sys
 
 PATH_ORDER = ["direct", "ringproxy", "ringproxy-base", "ringproxy-auto", "ringproxy-always", "ringproxy-never", "haproxy",
-              "haproxy-splice", "nginx"]
+              "haproxy-splice", "haproxy-splice-always", "nginx"]
 LABEL = {
     "direct": "direct",
     "ringproxy": "ringproxy",
@@ -25,6 +25,7 @@ LABEL = {
     "ringproxy-never": "ringproxy splice: never",
     "haproxy": "HAProxy",
     "haproxy-splice": "HAProxy splice-auto",
+    "haproxy-splice-always": "HAProxy splice always",
     "nginx": "nginx stream",
 }
 
@@ -399,6 +400,7 @@ def main():
     base_table(paths, M, vals, w)
     ratio_table("direct", "Ratio to direct (no proxy)")
     ratio_table("haproxy-splice", "Ratio to HAProxy with `option splice-auto`")
+    ratio_table("haproxy-splice-always", "Ratio to HAProxy with `option splice-request` and `splice-response`")
     ratio_table("haproxy", "Ratio to HAProxy without splicing")
 
     # targets
@@ -557,7 +559,7 @@ def make_charts(img, paths, M, vals, curves):
     plt.rcParams.update({"font.size": 9, "svg.hashsalt": "ringproxy", "svg.fonttype": "none"})
     colors = {"direct": "#888888", "ringproxy": "#d62728", "ringproxy-base": "#ff9896", "ringproxy-auto": "#e377c2",
               "ringproxy-always": "#8c564b", "ringproxy-never": "#ff7f0e", "haproxy": "#1f77b4",
-              "haproxy-splice": "#17becf", "nginx": "#2ca02c"}
+              "haproxy-splice": "#17becf", "haproxy-splice-always": "#9467bd", "nginx": "#2ca02c"}
     made = []
 
     def bars(ax, metrics, series, ref, ylabel, title):
