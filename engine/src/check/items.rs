@@ -245,7 +245,14 @@ fn pipes(config: &Config, plan: &Plan, hard: u64) -> Item {
     let (pipes, max, workers) = (plan.pipes_per_worker, config.global.tune.max_pipes, plan.workers);
     if pipes < max && pipes < 64 {
         warn("splice pipes", format!("only {pipes} per worker fit in RLIMIT_NOFILE {hard} with {workers} workers (tune.max_pipes {max}); busy connections wait for one"))
-            .fix(format!("raise the open-files limit (LimitNOFILE=) or use fewer workers: each pipe takes 2 of the {hard} descriptors"))
+            .fix(format!(
+                "raise the open-files limit (LimitNOFILE=) or use fewer workers: each pipe takes 2 of the {hard} descriptors{}",
+                if config.global.tune.splice == crate::config::SpliceMode::Never {
+                    ""
+                } else {
+                    ", and each connection splicing on its worker's thread 2 more (tune.splice)"
+                }
+            ))
     } else {
         ok(
             "splice pipes",
