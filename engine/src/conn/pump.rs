@@ -176,15 +176,7 @@ impl Ctx<'_> {
             self.c.flow(dir).io = FlowIo::Recv(buf);
             return;
         }
-        let pipe = match self.pipes.acquire() {
-            Ok(Some(p)) => p,
-            Ok(None) | Err(_) => {
-                self.c.flow(dir).io = FlowIo::Waiting;
-                self.waiters.push_back((self.idx, self.c.generation, dir));
-                self.stats.pipe_waits += 1;
-                return;
-            }
-        };
+        let Some(pipe) = self.lend_pipe(dir) else { return };
         let f = self.c.flow(dir);
         f.seq_at_submit = f.ready_seq;
         let (t_in, t_out) = (self.token(dir.splice_in()), self.token(dir.splice_out()));
@@ -194,6 +186,20 @@ impl Ctx<'_> {
         self.ring.splice_pair(src, fds, dst, size, t_in, t_out);
         self.c.flow(dir).io = FlowIo::Splice { pipe, pending: 0, first: true };
         self.stats.splices += 1;
+    }
+
+    /// A pipe for the next chunk of `dir`, or `None` with the flow queued in the worker's FIFO of
+    /// waiters (every pipe is lent, or none could be made): it tries again when one comes back.
+    fn lend_pipe(&mut self, dir: Dir) -> Option<PipeLease> {
+        match self.pipes.acquire() {
+            Ok(Some(p)) => Some(p),
+            Ok(None) | Err(_) => {
+                self.c.flow(dir).io = FlowIo::Waiting;
+                self.waiters.push_back((self.idx, self.c.generation, dir));
+                self.stats.pipe_waits += 1;
+                None
+            }
+        }
     }
 
     /// Bytes came in from the source of `dir` (by splice or recv): count them.
@@ -357,15 +363,7 @@ impl Ctx<'_> {
     /// destination is full (the rest waits in the pipe for POLLOUT), or `TURN_BYTES` moved (it
     /// goes on next loop turn). Runs only while the flow is idle, so nothing of it is in flight.
     fn splice_here(&mut self, dir: Dir, (src, dst): (RawFd, RawFd)) {
-        let pipe = match self.pipes.acquire() {
-            Ok(Some(p)) => p,
-            Ok(None) | Err(_) => {
-                self.c.flow(dir).io = FlowIo::Waiting;
-                self.waiters.push_back((self.idx, self.c.generation, dir));
-                self.stats.pipe_waits += 1;
-                return;
-            }
-        };
+        let Some(pipe) = self.lend_pipe(dir) else { return };
         let (rd, wr) = self.pipes.fds(&pipe);
         let size = self.pipes.effective_size;
         let mut moved = 0u32;

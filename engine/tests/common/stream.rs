@@ -261,3 +261,27 @@ impl Pump {
         Ok(())
     }
 }
+
+/// Runs `pumps` at once until every one has its echo's EOF (within `limit`), calling `tick`
+/// between rounds (to sample the engine meanwhile); then checks that each came back intact.
+pub fn run_all(pumps: &mut [Pump], limit: Duration, mut tick: impl FnMut()) {
+    let deadline = Instant::now() + limit;
+    while pumps.iter().any(|p| !p.eof) {
+        assert!(
+            Instant::now() < deadline,
+            "stalled (sent, received): {:?}",
+            pumps.iter().map(|p| (p.sent, p.received)).collect::<Vec<_>>()
+        );
+        tick();
+        let mut moved = false;
+        for p in pumps.iter_mut().filter(|p| !p.eof) {
+            moved |= p.step().unwrap();
+        }
+        if !moved && let Some(p) = pumps.iter().find(|p| !p.eof) {
+            p.wait(5);
+        }
+    }
+    for (i, p) in pumps.iter().enumerate() {
+        p.intact().unwrap_or_else(|e| panic!("stream {i}: {e}"));
+    }
+}

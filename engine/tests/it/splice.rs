@@ -19,33 +19,17 @@ fn engine_with(backend: std::net::SocketAddr, workers: u32, tune: &str) -> TestE
     ))
 }
 
-/// `pumps` send their streams through the echo path at once and read them back; every byte
-/// comes back in order, and each sees its echo's EOF. Returns the most descriptors for splicing
-/// the engine held at once (sampled every 20 ms).
-fn run_all(engine: &TestEngine, pumps: &mut [Pump]) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
+/// `pumps` send their streams through the echo path at once and read them back whole
+/// (`run_all`). Returns the most descriptors for splicing the engine held at once (sampled every
+/// 20 ms).
+fn run_sampling(engine: &TestEngine, pumps: &mut [Pump]) -> u64 {
     let (mut most, mut sampled) = (0, Instant::now());
-    while pumps.iter().any(|p| !p.eof) {
+    run_all(pumps, Duration::from_secs(60), || {
         if sampled.elapsed() > Duration::from_millis(20) {
             most = most.max(engine.stats().total(|w| w.splice_fds));
             sampled = Instant::now();
         }
-        assert!(
-            Instant::now() < deadline,
-            "stalled: {:?}",
-            pumps.iter().map(|p| (p.sent, p.received)).collect::<Vec<_>>()
-        );
-        let mut moved = false;
-        for p in pumps.iter_mut().filter(|p| !p.eof) {
-            moved |= p.step().unwrap();
-        }
-        if !moved {
-            pumps.iter().find(|p| !p.eof).unwrap().wait(5);
-        }
-    }
-    for (i, p) in pumps.iter().enumerate() {
-        p.intact().unwrap_or_else(|e| panic!("stream {i}: {e}"));
-    }
+    });
     most
 }
 
@@ -59,7 +43,7 @@ fn bulk_flows_are_spliced_on_the_workers_own_thread_and_arrive_intact() {
         let here = engine.plan().io.fd_install;
         let mut pumps: Vec<Pump> =
             (0..6).map(|i| Pump::connect(fe, 4_000 + i, false).unwrap().limit(8 * MIB)).collect();
-        let most = run_all(&engine, &mut pumps);
+        let most = run_sampling(&engine, &mut pumps);
         let s = engine.stats();
         let (spliced, inline) = (s.total(|w| w.splices), s.total(|w| w.inline_splices));
         assert_eq!(s.total(|w| w.bytes_client_to_server), 6 * 8 * MIB, "{splice}: bytes up");
@@ -96,7 +80,7 @@ fn connections_beyond_the_workers_share_of_descriptors_splice_through_io_uring()
     let fe = addr(&engine, "fe");
     let here = engine.plan().io.fd_install;
     let mut pumps: Vec<Pump> = (0..3).map(|i| Pump::connect(fe, 5_000 + i, false).unwrap().limit(4 * MIB)).collect();
-    let most = run_all(&engine, &mut pumps);
+    let most = run_sampling(&engine, &mut pumps);
     let s = engine.stats();
     let (spliced, inline) = (s.total(|w| w.splices), s.total(|w| w.inline_splices));
     assert!(spliced > inline, "some splices through io_uring ({spliced} splices, {inline} on the worker's thread)");

@@ -17,6 +17,25 @@ fn io_wq_threads(pid: u32) -> usize {
         .count()
 }
 
+/// The binary with 2 workers, a stats socket and `tune: { io_features: SET, EXTRA }`, proxying
+/// to `backend`. The feature set is the file's alone: `native` in the file means "not pinned",
+/// which the environment (scripts/test.sh's 6.1 pass) would otherwise pin.
+fn proxy_with(name: &str, set: &str, extra: &str, backend: SocketAddr) -> Proxy {
+    let sock = temp_path(&format!("{name}.sock"));
+    Proxy::start_adjusted(
+        name,
+        &format!(
+            "global: {{ workers: 2, stats: {{ socket: {} }}, tune: {{ io_features: {set}{extra} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{backend}\" }}] }}]\n",
+            sock.display()
+        ),
+        |cmd| {
+            cmd.env_remove(ringproxy::features::ENV);
+        },
+    )
+}
+
 /// `n` connections that each send a request, half-close, read the echo to its end and close:
 /// every one has an EOF to forward each way.
 fn churn(fe: SocketAddr, n: usize) {
@@ -41,22 +60,7 @@ fn churn_with_half_closes_runs_nothing_on_io_wq_threads() {
     let native = ringproxy::features::IoFeatures::probe().unwrap();
     for (set, fd_install) in [("native", native.fd_install), ("\"6.7\"", false)] {
         let backend = Backend::start(Mode::Echo);
-        let sock = temp_path("threads.sock");
-        // The set is the file's alone: `native` in the file means "not pinned", which the
-        // environment (scripts/test.sh's 6.1 pass) would otherwise pin.
-        let proxy = Proxy::start_adjusted(
-            "threads",
-            &format!(
-                "global: {{ workers: 2, stats: {{ socket: {} }}, tune: {{ io_features: {set} }} }}\n\
-                 frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
-                 backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
-                sock.display(),
-                backend.addr
-            ),
-            |cmd| {
-                cmd.env_remove(ringproxy::features::ENV);
-            },
-        );
+        let proxy = proxy_with("threads", set, "", backend.addr);
         let pid = proxy.pid();
         assert_eq!(io_wq_threads(pid), 0, "{set}: io-wq threads before any connection");
         churn(proxy.addr("fe"), 300);
@@ -81,37 +85,11 @@ fn bulk_splicing_runs_nothing_on_io_wq_threads() {
         [("native", "auto", native.fd_install), ("native", "always", native.fd_install), ("\"6.7\"", "always", false)]
     {
         let backend = Backend::start(Mode::Echo);
-        let sock = temp_path("threads-bulk.sock");
-        let proxy = Proxy::start_adjusted(
-            "threads-bulk",
-            &format!(
-                "global: {{ workers: 2, stats: {{ socket: {} }}, tune: {{ io_features: {set}, splice: {splice} }} }}\n\
-                 frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
-                 backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
-                sock.display(),
-                backend.addr
-            ),
-            |cmd| {
-                cmd.env_remove(ringproxy::features::ENV);
-            },
-        );
+        let proxy = proxy_with("threads-bulk", set, &format!(", splice: {splice}"), backend.addr);
         let pid = proxy.pid();
         let mut pumps: Vec<Pump> =
             (0..4).map(|i| Pump::connect(proxy.addr("fe"), 60 + i, false).unwrap().limit(16 << 20)).collect();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        while pumps.iter().any(|p| !p.eof) {
-            assert!(std::time::Instant::now() < deadline, "{set} {splice}: the transfers stalled");
-            let mut moved = false;
-            for p in pumps.iter_mut().filter(|p| !p.eof) {
-                moved |= p.step().unwrap();
-            }
-            if !moved {
-                pumps.iter().find(|p| !p.eof).unwrap().wait(5);
-            }
-        }
-        for p in &pumps {
-            p.intact().unwrap();
-        }
+        run_all(&mut pumps, Duration::from_secs(60), || {});
         let threads = io_wq_threads(pid);
         if fd_install {
             assert_eq!(threads, 0, "{set} {splice}: io-wq threads after 4 bulk transfers of 16 MiB each way");
