@@ -247,10 +247,10 @@ fn pipes(config: &Config, plan: &Plan, hard: u64) -> Item {
         warn("splice pipes", format!("only {pipes} per worker fit in RLIMIT_NOFILE {hard} with {workers} workers (tune.max_pipes {max}); busy connections wait for one"))
             .fix(format!(
                 "raise the open-files limit (LimitNOFILE=) or use fewer workers: each pipe takes 2 of the {hard} descriptors{}",
-                if config.global.tune.splice == crate::config::SpliceMode::Never {
-                    ""
-                } else {
+                if config.global.tune.splice.splices() {
                     ", and each connection splicing on its worker's thread 2 more (tune.splice)"
+                } else {
+                    ""
                 }
             ))
     } else {

@@ -139,6 +139,11 @@ impl SpliceMode {
     pub fn uses_ring(self) -> bool {
         self != SpliceMode::Always
     }
+
+    /// Whether bytes may be spliced (and connections hold process descriptors to do it).
+    pub fn splices(self) -> bool {
+        self != SpliceMode::Never
+    }
 }
 
 /// Engine knobs with safe defaults; see docs/configuration.md.

@@ -299,8 +299,7 @@ impl Ctx<'_> {
             // the client's receive could not be armed at accept), and what that receive queued
             // meanwhile is sent.
             if self.c.client_poll {
-                let target = self.token(Op::ClientPoll);
-                self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+                self.cancel(Op::ClientPoll);
             }
             self.send_early();
         } else {

@@ -474,35 +474,41 @@ impl Conn {
                 io => Err(io),
             });
         }
-        if matches!(op, Op::ExportClient | Op::ExportServer) {
+        if matches!(op, Op::ExportClient | Op::ExportServer | Op::SpliceFdClient | Op::SpliceFdServer) {
             // SAFETY: as below.
             let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
-            let Step::Export { client, server } = &mut self.step else { return None };
-            let mine = if op == Op::ExportClient { client } else { server };
+            let export = matches!(op, Op::ExportClient | Op::ExportServer);
+            let client = matches!(op, Op::ExportClient | Op::SpliceFdClient);
+            // The step of this pair of installs, with the flag of this one.
+            let mine = match &mut self.step {
+                Step::Export { client: c, server: s } if export => {
+                    if client {
+                        c
+                    } else {
+                        s
+                    }
+                }
+                Step::SpliceFds { client: c, server: s } if !export => {
+                    if client {
+                        c
+                    } else {
+                        s
+                    }
+                }
+                _ => return None,
+            };
             if !*mine {
                 // (Cannot happen; the descriptor is closed as it is dropped.)
                 return None;
             }
             *mine = false;
-            if matches!(self.step, Step::Export { client: false, server: false }) {
+            if matches!(
+                self.step,
+                Step::Export { client: false, server: false } | Step::SpliceFds { client: false, server: false }
+            ) {
                 self.step = Step::Idle;
             }
-            return Some(Done::Exported { client: op == Op::ExportClient, fd });
-        }
-        if matches!(op, Op::SpliceFdClient | Op::SpliceFdServer) {
-            // SAFETY: as below.
-            let fd = (res >= 0).then(|| unsafe { OwnedFd::from_raw_fd(res) });
-            let Step::SpliceFds { client, server } = &mut self.step else { return None };
-            let mine = if op == Op::SpliceFdClient { client } else { server };
-            if !*mine {
-                // (Cannot happen; the descriptor is closed as it is dropped.)
-                return None;
-            }
-            *mine = false;
-            if matches!(self.step, Step::SpliceFds { client: false, server: false }) {
-                self.step = Step::Idle;
-            }
-            return Some(Done::SpliceFd { client: op == Op::SpliceFdClient, fd });
+            return Some(if export { Done::Exported { client, fd } } else { Done::SpliceFd { client, fd } });
         }
         if op == Op::LocalAddr {
             // SAFETY: a non-negative result of FIXED_FD_INSTALL is a new descriptor nothing else owns.
@@ -874,6 +880,12 @@ impl Ctx<'_> {
         Token::conn(op, self.idx, self.c.generation)
     }
 
+    /// Cancels this connection's op `op` (in flight: its own completion still comes).
+    fn cancel(&mut self, op: Op) {
+        let target = self.token(op);
+        self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+    }
+
     /// Moves to `next`, keeping the gauges that count states (`queued`, `closing`); `active` and
     /// `handshakes` follow what the connection holds (`Admission`).
     fn enter(&mut self, next: State) {
@@ -1062,7 +1074,7 @@ impl Ctx<'_> {
             log.line(self.worker, self.cfg, self.c, reason, source, self.now.us, self.now.ms);
         }
         self.enter(State::Free);
-        self.release_fds();
+        debug_assert!(!self.fds.contains_key(&self.idx), "descriptors for splicing outlive their connection's close");
         let generation = self.c.generation.wrapping_add(1);
         *self.c = Conn { generation, ..Conn::default() };
     }

@@ -16,7 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use super::{Admission, Conn, Ctx, Dir, FlowIo, Half, NO_INDEX, POLLIN_EVENTS, State, Step};
 use crate::worker::ring::{ClientSlot, ServerSlot};
-use crate::worker::token::{Op, Token};
+use crate::worker::token::Op;
 
 /// What a moving connection carries besides its two sockets. Times are on the workers' shared
 /// clock (`Clock`), so they mean the same in the new worker.
@@ -74,8 +74,7 @@ impl Ctx<'_> {
         ];
         for (armed, op) in watches {
             if armed {
-                let target = self.token(op);
-                self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+                self.cancel(op);
             }
         }
         for dir in Dir::BOTH {

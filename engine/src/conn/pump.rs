@@ -31,7 +31,7 @@ use super::{CloseReason, Ctx, Dir, FlowIo, Half, Held, POLLOUT_EVENTS, QueueLeas
 use crate::config::SpliceMode;
 use crate::pipes::PipeLease;
 use crate::worker::ring::{CHUNK, ChunkBuf, RingBuf, Sock};
-use crate::worker::token::{Op, Token};
+use crate::worker::token::Op;
 
 /// A splice that moves less than this means the flow carries small messages again.
 const SMALL: usize = 2048;
@@ -408,7 +408,7 @@ impl Ctx<'_> {
             if moved >= TURN_BYTES {
                 self.pipes.give_back(pipe, 0);
                 let t = self.token(dir.again());
-                self.ring.post(t);
+                self.ring.post(t, 0);
                 self.c.flow(dir).io = FlowIo::Again;
                 return;
             }
@@ -440,12 +440,7 @@ impl Ctx<'_> {
     /// RLIMIT_NOFILE (as many connections as pipes: plan.rs). Otherwise its bulk flows splice
     /// through io_uring.
     fn make_fds(&mut self) {
-        if self.fds.contains_key(&self.idx)
-            || self.c.fds_failed
-            || !matches!(self.c.step, Step::Idle)
-            || !self.ring.io().fd_install
-            || self.stats.splice_fds + 2 > 2 * u64::from(self.pipes.max())
-        {
+        if !self.may_make_fds() {
             return;
         }
         let (tc, ts) = (self.token(Op::SpliceFdClient), self.token(Op::SpliceFdServer));
@@ -501,12 +496,16 @@ impl Ctx<'_> {
 
     /// Whether this connection has, or may have, descriptors to splice with on this thread.
     fn may_splice_here(&self) -> bool {
-        self.fds.contains_key(&self.idx)
-            || matches!(self.c.step, Step::SpliceFds { .. })
-            || (!self.c.fds_failed
-                && matches!(self.c.step, Step::Idle)
-                && self.ring.io().fd_install
-                && self.stats.splice_fds + 2 <= 2 * u64::from(self.pipes.max()))
+        self.fds.contains_key(&self.idx) || matches!(self.c.step, Step::SpliceFds { .. }) || self.may_make_fds()
+    }
+
+    /// Whether `make_fds` would ask for descriptors now (see there).
+    fn may_make_fds(&self) -> bool {
+        !self.fds.contains_key(&self.idx)
+            && !self.c.fds_failed
+            && matches!(self.c.step, Step::Idle)
+            && self.ring.io().fd_install
+            && self.stats.splice_fds + 2 <= 2 * u64::from(self.pipes.max())
     }
 
     /// `splice: auto`: a flow whose receive filled a whole buffer is moving bulk data: it stops
@@ -526,8 +525,7 @@ impl Ctx<'_> {
             Dir::ServerToClient => (self.c.server_poll, Op::ServerPoll),
         };
         if armed {
-            let target = self.token(op);
-            self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+            self.cancel(op);
         }
         let f = self.c.flow(dir);
         if f.paused && !matches!(f.io, FlowIo::Ring(_)) {
@@ -806,8 +804,7 @@ impl Ctx<'_> {
             Dir::ServerToClient => (self.c.server_recv, Op::ServerRecv),
         };
         if armed {
-            let target = self.token(op);
-            self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+            self.cancel(op);
         }
     }
 

@@ -92,7 +92,7 @@ impl Ring {
         };
         let Ok(slot) = slot else {
             // (A slot number that cannot be named cannot have been granted: fail this op alone.)
-            self.injected.push(super::Completion { user_data: token.encode(), result: -libc::EINVAL, flags: 0 });
+            self.post(token, -libc::EINVAL);
             return;
         };
         let e = opcode::MsgRingSendFd::new(Fd(target_ring), Fixed(src.index()), slot, 0)
@@ -288,11 +288,11 @@ impl Ring {
         unsafe { self.push(e.build().user_data(token.encode())) };
     }
 
-    /// A completion for `token` with result 0, delivered by the next [`Ring::drain`] without any
-    /// SQE (and the next wait does not block): work a connection resumes after the other
-    /// connections' events of this loop turn.
-    pub fn post(&mut self, token: Token) {
-        self.injected.push(super::Completion { user_data: token.encode(), result: 0, flags: 0 });
+    /// A completion for `token` with `result`, delivered by the next [`Ring::drain`] without any
+    /// SQE (and the next wait does not block): an op that fails before it reaches the kernel, or
+    /// work a connection resumes after the other connections' events of this loop turn.
+    pub fn post(&mut self, token: Token, result: i32) {
+        self.injected.push(super::Completion { user_data: token.encode(), result, flags: 0 });
     }
 
     /// Installs a direct socket into the process table (the result is the new fd, which the
@@ -354,7 +354,7 @@ impl Ring {
                     for (op, res) in
                         [(op, -errno), (Op::Connect, -libc::ECANCELED), (Op::ConnectTimeout, -libc::ECANCELED)]
                     {
-                        self.injected.push(super::Completion { user_data: mk(op).encode(), result: res, flags: 0 });
+                        self.post(mk(op), res);
                     }
                 }
             }
