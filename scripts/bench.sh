@@ -98,7 +98,10 @@ PIPE_SIZE=${PIPE_SIZE:-262144}
 CHURN_SOURCES=${CHURN_SOURCES:-8}
 # Extra `global.tune` keys for the ringproxy path only (not ringproxy-base): with BASE_BIN set to
 # the same binary, a knob is measured against its default in one run, e.g. RP_TUNE='batch_wait: 50us'.
+# BASE_TUNE does the same for ringproxy-base (both set: e.g. two binaries compared in one mode,
+# RP_TUNE='splice: never' BASE_TUNE='splice: never').
 RP_TUNE=${RP_TUNE:-}
+BASE_TUNE=${BASE_TUNE:-}
 BASE_BIN=${BASE_BIN:-}
 BASE_REV=${BASE_REV:-}
 BASE_TARGET_DIR=${BASE_TARGET_DIR:-$ROOT/target/bench-base}
@@ -315,6 +318,7 @@ start_ringproxy() { # PATH INSTANCE SERVICE...
         case "$path" in
             ringproxy-auto | ringproxy-always | ringproxy-never) echo "  tune: { pipe_size: $PIPE_SIZE, splice: ${path#ringproxy-} }" ;;
             ringproxy) echo "  tune: { pipe_size: $PIPE_SIZE${RP_TUNE:+, $RP_TUNE} }" ;;
+            ringproxy-base) echo "  tune: { pipe_size: $PIPE_SIZE${BASE_TUNE:+, $BASE_TUNE} }" ;;
             *) echo "  tune: { pipe_size: $PIPE_SIZE }" ;;
         esac
         [ "$inst" = "$path" ] && [ -n "${RP_STATS[$path]:-}" ] && echo "  stats: { socket: \"${RP_STATS[$path]}\" }"

@@ -419,12 +419,13 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
     let stats = servers * plan.workers as u64 * SERVER_BYTES_PER_WORKER;
     // splice: auto or never: each worker's receive buffers, created as transfers need them, up to this.
     let (recv, recv_words) = if config.global.tune.splice.uses_ring() {
-        let per_worker = u64::from(config.global.tune.recv_buffers) * crate::worker::RECV_BUF as u64;
+        let buf = u64::from(config.global.tune.recv_buffer_size);
+        let per_worker = u64::from(config.global.tune.recv_buffers) * buf;
         let words = format!(
             " + {} workers x {} receive buffers x {} (at most, as bulk transfers need them)",
             plan.workers,
             config.global.tune.recv_buffers,
-            size(crate::worker::RECV_BUF as u64)
+            size(buf)
         );
         (per_worker * plan.workers as u64, words)
     } else {

@@ -62,6 +62,7 @@ pub struct RawTune {
     pub pipe_size: Option<Spanned<Size>>,
     pub max_pipes: Option<Spanned<Count>>,
     pub recv_buffers: Option<Spanned<Count>>,
+    pub recv_buffer_size: Option<Spanned<Size>>,
     pub ring_entries: Option<Spanned<Count>>,
     pub iowq_workers: Option<Spanned<Count>>,
     pub peer_lookups: Option<Spanned<Count>>,

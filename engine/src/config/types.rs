@@ -20,6 +20,17 @@ pub mod default {
     pub const PIPE_SIZE: u32 = 256 * 1024;
     pub const MAX_PIPES: u32 = 4096;
     pub const RECV_BUFFERS: u32 = 1024;
+
+    /// Bytes per receive buffer unless `tune.recv_buffer_size` says: 16 KiB where bulk flows
+    /// splice (`auto`: the buffers carry small messages, and 1,000 bulk flows make a quarter of
+    /// the memory resident before they switch), 64 KiB where the buffers carry everything
+    /// (`never`: a quarter of the completions per byte; one stream 1.4 × faster on loopback).
+    pub const fn recv_buffer_size(splice: super::SpliceMode) -> u32 {
+        match splice {
+            super::SpliceMode::Never => 64 * 1024,
+            super::SpliceMode::Auto | super::SpliceMode::Always => 16 * 1024,
+        }
+    }
     pub const RING_ENTRIES: u32 = 4096;
     pub const IOWQ_WORKERS: u32 = 4;
     pub const PEER_LOOKUPS: u32 = 4096;
@@ -153,8 +164,11 @@ pub struct Tune {
     pub pipe_size: u32,
     /// Most pipes one worker keeps (in flight plus pooled).
     pub max_pipes: u32,
-    /// Most receive buffers (64 KiB each) one worker creates (`splice: auto` or `never`).
+    /// Most receive buffers one worker creates (`splice: auto` or `never`).
     pub recv_buffers: u32,
+    /// Bytes per receive buffer: the most one receive completion brings (`splice: auto`: a
+    /// receive that fills one whole is bulk data, and the flow splices from then on).
+    pub recv_buffer_size: u32,
     /// Submission queue entries per worker ring.
     pub ring_entries: u32,
     /// Most io-wq threads the kernel may run for one worker's splices.
@@ -173,6 +187,7 @@ impl Default for Tune {
             pipe_size: default::PIPE_SIZE,
             max_pipes: default::MAX_PIPES,
             recv_buffers: default::RECV_BUFFERS,
+            recv_buffer_size: default::recv_buffer_size(SpliceMode::Auto),
             ring_entries: default::RING_ENTRIES,
             iowq_workers: default::IOWQ_WORKERS,
             peer_lookups: default::PEER_LOOKUPS,

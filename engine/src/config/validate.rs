@@ -410,6 +410,16 @@ impl Validator<'_> {
         if let Some(s) = &t.recv_buffers {
             tune.recv_buffers = self.count(s, "recv_buffers", 64, 65536)? as u32;
         }
+        if let Some(s) = &t.recv_buffer_size {
+            let n = s.value.0;
+            if !(4096..=1 << 20).contains(&n) || n % 4096 != 0 {
+                return self.err(
+                    s.referenced,
+                    format!("recv_buffer_size must be a multiple of 4k between 4k and 1m bytes, not {n}"),
+                );
+            }
+            tune.recv_buffer_size = n as u32;
+        }
         if let Some(s) = &t.ring_entries {
             let n = self.count(s, "ring_entries", 64, 32768)?;
             if !n.is_power_of_two() {
@@ -430,6 +440,9 @@ impl Validator<'_> {
             }
         }
         tune.splice = t.splice.unwrap_or_default();
+        if t.recv_buffer_size.is_none() {
+            tune.recv_buffer_size = default::recv_buffer_size(tune.splice);
+        }
         Ok(tune)
     }
 

@@ -617,12 +617,12 @@ fn other(dir: Dir) -> Dir {
     }
 }
 
-/// `splice: never`: a send queue holding this many receive buffers stops its source's receive
-/// (backpressure), until it holds fewer than half. A flow's share of its worker's buffers is
-/// thus bounded (a few more may arrive from receives already completed when it pauses), so a
-/// destination that stops reading holds at most this many (1 MiB of 64 KiB buffers), not the
-/// worker's whole set. That is while the worker has buffers to spare; see [`Ctx::pause_at`].
-const PAUSE_BUFS: usize = 16;
+/// The ring of receive buffers: a send queue holding this many bytes of receive buffers stops its
+/// source's receive (backpressure), until it holds fewer than half. A flow's share of its
+/// worker's buffers is thus bounded (a few more may arrive from receives already completed when
+/// it pauses), so a destination that stops reading holds about this much, not the worker's
+/// whole set. That is while the worker has buffers to spare; see [`Ctx::pause_at`].
+const PAUSE_BYTES: usize = 1 << 20;
 
 impl Ctx<'_> {
     /// Whether this worker moves bytes through its ring of receive buffers (`splice: auto`, bulk
@@ -723,7 +723,7 @@ impl Ctx<'_> {
                 return self.ring.give_ring_buf(buf);
             }
         };
-        if n as usize == crate::worker::RECV_BUF
+        if n == self.cfg.global.tune.recv_buffer_size
             && self.cfg.global.tune.splice == SpliceMode::Auto
             && self.c.state == State::Established
             && !self.c.flow(dir).bulk
@@ -745,16 +745,18 @@ impl Ctx<'_> {
         self.c.flow(dir).io = FlowIo::Ring(lease);
     }
 
-    /// How many receive buffers a direction may hold before its receive pauses: 16 while fewer
-    /// than a quarter of the worker's buffers are out, 4 while fewer than half are, then 1. One
-    /// fast flow gets deep queues; a thousand busy flows share the buffers instead of the first
-    /// few hundred holding them all (and the memory they cost) while the rest wait for one.
+    /// How many receive buffers a direction may hold before its receive pauses: `PAUSE_BYTES` of
+    /// them while fewer than a quarter of the worker's buffers are out, a quarter of that while
+    /// fewer than half are, then 1. One fast flow gets deep queues; a thousand busy flows share
+    /// the buffers instead of the first few hundred holding them all (and the memory they cost)
+    /// while the rest wait for one.
     fn pause_at(&self) -> usize {
         let (out, max) = self.ring.ring_bufs_out_of();
+        let deep = PAUSE_BYTES / self.cfg.global.tune.recv_buffer_size as usize;
         if out * 4 < max {
-            PAUSE_BUFS
+            deep.max(1)
         } else if out * 2 < max {
-            4
+            (deep / 4).max(1)
         } else {
             1
         }

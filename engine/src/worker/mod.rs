@@ -44,7 +44,6 @@ use upstream::Upstream;
 
 pub use accept::Listener;
 pub use moving::{CallOff, ExportPlan, Exported, Grant, MoveOffer, MovePlan, MoveTarget, pick_target, place_by_name};
-pub(crate) use setup::RECV_BUF;
 pub use setup::next_uid;
 
 /// Everything a worker thread starts from.

@@ -17,10 +17,6 @@ use crate::pipes::PipePool;
 use crate::sources::{self, SourceShard};
 use crate::stats::{ServerStats, WorkerStats, latency_histogram};
 
-/// Bytes per receive buffer of the ring (`splice: never`): a multishot receive fills one per
-/// completion, up to this.
-pub(crate) const RECV_BUF: usize = 64 * 1024;
-
 /// A number no other worker (or upgrade courier) of this process has: moves name their sender by it.
 pub fn next_uid() -> u64 {
     static UIDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -71,6 +67,7 @@ impl Worker {
                 picks: 0,
             });
         }
+        let tune = &config.global.tune;
         let ring = Ring::new(RingSetup {
             entries: config.global.tune.ring_entries,
             files: plan.table_slots,
@@ -82,12 +79,7 @@ impl Worker {
             keepalives,
             max_chunks: plan.pipes_per_worker as usize,
             peer_slots: config.global.tune.peer_lookups as usize,
-            recv_bufs: config
-                .global
-                .tune
-                .splice
-                .uses_ring()
-                .then_some((RECV_BUF, config.global.tune.recv_buffers as usize)),
+            recv_bufs: tune.splice.uses_ring().then_some((tune.recv_buffer_size as usize, tune.recv_buffers as usize)),
             io: plan.io,
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();

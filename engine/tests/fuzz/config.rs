@@ -427,7 +427,7 @@ fn apply_to_map(entries: &mut Vec<(String, Node)>, i: usize, op: &Mutation) {
 #[rustfmt::skip]
 const KEYS: &[&str] = &[
     "global", "defaults", "frontends", "backends", "workers", "pin_cpus", "maxconn", "tune", "pipe_size",
-    "max_pipes", "ring_entries", "iowq_workers", "peer_lookups", "stats", "socket", "mode", "prometheus", "connection_log",
+    "max_pipes", "recv_buffers", "recv_buffer_size", "ring_entries", "iowq_workers", "peer_lookups", "stats", "socket", "mode", "prometheus", "connection_log",
     "timeout", "connect", "client", "server", "queue", "drain", "retries", "backlog", "balance", "name", "bind",
     "backend", "servers", "address", "weight", "source",
 ];

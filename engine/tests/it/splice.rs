@@ -132,3 +132,23 @@ fn a_flow_goes_back_to_receive_buffers_when_its_messages_get_small() {
     drop(c);
     assert_clean(engine, &[backend.addr.port()]);
 }
+
+#[test]
+fn no_receive_brings_more_than_the_configured_buffer_size() {
+    // `tune.recv_buffer_size` is the buffer the kernel fills: with 4 KiB buffers (`never`: every
+    // byte through them) no receive completion brings more, so a bulk echo takes at least one
+    // completion per 4 KiB each way (64 KiB buffers take a few per megabyte here).
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine_with(backend.addr, 1, "splice: never, recv_buffer_size: 4k");
+    let fe = addr(&engine, "fe");
+    let mut pumps: Vec<Pump> = (0..2).map(|i| Pump::connect(fe, 5_000 + i, false).unwrap().limit(4 * MIB)).collect();
+    run_all(&mut pumps, Duration::from_secs(60), || {});
+    let s = engine.stats();
+    let bytes = s.total(|w| w.bytes_client_to_server) + s.total(|w| w.bytes_server_to_client);
+    assert_eq!(bytes, 2 * 2 * 4 * MIB, "every byte across, both ways");
+    let recvs = s.total(|w| w.ring_recvs);
+    assert!(recvs * 4096 >= bytes, "{recvs} receive completions for {bytes} bytes: some brought more than 4 KiB");
+    assert_eq!(s.total(|w| w.splices), 0, "never: no splice");
+    drop(pumps);
+    assert_clean(engine, &[backend.addr.port()]);
+}

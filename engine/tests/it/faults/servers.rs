@@ -154,10 +154,11 @@ fn backend_that_stops_reading() {
         stalled.load(Ordering::SeqCst) == STUCK as usize
     });
     // Bounded: one pipe per stuck flow at most (splice), or a paused flow's share of receive
-    // buffers (`splice: never`, the default here): 16, plus what its multishot receive took
-    // before the pause took effect — at most what its socket held then, the receive buffer's
-    // autotuning ceiling (tcp_rmem max) in 64 KiB buffers (the ring's offer, which other flows'
-    // bursts may have widened, is no bound). And nothing moves any more.
+    // buffers (`splice: auto`, the default here, before a flow splices): 1 MiB of them, plus what
+    // its multishot receive took before the pause took effect — at most what its socket held
+    // then, the receive buffer's autotuning ceiling (tcp_rmem max), in buffers of 16 KiB (this
+    // mode's `recv_buffer_size`; the ring's offer, which other flows' bursts may have widened,
+    // is no bound). And nothing moves any more.
     let s1 = engine.stats();
     let pipes_stalled = s1.total(|w| w.pipes_in_use);
     assert!(pipes_stalled <= STUCK, "pipes lent: {pipes_stalled}");
@@ -165,7 +166,7 @@ fn backend_that_stops_reading() {
         .ok()
         .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
         .unwrap_or(6 << 20);
-    let per_flow = 16 + rmem_max.div_ceil(64 << 10);
+    let per_flow = (MIB + rmem_max).div_ceil(16 << 10);
     let buffers_stalled = s1.total(|w| w.buffers_in_use);
     assert!(buffers_stalled <= STUCK * per_flow, "receive buffers held: {buffers_stalled} (bound {per_flow} per flow)");
     assert_eq!(stuck.st.bytes_in.load(Ordering::SeqCst), STUCK * MIB, "the server read 1 MiB each, then stopped");
