@@ -119,7 +119,8 @@ struct Target {
 }
 
 /// Starts checking every server that asks for it, on a thread watched by `watch`; `None` when no
-/// server is checked.
+/// backend has a check. A backend with a check but no checked server yet (each opted out with
+/// `check: false`) still gets the thread: a server `add server` puts there is checked.
 pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>, watch: &Watch) -> io::Result<Option<HealthChecker>> {
     let mut targets = Vec::new();
     let mut rows = Vec::new();
@@ -134,7 +135,7 @@ pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>, watch: &Watch) -> io::Resul
             rows.push(row);
         }
     }
-    if targets.is_empty() {
+    if !config.backends.iter().any(|b| b.check.is_some()) {
         return Ok(None);
     }
     let status = Arc::new(Mutex::new(rows));

@@ -411,6 +411,38 @@ fn an_added_server_is_health_checked_like_the_others() {
     proxy.stop_clean();
 }
 
+/// The same where the backend has a check but none of its servers is checked yet (each opted out
+/// with `check: false`): the added server is checked all the same, as the answer says.
+#[test]
+fn a_server_added_where_no_server_was_checked_yet_is_checked() {
+    let (a, b) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)));
+    let (stats, admin) = sockets("addfirstcheck");
+    let yaml = format!(
+        "global: {{ workers: 2, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    check: {{ interval: 100ms, timeout: 100ms, rise: 1, fall: 1 }}\n    servers:\n\
+         \x20     - {{ name: a, address: \"{}\", check: false }}\n      - {{ name: b, address: \"{}\", check: false }}\n",
+        stats.display(),
+        admin.display(),
+        a.addr,
+        b.addr
+    );
+    let proxy = Proxy::start("addfirstcheck", &yaml);
+    let front = proxy.addr("fe");
+    assert!(socket::fetch(&stats).unwrap().health.is_empty(), "no server checked at start");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let text = ok(&admin, &format!("add server be/x {dead}"));
+    assert!(text.contains("health-checked like the backend's other servers"), "{text}");
+    wait_until("x to be checked and marked DOWN", Duration::from_secs(5), || {
+        let s = socket::fetch(&stats).unwrap();
+        s.health.iter().any(|h| h.server == "x" && h.checks >= 1)
+            && s.servers.iter().any(|r| r.server == "x" && r.status() == "DOWN")
+    });
+    assert!((0..20).all(|_| tagged(front).1 != 0), "every connection reached a or b");
+    ok(&admin, "del server be/x");
+    proxy.stop_clean();
+}
+
 /// `ringproxy reload` and `ringproxy cmd` without a socket to talk to: exit 2 and what to set.
 #[test]
 fn reload_and_cmd_say_which_socket_the_configuration_lacks() {
