@@ -393,22 +393,27 @@ fn an_added_server_is_health_checked_like_the_others() {
         "",
     );
     let proxy = Proxy::start("addcheck", &yaml);
-    let front = proxy.addr("fe");
-    // A port nothing listens on (bound, then closed).
+    an_added_dead_server_is_checked_down_and_leaves_the_checks(&stats, &admin, proxy.addr("fe"));
+    proxy.stop_clean();
+}
+
+/// Adds server x of backend `be` at a port nothing listens on (bound, then closed): the answer
+/// says it is checked, its check marks it DOWN, the connections go to a or b only; deleted, it
+/// leaves the checks.
+fn an_added_dead_server_is_checked_down_and_leaves_the_checks(stats: &Path, admin: &Path, front: SocketAddr) {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let text = ok(&admin, &format!("add server be/x {dead}"));
+    let text = ok(admin, &format!("add server be/x {dead}"));
     assert!(text.contains("health-checked like the backend's other servers"), "{text}");
     wait_until("x to be checked and marked DOWN", Duration::from_secs(5), || {
-        let s = socket::fetch(&stats).unwrap();
+        let s = socket::fetch(stats).unwrap();
         s.health.iter().any(|h| h.server == "x" && h.checks >= 1)
             && s.servers.iter().any(|r| r.server == "x" && r.status() == "DOWN")
     });
     assert!((0..20).all(|_| tagged(front).1 != 0), "every connection reached a or b");
-    ok(&admin, "del server be/x");
+    ok(admin, "del server be/x");
     wait_until("x to leave the checks", Duration::from_secs(5), || {
-        socket::fetch(&stats).unwrap().health.iter().all(|h| h.server != "x")
+        socket::fetch(stats).unwrap().health.iter().all(|h| h.server != "x")
     });
-    proxy.stop_clean();
 }
 
 /// The same where the backend has a check but none of its servers is checked yet (each opted out
@@ -428,18 +433,8 @@ fn a_server_added_where_no_server_was_checked_yet_is_checked() {
         b.addr
     );
     let proxy = Proxy::start("addfirstcheck", &yaml);
-    let front = proxy.addr("fe");
     assert!(socket::fetch(&stats).unwrap().health.is_empty(), "no server checked at start");
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let text = ok(&admin, &format!("add server be/x {dead}"));
-    assert!(text.contains("health-checked like the backend's other servers"), "{text}");
-    wait_until("x to be checked and marked DOWN", Duration::from_secs(5), || {
-        let s = socket::fetch(&stats).unwrap();
-        s.health.iter().any(|h| h.server == "x" && h.checks >= 1)
-            && s.servers.iter().any(|r| r.server == "x" && r.status() == "DOWN")
-    });
-    assert!((0..20).all(|_| tagged(front).1 != 0), "every connection reached a or b");
-    ok(&admin, "del server be/x");
+    an_added_dead_server_is_checked_down_and_leaves_the_checks(&stats, &admin, proxy.addr("fe"));
     proxy.stop_clean();
 }
 
