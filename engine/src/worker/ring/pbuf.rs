@@ -20,7 +20,8 @@
 //! bulk flow does. Once a second ([`BufRing::trim`]) the offer falls to a quarter if no receive
 //! ran short since, and the free buffers that sat unused all that time, or lie below what the
 //! ring can take, give their pages back to the kernel: after a burst, memory returns to what the
-//! traffic uses.
+//! traffic uses as it goes on. Buffers still in the ring cannot be taken back: they keep their
+//! pages until receives take them (a worker that receives nothing after a burst keeps them).
 //!
 //! Invariants: a buffer is in exactly one place — the ring (the kernel may fill it), a
 //! `RingBuf` (ours), or the free list; the ring's memory and every buffer are freed only when no
