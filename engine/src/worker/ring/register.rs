@@ -80,7 +80,14 @@ pub(super) fn map_anonymous(bytes: usize) -> io::Result<std::ptr::NonNull<u8>> {
 /// An anonymous, zeroed, page-aligned mapping of `bytes` whose pages become memory only when they
 /// are first written (MAP_NORESERVE: no swap is reserved for the whole span): the receive buffers.
 pub(super) fn map_lazy(bytes: usize) -> io::Result<std::ptr::NonNull<u8>> {
-    map(bytes, libc::MAP_NORESERVE)
+    let p = map(bytes, libc::MAP_NORESERVE)?;
+    // No transparent huge pages: where THP is `always` (the default of some distributions), a
+    // first write into a 2 MiB extent may make all of it resident — 512 pages for a heartbeat that
+    // needs one — and the trim's MADV_DONTNEED of one buffer inside a huge page frees nothing until
+    // the kernel splits it. (Advice only: a kernel without THP ignores it.)
+    // SAFETY: advice on the mapping just made, which nothing uses yet; it changes no contents.
+    unsafe { libc::madvise(p.as_ptr().cast(), bytes, libc::MADV_NOHUGEPAGE) };
+    Ok(p)
 }
 
 /// Gives the pages of `bytes` at `p` back to the kernel: they read as zeros and cost no memory
@@ -121,4 +128,32 @@ fn map(bytes: usize, flags: libc::c_int) -> io::Result<std::ptr::NonNull<u8>> {
 pub(super) unsafe fn unmap(p: std::ptr::NonNull<u8>, bytes: usize) {
     // SAFETY: forwarded to the caller.
     unsafe { libc::munmap(p.as_ptr().cast(), bytes) };
+}
+
+#[cfg(test)]
+mod tests {
+    /// The receive buffers' mapping is marked no-huge-page (`nh` in its smaps flags), so THP
+    /// `always` cannot make a whole 2 MiB extent resident for one small receive.
+    #[test]
+    fn the_lazy_mapping_asks_for_no_huge_pages() {
+        let bytes = 8 << 20;
+        let p = super::map_lazy(bytes).expect("a lazy mapping");
+        let at = p.as_ptr() as usize;
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("/proc/self/smaps");
+        // The entry whose range holds the mapping (the kernel may have merged it with a neighbour
+        // of the same kind), up to its VmFlags line.
+        let holds = |l: &str| {
+            let range = l.split_whitespace().next().unwrap_or("");
+            let mut ends = range.split('-').map(|x| usize::from_str_radix(x, 16));
+            matches!((ends.next(), ends.next()), (Some(Ok(a)), Some(Ok(b))) if a <= at && at < b)
+        };
+        let flags = smaps
+            .lines()
+            .skip_while(|l| !holds(l))
+            .find(|l| l.starts_with("VmFlags:"))
+            .expect("the mapping's entry and its VmFlags");
+        assert!(flags.split_whitespace().any(|f| f == "nh"), "{flags}");
+        // SAFETY: the mapping made above, used by nothing.
+        unsafe { super::unmap(p, bytes) };
+    }
 }
