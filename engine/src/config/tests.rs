@@ -585,28 +585,21 @@ fn per_source_limits_and_rate_limit_are_checked() {
 
 #[test]
 fn recv_buffer_size_is_whole_pages_from_4k_to_1m() {
-    let with = |v: &str| {
+    let with = |tune: &str| {
         format!(
-            "global:\n  tune: {{ recv_buffer_size: {v} }}\n\
-             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
-             backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
-        )
-    };
-    let bare = |mode: &str| {
-        format!(
-            "global:\n  tune: {{ splice: {mode} }}\n\
+            "global:\n  tune: {{ {tune} }}\n\
              frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
              backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
         )
     };
     // The default follows the mode: small where bulk flows splice, large where the buffers carry all.
     assert_eq!(Tune::default().recv_buffer_size, 16 << 10);
-    assert_eq!(ok(&bare("auto")).global.tune.recv_buffer_size, 16 << 10);
-    assert_eq!(ok(&bare("never")).global.tune.recv_buffer_size, 64 << 10);
-    assert_eq!(ok(&with("64k")).global.tune.recv_buffer_size, 64 << 10);
-    assert_eq!(ok(&with("1m")).global.tune.recv_buffer_size, 1 << 20);
+    assert_eq!(ok(&with("splice: auto")).global.tune.recv_buffer_size, 16 << 10);
+    assert_eq!(ok(&with("splice: never")).global.tune.recv_buffer_size, 64 << 10);
+    assert_eq!(ok(&with("recv_buffer_size: 64k")).global.tune.recv_buffer_size, 64 << 10);
+    assert_eq!(ok(&with("recv_buffer_size: 1m")).global.tune.recv_buffer_size, 1 << 20);
     for bad in ["2k", "6000", "2m"] {
-        let e = parse(&with(bad), "t.yaml").unwrap_err().to_string();
+        let e = parse(&with(&format!("recv_buffer_size: {bad}")), "t.yaml").unwrap_err().to_string();
         assert!(
             e.starts_with("t.yaml:2:") && e.contains("recv_buffer_size must be a multiple of 4k between 4k and 1m"),
             "{bad}: {e}"

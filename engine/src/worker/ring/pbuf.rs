@@ -11,8 +11,9 @@
 //! up from a LIFO free list as completions consume them), and buffers are created on first
 //! use up to `max`. All of them lie in one lazy mapping (`max × size` of address space): a page
 //! becomes memory only when a receive writes into it, so a 16-byte message costs one page of its
-//! buffer (`tune.recv_buffer_size`), and a worker that only sees small messages holds about `high` pages whatever
-//! its number of connections; bulk transfers fill whole buffers, up to `max` of them.
+//! buffer (`tune.recv_buffer_size`), and a worker that only sees small messages holds about
+//! `high` pages whatever its number of connections; bulk transfers fill whole buffers, up to
+//! `max` of them.
 //! The kernel fills buffers for every socket with data in one go (task work): when more sockets
 //! had data at once than the ring offered, some receives end with ENOBUFS and must be re-armed.
 //! Each time that happens the ring offers twice as many (up to `WIDEST`), so a worker settles at

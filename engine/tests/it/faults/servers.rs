@@ -156,8 +156,8 @@ fn backend_that_stops_reading() {
     // Bounded: one pipe per stuck flow at most (splice), or a paused flow's share of receive
     // buffers (`splice: auto`, the default here, before a flow splices): 1 MiB of them, plus what
     // its multishot receive took before the pause took effect — at most what its socket held
-    // then, the receive buffer's autotuning ceiling (tcp_rmem max), in buffers of 16 KiB (this
-    // mode's `recv_buffer_size`; the ring's offer, which other flows' bursts may have widened,
+    // then, the receive buffer's autotuning ceiling (tcp_rmem max), in buffers of this mode's
+    // default `recv_buffer_size` (the ring's offer, which other flows' bursts may have widened,
     // is no bound). And nothing moves any more.
     let s1 = engine.stats();
     let pipes_stalled = s1.total(|w| w.pipes_in_use);
@@ -166,7 +166,8 @@ fn backend_that_stops_reading() {
         .ok()
         .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
         .unwrap_or(6 << 20);
-    let per_flow = (MIB + rmem_max).div_ceil(16 << 10);
+    let buf = u64::from(ringproxy::config::default::recv_buffer_size(ringproxy::config::SpliceMode::Auto));
+    let per_flow = (MIB + rmem_max).div_ceil(buf);
     let buffers_stalled = s1.total(|w| w.buffers_in_use);
     assert!(buffers_stalled <= STUCK * per_flow, "receive buffers held: {buffers_stalled} (bound {per_flow} per flow)");
     assert_eq!(stuck.st.bytes_in.load(Ordering::SeqCst), STUCK * MIB, "the server read 1 MiB each, then stopped");
