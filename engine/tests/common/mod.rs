@@ -215,17 +215,7 @@ const SHUTDOWN_MARGIN: Duration = Duration::from_secs(5);
 /// closed, and no socket on `ports` (and the engine's own listening ports) is still open in the
 /// kernel. Each waits with a limit.
 pub fn assert_idle(engine: &Engine, ports: &[u16]) {
-    wait_for("the engine's gauges to be 0", SETTLE, || {
-        let s = engine.stats();
-        let held: Vec<String> = GAUGES
-            .iter()
-            .filter(|(_, g)| s.total(g) > 0)
-            .map(|(name, g)| {
-                format!("{name} = {} (per worker {:?})", s.total(g), s.workers.iter().map(g).collect::<Vec<_>>())
-            })
-            .collect();
-        if held.is_empty() { Ok(()) } else { Err(held.join(", ")) }
-    });
+    wait_for("the engine's gauges to be 0", SETTLE, || gauges_held(engine));
     let s = engine.stats();
     // (Connections that moved in on a reload were accepted by the engine before; those that moved
     // out were closed by the engine after.)
@@ -236,10 +226,27 @@ pub fn assert_idle(engine: &Engine, ports: &[u16]) {
     );
     assert_eq!(s.total(|w| w.unexpected_completions), 0, "every completion matched an operation in flight");
     let ports: Vec<u16> = engine_ports(engine).union(&ports.iter().copied().collect()).copied().collect();
-    wait_for(&format!("no open socket on ports {ports:?}"), SETTLE, || {
-        let open: Vec<TcpSocket> = tcp_sockets_on(&ports).into_iter().filter(TcpSocket::is_open).collect();
-        if open.is_empty() { Ok(()) } else { Err(describe(&open)) }
-    });
+    wait_for(&format!("no open socket on ports {ports:?}"), SETTLE, || open_sockets_on(&ports));
+}
+
+/// `Ok` when every gauge is 0 on every worker; else what is held, per worker.
+pub fn gauges_held(engine: &Engine) -> Result<(), String> {
+    let s = engine.stats();
+    let held: Vec<String> = GAUGES
+        .iter()
+        .filter(|(_, g)| s.total(g) > 0)
+        .map(|(name, g)| {
+            format!("{name} = {} (per worker {:?})", s.total(g), s.workers.iter().map(g).collect::<Vec<_>>())
+        })
+        .collect();
+    if held.is_empty() { Ok(()) } else { Err(held.join(", ")) }
+}
+
+/// `Ok` when no TCP socket on `ports` is open (listeners, TIME-WAIT and closed ones aside); else
+/// the open ones.
+pub fn open_sockets_on(ports: &[u16]) -> Result<(), String> {
+    let open: Vec<TcpSocket> = tcp_sockets_on(ports).into_iter().filter(TcpSocket::is_open).collect();
+    if open.is_empty() { Ok(()) } else { Err(describe(&open)) }
 }
 
 /// Shuts the engine down and checks it stops cleanly: `Engine::shutdown` returns within the
