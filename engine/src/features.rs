@@ -3,13 +3,14 @@
 //! The engine's data path needs nothing newer than 6.1 (multishot accept and receive, provided
 //! buffer rings, direct descriptors, DEFER_TASKRUN). Three operations on a direct socket came later;
 //! each has a fallback that costs a few system calls when a connection opens, never memory while it
-//! is idle:
+//! is idle; and one receive flag came later, whose fallback costs completions on bulk flows:
 //!
 //! | feature | kernel | without it |
 //! |---|---|---|
 //! | uring_cmd `SETSOCKOPT` / `GETSOCKOPT` on a socket | 6.7 | accepts into plain descriptors: the client's address (`getpeername`) and, where a PROXY header needs it, the local one (`getsockname`) are read at once, then the socket moves into a direct slot the worker picks (`IORING_REGISTER_FILES_UPDATE`) and the plain descriptor is closed; server sockets are made the same way (below); a reset is passed on as a FIN (SO_LINGER cannot be set on a direct socket) |
 //! | `IORING_OP_FIXED_FD_INSTALL` | 6.8 | as above for the local address |
 //! | `IORING_OP_BIND` | 6.11 | server sockets are made with `socket`, `setsockopt` and `bind` and moved into their direct slot; CONNECT and its timeout stay in the ring |
+//! | `IORING_RECVSEND_BUNDLE` on the multishot receive | 6.10 | each receive completion brings one receive buffer instead of as many as the data fills (more completions per byte on bulk flows) |
 //!
 //! `global.tune.io_features` (or, where the file does not set it, the environment variable
 //! `RINGPROXY_IO_FEATURES`) pins the set to what a named kernel offers, so that every fallback is
@@ -36,18 +37,26 @@ pub struct IoFeatures {
     pub fd_install: bool,
     /// IORING_OP_BIND (6.11).
     pub bind: bool,
+    /// IORING_RECVSEND_BUNDLE on a multishot receive: one completion for several buffers (6.10).
+    pub bundle: bool,
 }
 
 impl IoFeatures {
-    pub const ALL: IoFeatures = IoFeatures { sockopt: true, fd_install: true, bind: true };
+    pub const ALL: IoFeatures = IoFeatures { sockopt: true, fd_install: true, bind: true, bundle: true };
 
     /// What kernel `version` offers.
     pub fn of_kernel(version: (u32, u32)) -> IoFeatures {
-        IoFeatures { sockopt: version >= (6, 7), fd_install: version >= (6, 8), bind: version >= (6, 11) }
+        IoFeatures {
+            sockopt: version >= (6, 7),
+            fd_install: version >= (6, 8),
+            bind: version >= (6, 11),
+            bundle: version >= (6, 10),
+        }
     }
 
-    /// Asks the running kernel: IORING_REGISTER_PROBE for the opcodes, and a SETSOCKOPT on a
-    /// direct socket for the uring_cmd (the probe only says uring_cmd exists, not for sockets).
+    /// Asks the running kernel: IORING_REGISTER_PROBE for the opcodes, a SETSOCKOPT on a direct
+    /// socket for the uring_cmd (the probe only says uring_cmd exists, not for sockets), and the
+    /// ring's feature flags for bundles.
     pub fn probe() -> io::Result<IoFeatures> {
         let mut ring = io_uring::IoUring::new(4)?;
         let mut probe = io_uring::Probe::new();
@@ -84,6 +93,7 @@ impl IoFeatures {
             sockopt,
             fd_install: probe.is_supported(opcode::FixedFdInstall::CODE),
             bind: probe.is_supported(opcode::Bind::CODE),
+            bundle: ring.params().is_feature_recvsend_bundle(),
         })
     }
 
@@ -93,6 +103,7 @@ impl IoFeatures {
             sockopt: self.sockopt && other.sockopt,
             fd_install: self.fd_install && other.fd_install,
             bind: self.bind && other.bind,
+            bundle: self.bundle && other.bundle,
         }
     }
 
@@ -119,6 +130,9 @@ impl IoFeatures {
         if !self.sockopt {
             f.push("a reset is passed on as a FIN");
         }
+        if !self.bundle {
+            f.push("one receive buffer per receive completion");
+        }
         f
     }
 }
@@ -129,10 +143,11 @@ impl fmt::Display for IoFeatures {
         let on = |b: bool, name: &str| if b { name.to_owned() } else { format!("no {name}") };
         write!(
             f,
-            "{}, {}, {}",
+            "{}, {}, {}, {}",
             on(self.sockopt, "uring_cmd socket options"),
             on(self.fd_install, "FIXED_FD_INSTALL"),
-            on(self.bind, "BIND")
+            on(self.bind, "BIND"),
+            on(self.bundle, "receive bundles")
         )?;
         let fallbacks = self.fallbacks();
         if !fallbacks.is_empty() {
@@ -177,9 +192,13 @@ mod tests {
     #[test]
     fn named_kernels_and_the_fallbacks_they_need() {
         let six_one = IoFeatures::of_kernel((6, 1));
-        assert_eq!(six_one, IoFeatures { sockopt: false, fd_install: false, bind: false });
-        assert_eq!(six_one.fallbacks().len(), 3);
-        assert_eq!(IoFeatures::of_kernel((6, 8)), IoFeatures { sockopt: true, fd_install: true, bind: false });
+        assert_eq!(six_one, IoFeatures { sockopt: false, fd_install: false, bind: false, bundle: false });
+        assert_eq!(six_one.fallbacks().len(), 4);
+        assert_eq!(
+            IoFeatures::of_kernel((6, 8)),
+            IoFeatures { sockopt: true, fd_install: true, bind: false, bundle: false }
+        );
+        assert!(IoFeatures::of_kernel((6, 10)).bundle);
         assert!(IoFeatures::of_kernel((6, 8)).direct_accept());
         assert!(!IoFeatures::of_kernel((6, 8)).chained_connect());
         assert!(IoFeatures::of_kernel((6, 11)).fallbacks().is_empty());

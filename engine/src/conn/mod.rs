@@ -910,19 +910,19 @@ impl Ctx<'_> {
 
     /// Every completion of this connection's operations: the one transition function.
     pub(crate) fn on_completion(&mut self, op: Op, res: i32, more: bool, flags: u32) {
-        // A receive into the ring of receive buffers hands a buffer over with its completion,
-        // whatever else happens: ours from here.
-        let filled = if matches!(op, Op::ClientRecv | Op::ServerRecv) { self.ring.received(flags) } else { None };
+        // A receive into the ring of receive buffers hands a buffer (a bundle: several) over with
+        // its completion, whatever else happens: ours from here.
+        let filled = if matches!(op, Op::ClientRecv | Op::ServerRecv) { self.ring.received(flags, res) } else { None };
         let Some(done) = self.c.settle(op, res, more) else {
             if let Some(b) = filled {
-                self.ring.give_ring_buf(b);
+                self.ring.give_filled(b);
             }
             self.stats.unexpected_completions += 1;
             return;
         };
         if self.c.is_closing() {
             if let Some(b) = filled {
-                self.ring.give_ring_buf(b);
+                self.ring.give_filled(b);
             }
             self.absorb(done);
             self.finish_if_idle();

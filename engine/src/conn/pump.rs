@@ -684,7 +684,7 @@ impl Ctx<'_> {
             (n, Some(buf)) if n > 0 => self.forward(dir, buf, n as u32),
             (n, buf) => {
                 if let Some(b) = buf {
-                    self.ring.give_ring_buf(b);
+                    self.ring.give_filled(b);
                 }
                 match n {
                     0 => self.c.flow(dir).half = Half::EofSeen,
@@ -707,8 +707,8 @@ impl Ctx<'_> {
         self.check_done();
     }
 
-    /// Queues `n` bytes received into `buf` for the destination of `dir`, and sends them now if
-    /// no send of this direction is in flight.
+    /// Queues `n` bytes received into `buf` (and with a bundle, the buffers after it) for the
+    /// destination of `dir`, and sends them now if no send of this direction is in flight.
     fn forward(&mut self, dir: Dir, buf: RingBuf, n: u32) {
         self.received(dir, n);
         self.stats.ring_recvs += 1;
@@ -720,20 +720,34 @@ impl Ctx<'_> {
                 // Cannot happen: in this mode a flow is idle, or its queue is.
                 debug_assert!(false, "a receive buffer for a flow in {other:?}");
                 self.c.flow(dir).io = other;
-                return self.ring.give_ring_buf(buf);
+                return self.ring.give_filled(buf);
             }
         };
-        if n == self.cfg.global.tune.recv_buffer_size
+        // Each buffer of a bundle is full but the last.
+        let size = self.ring.recv_buf_size() as u32;
+        let first = n.min(size);
+        self.sendq.push(&lease, buf, first);
+        let mut left = n - first;
+        let mut bufs = 1;
+        while left > 0
+            && let Some(b) = self.ring.take_more()
+        {
+            let len = left.min(size);
+            self.sendq.push(&lease, b, len);
+            left -= len;
+            bufs += 1;
+        }
+        self.stats.ring_recv_bufs += bufs;
+        if n >= self.cfg.global.tune.recv_buffer_size
             && self.cfg.global.tune.splice == SpliceMode::Auto
             && self.c.state == State::Established
             && !self.c.flow(dir).bulk
             && self.may_splice_here()
         {
-            // A whole buffer at once: bulk data. It splices from the next bytes on (this
-            // buffer and what the receive still brings are sent first).
+            // A whole buffer at once: bulk data. It splices from the next bytes on (these
+            // buffers and what the receive still brings are sent first).
             self.start_splicing(dir);
         }
-        self.sendq.push(&lease, buf, n);
         // Before the server is connected (and its PROXY header sent), the bytes wait in the
         // queue: `establish` sends them.
         if !self.sendq.sending(&lease) && self.c.state == State::Established {

@@ -316,10 +316,13 @@ pub struct WorkerStats {
     pub bytes_client_to_server: u64,
     pub bytes_server_to_client: u64,
     pub splices: u64,
-    /// `splice: never`: receive completions that brought bytes, and the sends that forwarded
-    /// them (one send may carry several receives' buffers).
+    /// Receive completions into the ring's buffers that brought bytes (`splice: auto` and
+    /// `never`), the buffers they filled (several per completion with bundles, 6.10+), and the
+    /// sends that forwarded them (one send may carry several receives' buffers).
     #[serde(default)]
     pub ring_recvs: u64,
+    #[serde(default)]
+    pub ring_recv_bufs: u64,
     #[serde(default)]
     pub ring_sends: u64,
     pub pipes_in_use: u64,

@@ -205,6 +205,9 @@ pub fn render(s: &EngineStats) -> String {
     m.per_worker(s, "ring_recvs_total", "counter", "Receives into the ring's buffers that brought bytes.", |w| {
         w.ring_recvs
     });
+    m.per_worker(s, "ring_recv_buffers_total", "counter", "Receive buffers those receives filled.", |w| {
+        w.ring_recv_bufs
+    });
     m.per_worker(s, "ring_sends_total", "counter", "Sends of received buffers started.", |w| w.ring_sends);
     m.per_worker_by(
         s,

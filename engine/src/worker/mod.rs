@@ -228,8 +228,8 @@ impl Worker {
             if self.conns.get(t.index, t.generation).is_none() {
                 // The connection was freed since (nothing of it was in flight): cannot happen for
                 // ops it held; counted for the stats. A receive buffer it names still goes back.
-                if let Some(b) = self.ring.received(c.flags) {
-                    self.ring.give_ring_buf(b);
+                if let Some(b) = self.ring.received(c.flags, c.result) {
+                    self.ring.give_filled(b);
                 }
                 self.stats.unexpected_completions += 1;
                 return;

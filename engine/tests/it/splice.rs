@@ -134,10 +134,11 @@ fn a_flow_goes_back_to_receive_buffers_when_its_messages_get_small() {
 }
 
 #[test]
-fn no_receive_brings_more_than_the_configured_buffer_size() {
+fn no_receive_buffer_holds_more_than_the_configured_size_and_bundles_bring_several() {
     // `tune.recv_buffer_size` is the buffer the kernel fills: with 4 KiB buffers (`never`: every
-    // byte through them) no receive completion brings more, so a bulk echo takes at least one
-    // completion per 4 KiB each way (64 KiB buffers take a few per megabyte here).
+    // byte through them) a bulk echo fills at least one buffer per 4 KiB each way (64 KiB buffers
+    // take a few per megabyte here). Where the kernel bundles receives (6.10+), one completion
+    // brings several of them; without (the 6.1 set), one each.
     let backend = Backend::start(Mode::Echo);
     let engine = engine_with(backend.addr, 1, "splice: never, recv_buffer_size: 4k");
     let fe = addr(&engine, "fe");
@@ -146,8 +147,18 @@ fn no_receive_brings_more_than_the_configured_buffer_size() {
     let s = engine.stats();
     let bytes = s.total(|w| w.bytes_client_to_server) + s.total(|w| w.bytes_server_to_client);
     assert_eq!(bytes, 2 * 2 * 4 * MIB, "every byte across, both ways");
-    let recvs = s.total(|w| w.ring_recvs);
-    assert!(recvs * 4096 >= bytes, "{recvs} receive completions for {bytes} bytes: some brought more than 4 KiB");
+    let (recvs, bufs) = (s.total(|w| w.ring_recvs), s.total(|w| w.ring_recv_bufs));
+    eprintln!("{bytes} bytes: {recvs} receive completions, {bufs} buffers");
+    assert!(bufs * 4096 >= bytes, "{bufs} receive buffers for {bytes} bytes: some held more than 4 KiB");
+    assert!(
+        bufs <= bytes.div_ceil(4096) + recvs,
+        "{bufs} buffers for {bytes} bytes in {recvs} receives: all but each last full"
+    );
+    if engine.plan().io.bundle {
+        assert!(recvs * 2 <= bufs, "bundles: {recvs} receive completions for {bufs} buffers");
+    } else {
+        assert_eq!(recvs, bufs, "no bundles: one buffer per receive completion");
+    }
     assert_eq!(s.total(|w| w.splices), 0, "never: no splice");
     drop(pumps);
     assert_clean(engine, &[backend.addr.port()]);

@@ -439,16 +439,44 @@ impl Ring {
     /// cancel, or the ring runs dry (-ENOBUFS).
     pub fn recv_multi(&mut self, sock: Sock<'_>, token: Token) {
         let Some(bufs) = &self.recv_bufs else { unreachable!("recv_multi without a ring of receive buffers") };
-        let e = opcode::RecvMulti::new(Fixed(sock.index()), bufs.bgid).build().user_data(token.encode());
+        let e = if self.io.bundle {
+            // One completion for as many buffers as the data fills.
+            opcode::RecvMultiBundle::new(Fixed(sock.index()), bufs.bgid).build()
+        } else {
+            opcode::RecvMulti::new(Fixed(sock.index()), bufs.bgid).build()
+        };
+        let e = e.user_data(token.encode());
         // SAFETY: no pointer: the kernel picks buffers from the registered ring, whose memory
         // lives until `Drop` (freed only once every buffer is back).
         unsafe { self.push(e) };
     }
 
-    /// The receive buffer a completion with `flags` filled, now ours; `None` if it names none.
-    pub fn received(&mut self, flags: u32) -> Option<RingBuf> {
+    /// The first receive buffer a completion with `flags` and result `res` filled, now ours
+    /// (with a bundle, the others follow from [`Ring::take_more`]); `None` if it names none.
+    pub fn received(&mut self, flags: u32, res: i32) -> Option<RingBuf> {
         let bid = io_uring::cqueue::buffer_select(flags)?;
-        self.recv_bufs.as_mut().map(|r| r.taken(bid))
+        let r = self.recv_bufs.as_mut()?;
+        // Each buffer of a bundle is full but the last.
+        let count = if res > 0 { (res as usize).div_ceil(r.size()) } else { 1 };
+        Some(r.taken(bid, count))
+    }
+
+    /// The next buffer of the bundle the last [`Ring::received`] named, in order.
+    pub fn take_more(&mut self) -> Option<RingBuf> {
+        self.recv_bufs.as_mut().and_then(|r| r.take_more())
+    }
+
+    /// Gives back a completion's buffers: `first` and the rest of its bundle.
+    pub fn give_filled(&mut self, first: RingBuf) {
+        self.give_ring_buf(first);
+        while let Some(b) = self.take_more() {
+            self.give_ring_buf(b);
+        }
+    }
+
+    /// The size of each receive buffer (0 without a ring of them).
+    pub fn recv_buf_size(&self) -> usize {
+        self.recv_bufs.as_ref().map_or(0, |r| r.size())
     }
 
     /// The bytes of a receive buffer we hold.

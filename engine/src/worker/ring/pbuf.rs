@@ -5,7 +5,10 @@
 //! The kernel takes buffers from the ring's head; we add them at its tail. A receive's completion
 //! names the buffer it filled (`IORING_CQE_F_BUFFER`): from then on that buffer is ours, as a
 //! [`RingBuf`] handle (not `Copy`, made only from such a completion), until we give it back —
-//! after the send that forwards its bytes has completed.
+//! after the send that forwards its bytes has completed. A bundled receive (6.10+) fills several:
+//! its completion names the first, and the others are the ones offered right after it in the
+//! ring (the kernel takes consecutive descriptors from its head), each full but the last; we
+//! remember the slot each buffer was offered in to find them.
 //!
 //! Only as many buffers are in the ring as it takes to keep the receives fed (`high`, topped
 //! up from a LIFO free list as completions consume them), and buffers are created on first
@@ -25,9 +28,13 @@
 //! pages until receives take them (a worker that receives nothing after a burst keeps them).
 //!
 //! Invariants: a buffer is in exactly one place — the ring (the kernel may fill it), a
-//! `RingBuf` (ours), or the free list; the ring's memory and every buffer are freed only when no
-//! request can use them (the owning `Ring`'s `Drop`).
+//! `RingBuf` (ours), the list of a bundle's buffers not yet handed out, or the free list; the
+//! ring's memory and every buffer are freed only when no request can use them (the owning
+//! `Ring`'s `Drop`). A consumed descriptor is not overwritten before its completion is taken:
+//! we count a buffer as in the ring until then, and offer at most `high` <= `entries`, so the
+//! tail cannot come round to it.
 
+use std::collections::VecDeque;
 use std::io;
 use std::mem::ManuallyDrop;
 use std::ptr::NonNull;
@@ -38,6 +45,8 @@ use io_uring::IoUring;
 /// Buffers offered at first, and at most (after widening on ENOBUFS).
 const NARROWEST: u32 = 64;
 const WIDEST: u32 = 2048;
+/// `slot_of` for a buffer not in the ring.
+const NOT_OFFERED: u16 = u16::MAX;
 use io_uring::types::BufRingEntry;
 
 /// A buffer a receive filled, ours until given back to the ring.
@@ -86,8 +95,15 @@ pub(super) struct BufRing {
     in_ring: u32,
     /// Buffers the ring offers: kept in it, widened on ENOBUFS, narrowed by `trim`.
     high: u32,
-    /// Buffers out (`RingBuf`s alive).
+    /// Buffers out (`RingBuf`s alive, and `more`).
     pub(super) out: u32,
+    /// The ring slot each buffer was last offered in, by buffer id (`NOT_OFFERED` once taken).
+    slot_of: Vec<u16>,
+    /// The buffers after the first of the last bundle taken, in order, until handed out.
+    more: VecDeque<u16>,
+    /// Completions that named a bundle whose buffers were not where it was offered (never seen;
+    /// counted rather than trusted).
+    pub(super) bundle_mismatches: u64,
 }
 
 // SAFETY: the descriptor mapping and the buffers are owned by this BufRing alone (no other
@@ -140,6 +156,9 @@ impl BufRing {
             in_ring: 0,
             high,
             out: 0,
+            slot_of: Vec::new(),
+            more: VecDeque::with_capacity(usize::from(entries)),
+            bundle_mismatches: 0,
         };
         r.refill();
         Ok(r)
@@ -162,6 +181,7 @@ impl BufRing {
                 }
                 None if self.created < self.max => {
                     self.created += 1;
+                    self.slot_of.push(NOT_OFFERED);
                     (self.created - 1) as u16
                 }
                 None => break,
@@ -185,6 +205,7 @@ impl BufRing {
         e.set_addr(addr as u64);
         e.set_len(self.size as u32);
         e.set_bid(bid);
+        self.slot_of[usize::from(bid)] = slot as u16;
         self.tail = self.tail.wrapping_add(1);
         self.in_ring += 1;
     }
@@ -197,12 +218,47 @@ impl BufRing {
         tail.store(self.tail, Ordering::Release);
     }
 
-    /// A receive completion consumed buffer `bid` (named by its CQE): it is ours now.
-    pub(super) fn taken(&mut self, bid: u16) -> RingBuf {
-        self.in_ring -= 1;
-        self.out += 1;
+    /// A receive completion consumed `count` buffers from `bid` on (named by its CQE; more than
+    /// one for a bundle): they are ours now. Returns the first; [`BufRing::take_more`] hands out
+    /// the others, in order.
+    pub(super) fn taken(&mut self, bid: u16, count: usize) -> RingBuf {
+        while let Some(stale) = self.more.pop_front() {
+            // Cannot happen: every bundle is taken apart before the next completion.
+            debug_assert!(false, "buffer {stale} of an earlier bundle was never handed out");
+            self.give_back(RingBuf { bid: stale });
+        }
+        let first = self.slot_of.get_mut(usize::from(bid)).map_or(NOT_OFFERED, |s| std::mem::replace(s, NOT_OFFERED));
+        let mut taken = 1;
+        for k in 1..count {
+            let slot = first.wrapping_add(k as u16) & (self.entries - 1);
+            // SAFETY: `slot` < `entries`: the descriptor lies in the mapping; the kernel only
+            // reads descriptors, and this one stays as `push` wrote it until we offer it again.
+            let next = unsafe { (*self.ring.as_ptr().add(usize::from(slot))).bid() };
+            if first == NOT_OFFERED || self.slot_of.get(usize::from(next)) != Some(&slot) {
+                // The bundle's buffers are not where they were offered: hand out what is known
+                // rather than a buffer that may be elsewhere.
+                debug_assert!(false, "bundle from buffer {bid}: slot {slot} holds buffer {next}");
+                self.bundle_mismatches += 1;
+                break;
+            }
+            self.slot_of[usize::from(next)] = NOT_OFFERED;
+            self.more.push_back(next);
+            taken += 1;
+        }
+        self.in_ring = self.in_ring.saturating_sub(taken);
+        self.out += taken;
         self.refill();
         RingBuf { bid }
+    }
+
+    /// The next buffer of the last bundle taken, in the order the kernel filled them.
+    pub(super) fn take_more(&mut self) -> Option<RingBuf> {
+        self.more.pop_front().map(|bid| RingBuf { bid })
+    }
+
+    /// The size of every buffer.
+    pub(super) fn size(&self) -> usize {
+        self.size
     }
 
     /// Where buffer `bid` starts.
@@ -312,7 +368,7 @@ mod tests {
         // SAFETY: the descriptor lies in the ring's mapping and was written by `push`.
         let bid = unsafe { (*r.ring.as_ptr().add(slot)).bid() };
         *next = next.wrapping_add(1);
-        r.taken(bid)
+        r.taken(bid, 1)
     }
 
     #[test]
@@ -357,6 +413,51 @@ mod tests {
         // A buffer used again is hot: taken from the free list, it is not counted as cold.
         let b = take_next(&mut r, &mut head);
         r.give_back(b);
+        r.release(&uring);
+    }
+
+    #[test]
+    fn a_bundle_is_the_buffers_offered_after_its_first_in_ring_order() {
+        let uring = IoUring::new(8).expect("an io_uring");
+        let mut r = BufRing::new(&uring, 7, 4096, 1024).expect("a buffer ring");
+        let mut head = 0u16;
+        // Buffers come back in another order than they were taken: the free list (LIFO) offers
+        // them again in an order unrelated to their ids.
+        let mut held: Vec<RingBuf> = (0..64).map(|_| take_next(&mut r, &mut head)).collect();
+        held.sort_by_key(|b| (b.bid % 3, b.bid));
+        for b in held {
+            r.give_back(b);
+        }
+        // The buffers created meanwhile go; the ring is refilled from the free list.
+        let later: Vec<RingBuf> = (0..64).map(|_| take_next(&mut r, &mut head)).collect();
+        // What the kernel does with a bundle of three: the descriptors at its head, in order.
+        let at = |r: &BufRing, k: u16| {
+            // SAFETY: the descriptor lies in the ring's mapping and was written by `push`.
+            unsafe { (*r.ring.as_ptr().add(usize::from(k & (r.entries - 1)))).bid() }
+        };
+        let want = [at(&r, head), at(&r, head + 1), at(&r, head + 2)];
+        assert!(want.windows(2).any(|w| w[1] != w[0] + 1), "offered out of id order: {want:?}");
+        let (offered, out) = (r.offered(), r.out);
+        let first = r.taken(want[0], 3);
+        head += 3;
+        let got = [first.into_bid(), r.take_more().unwrap().into_bid(), r.take_more().unwrap().into_bid()];
+        assert_eq!(got, want, "the bundle's buffers in the order they were offered");
+        assert!(r.take_more().is_none(), "three, no more");
+        assert_eq!(r.out, out + 3);
+        assert_eq!(r.offered(), offered, "all three replaced in the ring at once");
+        assert_eq!(r.bundle_mismatches, 0);
+        // Given back, each is offered (and found) again.
+        for bid in got {
+            r.give_back(RingBuf { bid });
+        }
+        let next = at(&r, head);
+        let b = r.taken(next, 1);
+        assert!(r.take_more().is_none());
+        r.give_back(b);
+        for b in later {
+            r.give_back(b);
+        }
+        assert_eq!(r.out, 0);
         r.release(&uring);
     }
 }
