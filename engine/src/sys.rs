@@ -361,6 +361,16 @@ pub fn pipe(size: u32) -> io::Result<(OwnedFd, OwnedFd, u32)> {
     Ok((rd, wr, got as u32))
 }
 
+/// This thread's CPU time so far, in ns (`CLOCK_THREAD_CPUTIME_ID`; 0 if the clock fails).
+pub fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: `ts` is a valid timespec for the call to write.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000).saturating_add(ts.tv_nsec as u64)
+}
+
 /// splice(2) of up to `len` bytes from `from` to `to` (one of them a pipe), without blocking:
 /// the bytes moved (0: the source is at its end), or the error (`EAGAIN`: nothing to read, or no
 /// room to write). Pages move by reference, no copy (SPLICE_F_MOVE).

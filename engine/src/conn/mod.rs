@@ -871,6 +871,9 @@ pub(crate) struct Ctx<'w> {
     pub worker: usize,
     pub now: Clock,
     pub follow: &'w mut Followups,
+    /// `splice: auto`: the worker's bulk flows splice now (else they stay on the receive
+    /// buffers; worker/bulkpath.rs measures which costs less).
+    pub splice_bulk: bool,
 }
 
 impl Ctx<'_> {

@@ -9,7 +9,9 @@
 //! (socket → pipe → socket, pages moved by reference, no copy) by splice(2) system calls on the
 //! worker's own thread, through process descriptors FIXED_FD_INSTALL made of the two sockets (an
 //! io_uring SPLICE always runs on an io-wq thread: two thread hand-offs per chunk); a poll of
-//! the source says when. A splice that moves little sends the flow back to its receive.
+//! the source says when. A splice that moves little sends the flow back to its receive, and so
+//! does the worker's finding that its receive buffers carry bulk data better on this host
+//! (`splice_bulk` false, worker/bulkpath.rs): then a full buffer no longer starts a splice.
 //!
 //! `tune.splice: always` is poll-driven: every chunk by splice — by system calls where the
 //! sockets have process descriptors, else a hard-linked io_uring splice pair (io-wq) — with a
@@ -363,6 +365,11 @@ impl Ctx<'_> {
     /// destination is full (the rest waits in the pipe for POLLOUT), or `TURN_BYTES` moved (it
     /// goes on next loop turn). Runs only while the flow is idle, so nothing of it is in flight.
     fn splice_here(&mut self, dir: Dir, (src, dst): (RawFd, RawFd)) {
+        if !self.splice_bulk && self.cfg.global.tune.splice == SpliceMode::Auto {
+            // The worker found its receive buffers cheaper: between two splices, the flow goes
+            // back to its receive.
+            return self.back_to_ring(dir);
+        }
         let Some(pipe) = self.lend_pipe(dir) else { return };
         let (rd, wr) = self.pipes.fds(&pipe);
         let size = self.pipes.effective_size;
@@ -740,6 +747,7 @@ impl Ctx<'_> {
         self.stats.ring_recv_bufs += bufs;
         if n >= self.cfg.global.tune.recv_buffer_size
             && self.cfg.global.tune.splice == SpliceMode::Auto
+            && self.splice_bulk
             && self.c.state == State::Established
             && !self.c.flow(dir).bulk
             && self.may_splice_here()

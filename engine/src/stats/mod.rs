@@ -325,6 +325,17 @@ pub struct WorkerStats {
     pub ring_recv_bufs: u64,
     #[serde(default)]
     pub ring_sends: u64,
+    /// `splice: auto`: 1 while this worker's bulk flows splice, 0 while they go through the
+    /// receive buffers; how often it changed (each probe counts its moves); and what each path
+    /// cost when last measured, in ps of the worker's CPU per byte moved (0: not measured).
+    #[serde(default)]
+    pub bulk_splicing: u64,
+    #[serde(default)]
+    pub bulk_path_switches: u64,
+    #[serde(default)]
+    pub bulk_cost_copy_ps: u64,
+    #[serde(default)]
+    pub bulk_cost_splice_ps: u64,
     pub pipes_in_use: u64,
     pub pipes_pooled: u64,
     /// Process descriptors held (or being made) for splicing on the worker's thread: 2 per

@@ -209,6 +209,26 @@ pub fn render(s: &EngineStats) -> String {
         w.ring_recv_bufs
     });
     m.per_worker(s, "ring_sends_total", "counter", "Sends of received buffers started.", |w| w.ring_sends);
+    m.per_worker(
+        s,
+        "bulk_splicing",
+        "gauge",
+        "splice: auto: 1 while bulk flows splice, 0 while they use receive buffers.",
+        |w| w.bulk_splicing,
+    );
+    m.per_worker(s, "bulk_path_switches_total", "counter", "Changes of the bulk path (probes included).", |w| {
+        w.bulk_path_switches
+    });
+    m.per_worker(
+        s,
+        "bulk_cost_copy_ps_per_byte",
+        "gauge",
+        "Worker CPU per byte through receive buffers, last measured.",
+        |w| w.bulk_cost_copy_ps,
+    );
+    m.per_worker(s, "bulk_cost_splice_ps_per_byte", "gauge", "Worker CPU per byte spliced, last measured.", |w| {
+        w.bulk_cost_splice_ps
+    });
     m.per_worker_by(
         s,
         "pipes",

@@ -14,6 +14,7 @@
 
 mod accept;
 mod admission;
+mod bulkpath;
 mod control;
 mod moving;
 pub mod ring;
@@ -102,6 +103,8 @@ pub struct Worker {
     draining: Option<u64>,
     /// When the receive buffers are next trimmed (worker clock, ms).
     next_trim: u64,
+    /// `splice: auto`: whether bulk flows splice or go through the receive buffers (measured).
+    bulk: bulkpath::BulkPath,
     /// Shutdowns of a server's connections paced over `close_spread`, with their window (ms).
     spreads: Vec<(control::Spread, u64)>,
     /// Per backend: a drain has started its close_spread.
@@ -183,6 +186,13 @@ impl Worker {
             for idx in expired.drain(..) {
                 self.with_conn(idx, |cx| cx.on_timer());
                 self.follow_up();
+            }
+            if self.bulk.due(self.now.ms) {
+                let bytes = self.stats.bytes_client_to_server + self.stats.bytes_server_to_client;
+                self.bulk.observe(self.now.ms, crate::sys::thread_cpu_ns(), bytes);
+                self.stats.bulk_splicing = u64::from(self.bulk.splice);
+                self.stats.bulk_path_switches = self.bulk.switches;
+                [self.stats.bulk_cost_copy_ps, self.stats.bulk_cost_splice_ps] = self.bulk.cost_ps;
             }
             if self.now.ms >= self.next_trim {
                 // Once a second (the loop wakes at least that often): an offer that grew for a
@@ -279,6 +289,7 @@ impl Worker {
             worker: self.id,
             now: self.now,
             follow: &mut self.follow,
+            splice_bulk: self.bulk.splice,
         };
         let r = f(&mut cx);
         self.conns.reclaim_if_finished(idx, generation);

@@ -92,6 +92,8 @@ impl Worker {
                 .iter()
                 .flat_map(|b| b.servers.iter().map(|s| ServerStats::new(&b.name, s)))
                 .collect(),
+            // Bulk flows splice until `splice: auto` measures otherwise (`never`: they never do).
+            bulk_splicing: u64::from(config.global.tune.splice.splices()),
             ..WorkerStats::default()
         };
         let mut server_index = Vec::with_capacity(config.backends.len());
@@ -174,6 +176,10 @@ impl Worker {
             peers,
             draining: None,
             next_trim: now.ms + 1000,
+            bulk: super::bulkpath::BulkPath::new(
+                config.global.tune.splice == crate::config::SpliceMode::Auto && plan.io.fd_install,
+                now.ms,
+            ),
             spreads: Vec::new(),
             drain_spread: vec![false; config.backends.len()],
             rate: config

@@ -163,3 +163,70 @@ fn no_receive_buffer_holds_more_than_the_configured_size_and_bundles_bring_sever
     drop(pumps);
     assert_clean(engine, &[backend.addr.port()]);
 }
+
+#[test]
+fn auto_measures_both_bulk_paths_while_flows_run_and_holds_one() {
+    // `splice: auto`: once a window of bulk traffic was measured with the flows splicing, the
+    // worker moves them to its receive buffers for a window and measures that too
+    // (worker/bulkpath.rs), then holds one path. Flows move both ways mid-stream (splicing →
+    // receive between two splices, and back if splicing wins): every byte arrives, in order.
+    // Without FIXED_FD_INSTALL (the 6.1 set) flows splice through io-wq, whose CPU the worker's
+    // clock does not see: it does not choose, its bulk flows splice.
+    let backend = Backend::start(Mode::Echo);
+    let engine = engine_with(backend.addr, 1, "splice: auto");
+    let fe = addr(&engine, "fe");
+    let chooses = engine.plan().io.fd_install;
+    let mut pumps: Vec<Pump> = (0..2).map(|i| Pump::connect(fe, 7_000 + i, false).unwrap()).collect();
+    if !chooses {
+        pumps = pumps.into_iter().map(|p| p.limit(64 * MIB)).collect();
+        run_all(&mut pumps, Duration::from_secs(60), || {});
+        let w = engine.stats().workers[0].clone();
+        assert_eq!((w.bulk_splicing, w.bulk_path_switches, w.bulk_cost_copy_ps), (1, 0, 0));
+        drop(pumps);
+        return assert_clean(engine, &[backend.addr.port()]);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut measured, mut looked) = (false, Instant::now());
+    while pumps.iter().any(|p| !p.eof) {
+        assert!(Instant::now() < deadline, "no decision within 60 s: {:?}", engine.stats().workers[0]);
+        if !measured && looked.elapsed() > Duration::from_millis(20) {
+            looked = Instant::now();
+            let s = engine.stats();
+            if s.workers[0].bulk_cost_copy_ps > 0 && s.workers[0].bulk_cost_splice_ps > 0 {
+                // Both measured: a path was chosen. The streams end here.
+                measured = true;
+                pumps.iter_mut().for_each(Pump::finish);
+            }
+        }
+        let mut moved = false;
+        for p in pumps.iter_mut().filter(|p| !p.eof) {
+            moved |= p.step().unwrap();
+        }
+        if !moved && let Some(p) = pumps.iter().find(|p| !p.eof) {
+            p.wait(5);
+        }
+    }
+    for (i, p) in pumps.iter().enumerate() {
+        p.intact().unwrap_or_else(|e| panic!("stream {i}: {e}"));
+    }
+    let w = engine.stats().workers[0].clone();
+    eprintln!(
+        "bulk path: splicing {}, {} switches, copy {} ps/B, splice {} ps/B, {} inline splices, {} receive buffers",
+        w.bulk_splicing,
+        w.bulk_path_switches,
+        w.bulk_cost_copy_ps,
+        w.bulk_cost_splice_ps,
+        w.inline_splices,
+        w.ring_recv_bufs
+    );
+    assert!(w.bulk_path_switches >= 1, "the receive buffers were tried");
+    assert!(w.inline_splices > 0, "the flows spliced first");
+    let bytes = w.bytes_client_to_server + w.bytes_server_to_client;
+    assert!(
+        w.ring_recv_bufs * 16 * 1024 >= 16 << 20,
+        "a window's worth (16 MiB) went through the receive buffers: {} buffers of {bytes} bytes",
+        w.ring_recv_bufs
+    );
+    drop(pumps);
+    assert_clean(engine, &[backend.addr.port()]);
+}

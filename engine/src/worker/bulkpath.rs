@@ -1,0 +1,254 @@
+//! `splice: auto`: whether a worker's bulk flows splice or go through its receive buffers, chosen
+//! while they run from what each costs on this host.
+//!
+//! Which is cheaper is a property of the host, not of the code: on one host splicing moved one
+//! stream at 1.55 × copying, on another at 0.65 × (docs/benchmarks.md, 2026-12-03 and -04;
+//! splice_to_socket pushes 16 pages per `sendmsg`, a receive-buffer `SENDMSG` up to 64 buffers,
+//! and where each push is dear that decides). So the worker measures, over windows of
+//! `WINDOW_MS` in which at least `MIN_BYTES` moved (so bulk traffic dominates the window), the
+//! bytes it moved and its thread's CPU time per byte (`CLOCK_THREAD_CPUTIME_ID`: every splice,
+//! receive and send of this worker runs on its thread). After a window on the path it holds, it
+//! tries the other: one window for the flows to move over (not counted), one measured. The other
+//! path takes over if it moved `RATE_PCT` % more bytes (a flow that splices waits for each chunk
+//! to go out before it reads the next, while a receive goes on filling buffers during a send: on
+//! one stream that, not CPU, can be what limits), or, at a rate within that much, if it cost
+//! `MARGIN_PCT` % less CPU per byte; else the worker goes back. It tries again after a hold that
+//! doubles while the answer stays the same (`FIRST_HOLD_MS` up to `LONGEST_HOLD_MS`), so a steady
+//! host pays one probe window in minutes, and a changed one is noticed.
+//!
+//! Both paths give every byte in order: a flow moves from splicing to its receive only between
+//! splices (`Ctx::splice_here`), and to splicing only once its queue is sent (`forward`).
+
+/// Length of one measuring window.
+const WINDOW_MS: u64 = 200;
+/// Bytes (both directions, all connections) a window needs to say what bulk traffic costs.
+const MIN_BYTES: u64 = 16 << 20;
+/// The probed path takes over if it moved this much more (in percent)...
+const RATE_PCT: u64 = 10;
+/// ... or, at a rate within `RATE_PCT`, if it cost this much less CPU per byte.
+const MARGIN_PCT: u64 = 5;
+/// Hold after a change of path (and at start: the first probe comes with the first bulk window).
+const FIRST_HOLD_MS: u64 = 10_000;
+const LONGEST_HOLD_MS: u64 = 160_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// On the path held: each window measures it.
+    Hold,
+    /// Just moved to the other path: flows are moving over; this window is not counted.
+    Settle,
+    /// On the other path: this window decides.
+    Probe,
+}
+
+#[derive(Debug)]
+pub struct BulkPath {
+    /// Bulk flows splice (else they go through the receive buffers).
+    pub splice: bool,
+    /// The worker chooses (`splice: auto` with splicing on its thread); else `splice` stays.
+    enabled: bool,
+    phase: Phase,
+    /// Start of the current window: worker clock (ms), thread CPU (ns), bytes moved.
+    at_ms: u64,
+    at_cpu: u64,
+    at_bytes: u64,
+    /// What the held path cost in its last window (ps per byte), and what it moved (bytes per
+    /// second).
+    held_cost: u64,
+    held_rate: u64,
+    /// Last measured cost per path, ps per byte (0: not measured): [receive buffers, splice].
+    pub cost_ps: [u64; 2],
+    next_probe: u64,
+    hold: u64,
+    pub switches: u64,
+}
+
+impl BulkPath {
+    pub fn new(enabled: bool, now_ms: u64) -> BulkPath {
+        BulkPath {
+            splice: true,
+            enabled,
+            phase: Phase::Hold,
+            at_ms: now_ms,
+            at_cpu: 0,
+            at_bytes: 0,
+            held_cost: 0,
+            held_rate: 0,
+            cost_ps: [0; 2],
+            next_probe: 0,
+            hold: FIRST_HOLD_MS,
+            switches: 0,
+        }
+    }
+
+    /// Whether a window has ended (the caller then reads the clocks for [`BulkPath::observe`]).
+    pub fn due(&self, now_ms: u64) -> bool {
+        self.enabled && now_ms >= self.at_ms + WINDOW_MS
+    }
+
+    /// A window ended at `now_ms` with this thread's CPU time at `cpu_ns` and `bytes` moved in
+    /// all (both counters only grow).
+    pub fn observe(&mut self, now_ms: u64, cpu_ns: u64, bytes: u64) {
+        let (cpu, moved) = (cpu_ns.saturating_sub(self.at_cpu), bytes.saturating_sub(self.at_bytes));
+        let rate = moved.saturating_mul(1000) / now_ms.saturating_sub(self.at_ms).max(1);
+        let first = self.at_cpu == 0;
+        (self.at_ms, self.at_cpu, self.at_bytes) = (now_ms, cpu_ns, bytes);
+        if first {
+            return;
+        }
+        if moved < MIN_BYTES {
+            // Too little moved to say what bulk costs. A probe that meets a quiet window goes
+            // back to the path held.
+            if self.phase != Phase::Hold {
+                self.switch();
+                self.phase = Phase::Hold;
+                self.next_probe = now_ms + self.hold;
+            }
+            return;
+        }
+        let cost = cpu.saturating_mul(1000) / moved;
+        match self.phase {
+            Phase::Hold => {
+                self.cost_ps[usize::from(self.splice)] = cost;
+                (self.held_cost, self.held_rate) = (cost, rate);
+                if now_ms >= self.next_probe {
+                    self.switch();
+                    self.phase = Phase::Settle;
+                }
+            }
+            Phase::Settle => self.phase = Phase::Probe,
+            Phase::Probe => {
+                self.cost_ps[usize::from(self.splice)] = cost;
+                let (faster, slower) = (
+                    rate.saturating_mul(100) > self.held_rate.saturating_mul(100 + RATE_PCT),
+                    rate.saturating_mul(100) < self.held_rate.saturating_mul(100 - RATE_PCT),
+                );
+                let cheaper = cost.saturating_mul(100) < self.held_cost.saturating_mul(100 - MARGIN_PCT);
+                if faster || !slower && cheaper {
+                    // The other path is cheaper here: it is held now.
+                    self.hold = FIRST_HOLD_MS;
+                } else {
+                    self.switch();
+                    self.hold = (self.hold * 2).min(LONGEST_HOLD_MS);
+                }
+                self.phase = Phase::Hold;
+                self.next_probe = now_ms + self.hold;
+            }
+        }
+    }
+
+    fn switch(&mut self) {
+        self.splice = !self.splice;
+        self.switches += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Feeds `n` windows of `WINDOW_MS` in which `mib(splice)` MiB moved at `cost(splice)` ps per
+    /// byte.
+    fn windows_at(
+        p: &mut BulkPath,
+        (now, cpu, bytes): (&mut u64, &mut u64, &mut u64),
+        n: usize,
+        mib: impl Fn(bool) -> u64,
+        cost: impl Fn(bool) -> u64,
+    ) {
+        for _ in 0..n {
+            let moved = mib(p.splice) * MIB;
+            *now += WINDOW_MS;
+            *bytes += moved;
+            *cpu += moved * cost(p.splice) / 1000;
+            p.observe(*now, *cpu, *bytes);
+        }
+    }
+
+    /// As `windows_at`, 100 MiB per window whatever the path.
+    fn windows(p: &mut BulkPath, now: &mut u64, cpu: &mut u64, bytes: &mut u64, n: usize, cost: impl Fn(bool) -> u64) {
+        windows_at(p, (now, cpu, bytes), n, |_| 100, cost);
+    }
+
+    #[test]
+    fn the_cheaper_path_is_found_and_held_and_tried_again_later() {
+        let (mut now, mut cpu, mut bytes) = (1_000, 1, 0);
+        let mut p = BulkPath::new(true, now);
+        p.observe(now, cpu, bytes);
+        // Receive buffers cost 300 ps per byte here, splicing 400.
+        let cost = |splice: bool| if splice { 400 } else { 300 };
+        // A window on splice, then one to move over, then the probe: copying wins.
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, cost);
+        assert!(!p.splice, "receive buffers cost less: held");
+        assert_eq!(p.cost_ps, [300, 400]);
+        assert_eq!(p.switches, 1);
+        // Held for FIRST_HOLD_MS: then splice is tried again and loses; back, and the hold doubles.
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, (FIRST_HOLD_MS / WINDOW_MS) as usize - 1, cost);
+        assert!(!p.splice);
+        assert_eq!(p.switches, 1, "held");
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, cost);
+        assert!(!p.splice, "splice tried again, lost, back");
+        assert_eq!(p.switches, 3);
+        assert_eq!(p.hold, 2 * FIRST_HOLD_MS);
+    }
+
+    #[test]
+    fn splice_stays_where_it_is_cheaper_or_within_the_margin() {
+        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
+        let mut p = BulkPath::new(true, now);
+        p.observe(now, cpu, bytes);
+        // Copying 3% cheaper: inside the margin, splice stays.
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, |splice| if splice { 1000 } else { 970 });
+        assert!(p.splice);
+        assert_eq!((p.switches, p.hold), (2, 2 * FIRST_HOLD_MS));
+    }
+
+    #[test]
+    fn a_path_that_moves_more_wins_whatever_its_cpu_per_byte() {
+        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
+        let mut p = BulkPath::new(true, now);
+        p.observe(now, cpu, bytes);
+        // One stream: splicing costs less CPU per byte but moves 300 MiB a window against 450.
+        let mib = |splice: bool| if splice { 300 } else { 450 };
+        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), 3, mib, |splice| if splice { 250 } else { 290 });
+        assert!(!p.splice, "the receive buffers moved 1.5 x: held");
+        // And the other way round: splicing moving 1.5 x wins back at the next probe even if dearer.
+        let mib = |splice: bool| if splice { 450 } else { 300 };
+        let windows = (FIRST_HOLD_MS / WINDOW_MS) as usize + 2;
+        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), windows, mib, |splice| if splice { 400 } else { 290 });
+        assert!(p.splice);
+        assert_eq!(p.switches, 2);
+    }
+
+    #[test]
+    fn quiet_windows_measure_nothing_and_a_quiet_probe_goes_back() {
+        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
+        let mut p = BulkPath::new(true, now);
+        p.observe(now, cpu, bytes);
+        // Small messages only: nothing measured, nothing tried.
+        for _ in 0..10 {
+            now += WINDOW_MS;
+            bytes += MIB;
+            cpu += 50_000_000;
+            p.observe(now, cpu, bytes);
+        }
+        assert!(p.splice);
+        assert_eq!((p.switches, p.cost_ps), (0, [0, 0]));
+        // Bulk starts: a window on splice, the move to copying; then the bulk ends mid-probe.
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, 2, |_| 400);
+        assert!(!p.splice);
+        now += WINDOW_MS;
+        p.observe(now, cpu, bytes);
+        assert!(p.splice, "back to the path held");
+        assert_eq!(p.switches, 2);
+    }
+
+    #[test]
+    fn disabled_it_never_asks_for_a_window() {
+        let p = BulkPath::new(false, 0);
+        assert!(!p.due(1_000_000));
+        assert!(p.splice);
+    }
+}
