@@ -745,6 +745,13 @@ impl Ctx<'_> {
             bufs += 1;
         }
         self.stats.ring_recv_bufs += bufs;
+        if left > 0 {
+            // Cannot happen (pbuf.rs found the bundle's buffers elsewhere than offered): bytes
+            // this direction received are not in hand, so its stream cannot go on intact.
+            debug_assert!(false, "a bundle of {n} bytes came with {bufs} buffers");
+            self.c.flow(dir).io = FlowIo::Ring(lease);
+            return self.close(dir.source_reset());
+        }
         if n >= self.cfg.global.tune.recv_buffer_size
             && self.cfg.global.tune.splice == SpliceMode::Auto
             && self.splice_bulk
