@@ -262,6 +262,17 @@ impl Pump {
     }
 }
 
+/// One round of every pump not at its echo's EOF; if none moved, waits (5 ms at most) for one.
+pub fn step_all(pumps: &mut [Pump]) {
+    let mut moved = false;
+    for p in pumps.iter_mut().filter(|p| !p.eof) {
+        moved |= p.step().unwrap();
+    }
+    if !moved && let Some(p) = pumps.iter().find(|p| !p.eof) {
+        p.wait(5);
+    }
+}
+
 /// Runs `pumps` at once until every one has its echo's EOF (within `limit`), calling `tick`
 /// between rounds (to sample the engine meanwhile); then checks that each came back intact.
 pub fn run_all(pumps: &mut [Pump], limit: Duration, mut tick: impl FnMut()) {
@@ -273,13 +284,7 @@ pub fn run_all(pumps: &mut [Pump], limit: Duration, mut tick: impl FnMut()) {
             pumps.iter().map(|p| (p.sent, p.received)).collect::<Vec<_>>()
         );
         tick();
-        let mut moved = false;
-        for p in pumps.iter_mut().filter(|p| !p.eof) {
-            moved |= p.step().unwrap();
-        }
-        if !moved && let Some(p) = pumps.iter().find(|p| !p.eof) {
-            p.wait(5);
-        }
+        step_all(pumps);
     }
     for (i, p) in pumps.iter().enumerate() {
         p.intact().unwrap_or_else(|e| panic!("stream {i}: {e}"));

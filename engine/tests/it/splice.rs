@@ -198,13 +198,7 @@ fn auto_measures_both_bulk_paths_while_flows_run_and_holds_one() {
                 pumps.iter_mut().for_each(Pump::finish);
             }
         }
-        let mut moved = false;
-        for p in pumps.iter_mut().filter(|p| !p.eof) {
-            moved |= p.step().unwrap();
-        }
-        if !moved && let Some(p) = pumps.iter().find(|p| !p.eof) {
-            p.wait(5);
-        }
+        step_all(&mut pumps);
     }
     for (i, p) in pumps.iter().enumerate() {
         p.intact().unwrap_or_else(|e| panic!("stream {i}: {e}"));
