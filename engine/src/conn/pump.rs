@@ -752,7 +752,7 @@ impl Ctx<'_> {
             self.c.flow(dir).io = FlowIo::Ring(lease);
             return self.close(dir.source_reset());
         }
-        if n >= self.cfg.global.tune.recv_buffer_size
+        if n >= size
             && self.cfg.global.tune.splice == SpliceMode::Auto
             && self.splice_bulk
             && self.c.state == State::Established

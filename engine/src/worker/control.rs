@@ -321,6 +321,10 @@ impl Worker {
         s.share_lent = self.up.shares.lent;
         s.share_borrowed = self.up.shares.borrowed;
         s.ring = self.ring.counters;
+        // (`never`: bulk flows never splice, whatever the unused chooser holds.)
+        s.bulk_splicing = u64::from(self.cfg.global.tune.splice.splices() && self.bulk.splice);
+        s.bulk_path_switches = self.bulk.switches;
+        [s.bulk_cost_copy_ps, s.bulk_cost_splice_ps] = self.bulk.cost_ps;
         s.uptime_ms = self.now.ms.saturating_sub(self.started_ms);
         s.listening = self.listeners.iter().filter(|l| l.fd.is_some()).count() as u64;
         s.sources_tracked = self.up.per_source.iter().flatten().map(|t| t.len() as u64).sum();

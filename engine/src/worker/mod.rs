@@ -190,9 +190,6 @@ impl Worker {
             if self.bulk.due(self.now.ms) {
                 let bytes = self.stats.bytes_client_to_server + self.stats.bytes_server_to_client;
                 self.bulk.observe(self.now.ms, crate::sys::thread_cpu_ns(), bytes);
-                self.stats.bulk_splicing = u64::from(self.bulk.splice);
-                self.stats.bulk_path_switches = self.bulk.switches;
-                [self.stats.bulk_cost_copy_ps, self.stats.bulk_cost_splice_ps] = self.bulk.cost_ps;
             }
             if self.now.ms >= self.next_trim {
                 // Once a second (the loop wakes at least that often): an offer that grew for a

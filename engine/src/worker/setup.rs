@@ -92,8 +92,6 @@ impl Worker {
                 .iter()
                 .flat_map(|b| b.servers.iter().map(|s| ServerStats::new(&b.name, s)))
                 .collect(),
-            // Bulk flows splice until `splice: auto` measures otherwise (`never`: they never do).
-            bulk_splicing: u64::from(config.global.tune.splice.splices()),
             ..WorkerStats::default()
         };
         let mut server_index = Vec::with_capacity(config.backends.len());
