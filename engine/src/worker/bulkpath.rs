@@ -16,6 +16,12 @@
 //! doubles while the answer stays the same (`FIRST_HOLD_MS` up to `LONGEST_HOLD_MS`), so a steady
 //! host pays one probe window in minutes, and a changed one is noticed.
 //!
+//! The first bulk window after a quiet one is not counted: flows were starting (or ending) in it,
+//! so it moved less than the path can. Taken as the reference, it let the slower path win: one
+//! stream down, receive buffers held, began with a window of 1,574 MiB/s; splicing's probe moved
+//! 1,571 for less CPU per byte and was held at about 1,450 MiB/s, where the receive buffers move
+//! 2,450 once under way (a trace of each window, 2026-12-04 22:00).
+//!
 //! Both paths give every byte in order: a flow moves from splicing to its receive only between
 //! splices (`Ctx::splice_here`), and to splicing only once its queue is sent (`forward`).
 
@@ -41,6 +47,33 @@ enum Phase {
     Probe,
 }
 
+/// A worker took a new bulk path: what the two measured windows showed.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Switched {
+    /// The path now held: splicing (else the receive buffers).
+    pub splice: bool,
+    /// Bytes per second moved: [the path now held, the one left].
+    pub rate: [u64; 2],
+    /// CPU per byte (ps): [the path now held, the one left].
+    pub cost_ps: [u64; 2],
+}
+
+impl std::fmt::Display for Switched {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = |splice: bool| if splice { "splicing" } else { "the receive buffers" };
+        write!(
+            f,
+            "bulk flows now go through {}: {:.2} GB/s at {} ps of CPU per byte, against {:.2} GB/s at {} ps through {}",
+            name(self.splice),
+            self.rate[0] as f64 / 1e9,
+            self.cost_ps[0],
+            self.rate[1] as f64 / 1e9,
+            self.cost_ps[1],
+            name(!self.splice)
+        )
+    }
+}
+
 #[derive(Debug)]
 pub struct BulkPath {
     /// Bulk flows splice (else they go through the receive buffers).
@@ -56,6 +89,8 @@ pub struct BulkPath {
     /// second).
     held_cost: u64,
     held_rate: u64,
+    /// The last window moved bulk traffic too: this one is not the start (or end) of a burst.
+    warm: bool,
     /// Last measured cost per path, ps per byte (0: not measured): [receive buffers, splice].
     pub cost_ps: [u64; 2],
     next_probe: u64,
@@ -74,6 +109,7 @@ impl BulkPath {
             at_bytes: 0,
             held_cost: 0,
             held_rate: 0,
+            warm: false,
             cost_ps: [0; 2],
             next_probe: 0,
             hold: FIRST_HOLD_MS,
@@ -87,24 +123,29 @@ impl BulkPath {
     }
 
     /// A window ended at `now_ms` with this thread's CPU time at `cpu_ns` and `bytes` moved in
-    /// all (both counters only grow).
-    pub fn observe(&mut self, now_ms: u64, cpu_ns: u64, bytes: u64) {
+    /// all (both counters only grow). Returns what was measured when the worker took a new path.
+    pub fn observe(&mut self, now_ms: u64, cpu_ns: u64, bytes: u64) -> Option<Switched> {
         let (cpu, moved) = (cpu_ns.saturating_sub(self.at_cpu), bytes.saturating_sub(self.at_bytes));
         let rate = moved.saturating_mul(1000) / now_ms.saturating_sub(self.at_ms).max(1);
         let first = self.at_cpu == 0;
         (self.at_ms, self.at_cpu, self.at_bytes) = (now_ms, cpu_ns, bytes);
         if first {
-            return;
+            return None;
         }
         if moved < MIN_BYTES {
             // Too little moved to say what bulk costs. A probe that meets a quiet window goes
             // back to the path held.
+            self.warm = false;
             if self.phase != Phase::Hold {
                 self.switch();
                 self.phase = Phase::Hold;
                 self.next_probe = now_ms + self.hold;
             }
-            return;
+            return None;
+        }
+        if !std::mem::replace(&mut self.warm, true) {
+            // A burst began in this window: not counted.
+            return None;
         }
         let cost = cpu.saturating_mul(1000) / moved;
         match self.phase {
@@ -124,17 +165,23 @@ impl BulkPath {
                     rate.saturating_mul(100) < self.held_rate.saturating_mul(100 - RATE_PCT),
                 );
                 let cheaper = cost.saturating_mul(100) < self.held_cost.saturating_mul(100 - MARGIN_PCT);
+                self.phase = Phase::Hold;
                 if faster || !slower && cheaper {
                     // The other path is cheaper here: it is held now.
                     self.hold = FIRST_HOLD_MS;
-                } else {
-                    self.switch();
-                    self.hold = (self.hold * 2).min(LONGEST_HOLD_MS);
+                    self.next_probe = now_ms + self.hold;
+                    return Some(Switched {
+                        splice: self.splice,
+                        rate: [rate, self.held_rate],
+                        cost_ps: [cost, self.held_cost],
+                    });
                 }
-                self.phase = Phase::Hold;
+                self.switch();
+                self.hold = (self.hold * 2).min(LONGEST_HOLD_MS);
                 self.next_probe = now_ms + self.hold;
             }
         }
+        None
     }
 
     fn switch(&mut self) {
@@ -179,8 +226,9 @@ mod tests {
         p.observe(now, cpu, bytes);
         // Receive buffers cost 300 ps per byte here, splicing 400.
         let cost = |splice: bool| if splice { 400 } else { 300 };
-        // A window on splice, then one to move over, then the probe: copying wins.
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, cost);
+        // The window the burst starts in (not counted), one on splice, then one to move over, then
+        // the probe: copying wins.
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, 4, cost);
         assert!(!p.splice, "receive buffers cost less: held");
         assert_eq!(p.cost_ps, [300, 400]);
         assert_eq!(p.switches, 1);
@@ -200,7 +248,7 @@ mod tests {
         let mut p = BulkPath::new(true, now);
         p.observe(now, cpu, bytes);
         // Copying 3% cheaper: inside the margin, splice stays.
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, |splice| if splice { 1000 } else { 970 });
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, 4, |splice| if splice { 1000 } else { 970 });
         assert!(p.splice);
         assert_eq!((p.switches, p.hold), (2, 2 * FIRST_HOLD_MS));
     }
@@ -212,7 +260,7 @@ mod tests {
         p.observe(now, cpu, bytes);
         // One stream: splicing costs less CPU per byte but moves 300 MiB a window against 450.
         let mib = |splice: bool| if splice { 300 } else { 450 };
-        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), 3, mib, |splice| if splice { 250 } else { 290 });
+        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), 4, mib, |splice| if splice { 250 } else { 290 });
         assert!(!p.splice, "the receive buffers moved 1.5 x: held");
         // And the other way round: splicing moving 1.5 x wins back at the next probe even if dearer.
         let mib = |splice: bool| if splice { 450 } else { 300 };
@@ -236,13 +284,57 @@ mod tests {
         }
         assert!(p.splice);
         assert_eq!((p.switches, p.cost_ps), (0, [0, 0]));
-        // Bulk starts: a window on splice, the move to copying; then the bulk ends mid-probe.
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, 2, |_| 400);
+        // Bulk starts: its first window, a window on splice, the move to copying; then the bulk
+        // ends mid-probe.
+        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, |_| 400);
         assert!(!p.splice);
         now += WINDOW_MS;
         p.observe(now, cpu, bytes);
         assert!(p.splice, "back to the path held");
         assert_eq!(p.switches, 2);
+    }
+
+    #[test]
+    fn the_window_a_burst_starts_in_is_not_what_the_probe_is_held_against() {
+        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
+        let mut p = BulkPath::new(true, now);
+        p.observe(now, cpu, bytes);
+        // One stream down, as traced: full windows move 290 MiB splicing and 490 through the
+        // receive buffers, which cost 25% more CPU per byte.
+        let mib = |splice: bool| if splice { 290 } else { 490 };
+        let cost = |splice: bool| if splice { 300 } else { 375 };
+        let mut switched = Vec::new();
+        let mut window = |p: &mut BulkPath, mib: u64, cost: u64| {
+            now += WINDOW_MS;
+            bytes += mib * MIB;
+            cpu += mib * MIB * cost / 1000;
+            p.observe(now, cpu, bytes)
+        };
+        // Held: the receive buffers (found earlier); a quiet spell, then a burst that starts
+        // mid-window and would, as the reference, let splicing win at 290 against 300 for less CPU.
+        p.splice = false;
+        p.next_probe = 0;
+        switched.extend(window(&mut p, 0, 0));
+        switched.extend(window(&mut p, 300, 360));
+        assert!(!p.splice, "the burst's first window asks nothing");
+        for _ in 0..3 {
+            let (m, c) = (mib(p.splice), cost(p.splice));
+            switched.extend(window(&mut p, m, c));
+        }
+        assert!(!p.splice, "splicing moved 290 against 490: lost");
+        assert_eq!(p.switches, 2);
+        assert!(switched.is_empty());
+        // Where splicing moves more, the switch says what was measured.
+        p.next_probe = 0;
+        for _ in 0..3 {
+            let (m, c) = (if p.splice { 600 } else { 490 }, cost(p.splice));
+            switched.extend(window(&mut p, m, c));
+        }
+        assert!(p.splice);
+        let s = switched.pop().expect("a switch");
+        assert_eq!((s.rate[0] * WINDOW_MS / 1000 / MIB, s.rate[1] * WINDOW_MS / 1000 / MIB), (600, 490));
+        assert_eq!(s.cost_ps, [300, 375]);
+        assert!(s.to_string().starts_with("bulk flows now go through splicing: 3.15 GB/s at 300 ps"), "{s}");
     }
 
     #[test]

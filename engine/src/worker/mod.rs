@@ -189,7 +189,9 @@ impl Worker {
             }
             if self.bulk.due(self.now.ms) {
                 let bytes = self.stats.bytes_client_to_server + self.stats.bytes_server_to_client;
-                self.bulk.observe(self.now.ms, crate::sys::thread_cpu_ns(), bytes);
+                if let Some(switched) = self.bulk.observe(self.now.ms, crate::sys::thread_cpu_ns(), bytes) {
+                    eprintln!("ringproxy: worker {}: {switched}", self.id);
+                }
             }
             if self.now.ms >= self.next_trim {
                 // Once a second (the loop wakes at least that often): an offer that grew for a
