@@ -89,8 +89,12 @@ pub struct BulkPath {
     /// second).
     held_cost: u64,
     held_rate: u64,
-    /// The last window moved bulk traffic too: this one is not the start (or end) of a burst.
-    warm: bool,
+    /// Windows in a row that moved bulk traffic (0 after a quiet one): the first is the start of
+    /// a burst, not counted.
+    streak: u32,
+    /// Windows of a burst this worker lets go by before it probes, so that workers whose flows
+    /// started together do not probe at once (see `new`).
+    stagger: u32,
     /// Last measured cost per path, ps per byte (0: not measured): [receive buffers, splice].
     pub cost_ps: [u64; 2],
     next_probe: u64,
@@ -99,7 +103,13 @@ pub struct BulkPath {
 }
 
 impl BulkPath {
-    pub fn new(enabled: bool, now_ms: u64) -> BulkPath {
+    /// `worker`: its number, which staggers its probes against its neighbours' (by 3 windows per
+    /// worker, 4 apart at most): when the flows of several workers start together, a worker whose
+    /// flows move to the other path frees (or takes) CPU the others measure with, so a probe
+    /// measured while another worker probes can crown the wrong path. Once their answers came at
+    /// different times, their holds end at different times too.
+    pub fn new(enabled: bool, now_ms: u64, worker: usize) -> BulkPath {
+        let stagger = 3 * (worker % 4) as u32;
         BulkPath {
             splice: true,
             enabled,
@@ -109,7 +119,8 @@ impl BulkPath {
             at_bytes: 0,
             held_cost: 0,
             held_rate: 0,
-            warm: false,
+            streak: 0,
+            stagger,
             cost_ps: [0; 2],
             next_probe: 0,
             hold: FIRST_HOLD_MS,
@@ -135,7 +146,7 @@ impl BulkPath {
         if moved < MIN_BYTES {
             // Too little moved to say what bulk costs. A probe that meets a quiet window goes
             // back to the path held.
-            self.warm = false;
+            self.streak = 0;
             if self.phase != Phase::Hold {
                 self.switch();
                 self.phase = Phase::Hold;
@@ -143,7 +154,8 @@ impl BulkPath {
             }
             return None;
         }
-        if !std::mem::replace(&mut self.warm, true) {
+        self.streak = self.streak.saturating_add(1);
+        if self.streak == 1 {
             // A burst began in this window: not counted.
             return None;
         }
@@ -152,7 +164,7 @@ impl BulkPath {
             Phase::Hold => {
                 self.cost_ps[usize::from(self.splice)] = cost;
                 (self.held_cost, self.held_rate) = (cost, rate);
-                if now_ms >= self.next_probe {
+                if now_ms >= self.next_probe && self.streak > self.stagger + 1 {
                     self.switch();
                     self.phase = Phase::Settle;
                 }
@@ -222,7 +234,7 @@ mod tests {
     #[test]
     fn the_cheaper_path_is_found_and_held_and_tried_again_later() {
         let (mut now, mut cpu, mut bytes) = (1_000, 1, 0);
-        let mut p = BulkPath::new(true, now);
+        let mut p = BulkPath::new(true, now, 0);
         p.observe(now, cpu, bytes);
         // Receive buffers cost 300 ps per byte here, splicing 400.
         let cost = |splice: bool| if splice { 400 } else { 300 };
@@ -245,7 +257,7 @@ mod tests {
     #[test]
     fn splice_stays_where_it_is_cheaper_or_within_the_margin() {
         let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now);
+        let mut p = BulkPath::new(true, now, 0);
         p.observe(now, cpu, bytes);
         // Copying 3% cheaper: inside the margin, splice stays.
         windows(&mut p, &mut now, &mut cpu, &mut bytes, 4, |splice| if splice { 1000 } else { 970 });
@@ -256,7 +268,7 @@ mod tests {
     #[test]
     fn a_path_that_moves_more_wins_whatever_its_cpu_per_byte() {
         let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now);
+        let mut p = BulkPath::new(true, now, 0);
         p.observe(now, cpu, bytes);
         // One stream: splicing costs less CPU per byte but moves 300 MiB a window against 450.
         let mib = |splice: bool| if splice { 300 } else { 450 };
@@ -273,7 +285,7 @@ mod tests {
     #[test]
     fn quiet_windows_measure_nothing_and_a_quiet_probe_goes_back() {
         let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now);
+        let mut p = BulkPath::new(true, now, 0);
         p.observe(now, cpu, bytes);
         // Small messages only: nothing measured, nothing tried.
         for _ in 0..10 {
@@ -297,7 +309,7 @@ mod tests {
     #[test]
     fn the_window_a_burst_starts_in_is_not_what_the_probe_is_held_against() {
         let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now);
+        let mut p = BulkPath::new(true, now, 0);
         p.observe(now, cpu, bytes);
         // One stream down, as traced: full windows move 290 MiB splicing and 490 through the
         // receive buffers, which cost 25% more CPU per byte.
@@ -338,8 +350,38 @@ mod tests {
     }
 
     #[test]
+    fn workers_whose_flows_start_together_probe_one_after_the_other() {
+        let mut workers: Vec<_> = (0..4).map(|w| BulkPath::new(true, 0, w)).collect();
+        // Each worker's thread CPU and bytes.
+        let mut clocks = [(1, 0); 4];
+        for p in &mut workers {
+            p.observe(0, 1, 0);
+        }
+        // Bulk flows on every worker from the same moment; splicing costs more everywhere. Per
+        // window, which workers are off the path they held.
+        let mut off = Vec::new();
+        for window in 1..=16 {
+            let now = window * WINDOW_MS;
+            let mut moved = Vec::new();
+            for (w, (p, (cpu, bytes))) in workers.iter_mut().zip(&mut clocks).enumerate() {
+                let cost = if p.splice { 400 } else { 300 };
+                *bytes += 100 * MIB;
+                *cpu += 100 * MIB * cost / 1000;
+                p.observe(now, *cpu, *bytes);
+                // Held: splicing until the receive buffers win, then those.
+                if p.phase != Phase::Hold {
+                    moved.push(w);
+                }
+            }
+            off.push(moved);
+        }
+        assert!(off.iter().all(|m| m.len() <= 1), "one worker probes at a time: {off:?}");
+        assert!(workers.iter().all(|p| !p.splice && p.switches == 1), "each found the receive buffers cheaper");
+    }
+
+    #[test]
     fn disabled_it_never_asks_for_a_window() {
-        let p = BulkPath::new(false, 0);
+        let p = BulkPath::new(false, 0, 0);
         assert!(!p.due(1_000_000));
         assert!(p.splice);
     }

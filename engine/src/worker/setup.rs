@@ -177,6 +177,7 @@ impl Worker {
             bulk: super::bulkpath::BulkPath::new(
                 config.global.tune.splice == crate::config::SpliceMode::Auto && plan.io.fd_install,
                 now.ms,
+                id,
             ),
             spreads: Vec::new(),
             drain_spread: vec![false; config.backends.len()],
