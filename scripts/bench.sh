@@ -741,6 +741,17 @@ hb_test() { # TEST PATH ROUND CONNS
     sleep 1
 }
 
+# One download straight from nginx, not measured, right before each measured one: the first 1 GiB
+# written to tmpfs after other tests runs at about half the speed of the next (2026-12-04: every
+# round's first curl, whichever path, 420-540 MB/s, the second 1.0-1.2 GB/s; on this virtual
+# machine memory freed a while ago costs more to fill again), so without it the rotation decided
+# the row.
+warm_curl() {
+    rm -f "$DL"
+    curl -sS --max-time "$TO" -o "$DL" "http://${ADDR[direct:http]}/big.bin" >/dev/null 2>&1 || true
+    rm -f "$DL"
+}
+
 # --- the run ---------------------------------------------------------------------------------------
 START=$(date +%s)
 read -ra PATH_LIST <<<"$PATHS"
@@ -749,6 +760,7 @@ for r in $(seq "$ROUNDS"); do
         log "round $r/$ROUNDS: $t"
         # Rotated by one path per round.
         for ((k = 0; k < ${#PATH_LIST[@]}; k++)); do
+            [ "$t" = curl ] && warm_curl
             run_test "$t" "${PATH_LIST[$(((k + r - 1) % ${#PATH_LIST[@]}))]}" "$r"
         done
     done
