@@ -96,7 +96,7 @@ pub struct BulkPath {
     held_cost: u64,
     held_rate: u64,
     /// Windows in a row that moved bulk traffic (0 after a quiet one): the first is the start of
-    /// a burst, not counted.
+    /// a burst, never a probe's reference.
     streak: u32,
     /// Windows of a burst this worker lets go by before it probes, so that workers whose flows
     /// started together do not probe at once (see `new`).
@@ -161,15 +161,13 @@ impl BulkPath {
             return None;
         }
         self.streak = self.streak.saturating_add(1);
-        if self.streak == 1 {
-            // A burst began in this window: not counted.
-            return None;
-        }
         let cost = cpu.saturating_mul(1000) / moved;
         match self.phase {
             Phase::Hold => {
                 self.cost_ps[usize::from(self.splice)] = cost;
                 (self.held_cost, self.held_rate) = (cost, rate);
+                // The window a burst began in is never what a probe is held against: the probe
+                // starts after the second at the earliest (later by the worker's stagger).
                 if now_ms >= self.next_probe && self.streak > self.stagger + 1 {
                     self.switch();
                     self.phase = Phase::Settle;
@@ -244,8 +242,8 @@ mod tests {
         p.observe(now, cpu, bytes);
         // Receive buffers cost 300 ps per byte here, splicing 400.
         let cost = |splice: bool| if splice { 400 } else { 300 };
-        // The window the burst starts in (not counted), one on splice, then one to move over, then
-        // the probe: copying wins.
+        // The window the burst starts in (never the reference), one on splice, then one to move
+        // over, then the probe: copying wins.
         windows(&mut p, &mut now, &mut cpu, &mut bytes, 4, cost);
         assert!(!p.splice, "receive buffers cost less: held");
         assert_eq!(p.cost_ps, [300, 400]);
