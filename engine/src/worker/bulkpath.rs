@@ -212,6 +212,19 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// Feeds one window of `WINDOW_MS` in which `mib` MiB moved at `cost` ps per byte.
+    fn window(
+        p: &mut BulkPath,
+        (now, cpu, bytes): (&mut u64, &mut u64, &mut u64),
+        mib: u64,
+        cost: u64,
+    ) -> Option<Switched> {
+        *now += WINDOW_MS;
+        *bytes += mib * MIB;
+        *cpu += mib * MIB * cost / 1000;
+        p.observe(*now, *cpu, *bytes)
+    }
+
     /// Feeds `n` windows of `WINDOW_MS` in which `mib(splice)` MiB moved at `cost(splice)` ps per
     /// byte.
     fn windows_at(
@@ -222,11 +235,8 @@ mod tests {
         cost: impl Fn(bool) -> u64,
     ) {
         for _ in 0..n {
-            let moved = mib(p.splice) * MIB;
-            *now += WINDOW_MS;
-            *bytes += moved;
-            *cpu += moved * cost(p.splice) / 1000;
-            p.observe(*now, *cpu, *bytes);
+            let (m, c) = (mib(p.splice), cost(p.splice));
+            window(p, (&mut *now, &mut *cpu, &mut *bytes), m, c);
         }
     }
 
@@ -340,22 +350,16 @@ mod tests {
         let mib = |splice: bool| if splice { 290 } else { 490 };
         let cost = |splice: bool| if splice { 300 } else { 375 };
         let mut switched = Vec::new();
-        let mut window = |p: &mut BulkPath, mib: u64, cost: u64| {
-            now += WINDOW_MS;
-            bytes += mib * MIB;
-            cpu += mib * MIB * cost / 1000;
-            p.observe(now, cpu, bytes)
-        };
         // Held: the receive buffers (found earlier); a quiet spell, then a burst that starts
         // mid-window and would, as the reference, let splicing win at 290 against 280 for less CPU.
         p.splice = false;
         p.next_probe = 0;
-        switched.extend(window(&mut p, 0, 0));
-        switched.extend(window(&mut p, 280, 375));
+        switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), 0, 0));
+        switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), 280, 375));
         assert!(!p.splice, "the burst's first window asks nothing");
         for _ in 0..3 {
             let (m, c) = (mib(p.splice), cost(p.splice));
-            switched.extend(window(&mut p, m, c));
+            switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), m, c));
         }
         assert!(!p.splice, "splicing moved 290 against 490: lost");
         assert_eq!(p.switches, 2);
@@ -364,7 +368,7 @@ mod tests {
         p.next_probe = 0;
         for _ in 0..3 {
             let (m, c) = (if p.splice { 600 } else { 490 }, cost(p.splice));
-            switched.extend(window(&mut p, m, c));
+            switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), m, c));
         }
         assert!(p.splice);
         let s = switched.pop().expect("a switch");
@@ -376,22 +380,19 @@ mod tests {
     #[test]
     fn workers_whose_flows_start_together_probe_one_after_the_other() {
         let mut workers: Vec<_> = (0..4).map(|w| BulkPath::new(true, 0, w)).collect();
-        // Each worker's thread CPU and bytes.
-        let mut clocks = [(1, 0); 4];
+        // Each worker's clock, thread CPU and bytes.
+        let mut clocks = [(0, 1, 0); 4];
         for p in &mut workers {
             p.observe(0, 1, 0);
         }
         // Bulk flows on every worker from the same moment; splicing costs more everywhere. Per
         // window, which workers are off the path they held.
         let mut off = Vec::new();
-        for window in 1..=16 {
-            let now = window * WINDOW_MS;
+        for _ in 0..16 {
             let mut moved = Vec::new();
-            for (w, (p, (cpu, bytes))) in workers.iter_mut().zip(&mut clocks).enumerate() {
+            for (w, (p, (now, cpu, bytes))) in workers.iter_mut().zip(&mut clocks).enumerate() {
                 let cost = if p.splice { 400 } else { 300 };
-                *bytes += 100 * MIB;
-                *cpu += 100 * MIB * cost / 1000;
-                p.observe(now, *cpu, *bytes);
+                window(p, (now, cpu, bytes), 100, cost);
                 // Held: splicing until the receive buffers win, then those.
                 if p.phase != Phase::Hold {
                     moved.push(w);
