@@ -212,139 +212,128 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    /// Feeds one window of `WINDOW_MS` in which `mib` MiB moved at `cost` ps per byte.
-    fn window(
-        p: &mut BulkPath,
-        (now, cpu, bytes): (&mut u64, &mut u64, &mut u64),
-        mib: u64,
-        cost: u64,
-    ) -> Option<Switched> {
-        *now += WINDOW_MS;
-        *bytes += mib * MIB;
-        *cpu += mib * MIB * cost / 1000;
-        p.observe(*now, *cpu, *bytes)
+    /// A worker's chooser and the clocks it reads: the worker clock (ms), the thread's CPU (ns)
+    /// and the bytes moved.
+    struct Fed {
+        p: BulkPath,
+        now: u64,
+        cpu: u64,
+        bytes: u64,
     }
 
-    /// Feeds `n` windows of `WINDOW_MS` in which `mib(splice)` MiB moved at `cost(splice)` ps per
-    /// byte.
-    fn windows_at(
-        p: &mut BulkPath,
-        (now, cpu, bytes): (&mut u64, &mut u64, &mut u64),
-        n: usize,
-        mib: impl Fn(bool) -> u64,
-        cost: impl Fn(bool) -> u64,
-    ) {
-        for _ in 0..n {
-            let (m, c) = (mib(p.splice), cost(p.splice));
-            window(p, (&mut *now, &mut *cpu, &mut *bytes), m, c);
+    impl Fed {
+        /// Worker `worker`'s chooser, having read its clocks once.
+        fn start(worker: usize) -> Fed {
+            let mut f = Fed { p: BulkPath::new(true, 0, worker), now: 0, cpu: 1, bytes: 0 };
+            f.p.observe(f.now, f.cpu, f.bytes);
+            f
         }
-    }
 
-    /// As `windows_at`, 100 MiB per window whatever the path.
-    fn windows(p: &mut BulkPath, now: &mut u64, cpu: &mut u64, bytes: &mut u64, n: usize, cost: impl Fn(bool) -> u64) {
-        windows_at(p, (now, cpu, bytes), n, |_| 100, cost);
+        /// One window of `WINDOW_MS` in which `mib` MiB moved at `cost` ps per byte.
+        fn window(&mut self, mib: u64, cost: u64) -> Option<Switched> {
+            self.now += WINDOW_MS;
+            self.bytes += mib * MIB;
+            self.cpu += mib * MIB * cost / 1000;
+            self.p.observe(self.now, self.cpu, self.bytes)
+        }
+
+        /// `n` windows in which `mib(splice)` MiB moved at `cost(splice)` ps per byte.
+        fn windows_at(&mut self, n: usize, mib: impl Fn(bool) -> u64, cost: impl Fn(bool) -> u64) {
+            for _ in 0..n {
+                let splice = self.p.splice;
+                self.window(mib(splice), cost(splice));
+            }
+        }
+
+        /// As `windows_at`, 100 MiB per window whatever the path.
+        fn windows(&mut self, n: usize, cost: impl Fn(bool) -> u64) {
+            self.windows_at(n, |_| 100, cost);
+        }
     }
 
     #[test]
     fn the_cheaper_path_is_found_and_held_and_tried_again_later() {
-        let (mut now, mut cpu, mut bytes) = (1_000, 1, 0);
-        let mut p = BulkPath::new(true, now, 0);
-        p.observe(now, cpu, bytes);
+        let mut f = Fed::start(0);
         // Receive buffers cost 300 ps per byte here, splicing 400.
         let cost = |splice: bool| if splice { 400 } else { 300 };
         // The window the burst starts in (never the reference), one on splice, then one to move
         // over, then the probe: copying wins.
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, 4, cost);
-        assert!(!p.splice, "receive buffers cost less: held");
-        assert_eq!(p.cost_ps, [300, 400]);
-        assert_eq!(p.switches, 1);
+        f.windows(4, cost);
+        assert!(!f.p.splice, "receive buffers cost less: held");
+        assert_eq!(f.p.cost_ps, [300, 400]);
+        assert_eq!(f.p.switches, 1);
         // Held for FIRST_HOLD_MS: then splice is tried again and loses; back, and the hold doubles.
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, (FIRST_HOLD_MS / WINDOW_MS) as usize - 1, cost);
-        assert!(!p.splice);
-        assert_eq!(p.switches, 1, "held");
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, cost);
-        assert!(!p.splice, "splice tried again, lost, back");
-        assert_eq!(p.switches, 3);
-        assert_eq!(p.hold, 2 * FIRST_HOLD_MS);
+        f.windows((FIRST_HOLD_MS / WINDOW_MS) as usize - 1, cost);
+        assert!(!f.p.splice);
+        assert_eq!(f.p.switches, 1, "held");
+        f.windows(3, cost);
+        assert!(!f.p.splice, "splice tried again, lost, back");
+        assert_eq!(f.p.switches, 3);
+        assert_eq!(f.p.hold, 2 * FIRST_HOLD_MS);
     }
 
     #[test]
     fn splice_stays_where_it_is_cheaper_or_within_the_margin() {
-        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now, 0);
-        p.observe(now, cpu, bytes);
+        let mut f = Fed::start(0);
         // Copying 3% cheaper: inside the margin, splice stays.
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, 4, |splice| if splice { 1000 } else { 970 });
-        assert!(p.splice);
-        assert_eq!((p.switches, p.hold), (2, 2 * FIRST_HOLD_MS));
+        f.windows(4, |splice| if splice { 1000 } else { 970 });
+        assert!(f.p.splice);
+        assert_eq!((f.p.switches, f.p.hold), (2, 2 * FIRST_HOLD_MS));
     }
 
     #[test]
     fn a_path_that_moves_more_wins_whatever_its_cpu_per_byte() {
-        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now, 0);
-        p.observe(now, cpu, bytes);
+        let mut f = Fed::start(0);
         // One stream: splicing costs less CPU per byte but moves 300 MiB a window against 450.
         let mib = |splice: bool| if splice { 300 } else { 450 };
-        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), 4, mib, |splice| if splice { 250 } else { 290 });
-        assert!(!p.splice, "the receive buffers moved 1.5 x: held");
+        f.windows_at(4, mib, |splice| if splice { 250 } else { 290 });
+        assert!(!f.p.splice, "the receive buffers moved 1.5 x: held");
         // And the other way round: splicing moving 1.5 x wins back at the next probe even if dearer.
         let mib = |splice: bool| if splice { 450 } else { 300 };
-        let windows = (FIRST_HOLD_MS / WINDOW_MS) as usize + 2;
-        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), windows, mib, |splice| if splice { 400 } else { 290 });
-        assert!(p.splice);
-        assert_eq!(p.switches, 2);
+        f.windows_at((FIRST_HOLD_MS / WINDOW_MS) as usize + 2, mib, |splice| if splice { 400 } else { 290 });
+        assert!(f.p.splice);
+        assert_eq!(f.p.switches, 2);
     }
 
     #[test]
     fn less_cpu_does_not_buy_a_slower_flow() {
-        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now, 0);
-        p.observe(now, cpu, bytes);
+        let mut f = Fed::start(0);
         // The receive buffers held; splicing moves 5% less for 25% less CPU per byte: it loses.
-        p.splice = false;
+        f.p.splice = false;
         let mib = |splice: bool| if splice { 380 } else { 400 };
         let cost = |splice: bool| if splice { 300 } else { 400 };
-        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), 4, mib, cost);
-        assert!(!p.splice);
-        assert_eq!(p.switches, 2, "tried, and back");
+        f.windows_at(4, mib, cost);
+        assert!(!f.p.splice);
+        assert_eq!(f.p.switches, 2, "tried, and back");
         // Moving as much (1% under: a tie), the cheaper one is held.
         let mib = |splice: bool| if splice { 396 } else { 400 };
-        let windows = (2 * FIRST_HOLD_MS / WINDOW_MS) as usize + 2;
-        windows_at(&mut p, (&mut now, &mut cpu, &mut bytes), windows, mib, cost);
-        assert!(p.splice);
-        assert_eq!(p.switches, 3);
+        f.windows_at((2 * FIRST_HOLD_MS / WINDOW_MS) as usize + 2, mib, cost);
+        assert!(f.p.splice);
+        assert_eq!(f.p.switches, 3);
     }
 
     #[test]
     fn quiet_windows_measure_nothing_and_a_quiet_probe_goes_back() {
-        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now, 0);
-        p.observe(now, cpu, bytes);
-        // Small messages only: nothing measured, nothing tried.
+        let mut f = Fed::start(0);
+        // Small messages only (1 MiB a window, at about 50 ms of CPU): nothing measured, nothing
+        // tried.
         for _ in 0..10 {
-            now += WINDOW_MS;
-            bytes += MIB;
-            cpu += 50_000_000;
-            p.observe(now, cpu, bytes);
+            f.window(1, 47_684);
         }
-        assert!(p.splice);
-        assert_eq!((p.switches, p.cost_ps), (0, [0, 0]));
+        assert!(f.p.splice);
+        assert_eq!((f.p.switches, f.p.cost_ps), (0, [0, 0]));
         // Bulk starts: its first window, a window on splice, the move to copying; then the bulk
         // ends mid-probe.
-        windows(&mut p, &mut now, &mut cpu, &mut bytes, 3, |_| 400);
-        assert!(!p.splice);
-        now += WINDOW_MS;
-        p.observe(now, cpu, bytes);
-        assert!(p.splice, "back to the path held");
-        assert_eq!(p.switches, 2);
+        f.windows(3, |_| 400);
+        assert!(!f.p.splice);
+        f.window(0, 0);
+        assert!(f.p.splice, "back to the path held");
+        assert_eq!(f.p.switches, 2);
     }
 
     #[test]
     fn the_window_a_burst_starts_in_is_not_what_the_probe_is_held_against() {
-        let (mut now, mut cpu, mut bytes) = (0, 1, 0);
-        let mut p = BulkPath::new(true, now, 0);
-        p.observe(now, cpu, bytes);
+        let mut f = Fed::start(0);
         // One stream down, as traced: full windows move 290 MiB splicing and 490 through the
         // receive buffers, which cost 25% more CPU per byte.
         let mib = |splice: bool| if splice { 290 } else { 490 };
@@ -352,25 +341,25 @@ mod tests {
         let mut switched = Vec::new();
         // Held: the receive buffers (found earlier); a quiet spell, then a burst that starts
         // mid-window and would, as the reference, let splicing win at 290 against 280 for less CPU.
-        p.splice = false;
-        p.next_probe = 0;
-        switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), 0, 0));
-        switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), 280, 375));
-        assert!(!p.splice, "the burst's first window asks nothing");
+        f.p.splice = false;
+        f.p.next_probe = 0;
+        switched.extend(f.window(0, 0));
+        switched.extend(f.window(280, 375));
+        assert!(!f.p.splice, "the burst's first window asks nothing");
         for _ in 0..3 {
-            let (m, c) = (mib(p.splice), cost(p.splice));
-            switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), m, c));
+            let splice = f.p.splice;
+            switched.extend(f.window(mib(splice), cost(splice)));
         }
-        assert!(!p.splice, "splicing moved 290 against 490: lost");
-        assert_eq!(p.switches, 2);
+        assert!(!f.p.splice, "splicing moved 290 against 490: lost");
+        assert_eq!(f.p.switches, 2);
         assert!(switched.is_empty());
         // Where splicing moves more, the switch says what was measured.
-        p.next_probe = 0;
+        f.p.next_probe = 0;
         for _ in 0..3 {
-            let (m, c) = (if p.splice { 600 } else { 490 }, cost(p.splice));
-            switched.extend(window(&mut p, (&mut now, &mut cpu, &mut bytes), m, c));
+            let splice = f.p.splice;
+            switched.extend(f.window(if splice { 600 } else { 490 }, cost(splice)));
         }
-        assert!(p.splice);
+        assert!(f.p.splice);
         let s = switched.pop().expect("a switch");
         assert_eq!((s.rate[0] * WINDOW_MS / 1000 / MIB, s.rate[1] * WINDOW_MS / 1000 / MIB), (600, 490));
         assert_eq!(s.cost_ps, [300, 375]);
@@ -379,29 +368,23 @@ mod tests {
 
     #[test]
     fn workers_whose_flows_start_together_probe_one_after_the_other() {
-        let mut workers: Vec<_> = (0..4).map(|w| BulkPath::new(true, 0, w)).collect();
-        // Each worker's clock, thread CPU and bytes.
-        let mut clocks = [(0, 1, 0); 4];
-        for p in &mut workers {
-            p.observe(0, 1, 0);
-        }
+        let mut workers: Vec<Fed> = (0..4).map(Fed::start).collect();
         // Bulk flows on every worker from the same moment; splicing costs more everywhere. Per
         // window, which workers are off the path they held.
         let mut off = Vec::new();
         for _ in 0..16 {
             let mut moved = Vec::new();
-            for (w, (p, (now, cpu, bytes))) in workers.iter_mut().zip(&mut clocks).enumerate() {
-                let cost = if p.splice { 400 } else { 300 };
-                window(p, (now, cpu, bytes), 100, cost);
+            for (w, f) in workers.iter_mut().enumerate() {
+                f.window(100, if f.p.splice { 400 } else { 300 });
                 // Held: splicing until the receive buffers win, then those.
-                if p.phase != Phase::Hold {
+                if f.p.phase != Phase::Hold {
                     moved.push(w);
                 }
             }
             off.push(moved);
         }
         assert!(off.iter().all(|m| m.len() <= 1), "one worker probes at a time: {off:?}");
-        assert!(workers.iter().all(|p| !p.splice && p.switches == 1), "each found the receive buffers cheaper");
+        assert!(workers.iter().all(|f| !f.p.splice && f.p.switches == 1), "each found the receive buffers cheaper");
     }
 
     #[test]
