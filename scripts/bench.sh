@@ -51,7 +51,9 @@
 #                  0.2 s): the memory that many bulk flows cost
 #   idle           IDLE_CONNS connections held with heartbeats through a freshly started instance of
 #                  the proxy: its RSS growth / connection, the machine's Slab growth / connection
-#                  (minus direct's in the same round: the proxy's kernel share), nothing lost
+#                  (minus direct's in the same round: the proxy's kernel share), nothing lost; taken
+#                  IDLE_SETTLE_S after the ramp, while the connections are still held (what holding
+#                  them costs), and the RSS right after the ramp too (what its burst took)
 # CPU of the proxy = utime+stime of all its processes and threads (/proc/PID/stat; io_uring io-wq
 # threads are threads of ringproxy's process and count) over the tput4 test (-> CPU s per GB moved)
 # and over the rate test (-> CPU s per 10,000 connections).
@@ -65,7 +67,7 @@
 #         BASE_REV=a1f32ab scripts/bench.sh        this tree's ringproxy against commit a1f32ab's, in
 #                                          the same run (adds the ringproxy-base path)
 #         BASE_BIN=/path/to/old/ringproxy PATHS="ringproxy ringproxy-base" QUICK=1 scripts/bench.sh
-# Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS PATHS OUT
+# Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS IDLE_SETTLE_S PATHS OUT
 #         TESTS CHURN_SOURCES HB_WINDOW CURL_MIB FLOWS
 #         UPDATE_DOCS=0|1 IMG=dir
 #         BASE_BIN=FILE  the ringproxy-base binary (copied into the run's directory first)
@@ -94,6 +96,7 @@ MAXCONN=${MAXCONN:-9400}          # HAProxy needs 2 fds per connection + pipes u
 CONC=${CONC:-64}
 KA_CONNS=${KA_CONNS:-64}
 LAT_RATE=${LAT_RATE:-10000}
+IDLE_SETTLE_S=${IDLE_SETTLE_S:-6}  # idle: how long after the first sample the second is taken
 PIPE_SIZE=${PIPE_SIZE:-262144}
 # Source addresses on each side of the churn test (client -> proxy, proxy -> echo backend): one
 # address pair has ~28,000 ephemeral ports, and a port in TIME-WAIT is reusable only after 1-2 s,
@@ -628,15 +631,18 @@ fresh_instance() {
 }
 
 # The idle test: IDLE_CONNS connections held through the path (heartbeat every 2 s, so each is really
-# proxied); RSS of the proxy and the machine's Slab sampled before and once all are established.
+# proxied); RSS of the proxy and the machine's Slab sampled before, once all are established and a
+# heartbeat round has passed (1: right after the ramp), and IDLE_SETTLE_S later while they are still
+# held (2: what holding them costs; a proxy may keep part of what the ramp's burst took, or give it
+# back — ringproxy's receive-buffer ring narrows once a second).
 idle_test() { # PATH ROUND
-    local p=$1 r=$2 f a port rss0 rss1 slab0 slab1 sunr0 sunr1 hold n=0 rc=0 hold_s inst cmd
+    local p=$1 r=$2 f a port rss0 rss1 rss2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0 hold_s inst cmd
     f=$OUT/raw/r$r-idle-$p
     fresh_instance "$p" "idle-$p-r$r" echo
     inst=$INST
     a=${ADDR[$inst:echo]}
     port=$(port_of "$a")
-    hold_s=$((IDLE_CONNS / 5000 + 7))
+    hold_s=$((IDLE_CONNS / 5000 + 7 + IDLE_SETTLE_S))
     sleep 1
     # shellcheck disable=SC2086
     rss0=$(rss_kb ${PROC[$inst]}); slab0=$(slab_kb); sunr0=$(sunreclaim_kb)
@@ -654,9 +660,13 @@ idle_test() { # PATH ROUND
     sleep 2.5
     # shellcheck disable=SC2086
     rss1=$(rss_kb ${PROC[$inst]}); slab1=$(slab_kb); sunr1=$(sunreclaim_kb)
+    sleep "$IDLE_SETTLE_S"
+    # shellcheck disable=SC2086
+    rss2=$(rss_kb ${PROC[$inst]}); slab2=$(slab_kb); sunr2=$(sunreclaim_kb)
     reap_bg "$hold" || rc=$?
     record test=idle path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" \
         rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
+        settle_s="$IDLE_SETTLE_S" rss2_kb="$rss2" slab2_kb="$slab2" sunr2_kb="$sunr2" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  idle $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"

@@ -48,7 +48,8 @@ METRICS = {
     "lat_p50": ("latency p50 at fixed rate", "ms", False, 3),
     "lat_p99": ("latency p99 at fixed rate", "ms", False, 3),
     "lat_p999": ("latency p99.9 at fixed rate", "ms", False, 3),
-    "idle_user": ("user-space memory per idle connection (RSS growth)", "bytes", False, 0),
+    "idle_user": ("user-space memory per idle connection (RSS growth, connections held)", "bytes", False, 0),
+    "idle_user_ramp": ("user-space memory per idle connection right after the ramp (RSS growth)", "bytes", False, 0),
     "idle_slab": ("kernel Slab growth per connection, whole machine", "bytes", False, 0),
     "idle_kernel": ("kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
     "idle_sunr": ("unreclaimable Slab per connection added by the proxy (SUnreclaim minus direct's)", "bytes", False, 0),
@@ -265,10 +266,13 @@ def parse(out):
                                 f"lost {j and j['messages']['lost']}, dropped {j and j['connections']['dropped']}")
             if r.get("seen_established", 0) < n:
                 problems.append(f"round {rnd} idle {p}: memory sampled with {r.get('seen_established')} of {n} established")
-            slab = (r["slab1_kb"] - r["slab0_kb"]) * 1024 / n
+            # the sample taken once the connections had been held a while (runs from before it
+            # was taken have only the one right after the ramp)
+            k = "2" if "rss2_kb" in r else "1"
+            slab = (r[f"slab{k}_kb"] - r["slab0_kb"]) * 1024 / n
             put("idle_slab", p, rnd, slab)
-            if "sunr1_kb" in r:
-                sunr = (r["sunr1_kb"] - r["sunr0_kb"]) * 1024 / n
+            if f"sunr{k}_kb" in r:
+                sunr = (r[f"sunr{k}_kb"] - r["sunr0_kb"]) * 1024 / n
                 if p == "direct":
                     direct_sunr[rnd] = sunr
                 else:
@@ -277,7 +281,9 @@ def parse(out):
             if p == "direct":
                 direct_slab[rnd] = slab
             else:
-                put("idle_user", p, rnd, (r["rss1_kb"] - r["rss0_kb"]) * 1024 / n)
+                put("idle_user", p, rnd, (r[f"rss{k}_kb"] - r["rss0_kb"]) * 1024 / n)
+                if k == "2":
+                    put("idle_user_ramp", p, rnd, (r["rss1_kb"] - r["rss0_kb"]) * 1024 / n)
     # work per unit: context switches of the proxy's threads, io-wq CPU share, ringproxy's ring counters
     for r in rows:
         t, p, rnd, f = r["test"], r["path"], r["round"], r["file"]
