@@ -26,6 +26,14 @@
 //! 1,571 for less CPU per byte and was held at about 1,450 MiB/s, where the receive buffers move
 //! 2,450 once under way (a trace of each window, 2026-12-04 22:00).
 //!
+//! The path held is judged by its best showing in the last `REFERENCE_WINDOWS` windows before the
+//! probe (the most it moved, the least CPU per byte), not by the last window alone: with flows on
+//! both workers a window is sometimes starved by the other worker's turn (one at 1.91 GB/s and 500
+//! ps per byte between windows at 2.3 GB/s), and held against that one, splicing won with 2.22
+//! GB/s on four streams and was held into the next single stream, which it moved at 0.7 × (the
+//! 1-stream-down row at 12.5–13.6 Gbit/s in all three rounds of a run, 2026-12-05 01:38). A probe
+//! has to beat what the held path showed it can do.
+//!
 //! Both paths give every byte in order: a flow moves from splicing to its receive only between
 //! splices (`Ctx::splice_here`), and to splicing only once its queue is sent (`forward`).
 
@@ -41,6 +49,8 @@ const MARGIN_PCT: u64 = 5;
 const TIE_PCT: u64 = 2;
 /// Hold after a change of path (and at start: the first probe comes with the first bulk window).
 const FIRST_HOLD_MS: u64 = 10_000;
+/// Windows of the held path a probe is judged against (the last ones before it, of this burst).
+const REFERENCE_WINDOWS: usize = 3;
 const LONGEST_HOLD_MS: u64 = 160_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,10 +101,10 @@ pub struct BulkPath {
     at_ms: u64,
     at_cpu: u64,
     at_bytes: u64,
-    /// What the held path cost in its last window (ps per byte), and what it moved (bytes per
-    /// second).
-    held_cost: u64,
-    held_rate: u64,
+    /// The held path's last counted windows (at most `REFERENCE_WINDOWS`, of this burst, since
+    /// the last probe): (bytes per second, ps per byte), oldest overwritten first.
+    held: [(u64, u64); REFERENCE_WINDOWS],
+    held_n: usize,
     /// Windows in a row that moved bulk traffic (0 after a quiet one): the first is the start of
     /// a burst, never a probe's reference.
     streak: u32,
@@ -123,8 +133,8 @@ impl BulkPath {
             at_ms: now_ms,
             at_cpu: 0,
             at_bytes: 0,
-            held_cost: 0,
-            held_rate: 0,
+            held: [(0, 0); REFERENCE_WINDOWS],
+            held_n: 0,
             streak: 0,
             stagger,
             cost_ps: [0; 2],
@@ -153,6 +163,7 @@ impl BulkPath {
             // Too little moved to say what bulk costs. A probe that meets a quiet window goes
             // back to the path held.
             self.streak = 0;
+            self.held_n = 0;
             if self.phase != Phase::Hold {
                 self.switch();
                 self.phase = Phase::Hold;
@@ -165,9 +176,13 @@ impl BulkPath {
         match self.phase {
             Phase::Hold => {
                 self.cost_ps[usize::from(self.splice)] = cost;
-                (self.held_cost, self.held_rate) = (cost, rate);
-                // The window a burst began in is never what a probe is held against: the probe
-                // starts after the second at the earliest (later by the worker's stagger).
+                // The window a burst began in is never what a probe is held against: flows were
+                // starting in it. The probe starts after the second at the earliest (later by the
+                // worker's stagger).
+                if self.streak > 1 {
+                    self.held[self.held_n % REFERENCE_WINDOWS] = (rate, cost);
+                    self.held_n += 1;
+                }
                 if now_ms >= self.next_probe && self.streak > self.stagger + 1 {
                     self.switch();
                     self.phase = Phase::Settle;
@@ -176,21 +191,23 @@ impl BulkPath {
             Phase::Settle => self.phase = Phase::Probe,
             Phase::Probe => {
                 self.cost_ps[usize::from(self.splice)] = cost;
+                let known = &self.held[..self.held_n.min(REFERENCE_WINDOWS)];
+                // (Nothing known of it cannot happen — the window that starts a probe is one —
+                // but would keep the path held.)
+                let held_rate = known.iter().map(|w| w.0).max().unwrap_or(u64::MAX);
+                let held_cost = known.iter().map(|w| w.1).min().unwrap_or(0);
+                self.held_n = 0;
                 let (faster, slower) = (
-                    rate.saturating_mul(100) > self.held_rate.saturating_mul(100 + RATE_PCT),
-                    rate.saturating_mul(100) < self.held_rate.saturating_mul(100 - TIE_PCT),
+                    rate.saturating_mul(100) > held_rate.saturating_mul(100 + RATE_PCT),
+                    rate.saturating_mul(100) < held_rate.saturating_mul(100 - TIE_PCT),
                 );
-                let cheaper = cost.saturating_mul(100) < self.held_cost.saturating_mul(100 - MARGIN_PCT);
+                let cheaper = cost.saturating_mul(100) < held_cost.saturating_mul(100 - MARGIN_PCT);
                 self.phase = Phase::Hold;
                 if faster || !slower && cheaper {
                     // The other path is cheaper here: it is held now.
                     self.hold = FIRST_HOLD_MS;
                     self.next_probe = now_ms + self.hold;
-                    return Some(Switched {
-                        splice: self.splice,
-                        rate: [rate, self.held_rate],
-                        cost_ps: [cost, self.held_cost],
-                    });
+                    return Some(Switched { splice: self.splice, rate: [rate, held_rate], cost_ps: [cost, held_cost] });
                 }
                 self.switch();
                 self.hold = (self.hold * 2).min(LONGEST_HOLD_MS);
@@ -364,6 +381,31 @@ mod tests {
         assert_eq!((s.rate[0] * WINDOW_MS / 1000 / MIB, s.rate[1] * WINDOW_MS / 1000 / MIB), (600, 490));
         assert_eq!(s.cost_ps, [300, 375]);
         assert!(s.to_string().starts_with("bulk flows now go through splicing: 3.15 GB/s at 300 ps"), "{s}");
+    }
+
+    #[test]
+    fn a_probe_is_held_against_the_best_of_the_last_windows_not_a_starved_one() {
+        let mut f = Fed::start(0);
+        // Four streams, the receive buffers held: they move 470–490 MiB a window at 280–300 ps
+        // per byte, but the window before the probe was starved by the other worker (330 MiB at
+        // 500 ps). Splicing then moves 440 at 340: better than that window, worse than the path.
+        f.p.splice = false;
+        f.p.next_probe = u64::MAX;
+        for (mib, cost) in [(400, 300), (480, 290), (490, 280), (470, 300)] {
+            f.window(mib, cost);
+        }
+        f.p.next_probe = 0;
+        f.window(330, 500);
+        assert_eq!(f.p.phase, Phase::Settle, "the probe starts");
+        f.window(440, 340);
+        assert_eq!(f.window(440, 340), None);
+        assert!(!f.p.splice, "splicing lost against 490 MiB at 280 ps");
+        assert_eq!(f.p.switches, 2, "tried, and back");
+        // Against its best it still wins where it is better: 560 MiB a window.
+        f.p.next_probe = 0;
+        f.windows_at(3, |splice| if splice { 560 } else { 480 }, |splice| if splice { 340 } else { 290 });
+        assert!(f.p.splice);
+        assert_eq!(f.p.switches, 3);
     }
 
     #[test]
