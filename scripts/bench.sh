@@ -52,8 +52,9 @@
 #   idle           IDLE_CONNS connections held with heartbeats through a freshly started instance of
 #                  the proxy: its RSS growth / connection, the machine's Slab growth / connection
 #                  (minus direct's in the same round: the proxy's kernel share), nothing lost; taken
-#                  IDLE_SETTLE_S after the ramp, while the connections are still held (what holding
-#                  them costs), and the RSS right after the ramp too (what its burst took)
+#                  IDLE_SETTLE_S after a first sample 2.5 s past the ramp, the connections still
+#                  held (what holding them costs); the first sample's RSS is reported too (what the
+#                  ramp's burst took)
 # CPU of the proxy = utime+stime of all its processes and threads (/proc/PID/stat; io_uring io-wq
 # threads are threads of ringproxy's process and count) over the tput4 test (-> CPU s per GB moved)
 # and over the rate test (-> CPU s per 10,000 connections).

@@ -192,8 +192,8 @@ impl BulkPath {
             Phase::Probe => {
                 self.cost_ps[usize::from(self.splice)] = cost;
                 let known = &self.held[..self.held_n.min(REFERENCE_WINDOWS)];
-                // (Nothing known of it cannot happen — the window that starts a probe is one —
-                // but would keep the path held.)
+                // Never empty (the window that starts a probe is recorded first); were it, the
+                // path held would stay.
                 let held_rate = known.iter().map(|w| w.0).max().unwrap_or(u64::MAX);
                 let held_cost = known.iter().map(|w| w.1).min().unwrap_or(0);
                 self.held_n = 0;
