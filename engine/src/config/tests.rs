@@ -592,12 +592,18 @@ fn recv_buffer_size_is_whole_pages_from_4k_to_1m() {
              backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
         )
     };
-    // The default follows the mode: small where bulk flows splice, large where the buffers carry all.
-    assert_eq!(Tune::default().recv_buffer_size, 16 << 10);
-    assert_eq!(ok(&with("splice: auto")).global.tune.recv_buffer_size, 16 << 10);
-    assert_eq!(ok(&with("splice: never")).global.tune.recv_buffer_size, 64 << 10);
-    assert_eq!(ok(&with("recv_buffer_size: 64k")).global.tune.recv_buffer_size, 64 << 10);
-    assert_eq!(ok(&with("recv_buffer_size: 1m")).global.tune.recv_buffer_size, 1 << 20);
+    // 64 KiB in every mode; the number of buffers makes a pool of bytes that follows the mode
+    // (16 MiB where bulk flows may splice, 64 MiB where the buffers carry all), unless set.
+    let tune = |t: &str| ok(&with(t)).global.tune;
+    assert_eq!((Tune::default().recv_buffer_size, Tune::default().recv_buffers), (64 << 10, 256));
+    assert_eq!((tune("splice: auto").recv_buffer_size, tune("splice: auto").recv_buffers), (64 << 10, 256));
+    assert_eq!((tune("splice: never").recv_buffer_size, tune("splice: never").recv_buffers), (64 << 10, 1024));
+    assert_eq!(tune("recv_buffer_size: 16k").recv_buffers, 1024);
+    assert_eq!(tune("splice: never, recv_buffer_size: 16k").recv_buffers, 4096);
+    assert_eq!(tune("recv_buffer_size: 1m").recv_buffers, 64, "never fewer than 64");
+    assert_eq!(tune("recv_buffer_size: 4k, splice: never").recv_buffers, 16384);
+    assert_eq!(tune("recv_buffer_size: 1m, recv_buffers: 100").recv_buffers, 100, "set: as set");
+    assert_eq!(tune("recv_buffer_size: 1m").recv_buffer_size, 1 << 20);
     for bad in ["2k", "6000", "2m"] {
         let e = parse(&with(&format!("recv_buffer_size: {bad}")), "t.yaml").unwrap_err().to_string();
         assert!(

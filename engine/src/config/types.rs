@@ -19,16 +19,29 @@ pub mod default {
     pub const WEIGHT: u32 = 1;
     pub const PIPE_SIZE: u32 = 256 * 1024;
     pub const MAX_PIPES: u32 = 4096;
-    pub const RECV_BUFFERS: u32 = 1024;
+    /// Bytes per receive buffer unless `tune.recv_buffer_size` says: 64 KiB in every mode. A
+    /// quarter of the receive completions and sends per byte of 16 KiB buffers: one stream 1.08 ×
+    /// faster under `auto`, four down 1.12 ×, 0.93 × the CPU per GB (docs/configuration.md);
+    /// small messages write one page of their buffer whatever its size.
+    pub const RECV_BUFFER_SIZE: u32 = 64 * 1024;
 
-    /// Bytes per receive buffer unless `tune.recv_buffer_size` says: 16 KiB where bulk flows
-    /// splice (`auto`: the buffers carry small messages, and 1,000 bulk flows make a quarter of
-    /// the memory resident before they switch), 64 KiB where the buffers carry everything
-    /// (`never`: a quarter of the completions per byte; one stream 1.4 × faster on loopback).
-    pub const fn recv_buffer_size(splice: super::SpliceMode) -> u32 {
-        match splice {
-            super::SpliceMode::Never => 64 * 1024,
-            super::SpliceMode::Auto | super::SpliceMode::Always => 16 * 1024,
+    /// Receive buffers per worker unless `tune.recv_buffers` says: a pool of 16 MiB under `auto`
+    /// (bulk flows splice once the worker finds it pays: 1,000 bulk flows peak at the same 32 MiB
+    /// through 2 workers with 256 of 64 KiB as with 1,024 of 16 KiB), 64 MiB under `never` (every
+    /// byte of every flow goes through them: many busy flows wait for a smaller pool), in
+    /// buffers of `size` bytes (64 to 65,536 of them).
+    pub const fn recv_buffers(splice: super::SpliceMode, size: u32) -> u32 {
+        let pool: u32 = match splice {
+            super::SpliceMode::Never => 64 << 20,
+            super::SpliceMode::Auto | super::SpliceMode::Always => 16 << 20,
+        };
+        let n = pool / size;
+        if n < 64 {
+            64
+        } else if n > 65536 {
+            65536
+        } else {
+            n
         }
     }
     pub const RING_ENTRIES: u32 = 4096;
@@ -164,10 +177,11 @@ pub struct Tune {
     pub pipe_size: u32,
     /// Most pipes one worker keeps (in flight plus pooled).
     pub max_pipes: u32,
-    /// Most receive buffers one worker creates (`splice: auto` or `never`).
+    /// Most receive buffers one worker creates (`splice: auto` or `never`); by default a pool of
+    /// bytes per mode divided by `recv_buffer_size`.
     pub recv_buffers: u32,
     /// Bytes per receive buffer: the most one receive completion brings (`splice: auto`: a
-    /// receive that fills one whole is bulk data, and the flow splices from then on).
+    /// receive that fills one whole is bulk data, and the flow may splice from then on).
     pub recv_buffer_size: u32,
     /// Submission queue entries per worker ring.
     pub ring_entries: u32,
@@ -186,8 +200,8 @@ impl Default for Tune {
         Tune {
             pipe_size: default::PIPE_SIZE,
             max_pipes: default::MAX_PIPES,
-            recv_buffers: default::RECV_BUFFERS,
-            recv_buffer_size: default::recv_buffer_size(SpliceMode::Auto),
+            recv_buffers: default::recv_buffers(SpliceMode::Auto, default::RECV_BUFFER_SIZE),
+            recv_buffer_size: default::RECV_BUFFER_SIZE,
             ring_entries: default::RING_ENTRIES,
             iowq_workers: default::IOWQ_WORKERS,
             peer_lookups: default::PEER_LOOKUPS,

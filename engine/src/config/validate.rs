@@ -440,8 +440,9 @@ impl Validator<'_> {
             }
         }
         tune.splice = t.splice.unwrap_or_default();
-        if t.recv_buffer_size.is_none() {
-            tune.recv_buffer_size = default::recv_buffer_size(tune.splice);
+        if t.recv_buffers.is_none() {
+            // A pool of bytes per mode, in buffers of the size set (or the default).
+            tune.recv_buffers = default::recv_buffers(tune.splice, tune.recv_buffer_size);
         }
         Ok(tune)
     }

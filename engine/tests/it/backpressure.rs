@@ -110,8 +110,8 @@ fn server_stops_reading_in(splice: &str) {
     // What sits between the client and the stalled server is in kernel socket buffers and one pipe
     // (bounded by tcp_rmem/tcp_wmem and tune.pipe_size), or in at most a paused flow's share of
     // receive buffers: 1 MiB of them, plus what the multishot receive took in the wakeup that
-    // crossed that mark (at most the 64 buffers the ring offers at rest: 4 MiB of `never`'s
-    // 64 KiB buffers, 1 MiB of `auto`'s 16 KiB). Receive buffers become memory only when written,
+    // crossed that mark (at most the 64 buffers the ring offers at rest: 4 MiB of 64 KiB
+    // buffers, the default in both modes). Receive buffers become memory only when written,
     // so all of it shows in the growth: at most 5 MiB, whatever is in flight.
     assert!(rss_blocked < rss_before + 6144, "the proxy grew by {} KiB", rss_blocked - rss_before);
     // Now the server reads: everything arrives, intact.

@@ -166,7 +166,7 @@ fn backend_that_stops_reading() {
         .ok()
         .and_then(|t| t.split_whitespace().nth(2)?.parse().ok())
         .unwrap_or(6 << 20);
-    let buf = u64::from(ringproxy::config::default::recv_buffer_size(ringproxy::config::SpliceMode::Auto));
+    let buf = u64::from(ringproxy::config::default::RECV_BUFFER_SIZE);
     let per_flow = (MIB + rmem_max).div_ceil(buf);
     let buffers_stalled = s1.total(|w| w.buffers_in_use);
     assert!(buffers_stalled <= STUCK * per_flow, "receive buffers held: {buffers_stalled} (bound {per_flow} per flow)");
