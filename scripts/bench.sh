@@ -679,7 +679,7 @@ idle_test() { # PATH ROUND
 # idle: a long-running instance would reuse what earlier tests left); the proxy's RSS sampled every
 # 0.2 s: its peak growth over the start is what so many bulk flows cost in memory.
 flows_test() { # PATH ROUND
-    local p=$1 r=$2 f a inst rss0 rss peak run rc=0 cmd
+    local p=$1 r=$2 f a inst rss0 rss peak run rc=0 cmd pr0
     f=$OUT/raw/r$r-flows-$p
     fresh_instance "$p" "flows-$p-r$r" source
     inst=$INST
@@ -691,6 +691,7 @@ flows_test() { # PATH ROUND
     cmd=("$RL" throughput --target "$a" --streams "$FLOWS" --direction both --duration "$((2 * DUR))s"
         --json --no-progress)
     log_cmd "$f.cmd" "${cmd[@]}"
+    pr0=$(tcp_pressure_ms)
     start_bg "ringload throughput (flows)" timeout "$TO" "${cmd[@]}" >"$f.json" 2>"$f.err"
     run=$BG_PID
     while kill -0 "$run" 2>/dev/null; do
@@ -700,11 +701,12 @@ flows_test() { # PATH ROUND
         sleep 0.2
     done
     reap_bg "$run" || rc=$?
-    record test=flows path="$p" round="$r" file="$f" rc="$rc" flows="$FLOWS" rss0_kb="$rss0" peak_kb="$peak" \
-        proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  flows $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"
     sleep 1
+    # (After the sockets are gone: an episode of pressure is counted when it ends.)
+    record test=flows path="$p" round="$r" file="$f" rc="$rc" flows="$FLOWS" rss0_kb="$rss0" peak_kb="$peak" \
+        tcp_pressure_ms="$(($(tcp_pressure_ms) - pr0))" proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
 }
 
 # stop_inst INSTANCE: stops every process of a proxy instance

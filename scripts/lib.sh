@@ -311,6 +311,13 @@ rss_kb() {
 }
 
 slab_kb() { awk '/^Slab:/ {print $2}' /proc/meminfo; }
+# tcp_pressure_ms: the time the host's TCP stack has spent under memory pressure (tcp_mem's second
+# value crossed: sockets are pruned, packets dropped, senders wait for retransmission timeouts),
+# in ms since boot; the kernel adds each episode when it ends.
+tcp_pressure_ms() {
+    awk '/^TcpExt:/ { if (!h) { for (i = 2; i <= NF; i++) if ($i == "TCPMemoryPressuresChrono") k = i; h = 1 }
+                      else { print (k ? $k : 0) } }' /proc/net/netstat
+}
 # SUnreclaim: the unreclaimable part of Slab (sockets' tcp_sock, files, io_uring requests, epoll items);
 # it leaves out the dentry and inode caches that other work on the host (builds) moves a lot
 sunreclaim_kb() { awk '/^SUnreclaim:/ {print $2}' /proc/meminfo; }

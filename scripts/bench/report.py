@@ -62,6 +62,7 @@ METRICS = {
     "hb18k_p99": ("18,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
     "flows_tput": ("1,000 bulk flows both ways at once, up + down (ringload)", "Gbit/s", True, 2),
     "flows_rss": ("1,000 bulk flows both ways: the proxy's peak RSS growth", "MiB", False, 1),
+    "flows_pressure": ("1,000 bulk flows both ways: time the host's TCP stack spent under memory pressure (tcp_mem)", "s", False, 1),
 }
 
 SHORT = {
@@ -201,6 +202,8 @@ def parse(out):
                 put("flows_tput", p, rnd, T["down_gbps"] + T["up_gbps"])
             if p != "direct":
                 put("flows_rss", p, rnd, (r["peak_kb"] - r["rss0_kb"]) / 1024)
+            if "tcp_pressure_ms" in r:
+                put("flows_pressure", p, rnd, int(r["tcp_pressure_ms"]) / 1000)
         elif t in ("hb9k", "hb18k"):
             j = load_run(f, rnd, t, p, problems)
             n = r["conns"]
