@@ -19,10 +19,10 @@ pub mod default {
     pub const WEIGHT: u32 = 1;
     pub const PIPE_SIZE: u32 = 256 * 1024;
     pub const MAX_PIPES: u32 = 4096;
-    /// Bytes per receive buffer unless `tune.recv_buffer_size` says: 64 KiB in every mode. A
-    /// quarter of the receive completions and sends per byte of 16 KiB buffers: one stream 1.08 ×
-    /// faster under `auto`, four down 1.12 ×, 0.93 × the CPU per GB (docs/configuration.md);
-    /// small messages write one page of their buffer whatever its size.
+    /// Bytes per receive buffer unless `tune.recv_buffer_size` says: 64 KiB in every mode. Up to
+    /// a quarter of the receive completions and sends per byte of 16 KiB buffers: under `auto`,
+    /// the ringload throughput rows 1.00–1.18 × faster in the full bench run of 2026-12-05
+    /// (docs/benchmarks.md); small messages write one page of their buffer whatever its size.
     pub const RECV_BUFFER_SIZE: u32 = 64 * 1024;
 
     /// Receive buffers per worker unless `tune.recv_buffers` says: a pool of 16 MiB under `auto`
