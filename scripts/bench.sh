@@ -636,6 +636,12 @@ fresh_instance() {
 # heartbeat round has passed (1: right after the ramp), and IDLE_SETTLE_S later while they are still
 # held (2: what holding them costs; a proxy may keep part of what the ramp's burst took, or give it
 # back — ringproxy's receive-buffer ring narrows once a second).
+# mem_kb INSTANCE: the instance's RSS, the machine's Slab and SUnreclaim, in KiB, on one line
+mem_kb() {
+    # shellcheck disable=SC2086
+    echo "$(rss_kb ${PROC[$1]}) $(slab_kb) $(sunreclaim_kb)"
+}
+
 idle_test() { # PATH ROUND
     local p=$1 r=$2 f a port rss0 rss1 rss2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0 hold_s inst cmd
     f=$OUT/raw/r$r-idle-$p
@@ -645,8 +651,7 @@ idle_test() { # PATH ROUND
     port=$(port_of "$a")
     hold_s=$((IDLE_CONNS / 5000 + 7 + IDLE_SETTLE_S))
     sleep 1
-    # shellcheck disable=SC2086
-    rss0=$(rss_kb ${PROC[$inst]}); slab0=$(slab_kb); sunr0=$(sunreclaim_kb)
+    read -r rss0 slab0 sunr0 < <(mem_kb "$inst")
     cmd=("$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat 2s --duration "${hold_s}s"
         --sources 127.0.5.0/28 --json --no-progress)
     log_cmd "$f.cmd" "${cmd[@]}"
@@ -659,11 +664,9 @@ idle_test() { # PATH ROUND
         sleep 0.1
     done
     sleep 2.5
-    # shellcheck disable=SC2086
-    rss1=$(rss_kb ${PROC[$inst]}); slab1=$(slab_kb); sunr1=$(sunreclaim_kb)
+    read -r rss1 slab1 sunr1 < <(mem_kb "$inst")
     sleep "$IDLE_SETTLE_S"
-    # shellcheck disable=SC2086
-    rss2=$(rss_kb ${PROC[$inst]}); slab2=$(slab_kb); sunr2=$(sunreclaim_kb)
+    read -r rss2 slab2 sunr2 < <(mem_kb "$inst")
     reap_bg "$hold" || rc=$?
     record test=idle path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" \
         rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \

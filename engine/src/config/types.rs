@@ -29,21 +29,17 @@ pub mod default {
     /// (bulk flows splice once the worker finds it pays: 1,000 bulk flows peak at the same 32 MiB
     /// through 2 workers with 256 of 64 KiB as with 1,024 of 16 KiB), 64 MiB under `never` (every
     /// byte of every flow goes through them: many busy flows wait for a smaller pool), in
-    /// buffers of `size` bytes (64 to 65,536 of them).
-    pub const fn recv_buffers(splice: super::SpliceMode, size: u32) -> u32 {
+    /// buffers of `size` bytes (within the range `tune.recv_buffers` accepts).
+    pub fn recv_buffers(splice: super::SpliceMode, size: u32) -> u32 {
         let pool: u32 = match splice {
             super::SpliceMode::Never => 64 << 20,
             super::SpliceMode::Auto | super::SpliceMode::Always => 16 << 20,
         };
-        let n = pool / size;
-        if n < 64 {
-            64
-        } else if n > 65536 {
-            65536
-        } else {
-            n
-        }
+        (pool / size).clamp(RECV_BUFFERS_MIN, RECV_BUFFERS_MAX)
     }
+    /// The fewest and most receive buffers per worker (a buffer id is 16 bits).
+    pub const RECV_BUFFERS_MIN: u32 = 64;
+    pub const RECV_BUFFERS_MAX: u32 = 1 << 16;
     pub const RING_ENTRIES: u32 = 4096;
     pub const IOWQ_WORKERS: u32 = 4;
     pub const PEER_LOOKUPS: u32 = 4096;

@@ -408,7 +408,8 @@ impl Validator<'_> {
             tune.max_pipes = self.count(s, "max_pipes", 1, 1 << 20)? as u32;
         }
         if let Some(s) = &t.recv_buffers {
-            tune.recv_buffers = self.count(s, "recv_buffers", 64, 65536)? as u32;
+            let (min, max) = (default::RECV_BUFFERS_MIN, default::RECV_BUFFERS_MAX);
+            tune.recv_buffers = self.count(s, "recv_buffers", u64::from(min), u64::from(max))? as u32;
         }
         if let Some(s) = &t.recv_buffer_size {
             let n = s.value.0;
