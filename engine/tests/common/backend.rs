@@ -54,6 +54,15 @@ impl Backend {
         Backend::on("127.0.0.1:0", mode)
     }
 
+    /// On an address of its own (127.0.77.1, which no test connects to by name), for a test that
+    /// asserts on every peer it sees: a port on 127.0.0.1 may have been another test's backend a
+    /// moment ago, given back when that test stopped it, and that test's proxy may still be
+    /// checking or connecting to it (one such connect, from 127.0.0.1, failed the peer check of
+    /// `process::admin::add_server_takes_connections_and_del_server_waits_for_none` in a full run).
+    pub fn unshared(mode: Mode) -> Backend {
+        Backend::on("127.0.77.1:0", mode)
+    }
+
     pub fn on(bind: &str, mode: Mode) -> Backend {
         let release = Arc::new(AtomicBool::new(false));
         let peers = Arc::new(Mutex::new(Vec::new()));

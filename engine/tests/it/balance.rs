@@ -147,7 +147,7 @@ fn random_uses_every_server() {
 
 #[test]
 fn sources_come_from_the_configured_ips_and_each_worker_uses_its_own_shard() {
-    let backend = Backend::start(Mode::Hold);
+    let backend = Backend::unshared(Mode::Hold);
     let engine = engine(&format!(
         "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
          backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.0.2.1-127.0.2.4 }}] }}]\n",

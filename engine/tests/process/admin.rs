@@ -308,7 +308,7 @@ fn balance_hash_moves_only_the_clients_of_a_server_taken_out() {
 /// what was added and names it.
 #[test]
 fn add_server_takes_connections_and_del_server_waits_for_none() {
-    let (a, b, d) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)), Backend::start(Mode::Tag(4)));
+    let (a, b, d) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)), Backend::unshared(Mode::Tag(4)));
     let (stats, admin) = sockets("add");
     let mut proxy = Proxy::start("add", &config(&stats, &admin, a.addr, b.addr, "", ""));
     let front = proxy.addr("fe");
