@@ -109,6 +109,9 @@ CHURN_SOURCES=${CHURN_SOURCES:-8}
 # RP_TUNE='splice: never' BASE_TUNE='splice: never').
 RP_TUNE=${RP_TUNE:-}
 BASE_TUNE=${BASE_TUNE:-}
+# Extra lines for every HAProxy path's `global` section, separated by ';' (e.g. the same socket
+# buffer sizes as an RP_TUNE: HAPROXY_GLOBAL='tune.sndbuf.client 262144; tune.sndbuf.server 262144').
+HAPROXY_GLOBAL=${HAPROXY_GLOBAL:-}
 BASE_BIN=${BASE_BIN:-}
 BASE_REV=${BASE_REV:-}
 BASE_TARGET_DIR=${BASE_TARGET_DIR:-$ROOT/target/bench-base}
@@ -220,6 +223,9 @@ fi
     echo "nginx: $("$NGINX" -v 2>&1)"
     echo "iperf3: $(iperf3 --version | head -1)"
     echo "wrk: $(wrk --version 2>&1 | head -1)"
+    [ -z "$RP_TUNE" ] || echo "ringproxy tune: $RP_TUNE"
+    [ -z "$BASE_TUNE" ] || echo "ringproxy-base tune: $BASE_TUNE"
+    [ -z "$HAPROXY_GLOBAL" ] || echo "haproxy global: $HAPROXY_GLOBAL"
     echo "rounds: $ROUNDS, $DUR s per test, workers $WORKERS, maxconn $MAXCONN, rate/wrk concurrency $CONC, keep-alive connections $KA_CONNS, fixed rate $LAT_RATE/s, idle $IDLE_CONNS connections"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
@@ -400,6 +406,10 @@ start_haproxy() {
             echo "    maxpipes 512"
             echo "    tune.pipesize $PIPE_SIZE"
             echo "    pidfile $d/haproxy-$k.pid"
+            if [ -n "$HAPROXY_GLOBAL" ]; then
+                IFS=';' read -ra extra <<<"$HAPROXY_GLOBAL"
+                for line in "${extra[@]}"; do echo "    ${line# }"; done
+            fi
             echo "defaults"
             echo "    mode tcp"
             echo "    timeout connect 5s"

@@ -60,6 +60,7 @@ pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> R
     let mut per_worker: Vec<Vec<Listener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     let mut groups = Vec::new();
+    let client_opts = config.global.tune.client_sockopts();
     for (f, fe) in config.frontends.iter().enumerate() {
         for &want in &fe.binds {
             let fail = |source: io::Error| ListenError::Listen { frontend: fe.name.clone(), addr: want, source };
@@ -88,6 +89,17 @@ pub fn bind_all(config: &Config, workers: usize, inherit: &[ListenerGroup]) -> R
                 // Set on every start (a reload may change it on an inherited socket): accepted
                 // sockets inherit the listener's keepalive settings.
                 set_keepalive(&sock, fe.tcp_keepalive).map_err(fail)?;
+                // Likewise their buffer sizes (before the first SYN: the window scale a client is
+                // offered follows the listener's receive buffer) and TCP_NOTSENT_LOWAT (0: the
+                // sysctl's, for a reload that drops it). A buffer size is not undone when a reload
+                // drops it: the kernel keeps one set until the socket closes (Supervisor::reload
+                // says so).
+                for &(level, name, value) in &client_opts {
+                    crate::sys::set_int_option(&sock, level, name, value).map_err(fail)?;
+                }
+                if config.global.tune.notsent_lowat.is_none() {
+                    crate::sys::set_int_option(&sock, libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 0).map_err(fail)?;
+                }
                 let fd = OwnedFd::from(sock);
                 fds.push(fd.try_clone().map_err(fail)?);
                 list.push(Listener { frontend: f, fd, ipv6: addr.is_ipv6(), addr });

@@ -408,7 +408,8 @@ impl Supervisor {
             return Err(ReloadError::Stopping);
         }
         let config = config::load(&self.path)?;
-        let warnings = config.warnings.clone();
+        let mut warnings = config.warnings.clone();
+        warnings.extend(kept_client_buffers(&self.path, self.current.config(), &config));
         // On failure the current engine is untouched: it still holds and serves its sockets.
         let opts = StartOptions { inherit: self.current.listeners(), external_stats: true };
         let new = Engine::prepare(config, opts)?.launch(&self.watcher.watch())?;
@@ -884,4 +885,21 @@ impl Supervisor {
             e.join();
         }
     }
+}
+
+/// A reload keeps the listening sockets, and the kernel keeps a buffer size set on a socket until
+/// it closes: a `tune.rcvbuf_client` / `sndbuf_client` the new file no longer sets stays in force
+/// for new clients. Says so, with the size kept.
+fn kept_client_buffers(path: &Path, old: &config::Config, new: &config::Config) -> Vec<String> {
+    let (was, now) = (old.global.tune.client_buffers, new.global.tune.client_buffers);
+    [("rcvbuf_client", was.receive, now.receive), ("sndbuf_client", was.send, now.send)]
+        .into_iter()
+        .filter_map(|(key, was, now)| match (was, now) {
+            (Some(bytes), None) => Some(format!(
+                "{}: warning: tune.{key} is no longer set, but the listening sockets keep its {bytes} bytes for new clients until ringproxy restarts (a reload or an upgrade keeps them); set it to the size wanted instead",
+                path.display()
+            )),
+            _ => None,
+        })
+        .collect()
 }

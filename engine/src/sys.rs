@@ -394,15 +394,19 @@ pub fn splice(from: RawFd, to: RawFd, len: u32) -> Result<u32, i32> {
 /// Sets IP_BIND_ADDRESS_NO_PORT: bind() fixes only the address, connect() picks the port per
 /// 4-tuple (so a source address is not limited to one connection per ephemeral port host-wide).
 pub fn set_bind_address_no_port(sock: impl AsFd) -> io::Result<()> {
-    let one: libc::c_int = 1;
-    // SAFETY: passes a pointer to `one`, a local c_int alive across the call, and its size;
+    set_int_option(sock, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)
+}
+
+/// setsockopt(level, name) with an int value.
+pub fn set_int_option(sock: impl AsFd, level: libc::c_int, name: libc::c_int, value: libc::c_int) -> io::Result<()> {
+    // SAFETY: passes a pointer to `value`, a local c_int alive across the call, and its size;
     // setsockopt only reads it.
     let r = unsafe {
         libc::setsockopt(
             sock.as_fd().as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const one).cast(),
+            level,
+            name,
+            (&raw const value).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
         )
     };

@@ -372,7 +372,23 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
     // Connections that fit in half the RAM at this floor: the most a tcp_mem suggestion is sized for.
     let fits = ram.map_or(u64::MAX, |m| m / 2 / per_conn).min(u64::from(u32::MAX)) as u32;
     let pages_for = |conns: u32| (2 * u64::from(conns) * (r[0] + w[0])).div_ceil(page);
-    let (sockets, pages, busy) = (2 * u64::from(target), pages_for(target), 2 * u64::from(target) * (r[1] + w[1]));
+    let (sockets, pages) = (2 * u64::from(target), pages_for(target));
+    // Buffers filled: a size set by tune.rcvbuf_* / sndbuf_* (which the kernel doubles), else the
+    // default, from which a busy socket autotunes up to the maximum.
+    let tune = &config.global.tune;
+    let filled = |set: Option<u32>, default: u64| set.map_or(default, |v| 2 * u64::from(v));
+    let client = [filled(tune.client_buffers.receive, r[1]), filled(tune.client_buffers.send, w[1])];
+    let server = [filled(tune.server_buffers.receive, r[1]), filled(tune.server_buffers.send, w[1])];
+    let busy = u64::from(target) * (client[0] + client[1] + server[0] + server[1]);
+    let sizes =
+        [tune.client_buffers.receive, tune.client_buffers.send, tune.server_buffers.receive, tune.server_buffers.send];
+    let whence = match sizes.iter().all(Option::is_none) {
+        true => format!(
+            "tcp_rmem / tcp_wmem's defaults, from which busy sockets autotune up to {} + {} each unless tune.rcvbuf_* / sndbuf_* fix them",
+            r[2], w[2]
+        ),
+        false => "tune.rcvbuf_* / sndbuf_* as set, doubled by the kernel, else tcp_rmem / tcp_wmem's defaults".into(),
+    };
     let today = match plan.maxconn < target {
         true => format!(
             " ({} at the {} connections the open-files limit allows today)",
@@ -382,7 +398,7 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
         false => String::new(),
     };
     let detail = format!(
-        "{target} idle connections = {sockets} sockets x (tcp_rmem min {} + tcp_wmem min {}) = {} = {pages} pages{today} vs tcp_mem {} {} {} (pressure at {}, limit {}). Assumes nearly empty buffers, each socket charged its minimum; with their default buffers filled ({} + {}) they would need {}",
+        "{target} idle connections = {sockets} sockets x (tcp_rmem min {} + tcp_wmem min {}) = {} = {pages} pages{today} vs tcp_mem {} {} {} (pressure at {}, limit {}). Assumes nearly empty buffers, each socket charged its minimum; with their buffers filled (client side {} + {}, server side {} + {}: {whence}) they would need {}",
         r[0],
         w[0],
         size(pages * page),
@@ -391,8 +407,10 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
         mem[2],
         size(mem[1] * page),
         size(mem[2] * page),
-        r[1],
-        w[1],
+        client[0],
+        client[1],
+        server[0],
+        server[1],
         size(busy)
     );
     let status = grade(pages, mem[1], mem[2]);

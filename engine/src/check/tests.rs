@@ -237,6 +237,14 @@ fn memory_is_sized_for_the_configured_maxconn() {
     assert!(fix.contains("net.ipv4.tcp_rmem=\"4096 4096 6291456\""), "{fix}");
     let small = evaluate(&config("maxconn: 100", "", ONE), &f);
     assert_eq!(item(&small, "tcp memory").status, Status::Ok);
+    // Filled buffers: the defaults (and how far they may grow), or the sizes set, doubled.
+    let d = &item(&small, "tcp memory").detail;
+    assert!(d.contains("(client side 131072 + 4096, server side 131072 + 4096: tcp_rmem"), "{d}");
+    assert!(d.contains("autotune up to 6291456 + 16777216 each"), "{d}");
+    let set = evaluate(&config("maxconn: 100, tune: { sndbuf_client: 16k, rcvbuf_server: 32k }", "", ONE), &f);
+    let d = &item(&set, "tcp memory").detail;
+    assert!(d.contains("(client side 131072 + 32768, server side 65536 + 4096: tune.rcvbuf_*"), "{d}");
+    assert!(d.contains("they would need 22.3 MiB"), "100 x (131072 + 32768 + 65536 + 4096) B: {d}");
 }
 
 #[test]

@@ -21,7 +21,7 @@ pub use message::ConfigError;
 pub use raw::{Balance, OnDown, OnRemoved, ProxyVersion};
 pub use types::{
     Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource,
-    Server, SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,
+    Server, SockOpt, SocketBuffers, SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,
 };
 
 /// Reads and validates the configuration file at `path`.

@@ -68,6 +68,11 @@ pub struct RawTune {
     pub peer_lookups: Option<Spanned<Count>>,
     pub io_features: Option<Spanned<String>>,
     pub splice: Option<super::SpliceMode>,
+    pub rcvbuf_client: Option<Spanned<Size>>,
+    pub sndbuf_client: Option<Spanned<Size>>,
+    pub rcvbuf_server: Option<Spanned<Size>>,
+    pub sndbuf_server: Option<Spanned<Size>>,
+    pub notsent_lowat: Option<Spanned<Size>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -70,7 +70,10 @@ fn everything_set() {
             iowq_workers: 2,
             peer_lookups: 512,
             io_features: None,
-            splice: SpliceMode::Always
+            splice: SpliceMode::Always,
+            client_buffers: SocketBuffers { receive: Some(16 << 10), send: Some(32 << 10) },
+            server_buffers: SocketBuffers { receive: Some(64 << 10), send: Some(128 << 10) },
+            notsent_lowat: Some(256 << 10),
         }
     );
     let fe = &c.frontends[0];
@@ -581,6 +584,42 @@ fn per_source_limits_and_rate_limit_are_checked() {
         "{:?}",
         c.warnings
     );
+}
+
+#[test]
+fn socket_buffers_and_notsent_lowat_are_unset_by_default_and_set_from_4k_to_1g() {
+    let with = |tune: &str| {
+        format!(
+            "global:\n  tune: {{ {tune} }}\n\
+             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
+             backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
+        )
+    };
+    let tune = |t: &str| ok(&with(t)).global.tune;
+    let unset = SocketBuffers { receive: None, send: None };
+    assert_eq!((Tune::default().client_buffers, Tune::default().server_buffers), (unset, unset));
+    let t = tune("rcvbuf_client: 4k, sndbuf_server: 1g");
+    assert_eq!(t.client_buffers, SocketBuffers { receive: Some(4096), send: None });
+    assert_eq!(t.server_buffers, SocketBuffers { receive: None, send: Some(1 << 30) });
+    assert_eq!(tune("").notsent_lowat, None);
+    let t = tune("sndbuf_client: 65536, rcvbuf_server: 256k, notsent_lowat: 128k");
+    let lowat = (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 128 << 10);
+    assert_eq!(t.client_sockopts(), [(libc::SOL_SOCKET, libc::SO_SNDBUF, 65536), lowat]);
+    assert_eq!(t.server_sockopts(), [(libc::SOL_SOCKET, libc::SO_RCVBUF, 256 << 10), lowat]);
+    assert_eq!(tune("rcvbuf_client: 8k").server_sockopts(), [], "each side its own");
+    for (key, bad) in [
+        ("rcvbuf_client", "1k"),
+        ("sndbuf_client", "2g"),
+        ("rcvbuf_server", "0"),
+        ("sndbuf_server", "4095"),
+        ("notsent_lowat", "2k"),
+    ] {
+        let e = parse(&with(&format!("{key}: {bad}")), "t.yaml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("t.yaml:2:") && e.contains(&format!("{key} must be between 4k and 1g bytes")),
+            "{key} {bad}: {e}"
+        );
+    }
 }
 
 #[test]

@@ -40,6 +40,10 @@ pub mod default {
     /// The fewest and most receive buffers per worker (a buffer id is 16 bits).
     pub const RECV_BUFFERS_MIN: u32 = 64;
     pub const RECV_BUFFERS_MAX: u32 = 1 << 16;
+    /// The smallest and largest `tune.rcvbuf_*` / `sndbuf_*` (the kernel doubles the value, and
+    /// caps it at `net.core.rmem_max` / `wmem_max`) and `tune.notsent_lowat`.
+    pub const SOCKET_BUFFER_MIN: u64 = 4096;
+    pub const SOCKET_BUFFER_MAX: u64 = 1 << 30;
     pub const RING_ENTRIES: u32 = 4096;
     pub const IOWQ_WORKERS: u32 = 4;
     pub const PEER_LOOKUPS: u32 = 4096;
@@ -189,6 +193,52 @@ pub struct Tune {
     /// offers); see features.rs.
     pub io_features: Option<(u32, u32)>,
     pub splice: SpliceMode,
+    /// Kernel buffer sizes of the client sockets (`rcvbuf_client`, `sndbuf_client`; set on the
+    /// listeners, which accepted sockets inherit).
+    pub client_buffers: SocketBuffers,
+    /// Kernel buffer sizes of the server sockets (`rcvbuf_server`, `sndbuf_server`; set in the
+    /// connect chain).
+    pub server_buffers: SocketBuffers,
+    /// TCP_NOTSENT_LOWAT on every socket, both sides: the most bytes a socket's send queue holds
+    /// that TCP has not sent yet before a send waits (`None`: the kernel's,
+    /// `net.ipv4.tcp_notsent_lowat`, unlimited by default).
+    pub notsent_lowat: Option<u32>,
+}
+
+/// SO_RCVBUF / SO_SNDBUF for one side's sockets; `None`: the kernel's own (`tcp_rmem` /
+/// `tcp_wmem`'s default, grown by autotuning up to their maximum). A value set fixes the
+/// buffer (no autotuning); the kernel reserves twice it, for its bookkeeping.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketBuffers {
+    pub receive: Option<u32>,
+    pub send: Option<u32>,
+}
+
+/// One socket option with an int value: (level, name, value).
+pub type SockOpt = (libc::c_int, libc::c_int, i32);
+
+impl Tune {
+    /// The options every client socket gets (set on the listeners, which accepted sockets
+    /// inherit them from).
+    pub fn client_sockopts(&self) -> Vec<SockOpt> {
+        self.sockopts(self.client_buffers)
+    }
+
+    /// The options every server socket gets (in the connect chain).
+    pub fn server_sockopts(&self) -> Vec<SockOpt> {
+        self.sockopts(self.server_buffers)
+    }
+
+    fn sockopts(&self, b: SocketBuffers) -> Vec<SockOpt> {
+        [
+            (libc::SOL_SOCKET, libc::SO_RCVBUF, b.receive),
+            (libc::SOL_SOCKET, libc::SO_SNDBUF, b.send),
+            (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, self.notsent_lowat),
+        ]
+        .into_iter()
+        .filter_map(|(level, name, v)| v.map(|v| (level, name, v as i32)))
+        .collect()
+    }
 }
 
 impl Default for Tune {
@@ -203,6 +253,9 @@ impl Default for Tune {
             peer_lookups: default::PEER_LOOKUPS,
             io_features: None,
             splice: SpliceMode::Auto,
+            client_buffers: SocketBuffers::default(),
+            server_buffers: SocketBuffers::default(),
+            notsent_lowat: None,
         }
     }
 }

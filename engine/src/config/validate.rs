@@ -441,6 +441,19 @@ impl Validator<'_> {
             }
         }
         tune.splice = t.splice.unwrap_or_default();
+        let buffer = |v: &Option<Spanned<raw::Size>>, what: &str| -> Result<Option<u32>> {
+            let Some(s) = v else { return Ok(None) };
+            let (n, min, max) = (s.value.0, default::SOCKET_BUFFER_MIN, default::SOCKET_BUFFER_MAX);
+            if !(min..=max).contains(&n) {
+                return self.err(s.referenced, format!("{what} must be between 4k and 1g bytes, not {n}"));
+            }
+            Ok(Some(n as u32))
+        };
+        tune.client_buffers.receive = buffer(&t.rcvbuf_client, "rcvbuf_client")?;
+        tune.client_buffers.send = buffer(&t.sndbuf_client, "sndbuf_client")?;
+        tune.server_buffers.receive = buffer(&t.rcvbuf_server, "rcvbuf_server")?;
+        tune.server_buffers.send = buffer(&t.sndbuf_server, "sndbuf_server")?;
+        tune.notsent_lowat = buffer(&t.notsent_lowat, "notsent_lowat")?;
         if t.recv_buffers.is_none() {
             // A pool of bytes per mode, in buffers of the size set (or the default).
             tune.recv_buffers = default::recv_buffers(tune.splice, tune.recv_buffer_size);

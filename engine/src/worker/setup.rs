@@ -77,6 +77,7 @@ impl Worker {
             addrs,
             timeouts,
             keepalives,
+            server_opts: tune.server_sockopts(),
             max_chunks: plan.pipes_per_worker as usize,
             peer_slots: config.global.tune.peer_lookups as usize,
             recv_bufs: tune.splice.uses_ring().then_some((tune.recv_buffer_size as usize, tune.recv_buffers as usize)),

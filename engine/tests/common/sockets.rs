@@ -80,6 +80,10 @@ pub struct TcpSocket {
     /// probe; and when it fires, in milliseconds from now.
     pub timer: u8,
     pub expires_ms: u32,
+    /// The socket's receive and send buffer sizes (`ss -m`'s `rb` and `tb`: the kernel's
+    /// sk_rcvbuf and sk_sndbuf, twice what SO_RCVBUF / SO_SNDBUF set).
+    pub rcvbuf: u32,
+    pub sndbuf: u32,
 }
 
 impl TcpSocket {
@@ -125,6 +129,10 @@ mod diag {
     const NLMSG_ERROR: u16 = 0x2;
     const NLMSG_DONE: u16 = 0x3;
     const TCP_TIME_WAIT: u32 = 6;
+    /// The extension asked for: INET_DIAG_SKMEMINFO (an array of u32, SK_MEMINFO_*).
+    const INET_DIAG_SKMEMINFO: u16 = 7;
+    const SK_MEMINFO_RCVBUF: usize = 1;
+    const SK_MEMINFO_SNDBUF: usize = 3;
 
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -196,7 +204,14 @@ mod diag {
                 seq: 1,
                 pid: 0,
             },
-            req: ReqV2 { family, protocol: libc::IPPROTO_TCP as u8, ext: 0, pad: 0, states: !(1 << TCP_TIME_WAIT), id },
+            req: ReqV2 {
+                family,
+                protocol: libc::IPPROTO_TCP as u8,
+                ext: 1 << (INET_DIAG_SKMEMINFO - 1),
+                pad: 0,
+                states: !(1 << TCP_TIME_WAIT),
+                id,
+            },
         };
         // SAFETY: `request` is a plain repr(C) value that outlives the call; the length is its size.
         let sent = unsafe { libc::send(fd.as_raw_fd(), (&raw const request).cast(), size_of::<Request>(), 0) };
@@ -226,7 +241,9 @@ mod diag {
                         let errno: i32 = read(body);
                         return Err(io::Error::from_raw_os_error(-errno));
                     }
-                    SOCK_DIAG_BY_FAMILY if body.len() >= size_of::<Msg>() => out.push(socket(&read(body))),
+                    SOCK_DIAG_BY_FAMILY if body.len() >= size_of::<Msg>() => {
+                        out.push(socket(&read(body), &body[size_of::<Msg>()..]))
+                    }
                     _ => {}
                 }
                 off += len.next_multiple_of(4);
@@ -242,7 +259,25 @@ mod diag {
         unsafe { bytes.as_ptr().cast::<T>().read_unaligned() }
     }
 
-    fn socket(m: &Msg) -> TcpSocket {
+    /// The u32 at `index` of the INET_DIAG_SKMEMINFO attribute among `attrs` (netlink attributes:
+    /// u16 length, u16 type, payload, each 4-byte aligned); 0 if absent.
+    fn meminfo(mut attrs: &[u8], index: usize) -> u32 {
+        while attrs.len() >= 4 {
+            let (len, kind) =
+                (u16::from_ne_bytes([attrs[0], attrs[1]]) as usize, u16::from_ne_bytes([attrs[2], attrs[3]]));
+            if len < 4 || len > attrs.len() {
+                break;
+            }
+            let payload = &attrs[4..len];
+            if kind == INET_DIAG_SKMEMINFO && payload.len() >= (index + 1) * 4 {
+                return read(&payload[index * 4..]);
+            }
+            attrs = &attrs[len.next_multiple_of(4).min(attrs.len())..];
+        }
+        0
+    }
+
+    fn socket(m: &Msg, attrs: &[u8]) -> TcpSocket {
         let addr = |ip: &[u8; 16], port: [u8; 2]| {
             let ip = if m.family == libc::AF_INET as u8 {
                 IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]))
@@ -260,6 +295,8 @@ mod diag {
             inode: m.inode.into(),
             timer: m.timer,
             expires_ms: m.expires,
+            rcvbuf: meminfo(attrs, SK_MEMINFO_RCVBUF),
+            sndbuf: meminfo(attrs, SK_MEMINFO_SNDBUF),
         }
     }
 }

@@ -213,3 +213,165 @@ fn a_burst_on_many_connections_with_few_receive_buffers_all_gets_through() {
     drop(conns);
     assert_clean(engine, &[echo.addr.port()]);
 }
+
+/// What the kernel makes of SO_RCVBUF / SO_SNDBUF `v`: twice it (its bookkeeping), after capping
+/// it at `net.core.rmem_max` / `wmem_max`.
+fn kernel_size(v: u64, cap: &str) -> u32 {
+    let max: u64 = std::fs::read_to_string(format!("/proc/sys/net/core/{cap}")).unwrap().trim().parse().unwrap();
+    (2 * v.min(max)) as u32
+}
+
+/// `tune.rcvbuf_client` / `sndbuf_client` / `rcvbuf_server` / `sndbuf_server`: every socket of
+/// the proxy has its side's sizes (the listeners too, which accepted sockets inherit them from),
+/// in every splice mode and on both workers; bulk data moves intact through buffers that small;
+/// and a flow whose server stops reading holds, in the proxy's two sockets, no more than those
+/// sizes (unset, each grows toward `tcp_rmem` / `tcp_wmem`'s maximum: 32 and 4 MiB here).
+#[test]
+fn socket_buffer_sizes_are_set_on_each_side_and_bound_what_a_stalled_flow_holds() {
+    const RCV_CLIENT: u64 = 32 * KIB;
+    const SND_CLIENT: u64 = 48 * KIB;
+    const RCV_SERVER: u64 = 40 * KIB;
+    const SND_SERVER: u64 = 56 * KIB;
+    let tune = "rcvbuf_client: 32k, sndbuf_client: 48k, rcvbuf_server: 40k, sndbuf_server: 56k";
+    let (client_rb, client_tb) = (kernel_size(RCV_CLIENT, "rmem_max"), kernel_size(SND_CLIENT, "wmem_max"));
+    let (server_rb, server_tb) = (kernel_size(RCV_SERVER, "rmem_max"), kernel_size(SND_SERVER, "wmem_max"));
+    for splice in ["auto", "always", "never"] {
+        let echo = Backend::start(Mode::Echo);
+        let engine = engine(&format!(
+            "global: {{ workers: 2, tune: {{ splice: {splice}, {tune} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            echo.addr
+        ));
+        let fe = addr(&engine, "fe");
+        let mut conns: Vec<TcpStream> = (0..8).map(|_| connect(fe)).collect();
+        for (i, c) in conns.iter_mut().enumerate() {
+            echo_once(c, &[i as u8; 100]);
+        }
+        let sockets = tcp_sockets_on(&[fe.port(), echo.addr.port()]);
+        let listeners: Vec<_> = sockets.iter().filter(|s| s.local == fe && s.state == "LISTEN").collect();
+        let clients: Vec<_> = sockets.iter().filter(|s| s.local == fe && s.state == "ESTAB").collect();
+        let servers: Vec<_> = sockets.iter().filter(|s| s.remote == echo.addr && s.state == "ESTAB").collect();
+        assert_eq!((listeners.len(), clients.len(), servers.len()), (2, 8, 8), "{splice}: {sockets:?}");
+        for s in listeners.iter().chain(&clients) {
+            assert_eq!((s.rcvbuf, s.sndbuf), (client_rb, client_tb), "{splice}: client side {s:?}");
+        }
+        for s in &servers {
+            assert_eq!((s.rcvbuf, s.sndbuf), (server_rb, server_tb), "{splice}: server side {s:?}");
+        }
+        assert!(engine.stats().workers.iter().all(|w| w.accepted > 0), "{splice}: both workers took some");
+        drop(conns);
+        // 4 MiB each way on 4 connections at once, checksummed, through those buffers.
+        let mut pumps: Vec<Pump> = (0..4).map(|i| Pump::connect(fe, 700 + i, false).unwrap().limit(4 * MIB)).collect();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while pumps.iter().any(|p| !p.eof) {
+            assert!(Instant::now() < deadline, "{splice}: transfers stalled");
+            step_all(&mut pumps);
+        }
+        for p in &pumps {
+            p.intact().unwrap_or_else(|e| panic!("{splice}: {e}"));
+        }
+        drop(pumps);
+        assert_clean(engine, &[echo.addr.port()]);
+    }
+
+    // A server that reads 1 MiB and then nothing: once the client is stalled, the proxy's socket
+    // toward it holds at most its receive buffer unread, the socket toward the server at most its
+    // send buffer unacknowledged, and the flow's receive buffers in the proxy at most the 1 MiB a
+    // paused flow queues plus the one receive that took its socket's buffer.
+    let stuck = FaultBackend::start(None, Behaviour::StopReadingAfter(MIB));
+    let engine = engine(&format!(
+        "global: {{ workers: 1, tune: {{ {tune} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        stuck.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut p = Pump::connect(fe, 800, false).unwrap();
+    let mut last_move = Instant::now();
+    while last_move.elapsed() < Duration::from_secs(1) {
+        match p.step() {
+            Ok(true) => last_move = Instant::now(),
+            Ok(false) => p.wait(20),
+            Err(e) => panic!("the client saw {e} before it stalled"),
+        }
+        assert!(p.sent < 256 * MIB, "the client never stalled");
+    }
+    let sockets = tcp_sockets_on(&[fe.port(), stuck.addr.port()]);
+    let toward_client = sockets.iter().find(|s| s.local == fe && s.state == "ESTAB").expect("the client's socket");
+    let toward_server = sockets.iter().find(|s| s.remote == stuck.addr).expect("the server's socket");
+    assert!(toward_client.rx_queue <= u64::from(client_rb), "unread from the client: {toward_client:?}");
+    assert!(toward_server.tx_queue <= u64::from(server_tb), "unsent to the server: {toward_server:?}");
+    let buf = u64::from(ringproxy::config::default::RECV_BUFFER_SIZE);
+    let held = engine.stats().total(|w| w.buffers_in_use);
+    let most = (MIB + u64::from(client_rb)).div_ceil(buf) + 1;
+    assert!(held <= most, "receive buffers held by the stalled flow: {held} (bound {most})");
+    eprintln!(
+        "stalled flow: client pushed {:.2} MiB; in the proxy: {} B unread from the client (rcvbuf {}), {} B unsent to \
+         the server (sndbuf {}), {held} receive buffers of {buf} B",
+        p.sent as f64 / MIB as f64,
+        toward_client.rx_queue,
+        toward_client.rcvbuf,
+        toward_server.tx_queue,
+        toward_server.sndbuf
+    );
+    drop(p);
+    stuck.release();
+    wait_until("the stuck server to close", Duration::from_secs(5), || stuck.active() == 0);
+    assert_clean(engine, &[stuck.addr.port()]);
+}
+
+/// A client that writes and never reads, through the proxy to an echo server: both directions
+/// stall (the server's echo blocks, so it stops reading). Returns the bytes waiting in the
+/// proxy's socket toward the client and in its socket toward the server (`ss`'s Send-Q: not yet
+/// acknowledged, here all of it not yet sent: the peers' windows are shut).
+fn stalled_send_queues(tune: &str) -> (u64, u64) {
+    let echo = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 1, tune: {{ splice: never{tune} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        echo.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut c = connect(fe);
+    c.set_nonblocking(true).unwrap();
+    let chunk = vec![7u8; 64 << 10];
+    let (mut sent, mut last_move) = (0u64, Instant::now());
+    while last_move.elapsed() < Duration::from_secs(1) {
+        match c.write(&chunk) {
+            Ok(n) => {
+                sent += n as u64;
+                last_move = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the client saw {e} before it stalled"),
+        }
+        assert!(sent < 512 * MIB, "the client never stalled");
+    }
+    let sockets = tcp_sockets_on(&[fe.port(), echo.addr.port()]);
+    let toward_client = sockets.iter().find(|s| s.local == fe && s.state == "ESTAB").expect("the client's socket");
+    let toward_server = sockets.iter().find(|s| s.remote == echo.addr).expect("the server's socket");
+    let queues = (toward_client.tx_queue, toward_server.tx_queue);
+    eprintln!(
+        "tune {{ {tune} }}: stalled after {sent} B; the proxy's send queues: toward the client {}, toward the server {}",
+        queues.0, queues.1
+    );
+    drop(c);
+    assert_clean(engine, &[echo.addr.port()]);
+    queues
+}
+
+/// `tune.notsent_lowat` on both sides' sockets (the listener's accepted sockets inherit it): a
+/// peer that stops reading leaves at most that much (plus the one send that crossed it, at most
+/// one 64 KiB receive buffer here) waiting in the proxy's socket toward it; unset, the proxy
+/// fills the socket's send buffer.
+#[test]
+fn notsent_lowat_bounds_what_waits_for_a_peer_that_stops_reading_on_each_side() {
+    const LOWAT: u64 = 32 * KIB;
+    let bound = LOWAT + u64::from(ringproxy::config::default::RECV_BUFFER_SIZE);
+    let unset = stalled_send_queues("");
+    let set = stalled_send_queues(", notsent_lowat: 32k");
+    assert!(set.0 <= bound && set.1 <= bound, "with notsent_lowat 32k: {set:?} (bound {bound} each)");
+    assert!(unset.0 > bound && unset.1 > bound, "unset, a stalled socket queues more: {unset:?}");
+}

@@ -193,3 +193,67 @@ fn privileges_are_dropped_after_binding() {
     assert!(!sock.exists(), "the unprivileged process could remove its socket");
     assert!(!ready.exists(), "the unprivileged process could remove its ready file");
 }
+
+/// The kernel's buffer sizes of the proxy's accepted sockets (`ss -m`'s `tb`: twice
+/// `sndbuf_client`), on `front`.
+fn client_send_buffers(front: SocketAddr) -> Vec<u32> {
+    tcp_sockets_on(&[front.port()])
+        .iter()
+        .filter(|s| s.local == front && s.state == "ESTAB")
+        .map(|s| s.sndbuf)
+        .collect()
+}
+
+/// A reload keeps the listening sockets: a `tune.sndbuf_client` it changes applies to the next
+/// clients; one the new file no longer sets stays on them (the kernel keeps a size set until the
+/// socket closes), and the reload says so.
+#[test]
+fn a_reload_changes_the_client_buffer_size_and_says_when_a_dropped_one_stays() {
+    let echo = Backend::start(Mode::Echo);
+    let sock = temp_path("r-buf.sock");
+    let yaml = |tune: &str| {
+        format!(
+            "global: {{ workers: 1, tune: {{ {tune} }}, stats: {{ admin_socket: {} }} }}\n\
+             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
+             backends:\n  - {{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}\n",
+            sock.display(),
+            echo.addr
+        )
+    };
+    let reload = |proxy: &mut Proxy, generation: u64| {
+        let out = ringproxy().args(["reload", "--socket"]).arg(&sock).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{text}");
+        proxy.wait_generation(generation);
+        text
+    };
+    let mut proxy = Proxy::start("r-buf", &yaml("sndbuf_client: 48k"));
+    let front = proxy.addr("fe");
+    let mut first = connect(front);
+    echo_once(&mut first, b"48k");
+    assert_eq!(client_send_buffers(front), [96 << 10]);
+
+    proxy.write_config(&yaml("sndbuf_client: 96k"));
+    let text = reload(&mut proxy, 1);
+    assert!(!text.contains("no longer set"), "{text}");
+    let mut second = connect(front);
+    echo_once(&mut second, b"96k");
+    let mut sizes = client_send_buffers(front);
+    sizes.sort_unstable();
+    assert_eq!(sizes, [96 << 10, 192 << 10], "the next client gets the new size, the first keeps its own");
+
+    proxy.write_config(&yaml(""));
+    let text = reload(&mut proxy, 2);
+    assert!(
+        text.contains(
+            "tune.sndbuf_client is no longer set, but the listening sockets keep its 98304 bytes for new clients"
+        ),
+        "{text}"
+    );
+    drop((first, second));
+    let mut third = connect(front);
+    echo_once(&mut third, b"kept");
+    assert_eq!(client_send_buffers(front), [192 << 10], "what the reload said");
+    drop(third);
+    proxy.stop_clean();
+}

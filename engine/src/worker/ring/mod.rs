@@ -84,6 +84,9 @@ pub struct RingSetup {
     /// Beside each timeout, the keepalive (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) its backend's
     /// server sockets get, if any.
     pub keepalives: Vec<Option<[i32; 3]>>,
+    /// The options every server socket gets (`tune.rcvbuf_server`, `sndbuf_server`,
+    /// `notsent_lowat`).
+    pub server_opts: Vec<crate::config::SockOpt>,
     /// Most chunk buffers (small transfers in flight) at once.
     pub max_chunks: usize,
     /// Most peer-address lookups in flight at once.
@@ -127,6 +130,9 @@ pub struct Ring {
     timeouts: Box<[Timespec]>,
     /// Indexed like `timeouts`: the option values the connect chains point at.
     keepalives: Box<[Option<[i32; 3]>]>,
+    /// The options set on every server socket: the values the connect chains point at (boxed
+    /// once, never resized).
+    server_opts: Box<[crate::config::SockOpt]>,
     /// Scratch space for building a connect chain.
     chain: Vec<Entry>,
     /// Freed by `Drop` only once every request is known to be cancelled.
@@ -187,7 +193,8 @@ impl Ring {
                 .map(|d| Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos()))
                 .collect(),
             keepalives: setup.keepalives.into_boxed_slice(),
-            chain: Vec::with_capacity(10),
+            server_opts: setup.server_opts.into_boxed_slice(),
+            chain: Vec::with_capacity(12),
             buffers: ManuallyDrop::new(Buffers::new(setup.max_chunks, setup.peer_slots)),
             wake_buf: ManuallyDrop::new(Box::new(0)),
             io: setup.io,
@@ -448,6 +455,7 @@ mod tests {
             addrs: Vec::new(),
             timeouts: Vec::new(),
             keepalives: Vec::new(),
+            server_opts: Vec::new(),
             max_chunks: 1,
             peer_slots: 1,
             recv_bufs: None,
@@ -473,6 +481,10 @@ mod tests {
             addrs: vec![dest, "127.0.9.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
             timeouts: vec![Duration::from_secs(5)],
             keepalives: vec![Some([30, 5, 3])],
+            server_opts: vec![
+                (libc::SOL_SOCKET, libc::SO_RCVBUF, 16 << 10),
+                (libc::IPPROTO_TCP, libc::TCP_NOTSENT_LOWAT, 1 << 17),
+            ],
             max_chunks: 1,
             peer_slots: 1,
             recv_bufs: None,

@@ -304,8 +304,10 @@ impl Ring {
     }
 
     /// The chain that opens a server connection in `slot`: SOCKET → TCP_NODELAY → [SO_KEEPALIVE,
-    /// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT] → [IP_BIND_ADDRESS_NO_PORT → BIND source] → CONNECT
-    /// → LINK_TIMEOUT. (The keepalive steps post failures as `Op::NoDelay`: a socket option step.)
+    /// TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT] → [SO_RCVBUF] → [SO_SNDBUF] →
+    /// [TCP_NOTSENT_LOWAT] → [IP_BIND_ADDRESS_NO_PORT → BIND source] → CONNECT → LINK_TIMEOUT.
+    /// (The keepalive, buffer and low-mark steps post failures as `Op::NoDelay`: a socket option
+    /// step.)
     /// The steps before CONNECT post a completion only when they fail (CQE_SKIP_SUCCESS), always
     /// before CONNECT's; CONNECT and LINK_TIMEOUT each post exactly one.
     pub fn connect_chain(
@@ -344,7 +346,7 @@ impl Ring {
             let src = source.map(|s| socket2::SockAddr::clone(&self.addrs[s.0 as usize]));
             let dst = socket2::SockAddr::clone(&self.addrs[dest.0 as usize]);
             let keepalive = self.keepalives.get(timeout.0 as usize).copied().flatten();
-            match made_socket(&dst, src.as_ref(), keepalive).and_then(|sock| {
+            match made_socket(&dst, src.as_ref(), keepalive, &self.server_opts).and_then(|sock| {
                 self.install_in_slot(index, std::os::fd::AsRawFd::as_raw_fd(&sock)).map_err(|e| (Op::Socket, e))
             }) {
                 // SAFETY: as for the full chain below: ring tables and a held slot.
@@ -361,7 +363,7 @@ impl Ring {
             return;
         }
         // Every pointer in the chain is into the ring's own tables (addresses, the timespec, the
-        // keepalive values), alive until `Drop` cancelled every request, or a `static` option
+        // values of the keepalive and the other options), alive until `Drop` cancelled every request, or a `static` option
         // value; the slot is held by the caller's connection until its close.
         // A scratch list the ring keeps: no allocation per connection.
         let mut chain = std::mem::take(&mut self.chain);
@@ -380,6 +382,14 @@ impl Ring {
             chain.push(opt(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, &k[0]));
             chain.push(opt(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, &k[1]));
             chain.push(opt(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &k[2]));
+        }
+        for (level, name, value) in self.server_opts.iter() {
+            chain.push(
+                opcode::SetSockOpt::new(Fixed(index), *level as u32, *name as u32, (&raw const *value).cast(), 4)
+                    .build()
+                    .flags(step)
+                    .user_data(mk(Op::NoDelay).encode()),
+            );
         }
         if let Some(src) = source {
             let src = &self.addrs[src.0 as usize];
@@ -581,13 +591,15 @@ fn decode_sockaddr(raw: &libc::sockaddr_in6) -> Option<SocketAddr> {
     }
 }
 
-/// The fallback's server socket: non-blocking, TCP_NODELAY, the backend's keepalive, bound to
+/// The fallback's server socket: non-blocking, TCP_NODELAY, the backend's keepalive, the
+/// `options` of `tune` (buffer sizes, TCP_NOTSENT_LOWAT), bound to
 /// `src` (with IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, per destination).
 /// On failure, the chain step that would have failed and the error.
 fn made_socket(
     dst: &socket2::SockAddr,
     src: Option<&socket2::SockAddr>,
     keepalive: Option<[i32; 3]>,
+    options: &[crate::config::SockOpt],
 ) -> Result<socket2::Socket, (Op, std::io::Error)> {
     use socket2::{Domain, Socket, TcpKeepalive, Type};
     let domain = if dst.is_ipv6() { Domain::IPV6 } else { Domain::IPV4 };
@@ -597,6 +609,9 @@ fn made_socket(
         let secs = |s: i32| std::time::Duration::from_secs(s as u64);
         let k = TcpKeepalive::new().with_time(secs(idle)).with_interval(secs(interval)).with_retries(count as u32);
         sock.set_tcp_keepalive(&k).map_err(|e| (Op::NoDelay, e))?;
+    }
+    for &(level, name, value) in options {
+        crate::sys::set_int_option(&sock, level, name, value).map_err(|e| (Op::NoDelay, e))?;
     }
     if let Some(src) = src {
         crate::sys::set_bind_address_no_port(&sock).map_err(|e| (Op::BindNoPort, e))?;
