@@ -586,16 +586,18 @@ fn per_source_limits_and_rate_limit_are_checked() {
     );
 }
 
+/// A minimal file with `tune` (flow-map keys) set; its `tune:` is on line 2.
+fn with_tune(tune: &str) -> String {
+    format!(
+        "global:\n  tune: {{ {tune} }}\n\
+         frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
+         backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
+    )
+}
+
 #[test]
 fn socket_buffers_and_notsent_lowat_are_unset_by_default_and_set_from_4k_to_1g() {
-    let with = |tune: &str| {
-        format!(
-            "global:\n  tune: {{ {tune} }}\n\
-             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
-             backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
-        )
-    };
-    let tune = |t: &str| ok(&with(t)).global.tune;
+    let tune = |t: &str| ok(&with_tune(t)).global.tune;
     let unset = SocketBuffers { receive: None, send: None };
     assert_eq!((Tune::default().client_buffers, Tune::default().server_buffers), (unset, unset));
     let t = tune("rcvbuf_client: 4k, sndbuf_server: 1g");
@@ -614,7 +616,7 @@ fn socket_buffers_and_notsent_lowat_are_unset_by_default_and_set_from_4k_to_1g()
         ("sndbuf_server", "4095"),
         ("notsent_lowat", "2k"),
     ] {
-        let e = parse(&with(&format!("{key}: {bad}")), "t.yaml").unwrap_err().to_string();
+        let e = parse(&with_tune(&format!("{key}: {bad}")), "t.yaml").unwrap_err().to_string();
         assert!(
             e.starts_with("t.yaml:2:") && e.contains(&format!("{key} must be between 4k and 1g bytes")),
             "{key} {bad}: {e}"
@@ -624,16 +626,9 @@ fn socket_buffers_and_notsent_lowat_are_unset_by_default_and_set_from_4k_to_1g()
 
 #[test]
 fn recv_buffer_size_is_whole_pages_from_4k_to_1m() {
-    let with = |tune: &str| {
-        format!(
-            "global:\n  tune: {{ {tune} }}\n\
-             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
-             backends:\n  - {{ name: be, servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n"
-        )
-    };
     // 64 KiB in every mode; the number of buffers makes a pool of bytes that follows the mode
     // (16 MiB where bulk flows may splice, 64 MiB where the buffers carry all), unless set.
-    let tune = |t: &str| ok(&with(t)).global.tune;
+    let tune = |t: &str| ok(&with_tune(t)).global.tune;
     assert_eq!((Tune::default().recv_buffer_size, Tune::default().recv_buffers), (64 << 10, 256));
     assert_eq!((tune("splice: auto").recv_buffer_size, tune("splice: auto").recv_buffers), (64 << 10, 256));
     assert_eq!((tune("splice: never").recv_buffer_size, tune("splice: never").recv_buffers), (64 << 10, 1024));
@@ -644,7 +639,7 @@ fn recv_buffer_size_is_whole_pages_from_4k_to_1m() {
     assert_eq!(tune("recv_buffer_size: 1m, recv_buffers: 100").recv_buffers, 100, "set: as set");
     assert_eq!(tune("recv_buffer_size: 1m").recv_buffer_size, 1 << 20);
     for bad in ["2k", "6000", "2m"] {
-        let e = parse(&with(&format!("recv_buffer_size: {bad}")), "t.yaml").unwrap_err().to_string();
+        let e = parse(&with_tune(&format!("recv_buffer_size: {bad}")), "t.yaml").unwrap_err().to_string();
         assert!(
             e.starts_with("t.yaml:2:") && e.contains("recv_buffer_size must be a multiple of 4k between 4k and 1m"),
             "{bad}: {e}"

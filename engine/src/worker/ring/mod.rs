@@ -194,7 +194,7 @@ impl Ring {
                 .collect(),
             keepalives: setup.keepalives.into_boxed_slice(),
             server_opts: setup.server_opts.into_boxed_slice(),
-            chain: Vec::with_capacity(12),
+            chain: Vec::with_capacity(13),
             buffers: ManuallyDrop::new(Buffers::new(setup.max_chunks, setup.peer_slots)),
             wake_buf: ManuallyDrop::new(Box::new(0)),
             io: setup.io,

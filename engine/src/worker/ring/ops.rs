@@ -363,19 +363,20 @@ impl Ring {
             return;
         }
         // Every pointer in the chain is into the ring's own tables (addresses, the timespec, the
-        // values of the keepalive and the other options), alive until `Drop` cancelled every request, or a `static` option
-        // value; the slot is held by the caller's connection until its close.
+        // values of the keepalive and the other options), alive until `Drop` cancelled every
+        // request, or a `static` option value; the slot is held by the caller's connection until
+        // its close.
         // A scratch list the ring keeps: no allocation per connection.
         let mut chain = std::mem::take(&mut self.chain);
         chain.clear();
         chain.extend([socket, nodelay]);
+        let opt = |level: libc::c_int, name: libc::c_int, value: *const i32| {
+            opcode::SetSockOpt::new(Fixed(index), level as u32, name as u32, value.cast(), 4)
+                .build()
+                .flags(step)
+                .user_data(mk(Op::NoDelay).encode())
+        };
         if let Some(k) = self.keepalives.get(timeout.0 as usize).and_then(Option::as_ref) {
-            let opt = |level: libc::c_int, name: libc::c_int, value: *const i32| {
-                opcode::SetSockOpt::new(Fixed(index), level as u32, name as u32, value.cast(), 4)
-                    .build()
-                    .flags(step)
-                    .user_data(mk(Op::NoDelay).encode())
-            };
             chain.push(
                 opt_one(index, libc::SOL_SOCKET, libc::SO_KEEPALIVE).flags(step).user_data(mk(Op::NoDelay).encode()),
             );
@@ -384,12 +385,7 @@ impl Ring {
             chain.push(opt(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, &k[2]));
         }
         for (level, name, value) in self.server_opts.iter() {
-            chain.push(
-                opcode::SetSockOpt::new(Fixed(index), *level as u32, *name as u32, (&raw const *value).cast(), 4)
-                    .build()
-                    .flags(step)
-                    .user_data(mk(Op::NoDelay).encode()),
-            );
+            chain.push(opt(*level, *name, value));
         }
         if let Some(src) = source {
             let src = &self.addrs[src.0 as usize];
@@ -592,8 +588,8 @@ fn decode_sockaddr(raw: &libc::sockaddr_in6) -> Option<SocketAddr> {
 }
 
 /// The fallback's server socket: non-blocking, TCP_NODELAY, the backend's keepalive, the
-/// `options` of `tune` (buffer sizes, TCP_NOTSENT_LOWAT), bound to
-/// `src` (with IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, per destination).
+/// `options` of `tune` (buffer sizes, TCP_NOTSENT_LOWAT), bound to `src` (with
+/// IP_BIND_ADDRESS_NO_PORT, so the port is picked at connect time, per destination).
 /// On failure, the chain step that would have failed and the error.
 fn made_socket(
     dst: &socket2::SockAddr,
