@@ -29,6 +29,9 @@ pub struct HostFacts {
     pub tcp_mem: Option<[u64; 3]>,
     pub tcp_rmem: Option<[u64; 3]>,
     pub tcp_wmem: Option<[u64; 3]>,
+    /// net.core.rmem_max / wmem_max: the most SO_RCVBUF / SO_SNDBUF may set.
+    pub rmem_max: Option<u64>,
+    pub wmem_max: Option<u64>,
     pub page_size: u64,
     pub mem_total: Option<u64>,
     pub cpus: Vec<usize>,
@@ -63,6 +66,7 @@ impl HostFacts {
         self.tcp_mem = Some([tcp / 4 * 3, tcp, tcp / 4 * 3 * 2]);
         self.tcp_rmem = Some([4096, 131072, 6291456]);
         self.tcp_wmem = Some([4096, 16384, 4194304]);
+        (self.rmem_max, self.wmem_max) = (Some(212992), Some(212992));
     }
 
     /// Reads this host. Never fails; what cannot be read is `None`.
@@ -92,6 +96,8 @@ impl HostFacts {
             tcp_mem: triple("net.ipv4.tcp_mem"),
             tcp_rmem: triple("net.ipv4.tcp_rmem"),
             tcp_wmem: triple("net.ipv4.tcp_wmem"),
+            rmem_max: host::sysctl1("net.core.rmem_max"),
+            wmem_max: host::sysctl1("net.core.wmem_max"),
             page_size: host::page_size(),
             mem_total: host::mem_total(),
             cpus: host::usable_cpus(),

@@ -45,6 +45,7 @@ pub fn evaluate(config: &Config, facts: &HostFacts) -> Vec<Item> {
     items.extend(open_files(config, &plan, facts));
     items.push(file_max(&plan, target, facts));
     items.extend(backlogs(config, facts));
+    items.extend(socket_buffers(config, facts));
     items.push(ports::reserved(config, facts, range));
     items.extend(ports::port_capacity(config, facts, target, ephemeral_ports));
     items.push(sources_item(config, facts));
@@ -313,6 +314,57 @@ fn backlogs(config: &Config, facts: &HostFacts) -> Vec<Item> {
         });
     }
     items
+}
+
+/// `tune.rcvbuf_*` / `sndbuf_*` vs net.core.rmem_max / wmem_max, which silently cap SO_RCVBUF /
+/// SO_SNDBUF (only when a size is set).
+fn socket_buffers(config: &Config, facts: &HostFacts) -> Option<Item> {
+    let t = &config.global.tune;
+    let sizes = [
+        ("rcvbuf_client", t.client_buffers.receive, "net.core.rmem_max", facts.rmem_max),
+        ("rcvbuf_server", t.server_buffers.receive, "net.core.rmem_max", facts.rmem_max),
+        ("sndbuf_client", t.client_buffers.send, "net.core.wmem_max", facts.wmem_max),
+        ("sndbuf_server", t.server_buffers.send, "net.core.wmem_max", facts.wmem_max),
+    ];
+    let set: Vec<_> =
+        sizes.iter().filter_map(|&(key, v, sysctl, max)| Some((key, u64::from(v?), sysctl, max))).collect();
+    if set.is_empty() {
+        return None;
+    }
+    let (mut capped, mut unread, mut raise) = (Vec::new(), Vec::new(), Vec::new());
+    for sysctl in ["net.core.rmem_max", "net.core.wmem_max"] {
+        let mine: Vec<_> = set.iter().filter(|s| s.2 == sysctl).collect();
+        let Some(first) = mine.first() else { continue };
+        let want = mine.iter().map(|s| s.1).max().unwrap_or(0);
+        match first.3 {
+            None => unread.push(sysctl),
+            Some(max) if want > max => {
+                let over: Vec<String> =
+                    mine.iter().filter(|s| s.1 > max).map(|s| format!("tune.{} {}", s.0, s.1)).collect();
+                capped.push(format!("{} ({sysctl} {max})", over.join(", ")));
+            }
+            Some(_) => continue,
+        }
+        raise.push((sysctl, want));
+    }
+    let name = "socket buffers";
+    let mut item = match (capped.is_empty(), unread.is_empty()) {
+        (true, true) => {
+            return Some(ok(name, "every tune.rcvbuf_* / sndbuf_* set is within net.core.rmem_max / wmem_max"));
+        }
+        (false, _) => warn(
+            name,
+            format!(
+                "the kernel silently caps SO_RCVBUF / SO_SNDBUF at net.core.rmem_max / wmem_max: {} get that maximum, not the size set",
+                capped.join("; ")
+            ),
+        ),
+        (true, false) => warn(name, format!("cannot read {}", unread.join(", "))),
+    };
+    for (sysctl, want) in raise {
+        item = item.sysctl(sysctl, want);
+    }
+    Some(item)
 }
 
 fn sources_item(config: &Config, facts: &HostFacts) -> Item {

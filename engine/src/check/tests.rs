@@ -21,6 +21,8 @@ fn roomy() -> HostFacts {
         tcp_mem: Some([10_000_000, 15_000_000, 20_000_000]),
         tcp_rmem: Some([4096, 4096, 16 << 20]),
         tcp_wmem: Some([4096, 4096, 16 << 20]),
+        rmem_max: Some(4 << 20),
+        wmem_max: Some(4 << 20),
         page_size: 4096,
         mem_total: Some(256 << 30),
         cpus: vec![0, 1, 2, 3],
@@ -115,6 +117,32 @@ fn a_small_somaxconn_warns_with_the_sysctl() {
     assert_eq!(fix(s), "sysctl -w net.core.somaxconn=1000");
     assert_eq!(fix(item(&items, "tcp_max_syn_backlog")), "sysctl -w net.ipv4.tcp_max_syn_backlog=1000");
     assert_eq!(exit_code(&items), 1);
+}
+
+#[test]
+fn socket_buffer_sizes_beyond_the_kernels_maximum_warn_with_the_sysctl() {
+    let mut f = roomy();
+    let none = evaluate(&config("maxconn: 100", "", ONE), &f);
+    assert!(none.iter().all(|i| i.name != "socket buffers"), "no item when no size is set");
+    let within = evaluate(&config("maxconn: 100, tune: { sndbuf_server: 4m, rcvbuf_client: 256k }", "", ONE), &f);
+    assert_eq!(item(&within, "socket buffers").status, Status::Ok);
+    let tune = "tune: { sndbuf_server: 8m, sndbuf_client: 6m, rcvbuf_server: 1m, rcvbuf_client: 16m }";
+    f.rmem_max = Some(212992);
+    let items = evaluate(&config(&format!("maxconn: 100, {tune}"), "", ONE), &f);
+    let b = item(&items, "socket buffers");
+    assert_eq!(b.status, Status::Warn);
+    assert!(
+        b.detail.contains(
+            "tune.rcvbuf_client 16777216, tune.rcvbuf_server 1048576 (net.core.rmem_max 212992); tune.sndbuf_client 6291456, tune.sndbuf_server 8388608 (net.core.wmem_max 4194304)"
+        ),
+        "{}",
+        b.detail
+    );
+    assert_eq!(fix(b), "sysctl -w net.core.rmem_max=16777216\nsysctl -w net.core.wmem_max=8388608");
+    f.wmem_max = None;
+    let unread = evaluate(&config("maxconn: 100, tune: { sndbuf_server: 64k }", "", ONE), &f);
+    let b = item(&unread, "socket buffers");
+    assert_eq!((b.status, b.detail.as_str()), (Status::Warn, "cannot read net.core.wmem_max"));
 }
 
 #[test]
