@@ -891,10 +891,11 @@ impl Supervisor {
 /// it closes: a `tune.rcvbuf_client` / `sndbuf_client` the new file no longer sets stays in force
 /// for new clients. Says so, with the size kept.
 fn kept_client_buffers(path: &Path, old: &config::Config, new: &config::Config) -> Vec<String> {
-    let (was, now) = (old.global.tune.client_buffers, new.global.tune.client_buffers);
-    [("rcvbuf_client", was.receive, now.receive), ("sndbuf_client", was.send, now.send)]
-        .into_iter()
-        .filter_map(|(key, was, now)| match (was, now) {
+    let (was, now) = (old.global.tune.buffer_sizes(), new.global.tune.buffer_sizes());
+    was.into_iter()
+        .zip(now)
+        .filter(|((key, _), _)| key.ends_with("_client"))
+        .filter_map(|((key, was), (_, now))| match (was, now) {
             (Some(bytes), None) => Some(format!(
                 "{}: warning: tune.{key} is no longer set, but the listening sockets keep its {bytes} bytes for new clients until ringproxy restarts (a reload or an upgrade keeps them); set it to the size wanted instead",
                 path.display()

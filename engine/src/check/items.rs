@@ -319,24 +319,21 @@ fn backlogs(config: &Config, facts: &HostFacts) -> Vec<Item> {
 /// `tune.rcvbuf_*` / `sndbuf_*` vs net.core.rmem_max / wmem_max, which silently cap SO_RCVBUF /
 /// SO_SNDBUF (only when a size is set).
 fn socket_buffers(config: &Config, facts: &HostFacts) -> Option<Item> {
-    let t = &config.global.tune;
-    let sizes = [
-        ("rcvbuf_client", t.client_buffers.receive, "net.core.rmem_max", facts.rmem_max),
-        ("rcvbuf_server", t.server_buffers.receive, "net.core.rmem_max", facts.rmem_max),
-        ("sndbuf_client", t.client_buffers.send, "net.core.wmem_max", facts.wmem_max),
-        ("sndbuf_server", t.server_buffers.send, "net.core.wmem_max", facts.wmem_max),
-    ];
-    let set: Vec<_> =
-        sizes.iter().filter_map(|&(key, v, sysctl, max)| Some((key, u64::from(v?), sysctl, max))).collect();
-    if set.is_empty() {
+    let sizes = config.global.tune.buffer_sizes();
+    if sizes.iter().all(|(_, v)| v.is_none()) {
         return None;
     }
     let (mut capped, mut unread, mut raise) = (Vec::new(), Vec::new(), Vec::new());
-    for sysctl in ["net.core.rmem_max", "net.core.wmem_max"] {
-        let mine: Vec<_> = set.iter().filter(|s| s.2 == sysctl).collect();
-        let Some(first) = mine.first() else { continue };
-        let want = mine.iter().map(|s| s.1).max().unwrap_or(0);
-        match first.3 {
+    for (sysctl, kind, max) in
+        [("net.core.rmem_max", "rcvbuf", facts.rmem_max), ("net.core.wmem_max", "sndbuf", facts.wmem_max)]
+    {
+        let mine: Vec<(&str, u64)> = sizes
+            .iter()
+            .filter(|(key, _)| key.starts_with(kind))
+            .filter_map(|&(key, v)| Some((key, u64::from(v?))))
+            .collect();
+        let Some(want) = mine.iter().map(|s| s.1).max() else { continue };
+        match max {
             None => unread.push(sysctl),
             Some(max) if want > max => {
                 let over: Vec<String> =
@@ -432,9 +429,7 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
     let client = [filled(tune.client_buffers.receive, r[1]), filled(tune.client_buffers.send, w[1])];
     let server = [filled(tune.server_buffers.receive, r[1]), filled(tune.server_buffers.send, w[1])];
     let busy = u64::from(target) * (client[0] + client[1] + server[0] + server[1]);
-    let sizes =
-        [tune.client_buffers.receive, tune.client_buffers.send, tune.server_buffers.receive, tune.server_buffers.send];
-    let whence = match sizes.iter().all(Option::is_none) {
+    let whence = match tune.buffer_sizes().iter().all(|(_, v)| v.is_none()) {
         true => format!(
             "tcp_rmem / tcp_wmem's defaults, from which busy sockets autotune up to {} + {} each unless tune.rcvbuf_* / sndbuf_* fix them",
             r[2], w[2]

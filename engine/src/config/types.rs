@@ -218,6 +218,18 @@ pub struct SocketBuffers {
 pub type SockOpt = (libc::c_int, libc::c_int, i32);
 
 impl Tune {
+    /// The four socket buffer sizes by key (`rcvbuf_client`, `sndbuf_client`, `rcvbuf_server`,
+    /// `sndbuf_server`), as set.
+    pub fn buffer_sizes(&self) -> [(&'static str, Option<u32>); 4] {
+        let (c, s) = (self.client_buffers, self.server_buffers);
+        [
+            ("rcvbuf_client", c.receive),
+            ("sndbuf_client", c.send),
+            ("rcvbuf_server", s.receive),
+            ("sndbuf_server", s.send),
+        ]
+    }
+
     /// The options every client socket gets (set on the listeners, which accepted sockets
     /// inherit them from).
     pub fn client_sockopts(&self) -> Vec<SockOpt> {
