@@ -733,14 +733,17 @@ impl Ctx<'_> {
         // Each buffer of a bundle is full but the last.
         let size = self.ring.recv_buf_size() as u32;
         let first = n.min(size);
-        self.sendq.push(&lease, buf, first);
+        if self.sendq.push(&lease, buf, first, self.ring) {
+            self.stats.ring_recv_merged += 1;
+        }
         let mut left = n - first;
         let mut bufs = 1;
         while left > 0
             && let Some(b) = self.ring.take_more()
         {
+            // (Full but the last: these are not copied.)
             let len = left.min(size);
-            self.sendq.push(&lease, b, len);
+            self.sendq.push(&lease, b, len, self.ring);
             left -= len;
             bufs += 1;
         }

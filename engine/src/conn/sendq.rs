@@ -12,7 +12,8 @@
 //! there is something to send and the previous one completed), so "nothing in flight" still means
 //! "nothing held"; the in-flight `sendmsg` reads only `msg`, `iov[..sending]` and the buffers of
 //! its first `sending` entries, which are neither moved nor given back before its completion;
-//! new buffers are appended behind them.
+//! new buffers are appended behind them, and bytes are copied only into a buffer no send in
+//! flight carries.
 
 use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
@@ -86,15 +87,31 @@ impl SendQueues {
         QueueLease { index }
     }
 
-    fn q(&mut self, l: &QueueLease) -> &mut Queue {
-        &mut self.queues[l.index as usize]
+    /// Appends `len` bytes a receive put at the start of `buf`. If they fit behind the bytes of
+    /// the last buffer queued and no `sendmsg` in flight carries that one, they are copied there
+    /// and `buf` goes back to the ring at once (returns true): a flow whose destination is behind
+    /// holds about as many buffers as its bytes fill, not one per receive however small, so its
+    /// pause mark bounds its bytes and the completions that still come after it paused add little.
+    pub fn push(&mut self, l: &QueueLease, buf: RingBuf, len: u32, ring: &mut Ring) -> bool {
+        let size = ring.recv_buf_size() as u32;
+        let q = &mut self.queues[l.index as usize];
+        q.bytes += u64::from(len);
+        if q.bufs.len() > q.sending
+            && let Some(tail) = q.bufs.back_mut()
+            && tail.off + tail.len + len <= size
+        {
+            ring.append_ring_buf(&tail.buf, (tail.off + tail.len) as usize, &buf, len as usize);
+            tail.len += len;
+            ring.give_ring_buf(buf);
+            return true;
+        }
+        q.bufs.push_back(Queued { buf, off: 0, len });
+        false
     }
 
-    /// Appends `len` bytes a receive put at the start of `buf`.
-    pub fn push(&mut self, l: &QueueLease, buf: RingBuf, len: u32) {
-        let q = self.q(l);
-        q.bytes += u64::from(len);
-        q.bufs.push_back(Queued { buf, off: 0, len });
+    /// Bytes queued in every queue lent out (received, not sent yet; a queue given back holds none).
+    pub fn queued_bytes(&self) -> u64 {
+        self.queues.iter().map(|q| q.bytes).sum()
     }
 
     /// Buffers queued (each holds one receive buffer of the worker's ring).

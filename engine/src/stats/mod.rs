@@ -325,6 +325,13 @@ pub struct WorkerStats {
     pub ring_recv_bufs: u64,
     #[serde(default)]
     pub ring_sends: u64,
+    /// Receives whose bytes were copied behind those of the buffer queued before them (their
+    /// destination was behind), their own buffer given back at once; and the bytes received and
+    /// not sent on yet that the send queues hold now (gauge).
+    #[serde(default)]
+    pub ring_recv_merged: u64,
+    #[serde(default)]
+    pub ring_queued_bytes: u64,
     /// `splice: auto`: 1 while this worker's bulk flows splice, 0 while they go through the
     /// receive buffers; how often it changed (each probe counts its moves); and what each path
     /// cost when last measured, in ps of the worker's CPU per byte moved (0: not measured).

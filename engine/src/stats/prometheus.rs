@@ -211,6 +211,16 @@ pub fn render(s: &EngineStats) -> String {
     m.per_worker(s, "ring_sends_total", "counter", "Sends of received buffers started.", |w| w.ring_sends);
     m.per_worker(
         s,
+        "ring_recv_merged_total",
+        "counter",
+        "Receives copied behind the bytes queued before them, their buffer given back at once.",
+        |w| w.ring_recv_merged,
+    );
+    m.per_worker(s, "ring_queued_bytes", "gauge", "Bytes received and not sent on yet, in receive buffers.", |w| {
+        w.ring_queued_bytes
+    });
+    m.per_worker(
+        s,
         "bulk_splicing",
         "gauge",
         "splice: auto: 1 while bulk flows splice, 0 while they use receive buffers.",
@@ -238,6 +248,14 @@ pub fn render(s: &EngineStats) -> String {
         &[("in_use", &|w| w.pipes_in_use), ("pooled", &|w| w.pipes_pooled)],
     );
     m.per_worker(s, "pipe_waits_total", "counter", "Times a connection waited for a free pipe.", |w| w.pipe_waits);
+    m.per_worker_by(
+        s,
+        "buffers",
+        "gauge",
+        "Buffers lent to connections (receive, chunk and PROXY header buffers) and kept in the pool.",
+        "state",
+        &[("in_use", &|w| w.buffers_in_use), ("pooled", &|w| w.buffers_pooled)],
+    );
     m.per_worker(s, "buffer_waits_total", "counter", "Times a receive waited for a free receive buffer.", |w| {
         w.buffer_waits
     });

@@ -317,6 +317,7 @@ impl Worker {
         s.pipes_pooled = u64::from(self.pipes.pooled());
         s.buffers_in_use = u64::from(self.ring.buffers_in_use());
         s.buffers_pooled = u64::from(self.ring.buffers_pooled());
+        s.ring_queued_bytes = self.sendq.queued_bytes();
         s.global_share = u64::from(self.up.shares.held(self.plan.limits.global));
         s.share_lent = self.up.shares.lent;
         s.share_borrowed = self.up.shares.borrowed;

@@ -375,3 +375,78 @@ fn notsent_lowat_bounds_what_waits_for_a_peer_that_stops_reading_on_each_side() 
     assert!(set.0 <= bound && set.1 <= bound, "with notsent_lowat 32k: {set:?} (bound {bound} each)");
     assert!(unset.0 > bound && unset.1 > bound, "unset, a stalled socket queues more: {unset:?}");
 }
+
+/// Small receives behind a destination that stopped reading share receive buffers. A client
+/// writes its stream 1,000 bytes at a time (`TCP_NODELAY`) and never reads, through an echo
+/// server (so both directions stall), with `splice: never` and the proxy's socket buffers small
+/// (8 KiB receive buffers on both sides: its receives bring a few KiB each). A receive whose bytes
+/// fit behind those of the buffer queued before it is copied there and its own buffer given back
+/// at once, so at the stall the proxy holds about as many 64 KiB buffers as its queued bytes fill
+/// — not one per receive, which held 3 or more times as many (the pause counts buffers, and the
+/// receives that complete after it were a buffer each). Then the client reads it all back, intact.
+#[test]
+fn small_receives_behind_a_stalled_destination_share_buffers_and_arrive_intact() {
+    const PIECE: usize = 1000;
+    let echo = Backend::start(Mode::Echo);
+    let engine = engine(&format!(
+        "global: {{ workers: 1, tune: {{ splice: never, rcvbuf_client: 8k, sndbuf_client: 16k, rcvbuf_server: 8k, \
+         sndbuf_server: 16k }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        echo.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut c = connect(fe);
+    c.set_nodelay(true).unwrap();
+    c.set_nonblocking(true).unwrap();
+    let mut stream = Stream::new(11);
+    let mut piece = [0u8; PIECE];
+    let (mut at, mut sent, mut last_move) = (PIECE, 0u64, Instant::now());
+    while last_move.elapsed() < Duration::from_secs(1) {
+        if at == PIECE {
+            stream.fill(&mut piece);
+            at = 0;
+        }
+        match c.write(&piece[at..]) {
+            Ok(n) => {
+                at += n;
+                sent += n as u64;
+                last_move = Instant::now();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("the client saw {e} before it stalled"),
+        }
+        assert!(sent < 512 * MIB, "the client never stalled");
+    }
+    let s = engine.stats();
+    let (held, queued, merged) =
+        (s.total(|w| w.buffers_in_use), s.total(|w| w.ring_queued_bytes), s.total(|w| w.ring_recv_merged));
+    let (recvs, bufs) = (s.total(|w| w.ring_recvs), s.total(|w| w.ring_recv_bufs));
+    let size = u64::from(ringproxy::config::default::RECV_BUFFER_SIZE);
+    eprintln!(
+        "stalled after {sent} B: the proxy holds {queued} B in {held} receive buffers of {size} B; {recvs} receives \
+         ({:.0} B each), {bufs} buffers filled, {merged} copied behind the bytes queued before them",
+        (s.total(|w| w.bytes_client_to_server) + s.total(|w| w.bytes_server_to_client)) as f64 / recvs as f64
+    );
+    assert!(merged > 0 && held > 0, "small receives behind a stalled destination were copied: {merged} of {recvs}");
+    // Two directions, each with a send in flight and the buffers queued behind it: in each run
+    // of buffers queued while a send was in flight, two neighbours together hold more than one
+    // buffer's worth (else the later one would have been copied into the earlier), but the
+    // first of each run may hold a few bytes.
+    let bound = 2 * queued.div_ceil(size) + 2 * 4;
+    assert!(held <= bound, "{held} buffers for {queued} B (at most {bound})");
+
+    // Everything comes back, in order and intact (pieces of PIECE bytes, a multiple of 8: the
+    // stream generated in one go is the same bytes).
+    c.set_nonblocking(false).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut back = vec![0u8; sent as usize];
+    c.read_exact(&mut back).expect("the echo comes back");
+    let mut expected = vec![0u8; (sent as usize).div_ceil(PIECE) * PIECE];
+    Stream::new(11).fill(&mut expected);
+    if let Some(at) = back.iter().zip(&expected).position(|(a, b)| a != b) {
+        panic!("the echo differs from what was sent at byte {at} of {sent}");
+    }
+    drop(c);
+    assert_clean(engine, &[echo.addr.port()]);
+}

@@ -208,6 +208,9 @@ fn socket_protocol_json_csv_and_prometheus() {
         "ringproxy_server_connect_seconds",
         "ringproxy_source_ports_in_use",
         "ringproxy_pipes",
+        "ringproxy_buffers",
+        "ringproxy_ring_queued_bytes",
+        "ringproxy_ring_recv_merged_total",
     ] {
         assert!(families.contains(f), "missing {f}");
     }

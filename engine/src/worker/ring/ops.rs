@@ -501,6 +501,14 @@ impl Ring {
         }
     }
 
+    /// Copies the first `len` bytes of receive buffer `src` to byte `at` of `dst` (both ours).
+    pub fn append_ring_buf(&mut self, dst: &RingBuf, at: usize, src: &RingBuf, len: usize) {
+        match &mut self.recv_bufs {
+            Some(r) => r.append(dst, at, src, len),
+            None => unreachable!("a RingBuf comes from the ring of receive buffers"),
+        }
+    }
+
     /// Gives a receive buffer back to the ring.
     pub fn give_ring_buf(&mut self, b: RingBuf) {
         if let Some(r) = self.recv_bufs.as_mut() {

@@ -278,6 +278,15 @@ impl BufRing {
         unsafe { self.buf_ptr(b.bid).add(off.min(self.size)) }
     }
 
+    /// Copies the first `len` bytes of `src` to byte `at` of `dst`, past what `dst` holds.
+    pub(super) fn append(&mut self, dst: &RingBuf, at: usize, src: &RingBuf, len: usize) {
+        assert!(dst.bid != src.bid && at + len <= self.size, "append {len} B at {at} of a {} B buffer", self.size);
+        // SAFETY: both buffers are ours (`RingBuf`s: the kernel writes into neither until they are
+        // given back and offered again), distinct, and in the mapping; `at + len` is within the
+        // buffer. No send reads `dst` past its queued bytes, where this writes (sendq.rs).
+        unsafe { std::ptr::copy_nonoverlapping(self.buf_ptr(src.bid), self.buf_ptr(dst.bid).add(at), len) }
+    }
+
     /// Gives a buffer back: onto the free list, and into the ring if it runs low.
     pub(super) fn give_back(&mut self, b: RingBuf) {
         self.out -= 1;
