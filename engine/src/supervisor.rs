@@ -164,6 +164,13 @@ pub struct Supervisor {
     pub generation: u64,
     /// A binary upgrade handing everything to a new process.
     upgrading: Option<Upgrading>,
+    /// The client-side socket buffer sizes the listening sockets keep, by key: set by the current
+    /// configuration or an earlier one (reloads and upgrades keep the sockets, and the kernel keeps
+    /// a size set on a socket until it closes). See [`listener_buffers`].
+    listener_buffers: Vec<(String, u32)>,
+    /// Warnings of the start (an upgrade's new process: sizes its file dropped that the sockets
+    /// it took over keep), told to the old process, which answers the upgrade with them.
+    start_warnings: Vec<String>,
     /// Since when the service reports that it is going away (SIGTERM with `withdraw_delay`).
     withdrawing: Option<std::time::Instant>,
     /// Since when it drains on its way out (listeners closed; SIGTERM, or a helper failed).
@@ -284,7 +291,14 @@ impl Supervisor {
             why
         };
         let service = Supervisor::start_from(path, config, Some(inherited)).map_err(|e| refuse(e.to_string()))?;
-        let ready = crate::upgrade::Msg::Ready { protocol: crate::upgrade::PROTOCOL, pid: std::process::id() };
+        for w in &service.start_warnings {
+            eprintln!("{w}");
+        }
+        let ready = crate::upgrade::Msg::Ready {
+            protocol: crate::upgrade::PROTOCOL,
+            pid: std::process::id(),
+            warnings: service.start_warnings.clone(),
+        };
         link.send(&ready, &[]).map_err(|e| format!("telling the old process it serves: {e}"))?;
         let plan = service.current.move_plan();
         std::thread::Builder::new()
@@ -332,6 +346,8 @@ impl Supervisor {
                 &mut inherited,
             )?);
         }
+        let kept = inherited.as_ref().map(|i| i.client_buffers.as_slice()).unwrap_or_default();
+        let (listener_buffers, start_warnings) = listener_buffers(path, kept, &config);
         let groups = inherited.as_mut().map(|i| std::mem::take(&mut i.groups)).unwrap_or_default();
         let prepared = Engine::prepare(config, StartOptions { inherit: &groups, external_stats: true })?;
         drop(groups);
@@ -361,6 +377,8 @@ impl Supervisor {
             watcher,
             generation: 0,
             upgrading: None,
+            listener_buffers,
+            start_warnings,
             withdrawing: None,
             stopping: None,
         })
@@ -409,7 +427,8 @@ impl Supervisor {
         }
         let config = config::load(&self.path)?;
         let mut warnings = config.warnings.clone();
-        warnings.extend(kept_client_buffers(&self.path, self.current.config(), &config));
+        let (kept, dropped) = listener_buffers(&self.path, &self.listener_buffers, &config);
+        warnings.extend(dropped);
         // On failure the current engine is untouched: it still holds and serves its sockets.
         let opts = StartOptions { inherit: self.current.listeners(), external_stats: true };
         let new = Engine::prepare(config, opts)?.launch(&self.watcher.watch())?;
@@ -434,6 +453,7 @@ impl Supervisor {
         // one of them; the new engine's accepts re-arm and take it from the backlog.
         self.current.rearm_accepts();
         self.generation += 1;
+        self.listener_buffers = kept;
         self.draining.push((old, self.generation, std::time::Instant::now()));
         Ok(ReloadReport {
             path: self.path.clone(),
@@ -514,6 +534,7 @@ impl Supervisor {
             stats: self._stats_socket.as_ref().map(|s| s.path().to_owned()),
             admin: self._admin_socket.as_ref().map(|s| s.path().to_owned()),
             prometheus: self.metrics.as_ref().map(|m| m.addr()),
+            client_buffers: self.listener_buffers.clone(),
         };
         if let Err(e) = link.send(&hello, &fds) {
             // Most likely it has exited already: say how.
@@ -529,7 +550,7 @@ impl Supervisor {
         }
         drop(fds);
         let deadline = std::time::Instant::now() + crate::upgrade::START_WAIT;
-        let pid = loop {
+        let (pid, warnings) = loop {
             if let Ok(Some(status)) = child.try_wait() {
                 return Err(fail(format!("it exited ({status}) before serving")));
             }
@@ -539,7 +560,7 @@ impl Supervisor {
             }
             match link.recv(std::time::Duration::from_millis(100)) {
                 Ok(None) => {}
-                Ok(Some((crate::upgrade::Msg::Ready { pid, .. }, _))) => break pid,
+                Ok(Some((crate::upgrade::Msg::Ready { pid, warnings, .. }, _))) => break (pid, warnings),
                 Ok(Some((crate::upgrade::Msg::Refused { reason }, _))) => {
                     stop(&mut child);
                     return Err(fail(format!("it refused: {reason}")));
@@ -566,10 +587,15 @@ impl Supervisor {
             .map_err(|e| format!("upgrade: cannot start its courier thread: {e}"))?;
         self.upgrading =
             Some(Upgrading { binary: binary.clone(), pid, started: std::time::Instant::now(), courier, failed });
-        Ok(format!(
+        let mut text = format!(
             "upgrade: {} (pid {pid}) serves the listening sockets; handing it the established connections",
             binary.display()
-        ))
+        );
+        for w in warnings {
+            text.push('\n');
+            text.push_str(&w);
+        }
+        Ok(text)
     }
 
     /// How the binary upgrade under way ended, once it has: everything handed over (the caller
@@ -887,20 +913,27 @@ impl Supervisor {
     }
 }
 
-/// A reload keeps the listening sockets, and the kernel keeps a buffer size set on a socket until
-/// it closes: a `tune.rcvbuf_client` / `sndbuf_client` the new file no longer sets stays in force
-/// for new clients. Says so, with the size kept.
-fn kept_client_buffers(path: &Path, old: &config::Config, new: &config::Config) -> Vec<String> {
-    let (was, now) = (old.global.tune.buffer_sizes(), new.global.tune.buffer_sizes());
-    was.into_iter()
-        .zip(now)
-        .filter(|((key, _), _)| key.ends_with("_client"))
-        .filter_map(|((key, was), (_, now))| match (was, now) {
-            (Some(bytes), None) => Some(format!(
-                "{}: warning: tune.{key} is no longer set, but the listening sockets keep its {bytes} bytes for new clients until ringproxy restarts (a reload or an upgrade keeps them); set it to the size wanted instead",
-                path.display()
-            )),
-            _ => None,
-        })
-        .collect()
+/// The client-side buffer sizes the listening sockets keep once `new` (read from `path`) applies
+/// to them, `kept` being what they kept before: those `new` sets, and those it no longer sets but
+/// an earlier configuration did. A reload or a binary upgrade keeps the listening sockets, and the
+/// kernel keeps a size set on a socket until it closes, so a `tune.rcvbuf_client` /
+/// `sndbuf_client` dropped from the file stays in force for new clients: each such size comes
+/// with a warning saying so.
+fn listener_buffers(path: &Path, kept: &[(String, u32)], new: &config::Config) -> (Vec<(String, u32)>, Vec<String>) {
+    let (mut now, mut warnings) = (Vec::new(), Vec::new());
+    for (key, set) in new.global.tune.buffer_sizes().into_iter().filter(|(key, _)| key.ends_with("_client")) {
+        let size = match (set, kept.iter().find(|(k, _)| k == key)) {
+            (Some(bytes), _) => bytes,
+            (None, Some(&(_, bytes))) => {
+                warnings.push(format!(
+                    "{}: warning: tune.{key} is no longer set, but the listening sockets keep its {bytes} bytes for new clients until ringproxy restarts (a reload or an upgrade keeps them); set it to the size wanted instead",
+                    path.display()
+                ));
+                bytes
+            }
+            (None, None) => continue,
+        };
+        now.push((key.to_owned(), size));
+    }
+    (now, warnings)
 }

@@ -75,11 +75,22 @@ pub enum Msg {
         stats: Option<PathBuf>,
         admin: Option<PathBuf>,
         prometheus: Option<SocketAddr>,
+        /// The client-side socket buffer sizes the listening sockets keep, by key (`rcvbuf_client`,
+        /// `sndbuf_client`): a new file that no longer sets one gets a warning, as a reload does.
+        /// (Absent from an older binary's hello: no warning.)
+        #[serde(default)]
+        client_buffers: Vec<(String, u32)>,
     },
     /// new → old: it does not take over (why); it exits.
     Refused { reason: String },
-    /// new → old: its engine serves the listening sockets; send the connections.
-    Ready { protocol: u32, pid: u32 },
+    /// new → old: its engine serves the listening sockets; send the connections. With the
+    /// warnings of its start, which the old process adds to its answer to the upgrade.
+    Ready {
+        protocol: u32,
+        pid: u32,
+        #[serde(default)]
+        warnings: Vec<String>,
+    },
     /// old → new: connections, with their descriptors (client, server) in order.
     Conns { conns: Vec<WireConn> },
     /// new → old: per connection (worker, key), whether it was taken.
@@ -374,6 +385,8 @@ pub struct Inherited {
     pub stats: Option<(PathBuf, OwnedFd)>,
     pub admin: Option<(PathBuf, OwnedFd)>,
     pub prometheus: Option<(SocketAddr, OwnedFd)>,
+    /// The client-side buffer sizes the listening sockets keep (see [`Msg::Hello`]).
+    pub client_buffers: Vec<(String, u32)>,
 }
 
 /// Reads the old process's Hello: its listening sockets, or why this process cannot take over
@@ -384,7 +397,7 @@ pub fn receive_hello(link: &Link) -> Result<Inherited, String> {
         Ok(None) => return Err("the old process sent nothing within 10s".into()),
         Err(e) => return Err(format!("reading the old process's hello: {e}")),
     };
-    let Msg::Hello { protocol, version, pid, listeners, stats, admin, prometheus } = msg else {
+    let Msg::Hello { protocol, version, pid, listeners, stats, admin, prometheus, client_buffers } = msg else {
         return Err(format!("the old process began with {msg:?} instead of its hello"));
     };
     let ours = std::env::var(ENV_PROTOCOL).ok().and_then(|v| v.parse().ok()).unwrap_or(PROTOCOL);
@@ -421,6 +434,7 @@ pub fn receive_hello(link: &Link) -> Result<Inherited, String> {
         stats: stats.map(|p| (p, next())),
         admin: admin.map(|p| (p, next())),
         prometheus: prometheus.map(|a| (a, next())),
+        client_buffers,
     })
 }
 

@@ -196,7 +196,7 @@ fn privileges_are_dropped_after_binding() {
 
 /// The kernel's buffer sizes of the proxy's accepted sockets (`ss -m`'s `tb`: twice
 /// `sndbuf_client`), on `front`.
-fn client_send_buffers(front: SocketAddr) -> Vec<u32> {
+pub(crate) fn client_send_buffers(front: SocketAddr) -> Vec<u32> {
     tcp_sockets_on(&[front.port()])
         .iter()
         .filter(|s| s.local == front && s.state == "ESTAB")

@@ -175,3 +175,59 @@ fn a_new_process_that_dies_while_taking_over_leaves_the_old_one_serving_every_co
     drop((held, fresh));
     proxy.stop_clean();
 }
+
+/// An upgrade keeps the listening sockets, and the kernel keeps a buffer size set on a socket
+/// until it closes: a `tune.sndbuf_client` the new file no longer sets stays in force for new
+/// clients, as after a reload. The upgrade's answer and the log say so, and so does
+/// a later reload of the new process (the old one told it what the sockets keep).
+#[test]
+fn an_upgrade_whose_file_drops_a_client_buffer_size_says_the_listening_sockets_keep_it() {
+    let echo = Backend::start(Mode::Echo);
+    let port = free_port();
+    let (sock, admin) = (temp_path("up4.sock"), temp_path("up4-admin.sock"));
+    let yaml = |tune: &str| {
+        format!(
+            "global: {{ workers: 1, tune: {{ {tune} }}, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+             frontends:\n  - {{ name: fe, bind: \"127.0.0.1:{port}\", backend: be }}\n\
+             backends:\n  - {{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}\n",
+            sock.display(),
+            admin.display(),
+            echo.addr
+        )
+    };
+    let kept = "tune.sndbuf_client is no longer set, but the listening sockets keep its 49152 bytes for new clients";
+    let mut proxy = Proxy::start("up4", &yaml("sndbuf_client: 48k"));
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut first = connect(front);
+    echo_once(&mut first, b"48k");
+    assert_eq!(crate::reload::client_send_buffers(front), [96 << 10]);
+    drop(first);
+
+    proxy.write_config(&yaml(""));
+    let out = ringproxy().args(["upgrade", "--socket"]).arg(&admin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(kept), "the upgrade's answer: {text}");
+    let new_pid = pid_in(&text);
+    let _new_process = KilledIfTheTestFails(new_pid);
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0), "the old process exits once it has handed over");
+    proxy.wait_stderr(kept);
+    let mut second = connect(front);
+    echo_once(&mut second, b"kept");
+    assert_eq!(crate::reload::client_send_buffers(front), [96 << 10], "what the upgrade said");
+    let s = ringproxy::stats::socket::fetch(&sock).unwrap();
+    assert_eq!(s.pid, new_pid, "the new process serves");
+
+    // The new process knows what its sockets keep: its own reload says it again.
+    let out = ringproxy().args(["reload", "--socket"]).arg(&admin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && text.contains(kept), "the new process's reload: {text}");
+    drop(second);
+    wait_until("the new process's gauges to be 0", Duration::from_secs(10), || {
+        let s = ringproxy::stats::socket::fetch(&sock).unwrap();
+        GAUGES.iter().all(|(_, g)| s.total(g) == 0)
+    });
+    // SAFETY: kill on a pid this test started (through the old process).
+    unsafe { libc::kill(new_pid as i32, libc::SIGTERM) };
+    wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || ringproxy::upgrade::exited(new_pid));
+}
