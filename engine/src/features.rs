@@ -39,10 +39,14 @@ pub struct IoFeatures {
     pub bind: bool,
     /// IORING_RECVSEND_BUNDLE on a multishot receive: one completion for several buffers (6.10).
     pub bundle: bool,
+    /// IORING_REGISTER_PBUF_STATUS: the kernel tells a provided-buffer ring's head, so buffers
+    /// left offered after a burst can give their pages back (6.8).
+    pub pbuf_status: bool,
 }
 
 impl IoFeatures {
-    pub const ALL: IoFeatures = IoFeatures { sockopt: true, fd_install: true, bind: true, bundle: true };
+    pub const ALL: IoFeatures =
+        IoFeatures { sockopt: true, fd_install: true, bind: true, bundle: true, pbuf_status: true };
 
     /// What kernel `version` offers.
     pub fn of_kernel(version: (u32, u32)) -> IoFeatures {
@@ -51,12 +55,14 @@ impl IoFeatures {
             fd_install: version >= (6, 8),
             bind: version >= (6, 11),
             bundle: version >= (6, 10),
+            pbuf_status: version >= (6, 8),
         }
     }
 
     /// Asks the running kernel: IORING_REGISTER_PROBE for the opcodes, a SETSOCKOPT on a direct
-    /// socket for the uring_cmd (the probe only says uring_cmd exists, not for sockets), and the
-    /// ring's feature flags for bundles.
+    /// socket for the uring_cmd (the probe only says uring_cmd exists, not for sockets), the
+    /// ring's feature flags for bundles, and PBUF_STATUS on a buffer group nobody registered
+    /// (ENOENT where the kernel has it, EINVAL where it does not know the call).
     pub fn probe() -> io::Result<IoFeatures> {
         let mut ring = io_uring::IoUring::new(4)?;
         let mut probe = io_uring::Probe::new();
@@ -89,11 +95,13 @@ impl IoFeatures {
                 }
             }
         }
+        let pbuf_status = crate::worker::ring::pbuf_status_known(&ring);
         Ok(IoFeatures {
             sockopt,
             fd_install: probe.is_supported(opcode::FixedFdInstall::CODE),
             bind: probe.is_supported(opcode::Bind::CODE),
             bundle: ring.params().is_feature_recvsend_bundle(),
+            pbuf_status,
         })
     }
 
@@ -104,6 +112,7 @@ impl IoFeatures {
             fd_install: self.fd_install && other.fd_install,
             bind: self.bind && other.bind,
             bundle: self.bundle && other.bundle,
+            pbuf_status: self.pbuf_status && other.pbuf_status,
         }
     }
 
@@ -133,6 +142,9 @@ impl IoFeatures {
         if !self.bundle {
             f.push("one receive buffer per receive completion");
         }
+        if !self.pbuf_status {
+            f.push("receive buffers left offered after a burst keep their pages until receives take them");
+        }
         f
     }
 }
@@ -143,11 +155,12 @@ impl fmt::Display for IoFeatures {
         let on = |b: bool, name: &str| if b { name.to_owned() } else { format!("no {name}") };
         write!(
             f,
-            "{}, {}, {}, {}",
+            "{}, {}, {}, {}, {}",
             on(self.sockopt, "uring_cmd socket options"),
             on(self.fd_install, "FIXED_FD_INSTALL"),
             on(self.bind, "BIND"),
-            on(self.bundle, "receive bundles")
+            on(self.bundle, "receive bundles"),
+            on(self.pbuf_status, "PBUF_STATUS")
         )?;
         let fallbacks = self.fallbacks();
         if !fallbacks.is_empty() {
@@ -192,11 +205,14 @@ mod tests {
     #[test]
     fn named_kernels_and_the_fallbacks_they_need() {
         let six_one = IoFeatures::of_kernel((6, 1));
-        assert_eq!(six_one, IoFeatures { sockopt: false, fd_install: false, bind: false, bundle: false });
-        assert_eq!(six_one.fallbacks().len(), 4);
+        assert_eq!(
+            six_one,
+            IoFeatures { sockopt: false, fd_install: false, bind: false, bundle: false, pbuf_status: false }
+        );
+        assert_eq!(six_one.fallbacks().len(), 5);
         assert_eq!(
             IoFeatures::of_kernel((6, 8)),
-            IoFeatures { sockopt: true, fd_install: true, bind: false, bundle: false }
+            IoFeatures { sockopt: true, fd_install: true, bind: false, bundle: false, pbuf_status: true }
         );
         assert!(IoFeatures::of_kernel((6, 10)).bundle);
         assert!(IoFeatures::of_kernel((6, 8)).direct_accept());

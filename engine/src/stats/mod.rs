@@ -356,6 +356,11 @@ pub struct WorkerStats {
     /// header buffers and, with `tune.splice: never`, the receive buffers of the provided-buffer ring.
     pub buffers_in_use: u64,
     pub buffers_pooled: u64,
+    /// Bytes of the receive buffers' pages resident now, whoever holds the buffers (gauge): pages
+    /// a receive wrote stay until a trim gives them back (a second after their buffer was last
+    /// reached: docs/architecture.md, *How many buffers*).
+    #[serde(default)]
+    pub recv_buffers_resident: u64,
     pub pipe_waits: u64,
     /// Times a connection's receive waited because every receive buffer of its worker was out
     /// (`splice: never`).

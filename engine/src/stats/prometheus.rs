@@ -248,6 +248,9 @@ pub fn render(s: &EngineStats) -> String {
         &[("in_use", &|w| w.pipes_in_use), ("pooled", &|w| w.pipes_pooled)],
     );
     m.per_worker(s, "pipe_waits_total", "counter", "Times a connection waited for a free pipe.", |w| w.pipe_waits);
+    m.per_worker(s, "recv_buffers_resident_bytes", "gauge", "Bytes of the receive buffers' pages resident now.", |w| {
+        w.recv_buffers_resident
+    });
     m.per_worker_by(
         s,
         "buffers",

@@ -318,6 +318,7 @@ impl Worker {
         s.buffers_in_use = u64::from(self.ring.buffers_in_use());
         s.buffers_pooled = u64::from(self.ring.buffers_pooled());
         s.ring_queued_bytes = self.sendq.queued_bytes();
+        s.recv_buffers_resident = self.ring.recv_bufs_resident();
         s.global_share = u64::from(self.up.shares.held(self.plan.limits.global));
         s.share_lent = self.up.shares.lent;
         s.share_borrowed = self.up.shares.borrowed;

@@ -211,6 +211,7 @@ fn socket_protocol_json_csv_and_prometheus() {
         "ringproxy_buffers",
         "ringproxy_ring_queued_bytes",
         "ringproxy_ring_recv_merged_total",
+        "ringproxy_recv_buffers_resident_bytes",
     ] {
         assert!(families.contains(f), "missing {f}");
     }

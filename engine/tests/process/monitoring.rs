@@ -165,3 +165,75 @@ fn the_socket_gets_its_mode_and_owner_in_the_service_users_directory() {
     proxy.stop_clean();
     assert!(!sock.exists());
 }
+
+/// After a burst the receive buffers give their memory back even when nothing follows. The proxy
+/// (4 KiB receive buffers) is stopped (SIGSTOP) while 300 clients each write 16 KiB, then
+/// continued: its worker finds 300 sockets with data at once, each receive taking 4 buffers, more
+/// than its ring offers, so receives run short and the offer widens; the buffers the burst wrote
+/// come back and are offered again; then
+/// nothing more is received. Once a second the offer narrows and the trim gives back the pages of
+/// the free buffers and (6.8+, where the kernel tells the ring's head) of the offered ones past
+/// the narrowed offer that no receive reached: within a few quiet seconds what the buffers hold
+/// is the narrowest offer's 64 buffers. `recv_buffers_resident` (mincore) says it.
+#[test]
+fn the_receive_buffers_give_their_memory_back_after_a_burst_even_when_nothing_follows() {
+    const CONNS: usize = 300;
+    const LEN: usize = 16 * 1024;
+    let echo = Backend::start(Mode::Echo);
+    let sock = temp_path("burst.sock");
+    let proxy = Proxy::start(
+        "burst",
+        &format!(
+            "global: {{ workers: 1, tune: {{ splice: never, recv_buffer_size: 4k }}, stats: {{ socket: {} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.0.2.32 }}] }}]\n",
+            sock.display(),
+            echo.addr
+        ),
+    );
+    let front = proxy.addr("fe");
+    let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect(front)).collect();
+    for c in &mut conns {
+        echo_once(c, b"up");
+    }
+    let message = |i: usize| -> Vec<u8> {
+        let mut m = vec![0u8; LEN];
+        Stream::new(i as u64).fill(&mut m);
+        m
+    };
+    proxy.signal(libc::SIGSTOP);
+    for (i, c) in conns.iter_mut().enumerate() {
+        // (16 KiB fits in the sockets' buffers while the proxy is stopped.)
+        c.write_all(&message(i)).unwrap();
+    }
+    proxy.signal(libc::SIGCONT);
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut back = vec![0u8; LEN];
+        c.read_exact(&mut back).unwrap();
+        assert!(back == message(i), "connection {i}: the echo differs");
+    }
+    let fetch = || socket::fetch(&sock).unwrap();
+    let s = fetch();
+    let (after_burst, waits) = (s.total(|w| w.recv_buffers_resident), s.total(|w| w.buffer_waits));
+    let bound = 64 * 4096;
+    let started = std::time::Instant::now();
+    let mut last = after_burst;
+    while started.elapsed() < Duration::from_secs(8) && last > bound {
+        std::thread::sleep(Duration::from_millis(100));
+        last = fetch().total(|w| w.recv_buffers_resident);
+    }
+    eprintln!(
+        "{CONNS} x {LEN} B at once: {waits} receives waited for a buffer, {} buffers created; the buffers' resident \
+         pages: {after_burst} B after the burst, {last} B {:.1} s later",
+        s.total(|w| w.buffers_in_use + w.buffers_pooled),
+        started.elapsed().as_secs_f64()
+    );
+    assert!(waits > 0, "the burst ran the ring short");
+    assert!(after_burst > 4 * bound, "the burst wrote into more buffers than the narrowest offer: {after_burst} B");
+    let (io, _) = ringproxy::features::effective(None).unwrap();
+    if io.pbuf_status {
+        assert!(last <= bound, "the buffers still hold {last} B after {:?} of quiet", started.elapsed());
+    }
+    drop(conns);
+    proxy.stop_clean();
+}

@@ -65,6 +65,12 @@ impl Completion {
     }
 }
 
+/// Whether the kernel answers IORING_REGISTER_PBUF_STATUS (6.8+): asked about a buffer group
+/// `ring` has not registered, it says ENOENT; a kernel without the call says EINVAL.
+pub fn pbuf_status_known(ring: &IoUring) -> bool {
+    register::pbuf_head(ring, u16::MAX).is_err_and(|e| e.raw_os_error() == Some(libc::ENOENT))
+}
+
 /// How to build a worker's ring.
 pub struct RingSetup {
     /// Submission queue entries (the CQ gets four times as many).
@@ -176,7 +182,7 @@ impl Ring {
         }
         let recv_bufs = match setup.recv_bufs {
             Some((size, max)) => {
-                let r = pbuf::BufRing::new(&ring, RECV_GROUP, size, max)
+                let r = pbuf::BufRing::new(&ring, RECV_GROUP, size, max, setup.io.pbuf_status)
                     .map_err(|e| with_context(e, "registering the ring of receive buffers"))?;
                 Some(ManuallyDrop::new(r))
             }

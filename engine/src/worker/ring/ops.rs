@@ -534,8 +534,15 @@ impl Ring {
     /// The receive buffers' slow path (once a second): see `BufRing::trim`.
     pub fn trim_recv_bufs(&mut self) {
         if let Some(r) = self.recv_bufs.as_mut() {
-            r.trim();
+            // (Read here, in the worker's thread between two io_uring_enter: see `discard_offered`.)
+            let head = r.kernel_head(&self.ring);
+            r.trim(head);
         }
+    }
+
+    /// Bytes of the receive buffers' pages resident now (0 without a ring of them).
+    pub fn recv_bufs_resident(&self) -> u64 {
+        self.recv_bufs.as_ref().map_or(0, |r| r.resident() as u64)
     }
 
     /// A receive ended for want of a buffer (ENOBUFS): the ring offers more from now on.

@@ -24,8 +24,12 @@
 //! bulk flow does. Once a second ([`BufRing::trim`]) the offer falls to a quarter if no receive
 //! ran short since, and the free buffers that sat unused all that time, or lie below what the
 //! ring can take, give their pages back to the kernel: after a burst, memory returns to what the
-//! traffic uses as it goes on. Buffers still in the ring cannot be taken back: they keep their
-//! pages until receives take them (a worker that receives nothing after a burst keeps them).
+//! traffic uses as it goes on. Buffers still in the ring cannot be taken back, but those offered
+//! past the narrowed offer that no receive reached for a second give their pages back too, where
+//! the kernel tells the ring's head (PBUF_STATUS, 6.8+): with DEFER_TASKRUN a receive fills a
+//! buffer only within this thread's io_uring_enter, so between two of them the slots from the
+//! head on are untouched, and a receive that takes one later writes into fresh pages. (Before
+//! 6.8 they keep their pages until receives take them.)
 //!
 //! Invariants: a buffer is in exactly one place — the ring (the kernel may fill it), a
 //! `RingBuf` (ours), the list of a bundle's buffers not yet handed out, or the free list; the
@@ -93,6 +97,13 @@ pub(super) struct BufRing {
     discarded: usize,
     /// A receive ran short (ENOBUFS) since the last trim.
     short: bool,
+    /// Whether the kernel tells the ring's head (PBUF_STATUS, 6.8+): cleared on its first refusal.
+    status: bool,
+    /// The kernel's head and our tail at the last trim (with `status`).
+    last: Option<(u16, u16)>,
+    /// By buffer id: offered, and its pages given back by a trim since (cleared when offered
+    /// again after use).
+    bare: Vec<bool>,
     /// Buffers in the ring now (provided, not yet consumed by a completion).
     in_ring: u32,
     /// Buffers the ring offers: kept in it, widened on ENOBUFS, narrowed by `trim`.
@@ -114,7 +125,8 @@ impl BufRing {
     /// Registers a ring for buffers of `size` bytes, at most `max` of them (at most 65,536: a
     /// buffer id is 16 bits), as buffer group `bgid`. The ring holds only the `high` buffers
     /// offered at a time, so its descriptors are few whatever `max` is.
-    pub(super) fn new(uring: &IoUring, bgid: u16, size: usize, max: usize) -> io::Result<BufRing> {
+    /// `status`: whether to ask the kernel for the ring's head (PBUF_STATUS: see [`BufRing::trim`]).
+    pub(super) fn new(uring: &IoUring, bgid: u16, size: usize, max: usize, status: bool) -> io::Result<BufRing> {
         debug_assert!((1..=1 << 16).contains(&max));
         let high = NARROWEST.min(max as u32);
         let entries = (WIDEST.min(max as u32) as u16).next_power_of_two();
@@ -152,6 +164,9 @@ impl BufRing {
             cold: 0,
             discarded: 0,
             short: false,
+            status,
+            last: None,
+            bare: Vec::new(),
             in_ring: 0,
             high,
             out: 0,
@@ -180,6 +195,7 @@ impl BufRing {
                 None if self.created < self.max => {
                     self.created += 1;
                     self.slot_of.push(NOT_OFFERED);
+                    self.bare.push(false);
                     (self.created - 1) as u16
                 }
                 None => break,
@@ -204,6 +220,7 @@ impl BufRing {
         e.set_len(self.size as u32);
         e.set_bid(bid);
         self.slot_of[usize::from(bid)] = slot as u16;
+        self.bare[usize::from(bid)] = false;
         self.tail = self.tail.wrapping_add(1);
         self.in_ring += 1;
     }
@@ -327,9 +344,11 @@ impl BufRing {
 
     /// The slow path, once a second: offers a quarter as many buffers if no receive ran short
     /// since the last call (down to `NARROWEST`), and gives back to the kernel the pages of the
-    /// free buffers that sat unused since then or lie below the `high` most recently used.
-    /// Returns how many buffers it discarded.
-    pub(super) fn trim(&mut self) -> usize {
+    /// free buffers that sat unused since then or lie below the `high` most recently used, and
+    /// of the buffers still offered past the first `high` that no receive reached since (given
+    /// the kernel's `head` of the ring: [`BufRing::kernel_head`]). Returns how many buffers it
+    /// discarded.
+    pub(super) fn trim(&mut self, head: Option<u16>) -> usize {
         let narrowest = NARROWEST.min(self.max as u32);
         if !self.short && self.high > narrowest {
             // A quiet second: a quarter of the offer (a burst widens it again in a few doublings).
@@ -347,7 +366,61 @@ impl BufRing {
         }
         self.discarded = upto;
         self.cold = self.free.len();
-        upto - from
+        upto - from + head.map_or(0, |h| self.discard_offered(h))
+    }
+
+    /// The kernel's head of this ring (PBUF_STATUS, 6.8+): the next slot a receive consumes. None
+    /// where the kernel does not tell (then what stays offered keeps its pages).
+    pub(super) fn kernel_head(&mut self, uring: &IoUring) -> Option<u16> {
+        if !self.status {
+            return None;
+        }
+        let head = super::register::pbuf_head(uring, self.bgid).ok();
+        self.status = head.is_some();
+        head
+    }
+
+    /// After a burst the ring holds more buffers than it offers now (`high`): a narrowed offer
+    /// is not replaced as receives take them, but those not taken yet keep the pages the burst
+    /// wrote. Gives back the pages of those that lie past the first `high` from the kernel's
+    /// `head` and were offered at the last trim already (no receive reached them for a whole
+    /// second). Returns how many.
+    fn discard_offered(&mut self, head: u16) -> usize {
+        let Some((last_head, last_tail)) = self.last.replace((head, self.tail)) else { return 0 };
+        // Slots `head..last_tail` were offered at the last trim and are not consumed yet.
+        let (span, consumed) = (last_tail.wrapping_sub(last_head), head.wrapping_sub(last_head));
+        if span > self.entries || consumed >= span {
+            return 0;
+        }
+        let cold = span - consumed;
+        let keep = self.high.min(u32::from(cold)) as u16;
+        let mut n = 0;
+        for k in keep..cold {
+            let slot = head.wrapping_add(k) & (self.entries - 1);
+            // SAFETY: `slot` < `entries`: the descriptor lies in the mapping, as `push` wrote it.
+            let bid = unsafe { (*self.ring.as_ptr().add(usize::from(slot))).bid() };
+            if self.slot_of.get(usize::from(bid)) != Some(&slot) {
+                // Cannot happen: an unconsumed slot holds the buffer last offered there.
+                debug_assert!(false, "slot {slot} holds buffer {bid}, offered elsewhere");
+                continue;
+            }
+            if std::mem::replace(&mut self.bare[usize::from(bid)], true) {
+                continue;
+            }
+            // SAFETY: the buffer is offered and not consumed (its slot lies at or past the head
+            // the kernel just reported): nothing of ours reads or writes it, and the kernel
+            // writes into provided buffers only while a receive runs, which with DEFER_TASKRUN
+            // is within this thread's io_uring_enter, not now. A receive that takes it later
+            // writes into fresh zeroed pages, as into a new buffer. It lies in the lazy region.
+            unsafe { super::register::discard(self.buf_ptr(bid), self.size) };
+            n += 1;
+        }
+        n
+    }
+
+    /// Bytes of the buffers' pages that are resident now (mincore: the slow path only).
+    pub(super) fn resident(&self) -> usize {
+        super::register::resident(self.region.as_ptr(), self.created * self.size)
     }
 
     /// Unregisters and unmaps the ring and the buffers (the owning `Ring` calls this once nothing
@@ -380,7 +453,7 @@ mod tests {
     #[test]
     fn a_burst_widens_the_offer_and_quiet_seconds_shrink_it_and_give_the_memory_back() {
         let uring = IoUring::new(8).expect("an io_uring");
-        let mut r = BufRing::new(&uring, 7, 4096, 1024).expect("a buffer ring");
+        let mut r = BufRing::new(&uring, 7, 4096, 1024, false).expect("a buffer ring");
         let mut head = 0u16;
         assert_eq!((r.offered(), r.created()), (64, 64), "64 offered at first, created as offered");
 
@@ -401,19 +474,19 @@ mod tests {
         assert_eq!(r.out, 0);
 
         // The first second after the burst: still short, so the offer stays; nothing is cold yet.
-        assert_eq!(r.trim(), 0);
+        assert_eq!(r.trim(None), 0);
         assert_eq!(r.high, 256);
         // A quiet second: the offer falls to a quarter, and the buffers nobody used give their
         // pages back.
-        let discarded = r.trim();
+        let discarded = r.trim(None);
         assert_eq!(r.high, 64);
         assert_eq!(discarded, r.free.len(), "every free buffer sat unused for a second");
         assert!(r.free.contains(&written));
         let b = RingBuf { bid: written };
         assert!(r.bytes(&b).iter().all(|&x| x == 0), "a discarded buffer reads as zeros: its page went back");
         std::mem::forget(b);
-        assert_eq!(r.trim(), 0, "a discarded buffer is not discarded again");
-        r.trim();
+        assert_eq!(r.trim(None), 0, "a discarded buffer is not discarded again");
+        r.trim(None);
         assert_eq!(r.high, 64, "down to the narrowest offer, not below");
 
         // A buffer used again is hot: taken from the free list, it is not counted as cold.
@@ -423,9 +496,54 @@ mod tests {
     }
 
     #[test]
+    fn buffers_left_offered_after_a_burst_give_their_pages_back_once_no_receive_reached_them_for_a_second() {
+        let uring = IoUring::new(8).expect("an io_uring");
+        let mut r = BufRing::new(&uring, 7, 4096, 1024, false).expect("a buffer ring");
+        // A burst widened the offer to all 1,024 buffers, and receives wrote each (its page is
+        // resident) before it came back and was offered again.
+        for _ in 0..4 {
+            r.widen();
+        }
+        assert_eq!(r.offered(), 1024);
+        for bid in 0..1024 {
+            // SAFETY: an offered buffer inside the region; no receive runs in this test.
+            unsafe { r.buf_ptr(bid).write(1) };
+        }
+        assert_eq!(r.resident(), 1024 * 4096);
+        // The kernel's head stands where the burst left it. The first trim only records it (and,
+        // a receive having run short, keeps the offer); each quiet second after narrows the offer
+        // to a quarter and gives back the pages of what lies past it from the head.
+        let mut head = 0u16;
+        assert_eq!(r.trim(Some(head)), 0);
+        assert_eq!(r.trim(Some(head)), 768);
+        assert_eq!((r.high, r.resident()), (256, 256 * 4096), "the 256 next in line keep their pages");
+        assert_eq!(r.trim(Some(head)), 192);
+        assert_eq!((r.high, r.resident()), (64, 64 * 4096));
+        assert_eq!(r.trim(Some(head)), 0, "a buffer whose pages went back is not discarded again");
+        // Receives take 10 (not replaced: the ring holds more than it offers); the 64 next in
+        // line now reach past what kept its pages, which is not discarded again either.
+        let taken: Vec<RingBuf> = (0..10).map(|_| take_next(&mut r, &mut head)).collect();
+        assert_eq!(r.trim(Some(head)), 0);
+        assert_eq!(r.resident(), 64 * 4096, "the 10 taken and the 54 after them");
+        for b in taken {
+            r.give_back(b);
+        }
+        // A receive that takes a buffer discarded while offered finds fresh zeroed pages.
+        let later: Vec<RingBuf> = (0..61).map(|_| take_next(&mut r, &mut head)).collect();
+        let last = later.last().unwrap();
+        assert!(r.bytes(last).iter().all(|&x| x == 0), "discarded while offered: reads as zeros");
+        assert!(r.bytes(&later[0])[0] == 1, "kept while offered: as written");
+        // Used and given back, it is offered again as a buffer with pages, not a discarded one.
+        for b in later {
+            r.give_back(b);
+        }
+        r.release(&uring);
+    }
+
+    #[test]
     fn a_bundle_is_the_buffers_offered_after_its_first_in_ring_order() {
         let uring = IoUring::new(8).expect("an io_uring");
-        let mut r = BufRing::new(&uring, 7, 4096, 1024).expect("a buffer ring");
+        let mut r = BufRing::new(&uring, 7, 4096, 1024, false).expect("a buffer ring");
         let mut head = 0u16;
         // Buffers come back in another order than they were taken: the free list (LIFO) offers
         // them again in an order unrelated to their ids.

@@ -1,5 +1,5 @@
-//! io_uring_register calls the io-uring crate does not wrap (FILE_ALLOC_RANGE), or wraps in a way
-//! that loses what the kernel answered (SYNC_CANCEL's count of requests it found).
+//! io_uring_register calls the io-uring crate does not wrap (FILE_ALLOC_RANGE, PBUF_STATUS), or
+//! wraps in a way that loses what the kernel answered (SYNC_CANCEL's count of requests it found).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -9,6 +9,7 @@ use io_uring::IoUring;
 
 const IORING_REGISTER_SYNC_CANCEL: libc::c_long = 24;
 const IORING_REGISTER_FILE_ALLOC_RANGE: libc::c_long = 25;
+const IORING_REGISTER_PBUF_STATUS: libc::c_long = 26;
 const IORING_ASYNC_CANCEL_ANY: u32 = 1 << 2;
 
 /// Tells the kernel which slots its accepts may allocate from.
@@ -34,6 +35,42 @@ pub(super) fn file_alloc_range(ring: &IoUring, off: u32, len: u32) -> io::Result
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The head of provided-buffer ring `bgid`: the next descriptor a receive will consume (Linux
+/// 6.8+; EINVAL before). Descriptors from it to the tail have not been consumed: with
+/// `DEFER_TASKRUN` receives consume them only within this thread's `io_uring_enter`.
+pub(super) fn pbuf_head(ring: &IoUring, bgid: u16) -> io::Result<u16> {
+    #[repr(C)]
+    struct Status {
+        buf_group: u32,
+        head: u32,
+        resv: [u32; 8],
+    }
+    let mut status = Status { buf_group: u32::from(bgid), head: 0, resv: [0; 8] };
+    // SAFETY: `status` is a valid io_uring_buf_status (40 bytes, as the kernel's) that the kernel
+    // reads and writes only during the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_io_uring_register, ring.as_raw_fd(), IORING_REGISTER_PBUF_STATUS, &raw mut status, 1)
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(status.head as u16)
+}
+
+/// Bytes of the `bytes` at `p` (a mapping made by [`map_lazy`]) that are resident now.
+pub(super) fn resident(p: *mut u8, bytes: usize) -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let mut vec = vec![0u8; bytes.div_ceil(page)];
+    // SAFETY: `p` is page-aligned (a mapping's start) and the span lies in the mapping; mincore
+    // writes one byte per page into `vec`, which has that many.
+    let r = unsafe { libc::mincore(p.cast(), bytes, vec.as_mut_ptr()) };
+    if r < 0 {
+        return 0;
+    }
+    vec.iter().filter(|&&b| b & 1 == 1).count() * page
 }
 
 /// Cancels every request of the ring, waiting up to `timeout` for those that can be waited for;
