@@ -167,9 +167,9 @@ fn the_socket_gets_its_mode_and_owner_in_the_service_users_directory() {
 }
 
 /// After a burst the receive buffers give their memory back even when nothing follows. The proxy
-/// (4 KiB receive buffers) is stopped (SIGSTOP) while 300 clients each write 16 KiB, then
-/// continued: its worker finds 300 sockets with data at once, each receive taking 4 buffers, more
-/// than its ring offers, so receives run short and the offer widens; the buffers the burst wrote
+/// (4 KiB receive buffers) is stopped (SIGSTOP) while 300 clients each write 64 KiB, then
+/// continued: its worker finds 300 sockets with data at once, each receive taking 16 buffers,
+/// far more than its ring offers, so receives run short and the offer widens; the buffers the burst wrote
 /// come back and are offered again; then
 /// nothing more is received. Once a second the offer narrows and the trim gives back the pages of
 /// the free buffers and (6.8+, where the kernel tells the ring's head) of the offered ones past
@@ -178,7 +178,7 @@ fn the_socket_gets_its_mode_and_owner_in_the_service_users_directory() {
 #[test]
 fn the_receive_buffers_give_their_memory_back_after_a_burst_even_when_nothing_follows() {
     const CONNS: usize = 300;
-    const LEN: usize = 16 * 1024;
+    const LEN: usize = 64 * 1024;
     let echo = Backend::start(Mode::Echo);
     let sock = temp_path("burst.sock");
     let proxy = Proxy::start(
@@ -203,7 +203,7 @@ fn the_receive_buffers_give_their_memory_back_after_a_burst_even_when_nothing_fo
     };
     proxy.signal(libc::SIGSTOP);
     for (i, c) in conns.iter_mut().enumerate() {
-        // (16 KiB fits in the sockets' buffers while the proxy is stopped.)
+        // (64 KiB fits in the sockets' buffers while the proxy is stopped.)
         c.write_all(&message(i)).unwrap();
     }
     proxy.signal(libc::SIGCONT);
