@@ -271,7 +271,7 @@ if has "$TESTS" curl; then
     BIG=/dev/shm/ringproxy-bench-big.$$ DL=/dev/shm/ringproxy-bench-dl.$$
     log "writing the ${CURL_MIB} MiB file for the curl test"
     head -c "$((CURL_MIB << 20))" /dev/urandom >"$BIG"
-    ln -s "$BIG" "$OUT/run/http/www/big.bin"
+    ln -sfn "$BIG" "$OUT/run/http/www/big.bin"  # (-f: an OUT of an earlier run has its link)
 fi
 cat >"$OUT/run/http/nginx.conf" <<CONF
 user root;
