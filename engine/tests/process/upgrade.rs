@@ -36,6 +36,18 @@ impl Drop for KilledIfTheTestFails {
     }
 }
 
+/// The clients gone, the new process of an upgrade (serving stats on `sock`) holds nothing — every
+/// gauge at 0 — and exits on SIGTERM.
+fn new_process_ends_clean(sock: &Path, new_pid: u32) {
+    wait_until("the new process's gauges to be 0", Duration::from_secs(10), || {
+        let s = ringproxy::stats::socket::fetch(sock).unwrap();
+        GAUGES.iter().all(|(_, g)| s.total(g) == 0)
+    });
+    // SAFETY: kill on a pid this test started (through the old process).
+    unsafe { libc::kill(new_pid as i32, libc::SIGTERM) };
+    wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || ringproxy::upgrade::exited(new_pid));
+}
+
 #[test]
 fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_process_exits() {
     let echo = Backend::start(Mode::Echo);
@@ -92,14 +104,7 @@ fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_proc
     let (_, failed) = churn.stop();
     assert_eq!(failed, 0, "no new connection refused, reset or unanswered");
     drop(held);
-    // The new process holds nothing once the clients are gone, and stops on SIGTERM.
-    wait_until("the new process's gauges to be 0", Duration::from_secs(10), || {
-        let s = ringproxy::stats::socket::fetch(&sock).unwrap();
-        GAUGES.iter().all(|(_, g)| s.total(g) == 0)
-    });
-    // SAFETY: kill on a pid this test started (through the old process).
-    unsafe { libc::kill(new_pid as i32, libc::SIGTERM) };
-    wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || ringproxy::upgrade::exited(new_pid));
+    new_process_ends_clean(&sock, new_pid);
     assert!(!sock.exists() && !admin.exists(), "the new process removed the stats sockets at exit");
 }
 
@@ -223,11 +228,5 @@ fn an_upgrade_whose_file_drops_a_client_buffer_size_says_the_listening_sockets_k
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success() && text.contains(kept), "the new process's reload: {text}");
     drop(second);
-    wait_until("the new process's gauges to be 0", Duration::from_secs(10), || {
-        let s = ringproxy::stats::socket::fetch(&sock).unwrap();
-        GAUGES.iter().all(|(_, g)| s.total(g) == 0)
-    });
-    // SAFETY: kill on a pid this test started (through the old process).
-    unsafe { libc::kill(new_pid as i32, libc::SIGTERM) };
-    wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || ringproxy::upgrade::exited(new_pid));
+    new_process_ends_clean(&sock, new_pid);
 }
