@@ -61,8 +61,7 @@ pub(super) fn pbuf_head(ring: &IoUring, bgid: u16) -> io::Result<u16> {
 
 /// Bytes of the `bytes` at `p` (a mapping made by [`map_lazy`]) that are resident now.
 pub(super) fn resident(p: *mut u8, bytes: usize) -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096).max(1);
+    let page = crate::host::page_size() as usize;
     let mut vec = vec![0u8; bytes.div_ceil(page)];
     // SAFETY: `p` is page-aligned (a mapping's start) and the span lies in the mapping; mincore
     // writes one byte per page into `vec`, which has that many.
