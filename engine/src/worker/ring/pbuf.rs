@@ -392,7 +392,10 @@ impl BufRing {
         if span > self.entries || consumed >= span {
             return 0;
         }
-        let cold = span - consumed;
+        // Never past our tail: `last` is in 16-bit positions, and with 65,536 receives or more
+        // between two trims it can name slots that are not offered any more (a slot past the tail
+        // has the index of one before the head: consumed, its completion perhaps not taken yet).
+        let cold = (span - consumed).min(self.tail.wrapping_sub(head));
         let keep = self.high.min(u32::from(cold)) as u16;
         let mut n = 0;
         for k in keep..cold {
@@ -535,6 +538,36 @@ mod tests {
         assert!(r.bytes(&later[0])[0] == 1, "kept while offered: as written");
         // Used and given back, it is offered again as a buffer with pages, not a discarded one.
         for b in later {
+            r.give_back(b);
+        }
+        r.release(&uring);
+    }
+
+    #[test]
+    fn the_trim_never_discards_past_the_tail_even_when_the_last_trims_positions_wrapped() {
+        let uring = IoUring::new(8).expect("an io_uring");
+        let mut r = BufRing::new(&uring, 7, 4096, 256, false).expect("a buffer ring");
+        r.widen();
+        r.widen();
+        assert_eq!((r.offered(), r.entries, r.tail), (256, 256, 256), "every slot offered");
+        for bid in 0..256 {
+            // SAFETY: an offered buffer inside the region; no receive runs in this test.
+            unsafe { r.buf_ptr(bid).write(1) };
+        }
+        // The kernel has filled the first 10 (its head is 10) and their completions are not taken
+        // yet; the last trim's positions, 16-bit, came round to (10, 266) after 65,536 receives:
+        // slots 256..266 lie past the tail, with the indices of the 10 just filled.
+        let filled: Vec<u16> = (0..10u16)
+            // SAFETY: the descriptor lies in the ring's mapping and was written by `push`.
+            .map(|slot| unsafe { (*r.ring.as_ptr().add(usize::from(slot))).bid() })
+            .collect();
+        r.last = Some((10, 266));
+        r.short = false;
+        // The offer narrows to 64; what lies past the first 64 from the head, up to the tail, goes.
+        assert_eq!(r.trim(Some(10)), 256 - 10 - 64);
+        for bid in filled {
+            let b = r.taken(bid, 1);
+            assert_eq!(r.bytes(&b)[0], 1, "a filled buffer not yet taken keeps its bytes");
             r.give_back(b);
         }
         r.release(&uring);
