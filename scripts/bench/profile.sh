@@ -8,6 +8,10 @@
 #   - io_uring requests and io-wq punts by opcode (perf record of the two tracepoints + perf script)
 #   - perf record -g (cpu-clock sampling) of the proxy: the top symbols, io-wq threads included
 # Everything is normalised per request / connection / MB. Loopback only, bounded (~2 min).
+# The churn test connects the way bench.sh's does: SOURCES (default 8, bench.sh's CHURN_SOURCES)
+# client addresses 127.0.6.x and, on each proxy, as many source addresses 127.0.3.x toward the echo
+# server (ringproxy's `source` range; one HAProxy server line per address); SOURCES=1 gives the single
+# address pair, whose ~28,000 ephemeral ports bound the rate. TESTS picks workloads (default "ka rate tput4").
 # Usage: scripts/bench/profile.sh [SECONDS per measurement, default 4]   (root; installs linux-perf)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -15,6 +19,8 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 . "$ROOT/scripts/lib.sh"
 S=${1:-4}
 WORKERS=${WORKERS:-$(nproc)}
+SOURCES=${SOURCES:-8}
+TESTS=${TESTS:-ka rate tput4}
 OUT=${OUT:-$(mktemp -d /tmp/ringproxy-profile.XXXXXX)}
 trap stop_all_bg EXIT
 trap 'exit 130' INT TERM
@@ -36,7 +42,7 @@ frontends:
   - { name: echo, bind: "127.0.0.1:0", backend: echo }
   - { name: sink, bind: "127.0.0.1:0", backend: sink }
 backends:
-  - { name: echo, servers: [{ name: s1, address: "$ECHO" }] }
+  - { name: echo, servers: [{ name: s1, address: "$ECHO", source: "127.0.3.1-127.0.3.$SOURCES" }] }
   - { name: sink, servers: [{ name: s1, address: "$SINK" }] }
 YAML
 start_ready ringproxy "$OUT" "$RP" -c "$OUT/ringproxy.yaml"
@@ -66,7 +72,8 @@ frontend echo
     bind 127.0.0.1:$HE
     default_backend echo
 backend echo
-    server s1 $ECHO
+    balance roundrobin
+$(for i in $(seq 1 "$SOURCES"); do echo "    server s$i $ECHO source 127.0.3.$i"; done)
 frontend sink
     bind 127.0.0.1:$HS
     default_backend sink
@@ -83,7 +90,7 @@ declare -A PID=([ringproxy]=$RPID [haproxy]=$HPID)
 load() { # TEST ADDR JSON
     case "$1" in
         ka) "$RL" latency --target "$2" --conns 64 --rate 2000000 --duration "${S}s" --json --no-progress >"$3" ;;
-        rate) "$RL" rate --target "$2" --concurrency 64 --duration "${S}s" --json --no-progress >"$3" ;;
+        rate) "$RL" rate --target "$2" --concurrency 64 --duration "${S}s" --sources "127.0.6.1-127.0.6.$SOURCES" --json --no-progress >"$3" ;;
         tput4) "$RL" throughput --target "$2" --streams 4 --duration "${S}s" --json --no-progress >"$3" ;;
     esac
 }
@@ -98,8 +105,8 @@ declare -A UNIT=([ka]=request [rate]=connection [tput4]="MB moved")
 TP=io_uring:io_uring_submit_req,io_uring:io_uring_queue_async_work,io_uring:io_uring_task_add,io_uring:io_uring_local_work_run
 
 {
-    echo "# profile: $S s per measurement, $WORKERS workers, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    for t in ka rate tput4; do
+    echo "# profile: $S s per measurement, $WORKERS workers, $SOURCES source addresses for churn, $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    for t in $TESTS; do
         svc="echo"; [ "$t" = tput4 ] && svc="sink"
         for p in ringproxy haproxy; do
             pid=${PID[$p]}
