@@ -11,6 +11,8 @@
 //! | `IORING_OP_FIXED_FD_INSTALL` | 6.8 | as above for the local address |
 //! | `IORING_OP_BIND` | 6.11 | server sockets are made with `socket`, `setsockopt` and `bind` and moved into their direct slot; CONNECT and its timeout stay in the ring |
 //! | `IORING_RECVSEND_BUNDLE` on the multishot receive | 6.10 | each receive completion brings one receive buffer instead of as many as the data fills (more completions per byte on bulk flows) |
+//! | `IORING_REGISTER_PBUF_STATUS` | 6.8 | receive buffers left offered after a burst keep their pages until receives take them |
+//! | `IORING_SEND_ZC_REPORT_USAGE` | 6.2 | with `tune.send_zerocopy`, the stats cannot tell zero-copy sends the kernel copied anyway |
 //!
 //! `global.tune.io_features` (or, where the file does not set it, the environment variable
 //! `RINGPROXY_IO_FEATURES`) pins the set to what a named kernel offers, so that every fallback is
@@ -42,11 +44,14 @@ pub struct IoFeatures {
     /// IORING_REGISTER_PBUF_STATUS: the kernel tells a provided-buffer ring's head, so buffers
     /// left offered after a burst can give their pages back (6.8).
     pub pbuf_status: bool,
+    /// IORING_SEND_ZC_REPORT_USAGE: a zero-copy send's notification says whether the kernel
+    /// copied the bytes after all (6.2).
+    pub zc_report: bool,
 }
 
 impl IoFeatures {
     pub const ALL: IoFeatures =
-        IoFeatures { sockopt: true, fd_install: true, bind: true, bundle: true, pbuf_status: true };
+        IoFeatures { sockopt: true, fd_install: true, bind: true, bundle: true, pbuf_status: true, zc_report: true };
 
     /// What kernel `version` offers.
     pub fn of_kernel(version: (u32, u32)) -> IoFeatures {
@@ -56,13 +61,16 @@ impl IoFeatures {
             bind: version >= (6, 11),
             bundle: version >= (6, 10),
             pbuf_status: version >= (6, 8),
+            zc_report: version >= (6, 2),
         }
     }
 
     /// Asks the running kernel: IORING_REGISTER_PROBE for the opcodes, a SETSOCKOPT on a direct
     /// socket for the uring_cmd (the probe only says uring_cmd exists, not for sockets), the
-    /// ring's feature flags for bundles, and PBUF_STATUS on a buffer group nobody registered
-    /// (ENOENT where the kernel has it, EINVAL where it does not know the call).
+    /// ring's feature flags for bundles, PBUF_STATUS on a buffer group nobody registered
+    /// (ENOENT where the kernel has it, EINVAL where it does not know the call), and a zero-copy
+    /// send asking for the usage report on the unconnected socket (EINVAL where the kernel does not
+    /// know the flag, an error of the send itself where it does).
     pub fn probe() -> io::Result<IoFeatures> {
         let mut ring = io_uring::IoUring::new(4)?;
         let mut probe = io_uring::Probe::new();
@@ -83,12 +91,14 @@ impl IoFeatures {
         .build()
         .user_data(2);
         let mut sockopt = false;
+        let mut socket_made = false;
         for e in [socket, opt] {
             // SAFETY: SOCKET holds no pointer; the option value is a `static`; the ring is waited
             // on below before anything is dropped.
             unsafe { ring.submission().push(&e).map_err(|_| io::ErrorKind::OutOfMemory)? };
             ring.submit_and_wait(1)?;
             if let Some(c) = ring.completion().next() {
+                socket_made |= c.user_data() == 1 && c.result() >= 0;
                 sockopt = c.user_data() == 2 && c.result() >= 0;
                 if c.result() < 0 {
                     break;
@@ -96,12 +106,30 @@ impl IoFeatures {
             }
         }
         let pbuf_status = crate::worker::ring::pbuf_status_known(&ring);
+        let mut zc_report = false;
+        if socket_made {
+            // SAFETY: msghdr is plain old data; all-zero is an empty message.
+            let msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            let e = opcode::SendMsgZc::new(Fixed(0), &raw const msg)
+                .ioprio(crate::worker::ring::SEND_ZC_REPORT_USAGE)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+                .user_data(3);
+            // SAFETY: `msg` outlives the wait below, which takes the send's first completion
+            // (the kernel reads the message while issuing it, before that completion).
+            unsafe { ring.submission().push(&e).map_err(|_| io::ErrorKind::OutOfMemory)? };
+            ring.submit_and_wait(1)?;
+            if let Some(c) = ring.completion().find(|c| c.user_data() == 3) {
+                zc_report = c.result() != -libc::EINVAL;
+            }
+        }
         Ok(IoFeatures {
             sockopt,
             fd_install: probe.is_supported(opcode::FixedFdInstall::CODE),
             bind: probe.is_supported(opcode::Bind::CODE),
             bundle: ring.params().is_feature_recvsend_bundle(),
             pbuf_status,
+            zc_report,
         })
     }
 
@@ -113,6 +141,7 @@ impl IoFeatures {
             bind: self.bind && other.bind,
             bundle: self.bundle && other.bundle,
             pbuf_status: self.pbuf_status && other.pbuf_status,
+            zc_report: self.zc_report && other.zc_report,
         }
     }
 
@@ -145,6 +174,9 @@ impl IoFeatures {
         if !self.pbuf_status {
             f.push("receive buffers left offered after a burst keep their pages until receives take them");
         }
+        if !self.zc_report {
+            f.push("zero-copy sends not told apart from those the kernel copied");
+        }
         f
     }
 }
@@ -155,12 +187,13 @@ impl fmt::Display for IoFeatures {
         let on = |b: bool, name: &str| if b { name.to_owned() } else { format!("no {name}") };
         write!(
             f,
-            "{}, {}, {}, {}, {}",
+            "{}, {}, {}, {}, {}, {}",
             on(self.sockopt, "uring_cmd socket options"),
             on(self.fd_install, "FIXED_FD_INSTALL"),
             on(self.bind, "BIND"),
             on(self.bundle, "receive bundles"),
-            on(self.pbuf_status, "PBUF_STATUS")
+            on(self.pbuf_status, "PBUF_STATUS"),
+            on(self.zc_report, "zero-copy usage reports")
         )?;
         let fallbacks = self.fallbacks();
         if !fallbacks.is_empty() {
@@ -207,12 +240,27 @@ mod tests {
         let six_one = IoFeatures::of_kernel((6, 1));
         assert_eq!(
             six_one,
-            IoFeatures { sockopt: false, fd_install: false, bind: false, bundle: false, pbuf_status: false }
+            IoFeatures {
+                sockopt: false,
+                fd_install: false,
+                bind: false,
+                bundle: false,
+                pbuf_status: false,
+                zc_report: false
+            }
         );
-        assert_eq!(six_one.fallbacks().len(), 5);
+        assert_eq!(six_one.fallbacks().len(), 6);
+        assert!(IoFeatures::of_kernel((6, 2)).zc_report);
         assert_eq!(
             IoFeatures::of_kernel((6, 8)),
-            IoFeatures { sockopt: true, fd_install: true, bind: false, bundle: false, pbuf_status: true }
+            IoFeatures {
+                sockopt: true,
+                fd_install: true,
+                bind: false,
+                bundle: false,
+                pbuf_status: true,
+                zc_report: true
+            }
         );
         assert!(IoFeatures::of_kernel((6, 10)).bundle);
         assert!(IoFeatures::of_kernel((6, 8)).direct_accept());

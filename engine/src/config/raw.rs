@@ -73,6 +73,7 @@ pub struct RawTune {
     pub rcvbuf_server: Option<Spanned<Size>>,
     pub sndbuf_server: Option<Spanned<Size>>,
     pub notsent_lowat: Option<Spanned<Size>>,
+    pub send_zerocopy: Option<Spanned<SizeOrOff>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -429,19 +430,60 @@ impl<'de> Deserialize<'de> for Size {
                 Ok(Size(v))
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Size, E> {
-                let t = v.trim().to_ascii_lowercase();
-                let (digits, mult) = match t.as_bytes().last() {
-                    Some(b'k') => (&t[..t.len() - 1], 1u64 << 10),
-                    Some(b'm') => (&t[..t.len() - 1], 1 << 20),
-                    Some(b'g') => (&t[..t.len() - 1], 1 << 30),
-                    _ => (&t[..], 1),
-                };
-                digits
-                    .parse::<u64>()
-                    .ok()
-                    .and_then(|n| n.checked_mul(mult))
-                    .map(Size)
-                    .ok_or_else(|| E::custom(format!("\"{v}\" is not a size; write bytes such as 262144, 256k or 1m")))
+                Size::parse(v).map(Size).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Size {
+    /// `262144`, `256k`, `1m`, `1g` (powers of 1024) → bytes.
+    fn parse(v: &str) -> std::result::Result<u64, String> {
+        let t = v.trim().to_ascii_lowercase();
+        let (digits, mult) = match t.as_bytes().last() {
+            Some(b'k') => (&t[..t.len() - 1], 1u64 << 10),
+            Some(b'm') => (&t[..t.len() - 1], 1 << 20),
+            Some(b'g') => (&t[..t.len() - 1], 1 << 30),
+            _ => (&t[..], 1),
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .ok_or_else(|| format!("\"{v}\" is not a size; write bytes such as 262144, 256k or 1m"))
+    }
+}
+
+/// `off` (or `false`), or a size as [`Size`] takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SizeOrOff(pub Option<u64>);
+
+impl<'de> Deserialize<'de> for SizeOrOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = SizeOrOff;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("off, or a size in bytes such as 65536 or 64k")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<SizeOrOff, E> {
+                if v {
+                    Err(E::custom("write off, or a size in bytes such as 65536 or 64k"))
+                } else {
+                    Ok(SizeOrOff(None))
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<SizeOrOff, E> {
+                Ok(SizeOrOff(Some(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<SizeOrOff, E> {
+                if v.trim().eq_ignore_ascii_case("off") {
+                    return Ok(SizeOrOff(None));
+                }
+                Size::parse(v).map(|n| SizeOrOff(Some(n))).map_err(|_| {
+                    E::custom(format!("\"{v}\" is neither off nor a size; write off, or bytes such as 65536 or 64k"))
+                })
             }
         }
         d.deserialize_any(V)

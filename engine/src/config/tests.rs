@@ -74,6 +74,7 @@ fn everything_set() {
             client_buffers: SocketBuffers { receive: Some(16 << 10), send: Some(32 << 10) },
             server_buffers: SocketBuffers { receive: Some(64 << 10), send: Some(128 << 10) },
             notsent_lowat: Some(256 << 10),
+            send_zerocopy: Some(64 << 10),
         }
     );
     let fe = &c.frontends[0];
@@ -621,6 +622,28 @@ fn socket_buffers_and_notsent_lowat_are_unset_by_default_and_set_from_4k_to_1g()
             e.starts_with("t.yaml:2:") && e.contains(&format!("{key} must be between 4k and 1g bytes")),
             "{key} {bad}: {e}"
         );
+    }
+}
+
+#[test]
+fn send_zerocopy_is_off_by_default_and_a_size_from_4k_to_1g_when_set() {
+    let tune = |t: &str| ok(&with_tune(t)).global.tune;
+    assert_eq!(Tune::default().send_zerocopy, None);
+    assert_eq!(tune("").send_zerocopy, None);
+    assert_eq!(tune("send_zerocopy: off").send_zerocopy, None);
+    assert_eq!(tune("send_zerocopy: false").send_zerocopy, None);
+    assert_eq!(tune("send_zerocopy: 64k").send_zerocopy, Some(64 << 10));
+    assert_eq!(tune("send_zerocopy: 4096").send_zerocopy, Some(4096));
+    for bad in ["1k", "2g", "0"] {
+        let e = parse(&with_tune(&format!("send_zerocopy: {bad}")), "t.yaml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("t.yaml:2:") && e.contains("send_zerocopy must be off or between 4k and 1g bytes"),
+            "{bad}: {e}"
+        );
+    }
+    for bad in ["on", "true", "lots"] {
+        let e = parse(&with_tune(&format!("send_zerocopy: {bad}")), "t.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:2:") && e.contains("64k"), "{bad}: {e}");
     }
 }
 

@@ -203,6 +203,10 @@ pub struct Tune {
     /// that TCP has not sent yet before a send waits (`None`: the kernel's,
     /// `net.ipv4.tcp_notsent_lowat`, unlimited by default).
     pub notsent_lowat: Option<u32>,
+    /// Sends of at least this many bytes on the receive-buffer path go by `SENDMSG_ZC`: the
+    /// kernel sends from our buffers instead of copying them, and they are held until it says
+    /// it is done with them (`None`, the default: every send copies).
+    pub send_zerocopy: Option<u32>,
 }
 
 /// SO_RCVBUF / SO_SNDBUF for one side's sockets; `None`: the kernel's own (`tcp_rmem` /
@@ -268,6 +272,7 @@ impl Default for Tune {
             client_buffers: SocketBuffers::default(),
             server_buffers: SocketBuffers::default(),
             notsent_lowat: None,
+            send_zerocopy: None,
         }
     }
 }

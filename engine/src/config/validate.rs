@@ -454,6 +454,15 @@ impl Validator<'_> {
         tune.server_buffers.receive = buffer(&t.rcvbuf_server, "rcvbuf_server")?;
         tune.server_buffers.send = buffer(&t.sndbuf_server, "sndbuf_server")?;
         tune.notsent_lowat = buffer(&t.notsent_lowat, "notsent_lowat")?;
+        if let Some(s) = &t.send_zerocopy
+            && let Some(n) = s.value.0
+        {
+            if !(4096..=1 << 30).contains(&n) {
+                return self
+                    .err(s.referenced, format!("send_zerocopy must be off or between 4k and 1g bytes, not {n}"));
+            }
+            tune.send_zerocopy = Some(n as u32);
+        }
         if t.recv_buffers.is_none() {
             // A pool of bytes per mode, in buffers of the size set (or the default).
             tune.recv_buffers = default::recv_buffers(tune.splice, tune.recv_buffer_size);

@@ -444,7 +444,7 @@ impl Conn {
             && !self.s2c.io.busy()
     }
 
-    /// The operations to cancel when closing: one per record that has one in flight.
+    /// The operations to cancel when closing: one per record that has one in flight (9 at most).
     fn cancel_targets(&self) -> impl Iterator<Item = Op> {
         let watchers = [
             self.client_poll.then_some(Op::ClientPoll),
@@ -665,7 +665,7 @@ impl Conn {
             | Op::SpliceFdServer => {
                 unreachable!("handled above")
             }
-            Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed | Op::Linger => None,
+            Op::Cancel | Op::Accept | Op::AcceptCancel | Op::Wake | Op::CloseFixed | Op::Linger | Op::SendZc => None,
         }
     }
 
@@ -885,8 +885,25 @@ impl Ctx<'_> {
 
     /// Cancels this connection's op `op` (in flight: its own completion still comes).
     fn cancel(&mut self, op: Op) {
-        let target = self.token(op);
+        let target = self.in_flight_token(op);
         self.ring.cancel(target, Token::worker(Op::Cancel, self.idx));
+    }
+
+    /// The `user_data` op `op` of this connection went with: its token, or for a zero-copy
+    /// send that of the ring's record of it (ring/zerocopy.rs).
+    fn in_flight_token(&mut self, op: Op) -> Token {
+        let dir = match op {
+            Op::SendC2S => Dir::ClientToServer,
+            Op::SendS2C => Dir::ServerToClient,
+            _ => return self.token(op),
+        };
+        match &self.c.flow(dir).io {
+            FlowIo::Ring(l) => match self.sendq.zerocopy_in_flight(l) {
+                Some(rec) => Token::worker(Op::SendZc, rec),
+                None => self.token(op),
+            },
+            _ => self.token(op),
+        }
     }
 
     /// Moves to `next`, keeping the gauges that count states (`queued`, `closing`); `active` and
@@ -1044,15 +1061,19 @@ impl Ctx<'_> {
             }
         }
         self.drop_unsent();
-        let (idx, generation) = (self.idx, self.c.generation);
-        for op in self.c.cancel_targets() {
+        // (Copied out: the cancels below borrow the connection.)
+        let mut targets = [None; 9];
+        for (slot, op) in targets.iter_mut().zip(self.c.cancel_targets()) {
+            *slot = Some(op);
+        }
+        for op in targets.into_iter().flatten() {
             if reason == CloseReason::Done
                 && matches!(op, Op::ShutdownServer | Op::ShutdownClient | Op::ShutdownFdServer | Op::ShutdownFdClient)
             {
                 // A graceful end waits for the FIN it is sending rather than race it.
                 continue;
             }
-            self.ring.cancel(Token::conn(op, idx, generation), Token::worker(Op::Cancel, idx));
+            self.cancel(op);
         }
         self.finish_if_idle();
     }

@@ -817,10 +817,20 @@ impl Ctx<'_> {
 
     /// A `sendmsg` of everything queued (the queue's record is `FlowIo::Ring`).
     fn send_queue(&mut self, dir: Dir, lease: &QueueLease) {
-        let msg = self.sendq.prepare(lease, self.ring);
+        let (msg, bytes) = self.sendq.prepare(lease, self.ring);
         let t = self.token(dir.send());
         self.stats.ring_sends += 1;
         let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
+        if self.cfg.global.tune.send_zerocopy.is_some_and(|min| bytes >= u64::from(min)) {
+            let rec = self.sendq.zerocopy(lease, self.ring, t);
+            self.stats.zerocopy_sends += 1;
+            // SAFETY: the message and its iovecs belong to the queue, which stays in
+            // `FlowIo::Ring` until this op's first completion; the buffers they point into are
+            // held by the ring's record `rec` until its notification (a buffer the queue gives
+            // back before waits for it: BufRing::give_back).
+            unsafe { self.ring.sendmsg_zc(dst, msg, rec) };
+            return;
+        }
         // SAFETY: the message, its iovecs and the buffers they point into belong to the queue,
         // which stays in `FlowIo::Ring` (sendq.rs keeps them in place) until this op's completion.
         unsafe { self.ring.sendmsg(dst, msg, t) };

@@ -13,7 +13,10 @@
 //! "nothing held"; the in-flight `sendmsg` reads only `msg`, `iov[..sending]` and the buffers of
 //! its first `sending` entries, which are neither moved nor given back before its completion;
 //! new buffers are appended behind them, and bytes are copied only into a buffer no send in
-//! flight carries.
+//! flight carries. A zero-copy send (`tune.send_zerocopy`) reads its buffers until the kernel's
+//! notification, which may come after its completion: the ring's record of it holds them, and a
+//! buffer given back before goes back to the ring only then (ring/zerocopy.rs); bytes appended
+//! to a buffer it read part of lie past what it reads.
 
 use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
@@ -37,6 +40,8 @@ struct Queue {
     bytes: u64,
     /// Entries the `sendmsg` in flight carries (from the front); 0: none in flight.
     sending: usize,
+    /// The ring's record of the `sendmsg` in flight when it is zero-copy (ring/zerocopy.rs).
+    zc: Option<u32>,
     iov: Vec<libc::iovec>,
     msg: libc::msghdr,
 }
@@ -79,7 +84,14 @@ impl SendQueues {
             None => {
                 // SAFETY: msghdr is plain old data; all-zero is an empty message.
                 let msg: libc::msghdr = unsafe { std::mem::zeroed() };
-                let q = Queue { bufs: VecDeque::new(), bytes: 0, sending: 0, iov: Vec::with_capacity(MAX_IOV), msg };
+                let q = Queue {
+                    bufs: VecDeque::new(),
+                    bytes: 0,
+                    sending: 0,
+                    zc: None,
+                    iov: Vec::with_capacity(MAX_IOV),
+                    msg,
+                };
                 self.queues.push(Box::new(q));
                 self.queues.len() as u32 - 1
             }
@@ -129,19 +141,37 @@ impl SendQueues {
     }
 
     /// Builds the message for a `sendmsg` of every queued buffer (at most `MAX_IOV`) and returns a
-    /// pointer to it, stable until [`SendQueues::sent`]. Nothing may be in flight.
-    pub fn prepare(&mut self, l: &QueueLease, ring: &mut Ring) -> *const libc::msghdr {
+    /// pointer to it, stable until [`SendQueues::sent`], and the bytes it carries. Nothing may be
+    /// in flight.
+    pub fn prepare(&mut self, l: &QueueLease, ring: &mut Ring) -> (*const libc::msghdr, u64) {
         let q = &mut self.queues[l.index as usize];
         debug_assert_eq!(q.sending, 0, "one sendmsg at a time per queue");
         q.iov.clear();
+        let mut bytes = 0;
         for e in q.bufs.iter().take(MAX_IOV) {
             let base = ring.ring_buf_ptr(&e.buf, e.off as usize);
             q.iov.push(libc::iovec { iov_base: base as *mut libc::c_void, iov_len: e.len as usize });
+            bytes += u64::from(e.len);
         }
         q.sending = q.iov.len();
         q.msg.msg_iov = q.iov.as_mut_ptr();
         q.msg.msg_iovlen = q.iov.len();
-        &raw const q.msg
+        (&raw const q.msg, bytes)
+    }
+
+    /// The prepared `sendmsg` goes zero-copy: the ring's record of it, which holds the buffers
+    /// it reads from until the kernel's notification (given back before, they wait for it).
+    pub fn zerocopy(&mut self, l: &QueueLease, ring: &mut Ring, conn: crate::worker::token::Token) -> u32 {
+        let q = &mut self.queues[l.index as usize];
+        let rec = ring.zc_begin(conn, q.bufs.iter().take(q.sending).map(|e| &e.buf));
+        q.zc = Some(rec);
+        rec
+    }
+
+    /// The ring's record of the zero-copy `sendmsg` in flight, if it is one (a cancel names it).
+    pub fn zerocopy_in_flight(&self, l: &QueueLease) -> Option<u32> {
+        let q = &self.queues[l.index as usize];
+        q.zc.filter(|_| q.sending > 0)
     }
 
     /// The `sendmsg` in flight completed having sent `n` bytes: the buffers it sent whole go back
@@ -149,6 +179,7 @@ impl SendQueues {
     pub fn sent(&mut self, l: &QueueLease, mut n: u64, ring: &mut Ring) {
         let q = &mut self.queues[l.index as usize];
         let sending = std::mem::take(&mut q.sending);
+        q.zc = None;
         for _ in 0..sending {
             let Some(front) = q.bufs.front_mut() else { break };
             if n >= u64::from(front.len) {
@@ -171,6 +202,7 @@ impl SendQueues {
         let index = l.into_index();
         let q = &mut self.queues[index as usize];
         q.sending = 0;
+        q.zc = None;
         q.bytes = 0;
         for e in q.bufs.drain(..) {
             ring.give_ring_buf(e.buf);

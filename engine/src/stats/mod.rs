@@ -332,6 +332,16 @@ pub struct WorkerStats {
     pub ring_recv_merged: u64,
     #[serde(default)]
     pub ring_queued_bytes: u64,
+    /// `tune.send_zerocopy`: sends that went zero-copy (`SENDMSG_ZC`); their notifications that
+    /// said the kernel copied the bytes after all (loopback, a device without scatter-gather;
+    /// 6.2+); and the zero-copy sends whose notification has not come yet, whose buffers are held
+    /// until it does (gauge).
+    #[serde(default)]
+    pub zerocopy_sends: u64,
+    #[serde(default)]
+    pub zerocopy_copied: u64,
+    #[serde(default)]
+    pub zerocopy_pending: u64,
     /// `splice: auto`: 1 while this worker's bulk flows splice, 0 while they go through the
     /// receive buffers; how often it changed (each probe counts its moves); and what each path
     /// cost when last measured, in ps of the worker's CPU per byte moved (0: not measured).

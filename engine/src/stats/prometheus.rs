@@ -219,6 +219,19 @@ pub fn render(s: &EngineStats) -> String {
     m.per_worker(s, "ring_queued_bytes", "gauge", "Bytes received and not sent on yet, in receive buffers.", |w| {
         w.ring_queued_bytes
     });
+    m.per_worker(s, "zerocopy_sends_total", "counter", "Sends that went zero-copy (tune.send_zerocopy).", |w| {
+        w.zerocopy_sends
+    });
+    m.per_worker(s, "zerocopy_copied_total", "counter", "Zero-copy sends the kernel said it copied after all.", |w| {
+        w.zerocopy_copied
+    });
+    m.per_worker(
+        s,
+        "zerocopy_pending",
+        "gauge",
+        "Zero-copy sends whose notification has not come; their buffers are held.",
+        |w| w.zerocopy_pending,
+    );
     m.per_worker(
         s,
         "bulk_splicing",

@@ -9,6 +9,9 @@ use crate::control::Control;
 use crate::stats::{ServerState, SourceStats, WorkerStats};
 use crate::worker::token::GENERATION_MASK;
 
+/// How long past its drain's deadline a worker waits for the notifications of its zero-copy sends.
+const ZC_GRACE_MS: u64 = 2000;
+
 impl Worker {
     pub(super) fn on_control(&mut self) {
         while let Ok(msg) = self.rx.try_recv() {
@@ -300,9 +303,12 @@ impl Worker {
     }
 
     /// Drained: no connection, no parked socket, every listener closed, no grant of a move
-    /// outstanding, nothing left to tell the engine moved to.
+    /// outstanding, nothing left to tell the engine moved to, and no zero-copy send's
+    /// notification to come (the buffers it holds go back with it) — unless the drain's deadline
+    /// passed `ZC_GRACE_MS` ago: a peer that never acknowledges keeps its bytes' notification
+    /// from coming, and the kernel holds the pages it reads from whatever we do.
     pub(super) fn finished(&self) -> bool {
-        self.draining.is_some()
+        self.draining.is_some_and(|deadline| self.ring.zc_live() == 0 || self.now.ms >= deadline + ZC_GRACE_MS)
             && self.conns.live == 0
             && self.landing.is_empty()
             && self.mover.as_ref().is_none_or(|m| !m.has_mail())
@@ -318,6 +324,7 @@ impl Worker {
         s.buffers_in_use = u64::from(self.ring.buffers_in_use());
         s.buffers_pooled = u64::from(self.ring.buffers_pooled());
         s.ring_queued_bytes = self.sendq.queued_bytes();
+        s.zerocopy_pending = u64::from(self.ring.zc_live());
         s.recv_buffers_resident = self.ring.recv_bufs_resident();
         s.global_share = u64::from(self.up.shares.held(self.plan.limits.global));
         s.share_lent = self.up.shares.lent;

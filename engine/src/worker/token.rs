@@ -98,10 +98,15 @@ pub enum Op {
     /// SO_LINGER {1, 0} hard-linked before the close of slot `index` (posts a completion only if
     /// it fails; ignored: that close then sends FIN instead of RST).
     Linger,
+    /// A `SENDMSG_ZC` of a connection's send queue (`tune.send_zerocopy`), `index` naming its
+    /// record in the ring (ring/zerocopy.rs): its first completion is the connection's send
+    /// completion (`SendC2S` / `SendS2C`); its notification, which may come after the
+    /// connection is gone, gives back the buffers the kernel read from.
+    SendZc,
 }
 
 impl Op {
-    const ALL: [Op; 43] = [
+    const ALL: [Op; 44] = [
         Op::ClientPoll,
         Op::ServerPoll,
         Op::ClientPollOut,
@@ -145,6 +150,7 @@ impl Op {
         Op::Wake,
         Op::CloseFixed,
         Op::Linger,
+        Op::SendZc,
     ];
 
     fn from_u8(v: u8) -> Option<Op> {

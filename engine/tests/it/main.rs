@@ -23,3 +23,4 @@ mod splice;
 mod stats;
 mod storm;
 mod timeouts;
+mod zerocopy;

@@ -23,6 +23,7 @@ mod ops;
 mod pbuf;
 mod register;
 mod slots;
+mod zerocopy;
 
 use std::collections::VecDeque;
 use std::io;
@@ -39,6 +40,7 @@ use socket2::SockAddr;
 pub use buffers::{CHUNK, ChunkBuf, HEADER_BUF, HeaderBuf, PeerSlot};
 pub use pbuf::RingBuf;
 pub use slots::{ClientSlot, ServerSlot, ServerSlots, Sock};
+pub use zerocopy::{SEND_ZC_REPORT_USAGE, ZcCompletion};
 
 use buffers::Buffers;
 
@@ -57,6 +59,9 @@ pub struct Completion {
     pub result: i32,
     pub flags: u32,
 }
+
+/// `IORING_CQE_F_MORE`: more completions of the request follow.
+pub const CQE_F_MORE: u32 = 1 << 1;
 
 impl Completion {
     /// Whether a multishot request stays armed after this completion.
@@ -151,6 +156,8 @@ pub struct Ring {
     /// made with socket/bind that failed, and the chain it cancels): handed out by the next
     /// `drain` as if the kernel had posted them, so each step is still settled exactly once.
     injected: Vec<Completion>,
+    /// Zero-copy sends whose completions have not all come (zerocopy.rs).
+    zc: zerocopy::ZcSends,
     pub counters: RingCounters,
 }
 
@@ -205,6 +212,7 @@ impl Ring {
             wake_buf: ManuallyDrop::new(Box::new(0)),
             io: setup.io,
             injected: Vec::new(),
+            zc: zerocopy::ZcSends::default(),
             counters: RingCounters::default(),
         })
     }

@@ -114,6 +114,12 @@ pub(super) struct BufRing {
     slot_of: Vec<u16>,
     /// The buffers after the first of the last bundle taken, in order, until handed out.
     more: VecDeque<u16>,
+    /// By buffer id: zero-copy sends whose notification has not come that read from it (empty
+    /// until the first such send).
+    zc_refs: Vec<u32>,
+    /// By buffer id: given back while a zero-copy send still read from it; it goes back once
+    /// the last of them is done (counted in `out` until then).
+    zc_parked: Vec<bool>,
 }
 
 // SAFETY: the descriptor mapping and the buffers are owned by this BufRing alone (no other
@@ -172,6 +178,8 @@ impl BufRing {
             out: 0,
             slot_of: Vec::new(),
             more: VecDeque::with_capacity(usize::from(entries)),
+            zc_refs: Vec::new(),
+            zc_parked: Vec::new(),
         };
         r.refill();
         Ok(r)
@@ -304,11 +312,39 @@ impl BufRing {
         unsafe { std::ptr::copy_nonoverlapping(self.buf_ptr(src.bid), self.buf_ptr(dst.bid).add(at), len) }
     }
 
-    /// Gives a buffer back: onto the free list, and into the ring if it runs low.
+    /// Gives a buffer back: onto the free list, and into the ring if it runs low. A buffer a
+    /// zero-copy send still reads from waits for that send's notification ([`BufRing::zc_done`]).
     pub(super) fn give_back(&mut self, b: RingBuf) {
+        let bid = b.into_bid();
+        if self.zc_refs.get(bid as usize).is_some_and(|&n| n > 0) {
+            self.zc_parked[bid as usize] = true;
+            return;
+        }
         self.out -= 1;
-        self.free.push(b.into_bid());
+        self.free.push(bid);
         self.refill();
+    }
+
+    /// A zero-copy send is about to read from `b` (until its notification): its id.
+    pub(super) fn zc_hold(&mut self, b: &RingBuf) -> u16 {
+        if self.zc_refs.is_empty() {
+            self.zc_refs = vec![0; self.max];
+            self.zc_parked = vec![false; self.max];
+        }
+        self.zc_refs[b.bid as usize] += 1;
+        b.bid
+    }
+
+    /// A zero-copy send that read from buffer `bid` is done with it: if it was given back
+    /// meanwhile and no other such send reads it, it goes back now.
+    pub(super) fn zc_done(&mut self, bid: u16) {
+        let i = bid as usize;
+        self.zc_refs[i] -= 1;
+        if self.zc_refs[i] == 0 && std::mem::take(&mut self.zc_parked[i]) {
+            self.out -= 1;
+            self.free.push(bid);
+            self.refill();
+        }
     }
 
     /// The most buffers this ring creates.
@@ -495,6 +531,37 @@ mod tests {
         // A buffer used again is hot: taken from the free list, it is not counted as cold.
         let b = take_next(&mut r, &mut head);
         r.give_back(b);
+        r.release(&uring);
+    }
+
+    #[test]
+    fn a_buffer_given_back_while_zero_copy_sends_read_it_goes_back_after_the_last_of_them() {
+        let uring = IoUring::new(8).expect("an io_uring");
+        let mut r = BufRing::new(&uring, 9, 4096, 256, false).expect("a buffer ring");
+        let mut head = 0u16;
+        let (a, b) = (take_next(&mut r, &mut head), take_next(&mut r, &mut head));
+        let (bid_a, bid_b) = (a.bid, b.bid);
+        // Two sends read `a` (the second its rest after a short send), one reads `b`.
+        r.zc_hold(&a);
+        r.zc_hold(&a);
+        r.zc_hold(&b);
+        let free = r.free.len();
+        r.give_back(a);
+        r.give_back(b);
+        assert_eq!((r.out, r.free.len()), (2, free), "both wait for their sends' notifications");
+        r.zc_done(bid_b);
+        assert_eq!(r.out, 1, "b's only send is done: b is back");
+        assert!(r.free.contains(&bid_b) || r.slot_of[bid_b as usize] != NOT_OFFERED);
+        r.zc_done(bid_a);
+        assert_eq!(r.out, 1, "a second send still reads a");
+        r.zc_done(bid_a);
+        assert_eq!(r.out, 0, "the last one done: a is back");
+        // A buffer held by a send and done before it is given back goes back at once.
+        let c = take_next(&mut r, &mut head);
+        let bid_c = r.zc_hold(&c);
+        r.zc_done(bid_c);
+        r.give_back(c);
+        assert_eq!(r.out, 0);
         r.release(&uring);
     }
 
