@@ -449,3 +449,26 @@ pub fn echoes_a_byte(c: &mut TcpStream) -> bool {
     let mut b = [0u8];
     c.write_all(b"c").is_ok() && c.read_exact(&mut b).is_ok() && b[0] == b'c'
 }
+
+/// Runs `f` on a thread of its own in a new network namespace — its loopback up, then each of
+/// `commands` run there (`ip`, `tc` …; a path under /proc/sys/net written as `path=value`) —
+/// with everything it starts (threads, child processes) in that namespace too.
+pub fn in_network_namespace<T: Send + 'static>(commands: &[&str], f: impl FnOnce() -> T + Send + 'static) -> T {
+    let commands: Vec<String> = commands.iter().map(|c| (*c).to_owned()).collect();
+    std::thread::spawn(move || {
+        // SAFETY: unshare has no pointer argument; it moves only this thread to a new namespace.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
+        for c in std::iter::once("ip link set lo up").chain(commands.iter().map(String::as_str)) {
+            if let Some((path, value)) = c.split_once('=') {
+                std::fs::write(path, value).unwrap_or_else(|e| panic!("{path}: {e}"));
+                continue;
+            }
+            let argv: Vec<&str> = c.split_whitespace().collect();
+            let ok = std::process::Command::new(argv[0]).args(&argv[1..]).status().expect(argv[0]);
+            assert!(ok.success(), "{c}");
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}

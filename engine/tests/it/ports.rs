@@ -7,19 +7,9 @@ use std::time::Duration;
 
 use crate::common::*;
 
-/// Runs `f` on a thread of its own in a new network namespace (loopback up, 10 ephemeral ports),
-/// with everything it starts — threads, child processes — in that namespace too.
+/// Runs `f` in a network namespace of its own whose ephemeral ports are 10.
 fn in_private_network<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: unshare has no pointer argument; it moves only this thread to a new namespace.
-        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0, "unshare(CLONE_NEWNET)");
-        let up = std::process::Command::new("ip").args(["link", "set", "lo", "up"]).status().expect("ip(8)");
-        assert!(up.success(), "ip link set lo up");
-        std::fs::write("/proc/sys/net/ipv4/ip_local_port_range", "40000 40009").unwrap();
-        f()
-    })
-    .join()
-    .unwrap()
+    in_network_namespace(&["/proc/sys/net/ipv4/ip_local_port_range=40000 40009"], f)
 }
 
 /// Review 5b (security-review-7b9477c): with the ports of a source address used up, connects

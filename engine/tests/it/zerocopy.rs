@@ -83,3 +83,49 @@ fn connections_reset_with_zero_copy_sends_in_flight_give_every_buffer_back() {
     assert!(resets > 0, "the clients' resets closed their connections");
     assert_clean(engine, &[echo.addr.port()]);
 }
+
+/// A network whose packets wait: the test runs in a namespace of its own whose loopback (MTU
+/// 1500) is shaped by a token bucket (TBF, 400 Mbit/s, up to 100 ms of queue), so a zero-copy
+/// send's notification comes only once its packets have left the queue and been acknowledged —
+/// well after the send's completion, with the next sends of the flow already in flight; and for
+/// connections reset with bytes still queued, after the connection is gone (the packets in the
+/// queue hold the pages until they leave it). The bytes arrive intact, and every buffer comes back.
+#[test]
+fn notifications_that_come_late_or_after_the_connection_is_gone_give_every_buffer_back() {
+    let shaping = ["ip link set lo mtu 1500", "tc qdisc add dev lo root tbf rate 400mbit burst 64k latency 100ms"];
+    in_network_namespace(&shaping, || {
+        let echo = Backend::start(Mode::Echo);
+        let engine = zerocopy_engine(&echo, "");
+        let fe = addr(&engine, "fe");
+        let mut pumps: Vec<Pump> = (0..4).map(|i| Pump::connect(fe, 300 + i, false).unwrap().limit(2 * MIB)).collect();
+        let mut most_pending = 0;
+        run_all(&mut pumps, Duration::from_secs(60), || {
+            most_pending = most_pending.max(engine.stats().total(|w| w.zerocopy_pending));
+        });
+        drop(pumps);
+        let zc = engine.stats().total(|w| w.zerocopy_sends);
+        eprintln!("{zc} zero-copy sends, at most {most_pending} waiting for their notification at once");
+        assert!(zc > 0, "bulk sends went zero-copy");
+        assert!(most_pending > 1, "sends waited for notifications that came late (at most {most_pending} at once)");
+
+        // Resets while bytes wait in the queue: notifications after the connections are freed.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for i in 0..10 {
+            let mut p = vec![Pump::connect(fe, 400 + i, false).unwrap()];
+            while p[0].received < 128 * 1024 {
+                assert!(Instant::now() < deadline, "connection {i} stalled at {} B back", p[0].received);
+                step_all(&mut p);
+            }
+            let Pump { s, .. } = p.pop().unwrap();
+            reset(s);
+        }
+        let mut pending_when_closed = 0;
+        wait_until("the proxy to close every connection", Duration::from_secs(10), || {
+            let s = engine.stats();
+            pending_when_closed = s.total(|w| w.zerocopy_pending);
+            s.total(|w| w.active) == 0
+        });
+        eprintln!("{pending_when_closed} notifications still to come once every connection was closed");
+        assert_clean(engine, &[echo.addr.port()]);
+    });
+}

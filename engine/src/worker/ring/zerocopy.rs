@@ -56,11 +56,6 @@ pub enum ZcCompletion {
 }
 
 impl Ring {
-    /// Whether sends may go zero-copy: a ring of receive buffers to send from.
-    pub fn zerocopy_possible(&self) -> bool {
-        self.recv_bufs.is_some()
-    }
-
     /// Starts the record of a zero-copy send for connection token `conn` that will read from
     /// `bufs`: its index, for [`Ring::sendmsg_zc`].
     pub fn zc_begin<'a>(&mut self, conn: Token, bufs: impl Iterator<Item = &'a RingBuf>) -> u32 {
