@@ -899,7 +899,7 @@ impl Ctx<'_> {
         };
         match &self.c.flow(dir).io {
             FlowIo::Ring(l) => match self.sendq.zerocopy_in_flight(l) {
-                Some(rec) => Token::worker(Op::SendZc, rec),
+                Some(send) => send,
                 None => self.token(op),
             },
             _ => self.token(op),

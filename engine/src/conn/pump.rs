@@ -822,13 +822,13 @@ impl Ctx<'_> {
         self.stats.ring_sends += 1;
         let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
         if self.cfg.global.tune.send_zerocopy.is_some_and(|min| bytes >= u64::from(min)) {
-            let rec = self.sendq.zerocopy(lease, self.ring, t);
+            let send = self.sendq.zerocopy(lease, self.ring, t);
             self.stats.zerocopy_sends += 1;
             // SAFETY: the message and its iovecs belong to the queue, which stays in
             // `FlowIo::Ring` until this op's first completion; the buffers they point into are
-            // held by the ring's record `rec` until its notification (a buffer the queue gives
-            // back before waits for it: BufRing::give_back).
-            unsafe { self.ring.sendmsg_zc(dst, msg, rec) };
+            // held by the ring's record of `send` until its notification (a buffer the queue
+            // gives back before waits for it: BufRing::give_back).
+            unsafe { self.ring.sendmsg_zc(dst, msg, send) };
             return;
         }
         // SAFETY: the message, its iovecs and the buffers they point into belong to the queue,

@@ -22,6 +22,7 @@ use std::collections::VecDeque;
 use std::mem::ManuallyDrop;
 
 use crate::worker::ring::{Ring, RingBuf};
+use crate::worker::token::Token;
 
 /// Most buffers one `sendmsg` carries.
 const MAX_IOV: usize = 64;
@@ -40,8 +41,9 @@ struct Queue {
     bytes: u64,
     /// Entries the `sendmsg` in flight carries (from the front); 0: none in flight.
     sending: usize,
-    /// The ring's record of the `sendmsg` in flight when it is zero-copy (ring/zerocopy.rs).
-    zc: Option<u32>,
+    /// The token of the `sendmsg` in flight when it is zero-copy (its record in the ring:
+    /// ring/zerocopy.rs).
+    zc: Option<Token>,
     iov: Vec<libc::iovec>,
     msg: libc::msghdr,
 }
@@ -159,17 +161,18 @@ impl SendQueues {
         (&raw const q.msg, bytes)
     }
 
-    /// The prepared `sendmsg` goes zero-copy: the ring's record of it, which holds the buffers
-    /// it reads from until the kernel's notification (given back before, they wait for it).
-    pub fn zerocopy(&mut self, l: &QueueLease, ring: &mut Ring, conn: crate::worker::token::Token) -> u32 {
+    /// The prepared `sendmsg` goes zero-copy: its token, naming the ring's record of it, which
+    /// holds the buffers it reads from until the kernel's notification (given back before, they
+    /// wait for it).
+    pub fn zerocopy(&mut self, l: &QueueLease, ring: &mut Ring, conn: Token) -> Token {
         let q = &mut self.queues[l.index as usize];
-        let rec = ring.zc_begin(conn, q.bufs.iter().take(q.sending).map(|e| &e.buf));
-        q.zc = Some(rec);
-        rec
+        let send = ring.zc_begin(conn, q.bufs.iter().take(q.sending).map(|e| &e.buf));
+        q.zc = Some(send);
+        send
     }
 
-    /// The ring's record of the zero-copy `sendmsg` in flight, if it is one (a cancel names it).
-    pub fn zerocopy_in_flight(&self, l: &QueueLease) -> Option<u32> {
+    /// The token of the zero-copy `sendmsg` in flight, if it is one (a cancel names it).
+    pub fn zerocopy_in_flight(&self, l: &QueueLease) -> Option<Token> {
         let q = &self.queues[l.index as usize];
         q.zc.filter(|_| q.sending > 0)
     }

@@ -241,7 +241,7 @@ impl Worker {
             return self.conn_completion(t, &c);
         }
         match t.op {
-            Op::SendZc => match self.ring.zc_completion(t.index, c.flags, c.result) {
+            Op::SendZc => match self.ring.zc_completion(t, c.flags, c.result) {
                 // The send's result: the connection's send completion (no more to come of it).
                 Some(ZcCompletion::Sent(conn)) => {
                     let flags = c.flags & !ring::CQE_F_MORE;

@@ -4,7 +4,8 @@
 //! connection's slab slot and `generation` its generation when the SQE was pushed, so a completion
 //! that arrives after the slot was freed and reused is recognised as stale and dropped. For worker
 //! operations (`Op::is_worker_op`) `index` names the listener or the fixed-file slot concerned and
-//! the generation is zero.
+//! the generation is zero, but for a record of a table whose records are reused (a zero-copy
+//! send's, `Op::SendZc`): there the generation tells this use of the record from earlier ones.
 
 /// What an SQE does. A connection has at most one op of each kind in flight, so a connection's
 /// slot, generation and op name one request (for a cancel).
@@ -181,6 +182,11 @@ impl Token {
 
     pub fn worker(op: Op, index: u32) -> Token {
         Token { op, index, generation: 0 }
+    }
+
+    /// A worker op on record `index` of a reused table, in its use `generation` (wraps at 24 bits).
+    pub fn record(op: Op, index: u32, generation: u32) -> Token {
+        Token { op, index, generation: generation & GENERATION_MASK }
     }
 
     pub fn encode(self) -> u64 {

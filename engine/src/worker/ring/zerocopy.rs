@@ -6,7 +6,9 @@
 //! bytes are acknowledged and the device is done with them, on loopback once the receiver's copy
 //! is made. The first is the connection's, and may free it; the notification may come after the
 //! connection is gone, or moved to another worker. So each such send has a record here, named by
-//! its `user_data` (`Op::SendZc`, the record's index): the connection's send token for the first
+//! its `user_data` (`Op::SendZc`, the record's index and the generation of this use of it, so that
+//! a cancel or completion meant for an earlier use never matches a later one): the connection's
+//! send token for the first
 //! completion, and the buffers it reads from for the notification. Each buffer counts the sends
 //! reading it (`BufRing::zc_hold`); one given back meanwhile goes back to the ring when the last of
 //! them is done (`BufRing::zc_done`). Records are reused, and so is their list's memory.
@@ -29,6 +31,8 @@ const NOTIF_USAGE_ZC_COPIED: u32 = 1 << 31;
 
 struct Record {
     live: bool,
+    /// Bumped at each use of the record (the `user_data`'s generation).
+    generation: u32,
     /// The connection's token for the send's first completion (`None`: came already).
     conn: Option<Token>,
     /// The notification came.
@@ -57,45 +61,58 @@ pub enum ZcCompletion {
 
 impl Ring {
     /// Starts the record of a zero-copy send for connection token `conn` that will read from
-    /// `bufs`: its index, for [`Ring::sendmsg_zc`].
-    pub fn zc_begin<'a>(&mut self, conn: Token, bufs: impl Iterator<Item = &'a RingBuf>) -> u32 {
+    /// `bufs`: the send's token, for [`Ring::sendmsg_zc`] (and a cancel).
+    pub fn zc_begin<'a>(&mut self, conn: Token, bufs: impl Iterator<Item = &'a RingBuf>) -> Token {
         let Some(r) = self.recv_bufs.as_mut() else { unreachable!("a zero-copy send without receive buffers") };
         let index = match self.zc.free.pop() {
             Some(i) => i,
             None => {
-                self.zc.records.push(Record { live: false, conn: None, notified: false, bufs: Vec::new() });
+                self.zc.records.push(Record {
+                    live: false,
+                    generation: 0,
+                    conn: None,
+                    notified: false,
+                    bufs: Vec::new(),
+                });
                 self.zc.records.len() as u32 - 1
             }
         };
         let rec = &mut self.zc.records[index as usize];
         debug_assert!(!rec.live && rec.bufs.is_empty());
         (rec.live, rec.conn, rec.notified) = (true, Some(conn), false);
+        rec.generation = rec.generation.wrapping_add(1);
         rec.bufs.extend(bufs.map(|b| r.zc_hold(b)));
         self.zc.live += 1;
-        index
+        Token::record(Op::SendZc, index, rec.generation)
     }
 
-    /// `sendmsg` of the iovecs `msg` names, whole, zero-copy, for record `rec` ([`Ring::zc_begin`]).
+    /// `sendmsg` of the iovecs `msg` names, whole, zero-copy, as `send` ([`Ring::zc_begin`]).
     ///
     /// # Safety
     /// `msg` and its iovec array stay valid and unchanged until the op's first completion, and the
     /// buffers they point into until its notification: the record holds them (a buffer given
     /// back before goes back to the ring only after it); the rest as for [`Ring::sendmsg`].
-    pub unsafe fn sendmsg_zc(&mut self, sock: Sock<'_>, msg: *const libc::msghdr, rec: u32) {
+    pub unsafe fn sendmsg_zc(&mut self, sock: Sock<'_>, msg: *const libc::msghdr, send: Token) {
         let report = if self.io.zc_report { SEND_ZC_REPORT_USAGE } else { 0 };
         let e = opcode::SendMsgZc::new(Fixed(sock.index()), msg)
             .ioprio(report)
             .flags(libc::MSG_WAITALL as u32 | libc::MSG_NOSIGNAL as u32)
             .build()
-            .user_data(Token::worker(Op::SendZc, rec).encode());
+            .user_data(send.encode());
         // SAFETY: forwarded to the caller.
         unsafe { self.push(e) };
     }
 
-    /// A completion of zero-copy send `rec`, with its flags and result: what it is. `None` for a
-    /// record that is not live or a completion it had already (counted by the caller as unexpected).
-    pub fn zc_completion(&mut self, rec: u32, flags: u32, res: i32) -> Option<ZcCompletion> {
-        let r = self.zc.records.get_mut(rec as usize).filter(|r| r.live)?;
+    /// A completion of zero-copy send `send`, with its flags and result: what it is. `None` for a
+    /// record that is not live or not in that use, or a completion it had already (counted by the
+    /// caller as unexpected).
+    pub fn zc_completion(&mut self, send: Token, flags: u32, res: i32) -> Option<ZcCompletion> {
+        let rec = send.index;
+        let r = self
+            .zc
+            .records
+            .get_mut(rec as usize)
+            .filter(|r| r.live && Token::record(Op::SendZc, rec, r.generation) == send)?;
         let (out, finished) = if io_uring::cqueue::notif(flags) {
             if std::mem::replace(&mut r.notified, true) {
                 return None;
