@@ -320,6 +320,11 @@ impl BufRing {
             self.zc_parked[bid as usize] = true;
             return;
         }
+        self.put_back(bid);
+    }
+
+    /// Buffer `bid`, out until now, onto the free list, and into the ring if it runs low.
+    fn put_back(&mut self, bid: u16) {
         self.out -= 1;
         self.free.push(bid);
         self.refill();
@@ -341,9 +346,7 @@ impl BufRing {
         let i = bid as usize;
         self.zc_refs[i] -= 1;
         if self.zc_refs[i] == 0 && std::mem::take(&mut self.zc_parked[i]) {
-            self.out -= 1;
-            self.free.push(bid);
-            self.refill();
+            self.put_back(bid);
         }
     }
 

@@ -8,10 +8,10 @@
 //! connection is gone, or moved to another worker. So each such send has a record here, named by
 //! its `user_data` (`Op::SendZc`, the record's index and the generation of this use of it, so that
 //! a cancel or completion meant for an earlier use never matches a later one): the connection's
-//! send token for the first
-//! completion, and the buffers it reads from for the notification. Each buffer counts the sends
-//! reading it (`BufRing::zc_hold`); one given back meanwhile goes back to the ring when the last of
-//! them is done (`BufRing::zc_done`). Records are reused, and so is their list's memory.
+//! send token for the first completion, and the buffers it reads from for the notification. Each
+//! buffer counts the sends reading it (`BufRing::zc_hold`); one given back meanwhile goes back to
+//! the ring when the last of them is done (`BufRing::zc_done`). Records are reused, and so is
+//! their list's memory.
 //!
 //! Invariant: a record lives from its SQE until its first completion came and, if that one said
 //! a notification follows, until the notification came; every completion of ours names a live
