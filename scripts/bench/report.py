@@ -131,6 +131,22 @@ def load(path):
 # A measurement during which the hypervisor took more than this share of the host's CPU is listed
 # under "Problems seen during the run".
 STEAL_WARN = 0.10
+# A tail-latency measurement (the heartbeats' p99, the fixed-rate percentiles) during which the
+# hypervisor took more than this much CPU time is listed too, whatever its share: one stretch of
+# ~0.2 s stolen from a 15 s window (1%) delays a few thousand heartbeats and decides the round's p99
+# (2026-12-05: the one ringproxy round of three whose p99 read 17 ms and its maximum 154 ms had
+# 210 ms stolen, the two others 10-20 ms; docs/benchmarks.md, "Where ringproxy loses").
+STEAL_TAIL_MS = 100
+TAIL_TESTS = ("hb9k", "hb18k", "lat")
+
+
+def tail_stolen_ms(r):
+    """CPU time in ms the hypervisor stole while tail-latency row `r` measured, when above
+    STEAL_TAIL_MS (else None)."""
+    if r["test"] not in TAIL_TESTS or stolen(r) is None:
+        return None
+    ms = r["steal_ticks"] * 1000 / r.get("clk_tck", 100)
+    return ms if ms > STEAL_TAIL_MS else None
 
 
 def stolen(r):
@@ -502,6 +518,11 @@ def main():
     if steals:
         w(f"CPU stolen by the hypervisor while measuring (`/proc/stat` steal, per test): median "
           f"{statistics.median(steals):.0%}, most {steals[-1]:.0%}.\n")
+    tails = [(r, ms) for r in rows if (ms := tail_stolen_ms(r)) is not None]
+    if tails:
+        w(f"Tail-latency rounds during which the hypervisor stole more than {STEAL_TAIL_MS} ms of CPU (their "
+          "percentiles measure that as much as the path): " +
+          ", ".join(f"round {r['round']} {r['test']} {r['path']} ({ms:.0f} ms)" for r, ms in tails) + ".\n")
     if problems:
         w("### Problems seen during the run\n")
         for p in problems:
