@@ -13,6 +13,7 @@
 //! | `IORING_RECVSEND_BUNDLE` on the multishot receive | 6.10 | each receive completion brings one receive buffer instead of as many as the data fills (more completions per byte on bulk flows) |
 //! | `IORING_REGISTER_PBUF_STATUS` | 6.8 | receive buffers left offered after a burst keep their pages until receives take them |
 //! | `IORING_SEND_ZC_REPORT_USAGE` | 6.2 | with `tune.send_zerocopy`, the stats cannot tell zero-copy sends the kernel copied anyway |
+//! | `IORING_FEAT_MIN_TIMEOUT` (`min_wait_usec`) | 6.12 | `tune.batch_wait` is not applied (a warning at start): every event wakes the worker |
 //!
 //! `global.tune.io_features` (or, where the file does not set it, the environment variable
 //! `RINGPROXY_IO_FEATURES`) pins the set to what a named kernel offers, so that every fallback is
@@ -47,11 +48,21 @@ pub struct IoFeatures {
     /// IORING_SEND_ZC_REPORT_USAGE: a zero-copy send's notification says whether the kernel
     /// copied the bytes after all (6.2).
     pub zc_report: bool,
+    /// IORING_FEAT_MIN_TIMEOUT: a wait may ask for `min_wait_usec`, the batching `tune.batch_wait`
+    /// sets (6.12).
+    pub min_wait: bool,
 }
 
 impl IoFeatures {
-    pub const ALL: IoFeatures =
-        IoFeatures { sockopt: true, fd_install: true, bind: true, bundle: true, pbuf_status: true, zc_report: true };
+    pub const ALL: IoFeatures = IoFeatures {
+        sockopt: true,
+        fd_install: true,
+        bind: true,
+        bundle: true,
+        pbuf_status: true,
+        zc_report: true,
+        min_wait: true,
+    };
 
     /// What kernel `version` offers.
     pub fn of_kernel(version: (u32, u32)) -> IoFeatures {
@@ -62,6 +73,7 @@ impl IoFeatures {
             bundle: version >= (6, 10),
             pbuf_status: version >= (6, 8),
             zc_report: version >= (6, 2),
+            min_wait: version >= (6, 12),
         }
     }
 
@@ -130,6 +142,7 @@ impl IoFeatures {
             bundle: ring.params().is_feature_recvsend_bundle(),
             pbuf_status,
             zc_report,
+            min_wait: ring.params().is_feature_min_timeout(),
         })
     }
 
@@ -142,6 +155,7 @@ impl IoFeatures {
             bundle: self.bundle && other.bundle,
             pbuf_status: self.pbuf_status && other.pbuf_status,
             zc_report: self.zc_report && other.zc_report,
+            min_wait: self.min_wait && other.min_wait,
         }
     }
 
@@ -187,13 +201,14 @@ impl fmt::Display for IoFeatures {
         let on = |b: bool, name: &str| if b { name.to_owned() } else { format!("no {name}") };
         write!(
             f,
-            "{}, {}, {}, {}, {}, {}",
+            "{}, {}, {}, {}, {}, {}, {}",
             on(self.sockopt, "uring_cmd socket options"),
             on(self.fd_install, "FIXED_FD_INSTALL"),
             on(self.bind, "BIND"),
             on(self.bundle, "receive bundles"),
             on(self.pbuf_status, "PBUF_STATUS"),
-            on(self.zc_report, "zero-copy usage reports")
+            on(self.zc_report, "zero-copy usage reports"),
+            on(self.min_wait, "batched waits")
         )?;
         let fallbacks = self.fallbacks();
         if !fallbacks.is_empty() {
@@ -246,7 +261,8 @@ mod tests {
                 bind: false,
                 bundle: false,
                 pbuf_status: false,
-                zc_report: false
+                zc_report: false,
+                min_wait: false
             }
         );
         assert_eq!(six_one.fallbacks().len(), 6);
@@ -259,13 +275,15 @@ mod tests {
                 bind: false,
                 bundle: false,
                 pbuf_status: true,
-                zc_report: true
+                zc_report: true,
+                min_wait: false
             }
         );
         assert!(IoFeatures::of_kernel((6, 10)).bundle);
         assert!(IoFeatures::of_kernel((6, 8)).direct_accept());
         assert!(!IoFeatures::of_kernel((6, 8)).chained_connect());
         assert!(IoFeatures::of_kernel((6, 11)).fallbacks().is_empty());
+        assert!(!IoFeatures::of_kernel((6, 11)).min_wait && IoFeatures::of_kernel((6, 12)).min_wait);
         assert_eq!(parse("6.1"), Ok((6, 1)));
         assert!(parse("5.15").unwrap_err().contains("below"));
         assert!(parse("six").is_err());
@@ -273,10 +291,10 @@ mod tests {
 
     #[test]
     fn a_new_kernel_has_everything() {
-        // On 6.11+ (the test machine runs 6.18) the probe must find every feature, and so report
+        // On 6.12+ (the test machine runs 6.18) the probe must find every feature, and so report
         // no fallback the engine does not need.
         let release = crate::sys::kernel_release().unwrap_or_default();
-        if uring_access::version(&release).is_some_and(|v| v >= (6, 11)) {
+        if uring_access::version(&release).is_some_and(|v| v >= (6, 12)) {
             assert_eq!(IoFeatures::probe().unwrap(), IoFeatures::ALL);
         }
     }

@@ -20,8 +20,8 @@ use std::path::Path;
 pub use message::ConfigError;
 pub use raw::{Balance, OnDown, OnRemoved, ProxyVersion};
 pub use types::{
-    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource,
-    Server, SockOpt, SocketBuffers, SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,
+    Acl, BATCH_EVENTS, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT,
+    PerSource, Server, SockOpt, SocketBuffers, SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,
 };
 
 /// Reads and validates the configuration file at `path`.

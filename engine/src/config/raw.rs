@@ -74,6 +74,7 @@ pub struct RawTune {
     pub sndbuf_server: Option<Spanned<Size>>,
     pub notsent_lowat: Option<Spanned<Size>>,
     pub send_zerocopy: Option<Spanned<SizeOrOff>>,
+    pub batch_wait: Option<Spanned<DurationOrOff>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -483,6 +484,43 @@ impl<'de> Deserialize<'de> for SizeOrOff {
                 }
                 Size::parse(v).map(|n| SizeOrOff(Some(n))).map_err(|_| {
                     E::custom(format!("\"{v}\" is neither off nor a size; write off, or bytes such as 65536 or 64k"))
+                })
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// `off` (or `false`), or a duration as [`ConfigDuration`] takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurationOrOff(pub Option<std::time::Duration>);
+
+impl<'de> Deserialize<'de> for DurationOrOff {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DurationOrOff;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("off, or a duration such as 500us or 1ms")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<DurationOrOff, E> {
+                if v {
+                    Err(E::custom("write off, or a duration such as 500us or 1ms"))
+                } else {
+                    Ok(DurationOrOff(None))
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationOrOff, E> {
+                Ok(DurationOrOff(Some(std::time::Duration::from_millis(v))))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationOrOff, E> {
+                if v.trim().eq_ignore_ascii_case("off") {
+                    return Ok(DurationOrOff(None));
+                }
+                super::duration::parse(v).map(|d| DurationOrOff(Some(d))).map_err(|_| {
+                    E::custom(format!(
+                        "\"{v}\" is neither off nor a duration; write off, or a duration such as 500us or 1ms"
+                    ))
                 })
             }
         }

@@ -207,7 +207,16 @@ pub struct Tune {
     /// kernel sends from our buffers instead of copying them, and they are held until it says
     /// it is done with them (`None`, the default: every send copies).
     pub send_zerocopy: Option<u32>,
+    /// A worker that fell asleep runs nothing until the next multiple of this on the monotonic
+    /// clock, unless [`BATCH_EVENTS`] completions are ready first; one that comes after that point
+    /// wakes it at once. Fewer wakeups for many mostly idle connections, at up to this much latency
+    /// per pass through the worker (`None`, the default: every event wakes the worker at once).
+    /// IORING_ENTER_EXT_ARG's `min_wait_usec`, 6.12.
+    pub batch_wait: Option<Duration>,
 }
+
+/// The events that end a [`Tune::batch_wait`] early: so many ready at once wake the worker.
+pub const BATCH_EVENTS: usize = 64;
 
 /// SO_RCVBUF / SO_SNDBUF for one side's sockets; `None`: the kernel's own (`tcp_rmem` /
 /// `tcp_wmem`'s default, grown by autotuning up to their maximum). A value set fixes the
@@ -273,6 +282,7 @@ impl Default for Tune {
             server_buffers: SocketBuffers::default(),
             notsent_lowat: None,
             send_zerocopy: None,
+            batch_wait: None,
         }
     }
 }

@@ -463,6 +463,17 @@ impl Validator<'_> {
             }
             tune.send_zerocopy = Some(n as u32);
         }
+        if let Some(s) = &t.batch_wait
+            && let Some(d) = s.value.0
+        {
+            if !(Duration::from_micros(10)..=Duration::from_millis(100)).contains(&d) {
+                return self.err(
+                    s.referenced,
+                    format!("batch_wait must be off or between 10us and 100ms, not {}", duration::format(d)),
+                );
+            }
+            tune.batch_wait = Some(d);
+        }
         if t.recv_buffers.is_none() {
             // A pool of bytes per mode, in buffers of the size set (or the default).
             tune.recv_buffers = default::recv_buffers(tune.splice, tune.recv_buffer_size);

@@ -9,6 +9,7 @@ mod common;
 
 mod backpressure;
 mod balance;
+mod batch_wait;
 mod faults;
 mod health;
 mod huge_durations;

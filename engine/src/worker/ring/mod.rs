@@ -32,6 +32,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
+use crate::config::BATCH_EVENTS;
 use io_uring::IoUring;
 use io_uring::squeue::Entry;
 use io_uring::types::{SubmitArgs, Timespec};
@@ -107,6 +108,8 @@ pub struct RingSetup {
     pub recv_bufs: Option<(usize, usize)>,
     /// The operations above the 6.1 floor this ring may use (features.rs).
     pub io: crate::features::IoFeatures,
+    /// `tune.batch_wait` where the kernel has `min_wait_usec` (`io.min_wait`), else `None`.
+    pub batch_wait: Option<Duration>,
 }
 
 /// Counters the ring keeps about itself.
@@ -159,6 +162,8 @@ pub struct Ring {
     /// Zero-copy sends whose completions have not all come (zerocopy.rs).
     zc: zerocopy::ZcSends,
     pub counters: RingCounters,
+    /// `min_wait_usec` of each wait ([`RingSetup::batch_wait`]), `None`: every event wakes us.
+    batch_wait_us: Option<u32>,
 }
 
 impl Ring {
@@ -214,6 +219,7 @@ impl Ring {
             injected: Vec::new(),
             zc: zerocopy::ZcSends::default(),
             counters: RingCounters::default(),
+            batch_wait_us: setup.batch_wait.map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX).max(1)),
         })
     }
 
@@ -288,7 +294,9 @@ impl Ring {
     }
 
     /// Submits what is queued and waits for at least one completion or `timeout` (without waiting
-    /// while entries are still in the backlog).
+    /// while entries are still in the backlog). With a batch wait, once asleep it waits that long
+    /// for [`BATCH_EVENTS`] completions before it returns with fewer; a completion that comes
+    /// later than that after the wait began returns at once (the kernel's `min_wait_usec`).
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.flush_backlog()?;
         self.counters.enter_calls += 1;
@@ -297,7 +305,17 @@ impl Ring {
             Some(d) => {
                 let ts = Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
                 let args = SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(want, &args)
+                match self.batch_wait_us {
+                    Some(w) if want == 1 => {
+                        // To the next multiple of the window on the monotonic clock, not a whole
+                        // window from now: a reply that comes right after the worker fell asleep
+                        // (the server's answer to what it just sent) waits half a window on
+                        // average instead of a whole one, for the same wakeups.
+                        let left = w - (crate::conn::Clock::now().us % u64::from(w)) as u32;
+                        self.ring.submitter().submit_with_args(BATCH_EVENTS, &args.min_wait_usec(left))
+                    }
+                    _ => self.ring.submitter().submit_with_args(want, &args),
+                }
             }
             None => self.ring.submit_and_wait(want),
         };
@@ -474,6 +492,7 @@ mod tests {
             peer_slots: 1,
             recv_bufs: None,
             io: crate::features::IoFeatures::ALL,
+            batch_wait: None,
         })
         .expect("an io_uring")
     }
@@ -503,6 +522,7 @@ mod tests {
             peer_slots: 1,
             recv_bufs: None,
             io: crate::features::IoFeatures::of_kernel((6, 1)),
+            batch_wait: None,
         })
         .expect("an io_uring");
         let mut slots = slots::ServerSlots::new(8, 16);
