@@ -14,6 +14,10 @@
 #   ringproxy-auto, ringproxy-always, ringproxy-never
 #                   target/release/ringproxy with that `tune.splice` (the ringproxy path runs the
 #                   default): the modes side by side, for choosing the default
+#   ringproxy-batch target/release/ringproxy with `tune.batch_wait: BATCH_WAIT` (2ms): what an
+#                   operator of many mostly idle connections would set, CPU against latency; in
+#                   the full run beside the default, so both the heartbeats' saving and what
+#                   latency and request rate pay for it are in the tables
 #   haproxy         HAProxy `mode tcp`, nbthread = WORKERS, cpu-map, no splicing
 #   haproxy-splice  the same with `option splice-auto` (tune.pipesize = ringproxy's pipe size)
 #   haproxy-splice-always
@@ -69,14 +73,14 @@
 #                                          the same run (adds the ringproxy-base path)
 #         BASE_BIN=/path/to/old/ringproxy PATHS="ringproxy ringproxy-base" QUICK=1 scripts/bench.sh
 # Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS IDLE_SETTLE_S PATHS OUT
-#         TESTS CHURN_SOURCES HB_WINDOW CURL_MIB FLOWS
+#         TESTS CHURN_SOURCES HB_WINDOW CURL_MIB FLOWS BATCH_WAIT
 #         UPDATE_DOCS=0|1 IMG=dir
 #         BASE_BIN=FILE  the ringproxy-base binary (copied into the run's directory first)
 #         BASE_REV=REV   build ringproxy at git revision REV in release, in a temporary worktree
 #                        outside the repository (target dir BASE_TARGET_DIR, default
 #                        target/bench-base, kept so the next build is incremental), and use that
-#         With either, PATHS defaults to "direct ringproxy ringproxy-base haproxy haproxy-splice
-#         haproxy-splice-always nginx".
+#         With either, PATHS defaults to "direct ringproxy ringproxy-base ringproxy-batch haproxy
+#         haproxy-splice haproxy-splice-always nginx".
 #         A base older than ringproxy's --ready-file (a1f32ab) is located by its "listening on" lines.
 # Needs root for apt-get when a peer or tool the chosen PATHS and TESTS use is missing (haproxy,
 # nginx + stream module, iperf3, wrk, jq).
@@ -116,10 +120,12 @@ BASE_BIN=${BASE_BIN:-}
 BASE_REV=${BASE_REV:-}
 BASE_TARGET_DIR=${BASE_TARGET_DIR:-$ROOT/target/bench-base}
 if [ -n "$BASE_BIN$BASE_REV" ]; then
-    PATHS=${PATHS:-direct ringproxy ringproxy-base haproxy haproxy-splice haproxy-splice-always nginx}
+    PATHS=${PATHS:-direct ringproxy ringproxy-base ringproxy-batch haproxy haproxy-splice haproxy-splice-always nginx}
 else
-    PATHS=${PATHS:-direct ringproxy haproxy haproxy-splice haproxy-splice-always nginx}
+    PATHS=${PATHS:-direct ringproxy ringproxy-batch haproxy haproxy-splice haproxy-splice-always nginx}
 fi
+# The ringproxy-batch path's tune.batch_wait.
+BATCH_WAIT=${BATCH_WAIT:-2ms}
 TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k flows idle}
 HB_WINDOW=${HB_WINDOW:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
 CURL_MIB=${CURL_MIB:-1024}
@@ -201,7 +207,7 @@ build_base() {
     BASE_WT=""
     BASE_INFO="commit ${commit:0:7} (BASE_REV=$rev)"
 }
-declare -A RP_BIN=([ringproxy]=$RP [ringproxy-auto]=$RP [ringproxy-always]=$RP [ringproxy-never]=$RP)
+declare -A RP_BIN=([ringproxy]=$RP [ringproxy-auto]=$RP [ringproxy-always]=$RP [ringproxy-never]=$RP [ringproxy-batch]=$RP)
 if [ -n "$BASE_REV" ]; then
     build_base "$BASE_REV"
 elif [ -n "$BASE_BIN" ]; then
@@ -225,6 +231,7 @@ fi
     echo "wrk: $(wrk --version 2>&1 | head -1)"
     [ -z "$RP_TUNE" ] || echo "ringproxy tune: $RP_TUNE"
     [ -z "$BASE_TUNE" ] || echo "ringproxy-base tune: $BASE_TUNE"
+    ! has "$PATHS" ringproxy-batch || echo "ringproxy-batch tune: batch_wait: $BATCH_WAIT"
     [ -z "$HAPROXY_GLOBAL" ] || echo "haproxy global: $HAPROXY_GLOBAL"
     echo "rounds: $ROUNDS, $DUR s per test, workers $WORKERS, maxconn $MAXCONN, rate/wrk concurrency $CONC, keep-alive connections $KA_CONNS, fixed rate $LAT_RATE/s, idle $IDLE_CONNS connections"
 } >"$OUT/machine.txt"
@@ -332,6 +339,7 @@ start_ringproxy() { # PATH INSTANCE SERVICE...
             ringproxy-auto | ringproxy-always | ringproxy-never) echo "  tune: { pipe_size: $PIPE_SIZE, splice: ${path#ringproxy-} }" ;;
             ringproxy) echo "  tune: { pipe_size: $PIPE_SIZE${RP_TUNE:+, $RP_TUNE} }" ;;
             ringproxy-base) echo "  tune: { pipe_size: $PIPE_SIZE${BASE_TUNE:+, $BASE_TUNE} }" ;;
+            ringproxy-batch) echo "  tune: { pipe_size: $PIPE_SIZE, batch_wait: $BATCH_WAIT }" ;;
             *) echo "  tune: { pipe_size: $PIPE_SIZE }" ;;
         esac
         [ "$inst" = "$path" ] && [ -n "${RP_STATS[$path]:-}" ] && echo "  stats: { socket: \"${RP_STATS[$path]}\" }"
@@ -515,7 +523,7 @@ start_path() {
 for p in $PATHS; do
     case "$p" in
         direct) PROC[direct]="" ;;
-        ringproxy | ringproxy-base | ringproxy-auto | ringproxy-always | ringproxy-never | haproxy | haproxy-splice | haproxy-splice-always | nginx)
+        ringproxy | ringproxy-base | ringproxy-batch | ringproxy-auto | ringproxy-always | ringproxy-never | haproxy | haproxy-splice | haproxy-splice-always | nginx)
             # shellcheck disable=SC2086 # SERVICES is a list of words
             start_path "$p" "$p" $SERVICES
             ;;
@@ -733,7 +741,7 @@ stop_inst() {
 # and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s. -> CPU per heartbeat round
 # trip (cpu / (N x HB_WINDOW)) and the heartbeats' p99 RTT over the whole hold.
 hb_test() { # TEST PATH ROUND CONNS
-    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 tot0 tot1 rc=0 cmd
+    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 busy0 busy1 tot0 tot1 rc=0 cmd
     f=$OUT/raw/r$r-$t-$p
     INST_MAXCONN=$((n + 1000)) fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
@@ -753,14 +761,14 @@ hb_test() { # TEST PATH ROUND CONNS
     done
     sleep 2
     # shellcheck disable=SC2086
-    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r _ tot0 < <(sys_ticks)
+    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r busy0 tot0 < <(sys_ticks)
     sleep "$HB_WINDOW"
     # shellcheck disable=SC2086
-    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r _ tot1 < <(sys_ticks)
+    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r busy1 tot1 < <(sys_ticks)
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" seen_established="$est" \
         window_s="$(awk "BEGIN {print $w1 - $w0}")" cpu_ticks="$((cpu1 - cpu0))" clk_tck="$(getconf CLK_TCK)" \
-        steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" \
+        steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" sys_busy_ticks="$((busy1 - busy0))" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"
