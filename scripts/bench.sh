@@ -741,7 +741,7 @@ stop_inst() {
 # and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s. -> CPU per heartbeat round
 # trip (cpu / (N x HB_WINDOW)) and the heartbeats' p99 RTT over the whole hold.
 hb_test() { # TEST PATH ROUND CONNS
-    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 busy0 busy1 tot0 tot1 rc=0 cmd
+    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 tot0 tot1 rc=0 cmd
     f=$OUT/raw/r$r-$t-$p
     INST_MAXCONN=$((n + 1000)) fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
@@ -761,14 +761,14 @@ hb_test() { # TEST PATH ROUND CONNS
     done
     sleep 2
     # shellcheck disable=SC2086
-    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r busy0 tot0 < <(sys_ticks)
+    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r _ tot0 < <(sys_ticks)
     sleep "$HB_WINDOW"
     # shellcheck disable=SC2086
-    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r busy1 tot1 < <(sys_ticks)
+    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r _ tot1 < <(sys_ticks)
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" seen_established="$est" \
         window_s="$(awk "BEGIN {print $w1 - $w0}")" cpu_ticks="$((cpu1 - cpu0))" clk_tck="$(getconf CLK_TCK)" \
-        steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" sys_busy_ticks="$((busy1 - busy0))" \
+        steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"
