@@ -294,9 +294,12 @@ impl Ring {
     }
 
     /// Submits what is queued and waits for at least one completion or `timeout` (without waiting
-    /// while entries are still in the backlog). With a batch wait, once asleep it waits that long
-    /// for [`BATCH_EVENTS`] completions before it returns with fewer; a completion that comes
-    /// later than that after the wait began returns at once (the kernel's `min_wait_usec`).
+    /// while entries are still in the backlog). With a batch wait W it waits until the next
+    /// multiple of W on the monotonic clock for [`BATCH_EVENTS`] completions before it returns
+    /// with fewer, and a completion that comes after that point returns at once (the kernel's
+    /// `min_wait_usec`, counted from the start of the wait). A `timeout` shorter than that point
+    /// is stretched to it (io_uring/wait.c: the minimum wait ends first): timers may fire up to
+    /// W late.
     pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
         self.flush_backlog()?;
         self.counters.enter_calls += 1;
