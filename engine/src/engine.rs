@@ -148,7 +148,8 @@ impl Engine {
         let mut plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
         (plan.io, plan.io_chosen) =
             crate::features::effective(config.global.tune.io_features).map_err(StartError::IoFeatures)?;
-        if config.global.tune.batch_wait.is_some() && !plan.io.min_wait {
+        if plan.batch_wait.is_some() && !plan.io.min_wait {
+            plan.batch_wait = None;
             plan.warnings.push(
                 "tune.batch_wait needs io_uring's min_wait_usec (Linux 6.12), which this io_uring feature set \
                  lacks: not applied, every event wakes its worker"

@@ -69,6 +69,8 @@ pub struct Plan {
     pub io: crate::features::IoFeatures,
     /// How `io` was chosen ("this kernel's", "pinned to Linux 6.1").
     pub io_chosen: String,
+    /// `tune.batch_wait` as the workers apply it: `None` where `io` lacks `min_wait`.
+    pub batch_wait: Option<std::time::Duration>,
 }
 
 /// Connections a worker should be able to hold for a global `maxconn`: twice its fair share (room
@@ -192,6 +194,7 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
     Plan {
         io: crate::features::IoFeatures::ALL,
         io_chosen: "this kernel's".to_owned(),
+        batch_wait: config.global.tune.batch_wait,
         workers,
         cpus,
         nofile,

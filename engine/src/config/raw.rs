@@ -456,75 +456,78 @@ impl Size {
     }
 }
 
-/// `off` (or `false`), or a size as [`Size`] takes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SizeOrOff(pub Option<u64>);
+/// What [`OrOff`] holds when it is not `off`: how it reads and what the messages call it.
+pub trait OffValue: Sized {
+    /// What is expected besides `off` ("a size in bytes such as 65536 or 64k").
+    const EXPECTED: &'static str;
+    /// What a wrong string is not ("a size").
+    const KIND: &'static str;
+    /// What to write instead ("bytes such as 65536 or 64k").
+    const HINT: &'static str;
+    /// A bare number.
+    fn from_u64(v: u64) -> Self;
+    /// A string, not `off`.
+    fn parse(v: &str) -> Option<Self>;
+}
 
-impl<'de> Deserialize<'de> for SizeOrOff {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = SizeOrOff;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("off, or a size in bytes such as 65536 or 64k")
-            }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<SizeOrOff, E> {
-                if v {
-                    Err(E::custom("write off, or a size in bytes such as 65536 or 64k"))
-                } else {
-                    Ok(SizeOrOff(None))
-                }
-            }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<SizeOrOff, E> {
-                Ok(SizeOrOff(Some(v)))
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<SizeOrOff, E> {
-                if v.trim().eq_ignore_ascii_case("off") {
-                    return Ok(SizeOrOff(None));
-                }
-                Size::parse(v).map(|n| SizeOrOff(Some(n))).map_err(|_| {
-                    E::custom(format!("\"{v}\" is neither off nor a size; write off, or bytes such as 65536 or 64k"))
-                })
-            }
-        }
-        d.deserialize_any(V)
+impl OffValue for u64 {
+    const EXPECTED: &'static str = "a size in bytes such as 65536 or 64k";
+    const KIND: &'static str = "a size";
+    const HINT: &'static str = "bytes such as 65536 or 64k";
+    fn from_u64(v: u64) -> u64 {
+        v
+    }
+    fn parse(v: &str) -> Option<u64> {
+        Size::parse(v).ok()
     }
 }
 
-/// `off` (or `false`), or a duration as [`ConfigDuration`] takes it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct DurationOrOff(pub Option<std::time::Duration>);
+impl OffValue for std::time::Duration {
+    const EXPECTED: &'static str = "a duration such as 500us or 1ms";
+    const KIND: &'static str = "a duration";
+    const HINT: &'static str = "a duration such as 500us or 1ms";
+    /// Milliseconds, as [`ConfigDuration`] takes a bare number.
+    fn from_u64(v: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(v)
+    }
+    fn parse(v: &str) -> Option<std::time::Duration> {
+        super::duration::parse(v).ok()
+    }
+}
 
-impl<'de> Deserialize<'de> for DurationOrOff {
+/// `off` (or `false`), or a value as its [`OffValue`] reads it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrOff<T>(pub Option<T>);
+
+/// `off`, or a size as [`Size`] takes it (`send_zerocopy`).
+pub type SizeOrOff = OrOff<u64>;
+/// `off`, or a duration as [`ConfigDuration`] takes it (`batch_wait`).
+pub type DurationOrOff = OrOff<std::time::Duration>;
+
+impl<'de, T: OffValue> Deserialize<'de> for OrOff<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl Visitor<'_> for V {
-            type Value = DurationOrOff;
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<T: OffValue> Visitor<'_> for V<T> {
+            type Value = OrOff<T>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("off, or a duration such as 500us or 1ms")
+                write!(f, "off, or {}", T::EXPECTED)
             }
-            fn visit_bool<E: de::Error>(self, v: bool) -> Result<DurationOrOff, E> {
-                if v {
-                    Err(E::custom("write off, or a duration such as 500us or 1ms"))
-                } else {
-                    Ok(DurationOrOff(None))
-                }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<OrOff<T>, E> {
+                if v { Err(E::custom(format!("write off, or {}", T::EXPECTED))) } else { Ok(OrOff(None)) }
             }
-            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationOrOff, E> {
-                Ok(DurationOrOff(Some(std::time::Duration::from_millis(v))))
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<OrOff<T>, E> {
+                Ok(OrOff(Some(T::from_u64(v))))
             }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationOrOff, E> {
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OrOff<T>, E> {
                 if v.trim().eq_ignore_ascii_case("off") {
-                    return Ok(DurationOrOff(None));
+                    return Ok(OrOff(None));
                 }
-                super::duration::parse(v).map(|d| DurationOrOff(Some(d))).map_err(|_| {
-                    E::custom(format!(
-                        "\"{v}\" is neither off nor a duration; write off, or a duration such as 500us or 1ms"
-                    ))
+                T::parse(v).map(|x| OrOff(Some(x))).ok_or_else(|| {
+                    E::custom(format!("\"{v}\" is neither off nor {}; write off, or {}", T::KIND, T::HINT))
                 })
             }
         }
-        d.deserialize_any(V)
+        d.deserialize_any(V(std::marker::PhantomData))
     }
 }
 

@@ -82,7 +82,7 @@ impl Worker {
             peer_slots: config.global.tune.peer_lookups as usize,
             recv_bufs: tune.splice.uses_ring().then_some((tune.recv_buffer_size as usize, tune.recv_buffers as usize)),
             io: plan.io,
-            batch_wait: tune.batch_wait.filter(|_| plan.io.min_wait),
+            batch_wait: plan.batch_wait,
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);

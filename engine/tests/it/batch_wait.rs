@@ -1,6 +1,6 @@
-//! Batched waits (`tune.batch_wait`): a worker that went to sleep waits that long for 64
-//! completions before it runs fewer (the kernel's `min_wait_usec`, 6.12), so that many mostly idle
-//! connections wake it once per batch instead of once per message. Every message still arrives;
+//! Batched waits (`tune.batch_wait`): a worker that went to sleep lets completions gather until
+//! the next multiple of the window, or until 64 are ready (the kernel's `min_wait_usec`, 6.12), so
+//! that many mostly idle connections wake it once per batch instead of once per message. Every message still arrives;
 //! the worker turns far fewer times per message; where the kernel lacks the feature the setting
 //! is not applied and the start says so.
 
