@@ -1,11 +1,13 @@
 //! A worker's listening sockets and their accepts.
 //!
-//! Each listener's accept is an [`Accept`] state: idle, armed (multishot, or one connection at a
-//! time), being cancelled, or closed (drain). A multishot accept may take its listener's whole
-//! backlog at once, and the kernel drops a connection it has no direct slot for, so a listener is
-//! multishot only while its backlog margin fits in the free accept slots left by the listeners
-//! before it; otherwise it accepts one connection at a time, reserving the slot it will fill.
-//! Accepting stops while a socket is parked (admission.rs) or a drain has begun.
+//! Each listener's accept is an [`Accept`] state: idle, armed (one multishot accept, or a few
+//! single accepts), being cancelled, or closed (drain). A multishot accept may take its listener's
+//! whole backlog at once, and the kernel drops a connection it has no direct slot for, so a
+//! listener is multishot only while its backlog margin fits in the free accept slots left by the
+//! listeners before it; otherwise it keeps up to [`SINGLE_ACCEPTS`] single accepts in flight, each
+//! reserving the slot it will fill, so that a burst is still taken in one loop turn. A
+//! rate-limited listener keeps one, and only while its bucket has a token. Accepting stops while a
+//! socket is parked (admission.rs) or a drain has begun.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -29,13 +31,37 @@ pub struct Listener {
 pub(crate) enum Accept {
     /// No accept in flight; may be armed.
     Idle,
-    /// An accept is in flight: multishot, or a single one (which reserved its slot).
-    Armed { multishot: bool },
-    /// A cancel of that accept is in flight; its final completion makes it `Idle`.
-    Cancelling { multishot: bool },
+    /// Accepts are in flight.
+    Armed(InFlight),
+    /// A cancel of those accepts is in flight; the last one's final completion makes it `Idle`.
+    Cancelling(InFlight),
     /// Closed for good (drain): the worker's descriptor is gone.
     Closed,
 }
+
+/// The accepts a listener has in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum InFlight {
+    /// One multishot accept.
+    Multishot,
+    /// This many single accepts (at least one), each holding the accept slot it will fill.
+    Singles(u32),
+}
+
+impl InFlight {
+    /// What is left after one of them completed for good; `None`: nothing.
+    fn after_final(self) -> Option<InFlight> {
+        match self {
+            InFlight::Singles(n) if n > 1 => Some(InFlight::Singles(n - 1)),
+            InFlight::Singles(_) | InFlight::Multishot => None,
+        }
+    }
+}
+
+/// At most this many single accepts in flight per listener: a listener that cannot be multishot
+/// still takes a burst of new connections in one loop turn, not one per turn (each holds a slot
+/// reserved for it, so they are also bounded by a share of the free accept slots).
+pub(crate) const SINGLE_ACCEPTS: u32 = 16;
 
 pub(crate) struct ListenerState {
     pub frontend: usize,
@@ -114,16 +140,16 @@ impl Worker {
     pub(super) fn on_accept(&mut self, listener: u16, c: Completion) {
         let now = self.now.ms;
         let l = &mut self.listeners[listener as usize];
-        let multishot = match l.accept {
-            Accept::Armed { multishot } | Accept::Cancelling { multishot } => multishot,
-            Accept::Idle | Accept::Closed => true,
-        };
-        if !multishot {
+        if let Accept::Armed(InFlight::Singles(_)) | Accept::Cancelling(InFlight::Singles(_)) = l.accept {
             // The slot reserved for this accept is either used now (counted below) or not at all.
             self.client_slots = self.client_slots.saturating_sub(1);
         }
-        if !c.more() && l.accept != Accept::Closed {
-            l.accept = Accept::Idle;
+        if !c.more() {
+            l.accept = match l.accept {
+                Accept::Armed(f) => f.after_final().map_or(Accept::Idle, Accept::Armed),
+                Accept::Cancelling(f) => f.after_final().map_or(Accept::Idle, Accept::Cancelling),
+                a @ (Accept::Idle | Accept::Closed) => a,
+            };
         }
         if c.result < 0 {
             match -c.result {
@@ -217,8 +243,9 @@ impl Worker {
         let now = self.now.ms;
         // Slots promised in this pass to the multishot accepts of earlier listeners.
         let mut reserved: u32 = 0;
+        let listeners = self.listeners.len() as u32;
         for i in 0..self.listeners.len() {
-            // (A single accept armed below reserves a slot: recounted for each listener.)
+            // (Single accepts armed below reserve their slots: recounted for each listener.)
             let free = self.plan.accept_slots.saturating_sub(self.client_slots);
             let l = &mut self.listeners[i];
             let Some(fd) = l.fd.as_ref().map(|f| f.as_raw_fd()) else { continue };
@@ -226,7 +253,8 @@ impl Worker {
             let bucket = self.rate[l.frontend].as_mut();
             // A rate-limited listener takes one connection at a time (a multishot accept would
             // take the whole backlog at once).
-            let roomy = bucket.is_none() && free.saturating_sub(reserved) >= margin;
+            let limited = bucket.is_some();
+            let roomy = !limited && free.saturating_sub(reserved) >= margin;
             if roomy {
                 reserved += margin;
             }
@@ -241,24 +269,36 @@ impl Worker {
                 self.stats.limit_hits.rate += 1;
                 continue;
             }
+            // Single accepts this listener may have in flight: its share of the slots no multishot
+            // accept was promised (at least one, as long as a slot is free).
+            let depth = if limited { 1 } else { (free.saturating_sub(reserved) / listeners).clamp(1, SINGLE_ACCEPTS) };
+            let token = Token::worker(Op::Accept, i as u32);
             match l.accept {
                 Accept::Idle if should && l.retry_at <= now && free > 0 => {
                     l.retry_at = 0;
-                    let token = Token::worker(Op::Accept, i as u32);
                     if roomy {
-                        l.accept = Accept::Armed { multishot: true };
+                        l.accept = Accept::Armed(InFlight::Multishot);
                         self.ring.accept_multi(fd, token);
                     } else {
-                        l.accept = Accept::Armed { multishot: false };
-                        self.client_slots += 1;
-                        self.ring.accept_once(fd, token);
+                        let n = depth.min(free);
+                        l.accept = Accept::Armed(InFlight::Singles(n));
+                        self.client_slots += n;
+                        (0..n).for_each(|_| self.ring.accept_once(fd, token));
                     }
                 }
-                // A drain or a parked connection cancels any accept; a multishot one also goes when
-                // slots run short (a single accept already holds the slot it will use).
-                Accept::Armed { multishot } if !should || (multishot && !roomy) => {
-                    l.accept = Accept::Cancelling { multishot };
-                    self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+                // A drain or a parked connection cancels every accept; a multishot one also goes
+                // when slots run short (a single accept already holds the slot it will use).
+                Accept::Armed(f) if !should || (f == InFlight::Multishot && !roomy) => {
+                    l.accept = Accept::Cancelling(f);
+                    self.ring.cancel_all(token, Token::worker(Op::AcceptCancel, i as u32));
+                }
+                // Single accepts are topped up to their depth after each completion; where the
+                // listener may now be multishot, they are left to complete and it re-arms as one.
+                Accept::Armed(InFlight::Singles(n)) if !roomy && n < depth && l.retry_at <= now && free > 0 => {
+                    let more = (depth - n).min(free);
+                    l.accept = Accept::Armed(InFlight::Singles(n + more));
+                    self.client_slots += more;
+                    (0..more).for_each(|_| self.ring.accept_once(fd, token));
                 }
                 _ => {}
             }
@@ -277,9 +317,9 @@ impl Worker {
     /// fresh accept takes whatever already waits in the backlog.
     pub(super) fn rearm_accepts(&mut self) {
         for (i, l) in self.listeners.iter_mut().enumerate() {
-            if let Accept::Armed { multishot } = l.accept {
-                l.accept = Accept::Cancelling { multishot };
-                self.ring.cancel(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
+            if let Accept::Armed(f) = l.accept {
+                l.accept = Accept::Cancelling(f);
+                self.ring.cancel_all(Token::worker(Op::Accept, i as u32), Token::worker(Op::AcceptCancel, i as u32));
             }
         }
     }

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod accept;
 mod backpressure;
 mod balance;
 mod batch_wait;

@@ -9,7 +9,7 @@ use std::os::fd::RawFd;
 
 use io_uring::opcode;
 use io_uring::squeue::Flags;
-use io_uring::types::{DestinationSlot, Fd, Fixed, Timespec};
+use io_uring::types::{CancelBuilder, DestinationSlot, Fd, Fixed, Timespec};
 
 use super::buffers::{CHUNK, ChunkBuf, HEADER_BUF, HeaderBuf, PeerSlot};
 use super::pbuf::RingBuf;
@@ -65,6 +65,16 @@ impl Ring {
     /// already running) posts one with `token`, which callers ignore.
     pub fn cancel(&mut self, target: Token, token: Token) {
         let e = opcode::AsyncCancel::new(target.encode()).build().flags(Flags::SKIP_SUCCESS);
+        // SAFETY: no pointer, no descriptor.
+        unsafe { self.push(e.user_data(token.encode())) };
+    }
+
+    /// Cancels every request carrying `target` (a listener's accepts); as [`Ring::cancel`], a
+    /// completion with `token` comes only when none was found.
+    pub fn cancel_all(&mut self, target: Token, token: Token) {
+        let e = opcode::AsyncCancel2::new(CancelBuilder::user_data(target.encode()).all())
+            .build()
+            .flags(Flags::SKIP_SUCCESS);
         // SAFETY: no pointer, no descriptor.
         unsafe { self.push(e.user_data(token.encode())) };
     }
