@@ -5,7 +5,7 @@
 //! whole backlog at once, and the kernel drops a connection it has no direct slot for, so a
 //! listener is multishot only while its backlog margin fits in the free accept slots left by the
 //! listeners before it; otherwise it keeps up to [`SINGLE_ACCEPTS`] single accepts in flight, each
-//! reserving the slot it will fill, so that a burst is still taken in one loop turn. A
+//! reserving the slot it will fill, so that a burst is still taken in a few loop turns. A
 //! rate-limited listener keeps one, and only while its bucket has a token. Accepting stops while a
 //! socket is parked (admission.rs) or a drain has begun.
 
@@ -59,8 +59,8 @@ impl InFlight {
 }
 
 /// At most this many single accepts in flight per listener: a listener that cannot be multishot
-/// still takes a burst of new connections in one loop turn, not one per turn (each holds a slot
-/// reserved for it, so they are also bounded by a share of the free accept slots).
+/// still takes up to this many new connections per loop turn, not one (each holds a slot reserved
+/// for it, so they are also bounded by a share of the free accept slots).
 pub(crate) const SINGLE_ACCEPTS: u32 = 16;
 
 pub(crate) struct ListenerState {
