@@ -183,6 +183,16 @@ pub fn engine(yaml: &str) -> TestEngine {
     TestEngine::start(ringproxy::config::parse(yaml, "test.yaml").unwrap_or_else(|e| panic!("{e}")))
 }
 
+/// Whether the kernel's io_uring can batch waits (`min_wait_usec`, 6.12: `tune.batch_wait`); if
+/// not, says that the calling test is skipped.
+pub fn batched_waits_or_skip() -> bool {
+    let (native, _) = ringproxy::features::effective(None).unwrap();
+    if !native.min_wait {
+        eprintln!("skipped: this kernel's io_uring has no min_wait_usec (6.12), which batched waits need");
+    }
+    native.min_wait
+}
+
 /// The first listening address of frontend `fe`.
 pub fn addr(engine: &Engine, fe: &str) -> SocketAddr {
     engine.addrs(fe)[0]

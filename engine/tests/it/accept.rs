@@ -53,9 +53,7 @@ fn burst(engine: &TestEngine, fe: &str) -> u64 {
 
 #[test]
 fn a_listener_that_cannot_be_multishot_still_takes_a_burst_in_a_few_loop_turns() {
-    let (native, _) = ringproxy::features::effective(None).unwrap();
-    if !native.min_wait {
-        eprintln!("skipped: this kernel's io_uring has no min_wait_usec (6.12), which the test counts turns with");
+    if !batched_waits_or_skip() {
         return;
     }
     let echo = Backend::start(Mode::Echo);

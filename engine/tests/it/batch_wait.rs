@@ -49,9 +49,7 @@ fn heartbeat_rounds(engine: &TestEngine) -> f64 {
 
 #[test]
 fn many_connections_messaging_at_once_wake_the_worker_far_less_often_and_every_echo_arrives() {
-    let (native, _) = ringproxy::features::effective(None).unwrap();
-    if !native.min_wait {
-        eprintln!("skipped: this kernel's io_uring has no min_wait_usec (6.12)");
+    if !batched_waits_or_skip() {
         return;
     }
     let mut per_message = Vec::new();
