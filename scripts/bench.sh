@@ -313,7 +313,7 @@ backend_of() { # SERVICE -> backend address
 
 # each ringproxy binary's stats socket, when that build has one: io_uring counters per test; and
 # whether it has --ready-file (a base built before a1f32ab does not)
-declare -A RP_STATS RP_READY
+declare -A RP_STATS RP_READY STATS_OF
 for p in "${!RP_BIN[@]}"; do
     RP_STATS[$p]=""
     "${RP_BIN[$p]}" stats --help >/dev/null 2>&1 && RP_STATS[$p]=$OUT/run/$p-stats.sock
@@ -342,7 +342,12 @@ start_ringproxy() { # PATH INSTANCE SERVICE...
             ringproxy-batch) echo "  tune: { pipe_size: $PIPE_SIZE, batch_wait: $BATCH_WAIT }" ;;
             *) echo "  tune: { pipe_size: $PIPE_SIZE }" ;;
         esac
-        [ "$inst" = "$path" ] && [ -n "${RP_STATS[$path]:-}" ] && echo "  stats: { socket: \"${RP_STATS[$path]}\" }"
+        # (A fresh instance has a socket of its own: STATS_OF.)
+        if [ -n "${RP_STATS[$path]:-}" ]; then
+            STATS_OF[$inst]=${RP_STATS[$path]}
+            [ "$inst" = "$path" ] || STATS_OF[$inst]=$OUT/run/$inst-stats.sock
+            echo "  stats: { socket: \"${STATS_OF[$inst]}\" }"
+        fi
         echo "defaults:"
         echo "  timeout: { connect: 5s, client: 50s, server: 50s, drain: 1s }"
         echo "  balance: roundrobin"
@@ -554,10 +559,12 @@ print(json.dumps(d))
 PY
 }
 
-# snap_stats PATH FILE: a ringproxy path's counters (JSON) when its binary has a stats socket
+# snap_stats PATH FILE [INSTANCE]: the counters (JSON) of a ringproxy path's main instance, or of
+# INSTANCE of that path, when its binary has a stats socket
 snap_stats() {
-    [ -n "${RP_STATS[$1]:-}" ] || return 0
-    timeout 5 "${RP_BIN[$1]}" stats --socket "${RP_STATS[$1]}" --json >"$2" 2>/dev/null || rm -f "$2"
+    local sock=${STATS_OF[${3:-$1}]:-}
+    [ -n "$sock" ] || return 0
+    timeout 5 "${RP_BIN[$1]}" stats --socket "$sock" --json >"$2" 2>/dev/null || rm -f "$2"
 }
 
 host_of() { echo "${1%:*}"; }
@@ -760,11 +767,14 @@ hb_test() { # TEST PATH ROUND CONNS
         sleep 0.1
     done
     sleep 2
+    # ringproxy's long loop turns during the window: its counters, read just outside it
+    [ "$inst" = direct ] || snap_stats "$p" "$f.stats0.json" "$inst"
     # shellcheck disable=SC2086
     cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r _ tot0 < <(sys_ticks)
     sleep "$HB_WINDOW"
     # shellcheck disable=SC2086
     cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r _ tot1 < <(sys_ticks)
+    [ "$inst" = direct ] || snap_stats "$p" "$f.stats1.json" "$inst"
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" seen_established="$est" \
         window_s="$(awk "BEGIN {print $w1 - $w0}")" cpu_ticks="$((cpu1 - cpu0))" clk_tck="$(getconf CLK_TCK)" \

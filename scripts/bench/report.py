@@ -185,6 +185,7 @@ def parse(out):
     problems = []
     direct_slab = {}
     direct_sunr, sunr_by = {}, {}
+    slow = {}  # (tail test, ringproxy path) -> loop turns of >= 1, 10, 100 ms over its rounds
 
     def put(metric, path, rnd, v):
         if v is not None:
@@ -337,6 +338,16 @@ def parse(out):
                               ("ring.enter_calls", "enters"), ("splices", "splices"),
                               ("loop_iterations", "loops")):
                 put(f"w:{t}:{name}", p, rnd, (tot(s1, key) - tot(s0, key)) / units)
+    # ringproxy's long event-loop turns during the tail-latency tests (builds that count them)
+    for r in rows:
+        t, p, f = r["test"], r["path"], r["file"]
+        if t not in TAIL_TESTS or not p.startswith("ringproxy"):
+            continue
+        s0, s1 = load(f + ".stats0.json"), load(f + ".stats1.json")
+        if s0 and s1 and all("slow_turns" in w for w in s0["workers"] + s1["workers"]):
+            slow[(t, p)] = [a + b for a, b in zip(slow.get((t, p), [0, 0, 0]),
+                            [tot(s1, f"slow_turns.over_{ms}ms") - tot(s0, f"slow_turns.over_{ms}ms")
+                             for ms in (1, 10, 100)])]
     for (p, rnd), v in sunr_by.items():
         if rnd in direct_sunr:
             put("idle_sunr", p, rnd, v - direct_sunr[rnd])
@@ -346,7 +357,7 @@ def parse(out):
             for rnd, v in d.items():
                 if rnd in direct_slab:
                     put("idle_kernel", p, rnd, v - direct_slab[rnd])
-    return rows, vals, lat_curves, problems
+    return rows, vals, lat_curves, problems, slow
 
 
 UNITS = {"tput4": "MB moved", "tput1": "MB moved", "rate": "connection", "ka": "request", "lat": "request"}
@@ -387,7 +398,7 @@ def main():
     ap.add_argument("--img", required=True)
     ap.add_argument("--doc")
     a = ap.parse_args()
-    rows, vals, curves, problems = parse(a.out)
+    rows, vals, curves, problems, slow = parse(a.out)
     paths = [p for p in PATH_ORDER if any(k[1] == p for k in vals)]
     rounds = sorted({r["round"] for r in rows})
     machine = open(os.path.join(a.out, "machine.txt")).read().strip()
@@ -535,6 +546,11 @@ def main():
         w(f"Tail-latency rounds during which the hypervisor stole more than {STEAL_TAIL_MS} ms of CPU (their "
           "percentiles measure that as much as the path): " +
           ", ".join(f"round {r['round']} {r['test']} {r['path']} ({ms:.0f} ms)" for r, ms in tails) + ".\n")
+    if slow:
+        w("ringproxy's event-loop turns of at least 1 / 10 / 100 ms during the tail-latency tests, all rounds "
+          "(stats socket, `slow_turns`; a turn's wall time counts any time its thread was preempted or its "
+          "vCPU stolen): " + ", ".join(f"{t} {LABEL[p]} {n[0]} / {n[1]} / {n[2]}"
+                                        for (t, p), n in sorted(slow.items())) + ".\n")
     if problems:
         w("### Problems seen during the run\n")
         for p in problems:

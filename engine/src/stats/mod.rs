@@ -72,6 +72,34 @@ pub struct SourceRefused {
 }
 
 /// Connections closed by a timeout, by kind (connect timeouts are in `ConnectErrors::timeout`).
+/// Event-loop turns that took long: wall time from the worker waking to its next wait — its own
+/// work, any submission flushed mid-turn, and any time the thread was preempted or its vCPU stolen
+/// meanwhile. Every connection of the worker waited at least that long for such a turn.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlowTurns {
+    /// Turns of 1 ms or more (the longer ones included).
+    pub over_1ms: u64,
+    /// Turns of 10 ms or more.
+    pub over_10ms: u64,
+    /// Turns of 100 ms or more.
+    pub over_100ms: u64,
+}
+
+impl SlowTurns {
+    /// Counts a turn of `ns` nanoseconds.
+    pub fn record(&mut self, ns: u64) {
+        if ns >= 1_000_000 {
+            self.over_1ms += 1;
+            if ns >= 10_000_000 {
+                self.over_10ms += 1;
+                if ns >= 100_000_000 {
+                    self.over_100ms += 1;
+                }
+            }
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
     pub client: u64,
@@ -386,6 +414,12 @@ pub struct WorkerStats {
     #[serde(default)]
     pub unexpected_completions: u64,
     pub busy_ns: u64,
+    #[serde(default)]
+    pub slow_turns: SlowTurns,
+    /// The longest event-loop turn of the last one to two seconds, µs (what a connection of this
+    /// worker may have waited for the loop lately; `slow_turns` keeps the count since start).
+    #[serde(default)]
+    pub longest_turn_us: u64,
     /// Worker clock when the snapshot was taken (ms since the worker started).
     pub uptime_ms: u64,
     pub servers: Vec<ServerStats>,
@@ -487,5 +521,19 @@ impl EngineStats {
     /// Per-server rows summed over workers (same as `servers` after `aggregate`).
     pub fn servers(&self) -> Vec<ServerStats> {
         self.servers.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SlowTurns;
+
+    #[test]
+    fn a_turn_counts_in_every_bucket_it_reaches() {
+        let mut t = SlowTurns::default();
+        for ns in [999_999, 1_000_000, 9_999_999, 10_000_000, 100_000_000, 2_000_000_000] {
+            t.record(ns);
+        }
+        assert_eq!(t, SlowTurns { over_1ms: 5, over_10ms: 3, over_100ms: 2 });
     }
 }

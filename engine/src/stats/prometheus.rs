@@ -295,6 +295,27 @@ pub fn render(s: &EngineStats) -> String {
         let id = w.worker.to_string();
         m.sample("loop_busy_seconds_total", &[("worker", &id)], format_args!("{:.6}", w.busy_ns as f64 / 1e9));
     }
+    m.per_worker_by(
+        s,
+        "loop_slow_turns_total",
+        "counter",
+        "Event-loop turns that took at least this long (wall time from waking to the next wait): every connection of the worker waited that long.",
+        "over",
+        &[
+            ("1ms", &|w| w.slow_turns.over_1ms),
+            ("10ms", &|w| w.slow_turns.over_10ms),
+            ("100ms", &|w| w.slow_turns.over_100ms),
+        ],
+    );
+    m.head("loop_longest_turn_seconds", "gauge", "The longest event-loop turn of the last one to two seconds.");
+    for w in &s.workers {
+        let id = w.worker.to_string();
+        m.sample(
+            "loop_longest_turn_seconds",
+            &[("worker", &id)],
+            format_args!("{:.6}", w.longest_turn_us as f64 / 1e6),
+        );
+    }
 
     let servers = |m: &mut Family, name: &str, kind: &str, help: &str, f: &dyn Fn(&super::ServerStats) -> u64| {
         m.head(name, kind, help);

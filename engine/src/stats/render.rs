@@ -73,7 +73,7 @@ pub fn cores(s: &EngineStats, prev: Option<&EngineStats>) -> String {
     let mut o = String::new();
     let _ = writeln!(
         o,
-        "{:>4} {:>3} {:>8} {:>6} {:>6} {:>10} {:>10} {:>9} {:>8} {:>8} {:>9} {:>7} {:>6} {:>11} {:>10} {:>8} {:>8} {:>5}",
+        "{:>4} {:>3} {:>8} {:>6} {:>6} {:>10} {:>10} {:>9} {:>8} {:>8} {:>9} {:>7} {:>6} {:>11} {:>10} {:>8} {:>8} {:>5} {:>8}",
         "core",
         "cpu",
         "active",
@@ -91,7 +91,8 @@ pub fn cores(s: &EngineStats, prev: Option<&EngineStats>) -> String {
         "pipes u/p",
         "submits",
         "sq_full",
-        "busy"
+        "busy",
+        "max turn"
     );
     let mut sum = WorkerStats::default();
     let mut sum_rates = Rates::default();
@@ -115,7 +116,7 @@ fn row(o: &mut String, core: &str, cpu: String, w: &WorkerStats, r: &Rates) {
     let t = &w.timeouts;
     let _ = writeln!(
         o,
-        "{:>4} {:>3} {:>8} {:>6} {:>6} {:>10} {:>10} {:>9.0} {:>8.1} {:>9.1} {:>9} {:>7} {:>6} {:>11} {:>10} {:>8} {:>8} {:>4.0}%",
+        "{:>4} {:>3} {:>8} {:>6} {:>6} {:>10} {:>10} {:>9.0} {:>8.1} {:>9.1} {:>9} {:>7} {:>6} {:>11} {:>10} {:>8} {:>8} {:>4.0}% {:>6.1}ms",
         core,
         cpu,
         w.active,
@@ -133,7 +134,8 @@ fn row(o: &mut String, core: &str, cpu: String, w: &WorkerStats, r: &Rates) {
         format!("{}/{}", w.pipes_in_use, w.pipes_pooled),
         w.ring.submitted,
         w.ring.sq_full,
-        r.busy * 100.0
+        r.busy * 100.0,
+        w.longest_turn_us as f64 / 1000.0
     );
 }
 
@@ -156,6 +158,7 @@ fn add(sum: &mut WorkerStats, w: &WorkerStats) {
     sum.splice_fds += w.splice_fds;
     sum.ring.submitted += w.ring.submitted;
     sum.ring.sq_full += w.ring.sq_full;
+    sum.longest_turn_us = sum.longest_turn_us.max(w.longest_turn_us);
 }
 
 /// Per-server table (summed over workers), with connect latency.

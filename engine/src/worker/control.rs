@@ -335,6 +335,7 @@ impl Worker {
         s.bulk_path_switches = self.bulk.switches;
         [s.bulk_cost_copy_ps, s.bulk_cost_splice_ps] = self.bulk.cost_ps;
         s.uptime_ms = self.now.ms.saturating_sub(self.started_ms);
+        s.longest_turn_us = self.longest_turn_ns[0].max(self.longest_turn_ns[1]) / 1000;
         s.listening = self.listeners.iter().filter(|l| l.fd.is_some()).count() as u64;
         s.sources_tracked = self.up.per_source.iter().flatten().map(|t| t.len() as u64).sum();
         // (A queue may still hold entries of connections that closed while waiting: skipped.)

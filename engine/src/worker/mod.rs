@@ -103,6 +103,8 @@ pub struct Worker {
     draining: Option<u64>,
     /// When the receive buffers are next trimmed (worker clock, ms).
     next_trim: u64,
+    /// The longest loop turn (ns) of this second and of the one before (rolled with `next_trim`).
+    longest_turn_ns: [u64; 2],
     /// `splice: auto`: whether bulk flows splice or go through the receive buffers (measured).
     bulk: bulkpath::BulkPath,
     /// Shutdowns of a server's connections paced over `close_spread`, with their window (ms).
@@ -201,6 +203,7 @@ impl Worker {
                 // Once a second (the loop wakes at least that often): an offer that grew for a
                 // burst shrinks back, and buffers nobody used since give their memory back.
                 self.next_trim = self.now.ms + 1000;
+                self.longest_turn_ns = [0, self.longest_turn_ns[0]];
                 self.ring.trim_recv_bufs();
                 for t in self.up.per_source.iter_mut().flatten() {
                     t.sweep(self.now.ms);
@@ -221,7 +224,10 @@ impl Worker {
                 log.maybe_flush(self.now.ms, false);
             }
             self.stats.loop_iterations += 1;
-            self.stats.busy_ns += woke.elapsed().as_nanos() as u64;
+            let turn = woke.elapsed().as_nanos() as u64;
+            self.stats.busy_ns += turn;
+            self.stats.slow_turns.record(turn);
+            self.longest_turn_ns[0] = self.longest_turn_ns[0].max(turn);
             if self.finished() {
                 if let Some(log) = &mut self.log {
                     log.maybe_flush(self.now.ms, true);

@@ -176,6 +176,7 @@ impl Worker {
             peers,
             draining: None,
             next_trim: now.ms + 1000,
+            longest_turn_ns: [0; 2],
             bulk: super::bulkpath::BulkPath::new(
                 config.global.tune.splice == crate::config::SpliceMode::Auto && plan.io.fd_install,
                 now.ms,

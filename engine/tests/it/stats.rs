@@ -327,3 +327,61 @@ fn cli_stats_sigusr1_and_connection_log() {
     }
     assert!(!sock.exists());
 }
+
+/// A loop turn that takes long is counted, and shown where operators look: the per-core table's
+/// `max turn`, `--json`'s `slow_turns` and `longest_turn_us`, and Prometheus. The long turns here
+/// are real ones: a worker answers a stats request between two loop turns by copying its counters,
+/// one row per server, and with tens of thousands of servers that copy takes milliseconds (every
+/// connection of the worker waits meanwhile: docs/operations.md, *What stats cost*).
+#[test]
+fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus() {
+    const SERVERS: usize = 40_000;
+    let echo = Backend::start(Mode::Echo);
+    let sock = temp_path("turns.sock");
+    let servers: Vec<String> = (0..SERVERS).map(|i| format!("{{ name: s{i}, address: \"{}\" }}", echo.addr)).collect();
+    let engine = engine(&format!(
+        "global: {{ workers: 1, stats: {{ socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{}] }}]\n",
+        sock.display(),
+        servers.join(", ")
+    ));
+    let mut c = connect(addr(&engine, "fe"));
+    echo_once(&mut c, b"through a worker with many servers");
+    drop(c);
+    let turns = |s: &EngineStats| s.workers[0].slow_turns;
+    let first = engine.stats();
+    // Each snapshot copies every server's row in one turn: a few of them make long turns.
+    let mut snapshot = first.clone();
+    for _ in 0..5 {
+        snapshot = engine.stats();
+    }
+    let w = &snapshot.workers[0];
+    eprintln!("slow turns {:?}, longest {} µs, {} turns", w.slow_turns, w.longest_turn_us, w.loop_iterations);
+    assert!(turns(&snapshot).over_1ms >= turns(&first).over_1ms + 4, "{:?} then {:?}", turns(&first), turns(&snapshot));
+    assert!(w.longest_turn_us >= 1000, "longest turn {} µs", w.longest_turn_us);
+    // Each count includes the longer turns', and no turn is longer than all the loop's busy time.
+    assert!(w.slow_turns.over_1ms >= w.slow_turns.over_10ms && w.slow_turns.over_10ms >= w.slow_turns.over_100ms);
+    assert!(w.slow_turns.over_1ms <= w.loop_iterations);
+    assert!(w.longest_turn_us * 1000 <= w.busy_ns, "{} µs longest, {} ns busy", w.longest_turn_us, w.busy_ns);
+
+    // The per-core table: the last column, in ms.
+    let cores = socket::query(&sock, "show cores").unwrap();
+    let header = cores.lines().next().unwrap();
+    assert!(header.trim_end().ends_with("max turn"), "{cores}");
+    let row = cores.lines().nth(1).unwrap();
+    let ms: f64 = row.trim_end().trim_end_matches("ms").rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(ms >= 1.0, "the core's max turn: {row}");
+    let samples = parse_prometheus(&socket::query(&sock, "show prometheus").unwrap());
+    let value = |name: &str, label: Option<(&str, &str)>| {
+        samples
+            .iter()
+            .find(|(n, l, _)| n == name && label.is_none_or(|(k, v)| l.iter().any(|(a, b)| a == k && b == v)))
+            .map(|(_, _, v)| *v)
+            .unwrap_or_else(|| panic!("no {name} {label:?}"))
+    };
+    assert!(value("ringproxy_loop_slow_turns_total", Some(("over", "1ms"))) >= 5.0);
+    assert!(value("ringproxy_loop_slow_turns_total", Some(("over", "100ms"))) >= 0.0);
+    assert!(value("ringproxy_loop_longest_turn_seconds", None) >= 0.001);
+    assert_clean(engine, &[echo.addr.port()]);
+}
