@@ -49,6 +49,22 @@ impl Family<'_> {
         }
     }
 
+    /// A per-worker family of times in seconds (microsecond precision).
+    fn per_worker_seconds(
+        &mut self,
+        s: &EngineStats,
+        name: &str,
+        kind: &str,
+        help: &str,
+        f: impl Fn(&WorkerStats) -> f64,
+    ) {
+        self.head(name, kind, help);
+        for w in &s.workers {
+            let id = w.worker.to_string();
+            self.sample(name, &[("worker", &id)], format_args!("{:.6}", f(w)));
+        }
+    }
+
     /// A per-worker family split by one more label.
     fn per_worker_by(&mut self, s: &EngineStats, name: &str, kind: &str, help: &str, label: &str, parts: &[Part]) {
         self.head(name, kind, help);
@@ -290,11 +306,9 @@ pub fn render(s: &EngineStats) -> String {
     });
     m.per_worker(s, "ring_enter_total", "counter", "io_uring_enter calls (submit and wait).", |w| w.ring.enter_calls);
     m.per_worker(s, "loop_iterations_total", "counter", "Event-loop turns.", |w| w.loop_iterations);
-    m.head("loop_busy_seconds_total", "counter", "Time the event loop spent handling events.");
-    for w in &s.workers {
-        let id = w.worker.to_string();
-        m.sample("loop_busy_seconds_total", &[("worker", &id)], format_args!("{:.6}", w.busy_ns as f64 / 1e9));
-    }
+    m.per_worker_seconds(s, "loop_busy_seconds_total", "counter", "Time the event loop spent handling events.", |w| {
+        w.busy_ns as f64 / 1e9
+    });
     m.per_worker_by(
         s,
         "loop_slow_turns_total",
@@ -307,15 +321,13 @@ pub fn render(s: &EngineStats) -> String {
             ("100ms", &|w| w.slow_turns.over_100ms),
         ],
     );
-    m.head("loop_longest_turn_seconds", "gauge", "The longest event-loop turn of the last one to two seconds.");
-    for w in &s.workers {
-        let id = w.worker.to_string();
-        m.sample(
-            "loop_longest_turn_seconds",
-            &[("worker", &id)],
-            format_args!("{:.6}", w.longest_turn_us as f64 / 1e6),
-        );
-    }
+    m.per_worker_seconds(
+        s,
+        "loop_longest_turn_seconds",
+        "gauge",
+        "The longest event-loop turn of the last one to two seconds.",
+        |w| w.longest_turn_us as f64 / 1e6,
+    );
 
     let servers = |m: &mut Family, name: &str, kind: &str, help: &str, f: &dyn Fn(&super::ServerStats) -> u64| {
         m.head(name, kind, help);
