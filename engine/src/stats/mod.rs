@@ -71,7 +71,6 @@ pub struct SourceRefused {
     pub table_full: u64,
 }
 
-/// Connections closed by a timeout, by kind (connect timeouts are in `ConnectErrors::timeout`).
 /// Event-loop turns that took long: wall time from the worker waking to its next wait — its own
 /// work, any submission flushed mid-turn, and any time the thread was preempted or its vCPU stolen
 /// meanwhile. Every connection of the worker waited at least that long for such a turn.
@@ -100,6 +99,7 @@ impl SlowTurns {
     }
 }
 
+/// Connections closed by a timeout, by kind (connect timeouts are in `ConnectErrors::timeout`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Timeouts {
     pub client: u64,
