@@ -201,7 +201,8 @@ impl Worker {
             }
             if self.now.ms >= self.next_trim {
                 // Once a second (the loop wakes at least that often): an offer that grew for a
-                // burst shrinks back, and buffers nobody used since give their memory back.
+                // burst shrinks back, buffers nobody used since give their memory back, and the
+                // longest turn starts a new second.
                 self.next_trim = self.now.ms + 1000;
                 self.longest_turn_ns = [0, self.longest_turn_ns[0]];
                 self.ring.trim_recv_bufs();
