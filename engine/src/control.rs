@@ -17,8 +17,9 @@ use crate::sys::EventFd;
 pub enum Control {
     /// Lending protocol for maxconn shares.
     Share(ShareMsg),
-    /// Send a copy of your counters.
-    Snapshot(Sender<WorkerStats>),
+    /// Send a copy of your counters, with the server rows (and their sources and latency
+    /// buckets) of `rows` only: a query asks for the rows in slices, one per loop turn.
+    Snapshot { rows: std::ops::Range<usize>, reply: Sender<WorkerStats> },
     /// Stop accepting; finish open connections until the drain deadline, then exit.
     Drain,
     /// A health check changed a server's state (indices into the configuration).
@@ -60,10 +61,18 @@ pub enum Control {
 /// that come within `wait` (one deadline for all: a busy engine answers late, not N times late).
 /// Returns how many workers were asked (those that have exited are not) and their answers.
 pub fn ask_all<T>(peers: &[Peer], wait: Duration, make: impl Fn(Sender<T>) -> Control) -> (usize, Vec<T>) {
+    ask(peers, std::time::Instant::now() + wait, make)
+}
+
+/// [`ask_all`] for some of the workers, with a deadline.
+pub fn ask<'a, T>(
+    peers: impl IntoIterator<Item = &'a Peer>,
+    deadline: std::time::Instant,
+    make: impl Fn(Sender<T>) -> Control,
+) -> (usize, Vec<T>) {
     let (tx, rx) = crossbeam_channel::unbounded();
-    let asked = peers.iter().filter(|p| p.send(make(tx.clone()))).count();
+    let asked = peers.into_iter().filter(|p| p.send(make(tx.clone()))).count();
     drop(tx);
-    let deadline = std::time::Instant::now() + wait;
     let answers = (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()).collect();
     (asked, answers)
 }

@@ -24,7 +24,7 @@ use crate::log;
 use crate::plan::{self, Plan};
 use crate::privileges::{self, PrivilegeError};
 use crate::sources;
-use crate::stats::{EngineStats, prometheus, socket};
+use crate::stats::{Detail, EngineStats, ROWS_PER_TURN, WorkerStats, prometheus, socket};
 use crate::sys::EventFd;
 use crate::watch::Watch;
 use crate::worker::{self, WorkerSetup};
@@ -76,9 +76,27 @@ pub struct StatsSource {
 }
 
 impl StatsSource {
-    /// A snapshot of every worker's counters (workers answer between two loop turns).
+    /// A snapshot of every worker's counters, server and source rows included (workers answer
+    /// between two loop turns).
     pub fn collect(&self) -> EngineStats {
-        let (_, mut workers) = crate::control::ask_all(&self.peers, Duration::from_secs(10), Control::Snapshot);
+        self.collect_with(Detail::Full)
+    }
+
+    /// A snapshot of every worker's counters, with the server rows or without ([`Detail`]).
+    pub fn collect_with(&self, detail: Detail) -> EngineStats {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let mut workers = self.snapshots(detail, deadline);
+        // A server added while the rows were being copied moves the rows after it, and for a
+        // moment some workers have it and some not (rows are merged by position): copy them
+        // again until every worker gave all its rows and all have as many (`add server` is rare),
+        // or the deadline has passed (then the rows as they came).
+        let whole = |ws: &[WorkerStats]| {
+            ws.iter()
+                .all(|w| w.servers.len() == w.server_rows && ws.first().is_some_and(|f| f.server_rows == w.server_rows))
+        };
+        while detail == Detail::Full && !whole(&workers) && std::time::Instant::now() < deadline {
+            workers = self.snapshots(detail, deadline);
+        }
         workers.sort_by_key(|w| w.worker);
         let mut stats = EngineStats {
             version: env!("CARGO_PKG_VERSION").to_string(),
@@ -95,6 +113,48 @@ impl StatsSource {
             stats.health = h.lock().map(|v| v.clone()).unwrap_or_default();
         }
         stats
+    }
+
+    /// Every worker's snapshot; with [`Detail::Full`], its server rows asked for one slice at a
+    /// time (all workers at once), each slice a loop turn of its own ([`ROWS_PER_TURN`]). A worker
+    /// whose row count changed between slices (a server added) is left with fewer rows than it
+    /// counts, for the caller to ask again.
+    fn snapshots(&self, detail: Detail, deadline: std::time::Instant) -> Vec<WorkerStats> {
+        let first = match detail {
+            Detail::Totals => 0..0,
+            Detail::Full => 0..ROWS_PER_TURN,
+        };
+        let (_, mut workers) =
+            crate::control::ask(self.peers.iter(), deadline, |reply| Control::Snapshot { rows: first.clone(), reply });
+        let mut open: Vec<usize> =
+            (0..workers.len()).filter(|&i| workers[i].servers.len() < workers[i].server_rows).collect();
+        while !open.is_empty() && detail == Detail::Full {
+            let (tx, rx) = unbounded();
+            let asked = open
+                .iter()
+                .filter(|&&i| {
+                    let from = workers[i].servers.len();
+                    let ask = Control::Snapshot { rows: from..from + ROWS_PER_TURN, reply: tx.clone() };
+                    self.peers.get(workers[i].worker).is_some_and(|p| p.send(ask))
+                })
+                .count();
+            drop(tx);
+            open.clear();
+            for slice in (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()) {
+                let Some(i) = workers.iter().position(|w| w.worker == slice.worker) else { continue };
+                let w = &mut workers[i];
+                if slice.server_rows != w.server_rows || slice.servers.is_empty() {
+                    continue; // (Rows moved: this worker's rows stop here.)
+                }
+                w.servers.extend(slice.servers);
+                w.sources.extend(slice.sources);
+                w.connect_latency.extend(slice.connect_latency);
+                if w.servers.len() < w.server_rows {
+                    open.push(i);
+                }
+            }
+        }
+        workers
     }
 }
 
@@ -221,7 +281,15 @@ impl Prepared {
             Some(path) => {
                 let src = source.clone();
                 let mode = config.global.stats.mode;
-                Some(socket::serve(path, mode, move || src.collect(), None, socket::Level::Read, ids, watch)?)
+                Some(socket::serve(
+                    path,
+                    mode,
+                    move |detail| src.collect_with(detail),
+                    None,
+                    socket::Level::Read,
+                    ids,
+                    watch,
+                )?)
             }
             None => None,
         };
@@ -320,6 +388,11 @@ impl Engine {
     /// A snapshot of every worker's counters (workers answer between two loop turns).
     pub fn stats(&self) -> EngineStats {
         self.source.collect()
+    }
+
+    /// A snapshot with the server rows or without ([`Detail`]).
+    pub fn stats_with(&self, detail: Detail) -> EngineStats {
+        self.source.collect_with(detail)
     }
 
     /// A handle for collecting stats from another thread.

@@ -28,7 +28,7 @@ use crate::engine::{Engine, StartError, StartOptions, StatsSource};
 use crate::listener::Bound;
 use crate::privileges::{self, Ids};
 use crate::stats::socket::{Answer, Level, Request};
-use crate::stats::{EngineStats, prometheus, socket};
+use crate::stats::{Detail, EngineStats, prometheus, socket};
 use crate::sys;
 use crate::watch::{Failure, Watch, Watcher};
 
@@ -230,7 +230,7 @@ struct Endpoints {
 fn open_endpoints(
     stats: &config::Stats,
     owner: Option<Ids>,
-    collect: impl Fn() -> EngineStats + Clone + Send + 'static,
+    collect: impl Fn(Detail) -> EngineStats + Clone + Send + 'static,
     requests: Sender<Request>,
     watch: &Watch,
     inherited: &mut Option<crate::upgrade::Inherited>,
@@ -258,8 +258,10 @@ fn open_endpoints(
         Some(addr) => {
             let handed = inherited.as_mut().and_then(|i| i.prometheus.take_if(|(a, _)| *a == addr)).map(|(_, fd)| fd);
             let served = match handed {
-                Some(fd) => prometheus::serve_listener(std::net::TcpListener::from(fd), collect, watch),
-                None => prometheus::serve(addr, collect, watch),
+                Some(fd) => {
+                    prometheus::serve_listener(std::net::TcpListener::from(fd), move || collect(Detail::Full), watch)
+                }
+                None => prometheus::serve(addr, move || collect(Detail::Full), watch),
             };
             Some(served.map_err(|source| StartError::Prometheus { addr, source })?)
         }
@@ -328,9 +330,9 @@ impl Supervisor {
         let (requests_tx, requests) = unbounded();
         let collect = {
             let source = source.clone();
-            move || -> EngineStats {
+            move |detail| -> EngineStats {
                 let current = source.lock().ok().and_then(|s| s.clone());
-                current.map(|s| s.collect()).unwrap_or_default()
+                current.map(|s| s.collect_with(detail)).unwrap_or_default()
             }
         };
         let watcher = Watcher::new();
@@ -446,7 +448,7 @@ impl Supervisor {
         // meets the new configuration (its cancelled accepts can still hand over a few first,
         // which it serves).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::time::Instant::now() < deadline && old.stats().total(|w| w.listening) > 0 {
+        while std::time::Instant::now() < deadline && old.stats_with(Detail::Totals).total(|w| w.listening) > 0 {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
         // A connection that arrived while the old accepts were being cancelled may have woken only

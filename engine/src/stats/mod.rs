@@ -431,7 +431,28 @@ pub struct WorkerStats {
     /// and emptied once merged.
     #[serde(skip)]
     pub connect_latency: Vec<LatencyBucket>,
+    /// How many server rows the worker has: a snapshot carries only the slice it was asked for
+    /// (see [`Detail`]), and the collector asks for the rest by this.
+    #[serde(skip)]
+    pub server_rows: usize,
 }
+
+/// How much of the workers' counters a stats query needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// The per-worker counters only (`show info`, `show cores`, the drain's checks): no worker
+    /// copies a server or source row.
+    Totals,
+    /// Everything: the per-server and per-source rows too, which each worker copies
+    /// [`ROWS_PER_TURN`] servers at a time, one slice per loop turn, so that a query on an engine
+    /// with tens of thousands of servers does not hold a worker's connections for milliseconds.
+    Full,
+}
+
+/// Server rows (with their sources and latency buckets) a worker copies for a stats query in one
+/// loop turn: its longest turns were 0.04–0.13 ms on the benchmark host, against 9–11 ms for all
+/// 40,000 rows of a test engine at once.
+pub const ROWS_PER_TURN: usize = 1024;
 
 /// What the whole engine reports: one snapshot per worker plus the limits in force.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

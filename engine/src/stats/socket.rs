@@ -21,6 +21,7 @@
 //! process's, and engines in one process (the tests) bind at once. At exit the file is removed only
 //! if it is still this socket.
 
+use crate::stats::Detail;
 use crate::watch::Watch;
 use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, Read, Write};
@@ -119,7 +120,7 @@ pub enum Level {
 /// supervisor behind it); `stop` is set when the socket shuts down: the wait for them ends.
 pub fn answer(
     command: &str,
-    collect: &dyn Fn() -> EngineStats,
+    collect: &dyn Fn(Detail) -> EngineStats,
     requests: Option<&Sender<Request>>,
     level: Level,
     stop: &AtomicBool,
@@ -140,13 +141,16 @@ pub fn answer(
     }
     match words.as_slice() {
         ["help"] | [] => HELP.to_string(),
-        ["show", "info"] => render::info(&collect()),
-        ["show", "cores"] => render::cores(&collect(), None),
-        ["show", "servers"] => render::servers(&collect()),
-        ["show", "sources"] => render::sources(&collect()),
-        ["show", "stat"] => render::csv(&collect()),
-        ["show", "json"] => serde_json::to_string(&collect()).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
-        ["show", "prometheus"] => prometheus::render(&collect()),
+        // (The two views without server rows do not have the workers copy them.)
+        ["show", "info"] => render::info(&collect(Detail::Totals)),
+        ["show", "cores"] => render::cores(&collect(Detail::Totals), None),
+        ["show", "servers"] => render::servers(&collect(Detail::Full)),
+        ["show", "sources"] => render::sources(&collect(Detail::Full)),
+        ["show", "stat"] => render::csv(&collect(Detail::Full)),
+        ["show", "json"] => {
+            serde_json::to_string(&collect(Detail::Full)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+        }
+        ["show", "prometheus"] => prometheus::render(&collect(Detail::Full)),
         _ => Answer::Fail(format!("unknown command \"{}\"\n{HELP}", command.trim())).encode(),
     }
 }
@@ -178,7 +182,7 @@ struct Lines<C> {
     level: Level,
 }
 
-impl<C: Fn() -> EngineStats + Send + 'static> serve::Protocol for Lines<C> {
+impl<C: Fn(Detail) -> EngineStats + Send + 'static> serve::Protocol for Lines<C> {
     const MAX_REQUEST: usize = 4096;
 
     fn complete(buf: &[u8]) -> bool {
@@ -297,7 +301,7 @@ impl Server {
 pub fn serve_inherited(
     path: &Path,
     listener: std::os::fd::OwnedFd,
-    collect: impl Fn() -> EngineStats + Send + 'static,
+    collect: impl Fn(Detail) -> EngineStats + Send + 'static,
     requests: Option<Sender<Request>>,
     level: Level,
     watch: &Watch,
@@ -318,7 +322,7 @@ pub fn serve_inherited(
 pub fn serve(
     path: &Path,
     mode: u32,
-    collect: impl Fn() -> EngineStats + Send + 'static,
+    collect: impl Fn(Detail) -> EngineStats + Send + 'static,
     requests: Option<Sender<Request>>,
     level: Level,
     owner: Option<Ids>,
@@ -558,7 +562,7 @@ mod tests {
 
     #[test]
     fn reload_without_a_supervisor_fails() {
-        let text = answer("reload", &EngineStats::default, None, Level::Admin, &AtomicBool::new(false));
+        let text = answer("reload", &|_| EngineStats::default(), None, Level::Admin, &AtomicBool::new(false));
         assert_eq!(text, "FAIL\nreload is not available on this socket\n");
     }
 
@@ -567,12 +571,17 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         for line in ["reload", "set server a/b state drain", "set server a/b weight 3", "shutdown sessions server a/b"]
         {
-            let text = answer(line, &EngineStats::default, Some(&tx), Level::Read, &AtomicBool::new(false));
+            let text = answer(line, &|_| EngineStats::default(), Some(&tx), Level::Read, &AtomicBool::new(false));
             assert!(text.starts_with("FAIL\n") && text.contains("this socket is read-only"), "{line}: {text}");
         }
         assert!(rx.try_recv().is_err(), "nothing reached the supervisor");
-        let text =
-            answer("set server a/b state up", &EngineStats::default, Some(&tx), Level::Admin, &AtomicBool::new(false));
+        let text = answer(
+            "set server a/b state up",
+            &|_| EngineStats::default(),
+            Some(&tx),
+            Level::Admin,
+            &AtomicBool::new(false),
+        );
         assert_eq!(text, "FAIL\nstate \"up\" is not one of ready, drain, maint\n");
         assert!(rx.try_recv().is_err(), "a malformed command reaches nobody");
     }

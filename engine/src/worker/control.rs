@@ -6,7 +6,7 @@ use super::Worker;
 use crate::admin::ServerOp;
 use crate::conn::{CloseReason, Conn, State};
 use crate::control::Control;
-use crate::stats::{ServerState, SourceStats, WorkerStats};
+use crate::stats::{ROWS_PER_TURN, ServerState, SourceStats, WorkerStats};
 use crate::worker::token::GENERATION_MASK;
 
 /// How long past its drain's deadline a worker waits for the notifications of its zero-copy sends.
@@ -22,8 +22,8 @@ impl Worker {
                         self.drain_queues();
                     }
                 }
-                Control::Snapshot(reply) => {
-                    let _ = reply.send(self.snapshot());
+                Control::Snapshot { rows, reply } => {
+                    let _ = reply.send(self.snapshot(rows));
                 }
                 Control::Drain => self.start_drain(),
                 Control::RearmAccepts => self.rearm_accepts(),
@@ -316,9 +316,16 @@ impl Worker {
             && self.listeners.iter().all(|l| l.accept == super::accept::Accept::Closed)
     }
 
-    fn snapshot(&mut self) -> WorkerStats {
+    /// This worker's counters, with the server rows `rows` (clamped to those there are), their
+    /// sources and their latency buckets: the rest of the server rows are not copied. The slice
+    /// ends early once it holds [`ROWS_PER_TURN`] source rows, after at least one server.
+    fn snapshot(&mut self, rows: std::ops::Range<usize>) -> WorkerStats {
         self.advance_ramps();
+        let all = std::mem::take(&mut self.stats.servers);
         let mut s = self.stats.clone();
+        self.stats.servers = all;
+        s.server_rows = self.stats.servers.len();
+        s.servers = Vec::with_capacity(rows.len().min(s.server_rows));
         s.pipes_in_use = u64::from(self.pipes.in_use);
         s.pipes_pooled = u64::from(self.pipes.pooled());
         s.buffers_in_use = u64::from(self.ring.buffers_in_use());
@@ -349,11 +356,21 @@ impl Worker {
                     as u64
             })
             .collect();
-        let mut k = 0;
         s.sources.clear();
-        for (b, be) in self.up.backends.iter().enumerate() {
-            for (i, srv) in be.servers.iter().enumerate() {
-                let row = &mut s.servers[k];
+        'rows: for (b, be) in self.up.backends.iter().enumerate() {
+            // The backend's servers among the rows asked for (rows are flattened in backend order).
+            let first = self.up.server_index[b];
+            let from = rows.start.saturating_sub(first).min(be.servers.len());
+            let to = rows.end.saturating_sub(first).min(be.servers.len());
+            for (i, srv) in be.servers.iter().enumerate().take(to).skip(from) {
+                // The slice also ends once it holds as many source rows (a server's own sources
+                // are never split: a server with 65,536 of them copies them in one turn).
+                if s.sources.len() >= ROWS_PER_TURN {
+                    break 'rows;
+                }
+                let k = first + i;
+                s.servers.push(self.stats.servers[k].clone());
+                let row = s.servers.last_mut().expect("just pushed");
                 row.active = u64::from(srv.active);
                 row.total = srv.total;
                 row.connect_errors = srv.errors;
@@ -373,7 +390,6 @@ impl Worker {
                 let latency = &self.up.connect_latency[k];
                 row.connect_latency_us = latency.latency();
                 latency.export(k as u32, &mut s.connect_latency);
-                k += 1;
                 // (A removed server's sources leave the stats with it.)
                 for (j, ip) in srv.sources.ips.iter().enumerate().filter(|_| !srv.removed) {
                     s.sources.push(SourceStats {

@@ -335,27 +335,28 @@ fn cli_stats_sigusr1_and_connection_log() {
 /// connection of the worker waits meanwhile: docs/operations.md, *What stats cost*).
 #[test]
 fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus() {
-    const SERVERS: usize = 40_000;
     let echo = Backend::start(Mode::Echo);
     let sock = temp_path("turns.sock");
-    let servers: Vec<String> = (0..SERVERS).map(|i| format!("{{ name: s{i}, address: \"{}\" }}", echo.addr)).collect();
+    // One server with 65,536 source addresses, all on the one worker: a stats query copies a
+    // server's sources in one loop turn (a slice never splits them), a real long turn.
     let engine = engine(&format!(
         "global: {{ workers: 1, stats: {{ socket: {} }} }}\n\
          frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
-         backends: [{{ name: be, servers: [{}] }}]\n",
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.1.0.0/16 }}] }}]\n",
         sock.display(),
-        servers.join(", ")
+        echo.addr
     ));
     let mut c = connect(addr(&engine, "fe"));
-    echo_once(&mut c, b"through a worker with many servers");
+    echo_once(&mut c, b"through a server with many sources");
     drop(c);
     let first = engine.stats().workers[0].slow_turns;
-    // Each snapshot copies every server's row in one turn (counted once it ends): of the five
+    // Each snapshot copies the 65,536 source rows in one turn (counted once it ends): of the five
     // taken before the last, at least four make long turns.
     for _ in 0..4 {
         engine.stats();
     }
     let snapshot = engine.stats();
+    assert_eq!(snapshot.workers[0].sources.len(), 65_536);
     let w = &snapshot.workers[0];
     eprintln!("slow turns {:?}, longest {} µs, {} turns", w.slow_turns, w.longest_turn_us, w.loop_iterations);
     assert!(w.slow_turns.over_1ms >= first.over_1ms + 4, "{first:?} then {:?}", w.slow_turns);
@@ -383,5 +384,87 @@ fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus()
     assert!(value("ringproxy_loop_slow_turns_total", Some(("over", "1ms"))) >= 5.0);
     assert!(value("ringproxy_loop_slow_turns_total", Some(("over", "100ms"))) >= 0.0);
     assert!(value("ringproxy_loop_longest_turn_seconds", None) >= 0.001);
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
+/// A stats query copies the server rows a slice per loop turn (`ROWS_PER_TURN` servers, or fewer
+/// once a slice holds as many source rows), all workers at once, and puts them together: every
+/// row once, in order, on every worker; `show info` and `show cores` have no worker copy a row.
+#[test]
+fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_copies_none() {
+    use ringproxy::stats::{Detail, ROWS_PER_TURN};
+    const SERVERS: usize = 10_000;
+    const WIDE: usize = 8; // servers with 512 source addresses each: 256 on each worker
+    let echo = Backend::start(Mode::Echo);
+    let sock = temp_path("slices.sock");
+    let servers: Vec<String> = (0..SERVERS).map(|i| format!("{{ name: s{i}, address: \"{}\" }}", echo.addr)).collect();
+    let wide: Vec<String> = (0..WIDE)
+        .map(|i| {
+            format!("{{ name: w{i}, address: \"{}\", source: 127.{}.{}.0/23 }}", echo.addr, 60 + i / 4, (i % 4) * 2)
+        })
+        .collect();
+    let engine = engine(&format!(
+        "global: {{ workers: 2, stats: {{ socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: many }}]\n\
+         backends:\n  - {{ name: many, servers: [{}] }}\n  - {{ name: wide, servers: [{}] }}\n",
+        sock.display(),
+        servers.join(", "),
+        wide.join(", ")
+    ));
+    let mut c = connect(addr(&engine, "fe"));
+    echo_once(&mut c, b"through one of ten thousand servers");
+    drop(c);
+    let rows = SERVERS + WIDE;
+    let names: Vec<String> =
+        (0..SERVERS).map(|i| format!("many/s{i}")).chain((0..WIDE).map(|i| format!("wide/w{i}"))).collect();
+    let turns = |s: &EngineStats| s.workers.iter().map(|w| w.loop_iterations).collect::<Vec<_>>();
+
+    let before = engine.stats_with(Detail::Totals);
+    assert!(before.workers.iter().all(|w| w.servers.is_empty() && w.sources.is_empty()), "no rows copied");
+    assert_eq!(before.total(|w| w.accepted), 1, "the totals are all there");
+    let full = engine.stats();
+    let after = engine.stats_with(Detail::Totals);
+
+    // Every row once, in order, on each worker and summed; the one connection counted once.
+    assert_eq!(full.workers.len(), 2);
+    for w in &full.workers {
+        let got: Vec<String> = w.servers.iter().map(|r| format!("{}/{}", r.backend, r.server)).collect();
+        assert!(got == names, "worker {}: {} rows, not the {rows} in order", w.worker, got.len());
+        // Each wide server's 256 sources of this worker, in server order.
+        assert_eq!(w.sources.len(), WIDE * 256, "worker {}", w.worker);
+        let order: Vec<&str> = w.sources.iter().map(|s| s.server.as_str()).collect();
+        assert!(order.is_sorted(), "worker {}: sources out of server order", w.worker);
+    }
+    assert_eq!(full.servers.len(), rows);
+    assert_eq!(full.servers.iter().map(|r| r.total).sum::<u64>(), 1);
+    assert_eq!(
+        full.backends.iter().map(|b| (b.backend.as_str(), b.total)).collect::<Vec<_>>(),
+        [("many", 1), ("wide", 0)]
+    );
+    let used = full.servers.iter().find(|r| r.total == 1).unwrap();
+    assert!(used.connect_latency_us.count == 1, "its connect latency merged from its worker's slice: {used:?}");
+
+    // The query took a loop turn per slice on each worker, a totals query one. Slices: ten of up
+    // to 1,024 servers (the tenth, 784 servers, ends after four wide ones: 4 × 256 source rows
+    // make 1,024), then one for the other four wide servers.
+    assert_eq!(ROWS_PER_TURN, 1024, "the slices counted here");
+    let slices = (SERVERS.div_ceil(ROWS_PER_TURN) + 1) as u64;
+    for (w, (b, a)) in turns(&before).into_iter().zip(turns(&after)).enumerate() {
+        assert!(a - b > slices, "worker {w}: {} turns for {slices} slices and a totals query", a - b);
+    }
+    let again = engine.stats_with(Detail::Totals);
+    for (w, (b, a)) in turns(&after).into_iter().zip(turns(&again)).enumerate() {
+        assert!(a - b < slices, "worker {w}: {} turns for a totals query", a - b);
+    }
+
+    // The views: show cores without rows, show servers and show sources with all of them.
+    let cores = socket::query(&sock, "show cores").unwrap();
+    assert_eq!(cores.lines().count(), 1 + 2 + 1, "header, a row per core, the total: {cores}");
+    let table = socket::query(&sock, "show servers").unwrap();
+    for name in [&names[0], &names[SERVERS - 1], &names[rows - 1]] {
+        assert!(table.lines().any(|l| l.split_whitespace().any(|f| f == name)), "{name} in show servers");
+    }
+    let sources = socket::query(&sock, "show sources").unwrap();
+    assert_eq!(sources.lines().count(), 1 + 2 * WIDE * 256);
     assert_clean(engine, &[echo.addr.port()]);
 }

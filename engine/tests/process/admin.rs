@@ -378,6 +378,68 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
     proxy.stop_clean();
 }
 
+/// Servers added while stats queries run (each copies the rows in slices over several loop turns
+/// of each worker, and an add moves the rows after it): every answer has each server once, in
+/// configuration order, the same rows on every worker.
+#[test]
+fn servers_added_during_stats_queries_leave_every_answer_whole_and_in_order() {
+    const SERVERS: usize = 3_000;
+    const ADDED: usize = 24;
+    let echo = Backend::start(Mode::Echo);
+    let (stats, admin) = sockets("slices");
+    let servers: Vec<String> = (0..SERVERS).map(|i| format!("{{ name: s{i}, address: \"{}\" }}", echo.addr)).collect();
+    let proxy = Proxy::start(
+        "slices",
+        &format!(
+            "global: {{ workers: 2, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends:\n  - {{ name: be, servers: [{}] }}\n  - {{ name: tail, servers: [{{ name: t, address: \"{}\" }}] }}\n",
+            stats.display(),
+            admin.display(),
+            servers.join(", "),
+            echo.addr
+        ),
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, stats) = (stop.clone(), stats.clone());
+        std::thread::spawn(move || {
+            let mut answers = 0;
+            let mut seen_added = std::collections::BTreeSet::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let s = socket::fetch(&stats).unwrap();
+                let names: Vec<String> = s.servers.iter().map(|r| format!("{}/{}", r.backend, r.server)).collect();
+                let added = names.len().saturating_sub(SERVERS + 1).min(ADDED);
+                let want: Vec<String> = (0..SERVERS)
+                    .map(|i| format!("be/s{i}"))
+                    .chain((0..added).map(|i| format!("be/n{i}")))
+                    .chain(["tail/t".to_string()])
+                    .collect();
+                assert!(names == want, "answer {answers}: {} rows, not the {} in order", names.len(), want.len());
+                for w in &s.workers {
+                    let own: Vec<String> = w.servers.iter().map(|r| format!("{}/{}", r.backend, r.server)).collect();
+                    assert!(own == want, "answer {answers}, worker {}: {} rows of {}", w.worker, own.len(), want.len());
+                }
+                seen_added.insert(added);
+                answers += 1;
+            }
+            (answers, seen_added.len())
+        })
+    };
+    for i in 0..ADDED {
+        ok(&admin, &format!("add server be/n{i} {}", echo.addr));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (answers, counts) = reader.join().unwrap();
+    eprintln!("{answers} answers, {counts} different row counts");
+    assert!(counts > ADDED / 2, "the answers saw the adds as they came: {counts} row counts in {answers} answers");
+    let mut c = connect(proxy.addr("fe"));
+    echo_once(&mut c, b"still proxying");
+    drop(c);
+    proxy.stop_clean();
+}
+
 /// An added server in a backend with a health check is checked like the others: one with nothing
 /// listening goes DOWN and takes no connection; deleted, it leaves the checks.
 #[test]
