@@ -7,7 +7,7 @@
 //!
 //! | feature | kernel | without it |
 //! |---|---|---|
-//! | uring_cmd `SETSOCKOPT` / `GETSOCKOPT` on a socket | 6.7 | accepts into plain descriptors: the client's address (`getpeername`) and, where a PROXY header needs it, the local one (`getsockname`) are read at once, then the socket moves into a direct slot the worker picks (`IORING_REGISTER_FILES_UPDATE`) and the plain descriptor is closed; server sockets are made the same way (below); a reset is passed on as a FIN (SO_LINGER cannot be set on a direct socket) |
+//! | uring_cmd `SETSOCKOPT` / `GETSOCKOPT` on a socket | 6.7 | accepts into plain descriptors: the client's address (`getpeername`) and, where a PROXY header needs it, the local one (`getsockname`) are read at once, then the socket moves into a direct slot the worker picks (`IORING_REGISTER_FILES_UPDATE`) and the plain descriptor is closed; server sockets are made the same way (below); a reset is passed on by a connect to `AF_UNSPEC` before the close (SO_LINGER cannot be set on a direct socket; both run `tcp_disconnect`, which sends the RST) |
 //! | `IORING_OP_FIXED_FD_INSTALL` | 6.8 | as above for the local address |
 //! | `IORING_OP_BIND` | 6.11 | server sockets are made with `socket`, `setsockopt` and `bind` and moved into their direct slot; CONNECT and its timeout stay in the ring |
 //! | `IORING_RECVSEND_BUNDLE` on the multishot receive | 6.10 | each receive completion brings one receive buffer instead of as many as the data fills (more completions per byte on bulk flows) |
@@ -180,7 +180,7 @@ impl IoFeatures {
             f.push("server sockets made with socket/setsockopt/bind, then moved into direct slots");
         }
         if !self.sockopt {
-            f.push("a reset is passed on as a FIN");
+            f.push("a reset is passed on by a connect to AF_UNSPEC instead of SO_LINGER");
         }
         if !self.bundle {
             f.push("one receive buffer per receive completion");

@@ -258,7 +258,7 @@ impl Worker {
                 None => self.stats.unexpected_completions += 1,
             },
             Op::Accept => self.on_accept(t.index as u16, c),
-            // A failed cancel (the op already completed or is completing) or a failed SO_LINGER
+            // A failed cancel (the op already completed or is completing) or a failed reset
             // before a close (that close sends FIN instead of RST): nothing to do.
             Op::AcceptCancel | Op::Cancel | Op::Linger => {}
             Op::Wake => {

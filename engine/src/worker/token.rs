@@ -96,8 +96,9 @@ pub enum Op {
     Wake,
     /// Close of fixed-file slot `index`.
     CloseFixed,
-    /// SO_LINGER {1, 0} hard-linked before the close of slot `index` (posts a completion only if
-    /// it fails; ignored: that close then sends FIN instead of RST).
+    /// SO_LINGER {1, 0}, or a connect to `AF_UNSPEC` (before 6.7), hard-linked before the close
+    /// of slot `index` (posts a completion only if it fails; ignored: that close then sends FIN
+    /// instead of RST).
     Linger,
     /// A `SENDMSG_ZC` of a connection's send queue (`tune.send_zerocopy`), `index` naming its
     /// record in the ring (ring/zerocopy.rs): its first completion is the connection's send

@@ -166,16 +166,12 @@ impl Drop for TestEngine {
     }
 }
 
-/// What a client read ending in `err` must show when the engine passed a reset on: a reset, or,
-/// where the engine's io_uring set lacks uring_cmd socket options (the 6.1 set, features.rs), the
-/// FIN it sends instead.
-pub fn assert_reset_passed_on(engine: &Engine, err: Option<std::io::Error>) {
-    if engine.plan().io.sockopt {
-        let err = err.expect("the client sees an error, not a clean EOF");
-        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
-    } else {
-        assert!(err.is_none(), "without socket options on direct sockets a reset is passed on as a FIN: {err:?}");
-    }
+/// What a client read ending in `err` must show when the engine passed a reset on: a reset (with
+/// SO_LINGER {1, 0} before the close, or, where the engine's io_uring set lacks uring_cmd socket
+/// options, the 6.1 set of features.rs, a connect to `AF_UNSPEC`).
+pub fn assert_reset_passed_on(err: Option<std::io::Error>) {
+    let err = err.expect("the client sees an error, not a clean EOF");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
 
 /// Starts the engine from YAML text.

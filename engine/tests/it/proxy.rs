@@ -289,7 +289,7 @@ fn server_reset_reaches_the_client_as_a_reset() {
     let t = Instant::now();
     c.write_all(b"hello").unwrap();
     let (_, err) = read_to_end(&mut c);
-    assert_reset_passed_on(&engine, err);
+    assert_reset_passed_on(err);
     assert!(t.elapsed() < Duration::from_secs(1));
     wait_until("the proxy to forget the connection", Duration::from_secs(1), || {
         engine.stats().total(|w| w.active) == 0
@@ -297,6 +297,49 @@ fn server_reset_reaches_the_client_as_a_reset() {
     assert_eq!(engine.stats().total(|w| w.resets_from_server), 1);
     drop(c);
     assert_clean(engine, &[backend.addr.port()]);
+}
+
+/// Pinned to the 6.1 feature set, where SO_LINGER cannot be set on a direct socket (no uring_cmd
+/// socket options), a reset still crosses the proxy as a reset, both ways: the engine disconnects
+/// the socket (a connect to `AF_UNSPEC`) just before closing it.
+#[test]
+fn pinned_to_the_6_1_feature_set_a_reset_crosses_as_a_reset_both_ways() {
+    let server = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port();
+    let engine = engine(&format!(
+        "global: {{ workers: 1, tune: {{ io_features: \"6.1\" }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"127.0.0.1:{port}\" }}] }}]\n"
+    ));
+    assert!(!engine.plan().io.sockopt, "the 6.1 set has no socket options on direct sockets");
+    let pair = |hello: &[u8]| {
+        let mut c = connect(addr(&engine, "fe"));
+        c.write_all(hello).unwrap();
+        let (mut s, _) = server.accept().unwrap();
+        let mut got = vec![0; hello.len()];
+        s.read_exact(&mut got).unwrap();
+        for t in [&c, &s] {
+            t.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        }
+        (c, s)
+    };
+    // The client resets: the server's read fails with a reset, not a clean EOF.
+    let (c, mut s) = pair(b"client resets");
+    reset(c);
+    let (_, err) = read_to_end(&mut s);
+    assert_eq!(err.map(|e| e.kind()), Some(ErrorKind::ConnectionReset), "the server saw the client's reset");
+    // The server resets: the client's read fails with a reset.
+    let (mut c, s) = pair(b"server resets");
+    reset(s);
+    let (_, err) = read_to_end(&mut c);
+    assert_reset_passed_on(err);
+    wait_until("the proxy to forget both connections", Duration::from_secs(2), || {
+        engine.stats().total(|w| w.active + w.closing) == 0
+    });
+    let stats = engine.stats();
+    assert_eq!((stats.total(|w| w.resets_from_client), stats.total(|w| w.resets_from_server)), (1, 1));
+    drop(c);
+    assert_clean(engine, &[port]);
 }
 
 /// `tune.io_features: "6.1"` in the file makes the engine use only what Linux 6.1 offers

@@ -19,6 +19,10 @@ use crate::worker::token::{Op, Token};
 
 static ONE: libc::c_int = 1;
 static LINGER_RST: libc::linger = libc::linger { l_onoff: 1, l_linger: 0 };
+/// connect(2) to an `AF_UNSPEC` address disconnects a TCP socket: `tcp_disconnect`, what a close
+/// with SO_LINGER {1, 0} runs, sends RST from every state a close would send FIN from.
+static DISCONNECT: libc::sockaddr =
+    libc::sockaddr { sa_family: libc::AF_UNSPEC as libc::sa_family_t, sa_data: [0; 14] };
 
 /// Splices never block an io-wq thread on an empty socket or a full pipe.
 const SPLICE_NONBLOCK: u32 = libc::SPLICE_F_NONBLOCK;
@@ -115,7 +119,8 @@ impl Ring {
         unsafe { self.push(e) };
     }
 
-    /// Closes a client socket's slot; with `rst`, SO_LINGER {1, 0} first, so the close sends RST.
+    /// Closes a client socket's slot; with `rst`, SO_LINGER {1, 0} (or a disconnect) first, so
+    /// that the peer gets RST.
     pub fn close_client(&mut self, slot: ClientSlot, rst: bool) {
         let index = slot.into_index();
         self.close_index(index, rst, Token::worker(Op::CloseFixed, index));
@@ -130,27 +135,36 @@ impl Ring {
 
     fn close_index(&mut self, index: u32, rst: bool, token: Token) {
         let close = opcode::Close::new(Fixed(index)).build().user_data(token.encode());
-        // Without uring_cmd socket options SO_LINGER cannot be set on a direct socket: the close
-        // sends a FIN (features.rs).
-        if !rst || !self.io.sockopt {
+        if !rst {
             // SAFETY: no pointer; the caller gave up the slot's handle, nothing else uses it.
             unsafe { self.push(close) };
             return;
         }
-        // Hard-linked, so the close runs whatever the setsockopt returned; the setsockopt posts a
-        // completion only if it fails (`Op::Linger`, ignored: the close then sends FIN).
-        let linger = opcode::SetSockOpt::new(
-            Fixed(index),
-            libc::SOL_SOCKET as u32,
-            libc::SO_LINGER as u32,
-            (&raw const LINGER_RST).cast(),
-            std::mem::size_of::<libc::linger>() as u32,
-        )
-        .build()
-        .flags(Flags::IO_HARDLINK | Flags::SKIP_SUCCESS)
-        .user_data(Token::worker(Op::Linger, index).encode());
-        // SAFETY: the option value is a `static`; the slot as above.
-        unsafe { self.push_chain(&[linger, close]) };
+        // SO_LINGER {1, 0}, or, without uring_cmd socket options (before 6.7: it cannot be set on
+        // a direct socket), a connect to `AF_UNSPEC`: either way `tcp_disconnect` sends the RST.
+        // Hard-linked, so the close runs whatever it returned; it posts a completion only if it
+        // fails (`Op::Linger`, ignored: the close then sends FIN).
+        let reset = if self.io.sockopt {
+            opcode::SetSockOpt::new(
+                Fixed(index),
+                libc::SOL_SOCKET as u32,
+                libc::SO_LINGER as u32,
+                (&raw const LINGER_RST).cast(),
+                std::mem::size_of::<libc::linger>() as u32,
+            )
+            .build()
+        } else {
+            opcode::Connect::new(
+                Fixed(index),
+                &raw const DISCONNECT,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            )
+            .build()
+        };
+        let reset =
+            reset.flags(Flags::IO_HARDLINK | Flags::SKIP_SUCCESS).user_data(Token::worker(Op::Linger, index).encode());
+        // SAFETY: the option value and the address are `static`s; the slot as above.
+        unsafe { self.push_chain(&[reset, close]) };
     }
 
     // --- connections ---
