@@ -518,22 +518,27 @@ impl EngineStats {
             w.connect_latency = Vec::new();
         }
         servers.retain(|s| !s.removed);
-        let mut rows: Vec<BackendStats> = Vec::new();
-        for (i, backend) in config.backends.iter().enumerate() {
-            let name = &backend.name;
-            let mut b = BackendStats {
-                backend: name.clone(),
+        let mut rows: Vec<BackendStats> = config
+            .backends
+            .iter()
+            .enumerate()
+            .map(|(i, backend)| BackendStats {
+                backend: backend.name.clone(),
                 balance: backend.balance.as_str().to_string(),
                 maxconn: u64::from(backend.maxconn.unwrap_or(0)),
                 queued: self.workers.iter().map(|w| w.queued_by_backend.get(i).copied().unwrap_or(0)).sum(),
                 ..BackendStats::default()
-            };
-            for s in servers.iter().filter(|s| &s.backend == name) {
+            })
+            .collect();
+        // One pass over the servers (an engine may have thousands of backends and of servers).
+        let by_name: std::collections::HashMap<&str, usize> =
+            config.backends.iter().enumerate().map(|(i, b)| (b.name.as_str(), i)).collect();
+        for s in &servers {
+            if let Some(b) = by_name.get(s.backend.as_str()).map(|&i| &mut rows[i]) {
                 b.active += s.active;
                 b.total += s.total;
                 b.connect_errors += s.connect_errors;
             }
-            rows.push(b);
         }
         self.servers = servers;
         self.backends = rows;
