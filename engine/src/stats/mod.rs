@@ -450,8 +450,8 @@ pub enum Detail {
 }
 
 /// Server rows (with their sources and latency buckets) a worker copies for a stats query in one
-/// loop turn: its longest turns were 0.04–0.13 ms on the benchmark host, against 9–11 ms for all
-/// 40,000 rows of a test engine at once.
+/// loop turn: a worker's longest turn over ten `show servers` of 40,000 servers was 0.2–0.6 ms on
+/// the benchmark host, against 6–12 ms for all its rows at once (`scripts/stats-turns.sh`).
 pub const ROWS_PER_TURN: usize = 1024;
 
 /// What the whole engine reports: one snapshot per worker plus the limits in force.

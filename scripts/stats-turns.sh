@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# What stats queries cost the workers' loops on an engine with many servers (docs/operations.md,
+# "What stats cost"): for each view, QUERIES queries in a row on the stats socket, then the time
+# each took (the stats thread's work included) and, from the workers' own counters, their longest
+# loop turn over those queries and how many turns of 1 ms or more they made meanwhile. Every
+# server points at an address nothing listens on; no client connects.
+# Loopback only, bounded (seconds per case).
+# Usage: scripts/stats-turns.sh [RINGPROXY_BINARY]   (default: a release build of this tree)
+# SERVERS=40000, BACKENDS="1 2000" (the servers spread over that many backends), WORKERS=2,
+# QUERIES=10 and VIEWS="info cores servers prometheus" (the defaults) choose the cases.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib.sh
+. scripts/lib.sh
+BIN=${1:-}
+if [ -z "$BIN" ]; then
+    cargo build --release -q -p ringproxy
+    BIN=target/release/ringproxy
+fi
+SERVERS=${SERVERS:-40000}
+WORKERS=${WORKERS:-2}
+TMP=$(mktemp -d)
+cleanup() { stop_all_bg; rm -rf "$TMP"; }
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+for backends in ${BACKENDS:-1 2000}; do
+    python3 - "$SERVERS" "$backends" "$WORKERS" "$TMP/stats.sock" > "$TMP/proxy.yaml" <<'PY'
+import sys
+servers, backends, workers, sock = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+print(f"global: {{ workers: {workers}, maxconn: 1000, stats: {{ socket: {sock} }} }}")
+print('frontends: [{ name: fe, bind: "127.0.0.1:0", backend: b0 }]')
+print("backends:")
+each = -(-servers // backends)
+for b in range(backends):
+    n = min(each, servers - each * b)
+    if n > 0:
+        names = ", ".join(f'{{ name: s{s}, address: "127.0.9.1:9" }}' for s in range(n))
+        print(f"  - {{ name: b{b}, servers: [{names}] }}")
+PY
+    rm -f "$TMP/proxy.ready" "$TMP/stats.sock"
+    start_bg proxy "$BIN" -c "$TMP/proxy.yaml" --ready-file "$TMP/proxy.ready" > "$TMP/proxy.log" 2>&1
+    PID=$BG_PID
+    if ! wait_ready "$TMP/proxy.ready" 120 "$PID"; then
+        echo "$SERVERS servers in $backends backends: did not start: $(tail -n 1 "$TMP/proxy.log")"
+        reap_bg "$PID" || true
+        continue
+    fi
+    sleep 2
+    echo "$SERVERS servers in $backends backend(s), $WORKERS workers, ${QUERIES:-10} queries per view ($BIN):"
+    python3 - "$TMP/stats.sock" "${QUERIES:-10}" ${VIEWS:-info cores servers prometheus} <<'PY'
+import json, socket, sys, time
+sock, queries, views = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+
+def ask(line):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(120)
+    s.connect(sock)
+    s.sendall(line.encode() + b"\n")
+    parts = []
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            return b"".join(parts)
+        parts.append(b)
+
+def workers():
+    return json.loads(ask("show json"))["workers"]
+
+print(f"{'view':>12} {'ms per query':>13} {'bytes':>11}   per worker: longest turn (us), turns >= 1 ms, turns")
+for view in views:
+    before = workers()
+    t = time.monotonic()
+    for _ in range(queries):
+        size = len(ask("show " + view))
+    ms = (time.monotonic() - t) * 1000 / queries
+    # (The longest turn is kept for the last one to two seconds: read at once.)
+    after = workers()
+    each = ", ".join(
+        f"{a['longest_turn_us']} / {a['slow_turns']['over_1ms'] - b['slow_turns']['over_1ms']}"
+        f" / {a['loop_iterations'] - b['loop_iterations']}"
+        for b, a in zip(before, after)
+    )
+    print(f"{view:>12} {ms:>13.1f} {size:>11}   {each}")
+PY
+    stop_bg "$PID" 30 || true
+done
