@@ -126,9 +126,12 @@ impl StatsSource {
         };
         let (_, mut workers) =
             crate::control::ask(self.peers.iter(), deadline, |reply| Control::Snapshot { rows: first.clone(), reply });
+        if detail == Detail::Totals {
+            return workers;
+        }
         let mut open: Vec<usize> =
             (0..workers.len()).filter(|&i| workers[i].servers.len() < workers[i].server_rows).collect();
-        while !open.is_empty() && detail == Detail::Full {
+        while !open.is_empty() {
             let (tx, rx) = unbounded();
             let asked = open
                 .iter()

@@ -330,8 +330,8 @@ fn cli_stats_sigusr1_and_connection_log() {
 
 /// A loop turn that takes long is counted, and shown where operators look: the per-core table's
 /// `max turn`, `--json`'s `slow_turns` and `longest_turn_us`, and Prometheus. The long turns here
-/// are real ones: a worker answers a stats request between two loop turns by copying its counters,
-/// one row per server, and with tens of thousands of servers that copy takes milliseconds (every
+/// are real ones: a worker answers a stats request a slice of server rows per loop turn, but never
+/// splits one server's source rows, and copying 65,536 of them takes milliseconds (every
 /// connection of the worker waits meanwhile: docs/operations.md, *What stats cost*).
 #[test]
 fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus() {
