@@ -33,6 +33,7 @@
 #   stats_total KEY          ringproxy `stats --json` on stdin: KEY (dotted; a map counts as the
 #                            sum of its values) summed over workers (scripts/bench/report.py tot).
 # Build and host
+#   ringproxy_bin [BINARY]   BINARY if given, else this tree's release build (built first).
 #   build_binaries ROOT DIR, free_port, cpu_ticks, rss_kb, slab_kb, sunreclaim_kb, sys_ticks, steal_ticks,
 #   with_children, descendants, established_to, thread_stats, log, die, now_ms (see each below).
 
@@ -237,6 +238,18 @@ stats_total() {
 }
 
 # --- build -----------------------------------------------------------------------------------------
+# ringproxy_bin [BINARY]: prints BINARY when given; otherwise builds this tree's release binary
+# (from the repository's top directory, where the scripts run) and prints its path. A failed build
+# fails the command substitution, which ends a `set -e` script.
+ringproxy_bin() {
+    if [ -n "${1:-}" ]; then
+        echo "$1"
+        return
+    fi
+    cargo build --release -q -p ringproxy >&2 || return
+    echo target/release/ringproxy
+}
+
 # build_binaries ROOT DIR: `cargo build --release -p ringproxy -p ringload` (into target/, what users
 # run), then copy both binaries to DIR so that a rebuild during the run cannot change what is
 # measured. SKIP_BUILD=1, or a failing build with binaries already in target/release, uses those

@@ -12,11 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
 . scripts/lib.sh
-BIN=${1:-}
-if [ -z "$BIN" ]; then
-    cargo build --release -q -p ringproxy
-    BIN=target/release/ringproxy
-fi
+BIN=$(ringproxy_bin "${1:-}")
 SERVERS=${SERVERS:-40000}
 WORKERS=${WORKERS:-2}
 TMP=$(mktemp -d)
