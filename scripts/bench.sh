@@ -746,9 +746,15 @@ stop_inst() {
 # The heartbeat test: N connections held through a fresh instance of the path (as idle, but every
 # connection sends a 16-byte heartbeat each second and checks its echo); once all are established
 # and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s. -> CPU per heartbeat round
-# trip (cpu / (N x HB_WINDOW)) and the heartbeats' p99 RTT over the whole hold.
+# trip (cpu / (N x HB_WINDOW)) and the heartbeats' p99 RTT over the whole hold; and the whole
+# machine's busy CPU over the same window (the client's, the server's and the kernel's work in
+# softirq too, which no process is charged for): CPUs x window minus idle, iowait and steal, as
+# report.py computes it. (Not /proc/stat's busy fields: this kernel samples them at each tick,
+# and the tick does not run on an idle CPU, so the short bursts of work between idle spells that
+# heartbeats make go largely uncounted; idle time is measured exactly. A process's utime + stime
+# are scaled to its exact run time, so the proxy's own CPU is exact.)
 hb_test() { # TEST PATH ROUND CONNS
-    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 tot0 tot1 rc=0 cmd
+    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 busy0 busy1 tot0 tot1 rc=0 cmd
     f=$OUT/raw/r$r-$t-$p
     INST_MAXCONN=$((n + 1000)) fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
@@ -770,15 +776,16 @@ hb_test() { # TEST PATH ROUND CONNS
     # ringproxy's long loop turns during the window: its counters, read just outside it
     [ "$inst" = direct ] || snap_stats "$p" "$f.stats0.json" "$inst"
     # shellcheck disable=SC2086
-    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r _ tot0 < <(sys_ticks)
+    cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r busy0 tot0 < <(sys_ticks)
     sleep "$HB_WINDOW"
     # shellcheck disable=SC2086
-    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r _ tot1 < <(sys_ticks)
+    cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r busy1 tot1 < <(sys_ticks)
     [ "$inst" = direct ] || snap_stats "$p" "$f.stats1.json" "$inst"
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" seen_established="$est" \
         window_s="$(awk "BEGIN {print $w1 - $w0}")" cpu_ticks="$((cpu1 - cpu0))" clk_tck="$(getconf CLK_TCK)" \
-        steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" \
+        steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" sys_busy_ticks="$((busy1 - busy0))" \
+        cpus="$(grep -c '^cpu[0-9]' /proc/stat)" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"

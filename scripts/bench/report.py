@@ -61,6 +61,10 @@ METRICS = {
     "hb9k_p99": ("9,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
     "hb18k_cpu": ("18,000 connections, 16-byte heartbeat each per second: proxy CPU per heartbeat", "µs", False, 1),
     "hb18k_p99": ("18,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
+    "hb9k_machine": ("9,000 connections: the whole machine's CPU per heartbeat (clients, server, proxy, softirq)", "µs", False, 1),
+    "hb9k_machine_added": ("9,000 connections: the whole machine's CPU per heartbeat added by the proxy (minus direct's)", "µs", False, 1),
+    "hb18k_machine": ("18,000 connections: the whole machine's CPU per heartbeat (clients, server, proxy, softirq)", "µs", False, 1),
+    "hb18k_machine_added": ("18,000 connections: the whole machine's CPU per heartbeat added by the proxy (minus direct's)", "µs", False, 1),
     "flows_tput": ("1,000 bulk flows both ways at once, up + down (ringload)", "Gbit/s", True, 2),
     "flows_rss": ("1,000 bulk flows both ways: the proxy's peak RSS growth", "MiB", False, 1),
     "flows_pressure": ("1,000 bulk flows both ways: time the host's TCP stack spent under memory pressure (tcp_mem)", "s", False, 1),
@@ -241,6 +245,12 @@ def parse(out):
                 put(f"{t}_p99", p, rnd, j["latency_us"]["p99"] / 1e3)
             if r.get("proxied") and r.get("window_s"):
                 put(f"{t}_cpu", p, rnd, cpu_s * 1e6 / (n * r["window_s"]))
+            if r.get("window_s") and r.get("cpus") and "sys_busy_ticks" in r:
+                # Busy = CPUs x window minus idle (and iowait) and steal: idle is measured exactly,
+                # /proc/stat's busy fields are tick samples that miss short bursts (bench.sh).
+                idle = r["sys_total_ticks"] - r["sys_busy_ticks"]
+                busy_s = r["cpus"] * r["window_s"] - (idle + r.get("steal_ticks", 0)) / r.get("clk_tck", 100)
+                put(f"{t}_machine", p, rnd, busy_s * 1e6 / (n * r["window_s"]))
         elif t in ("iperf1", "iperf4", "iperf1r", "iperf4r"):
             j = load(f + ".json")
             try:
@@ -357,6 +367,14 @@ def parse(out):
             for rnd, v in d.items():
                 if rnd in direct_slab:
                     put("idle_kernel", p, rnd, v - direct_slab[rnd])
+    # the machine's CPU per heartbeat the proxy adds: through it minus direct's, same round
+    for t in ("hb9k", "hb18k"):
+        direct = vals.get((f"{t}_machine", "direct"), {})
+        for (m, p), d in list(vals.items()):
+            if m == f"{t}_machine" and p != "direct":
+                for rnd, v in d.items():
+                    if rnd in direct:
+                        put(f"{t}_machine_added", p, rnd, v - direct[rnd])
     return rows, vals, lat_curves, problems, slow
 
 
