@@ -336,8 +336,9 @@ try:
         rp = c(1)
         w(f"CPU while all {conns:,} connections were held ({dt:.0f} s, heartbeats only): ringproxy {rp:.2f} CPUs "
           f"(of which its live io-wq threads {c(2):.2f}), `ringload serve` {c(3):.2f}, `ringload hold` {c(4):.2f}; "
-          f"the whole machine {100 * (b[5] - a[5]) / (b[6] - a[6]):.0f}% busy of {os.cpu_count()} CPUs "
-          f"(the rest: other work on the host). "
+          f"the whole machine {100 * (1 - ((b[6] - a[6]) - (b[5] - a[5])) / (os.cpu_count() * dt * tck)):.0f}% busy "
+          f"of {os.cpu_count()} CPUs (all but its idle time, which the kernel measures exactly, unlike the "
+          f"busy fields' tick samples; what the three above leave: other work on the host). "
           f"{conns / heartbeat:,.0f} heartbeats/s expected: ringproxy "
           f"{rp * 1e6 / (conns / heartbeat):.0f} CPU µs per heartbeat round trip.\n")
 except (OSError, ValueError, IndexError):
