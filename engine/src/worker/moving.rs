@@ -287,6 +287,17 @@ impl Worker {
         }
         self.close_removed();
         self.sweep_moves();
+        self.moves_begun();
+    }
+
+    /// The first moves have begun: a drain shorter than a move (`timeout.drain: 1ms`) must not
+    /// cut them before they could leave, so its deadline goes [`MOVE_GRACE_MS`] ahead (and stays
+    /// so while connections move on). A connection the new engine refuses gets that long, not
+    /// longer: the drain still bounds how long this engine lives.
+    fn moves_begun(&mut self) {
+        if self.mover.as_ref().is_some_and(|m| m.in_flight() > 0) {
+            self.moved_one();
+        }
     }
 
     /// A binary upgrade: stop accepting (a drain) and hand established connections to `plan`'s
@@ -310,6 +321,7 @@ impl Worker {
         let same = Arc::new(MovePlan { config: self.cfg.clone(), targets: Vec::new() });
         self.mover = Some(Mover::new(same, servers, frontends, self.id, self.now.ms, Some(plan.tx.clone())));
         self.sweep_moves();
+        self.moves_begun();
     }
 
     /// An export's FIXED_FD_INSTALL completed: once both have, the connection goes to the courier

@@ -277,3 +277,53 @@ fn connections_of_a_removed_server_follow_on_removed() {
         assert_clean(old, &[a.addr.port(), b.addr.port()]);
     }
 }
+
+/// A reload moves every established connection even when `timeout.drain` is shorter than a move
+/// takes: the drain's deadline cuts what cannot move, not connections on their way (it stays
+/// ahead of the moves), so a tiny drain closes nothing that the new engine can take.
+#[test]
+fn a_drain_shorter_than_a_move_still_moves_every_connection() {
+    let echo = Backend::start(Mode::Echo);
+    let y = |drain: &str| {
+        format!(
+            "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ client: 30s, server: 30s, drain: {drain} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+            echo.addr
+        )
+    };
+    let mut old = engine(&y("1ms"));
+    let fe = addr(&old, "fe");
+    let mut idle = held_echoing(fe, 300);
+    let mut pump = Pump::connect(fe, 5, false).unwrap().limit(4 * MIB).paced(4 * MIB);
+    let until = Instant::now() + Duration::from_millis(200);
+    while Instant::now() < until {
+        pump.step().unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert!(pump.received > 0 && pump.received < 4 * MIB, "mid-transfer at the reload");
+    let new = old.reload(&y("1ms"));
+    let start = Instant::now();
+    while new.stats().total(|w| w.moved_in) < 301 && start.elapsed() < Duration::from_secs(20) {
+        pump.step().unwrap();
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    wait_moved(&new, 301);
+    wait_finished(&old);
+    // What the old engine did, from its workers' counters as they exited: it moved all, cut none.
+    old.join();
+    let (moved_out, closed): (u64, u64) = old.exited().iter().fold((0, 0), |(m, c), w| (m + w.moved_out, c + w.closed));
+    assert_eq!((moved_out, closed), (301, 0), "moved out, closed by the old engine");
+    pump.run(Instant::now() + Duration::from_secs(60)).unwrap();
+    pump.intact().unwrap();
+    for (i, c) in idle.iter_mut().enumerate() {
+        echo_once(c, format!("moved despite a 1 ms drain {i}").as_bytes());
+    }
+    let s = new.stats();
+    assert_eq!(s.total(|w| w.closed), 1, "only the transfer ended");
+    assert_eq!(s.total(|w| w.active), 300);
+    drop(idle);
+    drop(pump);
+    assert_clean(new, &[echo.addr.port()]);
+    assert_clean(old, &[echo.addr.port()]);
+}
