@@ -17,6 +17,8 @@ use crate::sys::EventFd;
 pub enum Control {
     /// Lending protocol for maxconn shares.
     Share(ShareMsg),
+    /// Lending protocol for `rate_limit` shares (worker/rate.rs).
+    Rate(crate::worker::RateMsg),
     /// Send a copy of your counters, with the server rows (and their sources and latency
     /// buckets) of `rows` only: a query asks for the rows in slices, one per loop turn.
     Snapshot { rows: std::ops::Range<usize>, reply: Sender<WorkerStats> },

@@ -426,6 +426,11 @@ pub struct WorkerStats {
     pub sources: Vec<SourceStats>,
     /// Connections waiting in each backend's queue now (configuration order).
     pub queued_by_backend: Vec<u64>,
+    /// This worker's share of each frontend's `rate_limit` now, connections per second
+    /// (configuration order; 0 for a frontend without one). The shares add up to the limit and
+    /// move to the workers that have the demand.
+    #[serde(default)]
+    pub rate_share: Vec<f64>,
     /// The non-zero connect-latency buckets of every server, by server (the index in `servers`)
     /// then bucket: what merging percentiles over workers needs. Not serialised (percentiles are),
     /// and emptied once merged.

@@ -6,8 +6,8 @@
 //! listener is multishot only while its backlog margin fits in the free accept slots left by the
 //! listeners before it; otherwise it keeps up to [`SINGLE_ACCEPTS`] single accepts in flight, each
 //! reserving the slot it will fill, so that a burst is still taken in a few loop turns. A
-//! rate-limited listener keeps one, and only while its bucket has a token. Accepting stops while a
-//! socket is parked (admission.rs) or a drain has begun.
+//! rate-limited listener keeps one, and only while its bucket has a token (rate.rs). Accepting
+//! stops while a socket is parked (admission.rs) or a drain has begun.
 
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -88,46 +88,6 @@ impl ListenerState {
     /// How long until an idle listener backing off from an error may accept again.
     pub fn retry_in(&self, now: u64) -> Option<u64> {
         (self.idle() && self.retry_at > now).then(|| self.retry_at - now)
-    }
-}
-
-/// A frontend's `rate_limit` as one worker applies it: a token bucket refilled at the worker's
-/// share of the rate. A rate-limited listener accepts one connection at a time, and only while a
-/// token is there; meanwhile its clients wait in the listen backlog (they are not refused).
-pub(crate) struct Bucket {
-    /// Tokens added per millisecond.
-    per_ms: f64,
-    tokens: f64,
-    /// At most this many tokens saved up (a tenth of a second's worth, at least one).
-    cap: f64,
-    /// When the tokens were last counted (worker clock, ms).
-    at: u64,
-}
-
-impl Bucket {
-    /// This worker's share of `rate` per second among `workers`.
-    pub fn new(rate: u32, workers: usize, now: u64) -> Bucket {
-        let per_s = f64::from(rate) / workers.max(1) as f64;
-        let cap = (per_s / 10.0).max(1.0);
-        Bucket { per_ms: per_s / 1000.0, tokens: cap, cap, at: now }
-    }
-
-    fn refill(&mut self, now: u64) {
-        self.tokens = (self.tokens + (now.saturating_sub(self.at)) as f64 * self.per_ms).min(self.cap);
-        self.at = now;
-    }
-
-    /// Whether a connection may be accepted now; if not, in how many ms one may.
-    fn wait_ms(&mut self, now: u64) -> Option<u64> {
-        self.refill(now);
-        (self.tokens < 1.0).then(|| (((1.0 - self.tokens) / self.per_ms).ceil() as u64).max(1))
-    }
-
-    /// A connection was accepted (several single accepts may complete on one token: the debt is
-    /// paid before the next).
-    fn take(&mut self, now: u64) {
-        self.refill(now);
-        self.tokens -= 1.0;
     }
 }
 
@@ -243,6 +203,8 @@ impl Worker {
         let now = self.now.ms;
         // Slots promised in this pass to the multishot accepts of earlier listeners.
         let mut reserved: u32 = 0;
+        // Rate-limited listeners out of tokens.
+        let mut short = Vec::new();
         let listeners = self.listeners.len() as u32;
         for i in 0..self.listeners.len() {
             // (Single accepts armed below reserve their slots: recounted for each listener.)
@@ -264,9 +226,11 @@ impl Worker {
                 && l.retry_at <= now
                 && let Some(wait) = b.wait_ms(now)
             {
-                // No token: the backlog keeps the clients until one is there.
+                // No token: the backlog keeps the clients until one is there (and this worker
+                // may ask the others for share: rate.rs).
                 l.retry_at = now + wait;
                 self.stats.limit_hits.rate += 1;
+                short.push(i);
                 continue;
             }
             // Single accepts this listener may have in flight: its share of the slots no multishot
@@ -302,6 +266,9 @@ impl Worker {
                 }
                 _ => {}
             }
+        }
+        for i in short {
+            self.rate_short(i);
         }
     }
 

@@ -22,6 +22,7 @@ impl Worker {
                         self.drain_queues();
                     }
                 }
+                Control::Rate(m) => self.on_rate(m),
                 Control::Snapshot { rows, reply } => {
                     let _ = reply.send(self.snapshot(rows));
                 }
@@ -356,6 +357,7 @@ impl Worker {
                     as u64
             })
             .collect();
+        s.rate_share = self.rate.iter().map(|b| b.as_ref().map_or(0.0, |b| b.share() as f64 / 1000.0)).collect();
         s.sources.clear();
         'rows: for (b, be) in self.up.backends.iter().enumerate() {
             // The backend's servers among the rows asked for (rows are flattened in backend order).

@@ -17,6 +17,7 @@ mod admission;
 mod bulkpath;
 mod control;
 mod moving;
+mod rate;
 pub mod ring;
 mod setup;
 pub mod timer;
@@ -45,6 +46,7 @@ use upstream::Upstream;
 
 pub use accept::Listener;
 pub use moving::{CallOff, ExportPlan, Exported, Grant, MoveOffer, MovePlan, MoveTarget, pick_target, place_by_name};
+pub use rate::RateMsg;
 pub use setup::next_uid;
 
 /// Everything a worker thread starts from.
@@ -112,7 +114,7 @@ pub struct Worker {
     /// Per backend: a drain has started its close_spread.
     drain_spread: Vec<bool>,
     /// Per frontend, its `rate_limit` bucket (this worker's share).
-    rate: Vec<Option<accept::Bucket>>,
+    rate: Vec<Option<rate::Bucket>>,
     /// Moving this engine's connections to the one a reload started.
     mover: Option<moving::Mover>,
     /// Slots granted to connections moving in: (sender's uid, key) → what they hold.

@@ -187,7 +187,7 @@ impl Worker {
             rate: config
                 .frontends
                 .iter()
-                .map(|f| f.rate_limit.map(|r| super::accept::Bucket::new(r, plan.workers, now.ms)))
+                .map(|f| f.rate_limit.map(|r| super::rate::Bucket::new(r, plan.workers, id, now.ms)))
                 .collect(),
             plan,
             mover: None,

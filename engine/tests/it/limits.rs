@@ -280,6 +280,57 @@ fn rate_limit_paces_accepts_and_refuses_nobody() {
     assert_clean(engine, &[backend.addr.port()]);
 }
 
+/// Per-source steering (`maxconn_per_source`) sends every connection of one address to one
+/// worker: the other worker's unused share of `rate_limit` is lent to it (worker/rate.rs), so the
+/// address is accepted at the frontend's rate, not at half of it — and never faster.
+#[test]
+fn rate_limit_shares_move_to_the_worker_where_the_clients_wait() {
+    let backend = Backend::start(Mode::Tag(7));
+    let engine = engine(&format!(
+        "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be, rate_limit: 40/s, \
+         maxconn_per_source: 1000 }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let start = Instant::now();
+    let mut served: Vec<Duration> = join_all(
+        (0..120)
+            .map(|_| {
+                spawn(move || {
+                    let mut c = connect_from(fe, "127.0.5.1".parse().unwrap());
+                    let mut tag = [0u8];
+                    c.read_exact(&mut tag).unwrap();
+                    assert_eq!(tag[0], 7);
+                    let at = start.elapsed();
+                    echo_once(&mut c, b"served");
+                    at
+                })
+            })
+            .collect(),
+    );
+    served.sort();
+    let last = served[119];
+    eprintln!("120 from one address at 40/s: the last served at {last:?}");
+    // At 40/s, 120 take 3 s (less the first bursts); at one worker's half, 20/s, they took 6 s.
+    assert!(last >= Duration::from_millis(2_700), "faster than 40/s: the last was served at {last:?}");
+    assert!(last <= Duration::from_millis(4_500), "not lent: the last was served only at {last:?}");
+    let busiest =
+        served.iter().map(|t| served.iter().filter(|u| **u >= *t && **u < *t + Duration::from_secs(1)).count());
+    let busiest = busiest.max().unwrap();
+    assert!(busiest <= 46, "{busiest} served within one second (40/s and the workers' bursts)");
+    // All on one worker, which now holds most of the rate; the shares still add up to it.
+    let s = engine.stats();
+    let accepted: Vec<u64> = s.workers.iter().map(|w| w.accepted).collect();
+    assert!(accepted.contains(&120) && accepted.contains(&0), "steered to one worker: {accepted:?}");
+    let hot = s.workers.iter().find(|w| w.accepted == 120).unwrap();
+    assert!(hot.rate_share[0] >= 35.0, "its share: {:?}", hot.rate_share);
+    let total: f64 = s.workers.iter().map(|w| w.rate_share[0]).sum();
+    assert!((total - 40.0).abs() < 1e-9, "the shares add up to the rate: {total}");
+    assert!(s.total(|w| w.limit_hits.rate) > 0);
+    assert_clean(engine, &[backend.addr.port()]);
+}
+
 /// A client that sends its whole request and its end (FIN) while it waits in the queue for a
 /// server slot: with `splice: never` the client's receive runs from accept, so those bytes wait in
 /// the proxy's queue, bounded by backpressure; once a server is there they arrive whole and in
