@@ -4,8 +4,9 @@
 #
 #   unit       systemd-analyze security of packaging/systemd/ringproxy.service (exposure <= 2.5)
 #   syscalls   every system call the engine makes through start, connections from a source
-#              address, health checks, the stats socket, a reload, a dump and a drain (strace -f)
-#              is allowed by the unit's SystemCallFilter=
+#              address, health checks, the stats socket, a reload, a dump, a binary upgrade with
+#              connections held (the new process traced too) and a drain (strace -f) is allowed
+#              by the unit's SystemCallFilter=
 #   deb        `cargo deb`: file list, control fields, conffile, maintainer scripts; installed with
 #              dpkg: the system user, the configuration's owner and mode, the binaries, the unit
 #              (systemd-analyze verify), `ringproxy check` on the shipped configuration; purged:
@@ -78,7 +79,25 @@ pid=$(ready_pid "$WORK/rp.ready")
 "$RP" stats --socket "$WORK/stats.sock" >/dev/null
 kill -HUP "$pid"; sleep 0.5
 kill -USR1 "$pid"; sleep 0.2
-kill -TERM "$pid"
+# A binary upgrade (SIGUSR2) while connections are held: the new process is this one's child, so
+# strace -f traces it too — the fork and exec, the socketpair, the descriptors passed over it.
+start_bg "held through the upgrade" "$RL" hold --target "$(ready_addr "$WORK/rp.ready")" --conns 50 \
+    --heartbeat 100ms --duration 3s >"$WORK/hold.log" 2>&1
+HOLD=$BG_PID
+sleep 1
+kill -USR2 "$pid"
+end=$(($(now_ms) + 20000))
+while kill -0 "$pid" 2>/dev/null && [ "$(now_ms)" -lt "$end" ]; do sleep 0.1; done
+upgraded=$("$RP" stats --socket "$WORK/stats.sock" --json 2>/dev/null |
+    /usr/bin/python3 -c 'import json, sys; print(json.load(sys.stdin)["pid"])' 2>/dev/null || echo "")
+held=0
+reap_bg "$HOLD" || held=$?
+if [ -n "$upgraded" ] && [ "$upgraded" != "$pid" ] && ! kill -0 "$pid" 2>/dev/null && [ "$held" = 0 ]; then
+    pass "upgrade: pid $pid handed over to pid $upgraded and exited; 50 connections held through it"
+else
+    fail "upgrade: old pid $pid, new '${upgraded:-none}', hold exit $held: $(tail -3 "$WORK/hold.log")"
+fi
+kill -TERM "${upgraded:-$pid}" 2>/dev/null || true
 reap_bg "$TRACED" || true
 sed -n 's/^[0-9]* *\([a-z_0-9]*\)(.*/\1/p' "$WORK/trace" | sort -u >"$WORK/calls"
 filter=$(sed -n 's/^SystemCallFilter=//p' "$UNIT" | tr '\n' ' ')
