@@ -238,6 +238,39 @@ fn an_access_list_closes_refused_clients_at_accept_and_counts_them() {
     assert_clean(engine, &[backend.addr.port()]);
 }
 
+/// `n` clients that connect at once (each by `connect`) to a `Mode::Tag(7)` backend behind the
+/// proxy: when each was served (its tag came back), in order.
+fn served_at(n: usize, connect: impl Fn() -> std::net::TcpStream + Clone + Send + 'static) -> Vec<Duration> {
+    let start = Instant::now();
+    let mut served: Vec<Duration> = join_all(
+        (0..n)
+            .map(|_| {
+                let connect = connect.clone();
+                spawn(move || {
+                    let mut c = connect();
+                    let mut tag = [0u8];
+                    c.read_exact(&mut tag).unwrap();
+                    assert_eq!(tag[0], 7);
+                    let at = start.elapsed();
+                    echo_once(&mut c, b"served");
+                    at
+                })
+            })
+            .collect(),
+    );
+    served.sort();
+    served
+}
+
+/// The most of `served` (times) within any one second.
+fn busiest_second(served: &[Duration]) -> usize {
+    served
+        .iter()
+        .map(|t| served.iter().filter(|u| **u >= *t && **u < *t + Duration::from_secs(1)).count())
+        .max()
+        .unwrap_or(0)
+}
+
 /// `rate_limit: 20/s`: 60 clients that connect at once are all served — none refused, the ones
 /// above the rate wait in the listen backlog — at about 20 per second (each of the two workers
 /// accepts its share, 10/s, one connection at a time).
@@ -250,29 +283,11 @@ fn rate_limit_paces_accepts_and_refuses_nobody() {
         backend.addr
     ));
     let fe = addr(&engine, "fe");
-    let start = Instant::now();
-    let mut served: Vec<Duration> = join_all(
-        (0..60)
-            .map(|_| {
-                spawn(move || {
-                    let mut c = connect(fe);
-                    let mut tag = [0u8];
-                    c.read_exact(&mut tag).unwrap();
-                    assert_eq!(tag[0], 7);
-                    let at = start.elapsed();
-                    echo_once(&mut c, b"served");
-                    at
-                })
-            })
-            .collect(),
-    );
-    served.sort();
+    let served = served_at(60, move || connect(fe));
     let last = served[59];
     assert!(last >= Duration::from_millis(2_300), "60 at 20/s take ~3 s; the last was served at {last:?}");
     assert!(last <= Duration::from_secs(6), "the last was served only at {last:?}");
-    let busiest =
-        served.iter().map(|t| served.iter().filter(|u| **u >= *t && **u < *t + Duration::from_secs(1)).count());
-    let busiest = busiest.max().unwrap();
+    let busiest = busiest_second(&served);
     assert!(busiest <= 24, "{busiest} served within one second (20/s and a burst of one per worker)");
     let stats = engine.stats();
     assert_eq!(stats.total(|w| w.accepted), 60);
@@ -293,30 +308,12 @@ fn rate_limit_shares_move_to_the_worker_where_the_clients_wait() {
         backend.addr
     ));
     let fe = addr(&engine, "fe");
-    let start = Instant::now();
-    let mut served: Vec<Duration> = join_all(
-        (0..120)
-            .map(|_| {
-                spawn(move || {
-                    let mut c = connect_from(fe, "127.0.5.1".parse().unwrap());
-                    let mut tag = [0u8];
-                    c.read_exact(&mut tag).unwrap();
-                    assert_eq!(tag[0], 7);
-                    let at = start.elapsed();
-                    echo_once(&mut c, b"served");
-                    at
-                })
-            })
-            .collect(),
-    );
-    served.sort();
+    let served = served_at(120, move || connect_from(fe, "127.0.5.1".parse().unwrap()));
     let last = served[119];
     // At 40/s, 120 take 3 s (less the first bursts); at one worker's half, 20/s, they took 6 s.
     assert!(last >= Duration::from_millis(2_700), "faster than 40/s: the last was served at {last:?}");
     assert!(last <= Duration::from_millis(4_500), "not lent: the last was served only at {last:?}");
-    let busiest =
-        served.iter().map(|t| served.iter().filter(|u| **u >= *t && **u < *t + Duration::from_secs(1)).count());
-    let busiest = busiest.max().unwrap();
+    let busiest = busiest_second(&served);
     eprintln!("120 from one address at 40/s: the last served at {last:?}, at most {busiest} within a second");
     assert!(busiest <= 46, "{busiest} served within one second (40/s and the workers' bursts)");
     // All on one worker, which now holds most of the rate; the shares still add up to it.

@@ -48,6 +48,19 @@ fn new_process_ends_clean(sock: &Path, new_pid: u32) {
     wait_until("the new process to exit on SIGTERM", Duration::from_secs(10), || ringproxy::upgrade::exited(new_pid));
 }
 
+/// `proxy`, where this io_uring feature set hands established connections over in an upgrade
+/// (FIXED_FD_INSTALL, Linux 6.8); elsewhere a test of handed-over connections has nothing to see:
+/// `proxy` stops cleanly and the test says it was skipped.
+fn handing_over_connections(proxy: Proxy) -> Option<Proxy> {
+    let (io, _) = ringproxy::features::effective(None).unwrap();
+    if io.fd_install {
+        return Some(proxy);
+    }
+    eprintln!("skipped: this io_uring feature set hands over listening sockets only");
+    proxy.stop_clean();
+    None
+}
+
 #[test]
 fn an_upgrade_hands_over_listeners_and_established_connections_then_the_old_process_exits() {
     let echo = Backend::start(Mode::Echo);
@@ -151,17 +164,12 @@ fn a_new_process_that_dies_while_taking_over_leaves_the_old_one_serving_every_co
     let port = free_port();
     let (sock, admin) = (temp_path("up3.sock"), temp_path("up3-admin.sock"));
     // The new process dies once it has moved its first connections in, before it answers for them.
-    let mut proxy = Proxy::start_adjusted("up3", &yaml(port, echo.addr, &sock, &admin), |c| {
+    let proxy = Proxy::start_adjusted("up3", &yaml(port, echo.addr, &sock, &admin), |c| {
         c.env("RINGPROXY_UPGRADE_DIE_AFTER", "1");
     });
-    let (io, _) = ringproxy::features::effective(None).unwrap();
-    if !io.fd_install {
-        // Without FIXED_FD_INSTALL no connection is handed over (the first test covers that
-        // case), so none can be lost with a dying new process: nothing to see here.
-        eprintln!("skipped: this io_uring feature set hands over listening sockets only");
-        proxy.stop_clean();
-        return;
-    }
+    // (Without FIXED_FD_INSTALL no connection is handed over — the first test covers that case —
+    // so none can be lost with a dying new process.)
+    let Some(mut proxy) = handing_over_connections(proxy) else { return };
     let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut held = held_echoing(front, 100);
     let out = ringproxy().args(["upgrade", "--socket"]).arg(&admin).output().unwrap();
@@ -189,14 +197,9 @@ fn an_upgrade_with_a_drain_shorter_than_a_hand_over_still_hands_over_every_conne
     let port = free_port();
     let (sock, admin) = (temp_path("up5.sock"), temp_path("up5-admin.sock"));
     let yaml = format!("{}defaults: {{ timeout: {{ drain: 1ms }} }}\n", yaml(port, echo.addr, &sock, &admin));
-    let mut proxy = Proxy::start("up5", &yaml);
-    let (io, _) = ringproxy::features::effective(None).unwrap();
-    if !io.fd_install {
-        // Without FIXED_FD_INSTALL no connection is handed over: they end with the drain.
-        eprintln!("skipped: this io_uring feature set hands over listening sockets only");
-        proxy.stop_clean();
-        return;
-    }
+    let proxy = Proxy::start("up5", &yaml);
+    // (Without FIXED_FD_INSTALL no connection is handed over: they end with the drain.)
+    let Some(mut proxy) = handing_over_connections(proxy) else { return };
     let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut held = held_echoing(front, 300);
     let out = ringproxy().args(["upgrade", "--socket"]).arg(&admin).output().unwrap();
