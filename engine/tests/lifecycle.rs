@@ -799,7 +799,8 @@ fn connections_closed_mid_connect_are_freed_and_the_drain_ends() {
 /// fix is pinned by the unit test `conn::tests::an_installed_descriptor_is_owned_whatever_the_state`
 /// (the completion's descriptor is owned, and closed, in every state). This drives the path at
 /// scale: 1,000 connects complete while the proxy is stopped, with a reload (drain timeout 1 ms)
-/// pending, so on SIGCONT installs and closes crowd into the same turns. Afterwards the process
+/// pending whose file renames the server, so that no connection can move: on SIGCONT installs
+/// and closes crowd into the same turns. Afterwards the process
 /// must hold no descriptor for a client's socket. (On 7b9477c this scenario already fails
 /// earlier: its clients are never closed.)
 #[test]
@@ -812,14 +813,14 @@ fn a_descriptor_installed_for_send_proxy_is_closed_when_the_connection_closes_fi
     gate.listen(0).unwrap();
     let gate_addr = gate.local_addr().unwrap().as_socket().unwrap();
     let filler = TcpStream::connect(gate_addr).unwrap();
-    let proxy = Proxy::start(
-        "send-proxy",
-        &format!(
+    let yaml = |server: &str| {
+        format!(
             "global: {{ workers: 1 }}\ndefaults: {{ timeout: {{ connect: 30s, client: 60s, drain: 1ms }} }}\n\
              frontends: [{{ name: fe, bind: \"0.0.0.0:0\", backend: be }}]\n\
-             backends: [{{ name: be, retries: 0, servers: [{{ name: s, address: \"{gate_addr}\", send_proxy: v1 }}] }}]\n"
-        ),
-    );
+             backends: [{{ name: be, retries: 0, servers: [{{ name: {server}, address: \"{gate_addr}\", send_proxy: v1 }}] }}]\n"
+        )
+    };
+    let mut proxy = Proxy::start("send-proxy", &yaml("s"));
     let port = proxy.addr("fe").port();
     let fe = SocketAddr::new("127.0.0.1".parse().unwrap(), port);
     let mut clients: Vec<TcpStream> = (0..N).map(|_| client(fe)).collect();
@@ -839,6 +840,9 @@ fn a_descriptor_installed_for_send_proxy_is_closed_when_the_connection_closes_fi
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }
+    // The reload's file names the server anew: its connections cannot move (`on_removed: keep`),
+    // so the 1 ms drain closes them all in the first turns after SIGCONT.
+    proxy.write_config(&yaml("renamed"));
     proxy.signal(libc::SIGHUP);
     proxy.signal(libc::SIGCONT);
     for (i, c) in clients.iter_mut().enumerate() {
