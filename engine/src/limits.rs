@@ -38,8 +38,15 @@ impl LimitTable {
 
 /// Worker `w`'s initial part of `total` split `workers` ways (the parts add up to `total`).
 pub fn initial_share(total: u32, workers: usize, w: usize) -> u32 {
-    let n = workers as u32;
-    total / n + u32::from((w as u32) < total % n)
+    // (A part is at most `total`: it fits.)
+    split(u64::from(total), workers, w) as u32
+}
+
+/// Worker `w`'s part of `total` split `workers` ways: the first `total % workers` workers get one
+/// more, so the parts add up to `total` (maxconn shares, `rate_limit` shares).
+pub fn split(total: u64, workers: usize, w: usize) -> u64 {
+    let n = workers as u64;
+    total / n + u64::from((w as u64) < total % n)
 }
 
 /// A message of the lending protocol.

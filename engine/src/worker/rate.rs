@@ -62,8 +62,7 @@ pub(crate) struct Bucket {
 impl Bucket {
     /// Worker `me`'s first share of `rate` per second among `workers` (the shares add up to it).
     pub fn new(rate: u32, workers: usize, me: usize, now: u64) -> Bucket {
-        let (total, n) = (u64::from(rate) * 1000, workers.max(1) as u64);
-        let share = total / n + u64::from((me as u64) < total % n);
+        let share = crate::limits::split(u64::from(rate) * 1000, workers.max(1), me);
         let mut b = Bucket {
             share: 0,
             per_ms: 0.0,
