@@ -63,12 +63,9 @@ impl Ctx<'_> {
         c.c2s.bulk = bulk;
         c.s2c.bulk = bulk;
         self.enter(State::PeerName);
-        self.stats.accepted += 1;
-        match admission {
-            Admission::Handshake => self.stats.handshakes += 1,
-            Admission::Admitted => self.stats.active += 1,
-            Admission::None => debug_assert!(false, "a connection opened without a share"),
-        }
+        debug_assert!(admission != Admission::None, "a connection opened without a share");
+        self.fe_stats().accepted += 1;
+        self.count_admission(admission, true);
         if self.ring_mode() && !self.cfg.frontends[fe].accept_proxy && self.ring.ring_bufs_available() {
             // `splice: never`: the multishot receive that will carry the client's bytes watches the
             // client from now on (a reset or an end while connecting), and what it receives before
@@ -131,10 +128,11 @@ impl Ctx<'_> {
             match admitted {
                 Ok(()) => self.c.source_counted = true,
                 Err(why) => {
+                    let refused = &mut self.stats.frontends[self.c.frontend as usize].source_refused;
                     match why {
-                        Refusal::Maxconn => self.stats.source_refused.maxconn += 1,
-                        Refusal::Rate => self.stats.source_refused.rate += 1,
-                        Refusal::TableFull => self.stats.source_refused.table_full += 1,
+                        Refusal::Maxconn => refused.maxconn += 1,
+                        Refusal::Rate => refused.rate += 1,
+                        Refusal::TableFull => refused.table_full += 1,
                     }
                     return self.close(CloseReason::SourceLimit);
                 }
@@ -230,12 +228,12 @@ impl Ctx<'_> {
             self.up.release(fe, Admission::Handshake);
             self.follow.admission = true;
             self.c.admission = Admission::Admitted;
-            self.stats.handshakes -= 1;
-            self.stats.active += 1;
+            self.count_admission(Admission::Handshake, false);
+            self.count_admission(Admission::Admitted, true);
             return true;
         }
         self.up.want(fe, Admission::Admitted);
-        self.stats.limit_hits.global += 1;
+        self.fe_stats().limit_hits.global += 1;
         self.enter(State::Admitting);
         self.timers.cancel(self.idx, self.links);
         self.admitting.push_back((self.idx, self.c.generation));
@@ -252,8 +250,8 @@ impl Ctx<'_> {
         self.up.release(fe, Admission::Handshake);
         self.follow.admission = true;
         self.c.admission = Admission::Admitted;
-        self.stats.handshakes -= 1;
-        self.stats.active += 1;
+        self.count_admission(Admission::Handshake, false);
+        self.count_admission(Admission::Admitted, true);
         self.enter(State::ProxyHeader);
         self.ensure_timer();
         // The header is still in the socket: look at it again (and now read it).

@@ -65,7 +65,7 @@ impl Ctx<'_> {
         if let Some(l) = up.backends[b].limit
             && !up.shares.has_room(l)
         {
-            self.stats.limit_hits.backend += 1;
+            self.stats.frontends[self.c.frontend as usize].limit_hits.backend += 1;
             up.shares.want(l, &mut up.outbox);
             return Outcome::Full;
         }
@@ -103,7 +103,7 @@ impl Ctx<'_> {
             let full: Vec<usize> =
                 (0..servers.len()).filter(|&i| usable(i) && !free(i) && be.balancer.weight(i) > 0).collect();
             if !full.is_empty() {
-                self.stats.limit_hits.server += 1;
+                self.stats.frontends[self.c.frontend as usize].limit_hits.server += 1;
                 for i in full {
                     if let Some(l) = up.backends[b].servers[i].limit {
                         up.shares.want(l, &mut up.outbox);
@@ -293,6 +293,13 @@ impl Ctx<'_> {
     /// Connected (and any PROXY header sent): watch the server, start moving bytes.
     fn establish(&mut self) {
         self.enter(State::Established);
+        // Bytes received so far came from the client before the server was there (`received`
+        // counts the server's from now on).
+        let c = &*self.c;
+        if let Some(s) = self.up.backends[c.backend as usize].servers.get_mut(c.server as usize) {
+            s.bytes_in += c.bytes_in;
+            s.bytes_out += c.bytes_out;
+        }
         self.c.last_server = self.now.ms;
         if self.ring_mode() {
             // The multishot receives watch both sockets from now on: the client's poll goes (when
@@ -338,11 +345,10 @@ impl Ctx<'_> {
     /// Gives back the shares this connection was admitted with (maxconn, or a PROXY-header slot).
     pub(super) fn release_admission(&mut self) {
         let a = std::mem::take(&mut self.c.admission);
-        match a {
-            Admission::None => return,
-            Admission::Handshake => self.stats.handshakes -= 1,
-            Admission::Admitted => self.stats.active -= 1,
+        if a == Admission::None {
+            return;
         }
+        self.count_admission(a, false);
         self.up.release(self.c.frontend as usize, a);
         self.follow.admission = true;
     }

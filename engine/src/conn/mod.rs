@@ -45,7 +45,7 @@ pub use sendq::{QueueLease, SendQueues};
 use crate::config::Config;
 use crate::log::ConnLog;
 use crate::pipes::{PipeLease, PipePool};
-use crate::stats::WorkerStats;
+use crate::stats::{FrontendStats, WorkerStats};
 use crate::worker::ring::{ChunkBuf, ClientSlot, HeaderBuf, PeerSlot, Ring, ServerSlot};
 use crate::worker::timer::{Links, TimerLink, TimerWheel};
 use crate::worker::token::{GENERATION_MASK, Op, Token};
@@ -877,6 +877,27 @@ pub(crate) struct Ctx<'w> {
 }
 
 impl Ctx<'_> {
+    /// The counters of this connection's frontend (the worker's totals are their sum).
+    fn fe_stats(&mut self) -> &mut FrontendStats {
+        &mut self.stats.frontends[self.c.frontend as usize]
+    }
+
+    /// Counts this connection in (`true`) or out of the gauge its admission `a` stands for:
+    /// its frontend's `active` (maxconn shares) or `handshakes` (a PROXY-header slot).
+    fn count_admission(&mut self, a: Admission, into: bool) {
+        let f = self.fe_stats();
+        let gauge = match a {
+            Admission::None => return,
+            Admission::Handshake => &mut f.handshakes,
+            Admission::Admitted => &mut f.active,
+        };
+        if into {
+            *gauge += 1;
+        } else {
+            *gauge -= 1;
+        }
+    }
+
     /// A token for an op of this connection.
     fn token(&self, op: Op) -> Token {
         debug_assert!(self.c.is_live(), "an op pushed for a freed connection");
@@ -1034,18 +1055,19 @@ impl Ctx<'_> {
         }
         self.enter(State::Closing(reason));
         self.timers.cancel(self.idx, self.links);
-        self.stats.closed += 1;
+        let f = self.fe_stats();
+        f.closed += 1;
         match reason {
-            CloseReason::ClientReset => self.stats.resets_from_client += 1,
-            CloseReason::ServerReset => self.stats.resets_from_server += 1,
-            CloseReason::ClientTimeout => self.stats.timeouts.client += 1,
-            CloseReason::ServerTimeout => self.stats.timeouts.server += 1,
-            CloseReason::QueueTimeout => self.stats.timeouts.queue += 1,
-            CloseReason::ConnectFailed => self.stats.failed += 1,
-            CloseReason::BadProxyHeader => self.stats.proxy_header_errors += 1,
-            CloseReason::Denied => self.stats.denied += 1,
-            CloseReason::Killed => self.stats.killed += 1,
-            CloseReason::Lifetime => self.stats.lifetime_ends += 1,
+            CloseReason::ClientReset => f.resets_from_client += 1,
+            CloseReason::ServerReset => f.resets_from_server += 1,
+            CloseReason::ClientTimeout => f.timeouts.client += 1,
+            CloseReason::ServerTimeout => f.timeouts.server += 1,
+            CloseReason::QueueTimeout => f.timeouts.queue += 1,
+            CloseReason::ConnectFailed => f.failed += 1,
+            CloseReason::BadProxyHeader => f.proxy_header_errors += 1,
+            CloseReason::Denied => f.denied += 1,
+            CloseReason::Killed => f.killed += 1,
+            CloseReason::Lifetime => f.lifetime_ends += 1,
             CloseReason::SourceLimit => {}
             CloseReason::Done | CloseReason::Shutdown => {}
         }

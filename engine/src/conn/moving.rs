@@ -210,7 +210,7 @@ impl Ctx<'_> {
         if let (Some(table), Some(a)) = (self.up.per_source[fe as usize].as_mut(), c.client_addr) {
             c.source_counted = table.adopt(table.limits().key(a.ip()));
         }
-        self.stats.active += 1;
+        self.count_admission(Admission::Admitted, true);
         self.stats.moved_in += 1;
         self.enter(State::Established);
         self.rearm_after_move();

@@ -204,20 +204,35 @@ impl Ctx<'_> {
         }
     }
 
-    /// Bytes came in from the source of `dir` (by splice or recv): count them.
+    /// Bytes came in from the source of `dir` (by splice or recv): count them, in the
+    /// connection's, its frontend's and, once it has reached it, its server's counters.
     fn received(&mut self, dir: Dir, n: u32) {
         let now = self.now.ms;
+        let n = u64::from(n);
         let c = &mut *self.c;
+        let fe = &mut self.stats.frontends[c.frontend as usize];
+        // (What a client sends before its connection is established is counted for the server
+        // when it is: `establish`.)
+        let server = match c.state {
+            State::Established => self.up.backends[c.backend as usize].servers.get_mut(c.server as usize),
+            _ => None,
+        };
         match dir {
             Dir::ClientToServer => {
                 c.last_client = now;
-                c.bytes_in += u64::from(n);
-                self.stats.bytes_client_to_server += u64::from(n);
+                c.bytes_in += n;
+                fe.bytes_in += n;
+                if let Some(s) = server {
+                    s.bytes_in += n;
+                }
             }
             Dir::ServerToClient => {
                 c.last_server = now;
-                c.bytes_out += u64::from(n);
-                self.stats.bytes_server_to_client += u64::from(n);
+                c.bytes_out += n;
+                fe.bytes_out += n;
+                if let Some(s) = server {
+                    s.bytes_out += n;
+                }
             }
         }
     }

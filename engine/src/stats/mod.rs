@@ -60,6 +60,16 @@ pub struct LimitHits {
     pub rate: u64,
 }
 
+impl LimitHits {
+    pub fn add(&mut self, o: &LimitHits) {
+        self.global += o.global;
+        self.frontend += o.frontend;
+        self.backend += o.backend;
+        self.server += o.server;
+        self.rate += o.rate;
+    }
+}
+
 /// Connections refused at accept by `maxconn_per_source` / `rate_per_source`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SourceRefused {
@@ -69,6 +79,18 @@ pub struct SourceRefused {
     pub rate: u64,
     /// The worker's table of sources was full.
     pub table_full: u64,
+}
+
+impl SourceRefused {
+    pub fn total(&self) -> u64 {
+        self.maxconn + self.rate + self.table_full
+    }
+
+    pub fn add(&mut self, o: &SourceRefused) {
+        self.maxconn += o.maxconn;
+        self.rate += o.rate;
+        self.table_full += o.table_full;
+    }
 }
 
 /// Event-loop turns that took long: wall time from the worker waking to its next wait — its own
@@ -105,6 +127,14 @@ pub struct Timeouts {
     pub client: u64,
     pub server: u64,
     pub queue: u64,
+}
+
+impl Timeouts {
+    pub fn add(&mut self, o: &Timeouts) {
+        self.client += o.client;
+        self.server += o.server;
+        self.queue += o.queue;
+    }
 }
 
 /// Connect latency percentiles in microseconds.
@@ -252,7 +282,98 @@ pub struct ServerStats {
     pub maxconn: u64,
     /// This worker's share of it.
     pub share: u64,
+    /// Bytes its connections received from their clients (sent on to it) and from it (sent on to
+    /// the clients), counted from the moment each connection reached it (what a client sent
+    /// before is counted then).
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
     pub connect_latency_us: Latency,
+}
+
+/// One frontend's counters on one worker, and (in [`EngineStats::frontends`]) summed over the
+/// workers. A worker counts what happens to a connection in its frontend's row only; the worker's
+/// own totals of the same counters are these rows summed when a snapshot is taken.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct FrontendStats {
+    pub frontend: String,
+    /// Connections open now (admitted, not closing), reading their PROXY header, and accepted but
+    /// waiting for a global or frontend maxconn slot (gauges).
+    pub active: u64,
+    pub handshakes: u64,
+    pub parked: u64,
+    pub accepted: u64,
+    pub closed: u64,
+    /// Bytes received from its clients (sent on to servers) and from its servers (sent on to the
+    /// clients).
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Connections refused by the access list (`allow` / `deny`), and by the per-source limits,
+    /// by cause.
+    pub denied: u64,
+    pub source_refused: SourceRefused,
+    /// Times admission of its connections stopped at a limit, by level (`rate`: its
+    /// `rate_limit`).
+    pub limit_hits: LimitHits,
+    /// Its connections closed by a timeout, a reset, `timeout.lifetime`, the operator, a bad
+    /// PROXY header, or because no server could be reached.
+    pub timeouts: Timeouts,
+    pub resets_from_client: u64,
+    pub resets_from_server: u64,
+    pub lifetime_ends: u64,
+    pub killed: u64,
+    pub proxy_header_errors: u64,
+    pub failed: u64,
+    /// Its `maxconn` (0: none) and `rate_limit` (0: none), as configured.
+    pub maxconn: u64,
+    pub rate_limit: u64,
+    /// The worker's share of its `maxconn` now (0 without one): summed, the part of it the
+    /// workers hold (the rest is lent on the way or kept back, see `limits`).
+    pub share: u64,
+    /// The worker's share of its `rate_limit` now, connections per second (0 without one): the
+    /// shares add up to the limit and move to the workers that have the demand (`rate`).
+    pub rate_share: f64,
+}
+
+impl FrontendStats {
+    /// The row of frontend `fe` before anything happened.
+    pub fn new(fe: &crate::config::Frontend) -> FrontendStats {
+        FrontendStats {
+            frontend: fe.name.clone(),
+            maxconn: u64::from(fe.maxconn.unwrap_or(0)),
+            rate_limit: u64::from(fe.rate_limit.unwrap_or(0)),
+            ..FrontendStats::default()
+        }
+    }
+
+    /// Adds `o`'s counters and gauges (not its name or its configured limits).
+    pub fn add(&mut self, o: &FrontendStats) {
+        self.active += o.active;
+        self.handshakes += o.handshakes;
+        self.parked += o.parked;
+        self.accepted += o.accepted;
+        self.closed += o.closed;
+        self.bytes_in += o.bytes_in;
+        self.bytes_out += o.bytes_out;
+        self.denied += o.denied;
+        self.source_refused.add(&o.source_refused);
+        self.limit_hits.add(&o.limit_hits);
+        self.timeouts.add(&o.timeouts);
+        self.resets_from_client += o.resets_from_client;
+        self.resets_from_server += o.resets_from_server;
+        self.lifetime_ends += o.lifetime_ends;
+        self.killed += o.killed;
+        self.proxy_header_errors += o.proxy_header_errors;
+        self.failed += o.failed;
+        self.share += o.share;
+        self.rate_share += o.rate_share;
+    }
+
+    /// Connections refused at accept, every cause (access list and per-source limits).
+    pub fn refused(&self) -> u64 {
+        self.denied + self.source_refused.total()
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,6 +396,11 @@ pub struct BackendStats {
     pub connect_errors: u64,
     pub queued: u64,
     pub maxconn: u64,
+    /// Its servers' bytes, summed.
+    #[serde(default)]
+    pub bytes_in: u64,
+    #[serde(default)]
+    pub bytes_out: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -426,11 +552,11 @@ pub struct WorkerStats {
     pub sources: Vec<SourceStats>,
     /// Connections waiting in each backend's queue now (configuration order).
     pub queued_by_backend: Vec<u64>,
-    /// This worker's share of each frontend's `rate_limit` now, connections per second
-    /// (configuration order; 0 for a frontend without one). The shares add up to the limit and
-    /// move to the workers that have the demand.
+    /// Per frontend (configuration order), its connections' counters on this worker. The
+    /// worker's own counters of the same events (`active`, `accepted`, bytes, refusals, limit
+    /// hits, closes by cause) are these rows summed.
     #[serde(default)]
-    pub rate_share: Vec<f64>,
+    pub frontends: Vec<FrontendStats>,
     /// The non-zero connect-latency buckets of every server, by server (the index in `servers`)
     /// then bucket: what merging percentiles over workers needs. Not serialised (percentiles are),
     /// and emptied once merged.
@@ -440,6 +566,32 @@ pub struct WorkerStats {
     /// (see [`Detail`]), and the collector asks for the rest by this.
     #[serde(skip)]
     pub server_rows: usize,
+}
+
+impl WorkerStats {
+    /// Sets the worker's totals of what its frontends' rows count: the rows summed.
+    pub fn sum_frontends(&mut self) {
+        let mut t = FrontendStats::default();
+        for f in &self.frontends {
+            t.add(f);
+        }
+        self.active = t.active;
+        self.handshakes = t.handshakes;
+        self.accepted = t.accepted;
+        self.closed = t.closed;
+        self.bytes_client_to_server = t.bytes_in;
+        self.bytes_server_to_client = t.bytes_out;
+        self.denied = t.denied;
+        self.source_refused = t.source_refused;
+        self.limit_hits = t.limit_hits;
+        self.timeouts = t.timeouts;
+        self.resets_from_client = t.resets_from_client;
+        self.resets_from_server = t.resets_from_server;
+        self.lifetime_ends = t.lifetime_ends;
+        self.killed = t.killed;
+        self.proxy_header_errors = t.proxy_header_errors;
+        self.failed = t.failed;
+    }
 }
 
 /// How much of the workers' counters a stats query needs.
@@ -471,6 +623,9 @@ pub struct EngineStats {
     pub effective_maxconn: u32,
     pub nofile: u64,
     pub workers: Vec<WorkerStats>,
+    /// Per-frontend rows summed over workers (configuration order).
+    #[serde(default)]
+    pub frontends: Vec<FrontendStats>,
     /// Per-server rows summed over workers, with merged connect-latency percentiles.
     pub servers: Vec<ServerStats>,
     pub backends: Vec<BackendStats>,
@@ -497,6 +652,8 @@ impl EngineStats {
                         o.total += s.total;
                         o.connect_errors += s.connect_errors;
                         o.share += s.share;
+                        o.bytes_in += s.bytes_in;
+                        o.bytes_out += s.bytes_out;
                     }
                     None => servers.push(s.clone()),
                 }
@@ -543,10 +700,22 @@ impl EngineStats {
                 b.active += s.active;
                 b.total += s.total;
                 b.connect_errors += s.connect_errors;
+                b.bytes_in += s.bytes_in;
+                b.bytes_out += s.bytes_out;
             }
         }
         self.servers = servers;
         self.backends = rows;
+        self.frontends = Vec::with_capacity(config.frontends.len());
+        for (i, fe) in config.frontends.iter().enumerate() {
+            let mut row = FrontendStats::new(fe);
+            for w in &self.workers {
+                if let Some(own) = w.frontends.get(i) {
+                    row.add(own);
+                }
+            }
+            self.frontends.push(row);
+        }
     }
 
     /// Per-server rows summed over workers (same as `servers` after `aggregate`).

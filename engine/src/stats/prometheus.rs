@@ -10,10 +10,13 @@ use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::AtomicBool;
 
-use super::{EngineStats, WorkerStats, serve};
+use super::{EngineStats, FrontendStats, WorkerStats, serve};
 
 /// One value of a labelled family, read from a worker's counters.
 type Part<'a> = (&'a str, &'a dyn Fn(&WorkerStats) -> u64);
+
+/// The same, read from a worker's row of a frontend.
+type FrontendPart<'a> = (&'a str, &'a dyn Fn(&FrontendStats) -> u64);
 
 struct Family<'a> {
     out: &'a mut String,
@@ -72,6 +75,44 @@ impl Family<'_> {
             let id = w.worker.to_string();
             for (value, f) in parts {
                 self.sample(name, &[("worker", &id), (label, value)], f(w));
+            }
+        }
+    }
+}
+
+impl Family<'_> {
+    /// A per-worker, per-frontend family: one sample per worker and frontend, with `value`
+    /// formatting each.
+    fn per_frontend<V: std::fmt::Display>(
+        &mut self,
+        s: &EngineStats,
+        (name, kind, help): (&str, &str, &str),
+        value: impl Fn(&FrontendStats) -> V,
+    ) {
+        self.head(name, kind, help);
+        for w in &s.workers {
+            let id = w.worker.to_string();
+            for f in &w.frontends {
+                self.sample(name, &[("worker", &id), ("frontend", &f.frontend)], value(f));
+            }
+        }
+    }
+
+    /// A per-worker, per-frontend family split by one more label.
+    fn per_frontend_by(
+        &mut self,
+        s: &EngineStats,
+        (name, kind, help): (&str, &str, &str),
+        label: &str,
+        parts: &[FrontendPart],
+    ) {
+        self.head(name, kind, help);
+        for w in &s.workers {
+            let id = w.worker.to_string();
+            for f in &w.frontends {
+                for (value, get) in parts {
+                    self.sample(name, &[("worker", &id), ("frontend", &f.frontend), (label, value)], get(f));
+                }
             }
         }
     }
@@ -329,6 +370,78 @@ pub fn render(s: &EngineStats) -> String {
         |w| w.longest_turn_us as f64 / 1e6,
     );
 
+    m.per_frontend(s, ("frontend_connections_active", "gauge", "The frontend's proxied connections open now."), |f| {
+        f.active
+    });
+    m.per_frontend(
+        s,
+        ("frontend_connections_parked", "gauge", "The frontend's accepted connections waiting for a maxconn slot."),
+        |f| f.parked,
+    );
+    m.per_frontend(
+        s,
+        ("frontend_connections_accepted_total", "counter", "Connections the frontend accepted and admitted."),
+        |f| f.accepted,
+    );
+    m.per_frontend(
+        s,
+        ("frontend_connections_closed_total", "counter", "The frontend's proxied connections closed."),
+        |f| f.closed,
+    );
+    m.per_frontend_by(
+        s,
+        ("frontend_bytes_total", "counter", "Bytes forwarded for the frontend's connections, by direction."),
+        "direction",
+        &[("client_to_server", &|f| f.bytes_in), ("server_to_client", &|f| f.bytes_out)],
+    );
+    m.per_frontend_by(
+        s,
+        ("frontend_connections_refused_total", "counter", "Connections the frontend refused at accept, by cause."),
+        "cause",
+        &[
+            ("acl", &|f| f.denied),
+            ("source_maxconn", &|f| f.source_refused.maxconn),
+            ("source_rate", &|f| f.source_refused.rate),
+            ("source_table_full", &|f| f.source_refused.table_full),
+        ],
+    );
+    m.per_frontend_by(
+        s,
+        (
+            "frontend_limit_hits_total",
+            "counter",
+            "Times admission of the frontend's connections stopped at a limit, by level.",
+        ),
+        "level",
+        &[
+            ("global", &|f| f.limit_hits.global),
+            ("frontend", &|f| f.limit_hits.frontend),
+            ("backend", &|f| f.limit_hits.backend),
+            ("server", &|f| f.limit_hits.server),
+            ("rate", &|f| f.limit_hits.rate),
+        ],
+    );
+    m.per_frontend_by(
+        s,
+        ("frontend_timeouts_total", "counter", "The frontend's connections closed by a timeout, by kind."),
+        "kind",
+        &[("client", &|f| f.timeouts.client), ("server", &|f| f.timeouts.server), ("queue", &|f| f.timeouts.queue)],
+    );
+    m.per_frontend(
+        s,
+        ("frontend_maxconn_share", "gauge", "This worker's share of the frontend's maxconn (0: it has none)."),
+        |f| f.share,
+    );
+    m.per_frontend(
+        s,
+        (
+            "frontend_rate_limit_share",
+            "gauge",
+            "This worker's share of the frontend's rate_limit, connections per second (0: it has none).",
+        ),
+        |f| format!("{:.3}", f.rate_share),
+    );
+
     let servers = |m: &mut Family, name: &str, kind: &str, help: &str, f: &dyn Fn(&super::ServerStats) -> u64| {
         m.head(name, kind, help);
         for w in &s.workers {
@@ -349,6 +462,17 @@ pub fn render(s: &EngineStats) -> String {
     servers(&mut m, "server_connections_total", "counter", "Connections made to the server.", &|v| v.total);
     servers(&mut m, "server_connect_errors_total", "counter", "Failed connects to the server.", &|v| v.connect_errors);
     servers(&mut m, "server_maxconn", "gauge", "The server's maxconn (0: none).", &|v| v.maxconn);
+    m.head("server_bytes_total", "counter", "Bytes forwarded for the server's established connections, by direction.");
+    for w in &s.workers {
+        let id = w.worker.to_string();
+        for v in w.servers.iter().filter(|v| !v.removed) {
+            for (direction, bytes) in [("client_to_server", v.bytes_in), ("server_to_client", v.bytes_out)] {
+                let labels =
+                    [("worker", id.as_str()), ("backend", &v.backend), ("server", &v.server), ("direction", direction)];
+                m.sample("server_bytes_total", &labels, bytes);
+            }
+        }
+    }
     m.head("server_connect_seconds", "summary", "Time to connect to the server.");
     for w in &s.workers {
         let id = w.worker.to_string();

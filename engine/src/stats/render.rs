@@ -161,6 +161,60 @@ fn add(sum: &mut WorkerStats, w: &WorkerStats) {
     sum.longest_turn_us = sum.longest_turn_us.max(w.longest_turn_us);
 }
 
+/// Per-frontend table (summed over workers). With `prev` (an earlier snapshot), the rate columns
+/// are per second over the interval; without, they are averages since start.
+pub fn frontends(s: &EngineStats, prev: Option<&EngineStats>) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "{:<20} {:>8} {:>6} {:>10} {:>10} {:>9} {:>8} {:>9} {:>12} {:>12} {:>8} {:>8} {:>8} {:>14}",
+        "frontend",
+        "active",
+        "parked",
+        "accepted",
+        "closed",
+        "accept/s",
+        "MiB/s in",
+        "MiB/s out",
+        "MiB in",
+        "MiB out",
+        "refused",
+        "waits",
+        "maxconn",
+        "rate_limit"
+    );
+    // (Seconds between the snapshots, or since start, as the per-core table's rates.)
+    let ms = |e: &EngineStats| e.workers.first().map_or(0, |w| w.uptime_ms);
+    let dt = (ms(s).saturating_sub(prev.map_or(0, ms))) as f64 / 1000.0;
+    for (i, f) in s.frontends.iter().enumerate() {
+        let before = prev.and_then(|p| p.frontends.get(i)).filter(|p| p.frontend == f.frontend);
+        let rate = |now: u64, then: fn(&super::FrontendStats) -> u64| match dt > 0.0 {
+            true => now.saturating_sub(before.map_or(0, then)) as f64 / dt,
+            false => 0.0,
+        };
+        let hits = &f.limit_hits;
+        let _ = writeln!(
+            o,
+            "{:<20} {:>8} {:>6} {:>10} {:>10} {:>9.0} {:>8.1} {:>9.1} {:>12.1} {:>12.1} {:>8} {:>8} {:>8} {:>14}",
+            f.frontend,
+            f.active,
+            f.parked,
+            f.accepted,
+            f.closed,
+            rate(f.accepted, |p| p.accepted),
+            rate(f.bytes_in, |p| p.bytes_in) / MIB,
+            rate(f.bytes_out, |p| p.bytes_out) / MIB,
+            f.bytes_in as f64 / MIB,
+            f.bytes_out as f64 / MIB,
+            f.refused(),
+            hits.global + hits.frontend + hits.rate,
+            if f.maxconn == 0 { "-".into() } else { f.maxconn.to_string() },
+            if f.rate_limit == 0 { "-".into() } else { format!("{}/s", f.rate_limit) },
+        );
+    }
+    o
+}
+
 /// Per-server table (summed over workers), with connect latency.
 pub fn servers(s: &EngineStats) -> String {
     let mut o = String::new();
@@ -276,6 +330,8 @@ pub fn dump(s: &EngineStats, prev: Option<&EngineStats>) -> String {
     );
     o.push_str(&cores(s, prev));
     o.push('\n');
+    o.push_str(&frontends(s, prev));
+    o.push('\n');
     o.push_str(&servers(s));
     if s.workers.iter().any(|w| !w.sources.is_empty()) {
         o.push('\n');
@@ -284,21 +340,43 @@ pub fn dump(s: &EngineStats, prev: Option<&EngineStats>) -> String {
     o
 }
 
-/// `show stat`: CSV with HAProxy's first columns (same names and order), one row per server plus
-/// a BACKEND row per backend; columns ringproxy does not track are left empty, as HAProxy does.
+/// `show stat`: CSV with HAProxy's first columns (same names and order), one FRONTEND row per
+/// frontend, one row per server and a BACKEND row per backend; columns ringproxy does not track are
+/// left empty, as HAProxy does. A frontend's `dreq` counts the connections its access list and
+/// per-source limits refused, its `ereq` the PROXY headers refused; its status is OPEN, or STOP
+/// once no worker listens (a drain), as in HAProxy.
 pub fn csv(s: &EngineStats) -> String {
     let mut o = String::from(
         "# pxname,svname,qcur,qmax,scur,smax,slim,stot,bin,bout,dreq,dresp,ereq,econ,eresp,wretr,wredis,status,weight,\n",
     );
+    let limit = |m: u64| if m == 0 { String::new() } else { m.to_string() };
+    let listening = s.workers.iter().any(|w| w.listening > 0);
+    for f in &s.frontends {
+        let _ = writeln!(
+            o,
+            "{},FRONTEND,,,{},,{},{},{},{},{},,{},,,,,{},,",
+            f.frontend,
+            f.active,
+            limit(f.maxconn),
+            f.accepted,
+            f.bytes_in,
+            f.bytes_out,
+            f.refused(),
+            f.proxy_header_errors,
+            if listening { "OPEN" } else { "STOP" },
+        );
+    }
     for v in &s.servers {
         let _ = writeln!(
             o,
-            "{},{},,,{},,{},{},,,,,,{},,,,{},{},",
+            "{},{},,,{},,{},{},{},{},,,,{},,,,{},{},",
             v.backend,
             v.server,
             v.active,
-            if v.maxconn == 0 { String::new() } else { v.maxconn.to_string() },
+            limit(v.maxconn),
             v.total,
+            v.bytes_in,
+            v.bytes_out,
             v.connect_errors,
             v.status(),
             v.weight
@@ -307,12 +385,14 @@ pub fn csv(s: &EngineStats) -> String {
     for b in &s.backends {
         let _ = writeln!(
             o,
-            "{},BACKEND,{},,{},,{},{},,,,,,{},,,,UP,,",
+            "{},BACKEND,{},,{},,{},{},{},{},,,,{},,,,UP,,",
             b.backend,
             b.queued,
             b.active,
-            if b.maxconn == 0 { String::new() } else { b.maxconn.to_string() },
+            limit(b.maxconn),
             b.total,
+            b.bytes_in,
+            b.bytes_out,
             b.connect_errors
         );
     }

@@ -1,10 +1,11 @@
 //! The stats socket: a Unix socket speaking a small line protocol, and its client.
 //!
 //! A client connects, writes one command line, reads the answer until the server closes. Commands:
-//! `help`, `show info`, `show cores`, `show servers`, `show sources`, `show stat` (HAProxy-style
-//! CSV), `show json` (everything, for `ringproxy stats`), `show prometheus`, and those of the
-//! runtime API (admin.rs: `show conns`, `set server`, `shutdown sessions`, `reload`), whose answer
-//! starts with a status line (`OK` or `FAIL`) that [`command`] reads so no caller parses prose.
+//! `help`, `show info`, `show cores`, `show frontends`, `show servers`, `show sources`, `show stat`
+//! (HAProxy-style CSV), `show json` (everything, for `ringproxy stats`), `show prometheus`, and
+//! those of the runtime API (admin.rs: `show conns`, `set server`, `shutdown sessions`, `reload`),
+//! whose answer starts with a status line (`OK` or `FAIL`) that [`command`] reads so no caller
+//! parses prose.
 //! The admin socket takes them all; the stats socket refuses those that change state. Clients are
 //! served at once, each within deadlines and under a cap (`serve`).
 //!
@@ -44,6 +45,7 @@ commands (one per connection):
   help              this list
   show info         engine facts and totals, key: value
   show cores        the per-core table
+  show frontends    per-frontend table: connections, rates, bytes, refusals, limits
   show servers      per-server and per-backend table
   show sources      per-core source IPs: ports in use and capacity
   show stat         CSV with HAProxy's column names
@@ -144,6 +146,7 @@ pub fn answer(
         // (The two views without server rows do not have the workers copy them.)
         ["show", "info"] => render::info(&collect(Detail::Totals)),
         ["show", "cores"] => render::cores(&collect(Detail::Totals), None),
+        ["show", "frontends"] => render::frontends(&collect(Detail::Totals), None),
         ["show", "servers"] => render::servers(&collect(Detail::Full)),
         ["show", "sources"] => render::sources(&collect(Detail::Full)),
         ["show", "stat"] => render::csv(&collect(Detail::Full)),

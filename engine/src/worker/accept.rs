@@ -116,7 +116,7 @@ impl Worker {
                 libc::ECANCELED => {}
                 // The accept range of the file table is full: wait for a close to free a slot.
                 libc::ENFILE | libc::EMFILE => {
-                    self.stats.limit_hits.global += 1;
+                    self.stats.frontends[l.frontend].limit_hits.global += 1;
                     l.retry_at = now + ACCEPT_RETRY_MS;
                 }
                 e => {
@@ -176,7 +176,7 @@ impl Worker {
     /// client is closed): no free slot, as when the kernel finds none for a direct accept.
     fn adopt(&mut self, listener: u16, fd: OwnedFd) -> Option<(ClientSlot, Known)> {
         let Some(index) = self.free_client_slots.pop() else {
-            self.stats.limit_hits.global += 1;
+            self.stats.frontends[self.infos[listener as usize].frontend as usize].limit_hits.global += 1;
             return None;
         };
         let info = self.infos[listener as usize];
@@ -229,7 +229,7 @@ impl Worker {
                 // No token: the backlog keeps the clients until one is there (and this worker
                 // may ask the others for share: rate.rs).
                 l.retry_at = now + wait;
-                self.stats.limit_hits.rate += 1;
+                self.stats.frontends[l.frontend].limit_hits.rate += 1;
                 short.push(i);
                 continue;
             }

@@ -41,10 +41,11 @@ impl Worker {
         let global = self.plan.limits.global;
         for id in self.up.limits(fe, a).into_iter().flatten() {
             if !self.up.shares.has_room(id) {
+                let hits = &mut self.stats.frontends[fe].limit_hits;
                 if id == global {
-                    self.stats.limit_hits.global += 1;
+                    hits.global += 1;
                 } else {
-                    self.stats.limit_hits.frontend += 1;
+                    hits.frontend += 1;
                 }
             }
         }

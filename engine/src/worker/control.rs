@@ -357,7 +357,14 @@ impl Worker {
                     as u64
             })
             .collect();
-        s.rate_share = self.rate.iter().map(|b| b.as_ref().map_or(0.0, |b| b.share() as f64 / 1000.0)).collect();
+        for (f, row) in s.frontends.iter_mut().enumerate() {
+            row.rate_share = self.rate[f].as_ref().map_or(0.0, |b| b.share() as f64 / 1000.0);
+            row.share = self.up.admission[f][1].map_or(0, |l| u64::from(self.up.shares.held(l)));
+        }
+        for &(listener, _, _) in &self.parked {
+            s.frontends[self.infos[listener as usize].frontend as usize].parked += 1;
+        }
+        s.sum_frontends();
         s.sources.clear();
         'rows: for (b, be) in self.up.backends.iter().enumerate() {
             // The backend's servers among the rows asked for (rows are flattened in backend order).
@@ -376,6 +383,8 @@ impl Worker {
                 row.active = u64::from(srv.active);
                 row.total = srv.total;
                 row.connect_errors = srv.errors;
+                row.bytes_in = srv.bytes_in;
+                row.bytes_out = srv.bytes_out;
                 row.share = srv.limit.map_or(0, |l| u64::from(self.up.shares.held(l)));
                 row.admin = srv.admin;
                 row.removed = srv.removed;

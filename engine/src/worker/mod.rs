@@ -165,7 +165,10 @@ pub fn run(setup: WorkerSetup, ready: Sender<Result<(usize, std::os::fd::OwnedFd
             worker.parked.drain(..).for_each(std::mem::forget);
         }
     }
-    Some(worker.stats.clone())
+    // (The worker's totals of its frontends' counters are set when asked for, as in a snapshot.)
+    let mut stats = worker.stats.clone();
+    stats.sum_frontends();
+    Some(stats)
 }
 
 impl Worker {
@@ -196,7 +199,7 @@ impl Worker {
                 self.follow_up();
             }
             if self.bulk.due(self.now.ms) {
-                let bytes = self.stats.bytes_client_to_server + self.stats.bytes_server_to_client;
+                let bytes = self.stats.frontends.iter().map(|f| f.bytes_in + f.bytes_out).sum();
                 if let Some(switched) = self.bulk.observe(self.now.ms, crate::sys::thread_cpu_ns(), bytes) {
                     eprintln!("ringproxy: worker {}: {switched}", self.id);
                 }

@@ -15,7 +15,7 @@ use crate::limits::Shares;
 use crate::log::ConnLog;
 use crate::pipes::PipePool;
 use crate::sources::{self, SourceShard};
-use crate::stats::{ServerStats, WorkerStats, latency_histogram};
+use crate::stats::{FrontendStats, ServerStats, WorkerStats, latency_histogram};
 
 /// A number no other worker (or upgrade courier) of this process has: moves name their sender by it.
 pub fn next_uid() -> u64 {
@@ -94,6 +94,7 @@ impl Worker {
                 .iter()
                 .flat_map(|b| b.servers.iter().map(|s| ServerStats::new(&b.name, s)))
                 .collect(),
+            frontends: config.frontends.iter().map(FrontendStats::new).collect(),
             ..WorkerStats::default()
         };
         let mut server_index = Vec::with_capacity(config.backends.len());

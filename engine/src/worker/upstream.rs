@@ -35,6 +35,9 @@ pub(crate) struct Server {
     pub active: u32,
     pub total: u64,
     pub errors: u64,
+    /// Bytes of its established connections: from their clients, and from it.
+    pub bytes_in: u64,
+    pub bytes_out: u64,
     pub limit: Option<LimitId>,
     /// When this worker last said that connects to this server ran out of source ports (worker
     /// clock, ms), and how many such failures it has not reported since.
@@ -74,6 +77,8 @@ impl Server {
             active: 0,
             total: 0,
             errors: 0,
+            bytes_in: 0,
+            bytes_out: 0,
             limit,
             ports_logged_at: None,
             ports_unlogged: 0,

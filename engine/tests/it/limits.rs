@@ -321,9 +321,10 @@ fn rate_limit_shares_move_to_the_worker_where_the_clients_wait() {
     let accepted: Vec<u64> = s.workers.iter().map(|w| w.accepted).collect();
     assert!(accepted.contains(&120) && accepted.contains(&0), "steered to one worker: {accepted:?}");
     let hot = s.workers.iter().find(|w| w.accepted == 120).unwrap();
-    assert!(hot.rate_share[0] >= 35.0, "its share: {:?}", hot.rate_share);
-    let total: f64 = s.workers.iter().map(|w| w.rate_share[0]).sum();
+    assert!(hot.frontends[0].rate_share >= 35.0, "its share: {:?}", hot.frontends[0]);
+    let total: f64 = s.workers.iter().map(|w| w.frontends[0].rate_share).sum();
     assert!((total - 40.0).abs() < 1e-9, "the shares add up to the rate: {total}");
+    assert!((s.frontends[0].rate_share - 40.0).abs() < 1e-9, "and so does the frontend's row: {:?}", s.frontends[0]);
     assert!(s.total(|w| w.limit_hits.rate) > 0);
     assert_clean(engine, &[backend.addr.port()]);
 }

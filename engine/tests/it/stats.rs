@@ -84,6 +84,168 @@ fn counters_match_in(splice: &str) {
     assert_clean(engine, &[echo.addr.port(), dead.port()]);
 }
 
+/// Each frontend's row counts its own connections, bytes, refusals and limits, and each server's
+/// row the bytes of its own connections, what a client sent while its server was still being
+/// reached included (counted once the connection gets there); a worker's totals are its
+/// frontends' rows summed; `show frontends`, the CSV and Prometheus say the same.
+#[test]
+fn each_frontend_and_each_server_counts_its_own_connections_and_bytes() {
+    let brokers = Backend::start(Mode::Echo);
+    let rooms = Backend::start(Mode::Echo);
+    // A server whose accept queue is full: the proxy's SYN is dropped until it is opened, so the
+    // connection stays `Connecting` while its client's bytes come in.
+    let gate = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    gate.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    gate.listen(0).unwrap();
+    let gate_addr = gate.local_addr().unwrap().as_socket().unwrap();
+    let filler = TcpStream::connect(gate_addr).unwrap();
+    wait_until("the gate's accept queue to be full", Duration::from_secs(5), || {
+        sockets_on_port(gate_addr.port()).iter().any(|s| s.state == "LISTEN" && s.rx_queue > s.tx_queue)
+    });
+    let sock = temp_path("frontends.sock");
+    let engine = engine(&format!(
+        "global: {{ workers: 2, stats: {{ socket: {} }} }}\n\
+         defaults: {{ timeout: {{ connect: 30s }} }}\n\
+         frontends:\n  - {{ name: mqtt, bind: \"127.0.0.1:0\", backend: brokers, maxconn: 100 }}\n\
+         \x20 - {{ name: game, bind: \"127.0.0.1:0\", backend: rooms, deny: [\"127.0.0.6\"], rate_limit: 1000/s }}\n\
+         \x20 - {{ name: slow, bind: \"127.0.0.1:0\", backend: gated }}\n\
+         backends:\n  - {{ name: brokers, servers: [{{ name: b1, address: \"{}\" }}] }}\n\
+         \x20 - {{ name: rooms, servers: [{{ name: r1, address: \"{}\" }}, {{ name: r2, address: \"{}\" }}] }}\n\
+         \x20 - {{ name: gated, retries: 0, servers: [{{ name: g1, address: \"{gate_addr}\" }}] }}\n",
+        sock.display(),
+        brokers.addr,
+        rooms.addr,
+        rooms.addr
+    ));
+    // mqtt: three connections held, 1,000 bytes each way on each.
+    let mut held: Vec<TcpStream> = (0..3).map(|_| connect(addr(&engine, "mqtt"))).collect();
+    for c in &mut held {
+        echo_once(c, &[7; 1000]);
+    }
+    // game: five served and closed (300 bytes each way), two refused by the access list.
+    for i in 0..5u8 {
+        let mut c = connect(addr(&engine, "game"));
+        echo_once(&mut c, &[i; 300]);
+    }
+    for _ in 0..2 {
+        let mut c = connect_from(addr(&engine, "game"), "127.0.0.6".parse().unwrap());
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert!(read_to_end(&mut c).0.is_empty(), "refused at accept");
+    }
+    // slow: 500 bytes sent while the server cannot be reached yet.
+    let mut early = connect(addr(&engine, "slow"));
+    early.write_all(&[9; 500]).unwrap();
+    wait_until("the early bytes to be received", Duration::from_secs(5), || {
+        engine.stats().frontends[2].bytes_in == 500
+    });
+    let g1 = |s: &EngineStats| s.servers.iter().find(|v| v.server == "g1").map(|v| (v.bytes_in, v.bytes_out)).unwrap();
+    assert_eq!(g1(&engine.stats()), (0, 0), "not counted for a server not reached yet");
+    let opened = std::thread::spawn(move || {
+        drop(filler);
+        let (_, _) = gate.accept().unwrap();
+        let (server, _) = gate.accept().unwrap();
+        let mut server: TcpStream = server.into();
+        let mut got = [0u8; 500];
+        server.read_exact(&mut got).unwrap();
+        server.write_all(&got).unwrap();
+        server
+    });
+    let mut back = [0u8; 500];
+    early.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    early.read_exact(&mut back).unwrap();
+    assert_eq!(back, [9; 500]);
+    let gated_server = opened.join().unwrap();
+
+    wait_until("game's connections to close", Duration::from_secs(5), || {
+        let s = engine.stats();
+        s.frontends[1].closed == 7 && s.frontends[1].active == 0
+    });
+    let s = engine.stats();
+    let names: Vec<&str> = s.frontends.iter().map(|f| f.frontend.as_str()).collect();
+    assert_eq!(names, ["mqtt", "game", "slow"], "one row per frontend, in configuration order");
+    let (mqtt, game, slow) = (&s.frontends[0], &s.frontends[1], &s.frontends[2]);
+    assert_eq!((mqtt.active, mqtt.accepted, mqtt.closed, mqtt.bytes_in, mqtt.bytes_out), (3, 3, 0, 3000, 3000));
+    assert_eq!((mqtt.maxconn, mqtt.rate_limit, mqtt.refused()), (100, 0, 0));
+    assert!(mqtt.share > 0 && mqtt.share <= 100, "the workers hold the frontend's maxconn: {mqtt:?}");
+    assert_eq!((game.active, game.accepted, game.closed, game.bytes_in, game.bytes_out), (0, 7, 7, 1500, 1500));
+    assert_eq!((game.denied, game.refused(), game.maxconn, game.rate_limit), (2, 2, 0, 1000));
+    assert!((game.rate_share - 1000.0).abs() < 1e-9, "the rate shares add up to the limit: {game:?}");
+    assert_eq!((slow.active, slow.accepted, slow.bytes_in, slow.bytes_out), (1, 1, 500, 500));
+    // The workers' totals are their rows summed.
+    for w in &s.workers {
+        let sum = |f: fn(&ringproxy::stats::FrontendStats) -> u64| w.frontends.iter().map(f).sum::<u64>();
+        assert_eq!(
+            (w.active, w.accepted, w.closed, w.denied, w.bytes_client_to_server, w.bytes_server_to_client),
+            (
+                sum(|f| f.active),
+                sum(|f| f.accepted),
+                sum(|f| f.closed),
+                sum(|f| f.denied),
+                sum(|f| f.bytes_in),
+                sum(|f| f.bytes_out)
+            ),
+            "worker {}",
+            w.worker
+        );
+    }
+    assert_eq!((s.total(|w| w.accepted), s.total(|w| w.bytes_client_to_server)), (11, 5000));
+    // Servers: each its own bytes (the gated one's early 500 included); backends their servers'.
+    let server = |name: &str| s.servers.iter().find(|v| v.server == name).map(|v| (v.bytes_in, v.bytes_out)).unwrap();
+    assert_eq!(server("b1"), (3000, 3000));
+    let (r1, r2) = (server("r1"), server("r2"));
+    assert_eq!((r1.0 + r2.0, r1.1 + r2.1), (1500, 1500));
+    assert!(r1.0 > 0 && r2.0 > 0, "round robin: both rooms served some ({r1:?}, {r2:?})");
+    assert_eq!(g1(&s), (500, 500), "the bytes sent before the server was reached are its");
+    let backend =
+        |name: &str| s.backends.iter().find(|b| b.backend == name).map(|b| (b.bytes_in, b.bytes_out)).unwrap();
+    assert_eq!((backend("brokers"), backend("rooms"), backend("gated")), ((3000, 3000), (1500, 1500), (500, 500)));
+
+    // The socket's views.
+    let table = socket::query(&sock, "show frontends").unwrap();
+    assert_eq!(table.lines().count(), 4, "header and three frontends: {table}");
+    let mqtt_line: Vec<&str> = table.lines().find(|l| l.starts_with("mqtt ")).unwrap().split_whitespace().collect();
+    assert_eq!(&mqtt_line[..5], ["mqtt", "3", "0", "3", "0"], "name, active, parked, accepted, closed: {table}");
+    let csv = socket::query(&sock, "show stat").unwrap();
+    let row = |px: &str, sv: &str| -> Vec<String> {
+        let line =
+            csv.lines().find(|l| l.starts_with(&format!("{px},{sv},"))).unwrap_or_else(|| panic!("{px},{sv}: {csv}"));
+        line.split(',').map(str::to_owned).collect()
+    };
+    // scur, slim, stot, bin, bout, dreq; status.
+    let fe = row("mqtt", "FRONTEND");
+    assert_eq!(
+        [&fe[4], &fe[6], &fe[7], &fe[8], &fe[9], &fe[10], &fe[17]],
+        ["3", "100", "3", "3000", "3000", "0", "OPEN"]
+    );
+    let fe = row("game", "FRONTEND");
+    assert_eq!([&fe[7], &fe[8], &fe[10]], ["7", "1500", "2"]);
+    let sv = row("gated", "g1");
+    assert_eq!([&sv[8], &sv[9]], ["500", "500"], "a server's bin and bout");
+    let be = row("rooms", "BACKEND");
+    assert_eq!([&be[8], &be[9]], ["1500", "1500"], "a backend's bin and bout");
+    let samples = parse_prometheus(&socket::query(&sock, "show prometheus").unwrap());
+    let sum = |name: &str, want: &[(&str, &str)]| -> f64 {
+        samples
+            .iter()
+            .filter(|(n, l, _)| n == name && want.iter().all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v)))
+            .map(|(_, _, v)| v)
+            .sum()
+    };
+    assert_eq!(sum("ringproxy_frontend_connections_active", &[("frontend", "mqtt")]), 3.0);
+    assert_eq!(sum("ringproxy_frontend_connections_refused_total", &[("frontend", "game"), ("cause", "acl")]), 2.0);
+    assert_eq!(
+        sum("ringproxy_frontend_bytes_total", &[("frontend", "game"), ("direction", "server_to_client")]),
+        1500.0
+    );
+    assert_eq!(sum("ringproxy_frontend_rate_limit_share", &[("frontend", "game")]), 1000.0);
+    assert_eq!(sum("ringproxy_server_bytes_total", &[("server", "g1"), ("direction", "client_to_server")]), 500.0);
+
+    drop(held);
+    drop(early);
+    drop(gated_server);
+    assert_clean(engine, &[brokers.addr.port(), rooms.addr.port(), gate_addr.port()]);
+}
+
 /// One sample: metric name, labels, value.
 type Sample = (String, Vec<(String, String)>, f64);
 
@@ -181,10 +343,13 @@ fn socket_protocol_json_csv_and_prometheus() {
     let header: Vec<&str> = lines.next().unwrap().trim_start_matches("# ").split(',').collect();
     assert_eq!(&header[..8], &["pxname", "svname", "qcur", "qmax", "scur", "smax", "slim", "stot"]);
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
-    assert_eq!(rows.len(), 3);
+    assert_eq!(rows.len(), 4, "a FRONTEND row, two servers, a BACKEND row: {csv}");
     assert!(rows.iter().all(|r| r.len() == header.len()), "every row has every column: {csv}");
-    let stot: u64 = rows.iter().filter(|r| r[1] != "BACKEND").map(|r| r[7].parse::<u64>().unwrap()).sum();
-    assert_eq!(stot, 10);
+    let stot = |of: &dyn Fn(&str) -> bool| -> u64 {
+        rows.iter().filter(|r| of(r[1])).map(|r| r[7].parse::<u64>().unwrap()).sum()
+    };
+    assert_eq!(stot(&|sv| sv != "BACKEND" && sv != "FRONTEND"), 10, "the servers' rows");
+    assert_eq!(stot(&|sv| sv == "FRONTEND"), 10, "the frontend's row");
 
     let via_socket = parse_prometheus(&socket::query(&sock, "show prometheus").unwrap());
     assert!(via_socket.iter().any(|(n, l, v)| n == "ringproxy_connections_accepted_total"
@@ -212,6 +377,9 @@ fn socket_protocol_json_csv_and_prometheus() {
         "ringproxy_ring_queued_bytes",
         "ringproxy_ring_recv_merged_total",
         "ringproxy_recv_buffers_resident_bytes",
+        "ringproxy_frontend_connections_active",
+        "ringproxy_frontend_bytes_total",
+        "ringproxy_server_bytes_total",
     ] {
         assert!(families.contains(f), "missing {f}");
     }
@@ -295,7 +463,9 @@ fn cli_stats_sigusr1_and_connection_log() {
     assert_eq!(snap.total(|w| w.accepted), 5);
     let out = ringproxy().args(["stats", "--watch", "200ms", "--count", "2", "--socket"]).arg(&sock).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(text.matches("accept/s").count(), 2, "{text}");
+    // (Each refresh: the per-core table, then the per-frontend one, each with its rates.)
+    assert_eq!(text.lines().filter(|l| l.starts_with("core ") && l.contains("accept/s")).count(), 2, "{text}");
+    assert_eq!(text.lines().filter(|l| l.starts_with("frontend ") && l.contains("accept/s")).count(), 2, "{text}");
     let out = ringproxy().args(["stats", "--socket", "/nonexistent.sock"]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the stats socket"));
