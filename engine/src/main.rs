@@ -372,15 +372,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         }
         match service.upgrade_end() {
             Some(end @ ringproxy::supervisor::UpgradeEnd::HandedOver { pid, .. }) => {
-                eprintln!("ringproxy: {end}");
-                if let Some(n) = &notify {
-                    n.main_pid(pid, "upgraded");
-                }
-                service.handed_over();
-                if let Some(f) = ready_file {
-                    f.leave();
-                }
-                return ExitCode::SUCCESS;
+                return handed_over(service, &end, pid, notify.as_ref(), ready_file);
             }
             Some(end) => {
                 eprintln!("ringproxy: {end}");
@@ -392,7 +384,10 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     let drain = config::duration::format(service.engine().config().global.drain_timeout);
     // Say "not ready" first, still accepting, so that a routing daemon checking `show ready`
     // withdraws this host's route before its listeners close (a second signal cuts it short).
-    if let (Stop::Signal(sig), Some(delay)) = (&stop, service.engine().config().global.withdraw_delay) {
+    // (Not during an upgrade: the new process serves the listeners; stopping it withdraws.)
+    if let (Stop::Signal(sig), Some(delay), None) =
+        (&stop, service.engine().config().global.withdraw_delay, service.upgrading())
+    {
         eprintln!(
             "ringproxy: {}: reporting not ready for {} (withdraw_delay), still accepting; then draining",
             signal_name(*sig),
@@ -411,7 +406,20 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     }
     let status = match &stop {
         Stop::Signal(sig) => {
-            eprintln!("ringproxy: {}: draining: no new connections, open ones get up to {drain}", signal_name(*sig));
+            match service.upgrading() {
+                // The old engine is draining already, handing its connections over: they go on
+                // to the new process, which serves on (stopping the service is signalling it).
+                Some(pid) => eprintln!(
+                    "ringproxy: {}: an upgrade is under way: the established connections still here go on to the \
+                     new process (pid {pid}), which serves on (signal it to stop the service); this process exits \
+                     once they have",
+                    signal_name(*sig)
+                ),
+                None => eprintln!(
+                    "ringproxy: {}: draining: no new connections, open ones get up to {drain}",
+                    signal_name(*sig)
+                ),
+            }
             ExitCode::SUCCESS
         }
         Stop::Failed(failure) => {
@@ -426,7 +434,16 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         n.stopping(&format!("draining, up to {drain}"));
     }
     service.drain();
-    while !service.finished() {
+    // (An upgrade under way ends as it would have: handed over, the process leaves as after one.)
+    while !service.finished() || service.upgrading().is_some() {
+        match service.upgrade_end() {
+            Some(end @ ringproxy::supervisor::UpgradeEnd::HandedOver { pid, .. }) => {
+                return handed_over(service, &end, pid, notify.as_ref(), ready_file);
+            }
+            // Rolled back: what it kept drains here.
+            Some(end) => eprintln!("ringproxy: {end}"),
+            None => {}
+        }
         // The runtime API keeps answering while the connections drain: `show ready` says FAIL at
         // once (a routing daemon's check must not hang), reads answer, changes are refused.
         service.serve_requests();
@@ -447,6 +464,27 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     service.join();
     eprintln!("ringproxy: drained, exiting");
     status
+}
+
+/// The old process of an upgrade has handed everything over (`end`) to process `pid`: tells
+/// systemd which process is the service now, leaves the stats sockets' files and the ready file to
+/// it, and exits.
+fn handed_over(
+    service: Supervisor,
+    end: &ringproxy::supervisor::UpgradeEnd,
+    pid: u32,
+    notify: Option<&ringproxy::sdnotify::Notifier>,
+    ready_file: Option<ReadyFile>,
+) -> ExitCode {
+    eprintln!("ringproxy: {end}");
+    if let Some(n) = notify {
+        n.main_pid(pid, "upgraded");
+    }
+    service.handed_over();
+    if let Some(f) = ready_file {
+        f.leave();
+    }
+    ExitCode::SUCCESS
 }
 
 /// Why the main loop ended.

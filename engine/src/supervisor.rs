@@ -406,12 +406,20 @@ impl Supervisor {
 
     /// Gives up at once, without joining any thread (a second SIGTERM): removes the stats socket's
     /// file and leaves the engines, still draining, to the process's exit, which the caller
-    /// brings about right after.
+    /// brings about right after. During an upgrade the files stay: the new process serves them.
     pub fn abandon(self) {
-        for p in &self.stats_paths {
-            let _ = std::fs::remove_file(p);
+        if self.upgrading.is_none() {
+            for p in &self.stats_paths {
+                let _ = std::fs::remove_file(p);
+            }
         }
         std::mem::forget(self);
+    }
+
+    /// The new process of the upgrade under way, once it serves (its pid), until
+    /// [`Supervisor::upgrade_end`] has said how the hand-over ended.
+    pub fn upgrading(&self) -> Option<u32> {
+        self.upgrading.as_ref().map(|u| u.pid)
     }
 
     /// Engines still draining after reloads.

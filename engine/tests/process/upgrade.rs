@@ -218,6 +218,52 @@ fn an_upgrade_with_a_drain_shorter_than_a_hand_over_still_hands_over_every_conne
     new_process_ends_clean(&sock, s.pid);
 }
 
+/// SIGTERM to the old process while it hands its connections over (systemd stopping the unit, an
+/// operator's `kill`): the hand-over goes on to its end — every connection reaches the new process,
+/// which serves on — and the old process exits 0 as after any upgrade, telling systemd the new
+/// main pid and leaving the stats sockets' files to the new process (until 2026-12-06 its drain
+/// removed them at exit, and the new process served on without reachable stats or admin sockets).
+#[test]
+fn a_sigterm_during_a_hand_over_lets_it_finish_and_the_new_process_keeps_the_stats_sockets() {
+    let echo = Backend::start(Mode::Echo);
+    let port = free_port();
+    let (sock, admin) = (temp_path("up6.sock"), temp_path("up6-admin.sock"));
+    let proxy = Proxy::start("up6", &yaml(port, echo.addr, &sock, &admin));
+    let Some(mut proxy) = handing_over_connections(proxy) else { return };
+    let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut held = held_echoing(front, 300);
+    // Both at once: of two pending signals the kernel hands the lower-numbered first, and the
+    // main loop takes SIGUSR2 whenever it arrives, so SIGTERM is handled right after the new
+    // process serves, the connections still on their way.
+    proxy.signal(libc::SIGUSR2);
+    proxy.signal(libc::SIGTERM);
+    let started = proxy.wait_stderr("serves the listening sockets");
+    let new_pid = pid_in(&started);
+    let _new_process = KilledIfTheTestFails(new_pid);
+    let line = proxy.wait_stderr("SIGTERM: ");
+    assert!(
+        line.contains(&format!(
+            "an upgrade is under way: the established connections still here go on to the new process (pid {new_pid})"
+        )),
+        "{line}"
+    );
+    let line = proxy.wait_stderr("upgrade: handed the listening sockets and");
+    assert!(line.contains("and 300 established connections"), "{line}");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0), "the old process exits once it has handed over");
+    assert!(sock.exists() && admin.exists(), "the stats sockets' files stay: the new process serves them");
+    let s = ringproxy::stats::socket::fetch(&sock).unwrap();
+    assert_eq!(s.pid, new_pid, "the stats socket is the new process's");
+    assert_eq!(s.total(|w| w.moved_in), 300, "every connection handed over");
+    let out = ringproxy().args(["cmd", "--socket"]).arg(&admin).arg("show ready").output().unwrap();
+    assert!(out.status.success(), "the admin socket answers: {}", String::from_utf8_lossy(&out.stdout));
+    for (i, c) in held.iter_mut().enumerate() {
+        echo_once(c, format!("handed over through a SIGTERM {i}").as_bytes());
+    }
+    drop(held);
+    new_process_ends_clean(&sock, new_pid);
+    assert!(!sock.exists() && !admin.exists(), "the new process removed the stats sockets at exit");
+}
+
 /// An upgrade keeps the listening sockets, and the kernel keeps a buffer size set on a socket
 /// until it closes: a `tune.sndbuf_client` the new file no longer sets stays in force for new
 /// clients, as after a reload. The upgrade's answer and the log say so, and so does
