@@ -327,6 +327,11 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
     let ready_file = ready_file.map(ReadyFile::new);
     let notify = ringproxy::sdnotify::Notifier::from_env();
     let mut written = None;
+    // A SIGTERM or SIGINT that came while an upgrade's new process was starting: it applies once
+    // the start has come out (to the hand-over, or to this process).
+    let mut pending_stop = None;
+    // Whether the upgrade starting was asked for by SIGUSR2 (its outcome is logged so).
+    let mut by_signal = false;
     let stop = loop {
         if written != Some(service.generation) {
             if let Some(f) = &ready_file
@@ -357,11 +362,31 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
                 written = None;
             }
             Some(libc::SIGUSR2) => match service.upgrade(None) {
-                Ok(line) => eprintln!("ringproxy: SIGUSR2: {line}"),
+                Ok(line) => {
+                    eprintln!("ringproxy: SIGUSR2: {line}");
+                    by_signal = true;
+                }
                 Err(e) => eprintln!("ringproxy: SIGUSR2: {e}"),
             },
+            Some(sig @ (libc::SIGTERM | libc::SIGINT)) if service.upgrade_starting() && pending_stop.is_none() => {
+                eprintln!(
+                    "ringproxy: {}: an upgrade's new process is starting: once it serves, the connections go on to \
+                     it and this process exits; if it fails, this process drains (a second signal: drain now)",
+                    signal_name(sig)
+                );
+                pending_stop = Some(sig);
+            }
             Some(other) => break Stop::Signal(other),
             None => {}
+        }
+        if let Some(outcome) = service.upgrade_started() {
+            let by = if std::mem::take(&mut by_signal) { "SIGUSR2: " } else { "" };
+            match outcome {
+                Ok(line) | Err(line) => eprintln!("ringproxy: {by}{line}"),
+            }
+            if let Some(sig) = pending_stop {
+                break Stop::Signal(sig);
+            }
         }
         if let Some(failure) = service.failure() {
             break Stop::Failed(failure);
@@ -381,6 +406,8 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
             None => {}
         }
     };
+    // A start still under way (a second signal came first) is given up.
+    service.cancel_upgrade_start();
     let drain = config::duration::format(service.engine().config().global.drain_timeout);
     // Say "not ready" first, still accepting, so that a routing daemon checking `show ready`
     // withdraws this host's route before its listeners close (a second signal cuts it short).

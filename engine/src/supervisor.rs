@@ -103,15 +103,17 @@ impl fmt::Display for Handover {
 
 /// The answer to a command the supervisor carried out, also written to the log.
 fn logged(outcome: Result<String, String>) -> Answer {
+    match &outcome {
+        Ok(text) | Err(text) => eprintln!("ringproxy: {text}"),
+    }
+    answer(&outcome)
+}
+
+/// The runtime API's answer of `outcome`.
+fn answer(outcome: &Result<String, String>) -> Answer {
     match outcome {
-        Ok(text) => {
-            eprintln!("ringproxy: {text}");
-            Answer::Ok(format!("{text}\n"))
-        }
-        Err(text) => {
-            eprintln!("ringproxy: {text}");
-            Answer::Fail(format!("{text}\n"))
-        }
+        Ok(text) => Answer::Ok(format!("{text}\n")),
+        Err(text) => Answer::Fail(format!("{text}\n")),
     }
 }
 
@@ -162,6 +164,8 @@ pub struct Supervisor {
     watcher: Watcher,
     /// Successful reloads since start.
     pub generation: u64,
+    /// A binary upgrade whose new process was started and has not said yet that it serves.
+    starting: Option<Starting>,
     /// A binary upgrade handing everything to a new process.
     upgrading: Option<Upgrading>,
     /// The client-side socket buffer sizes the listening sockets keep, by key: set by the current
@@ -175,6 +179,23 @@ pub struct Supervisor {
     withdrawing: Option<std::time::Instant>,
     /// Since when it drains on its way out (listeners closed; SIGTERM, or a helper failed).
     stopping: Option<std::time::Instant>,
+}
+
+/// An upgrade's new process, started and handed the listening sockets, until it says it serves.
+struct Starting {
+    binary: PathBuf,
+    child: std::process::Child,
+    link: crate::upgrade::Link,
+    /// When it is stopped if it has not said that it serves.
+    deadline: std::time::Instant,
+    /// The admin-socket requests that asked for the upgrade: answered once it serves or failed.
+    replies: Vec<Sender<Answer>>,
+}
+
+/// Stops an upgrade's new process that has not served.
+fn stop_child(child: &mut std::process::Child) {
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A binary upgrade under way, seen from the old process.
@@ -378,6 +399,7 @@ impl Supervisor {
             metrics,
             watcher,
             generation: 0,
+            starting: None,
             upgrading: None,
             listener_buffers,
             start_warnings,
@@ -429,7 +451,7 @@ impl Supervisor {
 
     /// Re-reads the configuration file and switches to it, or explains why not.
     pub fn reload(&mut self) -> Result<ReloadReport, ReloadError> {
-        if self.upgrading.is_some() {
+        if self.upgrading.is_some() || self.starting.is_some() {
             return Err(ReloadError::Upgrading);
         }
         if self.going_away() {
@@ -480,13 +502,15 @@ impl Supervisor {
     }
 
     /// Starts `binary` (default: this program's path) with this process's arguments and hands it
-    /// the listening sockets (upgrade.rs); returns once it serves them, and then hands it the
-    /// established connections in the background ([`Supervisor::upgrade_end`] says when that is
-    /// over). If it does not start, refuses, or does not serve within 30 s, it is stopped and
-    /// this process serves on: the error says why.
+    /// the listening sockets (upgrade.rs), then returns at once: [`Supervisor::upgrade_started`],
+    /// called from the main loop, says when it serves them (and then hands it the established
+    /// connections in the background; [`Supervisor::upgrade_end`] says when that is over) or has
+    /// failed. Meanwhile signals and the runtime API are answered as always. If it does not start,
+    /// refuses, or does not serve within 30 s, it is stopped and this process serves on: the error
+    /// says why.
     pub fn upgrade(&mut self, binary: Option<&Path>) -> Result<String, String> {
         use std::os::fd::{AsFd, AsRawFd};
-        if self.upgrading.is_some() {
+        if self.upgrading.is_some() || self.starting.is_some() {
             return Err("upgrade refused: an upgrade is already under way".into());
         }
         if self.going_away() {
@@ -516,10 +540,6 @@ impl Supervisor {
         }
         let mut child = cmd.spawn().map_err(|e| fail(format!("cannot start it: {e}")))?;
         drop(theirs);
-        let stop = |child: &mut std::process::Child| {
-            let _ = child.kill();
-            let _ = child.wait();
-        };
         // What it takes over: every frontend socket, then the stats endpoints.
         let groups = self.current.listeners();
         let listeners = groups
@@ -555,46 +575,87 @@ impl Supervisor {
                 }
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            stop(&mut child);
+            stop_child(&mut child);
             return Err(fail(format!("handing it the listening sockets: {e}")));
         }
         drop(fds);
+        let text = format!(
+            "upgrade: started {} (pid {}) and handed it the listening sockets; waiting for it to serve them (at most \
+             {}s)",
+            binary.display(),
+            child.id(),
+            crate::upgrade::START_WAIT.as_secs()
+        );
         let deadline = std::time::Instant::now() + crate::upgrade::START_WAIT;
-        let (pid, warnings) = loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(fail(format!("it exited ({status}) before serving")));
+        self.starting = Some(Starting { binary, child, link, deadline, replies: Vec::new() });
+        Ok(text)
+    }
+
+    /// Whether an upgrade's new process has been started and has not yet said that it serves (or
+    /// failed).
+    pub fn upgrade_starting(&self) -> bool {
+        self.starting.is_some()
+    }
+
+    /// How the start of the upgrade under way came out, once it has (`None` before, and without
+    /// one): the new process serves, and the established connections are on their way to it; or
+    /// it failed, and this process serves on. Answered to whoever asked through the admin socket;
+    /// the caller logs it.
+    pub fn upgrade_started(&mut self) -> Option<Result<String, String>> {
+        let st = self.starting.as_mut()?;
+        let fail = |why: String| format!("upgrade to {} failed, this process serves on: {why}", st.binary.display());
+        // (What it said first: a refusal comes before its exit.)
+        let started: Result<(u32, Vec<String>), String> = match st.link.recv(std::time::Duration::ZERO) {
+            Ok(None) => {
+                if let Ok(Some(status)) = st.child.try_wait() {
+                    Err(fail(format!("it exited ({status}) before serving")))
+                } else if std::time::Instant::now() >= st.deadline {
+                    stop_child(&mut st.child);
+                    Err(fail(format!("it did not serve within {}s", crate::upgrade::START_WAIT.as_secs())))
+                } else {
+                    return None;
+                }
             }
-            if std::time::Instant::now() >= deadline {
-                stop(&mut child);
-                return Err(fail(format!("it did not serve within {}s", crate::upgrade::START_WAIT.as_secs())));
+            Ok(Some((crate::upgrade::Msg::Ready { pid, warnings, .. }, _))) => Ok((pid, warnings)),
+            Ok(Some((crate::upgrade::Msg::Refused { reason }, _))) => {
+                stop_child(&mut st.child);
+                Err(fail(format!("it refused: {reason}")))
             }
-            match link.recv(std::time::Duration::from_millis(100)) {
-                Ok(None) => {}
-                Ok(Some((crate::upgrade::Msg::Ready { pid, warnings, .. }, _))) => break (pid, warnings),
-                Ok(Some((crate::upgrade::Msg::Refused { reason }, _))) => {
-                    stop(&mut child);
-                    return Err(fail(format!("it refused: {reason}")));
-                }
-                Ok(Some((other, _))) => {
-                    stop(&mut child);
-                    return Err(fail(format!("it said {other:?} instead of serving")));
-                }
-                Err(e) => {
-                    let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|_| "unknown status".into());
-                    return Err(fail(format!("it broke off ({e}) and exited ({status})")));
-                }
+            Ok(Some((other, _))) => {
+                stop_child(&mut st.child);
+                Err(fail(format!("it said {other:?} instead of serving")))
+            }
+            Err(e) => {
+                let status = st.child.wait().map(|s| s.to_string()).unwrap_or_else(|_| "unknown status".into());
+                Err(fail(format!("it broke off ({e}) and exited ({status})")))
             }
         };
+        let mut st = self.starting.take()?;
+        let replies = std::mem::take(&mut st.replies);
+        let outcome = started.and_then(|(pid, warnings)| self.hand_over(st, pid, warnings));
+        for r in replies {
+            let _ = r.send(answer(&outcome));
+        }
+        Some(outcome)
+    }
+
+    /// The new process `pid` serves (`st`): hands it the established connections in the
+    /// background.
+    fn hand_over(&mut self, st: Starting, pid: u32, warnings: Vec<String>) -> Result<String, String> {
+        let Starting { binary, child, link, .. } = st;
         // It serves. (The child is not waited for: it outlives this process.)
         std::mem::forget(child);
         let (tx, exports) = crossbeam_channel::unbounded();
         self.current.export_to(Arc::new(crate::worker::ExportPlan { tx }));
         let (failed_tx, failed) = crossbeam_channel::bounded(1);
         let peers = self.current.peers();
-        let courier = std::thread::Builder::new()
+        let courier = match std::thread::Builder::new()
             .name("ringproxy-upgrade".into())
             .spawn(move || crate::upgrade::send_conns(link, exports, peers, failed_tx))
-            .map_err(|e| format!("upgrade: cannot start its courier thread: {e}"))?;
+        {
+            Ok(c) => c,
+            Err(e) => return Err(format!("upgrade: cannot start its courier thread: {e}")),
+        };
         self.upgrading =
             Some(Upgrading { binary: binary.clone(), pid, started: std::time::Instant::now(), courier, failed });
         let mut text = format!(
@@ -606,6 +667,21 @@ impl Supervisor {
             text.push_str(&w);
         }
         Ok(text)
+    }
+
+    /// Gives up the start of an upgrade under way (the service is going away before the new
+    /// process served): stops the new process and tells whoever asked.
+    pub fn cancel_upgrade_start(&mut self) {
+        if let Some(mut st) = self.starting.take() {
+            stop_child(&mut st.child);
+            let answer = logged(Err(format!(
+                "upgrade to {} cancelled: the service is stopping; the new process was stopped before it served",
+                st.binary.display()
+            )));
+            for r in &st.replies {
+                let _ = r.send(answer.clone());
+            }
+        }
     }
 
     /// How the binary upgrade under way ended, once it has: everything handed over (the caller
@@ -665,6 +741,16 @@ impl Supervisor {
                 since.elapsed().as_secs_f64()
             ));
         }
+        if let Some(u) = &self.upgrading {
+            // The new process serves the listening sockets and answers for itself; this one's
+            // engine is handing it its connections, and once it holds none its workers are gone
+            // (their servers no longer in its stats): not a reason to withdraw the host.
+            return Ok(format!(
+                "ready: an upgrade's new process (pid {}) serves the listening sockets; this process hands it its \
+                 connections",
+                u.pid
+            ));
+        }
         let stats = self.current.stats();
         let config = self.config();
         let mut empty: Vec<&str> = Vec::new();
@@ -698,6 +784,7 @@ impl Supervisor {
     /// configuration does not have changes nothing.
     pub fn command(&mut self, command: &Command) -> Answer {
         let (server, op) = match command {
+            // (Answered by `serve_requests` once the new process serves or has failed.)
             Command::Upgrade { binary } => return logged(self.upgrade(binary.as_deref())),
             Command::Reload => {
                 return logged(
@@ -876,7 +963,13 @@ impl Supervisor {
     pub fn serve_requests(&mut self) {
         while let Ok(Request { command, reply }) = self.requests.try_recv() {
             let answer = self.command(&command);
-            let _ = reply.send(answer);
+            match (&command, &mut self.starting) {
+                // Started: answered once it serves or has failed (`upgrade_started`).
+                (Command::Upgrade { .. }, Some(st)) if matches!(answer, Answer::Ok(_)) => st.replies.push(reply),
+                _ => {
+                    let _ = reply.send(answer);
+                }
+            }
         }
     }
 

@@ -147,6 +147,7 @@ fn a_new_binary_that_fails_or_speaks_another_protocol_leaves_the_old_process_ser
     assert!(text.contains("speaks hand-over protocol 99") && text.contains("serves on"), "{text}");
     // SIGUSR2 does the same (default binary), and says so in the log.
     proxy.signal(libc::SIGUSR2);
+    proxy.wait_stderr("SIGUSR2: upgrade: started");
     let line = proxy.wait_stderr("SIGUSR2: upgrade to");
     assert!(line.contains("speaks hand-over protocol 99") && line.contains("serves on"), "{line}");
     // Still the same process, serving old and new connections.
@@ -233,18 +234,18 @@ fn a_sigterm_during_a_hand_over_lets_it_finish_and_the_new_process_keeps_the_sta
     let front: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut held = held_echoing(front, 300);
     // Both at once: of two pending signals the kernel hands the lower-numbered first, and the
-    // main loop takes SIGUSR2 whenever it arrives, so SIGTERM is handled right after the new
-    // process serves, the connections still on their way.
+    // main loop takes SIGUSR2 whenever it arrives, so SIGTERM comes while the new process starts:
+    // it waits until it serves, and applies with the connections still on their way.
     proxy.signal(libc::SIGUSR2);
     proxy.signal(libc::SIGTERM);
     let started = proxy.wait_stderr("serves the listening sockets");
     let new_pid = pid_in(&started);
     let _new_process = KilledIfTheTestFails(new_pid);
     let line = proxy.wait_stderr("SIGTERM: ");
+    assert!(line.contains("an upgrade's new process is starting: once it serves"), "{line}");
+    let line = proxy.wait_stderr("SIGTERM: an upgrade is under way");
     assert!(
-        line.contains(&format!(
-            "an upgrade is under way: the established connections still here go on to the new process (pid {new_pid})"
-        )),
+        line.contains(&format!("the established connections still here go on to the new process (pid {new_pid})")),
         "{line}"
     );
     let line = proxy.wait_stderr("upgrade: handed the listening sockets and");
@@ -262,6 +263,68 @@ fn a_sigterm_during_a_hand_over_lets_it_finish_and_the_new_process_keeps_the_sta
     drop(held);
     new_process_ends_clean(&sock, new_pid);
     assert!(!sock.exists() && !admin.exists(), "the new process removed the stats sockets at exit");
+}
+
+/// While the new process starts (here a binary that takes 2 s to), the old one answers the runtime
+/// API and its signals as always — a routing daemon's `show ready` is not held up, a second upgrade
+/// is refused at once — and `ringproxy upgrade` answers once the new process serves. (Until
+/// 2026-12-06 the old process's main loop waited for the new one, up to 30 s, and every admin
+/// command and signal with it.)
+#[test]
+fn the_old_process_answers_the_runtime_api_while_the_new_one_starts() {
+    let echo = Backend::start(Mode::Echo);
+    let port = free_port();
+    let (sock, admin) = (temp_path("up7.sock"), temp_path("up7-admin.sock"));
+    let mut proxy = Proxy::start("up7", &yaml(port, echo.addr, &sock, &admin));
+    let slow = temp_path("slow-ringproxy.sh");
+    std::fs::write(&slow, format!("#!/bin/sh\nsleep 2\nexec {RINGPROXY} \"$@\"\n")).unwrap();
+    std::fs::set_permissions(&slow, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let upgrade = {
+        let (admin, slow) = (admin.clone(), slow.clone());
+        spawn(move || ringproxy().args(["upgrade", "--socket"]).arg(&admin).arg(&slow).output().unwrap())
+    };
+    let line = proxy.wait_stderr("and handed it the listening sockets; waiting for it to serve them");
+    let new_pid = pid_in(&line);
+    let _new_process = KilledIfTheTestFails(new_pid);
+    let cmd = |socket: &Path, line: &str| {
+        let t = Instant::now();
+        let out = ringproxy().args(["cmd", "--socket"]).arg(socket).arg(line).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), t.elapsed())
+    };
+    // (The stats socket, which a routing daemon's check reads: the admin socket's answers come one
+    // at a time, and its `upgrade` is answered once the new process serves.)
+    let (ok, text, took) = cmd(&sock, "show ready");
+    assert!(ok && took < Duration::from_millis(1500), "show ready during the start: {ok} in {took:?}: {text}");
+    let (ok, text, _) = cmd(&sock, "upgrade");
+    assert!(!ok && text.contains("read-only"), "{text}");
+    proxy.signal(libc::SIGUSR2);
+    let line = proxy.wait_stderr("SIGUSR2: upgrade refused");
+    assert!(line.contains("already under way"), "a second upgrade is refused at once: {line}");
+    // Asked on the admin socket, `show ready` waits behind the `upgrade` there, and is answered
+    // right after it, by the old process handing over: ready (it said "no server up" once its
+    // engine had handed everything over and its workers were gone).
+    let queued = {
+        let admin = admin.clone();
+        spawn(move || {
+            let out = ringproxy().args(["cmd", "--socket"]).arg(&admin).arg("show ready").output().unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        })
+    };
+    assert!(!upgrade.is_finished(), "the upgrade still waits for the new process to serve");
+    let out = upgrade.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains(&format!("(pid {new_pid}) serves the listening sockets")), "{text}");
+    proxy.wait_stderr("upgrade: handed the listening sockets and");
+    assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0), "the old process exits once it has handed over");
+    let (ok, text) = queued.join().unwrap();
+    assert!(ok, "show ready asked during the upgrade: {text}");
+    let (ok, text, _) = cmd(&sock, "show ready");
+    assert!(ok, "the new process is ready: {text}");
+    let mut c = connect(SocketAddr::from(([127, 0, 0, 1], port)));
+    echo_once(&mut c, b"served by the new process");
+    drop(c);
+    new_process_ends_clean(&sock, new_pid);
 }
 
 /// An upgrade keeps the listening sockets, and the kernel keeps a buffer size set on a socket
