@@ -168,6 +168,8 @@ pub struct Supervisor {
     starting: Option<Starting>,
     /// A binary upgrade handing everything to a new process.
     upgrading: Option<Upgrading>,
+    /// The process an upgrade handed everything to (this one is about to exit).
+    handed_to: Option<u32>,
     /// The client-side socket buffer sizes the listening sockets keep, by key: set by the current
     /// configuration or an earlier one (reloads and upgrades keep the sockets, and the kernel keeps
     /// a size set on a socket until it closes). See [`listener_buffers`].
@@ -401,6 +403,7 @@ impl Supervisor {
             generation: 0,
             starting: None,
             upgrading: None,
+            handed_to: None,
             listener_buffers,
             start_warnings,
             withdrawing: None,
@@ -451,7 +454,7 @@ impl Supervisor {
 
     /// Re-reads the configuration file and switches to it, or explains why not.
     pub fn reload(&mut self) -> Result<ReloadReport, ReloadError> {
-        if self.upgrading.is_some() || self.starting.is_some() {
+        if self.upgrading.is_some() || self.starting.is_some() || self.handed_to.is_some() {
             return Err(ReloadError::Upgrading);
         }
         if self.going_away() {
@@ -706,15 +709,38 @@ impl Supervisor {
         let u = self.upgrading.take()?;
         let after = u.started.elapsed();
         match u.courier.join() {
-            Ok(Ok(taken)) => Some(UpgradeEnd::HandedOver { pid: u.pid, binary: u.binary, taken, after }),
+            Ok(Ok(taken)) => {
+                self.handed_to = Some(u.pid);
+                Some(UpgradeEnd::HandedOver { pid: u.pid, binary: u.binary, taken, after })
+            }
             Ok(Err(reason)) => Some(UpgradeEnd::RolledBack { pid: u.pid, reason }),
             Err(_) => Some(UpgradeEnd::RolledBack { pid: u.pid, reason: "its courier thread failed".into() }),
         }
     }
 
-    /// The old process has handed everything over: it leaves the stats sockets' files to the new
-    /// process and exits without draining anything more.
+    /// How long the old process of an upgrade goes on answering the monitoring clients it had
+    /// accepted before it exits (the new process takes every new one).
+    const ANSWER_BEFORE_EXIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+    /// The old process has handed everything over: it stops accepting monitoring clients (the new
+    /// process, which shares the sockets, takes them), answers those it has — the runtime API's
+    /// too, for at most [`Supervisor::ANSWER_BEFORE_EXIT`] — leaves the stats sockets' files to
+    /// the new process and exits without draining anything more.
     pub fn handed_over(mut self) {
+        let stats = [self._stats_socket.as_ref(), self._admin_socket.as_ref()];
+        stats.iter().flatten().for_each(|s| s.stop_accepting());
+        if let Some(m) = &self.metrics {
+            m.stop_accepting();
+        }
+        let deadline = std::time::Instant::now() + Self::ANSWER_BEFORE_EXIT;
+        let quiet = |s: &Supervisor| {
+            [s._stats_socket.as_ref(), s._admin_socket.as_ref()].iter().flatten().all(|s| s.quiet())
+                && s.metrics.as_ref().is_none_or(|m| m.quiet())
+        };
+        while !quiet(&self) && std::time::Instant::now() < deadline {
+            self.serve_requests();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         if let Some(s) = self._stats_socket.take() {
             s.disown();
         }
@@ -741,14 +767,13 @@ impl Supervisor {
                 since.elapsed().as_secs_f64()
             ));
         }
-        if let Some(u) = &self.upgrading {
+        if let Some(pid) = self.upgrading.as_ref().map(|u| u.pid).or(self.handed_to) {
             // The new process serves the listening sockets and answers for itself; this one's
             // engine is handing it its connections, and once it holds none its workers are gone
             // (their servers no longer in its stats): not a reason to withdraw the host.
             return Ok(format!(
-                "ready: an upgrade's new process (pid {}) serves the listening sockets; this process hands it its \
-                 connections",
-                u.pid
+                "ready: an upgrade's new process (pid {pid}) serves the listening sockets; this process hands it its \
+                 connections"
             ));
         }
         let stats = self.current.stats();
@@ -783,6 +808,15 @@ impl Supervisor {
     /// Carries out a runtime-API command on the current engine. A command naming what the running
     /// configuration does not have changes nothing.
     pub fn command(&mut self, command: &Command) -> Answer {
+        if let Some(pid) = self.handed_to
+            && *command != Command::ShowReady
+        {
+            // (Its engine has handed everything over and its workers are gone.)
+            return Answer::Fail(format!(
+                "this process has handed everything to pid {pid} (a binary upgrade) and is exiting: ask again, the \
+                 new process answers\n"
+            ));
+        }
         let (server, op) = match command {
             // (Answered by `serve_requests` once the new process serves or has failed.)
             Command::Upgrade { binary } => return logged(self.upgrade(binary.as_deref())),

@@ -527,6 +527,16 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// Accepts no more scrapers (a new process shares the socket and takes them) and answers
+    /// those it has; [`Endpoint::quiet`] once it has.
+    pub fn stop_accepting(&self) {
+        self._running.stop_accepting();
+    }
+
+    pub fn quiet(&self) -> bool {
+        self._running.quiet()
+    }
+
     /// The listening socket.
     pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&self.listener)

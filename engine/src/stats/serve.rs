@@ -88,9 +88,27 @@ impl Listener for TcpListener {
 /// A served endpoint; dropping it stops the service and returns promptly.
 pub(super) struct Running {
     stop: Arc<AtomicBool>,
+    /// Set by [`Running::stop_accepting`]; `quiet` once the poll thread has seen it and holds no
+    /// client.
+    closing: Arc<AtomicBool>,
+    quiet: Arc<AtomicBool>,
     wake: UnixStream,
     poll: Option<JoinHandle<()>>,
     answer: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Accepts no more clients (the listening socket is shared with a process that takes them
+    /// now) and goes on serving those it has.
+    pub(super) fn stop_accepting(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+        let _ = (&self.wake).write(&[1]);
+    }
+
+    /// Accepting no more, and every client it had answered (or closed at its deadline).
+    pub(super) fn quiet(&self) -> bool {
+        self.quiet.load(Ordering::SeqCst)
+    }
 }
 
 /// Serves `listener` with `protocol` on two threads named after `name`.
@@ -111,6 +129,7 @@ pub(super) fn start<L: Listener, P: Protocol>(
     let (jobs_tx, jobs) = crossbeam_channel::unbounded::<String>();
     let (done, done_rx) = crossbeam_channel::unbounded::<Arc<[u8]>>();
     let stop = Arc::new(AtomicBool::new(false));
+    let (closing, quiet) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let flag = stop.clone();
     let answer = watch.spawn(&format!("{name}-answers"), move || {
         answer_each(&protocol, &jobs, &done, &answered_wake, &flag);
@@ -123,6 +142,8 @@ pub(super) fn start<L: Listener, P: Protocol>(
         jobs: jobs_tx,
         done: done_rx,
         stop: stop.clone(),
+        closing: closing.clone(),
+        quiet: quiet.clone(),
         inflight: None,
         seq: 0,
         accept_after: None,
@@ -133,7 +154,7 @@ pub(super) fn start<L: Listener, P: Protocol>(
         state.run();
         Ok::<(), std::convert::Infallible>(())
     })?;
-    Ok(Running { stop, wake, poll: Some(poll), answer: Some(answer) })
+    Ok(Running { stop, closing, quiet, wake, poll: Some(poll), answer: Some(answer) })
 }
 
 /// The answer thread: one request at a time, until the poll thread is gone or the flag is set.
@@ -194,6 +215,9 @@ struct Loop<L: Listener> {
     jobs: Sender<String>,
     done: Receiver<Arc<[u8]>>,
     stop: Arc<AtomicBool>,
+    /// Accept no more ([`Running::stop_accepting`]); `quiet`: seen, and no client left.
+    closing: Arc<AtomicBool>,
+    quiet: Arc<AtomicBool>,
     /// The request being answered, and the last `seq` given out when it was taken: the clients
     /// waiting for it then share its answer.
     inflight: Option<(String, u64)>,
@@ -215,7 +239,8 @@ impl<L: Listener> Loop<L> {
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(2 + MAX_CLIENTS);
         while !self.stop.load(Ordering::SeqCst) {
             let now = Instant::now();
-            let accepting = self.accept_after.is_none_or(|t| now >= t);
+            let closing = self.closing.load(Ordering::SeqCst);
+            let accepting = !closing && self.accept_after.is_none_or(|t| now >= t);
             let fd = |fd: i32, events: i16| libc::pollfd { fd, events, revents: 0 };
             fds.clear();
             fds.push(fd(self.woken.as_raw_fd(), libc::POLLIN));
@@ -265,6 +290,9 @@ impl<L: Listener> Loop<L> {
                 self.accept(now);
             }
             self.dispatch();
+            // (Read again: set during this turn's poll, it has woken it; a client this turn
+            // accepted before it was seen is served.)
+            self.quiet.store(self.closing.load(Ordering::SeqCst) && self.clients.is_empty(), Ordering::SeqCst);
         }
     }
 

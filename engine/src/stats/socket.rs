@@ -297,6 +297,18 @@ impl Server {
     pub fn disown(mut self) {
         self.disowned = true;
     }
+
+    /// Accepts no more clients (a new process shares the socket and takes them) and answers
+    /// those it has; [`Server::quiet`] once it has.
+    pub fn stop_accepting(&self) {
+        if let Some(r) = &self.running {
+            r.stop_accepting();
+        }
+    }
+
+    pub fn quiet(&self) -> bool {
+        self.running.as_ref().is_none_or(|r| r.quiet())
+    }
 }
 
 /// Serves a stats socket another process created and handed over (binary upgrade): the same
