@@ -146,9 +146,7 @@ fn add(sum: &mut WorkerStats, w: &WorkerStats) {
     sum.accepted += w.accepted;
     sum.closed += w.closed;
     sum.connect_errors.add(&w.connect_errors);
-    sum.timeouts.client += w.timeouts.client;
-    sum.timeouts.server += w.timeouts.server;
-    sum.timeouts.queue += w.timeouts.queue;
+    sum.timeouts.add(&w.timeouts);
     sum.resets_from_client += w.resets_from_client;
     sum.resets_from_server += w.resets_from_server;
     sum.global_share += w.global_share;
