@@ -661,6 +661,7 @@ impl Supervisor {
         };
         self.upgrading =
             Some(Upgrading { binary: binary.clone(), pid, started: std::time::Instant::now(), courier, failed });
+        self.monitoring_accepts(false);
         let mut text = format!(
             "upgrade: {} (pid {pid}) serves the listening sockets; handing it the established connections",
             binary.display()
@@ -694,6 +695,7 @@ impl Supervisor {
         if let Ok(reason) = u.failed.try_recv() {
             let pid = u.pid;
             self.upgrading = None;
+            self.monitoring_accepts(true);
             // The courier answers "not taken" for everything from now on, so each connection
             // stays; a fresh engine on the same sockets takes them (a reload).
             let end = match self.reload() {
@@ -713,8 +715,26 @@ impl Supervisor {
                 self.handed_to = Some(u.pid);
                 Some(UpgradeEnd::HandedOver { pid: u.pid, binary: u.binary, taken, after })
             }
-            Ok(Err(reason)) => Some(UpgradeEnd::RolledBack { pid: u.pid, reason }),
-            Err(_) => Some(UpgradeEnd::RolledBack { pid: u.pid, reason: "its courier thread failed".into() }),
+            Ok(Err(reason)) => {
+                self.monitoring_accepts(true);
+                Some(UpgradeEnd::RolledBack { pid: u.pid, reason })
+            }
+            Err(_) => {
+                self.monitoring_accepts(true);
+                Some(UpgradeEnd::RolledBack { pid: u.pid, reason: "its courier thread failed".into() })
+            }
+        }
+    }
+
+    /// Whether the stats socket, the admin socket and the Prometheus endpoint accept new clients:
+    /// not from the moment an upgrade's new process serves them (it shares their listening
+    /// sockets and answers for the service from then on), again if it breaks off.
+    fn monitoring_accepts(&self, accept: bool) {
+        for s in [self._stats_socket.as_ref(), self._admin_socket.as_ref()].into_iter().flatten() {
+            if accept { s.resume_accepting() } else { s.stop_accepting() }
+        }
+        if let Some(m) = &self.metrics {
+            if accept { m.resume_accepting() } else { m.stop_accepting() }
         }
     }
 
@@ -727,11 +747,7 @@ impl Supervisor {
     /// too, for at most [`Supervisor::ANSWER_BEFORE_EXIT`] — leaves the stats sockets' files to
     /// the new process and exits without draining anything more.
     pub fn handed_over(mut self) {
-        let stats = [self._stats_socket.as_ref(), self._admin_socket.as_ref()];
-        stats.iter().flatten().for_each(|s| s.stop_accepting());
-        if let Some(m) = &self.metrics {
-            m.stop_accepting();
-        }
+        self.monitoring_accepts(false);
         let deadline = std::time::Instant::now() + Self::ANSWER_BEFORE_EXIT;
         let quiet = |s: &Supervisor| {
             [s._stats_socket.as_ref(), s._admin_socket.as_ref()].iter().flatten().all(|s| s.quiet())

@@ -537,6 +537,10 @@ impl Endpoint {
         self._running.quiet()
     }
 
+    pub fn resume_accepting(&self) {
+        self._running.resume_accepting();
+    }
+
     /// The listening socket.
     pub fn listener(&self) -> std::os::fd::BorrowedFd<'_> {
         std::os::fd::AsFd::as_fd(&self.listener)

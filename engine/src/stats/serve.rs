@@ -105,6 +105,13 @@ impl Running {
         let _ = (&self.wake).write(&[1]);
     }
 
+    /// Accepts clients again (the process that took them over is gone).
+    pub(super) fn resume_accepting(&self) {
+        self.closing.store(false, Ordering::SeqCst);
+        self.quiet.store(false, Ordering::SeqCst);
+        let _ = (&self.wake).write(&[1]);
+    }
+
     /// Accepting no more, and every client it had answered (or closed at its deadline).
     pub(super) fn quiet(&self) -> bool {
         self.quiet.load(Ordering::SeqCst)

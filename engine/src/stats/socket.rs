@@ -309,6 +309,12 @@ impl Server {
     pub fn quiet(&self) -> bool {
         self.running.as_ref().is_none_or(|r| r.quiet())
     }
+
+    pub fn resume_accepting(&self) {
+        if let Some(r) = &self.running {
+            r.resume_accepting();
+        }
+    }
 }
 
 /// Serves a stats socket another process created and handed over (binary upgrade): the same

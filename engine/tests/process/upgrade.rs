@@ -267,9 +267,10 @@ fn a_sigterm_during_a_hand_over_lets_it_finish_and_the_new_process_keeps_the_sta
 
 /// While the new process starts (here a binary that takes 2 s to), the old one answers the runtime
 /// API and its signals as always — a routing daemon's `show ready` is not held up, a second upgrade
-/// is refused at once — and `ringproxy upgrade` answers once the new process serves. (Until
-/// 2026-12-06 the old process's main loop waited for the new one, up to 30 s, and every admin
-/// command and signal with it.)
+/// is refused at once — and `ringproxy upgrade` answers once the new process serves; from then on
+/// the new process takes every monitoring client, and the old one answers those it had before it
+/// exits. (Until 2026-12-06 the old process's main loop waited for the new one, up to 30 s, and
+/// every admin command and signal with it; and it closed the clients it had unanswered at exit.)
 #[test]
 fn the_old_process_answers_the_runtime_api_while_the_new_one_starts() {
     let echo = Backend::start(Mode::Echo);
@@ -315,6 +316,8 @@ fn the_old_process_answers_the_runtime_api_while_the_new_one_starts() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains(&format!("(pid {new_pid}) serves the listening sockets")), "{text}");
+    // From then on the new process takes every monitoring client: it answers for the service.
+    assert_eq!(ringproxy::stats::socket::fetch(&sock).unwrap().pid, new_pid, "the stats socket's answer");
     proxy.wait_stderr("upgrade: handed the listening sockets and");
     assert_eq!(proxy.wait_exit(Duration::from_secs(20)), Some(0), "the old process exits once it has handed over");
     let (ok, text) = queued.join().unwrap();
