@@ -520,8 +520,9 @@ fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus()
     echo_once(&mut c, b"through a server with many sources");
     drop(c);
     let first = engine.stats().workers[0].slow_turns;
-    // Each snapshot copies the 65,536 source rows in one turn (counted once it ends): of the five
-    // taken before the last, at least four make long turns.
+    // Each snapshot copies the 65,536 source rows in one turn (counted once it ends): 3-15 ms here
+    // on a quiet host, but a loaded one has seen three of five take less than 1 ms (fresh-clone CI
+    // at f88df50: 12 turns, 2 more of 1 ms or more), so at least one more long turn is asked for.
     for _ in 0..4 {
         engine.stats();
     }
@@ -529,7 +530,7 @@ fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus()
     assert_eq!(snapshot.workers[0].sources.len(), 65_536);
     let w = &snapshot.workers[0];
     eprintln!("slow turns {:?}, longest {} µs, {} turns", w.slow_turns, w.longest_turn_us, w.loop_iterations);
-    assert!(w.slow_turns.over_1ms >= first.over_1ms + 4, "{first:?} then {:?}", w.slow_turns);
+    assert!(w.slow_turns.over_1ms > first.over_1ms, "{first:?} then {:?}", w.slow_turns);
     assert!(w.longest_turn_us >= 1000, "longest turn {} µs", w.longest_turn_us);
     // Each count includes the longer turns', and no turn is longer than all the loop's busy time.
     assert!(w.slow_turns.over_1ms >= w.slow_turns.over_10ms && w.slow_turns.over_10ms >= w.slow_turns.over_100ms);
@@ -551,7 +552,8 @@ fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus()
             .map(|(_, _, v)| *v)
             .unwrap_or_else(|| panic!("no {name} {label:?}"))
     };
-    assert!(value("ringproxy_loop_slow_turns_total", Some(("over", "1ms"))) >= 5.0);
+    // (Counts since start: at least what the snapshot above said.)
+    assert!(value("ringproxy_loop_slow_turns_total", Some(("over", "1ms"))) >= w.slow_turns.over_1ms as f64);
     assert!(value("ringproxy_loop_slow_turns_total", Some(("over", "100ms"))) >= 0.0);
     assert!(value("ringproxy_loop_longest_turn_seconds", None) >= 0.001);
     assert_clean(engine, &[echo.addr.port()]);
