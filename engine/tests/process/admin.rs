@@ -380,7 +380,10 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
 
 /// Servers added while stats queries run (each copies the rows in slices over several loop turns
 /// of each worker, and an add moves the rows after it): every answer has each server once, in
-/// configuration order, the same rows on every worker.
+/// configuration order, the same rows on every worker. The queries run back to back while the adds
+/// come; each add waits until an answer that began after it has ended (paced by answers, not by the
+/// clock: a loaded host makes a query slower than several adds), so every count of added servers is
+/// seen, from none to all of them.
 #[test]
 fn servers_added_during_stats_queries_leave_every_answer_whole_and_in_order() {
     const SERVERS: usize = 3_000;
@@ -401,8 +404,9 @@ fn servers_added_during_stats_queries_leave_every_answer_whole_and_in_order() {
         ),
     );
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let reader = {
-        let (stop, stats) = (stop.clone(), stats.clone());
+        let (stop, done, stats) = (stop.clone(), done.clone(), stats.clone());
         std::thread::spawn(move || {
             let mut answers = 0;
             let mut seen_added = std::collections::BTreeSet::new();
@@ -422,18 +426,30 @@ fn servers_added_during_stats_queries_leave_every_answer_whole_and_in_order() {
                 }
                 seen_added.insert(added);
                 answers += 1;
+                done.store(answers, std::sync::atomic::Ordering::SeqCst);
             }
-            (answers, seen_added.len())
+            (answers, seen_added)
         })
     };
+    // Two more answers ended: the second began after the add had been answered.
+    let two_more_answers = || {
+        let from = done.load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while done.load(std::sync::atomic::Ordering::SeqCst) < from + 2 {
+            assert!(!reader.is_finished(), "the stats reader stopped after {from} answers");
+            assert!(Instant::now() < deadline, "no two answers in 30 s after {from}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    };
+    two_more_answers();
     for i in 0..ADDED {
         ok(&admin, &format!("add server be/n{i} {}", echo.addr));
+        two_more_answers();
     }
-    std::thread::sleep(Duration::from_millis(50));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (answers, counts) = reader.join().unwrap();
-    eprintln!("{answers} answers, {counts} different row counts");
-    assert!(counts > ADDED / 2, "the answers saw the adds as they came: {counts} row counts in {answers} answers");
+    let (answers, seen) = reader.join().unwrap();
+    eprintln!("{answers} answers, {} different row counts", seen.len());
+    assert_eq!(seen, (0..=ADDED).collect(), "every count of added servers, none to all, in {answers} answers");
     let mut c = connect(proxy.addr("fe"));
     echo_once(&mut c, b"still proxying");
     drop(c);
