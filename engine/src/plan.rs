@@ -161,6 +161,21 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
         ));
     }
 
+    if workers == 1 {
+        for (be, srv) in config.backends.iter().flat_map(|b| b.servers.iter().map(move |s| (b, s))) {
+            if srv.sources.len() > usize::from(u16::MAX) {
+                warnings.push(format!(
+                    "server {}/{}: one worker uses at most 65,535 sources toward a server; of its {}, {} is not \
+                     used (two or more workers share them all)",
+                    be.name,
+                    srv.name,
+                    srv.sources.len(),
+                    srv.sources[usize::from(u16::MAX)..].iter().map(|ip| ip.to_string()).collect::<Vec<_>>().join(", ")
+                ));
+            }
+        }
+    }
+
     let mut limits = LimitTable::default();
     limits.global = limits.add("global".into(), maxconn);
     limits.frontend = config
@@ -265,6 +280,24 @@ mod tests {
         assert!(w.contains("LimitNOFILE=1048576"), "{w}");
         assert!(w.contains("and run 4 workers"), "{w}");
         assert!(w.contains("or run 202 workers"), "{w}");
+    }
+
+    /// A connection records its source's index in 16 bits: one worker with a full /16 leaves the
+    /// last source out, and says which; two workers use all 65,536.
+    #[test]
+    fn a_single_worker_says_which_source_of_a_full_slash_16_it_leaves_out() {
+        let yaml = |workers| {
+            format!(
+                "global: {{ workers: {workers} }}\nfrontends: [{{ name: f, bind: \"127.0.0.1:1\", backend: b }}]\n\
+                 backends: [{{ name: b, servers: [{{ name: s, address: \"127.0.0.1:2\", source: 10.1.0.0/16 }}] }}]\n"
+            )
+        };
+        let p = plan(&crate::config::parse(&yaml(1), "t").unwrap(), 20_000, &[0], 28_232);
+        assert_eq!(p.warnings.len(), 1, "{:?}", p.warnings);
+        let w = &p.warnings[0];
+        assert!(w.contains("server b/s") && w.contains("of its 65536, 10.1.255.255 is not used"), "{w}");
+        let p = plan(&crate::config::parse(&yaml(2), "t").unwrap(), 20_000, &[0, 1], 28_232);
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
     }
 
     #[test]

@@ -23,19 +23,56 @@ pub fn shard(sources: usize, w: usize, workers: usize) -> Vec<usize> {
 }
 
 /// One worker's sources toward one server.
+///
+/// Picking is O(log n) in the shard's sources, not O(n): a `source` of a /16 gives a worker tens
+/// of thousands of them, and a pick is made per connect. The sources are kept in a binary min-heap
+/// on (connections, last pick, index): its root is the least used source, and among equally used
+/// ones the least recently picked, so they take turns as in a round robin. A root whose ports are
+/// used up means every source's are.
 pub struct SourceShard {
     pub ips: Vec<IpAddr>,
     pub addrs: Vec<AddrId>,
     pub active: Vec<u32>,
     /// Ports available per source toward this server.
     pub capacity: u32,
-    rotor: usize,
+    /// When each source was last picked (on `clock`), 0 never.
+    picked: Vec<u64>,
+    clock: u64,
+    /// Source indices, a min-heap on `key`.
+    heap: Vec<u32>,
+    /// Where each source is in `heap`.
+    slot: Vec<u32>,
+    /// (ip, index) sorted by ip, to find a moved-in connection's source; empty for a small shard.
+    by_ip: Vec<(IpAddr, u32)>,
 }
 
+/// Above this many sources a shard finds an address by binary search instead of a scan.
+const SCAN_MAX: usize = 16;
+
 impl SourceShard {
-    pub fn new(ips: Vec<IpAddr>, addrs: Vec<AddrId>, capacity: u32) -> SourceShard {
+    /// `ips` beyond 65,535 are left out: a connection records its source's index in 16 bits, and
+    /// only a single worker with a full /16 (65,536 sources) gets that many.
+    pub fn new(mut ips: Vec<IpAddr>, mut addrs: Vec<AddrId>, capacity: u32) -> SourceShard {
+        ips.truncate(usize::from(u16::MAX));
+        addrs.truncate(ips.len());
         let n = ips.len();
-        SourceShard { ips, addrs, active: vec![0; n], capacity, rotor: 0 }
+        let mut by_ip = Vec::new();
+        if n > SCAN_MAX {
+            by_ip = ips.iter().enumerate().map(|(i, &ip)| (ip, i as u32)).collect();
+            by_ip.sort_unstable();
+        }
+        // Indices in order, all unused and never picked: already a heap.
+        SourceShard {
+            ips,
+            addrs,
+            active: vec![0; n],
+            capacity,
+            picked: vec![0; n],
+            clock: 0,
+            heap: (0..n as u32).collect(),
+            slot: (0..n as u32).collect(),
+            by_ip,
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -44,40 +81,87 @@ impl SourceShard {
 
     /// The least used source with ports left, or `None` when every source is exhausted.
     pub fn pick(&mut self) -> Option<usize> {
-        let n = self.ips.len();
-        let mut best: Option<usize> = None;
-        for k in 0..n {
-            let i = (self.rotor + k) % n;
-            if self.active[i] < self.capacity && best.is_none_or(|b| self.active[i] < self.active[b]) {
-                best = Some(i);
-            }
+        let &root = self.heap.first()?;
+        let b = root as usize;
+        if self.active[b] >= self.capacity {
+            return None;
         }
-        let b = best?;
-        self.rotor = (b + 1) % n;
+        self.clock += 1;
+        self.picked[b] = self.clock;
         self.active[b] += 1;
+        self.sift_down(0);
         Some(b)
     }
 
     /// A connection moved in from another engine already has a port from `ip`: counted against
     /// that source, if it is one of this shard's (its index).
     pub fn adopt(&mut self, ip: IpAddr) -> Option<usize> {
-        let i = self.ips.iter().position(|&x| x == ip)?;
+        let i = if self.by_ip.is_empty() {
+            self.ips.iter().position(|&x| x == ip)?
+        } else {
+            let k = self.by_ip.binary_search_by(|&(x, _)| x.cmp(&ip)).ok()?;
+            self.by_ip[k].1 as usize
+        };
         self.active[i] += 1;
+        self.sift_down(self.slot[i] as usize);
         Some(i)
     }
 
     pub fn release(&mut self, i: usize) {
-        self.active[i] = self.active[i].saturating_sub(1);
+        if self.active[i] > 0 {
+            self.active[i] -= 1;
+            self.sift_up(self.slot[i] as usize);
+        }
     }
 
     /// Whether a connection can get a source here (or needs none).
     pub fn remaining_or_any(&self) -> bool {
-        self.is_empty() || self.active.iter().any(|&a| a < self.capacity)
+        self.heap.first().is_none_or(|&root| self.active[root as usize] < self.capacity)
     }
 
     /// Ports still available in this shard.
     pub fn remaining(&self) -> u64 {
         self.active.iter().map(|&a| u64::from(self.capacity.saturating_sub(a))).sum()
+    }
+
+    fn key(&self, i: u32) -> (u32, u64, u32) {
+        (self.active[i as usize], self.picked[i as usize], i)
+    }
+
+    fn swap(&mut self, a: usize, b: usize) {
+        self.heap.swap(a, b);
+        self.slot[self.heap[a] as usize] = a as u32;
+        self.slot[self.heap[b] as usize] = b as u32;
+    }
+
+    fn sift_up(&mut self, mut at: usize) {
+        while at > 0 {
+            let parent = (at - 1) / 2;
+            if self.key(self.heap[at]) >= self.key(self.heap[parent]) {
+                break;
+            }
+            self.swap(at, parent);
+            at = parent;
+        }
+    }
+
+    fn sift_down(&mut self, mut at: usize) {
+        let n = self.heap.len();
+        loop {
+            let (l, r) = (2 * at + 1, 2 * at + 2);
+            let mut least = at;
+            if l < n && self.key(self.heap[l]) < self.key(self.heap[least]) {
+                least = l;
+            }
+            if r < n && self.key(self.heap[r]) < self.key(self.heap[least]) {
+                least = r;
+            }
+            if least == at {
+                break;
+            }
+            self.swap(at, least);
+            at = least;
+        }
     }
 }
 
@@ -130,5 +214,73 @@ mod tests {
         assert_eq!(s.remaining(), 0);
         s.release(1);
         assert_eq!(s.pick(), Some(1));
+    }
+
+    fn shard_of(n: usize, capacity: u32) -> SourceShard {
+        let ips = (0..n).map(|i| IpAddr::from([10, 9, (i >> 8) as u8, i as u8])).collect();
+        SourceShard::new(ips, (0..n as u32).map(AddrId).collect(), capacity)
+    }
+
+    /// The heap picks exactly what a scan of every source would: the least used with ports left,
+    /// the least recently picked of equals (ties never picked: the lowest index). Picks, releases
+    /// and moved-in connections in a pseudo-random order, on small and large shards.
+    #[test]
+    fn picks_are_those_of_a_scan_of_every_source() {
+        for (n, capacity) in [(1, 3), (2, 2), (5, 4), (16, 3), (17, 3), (300, 2)] {
+            let mut s = shard_of(n, capacity);
+            let (mut active, mut picked, mut clock) = (vec![0u32; n], vec![0u64; n], 0u64);
+            let mut held: Vec<usize> = Vec::new();
+            let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+            for step in 0..20 * n * capacity as usize {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                match x % 8 {
+                    0..=3 => {
+                        let want = (0..n).filter(|&i| active[i] < capacity).min_by_key(|&i| (active[i], picked[i], i));
+                        assert_eq!(s.pick(), want, "n {n}, step {step}");
+                        if let Some(i) = want {
+                            clock += 1;
+                            (active[i], picked[i]) = (active[i] + 1, clock);
+                            held.push(i);
+                        }
+                    }
+                    4..=6 if !held.is_empty() => {
+                        let i = held.swap_remove((x >> 8) as usize % held.len());
+                        s.release(i);
+                        active[i] -= 1;
+                    }
+                    _ => {
+                        let i = (x >> 8) as usize % n;
+                        assert_eq!(s.adopt(s.ips[i]), Some(i), "n {n}, step {step}");
+                        active[i] += 1;
+                        held.push(i);
+                    }
+                }
+                assert_eq!(s.active, active, "n {n}, step {step}");
+                assert_eq!(s.remaining_or_any(), active.iter().any(|&a| a < capacity), "n {n}, step {step}");
+            }
+            assert_eq!(s.adopt(IpAddr::from([10, 8, 0, 0])), None, "not one of the shard's");
+        }
+    }
+
+    /// A worker with every source of a /16 keeps 65,535 (a connection's index of its source is 16
+    /// bits), and picks among them by the heap (a scan of every source would make these million
+    /// picks take minutes).
+    #[test]
+    fn a_shard_of_a_full_slash_16_keeps_65535_sources() {
+        let mut s = shard_of(65_536, 28_232);
+        assert_eq!(s.ips.len(), 65_535);
+        assert_eq!(s.addrs.len(), 65_535);
+        let first: Vec<usize> = (0..65_535).map(|_| s.pick().unwrap()).collect();
+        assert_eq!(first, (0..65_535).collect::<Vec<_>>(), "each source once, in order");
+        for k in 0..1_000_000 {
+            let i = s.pick().unwrap();
+            s.release(i);
+            if k == 0 {
+                assert_eq!(i, 0, "all at 1: the least recently picked");
+            }
+        }
+        assert!(s.active.iter().all(|&a| a == 1));
     }
 }

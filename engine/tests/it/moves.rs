@@ -327,3 +327,66 @@ fn a_drain_shorter_than_a_move_still_moves_every_connection() {
     assert_clean(new, &[echo.addr.port()]);
     assert_clean(old, &[echo.addr.port()]);
 }
+
+/// Connections open from each source address toward the server, summed over the workers (sources
+/// with none left out).
+fn per_source(engine: &TestEngine) -> std::collections::BTreeMap<std::net::IpAddr, u64> {
+    let mut by_ip = std::collections::BTreeMap::new();
+    for src in engine.stats().workers.iter().flat_map(|w| w.sources.iter()) {
+        if src.active > 0 {
+            *by_ip.entry(src.ip).or_insert(0) += src.active;
+        }
+    }
+    by_ip
+}
+
+/// A moved connection keeps its socket, so its source port: the new engine counts it against that
+/// source, found among many (a /24 gives each of 2 workers 128 sources, looked up by address), and
+/// gives it back when the connection closes; new connections take the least used sources.
+#[test]
+fn moved_connections_count_against_the_sources_they_hold() {
+    let echo = Backend::start(Mode::Echo);
+    let y = format!(
+        "global: {{ workers: 2 }}\ndefaults: {{ timeout: {{ client: 30s, server: 30s, drain: 10s }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.66.0.0/24 }}] }}]\n",
+        echo.addr
+    );
+    let mut old = engine(&y);
+    let fe = addr(&old, "fe");
+    let mut conns: Vec<TcpStream> = (0..60u8)
+        .map(|i| {
+            let mut c = connect(fe);
+            echo_once(&mut c, &[i]);
+            c
+        })
+        .collect();
+    let before = per_source(&old);
+    assert_eq!(before.len(), 60, "each of the 60 on a source of its own (the least used): {before:?}");
+    let new = old.reload(&y);
+    wait_moved(&new, 60);
+    wait_finished(&old);
+    assert_eq!(per_source(&new), before, "each counted against the source it holds");
+    // Every other one closes: its source is given back.
+    let kept: Vec<TcpStream> = conns.drain(..).enumerate().filter(|(i, _)| i % 2 == 0).map(|(_, c)| c).collect();
+    wait_until("30 connections left on 30 sources", Duration::from_secs(10), || {
+        let now = per_source(&new);
+        now.len() == 30 && now.values().all(|&n| n == 1) && now.keys().all(|ip| before.contains_key(ip))
+    });
+    // Ten more: each takes a source with none (the least used), so still one per source.
+    conns = kept;
+    for i in 0..10u8 {
+        let mut c = connect(fe);
+        echo_once(&mut c, &[i]);
+        conns.push(c);
+    }
+    let now = per_source(&new);
+    assert_eq!((now.len(), now.values().sum::<u64>()), (40, 40), "one per source: {now:?}");
+    for (i, c) in conns.iter_mut().enumerate() {
+        echo_once(c, format!("still here {i}").as_bytes());
+    }
+    drop(conns);
+    wait_until("every source given back", Duration::from_secs(10), || per_source(&new).is_empty());
+    assert_clean(new, &[echo.addr.port()]);
+    assert_clean(old, &[echo.addr.port()]);
+}
