@@ -8,7 +8,6 @@
 use crate::watch::Watch;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
-use std::sync::atomic::AtomicBool;
 
 use super::{EngineStats, FrontendStats, WorkerStats, serve};
 
@@ -596,7 +595,22 @@ impl<C: Fn() -> EngineStats + Send + 'static> serve::Protocol for Http<C> {
         Some(if metrics { METRICS } else { NOT_FOUND }.to_owned())
     }
 
-    fn answer(&self, request: &str, _: &AtomicBool) -> Vec<u8> {
+    type Later = std::convert::Infallible;
+
+    fn answer(&self, request: &str) -> serve::Reply<Self::Later> {
+        serve::Reply::Now(self.respond(request))
+    }
+
+    fn settle(&self, never: Option<Self::Later>) -> Vec<u8> {
+        match never {
+            Some(never) => match never {},
+            None => Vec::new(),
+        }
+    }
+}
+
+impl<C: Fn() -> EngineStats + Send + 'static> Http<C> {
+    fn respond(&self, request: &str) -> Vec<u8> {
         let (status, body, kind) = match request {
             METRICS => ("200 OK", render(&(self.collect)()), "text/plain; version=0.0.4; charset=utf-8"),
             _ => ("404 Not Found", "ringproxy serves /metrics only\n".to_string(), "text/plain; charset=utf-8"),

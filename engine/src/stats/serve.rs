@@ -3,10 +3,13 @@
 //!
 //! Each endpoint has one thread that polls its listener, a wake-up socket and every client, all
 //! non-blocking, and a second thread that computes answers one at a time (a snapshot costs memory
-//! in proportion to the servers, so a crowd of clients must not make many at once). A client has
+//! in proportion to the servers, so a crowd of clients must not make many at once). A request that
+//! another thread carries out (an admin command, done by the supervisor: an `upgrade` waits until
+//! the new process serves, up to 30 s) holds up no other: the answer thread hands it over, goes on
+//! with the next, and sends its answer when it comes ([`Reply::Later`]). A client has
 //! [`REQUEST_DEADLINE`] from its accept to send its whole request and [`ANSWER_DEADLINE`] from the
 //! moment its answer is ready to take all of it; past either it is closed. At most [`MAX_CLIENTS`]
-//! are served at once: one more is accepted and closed at once, never queued. Requests are answered
+//! are served at once: one more is accepted and closed at once, never queued. Requests are taken
 //! in arrival order, and every client waiting with the same request when it is taken shares its
 //! answer. Answers held for clients still reading them are limited to [`ANSWER_BUDGET`] bytes: past
 //! it, the clients that have held theirs longest are closed. Dropping the [`Running`] handle sets a
@@ -38,8 +41,19 @@ pub const ANSWER_BUDGET: usize = 64 << 20;
 /// How long accepting pauses after an error such as EMFILE (a level-triggered poll would spin).
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
+/// What the answer thread makes of a request.
+pub(super) enum Reply<L> {
+    /// The answer.
+    Now(Vec<u8>),
+    /// Handed to another thread, which sends what the answer is made of on the channel by the
+    /// deadline; other requests are answered meanwhile.
+    Later(Receiver<L>, Instant),
+}
+
 /// What an endpoint speaks: one request, one answer, then the server closes.
 pub(super) trait Protocol: Send + 'static {
+    /// What a [`Reply::Later`] answer is made of.
+    type Later: Send + 'static;
     /// Most bytes of a request read; a longer one is taken as it is at this length.
     const MAX_REQUEST: usize;
     /// Whether `buf` holds a whole request.
@@ -47,8 +61,11 @@ pub(super) trait Protocol: Send + 'static {
     /// The request in `buf` (whole, cut at `MAX_REQUEST`, or all the client sent before it closed
     /// its side), as the key clients share answers by; `None`: close without an answer.
     fn request(buf: &[u8]) -> Option<String>;
-    /// The answer. `stop` is set when the endpoint shuts down (for an answer that waits).
-    fn answer(&self, request: &str, stop: &AtomicBool) -> Vec<u8>;
+    /// The answer, or the channel it will come on.
+    fn answer(&self, request: &str) -> Reply<Self::Later>;
+    /// The answer from what came on a [`Reply::Later`] channel; `None`: nothing came by its
+    /// deadline, or its sender is gone.
+    fn settle(&self, later: Option<Self::Later>) -> Vec<u8>;
 }
 
 /// A listening socket the loop accepts on.
@@ -133,8 +150,8 @@ pub(super) fn start<L: Listener, P: Protocol>(
     wake.set_nonblocking(true)?;
     woken.set_nonblocking(true)?;
     let answered_wake = wake.try_clone()?;
-    let (jobs_tx, jobs) = crossbeam_channel::unbounded::<String>();
-    let (done, done_rx) = crossbeam_channel::unbounded::<Arc<[u8]>>();
+    let (jobs_tx, jobs) = crossbeam_channel::unbounded::<(u64, String)>();
+    let (done, done_rx) = crossbeam_channel::unbounded::<Out>();
     let stop = Arc::new(AtomicBool::new(false));
     let (closing, quiet) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let flag = stop.clone();
@@ -151,7 +168,8 @@ pub(super) fn start<L: Listener, P: Protocol>(
         stop: stop.clone(),
         closing: closing.clone(),
         quiet: quiet.clone(),
-        inflight: None,
+        busy: None,
+        jobs_given: 0,
         seq: 0,
         accept_after: None,
         rules: Rules { max: P::MAX_REQUEST, complete: P::complete, request: P::request },
@@ -164,25 +182,73 @@ pub(super) fn start<L: Listener, P: Protocol>(
     Ok(Running { stop, closing, quiet, wake, poll: Some(poll), answer: Some(answer) })
 }
 
-/// The answer thread: one request at a time, until the poll thread is gone or the flag is set.
+/// What the answer thread tells the poll thread.
+enum Out {
+    /// The answer to a job.
+    Answer(u64, Arc<[u8]>),
+    /// A job handed to another thread: its answer comes later, the answer thread is free.
+    Handed(u64),
+}
+
+/// How often the answer thread looks at the stop flag while it waits.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// The answer thread: one request at a time, and the answers handed to other threads as they
+/// come, until the poll thread is gone or the flag is set.
 fn answer_each<P: Protocol>(
     p: &P,
-    jobs: &Receiver<String>,
-    done: &Sender<Arc<[u8]>>,
+    jobs: &Receiver<(u64, String)>,
+    done: &Sender<Out>,
     wake: &UnixStream,
     stop: &AtomicBool,
 ) {
-    for request in jobs {
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        // A panic while answering (a bug) costs this answer, not the endpoint: the client is
-        // closed without one, and the panic message is on stderr.
-        let answer = std::panic::catch_unwind(AssertUnwindSafe(|| p.answer(&request, stop))).unwrap_or_default();
-        if done.send(answer.into()).is_err() {
-            return;
-        }
+    // Jobs handed to other threads: their channel and deadline.
+    let mut later: Vec<(u64, Receiver<P::Later>, Instant)> = Vec::new();
+    let send = |out: Out| {
+        let sent = done.send(out).is_ok();
         let _ = (&*wake).write(&[1]);
+        sent
+    };
+    // A panic while answering (a bug) costs this answer, not the endpoint: the client is closed
+    // without one, and the panic message is on stderr.
+    let settle = |l: Option<P::Later>| std::panic::catch_unwind(AssertUnwindSafe(|| p.settle(l))).unwrap_or_default();
+    while !stop.load(Ordering::SeqCst) {
+        let now = Instant::now();
+        // Those past their deadline are answered as such.
+        while let Some(k) = later.iter().position(|l| l.2 <= now) {
+            let (job, _, _) = later.swap_remove(k);
+            if !send(Out::Answer(job, settle(None).into())) {
+                return;
+            }
+        }
+        let until = later.iter().map(|l| l.2).min().map_or(now + STOP_CHECK, |d| d.min(now + STOP_CHECK));
+        let mut select = crossbeam_channel::Select::new();
+        select.recv(jobs);
+        for (_, rx, _) in &later {
+            select.recv(rx);
+        }
+        let Ok(op) = select.select_deadline(until) else { continue };
+        let k = op.index();
+        if k == 0 {
+            let Ok((job, request)) = op.recv(jobs) else { return };
+            let out = match std::panic::catch_unwind(AssertUnwindSafe(|| p.answer(&request))) {
+                Ok(Reply::Now(answer)) => Out::Answer(job, answer.into()),
+                Ok(Reply::Later(rx, deadline)) => {
+                    later.push((job, rx, deadline));
+                    Out::Handed(job)
+                }
+                Err(_) => Out::Answer(job, Arc::from(Vec::new())),
+            };
+            if !send(out) {
+                return;
+            }
+        } else {
+            let got = op.recv(&later[k - 1].1).ok();
+            let (job, _, _) = later.swap_remove(k - 1);
+            if !send(Out::Answer(job, settle(got).into())) {
+                return;
+            }
+        }
     }
 }
 
@@ -199,8 +265,9 @@ impl Drop for Running {
 enum Phase {
     /// Receiving the request (until `REQUEST_DEADLINE` after accept).
     Reading(Vec<u8>),
-    /// The request is whole; its answer is queued or being computed. `seq` orders the requests.
-    Waiting { request: String, seq: u64 },
+    /// The request is whole; its answer is queued (`job` none yet), being computed, or coming
+    /// from another thread. `seq` orders the requests.
+    Waiting { request: String, seq: u64, job: Option<u64> },
     /// Sending the answer (until `ANSWER_DEADLINE` after `ready`).
     Writing { answer: Arc<[u8]>, at: usize, ready: Instant },
     /// To be closed at the end of this turn.
@@ -219,15 +286,16 @@ struct Loop<L: Listener> {
     listener: L,
     woken: UnixStream,
     clients: Vec<Client<L::Stream>>,
-    jobs: Sender<String>,
-    done: Receiver<Arc<[u8]>>,
+    jobs: Sender<(u64, String)>,
+    done: Receiver<Out>,
     stop: Arc<AtomicBool>,
     /// Accept no more ([`Running::stop_accepting`]); `quiet`: seen, and no client left.
     closing: Arc<AtomicBool>,
     quiet: Arc<AtomicBool>,
-    /// The request being answered, and the last `seq` given out when it was taken: the clients
-    /// waiting for it then share its answer.
-    inflight: Option<(String, u64)>,
+    /// The job the answer thread is computing (the next waits until it is answered or handed
+    /// over); `jobs_given` numbers them.
+    busy: Option<u64>,
+    jobs_given: u64,
     seq: u64,
     /// Accepting resumes then (after an accept error).
     accept_after: Option<Instant>,
@@ -323,35 +391,47 @@ impl<L: Listener> Loop<L> {
         }
     }
 
-    /// Hands the oldest waiting request to the answer thread, if it is free.
+    /// Hands the oldest request not yet taken to the answer thread, if it is free: every client
+    /// waiting with the same request shares the job.
     fn dispatch(&mut self) {
-        if self.inflight.is_some() {
+        if self.busy.is_some() {
             return;
         }
         let oldest = self.clients.iter().filter_map(|c| match &c.phase {
-            Phase::Waiting { request, seq } => Some((seq, request)),
+            Phase::Waiting { request, seq, job: None } => Some((seq, request)),
             _ => None,
         });
         let Some((_, request)) = oldest.min_by_key(|(seq, _)| **seq) else { return };
-        if self.jobs.send(request.clone()).is_ok() {
-            self.inflight = Some((request.clone(), self.seq));
-        } else {
-            self.give_up_waiting();
+        let (request, job) = (request.clone(), self.jobs_given);
+        if self.jobs.send((job, request.clone())).is_err() {
+            return self.give_up_waiting();
+        }
+        self.jobs_given += 1;
+        self.busy = Some(job);
+        for c in &mut self.clients {
+            if let Phase::Waiting { request: r, job: j @ None, .. } = &mut c.phase
+                && *r == request
+            {
+                *j = Some(job);
+            }
         }
     }
 
     /// Gives each answer to the clients waiting for it, then keeps what they hold within budget.
     fn collect_answers(&mut self, now: Instant) {
         loop {
-            let answer = match self.done.try_recv() {
-                Ok(answer) => answer,
+            let (job, answer) = match self.done.try_recv() {
+                Ok(Out::Answer(job, answer)) => (job, answer),
+                Ok(Out::Handed(job)) => {
+                    self.busy = self.busy.filter(|&b| b != job);
+                    continue;
+                }
                 Err(TryRecvError::Empty) => return,
                 Err(TryRecvError::Disconnected) => return self.give_up_waiting(),
             };
-            let Some((request, taken)) = self.inflight.take() else { continue };
+            self.busy = self.busy.filter(|&b| b != job);
             for c in &mut self.clients {
-                let ours = matches!(&c.phase, Phase::Waiting { request: r, seq } if *r == request && *seq <= taken);
-                if ours {
+                if matches!(c.phase, Phase::Waiting { job: j, .. } if j == Some(job)) {
                     c.phase = match answer.is_empty() {
                         true => Phase::Done,
                         false => Phase::Writing { answer: answer.clone(), at: 0, ready: now },
@@ -394,7 +474,7 @@ impl<L: Listener> Loop<L> {
 
     /// The answer thread is gone (it only ends when told to): nobody waiting will get an answer.
     fn give_up_waiting(&mut self) {
-        self.inflight = None;
+        self.busy = None;
         for c in &mut self.clients {
             if matches!(c.phase, Phase::Waiting { .. }) {
                 c.phase = Phase::Done;
@@ -423,7 +503,7 @@ fn step<S: Read + Write>(c: &mut Client<S>, revents: i16, seq: u64, rules: &Rule
                 }
             }
             c.phase = match (rules.request)(buf) {
-                Some(request) => Phase::Waiting { request, seq },
+                Some(request) => Phase::Waiting { request, seq, job: None },
                 None => Phase::Done,
             };
         }
@@ -442,5 +522,88 @@ fn step<S: Read + Write>(c: &mut Client<S>, revents: i16, seq: u64, rules: &Rule
         // Gone before its answer (poll reports hang-ups even when asked for nothing).
         Phase::Waiting { .. } if revents & (libc::POLLHUP | libc::POLLERR) != 0 => c.phase = Phase::Done,
         Phase::Waiting { .. } | Phase::Done => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    /// Answers "fast" at once; hands "slow" to the test (which answers on the channel it gets, or
+    /// not), with a deadline of 300 ms for "late".
+    struct Handing {
+        handed: Sender<Sender<String>>,
+    }
+
+    impl Protocol for Handing {
+        type Later = String;
+        const MAX_REQUEST: usize = 64;
+        fn complete(buf: &[u8]) -> bool {
+            buf.contains(&b'\n')
+        }
+        fn request(buf: &[u8]) -> Option<String> {
+            std::str::from_utf8(buf).ok().map(|l| l.trim().to_owned())
+        }
+        fn answer(&self, request: &str) -> Reply<String> {
+            let deadline = Duration::from_millis(if request == "late" { 300 } else { 30_000 });
+            if request == "fast" {
+                return Reply::Now(b"fast answer\n".to_vec());
+            }
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            self.handed.send(tx).unwrap();
+            Reply::Later(rx, Instant::now() + deadline)
+        }
+        fn settle(&self, later: Option<String>) -> Vec<u8> {
+            later.unwrap_or_else(|| "no answer in time\n".into()).into_bytes()
+        }
+    }
+
+    fn ask(path: &PathBuf, line: &str) -> UnixStream {
+        let mut c = UnixStream::connect(path).unwrap();
+        c.write_all(format!("{line}\n").as_bytes()).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c
+    }
+
+    fn read_all(mut c: UnixStream) -> String {
+        let mut text = String::new();
+        c.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    /// A request handed to another thread holds up no other: requests behind it are answered
+    /// while it waits; its answer reaches its client when it comes, in any order; one with nothing
+    /// by its deadline gets what the protocol says then. Real sockets, the real threads.
+    #[test]
+    fn a_request_answered_later_holds_up_no_other() {
+        let dir = std::env::temp_dir().join(format!("ringproxy-serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s.sock");
+        let _ = std::fs::remove_file(&path);
+        let (handed, handed_rx) = crossbeam_channel::unbounded();
+        let running =
+            start("t-serve", UnixListener::bind(&path).unwrap(), Handing { handed }, &Watch::detached()).unwrap();
+        let slow = ask(&path, "slow");
+        let first = handed_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        // Asked while the first is out: a job of its own (the first was taken before it came).
+        let slow_again = ask(&path, "slow");
+        let second = handed_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        let late = ask(&path, "late");
+        let _expires = handed_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        for _ in 0..3 {
+            assert_eq!(read_all(ask(&path, "fast")), "fast answer\n", "answered while three wait");
+        }
+        second.send("the second slow one\n".into()).unwrap();
+        assert_eq!(read_all(slow_again), "the second slow one\n");
+        assert_eq!(read_all(late), "no answer in time\n", "its deadline passed");
+        first.send("the first slow one\n".into()).unwrap();
+        assert_eq!(read_all(slow), "the first slow one\n");
+        // A sender dropped without a word: the same as a deadline passed.
+        let dropped = ask(&path, "slow");
+        drop(handed_rx.recv_timeout(Duration::from_secs(10)).unwrap());
+        assert_eq!(read_all(dropped), "no answer in time\n");
+        drop(running);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -30,7 +30,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
@@ -118,30 +118,37 @@ pub enum Level {
     Admin,
 }
 
+/// How long a command handed to the supervisor may take to be answered.
+const ASK_DEADLINE: Duration = Duration::from_secs(60);
+
 /// Answers one command line. Commands for the supervisor go to `requests` (when this socket has a
-/// supervisor behind it); `stop` is set when the socket shuts down: the wait for them ends.
-pub fn answer(
+/// supervisor behind it): their answer comes later, on the channel returned.
+fn answer(
     command: &str,
     collect: &dyn Fn(Detail) -> EngineStats,
     requests: Option<&Sender<Request>>,
     level: Level,
-    stop: &AtomicBool,
-) -> String {
+) -> serve::Reply<Answer> {
     let words: Vec<&str> = command.split_whitespace().collect();
+    let now = |a: Answer| serve::Reply::Now(a.encode().into_bytes());
     match Command::parse(&words) {
         Ok(Some(cmd)) if cmd.changes_state() && level == Level::Read => {
-            return Answer::Fail(format!(
+            return now(Answer::Fail(format!(
                 "\"{}\" changes the engine: this socket is read-only; send it to the admin socket \
                  (global.stats.admin_socket)\n",
                 words[0]
-            ))
-            .encode();
+            )));
         }
-        Ok(Some(cmd)) => return ask(requests, cmd, stop).encode(),
-        Err(why) => return Answer::Fail(format!("{why}\n")).encode(),
+        Ok(Some(cmd)) => return ask(requests, cmd).unwrap_or_else(now),
+        Err(why) => return now(Answer::Fail(format!("{why}\n"))),
         Ok(None) => {}
     }
-    match words.as_slice() {
+    serve::Reply::Now(view(&words, command, collect).into_bytes())
+}
+
+/// The answer to a command the socket answers itself (a view of the statistics, or help).
+fn view(words: &[&str], command: &str, collect: &dyn Fn(Detail) -> EngineStats) -> String {
+    match words {
         ["help"] | [] => HELP.to_string(),
         // (The two views without server rows do not have the workers copy them.)
         ["show", "info"] => render::info(&collect(Detail::Totals)),
@@ -158,24 +165,17 @@ pub fn answer(
     }
 }
 
-/// Hands `command` to the supervisor and waits for its outcome (60 s at most, less if `stop`).
-fn ask(requests: Option<&Sender<Request>>, command: Command, stop: &AtomicBool) -> Answer {
+/// Hands `command` to the supervisor: its outcome will come on the channel returned (by
+/// [`ASK_DEADLINE`]). `Err`: refused at once.
+fn ask(requests: Option<&Sender<Request>>, command: Command) -> Result<serve::Reply<Answer>, Answer> {
     let Some(tx) = requests else {
-        return Answer::Fail(format!("{} is not available on this socket\n", command.line()));
+        return Err(Answer::Fail(format!("{} is not available on this socket\n", command.line())));
     };
     let (reply, reply_rx) = crossbeam_channel::bounded(1);
     if tx.send(Request { command, reply }).is_err() {
-        return Answer::Fail("the engine is shutting down\n".into());
+        return Err(Answer::Fail("the engine is shutting down\n".into()));
     }
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
-        match reply_rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(answer) => return answer,
-            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
-            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    Answer::Fail("no answer within 60s, or the engine is shutting down\n".into())
+    Ok(serve::Reply::Later(reply_rx, Instant::now() + ASK_DEADLINE))
 }
 
 /// The line protocol as `serve` runs it.
@@ -198,8 +198,17 @@ impl<C: Fn(Detail) -> EngineStats + Send + 'static> serve::Protocol for Lines<C>
         std::str::from_utf8(line).ok().map(|l| l.trim().to_owned())
     }
 
-    fn answer(&self, request: &str, stop: &AtomicBool) -> Vec<u8> {
-        answer(request, &self.collect, self.requests.as_ref(), self.level, stop).into_bytes()
+    type Later = Answer;
+
+    fn answer(&self, request: &str) -> serve::Reply<Answer> {
+        answer(request, &self.collect, self.requests.as_ref(), self.level)
+    }
+
+    fn settle(&self, answer: Option<Answer>) -> Vec<u8> {
+        let answer = answer.unwrap_or_else(|| {
+            Answer::Fail(format!("no answer within {}s, or the engine is shutting down\n", ASK_DEADLINE.as_secs()))
+        });
+        answer.encode().into_bytes()
     }
 }
 
@@ -581,10 +590,17 @@ mod tests {
         assert!(matches!(r, Err(ClientError::Answer { .. })), "{r:?}");
     }
 
+    /// The answer given at once (not handed to the supervisor), as text.
+    fn at_once(command: &str, requests: Option<&Sender<Request>>, level: Level) -> String {
+        match answer(command, &|_| EngineStats::default(), requests, level) {
+            serve::Reply::Now(bytes) => String::from_utf8(bytes).unwrap(),
+            serve::Reply::Later(..) => panic!("{command}: handed to the supervisor"),
+        }
+    }
+
     #[test]
     fn reload_without_a_supervisor_fails() {
-        let text = answer("reload", &|_| EngineStats::default(), None, Level::Admin, &AtomicBool::new(false));
-        assert_eq!(text, "FAIL\nreload is not available on this socket\n");
+        assert_eq!(at_once("reload", None, Level::Admin), "FAIL\nreload is not available on this socket\n");
     }
 
     #[test]
@@ -592,17 +608,11 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         for line in ["reload", "set server a/b state drain", "set server a/b weight 3", "shutdown sessions server a/b"]
         {
-            let text = answer(line, &|_| EngineStats::default(), Some(&tx), Level::Read, &AtomicBool::new(false));
+            let text = at_once(line, Some(&tx), Level::Read);
             assert!(text.starts_with("FAIL\n") && text.contains("this socket is read-only"), "{line}: {text}");
         }
         assert!(rx.try_recv().is_err(), "nothing reached the supervisor");
-        let text = answer(
-            "set server a/b state up",
-            &|_| EngineStats::default(),
-            Some(&tx),
-            Level::Admin,
-            &AtomicBool::new(false),
-        );
+        let text = at_once("set server a/b state up", Some(&tx), Level::Admin);
         assert_eq!(text, "FAIL\nstate \"up\" is not one of ready, drain, maint\n");
         assert!(rx.try_recv().is_err(), "a malformed command reaches nobody");
     }
