@@ -39,9 +39,9 @@ pub enum Command {
     },
     /// `show ready`: whether this host should get new connections (for a routing daemon's check).
     ShowReady,
-    /// `show conns [B/S] [limit N]`
+    /// `show conns [B/S] [frontend NAME] [client IP[:PORT]] [limit N]`
     ShowConns {
-        server: Option<ServerName>,
+        filter: ConnFilter,
         limit: usize,
     },
     /// `add server B/S ADDRESS [source IP[,IP...]] [weight N] [maxconn N]`
@@ -50,6 +50,125 @@ pub enum Command {
     DelServer {
         server: ServerName,
     },
+}
+
+/// Which connections `show conns` lists: those matching every part given.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ConnFilter {
+    /// Connected (or connecting) to this server.
+    pub server: Option<ServerName>,
+    /// Accepted by this frontend.
+    pub frontend: Option<String>,
+    /// From this client: an address, or an address and port.
+    pub client: Option<ClientMatch>,
+}
+
+/// A client `show conns` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClientMatch {
+    Ip(std::net::IpAddr),
+    Addr(std::net::SocketAddr),
+}
+
+impl ClientMatch {
+    fn parse(word: &str) -> Result<ClientMatch, String> {
+        if let Ok(ip) = word.parse() {
+            Ok(ClientMatch::Ip(ip))
+        } else if let Ok(a) = word.parse() {
+            Ok(ClientMatch::Addr(a))
+        } else {
+            Err(format!("client \"{word}\" is not IP or IP:PORT (an IPv6 address with a port: [IP]:PORT)"))
+        }
+    }
+
+    pub fn matches(self, client: Option<std::net::SocketAddr>) -> bool {
+        match (self, client) {
+            // (An IPv4 client of a dual-stack listener shows as ::ffff:a.b.c.d.)
+            (ClientMatch::Ip(ip), Some(c)) => c.ip().to_canonical() == ip.to_canonical(),
+            (ClientMatch::Addr(a), Some(c)) => c.ip().to_canonical() == a.ip().to_canonical() && c.port() == a.port(),
+            (_, None) => false,
+        }
+    }
+}
+
+impl std::fmt::Display for ClientMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ClientMatch::Ip(ip) => ip.fmt(f),
+            ClientMatch::Addr(a) => a.fmt(f),
+        }
+    }
+}
+
+impl ConnFilter {
+    /// The filter's words and the `limit` from what follows `show conns`.
+    fn parse(mut words: &[&str]) -> Result<(ConnFilter, usize), String> {
+        const USAGE: &str = "usage: show conns [BACKEND/SERVER] [frontend NAME] [client IP[:PORT]] [limit N]";
+        let mut filter = ConnFilter::default();
+        let mut limit = None;
+        while let [word, rest @ ..] = words {
+            let twice = || format!("\"{word}\" is given twice; {USAGE}");
+            match (*word, rest) {
+                ("limit", [n, rest @ ..]) => {
+                    if limit.is_some() {
+                        return Err(twice());
+                    }
+                    limit = Some(
+                        n.parse()
+                            .ok()
+                            .filter(|n| (1..=MAX_LISTED).contains(n))
+                            .ok_or_else(|| format!("limit \"{n}\" is not a whole number from 1 to {MAX_LISTED}"))?,
+                    );
+                    words = rest;
+                }
+                ("frontend", [name, rest @ ..]) => {
+                    if filter.frontend.replace((*name).to_owned()).is_some() {
+                        return Err(twice());
+                    }
+                    words = rest;
+                }
+                ("client", [addr, rest @ ..]) => {
+                    if filter.client.replace(ClientMatch::parse(addr)?).is_some() {
+                        return Err(twice());
+                    }
+                    words = rest;
+                }
+                ("limit" | "frontend" | "client", []) => return Err(USAGE.into()),
+                (name, rest) if name.contains('/') => {
+                    if filter.server.replace(ServerName::parse(name)?).is_some() {
+                        return Err(format!("two servers given; {USAGE}"));
+                    }
+                    words = rest;
+                }
+                _ => return Err(USAGE.into()),
+            }
+        }
+        Ok((filter, limit.unwrap_or(DEFAULT_LISTED)))
+    }
+
+    /// As typed, each part followed by a space.
+    fn words(&self) -> String {
+        let mut out = String::new();
+        if let Some(s) = &self.server {
+            out.push_str(&format!("{s} "));
+        }
+        if let Some(f) = &self.frontend {
+            out.push_str(&format!("frontend {f} "));
+        }
+        if let Some(c) = &self.client {
+            out.push_str(&format!("client {c} "));
+        }
+        out
+    }
+}
+
+/// A [`ConnFilter`] checked against the running configuration: indices, as a worker matches them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnMatch {
+    /// (backend, server)
+    pub server: Option<(usize, usize)>,
+    pub frontend: Option<usize>,
+    pub client: Option<ClientMatch>,
 }
 
 /// A server `add server` describes.
@@ -217,20 +336,8 @@ impl Command {
             ["shutdown", ..] => return Err("usage: shutdown sessions server BACKEND/SERVER".into()),
             ["show", "ready"] => Command::ShowReady,
             ["show", "conns", rest @ ..] => {
-                let (server, rest) = match rest {
-                    [name, rest @ ..] if *name != "limit" => (Some(ServerName::parse(name)?), rest),
-                    _ => (None, rest),
-                };
-                let limit = match rest {
-                    [] => DEFAULT_LISTED,
-                    ["limit", n] => n
-                        .parse()
-                        .ok()
-                        .filter(|n| (1..=MAX_LISTED).contains(n))
-                        .ok_or_else(|| format!("limit \"{n}\" is not a whole number from 1 to {MAX_LISTED}"))?,
-                    _ => return Err("usage: show conns [BACKEND/SERVER] [limit N]".into()),
-                };
-                Command::ShowConns { server, limit }
+                let (filter, limit) = ConnFilter::parse(rest)?;
+                Command::ShowConns { filter, limit }
             }
             _ => return Ok(None),
         };
@@ -252,8 +359,7 @@ impl Command {
             Command::SetWeight { server, weight } => format!("set server {server} weight {weight}"),
             Command::Shutdown { server } => format!("shutdown sessions server {server}"),
             Command::ShowReady => "show ready".into(),
-            Command::ShowConns { server: Some(s), limit } => format!("show conns {s} limit {limit}"),
-            Command::ShowConns { server: None, limit } => format!("show conns limit {limit}"),
+            Command::ShowConns { filter, limit } => format!("show conns {}limit {limit}", filter.words()),
             Command::AddServer(new) => new.line(),
             Command::DelServer { server } => format!("del server {server}"),
         }
@@ -295,16 +401,42 @@ mod tests {
             "show conns limit 100",
             "show ready",
             "show conns app/s1 limit 7",
+            "show conns frontend mqtt limit 100",
+            "show conns app/s1 frontend mqtt client 10.1.2.3 limit 5",
+            "show conns client 10.1.2.3:40000 limit 100",
+            "show conns client [2001:db8::7]:40000 limit 100",
+            "show conns client 2001:db8::7 limit 100",
             "add server app/s3 127.0.0.1:9000 weight 1",
             "add server app/s3 10.0.0.5:1883 source 10.0.1.1,10.0.1.2 weight 3 maxconn 500 slowstart 30s",
             "del server app/s3",
         ] {
             assert_eq!(parse(line).unwrap().unwrap().line(), line);
         }
-        assert_eq!(parse("show conns").unwrap(), Some(Command::ShowConns { server: None, limit: DEFAULT_LISTED }));
+        assert_eq!(
+            parse("show conns").unwrap(),
+            Some(Command::ShowConns { filter: ConnFilter::default(), limit: DEFAULT_LISTED })
+        );
+        // In any order.
+        assert_eq!(
+            parse("show conns limit 3 client 10.1.2.3 frontend f").unwrap().unwrap().line(),
+            "show conns frontend f client 10.1.2.3 limit 3"
+        );
         assert_eq!(parse("show info").unwrap(), None, "answered by the socket");
         assert!(!parse("show conns").unwrap().unwrap().changes_state());
         assert!(parse("shutdown sessions server a/b").unwrap().unwrap().changes_state());
+    }
+
+    #[test]
+    fn a_client_matches_by_address_or_address_and_port_in_either_family_form() {
+        let ip = |w: &str| ClientMatch::parse(w).unwrap();
+        let client = |a: &str| Some(a.parse::<std::net::SocketAddr>().unwrap());
+        assert!(ip("10.1.2.3").matches(client("10.1.2.3:40000")));
+        assert!(ip("10.1.2.3").matches(client("[::ffff:10.1.2.3]:40000")), "a dual-stack listener's client");
+        assert!(ip("10.1.2.3:40000").matches(client("10.1.2.3:40000")));
+        assert!(!ip("10.1.2.3:40001").matches(client("10.1.2.3:40000")));
+        assert!(!ip("10.1.2.4").matches(client("10.1.2.3:40000")));
+        assert!(ip("[2001:db8::7]:1").matches(client("[2001:db8::7]:1")));
+        assert!(!ip("10.1.2.3").matches(None), "a client whose address the engine did not look up");
     }
 
     #[test]
@@ -319,6 +451,12 @@ mod tests {
             ("shutdown sessions app/s1", "usage: shutdown sessions server"),
             ("show conns limit 0", "limit \"0\""),
             ("show conns app/s1 limit", "usage: show conns"),
+            ("show conns frontend", "usage: show conns"),
+            ("show conns mqtt", "usage: show conns"),
+            ("show conns client 10.1.2", "client \"10.1.2\" is not IP or IP:PORT"),
+            ("show conns frontend a frontend b", "\"frontend\" is given twice"),
+            ("show conns limit 1 limit 2", "\"limit\" is given twice"),
+            ("show conns a/b c/d", "two servers given"),
             ("add server app/s3", "usage: add server"),
             ("add server app/s3 nowhere", "address"),
             ("add server app/s3 127.0.0.1:1 weight", "\"weight\" has no value"),

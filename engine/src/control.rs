@@ -34,7 +34,7 @@ pub enum Control {
     AddServer { backend: usize, config: Arc<crate::config::Config>, done: Sender<()> },
     /// List up to `limit` of this worker's connections (only those to `server`, when given), one
     /// line each, with the worker's id.
-    ListConns { server: Option<(usize, usize)>, limit: usize, reply: Sender<(usize, Vec<String>)> },
+    ListConns { filter: crate::admin::ConnMatch, limit: usize, reply: Sender<(usize, Vec<String>)> },
     /// Re-arm every accept: the engine this one replaced has stopped accepting on the shared
     /// listening sockets, and a wakeup for a queued connection may have gone to one of its
     /// cancelled accepts (accept waits are exclusive: the kernel wakes one waiter per connection).

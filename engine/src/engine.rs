@@ -507,10 +507,10 @@ impl Engine {
         }
     }
 
-    /// Up to `limit` connections (to one server when given), from all workers: worker 0's first.
-    pub fn list_conns(&self, server: Option<(usize, usize)>, limit: usize) -> Vec<String> {
+    /// Up to `limit` connections (those `filter` matches), from all workers: worker 0's first.
+    pub fn list_conns(&self, filter: crate::admin::ConnMatch, limit: usize) -> Vec<String> {
         let (_, mut lists) = crate::control::ask_all(&self.peers, Duration::from_secs(10), |reply| {
-            Control::ListConns { server, limit, reply }
+            Control::ListConns { filter, limit, reply }
         });
         lists.sort_by_key(|(worker, _)| *worker);
         lists.into_iter().flat_map(|(_, lines)| lines).take(limit).collect()

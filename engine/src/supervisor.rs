@@ -849,12 +849,37 @@ impl Supervisor {
                     Err(text) => Answer::Fail(format!("{text}\n")),
                 };
             }
-            Command::ShowConns { server, limit } => {
-                let at = match server.as_ref().map(|n| self.find(n)).transpose() {
+            Command::ShowConns { filter, limit } => {
+                let at = match filter.server.as_ref().map(|n| self.find(n)).transpose() {
                     Ok(at) => at,
                     Err(e) => return Answer::Fail(format!("{e}\n")),
                 };
-                let lines = self.current.list_conns(at, *limit);
+                let config = self.config();
+                let frontend = match &filter.frontend {
+                    Some(name) => match config.frontends.iter().position(|f| f.name == *name) {
+                        Some(f) => Some(f),
+                        None => {
+                            let names: Vec<&str> = config.frontends.iter().map(|f| f.name.as_str()).collect();
+                            return Answer::Fail(format!("no frontend \"{name}\" (frontends: {})\n", names.join(", ")));
+                        }
+                    },
+                    None => None,
+                };
+                // A client's address is known only where something needs it: a filter on it
+                // where none is would list nothing, and say nothing of why.
+                let mut scope = frontend.map_or(0..config.frontends.len(), |f| f..f + 1);
+                if let Some(c) = filter.client
+                    && !scope.any(|f| config.knows_clients(f))
+                {
+                    return Answer::Fail(format!(
+                        "client {c}: {} not look up its clients' addresses (nothing in the configuration needs \
+                         them: a connection log, allow/deny, per_source limits, balance source or hash, PROXY \
+                         headers in or out)\n",
+                        if frontend.is_some() { "this frontend does" } else { "no frontend does" }
+                    ));
+                }
+                let m = crate::admin::ConnMatch { server: at, frontend, client: filter.client };
+                let lines = self.current.list_conns(m, *limit);
                 let mut text = format!("{} connections listed (limit {limit})\n", lines.len());
                 for l in lines {
                     text.push_str(&l);

@@ -75,6 +75,23 @@ pub struct Config {
     pub warnings: Vec<String>,
 }
 
+impl Config {
+    /// Whether frontend `f`'s workers look up each client's address at accept (something needs
+    /// it: PROXY headers, `allow`/`deny`, per-source limits, the connection log, `balance: source`
+    /// or `hash`, `send_proxy`); otherwise the engine never learns it, and saves a system call per
+    /// connection.
+    pub fn knows_clients(&self, f: usize) -> bool {
+        let fe = &self.frontends[f];
+        let be = &self.backends[fe.backend];
+        fe.accept_proxy
+            || fe.acl.is_some()
+            || fe.per_source.is_some()
+            || self.global.connection_log.is_some()
+            || matches!(be.balance, Balance::Source | Balance::Hash)
+            || be.servers.iter().any(|s| s.send_proxy.is_some())
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Global {
     /// `None` means one worker per online CPU.

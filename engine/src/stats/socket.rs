@@ -51,8 +51,9 @@ commands (one per connection):
   show stat         CSV with HAProxy's column names
   show json         everything, as one JSON object
   show prometheus   the Prometheus text format
-  show conns [BACKEND/SERVER] [limit N]
-                    open connections, one per line (100 unless limit says, at most 10000)
+  show conns [BACKEND/SERVER] [frontend NAME] [client IP[:PORT]] [limit N]
+                    open connections, one per line (100 unless limit says, at most 10000);
+                    those to the server, of the frontend, from the client when given
 admin socket only (global.stats.admin_socket):
   set server BACKEND/SERVER state ready|drain|maint
                     drain and maint take no new connection (open ones continue); ready again

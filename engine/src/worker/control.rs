@@ -40,8 +40,8 @@ impl Worker {
                     self.add_server(backend, config);
                     let _ = done.send(());
                 }
-                Control::ListConns { server, limit, reply } => {
-                    let _ = reply.send((self.id, self.list_conns(server, limit)));
+                Control::ListConns { filter, limit, reply } => {
+                    let _ = reply.send((self.id, self.list_conns(filter, limit)));
                 }
                 Control::MoveTo(plan) => self.move_to(plan),
                 Control::MoveOffer { from, reply, items } => self.on_move_offer(from, reply, items),
@@ -214,8 +214,8 @@ impl Worker {
         }
     }
 
-    /// Up to `limit` of this worker's connections, one line each.
-    fn list_conns(&self, server: Option<(usize, usize)>, limit: usize) -> Vec<String> {
+    /// Up to `limit` of this worker's connections that `filter` matches, one line each.
+    fn list_conns(&self, filter: crate::admin::ConnMatch, limit: usize) -> Vec<String> {
         let mut out = Vec::new();
         for idx in self.conns.live_indices() {
             if out.len() >= limit {
@@ -223,8 +223,13 @@ impl Worker {
             }
             let c = self.conns.entry(idx);
             let to_server = c.server != crate::conn::NO_INDEX;
-            if let Some((b, s)) = server
+            if let Some((b, s)) = filter.server
                 && !(to_server && c.backend as usize == b && c.server as usize == s)
+            {
+                continue;
+            }
+            if filter.frontend.is_some_and(|f| c.frontend as usize != f)
+                || filter.client.is_some_and(|m| !m.matches(c.client_addr))
             {
                 continue;
             }

@@ -105,19 +105,7 @@ impl Worker {
         }
         let admission =
             (0..config.frontends.len()).map(|f| [Some(plan.limits.global), plan.limits.frontend[f]]).collect();
-        let needs_peer: Vec<bool> = config
-            .frontends
-            .iter()
-            .map(|f| {
-                let be = &config.backends[f.backend];
-                f.accept_proxy
-                    || f.acl.is_some()
-                    || f.per_source.is_some()
-                    || config.global.connection_log.is_some()
-                    || matches!(be.balance, crate::config::Balance::Source | crate::config::Balance::Hash)
-                    || be.servers.iter().any(|s| s.send_proxy.is_some())
-            })
-            .collect();
+        let needs_peer: Vec<bool> = (0..config.frontends.len()).map(|f| config.knows_clients(f)).collect();
         let infos = listeners
             .iter()
             .map(|l| ListenerInfo {

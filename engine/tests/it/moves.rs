@@ -92,7 +92,7 @@ fn established_connections_move_on_reload_and_keep_flowing_both_ways() {
 fn lifetimes(engine: &TestEngine) -> std::collections::HashMap<String, Instant> {
     let now = Instant::now();
     engine
-        .list_conns(None, 1000)
+        .list_conns(ringproxy::admin::ConnMatch::default(), 1000)
         .iter()
         .filter_map(|l| {
             let field = |k: &str| l.split(' ').find_map(|f| f.strip_prefix(k)).map(str::to_string);

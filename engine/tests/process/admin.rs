@@ -378,6 +378,82 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
     proxy.stop_clean();
 }
 
+/// `show conns` filtered by frontend, client (address, or address and port) and server, in any
+/// order and together: exactly the connections each names. A client filter where no frontend in
+/// scope learns its clients' addresses is refused with why, not answered with an empty list.
+#[test]
+fn show_conns_lists_the_connections_of_a_frontend_a_client_or_a_server() {
+    let (a, b) = (Backend::start(Mode::Echo), Backend::start(Mode::Echo));
+    let (stats, admin) = sockets("conns");
+    let proxy = Proxy::start(
+        "conns",
+        &format!(
+            "global: {{ workers: 2, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+             frontends:\n  - {{ name: known, bind: \"127.0.0.1:0\", backend: be, allow: [127.0.0.0/8] }}\n\
+             \x20 - {{ name: plain, bind: \"127.0.0.1:0\", backend: be }}\n\
+             backends:\n  - {{ name: be, servers: [{{ name: a, address: \"{}\" }}, {{ name: b, address: \"{}\" }}] }}\n",
+            stats.display(),
+            admin.display(),
+            a.addr,
+            b.addr
+        ),
+    );
+    let (known, plain) = (proxy.addr("known"), proxy.addr("plain"));
+    let from = |i: u8| std::net::IpAddr::from([127, 0, 7, i]);
+    // Two clients on `known` from 127.0.7.1, one from 127.0.7.2; two on `plain`.
+    let mut held: Vec<TcpStream> = [(known, 1), (known, 1), (known, 2), (plain, 1), (plain, 2)]
+        .into_iter()
+        .map(|(fe, i)| {
+            let mut c = connect_from(fe, from(i));
+            echo_once(&mut c, b"here");
+            c
+        })
+        .collect();
+    // The connection lines of an answer, checked to say as many as they are.
+    let lines = |line: &str| -> Vec<String> {
+        let text = ok(&stats, line);
+        let mut it = text.lines();
+        let head = it.next().unwrap_or_default().to_owned();
+        let rest: Vec<String> = it.map(str::to_owned).collect();
+        assert!(head.starts_with(&format!("{} connections listed", rest.len())), "{line}: {text}");
+        rest
+    };
+    let all = lines("show conns");
+    assert_eq!(all.len(), 5, "{all:?}");
+    let known_lines = lines("show conns frontend known");
+    assert_eq!(known_lines.len(), 3, "{known_lines:?}");
+    assert!(known_lines.iter().all(|l| l.contains("frontend=known ")), "{known_lines:?}");
+    assert_eq!(lines("show conns frontend plain").len(), 2);
+    let one = lines("show conns client 127.0.7.1");
+    assert_eq!(one.len(), 2, "the two from 127.0.7.1 through `known` (`plain` does not know them): {one:?}");
+    assert!(one.iter().all(|l| l.contains("client=127.0.7.1:")), "{one:?}");
+    let me = held[2].local_addr().unwrap();
+    let exact = lines(&format!("show conns limit 50 client {me} frontend known"));
+    assert_eq!(exact.len(), 1, "{exact:?}");
+    assert!(exact[0].contains(&format!("client={me} ")), "{exact:?}");
+    // The server of that connection, and the other one: together with the client, one or none.
+    let server = exact[0].split_whitespace().find_map(|w| w.strip_prefix("server=")).unwrap().to_owned();
+    let other = if server == "be/a" { "be/b" } else { "be/a" };
+    assert_eq!(lines(&format!("show conns {server} client {me}")).len(), 1);
+    assert_eq!(lines(&format!("show conns {other} client {me}")).len(), 0);
+    let per_server = lines(&format!("show conns {server}")).len() + lines(&format!("show conns {other}")).len();
+    assert_eq!(per_server, 5, "each connection is on one server");
+    assert_eq!(lines("show conns client 127.0.7.9").len(), 0);
+    assert_eq!(lines("show conns frontend known limit 1").len(), 1);
+    refused(
+        &stats,
+        "show conns client 127.0.7.1 frontend plain",
+        "this frontend does not look up its clients' addresses",
+    );
+    refused(&stats, "show conns frontend nope", "no frontend \"nope\" (frontends: known, plain)");
+    refused(&stats, "show conns client 127.0.7", "client \"127.0.7\" is not IP or IP:PORT");
+    for c in &mut held {
+        echo_once(c, b"still here");
+    }
+    drop(held);
+    proxy.stop_clean();
+}
+
 /// Servers added while stats queries run (each copies the rows in slices over several loop turns
 /// of each worker, and an add moves the rows after it): every answer has each server once, in
 /// configuration order, the same rows on every worker. The queries run back to back while the adds
