@@ -9,7 +9,7 @@ use crate::watch::Watch;
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener};
 
-use super::{EngineStats, FrontendStats, WorkerStats, serve};
+use super::{EngineStats, FrontendStats, SourceStats, WorkerStats, serve};
 
 /// One value of a labelled family, read from a worker's counters.
 type Part<'a> = (&'a str, &'a dyn Fn(&WorkerStats) -> u64);
@@ -122,6 +122,15 @@ fn escape(v: &str) -> String {
 }
 
 /// The whole exposition.
+/// Servers with at most this many sources on a worker get a series per source; every server with
+/// sources gets their sums.
+pub const PER_SOURCE_SERIES: usize = 64;
+
+/// A worker's source rows, one run per server (they come in server order).
+fn source_runs(w: &WorkerStats) -> impl Iterator<Item = &[SourceStats]> {
+    w.sources.chunk_by(|a, b| a.backend == b.backend && a.server == b.server)
+}
+
 pub fn render(s: &EngineStats) -> String {
     let mut out = String::with_capacity(16 * 1024);
     let mut m = Family { out: &mut out };
@@ -486,28 +495,41 @@ pub fn render(s: &EngineStats) -> String {
             m.sample("server_connect_seconds_count", &base, l.count);
         }
     }
-    m.head("source_ports_in_use", "gauge", "Local ports in use per source IP toward a server.");
+    // Per server, its sources summed (each worker's own: with as many sources as workers, disjoint
+    // ones); per source only for servers with few, so that a /16 does not make 65,536 series.
+    m.head("server_source_ports_in_use", "gauge", "Local ports in use toward a server, over its sources.");
     for w in &s.workers {
         let id = w.worker.to_string();
-        for src in &w.sources {
-            let ip = src.ip.to_string();
-            m.sample(
-                "source_ports_in_use",
-                &[("worker", &id), ("backend", &src.backend), ("server", &src.server), ("source", &ip)],
-                src.active,
-            );
+        for run in source_runs(w) {
+            let labels = [("worker", id.as_str()), ("backend", &run[0].backend), ("server", &run[0].server)];
+            m.sample("server_source_ports_in_use", &labels, run.iter().map(|s| s.active).sum::<u64>());
         }
     }
-    m.head("source_ports_capacity", "gauge", "Local ports available per source IP toward a server.");
+    m.head("server_source_ports_capacity", "gauge", "Local ports available toward a server, over its sources.");
     for w in &s.workers {
         let id = w.worker.to_string();
-        for src in &w.sources {
-            let ip = src.ip.to_string();
-            m.sample(
-                "source_ports_capacity",
-                &[("worker", &id), ("backend", &src.backend), ("server", &src.server), ("source", &ip)],
-                src.capacity,
-            );
+        for run in source_runs(w) {
+            let labels = [("worker", id.as_str()), ("backend", &run[0].backend), ("server", &run[0].server)];
+            m.sample("server_source_ports_capacity", &labels, run.iter().map(|s| s.capacity).sum::<u64>());
+        }
+    }
+    for (name, help, value) in [
+        (
+            "source_ports_in_use",
+            "Local ports in use per source IP toward a server.",
+            (|s| s.active) as fn(&SourceStats) -> u64,
+        ),
+        ("source_ports_capacity", "Local ports available per source IP toward a server.", |s| s.capacity),
+    ] {
+        m.head(name, "gauge", &format!("{help} (Servers with at most {PER_SOURCE_SERIES} sources on a worker.)"));
+        for w in &s.workers {
+            let id = w.worker.to_string();
+            for src in source_runs(w).filter(|run| run.len() <= PER_SOURCE_SERIES).flatten() {
+                let ip = src.ip.to_string();
+                let labels =
+                    [("worker", id.as_str()), ("backend", &src.backend), ("server", &src.server), ("source", &ip)];
+                m.sample(name, &labels, value(src));
+            }
         }
     }
     m.head("backend_queue_current", "gauge", "Connections waiting in the backend's queue.");

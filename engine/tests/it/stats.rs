@@ -246,6 +246,63 @@ fn each_frontend_and_each_server_counts_its_own_connections_and_bytes() {
     assert_clean(engine, &[brokers.addr.port(), rooms.addr.port(), gate_addr.port()]);
 }
 
+/// Prometheus sums each server's source ports per worker; a series per source only for servers
+/// with at most `PER_SOURCE_SERIES` (64) sources on a worker, so that a /24 or a /16 does not make
+/// a series per address. The sums are exact: the connections open to each server, and its
+/// sources' capacity.
+#[test]
+fn prometheus_sums_each_servers_source_ports_and_lists_the_sources_of_servers_with_few() {
+    use ringproxy::stats::prometheus::PER_SOURCE_SERIES;
+    let echo = Backend::start(Mode::Echo);
+    let sock = temp_path("source-series.sock");
+    // `few`: 6 sources, 3 on each worker; `many`: a /24, 128 on each.
+    let engine = engine(&format!(
+        "global: {{ workers: 2, stats: {{ socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: few, address: \"{a}\", source: 127.0.8.1-127.0.8.6 }}, \
+         {{ name: many, address: \"{a}\", source: 127.9.0.0/24 }}] }}]\n",
+        sock.display(),
+        a = echo.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let mut held: Vec<TcpStream> = (0..20u8)
+        .map(|i| {
+            let mut c = connect(fe);
+            echo_once(&mut c, &[i]);
+            c
+        })
+        .collect();
+    let stats = engine.stats();
+    let capacity = stats.workers[0].sources[0].capacity as f64;
+    let active = |server: &str| -> f64 {
+        let rows = stats.workers.iter().flat_map(|w| w.servers.iter()).filter(|r| r.server == server);
+        rows.map(|r| r.active as f64).sum()
+    };
+    assert_eq!(active("few") + active("many"), 20.0);
+    let samples = parse_prometheus(&socket::query(&sock, "show prometheus").unwrap());
+    let with = |name: &str, server: &str| -> Vec<&Sample> {
+        let has = |l: &[(String, String)]| l.iter().any(|(k, v)| k == "server" && v == server);
+        samples.iter().filter(|(n, l, _)| n == name && has(l)).collect()
+    };
+    let sum = |name: &str, server: &str| with(name, server).iter().map(|(_, _, v)| v).sum::<f64>();
+    for (server, per_worker) in [("few", 3.0), ("many", 128.0)] {
+        assert_eq!(with("ringproxy_server_source_ports_in_use", server).len(), 2, "one series per worker");
+        assert_eq!(sum("ringproxy_server_source_ports_in_use", server), active(server), "{server}");
+        assert_eq!(sum("ringproxy_server_source_ports_capacity", server), 2.0 * per_worker * capacity, "{server}");
+    }
+    assert!(128 > PER_SOURCE_SERIES && 3 <= PER_SOURCE_SERIES);
+    assert_eq!(with("ringproxy_source_ports_in_use", "few").len(), 6, "a series per source of `few`");
+    assert_eq!(sum("ringproxy_source_ports_in_use", "few"), active("few"));
+    assert_eq!(with("ringproxy_source_ports_capacity", "few").len(), 6);
+    assert!(with("ringproxy_source_ports_in_use", "many").is_empty(), "none per source of `many`");
+    assert!(with("ringproxy_source_ports_capacity", "many").is_empty());
+    for c in &mut held {
+        echo_once(c, b"still here");
+    }
+    drop(held);
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
 /// One sample: metric name, labels, value.
 type Sample = (String, Vec<(String, String)>, f64);
 
@@ -372,6 +429,8 @@ fn socket_protocol_json_csv_and_prometheus() {
         "ringproxy_maxconn_share",
         "ringproxy_server_connect_seconds",
         "ringproxy_source_ports_in_use",
+        "ringproxy_server_source_ports_in_use",
+        "ringproxy_server_source_ports_capacity",
         "ringproxy_pipes",
         "ringproxy_buffers",
         "ringproxy_ring_queued_bytes",
