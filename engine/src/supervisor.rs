@@ -872,10 +872,10 @@ impl Supervisor {
                     && !scope.any(|f| config.knows_clients(f))
                 {
                     return Answer::Fail(format!(
-                        "client {c}: {} not look up its clients' addresses (nothing in the configuration needs \
-                         them: a connection log, allow/deny, per_source limits, balance source or hash, PROXY \
-                         headers in or out)\n",
-                        if frontend.is_some() { "this frontend does" } else { "no frontend does" }
+                        "client {c}: {} its clients' addresses (nothing in the configuration needs them: a \
+                         connection log, allow/deny, per_source limits, balance source or hash, PROXY headers in \
+                         or out)\n",
+                        if frontend.is_some() { "this frontend does not look up" } else { "no frontend looks up" }
                     ));
                 }
                 let m = crate::admin::ConnMatch { server: at, frontend, client: filter.client };
