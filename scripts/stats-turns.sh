@@ -7,7 +7,9 @@
 # Loopback only, bounded (seconds per case).
 # Usage: scripts/stats-turns.sh [RINGPROXY_BINARY]   (default: a release build of this tree)
 # SERVERS=40000, BACKENDS="1 2000" (the servers spread over that many backends), WORKERS=2,
-# QUERIES=10 and VIEWS="info cores servers prometheus" (the defaults) choose the cases.
+# QUERIES=10 and VIEWS="info cores servers prometheus" (the defaults) choose the cases; SOURCES
+# (e.g. 127.64.0.0/16) gives the first server that source set (each worker's share of it is copied
+# a slice at a time like the server rows; `show sources` lists them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -21,9 +23,10 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 for backends in ${BACKENDS:-1 2000}; do
-    python3 - "$SERVERS" "$backends" "$WORKERS" "$TMP/stats.sock" > "$TMP/proxy.yaml" <<'PY'
+    python3 - "$SERVERS" "$backends" "$WORKERS" "$TMP/stats.sock" "${SOURCES:-}" > "$TMP/proxy.yaml" <<'PY'
 import sys
 servers, backends, workers, sock = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+sources = sys.argv[5]
 print(f"global: {{ workers: {workers}, maxconn: 1000, stats: {{ socket: {sock} }} }}")
 print('frontends: [{ name: fe, bind: "127.0.0.1:0", backend: b0 }]')
 print("backends:")
@@ -31,7 +34,8 @@ each = -(-servers // backends)
 for b in range(backends):
     n = min(each, servers - each * b)
     if n > 0:
-        names = ", ".join(f'{{ name: s{s}, address: "127.0.9.1:9" }}' for s in range(n))
+        extra = lambda s: f', source: "{sources}"' if sources and b == 0 and s == 0 else ""
+        names = ", ".join(f'{{ name: s{s}, address: "127.0.9.1:9"{extra(s)} }}' for s in range(n))
         print(f"  - {{ name: b{b}, servers: [{names}] }}")
 PY
     rm -f "$TMP/proxy.ready" "$TMP/stats.sock"
@@ -43,7 +47,7 @@ PY
         continue
     fi
     sleep 2
-    echo "$SERVERS servers in $backends backend(s), $WORKERS workers, ${QUERIES:-10} queries per view ($BIN):"
+    echo "$SERVERS servers in $backends backend(s)${SOURCES:+, the first with source $SOURCES}, $WORKERS workers, ${QUERIES:-10} queries per view ($BIN):"
     python3 - "$TMP/stats.sock" "${QUERIES:-10}" ${VIEWS:-info cores servers prometheus} <<'PY'
 import json, socket, sys, time
 sock, queries, views = sys.argv[1], int(sys.argv[2]), sys.argv[3:]

@@ -21,7 +21,9 @@ pub enum Control {
     Rate(crate::worker::RateMsg),
     /// Send a copy of your counters, with the server rows (and their sources and latency
     /// buckets) of `rows` only: a query asks for the rows in slices, one per loop turn.
-    Snapshot { rows: std::ops::Range<usize>, reply: Sender<WorkerStats> },
+    /// The counters, with the server rows `rows`; the first one's sources from `sources_from`
+    /// (more than 0: its row came in the slice before, which ended inside its sources).
+    Snapshot { rows: std::ops::Range<usize>, sources_from: usize, reply: Sender<WorkerStats> },
     /// Stop accepting; finish open connections until the drain deadline, then exit.
     Drain,
     /// A health check changed a server's state (indices into the configuration).

@@ -124,21 +124,28 @@ impl StatsSource {
             Detail::Totals => 0..0,
             Detail::Full => 0..ROWS_PER_TURN,
         };
-        let (_, mut workers) =
-            crate::control::ask(self.peers.iter(), deadline, |reply| Control::Snapshot { rows: first.clone(), reply });
+        let (_, mut workers) = crate::control::ask(self.peers.iter(), deadline, |reply| Control::Snapshot {
+            rows: first.clone(),
+            sources_from: 0,
+            reply,
+        });
         if detail == Detail::Totals {
             return workers;
         }
-        let mut open: Vec<usize> =
-            (0..workers.len()).filter(|&i| workers[i].servers.len() < workers[i].server_rows).collect();
+        // Whether a worker has more to send: server rows, or the sources of its last one.
+        let more = |w: &WorkerStats| w.servers.len() < w.server_rows || w.sources_next > 0;
+        let mut open: Vec<usize> = (0..workers.len()).filter(|&i| more(&workers[i])).collect();
         while !open.is_empty() {
             let (tx, rx) = unbounded();
             let asked = open
                 .iter()
                 .filter(|&&i| {
-                    let from = workers[i].servers.len();
-                    let ask = Control::Snapshot { rows: from..from + ROWS_PER_TURN, reply: tx.clone() };
-                    self.peers.get(workers[i].worker).is_some_and(|p| p.send(ask))
+                    let w = &workers[i];
+                    // Inside a server's sources: that server's row again, from its next source.
+                    let from = w.servers.len() - usize::from(w.sources_next > 0);
+                    let rows = from..from + ROWS_PER_TURN;
+                    let ask = Control::Snapshot { rows, sources_from: w.sources_next, reply: tx.clone() };
+                    self.peers.get(w.worker).is_some_and(|p| p.send(ask))
                 })
                 .count();
             drop(tx);
@@ -146,16 +153,21 @@ impl StatsSource {
             for slice in (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()) {
                 let Some(i) = workers.iter().position(|w| w.worker == slice.worker) else { continue };
                 let w = &mut workers[i];
-                if slice.server_rows != w.server_rows || slice.servers.is_empty() {
+                if slice.server_rows != w.server_rows || (slice.servers.is_empty() && slice.sources.is_empty()) {
+                    w.sources_next = 0;
                     continue; // (Rows moved: this worker's rows stop here.)
                 }
                 w.servers.extend(slice.servers);
                 w.sources.extend(slice.sources);
                 w.connect_latency.extend(slice.connect_latency);
-                if w.servers.len() < w.server_rows {
+                w.sources_next = slice.sources_next;
+                if more(w) {
                     open.push(i);
                 }
             }
+        }
+        for w in &mut workers {
+            w.name_sources();
         }
         workers
     }

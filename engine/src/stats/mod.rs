@@ -385,6 +385,11 @@ pub struct SourceStats {
     pub active: u64,
     /// Ports available to this source toward the server (ip_local_port_range).
     pub capacity: u64,
+    /// The server's row (index in its worker's `servers`). A worker leaves the names empty and
+    /// gives the row: the names are filled in off the worker ([`WorkerStats::name_sources`]), so
+    /// that copying a server's 65,536 sources makes no allocation on the data path's thread.
+    #[serde(skip)]
+    pub server_row: u32,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -550,6 +555,10 @@ pub struct WorkerStats {
     pub uptime_ms: u64,
     pub servers: Vec<ServerStats>,
     pub sources: Vec<SourceStats>,
+    /// A slice of a stats query that ended inside the sources of its last server row: the next
+    /// of them (0: it did not).
+    #[serde(skip)]
+    pub sources_next: usize,
     /// Connections waiting in each backend's queue now (configuration order).
     pub queued_by_backend: Vec<u64>,
     /// Per frontend (configuration order), its connections' counters on this worker. The
@@ -569,6 +578,23 @@ pub struct WorkerStats {
 }
 
 impl WorkerStats {
+    /// Fills in each source row's backend and server names from its server's row; drops a row
+    /// whose server row is not there (cannot happen: a slice brings a server's row no later than
+    /// its sources).
+    pub fn name_sources(&mut self) {
+        let servers = &self.servers;
+        self.sources.retain_mut(|src| match servers.get(src.server_row as usize) {
+            Some(row) => {
+                if src.server.is_empty() {
+                    src.backend.clone_from(&row.backend);
+                    src.server.clone_from(&row.server);
+                }
+                true
+            }
+            None => false,
+        });
+    }
+
     /// Sets the worker's totals of what its frontends' rows count: the rows summed.
     pub fn sum_frontends(&mut self) {
         let mut t = FrontendStats::default();

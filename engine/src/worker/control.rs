@@ -23,8 +23,8 @@ impl Worker {
                     }
                 }
                 Control::Rate(m) => self.on_rate(m),
-                Control::Snapshot { rows, reply } => {
-                    let _ = reply.send(self.snapshot(rows));
+                Control::Snapshot { rows, sources_from, reply } => {
+                    let _ = reply.send(self.snapshot(rows, sources_from));
                 }
                 Control::Drain => self.start_drain(),
                 Control::RearmAccepts => self.rearm_accepts(),
@@ -324,8 +324,10 @@ impl Worker {
 
     /// This worker's counters, with the server rows `rows` (clamped to those there are), their
     /// sources and their latency buckets: the rest of the server rows are not copied. The slice
-    /// ends early once it holds [`ROWS_PER_TURN`] source rows, after at least one server.
-    fn snapshot(&mut self, rows: std::ops::Range<usize>) -> WorkerStats {
+    /// ends once it holds [`ROWS_PER_TURN`] source rows, inside a server's sources if need be
+    /// (`sources_next` says where the next slice goes on: `sources_from`, with `rows` starting at
+    /// that server again, whose row it does not copy twice).
+    fn snapshot(&mut self, rows: std::ops::Range<usize>, sources_from: usize) -> WorkerStats {
         self.advance_ramps();
         let all = std::mem::take(&mut self.stats.servers);
         let mut s = self.stats.clone();
@@ -371,54 +373,73 @@ impl Worker {
         }
         s.sum_frontends();
         s.sources.clear();
+        s.sources_next = 0;
         'rows: for (b, be) in self.up.backends.iter().enumerate() {
             // The backend's servers among the rows asked for (rows are flattened in backend order).
             let first = self.up.server_index[b];
             let from = rows.start.saturating_sub(first).min(be.servers.len());
             let to = rows.end.saturating_sub(first).min(be.servers.len());
             for (i, srv) in be.servers.iter().enumerate().take(to).skip(from) {
-                // The slice also ends once it holds as many source rows (a server's own sources
-                // are never split: a server with 65,536 of them copies them in one turn).
-                if s.sources.len() >= ROWS_PER_TURN {
-                    break 'rows;
-                }
                 let k = first + i;
-                s.servers.push(self.stats.servers[k].clone());
-                let row = s.servers.last_mut().expect("just pushed");
-                row.active = u64::from(srv.active);
-                row.total = srv.total;
-                row.connect_errors = srv.errors;
-                row.bytes_in = srv.bytes_in;
-                row.bytes_out = srv.bytes_out;
-                row.share = srv.limit.map_or(0, |l| u64::from(self.up.shares.held(l)));
-                row.admin = srv.admin;
-                row.removed = srv.removed;
-                // The weight in use, in the configuration's units (rounded up while ramping), and
-                // how far a ramp has got.
-                let scaled = u64::from(be.balancer.weight(i));
-                let scale = u64::from(crate::balance::WEIGHT_SCALE);
-                row.weight = scaled.div_ceil(scale);
-                row.ramp_pct = match u64::from(srv.weight) * scale {
-                    0 => 100,
-                    full => (scaled * 100 / full).min(100),
-                };
-                // Percentiles for this worker's rows, buckets for merging across workers.
-                let latency = &self.up.connect_latency[k];
-                row.connect_latency_us = latency.latency();
-                latency.export(k as u32, &mut s.connect_latency);
-                // (A removed server's sources leave the stats with it.)
-                for (j, ip) in srv.sources.ips.iter().enumerate().filter(|_| !srv.removed) {
+                // Going on inside this server's sources: its row came with the slice before.
+                let resumed = k == rows.start && sources_from > 0;
+                if !resumed {
+                    // The slice also ends once it holds as many source rows as server rows.
+                    if s.sources.len() >= ROWS_PER_TURN {
+                        break 'rows;
+                    }
+                    self.server_row(&mut s, b, i, k);
+                }
+                // (A removed server's sources leave the stats with it. Their names are filled in
+                // by the stats thread from the server's row, `k` in the whole snapshot: no
+                // allocation here.)
+                let ips = if srv.removed { &[][..] } else { &srv.sources.ips[..] };
+                for j in (if resumed { sources_from } else { 0 })..ips.len() {
+                    if s.sources.len() >= ROWS_PER_TURN {
+                        s.sources_next = j;
+                        break 'rows;
+                    }
                     s.sources.push(SourceStats {
-                        backend: self.cfg.backends[b].name.clone(),
-                        server: self.cfg.backends[b].servers[i].name.clone(),
-                        ip: *ip,
+                        backend: String::new(),
+                        server: String::new(),
+                        ip: ips[j],
                         active: u64::from(srv.sources.active[j]),
                         capacity: u64::from(srv.sources.capacity),
+                        server_row: k as u32,
                     });
                 }
             }
         }
         s
+    }
+
+    /// Copies the row of server `i` of backend `b` (`k` among all rows) into `s`, with its latency
+    /// buckets.
+    fn server_row(&self, s: &mut WorkerStats, b: usize, i: usize, k: usize) {
+        let (be, srv) = (&self.up.backends[b], &self.up.backends[b].servers[i]);
+        s.servers.push(self.stats.servers[k].clone());
+        let row = s.servers.last_mut().expect("just pushed");
+        row.active = u64::from(srv.active);
+        row.total = srv.total;
+        row.connect_errors = srv.errors;
+        row.bytes_in = srv.bytes_in;
+        row.bytes_out = srv.bytes_out;
+        row.share = srv.limit.map_or(0, |l| u64::from(self.up.shares.held(l)));
+        row.admin = srv.admin;
+        row.removed = srv.removed;
+        // The weight in use, in the configuration's units (rounded up while ramping), and how far
+        // a ramp has got.
+        let scaled = u64::from(be.balancer.weight(i));
+        let scale = u64::from(crate::balance::WEIGHT_SCALE);
+        row.weight = scaled.div_ceil(scale);
+        row.ramp_pct = match u64::from(srv.weight) * scale {
+            0 => 100,
+            full => (scaled * 100 / full).min(100),
+        };
+        // Percentiles for this worker's rows, buckets for merging across workers.
+        let latency = &self.up.connect_latency[k];
+        row.connect_latency_us = latency.latency();
+        latency.export(k as u32, &mut s.connect_latency);
     }
 }
 

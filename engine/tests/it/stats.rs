@@ -559,35 +559,40 @@ fn cli_stats_sigusr1_and_connection_log() {
 
 /// A loop turn that takes long is counted, and shown where operators look: the per-core table's
 /// `max turn`, `--json`'s `slow_turns` and `longest_turn_us`, and Prometheus. The long turns here
-/// are real ones: a worker answers a stats request a slice of server rows per loop turn, but never
-/// splits one server's source rows, and copying 65,535 of them takes milliseconds (every
-/// connection of the worker waits meanwhile: docs/operations.md, *What stats cost*).
+/// are real ones: a server added at run time with a /16 of source addresses is set up by each
+/// worker in one loop turn (65,535 addresses registered with its ring, their heap and index: every
+/// connection of the worker waits meanwhile), which takes milliseconds.
 #[test]
 fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus() {
+    const WIDE: usize = 3;
     let echo = Backend::start(Mode::Echo);
     let sock = temp_path("turns.sock");
-    // One server with 65,536 source addresses, all on the one worker (which uses 65,535 of them:
-    // a connection records its source in 16 bits): a stats query copies a server's sources in one
-    // loop turn (a slice never splits them), a real long turn.
-    let engine = engine(&format!(
-        "global: {{ workers: 1, stats: {{ socket: {} }} }}\n\
-         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
-         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.1.0.0/16 }}] }}]\n",
-        sock.display(),
-        echo.addr
-    ));
+    let yaml = |wide: usize| {
+        let added: String = (0..wide)
+            .map(|i| format!(", {{ name: w{i}, address: \"{}\", source: 127.{}.0.0/16 }}", echo.addr, 40 + i))
+            .collect();
+        format!(
+            "global: {{ workers: 1, stats: {{ socket: {} }} }}\n\
+             frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}{added}] }}]\n",
+            sock.display(),
+            echo.addr
+        )
+    };
+    let engine = engine(&yaml(0));
     let mut c = connect(addr(&engine, "fe"));
-    echo_once(&mut c, b"through a server with many sources");
+    echo_once(&mut c, b"before the servers with many sources");
     drop(c);
     let first = engine.stats().workers[0].slow_turns;
-    // Each snapshot copies the 65,535 source rows in one turn (counted once it ends): 3-15 ms here
-    // on a quiet host, but a loaded one has seen three of five take less than 1 ms (fresh-clone CI
-    // at f88df50: 12 turns, 2 more of 1 ms or more), so at least one more long turn is asked for.
-    for _ in 0..4 {
-        engine.stats();
+    // Each add is a turn of 3-10 ms here; a loaded host can make one shorter (a stats query of the
+    // same sources made 1 ms or more in three of five in the fresh-clone CI at f88df50), so at
+    // least one more long turn is asked for of three.
+    for wide in 1..=WIDE {
+        engine.add_server(0, std::sync::Arc::new(ringproxy::config::parse(&yaml(wide), "t").unwrap())).unwrap();
     }
     let snapshot = engine.stats();
-    assert_eq!(snapshot.workers[0].sources.len(), 65_535);
+    // (A single worker keeps 65,535 of a /16's sources: a connection records its source in 16 bits.)
+    assert_eq!(snapshot.workers[0].sources.len(), WIDE * 65_535);
     let w = &snapshot.workers[0];
     eprintln!("slow turns {:?}, longest {} µs, {} turns", w.slow_turns, w.longest_turn_us, w.loop_iterations);
     assert!(w.slow_turns.over_1ms > first.over_1ms, "{first:?} then {:?}", w.slow_turns);
@@ -620,8 +625,9 @@ fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus()
 }
 
 /// A stats query copies the server rows a slice per loop turn (`ROWS_PER_TURN` servers, or fewer
-/// once a slice holds as many source rows), all workers at once, and puts them together: every
-/// row once, in order, on every worker; `show info` and `show cores` have no worker copy a row.
+/// once a slice holds as many source rows, cutting a server's sources if need be), all workers at
+/// once, and puts them together: every row and every source once, in order, on every worker, each
+/// source named after its server; `show info` and `show cores` have no worker copy a row.
 #[test]
 fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_copies_none() {
     use ringproxy::stats::{Detail, ROWS_PER_TURN};
@@ -634,7 +640,10 @@ fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_cop
         .map(|i| {
             format!("{{ name: w{i}, address: \"{}\", source: 127.{}.{}.0/23 }}", echo.addr, 60 + i / 4, (i % 4) * 2)
         })
+        .chain([format!("{{ name: z, address: \"{}\", source: 127.70.0.0/20 }}", echo.addr)])
         .collect();
+    // `z`: 4,096 sources, 2,048 on each worker, two slices' worth.
+    const Z: usize = 2048;
     let engine = engine(&format!(
         "global: {{ workers: 2, stats: {{ socket: {} }} }}\n\
          frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: many }}]\n\
@@ -646,9 +655,12 @@ fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_cop
     let mut c = connect(addr(&engine, "fe"));
     echo_once(&mut c, b"through one of ten thousand servers");
     drop(c);
-    let rows = SERVERS + WIDE;
-    let names: Vec<String> =
-        (0..SERVERS).map(|i| format!("many/s{i}")).chain((0..WIDE).map(|i| format!("wide/w{i}"))).collect();
+    let rows = SERVERS + WIDE + 1;
+    let names: Vec<String> = (0..SERVERS)
+        .map(|i| format!("many/s{i}"))
+        .chain((0..WIDE).map(|i| format!("wide/w{i}")))
+        .chain(["wide/z".to_string()])
+        .collect();
     let turns = |s: &EngineStats| s.workers.iter().map(|w| w.loop_iterations).collect::<Vec<_>>();
 
     let before = engine.stats_with(Detail::Totals);
@@ -662,10 +674,18 @@ fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_cop
     for w in &full.workers {
         let got: Vec<String> = w.servers.iter().map(|r| format!("{}/{}", r.backend, r.server)).collect();
         assert!(got == names, "worker {}: {} rows, not the {rows} in order", w.worker, got.len());
-        // Each wide server's 256 sources of this worker, in server order.
-        assert_eq!(w.sources.len(), WIDE * 256, "worker {}", w.worker);
+        // Each wide server's 256 sources of this worker, then z's 2,048, in server order.
+        assert_eq!(w.sources.len(), WIDE * 256 + Z, "worker {}", w.worker);
         let order: Vec<&str> = w.sources.iter().map(|s| s.server.as_str()).collect();
         assert!(order.is_sorted(), "worker {}: sources out of server order", w.worker);
+        assert!(w.sources.iter().all(|s| s.backend == "wide"), "worker {}: every source named", w.worker);
+        // z's, cut over two slices: each of this worker's once, in the order of its shard.
+        let z: Vec<std::net::IpAddr> = w.sources.iter().filter(|s| s.server == "z").map(|s| s.ip).collect();
+        let want: Vec<std::net::IpAddr> = (0..2 * Z)
+            .filter(|k| k % 2 == w.worker)
+            .map(|k| std::net::IpAddr::from([127, 70, (k >> 8) as u8, k as u8]))
+            .collect();
+        assert!(z == want, "worker {}: z's {} sources, not its {} in order", w.worker, z.len(), want.len());
     }
     assert_eq!(full.servers.len(), rows);
     assert_eq!(full.servers.iter().map(|r| r.total).sum::<u64>(), 1);
@@ -678,9 +698,10 @@ fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_cop
 
     // The query took a loop turn per slice on each worker, a totals query one. Slices: ten of up
     // to 1,024 servers (the tenth, 784 servers, ends after four wide ones: 4 × 256 source rows
-    // make 1,024), then one for the other four wide servers.
+    // make 1,024), one for the other four wide servers, then two for z (its row and 1,024 of its
+    // sources, then the other 1,024).
     assert_eq!(ROWS_PER_TURN, 1024, "the slices counted here");
-    let slices = (SERVERS.div_ceil(ROWS_PER_TURN) + 1) as u64;
+    let slices = (SERVERS.div_ceil(ROWS_PER_TURN) + 3) as u64;
     for (w, (b, a)) in turns(&before).into_iter().zip(turns(&after)).enumerate() {
         assert!(a - b > slices, "worker {w}: {} turns for {slices} slices and a totals query", a - b);
     }
@@ -697,6 +718,6 @@ fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_cop
         assert!(table.lines().any(|l| l.split_whitespace().any(|f| f == name)), "{name} in show servers");
     }
     let sources = socket::query(&sock, "show sources").unwrap();
-    assert_eq!(sources.lines().count(), 1 + 2 * WIDE * 256);
+    assert_eq!(sources.lines().count(), 1 + 2 * (WIDE * 256 + Z));
     assert_clean(engine, &[echo.addr.port()]);
 }
