@@ -394,7 +394,7 @@ impl Worker {
                 // by the stats thread from the server's row, `k` in the whole snapshot: no
                 // allocation here.)
                 let ips = if srv.removed { &[][..] } else { &srv.sources.ips[..] };
-                for j in (if resumed { sources_from } else { 0 })..ips.len() {
+                for (j, &ip) in ips.iter().enumerate().skip(if resumed { sources_from } else { 0 }) {
                     if s.sources.len() >= ROWS_PER_TURN {
                         s.sources_next = j;
                         break 'rows;
@@ -402,7 +402,7 @@ impl Worker {
                     s.sources.push(SourceStats {
                         backend: String::new(),
                         server: String::new(),
-                        ip: ips[j],
+                        ip,
                         active: u64::from(srv.sources.active[j]),
                         capacity: u64::from(srv.sources.capacity),
                         server_row: k as u32,
