@@ -384,7 +384,7 @@ impl Worker {
                 // Going on inside this server's sources: its row came with the slice before.
                 let resumed = k == rows.start && sources_from > 0;
                 if !resumed {
-                    // The slice also ends once it holds as many source rows as server rows.
+                    // The slice also ends once it holds `ROWS_PER_TURN` source rows.
                     if s.sources.len() >= ROWS_PER_TURN {
                         break 'rows;
                     }
