@@ -9,7 +9,9 @@
 # SERVERS=40000, BACKENDS="1 2000" (the servers spread over that many backends), WORKERS=2,
 # QUERIES=10 and VIEWS="info cores servers prometheus" (the defaults) choose the cases; SOURCES
 # (e.g. 127.64.0.0/16) gives the first server that source set (each worker's share of it is copied
-# a slice at a time like the server rows; `show sources` lists them).
+# a slice at a time like the server rows; `show sources` lists them). The view `add` is not a
+# query: QUERIES `add server` on the admin socket, each a server with the source set ADD_SOURCE
+# (default 127.80.0.0/16) — what setting up a large source set costs the workers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -27,7 +29,8 @@ for backends in ${BACKENDS:-1 2000}; do
 import sys
 servers, backends, workers, sock = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 sources = sys.argv[5]
-print(f"global: {{ workers: {workers}, maxconn: 1000, stats: {{ socket: {sock} }} }}")
+admin = sock.replace("stats.sock", "admin.sock")
+print(f"global: {{ workers: {workers}, maxconn: 1000, stats: {{ socket: {sock}, admin_socket: {admin} }} }}")
 print('frontends: [{ name: fe, bind: "127.0.0.1:0", backend: b0 }]')
 print("backends:")
 each = -(-servers // backends)
@@ -48,14 +51,16 @@ PY
     fi
     sleep 2
     echo "$SERVERS servers in $backends backend(s)${SOURCES:+, the first with source $SOURCES}, $WORKERS workers, ${QUERIES:-10} queries per view ($BIN):"
-    python3 - "$TMP/stats.sock" "${QUERIES:-10}" ${VIEWS:-info cores servers prometheus} <<'PY'
+    python3 - "$TMP/stats.sock" "${QUERIES:-10}" "${ADD_SOURCE:-127.80.0.0/16}" ${VIEWS:-info cores servers prometheus} <<'PY'
 import json, socket, sys, time
-sock, queries, views = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+sock, queries, add_source, views = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4:]
+admin = sock.replace("stats.sock", "admin.sock")
+added = 0
 
-def ask(line):
+def ask(line, path=sock):
     s = socket.socket(socket.AF_UNIX)
     s.settimeout(120)
-    s.connect(sock)
+    s.connect(path)
     s.sendall(line.encode() + b"\n")
     parts = []
     while True:
@@ -72,7 +77,14 @@ for view in views:
     before = workers()
     t = time.monotonic()
     for _ in range(queries):
-        size = len(ask("show " + view))
+        if view == "add":
+            answer = ask(f"add server b0/added{added} 127.0.9.1:9 source {add_source}", admin)
+            if not answer.startswith(b"OK"):
+                sys.exit(f"add server: {answer.decode()}")
+            added += 1
+            size = len(answer)
+        else:
+            size = len(ask("show " + view))
     ms = (time.monotonic() - t) * 1000 / queries
     # (The longest turn is kept for the last one to two seconds: read at once.)
     after = workers()

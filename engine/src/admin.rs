@@ -177,6 +177,9 @@ pub struct NewServer {
     pub server: ServerName,
     pub address: std::net::SocketAddr,
     pub sources: Vec<std::net::IpAddr>,
+    /// The sources as typed (addresses and ranges): how the command is echoed and logged, which
+    /// for a /16 is one range rather than 65,536 addresses.
+    pub source_words: Vec<String>,
     pub weight: u32,
     pub maxconn: Option<u32>,
     /// Ramps up from ~0 over this time once added.
@@ -191,13 +194,22 @@ impl NewServer {
         let [name, address, rest @ ..] = words else { return Err(USAGE.into()) };
         let server = ServerName::parse(name)?;
         let address = crate::config::address::parse_server(address).map_err(|e| format!("address {e}"))?;
-        let mut new = NewServer { server, address, sources: Vec::new(), weight: 1, maxconn: None, slowstart: None };
+        let mut new = NewServer {
+            server,
+            address,
+            sources: Vec::new(),
+            source_words: Vec::new(),
+            weight: 1,
+            maxconn: None,
+            slowstart: None,
+        };
         let mut rest = rest;
         while let [key, value, more @ ..] = rest {
             match *key {
                 "source" => {
                     for text in value.split(',') {
                         crate::config::address::expand_source(text, &mut new.sources)?;
+                        new.source_words.push(text.trim().to_owned());
                     }
                     if let Some(bad) = new.sources.iter().find(|ip| ip.is_ipv4() != address.is_ipv4()) {
                         return Err(format!("source {bad} is not of the same address family as {address}"));
@@ -240,9 +252,8 @@ impl NewServer {
     /// As a command line.
     fn line(&self) -> String {
         let mut l = format!("add server {} {}", self.server, self.address);
-        if !self.sources.is_empty() {
-            let ips: Vec<String> = self.sources.iter().map(|ip| ip.to_string()).collect();
-            l += &format!(" source {}", ips.join(","));
+        if !self.source_words.is_empty() {
+            l += &format!(" source {}", self.source_words.join(","));
         }
         l += &format!(" weight {}", self.weight);
         if let Some(m) = self.maxconn {
@@ -408,10 +419,17 @@ mod tests {
             "show conns client 2001:db8::7 limit 100",
             "add server app/s3 127.0.0.1:9000 weight 1",
             "add server app/s3 10.0.0.5:1883 source 10.0.1.1,10.0.1.2 weight 3 maxconn 500 slowstart 30s",
+            "add server app/s3 10.0.0.5:1883 source 10.1.0.0/17,10.0.1.2 weight 1",
             "del server app/s3",
         ] {
             assert_eq!(parse(line).unwrap().unwrap().line(), line);
         }
+        // A range is echoed as typed, and stands for every address in it.
+        let Some(Command::AddServer(new)) = parse("add server app/s3 10.0.0.5:1883 source 10.1.0.0/16").unwrap() else {
+            panic!("not an add server")
+        };
+        assert_eq!(new.sources.len(), 65_536);
+        assert_eq!(new.sources[65_535].to_string(), "10.1.255.255");
         assert_eq!(
             parse("show conns").unwrap(),
             Some(Command::ShowConns { filter: ConnFilter::default(), limit: DEFAULT_LISTED })

@@ -33,7 +33,13 @@ pub enum Control {
     Server { backend: usize, server: usize, op: ServerOp, done: Sender<()> },
     /// `add server`: `config` is the running one with the new server appended to backend
     /// `backend`; the worker takes it and sets the server up. `done` hears once it has.
-    AddServer { backend: usize, config: Arc<crate::config::Config>, done: Sender<()> },
+    AddServer {
+        backend: usize,
+        config: Arc<crate::config::Config>,
+        /// This worker's addresses and sources for the server, made by the sender.
+        addrs: Box<crate::sources::ServerAddrs>,
+        done: Sender<()>,
+    },
     /// List up to `limit` of this worker's connections (only those to `server`, when given), one
     /// line each, with the worker's id.
     ListConns { filter: crate::admin::ConnMatch, limit: usize, reply: Sender<(usize, Vec<String>)> },
@@ -64,7 +70,8 @@ pub enum Control {
 /// Sends every worker the message `make` builds around a reply channel, and gathers the answers
 /// that come within `wait` (one deadline for all: a busy engine answers late, not N times late).
 /// Returns how many workers were asked (those that have exited are not) and their answers.
-pub fn ask_all<T>(peers: &[Peer], wait: Duration, make: impl Fn(Sender<T>) -> Control) -> (usize, Vec<T>) {
+/// `make` is called once per worker, in worker order, those that have exited included.
+pub fn ask_all<T>(peers: &[Peer], wait: Duration, make: impl FnMut(Sender<T>) -> Control) -> (usize, Vec<T>) {
     ask(peers, std::time::Instant::now() + wait, make)
 }
 
@@ -72,7 +79,7 @@ pub fn ask_all<T>(peers: &[Peer], wait: Duration, make: impl Fn(Sender<T>) -> Co
 pub fn ask<'a, T>(
     peers: impl IntoIterator<Item = &'a Peer>,
     deadline: std::time::Instant,
-    make: impl Fn(Sender<T>) -> Control,
+    mut make: impl FnMut(Sender<T>) -> Control,
 ) -> (usize, Vec<T>) {
     let (tx, rx) = crossbeam_channel::unbounded();
     let asked = peers.into_iter().filter(|p| p.send(make(tx.clone()))).count();

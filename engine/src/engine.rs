@@ -491,14 +491,25 @@ impl Engine {
     /// `add server`: hands every worker `config` (the running one with a server appended to backend
     /// `backend`) and returns once each has set the server up, or says which did not within 10 s.
     pub fn add_server(&self, backend: usize, config: Arc<Config>) -> Result<(), String> {
-        self.ask_every_worker("added it", |done| Control::AddServer { backend, config: config.clone(), done })
+        let srv = config.backends.get(backend).and_then(|b| b.servers.last()).ok_or("no server to add")?;
+        // Each worker's block of addresses and source shard are made here, not in its loop: with a
+        // /16 of sources that is 32,768 addresses per worker (tens of milliseconds).
+        let (workers, ports) = (self.plan.workers, self.plan.ephemeral_ports);
+        let mut made = (0..self.peers.len())
+            .map(|w| Box::new(crate::sources::ServerAddrs::new(srv.address, &srv.sources, w, workers, ports)));
+        self.ask_every_worker("added it", |done| Control::AddServer {
+            backend,
+            config: config.clone(),
+            addrs: made.next().unwrap_or_else(|| unreachable!("one per worker")),
+            done,
+        })
     }
 
     /// A change every worker must acknowledge: `Err` says how many did (`did` what).
     fn ask_every_worker(
         &self,
         did: &str,
-        make: impl Fn(crossbeam_channel::Sender<()>) -> Control,
+        make: impl FnMut(crossbeam_channel::Sender<()>) -> Control,
     ) -> Result<(), String> {
         let n = self.peers.len();
         let (asked, answers) = crate::control::ask_all(&self.peers, Duration::from_secs(10), make);

@@ -7,7 +7,9 @@
 //! with fewer sources, worker w uses source w mod n. Within its shard a worker picks the source with
 //! the fewest connections, skipping sources whose port capacity is used up.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use socket2::SockAddr;
 
 use crate::worker::ring::AddrId;
 
@@ -22,6 +24,40 @@ pub fn shard(sources: usize, w: usize, workers: usize) -> Vec<usize> {
     }
 }
 
+/// What one worker's connect chains need of one server: the block of addresses its ring keeps
+/// for it — the server's address, then the worker's sources (port 0) in shard order — and the
+/// shard. Made before the worker takes the server: at start on its own thread, and for `add
+/// server` on the thread that asks, so that a server with a /16 of sources does not hold up the
+/// worker's loop while 32,768 addresses are made and ordered.
+pub struct ServerAddrs {
+    pub block: Box<[SockAddr]>,
+    pub sources: SourceShard,
+}
+
+impl ServerAddrs {
+    /// Worker `worker`'s (of `workers`) for a server at `address` with `sources`, each source
+    /// giving `capacity` ports toward it.
+    pub fn new(address: SocketAddr, sources: &[IpAddr], worker: usize, workers: usize, capacity: u32) -> ServerAddrs {
+        let ips = shard(sources.len(), worker, workers).into_iter().map(|i| sources[i]).collect();
+        let sources = SourceShard::new(ips, capacity);
+        let block = std::iter::once(address)
+            .chain(sources.ips.iter().map(|&ip| SocketAddr::new(ip, 0)))
+            .map(SockAddr::from)
+            .collect();
+        ServerAddrs { block, sources }
+    }
+
+    /// Where the server's address is once the ring keeps the block as number `block`.
+    pub fn dest(block: u32) -> AddrId {
+        AddrId { block, index: 0 }
+    }
+
+    /// Where the address of source `i` of the shard is, likewise.
+    pub fn source(block: u32, i: usize) -> AddrId {
+        AddrId { block, index: 1 + i as u32 }
+    }
+}
+
 /// One worker's sources toward one server.
 ///
 /// Picking is O(log n) in the shard's sources, not O(n): a `source` of a /16 gives a worker tens
@@ -31,7 +67,6 @@ pub fn shard(sources: usize, w: usize, workers: usize) -> Vec<usize> {
 /// used up means every source's are.
 pub struct SourceShard {
     pub ips: Vec<IpAddr>,
-    pub addrs: Vec<AddrId>,
     pub active: Vec<u32>,
     /// Ports available per source toward this server.
     pub capacity: u32,
@@ -52,9 +87,8 @@ const SCAN_MAX: usize = 16;
 impl SourceShard {
     /// `ips` beyond 65,535 are left out: a connection records its source's index in 16 bits, and
     /// only a single worker with a full /16 (65,536 sources) gets that many.
-    pub fn new(mut ips: Vec<IpAddr>, mut addrs: Vec<AddrId>, capacity: u32) -> SourceShard {
+    pub fn new(mut ips: Vec<IpAddr>, capacity: u32) -> SourceShard {
         ips.truncate(usize::from(u16::MAX));
-        addrs.truncate(ips.len());
         let n = ips.len();
         let mut by_ip = Vec::new();
         if n > SCAN_MAX {
@@ -64,7 +98,6 @@ impl SourceShard {
         // Indices in order, all unused and never picked: already a heap.
         SourceShard {
             ips,
-            addrs,
             active: vec![0; n],
             capacity,
             picked: vec![0; n],
@@ -204,10 +237,30 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EADDRNOTAVAIL));
     }
 
+    /// Two workers' blocks for one server: each has the server's address and its own half of the
+    /// sources (disjoint, together all of them); fewer sources than workers are shared.
+    #[test]
+    fn each_worker_has_its_block_of_the_servers_address_and_its_own_sources() {
+        let server: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
+        let all: Vec<IpAddr> = (1..=5).map(|i| IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 1, i])).collect();
+        let [a, b] = [0, 1].map(|w| ServerAddrs::new(server, &all, w, 2, 100));
+        assert_eq!(a.sources.ips, [all[0], all[2], all[4]]);
+        assert_eq!(b.sources.ips, [all[1], all[3]]);
+        for s in [&a, &b] {
+            let addrs: Vec<_> = s.block.iter().map(|a| a.as_socket().unwrap()).collect();
+            let want: Vec<_> =
+                std::iter::once(server).chain(s.sources.ips.iter().map(|&ip| SocketAddr::new(ip, 0))).collect();
+            assert_eq!(addrs, want);
+        }
+        let one = ServerAddrs::new(server, &all[..1], 1, 2, 100);
+        assert_eq!(one.sources.ips, [all[0]], "fewer sources than workers: shared");
+        assert_eq!(ServerAddrs::new(server, &[], 1, 2, 100).block.len(), 1, "no sources: the server's address");
+    }
+
     #[test]
     fn picks_least_used_and_respects_capacity() {
         let ips = vec!["127.0.2.1".parse().unwrap(), "127.0.2.2".parse().unwrap()];
-        let mut s = SourceShard::new(ips, vec![AddrId(0), AddrId(1)], 2);
+        let mut s = SourceShard::new(ips, 2);
         let picks: Vec<usize> = (0..4).map(|_| s.pick().unwrap()).collect();
         assert_eq!(picks, vec![0, 1, 0, 1]);
         assert_eq!(s.pick(), None, "both sources are out of ports");
@@ -218,7 +271,7 @@ mod tests {
 
     fn shard_of(n: usize, capacity: u32) -> SourceShard {
         let ips = (0..n).map(|i| IpAddr::from([10, 9, (i >> 8) as u8, i as u8])).collect();
-        SourceShard::new(ips, (0..n as u32).map(AddrId).collect(), capacity)
+        SourceShard::new(ips, capacity)
     }
 
     /// The heap picks exactly what a scan of every source would: the least used with ports left,
@@ -269,9 +322,17 @@ mod tests {
     /// picks take minutes).
     #[test]
     fn a_shard_of_a_full_slash_16_keeps_65535_sources() {
-        let mut s = shard_of(65_536, 28_232);
+        let server: SocketAddr = "10.1.2.3:1883".parse().unwrap();
+        let all: Vec<IpAddr> = (0..65_536).map(|i| IpAddr::from([10, 9, (i >> 8) as u8, i as u8])).collect();
+        let ServerAddrs { block, sources: mut s } = ServerAddrs::new(server, &all, 0, 1, 28_232);
         assert_eq!(s.ips.len(), 65_535);
-        assert_eq!(s.addrs.len(), 65_535);
+        // The ring's block: the server's address, then each kept source with port 0, in order.
+        assert_eq!(block.len(), 65_536);
+        assert_eq!(block[0].as_socket(), Some(server));
+        for (i, ip) in s.ips.iter().enumerate() {
+            assert_eq!(block[ServerAddrs::source(7, i).index as usize].as_socket(), Some(SocketAddr::new(*ip, 0)));
+        }
+        assert_eq!(ServerAddrs::dest(7), AddrId { block: 7, index: 0 });
         let first: Vec<usize> = (0..65_535).map(|_| s.pick().unwrap()).collect();
         assert_eq!(first, (0..65_535).collect::<Vec<_>>(), "each source once, in order");
         for k in 0..1_000_000 {

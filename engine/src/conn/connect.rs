@@ -141,10 +141,10 @@ impl Ctx<'_> {
             srv.ramp_picks += 1;
         }
         let source = if srv.sources.is_empty() { None } else { srv.sources.pick() };
-        let source_addr = source.map(|i| srv.sources.addrs[i]);
+        let source_addr = source.map(|i| crate::sources::ServerAddrs::source(srv.addrs, i));
         srv.active += 1;
         srv.total += 1;
-        let dest = srv.dest;
+        let dest = crate::sources::ServerAddrs::dest(srv.addrs);
         let slot = up.server_slots.take();
         let c = &mut *self.c;
         c.server = s as u16;

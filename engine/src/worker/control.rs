@@ -36,8 +36,8 @@ impl Worker {
                     self.server_op(backend, server, op);
                     let _ = done.send(());
                 }
-                Control::AddServer { backend, config, done } => {
-                    self.add_server(backend, config);
+                Control::AddServer { backend, config, addrs, done } => {
+                    self.add_server(backend, config, *addrs);
                     let _ = done.send(());
                 }
                 Control::ListConns { filter, limit, reply } => {
@@ -95,23 +95,20 @@ impl Worker {
     }
 
     /// `add server`: `cfg` is the running configuration with one server appended to backend `b`;
-    /// this worker takes it and sets the server up as it does at start (its address and its share
-    /// of the sources in the ring's table, its maxconn as a new limit, its stats row).
-    fn add_server(&mut self, b: usize, cfg: std::sync::Arc<crate::config::Config>) {
+    /// this worker takes it and sets the server up as it does at start: `addrs` (its address and
+    /// this worker's share of its sources, made by the sender) become a block of the ring's table,
+    /// its maxconn a new limit; its stats row. Nothing here is proportional to its sources.
+    fn add_server(&mut self, b: usize, cfg: std::sync::Arc<crate::config::Config>, addrs: crate::sources::ServerAddrs) {
         let s = cfg.backends[b].servers.len() - 1;
         if self.up.backends[b].servers.len() != s {
             return; // (Not the next server of this backend: cannot happen; nothing changes.)
         }
         self.cfg = cfg;
         let srv = &self.cfg.backends[b].servers[s];
-        let dest = self.ring.add_addr(srv.address);
-        let picked = crate::sources::shard(srv.sources.len(), self.id, self.plan.workers);
-        let ips: Vec<std::net::IpAddr> = picked.iter().map(|&i| srv.sources[i]).collect();
-        let ids = ips.iter().map(|ip| self.ring.add_addr(std::net::SocketAddr::new(*ip, 0))).collect();
+        let block = self.ring.add_addrs(addrs.block);
         let limit = srv.maxconn.map(|m| self.up.shares.push(m, m.min(self.plan.conns_per_worker)));
         let be = &mut self.up.backends[b];
-        let shard = crate::sources::SourceShard::new(ips, ids, self.plan.ephemeral_ports);
-        be.servers.push(crate::worker::upstream::Server::new(dest, shard, srv.weight, limit));
+        be.servers.push(crate::worker::upstream::Server::new(block, addrs.sources, srv.weight, limit));
         be.balancer.add_server(srv.weight, crate::balance::server_key(&srv.name));
         // Its row and latency histogram go after the backend's last server: the flattened tables
         // of the backends after it move up by one (on every worker alike).

@@ -4,7 +4,7 @@
 use std::collections::VecDeque;
 
 use super::accept::ListenerState;
-use super::ring::{AddrId, Ring, RingSetup, ServerSlots, TimeoutId};
+use super::ring::{Ring, RingSetup, ServerSlots, TimeoutId};
 use super::timer::TimerWheel;
 use super::token::{Op, Token};
 use super::upstream::{Backend, Server, Upstream};
@@ -14,7 +14,7 @@ use crate::conn::{Clock, Followups, ListenerInfo, Slab};
 use crate::limits::Shares;
 use crate::log::ConnLog;
 use crate::pipes::PipePool;
-use crate::sources::{self, SourceShard};
+use crate::sources::ServerAddrs;
 use crate::stats::{FrontendStats, ServerStats, WorkerStats, latency_histogram};
 
 /// A number no other worker (or upgrade courier) of this process has: moves name their sender by it.
@@ -30,7 +30,8 @@ impl Worker {
         if let Some(cpu) = cpu {
             core_affinity::set_for_current(core_affinity::CoreId { id: cpu });
         }
-        // Address and timeout tables for the connect chains: every server, this worker's sources.
+        // Address and timeout tables for the connect chains: a block per server (its address, this
+        // worker's sources).
         let mut addrs = Vec::new();
         let mut timeouts = Vec::new();
         let mut keepalives = Vec::new();
@@ -41,19 +42,10 @@ impl Worker {
             keepalives.push(be.tcp_keepalive.map(|k| k.as_sockopts()));
             let mut servers = Vec::with_capacity(be.servers.len());
             for (s, srv) in be.servers.iter().enumerate() {
-                let dest = AddrId(addrs.len() as u32);
-                addrs.push(srv.address);
-                let picked = sources::shard(srv.sources.len(), id, plan.workers);
-                let ips: Vec<_> = picked.iter().map(|&i| srv.sources[i]).collect();
-                let ids = ips
-                    .iter()
-                    .map(|ip| {
-                        addrs.push(std::net::SocketAddr::new(*ip, 0));
-                        AddrId(addrs.len() as u32 - 1)
-                    })
-                    .collect();
-                let shard = SourceShard::new(ips, ids, plan.ephemeral_ports);
-                servers.push(Server::new(dest, shard, srv.weight, plan.limits.server[b][s]));
+                let made = ServerAddrs::new(srv.address, &srv.sources, id, plan.workers, plan.ephemeral_ports);
+                addrs.push(made.block);
+                let block = addrs.len() as u32 - 1;
+                servers.push(Server::new(block, made.sources, srv.weight, plan.limits.server[b][s]));
             }
             let weights = be.servers.iter().map(|s| s.weight).collect();
             backends.push(Backend {

@@ -10,7 +10,7 @@ use crate::conn::Admission;
 use crate::limits::{LimitId, ShareMsg, Shares};
 use crate::sources::SourceShard;
 use crate::stats::{AdminState, LatencyHistogram, ServerState};
-use crate::worker::ring::{AddrId, ServerSlots, TimeoutId};
+use crate::worker::ring::{ServerSlots, TimeoutId};
 
 /// One server, as this worker sees it.
 pub(crate) struct Server {
@@ -30,7 +30,8 @@ pub(crate) struct Server {
     pub ramp_picks: u64,
     /// How far the ramp has got (the weight in use over the full one).
     pub ramp_progress: f32,
-    pub dest: AddrId,
+    /// Its block in the ring's address table (its address and its sources': [`crate::sources::ServerAddrs`]).
+    pub addrs: u32,
     pub sources: SourceShard,
     pub active: u32,
     pub total: u64,
@@ -62,7 +63,7 @@ pub(crate) struct Backend {
 impl Server {
     /// A server as a worker starts it (at start, or added by `add server`): UP, ready, its
     /// configured weight, no connection yet.
-    pub fn new(dest: AddrId, sources: SourceShard, weight: u32, limit: Option<LimitId>) -> Server {
+    pub fn new(addrs: u32, sources: SourceShard, weight: u32, limit: Option<LimitId>) -> Server {
         Server {
             state: ServerState::Up,
             admin: AdminState::Ready,
@@ -72,7 +73,7 @@ impl Server {
             ramp_base: 0,
             ramp_picks: 0,
             ramp_progress: 1.0,
-            dest,
+            addrs,
             sources,
             active: 0,
             total: 0,

@@ -153,23 +153,67 @@ fn sources_come_from_the_configured_ips_and_each_worker_uses_its_own_shard() {
          backends: [{{ name: be, servers: [{{ name: s, address: \"{}\", source: 127.0.2.1-127.0.2.4 }}] }}]\n",
         backend.addr
     ));
-    let proxy = addr(&engine, "fe");
+    let conns = connections_from_each_workers_own_sources(&engine, &backend, "s", 40);
+    drop(conns);
+    assert_clean(engine, &[backend.addr.port()]);
+}
+
+/// A server added at run time gets its sources as one at start does (the workers take blocks of
+/// addresses made by the engine's caller, sources.rs): each connection from the address its
+/// worker's shard names, counted against that source. Its backend's first server has no source
+/// (its connections come from 127.0.0.1).
+#[test]
+fn a_server_added_at_run_time_connects_from_each_workers_own_sources() {
+    let backend = Backend::unshared(Mode::Hold);
+    let yaml = |added: &str| {
+        format!(
+            "global: {{ workers: 2 }}\nfrontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+             backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}{added}] }}]\n",
+            backend.addr
+        )
+    };
+    let engine = engine(&yaml(""));
+    let added = format!(", {{ name: t, address: \"{}\", source: 127.0.2.1-127.0.2.4 }}", backend.addr);
+    engine.add_server(0, std::sync::Arc::new(ringproxy::config::parse(&yaml(&added), "t").unwrap())).unwrap();
+    let conns = connections_from_each_workers_own_sources(&engine, &backend, "t", 80);
+    drop(conns);
+    assert_clean(engine, &[backend.addr.port()]);
+}
+
+/// Opens `n` connections through the engine's `fe` (held, returned) and checks server `server`'s
+/// sources 127.0.2.1-127.0.2.4: the workers' shards are disjoint halves of them; each source's
+/// connections as the workers count them are those the backend saw from it; a worker that took 4
+/// or more connections to the server used both of its sources.
+fn connections_from_each_workers_own_sources(
+    engine: &ringproxy::Engine,
+    backend: &Backend,
+    server: &str,
+    n: u8,
+) -> Vec<std::net::TcpStream> {
+    let proxy = addr(engine, "fe");
     let mut conns = Vec::new();
-    for i in 0..40u8 {
+    for i in 0..n {
         let mut c = connect(proxy);
         echo_once(&mut c, &[i]);
         conns.push(c);
     }
     let configured: HashSet<IpAddr> = (1..=4).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, i))).collect();
-    let seen = backend.peer_ips();
+    let mut seen = backend.peer_ips();
+    seen.remove(&IpAddr::V4(Ipv4Addr::LOCALHOST)); // (a server without sources)
     assert!(seen.keys().all(|ip| configured.contains(ip)), "unexpected source in {seen:?}");
+    assert!(seen.values().sum::<usize>() >= usize::from(n) / 4, "{seen:?}");
     let stats = engine.stats();
     let mut shards: Vec<HashSet<IpAddr>> = Vec::new();
     let mut per_ip: HashMap<IpAddr, u64> = HashMap::new();
     for w in &stats.workers {
-        shards.push(w.sources.iter().map(|s| s.ip).collect());
-        for s in &w.sources {
+        let rows: Vec<_> = w.sources.iter().filter(|s| s.server == server).collect();
+        shards.push(rows.iter().map(|s| s.ip).collect());
+        for s in &rows {
             *per_ip.entry(s.ip).or_insert(0) += s.active;
+        }
+        // And every worker that took connections spread them over both of its sources.
+        if rows.iter().map(|s| s.active).sum::<u64>() >= 4 {
+            assert!(rows.iter().all(|s| s.active > 0), "worker {} left a source unused: {rows:?}", w.worker);
         }
     }
     assert_eq!(shards[0].len(), 2);
@@ -177,17 +221,11 @@ fn sources_come_from_the_configured_ips_and_each_worker_uses_its_own_shard() {
     assert!(shards[0].is_disjoint(&shards[1]), "workers share a source: {shards:?}");
     assert_eq!(shards[0].union(&shards[1]).cloned().collect::<HashSet<_>>(), configured);
     // What each worker says it opened from each source is what the server saw.
+    assert_eq!(per_ip.values().sum::<u64>(), seen.values().sum::<usize>() as u64);
     for (ip, n) in &seen {
         assert_eq!(per_ip.get(ip).copied().unwrap_or(0), *n as u64, "source {ip}");
     }
-    // And every worker that took connections spread them over both of its sources.
-    for w in &stats.workers {
-        if w.active >= 4 {
-            assert!(w.sources.iter().all(|s| s.active > 0), "worker {} left a source unused", w.worker);
-        }
-    }
-    drop(conns);
-    assert_clean(engine, &[backend.addr.port()]);
+    conns
 }
 
 #[test]

@@ -28,7 +28,6 @@ mod zerocopy;
 use std::collections::VecDeque;
 use std::io;
 use std::mem::ManuallyDrop;
-use std::net::SocketAddr;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
@@ -45,9 +44,13 @@ pub use zerocopy::{SEND_ZC_REPORT_USAGE, ZcCompletion};
 
 use buffers::Buffers;
 
-/// Index of a socket address in the ring's address table.
+/// Where a socket address is in the ring's address table: which block (one per server, see
+/// [`crate::sources::ServerAddrs`]) and where in it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct AddrId(pub u32);
+pub struct AddrId {
+    pub block: u32,
+    pub index: u32,
+}
 
 /// Index of a duration in the ring's timeout table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -89,8 +92,8 @@ pub struct RingSetup {
     pub iowq_workers: u32,
     /// Pin io-wq threads to this CPU.
     pub cpu: Option<usize>,
-    /// Every address a connect chain may use (servers and sources).
-    pub addrs: Vec<SocketAddr>,
+    /// Every address a connect chain may use (servers and sources), in blocks: one per server.
+    pub addrs: Vec<Box<[SockAddr]>>,
     /// Every connect timeout a chain may use (one per backend).
     pub timeouts: Vec<Duration>,
     /// Beside each timeout, the keepalive (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT) its backend's
@@ -136,11 +139,10 @@ pub struct Ring {
     ring: IoUring,
     /// Entries the submission queue could not take yet, each link chain as one unit, in order.
     backlog: VecDeque<Vec<Entry>>,
-    /// Server and source addresses the connect chains point at. Each is boxed, so that one added
-    /// at run time (`add server`) moves none of those a chain in flight points at (the boxing is
-    /// the point: a plain `Vec<SockAddr>` would move them all when it grows).
-    #[allow(clippy::vec_box)]
-    addrs: Vec<Box<SockAddr>>,
+    /// Server and source addresses the connect chains point at, a block per server. A block is
+    /// never resized and its addresses stay where they are when blocks are added at run time
+    /// (`add server`), so no chain in flight is left pointing at moved memory.
+    addrs: Vec<Box<[SockAddr]>>,
     timeouts: Box<[Timespec]>,
     /// Indexed like `timeouts`: the option values the connect chains point at.
     keepalives: Box<[Option<[i32; 3]>]>,
@@ -167,10 +169,16 @@ pub struct Ring {
 }
 
 impl Ring {
-    /// Adds an address for connect chains to point at (`add server`): its id.
-    pub fn add_addr(&mut self, addr: SocketAddr) -> AddrId {
-        self.addrs.push(Box::new(SockAddr::from(addr)));
-        AddrId(self.addrs.len() as u32 - 1)
+    /// Adds a block of addresses for connect chains to point at (`add server`), made beforehand:
+    /// its number. (A move of the box, whatever the number of addresses.)
+    pub fn add_addrs(&mut self, block: Box<[SockAddr]>) -> u32 {
+        self.addrs.push(block);
+        self.addrs.len() as u32 - 1
+    }
+
+    /// The address `id` names.
+    fn addr(&self, id: AddrId) -> &SockAddr {
+        &self.addrs[id.block as usize][id.index as usize]
     }
 
     pub fn new(setup: RingSetup) -> io::Result<Ring> {
@@ -204,7 +212,7 @@ impl Ring {
             ring,
             recv_bufs,
             backlog: VecDeque::new(),
-            addrs: setup.addrs.into_iter().map(|a| Box::new(SockAddr::from(a))).collect(),
+            addrs: setup.addrs,
             timeouts: setup
                 .timeouts
                 .into_iter()
@@ -514,7 +522,7 @@ mod tests {
             accept_slots: 8,
             iowq_workers: 2,
             cpu: None,
-            addrs: vec![dest, "127.0.9.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()],
+            addrs: vec![[dest, "127.0.9.1:0".parse().unwrap(), "[::1]:0".parse().unwrap()].map(SockAddr::from).into()],
             timeouts: vec![Duration::from_secs(5)],
             keepalives: vec![Some([30, 5, 3])],
             server_opts: vec![
@@ -529,6 +537,7 @@ mod tests {
         })
         .expect("an io_uring");
         let mut slots = slots::ServerSlots::new(8, 16);
+        let at = |index| AddrId { block: 0, index };
         let mk = |op| Token::conn(op, 3, 1);
         let run = |ring: &mut Ring, want: usize| {
             let mut got = Vec::new();
@@ -540,14 +549,14 @@ mod tests {
         };
         // From 127.0.9.1: connected, the server sees that source.
         let slot = slots.take().unwrap();
-        ring.connect_chain(&slot, AddrId(0), Some(AddrId(1)), TimeoutId(0), mk);
+        ring.connect_chain(&slot, at(0), Some(at(1)), TimeoutId(0), mk);
         assert_eq!(run(&mut ring, 2), vec![(Op::Connect, 0), (Op::ConnectTimeout, -libc::ECANCELED)]);
         assert_eq!(listener.accept().unwrap().1.ip().to_string(), "127.0.9.1");
         ring.close_server(slot, false);
         assert_eq!(run(&mut ring, 1), vec![(Op::CloseFixed, 0)]);
         // An IPv6 source for an IPv4 server: the bind fails, the chain is cancelled behind it.
         let slot = slots.take().unwrap();
-        ring.connect_chain(&slot, AddrId(0), Some(AddrId(2)), TimeoutId(0), mk);
+        ring.connect_chain(&slot, at(0), Some(at(2)), TimeoutId(0), mk);
         let got = run(&mut ring, 3);
         assert_eq!(got[0].0, Op::Bind);
         assert!(got[0].1 < 0);

@@ -343,7 +343,7 @@ impl Ring {
         mk: impl Fn(Op) -> Token,
     ) {
         let index = slot.index();
-        let dst = &self.addrs[dest.0 as usize];
+        let dst = self.addr(dest);
         let domain = if dst.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
         let (dst_ptr, dst_len) = (dst.as_ptr(), dst.len());
         let target = DestinationSlot::try_from_slot_target(index)
@@ -367,8 +367,8 @@ impl Ring {
             // move it into the slot, and run only CONNECT and its timeout in the ring. A step that
             // fails is reported as the chain would report it: its own error, then CONNECT and
             // LINK_TIMEOUT cancelled.
-            let src = source.map(|s| socket2::SockAddr::clone(&self.addrs[s.0 as usize]));
-            let dst = socket2::SockAddr::clone(&self.addrs[dest.0 as usize]);
+            let src = source.map(|s| self.addr(s).clone());
+            let dst = self.addr(dest).clone();
             let keepalive = self.keepalives.get(timeout.0 as usize).copied().flatten();
             match made_socket(&dst, src.as_ref(), keepalive, &self.server_opts).and_then(|sock| {
                 self.install_in_slot(index, std::os::fd::AsRawFd::as_raw_fd(&sock)).map_err(|e| (Op::Socket, e))
@@ -412,7 +412,7 @@ impl Ring {
             chain.push(opt(*level, *name, value));
         }
         if let Some(src) = source {
-            let src = &self.addrs[src.0 as usize];
+            let src = self.addr(src);
             chain.push(
                 opt_one(index, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT)
                     .flags(step)
