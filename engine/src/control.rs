@@ -22,8 +22,9 @@ pub enum Control {
     /// Send a copy of your counters, with the server rows (and their sources and latency
     /// buckets) of `rows` only: a query asks for the rows in slices, one per loop turn.
     /// The counters, with the server rows `rows`; the first one's sources from `sources_from`
-    /// (more than 0: its row came in the slice before, which ended inside its sources).
-    Snapshot { rows: std::ops::Range<usize>, sources_from: usize, reply: Sender<WorkerStats> },
+    /// (more than 0: its row came in the slice before, which ended inside its sources); no
+    /// source row unless `sources`.
+    Snapshot { rows: std::ops::Range<usize>, sources_from: usize, sources: bool, reply: Sender<WorkerStats> },
     /// Stop accepting; finish open connections until the drain deadline, then exit.
     Drain,
     /// A health check changed a server's state (indices into the configuration).

@@ -94,7 +94,7 @@ impl StatsSource {
             ws.iter()
                 .all(|w| w.servers.len() == w.server_rows && ws.first().is_some_and(|f| f.server_rows == w.server_rows))
         };
-        while detail == Detail::Full && !whole(&workers) && std::time::Instant::now() < deadline {
+        while detail != Detail::Totals && !whole(&workers) && std::time::Instant::now() < deadline {
             workers = self.snapshots(detail, deadline);
         }
         workers.sort_by_key(|w| w.worker);
@@ -115,18 +115,21 @@ impl StatsSource {
         stats
     }
 
-    /// Every worker's snapshot; with [`Detail::Full`], its server rows asked for one slice at a
+    /// Every worker's snapshot; with [`Detail::Servers`] or [`Detail::Full`], its server rows (and
+    /// with `Full` their sources) asked for one slice at a
     /// time (all workers at once), each slice a loop turn of its own ([`ROWS_PER_TURN`]). A worker
     /// whose row count changed between slices (a server added) is left with fewer rows than it
     /// counts, for the caller to ask again.
     fn snapshots(&self, detail: Detail, deadline: std::time::Instant) -> Vec<WorkerStats> {
         let first = match detail {
             Detail::Totals => 0..0,
-            Detail::Full => 0..ROWS_PER_TURN,
+            Detail::Servers | Detail::Full => 0..ROWS_PER_TURN,
         };
+        let sources = detail == Detail::Full;
         let (_, mut workers) = crate::control::ask(self.peers.iter(), deadline, |reply| Control::Snapshot {
             rows: first.clone(),
             sources_from: 0,
+            sources,
             reply,
         });
         if detail == Detail::Totals {
@@ -144,7 +147,7 @@ impl StatsSource {
                     // Inside a server's sources: that server's row again, from its next source.
                     let from = w.servers.len() - usize::from(w.sources_next > 0);
                     let rows = from..from + ROWS_PER_TURN;
-                    let ask = Control::Snapshot { rows, sources_from: w.sources_next, reply: tx.clone() };
+                    let ask = Control::Snapshot { rows, sources_from: w.sources_next, sources, reply: tx.clone() };
                     self.peers.get(w.worker).is_some_and(|p| p.send(ask))
                 })
                 .count();

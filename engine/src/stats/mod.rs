@@ -626,6 +626,9 @@ pub enum Detail {
     /// The per-worker counters only (`show info`, `show cores`, the drain's checks): no worker
     /// copies a server or source row.
     Totals,
+    /// The per-server rows without their sources (`show servers`, `show stat`): a server with a
+    /// `/16` of sources adds nothing to copy.
+    Servers,
     /// Everything: the per-server and per-source rows too, which each worker copies
     /// [`ROWS_PER_TURN`] servers at a time, one slice per loop turn, so that a query on an engine
     /// with tens of thousands of servers does not hold a worker's connections for milliseconds.

@@ -155,9 +155,9 @@ fn view(words: &[&str], command: &str, collect: &dyn Fn(Detail) -> EngineStats) 
         ["show", "info"] => render::info(&collect(Detail::Totals)),
         ["show", "cores"] => render::cores(&collect(Detail::Totals), None),
         ["show", "frontends"] => render::frontends(&collect(Detail::Totals), None),
-        ["show", "servers"] => render::servers(&collect(Detail::Full)),
+        ["show", "servers"] => render::servers(&collect(Detail::Servers)),
         ["show", "sources"] => render::sources(&collect(Detail::Full)),
-        ["show", "stat"] => render::csv(&collect(Detail::Full)),
+        ["show", "stat"] => render::csv(&collect(Detail::Servers)),
         ["show", "json"] => {
             serde_json::to_string(&collect(Detail::Full)).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
         }

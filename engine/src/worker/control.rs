@@ -23,8 +23,8 @@ impl Worker {
                     }
                 }
                 Control::Rate(m) => self.on_rate(m),
-                Control::Snapshot { rows, sources_from, reply } => {
-                    let _ = reply.send(self.snapshot(rows, sources_from));
+                Control::Snapshot { rows, sources_from, sources, reply } => {
+                    let _ = reply.send(self.snapshot(rows, sources_from, sources));
                 }
                 Control::Drain => self.start_drain(),
                 Control::RearmAccepts => self.rearm_accepts(),
@@ -323,8 +323,8 @@ impl Worker {
     /// sources and their latency buckets: the rest of the server rows are not copied. The slice
     /// ends once it holds [`ROWS_PER_TURN`] source rows, inside a server's sources if need be
     /// (`sources_next` says where the next slice goes on: `sources_from`, with `rows` starting at
-    /// that server again, whose row it does not copy twice).
-    fn snapshot(&mut self, rows: std::ops::Range<usize>, sources_from: usize) -> WorkerStats {
+    /// that server again, whose row it does not copy twice). No source row unless `with_sources`.
+    fn snapshot(&mut self, rows: std::ops::Range<usize>, sources_from: usize, with_sources: bool) -> WorkerStats {
         self.advance_ramps();
         let all = std::mem::take(&mut self.stats.servers);
         let mut s = self.stats.clone();
@@ -390,7 +390,7 @@ impl Worker {
                 // (A removed server's sources leave the stats with it. Their names are filled in
                 // by the stats thread from the server's row, `k` in the whole snapshot: no
                 // allocation here.)
-                let ips = if srv.removed { &[][..] } else { &srv.sources.ips[..] };
+                let ips = if srv.removed || !with_sources { &[][..] } else { &srv.sources.ips[..] };
                 for (j, &ip) in ips.iter().enumerate().skip(if resumed { sources_from } else { 0 }) {
                     if s.sources.len() >= ROWS_PER_TURN {
                         s.sources_next = j;

@@ -630,7 +630,8 @@ fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus()
 /// A stats query copies the server rows a slice per loop turn (`ROWS_PER_TURN` servers, or fewer
 /// once a slice holds as many source rows, cutting a server's sources if need be), all workers at
 /// once, and puts them together: every row and every source once, in order, on every worker, each
-/// source named after its server; `show info` and `show cores` have no worker copy a row.
+/// source named after its server; `show servers` copies no source row, `show info` and `show
+/// cores` no row at all.
 #[test]
 fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_copies_none() {
     use ringproxy::stats::{Detail, ROWS_PER_TURN};
@@ -711,6 +712,20 @@ fn a_stats_query_copies_the_server_rows_a_slice_per_loop_turn_and_show_cores_cop
     let again = engine.stats_with(Detail::Totals);
     for (w, (b, a)) in turns(&after).into_iter().zip(turns(&again)).enumerate() {
         assert!(a - b < slices, "worker {w}: {} turns for a totals query", a - b);
+    }
+
+    // The server rows without their sources (`show servers`, `show stat`): every row, in order,
+    // a slice per 1,024 of them.
+    let servers_only = engine.stats_with(Detail::Servers);
+    let last = engine.stats_with(Detail::Totals);
+    for w in &servers_only.workers {
+        let got: Vec<String> = w.servers.iter().map(|r| format!("{}/{}", r.backend, r.server)).collect();
+        assert!(got == names, "worker {}: {} rows, not the {rows} in order", w.worker, got.len());
+        assert!(w.sources.is_empty(), "worker {}: {} source rows copied", w.worker, w.sources.len());
+    }
+    assert_eq!(servers_only.servers.len(), rows);
+    for (w, (b, a)) in turns(&again).into_iter().zip(turns(&last)).enumerate() {
+        assert!(a - b > rows.div_ceil(ROWS_PER_TURN) as u64, "worker {w}: {} turns", a - b);
     }
 
     // The views: show cores without rows, show servers and show sources with all of them.
