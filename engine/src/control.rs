@@ -43,7 +43,12 @@ pub enum Control {
     },
     /// List up to `limit` of this worker's connections (only those to `server`, when given), one
     /// line each, with the worker's id.
-    ListConns { filter: crate::admin::ConnMatch, limit: usize, reply: Sender<(usize, Vec<String>)> },
+    ListConns {
+        filter: crate::admin::ConnMatch,
+        from: u32,
+        limit: usize,
+        reply: Sender<(usize, Vec<String>, Option<u32>)>,
+    },
     /// Re-arm every accept: the engine this one replaced has stopped accepting on the shared
     /// listening sockets, and a wakeup for a queued connection may have gone to one of its
     /// cancelled accepts (accept waits are exclusive: the kernel wakes one waiter per connection).
@@ -67,6 +72,13 @@ pub enum Control {
     /// The new process took the exported connection `key` (it leaves), or did not (it stays).
     ExportAck { key: (u32, u32), taken: bool },
 }
+
+/// A `show conns` slice, one loop turn of a worker: the connection table's entries it looks at,
+/// and the lines it formats. A line takes 2-3 µs (release build, the benchmark host: 256 per
+/// slice made turns of 0.65-0.73 ms), so a listing holds a worker for about 0.3 ms at a time, over
+/// as many turns as it takes (`HOLD=9000 VIEWS=conns scripts/stats-turns.sh`).
+pub const CONNS_SCANNED_PER_TURN: usize = 4096;
+pub const CONNS_LISTED_PER_TURN: usize = 128;
 
 /// Sends every worker the message `make` builds around a reply channel, and gathers the answers
 /// that come within `wait` (one deadline for all: a busy engine answers late, not N times late).

@@ -534,12 +534,51 @@ impl Engine {
     }
 
     /// Up to `limit` connections (those `filter` matches), from all workers: worker 0's first.
+    /// Each worker lists its connections a slice per loop turn ([`crate::control::CONNS_SCANNED_PER_TURN`]),
+    /// all workers at once, so the list is not one instant's: a connection that opens or closes
+    /// meanwhile may be in it or not, and none is in it twice.
     pub fn list_conns(&self, filter: crate::admin::ConnMatch, limit: usize) -> Vec<String> {
-        let (_, mut lists) = crate::control::ask_all(&self.peers, Duration::from_secs(10), |reply| {
-            Control::ListConns { filter, limit, reply }
-        });
-        lists.sort_by_key(|(worker, _)| *worker);
-        lists.into_iter().flat_map(|(_, lines)| lines).take(limit).collect()
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let n = self.peers.len();
+        let mut lines: Vec<Vec<String>> = vec![Vec::new(); n];
+        // Where each worker's next slice starts in its connection table; `None`: it is done.
+        let mut next: Vec<Option<u32>> = vec![Some(0); n];
+        loop {
+            // Those with more to look at that still count: fewer than `limit` lines, and fewer
+            // than `limit` before them (worker 0's are listed first).
+            let mut before = 0;
+            let mut open = Vec::new();
+            for w in 0..n {
+                if next[w].is_some() && before < limit && lines[w].len() < limit {
+                    open.push(w);
+                }
+                before += lines[w].len();
+            }
+            if open.is_empty() || std::time::Instant::now() >= deadline {
+                break;
+            }
+            let (tx, rx) = unbounded();
+            let mut asked = 0;
+            for w in open {
+                let ask = Control::ListConns {
+                    filter,
+                    from: next[w].unwrap_or_default(),
+                    limit: limit - lines[w].len(),
+                    reply: tx.clone(),
+                };
+                if self.peers[w].send(ask) {
+                    asked += 1;
+                } else {
+                    next[w] = None; // (Exited.)
+                }
+            }
+            drop(tx);
+            for (w, mut got, more) in (0..asked).map_while(|_| rx.recv_deadline(deadline).ok()) {
+                lines[w].append(&mut got);
+                next[w] = more;
+            }
+        }
+        lines.into_iter().flatten().take(limit).collect()
     }
 
     /// Whether every worker has exited.

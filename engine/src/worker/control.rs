@@ -40,8 +40,9 @@ impl Worker {
                     self.add_server(backend, config, *addrs);
                     let _ = done.send(());
                 }
-                Control::ListConns { filter, limit, reply } => {
-                    let _ = reply.send((self.id, self.list_conns(filter, limit)));
+                Control::ListConns { filter, from, limit, reply } => {
+                    let (lines, next) = self.list_conns(filter, from, limit);
+                    let _ = reply.send((self.id, lines, next));
                 }
                 Control::MoveTo(plan) => self.move_to(plan),
                 Control::MoveOffer { from, reply, items } => self.on_move_offer(from, reply, items),
@@ -211,14 +212,23 @@ impl Worker {
         }
     }
 
-    /// Up to `limit` of this worker's connections that `filter` matches, one line each.
-    fn list_conns(&self, filter: crate::admin::ConnMatch, limit: usize) -> Vec<String> {
+    /// A slice of `show conns`: from slab entry `from`, at most [`CONNS_SCANNED_PER_TURN`]
+    /// entries looked at and `limit` (at most [`CONNS_LISTED_PER_TURN`]) lines, one per connection
+    /// that `filter` matches; and the entry the next slice goes on from, if any is left.
+    fn list_conns(&self, filter: crate::admin::ConnMatch, from: u32, limit: usize) -> (Vec<String>, Option<u32>) {
+        use crate::control::{CONNS_LISTED_PER_TURN, CONNS_SCANNED_PER_TURN};
+        let limit = limit.min(CONNS_LISTED_PER_TURN);
+        let slots = self.conns.slots();
+        let end = (from as usize).saturating_add(CONNS_SCANNED_PER_TURN).min(slots);
         let mut out = Vec::new();
-        for idx in self.conns.live_indices() {
+        for idx in from..end as u32 {
             if out.len() >= limit {
-                break;
+                return (out, Some(idx));
             }
             let c = self.conns.entry(idx);
+            if !c.is_live() {
+                continue;
+            }
             let to_server = c.server != crate::conn::NO_INDEX;
             if let Some((b, s)) = filter.server
                 && !(to_server && c.backend as usize == b && c.server as usize == s)
@@ -255,7 +265,7 @@ impl Worker {
             }
             out.push(line);
         }
-        out
+        (out, (end < slots).then_some(end as u32))
     }
 
     pub(super) fn flush_outbox(&mut self) {
