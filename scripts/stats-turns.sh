@@ -64,9 +64,10 @@ PY
         continue
     fi
     if [ "$HOLD" -gt 0 ]; then
-        "$RL" hold --target "$(ready_addr "$TMP/proxy.ready")" --conns "$HOLD" --heartbeat 30s --duration 600s \
-            --no-progress > "$TMP/hold.log" 2>&1 &
-        HOLD_PID=$!
+        # (Started like the others, so that the clean-up on exit stops it whatever happens.)
+        start_bg hold "$RL" hold --target "$(ready_addr "$TMP/proxy.ready")" --conns "$HOLD" --heartbeat 30s \
+            --duration 600s --no-progress > "$TMP/hold.log" 2>&1
+        HOLD_PID=$BG_PID
         python3 - "$TMP/stats.sock" "$HOLD" <<'PY' || { echo "the $HOLD connections did not open"; exit 1; }
 import json, socket, sys, time
 sock, want = sys.argv[1], int(sys.argv[2])
@@ -133,6 +134,6 @@ for view in views:
     )
     print(f"{view:>12} {ms:>13.1f} {size:>11}   {each}")
 PY
-    [ -z "${HOLD_PID:-}" ] || { kill "$HOLD_PID" 2>/dev/null; wait "$HOLD_PID" 2>/dev/null || true; HOLD_PID=; }
+    [ -z "${HOLD_PID:-}" ] || { stop_bg "$HOLD_PID" 10 || true; HOLD_PID=; }
     stop_bg "$PID" 30 || true
 done
