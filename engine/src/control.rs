@@ -41,8 +41,9 @@ pub enum Control {
         addrs: Box<crate::sources::ServerAddrs>,
         done: Sender<()>,
     },
-    /// List up to `limit` of this worker's connections (only those to `server`, when given), one
-    /// line each, with the worker's id.
+    /// One slice of `show conns`: up to `limit` of this worker's connections that `filter`
+    /// matches, one line each, looking from entry `from` of its connection table on; the answer
+    /// has the worker's id and the entry the next slice starts from (`None`: the table's end).
     ListConns {
         filter: crate::admin::ConnMatch,
         from: u32,
