@@ -188,20 +188,14 @@ fn connections_from_each_workers_own_sources(
     engine: &ringproxy::Engine,
     backend: &Backend,
     server: &str,
-    n: u8,
+    n: u32,
 ) -> Vec<std::net::TcpStream> {
-    let proxy = addr(engine, "fe");
-    let mut conns = Vec::new();
-    for i in 0..n {
-        let mut c = connect(proxy);
-        echo_once(&mut c, &[i]);
-        conns.push(c);
-    }
+    let conns = held_echoing(addr(engine, "fe"), n);
     let configured: HashSet<IpAddr> = (1..=4).map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 2, i))).collect();
     let mut seen = backend.peer_ips();
     seen.remove(&IpAddr::V4(Ipv4Addr::LOCALHOST)); // (a server without sources)
     assert!(seen.keys().all(|ip| configured.contains(ip)), "unexpected source in {seen:?}");
-    assert!(seen.values().sum::<usize>() >= usize::from(n) / 4, "{seen:?}");
+    assert!(seen.values().sum::<usize>() >= n as usize / 4, "{seen:?}");
     let stats = engine.stats();
     let mut shards: Vec<HashSet<IpAddr>> = Vec::new();
     let mut per_ip: HashMap<IpAddr, u64> = HashMap::new();

@@ -164,13 +164,7 @@ fn maxconn_counts_each_moved_connection_exactly_once() {
     let y = |maxconn: u32| yaml(hold.addr, &format!(", maxconn: {maxconn}"), "");
     let mut old = engine(&y(6));
     let fe = addr(&old, "fe");
-    let mut conns: Vec<TcpStream> = (0..6u8)
-        .map(|i| {
-            let mut c = connect(fe);
-            echo_once(&mut c, &[i]);
-            c
-        })
-        .collect();
+    let mut conns = held_echoing(fe, 6);
     let mut new = old.reload(&y(6));
     wait_moved(&new, 6);
     wait_finished(&old);
@@ -354,13 +348,7 @@ fn moved_connections_count_against_the_sources_they_hold() {
     );
     let mut old = engine(&y);
     let fe = addr(&old, "fe");
-    let mut conns: Vec<TcpStream> = (0..60u8)
-        .map(|i| {
-            let mut c = connect(fe);
-            echo_once(&mut c, &[i]);
-            c
-        })
-        .collect();
+    let mut conns = held_echoing(fe, 60);
     let before = per_source(&old);
     assert_eq!(before.len(), 60, "each of the 60 on a source of its own (the least used): {before:?}");
     let new = old.reload(&y);

@@ -265,13 +265,7 @@ fn prometheus_sums_each_servers_source_ports_and_lists_the_sources_of_servers_wi
         a = echo.addr
     ));
     let fe = addr(&engine, "fe");
-    let mut held: Vec<TcpStream> = (0..20u8)
-        .map(|i| {
-            let mut c = connect(fe);
-            echo_once(&mut c, &[i]);
-            c
-        })
-        .collect();
+    let mut held = held_echoing(fe, 20);
     let stats = engine.stats();
     let capacity = stats.workers[0].sources[0].capacity as f64;
     let active = |server: &str| -> f64 {
@@ -577,10 +571,7 @@ fn a_long_loop_turn_is_counted_and_shown_in_the_core_table_json_and_prometheus()
         echo.addr
     ));
     let fe = addr(&engine, "fe");
-    let mut held: Vec<_> = (0..HELD).map(|_| connect(fe)).collect();
-    for c in &mut held {
-        echo_once(c, b"held");
-    }
+    let held = held_echoing(fe, HELD as u32);
     let first = engine.stats().workers[0].slow_turns;
     drop(held);
     wait_until("the held connections closed", Duration::from_secs(10), || engine.stats().total(|w| w.active) == 0);
@@ -635,10 +626,7 @@ fn show_conns_lists_each_workers_connections_a_slice_per_loop_turn() {
         echo.addr
     ));
     let fe = addr(&engine, "fe");
-    let mut held: Vec<_> = (0..HELD).map(|_| connect(fe)).collect();
-    for c in &mut held {
-        echo_once(c, b"held");
-    }
+    let held = held_echoing(fe, HELD as u32);
     let ports: std::collections::BTreeSet<u16> = held.iter().map(|c| c.local_addr().unwrap().port()).collect();
     let port_of = |line: &String| -> u16 {
         let client = line.split(' ').find_map(|f| f.strip_prefix("client=")).unwrap_or_else(|| panic!("{line}"));
