@@ -75,6 +75,19 @@ impl Balancer {
         }
     }
 
+    /// A server added at run time in the place of deleted server `i` (`add server` taking its
+    /// index): balanced from scratch, with its weight and identity.
+    pub fn replace_server(&mut self, i: usize, weight: u32, key: u64) {
+        let (Some(w), Some(current)) = (self.weights.get_mut(i), self.current.get_mut(i)) else { return };
+        *w = weight.saturating_mul(WEIGHT_SCALE);
+        *current = 0;
+        if let Some(m) = &mut self.maglev {
+            m.keys[i] = key;
+            m.available[i] = true;
+            m.dirty = true;
+        }
+    }
+
     /// Server `i` may take new connections (health, runtime API) or not: for `hash`, whose table
     /// holds only the servers that may.
     pub fn set_available(&mut self, i: usize, available: bool) {

@@ -32,10 +32,12 @@ pub enum Control {
     /// The runtime API changes one server (indices into the configuration); `done` hears once it
     /// is applied.
     Server { backend: usize, server: usize, op: ServerOp, done: Sender<()> },
-    /// `add server`: `config` is the running one with the new server appended to backend
-    /// `backend`; the worker takes it and sets the server up. `done` hears once it has.
+    /// `add server`: `config` is the running one with the new server as server `server` of
+    /// backend `backend`: appended, or in the place of a deleted one; the worker takes it and sets
+    /// the server up. `done` hears once it has.
     AddServer {
         backend: usize,
+        server: usize,
         config: Arc<crate::config::Config>,
         /// This worker's addresses and sources for the server, made by the sender.
         addrs: Box<crate::sources::ServerAddrs>,

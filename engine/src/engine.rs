@@ -491,10 +491,12 @@ impl Engine {
         self.ask_every_worker("applied it", |done| Control::Server { backend, server, op, done })
     }
 
-    /// `add server`: hands every worker `config` (the running one with a server appended to backend
-    /// `backend`) and returns once each has set the server up, or says which did not within 10 s.
-    pub fn add_server(&self, backend: usize, config: Arc<Config>) -> Result<(), String> {
-        let srv = config.backends.get(backend).and_then(|b| b.servers.last()).ok_or("no server to add")?;
+    /// `add server`: hands every worker `config` (the running one with the new server as server
+    /// `server` of backend `backend`: appended, or in the place of a deleted server no connection
+    /// names any more) and returns once each has set the server up, or says which did not within
+    /// 10 s.
+    pub fn add_server(&self, backend: usize, server: usize, config: Arc<Config>) -> Result<(), String> {
+        let srv = config.backends.get(backend).and_then(|b| b.servers.get(server)).ok_or("no server to add")?;
         // Each worker's block of addresses and source shard are made here, not in its loop: with a
         // /16 of sources that is 32,768 addresses per worker (14 ms on a worker, measured).
         let (workers, ports) = (self.plan.workers, self.plan.ephemeral_ports);
@@ -502,6 +504,7 @@ impl Engine {
             .map(|w| Box::new(crate::sources::ServerAddrs::new(srv.address, &srv.sources, w, workers, ports)));
         self.ask_every_worker("added it", |done| Control::AddServer {
             backend,
+            server,
             config: config.clone(),
             addrs: made.next().unwrap_or_else(|| unreachable!("one per worker")),
             done,
@@ -526,11 +529,22 @@ impl Engine {
         Ok(())
     }
 
-    /// Tells the health checker (when the engine has one) of a server added or deleted at run time.
+    /// Tells the health checker (when the engine has one) of a server added at run time.
     pub fn health_change(&self, change: crate::health::Change) {
         if let Some(h) = &self.health {
             h.change(change);
         }
+    }
+
+    /// Tells the health checker (when the engine has one) that server `server` of backend
+    /// `backend` was deleted, and waits until it has stopped checking it (it turns at least every
+    /// 200 ms): false if it did not say so within 2 s. Until it has, a result of the server's last
+    /// check may still reach the workers, and its index must not be given to another server.
+    pub fn health_remove(&self, backend: usize, server: usize) -> bool {
+        let Some(h) = &self.health else { return true };
+        let (done, heard) = crossbeam_channel::bounded(1);
+        h.change(crate::health::Change::Remove { backend, server, done });
+        heard.recv_timeout(Duration::from_secs(2)).is_ok()
     }
 
     /// Up to `limit` connections (those `filter` matches), from all workers: worker 0's first.

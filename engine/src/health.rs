@@ -81,8 +81,9 @@ pub struct HealthChecker {
 pub enum Change {
     /// Check server `server` of backend `backend` (of `config`, the running configuration), from now.
     Add { backend: usize, server: usize, config: Arc<Config> },
-    /// Stop checking it.
-    Remove { backend: usize, server: usize },
+    /// Stop checking it; `done` hears once the checker has (from then on it says nothing of the
+    /// server to the workers: its index can be given to another server).
+    Remove { backend: usize, server: usize, done: crossbeam_channel::Sender<()> },
 }
 
 impl HealthChecker {
@@ -193,13 +194,15 @@ fn apply_changes(
                 targets.push(t);
                 rows.push(row);
             }
-            Change::Remove { backend, server } => {
-                let Some(i) = targets.iter().position(|t| t.backend == backend && t.server == server) else { continue };
-                let gone = targets.remove(i).row;
-                rows.remove(gone);
-                for t in targets.iter_mut().filter(|t| t.row > gone) {
-                    t.row -= 1;
+            Change::Remove { backend, server, done } => {
+                if let Some(i) = targets.iter().position(|t| t.backend == backend && t.server == server) {
+                    let gone = targets.remove(i).row;
+                    rows.remove(gone);
+                    for t in targets.iter_mut().filter(|t| t.row > gone) {
+                        t.row -= 1;
+                    }
                 }
+                let _ = done.send(());
             }
         }
     }

@@ -158,8 +158,10 @@ pub struct Supervisor {
     runtime: Vec<(String, String)>,
     /// The configuration the current engine runs when servers were added at run time.
     live_config: Option<Arc<Config>>,
-    /// Servers deleted at run time (backend, server): their indices stay taken until a reload.
-    removed: std::collections::HashSet<(usize, usize)>,
+    /// Servers deleted at run time (backend, server), and whether the health checker has stopped
+    /// checking each: their indices stay taken until a reload or an `add server` takes them
+    /// ([`Supervisor::reusable`]).
+    removed: std::collections::HashMap<(usize, usize), bool>,
     metrics: Option<prometheus::Endpoint>,
     watcher: Watcher,
     /// Successful reloads since start.
@@ -397,7 +399,7 @@ impl Supervisor {
             stats_paths: stats.socket.into_iter().chain(stats.admin_socket).collect(),
             runtime: Vec::new(),
             live_config: None,
-            removed: std::collections::HashSet::new(),
+            removed: std::collections::HashMap::new(),
             metrics,
             watcher,
             generation: 0,
@@ -932,7 +934,7 @@ impl Supervisor {
 
     /// Where server `name` is (the latest of that name, removed ones left aside).
     fn find(&self, name: &crate::admin::ServerName) -> Result<(usize, usize), String> {
-        name.find(&self.config(), |b, s| !self.removed.contains(&(b, s)))
+        name.find(&self.config(), |b, s| !self.removed.contains_key(&(b, s)))
     }
 
     /// `add server`: checked against the running configuration and the host (its sources must be
@@ -950,16 +952,18 @@ impl Supervisor {
         if let Err(e) = crate::config::check_name(&new.server.server, "server") {
             return fail(e);
         }
+        // The index of a deleted server no connection names any more, else the next one.
+        let reuse = self.reusable(b);
         let servers = &config.backends[b].servers;
         // (Indices are u16 in a connection; u16::MAX means none.)
-        if servers.len() >= usize::from(u16::MAX) - 1 {
+        if reuse.is_none() && servers.len() >= usize::from(u16::MAX) - 1 {
             return fail(format!("backend \"{}\" has {} servers, the most it can", new.server.backend, servers.len()));
         }
         if let Err((ip, e)) = crate::sources::verify_local(new.sources.iter().copied()) {
             return fail(format!("source {ip} is not an address of this host: {e}"));
         }
         let checked = config.backends[b].check.is_some();
-        config.backends[b].servers.push(crate::config::Server {
+        let server = crate::config::Server {
             name: new.server.server.clone(),
             address: new.address,
             weight: new.weight,
@@ -970,12 +974,22 @@ impl Supervisor {
             send_proxy: None,
             backup: false,
             slowstart: new.slowstart,
-        });
-        let s = config.backends[b].servers.len() - 1;
+        };
+        let s = match reuse {
+            Some(s) => {
+                config.backends[b].servers[s] = server;
+                s
+            }
+            None => {
+                config.backends[b].servers.push(server);
+                config.backends[b].servers.len() - 1
+            }
+        };
         let config = Arc::new(config);
-        if let Err(e) = self.current.add_server(b, config.clone()) {
+        if let Err(e) = self.current.add_server(b, s, config.clone()) {
             return fail(e);
         }
+        self.removed.remove(&(b, s));
         if config.backends[b].servers[s].check {
             self.current.health_change(crate::health::Change::Add { backend: b, server: s, config: config.clone() });
         }
@@ -992,6 +1006,31 @@ impl Supervisor {
              across reloads)\n",
             command.line()
         ))
+    }
+
+    /// The lowest index among backend `b`'s deleted servers that no connection names any more on
+    /// any worker (none open, none still closing: the workers' rows say), for `add server` to
+    /// take: what a deleted server leaves (its row, latency histogram, place in the balancer and
+    /// block of addresses on each worker) is then the new server's instead of staying until the
+    /// next reload, and adding and deleting servers all day grows nothing. None while an engine
+    /// replaced by a reload drains: its connections move to this one by server index.
+    fn reusable(&self, b: usize) -> Option<usize> {
+        let mut deleted: Vec<usize> =
+            self.removed.iter().filter(|&(&(rb, _), &quiet)| rb == b && quiet).map(|(&(_, s), _)| s).collect();
+        if deleted.is_empty() || !self.draining.is_empty() {
+            return None;
+        }
+        deleted.sort_unstable();
+        let config = self.config();
+        let first = config.backends[..b].iter().map(|be| be.servers.len()).sum::<usize>();
+        let stats = self.current.stats_with(crate::stats::Detail::Servers);
+        let unnamed = |s: usize| {
+            stats
+                .workers
+                .iter()
+                .all(|w| w.servers.get(first + s).is_some_and(|r| r.removed && r.active == 0 && r.lingering == 0))
+        };
+        deleted.into_iter().find(|&s| unnamed(s))
     }
 
     /// `del server`: refused while the server has a connection; first it is put in maintenance so
@@ -1022,14 +1061,20 @@ impl Supervisor {
         if let Err(e) = self.current.server_op(b, s, ServerOp::Remove) {
             return fail(e);
         }
-        self.removed.insert((b, s));
-        self.current.health_change(crate::health::Change::Remove { backend: b, server: s });
+        // Its index may go to the next server added, once no connection names it any more and
+        // the health checker has stopped checking it (else never: it stays taken until a reload).
+        let quiet = self.current.health_remove(b, s);
+        self.removed.insert((b, s), quiet);
         eprintln!("ringproxy: runtime API: {}", command.line());
-        self.runtime.retain(|(key, _)| !key.starts_with(&format!("{name} ")));
-        if s < self.current.config().backends[b].servers.len() {
-            // A server of the file: the deletion is a runtime change (a server added at run time
-            // and deleted leaves nothing behind).
-            self.runtime.push((format!("{name} del"), command.line()));
+        let (prefix, del) = (format!("{name} "), format!("{name} del"));
+        if self.runtime.iter().any(|(key, _)| *key == format!("{name} add")) {
+            // Added at run time: deleted, it leaves nothing behind (but the deletion of the file's
+            // server of that name before it, if there was one).
+            self.runtime.retain(|(key, _)| *key == del || !key.starts_with(&prefix));
+        } else {
+            // A server of the file: the deletion is a runtime change.
+            self.runtime.retain(|(key, _)| !key.starts_with(&prefix));
+            self.runtime.push((del, command.line()));
         }
         Answer::Ok(format!("{}: removed\n", command.line()))
     }

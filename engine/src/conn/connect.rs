@@ -144,10 +144,17 @@ impl Ctx<'_> {
         let source_addr = source.map(|i| crate::sources::ServerAddrs::source(srv.addrs, i));
         srv.active += 1;
         srv.total += 1;
+        srv.refs += 1;
         let dest = crate::sources::ServerAddrs::dest(srv.addrs);
         let slot = up.server_slots.take();
         let c = &mut *self.c;
-        c.server = s as u16;
+        let before = std::mem::replace(&mut c.server, s as u16);
+        if before != NO_INDEX {
+            // A retry: the server tried before is no longer named.
+            let srv = &mut up.backends[b].servers[before as usize];
+            debug_assert!(srv.refs > 0, "a connection names a server it was not counted on");
+            srv.refs = srv.refs.saturating_sub(1);
+        }
         c.source = source.map_or(NO_INDEX, |i| i as u16);
         c.server_shares = true;
         c.tried |= 1 << (s % 64);
@@ -319,6 +326,18 @@ impl Ctx<'_> {
         for dir in Dir::BOTH {
             self.pump(dir);
         }
+    }
+
+    /// The entry is about to be freed: the server it names (if any) is no longer named by it.
+    pub(super) fn unname_server(&mut self) {
+        let c = &mut *self.c;
+        if c.server == NO_INDEX {
+            return;
+        }
+        let srv = &mut self.up.backends[c.backend as usize].servers[c.server as usize];
+        debug_assert!(srv.refs > 0, "a connection names a server it was not counted on");
+        srv.refs = srv.refs.saturating_sub(1);
+        c.server = NO_INDEX;
     }
 
     /// Gives back the server's and the backend's shares and the source port of this connection.

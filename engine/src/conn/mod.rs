@@ -1119,6 +1119,7 @@ impl Ctx<'_> {
             let source = self.up.source_ip(self.c);
             log.line(self.worker, self.cfg, self.c, reason, source, self.now.us, self.now.ms);
         }
+        self.unname_server();
         self.enter(State::Free);
         debug_assert!(!self.fds.contains_key(&self.idx), "descriptors for splicing outlive their connection's close");
         let generation = self.c.generation.wrapping_add(1);

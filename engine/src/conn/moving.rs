@@ -158,6 +158,7 @@ impl Ctx<'_> {
         if let Some(server) = self.c.server_slot.take() {
             self.ring.close_server(server, false);
         }
+        self.unname_server();
         self.stats.moved_out += 1;
         self.enter(State::Free);
         self.release_fds();
@@ -206,6 +207,7 @@ impl Ctx<'_> {
         c.server_shares = true;
         let srv = &mut self.up.backends[b as usize].servers[s as usize];
         srv.active += 1;
+        srv.refs += 1;
         c.source = st.source_ip.and_then(|ip| srv.sources.adopt(ip)).map_or(NO_INDEX, |j| j as u16);
         if let (Some(table), Some(a)) = (self.up.per_source[fe as usize].as_mut(), c.client_addr) {
             c.source_counted = table.adopt(table.limits().key(a.ip()));

@@ -276,6 +276,11 @@ pub struct ServerStats {
     #[serde(default)]
     pub ramp_pct: u64,
     pub active: u64,
+    /// Connections that gave the server back but still name it: closing (their sockets being
+    /// torn down, a connect chain cancelled), or waiting to try another server. A deleted
+    /// server's index is taken by the next `add server` only once this and `active` are 0.
+    #[serde(default)]
+    pub lingering: u64,
     pub total: u64,
     pub connect_errors: u64,
     /// maxconn of this server (0: none).
@@ -678,6 +683,7 @@ impl EngineStats {
                 match servers.get_mut(i) {
                     Some(o) => {
                         o.active += s.active;
+                        o.lingering += s.lingering;
                         o.total += s.total;
                         o.connect_errors += s.connect_errors;
                         o.share += s.share;

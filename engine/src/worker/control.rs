@@ -36,8 +36,8 @@ impl Worker {
                     self.server_op(backend, server, op);
                     let _ = done.send(());
                 }
-                Control::AddServer { backend, config, addrs, done } => {
-                    self.add_server(backend, config, *addrs);
+                Control::AddServer { backend, server, config, addrs, done } => {
+                    self.add_server(backend, server, config, *addrs);
                     let _ = done.send(());
                 }
                 Control::ListConns { filter, from, limit, reply } => {
@@ -95,29 +95,64 @@ impl Worker {
         self.availability_changed(b, s, was);
     }
 
-    /// `add server`: `cfg` is the running configuration with one server appended to backend `b`;
-    /// this worker takes it and sets the server up as it does at start: `addrs` (its address and
-    /// this worker's share of its sources, made by the sender) become a block of the ring's table,
-    /// its maxconn a new limit; its stats row. Nothing here is proportional to its sources.
-    fn add_server(&mut self, b: usize, cfg: std::sync::Arc<crate::config::Config>, addrs: crate::sources::ServerAddrs) {
-        let s = cfg.backends[b].servers.len() - 1;
-        if self.up.backends[b].servers.len() != s {
-            return; // (Not the next server of this backend: cannot happen; nothing changes.)
+    /// `add server`: `cfg` is the running configuration with the new server as server `s` of
+    /// backend `b`; this worker takes it and sets the server up as it does at start: `addrs` (its
+    /// address and this worker's share of its sources, made by the sender) become a block of the
+    /// ring's table, its maxconn a new limit; its stats row. Nothing here is proportional to its
+    /// sources. `s` is the next index, or that of a deleted server no connection names any more
+    /// (the supervisor checked every worker's rows): its block of addresses, row, latency
+    /// histogram and place in the balancer are the new server's.
+    fn add_server(
+        &mut self,
+        b: usize,
+        s: usize,
+        cfg: std::sync::Arc<crate::config::Config>,
+        addrs: crate::sources::ServerAddrs,
+    ) {
+        let servers = self.up.backends[b].servers.len();
+        let reused = s < servers;
+        if s > servers || reused && !self.up.backends[b].servers[s].removed {
+            return; // (Neither the next index nor a deleted server's: cannot happen; nothing changes.)
         }
         self.cfg = cfg;
         let srv = &self.cfg.backends[b].servers[s];
-        let block = self.ring.add_addrs(addrs.block);
         let limit = srv.maxconn.map(|m| self.up.shares.push(m, m.min(self.plan.conns_per_worker)));
-        let be = &mut self.up.backends[b];
-        be.servers.push(crate::worker::upstream::Server::new(block, addrs.sources, srv.weight, limit));
-        be.balancer.add_server(srv.weight, crate::balance::server_key(&srv.name));
-        // Its row and latency histogram go after the backend's last server: the flattened tables
-        // of the backends after it move up by one (on every worker alike).
+        let (key, row) =
+            (crate::balance::server_key(&srv.name), crate::stats::ServerStats::new(&self.cfg.backends[b].name, srv));
         let at = self.up.server_index[b] + s;
-        self.stats.servers.insert(at, crate::stats::ServerStats::new(&self.cfg.backends[b].name, srv));
-        self.up.connect_latency.insert(at, crate::stats::latency_histogram());
-        for i in &mut self.up.server_index[b + 1..] {
-            *i += 1;
+        if reused {
+            let old = &self.up.backends[b].servers[s];
+            // No connection names the deleted server (checked by the supervisor, and nothing can
+            // name a deleted server again): no connect chain points at its addresses, and no log
+            // line or connection list will name the new one in its place. Were one to, the old
+            // block stays (it goes at the next reload) and the new one is added beside it.
+            let block = if old.refs == 0 {
+                self.ring.replace_addrs(old.addrs, addrs.block);
+                old.addrs
+            } else {
+                self.ring.add_addrs(addrs.block)
+            };
+            let refs = old.refs;
+            let be = &mut self.up.backends[b];
+            be.stop_ramp(s);
+            be.servers[s] = crate::worker::upstream::Server::new(block, addrs.sources, srv.weight, limit);
+            // (What still names the old one is counted on, so that its end balances.)
+            be.servers[s].refs = refs;
+            be.balancer.replace_server(s, srv.weight, key);
+            self.stats.servers[at] = row;
+            self.up.connect_latency[at] = crate::stats::latency_histogram();
+        } else {
+            let block = self.ring.add_addrs(addrs.block);
+            let be = &mut self.up.backends[b];
+            be.servers.push(crate::worker::upstream::Server::new(block, addrs.sources, srv.weight, limit));
+            be.balancer.add_server(srv.weight, key);
+            // Its row and latency histogram go after the backend's last server: the flattened
+            // tables of the backends after it move up by one (on every worker alike).
+            self.stats.servers.insert(at, row);
+            self.up.connect_latency.insert(at, crate::stats::latency_histogram());
+            for i in &mut self.up.server_index[b + 1..] {
+                *i += 1;
+            }
         }
         // Added with a slowstart: it ramps up from now.
         self.up.backends[b].start_ramp(s, self.now.ms, &self.cfg.backends[b]);
@@ -427,6 +462,7 @@ impl Worker {
         s.servers.push(self.stats.servers[k].clone());
         let row = s.servers.last_mut().expect("just pushed");
         row.active = u64::from(srv.active);
+        row.lingering = u64::from(srv.refs.saturating_sub(srv.active));
         row.total = srv.total;
         row.connect_errors = srv.errors;
         row.bytes_in = srv.bytes_in;

@@ -34,6 +34,12 @@ pub(crate) struct Server {
     pub addrs: u32,
     pub sources: SourceShard,
     pub active: u32,
+    /// Connections of this worker that name it, from the pick (or a move in) until their entry
+    /// is freed: `active` and those still closing after they gave it back, which may have a
+    /// connect chain to its addresses in flight and name it in their log line. A deleted
+    /// server's index (and block of addresses) is taken again only once this is 0 on every
+    /// worker.
+    pub refs: u32,
     pub total: u64,
     pub errors: u64,
     /// Bytes of its established connections: from their clients, and from it.
@@ -76,6 +82,7 @@ impl Server {
             addrs,
             sources,
             active: 0,
+            refs: 0,
             total: 0,
             errors: 0,
             bytes_in: 0,

@@ -238,14 +238,27 @@ pub fn assert_idle(engine: &Engine, ports: &[u16]) {
 
 /// `Ok` when every gauge is 0 on every worker; else what is held, per worker.
 pub fn gauges_held(engine: &Engine) -> Result<(), String> {
-    let s = engine.stats();
-    let held: Vec<String> = GAUGES
+    held_in(&engine.stats())
+}
+
+/// `Ok` when every gauge of `s` is 0 on every worker, and no server row counts a connection
+/// (open, or closing and still naming it); else what is held.
+pub fn held_in(s: &ringproxy::stats::EngineStats) -> Result<(), String> {
+    let mut held: Vec<String> = GAUGES
         .iter()
         .filter(|(_, g)| s.total(g) > 0)
         .map(|(name, g)| {
             format!("{name} = {} (per worker {:?})", s.total(g), s.workers.iter().map(g).collect::<Vec<_>>())
         })
         .collect();
+    for (w, ws) in s.workers.iter().enumerate() {
+        for r in ws.servers.iter().filter(|r| r.active > 0 || r.lingering > 0) {
+            held.push(format!(
+                "worker {w}: server {}/{}: active {}, lingering {}",
+                r.backend, r.server, r.active, r.lingering
+            ));
+        }
+    }
     if held.is_empty() { Ok(()) } else { Err(held.join(", ")) }
 }
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ringproxy::ready::{Ready, ReadyFile};
 use ringproxy::stats::socket;
 
-use super::{GAUGES, wait_until};
+use super::{held_in, wait_for, wait_until};
 
 /// The binary under test.
 pub const RINGPROXY: &str = env!("CARGO_BIN_EXE_ringproxy");
@@ -303,10 +303,8 @@ impl Proxy {
     /// SIGTERM makes it exit with status 0 within its drain timeout.
     pub fn stop_clean(mut self) {
         if let Some(sock) = self.stats_socket().map(Path::to_owned) {
-            let mut last = None;
-            wait_until("ringproxy's gauges to be 0 (ringproxy stats)", Duration::from_secs(10), || {
-                last = socket::fetch(&sock).ok();
-                last.as_ref().is_some_and(|s| GAUGES.iter().all(|(_, g)| s.total(g) == 0))
+            wait_for("ringproxy's gauges to be 0 (ringproxy stats)", Duration::from_secs(10), || {
+                socket::fetch(&sock).map_err(|e| e.to_string()).and_then(|s| held_in(&s))
             });
         }
         self.sigterm();

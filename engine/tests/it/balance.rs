@@ -174,7 +174,7 @@ fn a_server_added_at_run_time_connects_from_each_workers_own_sources() {
     };
     let engine = engine(&yaml(""));
     let added = format!(", {{ name: t, address: \"{}\", source: 127.0.2.1-127.0.2.4 }}", backend.addr);
-    engine.add_server(0, std::sync::Arc::new(ringproxy::config::parse(&yaml(&added), "t").unwrap())).unwrap();
+    engine.add_server(0, 1, std::sync::Arc::new(ringproxy::config::parse(&yaml(&added), "t").unwrap())).unwrap();
     let conns = connections_from_each_workers_own_sources(&engine, &backend, "t", 80);
     drop(conns);
     assert_clean(engine, &[backend.addr.port()]);

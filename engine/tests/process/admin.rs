@@ -378,6 +378,140 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
     proxy.stop_clean();
 }
 
+/// A deleted server's index goes to the next server added to its backend: each worker's rows
+/// stay as many however often servers come and go (before, each deletion left its row, latency
+/// histogram and block of addresses on every worker until a reload, and a backend refused new
+/// servers after 65,533 had been added). The server taking the index is the new one throughout:
+/// it connects from its own source addresses (its block replaced the old one), under its name.
+/// The lowest free index is taken first; a reload still says what it dropped.
+#[test]
+fn a_deleted_servers_index_goes_to_the_next_server_added() {
+    let (a, b, d) = (Backend::start(Mode::Tag(1)), Backend::start(Mode::Tag(2)), Backend::unshared(Mode::Tag(4)));
+    let (stats, admin) = sockets("reuse");
+    let mut proxy = Proxy::start("reuse", &config(&stats, &admin, a.addr, b.addr, "", ""));
+    let front = proxy.addr("fe");
+    let names = || servers(&stats).into_iter().map(|r| r.server).collect::<Vec<_>>();
+    // Every worker's rows, deleted servers' included.
+    let rows = || socket::fetch(&stats).unwrap().workers.iter().map(|w| w.servers.len()).collect::<Vec<_>>();
+    // Connections until `n` reached d; the source addresses d saw them from.
+    let reach_d = |n: usize| {
+        let before = d.peer_ips();
+        let mut got = 0;
+        for _ in 0..(n * 10) {
+            if tagged(front).1 == 4 {
+                got += 1;
+                if got == n {
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, n, "{n} connections reached the added server");
+        let mut after = d.peer_ips();
+        for (ip, k) in before {
+            *after.get_mut(&ip).unwrap() -= k;
+        }
+        after.into_iter().filter(|&(_, k)| k > 0).map(|(ip, _)| ip.to_string()).collect::<Vec<_>>()
+    };
+    let quiet = |name: &str| {
+        wait_until(&format!("{name} to have no connection"), Duration::from_secs(5), || row(&stats, name).2 == 0)
+    };
+
+    ok(&admin, &format!("add server be/x {} source 127.0.9.21", d.addr));
+    assert_eq!(rows(), [3, 3]);
+    assert_eq!(reach_d(4), ["127.0.9.21"]);
+    quiet("x");
+    ok(&admin, "del server be/x");
+    // y takes x's index: its row, its place in the balancer, its block of addresses.
+    ok(&admin, &format!("add server be/y {} source 127.0.9.22 weight 2", d.addr));
+    assert_eq!(rows(), [3, 3], "y took x's index");
+    assert_eq!(names(), ["a", "b", "y"]);
+    let y = servers(&stats).into_iter().find(|r| r.server == "y").unwrap();
+    assert_eq!((y.total, y.weight, y.lingering), (0, 2, 0), "a new row, not x's");
+    assert_eq!(reach_d(4), ["127.0.9.22"], "connections to y come from y's source, not x's");
+
+    // Servers coming and going all day: the rows stay as many.
+    for i in 0..40u8 {
+        quiet("y");
+        ok(&admin, "del server be/y");
+        ok(&admin, &format!("add server be/y {} source 127.0.9.{}", d.addr, 30 + i % 4));
+    }
+    assert_eq!(rows(), [3, 3], "40 deletions and additions later");
+    assert_eq!(reach_d(2), ["127.0.9.33"]);
+
+    // The lowest free index first: b (a server of the file, index 1) and y deleted, z takes 1.
+    quiet("y");
+    ok(&admin, "set server be/b state maint");
+    ok(&admin, "del server be/y");
+    ok(&admin, "del server be/b");
+    ok(&admin, &format!("add server be/z {}", d.addr));
+    assert_eq!(names(), ["a", "z"]);
+    assert_eq!(rows(), [3, 3]);
+    let tags: Vec<u8> = (0..10).map(|_| tagged(front).1).collect();
+    assert!(tags.contains(&1) && tags.contains(&4) && !tags.contains(&2), "a and z: {tags:?}");
+
+    // A reload: the file wins and says what it dropped (y, added and deleted, left nothing).
+    let out = ringproxy().args(["reload", "--socket"]).arg(&admin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let dropped =
+        format!("runtime changes dropped (the file wins): del server be/b; add server be/z {} weight 1", d.addr);
+    assert!(text.contains(&dropped), "{dropped} in {text}");
+    proxy.wait_generation(1);
+    assert_eq!(names(), ["a", "b"]);
+    assert_eq!(rows(), [2, 2]);
+    proxy.stop_clean();
+}
+
+/// A deleted server that a connection still names is not given to the next server added: here a
+/// connection refused by x waits in the queue for a (at its maxconn) and names x meanwhile (its
+/// `lingering` count). y then gets a new index (and the queued connection); once nothing names x,
+/// the next server added takes its index.
+#[test]
+fn a_deleted_server_still_named_by_a_connection_keeps_its_index_until_it_is_not() {
+    let (a, d) = (Backend::start(Mode::Tag(1)), Backend::unshared(Mode::Tag(4)));
+    let refused_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let (stats, admin) = sockets("linger");
+    let yaml = format!(
+        "global: {{ workers: 1, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    balance: roundrobin\n    timeout: {{ connect: 10s, queue: 20s }}\n    servers:\n\
+         \x20     - {{ name: a, address: \"{}\", maxconn: 1 }}\n      - {{ name: x, address: \"{refused_port}\" }}\n",
+        stats.display(),
+        admin.display(),
+        a.addr,
+    );
+    let proxy = Proxy::start("linger", &yaml);
+    let front = proxy.addr("fe");
+    let rows = || socket::fetch(&stats).unwrap().workers.iter().map(|w| w.servers.len()).collect::<Vec<_>>();
+    let lingering = |name: &str| servers(&stats).into_iter().find(|r| r.server == name).map_or(0, |r| r.lingering);
+
+    // a is full; the next connection is refused by x and waits for a, naming x.
+    let (first, tag) = tagged(front);
+    assert_eq!(tag, 1, "x refuses: the first connection is a's");
+    let mut queued = connect(front);
+    wait_until("a connection refused by x to wait, naming x", Duration::from_secs(5), || lingering("x") == 1);
+    assert_eq!(row(&stats, "x").2, 0, "it holds nothing of x");
+    ok(&admin, "set server be/x state maint");
+    ok(&admin, "del server be/x");
+    ok(&admin, &format!("add server be/y {}", d.addr));
+    assert_eq!(rows(), [3], "y did not take x's index: a connection names x");
+
+    // The queue is served by the new server at once: the connection names x no more.
+    let mut t = [0u8];
+    queued.read_exact(&mut t).unwrap();
+    assert_eq!(t[0], 4, "the queued connection reached y");
+    assert_eq!(lingering("x"), 0);
+    drop(queued);
+    wait_until("y to have no connection", Duration::from_secs(5), || row(&stats, "y").2 == 0);
+    ok(&admin, "del server be/y");
+    ok(&admin, &format!("add server be/z {}", d.addr));
+    assert_eq!(rows(), [3], "z took x's index (the lowest free)");
+    let names: Vec<String> = servers(&stats).into_iter().map(|r| r.server).collect();
+    assert_eq!(names, ["a", "z"]);
+    drop(first);
+    proxy.stop_clean();
+}
+
 /// `show conns` filtered by frontend, client (address, or address and port) and server, in any
 /// order and together: exactly the connections each names. A client filter where no frontend in
 /// scope learns its clients' addresses is refused with why, not answered with an empty list.
@@ -553,7 +687,7 @@ fn an_added_server_is_health_checked_like_the_others() {
 
 /// Adds server x of backend `be` at a port nothing listens on (bound, then closed): the answer
 /// says it is checked, its check marks it DOWN, the connections go to a or b only; deleted, it
-/// leaves the checks.
+/// leaves the checks, and a live server added in its place is checked UP.
 fn an_added_dead_server_is_checked_down_and_leaves_the_checks(stats: &Path, admin: &Path, front: SocketAddr) {
     let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let text = ok(admin, &format!("add server be/x {dead}"));
@@ -568,6 +702,20 @@ fn an_added_dead_server_is_checked_down_and_leaves_the_checks(stats: &Path, admi
     wait_until("x to leave the checks", Duration::from_secs(5), || {
         socket::fetch(stats).unwrap().health.iter().all(|h| h.server != "x")
     });
+    // A live server added next takes x's index: no result of x's checks marks it DOWN (the
+    // deletion waited for the checker to drop x); it is checked UP and takes connections.
+    let live = Backend::start(Mode::Tag(3));
+    ok(admin, &format!("add server be/y {}", live.addr));
+    wait_until("y to be checked UP", Duration::from_secs(5), || {
+        let s = socket::fetch(stats).unwrap();
+        s.health.iter().any(|h| h.server == "y" && h.checks >= 3)
+            && s.servers.iter().any(|r| r.server == "y" && r.status() == "UP")
+    });
+    assert!((0..30).any(|_| tagged(front).1 == 3), "y takes connections");
+    assert!(socket::fetch(stats).unwrap().workers.iter().all(|w| w.servers.len() == 3), "y took x's index");
+    ok(admin, "set server be/y state maint");
+    wait_until("y to have no connection", Duration::from_secs(5), || row(stats, "y").2 == 0);
+    ok(admin, "del server be/y");
 }
 
 /// The same where the backend has a check but none of its servers is checked yet (each opted out

@@ -141,7 +141,9 @@ pub struct Ring {
     backlog: VecDeque<Vec<Entry>>,
     /// Server and source addresses the connect chains point at, a block per server. A block is
     /// never resized and its addresses stay where they are when blocks are added at run time
-    /// (`add server`), so no chain in flight is left pointing at moved memory.
+    /// (`add server`), so no chain in flight is left pointing at moved memory. A block is dropped
+    /// only when it is replaced by that of a server taking a deleted one's index, which the
+    /// worker does only once no connection names the deleted server: none has a chain in flight.
     addrs: Vec<Box<[SockAddr]>>,
     timeouts: Box<[Timespec]>,
     /// Indexed like `timeouts`: the option values the connect chains point at.
@@ -174,6 +176,14 @@ impl Ring {
     pub fn add_addrs(&mut self, block: Box<[SockAddr]>) -> u32 {
         self.addrs.push(block);
         self.addrs.len() as u32 - 1
+    }
+
+    /// Puts `block` in place of block `at`, which is dropped: `add server` taking the index of a
+    /// deleted server none of whose connection chains is in flight (no connection names it:
+    /// [`crate::worker::upstream::Server::refs`] is 0), so nothing the kernel may still read is
+    /// freed.
+    pub fn replace_addrs(&mut self, at: u32, block: Box<[SockAddr]>) {
+        self.addrs[at as usize] = block;
     }
 
     /// The address `id` names.

@@ -389,7 +389,8 @@ impl Ring {
         // Every pointer in the chain is into the ring's own tables (addresses, the timespec, the
         // values of the keepalive and the other options), alive until `Drop` cancelled every
         // request, or a `static` option value; the slot is held by the caller's connection until
-        // its close.
+        // its close. (A block of addresses is replaced only once no connection names its server,
+        // and a connection names it until its chain's last completion: `Ring::replace_addrs`.)
         // A scratch list the ring keeps: no allocation per connection.
         let mut chain = std::mem::take(&mut self.chain);
         chain.clear();
