@@ -345,7 +345,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
             }
             written = Some(service.generation);
         }
-        match signals.wait(Duration::from_millis(100)) {
+        match signals.wait_or(service.doorbell(), Duration::from_millis(100)) {
             Some(libc::SIGUSR1) => dump(&service),
             Some(libc::SIGHUP) => {
                 if let Some(n) = &notify {
@@ -423,7 +423,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         service.withdraw();
         let until = std::time::Instant::now() + delay;
         while std::time::Instant::now() < until {
-            match signals.wait(Duration::from_millis(50)) {
+            match signals.wait_or(service.doorbell(), Duration::from_millis(50)) {
                 Some(libc::SIGTERM | libc::SIGINT) => break,
                 Some(libc::SIGUSR1) => dump(&service),
                 _ => {}
@@ -474,7 +474,7 @@ fn run(path: &std::path::Path, config: config::Config, ready_file: Option<&std::
         // The runtime API keeps answering while the connections drain: `show ready` says FAIL at
         // once (a routing daemon's check must not hang), reads answer, changes are refused.
         service.serve_requests();
-        match signals.wait(Duration::from_millis(100)) {
+        match signals.wait_or(service.doorbell(), Duration::from_millis(100)) {
             Some(libc::SIGUSR1) => dump(&service),
             Some(libc::SIGHUP) => eprintln!("ringproxy: SIGHUP ignored while draining"),
             Some(sig) => {

@@ -150,6 +150,8 @@ pub struct Supervisor {
     /// The current engine's stats, swapped on reload (read by the stats endpoints' threads).
     source: Arc<Mutex<Option<StatsSource>>>,
     requests: Receiver<Request>,
+    /// Rung by the stats sockets after each command they hand over ([`Supervisor::doorbell`]).
+    bell: Arc<sys::EventFd>,
     _stats_socket: Option<socket::Server>,
     _admin_socket: Option<socket::Server>,
     /// Where the stats sockets are (removed by [`Supervisor::abandon`]).
@@ -256,7 +258,7 @@ fn open_endpoints(
     stats: &config::Stats,
     owner: Option<Ids>,
     collect: impl Fn(Detail) -> EngineStats + Clone + Send + 'static,
-    requests: Sender<Request>,
+    requests: socket::Requests,
     watch: &Watch,
     inherited: &mut Option<crate::upgrade::Inherited>,
 ) -> Result<Endpoints, StartError> {
@@ -352,7 +354,9 @@ impl Supervisor {
             None => None,
         };
         let source: Arc<Mutex<Option<StatsSource>>> = Arc::new(Mutex::new(None));
-        let (requests_tx, requests) = unbounded();
+        let (tx, requests) = unbounded();
+        let bell = Arc::new(sys::EventFd::new().map_err(StartError::EventFd)?);
+        let requests_tx = socket::Requests { tx, bell: bell.clone() };
         let collect = {
             let source = source.clone();
             move |detail| -> EngineStats {
@@ -394,6 +398,7 @@ impl Supervisor {
             draining: Vec::new(),
             source,
             requests,
+            bell,
             _stats_socket: stats_socket,
             _admin_socket: admin,
             stats_paths: stats.socket.into_iter().chain(stats.admin_socket).collect(),
@@ -1077,6 +1082,12 @@ impl Supervisor {
             self.runtime.push((del, command.line()));
         }
         Answer::Ok(format!("{}: removed\n", command.line()))
+    }
+
+    /// What the stats sockets ring after handing over a command: the main loop waits on it beside
+    /// the signals ([`sys::Signals::wait_or`]) and answers at once.
+    pub fn doorbell(&self) -> &sys::EventFd {
+        &self.bell
     }
 
     /// Answers the commands that came through the stats sockets.

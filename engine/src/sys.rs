@@ -40,18 +40,29 @@ impl EventFd {
     pub fn fd(&self) -> RawFd {
         self.0.as_raw_fd()
     }
+
+    /// Reads the counter and sets it back to 0 (0 when it was not signalled).
+    pub fn take(&self) -> u64 {
+        let mut count = [0u8; 8];
+        match io::Read::read(&mut &self.0, &mut count) {
+            Ok(8) => u64::from_ne_bytes(count),
+            _ => 0,
+        }
+    }
 }
 
 /// A set of signals blocked in the calling thread, and in every thread it starts afterwards, to be
-/// received synchronously with [`Signals::wait`] (so no handler runs inside a worker).
-pub struct Signals(libc::sigset_t);
+/// received synchronously with [`Signals::wait`] (so no handler runs inside a worker); with a
+/// signalfd of the same set, so that a wait can also end on a doorbell ([`Signals::wait_or`]).
+pub struct Signals(libc::sigset_t, OwnedFd);
 
 impl Signals {
     /// Blocks `signals` in the calling thread. Call it before starting any thread.
     pub fn block(signals: &[libc::c_int]) -> io::Result<Signals> {
         // SAFETY: `set` is a local sigset_t (plain data, valid all-zero) that sigemptyset
-        // initialises before sigaddset and pthread_sigmask read it; the old mask is not asked for
-        // (null is allowed).
+        // initialises before sigaddset, pthread_sigmask and signalfd read it; the old mask is not
+        // asked for (null is allowed). On success signalfd returns a new descriptor nothing else
+        // owns, which the OwnedFd takes over.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
@@ -61,9 +72,14 @@ impl Signals {
                 }
             }
             match libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) {
-                0 => Ok(Signals(set)),
-                e => Err(io::Error::from_raw_os_error(e)),
+                0 => {}
+                e => return Err(io::Error::from_raw_os_error(e)),
             }
+            let fd = libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC);
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(Signals(set, OwnedFd::from_raw_fd(fd)))
         }
     }
 
@@ -79,6 +95,32 @@ impl Signals {
             }
             if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
                 return None;
+            }
+        }
+    }
+
+    /// As [`Signals::wait`], but `None` also as soon as `bell` rings (its counter is then set back
+    /// to 0). A signal pending already is returned first.
+    pub fn wait_or(&self, bell: &EventFd, timeout: Duration) -> Option<libc::c_int> {
+        let ms = timeout.as_millis().min(libc::c_int::MAX as u128) as libc::c_int;
+        loop {
+            if let Some(sig) = self.wait(Duration::ZERO) {
+                return Some(sig);
+            }
+            let mut fds = [
+                libc::pollfd { fd: self.1.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: bell.fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            match poll(&mut fds, ms) {
+                Ok(0) => return None,
+                Ok(_) if fds[1].revents != 0 => {
+                    bell.take();
+                    return None;
+                }
+                // A signal is pending: the next turn takes it.
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(_) => return None,
             }
         }
     }
@@ -445,15 +487,6 @@ mod tests {
 
     use super::*;
 
-    /// Reads and resets the counter (0 when it was not signalled).
-    fn drain(e: &EventFd) -> u64 {
-        let mut count = [0u8; 8];
-        match (&e.0).read(&mut count) {
-            Ok(8) => u64::from_ne_bytes(count),
-            _ => 0,
-        }
-    }
-
     #[test]
     fn a_pipe_holds_exactly_the_size_it_reports() {
         let (rd, wr, got) = pipe(128 << 10).unwrap();
@@ -476,11 +509,44 @@ mod tests {
     #[test]
     fn an_eventfd_counts_signals() {
         let e = EventFd::new().unwrap();
-        assert_eq!(drain(&e), 0);
+        assert_eq!(e.take(), 0);
         e.signal();
         e.signal();
-        assert_eq!(drain(&e), 2);
-        assert_eq!(drain(&e), 0);
+        assert_eq!(e.take(), 2);
+        assert_eq!(e.take(), 0);
+    }
+
+    /// The supervisor's wait ends on its doorbell (rung from another thread) as on a signal, well
+    /// before its timeout, and a signal pending is returned first. (On a thread of its own: the
+    /// mask it sets stays with that thread; the signal is sent to that thread alone.)
+    #[test]
+    fn a_wait_ends_on_the_doorbell_or_a_signal() {
+        std::thread::spawn(|| {
+            let signals = Signals::block(&[libc::SIGUSR2]).unwrap();
+            let bell = std::sync::Arc::new(EventFd::new().unwrap());
+            let long = Duration::from_secs(60);
+            let ringer = {
+                let bell = bell.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    bell.signal();
+                })
+            };
+            let t = std::time::Instant::now();
+            assert_eq!(signals.wait_or(&bell, long), None, "woken by the doorbell");
+            assert!(t.elapsed() < Duration::from_secs(30), "long before the timeout: {:?}", t.elapsed());
+            ringer.join().unwrap();
+            assert_eq!(bell.take(), 0, "the doorbell is reset by the wait that heard it");
+            // SAFETY: pthread_self names this live thread; SIGUSR2 is blocked in it, so the
+            // signal stays pending until the wait takes it.
+            assert_eq!(unsafe { libc::pthread_kill(libc::pthread_self(), libc::SIGUSR2) }, 0);
+            bell.signal();
+            assert_eq!(signals.wait_or(&bell, long), Some(libc::SIGUSR2), "the pending signal first");
+            assert_eq!(signals.wait_or(&bell, long), None, "then the doorbell");
+            assert_eq!(signals.wait_or(&bell, Duration::from_millis(10)), None, "then the timeout");
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
