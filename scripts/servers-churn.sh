@@ -7,7 +7,8 @@
 # the end one echo through the proxy checks that it still proxies. Loopback only, bounded
 # (CYCLES rounds per binary; nothing is connected but that echo).
 # Usage: scripts/servers-churn.sh [RINGPROXY_BINARY...]   (default: a release build of this tree)
-# CYCLES=2000, STEP=500, WORKERS=2, SOURCES=127.0.9.1-127.0.9.64 (defaults).
+# CYCLES=2000, STEP=500, WORKERS=2, SOURCES=127.0.9.1-127.0.9.64 (defaults); CHECK=1 gives the
+# backend a health check (every 1s), so that each deletion waits for the checker to drop the server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -20,6 +21,9 @@ CYCLES=${CYCLES:-2000}
 STEP=${STEP:-500}
 WORKERS=${WORKERS:-2}
 SOURCES=${SOURCES:-127.0.9.1-127.0.9.64}
+CHECK=${CHECK:-0}
+CHECKED=""
+[ "$CHECK" = 1 ] && CHECKED=", check: { interval: 1s, timeout: 1s }"
 TMP=$(mktemp -d)
 cleanup() { stop_all_bg; rm -rf "$TMP"; }
 trap cleanup EXIT
@@ -33,7 +37,7 @@ for bin in "${BINS[@]}"; do
     cat > "$TMP/proxy.yaml" <<EOF
 global: { workers: $WORKERS, stats: { admin_socket: $TMP/admin.sock } }
 frontends: [{ name: fe, bind: "127.0.0.1:0", backend: be }]
-backends: [{ name: be, servers: [{ name: s, address: "$ECHO" }] }]
+backends: [{ name: be$CHECKED, servers: [{ name: s, address: "$ECHO" }] }]
 EOF
     rm -f "$TMP/proxy.ready" "$TMP/admin.sock"
     start_bg proxy "$bin" -c "$TMP/proxy.yaml" --ready-file "$TMP/proxy.ready" > "$TMP/proxy.log" 2>&1

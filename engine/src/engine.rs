@@ -537,8 +537,8 @@ impl Engine {
     }
 
     /// Tells the health checker (when the engine has one) that server `server` of backend
-    /// `backend` was deleted, and waits until it has stopped checking it (it turns at least every
-    /// 200 ms): false if it did not say so within 2 s. Until it has, a result of the server's last
+    /// `backend` was deleted, and waits until it has stopped checking it (the change wakes it):
+    /// false if it did not say so within 2 s. Until it has, a result of the server's last
     /// check may still reach the workers, and its index must not be given to another server.
     pub fn health_remove(&self, backend: usize, server: usize) -> bool {
         let Some(h) = &self.health else { return true };

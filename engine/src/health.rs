@@ -73,8 +73,10 @@ pub struct HealthChecker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
     /// Servers added or deleted at run time (`add server`, `del server`): taken at the thread's
-    /// next turn (it turns at least every 200 ms).
+    /// next turn, which `bell` starts at once.
     changes: crossbeam_channel::Sender<Change>,
+    /// Wakes the thread from its poll (a change, or the stop).
+    bell: Arc<crate::sys::EventFd>,
 }
 
 /// A change to the set of checked servers.
@@ -82,7 +84,8 @@ pub enum Change {
     /// Check server `server` of backend `backend` (of `config`, the running configuration), from now.
     Add { backend: usize, server: usize, config: Arc<Config> },
     /// Stop checking it; `done` hears once the checker has (from then on it says nothing of the
-    /// server to the workers: its index can be given to another server).
+    /// server to the workers: its index can be given to another server). At once: the change
+    /// rings the checker's doorbell.
     Remove { backend: usize, server: usize, done: crossbeam_channel::Sender<()> },
 }
 
@@ -90,6 +93,7 @@ impl HealthChecker {
     /// Hands the checker a change (a checker that has stopped drops it).
     pub fn change(&self, c: Change) {
         let _ = self.changes.send(c);
+        self.bell.signal();
     }
 }
 
@@ -142,12 +146,13 @@ pub fn spawn(config: &Config, peers: Arc<Vec<Peer>>, watch: &Watch) -> io::Resul
     let status = Arc::new(Mutex::new(rows));
     let stop = Arc::new(AtomicBool::new(false));
     let (changes, changes_rx) = crossbeam_channel::unbounded();
-    let (st, flag) = (status.clone(), stop.clone());
+    let bell = Arc::new(crate::sys::EventFd::new()?);
+    let (st, flag, rung) = (status.clone(), stop.clone(), bell.clone());
     let thread = watch.spawn("ringproxy-health", move || {
-        run(targets, peers, st, flag, changes_rx);
+        run(targets, peers, st, flag, changes_rx, &rung);
         Ok::<(), io::Error>(())
     })?;
-    Ok(Some(HealthChecker { status, stop, thread: Some(thread), changes }))
+    Ok(Some(HealthChecker { status, stop, thread: Some(thread), changes, bell }))
 }
 
 /// The check of server `s` of backend `b`, with its status row (at `row`), first due at `due`.
@@ -211,6 +216,7 @@ fn apply_changes(
 impl Drop for HealthChecker {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.bell.signal();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -223,6 +229,7 @@ fn run(
     status: Arc<Mutex<Vec<ServerHealth>>>,
     stop: Arc<AtomicBool>,
     changes: crossbeam_channel::Receiver<Change>,
+    bell: &crate::sys::EventFd,
 ) {
     let started = Instant::now();
     let mut fds: Vec<libc::pollfd> = Vec::new();
@@ -252,9 +259,14 @@ fn run(
                 polled.push(i);
             }
         }
+        // Last, after the checks' sockets: the doorbell (a change or the stop).
+        fds.push(libc::pollfd { fd: bell.fd(), events: libc::POLLIN, revents: 0 });
         let timeout = wake.saturating_duration_since(Instant::now()).as_millis().min(200) as libc::c_int;
         // An error (EINTR) is a wakeup like any other: every check's deadline is looked at below.
         let _ = crate::sys::poll(&mut fds, timeout);
+        if fds.last().is_some_and(|f| f.revents != 0) {
+            bell.take();
+        }
         let now = Instant::now();
         for (k, &i) in polled.iter().enumerate() {
             let revents = fds[k].revents;
