@@ -799,7 +799,7 @@ impl Supervisor {
                  connections"
             ));
         }
-        let stats = self.current.stats();
+        let stats = self.current.stats_with(Detail::Servers);
         let config = self.config();
         let mut empty: Vec<&str> = Vec::new();
         for fe in &config.frontends {
@@ -1052,11 +1052,11 @@ impl Supervisor {
             let active = stats.workers.iter().filter_map(|w| w.servers.get(k)).map(|r| r.active).sum();
             (active, stats.workers.first().and_then(|w| w.servers.get(k)).map(|r| r.admin))
         };
-        let (_, before) = row(&self.current.stats());
+        let (_, before) = row(&self.current.stats_with(Detail::Servers));
         if let Err(e) = self.current.server_op(b, s, ServerOp::State(crate::stats::AdminState::Maint)) {
             return fail(e);
         }
-        let (active, _) = row(&self.current.stats());
+        let (active, _) = row(&self.current.stats_with(Detail::Servers));
         if active > 0 {
             let _ = self.current.server_op(b, s, ServerOp::State(before.unwrap_or_default()));
             return fail(format!(
