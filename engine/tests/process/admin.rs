@@ -49,10 +49,26 @@ fn servers(sock: &Path) -> Vec<ringproxy::stats::ServerStats> {
     socket::fetch(sock).unwrap().servers
 }
 
+/// The servers' names, in the order of their rows.
+fn server_names(sock: &Path) -> Vec<String> {
+    servers(sock).into_iter().map(|r| r.server).collect()
+}
+
 /// A row's status, weight and active connections.
 fn row(sock: &Path, name: &str) -> (String, u64, u64) {
     let r = servers(sock).into_iter().find(|r| r.server == name).unwrap();
     (r.status().to_string(), r.weight, r.active)
+}
+
+/// `ringproxy reload` through `admin`: it succeeds, names the runtime changes `dropped` (as `;`
+/// separated commands), and the proxy reaches generation 1.
+fn reload_dropping(admin: &Path, proxy: &mut Proxy, dropped: &str) {
+    let out = ringproxy().args(["reload", "--socket"]).arg(admin).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    let dropped = format!("runtime changes dropped (the file wins): {dropped}");
+    assert!(text.contains(&dropped), "{dropped} in {text}");
+    proxy.wait_generation(1);
 }
 
 fn sockets(name: &str) -> (PathBuf, PathBuf) {
@@ -312,7 +328,7 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
     let (stats, admin) = sockets("add");
     let mut proxy = Proxy::start("add", &config(&stats, &admin, a.addr, b.addr, "", ""));
     let front = proxy.addr("fe");
-    let names = || servers(&stats).into_iter().map(|r| r.server).collect::<Vec<_>>();
+    let names = || server_names(&stats);
     assert_eq!(names(), ["a", "b"]);
 
     // Refused adds change nothing.
@@ -365,13 +381,7 @@ fn add_server_takes_connections_and_del_server_waits_for_none() {
     ok(&admin, "del server be/e");
 
     // A reload: the file wins, and says what it dropped (d and e, added and deleted, left nothing).
-    let out = ringproxy().args(["reload", "--socket"]).arg(&admin).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    let dropped =
-        format!("runtime changes dropped (the file wins): del server be/b; add server be/b {} weight 1", d.addr);
-    assert!(text.contains(&dropped), "{dropped} in {text}");
-    proxy.wait_generation(1);
+    reload_dropping(&admin, &mut proxy, &format!("del server be/b; add server be/b {} weight 1", d.addr));
     assert_eq!(names(), ["a", "b"]);
     let tags: Vec<u8> = (0..20).map(|_| tagged(front).1).collect();
     assert!(tags.contains(&2) && !tags.contains(&4), "the file's b again: {tags:?}");
@@ -390,7 +400,7 @@ fn a_deleted_servers_index_goes_to_the_next_server_added() {
     let (stats, admin) = sockets("reuse");
     let mut proxy = Proxy::start("reuse", &config(&stats, &admin, a.addr, b.addr, "", ""));
     let front = proxy.addr("fe");
-    let names = || servers(&stats).into_iter().map(|r| r.server).collect::<Vec<_>>();
+    let names = || server_names(&stats);
     // Every worker's rows, deleted servers' included.
     let rows = || socket::fetch(&stats).unwrap().workers.iter().map(|w| w.servers.len()).collect::<Vec<_>>();
     // Connections until `n` reached d; the source addresses d saw them from.
@@ -450,13 +460,7 @@ fn a_deleted_servers_index_goes_to_the_next_server_added() {
     assert!(tags.contains(&1) && tags.contains(&4) && !tags.contains(&2), "a and z: {tags:?}");
 
     // A reload: the file wins and says what it dropped (y, added and deleted, left nothing).
-    let out = ringproxy().args(["reload", "--socket"]).arg(&admin).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    let dropped =
-        format!("runtime changes dropped (the file wins): del server be/b; add server be/z {} weight 1", d.addr);
-    assert!(text.contains(&dropped), "{dropped} in {text}");
-    proxy.wait_generation(1);
+    reload_dropping(&admin, &mut proxy, &format!("del server be/b; add server be/z {} weight 1", d.addr));
     assert_eq!(names(), ["a", "b"]);
     assert_eq!(rows(), [2, 2]);
     proxy.stop_clean();
@@ -506,8 +510,7 @@ fn a_deleted_server_still_named_by_a_connection_keeps_its_index_until_it_is_not(
     ok(&admin, "del server be/y");
     ok(&admin, &format!("add server be/z {}", d.addr));
     assert_eq!(rows(), [3], "z took x's index (the lowest free)");
-    let names: Vec<String> = servers(&stats).into_iter().map(|r| r.server).collect();
-    assert_eq!(names, ["a", "z"]);
+    assert_eq!(server_names(&stats), ["a", "z"]);
     drop(first);
     proxy.stop_clean();
 }
