@@ -466,6 +466,95 @@ fn a_deleted_servers_index_goes_to_the_next_server_added() {
     proxy.stop_clean();
 }
 
+/// Servers replaced under traffic, as service discovery does: clients connect, echo and close
+/// (twice, 5 ms apart) without pause through two workers while server x is taken out (`maint`, `shutdown sessions`),
+/// deleted and added again 25 times, from a different source address each time. Every exchange
+/// that completes comes back intact, none fails but those the shutdowns cut, the rows stay near
+/// their number (an index is taken again unless a connection still closing names it), and every
+/// server row ends at no connection, open or lingering (the clean-up assertion; in a debug build
+/// the counts are also checked at each step).
+#[test]
+fn servers_replaced_under_traffic_leave_every_count_at_zero() {
+    use std::io::Write;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let (a, x) = (Backend::start(Mode::Echo), Backend::unshared(Mode::Echo));
+    let (stats, admin) = sockets("replace");
+    let yaml = format!(
+        "global: {{ workers: 2, stats: {{ socket: {}, admin_socket: {} }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends:\n  - name: be\n    balance: roundrobin\n    servers:\n\
+         \x20     - {{ name: a, address: \"{}\" }}\n      - {{ name: x, address: \"{}\" }}\n",
+        stats.display(),
+        admin.display(),
+        a.addr,
+        x.addr
+    );
+    let proxy = Proxy::start("replace", &yaml);
+    let front = proxy.addr("fe");
+    let (stop, done, cut) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let clients: Vec<_> = (0..4u64)
+        .map(|t| {
+            let (stop, done, cut) = (stop.clone(), done.clone(), cut.clone());
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let msg = format!("client {t} exchange {n:>8}");
+                    let mut c = connect(front);
+                    let (mut first, mut second) = (vec![0u8; msg.len()], vec![0u8; msg.len()]);
+                    // Two echoes 5 ms apart: a connection lives long enough for a shutdown to cut.
+                    let exchange = c
+                        .write_all(msg.as_bytes())
+                        .and_then(|()| c.read_exact(&mut first))
+                        .map(|()| std::thread::sleep(Duration::from_millis(5)))
+                        .and_then(|()| c.write_all(msg.as_bytes()))
+                        .and_then(|()| c.read_exact(&mut second));
+                    match exchange {
+                        Ok(()) => {
+                            assert!(
+                                first == msg.as_bytes() && second == msg.as_bytes(),
+                                "an exchange came back intact"
+                            );
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Cut by a `shutdown sessions` (FIN or reset, before the answer).
+                        Err(_) => {
+                            cut.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    let rows = || socket::fetch(&stats).unwrap().workers.iter().map(|w| w.servers.len()).max().unwrap_or(0);
+    for i in 0..25u8 {
+        ok(&admin, "set server be/x state maint");
+        ok(&admin, "shutdown sessions server be/x");
+        wait_until("x to have no connection", Duration::from_secs(5), || row(&stats, "x").2 == 0);
+        ok(&admin, "del server be/x");
+        ok(&admin, &format!("add server be/x {} source 127.0.9.{}", x.addr, 40 + i % 8));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    for c in clients {
+        c.join().unwrap();
+    }
+    let (done, cut) = (done.load(Ordering::Relaxed), cut.load(Ordering::Relaxed));
+    assert!(done > 100, "{done} exchanges completed ({cut} cut)");
+    assert!(cut <= 25 * 4, "only the shutdowns cut exchanges (at most one per client each): {cut}");
+    let kept = rows();
+    eprintln!("{done} exchanges, {cut} cut; {kept} server rows on a worker after 25 replacements");
+    assert!(kept < 2 + 25, "indices were taken again: {kept} rows on a worker after 25 replacements");
+    // (The file's x has no source address: its connections come from 127.0.0.1.)
+    let sources: Vec<String> =
+        x.peer_ips().keys().map(ToString::to_string).filter(|ip| ip.as_str() != "127.0.0.1").collect();
+    assert!(sources.len() > 1 && sources.iter().all(|ip| ip.starts_with("127.0.9.4")), "{sources:?}");
+    proxy.stop_clean();
+}
+
 /// A deleted server that a connection still names is not given to the next server added: here a
 /// connection refused by x waits in the queue for a (at its maxconn) and names x meanwhile (its
 /// `lingering` count). y then gets a new index (and the queued connection); once nothing names x,
