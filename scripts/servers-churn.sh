@@ -13,7 +13,8 @@
 # CYCLES=2000, STEP=500, WORKERS=2, SOURCES=127.0.9.1-127.0.9.64 (defaults); CHECK=1 gives the
 # backend a health check (every 1s), so that each deletion waits for the checker to drop the
 # server; HAPROXY=1 adds HAProxy (`haproxy` on the PATH, or HAPROXY_BIN); FILE_SOURCES=SET gives
-# the file's server those source addresses (a /16: what a command that reads the stats copies).
+# the file's server those source addresses (a /16: what a command that reads the stats copies);
+# ADD_WORDS="maxconn 100" adds those words to each `add server` (both proxies take maxconn).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # shellcheck source=scripts/lib.sh
@@ -29,6 +30,7 @@ SOURCES=${SOURCES:-127.0.9.1-127.0.9.64}
 CHECK=${CHECK:-0}
 HAPROXY=${HAPROXY:-0}
 FILE_SOURCES=${FILE_SOURCES:-}
+ADD_WORDS=${ADD_WORDS:-}
 S_SOURCES=""
 [ -z "$FILE_SOURCES" ] || S_SOURCES=", source: \"$FILE_SOURCES\""
 CHECKED=""
@@ -48,9 +50,10 @@ ECHO=$(ready_addr "$TMP/echo.ready")
 
 # rounds KIND NAME PID FRONTEND: the rounds against the admin socket $TMP/admin.sock.
 rounds() {
-    python3 - "$TMP/admin.sock" "$3" "$ECHO" "$SOURCES" "$CYCLES" "$STEP" "$4" "$2" "$1" "$HA_CHECK" <<'PY'
+    python3 - "$TMP/admin.sock" "$3" "$ECHO" "$SOURCES" "$CYCLES" "$STEP" "$4" "$2" "$1" "$HA_CHECK" "$ADD_WORDS" <<'PY'
 import json, socket, sys, time
-sock, pid, echo, sources, cycles, step, front, name, kind, ha_check = sys.argv[1:]
+sock, pid, echo, sources, cycles, step, front, name, kind, ha_check, words = sys.argv[1:]
+words = f" {words}" if words else ""
 cycles, step = int(cycles), int(step)
 
 def cmd(line):
@@ -70,9 +73,9 @@ def ok(line, want):
         sys.exit(f"{name}: {line}: {out.strip()}")
 
 if kind == "ringproxy":
-    steps = [(f"add server be/x {echo} source {sources}", "OK"), ("del server be/x", "OK")]
+    steps = [(f"add server be/x {echo} source {sources}{words}", "OK"), ("del server be/x", "OK")]
 else:
-    steps = [(f"add server be/x {echo} source {sources}{ha_check}", "New server registered"),
+    steps = [(f"add server be/x {echo} source {sources}{words}{ha_check}", "New server registered"),
              ("enable server be/x", ""), ("disable server be/x", ""), ("del server be/x", "Server deleted")]
 
 def rss_kb():

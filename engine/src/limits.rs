@@ -73,6 +73,10 @@ pub struct Shares {
     /// Share lent to other workers since start (for stats).
     pub lent: u64,
     pub borrowed: u64,
+    /// Limits of deleted servers ([`Shares::retire`]): their messages are dropped, and the next
+    /// [`Shares::push`] takes the first of them again.
+    dead: Vec<bool>,
+    retired: std::collections::VecDeque<LimitId>,
 }
 
 impl Shares {
@@ -91,20 +95,51 @@ impl Shares {
             waiters: vec![Vec::new(); n],
             lent: 0,
             borrowed: 0,
+            dead: vec![false; n],
+            retired: std::collections::VecDeque::new(),
         }
     }
 
-    /// A limit added at run time (`add server ... maxconn N`): every worker adds the same limits in
-    /// the same order, so they get the same id; this worker starts with its initial part of
-    /// `total` (at most `cap`).
+    /// A limit added at run time (`add server ... maxconn N`): every worker adds (and retires) the
+    /// same limits in the same order, so they get the same id; this worker starts with its initial
+    /// part of `total` (at most `cap`). The id is that of the limit retired first, if any (so
+    /// servers added and deleted all day grow no table), else a new one.
     pub fn push(&mut self, total: u32, cap: u32) -> LimitId {
-        self.held.push(initial_share(total, self.workers as usize, self.me as usize).min(cap));
+        let share = initial_share(total, self.workers as usize, self.me as usize).min(cap);
+        if let Some(id) = self.retired.pop_front() {
+            let i = id as usize;
+            (self.held[i], self.used[i], self.cap[i], self.dead[i]) = (share, 0, cap, false);
+            return id;
+        }
+        self.held.push(share);
         self.used.push(0);
         self.cap.push(cap);
         self.asking.push(false);
         self.blocked.push(false);
         self.waiters.push(Vec::new());
+        self.dead.push(false);
         (self.held.len() - 1) as LimitId
+    }
+
+    /// The limit of a deleted server whose index `add server` takes again, which no connection
+    /// holds or can take any more (the supervisor checked every worker, and no engine replaced by
+    /// a reload moves connections in): forgotten, with whatever of it is queued in `out`; a
+    /// message for it that arrives later is dropped. Every worker retires it while handling that
+    /// command, so once all have, every message about its old use still on its way is queued
+    /// ahead of the next command, whose [`Shares::push`] may take its id again and find nothing
+    /// of the old use.
+    pub fn retire(&mut self, id: LimitId, out: &mut Vec<(u16, ShareMsg)>) {
+        let i = id as usize;
+        if self.dead[i] {
+            return;
+        }
+        debug_assert_eq!(self.used[i], 0, "a retired limit is held by no connection");
+        (self.held[i], self.used[i], self.asking[i], self.blocked[i], self.dead[i]) = (0, 0, false, false, true);
+        self.waiters[i].clear();
+        out.retain(
+            |(_, m)| !matches!(*m, ShareMsg::Borrow { limit, .. } | ShareMsg::Grant { limit, .. } if limit == id),
+        );
+        self.retired.push_back(id);
     }
 
     pub fn held(&self, id: LimitId) -> u32 {
@@ -181,6 +216,10 @@ impl Shares {
 
     /// Handles a protocol message; returns true when this worker received share.
     pub fn on_message(&mut self, msg: ShareMsg, out: &mut Vec<(u16, ShareMsg)>) -> bool {
+        let (ShareMsg::Borrow { limit, .. } | ShareMsg::Grant { limit, .. }) = msg;
+        if self.dead[limit as usize] {
+            return false; // (A deleted server's: sent before its sender retired it.)
+        }
         match msg {
             ShareMsg::Borrow { limit, from, room, hops } => {
                 let i = limit as usize;
@@ -279,6 +318,51 @@ mod tests {
         }
         assert_eq!(admitted[0] + admitted[1], 100, "{admitted:?}");
         assert_eq!(ws[0].held(0) + ws[1].held(0), 100);
+    }
+
+    /// A deleted server's limit, retired by every worker, is taken again by the next limit pushed
+    /// after that (not by one pushed in the same command): fresh shares that add up to the new
+    /// total, whatever of the old use was lent, queued or still on its way (dropped).
+    #[test]
+    fn a_retired_limit_is_taken_again_with_nothing_of_its_old_use() {
+        let t = table(100);
+        let mut ws: Vec<Shares> = (0..2).map(|w| Shares::new(&t, w, 2, vec![100])).collect();
+        let old: Vec<LimitId> = ws.iter_mut().map(|w| w.push(10, 10)).collect();
+        assert_eq!(old, [1, 1], "the same id on every worker");
+        // Worker 1 borrows all of worker 0's spare, then gives its connections back.
+        while ws[1].take_all(&[1]) {}
+        let mut mail = Vec::new();
+        ws[1].want(1, &mut mail);
+        run(&mut ws, mail);
+        assert_eq!((ws[0].held(1), ws[1].held(1)), (3, 7), "lent: half of the spare");
+        while ws[1].take_all(&[1]) {}
+        // A grant of the old use on its way (worker 0 had one queued when it retired the limit;
+        // another was sent before and arrives after).
+        let mut out = vec![(1u16, ShareMsg::Grant { limit: 1, amount: 1 })];
+        for _ in 0..7 {
+            ws[1].release(1, &mut out);
+        }
+        ws[0].retire(1, &mut out);
+        assert!(out.is_empty(), "what was queued for it goes: {out:?}");
+        ws[1].retire(1, &mut out);
+        let mut late = Vec::new();
+        assert!(!ws[1].on_message(ShareMsg::Grant { limit: 1, amount: 3 }, &mut late), "dropped");
+        assert!(late.is_empty());
+        // The next limit pushed (a server added with maxconn 6) takes id 1, fresh.
+        let new: Vec<LimitId> = ws.iter_mut().map(|w| w.push(6, 6)).collect();
+        assert_eq!(new, [1, 1]);
+        assert_eq!(ws[0].held(1) + ws[1].held(1), 6, "the new total, nothing of the old");
+        assert_eq!((ws[0].used(1), ws[1].used(1)), (0, 0));
+        while ws[0].take_all(&[1]) {}
+        let mut mail = Vec::new();
+        ws[0].want(1, &mut mail);
+        run(&mut ws, mail);
+        while ws[0].take_all(&[1]) {}
+        while ws[1].take_all(&[1]) {}
+        assert_eq!((ws[0].used(1), ws[1].used(1)), (4, 2), "the new limit lends");
+        assert_eq!(ws[0].held(1) + ws[1].held(1), 6, "and admits exactly its total");
+        // One pushed while nothing is retired is new.
+        assert_eq!(ws[0].push(5, 5), 2);
     }
 
     #[test]

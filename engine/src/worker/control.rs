@@ -126,13 +126,19 @@ impl Worker {
             // name a deleted server again): no connect chain points at its addresses, and no log
             // line or connection list will name the new one in its place. Were one to, the old
             // block stays (it goes at the next reload) and the new one is added beside it.
-            let block = if old.refs == 0 {
-                self.ring.replace_addrs(old.addrs, addrs.block);
-                old.addrs
+            let (block, refs, old_limit) = (old.addrs, old.refs, old.limit);
+            let block = if refs == 0 {
+                self.ring.replace_addrs(block, addrs.block);
+                // Its maxconn limit, held by nobody, goes to the next server added with one (not
+                // this one: `push` above took an id retired by an earlier command, which every
+                // worker has handled, so no message about the old use is still on its way).
+                if let Some(l) = old_limit {
+                    self.up.shares.retire(l, &mut self.up.outbox);
+                }
+                block
             } else {
                 self.ring.add_addrs(addrs.block)
             };
-            let refs = old.refs;
             let be = &mut self.up.backends[b];
             be.stop_ramp(s);
             be.servers[s] = crate::worker::upstream::Server::new(block, addrs.sources, srv.weight, limit);

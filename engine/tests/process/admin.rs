@@ -440,12 +440,15 @@ fn a_deleted_servers_index_goes_to_the_next_server_added() {
     assert_eq!(reach_d(4), ["127.0.9.22"], "connections to y come from y's source, not x's");
 
     // Servers coming and going all day: the rows stay as many.
+    // (With a maxconn, whose share limit each addition takes from the one before the last.)
     for i in 0..40u8 {
         quiet("y");
         ok(&admin, "del server be/y");
-        ok(&admin, &format!("add server be/y {} source 127.0.9.{}", d.addr, 30 + i % 4));
+        ok(&admin, &format!("add server be/y {} source 127.0.9.{} maxconn {}", d.addr, 30 + i % 4, 50 + u32::from(i)));
     }
     assert_eq!(rows(), [3, 3], "40 deletions and additions later");
+    let y = servers(&stats).into_iter().find(|r| r.server == "y").unwrap();
+    assert_eq!((y.maxconn, y.share, y.active), (89, 89, 0), "the last maxconn, split whole over the workers");
     assert_eq!(reach_d(2), ["127.0.9.33"]);
 
     // The lowest free index first: b (a server of the file, index 1) and y deleted, z takes 1.
