@@ -167,8 +167,9 @@ impl Ctx<'_> {
     }
 
     /// Opens this (free) entry for a connection moved in from another engine: its sockets in
-    /// `client` and `server`, its maxconn shares already taken (by the grant), to server `s` of
-    /// backend `b` through listener `listener` of frontend `fe`.
+    /// `client` and `server`, its maxconn shares already taken and its server's counts already
+    /// raised (by the grant), to server `s` of backend `b` through listener `listener` of
+    /// frontend `fe`.
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn arrive(
         &mut self,
@@ -205,9 +206,8 @@ impl Ctx<'_> {
         c.server_slot = Some(server);
         c.admission = Admission::Admitted;
         c.server_shares = true;
+        // (It counts on its server since it was granted its place: `land`.)
         let srv = &mut self.up.backends[b as usize].servers[s as usize];
-        srv.active += 1;
-        srv.refs += 1;
         c.source = st.source_ip.and_then(|ip| srv.sources.adopt(ip)).map_or(NO_INDEX, |j| j as u16);
         if let (Some(table), Some(a)) = (self.up.per_source[fe as usize].as_mut(), c.client_addr) {
             c.source_counted = table.adopt(table.limits().key(a.ip()));

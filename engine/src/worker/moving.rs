@@ -702,6 +702,11 @@ impl Worker {
             return None;
         }
         let server = self.up.server_slots.take()?;
+        // The connection counts on its server from now (not from its arrival): a `del server`
+        // meanwhile sees it, and refuses, rather than let it arrive on a deleted server.
+        let srv = &mut self.up.backends[b].servers[s];
+        srv.active += 1;
+        srv.refs += 1;
         // The client socket takes an accept slot: counted now, as a single accept in flight
         // reserves its own.
         self.client_slots += 1;
@@ -758,6 +763,10 @@ impl Worker {
                 }
             }
             let (b, s) = (l.backend as usize, l.srv as usize);
+            let srv = &mut self.up.backends[b].servers[s];
+            srv.active = srv.active.saturating_sub(1);
+            debug_assert!(srv.refs > 0, "a landing counts on its server");
+            srv.refs = srv.refs.saturating_sub(1);
             let limits = [self.up.backends[b].servers[s].limit, self.up.backends[b].limit];
             for id in limits.into_iter().flatten() {
                 self.up.shares.release(id, &mut self.up.outbox);
