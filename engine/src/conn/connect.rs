@@ -151,9 +151,7 @@ impl Ctx<'_> {
         let before = std::mem::replace(&mut c.server, s as u16);
         if before != NO_INDEX {
             // A retry: the server tried before is no longer named.
-            let srv = &mut up.backends[b].servers[before as usize];
-            debug_assert!(srv.refs > 0, "a connection names a server it was not counted on");
-            srv.refs = srv.refs.saturating_sub(1);
+            up.backends[b].servers[before as usize].unnamed();
         }
         c.source = source.map_or(NO_INDEX, |i| i as u16);
         c.server_shares = true;
@@ -334,9 +332,7 @@ impl Ctx<'_> {
         if c.server == NO_INDEX {
             return;
         }
-        let srv = &mut self.up.backends[c.backend as usize].servers[c.server as usize];
-        debug_assert!(srv.refs > 0, "a connection names a server it was not counted on");
-        srv.refs = srv.refs.saturating_sub(1);
+        self.up.backends[c.backend as usize].servers[c.server as usize].unnamed();
         c.server = NO_INDEX;
     }
 

@@ -765,9 +765,8 @@ impl Worker {
             let (b, s) = (l.backend as usize, l.srv as usize);
             let srv = &mut self.up.backends[b].servers[s];
             srv.active = srv.active.saturating_sub(1);
-            debug_assert!(srv.refs > 0, "a landing counts on its server");
-            srv.refs = srv.refs.saturating_sub(1);
-            let limits = [self.up.backends[b].servers[s].limit, self.up.backends[b].limit];
+            srv.unnamed();
+            let limits = [srv.limit, self.up.backends[b].limit];
             for id in limits.into_iter().flatten() {
                 self.up.shares.release(id, &mut self.up.outbox);
             }

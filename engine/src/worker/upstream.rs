@@ -93,6 +93,13 @@ impl Server {
         }
     }
 
+    /// One connection no longer names it (see `refs`): freed, retrying elsewhere, or a move in
+    /// called off.
+    pub fn unnamed(&mut self) {
+        debug_assert!(self.refs > 0, "a connection names a server it was not counted on");
+        self.refs = self.refs.saturating_sub(1);
+    }
+
     /// Whether it may take new connections (health and the runtime API agree).
     pub fn available(&self) -> bool {
         self.state.is_up() && self.admin == AdminState::Ready && !self.removed
