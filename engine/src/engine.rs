@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use crossbeam_channel::{bounded, unbounded};
 
-use crate::config::Config;
+use crate::config::{BatchWait, Config};
 use crate::control::{Control, Peer};
 use crate::host;
 use crate::listener::{self, Bound, ListenError, ListenerGroup};
@@ -226,13 +226,16 @@ impl Engine {
         let mut plan = plan::plan(&config, limit.soft, &host::usable_cpus(), ports);
         (plan.io, plan.io_chosen) =
             crate::features::effective(config.global.tune.io_features).map_err(StartError::IoFeatures)?;
-        if plan.batch_wait.is_some() && !plan.io.min_wait {
-            plan.batch_wait = None;
-            plan.warnings.push(
-                "tune.batch_wait needs io_uring's min_wait_usec (Linux 6.12), which this io_uring feature set \
-                 lacks: not applied, every event wakes its worker"
-                    .to_owned(),
-            );
+        if !plan.io.min_wait {
+            // `auto` (the default) becomes off quietly: only a window asked for is worth a warning.
+            if let BatchWait::Every(_) = plan.batch_wait {
+                plan.warnings.push(
+                    "tune.batch_wait needs io_uring's min_wait_usec (Linux 6.12), which this io_uring feature set \
+                     lacks: not applied, every event wakes its worker"
+                        .to_owned(),
+                );
+            }
+            plan.batch_wait = BatchWait::Off;
         }
         sources::verify_local(config.backends.iter().flat_map(|b| b.servers.iter().flat_map(|s| s.sources.clone())))
             .map_err(|(ip, source)| StartError::SourceNotLocal { ip, source })?;

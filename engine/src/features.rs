@@ -13,7 +13,7 @@
 //! | `IORING_RECVSEND_BUNDLE` on the multishot receive | 6.10 | each receive completion brings one receive buffer instead of as many as the data fills (more completions per byte on bulk flows) |
 //! | `IORING_REGISTER_PBUF_STATUS` | 6.8 | receive buffers left offered after a burst keep their pages until receives take them |
 //! | `IORING_SEND_ZC_REPORT_USAGE` | 6.2 | with `tune.send_zerocopy`, the stats cannot tell zero-copy sends the kernel copied anyway |
-//! | `IORING_FEAT_MIN_TIMEOUT` (`min_wait_usec`) | 6.12 | `tune.batch_wait` is not applied (a warning at start): every event wakes the worker |
+//! | `IORING_FEAT_MIN_TIMEOUT` (`min_wait_usec`) | 6.12 | `tune.batch_wait` is not applied (`auto` quietly, a duration with a warning at start): every event wakes the worker |
 //!
 //! `global.tune.io_features` (or, where the file does not set it, the environment variable
 //! `RINGPROXY_IO_FEATURES`) pins the set to what a named kernel offers, so that every fallback is

@@ -69,8 +69,8 @@ pub struct Plan {
     pub io: crate::features::IoFeatures,
     /// How `io` was chosen ("this kernel's", "pinned to Linux 6.1").
     pub io_chosen: String,
-    /// `tune.batch_wait` as the workers apply it: `None` where `io` lacks `min_wait`.
-    pub batch_wait: Option<std::time::Duration>,
+    /// `tune.batch_wait` as the workers apply it: `Off` where `io` lacks `min_wait`.
+    pub batch_wait: crate::config::BatchWait,
 }
 
 /// Connections a worker should be able to hold for a global `maxconn`: twice its fair share (room

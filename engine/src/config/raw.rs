@@ -74,7 +74,7 @@ pub struct RawTune {
     pub sndbuf_server: Option<Spanned<Size>>,
     pub notsent_lowat: Option<Spanned<Size>>,
     pub send_zerocopy: Option<Spanned<SizeOrOff>>,
-    pub batch_wait: Option<Spanned<DurationOrOff>>,
+    pub batch_wait: Option<Spanned<BatchWaitRaw>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -482,16 +482,26 @@ impl OffValue for u64 {
     }
 }
 
-impl OffValue for std::time::Duration {
-    const EXPECTED: &'static str = "a duration such as 500us or 1ms";
-    const KIND: &'static str = "a duration";
-    const HINT: &'static str = "a duration such as 500us or 1ms";
+/// `auto`, or a duration as [`ConfigDuration`] takes it (`batch_wait`, besides `off`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AutoOrDuration {
+    Auto,
+    Duration(std::time::Duration),
+}
+
+impl OffValue for AutoOrDuration {
+    const EXPECTED: &'static str = "auto, or a duration such as 500us or 2ms";
+    const KIND: &'static str = "auto nor a duration";
+    const HINT: &'static str = "auto, or a duration such as 500us or 2ms";
     /// Milliseconds, as [`ConfigDuration`] takes a bare number.
-    fn from_u64(v: u64) -> std::time::Duration {
-        std::time::Duration::from_millis(v)
+    fn from_u64(v: u64) -> AutoOrDuration {
+        AutoOrDuration::Duration(std::time::Duration::from_millis(v))
     }
-    fn parse(v: &str) -> Option<std::time::Duration> {
-        super::duration::parse(v).ok()
+    fn parse(v: &str) -> Option<AutoOrDuration> {
+        if v.trim().eq_ignore_ascii_case("auto") {
+            return Some(AutoOrDuration::Auto);
+        }
+        super::duration::parse(v).ok().map(AutoOrDuration::Duration)
     }
 }
 
@@ -501,8 +511,8 @@ pub struct OrOff<T>(pub Option<T>);
 
 /// `off`, or a size as [`Size`] takes it (`send_zerocopy`).
 pub type SizeOrOff = OrOff<u64>;
-/// `off`, or a duration as [`ConfigDuration`] takes it (`batch_wait`).
-pub type DurationOrOff = OrOff<std::time::Duration>;
+/// `off`, `auto`, or a duration as [`ConfigDuration`] takes it (`batch_wait`).
+pub type BatchWaitRaw = OrOff<AutoOrDuration>;
 
 impl<'de, T: OffValue> Deserialize<'de> for OrOff<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

@@ -224,13 +224,31 @@ pub struct Tune {
     /// kernel sends from our buffers instead of copying them, and they are held until it says
     /// it is done with them (`None`, the default: every send copies).
     pub send_zerocopy: Option<u32>,
-    /// A worker that fell asleep runs nothing until the next multiple of this on the monotonic
-    /// clock, unless [`BATCH_EVENTS`] completions are ready first; one that comes after that point
-    /// wakes it at once. Fewer wakeups for many mostly idle connections, at up to this much latency
-    /// per pass through the worker (`None`, the default: every event wakes the worker at once).
-    /// IORING_ENTER_EXT_ARG's `min_wait_usec`, 6.12.
-    pub batch_wait: Option<Duration>,
+    /// Whether a worker that fell asleep lets completions gather before it runs them: fewer
+    /// wakeups for many mostly idle connections, at up to a window of latency per pass through
+    /// the worker. IORING_ENTER_EXT_ARG's `min_wait_usec`, 6.12.
+    pub batch_wait: BatchWait,
 }
+
+/// `tune.batch_wait`. A window W: a worker that fell asleep runs nothing until the next multiple
+/// of W on the monotonic clock, unless [`BATCH_EVENTS`] completions are ready first; one that
+/// comes after that point wakes it at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BatchWait {
+    /// Every event wakes the worker at once.
+    Off,
+    /// Windows of [`AUTO_BATCH_WINDOW`] while the worker's traffic is many quiet flows — each
+    /// message on a flow that had none for a while, at a rate where a window gathers several —
+    /// and none otherwise: a busy flow, a closed loop or new connections turn them off
+    /// (worker/coalesce.rs).
+    #[default]
+    Auto,
+    /// Windows of this, whatever the traffic.
+    Every(Duration),
+}
+
+/// The window of `batch_wait: auto`.
+pub const AUTO_BATCH_WINDOW: Duration = Duration::from_millis(2);
 
 /// The events that end a [`Tune::batch_wait`] early: so many ready at once wake the worker.
 pub const BATCH_EVENTS: usize = 64;
@@ -299,7 +317,7 @@ impl Default for Tune {
             server_buffers: SocketBuffers::default(),
             notsent_lowat: None,
             send_zerocopy: None,
-            batch_wait: None,
+            batch_wait: BatchWait::Auto,
         }
     }
 }

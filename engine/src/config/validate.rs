@@ -13,12 +13,12 @@ use serde_saphyr::{Location, Spanned};
 
 use super::message::{ConfigError, warning};
 use super::raw::{
-    self, Balance, Count, OnDown, OnRemoved, RawBackend, RawConfig, RawDefaults, RawFrontend, RawGlobal, RawKeepalive,
-    RawServer, RawTimeouts, StringList, Workers,
+    self, AutoOrDuration, Balance, Count, OnDown, OnRemoved, RawBackend, RawConfig, RawDefaults, RawFrontend,
+    RawGlobal, RawKeepalive, RawServer, RawTimeouts, StringList, Workers,
 };
 use super::types::{
-    Acl, Backend, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource,
-    Server, Stats, Tune, WEIGHT_LIMIT, default,
+    Acl, Backend, BatchWait, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT,
+    PerSource, Server, Stats, Tune, WEIGHT_LIMIT, default,
 };
 use super::{address, duration};
 
@@ -463,16 +463,23 @@ impl Validator<'_> {
             }
             tune.send_zerocopy = Some(n as u32);
         }
-        if let Some(s) = &t.batch_wait
-            && let Some(d) = s.value.0
-        {
-            if !(Duration::from_micros(10)..=Duration::from_millis(100)).contains(&d) {
-                return self.err(
-                    s.referenced,
-                    format!("batch_wait must be off or between 10us and 100ms, not {}", duration::format(d)),
-                );
-            }
-            tune.batch_wait = Some(d);
+        if let Some(s) = &t.batch_wait {
+            tune.batch_wait = match s.value.0 {
+                None => BatchWait::Off,
+                Some(AutoOrDuration::Auto) => BatchWait::Auto,
+                Some(AutoOrDuration::Duration(d)) => {
+                    if !(Duration::from_micros(10)..=Duration::from_millis(100)).contains(&d) {
+                        return self.err(
+                            s.referenced,
+                            format!(
+                                "batch_wait must be off, auto or between 10us and 100ms, not {}",
+                                duration::format(d)
+                            ),
+                        );
+                    }
+                    BatchWait::Every(d)
+                }
+            };
         }
         if t.recv_buffers.is_none() {
             // A pool of bytes per mode, in buffers of the size set (or the default).

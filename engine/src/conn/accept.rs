@@ -56,6 +56,8 @@ impl Ctx<'_> {
         c.admission = admission;
         c.last_client = self.now.ms;
         c.last_server = self.now.ms;
+        // A new connection's first messages are busy ones (`tune.batch_wait: auto`): churn.
+        c.rx_ms = [self.now.ms as u16; 2];
         c.t_accept_us = self.now.us;
         // Connections accepted in one loop turn share their accept time: the slab index sets them
         // apart (and the generation, a reused entry).

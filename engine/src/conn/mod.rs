@@ -269,6 +269,11 @@ pub struct Conn {
     /// Drawn at accept, it picks the connection's point in its frontend's `lifetime_jitter` (and
     /// moves with it on reload, so its end of life stays where it was).
     pub jitter: u16,
+    /// When each direction's source last brought bytes (or the connection was accepted or moved
+    /// in), client → server then server → client: the worker clock's ms, wrapping every 65 s. A
+    /// message after [`crate::worker::QUIET_MS`] of nothing is a quiet one (`tune.batch_wait:
+    /// auto`; one taken for busy after a silence of a multiple of 65 s only ends a window early).
+    pub rx_ms: [u16; 2],
     pub attempts: u8,
     /// What it holds of the accept-time limits.
     pub admission: Admission,
@@ -1202,7 +1207,7 @@ mod tests {
         // The slab entry (and its timer link) is the bulk of an idle connection's user-space
         // memory (docs/architecture.md).
         let entry = std::mem::size_of::<Conn>() + std::mem::size_of::<TimerLink>();
-        assert!(entry <= 240, "Conn is {} bytes + a {}-byte timer link", std::mem::size_of::<Conn>(), 24);
+        assert!(entry <= 248, "Conn is {} bytes + a {}-byte timer link", std::mem::size_of::<Conn>(), 24);
     }
 
     #[test]

@@ -198,6 +198,8 @@ impl Ctx<'_> {
         c.bytes_out = st.bytes_out;
         c.last_client = st.last_client;
         c.last_server = st.last_server;
+        // An established connection: its next messages are quiet ones unless more follow.
+        c.rx_ms = [(self.now.ms as u16).wrapping_sub(crate::worker::QUIET_MS); 2];
         c.c2s.half = st.halves[0];
         c.s2c.half = st.halves[1];
         c.c2s.bulk = bulk;

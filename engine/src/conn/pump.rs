@@ -205,10 +205,19 @@ impl Ctx<'_> {
     }
 
     /// Bytes came in from the source of `dir` (by splice or recv): count them, in the
-    /// connection's, its frontend's and, once it has reached it, its server's counters.
+    /// connection's, its frontend's and, once it has reached it, its server's counters, and the
+    /// message as quiet or busy (`tune.batch_wait: auto`).
     fn received(&mut self, dir: Dir, n: u32) {
         let now = self.now.ms;
         let n = u64::from(n);
+        let rx = &mut self.c.rx_ms[dir as usize];
+        let quiet = (now as u16).wrapping_sub(*rx) >= crate::worker::QUIET_MS;
+        *rx = now as u16;
+        if quiet {
+            self.stats.quiet_messages += 1;
+        } else {
+            self.stats.busy_messages += 1;
+        }
         let c = &mut *self.c;
         let fe = &mut self.stats.frontends[c.frontend as usize];
         // (What a client sends before its connection is established is counted for the server

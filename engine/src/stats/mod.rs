@@ -545,6 +545,18 @@ pub struct WorkerStats {
     pub share_lent: u64,
     pub share_borrowed: u64,
     pub ring: RingCounters,
+    /// Messages received (receives or splices that brought bytes) on a direction of a connection
+    /// that had none for 100 ms before them (`quiet`: heartbeats, pushes), and the others (`busy`:
+    /// request/response loops, bulk transfers, a new connection's first messages). What
+    /// `tune.batch_wait: auto` decides by (worker/coalesce.rs).
+    #[serde(default)]
+    pub quiet_messages: u64,
+    #[serde(default)]
+    pub busy_messages: u64,
+    /// 1 while the worker's waits let completions gather (`tune.batch_wait`: `auto` on quiet
+    /// traffic, or a window set), 0 while every event wakes it (gauge).
+    #[serde(default)]
+    pub batching: u64,
     pub loop_iterations: u64,
     /// Completions that matched nothing in flight (a kernel or engine bug; should stay 0).
     #[serde(default)]

@@ -354,6 +354,30 @@ pub fn render(s: &EngineStats) -> String {
         w.ring.cq_overflow
     });
     m.per_worker(s, "ring_enter_total", "counter", "io_uring_enter calls (submit and wait).", |w| w.ring.enter_calls);
+    m.per_worker(
+        s,
+        "ring_batched_waits_total",
+        "counter",
+        "Waits that let completions gather (tune.batch_wait).",
+        |w| w.ring.batched_waits,
+    );
+    m.per_worker(s, "batching", "gauge", "1 while the worker's waits let completions gather (tune.batch_wait).", |w| {
+        w.batching
+    });
+    m.per_worker(
+        s,
+        "quiet_messages_total",
+        "counter",
+        "Messages received on a flow quiet for 100 ms before them (heartbeats, pushes).",
+        |w| w.quiet_messages,
+    );
+    m.per_worker(
+        s,
+        "busy_messages_total",
+        "counter",
+        "Messages received on a busy flow (request/response loops, bulk, a new connection's first).",
+        |w| w.busy_messages,
+    );
     m.per_worker(s, "loop_iterations_total", "counter", "Event-loop turns.", |w| w.loop_iterations);
     m.per_worker_seconds(s, "loop_busy_seconds_total", "counter", "Time the event loop spent handling events.", |w| {
         w.busy_ns as f64 / 1e9

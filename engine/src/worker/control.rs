@@ -393,6 +393,7 @@ impl Worker {
         s.share_lent = self.up.shares.lent;
         s.share_borrowed = self.up.shares.borrowed;
         s.ring = self.ring.counters;
+        s.batching = u64::from(self.coalesce.batching());
         // (`never`: bulk flows never splice, whatever the unused chooser holds.)
         s.bulk_splicing = u64::from(self.cfg.global.tune.splice.splices() && self.bulk.splice);
         s.bulk_path_switches = self.bulk.switches;

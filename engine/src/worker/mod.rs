@@ -15,6 +15,7 @@
 mod accept;
 mod admission;
 mod bulkpath;
+mod coalesce;
 mod control;
 mod moving;
 mod rate;
@@ -45,6 +46,7 @@ use token::{GENERATION_MASK, Op, Token};
 use upstream::Upstream;
 
 pub use accept::Listener;
+pub use coalesce::QUIET_MS;
 pub use moving::{CallOff, ExportPlan, Exported, Grant, MoveOffer, MovePlan, MoveTarget, pick_target, place_by_name};
 pub use rate::RateMsg;
 pub use setup::next_uid;
@@ -109,6 +111,8 @@ pub struct Worker {
     longest_turn_ns: [u64; 2],
     /// `splice: auto`: whether bulk flows splice or go through the receive buffers (measured).
     bulk: bulkpath::BulkPath,
+    /// `tune.batch_wait`: the window of the next wait, if any.
+    coalesce: coalesce::Coalesce,
     /// Shutdowns of a server's connections paced over `close_spread`, with their window (ms).
     spreads: Vec<(control::Spread, u64)>,
     /// Per backend: a drain has started its close_spread.
@@ -183,7 +187,10 @@ impl Worker {
                 .fold(self.timers.sleep_ms(self.now.ms, 1000), u64::min)
                 .min(if self.spreads.is_empty() { u64::MAX } else { timer::TICK_MS })
                 .min(if self.mover.as_ref().is_some_and(moving::Mover::busy) { 1 } else { u64::MAX });
-            self.ring.submit_and_wait(Some(Duration::from_millis(sleep)))?;
+            let (quiet, busy, stalled) =
+                (self.stats.quiet_messages, self.stats.busy_messages, !self.waiters.is_empty());
+            let window = self.coalesce.window(self.now.ms, quiet, busy, stalled);
+            self.ring.submit_and_wait(Some(Duration::from_millis(sleep)), window)?;
             let woke = Instant::now();
             self.now = Clock::now();
             self.ring.drain(&mut completions);

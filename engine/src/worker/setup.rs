@@ -74,7 +74,6 @@ impl Worker {
             peer_slots: config.global.tune.peer_lookups as usize,
             recv_bufs: tune.splice.uses_ring().then_some((tune.recv_buffer_size as usize, tune.recv_buffers as usize)),
             io: plan.io,
-            batch_wait: plan.batch_wait,
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
         let shares = Shares::new(&plan.limits, id, plan.workers, caps);
@@ -163,6 +162,7 @@ impl Worker {
                 now.ms,
                 id,
             ),
+            coalesce: super::coalesce::Coalesce::new(plan.batch_wait),
             spreads: Vec::new(),
             drain_spread: vec![false; config.backends.len()],
             rate: config

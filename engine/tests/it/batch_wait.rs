@@ -2,7 +2,8 @@
 //! the next multiple of the window, or until 64 are ready (the kernel's `min_wait_usec`, 6.12), so
 //! that many mostly idle connections wake it once per batch instead of once per message. Every message still arrives;
 //! the worker turns far fewer times per message; where the kernel lacks the feature the setting
-//! is not applied and the start says so.
+//! is not applied and the start says so. `auto`, the default, batches only while the worker's
+//! traffic is many quiet flows, and stops for a busy one.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -53,7 +54,7 @@ fn many_connections_messaging_at_once_wake_the_worker_far_less_often_and_every_e
         return;
     }
     let mut per_message = Vec::new();
-    for tune in ["", "batch_wait: 20ms"] {
+    for tune in ["batch_wait: off", "batch_wait: 20ms"] {
         let echo = Backend::start(Mode::Echo);
         let engine = batch_engine(&echo, tune);
         let turns = heartbeat_rounds(&engine);
@@ -92,6 +93,104 @@ fn without_the_kernel_feature_the_setting_is_reported_and_not_applied() {
     }
     drop(c);
     wait_until("the proxy to close the connection", Duration::from_secs(10), || {
+        engine.stats().total(|w| w.active) == 0
+    });
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
+/// `auto` (the default): connections each sending a message every 200 ms, 600 of them, are quiet
+/// flows at 6,000 messages a second on the worker — its waits get windows, every echo still
+/// arrives; then a closed loop on a few connections (a message right after each answer) is busy
+/// traffic, and every event wakes the worker again.
+#[test]
+fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop() {
+    const QUIET_CONNS: usize = 600;
+    if !batched_waits_or_skip() {
+        return;
+    }
+    let echo = Backend::start(Mode::Echo);
+    let engine = batch_engine(&echo, "");
+    let fe = addr(&engine, "fe");
+    let mut conns: Vec<TcpStream> = (0..QUIET_CONNS).map(|_| connect(fe)).collect();
+    for c in &mut conns {
+        echo_once(c, b"hello, 16 bytes.");
+    }
+    let w = |e: &TestEngine| e.stats().workers[0].clone();
+    let before = w(&engine);
+    // Rounds every 200 ms until the worker batches and has batched for a while (at most 15 s).
+    let (mut rounds, mut batched_from) = (0usize, None);
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(15) {
+        let t = std::time::Instant::now();
+        for (i, c) in conns.iter_mut().enumerate() {
+            c.write_all(format!("r{:04} c{i:04} ..!.", rounds % 10_000).as_bytes()).unwrap();
+        }
+        for (i, c) in conns.iter_mut().enumerate() {
+            let mut got = [0u8; 16];
+            c.read_exact(&mut got).unwrap();
+            assert_eq!(&got, format!("r{:04} c{i:04} ..!.", rounds % 10_000).as_bytes(), "round {rounds}, conn {i}");
+        }
+        rounds += 1;
+        let now = w(&engine);
+        if now.batching == 1 && batched_from.is_none() {
+            batched_from = Some((rounds, now.ring.batched_waits));
+        }
+        if let Some((r, waits)) = batched_from
+            && rounds >= r + 5
+        {
+            assert!(now.ring.batched_waits > waits, "batching, yet no wait had a window: {:?}", now.ring);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200).saturating_sub(t.elapsed()));
+    }
+    let quiet = w(&engine);
+    let (q, b) = (quiet.quiet_messages - before.quiet_messages, quiet.busy_messages - before.busy_messages);
+    eprintln!("{rounds} rounds: {q} quiet and {b} busy messages, batching {}, {:?}", quiet.batching, quiet.ring);
+    assert!(batched_from.is_some(), "never batched in {rounds} rounds ({q} quiet, {b} busy messages)");
+    assert_eq!(quiet.batching, 1);
+    // Each heartbeat is two messages for the worker (the client's, the echo), each quiet.
+    assert!(
+        q >= (2 * QUIET_CONNS * rounds) as u64 * 9 / 10,
+        "{q} quiet messages of {} heartbeats",
+        QUIET_CONNS * rounds
+    );
+
+    // A closed loop on eight of them: busy; the waits stop having windows.
+    for n in 0..300 {
+        for c in conns.iter_mut().take(8) {
+            echo_once(c, format!("closed loop {n:04}").as_bytes());
+        }
+    }
+    let busy = w(&engine);
+    assert!(busy.busy_messages - quiet.busy_messages >= 2 * 8 * 300, "{} busy", busy.busy_messages);
+    assert_eq!(busy.batching, 0, "still batching after a closed loop: {:?}", busy.ring);
+    drop(conns);
+    wait_until("the proxy to close every connection", Duration::from_secs(10), || {
+        engine.stats().total(|w| w.active) == 0
+    });
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
+/// Where the kernel cannot batch (pinned to 6.1's feature set), `auto` is off without a word: the
+/// operator asked for nothing that is not done. Quiet traffic still counts as quiet.
+#[test]
+fn auto_is_off_without_a_warning_where_the_kernel_cannot_batch() {
+    let echo = Backend::start(Mode::Echo);
+    let engine = batch_engine(&echo, "io_features: \"6.1\"");
+    assert!(!engine.plan().warnings.iter().any(|w| w.contains("batch_wait")), "{:?}", engine.plan().warnings);
+    let fe = addr(&engine, "fe");
+    let mut conns: Vec<TcpStream> = (0..50).map(|_| connect(fe)).collect();
+    for round in 0..3 {
+        std::thread::sleep(Duration::from_millis(150));
+        for c in &mut conns {
+            echo_once(c, format!("quiet round {round}").as_bytes());
+        }
+    }
+    let s = engine.stats().workers[0].clone();
+    assert_eq!((s.batching, s.ring.batched_waits), (0, 0));
+    assert!(s.quiet_messages >= 2 * 50 * 3, "{} quiet messages", s.quiet_messages);
+    drop(conns);
+    wait_until("the proxy to close every connection", Duration::from_secs(10), || {
         engine.stats().total(|w| w.active) == 0
     });
     assert_clean(engine, &[echo.addr.port()]);

@@ -111,8 +111,6 @@ pub struct RingSetup {
     pub recv_bufs: Option<(usize, usize)>,
     /// The operations above the 6.1 floor this ring may use (features.rs).
     pub io: crate::features::IoFeatures,
-    /// `tune.batch_wait` where the kernel has `min_wait_usec` (`io.min_wait`), else `None`.
-    pub batch_wait: Option<Duration>,
 }
 
 /// Counters the ring keeps about itself.
@@ -127,6 +125,9 @@ pub struct RingCounters {
     pub backlogged: u64,
     pub cq_overflow: u64,
     pub enter_calls: u64,
+    /// Waits that let completions gather (`tune.batch_wait`: a window was asked for).
+    #[serde(default)]
+    pub batched_waits: u64,
 }
 
 /// The buffer group id of the ring of receive buffers.
@@ -166,8 +167,6 @@ pub struct Ring {
     /// Zero-copy sends whose completions have not all come (zerocopy.rs).
     zc: zerocopy::ZcSends,
     pub counters: RingCounters,
-    /// `min_wait_usec` of each wait ([`RingSetup::batch_wait`]), `None`: every event wakes us.
-    batch_wait_us: Option<u32>,
 }
 
 impl Ring {
@@ -237,7 +236,6 @@ impl Ring {
             injected: Vec::new(),
             zc: zerocopy::ZcSends::default(),
             counters: RingCounters::default(),
-            batch_wait_us: setup.batch_wait.map(|d| u32::try_from(d.as_micros()).unwrap_or(u32::MAX).max(1)),
         })
     }
 
@@ -312,13 +310,14 @@ impl Ring {
     }
 
     /// Submits what is queued and waits for at least one completion or `timeout` (without waiting
-    /// while entries are still in the backlog). With a batch wait W it waits until the next
-    /// multiple of W on the monotonic clock for [`BATCH_EVENTS`] completions before it returns
-    /// with fewer, and a completion that comes after that point returns at once (the kernel's
-    /// `min_wait_usec`, counted from the start of the wait). A `timeout` shorter than that point
-    /// is stretched to it (io_uring/wait.c: the minimum wait ends first): timers may fire up to
-    /// W late.
-    pub fn submit_and_wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+    /// while entries are still in the backlog). With a window of `window_us` µs (the worker's
+    /// `tune.batch_wait`, worker/coalesce.rs) it waits until the next multiple of the window on
+    /// the monotonic clock for [`BATCH_EVENTS`] completions before it returns with fewer, and a
+    /// completion that comes after that point returns at once (the kernel's `min_wait_usec`,
+    /// counted from the start of the wait; the caller asks for a window only where the kernel has
+    /// it). A `timeout` shorter than that point is stretched to it (io_uring/wait.c: the minimum
+    /// wait ends first): timers may fire up to a window late.
+    pub fn submit_and_wait(&mut self, timeout: Option<Duration>, window_us: Option<u32>) -> io::Result<()> {
         self.flush_backlog()?;
         self.counters.enter_calls += 1;
         let want = usize::from(self.backlog.is_empty() && self.injected.is_empty());
@@ -326,8 +325,9 @@ impl Ring {
             Some(d) => {
                 let ts = Timespec::new().sec(d.as_secs()).nsec(d.subsec_nanos());
                 let args = SubmitArgs::new().timespec(&ts);
-                match self.batch_wait_us {
+                match window_us {
                     Some(w) if want == 1 => {
+                        self.counters.batched_waits += 1;
                         // To the next multiple of the window on the monotonic clock, not a whole
                         // window from now: a reply that comes right after the worker fell asleep
                         // (the server's answer to what it just sent) waits half a window on
@@ -513,7 +513,6 @@ mod tests {
             peer_slots: 1,
             recv_bufs: None,
             io: crate::features::IoFeatures::ALL,
-            batch_wait: None,
         })
         .expect("an io_uring")
     }
@@ -543,7 +542,6 @@ mod tests {
             peer_slots: 1,
             recv_bufs: None,
             io: crate::features::IoFeatures::of_kernel((6, 1)),
-            batch_wait: None,
         })
         .expect("an io_uring");
         let mut slots = slots::ServerSlots::new(8, 16);
@@ -552,7 +550,7 @@ mod tests {
         let run = |ring: &mut Ring, want: usize| {
             let mut got = Vec::new();
             while got.len() < want {
-                ring.submit_and_wait(Some(Duration::from_secs(5))).unwrap();
+                ring.submit_and_wait(Some(Duration::from_secs(5)), None).unwrap();
                 ring.drain(&mut got);
             }
             got.iter().map(|c| (Token::decode(c.user_data).unwrap().op, c.result)).collect::<Vec<_>>()
@@ -615,7 +613,7 @@ mod tests {
         let mut done = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while done.len() < 100 && std::time::Instant::now() < deadline {
-            ring.submit_and_wait(Some(Duration::from_millis(10))).unwrap();
+            ring.submit_and_wait(Some(Duration::from_millis(10)), None).unwrap();
             ring.drain(&mut done);
         }
         assert_eq!(done.len(), 100);

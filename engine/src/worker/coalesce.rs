@@ -1,0 +1,197 @@
+//! `tune.batch_wait`: whether the worker's next wait lets completions gather, and for how long.
+//!
+//! A worker that fell asleep on many mostly idle connections wakes once per message — most of what
+//! a heartbeat costs the proxy that the proxy can change. A window (io_uring's `min_wait_usec`)
+//! lets the messages of a window wake it once, at up to a window of latency per pass through the
+//! worker. That is a good trade only for some traffic, and `auto` (the default) takes it only
+//! there:
+//!
+//! - **Quiet flows.** Each message received is *quiet* when its direction of its connection had
+//!   none for [`QUIET_MS`] before it (a heartbeat, a push, a keep-alive probe of a client that
+//!   otherwise says nothing) and *busy* otherwise: a flow sending ten or more messages a second, a
+//!   request/response loop, a bulk transfer, and the first messages of a new connection (its flows
+//!   count from its accept), so churn is busy. A message a second on each of thousands of
+//!   connections is all quiet; a window costs none of them more than a few thousandths of the time
+//!   between two of its messages.
+//! - **Enough of them.** A window gathers several messages only when quiet messages come at
+//!   [`MIN_QUIET_PER_MS`] a millisecond or more; below that it would add latency and save nothing.
+//! - **Busy traffic turns it off at once.** Counted over epochs of [`EPOCH_MS`]: windows for the
+//!   next epoch when the last one had enough quiet messages and at most one busy message in
+//!   [`BUSY_SHARE`]; while windows are on, more busy messages than that (plus [`BUSY_SLACK`], a few
+//!   reconnecting clients) in the current epoch turn them off before the next wait. So a closed
+//!   loop, a fixed-rate request stream, bulk flows or a burst of new connections pay at most a few
+//!   windows before every event wakes the worker again; windows come back after a second of
+//!   quiet traffic alone.
+//!
+//! The counts are the worker's `quiet_messages` and `busy_messages` (stats), so an operator sees
+//! why; `batching` says whether the worker is in windows now, `ring.batched_waits` how many waits
+//! had one. `off` never batches, a duration always does (the operator's choice of latency for CPU).
+
+use std::time::Duration;
+
+use crate::config::{AUTO_BATCH_WINDOW, BatchWait};
+
+/// A message on a flow quiet for at least this long before it is a quiet one.
+pub const QUIET_MS: u16 = 100;
+/// How often `auto` decides from the last epoch's counts: long enough that heartbeats sent in
+/// bursts (each client's once a second, the clients started together) count at their rate over
+/// the second, not as a busy epoch and empty ones.
+pub const EPOCH_MS: u64 = 1000;
+/// Quiet messages per millisecond below which a window would gather too few to save anything
+/// (at 2 ms windows, four a window).
+pub const MIN_QUIET_PER_MS: u64 = 2;
+/// At most one busy message in this many quiet ones keeps the windows.
+pub const BUSY_SHARE: u64 = 16;
+/// Busy messages an epoch may have on top of its share before the windows end at once (a few
+/// clients reconnecting).
+pub const BUSY_SLACK: u64 = 32;
+
+/// The worker's choice of window, wait by wait.
+#[derive(Debug)]
+pub struct Coalesce {
+    mode: BatchWait,
+    /// `auto`: in windows now.
+    on: bool,
+    /// The epoch's start (worker clock, ms) and the counters then.
+    epoch_ms: u64,
+    quiet0: u64,
+    busy0: u64,
+}
+
+impl Coalesce {
+    /// `mode` as the engine applies it (`Off` where the kernel lacks `min_wait_usec`).
+    pub fn new(mode: BatchWait) -> Coalesce {
+        Coalesce { mode, on: false, epoch_ms: 0, quiet0: 0, busy0: 0 }
+    }
+
+    /// The window of the next wait, µs (`None`: every event wakes the worker), given the clock,
+    /// the worker's counts of quiet and busy messages since it started, and whether flows wait for
+    /// a receive buffer or a pipe (`stalled`): then no window, whatever the mode, so that they are
+    /// re-armed every turn rather than every window (a backlog of them, left by a burst such as
+    /// 18,000 connections' first heartbeats, drained a window at a time made some wait over a
+    /// second).
+    pub fn window(&mut self, now_ms: u64, quiet: u64, busy: u64, stalled: bool) -> Option<u32> {
+        let window = self.decide(now_ms, quiet, busy);
+        if stalled { None } else { window }
+    }
+
+    fn decide(&mut self, now_ms: u64, quiet: u64, busy: u64) -> Option<u32> {
+        match self.mode {
+            BatchWait::Off => None,
+            BatchWait::Every(d) => Some(micros(d)),
+            BatchWait::Auto => {
+                let (q, b) = (quiet - self.quiet0, busy - self.busy0);
+                let elapsed = now_ms.saturating_sub(self.epoch_ms);
+                if elapsed >= EPOCH_MS {
+                    self.on = q >= MIN_QUIET_PER_MS * elapsed && b * BUSY_SHARE <= q;
+                    (self.epoch_ms, self.quiet0, self.busy0) = (now_ms, quiet, busy);
+                } else if self.on && b > BUSY_SLACK + q / BUSY_SHARE {
+                    self.on = false;
+                }
+                self.on.then(|| micros(AUTO_BATCH_WINDOW))
+            }
+        }
+    }
+
+    /// Whether the next wait has a window (as last decided): the `batching` gauge.
+    pub fn batching(&self) -> bool {
+        match self.mode {
+            BatchWait::Off => false,
+            BatchWait::Every(_) => true,
+            BatchWait::Auto => self.on,
+        }
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    u32::try_from(d.as_micros()).unwrap_or(u32::MAX).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Drives `auto` through epochs of `per_epoch` (quiet, busy) messages: whether each epoch's
+    /// last wait had a window (decided at the epoch's end from its counts).
+    fn epochs(c: &mut Coalesce, per_epoch: &[(u64, u64)]) -> Vec<bool> {
+        let (mut now, mut q, mut b) = (1_000, 0, 0);
+        c.window(now, q, b, false);
+        per_epoch
+            .iter()
+            .map(|&(dq, db)| {
+                // Ten turns an epoch, the messages spread over them.
+                let mut last = None;
+                for _ in 0..10 {
+                    now += EPOCH_MS / 10;
+                    q += dq / 10;
+                    b += db / 10;
+                    last = c.window(now, q, b, false);
+                }
+                last.is_some()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn auto_windows_many_quiet_messages_and_stops_for_busy_ones() {
+        let mut c = Coalesce::new(BatchWait::Auto);
+        // 4,500 heartbeats a second and their echoes: windows.
+        let hb = (9_000, 0);
+        // Clients reconnecting among them: still windows.
+        let reconnects = (9_000, 200);
+        // A closed loop starts: off within the epoch, and stays off while it runs; once it ends,
+        // the next epoch of heartbeats alone brings the windows back.
+        let closed_loop = (9_000, 50_000);
+        // Too few quiet messages for a window to gather several.
+        let sparse = (1_000, 0);
+        let got = epochs(&mut c, &[hb, hb, reconnects, closed_loop, closed_loop, hb, hb, sparse, sparse]);
+        assert_eq!(got, [true, true, true, false, false, true, true, false, false]);
+    }
+
+    #[test]
+    fn a_closed_loop_ends_the_windows_before_the_epoch_does() {
+        let mut c = Coalesce::new(BatchWait::Auto);
+        epochs(&mut c, &[(9_000, 0), (9_000, 0)]);
+        assert!(c.batching());
+        // Within the epoch: busy messages past the slack end it at the next wait.
+        let (now, q, b) = (10_000, 0, 0);
+        let mut c = Coalesce::new(BatchWait::Auto);
+        c.window(now, q, b, false);
+        assert_eq!(c.window(now + EPOCH_MS, q + 3_000, b, false), Some(2_000));
+        assert_eq!(c.window(now + EPOCH_MS + 1, q + 3_000, b + BUSY_SLACK, false), Some(2_000), "within the slack");
+        assert_eq!(c.window(now + EPOCH_MS + 2, q + 3_010, b + BUSY_SLACK + 20, false), None, "past it");
+        assert!(!c.batching());
+    }
+
+    #[test]
+    fn off_never_and_a_duration_always() {
+        let mut off = Coalesce::new(BatchWait::Off);
+        let mut every = Coalesce::new(BatchWait::Every(Duration::from_micros(500)));
+        for (now, q, b) in [(0, 0, 0), (1_000, 10_000, 0), (2_000, 10_000, 50_000)] {
+            assert_eq!(off.window(now, q, b, false), None);
+            assert_eq!(every.window(now, q, b, false), Some(500));
+        }
+        assert!(!off.batching() && every.batching());
+    }
+
+    #[test]
+    fn flows_waiting_for_buffers_get_every_turn_in_any_mode() {
+        let mut every = Coalesce::new(BatchWait::Every(Duration::from_millis(2)));
+        assert_eq!(every.window(0, 0, 0, true), None);
+        assert_eq!(every.window(1, 0, 0, false), Some(2_000));
+        let mut auto = Coalesce::new(BatchWait::Auto);
+        epochs(&mut auto, &[(9_000, 0)]);
+        assert_eq!(auto.window(2_001, 9_000, 0, true), None, "stalled");
+        assert_eq!(auto.window(2_002, 9_000, 0, false), Some(2_000), "the choice itself unchanged");
+    }
+
+    #[test]
+    fn a_long_sleep_counts_as_a_long_epoch() {
+        // 2,500 quiet messages over ten seconds of sleep are 0.25 a millisecond: no window.
+        let mut c = Coalesce::new(BatchWait::Auto);
+        c.window(0, 0, 0, false);
+        assert_eq!(c.window(10_000, 2_500, 0, false), None);
+        // The same in one second: windows.
+        assert_eq!(c.window(11_000, 5_000, 0, false), Some(2_000));
+    }
+}
