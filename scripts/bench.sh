@@ -7,7 +7,8 @@
 # the first after the previous test (measured: 1,000 bulk flows 0.79 x in one order, 1.02 x in
 # the other, same two binaries):
 #   direct          the client talks to the backend itself
-#   ringproxy       target/release/ringproxy, workers = WORKERS, pinned
+#   ringproxy       target/release/ringproxy, workers = WORKERS, pinned, every tune key at its default
+#                   (tune.batch_wait: auto since ad05e39)
 #   ringproxy-base  (only with BASE_BIN or BASE_REV) an older ringproxy binary, run exactly like the
 #                   ringproxy path (same configuration, pinning, sampling); the report puts it
 #                   beside ringproxy with the ratio new / base
