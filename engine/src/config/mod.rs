@@ -20,9 +20,9 @@ use std::path::Path;
 pub use message::ConfigError;
 pub use raw::{Balance, OnDown, OnRemoved, ProxyVersion};
 pub use types::{
-    AUTO_BATCH_WINDOW, Acl, BATCH_EVENTS, Backend, BatchWait, Config, Frontend, Global, HealthCheck, Keepalive,
-    Lifetime, LogTarget, MAXCONN_LIMIT, PerSource, Server, SockOpt, SocketBuffers, SpliceMode, Stats, Tune,
-    WEIGHT_LIMIT, default,
+    AUTO_BATCH_WINDOW, Acl, BATCH_EVENTS, Backend, BatchWait, Config, DEFAULT_IDLE_POLL_AFTER, Frontend, Global,
+    HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT, PerSource, Server, SockOpt, SocketBuffers, SpliceMode,
+    Stats, Tune, WEIGHT_LIMIT, default,
 };
 
 /// Reads and validates the configuration file at `path`.

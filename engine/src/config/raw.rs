@@ -75,6 +75,7 @@ pub struct RawTune {
     pub notsent_lowat: Option<Spanned<Size>>,
     pub send_zerocopy: Option<Spanned<SizeOrOff>>,
     pub batch_wait: Option<Spanned<BatchWaitRaw>>,
+    pub idle_poll_after: Option<Spanned<DurationOrOff>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -505,6 +506,19 @@ impl OffValue for AutoOrDuration {
     }
 }
 
+impl OffValue for std::time::Duration {
+    const EXPECTED: &'static str = "a duration such as 10s or 1m";
+    const KIND: &'static str = "a duration";
+    const HINT: &'static str = "a duration such as 10s or 1m";
+    /// Milliseconds, as [`ConfigDuration`] takes a bare number.
+    fn from_u64(v: u64) -> std::time::Duration {
+        std::time::Duration::from_millis(v)
+    }
+    fn parse(v: &str) -> Option<std::time::Duration> {
+        super::duration::parse(v).ok()
+    }
+}
+
 /// `off` (or `false`), or a value as its [`OffValue`] reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct OrOff<T>(pub Option<T>);
@@ -513,6 +527,8 @@ pub struct OrOff<T>(pub Option<T>);
 pub type SizeOrOff = OrOff<u64>;
 /// `off`, `auto`, or a duration as [`ConfigDuration`] takes it (`batch_wait`).
 pub type BatchWaitRaw = OrOff<AutoOrDuration>;
+/// `off`, or a duration as [`ConfigDuration`] takes it (`idle_poll_after`).
+pub type DurationOrOff = OrOff<std::time::Duration>;
 
 impl<'de, T: OffValue> Deserialize<'de> for OrOff<T> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {

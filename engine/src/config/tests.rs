@@ -76,6 +76,7 @@ fn everything_set() {
             notsent_lowat: Some(256 << 10),
             send_zerocopy: Some(64 << 10),
             batch_wait: BatchWait::Every(Duration::from_micros(500)),
+            idle_poll_after: Some(Duration::from_secs(30)),
         }
     );
     let fe = &c.frontends[0];
@@ -649,6 +650,30 @@ fn batch_wait_is_auto_by_default_off_or_a_duration_from_10us_to_100ms_when_set()
     for bad in ["on", "true", "soon"] {
         let e = parse(&with_tune(&format!("batch_wait: {bad}")), "t.yaml").unwrap_err().to_string();
         assert!(e.starts_with("t.yaml:2:") && e.contains("auto, or a duration such as 500us or 2ms"), "{bad}: {e}");
+    }
+}
+
+#[test]
+fn idle_poll_after_is_10s_by_default_off_or_a_duration_from_100ms_to_1d_when_set() {
+    let tune = |t: &str| ok(&with_tune(t)).global.tune;
+    assert_eq!(Tune::default().idle_poll_after, Some(Duration::from_secs(10)));
+    assert_eq!(tune("").idle_poll_after, Some(Duration::from_secs(10)));
+    assert_eq!(tune("idle_poll_after: off").idle_poll_after, None);
+    assert_eq!(tune("idle_poll_after: false").idle_poll_after, None);
+    assert_eq!(tune("idle_poll_after: 1m").idle_poll_after, Some(Duration::from_secs(60)));
+    assert_eq!(tune("idle_poll_after: 250ms").idle_poll_after, Some(Duration::from_millis(250)));
+    assert_eq!(tune("idle_poll_after: 5000").idle_poll_after, Some(Duration::from_secs(5)), "a bare number is ms");
+    for (bad, shown) in [("50ms", "50ms"), ("2d", "2d"), ("0", "0us")] {
+        let e = parse(&with_tune(&format!("idle_poll_after: {bad}")), "t.yaml").unwrap_err().to_string();
+        assert!(
+            e.starts_with("t.yaml:2:")
+                && e.contains(&format!("idle_poll_after must be off or between 100ms and 1d, not {shown}")),
+            "{bad}: {e}"
+        );
+    }
+    for bad in ["on", "true", "soon"] {
+        let e = parse(&with_tune(&format!("idle_poll_after: {bad}")), "t.yaml").unwrap_err().to_string();
+        assert!(e.starts_with("t.yaml:2:") && e.contains("a duration such as 10s or 1m"), "{bad}: {e}");
     }
 }
 

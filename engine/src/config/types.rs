@@ -228,7 +228,17 @@ pub struct Tune {
     /// wakeups for many mostly idle connections, at up to a window of latency per pass through
     /// the worker. IORING_ENTER_EXT_ARG's `min_wait_usec`, 6.12.
     pub batch_wait: BatchWait,
+    /// An established connection that moved no byte either way for this long has each of its
+    /// multishot receives (`splice: auto` or `never`) swapped for a one-shot readiness poll,
+    /// which holds less kernel memory; the first byte to arrive re-arms the receive (`None`:
+    /// never). See [`DEFAULT_IDLE_POLL_AFTER`].
+    pub idle_poll_after: Option<Duration>,
 }
+
+/// `tune.idle_poll_after`'s default: longer than the heartbeats of request/response traffic and
+/// games, shorter than the keep-alives of MQTT (60 s), WebSocket pings (20-30 s) and push channels,
+/// whose connections spend most of their life waiting.
+pub const DEFAULT_IDLE_POLL_AFTER: Duration = Duration::from_secs(10);
 
 /// `tune.batch_wait`. A window W: a worker that fell asleep runs nothing until the next multiple
 /// of W on the monotonic clock, unless [`BATCH_EVENTS`] completions are ready first; one that
@@ -318,6 +328,7 @@ impl Default for Tune {
             notsent_lowat: None,
             send_zerocopy: None,
             batch_wait: BatchWait::Auto,
+            idle_poll_after: Some(DEFAULT_IDLE_POLL_AFTER),
         }
     }
 }

@@ -481,6 +481,18 @@ impl Validator<'_> {
                 }
             };
         }
+        if let Some(s) = &t.idle_poll_after {
+            tune.idle_poll_after = match s.value.0 {
+                None => None,
+                Some(d) if (Duration::from_millis(100)..=Duration::from_secs(86_400)).contains(&d) => Some(d),
+                Some(d) => {
+                    return self.err(
+                        s.referenced,
+                        format!("idle_poll_after must be off or between 100ms and 1d, not {}", duration::format(d)),
+                    );
+                }
+            };
+        }
         if t.recv_buffers.is_none() {
             // A pool of bytes per mode, in buffers of the size set (or the default).
             tune.recv_buffers = default::recv_buffers(tune.splice, tune.recv_buffer_size);

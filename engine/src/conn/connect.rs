@@ -320,10 +320,12 @@ impl Ctx<'_> {
             self.ring.poll_multi(server.sock(), POLLIN_EVENTS, t);
             self.c.server_poll = true;
         }
-        self.ensure_timer();
         for dir in Dir::BOTH {
             self.pump(dir);
         }
+        // (Once the receives are armed: while one may be swapped for a poll, its idle point is
+        // a deadline too.)
+        self.ensure_timer();
     }
 
     /// The entry is about to be freed: the server it names (if any) is no longer named by it.

@@ -204,6 +204,9 @@ pub struct Flow {
     /// `splice: never`: the source's multishot receive is stopped — its send queue is long
     /// (backpressure) or the worker ran out of receive buffers — and is re-armed when that ends.
     pub paused: bool,
+    /// The connection was idle: the source's multishot receive is swapped for a one-shot poll,
+    /// whose event arms it again (`tune.idle_poll_after`, conn/idle.rs).
+    pub idle_poll: bool,
     /// Poll events seen on the source, and their count when the last read was submitted: a read
     /// that finds the socket empty clears `readable` only if no event came in between.
     pub ready_seq: u8,

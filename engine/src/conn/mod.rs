@@ -29,6 +29,7 @@
 
 mod accept;
 mod connect;
+mod idle;
 mod inflight;
 mod moving;
 mod pump;
@@ -1082,6 +1083,8 @@ impl Ctx<'_> {
         // Only this thread's system calls use them, and none will now.
         self.release_fds();
         for dir in Dir::BOTH {
+            // (A swapped receive's poll is cancelled below with the rest.)
+            self.end_idle_poll(dir);
             // A flow waiting for a pipe holds nothing; its place in the FIFO goes stale.
             if matches!(self.c.flow(dir).io, FlowIo::Waiting) {
                 self.c.flow(dir).io = FlowIo::Idle;
@@ -1164,6 +1167,7 @@ impl Ctx<'_> {
             State::Queued => Some(c.queued_at.saturating_add(be.queue_timeout.as_millis() as u64)),
             State::Established => {
                 let idle = client.min(c.last_server.saturating_add(be.server_timeout.as_millis() as u64));
+                let idle = self.idle_poll_at().map_or(idle, |at| idle.min(at));
                 Some(self.end_of_life().map_or(idle, |end| idle.min(end)))
             }
             State::Admitting | State::Closing(_) | State::Free => None,
@@ -1176,6 +1180,9 @@ impl Ctx<'_> {
 
     /// The connection's timer entry fired (the wheel has already unfiled it).
     pub(crate) fn on_timer(&mut self) {
+        if self.idle_poll_at().is_some_and(|at| at <= self.now.ms) {
+            self.start_idle_poll();
+        }
         let Some(deadline) = self.deadline() else { return };
         if deadline > self.now.ms {
             // Activity moved the deadline since the entry was filed.

@@ -78,6 +78,9 @@ impl Ctx<'_> {
             }
         }
         for dir in Dir::BOTH {
+            // (A swapped receive's poll is among the watches cancelled: the worker it moves to
+            // arms a receive.)
+            self.end_idle_poll(dir);
             // A flow waiting for a pipe or receive buffers holds nothing: its place in the FIFO
             // goes stale.
             let f = self.c.flow(dir);
@@ -222,7 +225,6 @@ impl Ctx<'_> {
 
     /// Watches both sockets again and moves what is waiting, as `establish` does.
     fn rearm_after_move(&mut self) {
-        self.ensure_timer();
         if self.ring_mode() {
             for dir in Dir::BOTH {
                 // (Paused for a long queue or for buffers: the queue is empty now.)
@@ -246,6 +248,8 @@ impl Ctx<'_> {
         for dir in Dir::BOTH {
             self.pump(dir);
         }
+        // (Once the receives are armed, as `establish` does.)
+        self.ensure_timer();
         self.check_done();
     }
 }

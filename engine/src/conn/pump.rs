@@ -75,6 +75,8 @@ impl Ctx<'_> {
         if !more {
             self.rearm_poll(client);
         }
+        // An idle connection's source has something again: its receive reads it.
+        self.wake_from_idle_poll(dir);
         match self.c.state {
             State::ProxyHeader => return self.peek_proxy_header(),
             State::Established => {}
@@ -674,6 +676,10 @@ impl Ctx<'_> {
             // A bulk flow splices; its source's poll says when.
             return self.rearm_poll(client);
         }
+        if self.c.flow(dir).idle_poll {
+            // Idle: a poll instead of the receive (conn/idle.rs).
+            return self.arm_idle_poll(dir);
+        }
         if if client { self.c.client_recv } else { self.c.server_recv } {
             return;
         }
@@ -712,7 +718,11 @@ impl Ctx<'_> {
     pub(super) fn on_recvd(&mut self, client: bool, res: i32, more: bool, buf: Option<RingBuf>) {
         let dir = if client { Dir::ClientToServer } else { Dir::ServerToClient };
         match (res, buf) {
-            (n, Some(buf)) if n > 0 => self.forward(dir, buf, n as u32),
+            (n, Some(buf)) if n > 0 => {
+                // (Bytes from a receive being swapped for a poll: traffic again, it stays.)
+                self.end_idle_poll(dir);
+                self.forward(dir, buf, n as u32)
+            }
             (n, buf) => {
                 if let Some(b) = buf {
                     self.ring.give_filled(b);

@@ -557,6 +557,12 @@ pub struct WorkerStats {
     /// traffic, or a window set), 0 while every event wakes it (gauge).
     #[serde(default)]
     pub batching: u64,
+    /// `tune.idle_poll_after`: directions of idle connections whose multishot receive is swapped
+    /// for a one-shot poll now, to hold less kernel memory (gauge), and how many swaps there were.
+    #[serde(default)]
+    pub idle_polled: u64,
+    #[serde(default)]
+    pub idle_poll_swaps: u64,
     pub loop_iterations: u64,
     /// Completions that matched nothing in flight (a kernel or engine bug; should stay 0).
     #[serde(default)]

@@ -378,6 +378,20 @@ pub fn render(s: &EngineStats) -> String {
         "Messages received on a busy flow (request/response loops, bulk, a new connection's first).",
         |w| w.busy_messages,
     );
+    m.per_worker(
+        s,
+        "idle_polled",
+        "gauge",
+        "Directions of idle connections whose receive is swapped for a poll (tune.idle_poll_after).",
+        |w| w.idle_polled,
+    );
+    m.per_worker(
+        s,
+        "idle_poll_swaps_total",
+        "counter",
+        "Receives of idle connections swapped for a poll (tune.idle_poll_after).",
+        |w| w.idle_poll_swaps,
+    );
     m.per_worker(s, "loop_iterations_total", "counter", "Event-loop turns.", |w| w.loop_iterations);
     m.per_worker_seconds(s, "loop_busy_seconds_total", "counter", "Time the event loop spent handling events.", |w| {
         w.busy_ns as f64 / 1e9

@@ -14,6 +14,7 @@ mod batch_wait;
 mod faults;
 mod health;
 mod huge_durations;
+mod idle_poll;
 mod limits;
 mod monitoring;
 mod moves;
