@@ -13,7 +13,13 @@
 //! poll when it stops again: nothing for flows busier than `idle_poll_after`.
 //!
 //! The timer wheel says when: while a direction may swap, an established connection's deadline
-//! is the earlier of its timeouts and its last traffic plus `idle_poll_after` (`Ctx::deadline`).
+//! is the earlier of its timeouts and its last traffic plus its idle span (`Ctx::deadline`).
+//!
+//! A swap pays when the socket then stays swapped at least twice as long as the span it took to
+//! get there. A connection whose traffic came back sooner — less than three spans after its last:
+//! periodic just above the span, a heartbeat every 12 s against 10 s, which would pay a swap on
+//! every message — has its span doubled (`Conn::idle_shift`, up to [`MAX_SHIFT`]: 8 × the setting),
+//! so it soon stops swapping; one quiet for a minute or more keeps swapping once per silence.
 //!
 //! Invariants: a direction is swapped (`Flow::idle_poll`) only while its connection is
 //! established, live and not moving; the worker's `idle_polled` gauge counts swapped directions,
@@ -23,15 +29,25 @@
 use super::{Ctx, Dir, FlowIo, Half, POLLIN_EVENTS, State};
 use crate::worker::token::Op;
 
+/// The most a connection's idle span doubles: 8 × `idle_poll_after`.
+pub(super) const MAX_SHIFT: u8 = 3;
+
 impl Ctx<'_> {
     /// When this connection swaps its receives for polls (worker clock, ms): its last traffic
     /// plus `idle_poll_after`, while a direction of it may; `None` otherwise.
     pub(super) fn idle_poll_at(&self) -> Option<u64> {
-        let after = self.cfg.global.tune.idle_poll_after?;
+        let span = self.idle_span()?;
         if !Dir::BOTH.into_iter().any(|dir| self.may_idle_poll(dir)) {
             return None;
         }
-        Some(self.c.last_client.max(self.c.last_server).saturating_add(after.as_millis() as u64))
+        Some(self.c.last_client.max(self.c.last_server).saturating_add(span))
+    }
+
+    /// How long this connection is silent before it swaps (ms): `idle_poll_after`, doubled for
+    /// each time its traffic came back soon after a swap.
+    fn idle_span(&self) -> Option<u64> {
+        let after = self.cfg.global.tune.idle_poll_after?;
+        Some((after.as_millis() as u64) << self.c.idle_shift.min(MAX_SHIFT))
     }
 
     /// Whether `dir` can swap its receive now: established on the receive-buffer path, its
@@ -85,8 +101,16 @@ impl Ctx<'_> {
         if !self.end_idle_poll(dir) {
             return;
         }
+        // Back within three spans of its last traffic: swapped for less than twice what it took
+        // to get there, so each of its messages would pay a swap; it waits twice as long before
+        // the next. (A silence shorter than a span is the other direction of the same exchange,
+        // woken after the first: no new evidence.)
+        let silence = self.now.ms.saturating_sub(self.c.last_client.max(self.c.last_server));
+        if self.idle_span().is_some_and(|span| (span..3 * span).contains(&silence)) && self.c.idle_shift < MAX_SHIFT {
+            self.c.idle_shift += 1;
+        }
         // (What the receive is about to bring; counted as traffic now so that the connection's
-        // next idle point is `idle_poll_after` from here, not already past.)
+        // next idle point is a span from here, not already past.)
         match dir {
             Dir::ClientToServer => self.c.last_client = self.now.ms,
             Dir::ServerToClient => self.c.last_server = self.now.ms,

@@ -276,6 +276,9 @@ pub struct Conn {
     /// auto`; one taken for busy after a silence of a multiple of 65 s only ends a window early).
     pub rx_ms: [u16; 2],
     pub attempts: u8,
+    /// Its span of silence before it swaps its receives for polls is `idle_poll_after` times 2 to
+    /// this (conn/idle.rs).
+    pub idle_shift: u8,
     /// What it holds of the accept-time limits.
     pub admission: Admission,
     /// Making process descriptors of its sockets for splicing failed (the process's table is

@@ -128,6 +128,31 @@ fn a_push_from_the_server_wakes_its_direction_and_its_close_goes_through() {
     assert_clean(engine, &[server.local_addr().unwrap().port()]);
 }
 
+/// A connection that messages a little less often than the setting (every 300 ms against 200 ms)
+/// would pay a swap on every message: its span doubles after the first, and it stops swapping; a
+/// real silence then still swaps it.
+#[test]
+fn a_connection_periodic_just_above_the_setting_stops_swapping() {
+    let echo = Backend::start(Mode::Echo);
+    let engine = idle_engine(echo.addr, &format!("idle_poll_after: {AFTER}"), 1);
+    let mut c = held_echoing(addr(&engine, "fe"), 1).pop().unwrap();
+    wait_polled(&engine, 2);
+    for n in 0..10 {
+        std::thread::sleep(Duration::from_millis(300));
+        echo_once(&mut c, format!("every 300 ms: {n}").as_bytes());
+    }
+    // Without the doubling: 2 swaps per message, 22 in all; with it, the first 2 only (the
+    // first message doubles the span to 400 ms; more only if this host stalled the test by 100 ms
+    // or more).
+    let periodic = swaps(&engine);
+    eprintln!("{periodic} swaps for 10 messages 300 ms apart");
+    assert!(periodic <= 6, "{periodic} swaps for 10 messages 300 ms apart");
+    wait_polled(&engine, 2);
+    echo_once(&mut c, b"after a real silence");
+    drop(c);
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
 /// `off`: the receives stay armed however long a connection is quiet.
 #[test]
 fn off_keeps_every_receive_armed() {
