@@ -59,7 +59,8 @@
 #                  (minus direct's in the same round: the proxy's kernel share), nothing lost; taken
 #                  IDLE_SETTLE_S after a first sample 2.5 s past the ramp, the connections still
 #                  held (what holding them costs); the first sample's RSS is reported too (what the
-#                  ramp's burst took)
+#                  ramp's burst took). IDLE_HEARTBEAT=30 IDLE_SETTLE_S=12: one heartbeat each,
+#                  then silence past ringproxy's tune.idle_poll_after (10 s): truly idle connections
 # CPU of the proxy = utime+stime of all its processes and threads (/proc/PID/stat; io_uring io-wq
 # threads are threads of ringproxy's process and count) over the tput4 test (-> CPU s per GB moved)
 # and over the rate test (-> CPU s per 10,000 connections).
@@ -73,7 +74,7 @@
 #         BASE_REV=a1f32ab scripts/bench.sh        this tree's ringproxy against commit a1f32ab's, in
 #                                          the same run (adds the ringproxy-base path)
 #         BASE_BIN=/path/to/old/ringproxy PATHS="ringproxy ringproxy-base" QUICK=1 scripts/bench.sh
-# Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS IDLE_SETTLE_S PATHS OUT
+# Knobs:  SKIP_BUILD=1 (use target/release as it is) ROUNDS DUR (s per test) WORKERS MAXCONN CONC KA_CONNS LAT_RATE IDLE_CONNS IDLE_SETTLE_S IDLE_HEARTBEAT PATHS OUT
 #         TESTS CHURN_SOURCES HB_WINDOW CURL_MIB FLOWS BATCH_WAIT
 #         UPDATE_DOCS=0|1 IMG=dir
 #         BASE_BIN=FILE  the ringproxy-base binary (copied into the run's directory first)
@@ -103,6 +104,7 @@ CONC=${CONC:-64}
 KA_CONNS=${KA_CONNS:-64}
 LAT_RATE=${LAT_RATE:-10000}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-6}  # idle: how long after the first sample the second is taken
+IDLE_HEARTBEAT=${IDLE_HEARTBEAT:-2} # idle: seconds between two heartbeats of a connection
 PIPE_SIZE=${PIPE_SIZE:-262144}
 # Source addresses on each side of the churn test (client -> proxy, proxy -> echo backend): one
 # address pair has ~28,000 ephemeral ports, and a port in TIME-WAIT is reusable only after 1-2 s,
@@ -657,8 +659,8 @@ fresh_instance() {
     start_path "$1" "$INST" "$3"
 }
 
-# The idle test: IDLE_CONNS connections held through the path (heartbeat every 2 s, so each is really
-# proxied); RSS of the proxy and the machine's Slab sampled before, once all are established and a
+# The idle test: IDLE_CONNS connections held through the path (heartbeat every IDLE_HEARTBEAT s, 2
+# by default, so each is really proxied); RSS of the proxy and the machine's Slab sampled before, once all are established and a
 # heartbeat round has passed (1: right after the ramp), and IDLE_SETTLE_S later while they are still
 # held (2: what holding them costs; a proxy may keep part of what the ramp's burst took, or give it
 # back — ringproxy's receive-buffer ring narrows once a second).
@@ -678,7 +680,7 @@ idle_test() { # PATH ROUND
     hold_s=$((IDLE_CONNS / 5000 + 7 + IDLE_SETTLE_S))
     sleep 1
     read -r rss0 slab0 sunr0 < <(mem_kb "$inst")
-    cmd=("$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat 2s --duration "${hold_s}s"
+    cmd=("$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat "${IDLE_HEARTBEAT}s" --duration "${hold_s}s"
         --sources 127.0.5.0/28 --json --no-progress)
     log_cmd "$f.cmd" "${cmd[@]}"
     start_bg "ringload hold (idle)" timeout $((hold_s + 60)) "${cmd[@]}" >"$f.json" 2>"$f.err"
