@@ -34,7 +34,7 @@ pub(super) const MAX_SHIFT: u8 = 3;
 
 impl Ctx<'_> {
     /// When this connection swaps its receives for polls (worker clock, ms): its last traffic
-    /// plus `idle_poll_after`, while a direction of it may; `None` otherwise.
+    /// plus its span, while a direction of it may; `None` otherwise.
     pub(super) fn idle_poll_at(&self) -> Option<u64> {
         let span = self.idle_span()?;
         if !Dir::BOTH.into_iter().any(|dir| self.may_idle_poll(dir)) {

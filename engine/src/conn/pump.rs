@@ -54,14 +54,19 @@ impl super::Conn {
 }
 
 impl Ctx<'_> {
-    /// An event (or the end) of a multishot POLLIN on the client's or the server's socket.
+    /// An event (or the end) of a POLLIN on the client's or the server's socket: multishot, or the
+    /// one-shot of an idle connection's swapped direction (conn/idle.rs).
     pub(super) fn on_poll(&mut self, client: bool, res: i32, more: bool) {
         let dir = if client { Dir::ClientToServer } else { Dir::ServerToClient };
         if res < 0 {
             if res != -libc::ECANCELED {
                 return self.close(dir.source_reset());
             }
-            // Ended without an event (cancelled by the kernel, e.g. on overflow): watch again.
+            // Ended without an event (cancelled by the kernel, e.g. on overflow): watch again (an
+            // idle connection's swapped direction: its one-shot poll, by `arm_recv`).
+            if self.c.flow(dir).idle_poll {
+                return self.arm_recv(dir);
+            }
             return self.rearm_poll(client);
         }
         let mask = res as u32;
