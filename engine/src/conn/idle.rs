@@ -6,7 +6,7 @@
 //! `POLL_ADD` keeps its request only. So once an established connection on the receive-buffer
 //! path (`splice: auto` or `never`) has moved no byte either way for `idle_poll_after`, each of its
 //! directions whose receive is armed and which holds nothing swaps it: the receive is cancelled,
-//! and its last completion arms a one-shot poll of the source instead (`arm_recv`). The poll's
+//! and its last completion arms a one-shot poll of the source instead (`arm_recv`, `rearm_poll`). The poll's
 //! event (bytes, a FIN, an error) ends the swap and arms the receive again, which finds the bytes
 //! at once; bytes the cancelled receive still brought end it too. The cost is one poll
 //! completion and a receive armed per swapped direction when traffic resumes, and a cancel and a
@@ -26,7 +26,7 @@
 //! and every way out (an event on the poll, bytes from the cancelled receive, a close, a move)
 //! goes through [`Ctx::end_idle_poll`], so the gauge is 0 when no connection is open.
 
-use super::{Ctx, Dir, FlowIo, Half, POLLIN_EVENTS, State};
+use super::{Ctx, Dir, FlowIo, Half, State};
 use crate::worker::token::Op;
 
 /// The most a connection's idle span doubles: 8 × `idle_poll_after`.
@@ -117,29 +117,5 @@ impl Ctx<'_> {
         }
         self.arm_recv(dir);
         self.ensure_timer();
-    }
-
-    /// `arm_recv` of a swapped direction: its one-shot poll, once the cancelled receive's last
-    /// completion is in (the socket has one or the other, never both).
-    pub(super) fn arm_idle_poll(&mut self, dir: Dir) {
-        let client = dir == Dir::ClientToServer;
-        let (recv, poll) =
-            if client { (self.c.client_recv, self.c.client_poll) } else { (self.c.server_recv, self.c.server_poll) };
-        if recv || poll {
-            return;
-        }
-        let sock = if client {
-            self.c.client.as_ref().map(|s| s.sock())
-        } else {
-            self.c.server_slot.as_ref().map(|s| s.sock())
-        };
-        let Some(sock) = sock else { return };
-        let t = self.token(if client { Op::ClientPoll } else { Op::ServerPoll });
-        self.ring.poll_once(sock, POLLIN_EVENTS, t);
-        if client {
-            self.c.client_poll = true;
-        } else {
-            self.c.server_poll = true;
-        }
     }
 }

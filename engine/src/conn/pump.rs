@@ -62,11 +62,7 @@ impl Ctx<'_> {
             if res != -libc::ECANCELED {
                 return self.close(dir.source_reset());
             }
-            // Ended without an event (cancelled by the kernel, e.g. on overflow): watch again (an
-            // idle connection's swapped direction: its one-shot poll, by `arm_recv`).
-            if self.c.flow(dir).idle_poll {
-                return self.arm_recv(dir);
-            }
+            // Ended without an event (cancelled by the kernel, e.g. on overflow): watch again.
             return self.rearm_poll(client);
         }
         let mask = res as u32;
@@ -77,11 +73,12 @@ impl Ctx<'_> {
             f.hup = true;
         }
         let reading_done = f.half != Half::Open;
+        // An idle connection's source has something again: its receive reads it (and watches the
+        // socket from now on, so no poll is armed again below).
+        self.wake_from_idle_poll(dir);
         if !more {
             self.rearm_poll(client);
         }
-        // An idle connection's source has something again: its receive reads it.
-        self.wake_from_idle_poll(dir);
         match self.c.state {
             State::ProxyHeader => return self.peek_proxy_header(),
             State::Established => {}
@@ -96,15 +93,22 @@ impl Ctx<'_> {
         self.pump(dir);
     }
 
+    /// Arms the POLLIN of the client's or the server's socket unless it is armed: multishot, or
+    /// one-shot for an idle connection's swapped direction once its cancelled receive's last
+    /// completion is in (the socket has one or the other, never both; conn/idle.rs).
     fn rearm_poll(&mut self, client: bool) {
         let armed = if client { self.c.client_poll } else { self.c.server_poll };
         if armed || self.c.is_closing() || !self.c.is_live() || self.c.moving {
             return;
         }
         let dir = if client { Dir::ClientToServer } else { Dir::ServerToClient };
-        if self.ring_mode() && self.c.state == State::Established && !self.c.flow(dir).bulk {
+        let (swapped, bulk) = (self.c.flow(dir).idle_poll, self.c.flow(dir).bulk);
+        if self.ring_mode() && self.c.state == State::Established && !bulk && !swapped {
             // Established, this mode watches the sockets with its receives instead (but for a
             // bulk flow, which splices: its source's poll says when to).
+            return;
+        }
+        if swapped && if client { self.c.client_recv } else { self.c.server_recv } {
             return;
         }
         let op = if client { Op::ClientPoll } else { Op::ServerPoll };
@@ -115,7 +119,11 @@ impl Ctx<'_> {
             self.c.server_slot.as_ref().map(|s| s.sock())
         };
         let Some(sock) = sock else { return };
-        self.ring.poll_multi(sock, super::POLLIN_EVENTS, t);
+        if swapped {
+            self.ring.poll_once(sock, super::POLLIN_EVENTS, t);
+        } else {
+            self.ring.poll_multi(sock, super::POLLIN_EVENTS, t);
+        }
         if client {
             self.c.client_poll = true;
         } else {
@@ -682,8 +690,8 @@ impl Ctx<'_> {
             return self.rearm_poll(client);
         }
         if self.c.flow(dir).idle_poll {
-            // Idle: a poll instead of the receive (conn/idle.rs).
-            return self.arm_idle_poll(dir);
+            // Idle: a one-shot poll instead of the receive (conn/idle.rs).
+            return self.rearm_poll(client);
         }
         if if client { self.c.client_recv } else { self.c.server_recv } {
             return;
