@@ -59,8 +59,10 @@
 #                  (minus direct's in the same round: the proxy's kernel share), nothing lost; taken
 #                  IDLE_SETTLE_S after a first sample 2.5 s past the ramp, the connections still
 #                  held (what holding them costs); the first sample's RSS is reported too (what the
-#                  ramp's burst took). IDLE_HEARTBEAT=30 IDLE_SETTLE_S=12: one heartbeat each,
-#                  then silence past ringproxy's tune.idle_poll_after (10 s): truly idle connections
+#                  ramp's burst took); IDLE_HEARTBEAT s (2) between two heartbeats of a connection
+#   idle60         the same with a heartbeat a minute (MQTT's default keep-alive) and the second
+#                  sample IDLE60_SETTLE_S (12) s later: connections silent since the ramp, past
+#                  ringproxy's tune.idle_poll_after (10 s), as most of a push or MQTT fleet is
 # CPU of the proxy = utime+stime of all its processes and threads (/proc/PID/stat; io_uring io-wq
 # threads are threads of ringproxy's process and count) over the tput4 test (-> CPU s per GB moved)
 # and over the rate test (-> CPU s per 10,000 connections).
@@ -105,6 +107,7 @@ KA_CONNS=${KA_CONNS:-64}
 LAT_RATE=${LAT_RATE:-10000}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-6}  # idle: how long after the first sample the second is taken
 IDLE_HEARTBEAT=${IDLE_HEARTBEAT:-2} # idle: seconds between two heartbeats of a connection
+IDLE60_SETTLE_S=${IDLE60_SETTLE_S:-12} # idle60: as IDLE_SETTLE_S; 2.5 + 12 s: past idle_poll_after (10 s)
 PIPE_SIZE=${PIPE_SIZE:-262144}
 # Source addresses on each side of the churn test (client -> proxy, proxy -> echo backend): one
 # address pair has ~28,000 ephemeral ports, and a port in TIME-WAIT is reusable only after 1-2 s,
@@ -129,7 +132,7 @@ else
 fi
 # The ringproxy-batch path's tune.batch_wait.
 BATCH_WAIT=${BATCH_WAIT:-2ms}
-TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k flows idle}
+TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k flows idle idle60}
 HB_WINDOW=${HB_WINDOW:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
 CURL_MIB=${CURL_MIB:-1024}
 FLOWS=${FLOWS:-1000}
@@ -576,13 +579,15 @@ TO=$((DUR * 3 + 40))   # hard bound on any one client command
 RUN_TIMEOUT=$TO        # run_logged bounds every measured command by it
 
 run_test() { # TEST PATH ROUND
-    local t=$1 p=$2 r=$3 f a cpu0 cpu1 sys0 sys1 w0 w1 st0 st1 rc=0
+    local t=$1 p=$2 r=$3 f a cpu0 cpu1 usr0 usr1 sys0 sys1 w0 w1 st0 st1 rc=0
     f=$OUT/raw/r$r-$t-$p
     snap_stats "$p" "$f.stats0.json"
     # shellcheck disable=SC2086
     read -r iowq0 _ cs0 < <(thread_stats ${PROC[$p]})
     # shellcheck disable=SC2086
     cpu0=$(cpu_ticks ${PROC[$p]}); read -r sys0 tot0 < <(sys_ticks); w0=$(date +%s.%N); st0=$(steal_ticks)
+    # shellcheck disable=SC2086
+    usr0=$(cpu_user_ticks ${PROC[$p]})
     case "$t" in
         tput1 | tput4)
             a=${ADDR[$p:sink]}
@@ -634,19 +639,22 @@ run_test() { # TEST PATH ROUND
             run_logged "$f.cmd" "$RL" latency --target "$a" --conns "$KA_CONNS" --rate "$LAT_RATE" --size 64 \
                 --duration "$((2 * DUR))s" --json --no-progress >"$f.json" 2>"$f.err" || rc=$?
             ;;
-        idle) idle_test "$p" "$r"; return ;;
+        idle) idle_test "$p" "$r" idle "$IDLE_HEARTBEAT" "$IDLE_SETTLE_S"; return ;;
+        idle60) idle_test "$p" "$r" idle60 60 "$IDLE60_SETTLE_S"; return ;;
         flows) flows_test "$p" "$r"; return ;;
     esac
     w1=$(date +%s.%N)
     # shellcheck disable=SC2086
     cpu1=$(cpu_ticks ${PROC[$p]}); read -r sys1 tot1 < <(sys_ticks); st1=$(steal_ticks)
     # shellcheck disable=SC2086
+    usr1=$(cpu_user_ticks ${PROC[$p]})
+    # shellcheck disable=SC2086
     read -r iowq1 iowqn1 cs1 < <(thread_stats ${PROC[$p]})
     snap_stats "$p" "$f.stats1.json"
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" wall_s="$(awk "BEGIN {print $w1 - $w0}")" \
         iowq_ticks="$((iowq1 - iowq0))" iowq_threads="$iowqn1" ctxsw="$((cs1 - cs0))" \
-        cpu_ticks="$((cpu1 - cpu0))" sys_busy_ticks="$((sys1 - sys0))" sys_total_ticks="$((tot1 - tot0))" \
-        steal_ticks="$((st1 - st0))" clk_tck="$(getconf CLK_TCK)" proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
+        cpu_ticks="$((cpu1 - cpu0))" user_ticks="$((usr1 - usr0))" sys_busy_ticks="$((sys1 - sys0))" \
+        sys_total_ticks="$((tot1 - tot0))" steal_ticks="$((st1 - st0))" clk_tck="$(getconf CLK_TCK)" proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
 }
 
@@ -670,20 +678,21 @@ mem_kb() {
     echo "$(rss_kb ${PROC[$1]}) $(slab_kb) $(sunreclaim_kb)"
 }
 
-idle_test() { # PATH ROUND
-    local p=$1 r=$2 f a port rss0 rss1 rss2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0 hold_s inst cmd
-    f=$OUT/raw/r$r-idle-$p
-    fresh_instance "$p" "idle-$p-r$r" echo
+idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
+    local p=$1 r=$2 t=$3 hb=$4 settle=$5 f a port rss0 rss1 rss2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0
+    local hold_s inst cmd
+    f=$OUT/raw/r$r-$t-$p
+    fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
     a=${ADDR[$inst:echo]}
     port=$(port_of "$a")
-    hold_s=$((IDLE_CONNS / 5000 + 7 + IDLE_SETTLE_S))
+    hold_s=$((IDLE_CONNS / 5000 + 7 + settle))
     sleep 1
     read -r rss0 slab0 sunr0 < <(mem_kb "$inst")
-    cmd=("$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat "${IDLE_HEARTBEAT}s" --duration "${hold_s}s"
+    cmd=("$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat "${hb}s" --duration "${hold_s}s"
         --sources 127.0.5.0/28 --json --no-progress)
     log_cmd "$f.cmd" "${cmd[@]}"
-    start_bg "ringload hold (idle)" timeout $((hold_s + 60)) "${cmd[@]}" >"$f.json" 2>"$f.err"
+    start_bg "ringload hold ($t)" timeout $((hold_s + 60)) "${cmd[@]}" >"$f.json" 2>"$f.err"
     hold=$BG_PID
     # until every client connection is established (at most hold_s - 3 s), then one heartbeat round
     for _ in $(seq $(((hold_s - 3) * 10))); do
@@ -693,14 +702,14 @@ idle_test() { # PATH ROUND
     done
     sleep 2.5
     read -r rss1 slab1 sunr1 < <(mem_kb "$inst")
-    sleep "$IDLE_SETTLE_S"
+    sleep "$settle"
     read -r rss2 slab2 sunr2 < <(mem_kb "$inst")
     reap_bg "$hold" || rc=$?
-    record test=idle path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" \
+    record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" heartbeat_s="$hb" \
         rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
-        settle_s="$IDLE_SETTLE_S" rss2_kb="$rss2" slab2_kb="$slab2" sunr2_kb="$sunr2" \
+        settle_s="$settle" rss2_kb="$rss2" slab2_kb="$slab2" sunr2_kb="$sunr2" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
-    [ "$rc" = 0 ] || log "  idle $p: exit $rc (see $f.*)"
+    [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"
     # let the closed connections' memory go back before the next path's baseline
     sleep 1

@@ -313,6 +313,16 @@ cpu_ticks() {
     echo "$t"
 }
 
+# cpu_user_ticks PID...: utime alone (the time in the processes' own code, not the kernel's).
+cpu_user_ticks() {
+    local t=0 p v
+    for p in "$@"; do
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12}') || v=0
+        t=$((t + ${v:-0}))
+    done
+    echo "$t"
+}
+
 # rss_kb PID...: summed VmRSS.
 rss_kb() {
     local t=0 p v

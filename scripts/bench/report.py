@@ -54,6 +54,10 @@ METRICS = {
     "idle_slab": ("kernel Slab growth per connection, whole machine", "bytes", False, 0),
     "idle_kernel": ("kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
     "idle_sunr": ("unreclaimable Slab per connection added by the proxy (SUnreclaim minus direct's)", "bytes", False, 0),
+    "idle60_user": ("connections silent for a minute (heartbeat every 60 s): user-space memory per connection", "bytes", False, 0),
+    "idle60_slab": ("connections silent for a minute: kernel Slab growth per connection, whole machine", "bytes", False, 0),
+    "idle60_kernel": ("connections silent for a minute: kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
+    "idle60_sunr": ("connections silent for a minute: unreclaimable Slab per connection added by the proxy", "bytes", False, 0),
     "cpu_gb": ("proxy CPU per GB moved (4 streams)", "CPU s/GB", False, 3),
     "cpu_10k": ("proxy CPU per 10,000 connections (rate test)", "CPU s", False, 3),
     "tput4_cpu_util": ("proxy CPU use during 4-stream throughput", "CPUs", False, 2),
@@ -119,6 +123,7 @@ TARGETS = [
      ["haproxy"], "ringproxy-batch"),
     ("idle_user", "idle connection: <= 512 B user-space memory", "abs<=", 512, []),
     ("idle_kernel", "idle connection: kernel memory <= HAProxy's", "<=", 1.0, ["haproxy", "haproxy-splice"]),
+    ("idle60_kernel", "connection silent for a minute: kernel memory <= HAProxy's", "<=", 1.0, ["haproxy", "haproxy-splice"]),
 ]
 
 
@@ -297,34 +302,50 @@ def parse(out):
                 lat_curves.setdefault(p, {})[rnd] = [(x, y / 1e3) for x, y in curve]
                 if j.get("requests_per_s") and j["requests_per_s"] < 0.95 * float(j["command"].split("--rate ")[1].split()[0]):
                     problems.append(f"round {rnd} lat {p}: only {j['requests_per_s']:.0f} req/s achieved")
-        elif t == "idle":
+        elif t in ("idle", "idle60"):
             j = load(f + ".json")
             n = r["conns"]
             ok = bool(j) and j["connections"]["established"] == n and j["messages"]["lost"] == 0 \
                 and j["messages"]["corrupted"] == 0 and j["connections"]["dropped"] == 0
             if not ok:
-                problems.append(f"round {rnd} idle {p}: established {j and j['connections']['established']} of {n}, "
+                problems.append(f"round {rnd} {t} {p}: established {j and j['connections']['established']} of {n}, "
                                 f"lost {j and j['messages']['lost']}, dropped {j and j['connections']['dropped']}")
             if r.get("seen_established", 0) < n:
-                problems.append(f"round {rnd} idle {p}: memory sampled with {r.get('seen_established')} of {n} established")
+                problems.append(f"round {rnd} {t} {p}: memory sampled with {r.get('seen_established')} of {n} established")
             # the sample taken once the connections had been held a while (runs from before it
             # was taken have only the one right after the ramp)
             k = "2" if "rss2_kb" in r else "1"
             slab = (r[f"slab{k}_kb"] - r["slab0_kb"]) * 1024 / n
-            put("idle_slab", p, rnd, slab)
+            put(f"{t}_slab", p, rnd, slab)
             if f"sunr{k}_kb" in r:
                 sunr = (r[f"sunr{k}_kb"] - r["sunr0_kb"]) * 1024 / n
                 if p == "direct":
-                    direct_sunr[rnd] = sunr
+                    direct_sunr[(t, rnd)] = sunr
                 else:
-                    sunr_by[(p, rnd)] = sunr
-            put("idle_ok", p, rnd, 1 if ok else 0)
+                    sunr_by[(t, p, rnd)] = sunr
+            put(f"{t}_ok", p, rnd, 1 if ok else 0)
             if p == "direct":
-                direct_slab[rnd] = slab
+                direct_slab[(t, rnd)] = slab
             else:
-                put("idle_user", p, rnd, (r[f"rss{k}_kb"] - r["rss0_kb"]) * 1024 / n)
-                if k == "2":
+                put(f"{t}_user", p, rnd, (r[f"rss{k}_kb"] - r["rss0_kb"]) * 1024 / n)
+                if k == "2" and t == "idle":
                     put("idle_user_ramp", p, rnd, (r["rss1_kb"] - r["rss0_kb"]) * 1024 / n)
+    # what the host allows: the rate each path would reach if its own user-space time were zero
+    # and everything else it costs per unit stayed (its kernel work, the clients', the servers'),
+    # on a host its test saturated: value x busy / (busy - user)
+    for r in rows:
+        t, p, rnd = r["test"], r["path"], r["round"]
+        v = vals.get((t, p), {}).get(rnd)
+        if t not in CEILING_TESTS or v is None or not r.get("proxied") or "user_ticks" not in r:
+            continue
+        busy = r["sys_busy_ticks"] - r.get("steal_ticks", 0)
+        total = r["sys_total_ticks"] - r.get("steal_ticks", 0)
+        if total <= 0 or busy <= r["user_ticks"]:
+            continue
+        put(f"c:{t}:busy", p, rnd, 100.0 * busy / total)
+        if r.get("cpu_ticks"):
+            put(f"c:{t}:user", p, rnd, 100.0 * r["user_ticks"] / r["cpu_ticks"])
+        put(f"c:{t}:ceil", p, rnd, v * busy / (busy - r["user_ticks"]))
     # work per unit: context switches of the proxy's threads, io-wq CPU share, ringproxy's ring counters
     for r in rows:
         t, p, rnd, f = r["test"], r["path"], r["round"], r["file"]
@@ -358,15 +379,16 @@ def parse(out):
             slow[(t, p)] = [a + b for a, b in zip(slow.get((t, p), [0, 0, 0]),
                             [tot(s1, f"slow_turns.over_{ms}ms") - tot(s0, f"slow_turns.over_{ms}ms")
                              for ms in (1, 10, 100)])]
-    for (p, rnd), v in sunr_by.items():
-        if rnd in direct_sunr:
-            put("idle_sunr", p, rnd, v - direct_sunr[rnd])
-    # kernel memory the proxy adds: Slab growth through the proxy minus direct's, same round
-    for (m, p), d in list(vals.items()):
-        if m == "idle_slab" and p != "direct":
-            for rnd, v in d.items():
-                if rnd in direct_slab:
-                    put("idle_kernel", p, rnd, v - direct_slab[rnd])
+    for (t, p, rnd), v in sunr_by.items():
+        if (t, rnd) in direct_sunr:
+            put(f"{t}_sunr", p, rnd, v - direct_sunr[(t, rnd)])
+    # kernel memory the proxy adds: Slab growth through the proxy minus direct's, same test and round
+    for t in ("idle", "idle60"):
+        for (m, p), d in list(vals.items()):
+            if m == f"{t}_slab" and p != "direct":
+                for rnd, v in d.items():
+                    if (t, rnd) in direct_slab:
+                        put(f"{t}_kernel", p, rnd, v - direct_slab[(t, rnd)])
     # the machine's CPU per heartbeat the proxy adds: through it minus direct's, same round
     for t in ("hb9k", "hb18k"):
         direct = vals.get((f"{t}_machine", "direct"), {})
@@ -377,6 +399,12 @@ def parse(out):
                         put(f"{t}_machine_added", p, rnd, v - direct[rnd])
     return rows, vals, lat_curves, problems, slow
 
+
+# Tests that keep the host's CPUs busy, whose rate the CPU time of every process bounds.
+CEILING_TESTS = ("tput1", "iperf1", "tput4", "iperf4", "down1", "iperf1r", "down4", "iperf4r", "both1", "both4",
+                 "curl", "rate", "wrk", "ka")
+# Busy share of the host's CPU from which a test counts as CPU-bound.
+SATURATED = 97.0
 
 UNITS = {"tput4": "MB moved", "tput1": "MB moved", "rate": "connection", "ka": "request", "lat": "request"}
 
@@ -435,9 +463,11 @@ def main():
             continue
         cells = [cell(vals.get((m, p)), dec) for p in paths]
         w(f"| {title} | {unit} | " + " | ".join(cells) + " |")
-    idle = [(p, vals.get(("idle_ok", p), {})) for p in paths]
-    w("| idle connections held with nothing lost (rounds) | | " + " | ".join(
-        f"{sum(d.values())}/{len(d)}" if d else "–" for _, d in idle) + " |")
+    for t, title in (("idle", "idle connections held with nothing lost (rounds)"),
+                     ("idle60", "connections silent for a minute held, none dropped (rounds)")):
+        idle = [(p, vals.get((f"{t}_ok", p), {})) for p in paths]
+        if any(d for _, d in idle):
+            w(f"| {title} | | " + " | ".join(f"{sum(d.values())}/{len(d)}" if d else "–" for _, d in idle) + " |")
     w("")
 
     def ratio_table(ref, title):
@@ -449,7 +479,7 @@ def main():
         w("|---|" + "---|" * (len(paths) - 1))
         for m, (title_m, unit, hib, dec) in METRICS.items():
             r = M.get((m, ref))
-            if r is None or r == 0 or m in ("idle_slab",):
+            if r is None or r == 0 or m in ("idle_slab", "idle60_slab"):
                 continue
             cells = []
             for p in paths:
@@ -515,6 +545,8 @@ def main():
             summary_targets.append({"target": text, "path": me, "ringproxy": v, "reference": ref, "reference_path": refp,
                                     "ratio": ratio, "paired_ratios": paired, "met": ok})
         w("")
+
+    ceiling_table(vals, M, w)
 
     # work per unit
     wk = sorted({k[0] for k in vals if k[0].startswith("w:")})
@@ -598,6 +630,51 @@ def main():
         else:
             doc += f"\n{b}\n{text}\n{e}\n"
         open(a.doc, "w").write(doc)
+
+
+def ceiling_table(vals, M, w):
+    """The targets ringproxy misses on rates and throughput, against what the host allows it."""
+    rows = []
+    for m, text, cmp, factor, refs, *who in TARGETS:
+        me = who[0] if who else "ringproxy"
+        if cmp != ">=" or m not in CEILING_TESTS or (f"c:{m}:ceil", me) not in vals:
+            continue
+        mine, ceil = vals.get((m, me), {}), vals[(f"c:{m}:ceil", me)]
+        busy = vals.get((f"c:{m}:busy", me), {})
+        paired, paired_ceil = [], []
+        for rnd, x in sorted(mine.items()):
+            peers = [vals[(m, r)][rnd] for r in refs if rnd in vals.get((m, r), {})]
+            if not peers or rnd not in ceil:
+                continue
+            paired.append(x / max(peers))
+            if busy.get(rnd, 0) >= SATURATED:
+                paired_ceil.append(ceil[rnd] / max(peers))
+        if not paired or statistics.median(paired) >= factor:
+            continue
+        pc = statistics.median(paired_ceil) if paired_ceil else None
+        verdict = "–" if pc is None else ("yes" if pc >= factor else "**no**")
+        title, unit, hib, dec = METRICS[m]
+        rows.append(f"| {text} | {fmt(M.get((f'c:{m}:busy', me)), 0)} % | {fmt(M.get((f'c:{m}:user', me)), 1)} % | "
+                    f"{statistics.median(paired):.2f} | {fmt(M.get((f'c:{m}:ceil', me)), dec)} {unit} | "
+                    f"{'–' if pc is None else f'{pc:.2f}'} ({len(paired_ceil)} of {len(paired)} rounds saturated) | "
+                    f"{verdict} |")
+    if not rows:
+        return
+    w("### What the host allows, for the targets missed\n")
+    w("Each test below kept the host's CPUs busy; clients, servers and proxy share them, so a path's "
+      "rate is bounded by the CPU time of all of them. *Ceiling*: the rate ringproxy would reach if its "
+      "own user-space time (utime, `/proc/PID/stat`) were zero and all else it costs per unit stayed — its "
+      "kernel work (system calls, the TCP stack, softirq charged to it) and the clients' and servers' "
+      "work: the measured rate × busy ÷ (busy − user), per round where the host was at least "
+      f"{SATURATED:.0f} % busy, against the best reference of that round. Where the ceiling is below "
+      "the target, no change to ringproxy's own code meets it on this host; only less kernel work per "
+      "unit, or CPUs the clients and servers do not share, would.\n")
+    w("| target | host busy | ringproxy's CPU in user space | ringproxy ÷ reference (per round) | "
+      "ceiling | ceiling ÷ reference (per round) | reachable by user-space changes |")
+    w("|---|---|---|---|---|---|---|")
+    for row in rows:
+        w(row)
+    w("")
 
 
 def base_table(paths, M, vals, w):
