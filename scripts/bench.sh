@@ -70,7 +70,7 @@
 # Each figure is the median over ROUNDS rounds, with min-max; scripts/bench/report.py writes the
 # tables (medians, ratios to direct and to HAProxy, targets) and the charts.
 #
-# Usage:  scripts/bench.sh                 full run (~60 min on 2 CPUs); charts go to docs/img/ and
+# Usage:  scripts/bench.sh                 full run (~75 min on 2 CPUs); charts go to docs/img/ and
 #                                          the tables into docs/benchmarks.md (between markers)
 #         QUICK=1 scripts/bench.sh         smoke run (~1.5 min), nothing under docs/ is touched
 #         BASE_REV=a1f32ab scripts/bench.sh        this tree's ringproxy against commit a1f32ab's, in
