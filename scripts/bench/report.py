@@ -400,7 +400,8 @@ def parse(out):
     return rows, vals, lat_curves, problems, slow
 
 
-# Tests that keep the host's CPUs busy, whose rate the CPU time of every process bounds.
+# Tests whose rate the CPU time of every process bounds once they keep the host's CPUs busy (the
+# report checks that they did, round by round).
 CEILING_TESTS = ("tput1", "iperf1", "tput4", "iperf4", "down1", "iperf1r", "down4", "iperf4r", "both1", "both4",
                  "curl", "rate", "wrk", "ka")
 # Busy share of the host's CPU from which a test counts as CPU-bound.
@@ -649,12 +650,13 @@ def ceiling_table(vals, M, w):
             best = max(peers)
             paired.append(x / best)
             # the tighter of the two bounds this round has: no user-space time, and no proxy at all
-            b = [ceil[rnd] / best] if busy.get(rnd, 0) >= SATURATED else []
-            if rnd in direct:
-                paired_direct.append(direct[rnd] / best)
-                b.append(direct[rnd] / best)
+            b = []
             if busy.get(rnd, 0) >= SATURATED:
                 paired_ceil.append(ceil[rnd] / best)
+                b.append(paired_ceil[-1])
+            if rnd in direct:
+                paired_direct.append(direct[rnd] / best)
+                b.append(paired_direct[-1])
             if b:
                 bound.append(min(b))
         if not paired or statistics.median(paired) >= factor:
