@@ -301,27 +301,24 @@ else:
 PY
 }
 
-# cpu_ticks PID...: utime+stime of the processes (all their threads, io_uring io-wq threads included;
-# threads that exited are folded into their process's totals by the kernel), in clock ticks.
-cpu_ticks() {
-    local t=0 p v
+# proc_ticks EXPR PID...: an awk expression of the fields of /proc/PID/stat that follow the ")" of
+# comm (state is $1, utime $12, stime $13), summed over the processes (all their threads, io_uring
+# io-wq threads included; threads that exited are folded into their process's totals by the
+# kernel), in clock ticks.
+proc_ticks() {
+    local e=$1 t=0 p v
+    shift
     for p in "$@"; do
-        # fields after the ")" of comm: state is field 3, utime 14, stime 15
-        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12 + $13}') || v=0
+        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk "{print $e}") || v=0
         t=$((t + ${v:-0}))
     done
     echo "$t"
 }
 
-# cpu_user_ticks PID...: utime alone (the time in the processes' own code, not the kernel's).
-cpu_user_ticks() {
-    local t=0 p v
-    for p in "$@"; do
-        v=$(sed 's/^.*) //' "/proc/$p/stat" 2>/dev/null | awk '{print $12}') || v=0
-        t=$((t + ${v:-0}))
-    done
-    echo "$t"
-}
+# cpu_ticks PID...: utime + stime. cpu_user_ticks PID...: utime alone (the processes' own code, not
+# the kernel's on their behalf).
+cpu_ticks() { proc_ticks '$12 + $13' "$@"; }
+cpu_user_ticks() { proc_ticks '$12' "$@"; }
 
 # rss_kb PID...: summed VmRSS.
 rss_kb() {
