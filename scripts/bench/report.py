@@ -302,7 +302,7 @@ def parse(out):
                 lat_curves.setdefault(p, {})[rnd] = [(x, y / 1e3) for x, y in curve]
                 if j.get("requests_per_s") and j["requests_per_s"] < 0.95 * float(j["command"].split("--rate ")[1].split()[0]):
                     problems.append(f"round {rnd} lat {p}: only {j['requests_per_s']:.0f} req/s achieved")
-        elif t in ("idle", "idle60"):
+        elif t in IDLE_TESTS:
             j = load(f + ".json")
             n = r["conns"]
             ok = bool(j) and j["connections"]["established"] == n and j["messages"]["lost"] == 0 \
@@ -383,7 +383,7 @@ def parse(out):
         if (t, rnd) in direct_sunr:
             put(f"{t}_sunr", p, rnd, v - direct_sunr[(t, rnd)])
     # kernel memory the proxy adds: Slab growth through the proxy minus direct's, same test and round
-    for t in ("idle", "idle60"):
+    for t in IDLE_TESTS:
         for (m, p), d in list(vals.items()):
             if m == f"{t}_slab" and p != "direct":
                 for rnd, v in d.items():
@@ -400,6 +400,8 @@ def parse(out):
     return rows, vals, lat_curves, problems, slow
 
 
+# The memory tests: idle connections with a heartbeat every 2 s, and silent for a minute.
+IDLE_TESTS = ("idle", "idle60")
 # Tests whose rate the CPU time of every process bounds once they keep the host's CPUs busy (the
 # report checks that they did, round by round).
 CEILING_TESTS = ("tput1", "iperf1", "tput4", "iperf4", "down1", "iperf1r", "down4", "iperf4r", "both1", "both4",
@@ -480,7 +482,7 @@ def main():
         w("|---|" + "---|" * (len(paths) - 1))
         for m, (title_m, unit, hib, dec) in METRICS.items():
             r = M.get((m, ref))
-            if r is None or r == 0 or m in ("idle_slab", "idle60_slab"):
+            if r is None or r == 0 or m in {f"{t}_slab" for t in IDLE_TESTS}:
                 continue
             cells = []
             for p in paths:

@@ -40,7 +40,7 @@ impl Ctx<'_> {
         if !Dir::BOTH.into_iter().any(|dir| self.may_idle_poll(dir)) {
             return None;
         }
-        Some(self.c.last_client.max(self.c.last_server).saturating_add(span))
+        Some(self.c.last_traffic().saturating_add(span))
     }
 
     /// How long this connection is silent before it swaps (ms): `idle_poll_after`, doubled for
@@ -105,7 +105,7 @@ impl Ctx<'_> {
         // to get there, so each of its messages would pay a swap; it waits twice as long before
         // the next. (A silence shorter than a span is the other direction of the same exchange,
         // woken after the first: no new evidence.)
-        let silence = self.now.ms.saturating_sub(self.c.last_client.max(self.c.last_server));
+        let silence = self.now.ms.saturating_sub(self.c.last_traffic());
         if self.idle_span().is_some_and(|span| (span..3 * span).contains(&silence)) && self.c.idle_shift < MAX_SHIFT {
             self.c.idle_shift += 1;
         }

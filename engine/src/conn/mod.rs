@@ -438,6 +438,11 @@ impl Conn {
         matches!(self.state, State::Closing(_))
     }
 
+    /// Its last traffic from either side (worker clock, ms).
+    pub fn last_traffic(&self) -> u64 {
+        self.last_client.max(self.last_server)
+    }
+
     pub fn is_live(&self) -> bool {
         self.state != State::Free
     }

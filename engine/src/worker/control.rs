@@ -292,7 +292,7 @@ impl Worker {
             let client = c.client_addr.map_or("-".into(), |a| a.to_string());
             let source = self.up.source_ip(c).map_or("-".into(), |ip| ip.to_string());
             let age = self.now.us.saturating_sub(c.t_accept_us) / 1000;
-            let idle = self.now.ms.saturating_sub(c.last_client.max(c.last_server));
+            let idle = self.now.ms.saturating_sub(c.last_traffic());
             let mut line = format!(
                 "worker={} frontend={fe} client={client} server={target} source={source} state={} age_ms={age} \
                  idle_ms={idle} bytes_in={} bytes_out={}",
