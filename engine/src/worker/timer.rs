@@ -7,10 +7,14 @@
 //! lazy: traffic only moves a connection's activity time; when its entry fires, the caller sees the
 //! real deadline and files it again. Deadlines beyond the horizon are filed in the last slot and
 //! re-filed when reached. Timers fire on the first tick at or after their deadline, never before.
+//! A bitmap of the slots that hold entries tells the event loop how long it may sleep: until the
+//! next tick with something filed for it, not the next tick (a worker holding only connections
+//! whose deadlines are far away wakes for them, not a hundred times a second).
 
 /// Wheel resolution.
 pub const TICK_MS: u64 = 10;
 const SLOTS: u64 = 4096;
+const WORDS: usize = (SLOTS / 64) as usize;
 /// "No connection" / "not filed".
 pub const NIL: u32 = u32::MAX;
 
@@ -46,11 +50,13 @@ pub struct TimerWheel {
     /// The last tick whose entries were handed out.
     cursor: u64,
     len: usize,
+    /// The slots whose list is not empty: bit `slot % 64` of word `slot / 64`.
+    occupied: [u64; WORDS],
 }
 
 impl TimerWheel {
     pub fn new(now_ms: u64) -> TimerWheel {
-        TimerWheel { heads: vec![NIL; SLOTS as usize], cursor: now_ms / TICK_MS, len: 0 }
+        TimerWheel { heads: vec![NIL; SLOTS as usize], cursor: now_ms / TICK_MS, len: 0, occupied: [0; WORDS] }
     }
 
     pub fn len(&self) -> usize {
@@ -72,6 +78,7 @@ impl TimerWheel {
         }
         *links.link(index) = TimerLink { prev: NIL, next: head, slot, deadline };
         self.heads[slot as usize] = index;
+        self.occupied[slot as usize / 64] |= 1 << (slot % 64);
         self.len += 1;
     }
 
@@ -85,6 +92,9 @@ impl TimerWheel {
             links.link(l.prev).next = l.next;
         } else {
             self.heads[l.slot as usize] = l.next;
+            if l.next == NIL {
+                self.occupied[l.slot as usize / 64] &= !(1 << (l.slot % 64));
+            }
         }
         if l.next != NIL {
             links.link(l.next).prev = l.prev;
@@ -101,6 +111,7 @@ impl TimerWheel {
             self.cursor += 1;
             let slot = (self.cursor % SLOTS) as usize;
             let mut i = std::mem::replace(&mut self.heads[slot], NIL);
+            self.occupied[slot / 64] &= !(1 << (slot % 64));
             while i != NIL {
                 let l = *links.link(i);
                 *links.link(i) = TimerLink::default();
@@ -117,13 +128,40 @@ impl TimerWheel {
         self.cursor = self.cursor.max(now_tick);
     }
 
-    /// How long the event loop may sleep before the next tick is due (at most `cap_ms`).
+    /// How long the event loop may sleep before the next tick with entries filed for it is due
+    /// (at most `cap_ms`): until then `expire` would find nothing.
     pub fn sleep_ms(&self, now_ms: u64, cap_ms: u64) -> u64 {
-        if self.len == 0 {
-            return cap_ms;
+        match self.next_filed_tick() {
+            Some(tick) => (tick * TICK_MS).saturating_sub(now_ms).min(cap_ms),
+            None => cap_ms,
         }
-        let next_tick_ms = (now_ms / TICK_MS + 1) * TICK_MS;
-        (next_tick_ms - now_ms).min(cap_ms)
+    }
+
+    /// The first tick after the cursor whose slot holds entries (due then, or to be filed again
+    /// then if beyond the horizon).
+    fn next_filed_tick(&self) -> Option<u64> {
+        if self.len == 0 {
+            return None;
+        }
+        let from = self.cursor + 1;
+        let start = (from % SLOTS) as usize;
+        // The start word from the start slot on, the other words, then the start word's slots
+        // below the start (the wheel wraps).
+        for k in 0..=WORDS {
+            let w = (start / 64 + k) % WORDS;
+            let mut bits = self.occupied[w];
+            if k == 0 {
+                bits &= !0u64 << (start % 64);
+            } else if k == WORDS {
+                bits &= (1u64 << (start % 64)) - 1;
+            }
+            if bits != 0 {
+                let slot = w * 64 + bits.trailing_zeros() as usize;
+                return Some(from + ((slot + SLOTS as usize - start) % SLOTS as usize) as u64);
+            }
+        }
+        debug_assert!(false, "{} entries filed but no slot marked", self.len);
+        Some(from)
     }
 }
 
@@ -212,6 +250,33 @@ mod tests {
         }
         assert!(w.is_empty());
         assert_eq!(w.heads.len(), SLOTS as usize);
+    }
+
+    #[test]
+    fn sleeps_until_the_next_tick_with_entries() {
+        let (mut w, mut t) = (TimerWheel::new(1_000), table(4));
+        assert_eq!(w.sleep_ms(1_003, 1_000), 1_000, "nothing filed");
+        w.schedule(0, 51_000, &mut t);
+        // Far away: the cap, not the next tick.
+        assert_eq!(w.sleep_ms(1_003, 1_000), 1_000);
+        w.schedule(1, 1_234, &mut t);
+        assert_eq!(w.sleep_ms(1_003, 1_000), 237, "until the tick of 1,240");
+        let mut out = Vec::new();
+        w.expire(1_240, &mut t, &mut out);
+        assert_eq!(out, vec![1]);
+        // Cancelling the last entry of a slot clears it; one past the end of the wheel's turn
+        // (its slot lies before the cursor's) is found across the wrap.
+        w.schedule(2, 2_000, &mut t);
+        w.cancel(2, &mut t);
+        w.cancel(0, &mut t);
+        w.schedule(3, 1_240 + SLOTS * TICK_MS - 30, &mut t);
+        assert_eq!(w.sleep_ms(1_240, u64::MAX), SLOTS * TICK_MS - 30);
+        // Beyond the horizon: filed in the wheel's last slot, the wake there files it again.
+        w.schedule(3, 10 * SLOTS * TICK_MS, &mut t);
+        assert_eq!(w.sleep_ms(1_240, u64::MAX), (SLOTS - 1) * TICK_MS);
+        w.expire(1_240 + (SLOTS - 1) * TICK_MS, &mut t, &mut out);
+        assert_eq!((out.len(), w.len()), (1, 1), "refiled, not fired");
+        assert!(w.sleep_ms(1_240 + (SLOTS - 1) * TICK_MS, u64::MAX) > 0);
     }
 
     #[test]

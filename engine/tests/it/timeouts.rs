@@ -224,3 +224,42 @@ fn a_drain_closes_a_close_spread_backend_at_an_even_pace_before_its_deadline() {
     assert!(last <= Duration::from_millis(3_000), "all closed by the deadline: last at {last:?}");
     assert!(last - first >= Duration::from_millis(1_000), "spread over the window: {first:?} .. {last:?}");
 }
+
+/// A worker holding connections whose deadlines are far away sleeps until the first of them (or
+/// its once-a-second slow path), not every tick of the timer wheel; a near deadline among them
+/// still fires on time.
+#[test]
+fn idle_connections_with_far_deadlines_let_the_worker_sleep_and_a_near_one_still_fires() {
+    const IDLE: usize = 200;
+    let backend = Backend::start(Mode::Silent);
+    let engine = engine(&format!(
+        "global: {{ workers: 1 }}\ndefaults: {{ timeout: {{ client: 30s, server: 30s }} }}\n\
+         frontends:\n  - {{ name: fe, bind: \"127.0.0.1:0\", backend: be }}\n\
+         \x20 - {{ name: short, bind: \"127.0.0.1:0\", backend: be, timeout: {{ client: 700ms }} }}\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let fe = addr(&engine, "fe");
+    let conns: Vec<_> = (0..IDLE).map(|_| connect(fe)).collect();
+    wait_until("every connection to reach the server", Duration::from_secs(5), || backend.active() == IDLE);
+    let turns = |e: &TestEngine| e.stats().total(|w| w.loop_iterations);
+    // Settled: every connection filed for its deadline 30 s away.
+    std::thread::sleep(Duration::from_millis(200));
+    let (turns0, t) = (turns(&engine), Instant::now());
+    std::thread::sleep(Duration::from_millis(1500));
+    let (slept, idle_turns) = (t.elapsed(), turns(&engine) - turns0);
+    // (Waking every 10 ms tick was ~150 turns here; now the slow path once a second and the stats
+    // requests themselves.)
+    assert!(idle_turns <= 10, "{idle_turns} loop turns in {slept:?} with {IDLE} idle connections");
+
+    let mut c = connect(addr(&engine, "short"));
+    let t = Instant::now();
+    let (got, err) = read_to_end(&mut c);
+    let waited = t.elapsed();
+    assert!(got.is_empty() && err.is_none(), "a clean close: {err:?}");
+    assert!(waited >= Duration::from_millis(650), "closed after {waited:?}, before its client timeout");
+    assert!(waited < Duration::from_millis(1_500), "closed only after {waited:?}");
+    assert_eq!(engine.stats().total(|w| w.timeouts.client), 1);
+    drop((c, conns));
+    assert_clean(engine, &[backend.addr.port()]);
+}
