@@ -22,6 +22,14 @@
 //!   loop, a fixed-rate request stream, bulk flows or a burst of new connections pay at most a few
 //!   windows before every event wakes the worker again; windows come back after a second of
 //!   quiet traffic alone.
+//! - **Quiet traffic that starts mid-epoch turns it on within [`GLANCE_MS`].** Keep-alives come
+//!   in bursts when their clients connected together (after a reconnect storm, a restart, or a
+//!   ramp): each client's every period, all of them within a fraction of it. Judged by epochs
+//!   alone, such bursts fall in epochs that follow quiet ones — with a 2 s period and clients
+//!   connected within a second, every burst did, and no heartbeat ever had a window. So the
+//!   counts are also read every [`GLANCE_MS`]: a glance with enough quiet messages at the busy
+//!   share turns windows on at once (unless the epoch's busy messages have already turned them
+//!   off), and the epoch that ends during such traffic keeps them.
 //!
 //! The counts are the worker's `quiet_messages` and `busy_messages` (stats), so an operator sees
 //! why; `batching` says whether the worker is in windows now, `ring.batched_waits` how many waits
@@ -45,6 +53,9 @@ pub const BUSY_SHARE: u64 = 16;
 /// Busy messages an epoch may have on top of its share before the windows end at once (a few
 /// clients reconnecting).
 pub const BUSY_SLACK: u64 = 32;
+/// How often the counts are also read within an epoch, to turn windows on for quiet traffic that
+/// started since: how late a burst of keep-alives gets its windows at most.
+pub const GLANCE_MS: u64 = 100;
 
 /// The worker's choice of window, wait by wait.
 #[derive(Debug)]
@@ -56,12 +67,27 @@ pub struct Coalesce {
     epoch_ms: u64,
     quiet0: u64,
     busy0: u64,
+    /// The glance's start and the counters then, and whether the last whole glance had enough.
+    glance_ms: u64,
+    glance_quiet0: u64,
+    glance_busy0: u64,
+    glance_enough: bool,
 }
 
 impl Coalesce {
     /// `mode` as the engine applies it (`Off` where the kernel lacks `min_wait_usec`).
     pub fn new(mode: BatchWait) -> Coalesce {
-        Coalesce { mode, on: false, epoch_ms: 0, quiet0: 0, busy0: 0 }
+        Coalesce {
+            mode,
+            on: false,
+            epoch_ms: 0,
+            quiet0: 0,
+            busy0: 0,
+            glance_ms: 0,
+            glance_quiet0: 0,
+            glance_busy0: 0,
+            glance_enough: false,
+        }
     }
 
     /// The window of the next wait, µs (`None`: every event wakes the worker), given the clock,
@@ -80,13 +106,21 @@ impl Coalesce {
             BatchWait::Off => None,
             BatchWait::Every(d) => Some(micros(d)),
             BatchWait::Auto => {
+                let glanced = now_ms.saturating_sub(self.glance_ms);
+                if glanced >= GLANCE_MS {
+                    let (q, b) = (quiet - self.glance_quiet0, busy - self.glance_busy0);
+                    self.glance_enough = enough(q, b, glanced);
+                    (self.glance_ms, self.glance_quiet0, self.glance_busy0) = (now_ms, quiet, busy);
+                }
                 let (q, b) = (quiet - self.quiet0, busy - self.busy0);
                 let elapsed = now_ms.saturating_sub(self.epoch_ms);
                 if elapsed >= EPOCH_MS {
-                    self.on = q >= MIN_QUIET_PER_MS * elapsed && b * BUSY_SHARE <= q;
+                    self.on = enough(q, b, elapsed) || self.glance_enough;
                     (self.epoch_ms, self.quiet0, self.busy0) = (now_ms, quiet, busy);
-                } else if self.on && b > BUSY_SLACK + q / BUSY_SHARE {
+                } else if b > BUSY_SLACK + q / BUSY_SHARE {
                     self.on = false;
+                } else if self.glance_enough {
+                    self.on = true;
                 }
                 self.on.then(|| micros(AUTO_BATCH_WINDOW))
             }
@@ -101,6 +135,12 @@ impl Coalesce {
             BatchWait::Auto => self.on,
         }
     }
+}
+
+/// Whether `quiet` and `busy` messages over `ms` make windows worth it: enough quiet ones to
+/// gather several a window, and busy ones at most at their share.
+fn enough(quiet: u64, busy: u64, ms: u64) -> bool {
+    quiet >= MIN_QUIET_PER_MS * ms && busy * BUSY_SHARE <= quiet
 }
 
 fn micros(d: Duration) -> u32 {
@@ -161,6 +201,36 @@ mod tests {
         assert_eq!(c.window(now + EPOCH_MS + 1, q + 3_000, b + BUSY_SLACK, false), Some(2_000), "within the slack");
         assert_eq!(c.window(now + EPOCH_MS + 2, q + 3_010, b + BUSY_SLACK + 20, false), None, "past it");
         assert!(!c.batching());
+    }
+
+    #[test]
+    fn keep_alives_in_bursts_get_windows_within_a_glance() {
+        // 9,000 clients connected within 0.9 s, a keep-alive every 2 s: each period a burst of 10
+        // messages a millisecond for 900 ms, then 1.1 s of nothing. Judged by epochs alone every
+        // burst fell in an epoch after a quiet one, and no message had a window.
+        let mut c = Coalesce::new(BatchWait::Auto);
+        let (mut quiet, mut windowed, mut total) = (0, 0, 0);
+        c.window(0, 0, 0, false);
+        for now in (10..10_000).step_by(10) {
+            let window = c.window(now, quiet, 0, false);
+            if now % 2_000 < 900 {
+                // The messages of the next 10 ms: woken by them with or without a window.
+                quiet += 100;
+                total += 100;
+                if window.is_some() {
+                    windowed += 100;
+                }
+            }
+        }
+        // Each burst but its first glance (100 ms of 900) has windows.
+        assert!(windowed * 100 >= total * 85, "{windowed} of {total} messages had a window");
+        // A busy epoch keeps them off whatever the glances say, until it ends.
+        let mut c = Coalesce::new(BatchWait::Auto);
+        c.window(0, 0, 0, false);
+        assert_eq!(c.window(150, 1_000, 0, false), Some(2_000));
+        assert_eq!(c.window(300, 2_000, 500, false), None, "busy past the slack");
+        assert_eq!(c.window(450, 5_000, 500, false), None, "the glance alone does not bring them back");
+        assert_eq!(c.window(1_100, 10_000, 500, false), Some(2_000), "the next epoch does");
     }
 
     #[test]

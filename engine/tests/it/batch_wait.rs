@@ -162,6 +162,51 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
     assert_clean(engine, &[echo.addr.port()]);
 }
 
+/// `auto` and keep-alives that come in bursts, as those of clients that connected together do: a
+/// burst after seconds of nothing gets its windows within a glance (100 ms), not from the next
+/// epoch on — by which time such a burst is over. The burst here, 600 keep-alives within 300 ms,
+/// is 1,200 quiet messages (with their echoes), fewer than a whole epoch needs: judged by epochs
+/// alone it never had a window.
+#[test]
+fn auto_gives_a_burst_of_keep_alives_its_windows_within_the_burst() {
+    const CONNS: usize = 600;
+    if !batched_waits_or_skip() {
+        return;
+    }
+    let echo = Backend::start(Mode::Echo);
+    let engine = batch_engine(&echo, "");
+    let fe = addr(&engine, "fe");
+    let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect(fe)).collect();
+    for c in &mut conns {
+        echo_once(c, b"hello, 16 bytes.");
+    }
+    // Seconds with nothing: an epoch begins after the connections' first messages (busy ones),
+    // and the flows are quiet.
+    std::thread::sleep(Duration::from_millis(2_500));
+    let w = |e: &TestEngine| e.stats().workers[0].clone();
+    let before = w(&engine);
+    assert_eq!(before.batching, 0, "batching before the burst: {:?}", before.ring);
+    for (k, chunk) in conns.chunks_mut(40).enumerate() {
+        let t = std::time::Instant::now();
+        for (i, c) in chunk.iter_mut().enumerate() {
+            c.write_all(format!("keep-alive {:05}", k * 40 + i).as_bytes()).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(20).saturating_sub(t.elapsed()));
+    }
+    for (i, c) in conns.iter_mut().enumerate() {
+        let mut got = [0u8; 16];
+        c.read_exact(&mut got).unwrap();
+        assert_eq!(&got, format!("keep-alive {i:05}").as_bytes(), "connection {i}");
+    }
+    let after = w(&engine);
+    let (q, b) = (after.quiet_messages - before.quiet_messages, after.busy_messages - before.busy_messages);
+    eprintln!("burst: {q} quiet and {b} busy messages, {:?} -> {:?}", before.ring, after.ring);
+    assert!(q >= (2 * CONNS) as u64 * 9 / 10 && b == 0, "{q} quiet and {b} busy messages");
+    assert!(after.ring.batched_waits > before.ring.batched_waits, "no wait had a window during the burst");
+    drop(conns);
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
 /// Where the kernel cannot batch (pinned to 6.1's feature set), `auto` is off without a word: the
 /// operator asked for nothing that is not done. Quiet traffic still counts as quiet.
 #[test]
