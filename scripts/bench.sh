@@ -50,6 +50,10 @@
 #                  HAProxy cannot hold 18,000 (36,000 descriptors) in one process under
 #                  RLIMIT_NOFILE 20000: above MAXCONN it runs as WORKERS processes of one thread
 #                  each on one SO_REUSEPORT port (each its own CPU), the way it is run on such hosts
+#   hb5s           the same at 9,000 connections with a heartbeat every 5 s: the clients connected
+#                  within a second, so each period's heartbeats come within a second and four pass
+#                  without any, as the keep-alives of clients that reconnected together do; the
+#                  window is HB_WINDOW rounded up to whole periods (15 s: three)
 #   flows          FLOWS (default 1,000) bulk streams both ways at once (`ringload throughput
 #                  --direction both`, source server) through a freshly started instance of the
 #                  proxy, 2 x DUR: Gbit/s up + down, and the proxy's peak RSS growth (sampled every
@@ -132,7 +136,7 @@ else
 fi
 # The ringproxy-batch path's tune.batch_wait.
 BATCH_WAIT=${BATCH_WAIT:-2ms}
-TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k flows idle idle60}
+TESTS=${TESTS:-tput1 iperf1 tput4 iperf4 down1 iperf1r down4 iperf4r both1 both4 curl rate wrk ka lat hb9k hb18k hb5s flows idle idle60}
 HB_WINDOW=${HB_WINDOW:-$([ "$QUICK" = 1 ] && echo 5 || echo 15)}
 CURL_MIB=${CURL_MIB:-1024}
 FLOWS=${FLOWS:-1000}
@@ -618,6 +622,7 @@ run_test() { # TEST PATH ROUND
             ;;
         hb9k) hb_test "$t" "$p" "$r" 9000; return ;;
         hb18k) hb_test "$t" "$p" "$r" 18000; return ;;
+        hb5s) hb_test "$t" "$p" "$r" 9000 5; return ;;
         rate)
             a=${ADDR[$p:echo]}
             run_logged "$f.cmd" "$RL" rate --target "$a" --concurrency "$CONC" --size 64 --duration "${DUR}s" \
@@ -672,14 +677,15 @@ fresh_instance() {
 # heartbeat round has passed (1: right after the ramp), and IDLE_SETTLE_S later while they are still
 # held (2: what holding them costs; a proxy may keep part of what the ramp's burst took, or give it
 # back — ringproxy's receive-buffer ring narrows once a second).
-# mem_kb INSTANCE: the instance's RSS, the machine's Slab and SUnreclaim, in KiB, on one line
+# mem_kb INSTANCE: the instance's RSS and its anonymous part, the machine's Slab and SUnreclaim, in
+# KiB, on one line
 mem_kb() {
     # shellcheck disable=SC2086
-    echo "$(rss_kb ${PROC[$1]}) $(slab_kb) $(sunreclaim_kb)"
+    echo "$(rss_kb ${PROC[$1]}) $(anon_kb ${PROC[$1]}) $(slab_kb) $(sunreclaim_kb)"
 }
 
 idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
-    local p=$1 r=$2 t=$3 hb=$4 settle=$5 f a port rss0 rss1 rss2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0
+    local p=$1 r=$2 t=$3 hb=$4 settle=$5 f a port rss0 rss1 rss2 anon0 anon1 anon2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0
     local hold_s inst cmd
     f=$OUT/raw/r$r-$t-$p
     fresh_instance "$p" "$t-$p-r$r" echo
@@ -688,7 +694,7 @@ idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
     port=$(port_of "$a")
     hold_s=$((IDLE_CONNS / 5000 + 7 + settle))
     sleep 1
-    read -r rss0 slab0 sunr0 < <(mem_kb "$inst")
+    read -r rss0 anon0 slab0 sunr0 < <(mem_kb "$inst")
     cmd=("$RL" hold --target "$a" --conns "$IDLE_CONNS" --ramp 10000/s --heartbeat "${hb}s" --duration "${hold_s}s"
         --sources 127.0.5.0/28 --json --no-progress)
     log_cmd "$f.cmd" "${cmd[@]}"
@@ -701,12 +707,12 @@ idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
         sleep 0.1
     done
     sleep 2.5
-    read -r rss1 slab1 sunr1 < <(mem_kb "$inst")
+    read -r rss1 anon1 slab1 sunr1 < <(mem_kb "$inst")
     sleep "$settle"
-    read -r rss2 slab2 sunr2 < <(mem_kb "$inst")
+    read -r rss2 anon2 slab2 sunr2 < <(mem_kb "$inst")
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" heartbeat_s="$hb" \
-        rss0_kb="$rss0" rss1_kb="$rss1" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
+        rss0_kb="$rss0" rss1_kb="$rss1" anon0_kb="$anon0" anon1_kb="$anon1" anon2_kb="$anon2" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
         settle_s="$settle" rss2_kb="$rss2" slab2_kb="$slab2" sunr2_kb="$sunr2" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
@@ -756,25 +762,28 @@ stop_inst() {
 }
 
 # The heartbeat test: N connections held through a fresh instance of the path (as idle, but every
-# connection sends a 16-byte heartbeat each second and checks its echo); once all are established
-# and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s. -> CPU per heartbeat round
-# trip (cpu / (N x HB_WINDOW)) and the heartbeats' p99 RTT over the whole hold; and the whole
+# connection sends a 16-byte heartbeat each second, or each HEARTBEAT_S, and checks its echo); once
+# all are established and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s (whole
+# periods). -> CPU per heartbeat round trip (cpu / (N x window / HEARTBEAT_S)) and the heartbeats'
+# p99 RTT over the whole hold; and the whole
 # machine's busy CPU over the same window (the client's, the server's and the kernel's work in
 # softirq too, which no process is charged for): CPUs x window minus idle, iowait and steal, as
 # report.py computes it. (Not /proc/stat's busy fields: this kernel samples them at each tick,
 # and the tick does not run on an idle CPU, so the short bursts of work between idle spells that
 # heartbeats make go largely uncounted; idle time is measured exactly. A process's utime + stime
 # are scaled to its exact run time, so the proxy's own CPU is exact.)
-hb_test() { # TEST PATH ROUND CONNS
-    local t=$1 p=$2 r=$3 n=$4 f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 busy0 busy1 tot0 tot1 rc=0 cmd
+hb_test() { # TEST PATH ROUND CONNS [HEARTBEAT_S]
+    local t=$1 p=$2 r=$3 n=$4 hb=${5:-1} win f a port inst hold hold_s ramp_s est=0 cpu0 cpu1 w0 w1 st0 st1 busy0 busy1 tot0 tot1 rc=0 cmd
     f=$OUT/raw/r$r-$t-$p
     INST_MAXCONN=$((n + 1000)) fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
     a=${ADDR[$inst:echo]}
     port=$(port_of "$a")
     ramp_s=$((n / 10000 + 1))
-    hold_s=$((ramp_s + 4 + HB_WINDOW + 3))
-    cmd=("$RL" hold --target "$a" --conns "$n" --ramp 10000/s --heartbeat 1s --duration "${hold_s}s"
+    # whole periods: each burst of a bursty test counted once
+    win=$(((HB_WINDOW + hb - 1) / hb * hb))
+    hold_s=$((ramp_s + 4 + win + 3))
+    cmd=("$RL" hold --target "$a" --conns "$n" --ramp 10000/s --heartbeat "${hb}s" --duration "${hold_s}s"
         --latency-after "$((ramp_s + 2))s" --sources 127.0.5.0/28 --json --no-progress)
     log_cmd "$f.cmd" "${cmd[@]}"
     start_bg "ringload hold ($t)" timeout $((hold_s + 60)) "${cmd[@]}" >"$f.json" 2>"$f.err"
@@ -789,12 +798,12 @@ hb_test() { # TEST PATH ROUND CONNS
     [ "$inst" = direct ] || snap_stats "$p" "$f.stats0.json" "$inst"
     # shellcheck disable=SC2086
     cpu0=$(cpu_ticks ${PROC[$inst]}); w0=$(date +%s.%N); st0=$(steal_ticks); read -r busy0 tot0 < <(sys_ticks)
-    sleep "$HB_WINDOW"
+    sleep "$win"
     # shellcheck disable=SC2086
     cpu1=$(cpu_ticks ${PROC[$inst]}); w1=$(date +%s.%N); st1=$(steal_ticks); read -r busy1 tot1 < <(sys_ticks)
     [ "$inst" = direct ] || snap_stats "$p" "$f.stats1.json" "$inst"
     reap_bg "$hold" || rc=$?
-    record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" seen_established="$est" \
+    record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$n" heartbeat_s="$hb" seen_established="$est" \
         window_s="$(awk "BEGIN {print $w1 - $w0}")" cpu_ticks="$((cpu1 - cpu0))" clk_tck="$(getconf CLK_TCK)" \
         steal_ticks="$((st1 - st0))" sys_total_ticks="$((tot1 - tot0))" sys_busy_ticks="$((busy1 - busy0))" \
         cpus="$(grep -c '^cpu[0-9]' /proc/stat)" \

@@ -34,7 +34,7 @@
 #                            sum of its values) summed over workers (scripts/bench/report.py tot).
 # Build and host
 #   ringproxy_bin [BINARY]   BINARY if given, else this tree's release build (built first).
-#   build_binaries ROOT DIR, free_port, cpu_ticks, rss_kb, slab_kb, sunreclaim_kb, sys_ticks, steal_ticks,
+#   build_binaries ROOT DIR, free_port, cpu_ticks, rss_kb, anon_kb, slab_kb, sunreclaim_kb, sys_ticks, steal_ticks,
 #   with_children, descendants, established_to, thread_stats, log, die, now_ms (see each below).
 
 SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -321,10 +321,16 @@ cpu_ticks() { proc_ticks '$12 + $13' "$@"; }
 cpu_user_ticks() { proc_ticks '$12' "$@"; }
 
 # rss_kb PID...: summed VmRSS.
-rss_kb() {
-    local t=0 p v
+rss_kb() { status_kb VmRSS "$@"; }
+# anon_kb PID...: summed RssAnon, the private memory of RSS (without the executable's and the
+# libraries' pages, which are shared with every process that maps them and do not grow with load).
+anon_kb() { status_kb RssAnon "$@"; }
+# status_kb FIELD PID...: a /proc/PID/status field (in kB), summed over the processes.
+status_kb() {
+    local f=$1 t=0 p v
+    shift
     for p in "$@"; do
-        v=$(awk '/^VmRSS:/ {print $2}' "/proc/$p/status" 2>/dev/null) || v=0
+        v=$(awk -v f="$f:" '$1 == f {print $2}' "/proc/$p/status" 2>/dev/null) || v=0
         t=$((t + ${v:-0}))
     done
     echo "$t"
