@@ -686,7 +686,7 @@ mem_kb() {
 
 idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
     local p=$1 r=$2 t=$3 hb=$4 settle=$5 f a port rss0 rss1 rss2 anon0 anon1 anon2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0
-    local hold_s inst cmd
+    local hold_s inst cmd cpu1=0 cpu2=0
     f=$OUT/raw/r$r-$t-$p
     fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
@@ -708,12 +708,18 @@ idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
     done
     sleep 2.5
     read -r rss1 anon1 slab1 sunr1 < <(mem_kb "$inst")
+    # shellcheck disable=SC2086
+    cpu1=$(cpu_ticks ${PROC[$inst]})
     sleep "$settle"
     read -r rss2 anon2 slab2 sunr2 < <(mem_kb "$inst")
+    # (what holding them cost the proxy between the two samples)
+    # shellcheck disable=SC2086
+    cpu2=$(cpu_ticks ${PROC[$inst]})
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" heartbeat_s="$hb" \
         rss0_kb="$rss0" rss1_kb="$rss1" anon0_kb="$anon0" anon1_kb="$anon1" anon2_kb="$anon2" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
         settle_s="$settle" rss2_kb="$rss2" slab2_kb="$slab2" sunr2_kb="$sunr2" \
+        cpu_ticks="$((cpu2 - cpu1))" clk_tck="$(getconf CLK_TCK)" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"

@@ -58,6 +58,7 @@ METRICS = {
     "idle60_slab": ("connections silent for a minute: kernel Slab growth per connection, whole machine", "bytes", False, 0),
     "idle60_kernel": ("connections silent for a minute: kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
     "idle60_sunr": ("connections silent for a minute: unreclaimable Slab per connection added by the proxy", "bytes", False, 0),
+    "idle60_cpu": ("connections silent for a minute: proxy CPU while holding them (ms per second)", "ms/s", False, 2),
     "cpu_gb": ("proxy CPU per GB moved (4 streams)", "CPU s/GB", False, 3),
     "cpu_10k": ("proxy CPU per 10,000 connections (rate test)", "CPU s", False, 3),
     "tput4_cpu_util": ("proxy CPU use during 4-stream throughput", "CPUs", False, 2),
@@ -339,6 +340,10 @@ def parse(out):
                 direct_slab[(t, rnd)] = slab
             else:
                 put(f"{t}_user", p, rnd, (r[f"rss{k}_kb"] - r["rss0_kb"]) * 1024 / n)
+                if t == "idle60" and "cpu_ticks" in r:
+                    # between the two samples: the swap to polls (ringproxy) and whatever the
+                    # proxy does per second while nothing moves
+                    put("idle60_cpu", p, rnd, r["cpu_ticks"] * 1000 / r.get("clk_tck", 100) / r["settle_s"])
                 if k == "2" and t == "idle":
                     put("idle_user_ramp", p, rnd, (r["rss1_kb"] - r["rss0_kb"]) * 1024 / n)
     # what the host allows: the rate each path would reach if its own user-space time were zero
