@@ -771,10 +771,9 @@ stop_inst() {
 # connection sends a 16-byte heartbeat each second, or each HEARTBEAT_S, and checks its echo); once
 # all are established and a heartbeat round has passed, the proxy's CPU over HB_WINDOW s (whole
 # periods). -> CPU per heartbeat round trip (cpu / (N x window / HEARTBEAT_S)) and the heartbeats'
-# p99 RTT over the whole hold; and the whole
-# machine's busy CPU over the same window (the client's, the server's and the kernel's work in
-# softirq too, which no process is charged for): CPUs x window minus idle, iowait and steal, as
-# report.py computes it. (Not /proc/stat's busy fields: this kernel samples them at each tick,
+# p99 RTT over the whole hold; and the whole machine's busy CPU over the same window (the
+# client's, the server's and the kernel's work in softirq too, which no process is charged for):
+# CPUs x window minus idle, iowait and steal, as report.py computes it. (Not /proc/stat's busy fields: this kernel samples them at each tick,
 # and the tick does not run on an idle CPU, so the short bursts of work between idle spells that
 # heartbeats make go largely uncounted; idle time is measured exactly. A process's utime + stime
 # are scaled to its exact run time, so the proxy's own CPU is exact.)

@@ -25,9 +25,9 @@
 //! - **Quiet traffic that starts mid-epoch turns it on within [`GLANCE_MS`].** Keep-alives come
 //!   in bursts when their clients connected together (after a reconnect storm, a restart, or a
 //!   ramp): each client's every period, all of them within a fraction of it. Judged by epochs
-//!   alone, such bursts fall in epochs that follow quiet ones — with a 2 s period and clients
-//!   connected within a second, every burst did, and no heartbeat ever had a window. So the
-//!   counts are also read every [`GLANCE_MS`]: a glance with enough quiet messages at the busy
+//!   alone, such a burst starts in an epoch that follows a quiet one, and has windows only from
+//!   the next epoch on, if it lasts that long — with a 5 s period and clients connected within a
+//!   second, most of each burst had none. So the counts are also read every [`GLANCE_MS`]: a glance with enough quiet messages at the busy
 //!   share turns windows on at once (unless the epoch's busy messages have already turned them
 //!   off), and the epoch that ends during such traffic keeps them.
 //!
@@ -206,8 +206,9 @@ mod tests {
     #[test]
     fn keep_alives_in_bursts_get_windows_within_a_glance() {
         // 9,000 clients connected within 0.9 s, a keep-alive every 2 s: each period a burst of 10
-        // messages a millisecond for 900 ms, then 1.1 s of nothing. Judged by epochs alone every
-        // burst fell in an epoch after a quiet one, and no message had a window.
+        // messages a millisecond for 900 ms, then 1.1 s of nothing. Judged by epochs alone (here
+        // in step with the bursts) every burst fell in an epoch after a quiet one, and no message
+        // had a window.
         let mut c = Coalesce::new(BatchWait::Auto);
         let (mut quiet, mut windowed, mut total) = (0, 0, 0);
         c.window(0, 0, 0, false);

@@ -23,6 +23,22 @@ fn batch_engine(echo: &Backend, tune: &str) -> TestEngine {
     ))
 }
 
+/// An engine with `batch_wait: auto` (the default) and `n` connections through it to an echo
+/// server, each with one exchange behind it; `None` where the kernel cannot batch.
+fn auto_with_connections(n: usize) -> Option<(Backend, TestEngine, Vec<TcpStream>)> {
+    if !batched_waits_or_skip() {
+        return None;
+    }
+    let echo = Backend::start(Mode::Echo);
+    let engine = batch_engine(&echo, "");
+    let fe = addr(&engine, "fe");
+    let mut conns: Vec<TcpStream> = (0..n).map(|_| connect(fe)).collect();
+    for c in &mut conns {
+        echo_once(c, b"hello, 16 bytes.");
+    }
+    Some((echo, engine, conns))
+}
+
 /// `ROUNDS` rounds of a 16-byte message on each of `CONNS` connections, every echo checked;
 /// returns the worker's loop turns per message over the rounds.
 fn heartbeat_rounds(engine: &TestEngine) -> f64 {
@@ -99,16 +115,7 @@ fn without_the_kernel_feature_the_setting_is_reported_and_not_applied() {
 #[test]
 fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop() {
     const QUIET_CONNS: usize = 600;
-    if !batched_waits_or_skip() {
-        return;
-    }
-    let echo = Backend::start(Mode::Echo);
-    let engine = batch_engine(&echo, "");
-    let fe = addr(&engine, "fe");
-    let mut conns: Vec<TcpStream> = (0..QUIET_CONNS).map(|_| connect(fe)).collect();
-    for c in &mut conns {
-        echo_once(c, b"hello, 16 bytes.");
-    }
+    let Some((echo, engine, mut conns)) = auto_with_connections(QUIET_CONNS) else { return };
     let w = |e: &TestEngine| e.stats().workers[0].clone();
     let before = w(&engine);
     // Rounds every 200 ms until the worker batches and has batched for a while (at most 15 s).
@@ -170,16 +177,7 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
 #[test]
 fn auto_gives_a_burst_of_keep_alives_its_windows_within_the_burst() {
     const CONNS: usize = 600;
-    if !batched_waits_or_skip() {
-        return;
-    }
-    let echo = Backend::start(Mode::Echo);
-    let engine = batch_engine(&echo, "");
-    let fe = addr(&engine, "fe");
-    let mut conns: Vec<TcpStream> = (0..CONNS).map(|_| connect(fe)).collect();
-    for c in &mut conns {
-        echo_once(c, b"hello, 16 bytes.");
-    }
+    let Some((echo, engine, mut conns)) = auto_with_connections(CONNS) else { return };
     // Seconds with nothing: an epoch begins after the connections' first messages (busy ones),
     // and the flows are quiet.
     std::thread::sleep(Duration::from_millis(2_500));
