@@ -223,6 +223,12 @@ impl ConnLog {
         self.oldest_ms.get_or_insert(now_ms);
     }
 
+    /// How long until the buffer is old enough to be handed over (None: it is empty). The worker
+    /// wakes for it: a connection's log line waits at most `FLUSH_MS` on an otherwise idle worker.
+    pub fn flush_in(&self, now_ms: u64) -> Option<u64> {
+        self.oldest_ms.map(|t| (t + FLUSH_MS).saturating_sub(now_ms))
+    }
+
     /// Hands the buffer to the log thread if it is full enough or old enough (or `force`).
     pub fn maybe_flush(&mut self, now_ms: u64, force: bool) {
         let due = self.oldest_ms.is_some_and(|t| now_ms >= t + FLUSH_MS);

@@ -356,6 +356,20 @@ impl Worker {
         }
     }
 
+    /// How long until the drain has something to do at a time of its own (None: not draining,
+    /// or nothing left to time): a backend's `close_spread` window starting, the deadline, and
+    /// the zero-copy grace after it. Everything else a drain waits for is a completion.
+    pub(super) fn drain_wake_in(&self) -> Option<u64> {
+        let deadline = self.draining?;
+        let spreads = self.cfg.backends.iter().enumerate().filter_map(|(b, be)| {
+            let w = be.close_spread?.as_millis() as u64;
+            (!self.drain_spread[b]).then(|| deadline.saturating_sub(w))
+        });
+        let grace = (self.ring.zc_live() > 0).then_some(deadline + ZC_GRACE_MS);
+        // (What is already past was done by `check_drain` at this turn.)
+        spreads.chain([deadline]).chain(grace).filter(|&t| t > self.now.ms).min().map(|t| t - self.now.ms)
+    }
+
     /// Drained: no connection, no parked socket, every listener closed, no grant of a move
     /// outstanding, nothing left to tell the engine moved to, and no zero-copy send's
     /// notification to come (the buffers it holds go back with it) — unless the drain's deadline

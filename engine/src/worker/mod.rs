@@ -185,6 +185,8 @@ impl Worker {
                 .iter()
                 .filter_map(|l| l.retry_in(self.now.ms))
                 .fold(self.timers.sleep_ms(self.now.ms, 1000), u64::min)
+                .min(self.drain_wake_in().unwrap_or(u64::MAX))
+                .min(self.log.as_ref().and_then(|l| l.flush_in(self.now.ms)).unwrap_or(u64::MAX))
                 .min(if self.spreads.is_empty() { u64::MAX } else { timer::TICK_MS })
                 .min(if self.mover.as_ref().is_some_and(moving::Mover::busy) { 1 } else { u64::MAX });
             let (quiet, busy, stalled) =

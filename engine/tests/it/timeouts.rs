@@ -263,3 +263,55 @@ fn idle_connections_with_far_deadlines_let_the_worker_sleep_and_a_near_one_still
     drop((c, conns));
     assert_clean(engine, &[backend.addr.port()]);
 }
+
+/// A drain of connections that carry nothing ends them at its deadline, and a backend's
+/// `close_spread` window begins on time: the worker wakes for the drain's own times, where an
+/// idle worker otherwise sleeps up to a second.
+#[test]
+fn a_drain_of_idle_connections_keeps_its_deadline_and_its_close_spread_window() {
+    let backend = Backend::start(Mode::Silent);
+    // Each connection's close as the client sees it, from the start of the stop.
+    let drain = |engine: TestEngine, conns: Vec<std::net::TcpStream>| {
+        wait_until("every connection to reach the server", Duration::from_secs(5), || backend.active() == conns.len());
+        std::thread::sleep(Duration::from_millis(300));
+        let start = Instant::now();
+        let ends: Vec<_> = conns
+            .into_iter()
+            .map(|mut c| {
+                spawn(move || {
+                    let _ = read_to_end(&mut c);
+                    start.elapsed()
+                })
+            })
+            .collect();
+        assert_stops_clean(engine, &[backend.addr.port()]);
+        let mut ends = join_all(ends);
+        ends.sort();
+        wait_until("the server side to close", Duration::from_secs(2), || backend.active() == 0);
+        (ends[0], ends[ends.len() - 1])
+    };
+
+    let plain = engine(&format!(
+        "global: {{ workers: 1 }}\ndefaults: {{ timeout: {{ client: 30s, server: 30s, drain: 400ms }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let conns = (0..20).map(|_| connect(addr(&plain, "fe"))).collect();
+    let (first, last) = drain(plain, conns);
+    assert!(first >= Duration::from_millis(350), "closed before the deadline: {first:?}");
+    assert!(last <= Duration::from_millis(900), "closed only at {last:?}, the deadline 400 ms");
+
+    let spread = engine(&format!(
+        "global: {{ workers: 1 }}\ndefaults: {{ timeout: {{ client: 30s, server: 30s, drain: 1300ms }} }}\n\
+         frontends: [{{ name: fe, bind: \"127.0.0.1:0\", backend: be }}]\n\
+         backends: [{{ name: be, close_spread: 600ms, servers: [{{ name: s, address: \"{}\" }}] }}]\n",
+        backend.addr
+    ));
+    let conns = (0..20).map(|_| connect(addr(&spread, "fe"))).collect();
+    let (first, last) = drain(spread, conns);
+    // The window: 700 ms to 1,300 ms.
+    assert!(first >= Duration::from_millis(650), "closed before the window: {first:?}");
+    assert!(first <= Duration::from_millis(950), "the window began only at {first:?}, due at 700 ms");
+    assert!(last <= Duration::from_millis(1_800), "closed only at {last:?}, the deadline 1,300 ms");
+}
