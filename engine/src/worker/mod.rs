@@ -188,7 +188,7 @@ impl Worker {
                 .min(self.drain_wake_in().unwrap_or(u64::MAX))
                 .min(self.log.as_ref().and_then(|l| l.flush_in(self.now.ms)).unwrap_or(u64::MAX))
                 .min(if self.spreads.is_empty() { u64::MAX } else { timer::TICK_MS })
-                .min(if self.mover.as_ref().is_some_and(moving::Mover::busy) { 1 } else { u64::MAX });
+                .min(self.mover.as_ref().map_or(u64::MAX, |m| m.wake_in(self.now.ms)));
             let (quiet, busy, stalled) =
                 (self.stats.quiet_messages, self.stats.busy_messages, !self.waiters.is_empty());
             let window = self.coalesce.window(self.now.ms, quiet, busy, stalled);

@@ -217,6 +217,12 @@ impl Mover {
             || !self.installing.is_empty()
     }
 
+    /// How long the worker may sleep before the mover has something to do (ms, at least 1): at
+    /// once while a move is under way, else at its next sweep (or retry after a refusal).
+    pub(super) fn wake_in(&self, now: u64) -> u64 {
+        if self.busy() { 1 } else { self.next_sweep.max(self.retry_at).saturating_sub(now).max(1) }
+    }
+
     /// Messages not sent yet.
     pub(super) fn has_mail(&self) -> bool {
         !self.outbox.is_empty()
