@@ -63,31 +63,32 @@ pub struct Coalesce {
     mode: BatchWait,
     /// `auto`: in windows now.
     on: bool,
-    /// The epoch's start (worker clock, ms) and the counters then.
-    epoch_ms: u64,
-    quiet0: u64,
-    busy0: u64,
-    /// The glance's start and the counters then, and whether the last whole glance had enough.
-    glance_ms: u64,
-    glance_quiet0: u64,
-    glance_busy0: u64,
+    /// Where the epoch began.
+    epoch: Mark,
+    /// Where the glance began, and whether the last whole glance had enough.
+    glance: Mark,
     glance_enough: bool,
+}
+
+/// A start (worker clock, ms) and the worker's counts of quiet and busy messages then.
+#[derive(Clone, Copy, Debug, Default)]
+struct Mark {
+    ms: u64,
+    quiet: u64,
+    busy: u64,
+}
+
+impl Mark {
+    /// The time and the quiet and busy messages since the mark.
+    fn since(&self, now_ms: u64, quiet: u64, busy: u64) -> (u64, u64, u64) {
+        (now_ms.saturating_sub(self.ms), quiet - self.quiet, busy - self.busy)
+    }
 }
 
 impl Coalesce {
     /// `mode` as the engine applies it (`Off` where the kernel lacks `min_wait_usec`).
     pub fn new(mode: BatchWait) -> Coalesce {
-        Coalesce {
-            mode,
-            on: false,
-            epoch_ms: 0,
-            quiet0: 0,
-            busy0: 0,
-            glance_ms: 0,
-            glance_quiet0: 0,
-            glance_busy0: 0,
-            glance_enough: false,
-        }
+        Coalesce { mode, on: false, epoch: Mark::default(), glance: Mark::default(), glance_enough: false }
     }
 
     /// The window of the next wait, µs (`None`: every event wakes the worker), given the clock,
@@ -106,17 +107,16 @@ impl Coalesce {
             BatchWait::Off => None,
             BatchWait::Every(d) => Some(micros(d)),
             BatchWait::Auto => {
-                let glanced = now_ms.saturating_sub(self.glance_ms);
+                let now = Mark { ms: now_ms, quiet, busy };
+                let (glanced, q, b) = self.glance.since(now_ms, quiet, busy);
                 if glanced >= GLANCE_MS {
-                    let (q, b) = (quiet - self.glance_quiet0, busy - self.glance_busy0);
                     self.glance_enough = enough(q, b, glanced);
-                    (self.glance_ms, self.glance_quiet0, self.glance_busy0) = (now_ms, quiet, busy);
+                    self.glance = now;
                 }
-                let (q, b) = (quiet - self.quiet0, busy - self.busy0);
-                let elapsed = now_ms.saturating_sub(self.epoch_ms);
+                let (elapsed, q, b) = self.epoch.since(now_ms, quiet, busy);
                 if elapsed >= EPOCH_MS {
                     self.on = enough(q, b, elapsed) || self.glance_enough;
-                    (self.epoch_ms, self.quiet0, self.busy0) = (now_ms, quiet, busy);
+                    self.epoch = now;
                 } else if b > BUSY_SLACK + q / BUSY_SHARE {
                     self.on = false;
                 } else if self.glance_enough {
