@@ -62,7 +62,8 @@
 #                  the proxy: its RSS growth / connection, the machine's Slab growth / connection
 #                  (minus direct's in the same round: the proxy's kernel share), nothing lost; taken
 #                  IDLE_SETTLE_S after a first sample 2.5 s past the ramp, the connections still
-#                  held (what holding them costs); the first sample's RSS is reported too (what the
+#                  held (what holding them costs: the median of IDLE_SAMPLES samples 0.5 s apart
+#                  at the end of that span); the first sample's RSS is reported too (what the
 #                  ramp's burst took); IDLE_HEARTBEAT s (2) between two heartbeats of a connection
 #   idle60         the same with a heartbeat a minute (MQTT's default keep-alive) and the second
 #                  sample IDLE60_SETTLE_S (12) s later: connections silent since the ramp, past
@@ -111,6 +112,7 @@ KA_CONNS=${KA_CONNS:-64}
 LAT_RATE=${LAT_RATE:-10000}
 IDLE_SETTLE_S=${IDLE_SETTLE_S:-6}  # idle: how long after the first sample the second is taken
 IDLE_HEARTBEAT=${IDLE_HEARTBEAT:-2} # idle: seconds between two heartbeats of a connection
+IDLE_SAMPLES=${IDLE_SAMPLES:-7}     # idle, idle60: the second sample is the median of this many, 0.5 s apart
 IDLE60_SETTLE_S=${IDLE60_SETTLE_S:-12} # idle60: as IDLE_SETTLE_S; 2.5 + 12 s: past idle_poll_after (10 s)
 PIPE_SIZE=${PIPE_SIZE:-262144}
 # Source addresses on each side of the churn test (client -> proxy, proxy -> echo backend): one
@@ -710,8 +712,14 @@ idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
     read -r rss1 anon1 slab1 sunr1 < <(mem_kb "$inst")
     # shellcheck disable=SC2086
     cpu1=$(cpu_ticks ${PROC[$inst]})
-    sleep "$settle"
-    read -r rss2 anon2 slab2 sunr2 < <(mem_kb "$inst")
+    # The second sample is the median of IDLE_SAMPLES taken 0.5 s apart at the end of the settle:
+    # what holding them costs, not the moment a burst of heartbeats met the sample (ringproxy's
+    # receive-buffer ring widens for a burst and gives the pages back within a second or two,
+    # ~0.5-1 MiB per worker; a single sample read 385-565 B per connection for one build).
+    sleep "$(awk -v s="$settle" -v n="$IDLE_SAMPLES" 'BEGIN { w = s - (n - 1) * 0.5; print (w > 0 ? w : 0) }')"
+    read -r rss2 anon2 slab2 sunr2 < <(for _ in $(seq "$IDLE_SAMPLES"); do mem_kb "$inst"; sleep 0.5; done | median_cols)
+    # (ringproxy's gauges then: what of the RSS is the receive-buffer ring's pages, per worker)
+    [ "$inst" = direct ] || snap_stats "$p" "$f.stats.json" "$inst"
     # (what holding them cost the proxy between the two samples)
     # shellcheck disable=SC2086
     cpu2=$(cpu_ticks ${PROC[$inst]})

@@ -344,6 +344,15 @@ tcp_pressure_ms() {
     awk '/^TcpExt:/ { if (!h) { for (i = 2; i <= NF; i++) if ($i == "TCPMemoryPressuresChrono") k = i; h = 1 }
                       else { print (k ? $k : 0) } }' /proc/net/netstat
 }
+# median_cols: lines of numbers on stdin (as many columns each) -> one line, each column's median
+# (the upper one of an even count).
+median_cols() {
+    awk '{ for (i = 1; i <= NF; i++) v[i, NR] = $i; if (NF > nf) nf = NF }
+         END { for (i = 1; i <= nf; i++) { n = 0; for (r = 1; r <= NR; r++) a[++n] = v[i, r]
+                   for (x = 2; x <= n; x++) { t = a[x]; for (y = x - 1; y >= 1 && a[y] > t; y--) a[y + 1] = a[y]; a[y + 1] = t }
+                   printf "%s%s", (i > 1 ? " " : ""), a[int(n / 2) + 1] }
+               print "" }'
+}
 # SUnreclaim: the unreclaimable part of Slab (sockets' tcp_sock, files, io_uring requests, epoll items);
 # it leaves out the dentry and inode caches that other work on the host (builds) moves a lot
 sunreclaim_kb() { awk '/^SUnreclaim:/ {print $2}' /proc/meminfo; }

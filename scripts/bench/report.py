@@ -50,11 +50,13 @@ METRICS = {
     "lat_p99": ("latency p99 at fixed rate", "ms", False, 3),
     "lat_p999": ("latency p99.9 at fixed rate", "ms", False, 3),
     "idle_user": ("user-space memory per idle connection (RSS growth, connections held)", "bytes", False, 0),
+    "idle_pool": ("of it: ringproxy's receive-buffer ring, pages resident ÷ connections (shared by a worker's connections; follows the heartbeats' bursts, not their number)", "bytes", False, 0),
     "idle_user_ramp": ("user-space memory per idle connection right after the ramp (RSS growth)", "bytes", False, 0),
     "idle_slab": ("kernel Slab growth per connection, whole machine", "bytes", False, 0),
     "idle_kernel": ("kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
     "idle_sunr": ("unreclaimable Slab per connection added by the proxy (SUnreclaim minus direct's)", "bytes", False, 0),
     "idle60_user": ("connections silent for a minute (heartbeat every 60 s): user-space memory per connection", "bytes", False, 0),
+    "idle60_pool": ("connections silent for a minute: of it, ringproxy's receive-buffer ring, pages resident ÷ connections", "bytes", False, 0),
     "idle60_slab": ("connections silent for a minute: kernel Slab growth per connection, whole machine", "bytes", False, 0),
     "idle60_kernel": ("connections silent for a minute: kernel memory per connection added by the proxy (Slab minus direct's)", "bytes", False, 0),
     "idle60_sunr": ("connections silent for a minute: unreclaimable Slab per connection added by the proxy", "bytes", False, 0),
@@ -340,6 +342,9 @@ def parse(out):
                 direct_slab[(t, rnd)] = slab
             else:
                 put(f"{t}_user", p, rnd, (r[f"rss{k}_kb"] - r["rss0_kb"]) * 1024 / n)
+                st = load(f + ".stats.json")
+                if st and all("recv_buffers_resident" in w for w in st.get("workers", [])):
+                    put(f"{t}_pool", p, rnd, sum(w["recv_buffers_resident"] for w in st["workers"]) / n)
                 if t == "idle60" and "cpu_ticks" in r:
                     # between the two samples: the swap to polls (ringproxy) and whatever the
                     # proxy does per second while nothing moves
