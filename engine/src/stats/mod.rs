@@ -536,8 +536,8 @@ pub struct WorkerStats {
     #[serde(default)]
     pub recv_buffers_resident: u64,
     pub pipe_waits: u64,
-    /// Times a connection's receive waited because every receive buffer of its worker was out
-    /// (`splice: never`).
+    /// Times a connection's receive waited for a receive buffer (`splice: auto` or `never`): it
+    /// found the worker's ring empty (ENOBUFS), or every buffer was out.
     #[serde(default)]
     pub buffer_waits: u64,
     /// This worker's share of the global maxconn, and share lent to / borrowed from other workers.
