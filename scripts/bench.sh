@@ -688,7 +688,7 @@ mem_kb() {
 
 idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
     local p=$1 r=$2 t=$3 hb=$4 settle=$5 f a port rss0 rss1 rss2 anon0 anon1 anon2 slab0 slab1 slab2 sunr0 sunr1 sunr2 hold n=0 rc=0
-    local hold_s inst cmd cpu1=0 cpu2=0
+    local hold_s inst cmd cpu1=0 cpu2=0 w1 span
     f=$OUT/raw/r$r-$t-$p
     fresh_instance "$p" "$t-$p-r$r" echo
     inst=$INST
@@ -712,22 +712,25 @@ idle_test() { # PATH ROUND TEST HEARTBEAT_S SETTLE_S
     read -r rss1 anon1 slab1 sunr1 < <(mem_kb "$inst")
     # shellcheck disable=SC2086
     cpu1=$(cpu_ticks ${PROC[$inst]})
+    w1=$(date +%s.%N)
     # The second sample is the median of IDLE_SAMPLES taken 0.5 s apart at the end of the settle:
     # what holding them costs, not the moment a burst of heartbeats met the sample (ringproxy's
     # receive-buffer ring widens for a burst and gives the pages back within a second or two,
     # ~0.5-1 MiB per worker; a single sample read 385-565 B per connection for one build).
     sleep "$(awk -v s="$settle" -v n="$IDLE_SAMPLES" 'BEGIN { w = s - (n - 1) * 0.5; print (w > 0 ? w : 0) }')"
     read -r rss2 anon2 slab2 sunr2 < <(for _ in $(seq "$IDLE_SAMPLES"); do mem_kb "$inst"; sleep 0.5; done | median_cols)
-    # (ringproxy's gauges then: what of the RSS is the receive-buffer ring's pages, per worker)
-    [ "$inst" = direct ] || snap_stats "$p" "$f.stats.json" "$inst"
-    # (what holding them cost the proxy between the two samples)
+    # (what holding them cost the proxy between the two samples, over the time that really took)
     # shellcheck disable=SC2086
     cpu2=$(cpu_ticks ${PROC[$inst]})
+    span=$(awk -v a="$w1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.3f", b - a }')
+    # (ringproxy's gauges then: what of the RSS is the receive-buffer ring's pages, per worker;
+    # after the CPU sample, which the query would add to)
+    [ "$inst" = direct ] || snap_stats "$p" "$f.stats.json" "$inst"
     reap_bg "$hold" || rc=$?
     record test="$t" path="$p" round="$r" file="$f" rc="$rc" conns="$IDLE_CONNS" seen_established="$n" heartbeat_s="$hb" \
         rss0_kb="$rss0" rss1_kb="$rss1" anon0_kb="$anon0" anon1_kb="$anon1" anon2_kb="$anon2" slab0_kb="$slab0" slab1_kb="$slab1" sunr0_kb="$sunr0" sunr1_kb="$sunr1" \
         settle_s="$settle" rss2_kb="$rss2" slab2_kb="$slab2" sunr2_kb="$sunr2" \
-        cpu_ticks="$((cpu2 - cpu1))" clk_tck="$(getconf CLK_TCK)" \
+        cpu_ticks="$((cpu2 - cpu1))" cpu_span_s="$span" clk_tck="$(getconf CLK_TCK)" \
         proxied="$([ "$p" = direct ] && echo 0 || echo 1)"
     [ "$rc" = 0 ] || log "  $t $p: exit $rc (see $f.*)"
     [ "$inst" = direct ] || stop_inst "$inst"

@@ -348,7 +348,7 @@ def parse(out):
                 if t == "idle60" and "cpu_ticks" in r:
                     # between the two samples: the swap to polls (ringproxy) and whatever the
                     # proxy does per second while nothing moves
-                    put("idle60_cpu", p, rnd, r["cpu_ticks"] * 1000 / r.get("clk_tck", 100) / r["settle_s"])
+                    put("idle60_cpu", p, rnd, r["cpu_ticks"] * 1000 / r.get("clk_tck", 100) / float(r.get("cpu_span_s") or r["settle_s"]))
                 if k == "2" and t == "idle":
                     put("idle_user_ramp", p, rnd, (r["rss1_kb"] - r["rss0_kb"]) * 1024 / n)
     # what the host allows: the rate each path would reach if its own user-space time were zero
