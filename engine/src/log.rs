@@ -231,7 +231,7 @@ impl ConnLog {
 
     /// Hands the buffer to the log thread if it is full enough or old enough (or `force`).
     pub fn maybe_flush(&mut self, now_ms: u64, force: bool) {
-        let due = self.oldest_ms.is_some_and(|t| now_ms >= t + FLUSH_MS);
+        let due = self.flush_in(now_ms) == Some(0);
         if self.buf.is_empty() || !(force || due || self.buf.len() >= FLUSH_BYTES) {
             return;
         }

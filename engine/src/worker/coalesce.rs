@@ -27,9 +27,10 @@
 //!   ramp): each client's every period, all of them within a fraction of it. Judged by epochs
 //!   alone, such a burst starts in an epoch that follows a quiet one, and has windows only from
 //!   the next epoch on, if it lasts that long — with a 5 s period and clients connected within a
-//!   second, most of each burst had none. So the counts are also read every [`GLANCE_MS`]: a glance with enough quiet messages at the busy
-//!   share turns windows on at once (unless the epoch's busy messages have already turned them
-//!   off), and the epoch that ends during such traffic keeps them.
+//!   second, most of each burst had none. So the counts are also read every [`GLANCE_MS`]: a
+//!   glance with enough quiet messages at the busy share turns windows on at once (unless the
+//!   epoch's busy messages have already turned them off), and the epoch that ends during such
+//!   traffic keeps them.
 //!
 //! The counts are the worker's `quiet_messages` and `busy_messages` (stats), so an operator sees
 //! why; `batching` says whether the worker is in windows now, `ring.batched_waits` how many waits
