@@ -249,7 +249,8 @@ pub enum BatchWait {
     Off,
     /// Windows of [`AUTO_BATCH_WINDOW`] while the worker's traffic is many quiet flows — each
     /// message on a flow that had none for a while, at a rate where a window gathers several —
-    /// and none otherwise: a busy flow, a closed loop or new connections turn them off
+    /// and none otherwise: a busy flow, a closed loop or new connections turn them off; a window
+    /// in which the worker forwarded messages is followed by a short one for their answers
     /// (worker/coalesce.rs).
     #[default]
     Auto,

@@ -361,6 +361,13 @@ pub fn render(s: &EngineStats) -> String {
         "Waits that let completions gather (tune.batch_wait).",
         |w| w.ring.batched_waits,
     );
+    m.per_worker(
+        s,
+        "ring_reply_waits_total",
+        "counter",
+        "Of them, short ones after the worker forwarded messages, for their answers (batch_wait auto).",
+        |w| w.ring.reply_waits,
+    );
     m.per_worker(s, "batching", "gauge", "1 while the worker's waits let completions gather (tune.batch_wait).", |w| {
         w.batching
     });

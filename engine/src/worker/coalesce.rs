@@ -32,13 +32,25 @@
 //!   epoch's busy messages have already turned them off), and the epoch that ends during such
 //!   traffic keeps them.
 //!
+//! - **The answers come back in a short window.** A message through the proxy passes the worker
+//!   twice: to the server, and the server's answer back (a heartbeat's echo, an MQTT `PINGRESP`;
+//!   or a push to a client and its ack). The worker forwards what a window gathered when the
+//!   window ends, and the answers come back a fraction of a millisecond later — at the start of
+//!   the next window, so they waited nearly a whole one: a heartbeat's round trip through the
+//!   proxy paid 1 ms on its way out and 1.9 on its way back on average. So after a window in
+//!   which the worker forwarded messages, `auto` waits [`REPLY_US`] only, and then a whole
+//!   window again: one more wakeup a window, and the way back costs a short window. (Not after a
+//!   wait that a full batch of completions ended early: such traffic fills batches anyway.)
+//!
 //! The counts are the worker's `quiet_messages` and `busy_messages` (stats), so an operator sees
 //! why; `batching` says whether the worker is in windows now, `ring.batched_waits` how many waits
-//! had one. `off` never batches, a duration always does (the operator's choice of latency for CPU).
+//! had one and `ring.reply_waits` how many of them were short ones for answers. `off` never
+//! batches, a duration always does, on the clock's grid only (the operator's choice of latency
+//! for CPU).
 
 use std::time::Duration;
 
-use crate::config::{AUTO_BATCH_WINDOW, BatchWait};
+use crate::config::{AUTO_BATCH_WINDOW, BATCH_EVENTS, BatchWait};
 
 /// A message on a flow quiet for at least this long before it is a quiet one.
 pub const QUIET_MS: u16 = 100;
@@ -57,6 +69,9 @@ pub const BUSY_SLACK: u64 = 32;
 /// How often the counts are also read within an epoch, to turn windows on for quiet traffic that
 /// started since: how late a burst of keep-alives gets its windows at most.
 pub const GLANCE_MS: u64 = 100;
+/// `auto`: after a window in which the worker forwarded messages, the next one is this short
+/// (µs), to catch the answers to them.
+pub const REPLY_US: u32 = 300;
 
 /// The worker's choice of window, wait by wait.
 #[derive(Debug)]
@@ -69,6 +84,9 @@ pub struct Coalesce {
     /// Where the glance began, and whether the last whole glance had enough.
     glance: Mark,
     glance_enough: bool,
+    /// `auto`: the last wait's window was a short one, for the answers to what the worker forwarded
+    /// before it (the next is a whole one).
+    replying: bool,
 }
 
 /// A start (worker clock, ms) and the worker's counts of quiet and busy messages then.
@@ -89,7 +107,14 @@ impl Mark {
 impl Coalesce {
     /// `mode` as the engine applies it (`Off` where the kernel lacks `min_wait_usec`).
     pub fn new(mode: BatchWait) -> Coalesce {
-        Coalesce { mode, on: false, epoch: Mark::default(), glance: Mark::default(), glance_enough: false }
+        Coalesce {
+            mode,
+            on: false,
+            epoch: Mark::default(),
+            glance: Mark::default(),
+            glance_enough: false,
+            replying: false,
+        }
     }
 
     /// The window of the next wait, µs (`None`: every event wakes the worker), given the clock,
@@ -101,6 +126,26 @@ impl Coalesce {
     pub fn window(&mut self, now_ms: u64, quiet: u64, busy: u64, stalled: bool) -> Option<u32> {
         let window = self.decide(now_ms, quiet, busy);
         if stalled { None } else { window }
+    }
+
+    /// How long the next wait gathers completions (µs; `None`: every event wakes the worker),
+    /// given its `window` (from [`Coalesce::window`]), the clock (µs), whether the worker
+    /// received (and so forwarded) messages since the last wait, and how many completions that
+    /// wait brought. A window ends on the next multiple of its length on the monotonic clock, not
+    /// a whole window from now, so that what comes in at a random time waits half a window on
+    /// average for the same wakeups; and with `auto`, the wait after one in which the worker
+    /// forwarded messages is a short one ([`REPLY_US`]): the answers to them (the server's echo
+    /// of a heartbeat, a client's ack of a push) come back within it rather than a whole window
+    /// later, for one more wakeup a window. Not after a wait that [`BATCH_EVENTS`] completions
+    /// ended before its window did: traffic that dense fills the next batch within a window.
+    pub fn min_wait(&mut self, window: Option<u32>, now_us: u64, forwarded: bool, drained: usize) -> Option<u32> {
+        let was_reply = std::mem::take(&mut self.replying);
+        let w = window?;
+        if forwarded && !was_reply && drained < BATCH_EVENTS && self.mode == BatchWait::Auto {
+            self.replying = true;
+            return Some(REPLY_US.min(w));
+        }
+        Some(w - (now_us % u64::from(w)) as u32)
     }
 
     fn decide(&mut self, now_ms: u64, quiet: u64, busy: u64) -> Option<u32> {
@@ -126,6 +171,11 @@ impl Coalesce {
                 self.on.then(|| micros(AUTO_BATCH_WINDOW))
             }
         }
+    }
+
+    /// Whether the next wait's window is the short one (as [`Coalesce::min_wait`] last said).
+    pub fn replying(&self) -> bool {
+        self.replying
     }
 
     /// Whether the next wait has a window (as last decided): the `batching` gauge.
@@ -233,6 +283,39 @@ mod tests {
         assert_eq!(c.window(300, 2_000, 500, false), None, "busy past the slack");
         assert_eq!(c.window(450, 5_000, 500, false), None, "the glance alone does not bring them back");
         assert_eq!(c.window(1_100, 10_000, 500, false), Some(2_000), "the next epoch does");
+    }
+
+    #[test]
+    fn a_window_ends_on_the_clock_s_grid_and_after_one_that_forwarded_a_short_one_takes_the_answers() {
+        let mut c = Coalesce::new(BatchWait::Auto);
+        epochs(&mut c, &[(9_000, 0)]);
+        let w = c.window(2_000, 9_000, 0, false);
+        assert_eq!(w, Some(2_000));
+        // On the grid: 1,400 µs left at 10,600 µs.
+        assert_eq!(c.min_wait(w, 10_600, false, 10), Some(1_400));
+        assert!(!c.replying());
+        // The turn that window ended forwarded messages: the next wait is short, for their
+        // answers; the one after goes back to the grid, whether that turn forwarded any or not.
+        assert_eq!(c.min_wait(w, 12_000, true, 10), Some(REPLY_US));
+        assert!(c.replying());
+        assert_eq!(c.min_wait(w, 12_300, true, 10), Some(1_700));
+        assert_eq!(c.min_wait(w, 14_000, true, 10), Some(REPLY_US));
+        assert_eq!(c.min_wait(w, 14_300, false, 10), Some(1_700));
+        assert_eq!(c.min_wait(w, 16_000, false, 10), Some(2_000), "on a multiple: a whole window");
+        // No window: none (and the next window is judged afresh).
+        assert_eq!(c.min_wait(None, 16_010, true, 10), None);
+        assert!(!c.replying());
+        assert_eq!(c.min_wait(w, 16_500, true, 10), Some(REPLY_US));
+        assert_eq!(c.min_wait(w, 16_800, true, 10), Some(1_200));
+        // A wait that a full batch ended early: the next batch fills within a window anyway.
+        assert_eq!(c.min_wait(w, 17_000, true, BATCH_EVENTS), Some(1_000));
+        assert!(!c.replying());
+        // An operator's duration is the window of latency it chose: on the grid only.
+        let mut every = Coalesce::new(BatchWait::Every(Duration::from_millis(2)));
+        let w = every.window(0, 0, 0, false);
+        assert_eq!(every.min_wait(w, 12_000, true, 10), Some(2_000));
+        assert_eq!(every.min_wait(w, 12_500, true, 10), Some(1_500));
+        assert!(!every.replying());
     }
 
     #[test]

@@ -179,6 +179,7 @@ impl Worker {
     fn event_loop(&mut self) -> std::io::Result<()> {
         let mut completions: Vec<Completion> = Vec::with_capacity(4096);
         let mut expired: Vec<u32> = Vec::new();
+        let (mut messages_before, mut drained) = (0, 0);
         loop {
             let sleep = self
                 .listeners
@@ -192,10 +193,17 @@ impl Worker {
             let (quiet, busy, stalled) =
                 (self.stats.quiet_messages, self.stats.busy_messages, !self.waiters.is_empty());
             let window = self.coalesce.window(self.now.ms, quiet, busy, stalled);
-            self.ring.submit_and_wait(Some(Duration::from_millis(sleep)), window)?;
+            // (A turn that received messages forwarded them, or queued them to be.)
+            let forwarded = quiet + busy != std::mem::replace(&mut messages_before, quiet + busy);
+            // (The clock read only for a window: where on its grid the wait begins.)
+            let now_us = if window.is_some() { Clock::now().us } else { 0 };
+            let min_wait = self.coalesce.min_wait(window, now_us, forwarded, drained);
+            let short = self.coalesce.replying();
+            self.ring.submit_and_wait(Some(Duration::from_millis(sleep)), min_wait, short)?;
             let woke = Instant::now();
             self.now = Clock::now();
             self.ring.drain(&mut completions);
+            drained = completions.len();
             for c in completions.drain(..) {
                 self.on_completion(c);
             }

@@ -149,6 +149,10 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
     eprintln!("{rounds} rounds: {q} quiet and {b} busy messages, batching {}, {:?}", quiet.batching, quiet.ring);
     assert!(batched_from.is_some(), "never batched in {rounds} rounds ({q} quiet, {b} busy messages)");
     assert_eq!(quiet.batching, 1);
+    // A short window for answers is never followed by another: at most every other window.
+    let batched = quiet.ring.batched_waits - before.ring.batched_waits;
+    let replies = quiet.ring.reply_waits - before.ring.reply_waits;
+    assert!(replies <= batched / 2 + 1, "{replies} short waits of {batched} with a window");
     // Each heartbeat is two messages for the worker (the client's, the echo), each quiet.
     assert!(
         q >= (2 * QUIET_CONNS * rounds) as u64 * 9 / 10,
@@ -165,6 +169,45 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
     let busy = w(&engine);
     assert!(busy.busy_messages - quiet.busy_messages >= 2 * 8 * 300, "{} busy", busy.busy_messages);
     assert_eq!(busy.batching, 0, "still batching after a closed loop: {:?}", busy.ring);
+    drop(conns);
+    assert_clean(engine, &[echo.addr.port()]);
+}
+
+/// `auto`'s short windows for answers. Heartbeats paced as a fleet's are — a few a millisecond,
+/// so that windows end on time rather than on a full batch of completions (600 connections, 20
+/// of them every 10 ms, each waiting for its echo): after a window in which the worker forwarded
+/// some, the next wait is a short one for their echoes, then a whole window again — a short
+/// window after many of the windows (a third, here), never two in a row — and every echo arrives.
+#[test]
+fn auto_waits_a_short_window_for_the_answers_to_what_it_forwarded() {
+    const CONNS: usize = 600;
+    let Some((echo, engine, mut conns)) = auto_with_connections(CONNS) else { return };
+    let w = |e: &TestEngine| e.stats().workers[0].clone();
+    let before = w(&engine);
+    let start = std::time::Instant::now();
+    let mut round = 0usize;
+    while start.elapsed() < Duration::from_secs(3) {
+        for (k, chunk) in conns.chunks_mut(20).enumerate() {
+            let t = std::time::Instant::now();
+            let message = |i: usize| format!("h{:04} c{:05} ...", round % 10_000, k * 20 + i);
+            for (i, c) in chunk.iter_mut().enumerate() {
+                c.write_all(message(i).as_bytes()).unwrap();
+            }
+            for (i, c) in chunk.iter_mut().enumerate() {
+                let mut got = [0u8; 16];
+                c.read_exact(&mut got).unwrap();
+                assert_eq!(&got, message(i).as_bytes(), "round {round}, connection {}", k * 20 + i);
+            }
+            std::thread::sleep(Duration::from_millis(10).saturating_sub(t.elapsed()));
+        }
+        round += 1;
+    }
+    let after = w(&engine);
+    let batched = after.ring.batched_waits - before.ring.batched_waits;
+    let replies = after.ring.reply_waits - before.ring.reply_waits;
+    eprintln!("{round} rounds: {replies} short waits of {batched} with a window, {:?}", after.ring);
+    assert!(batched >= 100, "{batched} waits had a window");
+    assert!(replies * 8 >= batched && replies <= batched / 2 + 1, "{replies} short waits of {batched} with a window");
     drop(conns);
     assert_clean(engine, &[echo.addr.port()]);
 }

@@ -128,6 +128,10 @@ pub struct RingCounters {
     /// Waits that let completions gather (`tune.batch_wait`: a window was asked for).
     #[serde(default)]
     pub batched_waits: u64,
+    /// Of them, the short ones after a window in which the worker forwarded messages (`auto`):
+    /// for the answers to them (worker/coalesce.rs).
+    #[serde(default)]
+    pub reply_waits: u64,
 }
 
 /// The buffer group id of the ring of receive buffers.
@@ -311,13 +315,18 @@ impl Ring {
 
     /// Submits what is queued and waits for at least one completion or `timeout` (without waiting
     /// while entries are still in the backlog). With a window of `window_us` µs (the worker's
-    /// `tune.batch_wait`, worker/coalesce.rs) it waits until the next multiple of the window on
-    /// the monotonic clock for [`BATCH_EVENTS`] completions before it returns with fewer, and a
-    /// completion that comes after that point returns at once (the kernel's `min_wait_usec`,
-    /// counted from the start of the wait; the caller asks for a window only where the kernel has
-    /// it). A `timeout` shorter than that point is stretched to it (io_uring/wait.c: the minimum
-    /// wait ends first): timers may fire up to a window late.
-    pub fn submit_and_wait(&mut self, timeout: Option<Duration>, window_us: Option<u32>) -> io::Result<()> {
+    /// `tune.batch_wait`, worker/coalesce.rs, which says where it ends) it waits that long for
+    /// [`BATCH_EVENTS`] completions before it returns with fewer, and a completion that comes
+    /// after that point returns at once (the kernel's `min_wait_usec`, counted from the start of
+    /// the wait; the caller asks for a window only where the kernel has it). A `timeout` shorter
+    /// than the window is stretched to it (io_uring/wait.c: the minimum wait ends first): timers
+    /// may fire up to a window late. `short`: the window is the short one for answers (counted).
+    pub fn submit_and_wait(
+        &mut self,
+        timeout: Option<Duration>,
+        window_us: Option<u32>,
+        short: bool,
+    ) -> io::Result<()> {
         self.flush_backlog()?;
         self.counters.enter_calls += 1;
         let want = usize::from(self.backlog.is_empty() && self.injected.is_empty());
@@ -328,12 +337,8 @@ impl Ring {
                 match window_us {
                     Some(w) if want == 1 => {
                         self.counters.batched_waits += 1;
-                        // To the next multiple of the window on the monotonic clock, not a whole
-                        // window from now: a reply that comes right after the worker fell asleep
-                        // (the server's answer to what it just sent) waits half a window on
-                        // average instead of a whole one, for the same wakeups.
-                        let left = w - (crate::conn::Clock::now().us % u64::from(w)) as u32;
-                        self.ring.submitter().submit_with_args(BATCH_EVENTS, &args.min_wait_usec(left))
+                        self.counters.reply_waits += u64::from(short);
+                        self.ring.submitter().submit_with_args(BATCH_EVENTS, &args.min_wait_usec(w))
                     }
                     _ => self.ring.submitter().submit_with_args(want, &args),
                 }
@@ -550,7 +555,7 @@ mod tests {
         let run = |ring: &mut Ring, want: usize| {
             let mut got = Vec::new();
             while got.len() < want {
-                ring.submit_and_wait(Some(Duration::from_secs(5)), None).unwrap();
+                ring.submit_and_wait(Some(Duration::from_secs(5)), None, false).unwrap();
                 ring.drain(&mut got);
             }
             got.iter().map(|c| (Token::decode(c.user_data).unwrap().op, c.result)).collect::<Vec<_>>()
@@ -613,7 +618,7 @@ mod tests {
         let mut done = Vec::new();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while done.len() < 100 && std::time::Instant::now() < deadline {
-            ring.submit_and_wait(Some(Duration::from_millis(10)), None).unwrap();
+            ring.submit_and_wait(Some(Duration::from_millis(10)), None, false).unwrap();
             ring.drain(&mut done);
         }
         assert_eq!(done.len(), 100);
