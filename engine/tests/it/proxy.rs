@@ -267,9 +267,9 @@ fn client_reset_closes_the_server_side() {
     assert_eq!(backend.active(), 1);
     let t = Instant::now();
     reset(c);
-    wait_until("the server side to be closed", Duration::from_secs(1), || backend.active() == 0);
+    wait_until("the server side to be closed", Duration::from_secs(5), || backend.active() == 0);
     eprintln!("server side closed {:?} after the client's reset", t.elapsed());
-    wait_until("the proxy to forget the connection", Duration::from_secs(1), || {
+    wait_until("the proxy to forget the connection", Duration::from_secs(5), || {
         engine.stats().total(|w| w.active) == 0
     });
     assert_eq!(engine.stats().total(|w| w.resets_from_client), 1);
@@ -285,13 +285,15 @@ fn server_reset_reaches_the_client_as_a_reset() {
         backend.addr
     ));
     let mut c = connect(addr(&engine, "fe"));
-    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    // (Within seconds, not the 50 s of a timeout: the reset is passed on, not waited out. A
+    // second was once too little for a loaded CI host running the suite's tests in parallel.)
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let t = Instant::now();
     c.write_all(b"hello").unwrap();
     let (_, err) = read_to_end(&mut c);
     assert_reset_passed_on(err);
-    assert!(t.elapsed() < Duration::from_secs(1));
-    wait_until("the proxy to forget the connection", Duration::from_secs(1), || {
+    assert!(t.elapsed() < Duration::from_secs(5));
+    wait_until("the proxy to forget the connection", Duration::from_secs(5), || {
         engine.stats().total(|w| w.active) == 0
     });
     assert_eq!(engine.stats().total(|w| w.resets_from_server), 1);
