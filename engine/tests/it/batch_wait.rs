@@ -39,6 +39,11 @@ fn auto_with_connections(n: usize) -> Option<(Backend, TestEngine, Vec<TcpStream
     Some((echo, engine, conns))
 }
 
+/// The stats of the engine's one worker.
+fn worker0(engine: &TestEngine) -> ringproxy::stats::WorkerStats {
+    engine.stats().workers[0].clone()
+}
+
 /// `ROUNDS` rounds of a 16-byte message on each of `CONNS` connections, every echo checked;
 /// returns the worker's loop turns per message over the rounds.
 fn heartbeat_rounds(engine: &TestEngine) -> f64 {
@@ -116,8 +121,7 @@ fn without_the_kernel_feature_the_setting_is_reported_and_not_applied() {
 fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop() {
     const QUIET_CONNS: usize = 600;
     let Some((echo, engine, mut conns)) = auto_with_connections(QUIET_CONNS) else { return };
-    let w = |e: &TestEngine| e.stats().workers[0].clone();
-    let before = w(&engine);
+    let before = worker0(&engine);
     // Rounds every 200 ms until the worker batches and has batched for a while (at most 15 s).
     let (mut rounds, mut batched_from) = (0usize, None);
     let start = std::time::Instant::now();
@@ -132,7 +136,7 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
             assert_eq!(&got, format!("r{:04} c{i:04} ..!.", rounds % 10_000).as_bytes(), "round {rounds}, conn {i}");
         }
         rounds += 1;
-        let now = w(&engine);
+        let now = worker0(&engine);
         if now.batching == 1 && batched_from.is_none() {
             batched_from = Some((rounds, now.ring.batched_waits));
         }
@@ -144,7 +148,7 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
         }
         std::thread::sleep(Duration::from_millis(200).saturating_sub(t.elapsed()));
     }
-    let quiet = w(&engine);
+    let quiet = worker0(&engine);
     let (q, b) = (quiet.quiet_messages - before.quiet_messages, quiet.busy_messages - before.busy_messages);
     eprintln!("{rounds} rounds: {q} quiet and {b} busy messages, batching {}, {:?}", quiet.batching, quiet.ring);
     assert!(batched_from.is_some(), "never batched in {rounds} rounds ({q} quiet, {b} busy messages)");
@@ -166,7 +170,7 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
             echo_once(c, format!("closed loop {n:04}").as_bytes());
         }
     }
-    let busy = w(&engine);
+    let busy = worker0(&engine);
     assert!(busy.busy_messages - quiet.busy_messages >= 2 * 8 * 300, "{} busy", busy.busy_messages);
     assert_eq!(busy.batching, 0, "still batching after a closed loop: {:?}", busy.ring);
     drop(conns);
@@ -182,8 +186,7 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
 fn auto_waits_a_short_window_for_the_answers_to_what_it_forwarded() {
     const CONNS: usize = 600;
     let Some((echo, engine, mut conns)) = auto_with_connections(CONNS) else { return };
-    let w = |e: &TestEngine| e.stats().workers[0].clone();
-    let before = w(&engine);
+    let before = worker0(&engine);
     let start = std::time::Instant::now();
     let mut round = 0usize;
     while start.elapsed() < Duration::from_secs(3) {
@@ -202,7 +205,7 @@ fn auto_waits_a_short_window_for_the_answers_to_what_it_forwarded() {
         }
         round += 1;
     }
-    let after = w(&engine);
+    let after = worker0(&engine);
     let batched = after.ring.batched_waits - before.ring.batched_waits;
     let replies = after.ring.reply_waits - before.ring.reply_waits;
     eprintln!("{round} rounds: {replies} short waits of {batched} with a window, {:?}", after.ring);
@@ -224,8 +227,7 @@ fn auto_gives_a_burst_of_keep_alives_its_windows_within_the_burst() {
     // Seconds with nothing: an epoch begins after the connections' first messages (busy ones),
     // and the flows are quiet.
     std::thread::sleep(Duration::from_millis(2_500));
-    let w = |e: &TestEngine| e.stats().workers[0].clone();
-    let before = w(&engine);
+    let before = worker0(&engine);
     assert_eq!(before.batching, 0, "batching before the burst: {:?}", before.ring);
     for (k, chunk) in conns.chunks_mut(40).enumerate() {
         let t = std::time::Instant::now();
@@ -239,7 +241,7 @@ fn auto_gives_a_burst_of_keep_alives_its_windows_within_the_burst() {
         c.read_exact(&mut got).unwrap();
         assert_eq!(&got, format!("keep-alive {i:05}").as_bytes(), "connection {i}");
     }
-    let after = w(&engine);
+    let after = worker0(&engine);
     let (q, b) = (after.quiet_messages - before.quiet_messages, after.busy_messages - before.busy_messages);
     eprintln!("burst: {q} quiet and {b} busy messages, {:?} -> {:?}", before.ring, after.ring);
     assert!(q >= (2 * CONNS) as u64 * 9 / 10 && b == 0, "{q} quiet and {b} busy messages");
