@@ -45,8 +45,8 @@
 #   hb9k, hb18k    the workload this proxy exists for: 9,000 / 18,000 connections held through a
 #                  freshly started instance of the proxy, a 16-byte heartbeat on each every second
 #                  (`ringload hold --heartbeat 1s`); the proxy's CPU over HB_WINDOW s once all are
-#                  established -> CPU µs per heartbeat round trip, and the heartbeats' p99 RTT
-#                  once the ramp is over (--latency-after).
+#                  established -> CPU µs per heartbeat round trip, and the heartbeats' p50 and p99
+#                  RTT once the ramp is over (--latency-after).
 #                  HAProxy cannot hold 18,000 (36,000 descriptors) in one process under
 #                  RLIMIT_NOFILE 20000: above MAXCONN it runs as WORKERS processes of one thread
 #                  each on one SO_REUSEPORT port (each its own CPU), the way it is run on such hosts

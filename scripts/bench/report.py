@@ -65,10 +65,13 @@ METRICS = {
     "cpu_10k": ("proxy CPU per 10,000 connections (rate test)", "CPU s", False, 3),
     "tput4_cpu_util": ("proxy CPU use during 4-stream throughput", "CPUs", False, 2),
     "hb9k_cpu": ("9,000 connections, 16-byte heartbeat each per second: proxy CPU per heartbeat", "µs", False, 1),
+    "hb9k_p50": ("9,000 connections, heartbeat p50 RTT (after the ramp)", "ms", False, 3),
     "hb9k_p99": ("9,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
     "hb18k_cpu": ("18,000 connections, 16-byte heartbeat each per second: proxy CPU per heartbeat", "µs", False, 1),
+    "hb18k_p50": ("18,000 connections, heartbeat p50 RTT (after the ramp)", "ms", False, 3),
     "hb18k_p99": ("18,000 connections, heartbeat p99 RTT (after the ramp)", "ms", False, 3),
     "hb5s_cpu": ("9,000 connections, a heartbeat each every 5 s, all within a second: proxy CPU per heartbeat", "µs", False, 1),
+    "hb5s_p50": ("9,000 connections, a heartbeat every 5 s within a second: p50 RTT (after the ramp)", "ms", False, 3),
     "hb5s_p99": ("9,000 connections, a heartbeat every 5 s within a second: p99 RTT (after the ramp)", "ms", False, 3),
     "hb9k_machine": ("9,000 connections: the whole machine's CPU per heartbeat (clients, server, proxy, softirq)", "µs", False, 1),
     "hb9k_machine_added": ("9,000 connections: the whole machine's CPU per heartbeat added by the proxy (minus direct's)", "µs", False, 1),
@@ -261,6 +264,7 @@ def parse(out):
             if r.get("seen_established", 0) < n:
                 problems.append(f"round {rnd} {t} {p}: CPU sampled with {r.get('seen_established')} of {n} established")
             if j and j.get("latency_us"):
+                put(f"{t}_p50", p, rnd, j["latency_us"]["p50"] / 1e3)
                 put(f"{t}_p99", p, rnd, j["latency_us"]["p99"] / 1e3)
             if r.get("proxied") and r.get("window_s"):
                 put(f"{t}_cpu", p, rnd, cpu_s * 1e6 / (per_s * r["window_s"]))
