@@ -265,9 +265,22 @@ pub fn held_in(s: &ringproxy::stats::EngineStats) -> Result<(), String> {
 
 /// `Ok` when no TCP socket on `ports` is open (listeners, TIME-WAIT and closed ones aside); else
 /// the open ones.
+///
+/// An orphan in FIN-WAIT-2 whose peer socket is gone is not counted: both ends were closed by
+/// their owners (no descriptor holds it: inode 0), and the kernel keeps it until
+/// `tcp_fin_timeout` (60 s) for a FIN that will not come: the peer's last segment was not taken
+/// (most likely a reset: one outside the window is dropped without an answer, and the challenge
+/// ACK for one inside it is rate-limited per socket). Seen once (2026-12-07, a fresh-clone CI
+/// run) in the randomized run of 2,000 connections with faults at random moments. A socket the
+/// engine or a test still holds has an inode, and an open peer is listed itself: neither is
+/// excused.
 pub fn open_sockets_on(ports: &[u16]) -> Result<(), String> {
-    let open: Vec<TcpSocket> = tcp_sockets_on(ports).into_iter().filter(TcpSocket::is_open).collect();
-    if open.is_empty() { Ok(()) } else { Err(describe(&open)) }
+    let all = tcp_sockets_on(ports);
+    let orphan_without_peer = |s: &TcpSocket| {
+        s.state == "FIN-WAIT-2" && s.inode == 0 && !all.iter().any(|p| p.local == s.remote && p.remote == s.local)
+    };
+    let open: Vec<&TcpSocket> = all.iter().filter(|s| s.is_open() && !orphan_without_peer(s)).collect();
+    if open.is_empty() { Ok(()) } else { Err(describe(open)) }
 }
 
 /// Shuts the engine down and checks it stops cleanly: `Engine::shutdown` returns within the
@@ -321,13 +334,13 @@ pub fn still_serves(engine: &Engine, frontends: &[(&str, bool)]) {
     }
 }
 
-/// `local -> remote STATE` per socket, marking those a descriptor of this process holds (on a
-/// frontend port, often a client the test has not dropped).
-fn describe(sockets: &[TcpSocket]) -> String {
+/// `local -> remote STATE (inode N)` per socket (inode 0: no descriptor holds it), marking those a
+/// descriptor of this process holds (on a frontend port, often a client the test has not dropped).
+fn describe<'a>(sockets: impl IntoIterator<Item = &'a TcpSocket>) -> String {
     let mine = socket_inodes();
-    let each = sockets.iter().map(|s| {
+    let each = sockets.into_iter().map(|s| {
         let held = if s.inode != 0 && mine.contains(&s.inode) { " (held by this process)" } else { "" };
-        format!("{} -> {} {}{held}", s.local, s.remote, s.state)
+        format!("{} -> {} {} (inode {}){held}", s.local, s.remote, s.state, s.inode)
     });
     each.collect::<Vec<_>>().join(", ")
 }
