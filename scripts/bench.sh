@@ -44,7 +44,10 @@
 #                  corrected p50/p99/p99.9
 #   hb9k, hb18k    the workload this proxy exists for: 9,000 / 18,000 connections held through a
 #                  freshly started instance of the proxy, a 16-byte heartbeat on each every second
-#                  (`ringload hold --heartbeat 1s`); the proxy's CPU over HB_WINDOW s once all are
+#                  (`ringload hold --heartbeat 1s --phase spread`: connection i of N heartbeats at
+#                  i/N of the second, an even rate; before 2026-12-07 one second after its connect,
+#                  so the ramp's bursts of connects came back as bursts of heartbeats every
+#                  second, and the rounds' RTT varied with them); the proxy's CPU over HB_WINDOW s once all are
 #                  established -> CPU µs per heartbeat round trip, and the heartbeats' p50 and p99
 #                  RTT once the ramp is over (--latency-after).
 #                  HAProxy cannot hold 18,000 (36,000 descriptors) in one process under
@@ -799,8 +802,8 @@ hb_test() { # TEST PATH ROUND CONNS [HEARTBEAT_S]
     # whole periods: each burst of a bursty test counted once
     win=$(((HB_WINDOW + hb - 1) / hb * hb))
     hold_s=$((ramp_s + 4 + win + 3))
-    cmd=("$RL" hold --target "$a" --conns "$n" --ramp 10000/s --heartbeat "${hb}s" --duration "${hold_s}s"
-        --latency-after "$((ramp_s + 2))s" --sources 127.0.5.0/28 --json --no-progress)
+    cmd=("$RL" hold --target "$a" --conns "$n" --ramp 10000/s --heartbeat "${hb}s" --phase spread
+        --duration "${hold_s}s" --latency-after "$((ramp_s + 2))s" --sources 127.0.5.0/28 --json --no-progress)
     log_cmd "$f.cmd" "${cmd[@]}"
     start_bg "ringload hold ($t)" timeout $((hold_s + 60)) "${cmd[@]}" >"$f.json" 2>"$f.err"
     hold=$BG_PID

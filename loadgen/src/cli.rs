@@ -111,6 +111,15 @@ pub struct ClientArgs {
     pub child: Option<(usize, usize)>,
 }
 
+/// Where in the heartbeat interval a held connection's heartbeats fall (`hold --phase`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Phase {
+    /// Each connection at its own point of the interval: an even rate over the run.
+    Spread,
+    /// One interval after the connection was established (then every interval).
+    Connect,
+}
+
 #[derive(Args, Debug, Clone)]
 pub struct HoldArgs {
     #[command(flatten)]
@@ -124,6 +133,14 @@ pub struct HoldArgs {
     /// Interval between heartbeats on each connection.
     #[arg(long, value_parser = parse_duration, default_value = "30s")]
     pub heartbeat: Duration,
+    /// Where in the interval each connection's heartbeats fall. `spread`: connection i of N at
+    /// i/N of the way through it (to the millisecond), whenever it was established, so the
+    /// heartbeats of the run come at an even rate, as from clients that connected over hours;
+    /// `connect`: one interval after it was established, so connections established together
+    /// (a ramp's burst, a reconnect storm) heartbeat together from then on. Either way the
+    /// first heartbeat goes as soon as the connection is established.
+    #[arg(long, value_enum, default_value = "spread")]
+    pub phase: Phase,
     /// Record the round-trip times only of heartbeats sent this long after the start or later
     /// (e.g. once the ramp is over), so that the latency figures describe the steady state;
     /// every heartbeat is still checked and counted.

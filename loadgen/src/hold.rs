@@ -4,8 +4,14 @@
 //! `--sources` and the multi-process split).
 //!
 //! Per connection at most one heartbeat is outstanding: the first is sent as
-//! soon as the connection is established, the next when the interval has
-//! passed and the previous echo is back. If the previous echo is still
+//! soon as the connection is established, the next ones on the connection's
+//! phase (`--phase`): with `spread` (the default) connection `i` of `N`
+//! heartbeats at `start + i/N × interval + k × interval` (to the millisecond),
+//! whenever it was established, so the run's heartbeats come at an even rate
+//! and a burst of connects (a ramp that stalled, a reconnect storm) does not
+//! become a burst of heartbeats every interval after; with `connect` one
+//! interval after the previous one, so connections established together
+//! heartbeat together. If the previous echo is still
 //! missing when the next is due, that heartbeat is counted lost (once) and
 //! no new one is sent until it arrives (a late echo is still checked for
 //! corruption but gives no RTT sample). At the end the worker waits up to
@@ -23,12 +29,13 @@
 //! its slot's `sbuf`, unchanged until its echo is back. The shared
 //! [`ClientWorker`] owns the slots, their buffers and sockets.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::cli::HoldArgs;
+use crate::cli::{HoldArgs, Phase};
 use crate::client::{ClientWorker, Event, State};
 use crate::dial::Pacer;
 use crate::run::{ClientMode, WorkerPlan};
@@ -81,12 +88,15 @@ struct Conn {
 
 struct Worker<'a> {
     w: ClientWorker<'a, Conn>,
-    /// Heartbeat timers: (due, slot, chain).
-    timers: VecDeque<(Instant, u32, u32)>,
+    /// Heartbeat timers: (due, slot, chain), earliest first.
+    timers: BinaryHeap<Reverse<(Instant, u32, u32)>>,
     /// `--reconnect`: slots to dial again, (due, slot), in due order.
     redials: VecDeque<(Instant, u32)>,
     reconnect: Option<Duration>,
     heartbeat: Duration,
+    phase: Phase,
+    /// The whole run's connections (`--conns`): connection `first_id + slot` of them.
+    total: u64,
     ramp: f64,
     /// Planned connections whose dial has resolved (established or failed).
     resolved: u64,
@@ -111,10 +121,12 @@ impl<'a> Worker<'a> {
         let record_from = plan.start + args.latency_after;
         Ok(Worker {
             w,
-            timers: VecDeque::new(),
+            timers: BinaryHeap::new(),
             redials: VecDeque::new(),
             reconnect: args.reconnect,
             heartbeat: args.heartbeat,
+            phase: args.phase,
+            total: args.conns,
             ramp: args.ramp,
             resolved: 0,
             record_from,
@@ -148,11 +160,11 @@ impl<'a> Worker<'a> {
                     }
                 }
             }
-            while let Some(&(due, slot, chain)) = self.timers.front() {
+            while let Some(&Reverse((due, slot, chain))) = self.timers.peek() {
                 if due > now {
                     break;
                 }
-                self.timers.pop_front();
+                self.timers.pop();
                 if self.w.conn(slot).chain == chain {
                     self.beat(slot, due, now)?;
                 }
@@ -162,7 +174,7 @@ impl<'a> Worker<'a> {
             if dialed < n {
                 wait = wait.min(pacer.next_in(now).max(Duration::from_micros(200)));
             }
-            if let Some(&(due, _, _)) = self.timers.front() {
+            if let Some(&Reverse((due, _, _))) = self.timers.peek() {
                 wait = wait.min(due.saturating_duration_since(now));
             }
             if let Some(&(due, _)) = self.redials.front() {
@@ -248,9 +260,9 @@ impl<'a> Worker<'a> {
         if self.w.state(slot) != State::Open {
             return Ok(());
         }
-        let next = if due + self.heartbeat > now { due + self.heartbeat } else { now + self.heartbeat };
+        let next = self.next_beat(slot, due, now);
         let chain = self.w.conn(slot).chain;
-        self.timers.push_back((next, slot, chain));
+        self.timers.push(Reverse((next, slot, chain)));
         let id = self.w.plan().first_id + u64::from(slot);
         let progress = self.w.progress();
         let (c, m) = self.w.conn_mut(slot);
@@ -268,6 +280,29 @@ impl<'a> Worker<'a> {
         c.sent_at = Some(now);
         m.msgs_sent += 1;
         self.push_send(slot)
+    }
+
+    /// When the heartbeat after the one due at `due` (sent at `now`) is due.
+    fn next_beat(&self, slot: u32, due: Instant, now: Instant) -> Instant {
+        let hb = self.heartbeat;
+        match self.phase {
+            // One interval on; a heartbeat a whole interval late starts the count again.
+            Phase::Connect => {
+                if due + hb > now {
+                    due + hb
+                } else {
+                    now + hb
+                }
+            }
+            // The connection's first point after half an interval on: an interval after one on
+            // time, between a half and one and a half after the first (sent at the connect).
+            Phase::Spread => {
+                let id = u128::from(self.w.plan().first_id + u64::from(slot));
+                let offset_ms = id * hb.as_millis() / u128::from(self.total.max(1));
+                let origin = self.w.plan().start + Duration::from_millis(offset_ms as u64);
+                grid_after(origin, hb, due.max(now) + hb / 2)
+            }
+        }
     }
 
     fn on_send(&mut self, slot: u32, res: i32) -> Result<()> {
@@ -331,7 +366,30 @@ impl<'a> Worker<'a> {
     }
 }
 
+/// The first of `origin + k × every` (k = 0, 1, ...) at or after `at`.
+fn grid_after(origin: Instant, every: Duration, at: Instant) -> Instant {
+    let since = at.saturating_duration_since(origin).as_nanos();
+    let k = since.div_ceil(every.as_nanos().max(1));
+    origin + Duration::from_nanos((k * every.as_nanos()) as u64)
+}
+
 /// An Open connection whose heartbeat echo is due and not yet counted lost.
 fn awaited(s: &crate::client::Slot<Conn>) -> bool {
     s.state() == State::Open && s.conn.sent_at.is_some() && !s.conn.lost_marked
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_after_is_the_first_point_at_or_after() {
+        let o = Instant::now();
+        let ms = Duration::from_millis;
+        assert_eq!(grid_after(o, ms(100), o), o);
+        assert_eq!(grid_after(o, ms(100), o - ms(30)), o, "before the origin: the origin");
+        assert_eq!(grid_after(o, ms(100), o + ms(1)), o + ms(100));
+        assert_eq!(grid_after(o, ms(100), o + ms(100)), o + ms(100));
+        assert_eq!(grid_after(o, ms(100), o + ms(250)), o + ms(300));
+    }
 }

@@ -358,3 +358,85 @@ fn hold_reconnects_what_the_server_closed_and_passes_when_all_are_back() {
     assert_eq!(u(&v, "connections.reconnects"), 0);
     assert_eq!(u(&v, "connections.open_at_end"), 0);
 }
+
+/// An echo server on loopback that records when each 16-byte heartbeat arrived.
+fn timing_echo() -> (String, std::sync::Arc<std::sync::Mutex<Vec<Instant>>>) {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    // (A backlog for every connection at once: std's 128 would drop SYNs, retried a second later.)
+    let l = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    l.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    l.listen(1024).unwrap();
+    let l: std::net::TcpListener = l.into();
+    let addr = l.local_addr().unwrap().to_string();
+    let arrivals: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let seen = arrivals.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut msg = [0u8; 16];
+                while c.read_exact(&mut msg).is_ok() {
+                    seen.lock().unwrap().push(Instant::now());
+                    if c.write_all(&msg).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, arrivals)
+}
+
+/// Heartbeats per 50 ms the server saw over the three intervals (of 500 ms) after the first,
+/// for 200 connections established at once.
+fn heartbeats_per_50ms(phase: &str) -> Vec<usize> {
+    let (addr, arrivals) = timing_echo();
+    let (code, v) = json(&[
+        "hold",
+        "--target",
+        &addr,
+        "--conns",
+        "200",
+        "--ramp",
+        "100000/s",
+        "--heartbeat",
+        "500ms",
+        "--phase",
+        phase,
+        "--duration",
+        "2600ms",
+    ]);
+    assert_eq!(code, 0, "{v}");
+    assert!(v["connections"]["ramp_time_s"].as_f64() < Some(0.2), "established at once: {v}");
+    let arrivals = arrivals.lock().unwrap().clone();
+    let first = *arrivals.iter().min().expect("heartbeats arrived");
+    let from = first + Duration::from_millis(600);
+    let mut bins = vec![0; 30];
+    for a in arrivals {
+        if a >= from {
+            let i = (a - from).as_millis() as usize / 50;
+            if i < bins.len() {
+                bins[i] += 1;
+            }
+        }
+    }
+    bins
+}
+
+#[test]
+fn hold_spreads_heartbeats_evenly_over_the_interval_unless_told_to_follow_the_connect() {
+    // 200 connections over 500 ms: one heartbeat every 2.5 ms, 20 in each 50 ms, 600 in all.
+    let spread = heartbeats_per_50ms("spread");
+    // (A heartbeat due right at the window's edge may fall either side of it.)
+    assert!((590..=610).contains(&spread.iter().sum::<usize>()), "{spread:?}");
+    assert!(spread.iter().all(|&n| (10..=30).contains(&n)), "even over the interval: {spread:?}");
+    // Established within a few milliseconds of each other, they heartbeat together.
+    let connect = heartbeats_per_50ms("connect");
+    assert!((590..=610).contains(&connect.iter().sum::<usize>()), "{connect:?}");
+    // (A burst may straddle two bins.)
+    let busy_bins = connect.iter().filter(|&&n| n > 0).count();
+    assert!(busy_bins <= 3 * 3, "together, once an interval: {connect:?}");
+    assert!(connect.windows(2).map(|w| w[0] + w[1]).max() >= Some(180), "together: {connect:?}");
+}
