@@ -68,14 +68,23 @@ impl Ctx<'_> {
         debug_assert!(admission != Admission::None, "a connection opened without a share");
         self.fe_stats().accepted += 1;
         self.count_admission(admission, true);
-        if self.ring_mode() && !self.cfg.frontends[fe].accept_proxy && self.ring.ring_bufs_available() {
-            // `splice: never`: the multishot receive that will carry the client's bytes watches the
-            // client from now on (a reset or an end while connecting), and what it receives before
-            // the server is there waits in the flow's queue. One op for the connection's life,
-            // instead of a poll now and its cancellation once connected.
+        if self.ring_mode()
+            && !self.cfg.frontends[fe].accept_proxy
+            && self.ring.ring_bufs_available()
+            && self.stats.early_receives < self.early_receives_max()
+        {
+            // The receive-buffer path: the multishot receive that will carry the client's bytes
+            // watches the client from now on (a reset or an end while connecting), and what it
+            // receives before the server is there waits in the flow's queue. One op for the
+            // connection's life, instead of a poll now and its cancellation once connected. Not
+            // for more than a quarter of the worker's buffers' worth of connections at once (a
+            // connect storm, a server that answers no SYN): what they hold until connected would
+            // starve the worker's other flows (docs/architecture.md, *Bytes before the server*).
             let t = self.token(Op::ClientRecv);
             self.ring.recv_multi(client.sock(), t);
             self.c.client_recv = true;
+            self.c.early_recv = true;
+            self.stats.early_receives += 1;
         } else {
             let t = self.token(Op::ClientPoll);
             self.ring.poll_multi(client.sock(), POLLIN_EVENTS, t);

@@ -254,6 +254,9 @@ pub struct Conn {
     /// (`splice: never`, once established).
     pub client_recv: bool,
     pub server_recv: bool,
+    /// The client's receive was armed at accept, before a server was there: counted in the
+    /// worker's `early_receives` until the connection is established or closes.
+    pub early_recv: bool,
     /// On its way to another engine (reload): nothing new is armed; once nothing is in flight it
     /// is offered to the new engine's worker (worker/moving.rs).
     pub moving: bool,
@@ -959,6 +962,11 @@ impl Ctx<'_> {
             (State::Closing(_), State::Free) => self.stats.closing -= 1,
             (_, State::Closing(_)) => self.stats.closing += 1,
             _ => {}
+        }
+        if matches!(next, State::Established | State::Closing(_) | State::Free)
+            && std::mem::take(&mut self.c.early_recv)
+        {
+            self.stats.early_receives -= 1;
         }
         self.c.state = next;
     }

@@ -670,6 +670,10 @@ fn other(dir: Dir) -> Dir {
 /// whole set. That is while the worker has buffers to spare; see [`Ctx::pause_at`].
 const PAUSE_BYTES: usize = 1 << 20;
 
+/// The most receive buffers a connection holds before its server is there (a client that sends
+/// more than two buffers' worth first pauses until then; one small message, merged, holds one).
+const EARLY_BUFFERS: usize = 2;
+
 impl Ctx<'_> {
     /// Whether this worker moves bytes through its ring of receive buffers (`splice: auto`, bulk
     /// flows aside, and `never`).
@@ -829,16 +833,27 @@ impl Ctx<'_> {
     /// fewer than half are, then 1. One fast flow gets deep queues; a thousand busy flows share
     /// the buffers instead of the first few hundred holding them all (and the memory they cost)
     /// while the rest wait for one.
+    ///
+    /// Before the server is there, at most [`EARLY_BUFFERS`]: those buffers are held until it
+    /// is, however long its connect takes.
     fn pause_at(&self) -> usize {
         let (out, max) = self.ring.ring_bufs_out_of();
         let deep = PAUSE_BYTES / self.cfg.global.tune.recv_buffer_size as usize;
-        if out * 4 < max {
+        let at = if out * 4 < max {
             deep.max(1)
         } else if out * 2 < max {
             (deep / 4).max(1)
         } else {
             1
-        }
+        };
+        if self.c.state == State::Established { at } else { at.min(EARLY_BUFFERS) }
+    }
+
+    /// How many connections not yet connected may have their client's receive armed at once: a
+    /// quarter of the worker's receive buffers (each holds at most [`EARLY_BUFFERS`]: together at
+    /// most half of them, whatever the connects do; the rest stay for established flows).
+    pub(super) fn early_receives_max(&self) -> u64 {
+        (self.ring.ring_bufs_out_of().1 as u64 / 4).max(1)
     }
 
     /// Connected: sends what the client's receive queued while the server was not there.

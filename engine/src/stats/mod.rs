@@ -540,6 +540,12 @@ pub struct WorkerStats {
     /// found the worker's ring empty (ENOBUFS), or every buffer was out.
     #[serde(default)]
     pub buffer_waits: u64,
+    /// Connections not yet connected to a server whose client's receive is armed (gauge): each
+    /// may hold up to two receive buffers of what its client sent first, and at most a quarter of
+    /// `tune.recv_buffers` of them are at a time; the others wait for their server with the
+    /// client's bytes left in its socket (docs/architecture.md, *Bytes before the server*).
+    #[serde(default)]
+    pub early_receives: u64,
     /// This worker's share of the global maxconn, and share lent to / borrowed from other workers.
     pub global_share: u64,
     pub share_lent: u64,

@@ -340,6 +340,13 @@ pub fn render(s: &EngineStats) -> String {
     m.per_worker(s, "buffer_waits_total", "counter", "Times a receive waited for a free receive buffer.", |w| {
         w.buffer_waits
     });
+    m.per_worker(
+        s,
+        "early_receives",
+        "gauge",
+        "Connections not yet connected to a server whose client's receive is armed (at most recv_buffers / 4).",
+        |w| w.early_receives,
+    );
     m.per_worker(s, "maxconn_share", "gauge", "This worker's share of the global maxconn.", |w| w.global_share);
     m.per_worker(s, "maxconn_share_lent_total", "counter", "maxconn share lent to other workers.", |w| w.share_lent);
     m.per_worker(s, "maxconn_share_borrowed_total", "counter", "maxconn share borrowed from other workers.", |w| {

@@ -201,7 +201,7 @@ pub fn addr(engine: &Engine, fe: &str) -> SocketAddr {
 pub type Gauge = (&'static str, fn(&WorkerStats) -> u64);
 
 /// The engine's gauges: what it holds now. All are 0 once every connection is closed and freed.
-pub const GAUGES: [Gauge; 10] = [
+pub const GAUGES: [Gauge; 11] = [
     ("active", |w| w.active),
     ("handshakes", |w| w.handshakes),
     ("closing", |w| w.closing),
@@ -212,6 +212,7 @@ pub const GAUGES: [Gauge; 10] = [
     ("buffers_in_use", |w| w.buffers_in_use),
     ("zerocopy_pending", |w| w.zerocopy_pending),
     ("idle_polled", |w| w.idle_polled),
+    ("early_receives", |w| w.early_receives),
 ];
 
 /// How long an idle engine may take to free what it holds, and the kernel to close sockets.

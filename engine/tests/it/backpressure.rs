@@ -459,3 +459,103 @@ fn small_receives_behind_a_stalled_destination_share_buffers_and_arrive_intact()
     drop(c);
     assert_clean(engine, &[echo.addr.port()]);
 }
+
+/// A server that answers no SYN until opened (its accept queue is full: backlog 0 and one
+/// connection never accepted), then accepts everything and echoes it.
+struct Gate {
+    addr: std::net::SocketAddr,
+    listener: socket2::Socket,
+    _filler: socket2::Socket,
+}
+
+impl Gate {
+    fn closed() -> Gate {
+        let hole = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        hole.bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        hole.listen(0).unwrap();
+        let addr = hole.local_addr().unwrap().as_socket().unwrap();
+        let filler = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        filler.connect(&addr.into()).unwrap();
+        Gate { addr, listener: hole, _filler: filler }
+    }
+
+    /// From now on every SYN is answered (a listen() again sets the queue's limit) and every
+    /// connection echoed.
+    fn open(self) {
+        self.listener.listen(4096).unwrap();
+        let l: std::net::TcpListener = self.listener.into();
+        std::thread::spawn(move || {
+            for mut c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n) = c.read(&mut buf) {
+                        if n == 0 || c.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+    }
+}
+
+#[test]
+fn clients_that_speak_while_their_server_is_unreachable_do_not_starve_the_worker() {
+    // 200 clients send their first bytes at once and their server answers no SYN (a backend
+    // down, or overloaded, or a storm of connects): what they sent waits for it, but not in the
+    // worker's receive buffers (64 here), which the worker's other connections need meanwhile.
+    const HELD: usize = 200;
+    let echo = Backend::start(Mode::Echo);
+    let gate = Gate::closed();
+    let engine = engine(&format!(
+        "global: {{ workers: 1, tune: {{ recv_buffers: 64 }} }}\n\
+         frontends:\n  - {{ name: held, bind: \"127.0.0.1:0\", backend: gate }}\n\
+         \x20 - {{ name: rr, bind: \"127.0.0.1:0\", backend: echo }}\n\
+         backends:\n  - {{ name: gate, retries: 0, timeout: {{ connect: 20s }}, servers: [{{ name: s, address: \"{}\" }}] }}\n\
+         \x20 - {{ name: echo, servers: [{{ name: s, address: \"{}\" }}] }}\n",
+        gate.addr, echo.addr
+    ));
+    let mut rr = connect(addr(&engine, "rr"));
+    echo_once(&mut rr, b"before");
+    let first = |i: usize| format!("client {i:03} speaks first ").repeat(4).into_bytes();
+    let mut held: Vec<TcpStream> = (0..HELD)
+        .map(|i| {
+            let mut c = connect(addr(&engine, "held"));
+            c.write_all(&first(i)).unwrap();
+            c
+        })
+        .collect();
+    wait_until("every held client accepted", Duration::from_secs(5), || {
+        engine.stats().frontends.iter().find(|f| f.frontend == "held").is_some_and(|f| f.accepted == HELD as u64)
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let s = engine.stats();
+    let in_use = s.total(|w| w.buffers_in_use);
+    eprintln!(
+        "{HELD} clients waiting for their server: {in_use} receive buffers held, {} bytes received",
+        s.frontends.iter().find(|f| f.frontend == "held").map_or(0, |f| f.bytes_in)
+    );
+    assert!(in_use <= 32, "connections not yet connected hold {in_use} of the worker's 64 receive buffers");
+    // Meanwhile the worker's other connections go on, and new ones are served.
+    let mut worst = Duration::ZERO;
+    for i in 0..20u32 {
+        let t = Instant::now();
+        echo_once(&mut rr, &i.to_le_bytes());
+        worst = worst.max(t.elapsed());
+    }
+    let mut fresh = connect(addr(&engine, "rr"));
+    let t = Instant::now();
+    echo_once(&mut fresh, b"a new connection");
+    worst = worst.max(t.elapsed());
+    assert!(worst < Duration::from_millis(500), "a round trip took {worst:?} beside the waiting clients");
+    // The server answers: every held client's first bytes reach it, intact, and come back.
+    gate.open();
+    for (i, c) in held.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+        let mut back = vec![0u8; first(i).len()];
+        c.read_exact(&mut back).unwrap_or_else(|e| panic!("client {i}: {e}"));
+        assert!(back == first(i), "client {i}: the echo differs");
+    }
+    drop((held, rr, fresh));
+    assert_clean(engine, &[echo.addr.port()]);
+}
