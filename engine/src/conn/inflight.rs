@@ -113,6 +113,10 @@ pub enum FlowIo {
     /// Receive buffers queued for the destination (`splice: never`), a `sendmsg` of them in
     /// flight (a queue with buffers always has one: sendq.rs).
     Ring(QueueLease),
+    /// Receive-buffer path: the destination took part of a `sendmsg` of the queue and had no room
+    /// for the rest; a one-shot POLLOUT on it waits for room (no `sendmsg` in flight), since
+    /// `since` (the worker clock's ms, wrapping every 65 s). Sent on when it fires.
+    RingPollOut { lease: QueueLease, since: u16 },
     /// A bulk flow splicing on the worker's thread moved its share for this loop turn; the
     /// completion the worker posted itself (`Op::Again*`, no SQE: it cannot be cancelled and
     /// arrives with the next turn's completions) lets it go on. Holds nothing.
@@ -144,6 +148,7 @@ impl FlowIo {
             FlowIo::PollOutBuf { .. } | FlowIo::PollOutPipe { .. } => [Some(dir.poll_out()), None],
             FlowIo::Shutdown { via_fd } => [Some(dir.shutdown(*via_fd)), None],
             FlowIo::Ring(_) => [Some(dir.send()), None],
+            FlowIo::RingPollOut { .. } => [Some(dir.poll_out()), None],
             FlowIo::Again => [None, None],
         }
     }

@@ -53,6 +53,7 @@ use crate::worker::token::{GENERATION_MASK, Op, Token};
 use crate::worker::upstream::Upstream;
 
 pub(crate) use accept::{Known, ListenerInfo};
+pub(crate) use pump::STALL_MS;
 
 /// "No server / no source chosen" in the compact `u16` indices of a [`Conn`].
 pub const NO_INDEX: u16 = u16::MAX;
@@ -398,6 +399,12 @@ pub(crate) enum Done {
         lease: QueueLease,
         res: i32,
     },
+    /// The POLLOUT a send queue waited on fired: the queue comes back.
+    RingPollOut {
+        dir: Dir,
+        lease: QueueLease,
+        res: i32,
+    },
     /// A FIXED_FD_INSTALL for splicing completed (`client` says which socket): its descriptor,
     /// or `None` if it failed.
     SpliceFd {
@@ -645,6 +652,7 @@ impl Conn {
                 FlowIo::PollOutPipe { pipe, pending } => {
                     Ok(Done::PollOut { dir, held: Held::Pipe { pipe, pending }, res })
                 }
+                FlowIo::RingPollOut { lease, .. } => Ok(Done::RingPollOut { dir, lease, res }),
                 io => Err(io),
             }),
             Op::ShutdownServer | Op::ShutdownClient => self.take_flow(dir, |io| match io {
@@ -1011,6 +1019,7 @@ impl Ctx<'_> {
             Done::Shutdown { dir, fd, retry } => self.on_shutdown(dir, fd, retry),
             Done::Recvd { client, res, more } => self.on_recvd(client, res, more, filled),
             Done::RingSent { dir, lease, res } => self.on_ring_sent(dir, lease, res),
+            Done::RingPollOut { dir, lease, res } => self.on_ring_poll_out(dir, lease, res),
             Done::SpliceFd { client, fd } => self.on_splice_fd(client, fd),
             Done::Again { dir } => {
                 self.pump(dir);
@@ -1033,7 +1042,7 @@ impl Ctx<'_> {
             Done::Recv { buf, .. } | Done::Send { buf, .. } => self.ring.give_chunk(buf),
             Done::SpliceOut { pipe, pending, .. } => self.pipes.give_back(pipe, pending),
             Done::PollOut { held, .. } => self.give_back_held(held),
-            Done::RingSent { lease, .. } => self.sendq.give_back(lease, self.ring),
+            Done::RingSent { lease, .. } | Done::RingPollOut { lease, .. } => self.sendq.give_back(lease, self.ring),
             // The descriptor is closed here, as it is dropped.
             Done::LocalAddr { fd } => drop(fd),
             // Closing while moving: whatever reached the other ring is taken back there.

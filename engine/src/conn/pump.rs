@@ -574,7 +574,7 @@ impl Ctx<'_> {
             self.cancel(op);
         }
         let f = self.c.flow(dir);
-        if f.paused && !matches!(f.io, FlowIo::Ring(_)) {
+        if f.paused && !matches!(f.io, FlowIo::Ring(_) | FlowIo::RingPollOut { .. }) {
             f.paused = false;
         }
         self.pump(dir);
@@ -648,7 +648,7 @@ impl Ctx<'_> {
         if self.ring_mode() {
             // Waiting for receive buffers: re-arm (or queue up again) if still paused.
             let f = self.c.flow(dir);
-            if f.paused && !matches!(f.io, FlowIo::Ring(_)) {
+            if f.paused && !matches!(f.io, FlowIo::Ring(_) | FlowIo::RingPollOut { .. }) {
                 f.paused = false;
                 self.arm_recv(dir);
             }
@@ -669,6 +669,11 @@ fn other(dir: Dir) -> Dir {
 /// it pauses), so a destination that stops reading holds about this much, not the worker's
 /// whole set. That is while the worker has buffers to spare; see [`Ctx::pause_at`].
 const PAUSE_BYTES: usize = 1 << 20;
+
+/// How long a send queue waits for room in its destination, while the worker's receives wait
+/// for buffers, before its bytes are copied out of the ring (`spill_stalled`): a destination
+/// that is merely full has room again well within it; one that stopped reading does not.
+pub(crate) const STALL_MS: u16 = 200;
 
 /// The most receive buffers a connection holds before its server is there (a client that sends
 /// more than two buffers' worth first pauses until then; one small message, merged, holds one).
@@ -771,9 +776,11 @@ impl Ctx<'_> {
         self.received(dir, n);
         self.stats.ring_recvs += 1;
         let io = std::mem::take(&mut self.c.flow(dir).io);
-        let lease = match io {
-            FlowIo::Ring(lease) => lease,
-            FlowIo::Idle => self.sendq.lend(),
+        // `waiting`: its destination has no room; a POLLOUT says when it has.
+        let (lease, waiting) = match io {
+            FlowIo::Ring(lease) => (lease, None),
+            FlowIo::RingPollOut { lease, since } => (lease, Some(since)),
+            FlowIo::Idle => (self.sendq.lend(), None),
             other => {
                 // Cannot happen: in this mode a flow is idle, or its queue is.
                 debug_assert!(false, "a receive buffer for a flow in {other:?}");
@@ -803,7 +810,10 @@ impl Ctx<'_> {
             // Cannot happen (pbuf.rs found the bundle's buffers elsewhere than offered): bytes
             // this direction received are not in hand, so its stream cannot go on intact.
             debug_assert!(false, "a bundle of {n} bytes came with {bufs} buffers");
-            self.c.flow(dir).io = FlowIo::Ring(lease);
+            self.c.flow(dir).io = match waiting {
+                Some(since) => FlowIo::RingPollOut { lease, since },
+                None => FlowIo::Ring(lease),
+            };
             return self.close(dir.source_reset());
         }
         if n >= size
@@ -818,13 +828,85 @@ impl Ctx<'_> {
             self.start_splicing(dir);
         }
         // Before the server is connected (and its PROXY header sent), the bytes wait in the
-        // queue: `establish` sends them.
-        if !self.sendq.sending(&lease) && self.c.state == State::Established {
+        // queue: `establish` sends them. Behind a destination with no room they wait for its
+        // POLLOUT, out of the ring if the worker is short of buffers.
+        if waiting.is_some() {
+            self.spill_more(&lease);
+        } else if !self.sendq.sending(&lease) && self.c.state == State::Established {
             self.send_queue(dir, &lease);
         }
-        if self.sendq.held(&lease) >= self.pause_at() {
+        // (A queue copied out of the ring has a stuck destination: its source stops at once.)
+        let mark = if self.sendq.has_spilled(&lease) { 1 } else { self.pause_at() };
+        if self.sendq.held(&lease) >= mark {
             self.pause(dir);
         }
+        self.c.flow(dir).io = match waiting {
+            Some(since) => FlowIo::RingPollOut { lease, since },
+            None => FlowIo::Ring(lease),
+        };
+    }
+
+    /// Whether the worker is short of receive buffers: a quarter of them are out (where
+    /// [`Ctx::pause_at`] starts to shorten the queues).
+    fn buffers_short(&self) -> bool {
+        let (out, max) = self.ring.ring_bufs_out_of();
+        out * 4 >= max
+    }
+
+    /// The most bytes the worker's queues hold copied out of the ring: what its receive buffers
+    /// can hold (so the two together stay within 2 × `recv_buffers` × `recv_buffer_size`; past
+    /// it, a stuck destination's queue keeps its buffers).
+    fn spill_cap(&self) -> u64 {
+        self.ring.ring_bufs_out_of().1 as u64 * self.ring.recv_buf_size() as u64
+    }
+
+    /// Copies a queue's bytes that are in receive buffers out of the ring (`SendQueues::spill`).
+    fn spill(&mut self, lease: &QueueLease) {
+        let cap = self.spill_cap();
+        if self.sendq.spill(lease, self.ring, cap) > 0 {
+            self.stats.ring_spills += 1;
+        }
+    }
+
+    /// A queue that was copied out of the ring already (its destination is stuck) takes what it
+    /// receives out of the ring too.
+    fn spill_more(&mut self, lease: &QueueLease) {
+        if self.sendq.has_spilled(lease) {
+            self.spill(lease);
+        }
+    }
+
+    /// `dir`'s queue has waited for room in its destination for [`STALL_MS`] or more while the
+    /// worker's receives wait for buffers (worker/mod.rs, `spill_stalled`): its bytes leave the
+    /// ring. (From then on what it receives leaves the ring too, until the copied bytes are
+    /// sent: `spill_more`.)
+    pub(crate) fn spill_stalled(&mut self, dir: Dir) {
+        let cap = self.spill_cap();
+        let now = self.now.ms as u16;
+        let FlowIo::RingPollOut { lease, since } = &self.c.flow(dir).io else { return };
+        if now.wrapping_sub(*since) >= STALL_MS && self.sendq.spill(lease, self.ring, cap) > 0 {
+            self.stats.ring_spills += 1;
+        }
+    }
+
+    /// The destination of `dir` took only part of the queue: wait for room (a one-shot POLLOUT).
+    /// If it still waits [`STALL_MS`] later while the worker runs out of buffers, the queue is
+    /// copied out of the ring (`spill_stalled`); one copied before stays out.
+    fn ring_wait_for_room(&mut self, dir: Dir, lease: QueueLease) {
+        self.spill_more(&lease);
+        let t = self.token(dir.poll_out());
+        let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
+        self.ring.poll_once(dst, POLLOUT_EVENTS, t);
+        self.c.flow(dir).io = FlowIo::RingPollOut { lease, since: self.now.ms as u16 };
+    }
+
+    /// The POLLOUT a queue waited on fired: send on.
+    pub(super) fn on_ring_poll_out(&mut self, dir: Dir, lease: QueueLease, res: i32) {
+        if res < 0 && res != -libc::ECANCELED {
+            self.sendq.give_back(lease, self.ring);
+            return self.close(dir.destination_reset());
+        }
+        self.send_queue(dir, &lease);
         self.c.flow(dir).io = FlowIo::Ring(lease);
     }
 
@@ -883,7 +965,9 @@ impl Ctx<'_> {
         let t = self.token(dir.send());
         self.stats.ring_sends += 1;
         let Some((_, dst)) = self.c.ends(dir) else { unreachable!("established: both sockets exist") };
-        if self.cfg.global.tune.send_zerocopy.is_some_and(|min| bytes >= u64::from(min)) {
+        if self.cfg.global.tune.send_zerocopy.is_some_and(|min| bytes >= u64::from(min))
+            && !self.sendq.has_spilled(lease)
+        {
             let send = self.sendq.zerocopy(lease, self.ring, t);
             self.stats.zerocopy_sends += 1;
             // SAFETY: the message and its iovecs belong to the queue, which stays in
@@ -893,9 +977,14 @@ impl Ctx<'_> {
             unsafe { self.ring.sendmsg_zc(dst, msg, send) };
             return;
         }
-        // SAFETY: the message, its iovecs and the buffers they point into belong to the queue,
-        // which stays in `FlowIo::Ring` (sendq.rs keeps them in place) until this op's completion.
-        unsafe { self.ring.sendmsg(dst, msg, t) };
+        // Short of buffers: what the destination takes now, so that a destination with no room
+        // leaves the queue with us (`on_ring_sent`: a POLLOUT, the queue out of the ring) rather
+        // than in a send that holds its buffers until it has.
+        let nowait = self.buffers_short();
+        // SAFETY: the message, its iovecs and the buffers (or copied bytes) they point into belong
+        // to the queue, which stays in `FlowIo::Ring` (sendq.rs keeps them in place: nothing is
+        // spilled while a send is in flight) until this op's completion.
+        unsafe { self.ring.sendmsg(dst, msg, nowait, t) };
     }
 
     /// Backpressure: the destination of `dir` is slower than its source; stop receiving.
@@ -926,12 +1015,15 @@ impl Ctx<'_> {
             self.sendq.give_back(lease, self.ring);
             return self.close(dir.destination_reset());
         }
-        self.sendq.sent(&lease, res.max(0) as u64, self.ring);
+        let short = self.sendq.sent(&lease, res.max(0) as u64, self.ring);
         if res > 0 {
             self.sent(dir);
         }
         if self.sendq.is_empty(&lease) {
             self.sendq.give_back(lease, self.ring);
+        } else if short {
+            // The destination had no room for the rest (a send that did not wait for it).
+            self.ring_wait_for_room(dir, lease);
         } else {
             self.send_queue(dir, &lease);
             self.c.flow(dir).io = FlowIo::Ring(lease);
@@ -939,7 +1031,7 @@ impl Ctx<'_> {
         let resume_below = self.pause_at().div_ceil(2);
         let f = self.c.flow(dir);
         let drained = match &f.io {
-            FlowIo::Ring(l) => self.sendq.held(l) < resume_below,
+            FlowIo::Ring(l) | FlowIo::RingPollOut { lease: l, .. } => self.sendq.held(l) < resume_below,
             _ => true,
         };
         if f.paused && drained {

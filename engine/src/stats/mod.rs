@@ -546,6 +546,14 @@ pub struct WorkerStats {
     /// client's bytes left in its socket (docs/architecture.md, *Bytes before the server*).
     #[serde(default)]
     pub early_receives: u64,
+    /// Bytes queued for a destination with no room that were copied out of the receive buffers
+    /// while the worker was short of them (gauge), and how many times a queue was (a destination
+    /// that stopped reading keeps no buffer from the other flows: docs/architecture.md, *A
+    /// destination that stops reading*).
+    #[serde(default)]
+    pub ring_spilled_bytes: u64,
+    #[serde(default)]
+    pub ring_spills: u64,
     /// This worker's share of the global maxconn, and share lent to / borrowed from other workers.
     pub global_share: u64,
     pub share_lent: u64,

@@ -342,6 +342,16 @@ pub fn render(s: &EngineStats) -> String {
     });
     m.per_worker(
         s,
+        "ring_spilled_bytes",
+        "gauge",
+        "Bytes waiting for a destination with no room, copied out of the receive buffers.",
+        |w| w.ring_spilled_bytes,
+    );
+    m.per_worker(s, "ring_spills_total", "counter", "Times a send queue was copied out of the receive buffers.", |w| {
+        w.ring_spills
+    });
+    m.per_worker(
+        s,
         "early_receives",
         "gauge",
         "Connections not yet connected to a server whose client's receive is armed (at most recv_buffers / 4).",

@@ -401,6 +401,7 @@ impl Worker {
         s.buffers_in_use = u64::from(self.ring.buffers_in_use());
         s.buffers_pooled = u64::from(self.ring.buffers_pooled());
         s.ring_queued_bytes = self.sendq.queued_bytes();
+        s.ring_spilled_bytes = self.sendq.spilled_bytes();
         s.zerocopy_pending = u64::from(self.ring.zc_live());
         s.recv_buffers_resident = self.ring.recv_bufs_resident();
         s.global_share = u64::from(self.up.shares.held(self.plan.limits.global));

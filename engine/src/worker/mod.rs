@@ -107,6 +107,8 @@ pub struct Worker {
     draining: Option<u64>,
     /// When the receive buffers are next trimmed (worker clock, ms).
     next_trim: u64,
+    /// When the queues waiting for room may next be reviewed (`review_stalled`).
+    next_stall_review: u64,
     /// The longest loop turn (ns) of this second and of the one before (rolled with `next_trim`).
     longest_turn_ns: [u64; 2],
     /// `splice: auto`: whether bulk flows splice or go through the receive buffers (measured).
@@ -208,6 +210,10 @@ impl Worker {
                 self.on_completion(c);
             }
             if !self.waiters.is_empty() {
+                // Receives wait for buffers: queues stuck behind a destination give theirs up.
+                if self.now.ms >= self.next_stall_review {
+                    self.spill_stalled();
+                }
                 self.serve_waiters();
             }
             self.timers.expire(self.now.ms, self.conns.links(), &mut expired);
@@ -380,6 +386,28 @@ impl Worker {
             self.drain_queue(b);
         }
         self.follow_up();
+    }
+
+    /// Receives wait for buffers: the send queues that have waited for room in their destination
+    /// for `STALL_MS` or more give theirs up (their bytes are copied out of the ring), so that a
+    /// destination that stopped reading does not stop the worker's other flows. A pass over the
+    /// connection table, at most once per `STALL_MS`, only while receives wait.
+    fn spill_stalled(&mut self) {
+        self.next_stall_review = self.now.ms + u64::from(crate::conn::STALL_MS);
+        if !self.cfg.global.tune.splice.uses_ring() {
+            return;
+        }
+        for idx in 0..self.conns.slots() as u32 {
+            let c = self.conns.entry(idx);
+            let waiting = |io: &crate::conn::FlowIo| matches!(io, crate::conn::FlowIo::RingPollOut { .. });
+            if c.is_live() && (waiting(&c.c2s.io) || waiting(&c.s2c.io)) {
+                self.with_conn(idx, |cx| {
+                    for dir in crate::conn::Dir::BOTH {
+                        cx.spill_stalled(dir);
+                    }
+                });
+            }
+        }
     }
 
     /// Gives freed pipes and buffers to flows that were waiting for one (once per loop turn).

@@ -156,6 +156,7 @@ impl Worker {
             peers,
             draining: None,
             next_trim: now.ms + 1000,
+            next_stall_review: 0,
             longest_turn_ns: [0; 2],
             bulk: super::bulkpath::BulkPath::new(
                 config.global.tune.splice == crate::config::SpliceMode::Auto && plan.io.fd_install,

@@ -201,7 +201,7 @@ pub fn addr(engine: &Engine, fe: &str) -> SocketAddr {
 pub type Gauge = (&'static str, fn(&WorkerStats) -> u64);
 
 /// The engine's gauges: what it holds now. All are 0 once every connection is closed and freed.
-pub const GAUGES: [Gauge; 11] = [
+pub const GAUGES: [Gauge; 12] = [
     ("active", |w| w.active),
     ("handshakes", |w| w.handshakes),
     ("closing", |w| w.closing),
@@ -213,6 +213,7 @@ pub const GAUGES: [Gauge; 11] = [
     ("zerocopy_pending", |w| w.zerocopy_pending),
     ("idle_polled", |w| w.idle_polled),
     ("early_receives", |w| w.early_receives),
+    ("ring_spilled_bytes", |w| w.ring_spilled_bytes),
 ];
 
 /// How long an idle engine may take to free what it holds, and the kernel to close sockets.

@@ -578,14 +578,16 @@ impl Ring {
     }
 
     /// sendmsg of the iovecs `msg` names, whole (MSG_WAITALL: the kernel waits for room, polling,
-    /// without an io-wq thread).
+    /// without an io-wq thread); with `nowait`, what the socket takes now (MSG_DONTWAIT: io_uring
+    /// completes it at once with the bytes sent, or -EAGAIN for none, instead of polling).
     ///
     /// # Safety
     /// `msg`, its iovec array and every buffer the iovecs point into stay valid and unchanged
     /// until this op's completion (the caller keeps them in the op's in-flight record).
-    pub unsafe fn sendmsg(&mut self, sock: Sock<'_>, msg: *const libc::msghdr, token: Token) {
+    pub unsafe fn sendmsg(&mut self, sock: Sock<'_>, msg: *const libc::msghdr, nowait: bool, token: Token) {
+        let how = if nowait { libc::MSG_DONTWAIT } else { libc::MSG_WAITALL };
         let e = opcode::SendMsg::new(Fixed(sock.index()), msg)
-            .flags(libc::MSG_WAITALL as u32 | libc::MSG_NOSIGNAL as u32)
+            .flags(how as u32 | libc::MSG_NOSIGNAL as u32)
             .build()
             .user_data(token.encode());
         // SAFETY: forwarded to the caller.
