@@ -829,7 +829,7 @@ impl Ctx<'_> {
         }
         // Before the server is connected (and its PROXY header sent), the bytes wait in the
         // queue: `establish` sends them. Behind a destination with no room they wait for its
-        // POLLOUT, out of the ring if the worker is short of buffers.
+        // POLLOUT (out of the ring if the queue was copied out before: `spill_more`).
         if waiting.is_some() {
             self.spill_more(&lease);
         } else if !self.sendq.sending(&lease) && self.c.state == State::Established {
@@ -1009,7 +1009,8 @@ impl Ctx<'_> {
         // can reach us when a send that waited for room found none again after its poll fired
         // and io_uring retried it on an io-wq thread, where the non-blocking socket answers
         // EAGAIN (seen about once per 1,000 connections in the integrity test when receives page
-        // fault). Sending again arms a fresh poll; the queue is unchanged.
+        // fault); and it answers a send that did not wait for room (`MSG_DONTWAIT`, buffers short)
+        // and found none. Either way the queue is unchanged and waits for room.
         let res = if res == -libc::EAGAIN { 0 } else { res };
         if res < 0 && res != -libc::ECANCELED {
             self.sendq.give_back(lease, self.ring);

@@ -499,6 +499,21 @@ impl Gate {
     }
 }
 
+/// The slowest of 20 round trips on `rr` and of one on a new connection to frontend `rr` (kept
+/// open, returned), beside whatever else the worker holds.
+fn round_trips_beside(engine: &ringproxy::Engine, rr: &mut TcpStream) -> (Duration, TcpStream) {
+    let mut worst = Duration::ZERO;
+    for i in 0..20u32 {
+        let t = Instant::now();
+        echo_once(rr, &i.to_le_bytes());
+        worst = worst.max(t.elapsed());
+    }
+    let mut fresh = connect(addr(engine, "rr"));
+    let t = Instant::now();
+    echo_once(&mut fresh, b"a new connection");
+    (worst.max(t.elapsed()), fresh)
+}
+
 #[test]
 fn clients_that_speak_while_their_server_is_unreachable_do_not_starve_the_worker() {
     // 200 clients send their first bytes at once and their server answers no SYN (a backend
@@ -537,16 +552,7 @@ fn clients_that_speak_while_their_server_is_unreachable_do_not_starve_the_worker
     );
     assert!(in_use <= 32, "connections not yet connected hold {in_use} of the worker's 64 receive buffers");
     // Meanwhile the worker's other connections go on, and new ones are served.
-    let mut worst = Duration::ZERO;
-    for i in 0..20u32 {
-        let t = Instant::now();
-        echo_once(&mut rr, &i.to_le_bytes());
-        worst = worst.max(t.elapsed());
-    }
-    let mut fresh = connect(addr(&engine, "rr"));
-    let t = Instant::now();
-    echo_once(&mut fresh, b"a new connection");
-    worst = worst.max(t.elapsed());
+    let (worst, fresh) = round_trips_beside(&engine, &mut rr);
     assert!(worst < Duration::from_millis(500), "a round trip took {worst:?} beside the waiting clients");
     // The server answers: every held client's first bytes reach it, intact, and come back.
     gate.open();
@@ -646,16 +652,7 @@ fn a_destination_that_stops_reading_keeps_no_receive_buffer_from_the_other_flows
         held.push((c, n, h));
     }
     // Meanwhile the worker's other connections go on, and new ones are served.
-    let mut worst = Duration::ZERO;
-    for i in 0..20u32 {
-        let t = Instant::now();
-        echo_once(&mut rr, &i.to_le_bytes());
-        worst = worst.max(t.elapsed());
-    }
-    let mut fresh = connect(addr(&engine, "rr"));
-    let t = Instant::now();
-    echo_once(&mut fresh, b"a new connection");
-    worst = worst.max(t.elapsed());
+    let (worst, fresh) = round_trips_beside(&engine, &mut rr);
     // (A receive may wait up to STALL_MS, 200 ms, for the stuck queues to give their buffers up;
     // before, it waited for as long as the server did not read.)
     assert!(worst < Duration::from_secs(2), "a round trip took {worst:?} beside the stuck flows");
