@@ -107,7 +107,7 @@ pub struct Worker {
     draining: Option<u64>,
     /// When the receive buffers are next trimmed (worker clock, ms).
     next_trim: u64,
-    /// When the queues waiting for room may next be reviewed (`review_stalled`).
+    /// When the send queues waiting for room may next be copied out of the ring (`spill_stalled`).
     next_stall_review: u64,
     /// The longest loop turn (ns) of this second and of the one before (rolled with `next_trim`).
     longest_turn_ns: [u64; 2],
