@@ -49,7 +49,10 @@
 #                  so the ramp's bursts of connects came back as bursts of heartbeats every
 #                  second, and the rounds' RTT varied with them); the proxy's CPU over HB_WINDOW s once all are
 #                  established -> CPU µs per heartbeat round trip, and the heartbeats' p50 and p99
-#                  RTT once the ramp is over (--latency-after).
+#                  RTT once the ramp is over (--latency-after; heartbeats sent in the ramp and
+#                  echoed after the next was due are reported apart, "late in the ramp", and fail
+#                  nothing: every path has some at 18,000 on 2 CPUs; late ones after it fail the
+#                  round, and every late echo's RTT is in the percentiles).
 #                  HAProxy cannot hold 18,000 (36,000 descriptors) in one process under
 #                  RLIMIT_NOFILE 20000: above MAXCONN it runs as WORKERS processes of one thread
 #                  each on one SO_REUSEPORT port (each its own CPU), the way it is run on such hosts

@@ -43,7 +43,7 @@ r = json.load(open(sys.argv[1]))
 conns = int(sys.argv[2]); rss0, rss1, slab0, slab1 = map(int, sys.argv[3:7])
 c, m = r["connections"], r["messages"]
 print(f"held {c['established']} of {conns} connections through ringproxy "
-      f"(failed {c['failed']}, dropped {c['dropped']}), heartbeats echoed {m['echoed_ok']}, lost {m['lost']}, corrupted {m['corrupted']}")
+      f"(failed {c['failed']}, dropped {c['dropped']}), heartbeats echoed {m['echoed_ok']}, lost {m['lost']}, late {m['late']}, corrupted {m['corrupted']}")
 print(f"ringproxy RSS: {rss0} KiB -> {rss1} KiB: {(rss1 - rss0) * 1024 / conns:.0f} bytes per idle proxied connection")
 print(f"kernel Slab (whole machine: client, proxy and server sockets): {(slab1 - slab0) * 1024 / conns:.0f} bytes per proxied connection")
 PY

@@ -123,8 +123,8 @@ printf '%-44s %s Gbit/s\n' "ringload throughput 1 stream -> sink" "$(j tput1.jso
 printf '%-44s %s Gbit/s\n' "iperf3 -P 1" "$(j iperf3-p1.json '.end.sum_received.bits_per_second/1e7|floor/100')"
 printf '%-44s %s Gbit/s\n' "ringload throughput 4 streams -> sink" "$(j tput4.json '.throughput.up_gbps*100|floor/100')"
 printf '%-44s %s Gbit/s\n' "iperf3 -P 4" "$(j iperf3-p4.json '.end.sum_received.bits_per_second/1e7|floor/100')"
-printf '%-44s %s of %s established, lost %s, corrupted %s, ramp %ss, %s processes (exit %s)\n' "ringload hold" \
-    "$(j hold.json .connections.established)" "$HOLD" "$(j hold.json .messages.lost)" "$(j hold.json .messages.corrupted)" \
+printf '%-44s %s of %s established, lost %s, late %s, corrupted %s, ramp %ss, %s processes (exit %s)\n' "ringload hold" \
+    "$(j hold.json .connections.established)" "$HOLD" "$(j hold.json .messages.lost)" "$(j hold.json .messages.late)" "$(j hold.json .messages.corrupted)" \
     "$(j hold.json '.connections.ramp_time_s*10|floor/10')" "$(j hold.json .processes)" "$(j hold.json .exit_code)"
 echo
 echo "command lines:"

@@ -302,7 +302,8 @@ w("|---|---|")
 w(f"| established | {c['established']:,} of {conns:,} (peak open {c['peak_open']:,}) |")
 w(f"| failed | {c['failed']:,} {json.dumps(c['failed_by_cause'])} |")
 w(f"| dropped (established, then lost) | {c['dropped']:,} {json.dumps(c['dropped_by_cause'])} |")
-w(f"| heartbeats | {m['sent']:,} sent, {m['echoed_ok']:,} echoed ok, **{m['lost']:,} lost**, {m['corrupted']:,} corrupted |")
+w(f"| heartbeats | {m['sent']:,} sent, {m['echoed_ok']:,} echoed ok, **{m['lost']:,} lost**, "
+  f"{m.get('late', 0):,} late ({m.get('late_in_warmup', 0):,} more in the ramp), {m['corrupted']:,} corrupted |")
 w(f"| ramp time | {ramp:.1f} s ({conns / ramp:,.0f} connections/s) |" if ramp else "| ramp time | never completed |")
 w(f"| held after the ramp | {held:.1f} s with heartbeats (target: {hold_s} s) |" if held is not None else "| held | – |")
 if L:
@@ -391,7 +392,7 @@ print("Control run right after, **without the proxy** (same clients, backends, s
       "connect to the backends directly):\n")
 print("```\n" + sys.argv[3] + "\n```\n")
 print(f"Without the proxy: established {c['established']:,} of {c['planned']:,}, failed {c['failed']:,}, "
-      f"dropped {c['dropped']:,}; heartbeats {m['sent']:,} sent, **{m['lost']:,} lost**; "
+      f"dropped {c['dropped']:,}; heartbeats {m['sent']:,} sent, **{m['lost']:,} lost**, {m.get('late', 0):,} late; "
       f"ramp {c['ramp_time_s'] or float('nan'):.1f} s; heartbeat RTT p50 {L.get('p50', 0)/1e3:.2f} ms, "
       f"p99 {L.get('p99', 0)/1e3:.2f} ms, max {L.get('max', 0)/1e3:.1f} ms.\n")
 PY

@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     name = "ringload",
     version,
     about = "io_uring load generator and test backends bundled with ringproxy",
-    after_help = "Exit codes: 0 ok; 1 lost or corrupted messages; 2 usage or setup error; 3 connection failures or drops; 130 interrupted."
+    after_help = "Exit codes: 0 ok; 1 lost or corrupted messages (hold: or heartbeats late after --latency-after); 2 usage or setup error; 3 connection failures or drops; 130 interrupted."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -141,9 +141,10 @@ pub struct HoldArgs {
     /// first heartbeat goes as soon as the connection is established.
     #[arg(long, value_enum, default_value = "spread")]
     pub phase: Phase,
-    /// Record the round-trip times only of heartbeats sent this long after the start or later
-    /// (e.g. once the ramp is over), so that the latency figures describe the steady state;
-    /// every heartbeat is still checked and counted.
+    /// A warm-up (e.g. the ramp): the round-trip times of heartbeats sent this long after the
+    /// start or later are recorded, and only their late echoes fail the run (those sent before
+    /// are counted apart, `late_in_warmup`); every heartbeat is still checked, and one never
+    /// echoed is lost.
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub latency_after: Duration,
     /// Like a real client, dial again this long after a held connection ended (closed or reset by

@@ -12,10 +12,12 @@
 //! become a burst of heartbeats every interval after; with `connect` one
 //! interval after the previous one, so connections established together
 //! heartbeat together. If the previous echo is still
-//! missing when the next is due, that heartbeat is counted lost (once) and
-//! no new one is sent until it arrives (a late echo is still checked for
-//! corruption but gives no RTT sample). At the end the worker waits up to
-//! [`DRAIN`] for outstanding echoes; those still missing are lost.
+//! missing when the next is due, no new one is sent until it arrives, and
+//! when it does it is counted **late** (or late in the warm-up, if it was
+//! sent before `--latency-after`: the ramp's accepts delay every path, and a
+//! run asks for the steady state); it is checked for corruption and its
+//! round trip recorded like any other. At the end the worker waits up to
+//! [`DRAIN`] for outstanding echoes; those still missing are **lost**.
 //!
 //! With `--reconnect D`, a connection that ends (the other side closed or
 //! reset it) or whose dial failed is dialed again in its slot D later, as a
@@ -78,7 +80,8 @@ struct Conn {
     seq: u64,
     /// When the outstanding heartbeat was sent; `None` if none is outstanding.
     sent_at: Option<Instant>,
-    lost_marked: bool,
+    /// The outstanding heartbeat's next was due before its echo came.
+    late: bool,
     send_busy: bool,
     sent: usize,
     sbuf: [u8; HEADER],
@@ -111,7 +114,7 @@ impl<'a> Worker<'a> {
             redial: false,
             seq: 0,
             sent_at: None,
-            lost_marked: false,
+            late: false,
             send_busy: false,
             sent: 0,
             sbuf: [0; HEADER],
@@ -204,7 +207,7 @@ impl<'a> Worker<'a> {
                     // A fresh connection in the slot: its own heartbeats, from the first.
                     let c = self.w.conn_mut(slot).0;
                     c.chain = c.chain.wrapping_add(1);
-                    (c.seq, c.sent_at, c.lost_marked, c.send_busy, c.sent, c.rlen) = (0, None, false, false, 0, 0);
+                    (c.seq, c.sent_at, c.late, c.send_busy, c.sent, c.rlen) = (0, None, false, false, 0, 0);
                     self.arm_recv(slot)?;
                     self.beat(slot, now, now)?;
                 }
@@ -267,10 +270,9 @@ impl<'a> Worker<'a> {
         let progress = self.w.progress();
         let (c, m) = self.w.conn_mut(slot);
         if c.sent_at.is_some() || c.send_busy {
-            if !c.lost_marked {
-                c.lost_marked = true;
-                m.lost += 1;
-                Progress::inc(&progress.lost);
+            if !c.late {
+                c.late = true;
+                Progress::inc(&progress.late);
             }
             return Ok(());
         }
@@ -334,8 +336,11 @@ impl<'a> Worker<'a> {
                 Some(at) if wire::matches(&c.sbuf, &c.rbuf) => {
                     m.msgs_ok += 1;
                     Progress::inc(&progress.completed);
-                    if !c.lost_marked && at >= record_from {
+                    if at >= record_from {
                         m.latency.record_duration(at.elapsed());
+                        m.late += u64::from(c.late);
+                    } else {
+                        m.late_in_warmup += u64::from(c.late);
                     }
                 }
                 _ => {
@@ -343,7 +348,7 @@ impl<'a> Worker<'a> {
                     Progress::inc(&progress.corrupted);
                 }
             }
-            c.lost_marked = false;
+            c.late = false;
         }
         self.arm_recv(slot)
     }
@@ -373,9 +378,9 @@ fn grid_after(origin: Instant, every: Duration, at: Instant) -> Instant {
     origin + Duration::from_nanos((k * every.as_nanos()) as u64)
 }
 
-/// An Open connection whose heartbeat echo is due and not yet counted lost.
+/// An Open connection whose heartbeat's echo has not come yet.
 fn awaited(s: &crate::client::Slot<Conn>) -> bool {
-    s.state() == State::Open && s.conn.sent_at.is_some() && !s.conn.lost_marked
+    s.state() == State::Open && s.conn.sent_at.is_some()
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! where a figure does not apply to the mode), so scripts never need to
 //! check for presence; adding keys is allowed, renaming or removing them
 //! needs a new schema version. Exit code: 1 if any message was lost or
-//! corrupted, else 3 if any connection failed or dropped (or hold could not
+//! corrupted (or, hold, a heartbeat late after the warm-up), else 3 if any connection failed or dropped (or hold could not
 //! open them all), else 130 if interrupted, else 0.
 
 use std::io::{IsTerminal, Write};
@@ -34,11 +34,12 @@ pub fn progress_line(mode: &str, s: &Snapshot, prev: &Snapshot, secs: f64, elaps
     let per = |a: u64, b: u64| a.saturating_sub(b) as f64 / secs;
     let detail = match mode {
         "hold" => format!(
-            "open {:>7}  est {:>7}  +{:>7.0}/s  hb ok {}",
+            "open {:>7}  est {:>7}  +{:>7.0}/s  hb ok {}  late {}",
             s.open,
             s.established,
             per(s.established, prev.established),
-            s.completed
+            s.completed,
+            s.late
         ),
         "throughput" => format!(
             "streams {}  up {:.2} Gbit/s  down {:.2} Gbit/s",
@@ -140,6 +141,10 @@ pub struct Messages {
     pub sent: u64,
     pub echoed_ok: u64,
     pub lost: u64,
+    /// hold: echoes that came after the next heartbeat was due (sent at or after
+    /// `--latency-after`; before it: `late_in_warmup`).
+    pub late: u64,
+    pub late_in_warmup: u64,
     pub corrupted: u64,
 }
 
@@ -180,6 +185,9 @@ pub struct Report {
 pub fn exit_code(mode: &str, m: &Measurement) -> (u8, String) {
     if m.lost > 0 || m.corrupted > 0 {
         return (1, format!("integrity: {} lost, {} corrupted messages", m.lost, m.corrupted));
+    }
+    if m.late > 0 {
+        return (1, format!("late: {} heartbeats echoed after the next was due", m.late));
     }
     if m.reconnecting {
         // Clients that dial again: ends and failed dials are part of the run; what counts is that
@@ -247,7 +255,14 @@ pub fn build(mode: &dyn ClientMode, s: &Settings, m: &Measurement) -> Report {
             reconnects: m.reconnects,
             open_at_end: m.open_at_end,
         },
-        messages: Messages { sent: m.msgs_sent, echoed_ok: m.msgs_ok, lost: m.lost, corrupted: m.corrupted },
+        messages: Messages {
+            sent: m.msgs_sent,
+            echoed_ok: m.msgs_ok,
+            lost: m.lost,
+            late: m.late,
+            late_in_warmup: m.late_in_warmup,
+            corrupted: m.corrupted,
+        },
         connections_per_s: (name == "rate").then(|| m.completed as f64 / w),
         requests_per_s: (name == "latency").then(|| m.completed as f64 / w),
         throughput: (name == "throughput").then(|| Throughput {
@@ -332,6 +347,9 @@ pub fn table(r: &Report) -> String {
             "messages",
             format!("{} sent, {} echoed ok, {} LOST, {} CORRUPTED", m.sent, m.echoed_ok, m.lost, m.corrupted),
         );
+        if r.mode == "hold" {
+            row("late echoes", format!("{} ({} more in the warm-up, --latency-after)", m.late, m.late_in_warmup));
+        }
     }
     if let Some(v) = r.connections_per_s {
         row("connections/s", format!("{v:.0}"));

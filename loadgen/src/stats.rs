@@ -209,6 +209,12 @@ pub struct Measurement {
     pub msgs_sent: u64,
     pub msgs_ok: u64,
     pub lost: u64,
+    /// hold: heartbeats whose echo came after the next was due, sent at or after
+    /// `--latency-after` (a failure) or before it (the warm-up: reported, not a failure).
+    #[serde(default)]
+    pub late: u64,
+    #[serde(default)]
+    pub late_in_warmup: u64,
     pub corrupted: u64,
     /// rate: connections that completed a request/response; latency: responses.
     pub completed: u64,
@@ -235,8 +241,8 @@ impl Measurement {
             _ => None,
         };
         self.reconnecting |= o.reconnecting;
-        add_fields!(self, o; planned, attempted, established, peak_open, reconnects, open_at_end, msgs_sent, msgs_ok, lost, corrupted,
-            completed, up_bytes, down_bytes, processes, workers);
+        add_fields!(self, o; planned, attempted, established, peak_open, reconnects, open_at_end, msgs_sent, msgs_ok, lost, late,
+            late_in_warmup, corrupted, completed, up_bytes, down_bytes, processes, workers);
         self.failed += &o.failed;
         self.dropped += &o.dropped;
         self.window_s = self.window_s.max(o.window_s);
@@ -295,6 +301,8 @@ pub struct Progress {
     pub up_bytes: AtomicU64,
     pub down_bytes: AtomicU64,
     pub lost: AtomicU64,
+    /// hold: heartbeats whose echo had not come when the next was due (counted when it is due).
+    pub late: AtomicU64,
     pub corrupted: AtomicU64,
 }
 
@@ -309,6 +317,8 @@ pub struct Snapshot {
     pub up_bytes: u64,
     pub down_bytes: u64,
     pub lost: u64,
+    #[serde(default)]
+    pub late: u64,
     pub corrupted: u64,
 }
 
@@ -324,6 +334,7 @@ impl Progress {
             up_bytes: l(&self.up_bytes),
             down_bytes: l(&self.down_bytes),
             lost: l(&self.lost),
+            late: l(&self.late),
             corrupted: l(&self.corrupted),
         }
     }
@@ -344,7 +355,7 @@ impl Progress {
 impl Snapshot {
     pub fn sum<'a>(it: impl IntoIterator<Item = &'a Snapshot>) -> Snapshot {
         it.into_iter().fold(Snapshot::default(), |mut a, b| {
-            add_fields!(a, b; open, attempted, established, failed, completed, up_bytes, down_bytes, lost, corrupted);
+            add_fields!(a, b; open, attempted, established, failed, completed, up_bytes, down_bytes, lost, late, corrupted);
             a
         })
     }

@@ -440,3 +440,73 @@ fn hold_spreads_heartbeats_evenly_over_the_interval_unless_told_to_follow_the_co
     assert!(busy_bins <= 3 * 3, "together, once an interval: {connect:?}");
     assert!(connect.windows(2).map(|w| w[0] + w[1]).max() >= Some(180), "together: {connect:?}");
 }
+
+/// An echo server on loopback that treats the `k`-th 16-byte heartbeat of every connection apart:
+/// its echo waits `delay`, or (`None`) never comes while the others still do.
+fn echo_holding_back(k: u32, delay: Option<Duration>) -> String {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut c = c;
+                let mut msg = [0u8; 16];
+                let mut n = 0;
+                while c.read_exact(&mut msg).is_ok() {
+                    n += 1;
+                    if n == k {
+                        match delay {
+                            Some(d) => std::thread::sleep(d),
+                            None => continue,
+                        }
+                    }
+                    if c.write_all(&msg).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn hold_tells_late_heartbeats_in_the_warm_up_and_after_it_from_lost_ones() {
+    let hold = |addr: &str, latency_after: &str| {
+        json(&[
+            "hold",
+            "--target",
+            addr,
+            "--conns",
+            "20",
+            "--heartbeat",
+            "100ms",
+            "--duration",
+            "2s",
+            "--latency-after",
+            latency_after,
+        ])
+    };
+    // The 2nd heartbeat of each connection (sent within the first ~250 ms) echoed 250 ms late:
+    // the 3rd was due before it came. Within the warm-up: reported, the run passes.
+    let (code, v) = hold(&echo_holding_back(2, Some(Duration::from_millis(250))), "1s");
+    assert_eq!(code, 0, "{v}");
+    assert_eq!(u(&v, "messages.late_in_warmup"), 20, "{}", v["messages"]);
+    assert_eq!(u(&v, "messages.late"), 0, "{}", v["messages"]);
+    assert_eq!(u(&v, "messages.lost"), 0, "{}", v["messages"]);
+    // The 12th (sent after ~1.1 s, past --latency-after): a failure, and its round trip is in the
+    // percentiles (a late echo is the tail, not a gap in it).
+    let (code, v) = hold(&echo_holding_back(12, Some(Duration::from_millis(250))), "500ms");
+    assert_eq!(code, 1, "{v}");
+    assert!(v["verdict"].as_str().unwrap().starts_with("late: 20 "), "{v}");
+    assert_eq!(u(&v, "messages.late"), 20, "{}", v["messages"]);
+    assert_eq!(u(&v, "messages.lost"), 0, "{}", v["messages"]);
+    assert!(u(&v, "latency_us.max") >= 250_000, "{}", v["latency_us"]);
+    // The 3rd never echoed: lost (not late), whenever it was sent; the run fails on it.
+    let (code, v) = hold(&echo_holding_back(3, None), "1s");
+    assert_eq!(code, 1, "{v}");
+    assert_eq!(u(&v, "messages.lost"), 20, "{}", v["messages"]);
+    assert_eq!(u(&v, "messages.late") + u(&v, "messages.late_in_warmup"), 0, "{}", v["messages"]);
+    assert!(v["verdict"].as_str().unwrap().starts_with("integrity: 20 lost"), "{v}");
+}

@@ -324,10 +324,12 @@ def parse(out):
             j = load(f + ".json")
             n = r["conns"]
             ok = bool(j) and j["connections"]["established"] == n and j["messages"]["lost"] == 0 \
-                and j["messages"]["corrupted"] == 0 and j["connections"]["dropped"] == 0
+                and j["messages"].get("late", 0) == 0 and j["messages"]["corrupted"] == 0 \
+                and j["connections"]["dropped"] == 0
             if not ok:
                 problems.append(f"round {rnd} {t} {p}: established {j and j['connections']['established']} of {n}, "
-                                f"lost {j and j['messages']['lost']}, dropped {j and j['connections']['dropped']}")
+                                f"lost {j and j['messages']['lost']}, late {j and j['messages'].get('late')}, "
+                                f"dropped {j and j['connections']['dropped']}")
             if r.get("seen_established", 0) < n:
                 problems.append(f"round {rnd} {t} {p}: memory sampled with {r.get('seen_established')} of {n} established")
             # the sample taken once the connections had been held a while (runs from before it
@@ -619,6 +621,18 @@ def main():
     if steals:
         w(f"CPU stolen by the hypervisor while measuring (`/proc/stat` steal, per test): median "
           f"{statistics.median(steals):.0%}, most {steals[-1]:.0%}.\n")
+    late = {}
+    for r in rows:
+        if r["test"] in HB_TESTS:
+            j = load(r["file"] + ".json")
+            n = j and j.get("messages", {}).get("late_in_warmup")
+            if n:
+                late.setdefault((r["test"], r["path"]), []).append(f"{n:,} in round {r['round']}")
+    if late:
+        w("Heartbeats sent during the ramp and echoed after the next one was due (`late_in_warmup`: before "
+          "`--latency-after`, left out of the figures and not failures; late ones after it fail their round, "
+          "and an echo that never came is lost: both would be listed under the problems): " +
+          "; ".join(f"{t} {LABEL[p]} {', '.join(v)}" for (t, p), v in sorted(late.items())) + ".\n")
     tails = [(r, ms) for r in rows if (ms := tail_stolen_ms(r)) is not None]
     if tails:
         w(f"Tail-latency rounds during which the hypervisor stole more than {STEAL_TAIL_MS} ms of CPU (their "
