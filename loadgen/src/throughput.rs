@@ -87,15 +87,22 @@ impl<'a> Worker<'a> {
         self.w.fail_pending_connects();
         // A send in flight may already have handed its bytes to the kernel, which delivers them:
         // count it when it completes (no new one starts), so what was sent equals what the other
-        // end reads — at most one chunk per stream beyond the window.
+        // end reads — at most one chunk per stream beyond the window. Meanwhile the streams go on
+        // reading (what they read is no longer counted): a client that stopped reading here would
+        // leave the far end, and any proxy between, with streams whose destination is stuck for
+        // the last moments of every run (which a proxy rightly treats as such: 2026-12-07, the
+        // peak RSS with 1,000 flows came from those moments).
         self.send = false;
         let until = Instant::now() + LAST_SENDS;
         let sending =
             |w: &ClientWorker<'_, Stream, Buffers>| w.slots().any(|s| s.state() == State::Open && s.conn.sending);
         while sending(&self.w) && Instant::now() < until {
             for e in self.w.poll(Duration::from_millis(50))? {
-                if let Event::Sent(..) = e {
-                    self.on(e)?;
+                match e {
+                    Event::Sent(..) => self.on(e)?,
+                    // (An end here is the run's own end: not counted as a drop.)
+                    Event::Received(i, res) if res > 0 => self.push_recv(i)?,
+                    _ => {}
                 }
             }
         }

@@ -510,3 +510,49 @@ fn hold_tells_late_heartbeats_in_the_warm_up_and_after_it_from_lost_ones() {
     assert_eq!(u(&v, "messages.late") + u(&v, "messages.late_in_warmup"), 0, "{}", v["messages"]);
     assert!(v["verdict"].as_str().unwrap().starts_with("integrity: 20 lost"), "{v}");
 }
+
+#[test]
+fn throughput_keeps_reading_while_its_last_sends_complete() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    // One stream both ways for 500 ms against a server that writes without pause and, from 300 ms
+    // on, reads nothing for 1.2 s: the client's last send, in flight at its deadline, waits for
+    // that, and the client must go on reading meanwhile (else the server's writes stop as soon
+    // as the socket buffers are full: a stuck destination for whatever is between them).
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let written: Arc<Mutex<Vec<(Instant, u64)>>> = Arc::default();
+    let log = written.clone();
+    let accepted = Arc::new(Mutex::new(None));
+    let at = accepted.clone();
+    std::thread::spawn(move || {
+        let (c, _) = l.accept().unwrap();
+        *at.lock().unwrap() = Some(Instant::now());
+        let start = Instant::now();
+        let mut w = c.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let chunk = vec![7u8; 64 * 1024];
+            let mut total = 0u64;
+            while let Ok(n) = w.write(&chunk) {
+                total += n as u64;
+                log.lock().unwrap().push((Instant::now(), total));
+            }
+        });
+        let mut r = c;
+        let mut buf = vec![0u8; 64 * 1024];
+        while start.elapsed() < Duration::from_millis(300) {
+            if matches!(r.read(&mut buf), Ok(0) | Err(_)) {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(1200));
+        while matches!(r.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let (code, v) = json(&["throughput", "--target", &addr, "--direction", "both", "--duration", "500ms"]);
+    assert_eq!(code, 0, "{v}");
+    let start = accepted.lock().unwrap().expect("accepted");
+    let written = written.lock().unwrap().clone();
+    let by = |t: Duration| written.iter().take_while(|(at, _)| *at < start + t).last().map_or(0, |&(_, n)| n);
+    let during_the_wait = by(Duration::from_millis(1400)) - by(Duration::from_millis(700));
+    assert!(during_the_wait > 16 << 20, "the client read {during_the_wait} bytes while its last send waited");
+}
