@@ -6,8 +6,9 @@
 //! where a figure does not apply to the mode), so scripts never need to
 //! check for presence; adding keys is allowed, renaming or removing them
 //! needs a new schema version. Exit code: 1 if any message was lost or
-//! corrupted (or, hold, a heartbeat late after the warm-up), else 3 if any connection failed or dropped (or hold could not
-//! open them all), else 130 if interrupted, else 0.
+//! corrupted (or, in hold, a heartbeat came late after the warm-up), else 3
+//! if any connection failed or dropped (or hold could not open them all),
+//! else 130 if interrupted, else 0.
 
 use std::io::{IsTerminal, Write};
 use std::time::Duration;

@@ -90,8 +90,9 @@ impl<'a> Worker<'a> {
         // end reads — at most one chunk per stream beyond the window. Meanwhile the streams go on
         // reading (what they read is no longer counted): a client that stopped reading here would
         // leave the far end, and any proxy between, with streams whose destination is stuck for
-        // the last moments of every run (which a proxy rightly treats as such: 2026-12-07, the
-        // peak RSS with 1,000 flows came from those moments).
+        // the last moments of every run (which a proxy rightly treats as such: on 2026-12-07,
+        // most of what ringproxy copied out of its receive buffers with 1,000 flows was copied
+        // then).
         self.send = false;
         let until = Instant::now() + LAST_SENDS;
         let sending =
