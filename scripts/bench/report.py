@@ -210,6 +210,7 @@ def parse(out):
     direct_slab = {}
     direct_sunr, sunr_by = {}, {}
     slow = {}  # (tail test, ringproxy path) -> loop turns of >= 1, 10, 100 ms over its rounds
+    late = {}  # (heartbeat test, path) -> its rounds' heartbeats late in the ramp (`late_in_warmup`)
 
     def put(metric, path, rnd, v):
         if v is not None:
@@ -263,6 +264,8 @@ def parse(out):
             per_s = n / r.get("heartbeat_s", 1)
             if r.get("seen_established", 0) < n:
                 problems.append(f"round {rnd} {t} {p}: CPU sampled with {r.get('seen_established')} of {n} established")
+            if n_late := j and j.get("messages", {}).get("late_in_warmup"):
+                late.setdefault((t, p), []).append(f"{n_late:,} in round {rnd}")
             if j and j.get("latency_us"):
                 put(f"{t}_p50", p, rnd, j["latency_us"]["p50"] / 1e3)
                 put(f"{t}_p99", p, rnd, j["latency_us"]["p99"] / 1e3)
@@ -424,7 +427,7 @@ def parse(out):
                 for rnd, v in d.items():
                     if rnd in direct:
                         put(f"{t}_machine_added", p, rnd, v - direct[rnd])
-    return rows, vals, lat_curves, problems, slow
+    return rows, vals, lat_curves, problems, slow, late
 
 
 # The memory tests: idle connections with a heartbeat every 2 s, and silent for a minute.
@@ -474,7 +477,7 @@ def main():
     ap.add_argument("--img", required=True)
     ap.add_argument("--doc")
     a = ap.parse_args()
-    rows, vals, curves, problems, slow = parse(a.out)
+    rows, vals, curves, problems, slow, late = parse(a.out)
     paths = [p for p in PATH_ORDER if any(k[1] == p for k in vals)]
     rounds = sorted({r["round"] for r in rows})
     machine = open(os.path.join(a.out, "machine.txt")).read().strip()
@@ -621,13 +624,6 @@ def main():
     if steals:
         w(f"CPU stolen by the hypervisor while measuring (`/proc/stat` steal, per test): median "
           f"{statistics.median(steals):.0%}, most {steals[-1]:.0%}.\n")
-    late = {}
-    for r in rows:
-        if r["test"] in HB_TESTS:
-            j = load(r["file"] + ".json")
-            n = j and j.get("messages", {}).get("late_in_warmup")
-            if n:
-                late.setdefault((r["test"], r["path"]), []).append(f"{n:,} in round {r['round']}")
     if late:
         w("Heartbeats sent during the ramp and echoed after the next one was due (`late_in_warmup`: before "
           "`--latency-after`, left out of the figures and not failures; late ones after it fail their round, "
