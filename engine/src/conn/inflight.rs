@@ -124,6 +124,15 @@ pub enum FlowIo {
 }
 
 impl FlowIo {
+    /// The record of a receive-buffer queue: waiting for room in its destination since `waiting`
+    /// (a POLLOUT armed), or not (`Ring`).
+    pub fn ring(lease: QueueLease, waiting: Option<u16>) -> FlowIo {
+        match waiting {
+            Some(since) => FlowIo::RingPollOut { lease, since },
+            None => FlowIo::Ring(lease),
+        }
+    }
+
     /// The record of a POLLOUT holding `held`.
     pub fn poll_out(held: Held) -> FlowIo {
         match held {

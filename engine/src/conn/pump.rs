@@ -810,10 +810,7 @@ impl Ctx<'_> {
             // Cannot happen (pbuf.rs found the bundle's buffers elsewhere than offered): bytes
             // this direction received are not in hand, so its stream cannot go on intact.
             debug_assert!(false, "a bundle of {n} bytes came with {bufs} buffers");
-            self.c.flow(dir).io = match waiting {
-                Some(since) => FlowIo::RingPollOut { lease, since },
-                None => FlowIo::Ring(lease),
-            };
+            self.c.flow(dir).io = FlowIo::ring(lease, waiting);
             return self.close(dir.source_reset());
         }
         if n >= size
@@ -840,10 +837,7 @@ impl Ctx<'_> {
         if self.sendq.held(&lease) >= mark {
             self.pause(dir);
         }
-        self.c.flow(dir).io = match waiting {
-            Some(since) => FlowIo::RingPollOut { lease, since },
-            None => FlowIo::Ring(lease),
-        };
+        self.c.flow(dir).io = FlowIo::ring(lease, waiting);
     }
 
     /// Whether the worker is short of receive buffers: a quarter of them are out (where
