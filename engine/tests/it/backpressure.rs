@@ -595,18 +595,8 @@ fn a_destination_that_stops_reading_keeps_no_receive_buffer_from_the_other_flows
                     std::thread::spawn(move || {
                         let mut id = [0u8; 8];
                         c.read_exact(&mut id).unwrap();
-                        let (mut h, mut n, mut buf) = (Sha256::new(), 0u64, vec![0u8; 1 << 16]);
-                        loop {
-                            match c.read(&mut buf) {
-                                Ok(0) => break,
-                                Ok(k) => {
-                                    h.update(&buf[..k]);
-                                    n += k as u64;
-                                }
-                                Err(e) => panic!("reading a released connection: {e}"),
-                            }
-                        }
-                        (u64::from_le_bytes(id), n, <[u8; 32]>::from(h.finalize()))
+                        let (n, hash) = crate::proxy::recv_stream(&mut c);
+                        (u64::from_le_bytes(id), n, hash)
                     })
                 })
                 .collect();

@@ -41,8 +41,8 @@ fn send_stream(s: &mut TcpStream, seed: u64, len: u64) -> [u8; 32] {
     hash.finalize().into()
 }
 
-/// Reads to EOF; returns (bytes, SHA-256).
-fn recv_stream(s: &mut TcpStream) -> (u64, [u8; 32]) {
+/// Reads to EOF; returns (bytes, SHA-256). (Also the backpressure suite's.)
+pub(crate) fn recv_stream(s: &mut TcpStream) -> (u64, [u8; 32]) {
     let mut hash = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut total = 0u64;
