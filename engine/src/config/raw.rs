@@ -483,24 +483,31 @@ impl OffValue for u64 {
     }
 }
 
-/// `auto`, or a duration as [`ConfigDuration`] takes it (`batch_wait`, besides `off`).
+/// `auto` (with a window of its own: `auto 1ms`), or a duration as [`ConfigDuration`] takes it
+/// (`batch_wait`, besides `off`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AutoOrDuration {
-    Auto,
+    Auto(Option<std::time::Duration>),
     Duration(std::time::Duration),
 }
 
 impl OffValue for AutoOrDuration {
-    const EXPECTED: &'static str = "auto, or a duration such as 500us or 2ms";
+    const EXPECTED: &'static str = "auto, auto with its window (auto 1ms), or a duration such as 500us or 2ms";
     const KIND: &'static str = "auto nor a duration";
-    const HINT: &'static str = "auto, or a duration such as 500us or 2ms";
+    const HINT: &'static str = "auto, auto with its window (auto 1ms), or a duration such as 500us or 2ms";
     /// Milliseconds, as [`ConfigDuration`] takes a bare number.
     fn from_u64(v: u64) -> AutoOrDuration {
         AutoOrDuration::Duration(std::time::Duration::from_millis(v))
     }
     fn parse(v: &str) -> Option<AutoOrDuration> {
-        if v.trim().eq_ignore_ascii_case("auto") {
-            return Some(AutoOrDuration::Auto);
+        let v = v.trim();
+        if v.eq_ignore_ascii_case("auto") {
+            return Some(AutoOrDuration::Auto(None));
+        }
+        if let Some((word, window)) = v.split_once(char::is_whitespace)
+            && word.eq_ignore_ascii_case("auto")
+        {
+            return super::duration::parse(window.trim()).ok().map(|d| AutoOrDuration::Auto(Some(d)));
         }
         super::duration::parse(v).ok().map(AutoOrDuration::Duration)
     }
@@ -525,7 +532,7 @@ pub struct OrOff<T>(pub Option<T>);
 
 /// `off`, or a size as [`Size`] takes it (`send_zerocopy`).
 pub type SizeOrOff = OrOff<u64>;
-/// `off`, `auto`, or a duration as [`ConfigDuration`] takes it (`batch_wait`).
+/// `off`, `auto` (`auto 1ms`), or a duration as [`ConfigDuration`] takes it (`batch_wait`).
 pub type BatchWaitRaw = OrOff<AutoOrDuration>;
 /// `off`, or a duration as [`ConfigDuration`] takes it (`idle_poll_after`).
 pub type DurationOrOff = OrOff<std::time::Duration>;

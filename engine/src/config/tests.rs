@@ -628,28 +628,40 @@ fn socket_buffers_and_notsent_lowat_are_unset_by_default_and_set_from_4k_to_1g()
 }
 
 #[test]
-fn batch_wait_is_auto_by_default_off_or_a_duration_from_10us_to_100ms_when_set() {
+fn batch_wait_is_auto_by_default_off_auto_with_a_window_or_a_duration_from_10us_to_100ms_when_set() {
     let tune = |t: &str| ok(&with_tune(t)).global.tune;
-    assert_eq!(Tune::default().batch_wait, BatchWait::Auto);
-    assert_eq!(tune("").batch_wait, BatchWait::Auto);
-    assert_eq!(tune("batch_wait: auto").batch_wait, BatchWait::Auto);
-    assert_eq!(tune("batch_wait: AUTO").batch_wait, BatchWait::Auto);
+    let auto = BatchWait::Auto(Duration::from_millis(2));
+    assert_eq!(Tune::default().batch_wait, auto);
+    assert_eq!(tune("").batch_wait, auto);
+    assert_eq!(tune("batch_wait: auto").batch_wait, auto);
+    assert_eq!(tune("batch_wait: AUTO").batch_wait, auto);
+    assert_eq!(tune("batch_wait: auto 1ms").batch_wait, BatchWait::Auto(Duration::from_millis(1)));
+    assert_eq!(tune("batch_wait: \"Auto  500us \"").batch_wait, BatchWait::Auto(Duration::from_micros(500)));
+    assert_eq!(tune("batch_wait: auto 3").batch_wait, BatchWait::Auto(Duration::from_millis(3)), "a bare number is ms");
     assert_eq!(tune("batch_wait: off").batch_wait, BatchWait::Off);
     assert_eq!(tune("batch_wait: false").batch_wait, BatchWait::Off);
     assert_eq!(tune("batch_wait: 2ms").batch_wait, BatchWait::Every(Duration::from_millis(2)));
     assert_eq!(tune("batch_wait: 500us").batch_wait, BatchWait::Every(Duration::from_micros(500)));
     assert_eq!(tune("batch_wait: 1").batch_wait, BatchWait::Every(Duration::from_millis(1)), "a bare number is ms");
-    for (bad, shown) in [("5us", "5us"), ("101ms", "101ms"), ("1s", "1s"), ("0", "0us")] {
+    for (bad, shown) in
+        [("5us", "5us"), ("101ms", "101ms"), ("1s", "1s"), ("0", "0us"), ("auto 5us", "5us"), ("auto 1s", "1s")]
+    {
         let e = parse(&with_tune(&format!("batch_wait: {bad}")), "t.yaml").unwrap_err().to_string();
         assert!(
             e.starts_with("t.yaml:2:")
-                && e.contains(&format!("batch_wait must be off, auto or between 10us and 100ms, not {shown}")),
+                && e.contains(&format!(
+                    "batch_wait's window must be between 10us and 100ms (batch_wait: off, auto, auto 1ms or 2ms), not {shown}"
+                )),
             "{bad}: {e}"
         );
     }
-    for bad in ["on", "true", "soon"] {
+    for bad in ["on", "true", "soon", "auto soon", "autos", "auto 1ms 2ms"] {
         let e = parse(&with_tune(&format!("batch_wait: {bad}")), "t.yaml").unwrap_err().to_string();
-        assert!(e.starts_with("t.yaml:2:") && e.contains("auto, or a duration such as 500us or 2ms"), "{bad}: {e}");
+        assert!(
+            e.starts_with("t.yaml:2:")
+                && e.contains("auto, auto with its window (auto 1ms), or a duration such as 500us or 2ms"),
+            "{bad}: {e}"
+        );
     }
 }
 

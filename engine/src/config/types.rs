@@ -243,22 +243,27 @@ pub const DEFAULT_IDLE_POLL_AFTER: Duration = Duration::from_secs(10);
 /// `tune.batch_wait`. A window W: a worker that fell asleep runs nothing until the next multiple
 /// of W on the monotonic clock, unless [`BATCH_EVENTS`] completions are ready first; one that
 /// comes after that point wakes it at once.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BatchWait {
     /// Every event wakes the worker at once.
     Off,
-    /// Windows of [`AUTO_BATCH_WINDOW`] while the worker's traffic is many quiet flows — each
-    /// message on a flow that had none for a while, at a rate where a window gathers several —
-    /// and none otherwise: a busy flow, a closed loop or new connections turn them off; a window
-    /// in which the worker forwarded messages is followed by a short one for their answers
-    /// (worker/coalesce.rs).
-    #[default]
-    Auto,
+    /// Windows of this length ([`AUTO_BATCH_WINDOW`] unless the operator said: `auto 1ms`) while
+    /// the worker's traffic is many quiet flows — each message on a flow that had none for a
+    /// while, at a rate where a window gathers several — and none otherwise: a busy flow, a
+    /// closed loop or new connections turn them off; a window in which the worker forwarded
+    /// messages is followed by a short one for their answers (worker/coalesce.rs).
+    Auto(Duration),
     /// Windows of this, whatever the traffic.
     Every(Duration),
 }
 
-/// The window of `batch_wait: auto`.
+impl Default for BatchWait {
+    fn default() -> BatchWait {
+        BatchWait::Auto(AUTO_BATCH_WINDOW)
+    }
+}
+
+/// The window of `batch_wait: auto` unless it names one.
 pub const AUTO_BATCH_WINDOW: Duration = Duration::from_millis(2);
 
 /// The events that end a [`Tune::batch_wait`] early: so many ready at once wake the worker.
@@ -328,7 +333,7 @@ impl Default for Tune {
             server_buffers: SocketBuffers::default(),
             notsent_lowat: None,
             send_zerocopy: None,
-            batch_wait: BatchWait::Auto,
+            batch_wait: BatchWait::default(),
             idle_poll_after: Some(DEFAULT_IDLE_POLL_AFTER),
         }
     }

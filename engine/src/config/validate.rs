@@ -464,20 +464,20 @@ impl Validator<'_> {
             tune.send_zerocopy = Some(n as u32);
         }
         if let Some(s) = &t.batch_wait {
+            let window = |d: Duration| (Duration::from_micros(10)..=Duration::from_millis(100)).contains(&d);
             tune.batch_wait = match s.value.0 {
                 None => BatchWait::Off,
-                Some(AutoOrDuration::Auto) => BatchWait::Auto,
-                Some(AutoOrDuration::Duration(d)) => {
-                    if !(Duration::from_micros(10)..=Duration::from_millis(100)).contains(&d) {
-                        return self.err(
-                            s.referenced,
-                            format!(
-                                "batch_wait must be off, auto or between 10us and 100ms, not {}",
-                                duration::format(d)
-                            ),
-                        );
-                    }
-                    BatchWait::Every(d)
+                Some(AutoOrDuration::Auto(None)) => BatchWait::default(),
+                Some(AutoOrDuration::Auto(Some(d))) if window(d) => BatchWait::Auto(d),
+                Some(AutoOrDuration::Duration(d)) if window(d) => BatchWait::Every(d),
+                Some(AutoOrDuration::Auto(Some(d)) | AutoOrDuration::Duration(d)) => {
+                    return self.err(
+                        s.referenced,
+                        format!(
+                            "batch_wait's window must be between 10us and 100ms (batch_wait: off, auto, auto 1ms or 2ms), not {}",
+                            duration::format(d)
+                        ),
+                    );
                 }
             };
         }

@@ -14,7 +14,7 @@
 //!   connections is all quiet; a window costs none of them more than a few thousandths of the time
 //!   between two of its messages.
 //! - **Enough of them.** A window gathers several messages only when quiet messages come at
-//!   [`MIN_QUIET_PER_MS`] a millisecond or more; below that it would add latency and save nothing.
+//!   [`MIN_QUIET_PER_WINDOW`] a window or more; below that it would add latency and save nothing.
 //! - **Busy traffic turns it off at once.** Counted over epochs of [`EPOCH_MS`]: windows for the
 //!   next epoch when the last one had enough quiet messages and at most one busy message in
 //!   [`BUSY_SHARE`]; while windows are on, more busy messages than that (plus [`BUSY_SLACK`], a few
@@ -46,11 +46,12 @@
 //! why; `batching` says whether the worker is in windows now, `ring.batched_waits` how many waits
 //! had one and `ring.reply_waits` how many of them were short ones for answers. `off` never
 //! batches, a duration always does, on the clock's grid only (the operator's choice of latency
-//! for CPU).
+//! for CPU). `auto W` (`auto 1ms`) is `auto` with windows of W: the operator's latency for the
+//! quiet messages, taken where a window of W gathers [`MIN_QUIET_PER_WINDOW`] of them.
 
 use std::time::Duration;
 
-use crate::config::{AUTO_BATCH_WINDOW, BATCH_EVENTS, BatchWait};
+use crate::config::{BATCH_EVENTS, BatchWait};
 
 /// A message on a flow quiet for at least this long before it is a quiet one.
 pub const QUIET_MS: u16 = 100;
@@ -58,9 +59,9 @@ pub const QUIET_MS: u16 = 100;
 /// bursts (each client's once a second, the clients started together) count at their rate over
 /// the second, not as a busy epoch and empty ones.
 pub const EPOCH_MS: u64 = 1000;
-/// Quiet messages per millisecond below which a window would gather too few to save anything
-/// (at 2 ms windows, four a window).
-pub const MIN_QUIET_PER_MS: u64 = 2;
+/// Quiet messages a window would gather below which it saves too little to be worth its latency:
+/// at `auto`'s 2 ms windows, quiet messages at 2 a millisecond; at `auto 1ms`, 4.
+pub const MIN_QUIET_PER_WINDOW: u64 = 4;
 /// At most one busy message in this many quiet ones keeps the windows.
 pub const BUSY_SHARE: u64 = 16;
 /// Busy messages an epoch may have on top of its share before the windows end at once (a few
@@ -141,7 +142,7 @@ impl Coalesce {
     pub fn min_wait(&mut self, window: Option<u32>, now_us: u64, forwarded: bool, drained: usize) -> Option<u32> {
         let was_reply = std::mem::take(&mut self.replying);
         let w = window?;
-        if forwarded && !was_reply && drained < BATCH_EVENTS && self.mode == BatchWait::Auto {
+        if forwarded && !was_reply && drained < BATCH_EVENTS && matches!(self.mode, BatchWait::Auto(_)) {
             self.replying = true;
             return Some(REPLY_US.min(w));
         }
@@ -152,23 +153,24 @@ impl Coalesce {
         match self.mode {
             BatchWait::Off => None,
             BatchWait::Every(d) => Some(micros(d)),
-            BatchWait::Auto => {
+            BatchWait::Auto(window) => {
+                let window = micros(window);
                 let now = Mark { ms: now_ms, quiet, busy };
                 let (glanced, q, b) = self.glance.since(now_ms, quiet, busy);
                 if glanced >= GLANCE_MS {
-                    self.glance_enough = enough(q, b, glanced);
+                    self.glance_enough = enough(q, b, glanced, window);
                     self.glance = now;
                 }
                 let (elapsed, q, b) = self.epoch.since(now_ms, quiet, busy);
                 if elapsed >= EPOCH_MS {
-                    self.on = enough(q, b, elapsed) || self.glance_enough;
+                    self.on = enough(q, b, elapsed, window) || self.glance_enough;
                     self.epoch = now;
                 } else if b > BUSY_SLACK + q / BUSY_SHARE {
                     self.on = false;
                 } else if self.glance_enough {
                     self.on = true;
                 }
-                self.on.then(|| micros(AUTO_BATCH_WINDOW))
+                self.on.then_some(window)
             }
         }
     }
@@ -183,15 +185,15 @@ impl Coalesce {
         match self.mode {
             BatchWait::Off => false,
             BatchWait::Every(_) => true,
-            BatchWait::Auto => self.on,
+            BatchWait::Auto(_) => self.on,
         }
     }
 }
 
-/// Whether `quiet` and `busy` messages over `ms` make windows worth it: enough quiet ones to
-/// gather several a window, and busy ones at most at their share.
-fn enough(quiet: u64, busy: u64, ms: u64) -> bool {
-    quiet >= MIN_QUIET_PER_MS * ms && busy * BUSY_SHARE <= quiet
+/// Whether `quiet` and `busy` messages over `ms` make windows of `window_us` worth it: enough
+/// quiet ones to gather [`MIN_QUIET_PER_WINDOW`] a window, and busy ones at most at their share.
+fn enough(quiet: u64, busy: u64, ms: u64, window_us: u32) -> bool {
+    quiet * u64::from(window_us) >= MIN_QUIET_PER_WINDOW * ms * 1000 && busy * BUSY_SHARE <= quiet
 }
 
 fn micros(d: Duration) -> u32 {
@@ -225,7 +227,7 @@ mod tests {
 
     #[test]
     fn auto_windows_many_quiet_messages_and_stops_for_busy_ones() {
-        let mut c = Coalesce::new(BatchWait::Auto);
+        let mut c = Coalesce::new(BatchWait::default());
         // 4,500 heartbeats a second and their echoes: windows.
         let hb = (9_000, 0);
         // Clients reconnecting among them: still windows.
@@ -240,13 +242,32 @@ mod tests {
     }
 
     #[test]
+    fn auto_with_a_shorter_window_takes_it_and_wants_as_many_messages_a_window() {
+        // `auto 1ms`: 1 ms windows, and 4 quiet messages a millisecond to take them (2 a ms for
+        // the default's 2 ms): 4,500 heartbeats a second and their echoes are enough, 3,000 are
+        // not, where the default takes windows for both.
+        let mut short = Coalesce::new(BatchWait::Auto(Duration::from_millis(1)));
+        let mut default = Coalesce::new(BatchWait::default());
+        let (hb, fewer) = ((9_000, 0), (3_000, 0));
+        assert_eq!(epochs(&mut short, &[hb, hb, fewer, fewer]), [true, true, false, false]);
+        assert_eq!(epochs(&mut default, &[hb, hb, fewer, fewer]), [true, true, true, true]);
+        let mut short = Coalesce::new(BatchWait::Auto(Duration::from_millis(1)));
+        epochs(&mut short, &[hb]);
+        let w = short.window(2_000, 9_000, 0, false);
+        assert_eq!(w, Some(1_000));
+        // On the clock's 1 ms grid; after a window that forwarded messages, the short one.
+        assert_eq!(short.min_wait(w, 20_250, false, 10), Some(750));
+        assert_eq!(short.min_wait(w, 20_250, true, 10), Some(REPLY_US));
+    }
+
+    #[test]
     fn a_closed_loop_ends_the_windows_before_the_epoch_does() {
-        let mut c = Coalesce::new(BatchWait::Auto);
+        let mut c = Coalesce::new(BatchWait::default());
         epochs(&mut c, &[(9_000, 0), (9_000, 0)]);
         assert!(c.batching());
         // Within the epoch: busy messages past the slack end it at the next wait.
         let (now, q, b) = (10_000, 0, 0);
-        let mut c = Coalesce::new(BatchWait::Auto);
+        let mut c = Coalesce::new(BatchWait::default());
         c.window(now, q, b, false);
         assert_eq!(c.window(now + EPOCH_MS, q + 3_000, b, false), Some(2_000));
         assert_eq!(c.window(now + EPOCH_MS + 1, q + 3_000, b + BUSY_SLACK, false), Some(2_000), "within the slack");
@@ -260,7 +281,7 @@ mod tests {
         // messages a millisecond for 900 ms, then 1.1 s of nothing. Judged by epochs alone (here
         // in step with the bursts) every burst fell in an epoch after a quiet one, and no message
         // had a window.
-        let mut c = Coalesce::new(BatchWait::Auto);
+        let mut c = Coalesce::new(BatchWait::default());
         let (mut quiet, mut windowed, mut total) = (0, 0, 0);
         c.window(0, 0, 0, false);
         for now in (10..10_000).step_by(10) {
@@ -277,7 +298,7 @@ mod tests {
         // Each burst but its first glance (100 ms of 900) has windows.
         assert!(windowed * 100 >= total * 85, "{windowed} of {total} messages had a window");
         // A busy epoch keeps them off whatever the glances say, until it ends.
-        let mut c = Coalesce::new(BatchWait::Auto);
+        let mut c = Coalesce::new(BatchWait::default());
         c.window(0, 0, 0, false);
         assert_eq!(c.window(150, 1_000, 0, false), Some(2_000));
         assert_eq!(c.window(300, 2_000, 500, false), None, "busy past the slack");
@@ -287,7 +308,7 @@ mod tests {
 
     #[test]
     fn a_window_ends_on_the_clock_s_grid_and_after_one_that_forwarded_a_short_one_takes_the_answers() {
-        let mut c = Coalesce::new(BatchWait::Auto);
+        let mut c = Coalesce::new(BatchWait::default());
         epochs(&mut c, &[(9_000, 0)]);
         let w = c.window(2_000, 9_000, 0, false);
         assert_eq!(w, Some(2_000));
@@ -334,7 +355,7 @@ mod tests {
         let mut every = Coalesce::new(BatchWait::Every(Duration::from_millis(2)));
         assert_eq!(every.window(0, 0, 0, true), None);
         assert_eq!(every.window(1, 0, 0, false), Some(2_000));
-        let mut auto = Coalesce::new(BatchWait::Auto);
+        let mut auto = Coalesce::new(BatchWait::default());
         epochs(&mut auto, &[(9_000, 0)]);
         assert_eq!(auto.window(2_001, 9_000, 0, true), None, "stalled");
         assert_eq!(auto.window(2_002, 9_000, 0, false), Some(2_000), "the choice itself unchanged");
@@ -343,7 +364,7 @@ mod tests {
     #[test]
     fn a_long_sleep_counts_as_a_long_epoch() {
         // 2,500 quiet messages over ten seconds of sleep are 0.25 a millisecond: no window.
-        let mut c = Coalesce::new(BatchWait::Auto);
+        let mut c = Coalesce::new(BatchWait::default());
         c.window(0, 0, 0, false);
         assert_eq!(c.window(10_000, 2_500, 0, false), None);
         // The same in one second: windows.

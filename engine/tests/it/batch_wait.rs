@@ -23,14 +23,15 @@ fn batch_engine(echo: &Backend, tune: &str) -> TestEngine {
     ))
 }
 
-/// An engine with `batch_wait: auto` (the default) and `n` connections through it to an echo
-/// server, each with one exchange behind it; `None` where the kernel cannot batch.
-fn auto_with_connections(n: usize) -> Option<(Backend, TestEngine, Vec<TcpStream>)> {
+/// An engine with `batch_wait: auto` (the default; or as `tune` says) and `n` connections
+/// through it to an echo server, each with one exchange behind it; `None` where the kernel cannot
+/// batch.
+fn auto_with_connections(n: usize, tune: &str) -> Option<(Backend, TestEngine, Vec<TcpStream>)> {
     if !batched_waits_or_skip() {
         return None;
     }
     let echo = Backend::start(Mode::Echo);
-    let engine = batch_engine(&echo, "");
+    let engine = batch_engine(&echo, tune);
     let fe = addr(&engine, "fe");
     let mut conns: Vec<TcpStream> = (0..n).map(|_| connect(fe)).collect();
     for c in &mut conns {
@@ -119,8 +120,20 @@ fn without_the_kernel_feature_the_setting_is_reported_and_not_applied() {
 /// traffic, and every event wakes the worker again.
 #[test]
 fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop() {
+    auto_batches_quiet_connections_and_stops_for_a_closed_loop("");
+}
+
+/// `auto 1ms`: `auto` with 1 ms windows — taken for the same quiet connections (their heartbeats
+/// come at 6 messages a millisecond: enough for 4 a window), ended by the same closed loop (the
+/// window's length and the rate it needs: worker/coalesce.rs's unit tests).
+#[test]
+fn auto_with_its_own_window_batches_and_stops_as_auto_does() {
+    auto_batches_quiet_connections_and_stops_for_a_closed_loop("batch_wait: auto 1ms");
+}
+
+fn auto_batches_quiet_connections_and_stops_for_a_closed_loop(tune: &str) {
     const QUIET_CONNS: usize = 600;
-    let Some((echo, engine, mut conns)) = auto_with_connections(QUIET_CONNS) else { return };
+    let Some((echo, engine, mut conns)) = auto_with_connections(QUIET_CONNS, tune) else { return };
     let before = worker0(&engine);
     // Rounds every 200 ms until the worker batches and has batched for a while (at most 15 s).
     let (mut rounds, mut batched_from) = (0usize, None);
@@ -185,7 +198,7 @@ fn auto_batches_the_waits_of_many_quiet_connections_and_stops_for_a_closed_loop(
 #[test]
 fn auto_waits_a_short_window_for_the_answers_to_what_it_forwarded() {
     const CONNS: usize = 600;
-    let Some((echo, engine, mut conns)) = auto_with_connections(CONNS) else { return };
+    let Some((echo, engine, mut conns)) = auto_with_connections(CONNS, "") else { return };
     let before = worker0(&engine);
     let start = std::time::Instant::now();
     let mut round = 0usize;
@@ -223,7 +236,7 @@ fn auto_waits_a_short_window_for_the_answers_to_what_it_forwarded() {
 #[test]
 fn auto_gives_a_burst_of_keep_alives_its_windows_within_the_burst() {
     const CONNS: usize = 600;
-    let Some((echo, engine, mut conns)) = auto_with_connections(CONNS) else { return };
+    let Some((echo, engine, mut conns)) = auto_with_connections(CONNS, "") else { return };
     // Seconds with nothing: an epoch begins after the connections' first messages (busy ones),
     // and the flows are quiet.
     std::thread::sleep(Duration::from_millis(2_500));
