@@ -244,8 +244,8 @@ mod tests {
     #[test]
     fn auto_with_a_shorter_window_takes_it_and_wants_as_many_messages_a_window() {
         // `auto 1ms`: 1 ms windows, and 4 quiet messages a millisecond to take them (2 a ms for
-        // the default's 2 ms): 4,500 heartbeats a second and their echoes are enough, 3,000 are
-        // not, where the default takes windows for both.
+        // the default's 2 ms): 4,500 heartbeats a second and their echoes (9 a ms) are enough,
+        // 1,500 and theirs (3 a ms) are not, where the default takes windows for both.
         let mut short = Coalesce::new(BatchWait::Auto(Duration::from_millis(1)));
         let mut default = Coalesce::new(BatchWait::default());
         let (hb, fewer) = ((9_000, 0), (3_000, 0));
