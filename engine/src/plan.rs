@@ -151,7 +151,7 @@ pub fn plan(config: &Config, nofile: u64, usable_cpus: &[usize], ephemeral_ports
     let fd_budget = nofile.saturating_sub(FD_RESERVE + listeners + 4 * workers as u64);
     // A pipe is 2 descriptors; with splice on, so is each connection splicing on its worker's
     // thread (its sockets' process descriptors, pump.rs), one per pipe at most.
-    let per_pipe = if config.global.tune.splice.splices() { 4 } else { 2 };
+    let per_pipe = if config.splices() { 4 } else { 2 };
     let pipe_fit = (fd_budget / (per_pipe * workers as u64)).min(u64::from(u32::MAX)) as u32;
     let pipes_per_worker = config.global.tune.max_pipes.min(pipe_fit).max(1);
     if pipes_per_worker < config.global.tune.max_pipes && pipes_per_worker < 64 {

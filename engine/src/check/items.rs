@@ -248,8 +248,8 @@ fn pipes(config: &Config, plan: &Plan, hard: u64) -> Item {
         warn("splice pipes", format!("only {pipes} per worker fit in RLIMIT_NOFILE {hard} with {workers} workers (tune.max_pipes {max}); busy connections wait for one"))
             .fix(format!(
                 "raise the open-files limit (LimitNOFILE=) or use fewer workers: each pipe takes 2 of the {hard} descriptors{}",
-                if config.global.tune.splice.splices() {
-                    ", and each connection splicing on its worker's thread 2 more (tune.splice)"
+                if config.splices() {
+                    ", and each connection splicing on its worker's thread 2 more (tune.splice, a backend's splice)"
                 } else {
                     ""
                 }
@@ -483,7 +483,7 @@ fn memory(config: &Config, plan: &Plan, target: u32, facts: &HostFacts) -> Vec<I
     let servers: u64 = config.backends.iter().map(|b| b.servers.len() as u64).sum();
     let stats = servers * plan.workers as u64 * SERVER_BYTES_PER_WORKER;
     // splice: auto or never: each worker's receive buffers, created as transfers need them, up to this.
-    let (recv, recv_words) = if config.global.tune.splice.uses_ring() {
+    let (recv, recv_words) = if config.uses_ring() {
         let buf = u64::from(config.global.tune.recv_buffer_size);
         let per_worker = u64::from(config.global.tune.recv_buffers) * buf;
         let words = format!(

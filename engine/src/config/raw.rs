@@ -201,6 +201,8 @@ pub struct RawBackend {
     pub close_spread: Option<Spanned<ConfigDuration>>,
     /// What `balance: hash` hashes (default: source).
     pub hash_key: Option<Spanned<HashKey>>,
+    /// How this backend's connections move bulk data (default: `tune.splice`).
+    pub splice: Option<super::SpliceMode>,
     pub servers: Spanned<Vec<RawServer>>,
 }
 

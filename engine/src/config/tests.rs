@@ -103,6 +103,7 @@ fn everything_set() {
     assert_eq!(be.servers[0].sources.len(), 4);
     assert_eq!(be.servers[0].maxconn, Some(7));
     assert_eq!(be.servers[1].weight, 0);
+    assert_eq!((be.splice, c.backends[1].splice), (SpliceMode::Always, SpliceMode::Never), "tune.splice, its own");
 }
 
 #[test]
@@ -709,6 +710,57 @@ fn send_zerocopy_is_off_by_default_and_a_size_from_4k_to_1g_when_set() {
         let e = parse(&with_tune(&format!("send_zerocopy: {bad}")), "t.yaml").unwrap_err().to_string();
         assert!(e.starts_with("t.yaml:2:") && e.contains("64k"), "{bad}: {e}");
     }
+}
+
+/// Two frontends, to a backend `local` and a backend `remote`, with these `tune` keys and these
+/// keys of each backend.
+fn two_backends(tune: &str, local: &str, remote: &str) -> String {
+    format!(
+        "global:\n  tune: {{ {tune} }}\n\
+         frontends:\n  - {{ name: a, bind: \"127.0.0.1:0\", backend: local }}\n\
+         \x20 - {{ name: b, bind: \"127.0.0.1:0\", backend: remote }}\n\
+         backends:\n  - {{ name: local, {local}servers: [ {{ name: s, address: \"127.0.0.1:9\" }} ] }}\n\
+         \x20 - {{ name: remote, {remote}servers: [ {{ name: s, address: \"127.0.0.2:9\" }} ] }}\n"
+    )
+}
+
+#[test]
+fn a_backend_sets_its_own_splice_mode_over_tune_splice_and_the_pools_follow() {
+    let modes = |c: &Config| (c.backends[0].splice, c.backends[1].splice);
+    // Unset: tune.splice, whose default is auto.
+    let c = ok(&two_backends("", "", ""));
+    assert_eq!(modes(&c), (SpliceMode::Auto, SpliceMode::Auto));
+    assert!(c.uses_ring() && c.splices() && c.splices_auto());
+    let c = ok(&two_backends("splice: always", "", ""));
+    assert_eq!(modes(&c), (SpliceMode::Always, SpliceMode::Always));
+    assert!(!c.uses_ring() && c.splices() && !c.splices_auto(), "no backend uses the receive buffers");
+    // A backend's own mode over tune.splice, the other keeps tune.splice's.
+    let c = ok(&two_backends("", "splice: never, ", ""));
+    assert_eq!(modes(&c), (SpliceMode::Never, SpliceMode::Auto));
+    // One backend copying all its bytes gets the workers `never`'s pool of receive buffers.
+    assert_eq!(c.global.tune.recv_buffers, 1024);
+    let c = ok(&two_backends("splice: always", "splice: never, ", ""));
+    assert_eq!(modes(&c), (SpliceMode::Never, SpliceMode::Always));
+    assert!(c.uses_ring() && c.splices() && !c.splices_auto());
+    assert_eq!(c.global.tune.recv_buffers, 1024);
+    let c = ok(&two_backends("splice: never", "", "splice: always, "));
+    assert_eq!(modes(&c), (SpliceMode::Never, SpliceMode::Always));
+    let c = ok(&two_backends("splice: never", "splice: auto, ", "splice: auto, "));
+    assert_eq!(modes(&c), (SpliceMode::Auto, SpliceMode::Auto));
+    assert_eq!(c.global.tune.recv_buffers, 256, "no backend copies all: auto's pool");
+    assert!(c.splices() && c.splices_auto());
+    let c = ok(&two_backends("splice: never, recv_buffers: 300", "", ""));
+    assert_eq!(c.global.tune.recv_buffers, 300, "set: as set");
+    // A backend no frontend uses makes the workers do nothing for it (it only gets a warning).
+    let unused =
+        ok(&two_backends("splice: never", "", "splice: always, ").replace("backend: remote", "backend: local"));
+    assert!(!unused.splices(), "only the used backend's mode counts");
+    refused(
+        &two_backends("", "splice: sometimes, ", ""),
+        7,
+        28,
+        "splice \"sometimes\" is not one of auto, always, never",
+    );
 }
 
 #[test]

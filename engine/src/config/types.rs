@@ -90,6 +90,29 @@ impl Config {
             || matches!(be.balance, Balance::Source | Balance::Hash)
             || be.servers.iter().any(|s| s.send_proxy.is_some())
     }
+
+    /// The splice modes of the backends some frontend uses: what the workers must be able to do.
+    fn modes(&self) -> impl Iterator<Item = SpliceMode> + '_ {
+        self.frontends.iter().map(|f| self.backends[f.backend].splice)
+    }
+
+    /// Whether some connections move small chunks through the workers' rings of receive buffers
+    /// (a backend with `splice: auto` or `never`): the workers make the rings.
+    pub fn uses_ring(&self) -> bool {
+        self.modes().any(SpliceMode::uses_ring)
+    }
+
+    /// Whether some connections may splice (a backend with `splice: auto` or `always`): pipes,
+    /// and process descriptors of spliced connections' sockets, count against the descriptors.
+    pub fn splices(&self) -> bool {
+        self.modes().any(SpliceMode::splices)
+    }
+
+    /// Whether some connections choose their bulk path (a backend with `splice: auto`): the
+    /// workers measure both paths (worker/bulkpath.rs).
+    pub fn splices_auto(&self) -> bool {
+        self.modes().any(|m| m == SpliceMode::Auto)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -438,6 +461,8 @@ pub struct Backend {
     pub tcp_keepalive: Option<Keepalive>,
     /// Connections shut down together are closed at an even pace over this window (none: at once).
     pub close_spread: Option<Duration>,
+    /// How this backend's connections move their bytes: its own `splice`, else `tune.splice`.
+    pub splice: SpliceMode,
     pub servers: Vec<Server>,
 }
 

@@ -18,7 +18,7 @@ use super::raw::{
 };
 use super::types::{
     Acl, Backend, BatchWait, Config, Frontend, Global, HealthCheck, Keepalive, Lifetime, LogTarget, MAXCONN_LIMIT,
-    PerSource, Server, Stats, Tune, WEIGHT_LIMIT, default,
+    PerSource, Server, SpliceMode, Stats, Tune, WEIGHT_LIMIT, default,
 };
 use super::{address, duration};
 
@@ -141,20 +141,27 @@ impl Validator<'_> {
         let mut global = self.global(&raw.global)?;
         let defaults = self.defaults(&raw.defaults)?;
         global.drain_timeout = defaults.drain;
-        let (backends, names) = self.backends(raw.backends.as_ref(), &defaults)?;
+        let (backends, names) = self.backends(raw.backends.as_ref(), &defaults, global.tune.splice)?;
         let frontends = self.frontends(raw.frontends.as_ref(), &defaults, &names, global.maxconn)?;
         for (i, b) in backends.iter().enumerate() {
             if !frontends.iter().any(|f| f.backend == i) {
                 self.warn(names[&b.name].1, format!("backend \"{}\" is not used by any frontend", b.name));
             }
         }
+        if raw.global.tune.recv_buffers.is_none() {
+            // The pool of receive buffers of the most copying mode a used backend has (`never`'s
+            // where one copies all its bytes), in buffers of the size set.
+            let used = |m| frontends.iter().any(|f| backends[f.backend].splice == m);
+            let mode = if used(SpliceMode::Never) { SpliceMode::Never } else { SpliceMode::Auto };
+            global.tune.recv_buffers = default::recv_buffers(mode, global.tune.recv_buffer_size);
+        }
         global.user = self.account(&raw.global.user, "user")?;
         global.group = self.account(&raw.global.group, "group")?;
         Ok(Config { origin: self.origin.to_owned(), global, frontends, backends, warnings: self.warnings })
     }
 
-    /// The `global` section; [`Self::config`] fills in `drain_timeout` (from `defaults`) and the
-    /// accounts.
+    /// The `global` section; [`Self::config`] fills in `drain_timeout` (from `defaults`), the
+    /// accounts, and `tune.recv_buffers` where the file leaves it (the backends' modes decide).
     fn global(&mut self, g: &RawGlobal) -> Result<Global> {
         let workers = match &g.workers {
             None => None,
@@ -229,6 +236,7 @@ impl Validator<'_> {
         &self,
         raw: Option<&Spanned<Vec<RawBackend>>>,
         defaults: &Defaults,
+        splice: SpliceMode,
     ) -> Result<(Vec<Backend>, BackendNames)> {
         let Some(raw) = raw else {
             return self.err(Location::UNKNOWN, "no `backends:` section; at least one backend is needed");
@@ -247,7 +255,7 @@ impl Validator<'_> {
                 );
             }
             names.insert(name.clone(), (backends.len(), rb.name.referenced));
-            backends.push(self.backend(rb, name, defaults)?);
+            backends.push(self.backend(rb, name, defaults, splice)?);
         }
         Ok((backends, names))
     }
@@ -493,10 +501,6 @@ impl Validator<'_> {
                 }
             };
         }
-        if t.recv_buffers.is_none() {
-            // A pool of bytes per mode, in buffers of the size set (or the default).
-            tune.recv_buffers = default::recv_buffers(tune.splice, tune.recv_buffer_size);
-        }
         Ok(tune)
     }
 
@@ -662,7 +666,8 @@ impl Validator<'_> {
         Ok(Some(PerSource { maxconn, rate, prefix_v4, prefix_v6 }))
     }
 
-    fn backend(&self, rb: &RawBackend, name: String, defaults: &Defaults) -> Result<Backend> {
+    /// One backend; `splice` is `tune.splice`, its mode unless it sets its own.
+    fn backend(&self, rb: &RawBackend, name: String, defaults: &Defaults, splice: SpliceMode) -> Result<Backend> {
         if rb.servers.value.is_empty() {
             return self.err(rb.servers.referenced, format!("backend \"{name}\" has no servers"));
         }
@@ -729,6 +734,7 @@ impl Validator<'_> {
             on_removed: rb.on_removed.unwrap_or(OnRemoved::Keep),
             tcp_keepalive: self.keepalive(&rb.tcp_keepalive)?,
             close_spread: self.window(&rb.close_spread, "close_spread")?,
+            splice: rb.splice.unwrap_or(splice),
             servers,
         })
     }

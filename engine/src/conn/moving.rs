@@ -183,7 +183,7 @@ impl Ctx<'_> {
         st: MovedState,
     ) {
         debug_assert!(!self.c.is_live());
-        let bulk = self.cfg.global.tune.splice == crate::config::SpliceMode::Always;
+        let bulk = self.cfg.backends[usize::from(b)].splice == crate::config::SpliceMode::Always;
         let c = &mut *self.c;
         c.listener = listener;
         c.frontend = fe;

@@ -1,5 +1,6 @@
 //! Moving bytes: readiness, receive buffers, splice, short writes, half-close. One direction of
-//! one connection at a time, driven by completions.
+//! one connection at a time, driven by completions. A connection's mode is its backend's `splice`
+//! (`tune.splice` unless the backend sets its own): one worker may run all three.
 //!
 //! `tune.splice: auto` (the default) and `never`: each direction keeps a multishot receive into
 //! the worker's ring of provided buffers armed on its source, and sends what came in (a send
@@ -367,7 +368,7 @@ impl Ctx<'_> {
         match res {
             n if n > 0 => {
                 self.received(dir, n as u32);
-                if (n as usize) < SMALL && self.cfg.global.tune.splice == SpliceMode::Auto {
+                if (n as usize) < SMALL && self.splice_mode() == SpliceMode::Auto {
                     // Small messages again (not just a slow moment of a bulk transfer): back to
                     // buffers once this chunk is out.
                     self.c.flow(dir).bulk = false;
@@ -404,7 +405,7 @@ impl Ctx<'_> {
     /// destination is full (the rest waits in the pipe for POLLOUT), or `TURN_BYTES` moved (it
     /// goes on next loop turn). Runs only while the flow is idle, so nothing of it is in flight.
     fn splice_here(&mut self, dir: Dir, (src, dst): (RawFd, RawFd)) {
-        if !self.splice_bulk && self.cfg.global.tune.splice == SpliceMode::Auto {
+        if !self.splice_bulk && self.splice_mode() == SpliceMode::Auto {
             // The worker found its receive buffers cheaper: between two splices, the flow goes
             // back to its receive.
             return self.back_to_ring(dir);
@@ -446,7 +447,7 @@ impl Ctx<'_> {
                 }
             }
             moved += n;
-            if (n as usize) < SMALL && self.cfg.global.tune.splice == SpliceMode::Auto {
+            if (n as usize) < SMALL && self.splice_mode() == SpliceMode::Auto {
                 // Small messages again: back to the multishot receive (its poll goes).
                 self.pipes.give_back(pipe, 0);
                 return self.back_to_ring(dir);
@@ -680,10 +681,15 @@ pub(crate) const STALL_MS: u16 = 200;
 const EARLY_BUFFERS: usize = 2;
 
 impl Ctx<'_> {
-    /// Whether this worker moves bytes through its ring of receive buffers (`splice: auto`, bulk
-    /// flows aside, and `never`).
+    /// How this connection moves its bytes: its backend's `splice` (else `tune.splice`).
+    pub(super) fn splice_mode(&self) -> SpliceMode {
+        self.cfg.backends[usize::from(self.c.backend)].splice
+    }
+
+    /// Whether this connection moves bytes through the worker's ring of receive buffers (`splice:
+    /// auto`, bulk flows aside, and `never`).
     pub(super) fn ring_mode(&self) -> bool {
-        self.cfg.global.tune.splice.uses_ring()
+        self.splice_mode().uses_ring()
     }
 
     /// Arms the multishot receive on the source of `dir`, unless it is armed, paused, or the
@@ -814,7 +820,7 @@ impl Ctx<'_> {
             return self.close(dir.source_reset());
         }
         if n >= size
-            && self.cfg.global.tune.splice == SpliceMode::Auto
+            && self.splice_mode() == SpliceMode::Auto
             && self.splice_bulk
             && self.c.state == State::Established
             && !self.c.flow(dir).bulk

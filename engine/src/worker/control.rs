@@ -410,7 +410,7 @@ impl Worker {
         s.ring = self.ring.counters;
         s.batching = u64::from(self.coalesce.batching());
         // (`never`: bulk flows never splice, whatever the unused chooser holds.)
-        s.bulk_splicing = u64::from(self.cfg.global.tune.splice.splices() && self.bulk.splice);
+        s.bulk_splicing = u64::from(self.cfg.splices() && self.bulk.splice);
         s.bulk_path_switches = self.bulk.switches;
         [s.bulk_cost_copy_ps, s.bulk_cost_splice_ps] = self.bulk.cost_ps;
         s.uptime_ms = self.now.ms.saturating_sub(self.started_ms);

@@ -222,7 +222,15 @@ impl Worker {
                 self.follow_up();
             }
             if self.bulk.due(self.now.ms) {
-                let bytes = self.stats.frontends.iter().map(|f| f.bytes_in + f.bytes_out).sum();
+                // The bytes of the connections whose path it chooses (their backend's `splice` is
+                // `auto`): the others move the same way in every window.
+                let cfg = &self.cfg;
+                let chooses =
+                    |f: usize| cfg.backends[cfg.frontends[f].backend].splice == crate::config::SpliceMode::Auto;
+                let bytes = (self.stats.frontends.iter().enumerate())
+                    .filter(|&(f, _)| chooses(f))
+                    .map(|(_, s)| s.bytes_in + s.bytes_out)
+                    .sum();
                 if let Some(switched) = self.bulk.observe(self.now.ms, crate::sys::thread_cpu_ns(), bytes) {
                     eprintln!("ringproxy: worker {}: {switched}", self.id);
                 }
@@ -394,7 +402,7 @@ impl Worker {
     /// connection table, at most once per `STALL_MS`, only while receives wait.
     fn spill_stalled(&mut self) {
         self.next_stall_review = self.now.ms + u64::from(crate::conn::STALL_MS);
-        if !self.cfg.global.tune.splice.uses_ring() {
+        if !self.cfg.uses_ring() {
             return;
         }
         for idx in 0..self.conns.slots() as u32 {
@@ -416,7 +424,7 @@ impl Worker {
         // Receive-buffer waiters (`splice: never`): no more re-armed than the ring offers buffers
         // (the others would most likely end with ENOBUFS again, a completion each, at once).
         // (At least one, so that a flow waiting for a pipe is not stuck behind them.)
-        let tries = if self.cfg.global.tune.splice.uses_ring() {
+        let tries = if self.cfg.uses_ring() {
             (self.ring.ring_bufs_offered() as usize).clamp(1, self.waiters.len().max(1))
         } else {
             self.waiters.len()

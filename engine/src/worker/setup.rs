@@ -72,7 +72,7 @@ impl Worker {
             server_opts: tune.server_sockopts(),
             max_chunks: plan.pipes_per_worker as usize,
             peer_slots: config.global.tune.peer_lookups as usize,
-            recv_bufs: tune.splice.uses_ring().then_some((tune.recv_buffer_size as usize, tune.recv_buffers as usize)),
+            recv_bufs: config.uses_ring().then_some((tune.recv_buffer_size as usize, tune.recv_buffers as usize)),
             io: plan.io,
         })?;
         let caps = plan.limits.totals.iter().map(|&t| t.min(plan.conns_per_worker)).collect();
@@ -158,11 +158,7 @@ impl Worker {
             next_trim: now.ms + 1000,
             next_stall_review: 0,
             longest_turn_ns: [0; 2],
-            bulk: super::bulkpath::BulkPath::new(
-                config.global.tune.splice == crate::config::SpliceMode::Auto && plan.io.fd_install,
-                now.ms,
-                id,
-            ),
+            bulk: super::bulkpath::BulkPath::new(config.splices_auto() && plan.io.fd_install, now.ms, id),
             coalesce: super::coalesce::Coalesce::new(plan.batch_wait),
             spreads: Vec::new(),
             drain_spread: vec![false; config.backends.len()],

@@ -87,6 +87,59 @@ fn established_connections_move_on_reload_and_keep_flowing_both_ways() {
     }
 }
 
+#[test]
+fn a_reload_that_changes_the_backends_splice_mode_moves_its_transfers_into_the_new_mode() {
+    // The backend's own `splice` changes with the reload (its connections were copied through
+    // the receive buffers and are spliced from then on, and the reverse): transfers under way
+    // move with it, mid-stream, and go on in the new engine's mode to their last byte.
+    for (from, to) in [("never", "always"), ("always", "never")] {
+        let echo = Backend::start(Mode::Echo);
+        let mut old = engine(&yaml(echo.addr, "", &format!(", splice: {from}")));
+        let fe = addr(&old, "fe");
+        let mut idle = held_echoing(fe, 20);
+        let mut pumps: Vec<Pump> =
+            (0..4).map(|i| Pump::connect(fe, 90 + i, false).unwrap().limit(4 * MIB).paced(4 * MIB)).collect();
+        let until = Instant::now() + Duration::from_millis(300);
+        while Instant::now() < until {
+            for p in pumps.iter_mut() {
+                p.step().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert!(pumps.iter().all(|p| p.received > 0 && p.received < 4 * MIB), "{from} → {to}: mid-transfer");
+        let new = old.reload(&yaml(echo.addr, "", &format!(", splice: {to}")));
+        let start = Instant::now();
+        while new.stats().total(|w| w.moved_in) < 24 && start.elapsed() < Duration::from_secs(20) {
+            for p in pumps.iter_mut() {
+                p.step().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        wait_moved(&new, 24);
+        wait_finished(&old);
+        let before = new.stats();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for p in &mut pumps {
+            p.run(deadline).unwrap();
+            p.intact().unwrap_or_else(|e| panic!("{from} → {to}: {e}"));
+        }
+        for (i, c) in idle.iter_mut().enumerate() {
+            echo_once(c, format!("still here {i}").as_bytes());
+        }
+        let s = new.stats();
+        let spliced = s.total(|w| w.splices) - before.total(|w| w.splices);
+        let bufs = s.total(|w| w.ring_recv_bufs) - before.total(|w| w.ring_recv_bufs);
+        match to {
+            "always" => assert!(spliced > 0 && bufs == 0, "{from} → {to}: {spliced} splices, {bufs} buffers"),
+            _ => assert!(spliced == 0 && bufs > 0, "{from} → {to}: {spliced} splices, {bufs} buffers"),
+        }
+        drop(idle);
+        drop(pumps);
+        assert_clean(new, &[echo.addr.port()]);
+        assert_clean(old, &[echo.addr.port()]);
+    }
+}
+
 /// `show conns` lines of an engine, by client address: (state, the absolute time the connection
 /// reaches its lifetime, if the line says).
 fn lifetimes(engine: &TestEngine) -> std::collections::HashMap<String, Instant> {

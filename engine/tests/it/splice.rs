@@ -227,3 +227,63 @@ fn auto_measures_both_bulk_paths_while_flows_run_and_holds_one() {
     drop(pumps);
     assert_clean(engine, &[backend.addr.port()]);
 }
+
+#[test]
+fn each_backend_moves_bulk_data_as_its_own_splice_mode_says() {
+    // `backends[].splice` over `tune.splice`: one worker, a frontend to a backend with its own
+    // mode and one to a backend with `tune.splice`'s, both to the same echo server. Bulk streams
+    // through each in turn move as their backend's mode says — `never`: through the receive
+    // buffers, no splice; `always`: every chunk by splice, no receive buffer; `auto`: spliced on
+    // the worker's thread where the kernel has FIXED_FD_INSTALL, else receive buffers — and
+    // arrive whole, whichever mode the other backend and the worker's defaults have.
+    for (tune, own) in [("always", "never"), ("never", "always"), ("auto", "never"), ("never", "auto")] {
+        let backend = Backend::start(Mode::Echo);
+        let engine = engine(&format!(
+            "global: {{ workers: 1, tune: {{ splice: {tune}, pipe_size: 64k }} }}\n\
+             frontends:\n\
+             \x20 - {{ name: own, bind: \"127.0.0.1:0\", backend: own }}\n\
+             \x20 - {{ name: inherits, bind: \"127.0.0.1:0\", backend: inherits }}\n\
+             backends:\n\
+             \x20 - {{ name: own, splice: {own}, servers: [{{ name: s, address: \"{a}\" }}] }}\n\
+             \x20 - {{ name: inherits, servers: [{{ name: s, address: \"{a}\" }}] }}\n",
+            a = backend.addr
+        ));
+        let here = engine.plan().io.fd_install;
+        for (fe, mode) in [("own", own), ("inherits", tune)] {
+            let before = engine.stats().workers[0].clone();
+            let size = if mode == "auto" { 8 * MIB } else { 128 * MIB };
+            let mut pumps: Vec<Pump> =
+                (0..2).map(|i| Pump::connect(addr(&engine, fe), 9_000 + i, false).unwrap().limit(size)).collect();
+            run_all(&mut pumps, Duration::from_secs(60), || {});
+            for (i, p) in pumps.iter().enumerate() {
+                p.intact().unwrap_or_else(|e| panic!("{tune}/{own}, {fe} stream {i}: {e}"));
+            }
+            let w = engine.stats().workers[0].clone();
+            let (spliced, inline, bufs) = (
+                w.splices - before.splices,
+                w.inline_splices - before.inline_splices,
+                w.ring_recv_bufs - before.ring_recv_bufs,
+            );
+            let case = format!("tune.splice {tune}, {fe} ({mode}): {spliced} splices, {inline} inline, {bufs} buffers");
+            assert_eq!(w.bytes_client_to_server - before.bytes_client_to_server, 2 * size, "{case}");
+            if mode != "auto" {
+                // `auto`'s chooser (worker/bulkpath.rs) weighs only the bytes of connections whose
+                // path it chooses: 512 MiB of another mode's bulk data (several of its windows)
+                // measured neither path.
+                let costs = |w: &ringproxy::stats::WorkerStats| {
+                    (w.bulk_cost_copy_ps, w.bulk_cost_splice_ps, w.bulk_path_switches)
+                };
+                assert_eq!(costs(&w), costs(&before), "{case}: the chooser measured");
+            }
+            match mode {
+                "never" => assert!(spliced == 0 && bufs > 0, "{case}: through the receive buffers only"),
+                "always" => assert!(spliced > 0 && bufs == 0, "{case}: every chunk by splice"),
+                _ if here => assert!(inline > 0, "{case}: bulk data spliced on the worker's thread"),
+                _ => assert!(spliced == 0 && bufs > 0, "{case}: no FIXED_FD_INSTALL, receive buffers"),
+            }
+            drop(pumps);
+        }
+        // Every gauge back to 0 (buffers, pipes, descriptors for splicing), no socket left open.
+        assert_clean(engine, &[backend.addr.port()]);
+    }
+}
