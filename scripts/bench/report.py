@@ -735,17 +735,28 @@ def base_table(paths, M, vals, w):
         return
     w("### ringproxy against its baseline (ringproxy-base)\n")
     w("The same tests, configuration and pinning, interleaved in the same rounds. new / base above 1 is "
-      "better for throughput and rates (↑), below 1 for latency, memory and CPU (↓).\n")
-    w("| measurement | unit | ringproxy | ringproxy (base) | new / base |")
-    w("|---|---|---|---|---|")
+      "better for throughput and rates (↑), below 1 for latency, memory and CPU (↓). *Per round*: new / base "
+      "of each round, the two measured one after the other (a pair sees the same moment of the host, so "
+      "the pairs say more than the medians where rounds swing), and in how many rounds the new one did "
+      "better.\n")
+    w("| measurement | unit | ringproxy | ringproxy (base) | new / base | per round | new better |")
+    w("|---|---|---|---|---|---|---|")
     for m, (title, unit, hib, dec) in METRICS.items():
         new, base = M.get((m, "ringproxy")), M.get((m, "ringproxy-base"))
         if new is None and base is None:
             continue
         ratio = f"{new / base:.2f}" if new is not None and base else "–"
         cells = [cell(vals.get((m, p)), dec) for p in ("ringproxy", "ringproxy-base")]
-        w(f"| {title} {'↑' if hib else '↓'} | {unit} | {cells[0]} | {cells[1]} | {ratio} |")
+        pairs = paired(vals.get((m, "ringproxy"), {}), vals.get((m, "ringproxy-base"), {}))
+        per_round = ", ".join(f"{r:.2f}" for r in pairs) or "–"
+        better = f"{sum(1 for r in pairs if (r > 1 if hib else r < 1))} of {len(pairs)}" if pairs else "–"
+        w(f"| {title} {'↑' if hib else '↓'} | {unit} | {cells[0]} | {cells[1]} | {ratio} | {per_round} | {better} |")
     w("")
+
+
+def paired(new, base):
+    """new / base for each round that measured both (and a base above 0), in round order."""
+    return [new[r] / base[r] for r in sorted(new) if r in base and base[r]]
 
 
 def save(fig, img, name):
