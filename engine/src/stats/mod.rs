@@ -520,14 +520,15 @@ pub struct WorkerStats {
     pub pipes_in_use: u64,
     pub pipes_pooled: u64,
     /// Process descriptors held (or being made) for splicing on the worker's thread: 2 per
-    /// connection that has moved bulk data with `tune.splice: auto` or `always` (gauge).
+    /// connection that has moved bulk data with `splice: auto` or `always` (gauge).
     #[serde(default)]
     pub splice_fds: u64,
     /// Chunks spliced on the worker's thread by system calls (counted in `splices` too).
     #[serde(default)]
     pub inline_splices: u64,
     /// Buffers lent to connections and kept in the pool: chunk buffers (small transfers), PROXY
-    /// header buffers and, with `tune.splice: never`, the receive buffers of the provided-buffer ring.
+    /// header buffers and, with `splice: auto` or `never`, the receive buffers of the provided-buffer
+    /// ring lent to connections.
     pub buffers_in_use: u64,
     pub buffers_pooled: u64,
     /// Bytes of the receive buffers' pages resident now, whoever holds the buffers (gauge): pages

@@ -34,6 +34,12 @@
 //! 1-stream-down row at 12.5–13.6 Gbit/s in all three rounds of a run, 2026-12-05 01:38). A probe
 //! has to beat what the held path showed it can do.
 //!
+//! Only the bytes of connections whose backend has `splice: auto` count (the worker sums its
+//! frontends' whose backend has it): connections of a backend with `always` or `never` move the
+//! same way in every window, and counted, a `never` backend's copies were measured as the spliced
+//! path's. The thread's CPU is all the worker's, so such flows beside them make both paths look
+//! dearer alike, diluting a cost margin but favouring neither.
+//!
 //! Both paths give every byte in order: a flow moves from splicing to its receive only between
 //! splices (`Ctx::splice_here`), and to splicing only once its queue is sent (`forward`).
 
