@@ -208,6 +208,15 @@ impl SpliceMode {
     pub fn splices(self) -> bool {
         self != SpliceMode::Never
     }
+
+    /// The configuration's word for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpliceMode::Auto => "auto",
+            SpliceMode::Always => "always",
+            SpliceMode::Never => "never",
+        }
+    }
 }
 
 /// Engine knobs with safe defaults; see docs/configuration.md.

@@ -411,6 +411,9 @@ pub struct BackendStats {
     pub bytes_in: u64,
     #[serde(default)]
     pub bytes_out: u64,
+    /// How its connections move their bytes: its `splice` (`tune.splice` unless it sets its own).
+    #[serde(default)]
+    pub splice: String,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -755,6 +758,7 @@ impl EngineStats {
             .map(|(i, backend)| BackendStats {
                 backend: backend.name.clone(),
                 balance: backend.balance.as_str().to_string(),
+                splice: backend.splice.as_str().to_string(),
                 maxconn: u64::from(backend.maxconn.unwrap_or(0)),
                 queued: self.workers.iter().map(|w| w.queued_by_backend.get(i).copied().unwrap_or(0)).sum(),
                 ..BackendStats::default()

@@ -268,7 +268,7 @@ pub fn servers(s: &EngineStats) -> String {
     for b in &s.backends {
         let _ = writeln!(
             o,
-            "{:<24} {:<22} {:<5} {:>8} {:>10} {:>8} {:>8} queued {}",
+            "{:<24} {:<22} {:<5} {:>8} {:>10} {:>8} {:>8} queued {} splice {}",
             format!("{}/BACKEND", b.backend),
             b.balance,
             "UP",
@@ -276,7 +276,8 @@ pub fn servers(s: &EngineStats) -> String {
             b.total,
             b.connect_errors,
             if b.maxconn == 0 { "-".into() } else { b.maxconn.to_string() },
-            b.queued
+            b.queued,
+            b.splice
         );
     }
     o

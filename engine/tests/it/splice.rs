@@ -249,6 +249,10 @@ fn each_backend_moves_bulk_data_as_its_own_splice_mode_says() {
             a = backend.addr
         ));
         let here = engine.plan().io.fd_install;
+        // The stats say each backend's mode.
+        let said: Vec<(String, String)> =
+            engine.stats().backends.iter().map(|b| (b.backend.clone(), b.splice.clone())).collect();
+        assert_eq!(said, [("own".to_string(), own.to_string()), ("inherits".to_string(), tune.to_string())]);
         for (fe, mode) in [("own", own), ("inherits", tune)] {
             let before = engine.stats().workers[0].clone();
             let size = if mode == "auto" { 8 * MIB } else { 128 * MIB };

@@ -379,6 +379,8 @@ fn socket_protocol_json_csv_and_prometheus() {
     assert!(cores.lines().last().unwrap().trim_start().starts_with("all"));
     let servers = socket::query(&sock, "show servers").unwrap();
     assert!(servers.contains("be/s1") && servers.contains("be/BACKEND"), "{servers}");
+    let backend_row = servers.lines().find(|l| l.starts_with("be/BACKEND")).unwrap();
+    assert!(backend_row.ends_with("queued 0 splice auto"), "tune.splice's default: {backend_row}");
     let sources = socket::query(&sock, "show sources").unwrap();
     assert!(sources.contains("127.0.2.21"), "{sources}");
     let help = socket::query(&sock, "what").unwrap();
