@@ -293,13 +293,17 @@ impl Worker {
             let source = self.up.source_ip(c).map_or("-".into(), |ip| ip.to_string());
             let age = self.now.us.saturating_sub(c.t_accept_us) / 1000;
             let idle = self.now.ms.saturating_sub(c.last_traffic());
+            // How each direction moves its next bytes: spliced, or through buffers.
+            let path = |f: &crate::conn::Flow| if f.bulk { "splice" } else { "buffers" };
             let mut line = format!(
                 "worker={} frontend={fe} client={client} server={target} source={source} state={} age_ms={age} \
-                 idle_ms={idle} bytes_in={} bytes_out={}",
+                 idle_ms={idle} bytes_in={} bytes_out={} path_in={} path_out={}",
                 self.id,
                 c.state.name(),
                 c.bytes_in,
-                c.bytes_out
+                c.bytes_out,
+                path(&c.c2s),
+                path(&c.s2c)
             );
             if let Some(end) = c.end_of_life(&self.cfg) {
                 line.push_str(&format!(" ends_in_ms={}", end.saturating_sub(self.now.ms)));

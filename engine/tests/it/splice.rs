@@ -253,6 +253,24 @@ fn each_backend_moves_bulk_data_as_its_own_splice_mode_says() {
         let said: Vec<(String, String)> =
             engine.stats().backends.iter().map(|b| (b.backend.clone(), b.splice.clone())).collect();
         assert_eq!(said, [("own".to_string(), own.to_string()), ("inherits".to_string(), tune.to_string())]);
+        // `show conns` says how each way of a connection moves its bytes: a connection that said
+        // one small thing splices only under `always`.
+        let mut small: Vec<std::net::TcpStream> =
+            ["own", "inherits"].iter().map(|fe| connect(addr(&engine, fe))).collect();
+        for c in &mut small {
+            echo_once(c, b"small");
+        }
+        for (fe, mode) in [("own", own), ("inherits", tune)] {
+            let lines = engine.list_conns(ringproxy::admin::ConnMatch::default(), 100);
+            let line = lines.iter().find(|l| l.contains(&format!("frontend={fe} "))).expect("listed");
+            let path = if mode == "always" { "splice" } else { "buffers" };
+            assert!(line.contains(&format!("path_in={path} path_out={path}")), "{fe} ({mode}): {line}");
+        }
+        drop(small);
+        // (Closed before the streams start: their last completions counted in no stream's figures.)
+        wait_until("the small connections to close", Duration::from_secs(10), || {
+            engine.stats().total(|w| w.active + w.closing) == 0
+        });
         for (fe, mode) in [("own", own), ("inherits", tune)] {
             let before = engine.stats().workers[0].clone();
             let size = if mode == "auto" { 8 * MIB } else { 128 * MIB };
