@@ -598,6 +598,14 @@ pub fn render(s: &EngineStats) -> String {
     for b in &s.backends {
         m.sample("backend_queue_current", &[("backend", &b.backend)], b.queued);
     }
+    m.head(
+        "backend_info",
+        "gauge",
+        "1 for each backend, with how it balances and how its connections move bytes (splice).",
+    );
+    for b in &s.backends {
+        m.sample("backend_info", &[("backend", &b.backend), ("balance", &b.balance), ("splice", &b.splice)], 1);
+    }
     out
 }
 

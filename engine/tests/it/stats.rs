@@ -110,7 +110,7 @@ fn each_frontend_and_each_server_counts_its_own_connections_and_bytes() {
          \x20 - {{ name: game, bind: \"127.0.0.1:0\", backend: rooms, deny: [\"127.0.0.6\"], rate_limit: 1000/s }}\n\
          \x20 - {{ name: slow, bind: \"127.0.0.1:0\", backend: gated }}\n\
          backends:\n  - {{ name: brokers, servers: [{{ name: b1, address: \"{}\" }}] }}\n\
-         \x20 - {{ name: rooms, servers: [{{ name: r1, address: \"{}\" }}, {{ name: r2, address: \"{}\" }}] }}\n\
+         \x20 - {{ name: rooms, splice: never, servers: [{{ name: r1, address: \"{}\" }}, {{ name: r2, address: \"{}\" }}] }}\n\
          \x20 - {{ name: gated, retries: 0, servers: [{{ name: g1, address: \"{gate_addr}\" }}] }}\n",
         sock.display(),
         brokers.addr,
@@ -239,6 +239,11 @@ fn each_frontend_and_each_server_counts_its_own_connections_and_bytes() {
     );
     assert_eq!(sum("ringproxy_frontend_rate_limit_share", &[("frontend", "game")]), 1000.0);
     assert_eq!(sum("ringproxy_server_bytes_total", &[("server", "g1"), ("direction", "client_to_server")]), 500.0);
+    // Each backend's settings as labels of a constant 1.
+    let info = [("backend", "rooms"), ("balance", "roundrobin"), ("splice", "never")];
+    assert_eq!(sum("ringproxy_backend_info", &info), 1.0, "rooms sets its own splice");
+    assert_eq!(sum("ringproxy_backend_info", &[("backend", "brokers"), ("splice", "auto")]), 1.0, "tune.splice's");
+    assert_eq!(sum("ringproxy_backend_info", &[]), 3.0, "one per backend");
 
     drop(held);
     drop(early);
