@@ -91,9 +91,14 @@ impl Config {
             || be.servers.iter().any(|s| s.send_proxy.is_some())
     }
 
+    /// How the connections of frontend `f` move their bytes: its backend's splice mode.
+    pub fn frontend_splice(&self, f: usize) -> SpliceMode {
+        self.backends[self.frontends[f].backend].splice
+    }
+
     /// The splice modes of the backends some frontend uses: what the workers must be able to do.
-    fn modes(&self) -> impl Iterator<Item = SpliceMode> + '_ {
-        self.frontends.iter().map(|f| self.backends[f.backend].splice)
+    pub(super) fn modes(&self) -> impl Iterator<Item = SpliceMode> + '_ {
+        (0..self.frontends.len()).map(|f| self.frontend_splice(f))
     }
 
     /// Whether some connections move small chunks through the workers' rings of receive buffers

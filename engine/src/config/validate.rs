@@ -148,16 +148,19 @@ impl Validator<'_> {
                 self.warn(names[&b.name].1, format!("backend \"{}\" is not used by any frontend", b.name));
             }
         }
+        global.user = self.account(&raw.global.user, "user")?;
+        global.group = self.account(&raw.global.group, "group")?;
+        let mut config =
+            Config { origin: self.origin.to_owned(), global, frontends, backends, warnings: self.warnings };
         if raw.global.tune.recv_buffers.is_none() {
             // The pool of receive buffers of the most copying mode a used backend has (`never`'s
             // where one copies all its bytes), in buffers of the size set.
-            let used = |m| frontends.iter().any(|f| backends[f.backend].splice == m);
-            let mode = if used(SpliceMode::Never) { SpliceMode::Never } else { SpliceMode::Auto };
-            global.tune.recv_buffers = default::recv_buffers(mode, global.tune.recv_buffer_size);
+            let mode =
+                if config.modes().any(|m| m == SpliceMode::Never) { SpliceMode::Never } else { SpliceMode::Auto };
+            let tune = &mut config.global.tune;
+            tune.recv_buffers = default::recv_buffers(mode, tune.recv_buffer_size);
         }
-        global.user = self.account(&raw.global.user, "user")?;
-        global.group = self.account(&raw.global.group, "group")?;
-        Ok(Config { origin: self.origin.to_owned(), global, frontends, backends, warnings: self.warnings })
+        Ok(config)
     }
 
     /// The `global` section; [`Self::config`] fills in `drain_timeout` (from `defaults`), the

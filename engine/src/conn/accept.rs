@@ -46,12 +46,11 @@ impl Ctx<'_> {
         debug_assert!(!self.c.is_live());
         let l = self.listeners[listener as usize];
         let fe = l.frontend as usize;
-        let be = self.cfg.frontends[fe].backend;
-        let bulk = self.cfg.backends[be].splice == crate::config::SpliceMode::Always;
+        let bulk = self.cfg.frontend_splice(fe) == crate::config::SpliceMode::Always;
         let c = &mut *self.c;
         c.listener = listener;
         c.frontend = l.frontend;
-        c.backend = be as u16;
+        c.backend = self.cfg.frontends[fe].backend as u16;
         c.server = super::NO_INDEX;
         c.source = super::NO_INDEX;
         c.admission = admission;

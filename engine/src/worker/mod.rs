@@ -224,11 +224,8 @@ impl Worker {
             if self.bulk.due(self.now.ms) {
                 // The bytes of the connections whose path it chooses (their backend's `splice` is
                 // `auto`): the others move the same way in every window.
-                let cfg = &self.cfg;
-                let chooses =
-                    |f: usize| cfg.backends[cfg.frontends[f].backend].splice == crate::config::SpliceMode::Auto;
                 let bytes = (self.stats.frontends.iter().enumerate())
-                    .filter(|&(f, _)| chooses(f))
+                    .filter(|&(f, _)| self.cfg.frontend_splice(f) == crate::config::SpliceMode::Auto)
                     .map(|(_, s)| s.bytes_in + s.bytes_out)
                     .sum();
                 if let Some(switched) = self.bulk.observe(self.now.ms, crate::sys::thread_cpu_ns(), bytes) {
